@@ -1,0 +1,33 @@
+//! The client crate's one error type, grouped by cause.
+
+use fedlora_protocol::{ProtocolError, Refusal};
+
+/// Errors of the client SDK.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// A protocol-level problem (spec mismatch, bad encoding, bad frame).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The coordinator refused a request.
+    #[error("coordinator refused: {0}")]
+    Refused(Refusal),
+    /// A model or adapter does not fit (missing tensor, wrong shape).
+    #[error("model: {0}")]
+    Model(String),
+    /// Training data is unusable (too short for one window, unreadable).
+    #[error("data: {0}")]
+    Data(String),
+    /// A configuration value is invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// Network or TLS failure; the SDK retries these with backoff.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Local state storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// File I/O failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}

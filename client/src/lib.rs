@@ -1,0 +1,11 @@
+//! fedlora client SDK: LoRA layers and a byte-level LM on burn, local training, and the QUIC
+//! client that takes part in a federation.
+
+pub mod adapter;
+pub mod data;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod train;
+
+pub use error::ClientError;

@@ -1,0 +1,301 @@
+//! `LoraLinear`: a frozen linear layer plus a trainable low-rank update, in burn's layer style.
+//!
+//! `y = x·Wᵀ + b + (α/r)·x·Aᵀ·Bᵀ`, with `W` frozen, `A` `[r, d_in]` (small random init) and `B`
+//! `[d_out, r]` (zeros), so a fresh adapter leaves the base model's output unchanged. burn stores
+//! `W` as `[d_in, d_out]`; `A` and `B` are stored in the wire layout of
+//! [`fedlora_protocol::adapter`] so that no conversion is needed when adapters travel.
+
+use burn::config::Config;
+use burn::module::{Module, Param, ParamGroup};
+use burn::nn::{Dropout, DropoutConfig, Initializer};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Distribution, Tensor};
+
+/// Adapter-wide LoRA settings.
+#[derive(Config, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank r of the update (`A` is `[r, d_in]`, `B` is `[d_out, r]`).
+    #[config(default = 8)]
+    pub rank: usize,
+    /// Scale numerator α: the update is multiplied by α/r.
+    #[config(default = 16.0)]
+    pub alpha: f64,
+    /// Dropout probability on the LoRA branch's input (0 disables it).
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Names of the projections that get an adapter (e.g. `q`, `v`; see the model's docs).
+    #[config(default = "vec![\"q\".to_string(), \"v\".to_string()]")]
+    pub targets: Vec<String>,
+    /// FFA-LoRA: freeze `A` at its random init and train only `B`. Halves what is uploaded and
+    /// makes averaging exact (the mean of `B·A` is `mean(B)·A`).
+    #[config(default = false)]
+    pub freeze_a: bool,
+}
+
+impl LoraConfig {
+    /// Whether the projection called `name` gets an adapter.
+    pub fn targets(&self, name: &str) -> bool {
+        self.targets.iter().any(|t| t == name)
+    }
+
+    /// The scale α/r.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    /// Names of the trainable adapter tensors (`lora_b`, plus `lora_a` unless [`freeze_a`]).
+    ///
+    /// [`freeze_a`]: LoraConfig::freeze_a
+    pub fn trainable_suffixes(&self) -> Vec<&'static str> {
+        if self.freeze_a {
+            vec!["lora_b"]
+        } else {
+            vec!["lora_a", "lora_b"]
+        }
+    }
+
+    /// Freezes every parameter of `module`, then unfreezes its trainable adapter tensors.
+    pub fn freeze_base<M: Module>(&self, module: M) -> M {
+        module.no_grad().set_require_grad_group(
+            ParamGroup::from_any_predicates(self.trainable_suffixes()),
+            true,
+        )
+    }
+}
+
+/// Configuration of one [`LoraLinear`] layer.
+#[derive(Config, Debug)]
+pub struct LoraLinearConfig {
+    /// Input features.
+    pub d_input: usize,
+    /// Output features.
+    pub d_output: usize,
+    /// Whether the frozen base has a bias.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Adapter settings; `None` makes a plain (frozen) linear layer.
+    #[config(default = "None")]
+    pub lora: Option<LoraConfig>,
+}
+
+impl LoraLinearConfig {
+    /// Initializes the layer: `W` and `b` Kaiming-uniform as burn's `Linear`, `A` uniform in
+    /// ±1/√d_in, `B` zeros.
+    pub fn init(&self, device: &Device) -> LoraLinear {
+        let init = Initializer::KaimingUniform {
+            gain: 1.0 / 3f64.sqrt(),
+            fan_out_only: false,
+        };
+        let weight = init.init_with(
+            [self.d_input, self.d_output],
+            Some(self.d_input),
+            Some(self.d_output),
+            device,
+        );
+        let bias = self.bias.then(|| {
+            init.init_with(
+                [self.d_output],
+                Some(self.d_input),
+                Some(self.d_output),
+                device,
+            )
+        });
+        let (lora_a, lora_b, scaling, dropout) = match &self.lora {
+            Some(cfg) => {
+                let bound = 1.0 / (self.d_input as f64).sqrt();
+                let a = Tensor::<2>::random(
+                    [cfg.rank, self.d_input],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                );
+                let b = Tensor::<2>::zeros([self.d_output, cfg.rank], device);
+                (
+                    Some(Param::from_tensor(a)),
+                    Some(Param::from_tensor(b)),
+                    cfg.scaling(),
+                    (cfg.dropout > 0.0).then(|| DropoutConfig::new(cfg.dropout).init()),
+                )
+            }
+            None => (None, None, 0.0, None),
+        };
+        LoraLinear {
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            scaling,
+            dropout,
+        }
+    }
+}
+
+/// A frozen linear layer with an optional low-rank adapter. Create it with [`LoraLinearConfig`].
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// Frozen base weight, burn layout `[d_in, d_out]`.
+    pub weight: Param<Tensor<2>>,
+    /// Frozen base bias `[d_out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Adapter down-projection `A`, `[r, d_in]`.
+    pub lora_a: Option<Param<Tensor<2>>>,
+    /// Adapter up-projection `B`, `[d_out, r]`.
+    pub lora_b: Option<Param<Tensor<2>>>,
+    /// α/r.
+    pub scaling: f64,
+    /// Dropout on the adapter branch's input.
+    pub dropout: Option<Dropout>,
+}
+
+impl LoraLinear {
+    /// Applies the layer.
+    ///
+    /// # Shapes
+    /// - input: `[..., d_in]`
+    /// - output: `[..., d_out]`
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let base = linear(
+            input.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                let x = match &self.dropout {
+                    Some(d) => d.forward(input),
+                    None => input,
+                };
+                // x·Aᵀ·Bᵀ as two thin linear maps (no bias): [.., d_in] → [.., r] → [.., d_out].
+                let h = linear(x, a.val().transpose(), None);
+                let up = linear(h, b.val().transpose(), None);
+                base + up.mul_scalar(self.scaling)
+            }
+            _ => base,
+        }
+    }
+
+    /// Applies the layer with one adapter per example (for per-example gradients under DP).
+    ///
+    /// `a` is `[batch, r, d_in]` and `b` is `[batch, d_out, r]`: example `i` of the batch uses
+    /// `a[i]`, `b[i]`. Without an adapter this is [`forward`](Self::forward).
+    ///
+    /// # Shapes
+    /// - input: `[batch, seq, d_in]`
+    /// - output: `[batch, seq, d_out]`
+    pub fn forward_per_example(
+        &self,
+        input: Tensor<3>,
+        adapter: Option<(Tensor<3>, Tensor<3>)>,
+    ) -> Tensor<3> {
+        let Some((a, b)) = adapter else {
+            return self.forward(input);
+        };
+        let base = linear(
+            input.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        let x = match &self.dropout {
+            Some(d) => d.forward(input),
+            None => input,
+        };
+        let h = x.matmul(a.swap_dims(1, 2));
+        let up = h.matmul(b.swap_dims(1, 2));
+        base + up.mul_scalar(self.scaling)
+    }
+
+    /// Whether this layer carries an adapter.
+    pub fn has_adapter(&self) -> bool {
+        self.lora_a.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use burn::tensor::TensorData;
+
+    fn device() -> Device {
+        Device::flex().autodiff()
+    }
+
+    fn layer(freeze_a: bool) -> LoraLinear {
+        let cfg = LoraConfig::new().with_rank(4).with_freeze_a(freeze_a);
+        let l = LoraLinearConfig::new(6, 5)
+            .with_lora(Some(cfg.clone()))
+            .init(&device());
+        cfg.freeze_base(l)
+    }
+
+    fn input() -> Tensor<3> {
+        Tensor::<3>::random([2, 3, 6], Distribution::Default, &device())
+    }
+
+    #[test]
+    fn zero_b_gives_the_base_output_exactly() {
+        let l = layer(false);
+        let x = input();
+        let plain = linear(x.clone(), l.weight.val(), l.bias.as_ref().map(|b| b.val()));
+        let got = l.forward(x);
+        assert_eq!(got.into_data(), plain.into_data());
+    }
+
+    #[test]
+    fn only_adapter_gets_gradients_and_base_is_bit_identical_after_a_step() {
+        for freeze_a in [false, true] {
+            let l = layer(freeze_a);
+            let w0 = l.weight.val().into_data();
+            let b0 = l.bias.as_ref().unwrap().val().into_data();
+            let a0 = l.lora_a.as_ref().unwrap().val().into_data();
+            let loss = l.forward(input()).powf_scalar(2.0).sum();
+            let grads = loss.backward();
+            assert!(l.weight.val().grad(&grads).is_none());
+            assert!(l.bias.as_ref().unwrap().val().grad(&grads).is_none());
+            assert_eq!(
+                l.lora_a.as_ref().unwrap().val().grad(&grads).is_some(),
+                !freeze_a
+            );
+            assert!(l.lora_b.as_ref().unwrap().val().grad(&grads).is_some());
+            let gp = GradientsParams::from_grads(grads, &l);
+            let mut opt = AdamConfig::new().init();
+            let mut l = opt.step(0.1, l, gp);
+            // B starts at zero, so A's first gradient is zero: take a second step.
+            let grads = l.forward(input()).powf_scalar(2.0).sum().backward();
+            let gp = GradientsParams::from_grads(grads, &l);
+            l = opt.step(0.1, l, gp);
+            assert_eq!(l.weight.val().into_data(), w0);
+            assert_eq!(l.bias.as_ref().unwrap().val().into_data(), b0);
+            let a1 = l.lora_a.as_ref().unwrap().val().into_data();
+            assert_eq!(a1 == a0, freeze_a, "A moves only when trained");
+            let b1 = l.lora_b.as_ref().unwrap().val().into_data();
+            assert_ne!(b1, TensorData::zeros::<f32, _>([5, 4]));
+        }
+    }
+
+    #[test]
+    fn per_example_forward_matches_shared_adapter() {
+        let mut l = layer(false);
+        // give B some values so the adapter matters
+        let b = Tensor::<2>::random([5, 4], Distribution::Default, &device());
+        l.lora_b = Some(Param::from_tensor(b));
+        let x = input();
+        let shared = l.forward(x.clone());
+        let a = l
+            .lora_a
+            .as_ref()
+            .unwrap()
+            .val()
+            .unsqueeze_dim::<3>(0)
+            .repeat_dim(0, 2);
+        let b = l
+            .lora_b
+            .as_ref()
+            .unwrap()
+            .val()
+            .unsqueeze_dim::<3>(0)
+            .repeat_dim(0, 2);
+        let per = l.forward_per_example(x, Some((a, b)));
+        let diff = (shared - per).abs().max().into_scalar::<f32>();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}

@@ -1,0 +1,90 @@
+//! The protocol crate's one error type, grouped by cause.
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the pure protocol layer.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// An adapter spec is malformed (duplicate names, empty shapes).
+    #[error("invalid adapter spec: {0}")]
+    InvalidSpec(String),
+    /// Two adapters (or an adapter and a peer) do not share a spec.
+    #[error("adapter spec mismatch: expected {expected}, got {got}")]
+    SpecMismatch {
+        /// First 8 bytes of the expected spec hash, hex.
+        expected: String,
+        /// First 8 bytes of the received spec hash, hex.
+        got: String,
+    },
+    /// A buffer holds the wrong number of values for its spec.
+    #[error("adapter has {got} values, spec needs {expected}")]
+    ShapeMismatch {
+        /// Values the spec needs.
+        expected: usize,
+        /// Values received.
+        got: usize,
+    },
+    /// An update encoding is malformed.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// A frame is malformed, truncated, oversized or of an unexpected kind.
+    #[error("frame: {0}")]
+    Frame(String),
+    /// A configuration value is invalid.
+    #[error("invalid config: {0}")]
+    Config(String),
+    /// The peer sent something the protocol forbids; the refusal says what.
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+/// Why the coordinator (or a client) refused a message. Sent to the peer as is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// The peer's adapter spec hash differs.
+    SpecMismatch,
+    /// The client's certificate is on the deny-list.
+    Revoked,
+    /// The client sent a request before a successful hello.
+    NotRegistered,
+    /// The message names a round that is not the open one (a replay, or a late upload).
+    WrongRound,
+    /// The client is not a participant of the open round.
+    NotSelected,
+    /// A second, different upload for a (round, client) that already has one.
+    DuplicateUpload,
+    /// The frame or its contents could not be decoded.
+    Malformed,
+    /// The frame is larger than its kind allows.
+    TooLarge,
+    /// The upload's weight is not allowed by the round's weighting rule.
+    BadWeight,
+    /// The client declined the round (e.g. its privacy budget is spent).
+    Declined,
+    /// The coordinator failed internally (storage); the client should retry.
+    Internal,
+}
+
+/// A typed refusal with a human-readable reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("refused ({code:?}): {message}")]
+pub struct Refusal {
+    /// What kind of refusal.
+    pub code: RefusalCode,
+    /// Details for logs and users.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal of `code` with `message`.
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! fedlora's protocol core: adapter layout, update codecs, wire messages and framing, and the
+//! federation's round state machine.
+//!
+//! No I/O, no clock, no burn: every function is deterministic given its inputs (time is passed
+//! in as milliseconds), so the coordinator, the client and the simulations share one tested core.
+
+pub mod adapter;
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod round;
+
+pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
+pub use codec::Codec;
+pub use error::{ProtocolError, Refusal, RefusalCode};
+pub use message::{
+    AckStatus, ClientMsg, CoordMsg, EvalReport, RoundOffer, Task, TrainConfig, Upload, Weighting,
+    PROTOCOL_VERSION,
+};
+pub use round::{
+    fedavg, ClientId, Directive, Federation, FederationConfig, FederationState, OpenRound, Phase,
+    Transition, UploadMeta, UploadVerdict,
+};

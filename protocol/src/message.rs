@@ -1,0 +1,179 @@
+//! Wire messages. Every request is one client frame on a fresh bidirectional QUIC stream, answered
+//! by exactly one coordinator frame. The client's identity is its TLS certificate, never a field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::SpecHash;
+use crate::codec::Codec;
+use crate::error::Refusal;
+
+/// The protocol version this crate speaks; a hello with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// How the coordinator weighs each client's delta in the average.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Weighting {
+    /// wᵢ = number of local training examples (FedAvg). Reveals the count: only without DP.
+    #[default]
+    ExampleCount,
+    /// wᵢ = 1 for every client: no count leaves the device (use with DP).
+    Uniform,
+}
+
+/// What a client does in a round, chosen by the coordinator and identical for all participants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps per round.
+    pub local_steps: u32,
+    /// Expected batch size (examples per step).
+    pub batch_size: u32,
+    /// Learning rate of the local optimizer (Adam).
+    pub learning_rate: f64,
+    /// Codec the upload must use.
+    pub codec: Codec,
+    /// Weighting rule for the average.
+    pub weighting: Weighting,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            local_steps: 20,
+            batch_size: 16,
+            learning_rate: 3e-3,
+            codec: Codec::DenseF32,
+            weighting: Weighting::ExampleCount,
+        }
+    }
+}
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message on a connection: versions and the adapter spec the client was built for.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        protocol_version: u16,
+        /// Hash of the client's adapter spec.
+        spec_hash: SpecHash,
+    },
+    /// Asks what to do next.
+    Poll,
+    /// A trained delta for the open round.
+    Upload(Upload),
+    /// The held-out loss of a global version on the client's local test split.
+    EvalReport(EvalReport),
+}
+
+/// A client's delta for one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    /// Round id the delta was trained for.
+    pub round: u64,
+    /// Spec hash of the delta.
+    pub spec_hash: SpecHash,
+    /// Aggregation weight (see [`Weighting`]).
+    pub weight: f64,
+    /// Mean training loss over the local steps, nats per byte.
+    pub train_loss: f64,
+    /// The delta `local − global`, encoded with the round's codec.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A held-out evaluation of one global version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Global version evaluated.
+    pub version: u64,
+    /// Mean next-byte cross-entropy on the local test split, nats per byte.
+    pub loss: f64,
+    /// Number of predicted bytes the mean is over (its weight in the federation mean).
+    pub tokens: u64,
+}
+
+/// A coordinator's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CoordMsg {
+    /// Hello accepted.
+    Welcome {
+        /// The client id taken from the certificate.
+        client_id: String,
+        /// The coordinator's protocol version.
+        protocol_version: u16,
+    },
+    /// What to do next.
+    Task(Task),
+    /// An upload is stored durably.
+    Ack {
+        /// Round of the upload.
+        round: u64,
+        /// Whether this was new or a re-send.
+        status: AckStatus,
+    },
+    /// An evaluation report was recorded.
+    EvalRecorded {
+        /// Version the report was for.
+        version: u64,
+    },
+    /// The request was refused.
+    Refused(Refusal),
+}
+
+/// Whether an acknowledged upload was new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckStatus {
+    /// Stored now.
+    Accepted,
+    /// A byte-identical copy was stored before (a re-send after a lost ack or a restart).
+    AlreadyAccepted,
+}
+
+/// The next thing a polling client should do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Task {
+    /// Nothing now; poll again after the given delay.
+    Wait {
+        /// Suggested delay, milliseconds.
+        retry_after_ms: u64,
+    },
+    /// Train on the given global adapter and upload a delta.
+    Train(RoundOffer),
+    /// Evaluate a global version on the local test split and report it.
+    Evaluate {
+        /// Version to evaluate.
+        version: u64,
+        /// The global adapter, encoded with [`Codec::DenseF32`].
+        #[serde(with = "serde_bytes")]
+        global: Vec<u8>,
+    },
+    /// This client's upload for `round` is already stored: do not train again.
+    AlreadyUploaded {
+        /// The open round.
+        round: u64,
+    },
+    /// The federation is over.
+    Finished {
+        /// The final global version.
+        version: u64,
+    },
+}
+
+/// An invitation to train in a round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundOffer {
+    /// Round id; the upload must carry it.
+    pub round: u64,
+    /// Version of the global adapter sent.
+    pub global_version: u64,
+    /// Spec hash of the federation's adapter.
+    pub spec_hash: SpecHash,
+    /// What to train.
+    pub config: TrainConfig,
+    /// Whether the client should also evaluate the received global and send an [`EvalReport`].
+    pub evaluate: bool,
+    /// The global adapter (not a delta), encoded with [`Codec::DenseF32`].
+    #[serde(with = "serde_bytes")]
+    pub global: Vec<u8>,
+}

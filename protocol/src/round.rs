@@ -1,0 +1,853 @@
+//! The federation's round state machine, without I/O.
+//!
+//! [`Federation`] takes events (a client connected, polled, uploaded, reported an evaluation; the
+//! clock ticked) with the current time passed in, and answers with decisions. It never touches a
+//! socket, a disk or a clock: the coordinator crate drives it over QUIC and sled, tests drive it
+//! with scripted clients and a simulated clock.
+//!
+//! ```text
+//! Waiting ──(enough clients)──▶ Training{round} ──(all in | deadline, ≥ min)──▶ commit ─┐
+//!    ▲                               │ (deadline, < min) → round Failed, retried         │
+//!    └───────────────────────────────┴───────────────────────────────────────────────────┘
+//! after the last commit: Evaluating{final version} ──(all reported | deadline)──▶ Finished
+//! ```
+//! Persisted state is [`FederationState`]: the driver stores it after every change, and an
+//! upload's record together with it **before** it acknowledges the upload.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{FlatAdapter, SpecHash};
+use crate::error::{ProtocolError, Refusal, RefusalCode};
+use crate::message::{AckStatus, TrainConfig, Weighting};
+
+/// A client's identity: the common name of its TLS certificate.
+pub type ClientId = String;
+
+/// Federation settings, identical for every round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FederationConfig {
+    /// Rounds to commit before the federation ends.
+    pub rounds: u64,
+    /// Clients sampled per round (K).
+    pub clients_per_round: usize,
+    /// Fewest uploads a round needs to commit.
+    pub min_clients: usize,
+    /// How long a round waits for uploads, milliseconds.
+    pub round_timeout_ms: u64,
+    /// How long to wait for `clients_per_round` connections before starting a round with at least
+    /// `min_clients`, milliseconds.
+    pub start_grace_ms: u64,
+    /// How long the final evaluation waits for reports, milliseconds.
+    pub eval_timeout_ms: u64,
+    /// Failed rounds tolerated before the federation gives up.
+    pub max_failed_rounds: u64,
+    /// Seed of client sampling (deterministic per round: seed ⊕ round id).
+    pub seed: u64,
+    /// What every participant trains.
+    pub train: TrainConfig,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            clients_per_round: 8,
+            min_clients: 2,
+            round_timeout_ms: 120_000,
+            start_grace_ms: 10_000,
+            eval_timeout_ms: 60_000,
+            max_failed_rounds: 10,
+            seed: 42,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl FederationConfig {
+    /// Checks the settings before a federation starts.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |m: &str| Err(ProtocolError::Config(m.to_string()));
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1");
+        }
+        if self.min_clients == 0 {
+            return bad("min_clients must be at least 1");
+        }
+        if self.clients_per_round < self.min_clients {
+            return bad("clients_per_round must be at least min_clients");
+        }
+        if self.round_timeout_ms == 0 {
+            return bad("round_timeout_ms must be positive");
+        }
+        if self.train.local_steps == 0 || self.train.batch_size == 0 {
+            return bad("local_steps and batch_size must be positive");
+        }
+        if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
+            return bad("learning_rate must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What the coordinator stored for one accepted upload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadMeta {
+    /// SHA-256 of the upload's payload: a re-send is recognised by it.
+    pub digest: [u8; 32],
+    /// Aggregation weight.
+    pub weight: f64,
+    /// Payload size, bytes.
+    pub bytes: u64,
+    /// The client's mean training loss.
+    pub train_loss: f64,
+}
+
+/// The round being trained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpenRound {
+    /// Round id (every attempt gets a new one).
+    pub round: u64,
+    /// Global version the participants train from.
+    pub base_version: u64,
+    /// Participants.
+    pub selected: BTreeSet<ClientId>,
+    /// When the round stops waiting, ms (driver's clock).
+    pub deadline_ms: u64,
+    /// Accepted uploads.
+    pub uploads: BTreeMap<ClientId, UploadMeta>,
+}
+
+/// Where the federation is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waiting for enough connected clients.
+    Waiting {
+        /// Since when, ms.
+        since_ms: u64,
+    },
+    /// A round is open.
+    Training(OpenRound),
+    /// The final global version is being evaluated.
+    Evaluating {
+        /// Version under evaluation.
+        version: u64,
+        /// When evaluation stops waiting, ms.
+        deadline_ms: u64,
+        /// Clients that reported.
+        reported: BTreeSet<ClientId>,
+    },
+    /// Done.
+    Finished {
+        /// Whether every planned round committed.
+        success: bool,
+    },
+}
+
+/// Everything the coordinator must persist to resume after a crash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FederationState {
+    /// Current global version (0 = the initial adapter; +1 per committed round).
+    pub global_version: u64,
+    /// Id the next round will get.
+    pub next_round: u64,
+    /// Rounds that failed so far.
+    pub failed_rounds: u64,
+    /// Where the federation is.
+    pub phase: Phase,
+}
+
+/// A decision the driver must carry out after a [`Federation::tick`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transition {
+    /// A round opened with these participants.
+    RoundStarted {
+        /// Round id.
+        round: u64,
+        /// Participants.
+        selected: BTreeSet<ClientId>,
+    },
+    /// A round has its uploads: aggregate them, persist the new global, then call
+    /// [`Federation::commit`].
+    Aggregate {
+        /// Round id.
+        round: u64,
+        /// Uploads to aggregate, by client.
+        uploads: BTreeMap<ClientId, UploadMeta>,
+        /// Participants that did not upload in time (stragglers).
+        missing: BTreeSet<ClientId>,
+    },
+    /// A round failed; nothing was applied and a new round will start.
+    RoundFailed {
+        /// Round id.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The final evaluation started.
+    EvaluationStarted {
+        /// Version evaluated.
+        version: u64,
+    },
+    /// The federation ended.
+    Finished {
+        /// Whether every planned round committed.
+        success: bool,
+    },
+}
+
+/// What a polling client should do (the driver attaches the adapter bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Directive {
+    /// Poll again later.
+    Wait,
+    /// Train in `round` from `base_version`; `evaluate` asks for a report on that version too.
+    Train {
+        /// Round id.
+        round: u64,
+        /// Global version to send.
+        base_version: u64,
+        /// Whether the client should report the base version's held-out loss.
+        evaluate: bool,
+    },
+    /// Evaluate `version`.
+    Evaluate {
+        /// Version to send.
+        version: u64,
+    },
+    /// Already uploaded for `round`.
+    AlreadyUploaded {
+        /// Round id.
+        round: u64,
+    },
+    /// Done.
+    Finished {
+        /// Final version.
+        version: u64,
+    },
+}
+
+/// Whether an upload is new or a re-send (see [`Federation::check_upload`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum UploadVerdict {
+    /// Store it, then call [`Federation::accept_upload`], then ack.
+    New,
+    /// Byte-identical to the stored one: ack without storing.
+    AlreadyAccepted,
+}
+
+impl UploadVerdict {
+    /// The ack status this verdict leads to.
+    pub fn ack_status(&self) -> AckStatus {
+        match self {
+            UploadVerdict::New => AckStatus::Accepted,
+            UploadVerdict::AlreadyAccepted => AckStatus::AlreadyAccepted,
+        }
+    }
+}
+
+/// The federation state machine.
+#[derive(Clone, Debug)]
+pub struct Federation {
+    config: FederationConfig,
+    spec_hash: SpecHash,
+    state: FederationState,
+    connected: BTreeSet<ClientId>,
+    /// Versions already evaluated by a client (so each client reports a version at most once).
+    evaluated: BTreeSet<(u64, ClientId)>,
+}
+
+impl Federation {
+    /// A new federation at global version 0.
+    pub fn new(
+        config: FederationConfig,
+        spec_hash: SpecHash,
+        now_ms: u64,
+    ) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        Ok(Self::resume(
+            config,
+            spec_hash,
+            FederationState {
+                global_version: 0,
+                next_round: 1,
+                failed_rounds: 0,
+                phase: Phase::Waiting { since_ms: now_ms },
+            },
+            now_ms,
+        ))
+    }
+
+    /// Resumes from persisted state. An open round or evaluation gets a fresh deadline
+    /// (`now + timeout`), since clients must reconnect first.
+    pub fn resume(
+        config: FederationConfig,
+        spec_hash: SpecHash,
+        mut state: FederationState,
+        now_ms: u64,
+    ) -> Self {
+        match &mut state.phase {
+            Phase::Training(open) => open.deadline_ms = now_ms + config.round_timeout_ms,
+            Phase::Evaluating { deadline_ms, .. } => *deadline_ms = now_ms + config.eval_timeout_ms,
+            Phase::Waiting { since_ms } => *since_ms = now_ms,
+            Phase::Finished { .. } => {}
+        }
+        Self {
+            config,
+            spec_hash,
+            state,
+            connected: BTreeSet::new(),
+            evaluated: BTreeSet::new(),
+        }
+    }
+
+    /// The persisted part of the state.
+    pub fn state(&self) -> &FederationState {
+        &self.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FederationConfig {
+        &self.config
+    }
+
+    /// The adapter spec hash every message must carry.
+    pub fn spec_hash(&self) -> &SpecHash {
+        &self.spec_hash
+    }
+
+    /// Clients currently connected.
+    pub fn connected(&self) -> &BTreeSet<ClientId> {
+        &self.connected
+    }
+
+    /// A client finished its hello.
+    pub fn connect(&mut self, client: &str) {
+        self.connected.insert(client.to_string());
+    }
+
+    /// A client's connection closed.
+    pub fn disconnect(&mut self, client: &str) {
+        self.connected.remove(client);
+    }
+
+    /// Whether the federation has ended.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state.phase, Phase::Finished { .. })
+    }
+
+    /// What `client` should do now.
+    pub fn poll(&mut self, client: &str) -> Directive {
+        match &self.state.phase {
+            Phase::Waiting { .. } => Directive::Wait,
+            Phase::Training(open) => {
+                if !open.selected.contains(client) {
+                    Directive::Wait
+                } else if open.uploads.contains_key(client) {
+                    Directive::AlreadyUploaded { round: open.round }
+                } else {
+                    let evaluate = !self
+                        .evaluated
+                        .contains(&(open.base_version, client.to_string()));
+                    Directive::Train {
+                        round: open.round,
+                        base_version: open.base_version,
+                        evaluate,
+                    }
+                }
+            }
+            Phase::Evaluating {
+                version, reported, ..
+            } => {
+                if reported.contains(client) {
+                    Directive::Wait
+                } else {
+                    Directive::Evaluate { version: *version }
+                }
+            }
+            Phase::Finished { .. } => Directive::Finished {
+                version: self.state.global_version,
+            },
+        }
+    }
+
+    /// Validates an upload without changing state.
+    ///
+    /// Refuses: another round than the open one (`WrongRound`), a non-participant
+    /// (`NotSelected`), another spec (`SpecMismatch`), a weight the weighting rule forbids
+    /// (`BadWeight`), and a different payload for a (round, client) that has one
+    /// (`DuplicateUpload`). A byte-identical re-send is [`UploadVerdict::AlreadyAccepted`].
+    pub fn check_upload(
+        &self,
+        client: &str,
+        round: u64,
+        spec_hash: &SpecHash,
+        digest: &[u8; 32],
+        weight: f64,
+    ) -> Result<UploadVerdict, Refusal> {
+        let Phase::Training(open) = &self.state.phase else {
+            return Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("no round is open; upload for round {round} refused"),
+            ));
+        };
+        if round != open.round {
+            return Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("upload for round {round}, but round {} is open", open.round),
+            ));
+        }
+        if !open.selected.contains(client) {
+            return Err(Refusal::new(
+                RefusalCode::NotSelected,
+                format!("client {client} is not a participant of round {round}"),
+            ));
+        }
+        if spec_hash != &self.spec_hash {
+            return Err(Refusal::new(
+                RefusalCode::SpecMismatch,
+                "upload's adapter spec differs from the federation's",
+            ));
+        }
+        if let Some(prev) = open.uploads.get(client) {
+            return if &prev.digest == digest {
+                Ok(UploadVerdict::AlreadyAccepted)
+            } else {
+                Err(Refusal::new(
+                    RefusalCode::DuplicateUpload,
+                    format!("client {client} already uploaded a different delta for round {round}"),
+                ))
+            };
+        }
+        let ok = weight.is_finite()
+            && weight > 0.0
+            && match self.config.train.weighting {
+                Weighting::ExampleCount => weight.fract() == 0.0,
+                Weighting::Uniform => weight == 1.0,
+            };
+        if !ok {
+            return Err(Refusal::new(
+                RefusalCode::BadWeight,
+                format!(
+                    "weight {weight} not allowed under {:?} weighting",
+                    self.config.train.weighting
+                ),
+            ));
+        }
+        Ok(UploadVerdict::New)
+    }
+
+    /// Records an upload that [`check_upload`](Self::check_upload) called new and the driver has
+    /// stored. Returns the state to persist together with the upload record.
+    pub fn accept_upload(
+        &mut self,
+        client: &str,
+        round: u64,
+        meta: UploadMeta,
+    ) -> Result<&FederationState, Refusal> {
+        match &mut self.state.phase {
+            Phase::Training(open) if open.round == round && open.selected.contains(client) => {
+                open.uploads.insert(client.to_string(), meta);
+                Ok(&self.state)
+            }
+            _ => Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("round {round} is no longer open"),
+            )),
+        }
+    }
+
+    /// Records that `client` evaluated `version`. A report for a version that is not the current
+    /// global or the one under final evaluation is refused; a second report from the same client
+    /// for the same version is refused.
+    pub fn record_eval(&mut self, client: &str, version: u64) -> Result<(), Refusal> {
+        let current = match &self.state.phase {
+            Phase::Training(open) => open.base_version,
+            Phase::Evaluating { version, .. } => *version,
+            _ => self.state.global_version,
+        };
+        if version != current {
+            return Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("evaluation of version {version}, current is {current}"),
+            ));
+        }
+        if !self.evaluated.insert((version, client.to_string())) {
+            return Err(Refusal::new(
+                RefusalCode::DuplicateUpload,
+                format!("client {client} already reported version {version}"),
+            ));
+        }
+        if let Phase::Evaluating { reported, .. } = &mut self.state.phase {
+            reported.insert(client.to_string());
+        }
+        Ok(())
+    }
+
+    /// Marks that `client` reported `version` before a restart (rebuilt from the store).
+    pub fn restore_eval(&mut self, client: &str, version: u64) {
+        self.evaluated.insert((version, client.to_string()));
+    }
+
+    /// Advances time. Returns the transition, if any; the driver persists [`state`](Self::state)
+    /// after each.
+    pub fn tick(&mut self, now_ms: u64) -> Option<Transition> {
+        match &self.state.phase {
+            Phase::Waiting { since_ms } => {
+                let n = self.connected.len();
+                let enough = n >= self.config.clients_per_round
+                    || (n >= self.config.min_clients
+                        && now_ms.saturating_sub(*since_ms) >= self.config.start_grace_ms);
+                if !enough {
+                    return None;
+                }
+                let round = self.state.next_round;
+                let selected = self.sample(round);
+                self.state.next_round += 1;
+                self.state.phase = Phase::Training(OpenRound {
+                    round,
+                    base_version: self.state.global_version,
+                    selected: selected.clone(),
+                    deadline_ms: now_ms + self.config.round_timeout_ms,
+                    uploads: BTreeMap::new(),
+                });
+                Some(Transition::RoundStarted { round, selected })
+            }
+            Phase::Training(open) => {
+                let all_in = open.uploads.len() == open.selected.len();
+                if !all_in && now_ms < open.deadline_ms {
+                    return None;
+                }
+                let round = open.round;
+                if open.uploads.len() >= self.config.min_clients {
+                    let missing = open
+                        .selected
+                        .iter()
+                        .filter(|c| !open.uploads.contains_key(*c))
+                        .cloned()
+                        .collect();
+                    Some(Transition::Aggregate {
+                        round,
+                        uploads: open.uploads.clone(),
+                        missing,
+                    })
+                } else {
+                    let reason = format!(
+                        "{} of {} uploads by the deadline, {} needed",
+                        open.uploads.len(),
+                        open.selected.len(),
+                        self.config.min_clients
+                    );
+                    self.state.failed_rounds += 1;
+                    self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
+                        Phase::Finished { success: false }
+                    } else {
+                        Phase::Waiting { since_ms: now_ms }
+                    };
+                    Some(Transition::RoundFailed { round, reason })
+                }
+            }
+            Phase::Evaluating {
+                deadline_ms,
+                reported,
+                ..
+            } => {
+                let all = !self.connected.is_empty() && self.connected.is_subset(reported);
+                if all || now_ms >= *deadline_ms {
+                    self.state.phase = Phase::Finished { success: true };
+                    Some(Transition::Finished { success: true })
+                } else {
+                    None
+                }
+            }
+            Phase::Finished { .. } => None,
+        }
+    }
+
+    /// Commits the round the last [`Transition::Aggregate`] named, after the driver stored the
+    /// new global adapter. Returns the new version.
+    pub fn commit(&mut self, round: u64, now_ms: u64) -> Result<u64, ProtocolError> {
+        match &self.state.phase {
+            Phase::Training(open) if open.round == round => {}
+            _ => {
+                return Err(ProtocolError::Config(format!(
+                    "commit of round {round}, which is not open"
+                )))
+            }
+        }
+        self.state.global_version += 1;
+        self.state.phase = if self.state.global_version >= self.config.rounds {
+            Phase::Evaluating {
+                version: self.state.global_version,
+                deadline_ms: now_ms + self.config.eval_timeout_ms,
+                reported: BTreeSet::new(),
+            }
+        } else {
+            Phase::Waiting { since_ms: now_ms }
+        };
+        Ok(self.state.global_version)
+    }
+
+    /// Seeded sample of K connected clients for `round`: sort, shuffle with ChaCha20 seeded by
+    /// `seed ⊕ round`, take K.
+    fn sample(&self, round: u64) -> BTreeSet<ClientId> {
+        let mut ids: Vec<ClientId> = self.connected.iter().cloned().collect();
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(self.config.seed ^ round);
+        ids.shuffle(&mut rng);
+        ids.into_iter()
+            .take(self.config.clients_per_round)
+            .collect()
+    }
+}
+
+/// FedAvg: `global + Σ wᵢ·Δᵢ / Σ wᵢ`, accumulated in `f64` in the order given, then rounded to
+/// `f32` once per value. Fails on an empty list, a non-positive total weight or a spec mismatch.
+pub fn fedavg(
+    global: &FlatAdapter,
+    deltas: &[(f64, FlatAdapter)],
+) -> Result<FlatAdapter, ProtocolError> {
+    if deltas.is_empty() {
+        return Err(ProtocolError::Config("nothing to aggregate".into()));
+    }
+    let total: f64 = deltas.iter().map(|(w, _)| *w).sum();
+    if !(total.is_finite() && total > 0.0) {
+        return Err(ProtocolError::Config(format!("total weight {total}")));
+    }
+    let mut acc = vec![0f64; global.values().len()];
+    for (w, d) in deltas {
+        global.check_same_spec(d.spec())?;
+        for (a, v) in acc.iter_mut().zip(d.values()) {
+            *a += w * f64::from(*v);
+        }
+    }
+    let values = global
+        .values()
+        .iter()
+        .zip(&acc)
+        .map(|(g, a)| (f64::from(*g) + a / total) as f32)
+        .collect();
+    FlatAdapter::new(global.spec().clone(), values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{AdapterSpec, TensorSpec};
+
+    const SPEC: SpecHash = [9; 32];
+
+    fn cfg() -> FederationConfig {
+        FederationConfig {
+            rounds: 2,
+            clients_per_round: 3,
+            min_clients: 2,
+            round_timeout_ms: 1_000,
+            start_grace_ms: 500,
+            eval_timeout_ms: 300,
+            ..Default::default()
+        }
+    }
+
+    fn meta(b: u8) -> UploadMeta {
+        UploadMeta {
+            digest: [b; 32],
+            weight: 10.0,
+            bytes: 4,
+            train_loss: 1.0,
+        }
+    }
+
+    fn upload(f: &mut Federation, c: &str, round: u64, b: u8) -> Result<AckStatus, Refusal> {
+        let v = f.check_upload(c, round, &SPEC, &[b; 32], 10.0)?;
+        if v == UploadVerdict::New {
+            f.accept_upload(c, round, meta(b))?;
+        }
+        Ok(v.ack_status())
+    }
+
+    #[test]
+    fn full_federation_with_straggler_and_eval() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        for c in ["a", "b", "c", "d"] {
+            f.connect(c);
+        }
+        let Some(Transition::RoundStarted { round, selected }) = f.tick(1) else {
+            panic!()
+        };
+        assert_eq!(round, 1);
+        assert_eq!(selected.len(), 3);
+        let outsider = ["a", "b", "c", "d"]
+            .into_iter()
+            .find(|c| !selected.contains(*c))
+            .unwrap();
+        assert_eq!(f.poll(outsider), Directive::Wait);
+        let sel: Vec<_> = selected.iter().cloned().collect();
+        assert!(matches!(
+            f.poll(&sel[0]),
+            Directive::Train {
+                round: 1,
+                base_version: 0,
+                evaluate: true
+            }
+        ));
+        assert_eq!(upload(&mut f, &sel[0], 1, 1), Ok(AckStatus::Accepted));
+        assert_eq!(
+            upload(&mut f, &sel[0], 1, 1),
+            Ok(AckStatus::AlreadyAccepted)
+        );
+        assert_eq!(
+            upload(&mut f, &sel[0], 1, 2).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
+        assert_eq!(f.poll(&sel[0]), Directive::AlreadyUploaded { round: 1 });
+        assert_eq!(
+            upload(&mut f, outsider, 1, 3).unwrap_err().code,
+            RefusalCode::NotSelected
+        );
+        assert_eq!(
+            upload(&mut f, &sel[1], 7, 3).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        upload(&mut f, &sel[1], 1, 4).unwrap();
+        // third participant straggles: nothing happens before the deadline
+        assert_eq!(f.tick(500), None);
+        let Some(Transition::Aggregate {
+            round: 1,
+            uploads,
+            missing,
+        }) = f.tick(1_001)
+        else {
+            panic!()
+        };
+        assert_eq!(uploads.len(), 2);
+        assert!(missing.contains(&sel[2]));
+        assert_eq!(f.commit(1, 1_002).unwrap(), 1);
+        // an upload for the committed round is now a replay
+        assert_eq!(
+            upload(&mut f, &sel[2], 1, 5).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        let Some(Transition::RoundStarted { round: 2, selected }) = f.tick(1_003) else {
+            panic!()
+        };
+        for (i, c) in selected.iter().enumerate() {
+            upload(&mut f, c, 2, 10 + i as u8).unwrap();
+        }
+        assert!(matches!(f.tick(1_004), Some(Transition::Aggregate { .. })));
+        assert_eq!(f.commit(2, 1_005).unwrap(), 2);
+        assert!(matches!(f.tick(1_006), None));
+        assert_eq!(f.poll("a"), Directive::Evaluate { version: 2 });
+        for c in ["a", "b", "c", "d"] {
+            f.record_eval(c, 2).unwrap();
+        }
+        assert_eq!(
+            f.record_eval("a", 2).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
+        assert_eq!(f.tick(1_007), Some(Transition::Finished { success: true }));
+        assert_eq!(f.poll("a"), Directive::Finished { version: 2 });
+    }
+
+    #[test]
+    fn round_below_min_fails_and_is_retried_with_new_id() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        f.connect("a");
+        assert_eq!(f.tick(100), None, "one client is below min_clients");
+        f.connect("b");
+        assert_eq!(f.tick(200), None, "grace period not over");
+        assert!(matches!(
+            f.tick(600),
+            Some(Transition::RoundStarted { round: 1, .. })
+        ));
+        upload(&mut f, "a", 1, 1).unwrap();
+        let Some(Transition::RoundFailed { round: 1, .. }) = f.tick(1_700) else {
+            panic!()
+        };
+        assert_eq!(f.state().global_version, 0);
+        let Some(Transition::RoundStarted { round: 2, .. }) = f.tick(2_300) else {
+            panic!()
+        };
+        assert_eq!(
+            upload(&mut f, "a", 1, 1).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+    }
+
+    #[test]
+    fn resume_keeps_accepted_uploads() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        f.tick(1);
+        upload(&mut f, "a", 1, 1).unwrap();
+        let saved = f.state().clone();
+        let bytes = bincode::serde::encode_to_vec(&saved, bincode::config::standard()).unwrap();
+        let (state, _): (FederationState, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        let mut g = Federation::resume(cfg(), SPEC, state, 50_000);
+        assert_eq!(g.poll("a"), Directive::AlreadyUploaded { round: 1 });
+        assert_eq!(upload(&mut g, "a", 1, 1), Ok(AckStatus::AlreadyAccepted));
+        // deadline was refreshed: no failure right after restart
+        assert_eq!(g.tick(50_001), None);
+        upload(&mut g, "b", 1, 2).unwrap();
+        upload(&mut g, "c", 1, 3).unwrap();
+        let Some(Transition::Aggregate { uploads, .. }) = g.tick(50_002) else {
+            panic!()
+        };
+        assert_eq!(uploads.len(), 3);
+    }
+
+    #[test]
+    fn sampling_is_seeded() {
+        let pick = |seed| {
+            let mut c = cfg();
+            c.seed = seed;
+            let mut f = Federation::new(c, SPEC, 0).unwrap();
+            for i in 0..20 {
+                f.connect(&format!("c{i}"));
+            }
+            match f.tick(0) {
+                Some(Transition::RoundStarted { selected, .. }) => selected,
+                _ => panic!(),
+            }
+        };
+        assert_eq!(pick(1), pick(1));
+        assert_ne!(pick(1), pick(2));
+    }
+
+    #[test]
+    fn weights_follow_the_rule() {
+        let mut c = cfg();
+        c.train.weighting = Weighting::Uniform;
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        for x in ["a", "b", "c"] {
+            f.connect(x);
+        }
+        f.tick(0);
+        let e = f.check_upload("a", 1, &SPEC, &[0; 32], 12.0).unwrap_err();
+        assert_eq!(e.code, RefusalCode::BadWeight);
+        assert!(f.check_upload("a", 1, &SPEC, &[0; 32], 1.0).is_ok());
+        let e = f.check_upload("a", 1, &[0; 32], &[0; 32], 1.0).unwrap_err();
+        assert_eq!(e.code, RefusalCode::SpecMismatch);
+    }
+
+    #[test]
+    fn fedavg_is_the_weighted_mean() {
+        let spec = AdapterSpec::new(vec![TensorSpec {
+            name: "t".into(),
+            shape: vec![3],
+        }])
+        .unwrap();
+        let g = FlatAdapter::new(spec.clone(), vec![1.0, 2.0, 3.0]).unwrap();
+        let d1 = FlatAdapter::new(spec.clone(), vec![1.0, 0.0, -1.0]).unwrap();
+        let d2 = FlatAdapter::new(spec, vec![4.0, 3.0, 2.0]).unwrap();
+        let out = fedavg(&g, &[(1.0, d1), (2.0, d2)]).unwrap();
+        assert_eq!(out.values(), &[4.0, 4.0, 4.0]);
+        assert!(fedavg(&g, &[]).is_err());
+    }
+}
