@@ -9,3 +9,5 @@ pub mod model;
 pub mod train;
 
 pub use error::ClientError;
+pub mod sdk;
+pub mod transport;

@@ -1,1 +1,15 @@
-//! fedlora coordinator
+//! fedlora coordinator: the QUIC + mutual-TLS service that runs FedAvg rounds, with its state in
+//! sled and large payloads in files. It never links burn: adapters are named flat buffers.
+
+pub mod certs;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod tls;
+
+pub use config::{CoordinatorConfig, TlsPaths};
+pub use error::CoordinatorError;
+pub use server::{Coordinator, Event};

@@ -118,6 +118,8 @@ pub struct OpenRound {
     pub selected: BTreeSet<ClientId>,
     /// When the round stops waiting, ms (driver's clock).
     pub deadline_ms: u64,
+    /// Set once the round stopped taking uploads and is being aggregated.
+    pub closed: bool,
     /// Accepted uploads.
     pub uploads: BTreeMap<ClientId, UploadMeta>,
 }
@@ -171,8 +173,9 @@ pub enum Transition {
         /// Participants.
         selected: BTreeSet<ClientId>,
     },
-    /// A round has its uploads: aggregate them, persist the new global, then call
-    /// [`Federation::commit`].
+    /// A round has its uploads and is closed to new ones: aggregate them, persist the new
+    /// global, then call [`Federation::commit`]. Repeated on every tick until committed (also
+    /// after a restart), so a crash during aggregation only redoes it.
     Aggregate {
         /// Round id.
         round: u64,
@@ -401,6 +404,12 @@ impl Federation {
                 format!("upload for round {round}, but round {} is open", open.round),
             ));
         }
+        if open.closed && !open.uploads.contains_key(client) {
+            return Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("round {round} is closed and being aggregated"),
+            ));
+        }
         if !open.selected.contains(client) {
             return Err(Refusal::new(
                 RefusalCode::NotSelected,
@@ -450,7 +459,9 @@ impl Federation {
         meta: UploadMeta,
     ) -> Result<&FederationState, Refusal> {
         match &mut self.state.phase {
-            Phase::Training(open) if open.round == round && open.selected.contains(client) => {
+            Phase::Training(open)
+                if open.round == round && open.selected.contains(client) && !open.closed =>
+            {
                 open.uploads.insert(client.to_string(), meta);
                 Ok(&self.state)
             }
@@ -513,13 +524,14 @@ impl Federation {
                     base_version: self.state.global_version,
                     selected: selected.clone(),
                     deadline_ms: now_ms + self.config.round_timeout_ms,
+                    closed: false,
                     uploads: BTreeMap::new(),
                 });
                 Some(Transition::RoundStarted { round, selected })
             }
             Phase::Training(open) => {
                 let all_in = open.uploads.len() == open.selected.len();
-                if !all_in && now_ms < open.deadline_ms {
+                if !open.closed && !all_in && now_ms < open.deadline_ms {
                     return None;
                 }
                 let round = open.round;
@@ -530,9 +542,13 @@ impl Federation {
                         .filter(|c| !open.uploads.contains_key(*c))
                         .cloned()
                         .collect();
+                    let uploads = open.uploads.clone();
+                    if let Phase::Training(open) = &mut self.state.phase {
+                        open.closed = true;
+                    }
                     Some(Transition::Aggregate {
                         round,
-                        uploads: open.uploads.clone(),
+                        uploads,
                         missing,
                     })
                 } else {
@@ -543,7 +559,8 @@ impl Federation {
                         self.config.min_clients
                     );
                     self.state.failed_rounds += 1;
-                    self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
+                    self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds
+                    {
                         Phase::Finished { success: false }
                     } else {
                         Phase::Waiting { since_ms: now_ms }
@@ -590,6 +607,26 @@ impl Federation {
             Phase::Waiting { since_ms: now_ms }
         };
         Ok(self.state.global_version)
+    }
+
+    /// Fails the open round `round` (e.g. its uploads could not be aggregated): nothing is
+    /// applied and a new round will start.
+    pub fn fail_round(&mut self, round: u64, now_ms: u64) -> Result<(), ProtocolError> {
+        match &self.state.phase {
+            Phase::Training(open) if open.round == round => {}
+            _ => {
+                return Err(ProtocolError::Config(format!(
+                    "failing round {round}, which is not open"
+                )))
+            }
+        }
+        self.state.failed_rounds += 1;
+        self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
+            Phase::Finished { success: false }
+        } else {
+            Phase::Waiting { since_ms: now_ms }
+        };
+        Ok(())
     }
 
     /// Seeded sample of K connected clients for `round`: sort, shuffle with ChaCha20 seeded by

@@ -1,0 +1,369 @@
+//! The device SDK: a client that joins a federation over QUIC, trains its LoRA adapter on local
+//! data when offered a round, reports held-out evaluations, and survives flaky links (reconnects
+//! with exponential backoff; an upload not yet acknowledged is kept in the state directory and
+//! re-sent, which the coordinator acknowledges as `AlreadyAccepted` if it had stored it).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fedlora_protocol::{
+    AckStatus, ClientMsg, Codec, CoordMsg, EvalReport, FlatAdapter, RefusalCode, RoundOffer, Task,
+    Upload, Weighting, PROTOCOL_VERSION,
+};
+use rand::SeedableRng;
+use tracing::{info, warn};
+
+use crate::data::ClientData;
+use crate::error::ClientError;
+use crate::train::LocalTrainer;
+use crate::transport::{endpoint, ClientTls, Session};
+
+/// Settings of a federated client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Coordinator address.
+    pub coordinator: SocketAddr,
+    /// Name the coordinator's certificate must carry.
+    pub server_name: String,
+    /// TLS material.
+    pub tls: ClientTls,
+    /// Where unacknowledged uploads are kept across restarts (none: memory only).
+    pub state_dir: Option<PathBuf>,
+    /// First reconnect delay, milliseconds (doubles per failure).
+    pub backoff_initial_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    pub backoff_max_ms: u64,
+    /// Batch-sampling seed (tests and simulations only). `None`, the default for deployments,
+    /// draws each round's sampling RNG from the OS CSPRNG; the coordinator never chooses it.
+    pub sampling_seed: Option<u64>,
+    /// Give up after this many consecutive failed connection attempts (`None`: never).
+    pub max_connect_attempts: Option<u32>,
+}
+
+impl ClientConfig {
+    /// Defaults: server name `localhost`, backoff 100 ms doubling to 5 s, OS-random sampling.
+    pub fn new(coordinator: SocketAddr, tls: ClientTls) -> Self {
+        Self {
+            coordinator,
+            server_name: "localhost".into(),
+            tls,
+            state_dir: None,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 5_000,
+            sampling_seed: None,
+            max_connect_attempts: None,
+        }
+    }
+}
+
+/// What a client did during a federation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientReport {
+    /// Client id the coordinator assigned from the certificate.
+    pub client_id: String,
+    /// Rounds this client uploaded to (acknowledged).
+    pub rounds: Vec<u64>,
+    /// (version, held-out loss) reported.
+    pub evals: Vec<(u64, f64)>,
+    /// Request frame bytes sent.
+    pub bytes_up: u64,
+    /// Response frame bytes received.
+    pub bytes_down: u64,
+    /// Final global version announced by the coordinator.
+    pub final_version: Option<u64>,
+}
+
+/// A federated client: a trainer, local data, and the connection settings.
+pub struct FederatedClient {
+    config: ClientConfig,
+    trainer: LocalTrainer,
+    data: ClientData,
+}
+
+enum Outcome {
+    Finished,
+    Reconnect,
+}
+
+impl FederatedClient {
+    /// A client training `trainer`'s adapter on `data`.
+    pub fn new(config: ClientConfig, trainer: LocalTrainer, data: ClientData) -> Self {
+        Self {
+            config,
+            trainer,
+            data,
+        }
+    }
+
+    fn pending_path(&self) -> Option<PathBuf> {
+        self.config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("pending_upload.bin"))
+    }
+
+    fn save_pending(&self, u: &Upload) -> Result<(), ClientError> {
+        if let Some(p) = self.pending_path() {
+            std::fs::create_dir_all(p.parent().expect("parent"))?;
+            let bytes = bincode::serde::encode_to_vec(u, bincode::config::standard())
+                .map_err(|e| ClientError::Storage(e.to_string()))?;
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(tmp, p)?;
+        }
+        Ok(())
+    }
+
+    fn load_pending(&self) -> Option<Upload> {
+        let bytes = std::fs::read(self.pending_path()?).ok()?;
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .ok()
+            .map(|(u, _)| u)
+    }
+
+    fn clear_pending(&self) {
+        if let Some(p) = self.pending_path() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Runs until the coordinator says the federation is finished.
+    pub async fn run(&self) -> Result<ClientReport, ClientError> {
+        let ep = endpoint(&self.config.tls)?;
+        let mut report = ClientReport::default();
+        let mut pending = self.load_pending();
+        let mut backoff = self.config.backoff_initial_ms;
+        let mut failures = 0u32;
+        loop {
+            let session = match self.hello(&ep, &mut report).await {
+                Ok(s) => s,
+                Err(ClientError::Transport(e)) => {
+                    failures += 1;
+                    if self
+                        .config
+                        .max_connect_attempts
+                        .is_some_and(|m| failures >= m)
+                    {
+                        return Err(ClientError::Transport(e));
+                    }
+                    warn!(error = %e, backoff_ms = backoff, "connecting failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            backoff = self.config.backoff_initial_ms;
+            failures = 0;
+            match self.serve(&session, &mut report, &mut pending).await {
+                Ok(Outcome::Finished) => {
+                    session.close();
+                    ep.wait_idle().await;
+                    return Ok(report);
+                }
+                Ok(Outcome::Reconnect) => {}
+                Err(ClientError::Transport(e)) => {
+                    warn!(error = %e, "connection lost; reconnecting");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn hello(
+        &self,
+        ep: &quinn::Endpoint,
+        report: &mut ClientReport,
+    ) -> Result<Session, ClientError> {
+        let s = Session::connect(ep, self.config.coordinator, &self.config.server_name).await?;
+        let msg = ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            spec_hash: self.trainer.spec().hash(),
+        };
+        match s.request(&msg).await? {
+            (CoordMsg::Welcome { client_id, .. }, _) => {
+                info!(%client_id, "joined the federation");
+                report.client_id = client_id;
+                Ok(s)
+            }
+            (CoordMsg::Refused(r), _) => Err(ClientError::Refused(r)),
+            (other, _) => Err(ClientError::Transport(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
+        }
+    }
+
+    async fn send(
+        &self,
+        s: &Session,
+        msg: &ClientMsg,
+        report: &mut ClientReport,
+    ) -> Result<CoordMsg, ClientError> {
+        let up = fedlora_protocol::frame::encode(msg)?;
+        let (reply, down) = s.request_raw(&up).await?;
+        report.bytes_up += up.len() as u64;
+        report.bytes_down += down;
+        Ok(reply)
+    }
+
+    async fn deliver(
+        &self,
+        s: &Session,
+        upload: Upload,
+        report: &mut ClientReport,
+        pending: &mut Option<Upload>,
+    ) -> Result<(), ClientError> {
+        let round = upload.round;
+        *pending = Some(upload.clone());
+        self.save_pending(&upload)?;
+        match self
+            .send(s, &ClientMsg::Upload(upload), report)
+            .await?
+        {
+            CoordMsg::Ack { status, .. } => {
+                info!(round, ?status, "upload acknowledged");
+                if status == AckStatus::Accepted || !report.rounds.contains(&round) {
+                    report.rounds.push(round);
+                }
+            }
+            CoordMsg::Refused(r) if r.code == RefusalCode::Internal => {
+                return Err(ClientError::Transport(format!("coordinator: {}", r.message)));
+            }
+            CoordMsg::Refused(r) => warn!(round, reason = %r, "upload refused"),
+            other => warn!(round, ?other, "unexpected answer to an upload"),
+        }
+        *pending = None;
+        self.clear_pending();
+        Ok(())
+    }
+
+    async fn serve(
+        &self,
+        s: &Session,
+        report: &mut ClientReport,
+        pending: &mut Option<Upload>,
+    ) -> Result<Outcome, ClientError> {
+        if let Some(u) = pending.clone() {
+            info!(round = u.round, "re-sending an unacknowledged upload");
+            self.deliver(s, u, report, pending).await?;
+        }
+        loop {
+            let reply = self.send(s, &ClientMsg::Poll, report).await?;
+            match reply {
+                CoordMsg::Task(Task::Wait { retry_after_ms }) => {
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                }
+                CoordMsg::Task(Task::AlreadyUploaded { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                CoordMsg::Task(Task::Finished { version }) => {
+                    report.final_version = Some(version);
+                    return Ok(Outcome::Finished);
+                }
+                CoordMsg::Task(Task::Evaluate { version, global }) => {
+                    let adapter = self.decode_global(&global)?;
+                    self.evaluate_and_report(s, version, adapter, report).await?;
+                }
+                CoordMsg::Task(Task::Train(offer)) => {
+                    let upload = self.train(s, offer, report).await?;
+                    self.deliver(s, upload, report, pending).await?;
+                }
+                CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered => {
+                    return Ok(Outcome::Reconnect)
+                }
+                CoordMsg::Refused(r) => return Err(ClientError::Refused(r)),
+                other => {
+                    return Err(ClientError::Transport(format!(
+                        "unexpected answer to a poll: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn decode_global(&self, bytes: &[u8]) -> Result<FlatAdapter, ClientError> {
+        Ok(Codec::decode(
+            bytes,
+            self.trainer.spec(),
+            Some(Codec::DenseF32),
+        )?)
+    }
+
+    async fn evaluate_and_report(
+        &self,
+        s: &Session,
+        version: u64,
+        adapter: FlatAdapter,
+        report: &mut ClientReport,
+    ) -> Result<(), ClientError> {
+        let trainer = self.trainer.clone();
+        let test = self.data.test.clone();
+        let ev = tokio::task::spawn_blocking(move || trainer.evaluate(&adapter, &test))
+            .await
+            .map_err(|e| ClientError::Model(e.to_string()))??;
+        let msg = ClientMsg::EvalReport(EvalReport {
+            version,
+            loss: ev.loss,
+            tokens: ev.tokens,
+        });
+        match self.send(s, &msg, report).await? {
+            CoordMsg::EvalRecorded { .. } => report.evals.push((version, ev.loss)),
+            CoordMsg::Refused(r) => warn!(version, reason = %r, "evaluation refused"),
+            other => warn!(?other, "unexpected answer to an evaluation"),
+        }
+        Ok(())
+    }
+
+    async fn train(
+        &self,
+        s: &Session,
+        offer: RoundOffer,
+        report: &mut ClientReport,
+    ) -> Result<Upload, ClientError> {
+        if offer.spec_hash != self.trainer.spec().hash() {
+            return Err(ClientError::Protocol(
+                fedlora_protocol::ProtocolError::SpecMismatch {
+                    expected: self.trainer.spec().short_hash(),
+                    got: hex::encode(&offer.spec_hash[..8]),
+                },
+            ));
+        }
+        let global = self.decode_global(&offer.global)?;
+        if offer.evaluate {
+            self.evaluate_and_report(s, offer.global_version, global.clone(), report)
+                .await?;
+        }
+        let trainer = self.trainer.clone();
+        let train = self.data.train.clone();
+        let cfg = offer.config.clone();
+        let seed = self.config.sampling_seed.map(|s| s ^ offer.round);
+        let out = tokio::task::spawn_blocking(move || {
+            let mut rng = match seed {
+                Some(seed) => rand::rngs::ChaCha20Rng::seed_from_u64(seed),
+                None => rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+                    .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))?,
+            };
+            trainer.train(&global, &train, &cfg, &mut rng)
+        })
+        .await
+        .map_err(|e| ClientError::Model(e.to_string()))??;
+        info!(
+            round = offer.round,
+            loss = out.train_loss,
+            secs = out.secs,
+            "trained locally"
+        );
+        let weight = match offer.config.weighting {
+            Weighting::ExampleCount => out.examples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        Ok(Upload {
+            round: offer.round,
+            spec_hash: self.trainer.spec().hash(),
+            weight,
+            train_loss: out.train_loss,
+            payload: offer.config.codec.encode(out.delta.values()),
+        })
+    }
+}

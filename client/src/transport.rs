@@ -1,0 +1,152 @@
+//! The client side of the wire: a QUIC connection with mutual TLS to the coordinator, one
+//! request/response exchange per bidirectional stream.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
+use fedlora_protocol::{ClientMsg, CoordMsg};
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::ClientError;
+
+/// ALPN protocol id of fedlora over QUIC (must match the coordinator's).
+pub const ALPN: &[u8] = b"fedlora/1";
+
+/// How long one request/response exchange may take, seconds.
+pub const REQUEST_TIMEOUT_S: u64 = 120;
+
+/// The client's TLS material.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientTls {
+    /// The federation CA (PEM) that the coordinator's certificate must chain to.
+    pub ca: PathBuf,
+    /// This client's certificate (PEM), issued by the federation CA.
+    pub cert: PathBuf,
+    /// This client's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl ClientTls {
+    /// The `index`-th client of a directory made by `fedlora certs init`.
+    pub fn from_dir(dir: &Path, index: usize) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("client-{index}.pem")),
+            key: dir.join(format!("client-{index}.key")),
+        }
+    }
+}
+
+fn tls_err(path: &Path, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Config(format!("{}: {e}", path.display()))
+}
+
+/// A QUIC client config: TLS 1.3 only, ring provider, the federation CA as the only root, this
+/// client's certificate for mutual TLS, idle timeout 60 s and keep-alives every 10 s.
+pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| tls_err(&tls.ca, e))? {
+        roots
+            .add(c.map_err(|e| tls_err(&tls.ca, e))?)
+            .map_err(|e| tls_err(&tls.ca, e))?;
+    }
+    let chain = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| tls_err(&tls.cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&tls.cert, e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| tls_err(&tls.key, e))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls_err(&tls.cert, e))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let q = QuicClientConfig::try_from(cfg).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(q));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("valid"),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    cc.transport_config(Arc::new(t));
+    Ok(cc)
+}
+
+/// A client endpoint on an ephemeral local port.
+pub fn endpoint(tls: &ClientTls) -> Result<quinn::Endpoint, ClientError> {
+    let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
+        .map_err(|e| ClientError::Transport(e.to_string()))?;
+    ep.set_default_client_config(client_config(tls)?);
+    Ok(ep)
+}
+
+fn transport(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// One connection to the coordinator.
+#[derive(Clone, Debug)]
+pub struct Session {
+    conn: quinn::Connection,
+}
+
+impl Session {
+    /// Connects (QUIC handshake with mutual TLS) to `addr`, checking the server certificate for
+    /// `server_name`.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
+        let conn = endpoint
+            .connect(addr, server_name)
+            .map_err(transport)?
+            .await
+            .map_err(transport)?;
+        Ok(Self { conn })
+    }
+
+    /// Sends raw bytes as one request and reads one response (tests use it for bad frames).
+    pub async fn request_raw(&self, bytes: &[u8]) -> Result<(CoordMsg, u64), ClientError> {
+        let fut = async {
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(transport)?;
+            send.write_all(bytes).await.map_err(transport)?;
+            send.finish().map_err(transport)?;
+            let mut header = [0u8; HEADER_LEN];
+            recv.read_exact(&mut header).await.map_err(transport)?;
+            let (kind, len) = frame::parse_header(&header)?;
+            if matches!(
+                kind,
+                FrameKind::Hello | FrameKind::Poll | FrameKind::Upload | FrameKind::EvalReport
+            ) {
+                return Err(ClientError::Transport(format!(
+                    "coordinator sent a client frame kind {kind:?}"
+                )));
+            }
+            let mut body = vec![0u8; len];
+            recv.read_exact(&mut body).await.map_err(transport)?;
+            let msg = frame::decode_body::<CoordMsg>(kind, &body)?;
+            Ok((msg, (HEADER_LEN + len) as u64))
+        };
+        tokio::time::timeout(Duration::from_secs(REQUEST_TIMEOUT_S), fut)
+            .await
+            .map_err(|_| ClientError::Transport("request timed out".into()))?
+    }
+
+    /// Sends one request and returns the response and its size on the wire (bytes).
+    pub async fn request(&self, msg: &ClientMsg) -> Result<(CoordMsg, u64), ClientError> {
+        self.request_raw(&frame::encode(msg)?).await
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}

@@ -1,0 +1,850 @@
+//! The coordinator service: drives the [`Federation`] state machine from QUIC connections and a
+//! clock, persisting to the [`Store`] before anything is acknowledged.
+//!
+//! Each request is one frame on a fresh bidirectional stream, answered by one frame; the stream
+//! is then finished. A malformed, truncated or oversized frame gets a typed `Refused` answer and
+//! a closed stream; the connection and every other client carry on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
+use fedlora_protocol::{
+    fedavg, AdapterSpec, ClientMsg, Codec, CoordMsg, Directive, EvalReport, Federation,
+    FederationState, FlatAdapter, Refusal, RefusalCode, RoundOffer, Task, Transition, Upload,
+    UploadMeta, UploadVerdict, PROTOCOL_VERSION,
+};
+use quinn::{RecvStream, SendStream};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+use tracing::{error, info, warn};
+
+use crate::certs;
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::store::{EvalRecord, RoundRecord, RoundStatus, Store, UploadRecord};
+
+/// How long a peer may take to send one request frame, seconds.
+pub const REQUEST_TIMEOUT_S: u64 = 30;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Something that happened, for progress displays and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A round opened.
+    RoundStarted {
+        /// Round id.
+        round: u64,
+        /// Participants.
+        participants: usize,
+    },
+    /// An upload was stored and acknowledged.
+    UploadAccepted {
+        /// Round id.
+        round: u64,
+        /// Client id.
+        client: String,
+    },
+    /// A round was committed.
+    RoundCommitted {
+        /// Round id.
+        round: u64,
+        /// New global version.
+        version: u64,
+    },
+    /// A round failed.
+    RoundFailed {
+        /// Round id.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The federation ended.
+    Finished {
+        /// Whether every planned round committed.
+        success: bool,
+    },
+}
+
+struct Global {
+    version: u64,
+    adapter: FlatAdapter,
+    encoded: Vec<u8>,
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    spec: AdapterSpec,
+    store: Store,
+    fed: Mutex<Federation>,
+    global: Mutex<Global>,
+    /// Task bytes sent per (round, client) for the open round; folded into its record.
+    bytes_down: Mutex<BTreeMap<(u64, String), u64>>,
+    /// Live connection per client id (the latest one wins).
+    live: Mutex<BTreeMap<String, usize>>,
+    events: broadcast::Sender<Event>,
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
+        warn!(error = %e, "could not set the UDP receive buffer");
+    }
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    if got < recv_buffer {
+        warn!(
+            requested = recv_buffer,
+            granted = got,
+            "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
+        );
+    } else {
+        info!(bytes = got, "UDP receive buffer");
+    }
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+impl Coordinator {
+    /// Opens the store under `config.data_dir`, resumes the federation found there or starts a
+    /// new one from `initial` (global version 0), binds the QUIC endpoint and starts serving.
+    pub async fn start(config: CoordinatorConfig, initial: FlatAdapter) -> Result<Self> {
+        config.validate()?;
+        let spec = initial.spec().clone();
+        let store = Store::open(&config.data_dir)?;
+        let now = now_ms();
+        let fed = match (store.setup()?, store.state()?) {
+            (Some((stored_cfg, stored_spec)), Some(state)) => {
+                if stored_spec.hash() != spec.hash() {
+                    return Err(CoordinatorError::Config(format!(
+                        "{} holds a federation for adapter spec {}, this coordinator serves {}",
+                        config.data_dir.display(),
+                        stored_spec.short_hash(),
+                        spec.short_hash()
+                    )));
+                }
+                if stored_cfg != config.federation {
+                    warn!("federation config differs from the stored one; the stored one is used");
+                }
+                let (state, problems) = store.reconcile(state)?;
+                for p in &problems {
+                    error!(problem = %p, "store reconciliation");
+                }
+                info!(
+                    version = state.global_version,
+                    phase = ?phase_name(&state),
+                    "resuming federation"
+                );
+                let mut fed = Federation::resume(stored_cfg, spec.hash(), state, now);
+                for e in store.evals()? {
+                    fed.restore_eval(&e.client, e.version);
+                }
+                fed
+            }
+            _ => {
+                let fed = Federation::new(config.federation.clone(), spec.hash(), now)?;
+                store.initialize(
+                    &config.federation,
+                    &spec,
+                    &Codec::DenseF32.encode(initial.values()),
+                    fed.state(),
+                    now,
+                )?;
+                info!(spec = %spec.short_hash(), params = spec.numel(), "new federation");
+                fed
+            }
+        };
+        let version = fed.state().global_version;
+        let encoded = store.checkpoint(version)?;
+        let adapter = Codec::decode(&encoded, &spec, Some(Codec::DenseF32))?;
+        let server_config =
+            crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            quinn::default_runtime()
+                .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
+        )?;
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            config,
+            spec,
+            store,
+            fed: Mutex::new(fed),
+            global: Mutex::new(Global {
+                version,
+                adapter,
+                encoded,
+            }),
+            bytes_down: Mutex::new(BTreeMap::new()),
+            live: Mutex::new(BTreeMap::new()),
+            events,
+        });
+        info!(addr = %endpoint.local_addr()?, "coordinator listening");
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        let ticker = tokio::spawn(tick_loop(shared.clone()));
+        Ok(Self {
+            endpoint,
+            shared,
+            tasks: vec![accept, ticker],
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Subscribes to events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// A copy of the federation state.
+    pub fn state(&self) -> FederationState {
+        self.shared.fed.lock().expect("lock").state().clone()
+    }
+
+    /// Waits until the federation ends (the final evaluation is done); returns whether every
+    /// planned round committed. Keeps serving `Finished` to clients for `linger`.
+    pub async fn wait_finished(&self, linger: Duration) -> bool {
+        let success = loop {
+            if let fedlora_protocol::Phase::Finished { success } =
+                self.shared.fed.lock().expect("lock").state().phase
+            {
+                break success;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(linger).await;
+        success
+    }
+
+    /// Stops serving and closes the store.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"coordinator shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.shared.store.flush();
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn phase_name(s: &FederationState) -> &'static str {
+    use fedlora_protocol::Phase::*;
+    match s.phase {
+        Waiting { .. } => "waiting",
+        Training(_) => "training",
+        Evaluating { .. } => "evaluating",
+        Finished { .. } => "finished",
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared).await,
+                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let id = conn.peer_identity()?;
+    let certs = id
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let Some(der) = peer_cert(&conn) else {
+        warn!(%remote, "connection without a client certificate");
+        conn.close(1u32.into(), b"client certificate required");
+        return;
+    };
+    let client = match certs::client_id(&der) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%remote, error = %e, "unusable client certificate");
+            conn.close(1u32.into(), b"unusable client certificate");
+            return;
+        }
+    };
+    let fingerprint = certs::fingerprint(&der);
+    let conn_id = conn.stable_id();
+    let mut registered = false;
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(%client, reason = %e, "connection closed");
+                break;
+            }
+        };
+        if !registered {
+            // the hello is handled inline: nothing else is served before it succeeds
+            match handle_hello(&shared, &client, &fingerprint, send, recv).await {
+                Ok(true) => {
+                    registered = true;
+                    shared
+                        .live
+                        .lock()
+                        .expect("lock")
+                        .insert(client.clone(), conn_id);
+                    shared.fed.lock().expect("lock").connect(&client);
+                }
+                Ok(false) => {}
+                Err(HelloEnd::Close(reason)) => {
+                    conn.close(2u32.into(), reason.as_bytes());
+                    break;
+                }
+            }
+            continue;
+        }
+        let shared = shared.clone();
+        let client = client.clone();
+        tokio::spawn(async move { serve_stream(&shared, &client, send, recv).await });
+    }
+    let mut live = shared.live.lock().expect("lock");
+    if live.get(&client) == Some(&conn_id) {
+        live.remove(&client);
+        shared.fed.lock().expect("lock").disconnect(&client);
+    }
+}
+
+enum HelloEnd {
+    Close(String),
+}
+
+async fn handle_hello(
+    shared: &Shared,
+    client: &str,
+    fingerprint: &str,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> std::result::Result<bool, HelloEnd> {
+    let msg = match read_request(&mut recv).await {
+        Ok(m) => m,
+        Err(r) => {
+            let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+            return Ok(false);
+        }
+    };
+    let refusal = match msg {
+        ClientMsg::Hello {
+            protocol_version,
+            spec_hash,
+        } => {
+            let deny = certs::load_deny_list(&shared.config.tls.revoked).unwrap_or_else(|e| {
+                error!(error = %e, "cannot read the deny-list; refusing everyone");
+                std::iter::once(fingerprint.to_string()).collect()
+            });
+            if deny.contains(fingerprint) {
+                Some((
+                    Refusal::new(RefusalCode::Revoked, "this client certificate is revoked"),
+                    true,
+                ))
+            } else if protocol_version != PROTOCOL_VERSION {
+                Some((
+                    Refusal::new(
+                        RefusalCode::VersionMismatch,
+                        format!(
+                            "coordinator speaks protocol {PROTOCOL_VERSION}, client {protocol_version}"
+                        ),
+                    ),
+                    true,
+                ))
+            } else if spec_hash != shared.spec.hash() {
+                Some((
+                    Refusal::new(
+                        RefusalCode::SpecMismatch,
+                        format!(
+                            "federation adapter spec is {}, client's is {}",
+                            shared.spec.short_hash(),
+                            hex::encode(&spec_hash[..8])
+                        ),
+                    ),
+                    true,
+                ))
+            } else {
+                None
+            }
+        }
+        _ => Some((
+            Refusal::new(RefusalCode::NotRegistered, "send a hello first"),
+            false,
+        )),
+    };
+    match refusal {
+        Some((r, close)) => {
+            warn!(%client, code = ?r.code, reason = %r.message, "hello refused");
+            let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
+            if close {
+                // give the refusal time to reach the peer before closing
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(HelloEnd::Close(format!("{:?}", r.code)))
+            } else {
+                Ok(false)
+            }
+        }
+        None => {
+            if let Err(e) = shared.store.saw_client(client, fingerprint, now_ms()) {
+                error!(error = %e, "recording client");
+            }
+            info!(%client, "client registered");
+            let _ = respond(
+                &mut send,
+                &CoordMsg::Welcome {
+                    client_id: client.to_string(),
+                    protocol_version: PROTOCOL_VERSION,
+                },
+            )
+            .await;
+            Ok(true)
+        }
+    }
+}
+
+/// Reads one request frame. Refusals describe what was wrong with it.
+async fn read_request(recv: &mut RecvStream) -> std::result::Result<ClientMsg, Refusal> {
+    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
+    let mut header = [0u8; HEADER_LEN];
+    let malformed = |m: String| Refusal::new(RefusalCode::Malformed, m);
+    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
+        Err(_) => return Err(malformed("timed out reading the frame header".into())),
+    }
+    let (kind, len) = frame::parse_header(&header).map_err(|e| {
+        let code = if e.to_string().contains("exceeds its limit") {
+            RefusalCode::TooLarge
+        } else {
+            RefusalCode::Malformed
+        };
+        Refusal::new(code, e.to_string())
+    })?;
+    if matches!(
+        kind,
+        FrameKind::Welcome
+            | FrameKind::Task
+            | FrameKind::Ack
+            | FrameKind::EvalRecorded
+            | FrameKind::Refused
+    ) {
+        return Err(malformed(format!("{kind:?} is not a client message")));
+    }
+    let mut body = vec![0u8; len];
+    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(malformed(format!("truncated frame body: {e}"))),
+        Err(_) => return Err(malformed("timed out reading the frame body".into())),
+    }
+    frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| malformed(e.to_string()))
+}
+
+async fn respond(send: &mut SendStream, msg: &CoordMsg) -> std::result::Result<u64, ()> {
+    let bytes = match frame::encode(msg) {
+        Ok(b) => b,
+        Err(e) => {
+            error!(error = %e, "cannot encode a response");
+            frame::encode(&CoordMsg::Refused(Refusal::new(
+                RefusalCode::Internal,
+                "response too large",
+            )))
+            .expect("small refusal encodes")
+        }
+    };
+    send.write_all(&bytes).await.map_err(|_| ())?;
+    send.finish().map_err(|_| ())?;
+    Ok(bytes.len() as u64)
+}
+
+async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut recv: RecvStream) {
+    let (reply, round_down) = match read_request(&mut recv).await {
+        Err(r) => {
+            warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
+            (CoordMsg::Refused(r), None)
+        }
+        Ok(ClientMsg::Hello { .. }) => (
+            CoordMsg::Refused(Refusal::new(
+                RefusalCode::Malformed,
+                "hello already done on this connection",
+            )),
+            None,
+        ),
+        Ok(ClientMsg::Poll) => poll(shared, client),
+        Ok(ClientMsg::Upload(u)) => (upload(shared, client, u).await, None),
+        Ok(ClientMsg::EvalReport(r)) => (eval_report(shared, client, r), None),
+    };
+    if let CoordMsg::Refused(r) = &reply {
+        if r.code != RefusalCode::Malformed {
+            warn!(%client, code = ?r.code, reason = %r.message, "request refused");
+        }
+    }
+    if let Ok(n) = respond(&mut send, &reply).await {
+        if let Some(round) = round_down {
+            *shared
+                .bytes_down
+                .lock()
+                .expect("lock")
+                .entry((round, client.to_string()))
+                .or_default() += n;
+        }
+    }
+}
+
+fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
+    let (directive, train) = {
+        let mut fed = shared.fed.lock().expect("lock");
+        (fed.poll(client), fed.config().train.clone())
+    };
+    let wait = Task::Wait {
+        retry_after_ms: shared.config.poll_interval_ms,
+    };
+    let global = shared.global.lock().expect("lock");
+    let task = match directive {
+        Directive::Wait => wait,
+        Directive::Train {
+            round,
+            base_version,
+            evaluate,
+        } => {
+            if base_version != global.version {
+                wait
+            } else {
+                return (
+                    CoordMsg::Task(Task::Train(RoundOffer {
+                        round,
+                        global_version: base_version,
+                        spec_hash: shared.spec.hash(),
+                        config: train,
+                        evaluate,
+                        global: global.encoded.clone(),
+                    })),
+                    Some(round),
+                );
+            }
+        }
+        Directive::Evaluate { version } if version == global.version => Task::Evaluate {
+            version,
+            global: global.encoded.clone(),
+        },
+        Directive::Evaluate { .. } => wait,
+        Directive::AlreadyUploaded { round } => Task::AlreadyUploaded { round },
+        Directive::Finished { version } => Task::Finished { version },
+    };
+    (CoordMsg::Task(task), None)
+}
+
+async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
+    let expected = shared.fed.lock().expect("lock").config().train.codec;
+    // the payload must decode to the federation's spec before anything is stored
+    if let Err(e) = Codec::decode(&u.payload, &shared.spec, Some(expected)) {
+        return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
+    }
+    let digest: [u8; 32] = Sha256::digest(&u.payload).into();
+    let verdict = shared.fed.lock().expect("lock").check_upload(
+        client,
+        u.round,
+        &u.spec_hash,
+        &digest,
+        u.weight,
+    );
+    match verdict {
+        Err(r) => return CoordMsg::Refused(r),
+        Ok(UploadVerdict::AlreadyAccepted) => {
+            info!(round = u.round, %client, "upload already accepted (re-send)");
+            return CoordMsg::Ack {
+                round: u.round,
+                status: fedlora_protocol::AckStatus::AlreadyAccepted,
+            };
+        }
+        Ok(UploadVerdict::New) => {}
+    }
+    let meta = UploadMeta {
+        digest,
+        weight: u.weight,
+        bytes: u.payload.len() as u64,
+        train_loss: u.train_loss,
+    };
+    let wire_bytes = (HEADER_LEN
+        + bincode::serde::encode_to_vec(ClientMsg::Upload(u.clone()), bincode::config::standard())
+            .map_or(0, |b| b.len())) as u64;
+    let record = UploadRecord {
+        round: u.round,
+        client: client.to_string(),
+        meta: meta.clone(),
+        wire_bytes,
+        accepted_ms: now_ms(),
+    };
+    // Re-check and accept under the lock, persist, and roll back if persisting fails: an ack is
+    // sent only for an upload that is on disk.
+    let mut fed = shared.fed.lock().expect("lock");
+    match fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight) {
+        Ok(UploadVerdict::New) => {}
+        Ok(UploadVerdict::AlreadyAccepted) => {
+            return CoordMsg::Ack {
+                round: u.round,
+                status: fedlora_protocol::AckStatus::AlreadyAccepted,
+            }
+        }
+        Err(r) => return CoordMsg::Refused(r),
+    }
+    let before = fed.clone();
+    let state = match fed.accept_upload(client, u.round, meta) {
+        Ok(s) => s.clone(),
+        Err(r) => return CoordMsg::Refused(r),
+    };
+    if let Err(e) = shared.store.put_upload(&record, &u.payload, &state) {
+        *fed = before;
+        error!(error = %e, %client, "storing an upload failed");
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "could not store the upload; retry",
+        ));
+    }
+    drop(fed);
+    info!(
+        round = u.round,
+        client = %client,
+        bytes = wire_bytes,
+        weight = u.weight,
+        "upload accepted"
+    );
+    let _ = shared.events.send(Event::UploadAccepted {
+        round: u.round,
+        client: client.to_string(),
+    });
+    CoordMsg::Ack {
+        round: u.round,
+        status: fedlora_protocol::AckStatus::Accepted,
+    }
+}
+
+fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
+    if !(r.loss.is_finite() && r.loss >= 0.0) || r.tokens == 0 {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Malformed,
+            "evaluation needs a finite, non-negative loss over at least one token",
+        ));
+    }
+    if let Err(refusal) = shared.fed.lock().expect("lock").record_eval(client, r.version) {
+        return CoordMsg::Refused(refusal);
+    }
+    let rec = EvalRecord {
+        version: r.version,
+        client: client.to_string(),
+        loss: r.loss,
+        tokens: r.tokens,
+    };
+    if let Err(e) = shared.store.put_eval(&rec) {
+        error!(error = %e, "storing an evaluation failed");
+    }
+    info!(version = r.version, %client, loss = r.loss, "evaluation recorded");
+    CoordMsg::EvalRecorded { version: r.version }
+}
+
+async fn tick_loop(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(shared.config.tick_ms));
+    loop {
+        interval.tick().await;
+        let shared2 = shared.clone();
+        // aggregation reads files and does arithmetic: keep it off the async workers
+        let r = tokio::task::spawn_blocking(move || tick_once(&shared2)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "tick failed"),
+            Err(e) => error!(error = %e, "tick panicked"),
+        }
+    }
+}
+
+fn tick_once(shared: &Shared) -> Result<()> {
+    let now = now_ms();
+    let transition = {
+        let mut fed = shared.fed.lock().expect("lock");
+        let t = fed.tick(now);
+        (t, fed.state().clone())
+    };
+    let (Some(t), state) = transition else {
+        return Ok(());
+    };
+    match t {
+        Transition::RoundStarted { round, selected } => {
+            let rec = RoundRecord {
+                round,
+                base_version: state.global_version,
+                status: RoundStatus::Open,
+                selected: selected.iter().cloned().collect(),
+                participants: vec![],
+                stragglers: vec![],
+                bytes_up: BTreeMap::new(),
+                bytes_down: BTreeMap::new(),
+                train_loss: None,
+                started_ms: now,
+                ended_ms: None,
+            };
+            shared.store.put_round(&rec, &state)?;
+            info!(round, participants = selected.len(), "round started");
+            let _ = shared.events.send(Event::RoundStarted {
+                round,
+                participants: selected.len(),
+            });
+        }
+        Transition::Aggregate {
+            round,
+            uploads,
+            missing,
+        } => {
+            // persist `closed` first, so a restart does not reopen the round to uploads
+            shared.store.save_state(&state)?;
+            for c in &missing {
+                warn!(round, client = %c, "straggler dropped from the round");
+            }
+            match aggregate(shared, round, &uploads) {
+                Ok(new_global) => commit(shared, round, new_global, &uploads, &missing, now)?,
+                Err(e) => {
+                    error!(round, error = %e, "aggregation failed; failing the round");
+                    let state = {
+                        let mut fed = shared.fed.lock().expect("lock");
+                        fed.fail_round(round, now)?;
+                        fed.state().clone()
+                    };
+                    fail_record(shared, round, e.to_string(), &state, now)?;
+                }
+            }
+        }
+        Transition::RoundFailed { round, reason } => {
+            warn!(round, %reason, "round failed");
+            fail_record(shared, round, reason, &state, now)?;
+        }
+        Transition::EvaluationStarted { version } => {
+            info!(version, "final evaluation started");
+        }
+        Transition::Finished { success } => {
+            shared.store.save_state(&state)?;
+            info!(success, "federation finished");
+            let _ = shared.events.send(Event::Finished { success });
+        }
+    }
+    Ok(())
+}
+
+fn fail_record(
+    shared: &Shared,
+    round: u64,
+    reason: String,
+    state: &FederationState,
+    now: u64,
+) -> Result<()> {
+    let mut rec = shared.store.round(round)?.ok_or_else(|| {
+        CoordinatorError::Storage(format!("no record for round {round}"))
+    })?;
+    rec.status = RoundStatus::Failed {
+        reason: reason.clone(),
+    };
+    rec.ended_ms = Some(now);
+    rec.bytes_down = take_bytes_down(shared, round);
+    shared.store.put_round(&rec, state)?;
+    let _ = shared.events.send(Event::RoundFailed { round, reason });
+    Ok(())
+}
+
+fn take_bytes_down(shared: &Shared, round: u64) -> BTreeMap<String, u64> {
+    let mut all = shared.bytes_down.lock().expect("lock");
+    let keys: Vec<_> = all.keys().filter(|(r, _)| *r == round).cloned().collect();
+    keys.into_iter()
+        .filter_map(|k| all.remove(&k).map(|v| (k.1, v)))
+        .collect()
+}
+
+/// Loads and decodes every upload of `round` and applies their weighted mean to the global.
+fn aggregate(
+    shared: &Shared,
+    round: u64,
+    uploads: &BTreeMap<String, UploadMeta>,
+) -> Result<FlatAdapter> {
+    let codec = shared.fed.lock().expect("lock").config().train.codec;
+    let mut deltas = Vec::with_capacity(uploads.len());
+    for (client, meta) in uploads {
+        let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
+        deltas.push((meta.weight, Codec::decode(&bytes, &shared.spec, Some(codec))?));
+    }
+    let global = shared.global.lock().expect("lock");
+    Ok(fedavg(&global.adapter, &deltas)?)
+}
+
+fn commit(
+    shared: &Shared,
+    round: u64,
+    new_global: FlatAdapter,
+    uploads: &BTreeMap<String, UploadMeta>,
+    missing: &std::collections::BTreeSet<String>,
+    now: u64,
+) -> Result<()> {
+    let encoded = Codec::DenseF32.encode(new_global.values());
+    let records: BTreeMap<String, u64> = shared
+        .store
+        .uploads()?
+        .into_iter()
+        .filter(|r| r.round == round)
+        .map(|r| (r.client, r.wire_bytes))
+        .collect();
+    let total_w: f64 = uploads.values().map(|m| m.weight).sum();
+    let train_loss = uploads
+        .values()
+        .map(|m| m.weight * m.train_loss)
+        .sum::<f64>()
+        / total_w;
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    let version = fed.commit(round, now)?;
+    let state = fed.state().clone();
+    let mut rec = shared.store.round(round)?.ok_or_else(|| {
+        CoordinatorError::Storage(format!("no record for round {round}"))
+    })?;
+    rec.status = RoundStatus::Committed { version };
+    rec.participants = uploads.keys().cloned().collect();
+    rec.stragglers = missing.iter().cloned().collect();
+    rec.bytes_up = records;
+    rec.bytes_down = take_bytes_down(shared, round);
+    rec.train_loss = Some(train_loss);
+    rec.ended_ms = Some(now);
+    if let Err(e) = shared.store.commit_round(version, &encoded, &rec, &state, now) {
+        *fed = before;
+        return Err(e);
+    }
+    *shared.global.lock().expect("lock") = Global {
+        version,
+        adapter: new_global,
+        encoded,
+    };
+    drop(fed);
+    info!(round, version, participants = uploads.len(), "round committed");
+    let _ = shared.events.send(Event::RoundCommitted { round, version });
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! A report of a coordinator's data directory (`fedlora status`), running or stopped.
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::store::{ClientRecord, RoundRecord, RoundStatus, Store};
+
+/// The federation-wide held-out loss of one global version: the token-weighted mean of the
+/// clients' reports.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VersionEval {
+    /// Global version.
+    pub version: u64,
+    /// Weighted mean loss, nats/byte.
+    pub loss: f64,
+    /// Tokens behind the mean.
+    pub tokens: u64,
+    /// Clients that reported.
+    pub reports: usize,
+}
+
+/// One round in the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundReport {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: RoundRecord,
+    /// Uploads accepted and not yet aggregated (open round only).
+    pub accepted_uploads: Vec<String>,
+    /// Held-out loss of the version this round produced, if evaluated.
+    pub eval_loss: Option<f64>,
+}
+
+/// What `fedlora status` prints.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StatusReport {
+    /// `waiting`, `training`, `evaluating` or `finished`.
+    pub phase: String,
+    /// Current global version.
+    pub global_version: u64,
+    /// Rounds, by id.
+    pub rounds: Vec<RoundReport>,
+    /// Held-out loss per evaluated version.
+    pub evals: Vec<VersionEval>,
+    /// Clients seen.
+    pub clients: Vec<ClientRecord>,
+}
+
+/// Builds the report from an open store.
+pub fn report(store: &Store) -> Result<StatusReport> {
+    use fedlora_protocol::Phase;
+    let state = store.state()?;
+    let (phase, version) = match &state {
+        Some(s) => (
+            match &s.phase {
+                Phase::Waiting { .. } => "waiting",
+                Phase::Training(_) => "training",
+                Phase::Evaluating { .. } => "evaluating",
+                Phase::Finished { success: true } => "finished",
+                Phase::Finished { success: false } => "failed",
+            },
+            s.global_version,
+        ),
+        None => ("empty", 0),
+    };
+    let mut evals: Vec<VersionEval> = Vec::new();
+    for e in store.evals()? {
+        match evals.last_mut() {
+            Some(v) if v.version == e.version => {
+                let t = v.tokens + e.tokens;
+                v.loss = (v.loss * v.tokens as f64 + e.loss * e.tokens as f64) / t as f64;
+                v.tokens = t;
+                v.reports += 1;
+            }
+            _ => evals.push(VersionEval {
+                version: e.version,
+                loss: e.loss,
+                tokens: e.tokens,
+                reports: 1,
+            }),
+        }
+    }
+    let uploads = store.uploads()?;
+    let rounds = store
+        .rounds()?
+        .into_iter()
+        .map(|record| {
+            let eval_loss = match record.status {
+                RoundStatus::Committed { version } => evals
+                    .iter()
+                    .find(|e| e.version == version)
+                    .map(|e| e.loss),
+                _ => None,
+            };
+            let accepted_uploads = uploads
+                .iter()
+                .filter(|u| u.round == record.round)
+                .map(|u| u.client.clone())
+                .collect();
+            RoundReport {
+                record,
+                accepted_uploads,
+                eval_loss,
+            }
+        })
+        .collect();
+    Ok(StatusReport {
+        phase: phase.to_string(),
+        global_version: version,
+        rounds,
+        evals,
+        clients: store.clients()?,
+    })
+}

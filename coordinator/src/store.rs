@@ -1,0 +1,648 @@
+//! Durable coordinator state: sled for small records and indexes, files for large payloads.
+//!
+//! ```text
+//! DATA_DIR/
+//!   state/                 sled database
+//!     meta:        "config" → federation config (JSON), "spec" → adapter spec (JSON),
+//!                  "state" → FederationState (bincode)
+//!     uploads:     round (u64 BE) ‖ client → UploadRecord (JSON)
+//!     checkpoints: version (u64 BE) → CheckpointRecord (JSON)
+//!     rounds:      round (u64 BE) → RoundRecord (JSON)
+//!     evals:       version (u64 BE) ‖ client → EvalRecord (JSON)
+//!     clients:     client → ClientRecord (JSON)
+//!   uploads/rROUND/CLIENT.bin   accepted upload payloads (the codec bytes as received)
+//!   checkpoints/vVERSION.bin    global adapters (dense f32 codec bytes)
+//! ```
+//! Large payloads are written to a temp file, fsynced, renamed and the directory fsynced; only
+//! then is the sled record (which points to the file) written and flushed. An upload's record and
+//! the federation state that counts it are written in one sled transaction. On open, files
+//! without records are deleted and records without files are reported and dropped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedlora_protocol::{AdapterSpec, FederationConfig, FederationState, Phase, UploadMeta};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::error::{CoordinatorError, Result};
+
+/// One stored upload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    /// Round id.
+    pub round: u64,
+    /// Client id.
+    pub client: String,
+    /// What the state machine knows of it.
+    pub meta: UploadMeta,
+    /// Bytes of the upload frame as received on the wire.
+    pub wire_bytes: u64,
+    /// When it was accepted, Unix ms.
+    pub accepted_ms: u64,
+}
+
+/// One stored global adapter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Global version.
+    pub version: u64,
+    /// Round that produced it (0 for the initial adapter).
+    pub round: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// When it was written, Unix ms.
+    pub created_ms: u64,
+}
+
+/// How a round ended (or that it is still open).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum RoundStatus {
+    /// Collecting uploads.
+    Open,
+    /// Aggregated into a new global version.
+    Committed {
+        /// The version it produced.
+        version: u64,
+    },
+    /// Ended without changing the global adapter.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One round's record, for `status` and reports.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round id.
+    pub round: u64,
+    /// Version the participants trained from.
+    pub base_version: u64,
+    /// Where it stands.
+    #[serde(flatten)]
+    pub status: RoundStatus,
+    /// Sampled participants.
+    pub selected: Vec<String>,
+    /// Clients whose uploads were aggregated.
+    pub participants: Vec<String>,
+    /// Participants that did not upload in time.
+    pub stragglers: Vec<String>,
+    /// Upload frame bytes per client, as received on the wire.
+    pub bytes_up: BTreeMap<String, u64>,
+    /// Task frame bytes per client (global adapter sent), as sent on the wire.
+    pub bytes_down: BTreeMap<String, u64>,
+    /// Weighted mean training loss of the aggregated uploads, nats/byte.
+    pub train_loss: Option<f64>,
+    /// Started, Unix ms.
+    pub started_ms: u64,
+    /// Ended, Unix ms.
+    pub ended_ms: Option<u64>,
+}
+
+/// One client's held-out evaluation of one version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// Version evaluated.
+    pub version: u64,
+    /// Client id.
+    pub client: String,
+    /// Mean loss, nats/byte.
+    pub loss: f64,
+    /// Predicted bytes behind the mean.
+    pub tokens: u64,
+}
+
+/// A client the coordinator has seen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// Client id (certificate common name).
+    pub client: String,
+    /// SHA-256 fingerprint of its certificate.
+    pub fingerprint: String,
+    /// First hello, Unix ms.
+    pub first_seen_ms: u64,
+    /// Latest hello, Unix ms.
+    pub last_seen_ms: u64,
+}
+
+/// The coordinator's store.
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    uploads: sled::Tree,
+    checkpoints: sled::Tree,
+    rounds: sled::Tree,
+    evals: sled::Tree,
+    clients: sled::Tree,
+}
+
+fn storage(e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Storage(e.to_string())
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn from_json<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(storage)
+}
+
+fn key2(a: u64, b: &str) -> Vec<u8> {
+    let mut k = a.to_be_bytes().to_vec();
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn state_bytes(s: &FederationState) -> Vec<u8> {
+    bincode::serde::encode_to_vec(s, bincode::config::standard()).expect("state encodes")
+}
+
+/// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync directory.
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("file has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("state"))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    CoordinatorError::Storage(format!(
+                        "{} is in use by another process (a running coordinator?)",
+                        dir.display()
+                    ))
+                }
+                other => storage(other),
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta: db.open_tree("meta")?,
+            uploads: db.open_tree("uploads")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            rounds: db.open_tree("rounds")?,
+            evals: db.open_tree("evals")?,
+            clients: db.open_tree("clients")?,
+            db,
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn upload_path(&self, round: u64, client: &str) -> PathBuf {
+        self.dir
+            .join("uploads")
+            .join(format!("r{round}"))
+            .join(format!("{client}.bin"))
+    }
+
+    fn checkpoint_path(&self, version: u64) -> PathBuf {
+        self.dir.join("checkpoints").join(format!("v{version}.bin"))
+    }
+
+    /// Flushes sled to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The stored federation state, if any.
+    pub fn state(&self) -> Result<Option<FederationState>> {
+        match self.meta.get("state")? {
+            Some(b) => {
+                let (s, _) = bincode::serde::decode_from_slice(&b, bincode::config::standard())
+                    .map_err(storage)?;
+                Ok(Some(s))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The stored config and spec, if the store was initialized.
+    pub fn setup(&self) -> Result<Option<(FederationConfig, AdapterSpec)>> {
+        match (self.meta.get("config")?, self.meta.get("spec")?) {
+            (Some(c), Some(s)) => Ok(Some((from_json(&c)?, from_json(&s)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores the config, spec, initial checkpoint (version 0) and initial state; flushes.
+    pub fn initialize(
+        &self,
+        config: &FederationConfig,
+        spec: &AdapterSpec,
+        initial: &[u8],
+        state: &FederationState,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.put_checkpoint(0, 0, initial, now_ms)?;
+        self.meta.insert("config", json(config))?;
+        self.meta.insert("spec", json(spec))?;
+        self.meta.insert("state", state_bytes(state))?;
+        self.flush()
+    }
+
+    /// Stores the federation state and flushes.
+    pub fn save_state(&self, state: &FederationState) -> Result<()> {
+        self.meta.insert("state", state_bytes(state))?;
+        self.flush()
+    }
+
+    /// Stores an accepted upload durably: the payload file first, then its record together with
+    /// `state` (which counts it) in one transaction, then a flush. Only after this returns may
+    /// the client be acknowledged.
+    pub fn put_upload(
+        &self,
+        record: &UploadRecord,
+        payload: &[u8],
+        state: &FederationState,
+    ) -> Result<()> {
+        write_file_durably(&self.upload_path(record.round, &record.client), payload)?;
+        let key = key2(record.round, &record.client);
+        let rec = json(record);
+        let st = state_bytes(state);
+        (&self.uploads, &self.meta)
+            .transaction(|(u, m)| {
+                u.insert(key.as_slice(), rec.as_slice())?;
+                m.insert("state", st.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
+        self.flush()
+    }
+
+    /// The payload of a stored upload, checked against its digest.
+    pub fn upload_payload(&self, round: u64, client: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let p = self.upload_path(round, client);
+        let bytes = std::fs::read(&p)
+            .map_err(|e| storage(format!("upload {}: {e}", p.display())))?;
+        if Sha256::digest(&bytes).as_slice() != digest {
+            return Err(storage(format!("upload {} does not match its digest", p.display())));
+        }
+        Ok(bytes)
+    }
+
+    /// Every upload record, in (round, client) order.
+    pub fn uploads(&self) -> Result<Vec<UploadRecord>> {
+        self.uploads
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    /// Writes a checkpoint file and its record (not flushed; see [`commit_round`]).
+    ///
+    /// [`commit_round`]: Store::commit_round
+    fn put_checkpoint(&self, version: u64, round: u64, bytes: &[u8], now_ms: u64) -> Result<()> {
+        write_file_durably(&self.checkpoint_path(version), bytes)?;
+        let rec = CheckpointRecord {
+            version,
+            round,
+            sha256: hex::encode(Sha256::digest(bytes)),
+            created_ms: now_ms,
+        };
+        self.checkpoints
+            .insert(version.to_be_bytes(), json(&rec))?;
+        Ok(())
+    }
+
+    /// Writes the new global checkpoint file, then in one transaction its record, the round's
+    /// record and the state that commits it; flushes; then deletes the round's upload files.
+    pub fn commit_round(
+        &self,
+        version: u64,
+        global: &[u8],
+        round: &RoundRecord,
+        state: &FederationState,
+        now_ms: u64,
+    ) -> Result<()> {
+        write_file_durably(&self.checkpoint_path(version), global)?;
+        let ck = json(&CheckpointRecord {
+            version,
+            round: round.round,
+            sha256: hex::encode(Sha256::digest(global)),
+            created_ms: now_ms,
+        });
+        let rr = json(round);
+        let st = state_bytes(state);
+        (&self.checkpoints, &self.rounds, &self.meta)
+            .transaction(|(c, r, m)| {
+                c.insert(&version.to_be_bytes(), ck.as_slice())?;
+                r.insert(&round.round.to_be_bytes(), rr.as_slice())?;
+                m.insert("state", st.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
+        self.flush()?;
+        self.drop_round_uploads(round.round)
+    }
+
+    /// Stores a round record and the state together (round opened or failed); flushes. A failed
+    /// round's uploads are deleted.
+    pub fn put_round(&self, round: &RoundRecord, state: &FederationState) -> Result<()> {
+        let rr = json(round);
+        let st = state_bytes(state);
+        (&self.rounds, &self.meta)
+            .transaction(|(r, m)| {
+                r.insert(&round.round.to_be_bytes(), rr.as_slice())?;
+                m.insert("state", st.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
+        self.flush()?;
+        if matches!(round.status, RoundStatus::Failed { .. }) {
+            self.drop_round_uploads(round.round)?;
+        }
+        Ok(())
+    }
+
+    /// Updates a round record without touching the state (metrics such as bytes sent).
+    pub fn update_round(&self, round: &RoundRecord) -> Result<()> {
+        self.rounds.insert(round.round.to_be_bytes(), json(round))?;
+        Ok(())
+    }
+
+    fn drop_round_uploads(&self, round: u64) -> Result<()> {
+        let prefix = round.to_be_bytes();
+        for k in self.uploads.scan_prefix(prefix).keys() {
+            self.uploads.remove(k?)?;
+        }
+        self.flush()?;
+        let d = self.dir.join("uploads").join(format!("r{round}"));
+        if d.exists() {
+            std::fs::remove_dir_all(d)?;
+        }
+        Ok(())
+    }
+
+    /// A global checkpoint's bytes, checked against its record.
+    pub fn checkpoint(&self, version: u64) -> Result<Vec<u8>> {
+        let rec: CheckpointRecord = from_json(
+            &self
+                .checkpoints
+                .get(version.to_be_bytes())?
+                .ok_or_else(|| storage(format!("no checkpoint for version {version}")))?,
+        )?;
+        let bytes = std::fs::read(self.checkpoint_path(version))?;
+        if hex::encode(Sha256::digest(&bytes)) != rec.sha256 {
+            return Err(storage(format!("checkpoint v{version} is corrupt")));
+        }
+        Ok(bytes)
+    }
+
+    /// Every checkpoint record.
+    pub fn checkpoints(&self) -> Result<Vec<CheckpointRecord>> {
+        self.checkpoints
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    /// A round's record.
+    pub fn round(&self, round: u64) -> Result<Option<RoundRecord>> {
+        self.rounds
+            .get(round.to_be_bytes())?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Every round record, by round id.
+    pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
+        self.rounds.iter().values().map(|v| from_json(&v?)).collect()
+    }
+
+    /// Stores an evaluation report; flushes.
+    pub fn put_eval(&self, rec: &EvalRecord) -> Result<()> {
+        self.evals
+            .insert(key2(rec.version, &rec.client), json(rec))?;
+        self.flush()
+    }
+
+    /// Every evaluation report.
+    pub fn evals(&self) -> Result<Vec<EvalRecord>> {
+        self.evals.iter().values().map(|v| from_json(&v?)).collect()
+    }
+
+    /// Records a hello from `client` (not flushed: losing it loses only a timestamp).
+    pub fn saw_client(&self, client: &str, fingerprint: &str, now_ms: u64) -> Result<()> {
+        let rec = match self.clients.get(client)? {
+            Some(b) => {
+                let mut r: ClientRecord = from_json(&b)?;
+                r.last_seen_ms = now_ms;
+                r.fingerprint = fingerprint.to_string();
+                r
+            }
+            None => ClientRecord {
+                client: client.to_string(),
+                fingerprint: fingerprint.to_string(),
+                first_seen_ms: now_ms,
+                last_seen_ms: now_ms,
+            },
+        };
+        self.clients.insert(client, json(&rec))?;
+        Ok(())
+    }
+
+    /// Every client seen.
+    pub fn clients(&self) -> Result<Vec<ClientRecord>> {
+        self.clients.iter().values().map(|v| from_json(&v?)).collect()
+    }
+
+    /// Reconciles files with records after a restart. Upload files of rounds that are not open,
+    /// and files without a record, are deleted. An upload record of the open round whose file is
+    /// missing or corrupt is an error: it is reported, dropped from the state and the record, and
+    /// its client must upload again. Returns the (possibly corrected) state and the problems.
+    pub fn reconcile(&self, mut state: FederationState) -> Result<(FederationState, Vec<String>)> {
+        let mut problems = Vec::new();
+        let open_round = match &state.phase {
+            Phase::Training(o) => Some(o.round),
+            _ => None,
+        };
+        // records without (valid) files
+        for rec in self.uploads()? {
+            let valid = Some(rec.round) == open_round
+                && self
+                    .upload_payload(rec.round, &rec.client, &rec.meta.digest)
+                    .is_ok();
+            if Some(rec.round) == open_round && !valid {
+                problems.push(format!(
+                    "upload of {} for round {} has no valid file; dropped",
+                    rec.client, rec.round
+                ));
+                if let Phase::Training(o) = &mut state.phase {
+                    o.uploads.remove(&rec.client);
+                }
+            }
+            if !valid {
+                self.uploads.remove(key2(rec.round, &rec.client))?;
+            }
+        }
+        // files without records
+        let up = self.dir.join("uploads");
+        if up.exists() {
+            for d in std::fs::read_dir(&up)? {
+                let d = d?;
+                let name = d.file_name().to_string_lossy().to_string();
+                let round = name.strip_prefix('r').and_then(|r| r.parse::<u64>().ok());
+                if round.is_none() || round != open_round {
+                    std::fs::remove_dir_all(d.path())?;
+                    continue;
+                }
+                for f in std::fs::read_dir(d.path())? {
+                    let f = f?;
+                    let fname = f.file_name().to_string_lossy().to_string();
+                    let client = fname.strip_suffix(".bin");
+                    let known = client.is_some_and(|c| {
+                        self.uploads
+                            .contains_key(key2(round.unwrap_or(0), c))
+                            .unwrap_or(false)
+                    });
+                    if !known {
+                        std::fs::remove_file(f.path())?;
+                    }
+                }
+            }
+        }
+        self.save_state(&state)?;
+        Ok((state, problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::{OpenRound, TensorSpec};
+
+    fn open_state(uploads: &[(&str, u8)]) -> FederationState {
+        FederationState {
+            global_version: 0,
+            next_round: 2,
+            failed_rounds: 0,
+            phase: Phase::Training(OpenRound {
+                round: 1,
+                base_version: 0,
+                selected: ["a", "b"].iter().map(|s| s.to_string()).collect(),
+                deadline_ms: 10,
+                closed: false,
+                uploads: uploads
+                    .iter()
+                    .map(|(c, b)| {
+                        (
+                            c.to_string(),
+                            UploadMeta {
+                                digest: Sha256::digest([*b; 4]).into(),
+                                weight: 1.0,
+                                bytes: 4,
+                                train_loss: 0.0,
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn upload_survives_reopen_and_orphans_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let spec = AdapterSpec::new(vec![TensorSpec {
+                name: "t".into(),
+                shape: vec![1],
+            }])
+            .unwrap();
+            s.initialize(
+                &FederationConfig::default(),
+                &spec,
+                b"init",
+                &open_state(&[]),
+                0,
+            )
+            .unwrap();
+            let st = open_state(&[("a", 1)]);
+            let Phase::Training(o) = &st.phase else {
+                unreachable!()
+            };
+            let rec = UploadRecord {
+                round: 1,
+                client: "a".into(),
+                meta: o.uploads["a"].clone(),
+                wire_bytes: 20,
+                accepted_ms: 5,
+            };
+            s.put_upload(&rec, &[1; 4], &st).unwrap();
+            // an orphan file (crash between file write and record)
+            write_file_durably(&dir.path().join("uploads/r1/b.bin"), &[2; 4]).unwrap();
+            // a stale round's leftovers
+            write_file_durably(&dir.path().join("uploads/r0/x.bin"), &[3; 4]).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let st = s.state().unwrap().unwrap();
+        let (st, problems) = s.reconcile(st).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        let Phase::Training(o) = &st.phase else {
+            panic!()
+        };
+        assert!(o.uploads.contains_key("a"));
+        assert_eq!(s.upload_payload(1, "a", &o.uploads["a"].digest).unwrap(), vec![1; 4]);
+        assert!(!dir.path().join("uploads/r1/b.bin").exists());
+        assert!(!dir.path().join("uploads/r0").exists());
+        assert_eq!(s.checkpoint(0).unwrap(), b"init");
+    }
+
+    #[test]
+    fn record_without_file_is_reported_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let st = open_state(&[("a", 1)]);
+        let Phase::Training(o) = &st.phase else {
+            unreachable!()
+        };
+        let rec = UploadRecord {
+            round: 1,
+            client: "a".into(),
+            meta: o.uploads["a"].clone(),
+            wire_bytes: 20,
+            accepted_ms: 5,
+        };
+        s.put_upload(&rec, &[1; 4], &st).unwrap();
+        std::fs::remove_file(dir.path().join("uploads/r1/a.bin")).unwrap();
+        let (st, problems) = s.reconcile(st).unwrap();
+        assert_eq!(problems.len(), 1);
+        let Phase::Training(o) = &st.phase else {
+            panic!()
+        };
+        assert!(o.uploads.is_empty());
+        assert!(s.uploads().unwrap().is_empty());
+    }
+}
