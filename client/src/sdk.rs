@@ -217,10 +217,7 @@ impl FederatedClient {
         let round = upload.round;
         *pending = Some(upload.clone());
         self.save_pending(&upload)?;
-        match self
-            .send(s, &ClientMsg::Upload(upload), report)
-            .await?
-        {
+        match self.send(s, &ClientMsg::Upload(upload), report).await? {
             CoordMsg::Ack { status, .. } => {
                 info!(round, ?status, "upload acknowledged");
                 if status == AckStatus::Accepted || !report.rounds.contains(&round) {
@@ -228,7 +225,10 @@ impl FederatedClient {
                 }
             }
             CoordMsg::Refused(r) if r.code == RefusalCode::Internal => {
-                return Err(ClientError::Transport(format!("coordinator: {}", r.message)));
+                return Err(ClientError::Transport(format!(
+                    "coordinator: {}",
+                    r.message
+                )));
             }
             CoordMsg::Refused(r) => warn!(round, reason = %r, "upload refused"),
             other => warn!(round, ?other, "unexpected answer to an upload"),
@@ -263,7 +263,8 @@ impl FederatedClient {
                 }
                 CoordMsg::Task(Task::Evaluate { version, global }) => {
                     let adapter = self.decode_global(&global)?;
-                    self.evaluate_and_report(s, version, adapter, report).await?;
+                    self.evaluate_and_report(s, version, adapter, report)
+                        .await?;
                 }
                 CoordMsg::Task(Task::Train(offer)) => {
                     let upload = self.train(s, offer, report).await?;

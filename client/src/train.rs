@@ -113,6 +113,19 @@ pub fn load_base(config: &LmConfig, path: &Path) -> Result<Vec<NamedTensor>, Cli
     Ok(collect_named(&lm, NamedFilter::All))
 }
 
+/// The seeded initial adapter of `config` (`A` random from `config.seed`, `B` zero): the
+/// federation's global version 0. It does not depend on the base weights.
+pub fn initial_adapter(config: &LmConfig) -> Result<FlatAdapter, ClientError> {
+    let lora = config
+        .lora
+        .as_ref()
+        .ok_or_else(|| ClientError::Config("the config has no adapter".into()))?;
+    Ok(extract_adapter(
+        &config.init(&Device::flex().autodiff()),
+        lora,
+    ))
+}
+
 /// What one round of local training produced.
 #[derive(Clone, Debug)]
 pub struct TrainOutcome {

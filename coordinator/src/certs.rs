@@ -87,9 +87,9 @@ pub fn init_certs(dir: &Path, clients: usize, server_names: &[String]) -> Result
     for n in server_names {
         match n.parse::<IpAddr>() {
             Ok(ip) => sp.subject_alt_names.push(SanType::IpAddress(ip)),
-            Err(_) => sp.subject_alt_names.push(SanType::DnsName(
-                n.clone().try_into().map_err(tls_err)?,
-            )),
+            Err(_) => sp
+                .subject_alt_names
+                .push(SanType::DnsName(n.clone().try_into().map_err(tls_err)?)),
         }
     }
     sp.distinguished_name

@@ -12,15 +12,12 @@ use crate::store::Store;
 /// tensor per adapter tensor, named as in the spec, in the wire layout (`A` `[r, d_in]`,
 /// `B` `[d_out, r]`). Returns the version written.
 pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Result<u64> {
-    let (_, spec) = store
-        .setup()?
-        .ok_or_else(|| CoordinatorError::Storage("the data directory holds no federation".into()))?;
+    let (_, spec) = store.setup()?.ok_or_else(|| {
+        CoordinatorError::Storage("the data directory holds no federation".into())
+    })?;
     let version = match version {
         Some(v) => v,
-        None => store
-            .state()?
-            .map(|s| s.global_version)
-            .unwrap_or_default(),
+        None => store.state()?.map(|s| s.global_version).unwrap_or_default(),
     };
     let adapter = Codec::decode(&store.checkpoint(version)?, &spec, Some(Codec::DenseF32))?;
     let bytes: Vec<Vec<u8>> = spec
@@ -46,7 +43,10 @@ pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Re
     let meta = std::collections::HashMap::from([
         ("fedlora_version".to_string(), version.to_string()),
         ("fedlora_spec".to_string(), spec.short_hash()),
-        ("layout".to_string(), "lora_a [r, d_in], lora_b [d_out, r], row-major".to_string()),
+        (
+            "layout".to_string(),
+            "lora_a [r, d_in], lora_b [d_out, r], row-major".to_string(),
+        ),
     ]);
     safetensors::tensor::serialize_to_file(views, Some(meta), out)
         .map_err(|e| CoordinatorError::Storage(e.to_string()))?;

@@ -217,6 +217,11 @@ impl Coordinator {
         self.shared.events.subscribe()
     }
 
+    /// The status report of the running federation (what `fedlora status` prints).
+    pub fn report(&self) -> Result<crate::status::StatusReport> {
+        crate::status::report(&self.shared.store)
+    }
+
     /// A copy of the federation state.
     pub fn state(&self) -> FederationState {
         self.shared.fed.lock().expect("lock").state().clone()
@@ -239,7 +244,8 @@ impl Coordinator {
 
     /// Stops serving and closes the store.
     pub async fn shutdown(self) {
-        self.endpoint.close(0u32.into(), b"coordinator shutting down");
+        self.endpoint
+            .close(0u32.into(), b"coordinator shutting down");
         for t in &self.tasks {
             t.abort();
         }
@@ -652,7 +658,12 @@ fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
             "evaluation needs a finite, non-negative loss over at least one token",
         ));
     }
-    if let Err(refusal) = shared.fed.lock().expect("lock").record_eval(client, r.version) {
+    if let Err(refusal) = shared
+        .fed
+        .lock()
+        .expect("lock")
+        .record_eval(client, r.version)
+    {
         return CoordMsg::Refused(refusal);
     }
     let rec = EvalRecord {
@@ -761,9 +772,10 @@ fn fail_record(
     state: &FederationState,
     now: u64,
 ) -> Result<()> {
-    let mut rec = shared.store.round(round)?.ok_or_else(|| {
-        CoordinatorError::Storage(format!("no record for round {round}"))
-    })?;
+    let mut rec = shared
+        .store
+        .round(round)?
+        .ok_or_else(|| CoordinatorError::Storage(format!("no record for round {round}")))?;
     rec.status = RoundStatus::Failed {
         reason: reason.clone(),
     };
@@ -792,7 +804,10 @@ fn aggregate(
     let mut deltas = Vec::with_capacity(uploads.len());
     for (client, meta) in uploads {
         let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
-        deltas.push((meta.weight, Codec::decode(&bytes, &shared.spec, Some(codec))?));
+        deltas.push((
+            meta.weight,
+            Codec::decode(&bytes, &shared.spec, Some(codec))?,
+        ));
     }
     let global = shared.global.lock().expect("lock");
     Ok(fedavg(&global.adapter, &deltas)?)
@@ -824,9 +839,10 @@ fn commit(
     let before = fed.clone();
     let version = fed.commit(round, now)?;
     let state = fed.state().clone();
-    let mut rec = shared.store.round(round)?.ok_or_else(|| {
-        CoordinatorError::Storage(format!("no record for round {round}"))
-    })?;
+    let mut rec = shared
+        .store
+        .round(round)?
+        .ok_or_else(|| CoordinatorError::Storage(format!("no record for round {round}")))?;
     rec.status = RoundStatus::Committed { version };
     rec.participants = uploads.keys().cloned().collect();
     rec.stragglers = missing.iter().cloned().collect();
@@ -834,7 +850,10 @@ fn commit(
     rec.bytes_down = take_bytes_down(shared, round);
     rec.train_loss = Some(train_loss);
     rec.ended_ms = Some(now);
-    if let Err(e) = shared.store.commit_round(version, &encoded, &rec, &state, now) {
+    if let Err(e) = shared
+        .store
+        .commit_round(version, &encoded, &rec, &state, now)
+    {
         *fed = before;
         return Err(e);
     }
@@ -844,7 +863,12 @@ fn commit(
         encoded,
     };
     drop(fed);
-    info!(round, version, participants = uploads.len(), "round committed");
+    info!(
+        round,
+        version,
+        participants = uploads.len(),
+        "round committed"
+    );
     let _ = shared.events.send(Event::RoundCommitted { round, version });
     Ok(())
 }

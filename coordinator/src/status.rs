@@ -86,10 +86,9 @@ pub fn report(store: &Store) -> Result<StatusReport> {
         .into_iter()
         .map(|record| {
             let eval_loss = match record.status {
-                RoundStatus::Committed { version } => evals
-                    .iter()
-                    .find(|e| e.version == version)
-                    .map(|e| e.loss),
+                RoundStatus::Committed { version } => {
+                    evals.iter().find(|e| e.version == version).map(|e| e.loss)
+                }
                 _ => None,
             };
             let accepted_uploads = uploads

@@ -301,10 +301,13 @@ impl Store {
     /// The payload of a stored upload, checked against its digest.
     pub fn upload_payload(&self, round: u64, client: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
         let p = self.upload_path(round, client);
-        let bytes = std::fs::read(&p)
-            .map_err(|e| storage(format!("upload {}: {e}", p.display())))?;
+        let bytes =
+            std::fs::read(&p).map_err(|e| storage(format!("upload {}: {e}", p.display())))?;
         if Sha256::digest(&bytes).as_slice() != digest {
-            return Err(storage(format!("upload {} does not match its digest", p.display())));
+            return Err(storage(format!(
+                "upload {} does not match its digest",
+                p.display()
+            )));
         }
         Ok(bytes)
     }
@@ -329,8 +332,7 @@ impl Store {
             sha256: hex::encode(Sha256::digest(bytes)),
             created_ms: now_ms,
         };
-        self.checkpoints
-            .insert(version.to_be_bytes(), json(&rec))?;
+        self.checkpoints.insert(version.to_be_bytes(), json(&rec))?;
         Ok(())
     }
 
@@ -437,7 +439,11 @@ impl Store {
 
     /// Every round record, by round id.
     pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
-        self.rounds.iter().values().map(|v| from_json(&v?)).collect()
+        self.rounds
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
     }
 
     /// Stores an evaluation report; flushes.
@@ -474,7 +480,11 @@ impl Store {
 
     /// Every client seen.
     pub fn clients(&self) -> Result<Vec<ClientRecord>> {
-        self.clients.iter().values().map(|v| from_json(&v?)).collect()
+        self.clients
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
     }
 
     /// Reconciles files with records after a restart. Upload files of rounds that are not open,
@@ -614,7 +624,10 @@ mod tests {
             panic!()
         };
         assert!(o.uploads.contains_key("a"));
-        assert_eq!(s.upload_payload(1, "a", &o.uploads["a"].digest).unwrap(), vec![1; 4]);
+        assert_eq!(
+            s.upload_payload(1, "a", &o.uploads["a"].digest).unwrap(),
+            vec![1; 4]
+        );
         assert!(!dir.path().join("uploads/r1/b.bin").exists());
         assert!(!dir.path().join("uploads/r0").exists());
         assert_eq!(s.checkpoint(0).unwrap(), b"init");

@@ -559,8 +559,7 @@ impl Federation {
                         self.config.min_clients
                     );
                     self.state.failed_rounds += 1;
-                    self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds
-                    {
+                    self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
                         Phase::Finished { success: false }
                     } else {
                         Phase::Waiting { since_ms: now_ms }

@@ -21,7 +21,7 @@ enum BenchName {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// What to measure.
     name: BenchName,
     /// Print one JSON object.
@@ -36,7 +36,7 @@ pub struct BenchArgs {
 }
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
-pub fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -48,7 +48,7 @@ pub fn peak_rss_mib() -> f64 {
 }
 
 /// Median of `v` (sorted in place).
-pub fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -115,7 +115,7 @@ fn spawn_child(name: &str, threads: usize, reps: usize) -> anyhow::Result<serde_
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
     let value = match a.name {
         BenchName::TrainStep => {
             if a.threads.is_some() {

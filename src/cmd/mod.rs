@@ -1,26 +1,44 @@
 //! Subcommands.
 
 mod bench;
+mod certs;
+mod client;
+mod coordinator;
+mod demo;
+mod logging;
 mod model;
 mod pretrain;
+mod status;
 
 use clap::{Parser, Subcommand};
 
 /// An error in the user's input: reported with exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct UsageError(pub String);
+pub(crate) struct UsageError(pub String);
 
 /// fedlora: federated LoRA fine-tuning over QUIC with mutual TLS.
 #[derive(Parser, Debug)]
 #[command(name = "fedlora", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the whole stack on loopback: certificates, coordinator and clients over QUIC + mTLS.
+    Demo(demo::DemoArgs),
+    /// Run the coordinator service.
+    Coordinator(coordinator::CoordinatorArgs),
+    /// Run one federated client.
+    Client(client::ClientArgs),
+    /// Show rounds, uploads and metrics of a coordinator's data directory.
+    Status(status::StatusArgs),
+    /// Write a committed global adapter as safetensors.
+    Export(status::ExportArgs),
+    /// Make or revoke certificates.
+    Certs(certs::CertsArgs),
     /// Pretrain the public base model and save its checkpoint.
     Pretrain(pretrain::PretrainArgs),
     /// Measure speed and memory (prints JSON with --json).
@@ -28,8 +46,14 @@ enum Command {
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Coordinator(a) => coordinator::run(a),
+        Command::Client(a) => client::run(a),
+        Command::Status(a) => status::run(a),
+        Command::Export(a) => status::export(a),
+        Command::Certs(a) => certs::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Bench(a) => bench::run(a),
     }

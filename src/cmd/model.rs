@@ -1,21 +1,75 @@
-//! The reference model shape shared by the demo, the bench and the base checkpoint.
+//! The model shape and base checkpoint shared by the demo, the bench, the client and the
+//! coordinator commands.
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::Device;
+use clap::Args;
 use fedlora_client::lora::LoraConfig;
 use fedlora_client::model::LmConfig;
+use fedlora_client::train::{load_base, LocalTrainer};
+use serde::{Deserialize, Serialize};
 
 /// Where the committed base checkpoint lives (relative to the repository root).
-pub const DEFAULT_BASE: &str = "models/base.bpk";
+pub(crate) const DEFAULT_BASE: &str = "models/base.bpk";
 
-/// The reference LM: d_model 128, 4 layers, 4 heads, MLP 512, context 64, rank 8 (α 16) on q, v.
-pub fn reference_config(lora: Option<LoraConfig>) -> LmConfig {
+/// The reference LM: d_model 128, 4 layers, 4 heads, MLP 512, context 64; with an adapter,
+/// rank 8 (α 16) on q, v by default.
+pub(crate) fn reference_config(lora: Option<LoraConfig>) -> LmConfig {
     LmConfig::new().with_lora(lora)
+}
+
+/// Adapter flags shared by `coordinator`, `client` and `demo` (all parties must agree; the
+/// adapter spec hash is checked at every hello).
+#[derive(Args, Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ModelArgs {
+    /// Base checkpoint (made by `fedlora pretrain`).
+    #[arg(long, default_value = DEFAULT_BASE)]
+    pub base: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA α (the update is scaled by α/rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Projections with an adapter, comma-separated (q, k, v, o, fc1, fc2, head).
+    #[arg(long, value_delimiter = ',', default_value = "q,v")]
+    pub targets: Vec<String>,
+    /// FFA-LoRA: freeze A, train and upload B only.
+    #[arg(long)]
+    pub ffa: bool,
+}
+
+impl ModelArgs {
+    /// The LM config these flags describe.
+    pub(crate) fn lm_config(&self) -> LmConfig {
+        reference_config(Some(
+            LoraConfig::new()
+                .with_rank(self.rank)
+                .with_alpha(self.alpha)
+                .with_targets(self.targets.clone())
+                .with_freeze_a(self.ffa),
+        ))
+    }
+
+    /// A trainer over the base checkpoint.
+    pub(crate) fn trainer(&self) -> anyhow::Result<LocalTrainer> {
+        let path = base_path(&self.base);
+        anyhow::ensure!(
+            path.exists(),
+            "base checkpoint {} not found: run `fedlora pretrain --out {}`",
+            path.display(),
+            path.display()
+        );
+        let cfg = self.lm_config();
+        let base = load_base(&cfg, &path)?;
+        Ok(LocalTrainer::new(cfg, &base, Device::flex().autodiff())?)
+    }
 }
 
 /// Resolves the base checkpoint path: as given if it exists, else relative to the crate root
 /// (so `cargo run` works from any directory of the checkout).
-pub fn base_path(given: &Path) -> PathBuf {
+pub(crate) fn base_path(given: &Path) -> PathBuf {
     if given.exists() || given.is_absolute() {
         return given.to_path_buf();
     }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::model::{reference_config, DEFAULT_BASE};
 
 #[derive(Args, Debug)]
-pub struct PretrainArgs {
+pub(crate) struct PretrainArgs {
     /// Output checkpoint (burnpack).
     #[arg(long, default_value = DEFAULT_BASE)]
     out: PathBuf,
@@ -31,7 +31,7 @@ pub struct PretrainArgs {
 }
 
 /// Pretrains and saves; shared with `demo`, which calls it when the checkpoint is missing.
-pub fn pretrain_to(out: &std::path::Path, cfg: &PretrainConfig) -> anyhow::Result<()> {
+pub(crate) fn pretrain_to(out: &std::path::Path, cfg: &PretrainConfig) -> anyhow::Result<()> {
     let split = split_roles(SHAKESPEARE);
     let lm_cfg = reference_config(None);
     let device = Device::flex().autodiff();
@@ -67,7 +67,7 @@ pub fn pretrain_to(out: &std::path::Path, cfg: &PretrainConfig) -> anyhow::Resul
     Ok(())
 }
 
-pub fn run(a: PretrainArgs) -> anyhow::Result<()> {
+pub(crate) fn run(a: PretrainArgs) -> anyhow::Result<()> {
     let cfg = PretrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,

@@ -1,0 +1,98 @@
+//! `fedlora client`: one device taking part in a federation.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+use clap::Args;
+use fedlora_client::data::ClientData;
+use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::transport::ClientTls;
+
+use super::logging::{self, LogFormat};
+use super::model::ModelArgs;
+use super::UsageError;
+
+#[derive(Args, Debug)]
+pub(crate) struct ClientArgs {
+    /// Coordinator HOST:PORT.
+    #[arg(long)]
+    coordinator: String,
+    /// Certificate directory made by `fedlora certs init` (with --client-index).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Use the I-th client certificate of --certs; also picks the I-th demo data shard.
+    #[arg(long)]
+    client_index: Option<usize>,
+    /// This client's certificate (PEM), instead of --certs/--client-index.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This client's key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The federation CA (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Name on the coordinator's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// The client's own text file (default: the I-th demo client's speaking role).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// State directory (unacknowledged uploads survive restarts here).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
+    logging::init(a.log_format, "info");
+    let addr: SocketAddr = a
+        .coordinator
+        .to_socket_addrs()
+        .map_err(|e| UsageError(format!("--coordinator {}: {e}", a.coordinator)))?
+        .next()
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--coordinator {} resolves to nothing",
+                a.coordinator
+            ))
+        })?;
+    let tls = match (&a.certs, a.client_index, &a.cert, &a.key, &a.ca) {
+        (Some(dir), Some(i), None, None, None) => ClientTls::from_dir(dir, i),
+        (None, _, Some(cert), Some(key), Some(ca)) => ClientTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            return Err(UsageError(
+                "give --certs DIR --client-index I, or --cert, --key and --ca".into(),
+            )
+            .into())
+        }
+    };
+    let trainer = a.model.trainer()?;
+    let context = trainer.config().context;
+    let data = match (&a.data, a.client_index) {
+        (Some(p), _) => ClientData::from_file(p, context)?,
+        (None, Some(i)) => ClientData::demo_client(i, context)?,
+        (None, None) => {
+            return Err(UsageError("give --data FILE or --client-index I".into()).into())
+        }
+    };
+    let mut cfg = ClientConfig::new(addr, tls);
+    cfg.server_name = a.server_name;
+    cfg.state_dir = a.state_dir;
+    let client = FederatedClient::new(cfg, trainer, data);
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(client.run())?;
+    println!(
+        "{}: uploaded in rounds {:?}, final version {:?}",
+        report.client_id, report.rounds, report.final_version
+    );
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `fedlora coordinator`: runs the federation service until its rounds are done.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, TlsPaths};
+use fedlora_protocol::{Codec, FederationConfig, TrainConfig, Weighting};
+use serde::Deserialize;
+
+use super::logging::{self, LogFormat};
+use super::model::ModelArgs;
+use super::UsageError;
+
+/// Round and training flags shared by `coordinator` and `demo`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct FederationArgs {
+    /// Rounds to commit.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Clients sampled per round.
+    #[arg(long)]
+    pub clients_per_round: Option<usize>,
+    /// Fewest uploads a round needs.
+    #[arg(long)]
+    pub min_clients: Option<usize>,
+    /// Round deadline, seconds.
+    #[arg(long)]
+    pub round_timeout: Option<f64>,
+    /// Local optimizer steps per round.
+    #[arg(long)]
+    pub local_steps: Option<u32>,
+    /// Windows per local step.
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    /// Local learning rate (Adam).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Upload codec (dense-f32, f16).
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Aggregation weights: example-count or uniform.
+    #[arg(long)]
+    pub weighting: Option<String>,
+    /// Seed of client sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CoordinatorToml {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    log_format: Option<String>,
+    federation: Option<FederationConfig>,
+}
+
+impl FederationArgs {
+    /// Applies the flags that are set over `f`.
+    pub(crate) fn apply(&self, f: &mut FederationConfig) -> anyhow::Result<()> {
+        if let Some(v) = self.rounds {
+            f.rounds = v;
+        }
+        if let Some(v) = self.clients_per_round {
+            f.clients_per_round = v;
+        }
+        if let Some(v) = self.min_clients {
+            f.min_clients = v;
+        }
+        if let Some(v) = self.round_timeout {
+            f.round_timeout_ms = (v * 1e3) as u64;
+        }
+        let t: &mut TrainConfig = &mut f.train;
+        if let Some(v) = self.local_steps {
+            t.local_steps = v;
+        }
+        if let Some(v) = self.batch_size {
+            t.batch_size = v;
+        }
+        if let Some(v) = self.lr {
+            t.learning_rate = v;
+        }
+        if let Some(v) = &self.codec {
+            t.codec = Codec::from_name(v).map_err(|e| UsageError(e.to_string()))?;
+        }
+        if let Some(v) = &self.weighting {
+            t.weighting = match v.as_str() {
+                "example-count" => Weighting::ExampleCount,
+                "uniform" => Weighting::Uniform,
+                other => {
+                    return Err(UsageError(format!(
+                        "unknown weighting `{other}` (example-count, uniform)"
+                    ))
+                    .into())
+                }
+            };
+        }
+        if let Some(v) = self.seed {
+            f.seed = v;
+        }
+        f.validate().map_err(|e| UsageError(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CoordinatorArgs {
+    /// TOML config file (keys: listen, data_dir, certs, log_format, [federation]).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// State directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Certificate directory made by `fedlora certs init`.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(flatten)]
+    fed: FederationArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let file: CoordinatorToml = match &a.config {
+        Some(p) => toml::from_str(&std::fs::read_to_string(p)?)
+            .map_err(|e| UsageError(format!("{}: {e}", p.display())))?,
+        None => CoordinatorToml::default(),
+    };
+    let format = match (a.log_format, file.log_format.as_deref()) {
+        (Some(f), _) => f,
+        (None, Some("json")) => LogFormat::Json,
+        (None, Some("text") | None) => LogFormat::Text,
+        (None, Some(other)) => return Err(UsageError(format!("log_format `{other}`")).into()),
+    };
+    logging::init(format, "info");
+    let data_dir = a
+        .data_dir
+        .or(file.data_dir)
+        .ok_or_else(|| UsageError("--data-dir is required".into()))?;
+    let certs = a
+        .certs
+        .or(file.certs)
+        .ok_or_else(|| UsageError("--certs is required".into()))?;
+    let mut cfg = CoordinatorConfig::new(data_dir, &certs);
+    cfg.tls = TlsPaths::from_dir(&certs);
+    if let Some(l) = a.listen.or(file.listen) {
+        cfg.listen = l;
+    }
+    let mut fed = file.federation.unwrap_or_default();
+    a.fed.apply(&mut fed)?;
+    cfg.federation = fed;
+    let initial = fedlora_client::train::initial_adapter(&a.model.lm_config())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let c = Coordinator::start(cfg, initial).await?;
+        tokio::select! {
+            ok = c.wait_finished(Duration::from_secs(5)) => {
+                tracing::info!(success = ok, "done");
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; state is on disk, restart to resume");
+            }
+        }
+        c.shutdown().await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,229 @@
+//! `fedlora demo`: certificates, a coordinator on loopback and N clients over real QUIC + mTLS,
+//! R rounds of federated LoRA on the pretrained base, and a closing table.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use fedlora_client::data::ClientData;
+use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::transport::ClientTls;
+use fedlora_coordinator::certs::{default_server_names, init_certs};
+use fedlora_coordinator::store::RoundStatus;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
+use fedlora_protocol::FederationConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::coordinator::FederationArgs;
+use super::model::{base_path, ModelArgs};
+use super::pretrain::pretrain_to;
+
+#[derive(Args, Debug)]
+pub(crate) struct DemoArgs {
+    /// Number of clients (each one speaking role of the corpus).
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the demo's certificates and state here (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Seed clients' batch sampling (default: OS randomness, as a deployment).
+    #[arg(long)]
+    sampling_seed: Option<u64>,
+    #[command(flatten)]
+    fed: FederationArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// The demo's federation defaults: 3 rounds, every client each round, 30 local steps of 16.
+fn demo_federation(clients: usize) -> FederationConfig {
+    let mut f = FederationConfig {
+        rounds: 3,
+        clients_per_round: clients,
+        min_clients: clients.div_ceil(2).max(1),
+        round_timeout_ms: 600_000,
+        start_grace_ms: 30_000,
+        eval_timeout_ms: 120_000,
+        ..Default::default()
+    };
+    f.train.local_steps = 30;
+    f.train.batch_size = 16;
+    f.train.learning_rate = 3e-3;
+    f
+}
+
+pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
+    super::logging::init(super::logging::LogFormat::Text, "warn");
+    let t0 = Instant::now();
+    let base = base_path(&a.model.base);
+    if !base.exists() {
+        eprintln!(
+            "base checkpoint {} missing: pretraining it once (cached for later runs)",
+            base.display()
+        );
+        pretrain_to(&base, &Default::default())?;
+    }
+    let model = ModelArgs {
+        base,
+        ..a.model.clone()
+    };
+    let mut fed = demo_federation(a.clients);
+    a.fed.apply(&mut fed)?;
+    let tmp = tempfile::tempdir()?;
+    let root = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let certs = root.join("certs");
+    init_certs(&certs, a.clients, &default_server_names())?;
+    let mut cfg = CoordinatorConfig::new(root.join("coordinator"), &certs);
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.federation = fed.clone();
+    let trainer = model.trainer()?;
+    let initial = fedlora_client::train::initial_adapter(trainer.config())?;
+    let context = trainer.config().context;
+    let datas = (0..a.clients)
+        .map(|i| ClientData::demo_client(i, context))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let coord = Coordinator::start(cfg, initial).await?;
+        let addr = coord.local_addr()?;
+        let mut events = coord.events();
+        let mut handles = Vec::new();
+        for (i, data) in datas.into_iter().enumerate() {
+            let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
+            cc.state_dir = Some(root.join(format!("client-{i}")));
+            cc.sampling_seed = a.sampling_seed.map(|s| s + i as u64);
+            let client = FederatedClient::new(cc, trainer.clone(), data);
+            handles.push(tokio::spawn(async move { client.run().await }));
+        }
+        let show = !a.json;
+        let progress = tokio::spawn(async move {
+            let mut bar: Option<ProgressBar> = None;
+            while let Ok(ev) = events.recv().await {
+                match ev {
+                    Event::RoundStarted {
+                        round,
+                        participants,
+                    } if show => {
+                        let b = ProgressBar::new(participants as u64);
+                        b.set_style(
+                            ProgressStyle::with_template(
+                                "round {msg} [{bar:30}] {pos}/{len} uploads ({elapsed})",
+                            )
+                            .expect("template")
+                            .progress_chars("=> "),
+                        );
+                        b.set_message(round.to_string());
+                        bar = Some(b);
+                    }
+                    Event::UploadAccepted { .. } => {
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                    }
+                    Event::RoundCommitted { .. } | Event::RoundFailed { .. } => {
+                        if let Some(b) = bar.take() {
+                            b.finish();
+                        }
+                    }
+                    Event::Finished { .. } => break,
+                    _ => {}
+                }
+            }
+        });
+        let success = coord.wait_finished(Duration::from_millis(500)).await;
+        for h in handles {
+            match h.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => eprintln!("a client failed: {e}"),
+                Err(e) => eprintln!("a client panicked: {e}"),
+            }
+        }
+        progress.abort();
+        let report = coord.report()?;
+        coord.shutdown().await;
+        anyhow::ensure!(success, "the federation did not complete every round");
+        anyhow::Ok(report)
+    })?;
+
+    let eval = |v: u64| report.evals.iter().find(|e| e.version == v).map(|e| e.loss);
+    let base_loss = eval(0);
+    let rounds: Vec<_> = report
+        .rounds
+        .iter()
+        .map(|r| {
+            let rec = &r.record;
+            let secs = rec
+                .ended_ms
+                .map(|e| (e.saturating_sub(rec.started_ms)) as f64 / 1e3);
+            let status = match &rec.status {
+                RoundStatus::Committed { .. } => "committed".to_string(),
+                RoundStatus::Failed { reason } => format!("failed: {reason}"),
+                RoundStatus::Open => "open".to_string(),
+            };
+            json!({
+                "round": rec.round,
+                "status": status,
+                "participants": rec.participants.len(),
+                "eval_loss": r.eval_loss,
+                "train_loss": rec.train_loss,
+                "bytes_up": rec.bytes_up.values().sum::<u64>(),
+                "bytes_down": rec.bytes_down.values().sum::<u64>(),
+                "secs": secs,
+            })
+        })
+        .collect();
+    let final_loss = eval(report.global_version);
+    let wall = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "clients": a.clients,
+                "codec": fed.train.codec.name(),
+                "base_eval_loss": base_loss,
+                "final_eval_loss": final_loss,
+                "final_version": report.global_version,
+                "wall_secs": wall,
+                "rounds": rounds,
+            })
+        );
+    } else {
+        println!(
+            "\n{:>5} {:>12} {:>10} {:>10} {:>12} {:>12} {:>7}",
+            "round", "participants", "train", "held-out", "bytes up", "bytes down", "secs"
+        );
+        let f = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.4}"));
+        println!(
+            "{:>5} {:>12} {:>10} {:>10} {:>12} {:>12} {:>7}",
+            "base",
+            "-",
+            "-",
+            base_loss.map_or("-".into(), |x| format!("{x:.4}")),
+            "-",
+            "-",
+            "-"
+        );
+        for r in &rounds {
+            println!(
+                "{:>5} {:>12} {:>10} {:>10} {:>12} {:>12} {:>7}",
+                r["round"],
+                r["participants"],
+                f(&r["train_loss"]),
+                f(&r["eval_loss"]),
+                r["bytes_up"],
+                r["bytes_down"],
+                r["secs"].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+            );
+        }
+        println!(
+            "\nheld-out loss (nats/byte): base {} -> final {}; wall time {wall:.1} s",
+            base_loss.map_or("-".into(), |x| format!("{x:.4}")),
+            final_loss.map_or("-".into(), |x| format!("{x:.4}"))
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! End-to-end tests over real QUIC + mutual TLS on loopback: exact FedAvg, refusals of bad
+//! certificates, replays, duplicates and bad frames, and the SDK training real LoRA adapters.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_coordinator::certs::{default_server_names, init_certs, revoke};
+use fedlora_coordinator::{Coordinator, CoordinatorConfig};
+use fedlora_protocol::frame::{self, FrameKind, CONTROL_LIMIT};
+use fedlora_protocol::{
+    fedavg, AckStatus, AdapterSpec, ClientMsg, Codec, CoordMsg, FederationConfig, FlatAdapter,
+    RefusalCode, RoundOffer, Task, TensorSpec, Upload, PROTOCOL_VERSION,
+};
+
+fn spec() -> AdapterSpec {
+    AdapterSpec::new(vec![
+        TensorSpec {
+            name: "blocks.0.q.lora_a".into(),
+            shape: vec![2, 5],
+        },
+        TensorSpec {
+            name: "blocks.0.q.lora_b".into(),
+            shape: vec![5, 2],
+        },
+    ])
+    .unwrap()
+}
+
+fn delta(seed: u32) -> FlatAdapter {
+    let s = spec();
+    let v = (0..s.numel())
+        .map(|i| ((i as f32 + 1.0) * 0.37 * seed as f32).sin() / (seed as f32 + 0.5))
+        .collect();
+    FlatAdapter::new(s, v).unwrap()
+}
+
+async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (Session, CoordMsg) {
+    let s = Session::connect(ep, addr, "localhost").await.unwrap();
+    let (reply, _) = s
+        .request(&ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            spec_hash: spec.hash(),
+        })
+        .await
+        .unwrap();
+    (s, reply)
+}
+
+async fn wait_offer(s: &Session) -> RoundOffer {
+    for _ in 0..400 {
+        match s.request(&ClientMsg::Poll).await.unwrap().0 {
+            CoordMsg::Task(Task::Train(o)) => return o,
+            CoordMsg::Task(Task::Wait { .. }) | CoordMsg::Task(Task::AlreadyUploaded { .. }) => {
+                tokio::time::sleep(Duration::from_millis(25)).await
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("no offer")
+}
+
+fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
+    ClientMsg::Upload(Upload {
+        round,
+        spec_hash: spec().hash(),
+        weight,
+        train_loss: 1.0,
+        payload: Codec::DenseF32.encode(d.values()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
+    let rogue = init_certs(&dir.path().join("rogue"), 1, &default_server_names()).unwrap();
+    revoke(&certs, &certs.client_cert(3)).unwrap();
+
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 2,
+        clients_per_round: 3,
+        min_clients: 3,
+        round_timeout_ms: 60_000,
+        eval_timeout_ms: 300,
+        ..Default::default()
+    };
+    let initial = delta(99);
+    let coord = Coordinator::start(cfg, initial.clone()).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+
+    // a client whose certificate is not from the federation CA is refused at the handshake
+    let ep_rogue = endpoint(&ClientTls::from_dir(&rogue.0, 0)).unwrap();
+    let refused = match Session::connect(&ep_rogue, addr, "localhost").await {
+        Err(_) => true,
+        Ok(s) => s
+            .request(&ClientMsg::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                spec_hash: spec().hash(),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a certificate from another CA must not get through"
+    );
+
+    // a revoked client is refused at the hello
+    let ep3 = endpoint(&ClientTls::from_dir(&certs.0, 3)).unwrap();
+    let (_, reply) = hello(&ep3, addr, &spec()).await;
+    assert!(
+        matches!(&reply, CoordMsg::Refused(r) if r.code == RefusalCode::Revoked),
+        "{reply:?}"
+    );
+
+    // a wrong adapter spec is refused at the hello
+    let ep0 = endpoint(&ClientTls::from_dir(&certs.0, 0)).unwrap();
+    let other = AdapterSpec::new(vec![TensorSpec {
+        name: "x".into(),
+        shape: vec![3],
+    }])
+    .unwrap();
+    let (_, reply) = hello(&ep0, addr, &other).await;
+    assert!(matches!(&reply, CoordMsg::Refused(r) if r.code == RefusalCode::SpecMismatch));
+
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let ep = endpoint(&ClientTls::from_dir(&certs.0, i)).unwrap();
+        let (s, reply) = hello(&ep, addr, &spec()).await;
+        assert_eq!(
+            reply,
+            CoordMsg::Welcome {
+                client_id: format!("client-{i}"),
+                protocol_version: PROTOCOL_VERSION
+            }
+        );
+        sessions.push((ep, s));
+    }
+
+    // garbage, truncated and oversized frames: typed refusals, the connection keeps working
+    let s0 = &sessions[0].1;
+    let (r, _) = s0.request_raw(b"this is not a frame at all").await.unwrap();
+    assert!(
+        matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::Malformed),
+        "{r:?}"
+    );
+    let mut big = frame::encode(&ClientMsg::Poll).unwrap();
+    big[4..8].copy_from_slice(&((CONTROL_LIMIT as u32) + 1).to_be_bytes());
+    let (r, _) = s0.request_raw(&big).await.unwrap();
+    assert!(
+        matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::TooLarge),
+        "{r:?}"
+    );
+    let up = frame::encode(&upload(1, &delta(1), 1.0)).unwrap();
+    let (r, _) = s0.request_raw(&up[..up.len() / 2]).await.unwrap();
+    assert!(
+        matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::Malformed),
+        "{r:?}"
+    );
+    let mut wrong_kind = frame::encode(&ClientMsg::Poll).unwrap();
+    wrong_kind[3] = FrameKind::Task as u8;
+    let (r, _) = s0.request_raw(&wrong_kind).await.unwrap();
+    assert!(
+        matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::Malformed),
+        "{r:?}"
+    );
+
+    // round 1
+    let weights = [3.0, 5.0, 11.0];
+    let mut expected = initial.clone();
+    for round_ix in 0..2u32 {
+        let mut offers = Vec::new();
+        for (_, s) in &sessions {
+            offers.push(wait_offer(s).await);
+        }
+        let round = offers[0].round;
+        assert!(offers.iter().all(|o| o.round == round));
+        let global = Codec::decode(&offers[0].global, &spec(), Some(Codec::DenseF32)).unwrap();
+        assert_eq!(
+            global, expected,
+            "offer carries the committed global exactly"
+        );
+        let deltas: Vec<FlatAdapter> = (0..3).map(|i| delta(10 * round_ix + i + 1)).collect();
+        for (i, (_, s)) in sessions.iter().enumerate() {
+            let (r, _) = s
+                .request(&upload(round, &deltas[i], weights[i]))
+                .await
+                .unwrap();
+            assert_eq!(
+                r,
+                CoordMsg::Ack {
+                    round,
+                    status: AckStatus::Accepted
+                }
+            );
+            if i == 0 {
+                // byte-identical re-send: acknowledged as already accepted
+                let (r, _) = s
+                    .request(&upload(round, &deltas[i], weights[i]))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    r,
+                    CoordMsg::Ack {
+                        round,
+                        status: AckStatus::AlreadyAccepted
+                    }
+                );
+                // a different upload for the same round: refused
+                let (r, _) = s
+                    .request(&upload(round, &deltas[2], weights[i]))
+                    .await
+                    .unwrap();
+                assert!(
+                    matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::DuplicateUpload),
+                    "{r:?}"
+                );
+            }
+        }
+        let pairs: Vec<(f64, FlatAdapter)> = weights.iter().cloned().zip(deltas).collect();
+        expected = fedavg(&expected, &pairs).unwrap();
+        if round_ix == 1 {
+            break;
+        }
+        // wait for round 2's offer, then replay an upload of round 1
+        let o = wait_offer(&sessions[1].1).await;
+        assert_eq!(o.round, round + 1);
+        let (r, _) = sessions[1]
+            .1
+            .request(&upload(round, &delta(7), 1.0))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::WrongRound),
+            "{r:?}"
+        );
+        let got = Codec::decode(&o.global, &spec(), None).unwrap();
+        // the new global equals old + Σ wᵢΔᵢ / Σ wᵢ, element for element
+        assert_eq!(got.values(), expected.values());
+    }
+    assert!(coord.wait_finished(Duration::from_millis(10)).await);
+    let report = coord.report().unwrap();
+    assert_eq!(report.global_version, 2);
+    let committed = report
+        .rounds
+        .iter()
+        .filter(|r| r.record.participants.len() == 3)
+        .count();
+    assert_eq!(committed, 2);
+    let final_global = {
+        let store_dir = dir.path().join("state");
+        coord.shutdown().await;
+        let store = fedlora_coordinator::store::Store::open(&store_dir).unwrap();
+        Codec::decode(&store.checkpoint(2).unwrap(), &spec(), None).unwrap()
+    };
+    assert_eq!(final_global.values(), expected.values());
+}
