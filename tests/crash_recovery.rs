@@ -1,0 +1,224 @@
+//! kill -9 of a real `fedlora coordinator` process mid-round: after a restart on the same data
+//! directory the round completes with the upload that was acknowledged before the kill, nothing
+//! is lost or counted twice.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fedlora_client::model::LmConfig;
+use fedlora_client::train::initial_adapter;
+use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_protocol::{
+    fedavg, AckStatus, ClientMsg, Codec, CoordMsg, FlatAdapter, RoundOffer, Task, Upload,
+    PROTOCOL_VERSION,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> Session {
+    let ep = endpoint(&ClientTls::from_dir(certs, i)).unwrap();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = Session::connect(&ep, addr, "localhost").await {
+            let hello = ClientMsg::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                spec_hash,
+            };
+            if let Ok((CoordMsg::Welcome { .. }, _)) = s.request(&hello).await {
+                return s;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "coordinator never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn poll(s: &Session) -> Task {
+    match s.request(&ClientMsg::Poll).await.unwrap().0 {
+        CoordMsg::Task(t) => t,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn offer(s: &Session) -> RoundOffer {
+    for _ in 0..600 {
+        match poll(s).await {
+            Task::Train(o) => return o,
+            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("no offer");
+}
+
+fn delta(like: &FlatAdapter, k: f32) -> FlatAdapter {
+    let v = (0..like.values().len())
+        .map(|i| ((i as f32) * 0.01 * k).sin() * 1e-2)
+        .collect();
+    FlatAdapter::new(like.spec().clone(), v).unwrap()
+}
+
+fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
+    ClientMsg::Upload(Upload {
+        round,
+        spec_hash: d.spec().hash(),
+        weight,
+        train_loss: 2.0,
+        payload: Codec::DenseF32.encode(d.values()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let data = dir.path().join("data");
+    let st = Command::new(BIN)
+        .args(["certs", "init", "--clients", "2", "--out"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\nlog_format = \"json\"\n\
+             [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n\
+             round_timeout_ms = 120000\neval_timeout_ms = 300\n",
+            data.display().to_string(),
+            certs.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("coordinator.log");
+
+    // the reference model's adapter, as the coordinator computes it by default
+    let initial = initial_adapter(&LmConfig::new()).unwrap();
+    let spec_hash = initial.spec().hash();
+    let d0 = delta(&initial, 1.0);
+    let d1 = delta(&initial, 2.0);
+
+    let mut child = start(&config, &log);
+    let s0 = join(&certs, 0, addr, spec_hash).await;
+    let s1 = join(&certs, 1, addr, spec_hash).await;
+    let o0 = offer(&s0).await;
+    let _ = offer(&s1).await;
+    let (r, _) = s0.request(&upload(o0.round, &d0, 10.0)).await.unwrap();
+    assert_eq!(
+        r,
+        CoordMsg::Ack {
+            round: o0.round,
+            status: AckStatus::Accepted
+        }
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("\"message\":\"upload accepted\""))
+        .expect("json log line for the accepted upload");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["round"], o0.round);
+    assert_eq!(v["client"], "client-0");
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    drop((s0, s1));
+
+    let mut child = start(&config, &log);
+    let s0 = join(&certs, 0, addr, spec_hash).await;
+    // client 0 is told it already uploaded, and a re-send is acknowledged as such
+    assert_eq!(poll(&s0).await, Task::AlreadyUploaded { round: o0.round });
+    let (r, _) = s0.request(&upload(o0.round, &d0, 10.0)).await.unwrap();
+    assert_eq!(
+        r,
+        CoordMsg::Ack {
+            round: o0.round,
+            status: AckStatus::AlreadyAccepted
+        }
+    );
+    let s1 = join(&certs, 1, addr, spec_hash).await;
+    let o1 = offer(&s1).await;
+    assert_eq!(o1.round, o0.round, "the open round resumed");
+    let (r, _) = s1.request(&upload(o1.round, &d1, 30.0)).await.unwrap();
+    assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
+
+    // the coordinator finishes on its own (final evaluation times out) and exits
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "coordinator did not finish");
+        let _ = s0.request(&ClientMsg::Poll).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["global_version"], 1);
+    let rounds = status["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0]["status"], "committed");
+    assert_eq!(
+        rounds[0]["participants"],
+        serde_json::json!(["client-0", "client-1"])
+    );
+
+    // the exported global is exactly old + (10·d0 + 30·d1) / 40
+    let file = dir.path().join("global.safetensors");
+    let out = Command::new(BIN)
+        .args(["export", "--round", "1", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = fedavg(&initial, &[(10.0, d0), (30.0, d1)]).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (t, (off, len)) in expected.spec().tensors().iter().zip(expected.spec().offsets()) {
+        let view = st.tensor(&t.name).unwrap();
+        assert_eq!(view.shape(), t.shape.as_slice());
+        let got: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, expected.values()[off..off + len]);
+    }
+}
