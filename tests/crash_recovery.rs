@@ -53,7 +53,10 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
                 return s;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "coordinator never came up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "coordinator never came up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -177,7 +180,10 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
             assert!(status.success());
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "coordinator did not finish");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "coordinator did not finish"
+        );
         let _ = s0.request(&ClientMsg::Poll).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -207,11 +213,20 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected = fedavg(&initial, &[(10.0, d0), (30.0, d1)]).unwrap();
     let bytes = std::fs::read(&file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    for (t, (off, len)) in expected.spec().tensors().iter().zip(expected.spec().offsets()) {
+    for (t, (off, len)) in expected
+        .spec()
+        .tensors()
+        .iter()
+        .zip(expected.spec().offsets())
+    {
         let view = st.tensor(&t.name).unwrap();
         assert_eq!(view.shape(), t.shape.as_slice());
         let got: Vec<f32> = view

@@ -9,5 +9,6 @@ pub mod model;
 pub mod train;
 
 pub use error::ClientError;
+pub mod dp_sgd;
 pub mod sdk;
 pub mod transport;

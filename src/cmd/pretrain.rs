@@ -49,11 +49,19 @@ pub(crate) fn pretrain_to(out: &std::path::Path, cfg: &PretrainConfig) -> anyhow
         split.public_text.as_bytes(),
         cfg,
         &device,
-        |_, loss, tps| {
+        |step, loss, tps| {
             let e = ema.map_or(loss, |e| 0.95 * e + 0.05 * loss);
             ema = Some(e);
             bar.set_message(format!("loss {e:.3} nats/byte, {tps:.0} tokens/s"));
             bar.inc(1);
+            if bar.is_hidden() && (step + 1) % 100 == 0 {
+                // no terminal (CI, logs): a plain line every 100 steps instead of the bar
+                eprintln!(
+                    "pretrain step {}/{}: loss {e:.3} nats/byte, {tps:.0} tokens/s",
+                    step + 1,
+                    cfg.steps
+                );
+            }
         },
     )?;
     bar.finish();

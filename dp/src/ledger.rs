@@ -1,0 +1,108 @@
+//! A client's privacy budget across a federation campaign.
+//!
+//! The ledger holds the client's target (ε, δ), the DP-SGD plan it calibrated σ for, and every
+//! step it has taken. ε spent is never refunded — also when a round it trained for later fails.
+//! It is plain serde data: the client persists it in its state directory and flushes it before an
+//! upload leaves the device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::DpError;
+use crate::event::DpEvent;
+use crate::rdp::RdpAccountant;
+
+/// One recorded use of the data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Round the steps belonged to.
+    pub round: u64,
+    /// What ran (example-level events; a client-level event can be recorded the same way).
+    pub event: DpEvent,
+}
+
+/// The budget of one client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyLedger {
+    /// Target ε for the whole campaign.
+    pub target_epsilon: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+    /// Everything spent, in order.
+    pub entries: Vec<LedgerEntry>,
+}
+
+impl PrivacyLedger {
+    /// An empty ledger for (target_epsilon, delta).
+    pub fn new(target_epsilon: f64, delta: f64) -> Result<Self, DpError> {
+        if !(target_epsilon > 0.0) || !(delta > 0.0 && delta < 1.0) {
+            return Err(DpError::InvalidParameter(format!(
+                "target ε = {target_epsilon} must be > 0 and δ = {delta} in (0, 1)"
+            )));
+        }
+        Ok(Self {
+            target_epsilon,
+            delta,
+            entries: Vec::new(),
+        })
+    }
+
+    fn accountant_with(&self, extra: Option<&DpEvent>) -> Result<RdpAccountant, DpError> {
+        let mut acc = RdpAccountant::default();
+        for e in &self.entries {
+            acc.compose(&e.event)?;
+        }
+        if let Some(e) = extra {
+            acc.compose(e)?;
+        }
+        Ok(acc)
+    }
+
+    /// ε spent so far at the ledger's δ (RDP accountant).
+    pub fn epsilon_spent(&self) -> Result<f64, DpError> {
+        Ok(self.accountant_with(None)?.epsilon(self.delta).0)
+    }
+
+    /// Whether running `next` would take the campaign past the target ε.
+    pub fn would_exceed(&self, next: &DpEvent) -> Result<bool, DpError> {
+        Ok(self.accountant_with(Some(next))?.epsilon(self.delta).0 > self.target_epsilon)
+    }
+
+    /// Records `event` for `round`, refusing it if it would exceed the target.
+    pub fn spend(&mut self, round: u64, event: DpEvent) -> Result<f64, DpError> {
+        let after = self.accountant_with(Some(&event))?.epsilon(self.delta).0;
+        if after > self.target_epsilon {
+            return Err(DpError::BudgetExceeded {
+                spent: self.epsilon_spent()?,
+                would_be: after,
+                target: self.target_epsilon,
+            });
+        }
+        self.entries.push(LedgerEntry { round, event });
+        Ok(after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_the_round_that_would_exceed_and_survives_serialisation() {
+        let sigma = crate::calibrate::noise_multiplier(0.05, 3 * 20, 1e-5, 2.0).unwrap();
+        let round = DpEvent::dp_sgd(0.05, sigma, 20);
+        let mut l = PrivacyLedger::new(2.0, 1e-5).unwrap();
+        for r in 1..=3 {
+            assert!(!l.would_exceed(&round).unwrap());
+            l.spend(r, round.clone()).unwrap();
+        }
+        assert!(l.epsilon_spent().unwrap() <= 2.0);
+        assert!(l.would_exceed(&round).unwrap());
+        let json = serde_json::to_string(&l).unwrap();
+        let mut back: PrivacyLedger = serde_json::from_str(&json).unwrap();
+        assert!(matches!(
+            back.spend(4, round),
+            Err(DpError::BudgetExceeded { .. })
+        ));
+        assert_eq!(back.entries.len(), 3);
+    }
+}
