@@ -92,6 +92,7 @@ fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
         spec_hash: d.spec().hash(),
         weight,
         train_loss: 2.0,
+        eps_spent: None,
         payload: Codec::DenseF32.encode(d.values()),
     })
 }

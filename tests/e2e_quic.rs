@@ -66,6 +66,7 @@ fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
         spec_hash: spec().hash(),
         weight,
         train_loss: 1.0,
+        eps_spent: None,
         payload: Codec::DenseF32.encode(d.values()),
     })
 }

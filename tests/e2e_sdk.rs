@@ -58,7 +58,7 @@ async fn three_clients_train_two_rounds_over_quic() {
         cc.sampling_seed = Some(i as u64);
         cc.state_dir = Some(dir.path().join(format!("client-{i}")));
         let data = ClientData::demo_client(i, 16).unwrap();
-        let client = FederatedClient::new(cc, trainer.clone(), data);
+        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
         handles.push(tokio::spawn(async move { client.run().await }));
     }
     let ok = tokio::time::timeout(

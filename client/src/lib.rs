@@ -10,5 +10,6 @@ pub mod train;
 
 pub use error::ClientError;
 pub mod dp_sgd;
+pub mod privacy;
 pub mod sdk;
 pub mod transport;

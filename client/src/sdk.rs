@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::data::ClientData;
 use crate::error::ClientError;
+use crate::privacy::{PrivacyState, PrivacyTarget};
 use crate::train::LocalTrainer;
 use crate::transport::{endpoint, ClientTls, Session};
 
@@ -39,6 +40,11 @@ pub struct ClientConfig {
     pub sampling_seed: Option<u64>,
     /// Give up after this many consecutive failed connection attempts (`None`: never).
     pub max_connect_attempts: Option<u32>,
+    /// This client's privacy target. With one, the client trains only under a DP plan and
+    /// declines rounds its budget cannot pay for; without one, it declines DP rounds.
+    pub privacy: Option<PrivacyTarget>,
+    /// Noise seed (tests and simulations only; `None` draws DP noise from the OS CSPRNG).
+    pub noise_seed: Option<u64>,
 }
 
 impl ClientConfig {
@@ -53,6 +59,8 @@ impl ClientConfig {
             backoff_max_ms: 5_000,
             sampling_seed: None,
             max_connect_attempts: None,
+            privacy: None,
+            noise_seed: None,
         }
     }
 }
@@ -72,6 +80,10 @@ pub struct ClientReport {
     pub bytes_down: u64,
     /// Final global version announced by the coordinator.
     pub final_version: Option<u64>,
+    /// Rounds this client declined, with the reason.
+    pub declined: Vec<(u64, String)>,
+    /// ε spent at the end (DP clients).
+    pub eps_spent: Option<f64>,
 }
 
 /// A federated client: a trainer, local data, and the connection settings.
@@ -79,6 +91,12 @@ pub struct FederatedClient {
     config: ClientConfig,
     trainer: LocalTrainer,
     data: ClientData,
+    privacy: std::sync::Mutex<Option<PrivacyState>>,
+}
+
+enum Work {
+    Upload(Upload),
+    Decline(u64, String),
 }
 
 enum Outcome {
@@ -87,13 +105,23 @@ enum Outcome {
 }
 
 impl FederatedClient {
-    /// A client training `trainer`'s adapter on `data`.
-    pub fn new(config: ClientConfig, trainer: LocalTrainer, data: ClientData) -> Self {
-        Self {
+    /// A client training `trainer`'s adapter on `data`. Opens its privacy ledger (in the state
+    /// directory) when it has a privacy target.
+    pub fn new(
+        config: ClientConfig,
+        trainer: LocalTrainer,
+        data: ClientData,
+    ) -> Result<Self, ClientError> {
+        let privacy = match config.privacy {
+            Some(t) => Some(PrivacyState::open(config.state_dir.as_deref(), t)?),
+            None => None,
+        };
+        Ok(Self {
             config,
             trainer,
             data,
-        }
+            privacy: std::sync::Mutex::new(privacy),
+        })
     }
 
     fn pending_path(&self) -> Option<PathBuf> {
@@ -158,6 +186,9 @@ impl FederatedClient {
             failures = 0;
             match self.serve(&session, &mut report, &mut pending).await {
                 Ok(Outcome::Finished) => {
+                    if let Some(p) = self.privacy.lock().expect("lock").as_ref() {
+                        report.eps_spent = p.epsilon_spent().ok();
+                    }
                     session.close();
                     ep.wait_idle().await;
                     return Ok(report);
@@ -266,10 +297,21 @@ impl FederatedClient {
                     self.evaluate_and_report(s, version, adapter, report)
                         .await?;
                 }
-                CoordMsg::Task(Task::Train(offer)) => {
-                    let upload = self.train(s, offer, report).await?;
-                    self.deliver(s, upload, report, pending).await?;
-                }
+                CoordMsg::Task(Task::Train(offer)) => match self.train(s, offer, report).await? {
+                    Work::Upload(upload) => self.deliver(s, upload, report, pending).await?,
+                    Work::Decline(round, reason) => {
+                        warn!(round, %reason, "declining the round");
+                        let msg = ClientMsg::Decline {
+                            round,
+                            reason: reason.clone(),
+                        };
+                        match self.send(s, &msg, report).await? {
+                            CoordMsg::DeclineRecorded { .. } => {}
+                            other => warn!(?other, "unexpected answer to a decline"),
+                        }
+                        report.declined.push((round, reason));
+                    }
+                },
                 CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered => {
                     return Ok(Outcome::Reconnect)
                 }
@@ -321,7 +363,7 @@ impl FederatedClient {
         s: &Session,
         offer: RoundOffer,
         report: &mut ClientReport,
-    ) -> Result<Upload, ClientError> {
+    ) -> Result<Work, ClientError> {
         if offer.spec_hash != self.trainer.spec().hash() {
             return Err(ClientError::Protocol(
                 fedlora_protocol::ProtocolError::SpecMismatch {
@@ -335,17 +377,64 @@ impl FederatedClient {
             self.evaluate_and_report(s, offer.global_version, global.clone(), report)
                 .await?;
         }
+        // the budget decides before any data is touched; spending is flushed before training
+        let approved = {
+            let mut guard = self.privacy.lock().expect("lock");
+            match (&offer.config.dp, guard.as_mut()) {
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Ok(Work::Decline(
+                        offer.round,
+                        "this client has no privacy target and does not join DP rounds".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Ok(Work::Decline(
+                        offer.round,
+                        "this client trains only under DP and the round has no DP plan".into(),
+                    ))
+                }
+                (Some(plan), Some(p)) => {
+                    match p.approve(plan, &offer.config, self.data.train.len()) {
+                        Ok(a) => {
+                            let eps = p.spend(offer.round, &a)?;
+                            info!(
+                                round = offer.round,
+                                eps,
+                                sigma = a.dp.noise_multiplier,
+                                "DP round approved"
+                            );
+                            Some((a, eps))
+                        }
+                        Err(reason) => return Ok(Work::Decline(offer.round, reason)),
+                    }
+                }
+            }
+        };
         let trainer = self.trainer.clone();
         let train = self.data.train.clone();
         let cfg = offer.config.clone();
         let seed = self.config.sampling_seed.map(|s| s ^ offer.round);
+        let noise_seed = self.config.noise_seed.map(|s| s ^ offer.round);
+        let dp = approved.as_ref().map(|(a, _)| a.dp.clone());
         let out = tokio::task::spawn_blocking(move || {
             let mut rng = match seed {
                 Some(seed) => rand::rngs::ChaCha20Rng::seed_from_u64(seed),
                 None => rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
                     .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))?,
             };
-            trainer.train(&global, &train, &cfg, &mut rng)
+            match dp {
+                None => trainer.train(&global, &train, &cfg, &mut rng),
+                Some(dp) => {
+                    let std = dp.noise_multiplier * dp.clip_norm;
+                    let mut noise = match noise_seed {
+                        Some(s) => fedlora_dp::GaussianNoise::seeded(std, s),
+                        None => fedlora_dp::GaussianNoise::from_os(std)
+                            .map_err(|e| ClientError::Config(e.to_string()))?,
+                    };
+                    trainer.train_dp(&global, &train, &cfg, &dp, &mut rng, &mut noise)
+                }
+            }
         })
         .await
         .map_err(|e| ClientError::Model(e.to_string()))??;
@@ -359,12 +448,13 @@ impl FederatedClient {
             Weighting::ExampleCount => out.examples as f64,
             Weighting::Uniform => 1.0,
         };
-        Ok(Upload {
+        Ok(Work::Upload(Upload {
             round: offer.round,
             spec_hash: self.trainer.spec().hash(),
             weight,
             train_loss: out.train_loss,
+            eps_spent: approved.map(|(_, eps)| eps),
             payload: offer.config.codec.encode(out.delta.values()),
-        })
+        }))
     }
 }

@@ -246,6 +246,47 @@ impl LocalTrainer {
         })
     }
 
+    /// DP-SGD from `global` on `train` windows: `cfg.local_steps` Adam steps, each on a Poisson
+    /// sample (rate `dp.expected_batch / n`, drawn from `rng`) with per-example clipping to
+    /// `dp.clip_norm` and Gaussian noise from `noise` (see [`crate::dp_sgd`] for the guarantee).
+    /// `rng` and `noise` must come from the OS CSPRNG in deployments.
+    pub fn train_dp<R: Rng + ?Sized>(
+        &self,
+        global: &FlatAdapter,
+        train: &[Vec<u8>],
+        cfg: &TrainConfig,
+        dp: &crate::dp_sgd::DpSgdConfig,
+        rng: &mut R,
+        noise: &mut fedlora_dp::GaussianNoise,
+    ) -> Result<TrainOutcome, ClientError> {
+        use crate::dp_sgd::{dp_gradient, poisson_sample, to_gradients_params};
+        if train.is_empty() {
+            return Err(ClientError::Data("no training windows".into()));
+        }
+        let t0 = Instant::now();
+        let q = (dp.expected_batch as f64 / train.len() as f64).min(1.0);
+        let mut model = self.model_with(global)?;
+        let mut opt = AdamConfig::new().init();
+        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+        for _ in 0..cfg.local_steps {
+            let idx = poisson_sample(rng, train.len(), q);
+            let batch: Vec<&[u8]> = idx.iter().map(|&i| train[i].as_slice()).collect();
+            let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, &self.device);
+            loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
+            loss_n += losses.len();
+            let gp = to_gradients_params(&model, grads);
+            model = opt.step(cfg.learning_rate, model, gp);
+        }
+        let local = extract_adapter(&model, &self.lora);
+        Ok(TrainOutcome {
+            delta: local.delta_from(global)?,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            examples: train.len(),
+            steps: cfg.local_steps as usize,
+            secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Mean held-out next-byte loss of `adapter` on `windows` (no gradients).
     pub fn evaluate(
         &self,

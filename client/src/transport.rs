@@ -124,7 +124,11 @@ impl Session {
             let (kind, len) = frame::parse_header(&header)?;
             if matches!(
                 kind,
-                FrameKind::Hello | FrameKind::Poll | FrameKind::Upload | FrameKind::EvalReport
+                FrameKind::Hello
+                    | FrameKind::Poll
+                    | FrameKind::Upload
+                    | FrameKind::EvalReport
+                    | FrameKind::Decline
             ) {
                 return Err(ClientError::Transport(format!(
                     "coordinator sent a client frame kind {kind:?}"

@@ -460,6 +460,7 @@ async fn read_request(recv: &mut RecvStream) -> std::result::Result<ClientMsg, R
             | FrameKind::Ack
             | FrameKind::EvalRecorded
             | FrameKind::Refused
+            | FrameKind::DeclineRecorded
     ) {
         return Err(malformed(format!("{kind:?} is not a client message")));
     }
@@ -505,6 +506,7 @@ async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut r
         Ok(ClientMsg::Poll) => poll(shared, client),
         Ok(ClientMsg::Upload(u)) => (upload(shared, client, u).await, None),
         Ok(ClientMsg::EvalReport(r)) => (eval_report(shared, client, r), None),
+        Ok(ClientMsg::Decline { round, reason }) => (decline(shared, client, round, &reason), None),
     };
     if let CoordMsg::Refused(r) = &reply {
         if r.code != RefusalCode::Malformed {
@@ -596,6 +598,7 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
         weight: u.weight,
         bytes: u.payload.len() as u64,
         train_loss: u.train_loss,
+        eps_spent: u.eps_spent.filter(|e| e.is_finite() && *e >= 0.0),
     };
     let wire_bytes = (HEADER_LEN
         + bincode::serde::encode_to_vec(ClientMsg::Upload(u.clone()), bincode::config::standard())
@@ -649,6 +652,21 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
         round: u.round,
         status: fedlora_protocol::AckStatus::Accepted,
     }
+}
+
+fn decline(shared: &Shared, client: &str, round: u64, reason: &str) -> CoordMsg {
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    if let Err(r) = fed.decline(client, round, reason) {
+        return CoordMsg::Refused(r);
+    }
+    if let Err(e) = shared.store.save_state(fed.state()) {
+        *fed = before;
+        error!(error = %e, "storing a decline failed");
+        return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
+    }
+    warn!(round, %client, %reason, "client declined the round");
+    CoordMsg::DeclineRecorded { round }
 }
 
 fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
@@ -716,6 +734,7 @@ fn tick_once(shared: &Shared) -> Result<()> {
                 bytes_up: BTreeMap::new(),
                 bytes_down: BTreeMap::new(),
                 train_loss: None,
+                eps_spent: BTreeMap::new(),
                 started_ms: now,
                 ended_ms: None,
             };
@@ -849,6 +868,10 @@ fn commit(
     rec.bytes_up = records;
     rec.bytes_down = take_bytes_down(shared, round);
     rec.train_loss = Some(train_loss);
+    rec.eps_spent = uploads
+        .iter()
+        .filter_map(|(c, m)| m.eps_spent.map(|e| (c.clone(), e)))
+        .collect();
     rec.ended_ms = Some(now);
     if let Err(e) = shared
         .store

@@ -98,6 +98,9 @@ pub struct RoundRecord {
     pub bytes_down: BTreeMap<String, u64>,
     /// Weighted mean training loss of the aggregated uploads, nats/byte.
     pub train_loss: Option<f64>,
+    /// ε each aggregated client reported as spent so far (DP rounds only).
+    #[serde(default)]
+    pub eps_spent: BTreeMap<String, f64>,
     /// Started, Unix ms.
     pub started_ms: u64,
     /// Ended, Unix ms.
@@ -563,6 +566,7 @@ mod tests {
                 selected: ["a", "b"].iter().map(|s| s.to_string()).collect(),
                 deadline_ms: 10,
                 closed: false,
+                declined: Default::default(),
                 uploads: uploads
                     .iter()
                     .map(|(c, b)| {
@@ -573,6 +577,7 @@ mod tests {
                                 weight: 1.0,
                                 bytes: 4,
                                 train_loss: 0.0,
+                                eps_spent: None,
                             },
                         )
                     })

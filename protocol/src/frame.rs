@@ -39,6 +39,8 @@ pub enum FrameKind {
     Upload = 3,
     /// [`ClientMsg::EvalReport`].
     EvalReport = 4,
+    /// [`ClientMsg::Decline`].
+    Decline = 5,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -49,6 +51,8 @@ pub enum FrameKind {
     EvalRecorded = 19,
     /// [`CoordMsg::Refused`].
     Refused = 20,
+    /// [`CoordMsg::DeclineRecorded`].
+    DeclineRecorded = 21,
 }
 
 impl FrameKind {
@@ -58,11 +62,13 @@ impl FrameKind {
             2 => Self::Poll,
             3 => Self::Upload,
             4 => Self::EvalReport,
+            5 => Self::Decline,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
             19 => Self::EvalRecorded,
             20 => Self::Refused,
+            21 => Self::DeclineRecorded,
             other => return Err(ProtocolError::Frame(format!("unknown frame kind {other}"))),
         })
     }
@@ -89,6 +95,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::Poll => FrameKind::Poll,
             ClientMsg::Upload(_) => FrameKind::Upload,
             ClientMsg::EvalReport(_) => FrameKind::EvalReport,
+            ClientMsg::Decline { .. } => FrameKind::Decline,
         }
     }
 }
@@ -101,6 +108,7 @@ impl FrameMessage for CoordMsg {
             CoordMsg::Ack { .. } => FrameKind::Ack,
             CoordMsg::EvalRecorded { .. } => FrameKind::EvalRecorded,
             CoordMsg::Refused(_) => FrameKind::Refused,
+            CoordMsg::DeclineRecorded { .. } => FrameKind::DeclineRecorded,
         }
     }
 }
@@ -211,8 +219,13 @@ mod tests {
                 spec_hash: [1; 32],
                 weight: 12.0,
                 train_loss: 1.5,
+                eps_spent: Some(0.5),
                 payload: vec![1, 2, 3],
             }),
+            ClientMsg::Decline {
+                round: 2,
+                reason: "budget".into(),
+            },
         ];
         for m in msgs {
             let f = encode(&m).unwrap();

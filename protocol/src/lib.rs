@@ -15,8 +15,8 @@ pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::Codec;
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
-    AckStatus, ClientMsg, CoordMsg, EvalReport, RoundOffer, Task, TrainConfig, Upload, Weighting,
-    PROTOCOL_VERSION,
+    AckStatus, ClientMsg, CoordMsg, DpPlan, EvalReport, RoundOffer, Task, TrainConfig, Upload,
+    Weighting, PROTOCOL_VERSION,
 };
 pub use round::{
     fedavg, ClientId, Directive, Federation, FederationConfig, FederationState, OpenRound, Phase,

@@ -21,6 +21,17 @@ pub enum Weighting {
     Uniform,
 }
 
+/// The coordinator's proposed DP-SGD plan. Each client calibrates its own noise multiplier σ
+/// from it and its own target (ε, δ), and declines a round its budget cannot pay for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpPlan {
+    /// Per-example L2 clip norm C over all adapter tensors jointly.
+    pub clip_norm: f64,
+    /// Rounds the campaign plans; with `local_steps` per round this fixes the number of DP-SGD
+    /// steps σ is calibrated for.
+    pub planned_rounds: u64,
+}
+
 /// What a client does in a round, chosen by the coordinator and identical for all participants.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -34,6 +45,9 @@ pub struct TrainConfig {
     pub codec: Codec,
     /// Weighting rule for the average.
     pub weighting: Weighting,
+    /// DP-SGD plan; `None` trains without differential privacy.
+    #[serde(default)]
+    pub dp: Option<DpPlan>,
 }
 
 impl Default for TrainConfig {
@@ -44,6 +58,7 @@ impl Default for TrainConfig {
             learning_rate: 3e-3,
             codec: Codec::DenseF32,
             weighting: Weighting::ExampleCount,
+            dp: None,
         }
     }
 }
@@ -64,6 +79,13 @@ pub enum ClientMsg {
     Upload(Upload),
     /// The held-out loss of a global version on the client's local test split.
     EvalReport(EvalReport),
+    /// The client will not train in `round` (e.g. its privacy budget would be exceeded).
+    Decline {
+        /// Round declined.
+        round: u64,
+        /// Why, for logs.
+        reason: String,
+    },
 }
 
 /// A client's delta for one round.
@@ -77,6 +99,9 @@ pub struct Upload {
     pub weight: f64,
     /// Mean training loss over the local steps, nats per byte.
     pub train_loss: f64,
+    /// ε the client has spent so far in the campaign (at its δ), when it trains under DP.
+    #[serde(default)]
+    pub eps_spent: Option<f64>,
     /// The delta `local − global`, encoded with the round's codec.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -111,6 +136,11 @@ pub enum CoordMsg {
         round: u64,
         /// Whether this was new or a re-send.
         status: AckStatus,
+    },
+    /// A decline was recorded; the round does not wait for this client.
+    DeclineRecorded {
+        /// Round declined.
+        round: u64,
     },
     /// An evaluation report was recorded.
     EvalRecorded {

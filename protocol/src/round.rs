@@ -90,6 +90,17 @@ impl FederationConfig {
         if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
             return bad("learning_rate must be positive");
         }
+        if let Some(dp) = &self.train.dp {
+            if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
+                return bad("the DP clip norm must be positive and finite");
+            }
+            if dp.planned_rounds < self.rounds {
+                return bad("the DP plan must cover every round (planned_rounds ≥ rounds)");
+            }
+            if self.train.weighting != Weighting::Uniform {
+                return bad("under DP an exact example count is private: use uniform weighting");
+            }
+        }
         Ok(())
     }
 }
@@ -105,6 +116,9 @@ pub struct UploadMeta {
     pub bytes: u64,
     /// The client's mean training loss.
     pub train_loss: f64,
+    /// ε the client reported as spent so far.
+    #[serde(default)]
+    pub eps_spent: Option<f64>,
 }
 
 /// The round being trained.
@@ -120,6 +134,9 @@ pub struct OpenRound {
     pub deadline_ms: u64,
     /// Set once the round stopped taking uploads and is being aggregated.
     pub closed: bool,
+    /// Participants that declined the round, with their reason.
+    #[serde(default)]
+    pub declined: BTreeMap<ClientId, String>,
     /// Accepted uploads.
     pub uploads: BTreeMap<ClientId, UploadMeta>,
 }
@@ -348,7 +365,7 @@ impl Federation {
         match &self.state.phase {
             Phase::Waiting { .. } => Directive::Wait,
             Phase::Training(open) => {
-                if !open.selected.contains(client) {
+                if !open.selected.contains(client) || open.declined.contains_key(client) {
                     Directive::Wait
                 } else if open.uploads.contains_key(client) {
                     Directive::AlreadyUploaded { round: open.round }
@@ -472,6 +489,29 @@ impl Federation {
         }
     }
 
+    /// Records that `client` declines the open round `round`: the round stops waiting for it.
+    /// Refused for another round, a non-participant, or a client that already uploaded.
+    pub fn decline(&mut self, client: &str, round: u64, reason: &str) -> Result<(), Refusal> {
+        match &mut self.state.phase {
+            Phase::Training(open)
+                if open.round == round && open.selected.contains(client) && !open.closed =>
+            {
+                if open.uploads.contains_key(client) {
+                    return Err(Refusal::new(
+                        RefusalCode::DuplicateUpload,
+                        format!("client {client} already uploaded for round {round}"),
+                    ));
+                }
+                open.declined.insert(client.to_string(), reason.to_string());
+                Ok(())
+            }
+            _ => Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("round {round} is not open for {client}"),
+            )),
+        }
+    }
+
     /// Records that `client` evaluated `version`. A report for a version that is not the current
     /// global or the one under final evaluation is refused; a second report from the same client
     /// for the same version is refused.
@@ -525,12 +565,13 @@ impl Federation {
                     selected: selected.clone(),
                     deadline_ms: now_ms + self.config.round_timeout_ms,
                     closed: false,
+                    declined: BTreeMap::new(),
                     uploads: BTreeMap::new(),
                 });
                 Some(Transition::RoundStarted { round, selected })
             }
             Phase::Training(open) => {
-                let all_in = open.uploads.len() == open.selected.len();
+                let all_in = open.uploads.len() + open.declined.len() == open.selected.len();
                 if !open.closed && !all_in && now_ms < open.deadline_ms {
                     return None;
                 }
@@ -539,7 +580,9 @@ impl Federation {
                     let missing = open
                         .selected
                         .iter()
-                        .filter(|c| !open.uploads.contains_key(*c))
+                        .filter(|c| {
+                            !open.uploads.contains_key(*c) && !open.declined.contains_key(*c)
+                        })
                         .cloned()
                         .collect();
                     let uploads = open.uploads.clone();
@@ -694,6 +737,7 @@ mod tests {
             weight: 10.0,
             bytes: 4,
             train_loss: 1.0,
+            eps_spent: None,
         }
     }
 
@@ -836,6 +880,50 @@ mod tests {
             panic!()
         };
         assert_eq!(uploads.len(), 3);
+    }
+
+    #[test]
+    fn a_declined_participant_is_not_waited_for() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        f.tick(0);
+        upload(&mut f, "a", 1, 1).unwrap();
+        upload(&mut f, "b", 1, 2).unwrap();
+        assert_eq!(f.tick(10), None);
+        assert_eq!(
+            f.decline("c", 2, "budget").unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        f.decline("c", 1, "budget").unwrap();
+        assert_eq!(f.poll("c"), Directive::Wait);
+        let Some(Transition::Aggregate {
+            uploads, missing, ..
+        }) = f.tick(11)
+        else {
+            panic!()
+        };
+        assert_eq!(uploads.len(), 2);
+        assert!(missing.is_empty());
+        assert_eq!(
+            f.decline("a", 1, "late").unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+    }
+
+    #[test]
+    fn dp_plans_need_uniform_weights() {
+        let mut c = cfg();
+        c.train.dp = Some(crate::message::DpPlan {
+            clip_norm: 1.0,
+            planned_rounds: 2,
+        });
+        assert!(c.validate().is_err());
+        c.train.weighting = Weighting::Uniform;
+        assert!(c.validate().is_ok());
+        c.train.dp.as_mut().unwrap().planned_rounds = 1;
+        assert!(c.validate().is_err());
     }
 
     #[test]

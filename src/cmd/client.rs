@@ -87,7 +87,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
-    let client = FederatedClient::new(cfg, trainer, data);
+    let client = FederatedClient::new(cfg, trainer, data)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(client.run())?;
     println!(

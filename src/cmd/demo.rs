@@ -96,7 +96,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
             cc.state_dir = Some(root.join(format!("client-{i}")));
             cc.sampling_seed = a.sampling_seed.map(|s| s + i as u64);
-            let client = FederatedClient::new(cc, trainer.clone(), data);
+            let client = FederatedClient::new(cc, trainer.clone(), data)?;
             handles.push(tokio::spawn(async move { client.run().await }));
         }
         let show = !a.json;
