@@ -18,6 +18,8 @@ use super::model::reference_config;
 enum BenchName {
     /// One LoRA training step on the reference shape (batch 32, context 64, rank 8 on q, v).
     TrainStep,
+    /// A DP-SGD step (per-example gradients, clipping, noise) against a plain step.
+    DpStep,
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +95,73 @@ fn train_step_once(reps: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
+    use burn::optim::{AdamConfig, GradientsParams};
+    use fedlora_client::dp_sgd::{
+        dp_gradient, per_example_grads, plain_gradient, to_gradients_params, DpSgdConfig,
+    };
+    use fedlora_client::model::windows_tensor;
+    let batch = 32usize;
+    let cfg = reference_config(Some(LoraConfig::new()));
+    let device = Device::flex().autodiff();
+    let base_cfg = reference_config(None);
+    let base = collect_named(&base_cfg.init(&device), NamedFilter::All);
+    let trainer = LocalTrainer::new(cfg.clone(), &base, device.clone())?;
+    let data = ClientData::demo_client(0, cfg.context)?;
+    let mut g = trainer.initial_adapter();
+    for (i, v) in g.values_mut().iter_mut().enumerate() {
+        *v += ((i as f32) * 0.37).sin() * 0.01; // B ≠ 0, so every adapter tensor has a gradient
+    }
+    let windows: Vec<&[u8]> = data.train[..batch].iter().map(Vec::as_slice).collect();
+    let dpc = DpSgdConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        expected_batch: batch,
+        max_chunk: batch,
+    };
+    let mut noise = fedlora_dp::GaussianNoise::from_os(1.0)?;
+    let mut model = trainer.model_with(&g)?;
+    let mut opt = AdamConfig::new().init();
+    let (mut plain, mut dp) = (Vec::new(), Vec::new());
+    for i in 0..reps + 2 {
+        let t0 = Instant::now();
+        let loss = model.loss(windows_tensor(&windows, &device));
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(1e-4, model, grads);
+        let t_plain = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let (grads, _, _) = dp_gradient(&model, &windows, &dpc, &mut noise, &device);
+        let gp = to_gradients_params(&model, grads);
+        model = opt.step(1e-4, model, gp);
+        let t_dp = t0.elapsed().as_secs_f64();
+        if i >= 2 {
+            plain.push(t_plain);
+            dp.push(t_dp);
+        }
+    }
+    // per-example gradients against one-example backward passes, on 4 examples
+    let few = &windows[..4];
+    let (per, _) = per_example_grads(&model, few, &device);
+    let mut err = 0f32;
+    for (i, w) in few.iter().enumerate() {
+        for (all, one) in per.iter().zip(plain_gradient(&model, &[*w], &device)) {
+            let [_, r, c] = all.dims();
+            let gi = all.clone().slice([i..i + 1, 0..r, 0..c]).reshape([r, c]);
+            err = err.max((gi - one).abs().max().into_scalar::<f32>());
+        }
+    }
+    let (p, d) = (median(&mut plain), median(&mut dp));
+    Ok(json!({
+        "threads": rayon_threads(),
+        "batch": batch,
+        "plain_step_ms": p * 1e3,
+        "dp_step_ms": d * 1e3,
+        "ratio": d / p,
+        "per_example_grad_max_abs_err": err,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -117,6 +186,7 @@ fn spawn_child(name: &str, threads: usize, reps: usize) -> anyhow::Result<serde_
 
 pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
     let value = match a.name {
+        BenchName::DpStep => dp_step(a.reps)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {
                 train_step_once(a.reps)?

@@ -44,6 +44,12 @@ pub(crate) struct ClientArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// This client's privacy target ε for the whole campaign (then it trains only under DP).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// δ of the privacy target.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -87,12 +93,18 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
+    cfg.privacy = a
+        .epsilon
+        .map(|epsilon| fedlora_client::privacy::PrivacyTarget {
+            epsilon,
+            delta: a.delta,
+        });
     let client = FederatedClient::new(cfg, trainer, data)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(client.run())?;
     println!(
-        "{}: uploaded in rounds {:?}, final version {:?}",
-        report.client_id, report.rounds, report.final_version
+        "{}: uploaded in rounds {:?}, declined {:?}, final version {:?}, ε spent {:?}",
+        report.client_id, report.rounds, report.declined, report.final_version, report.eps_spent
     );
     Ok(())
 }

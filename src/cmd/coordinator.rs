@@ -46,6 +46,10 @@ pub(crate) struct FederationArgs {
     /// Seed of client sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Run DP-SGD rounds: the per-example clip norm C the plan proposes (clients calibrate σ
+    /// to their own ε). Implies uniform weighting.
+    #[arg(long)]
+    pub dp_clip_norm: Option<f64>,
 }
 
 /// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
@@ -101,6 +105,16 @@ impl FederationArgs {
         }
         if let Some(v) = self.seed {
             f.seed = v;
+        }
+        if let Some(c) = self.dp_clip_norm {
+            f.train.dp = Some(fedlora_protocol::DpPlan {
+                clip_norm: c,
+                planned_rounds: f.rounds,
+            });
+            f.train.weighting = Weighting::Uniform;
+        }
+        if let Some(dp) = f.train.dp.as_mut() {
+            dp.planned_rounds = dp.planned_rounds.max(f.rounds);
         }
         f.validate().map_err(|e| UsageError(e.to_string()))?;
         Ok(())

@@ -29,16 +29,24 @@ pub(crate) struct DemoArgs {
     /// Keep the demo's certificates and state here (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Seed clients' batch sampling (default: OS randomness, as a deployment).
+    /// Seed clients' batch sampling and DP noise (default: OS randomness, as a deployment).
     #[arg(long)]
     sampling_seed: Option<u64>,
+    /// Train under DP-SGD with this ε per client for the whole run (clip norm from
+    /// --dp-clip-norm, default 1.0; uniform weighting).
+    #[arg(long)]
+    epsilon: Option<f64>,
+    /// δ of the privacy target.
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
     model: ModelArgs,
 }
 
-/// The demo's federation defaults: 3 rounds, every client each round, 30 local steps of 16.
+/// The demo's federation defaults: 3 rounds, every client each round, 30 local Adam steps of 16
+/// windows at learning rate 0.01.
 fn demo_federation(clients: usize) -> FederationConfig {
     let mut f = FederationConfig {
         rounds: 3,
@@ -51,7 +59,7 @@ fn demo_federation(clients: usize) -> FederationConfig {
     };
     f.train.local_steps = 30;
     f.train.batch_size = 16;
-    f.train.learning_rate = 3e-3;
+    f.train.learning_rate = 1e-2;
     f
 }
 
@@ -71,7 +79,17 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         ..a.model.clone()
     };
     let mut fed = demo_federation(a.clients);
-    a.fed.apply(&mut fed)?;
+    let mut fed_args = a.fed.clone();
+    if a.epsilon.is_some() && fed_args.dp_clip_norm.is_none() {
+        fed_args.dp_clip_norm = Some(1.0);
+    }
+    fed_args.apply(&mut fed)?;
+    let privacy = a
+        .epsilon
+        .map(|epsilon| fedlora_client::privacy::PrivacyTarget {
+            epsilon,
+            delta: a.delta,
+        });
     let tmp = tempfile::tempdir()?;
     let root = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let certs = root.join("certs");
@@ -96,6 +114,8 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
             cc.state_dir = Some(root.join(format!("client-{i}")));
             cc.sampling_seed = a.sampling_seed.map(|s| s + i as u64);
+            cc.noise_seed = a.sampling_seed.map(|s| s + 1000 + i as u64);
+            cc.privacy = privacy;
             let client = FederatedClient::new(cc, trainer.clone(), data)?;
             handles.push(tokio::spawn(async move { client.run().await }));
         }
@@ -135,9 +155,14 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             }
         });
         let success = coord.wait_finished(Duration::from_millis(500)).await;
+        let mut eps = std::collections::BTreeMap::new();
         for h in handles {
             match h.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(r)) => {
+                    if let Some(e) = r.eps_spent {
+                        eps.insert(r.client_id, e);
+                    }
+                }
                 Ok(Err(e)) => eprintln!("a client failed: {e}"),
                 Err(e) => eprintln!("a client panicked: {e}"),
             }
@@ -146,8 +171,9 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         let report = coord.report()?;
         coord.shutdown().await;
         anyhow::ensure!(success, "the federation did not complete every round");
-        anyhow::Ok(report)
+        anyhow::Ok((report, eps))
     })?;
+    let (report, eps) = report;
 
     let eval = |v: u64| report.evals.iter().find(|e| e.version == v).map(|e| e.loss);
     let base_loss = eval(0);
@@ -187,6 +213,9 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
                 "base_eval_loss": base_loss,
                 "final_eval_loss": final_loss,
                 "final_version": report.global_version,
+                "epsilon_target": a.epsilon,
+                "delta": a.epsilon.map(|_| a.delta),
+                "eps_spent": eps,
                 "wall_secs": wall,
                 "rounds": rounds,
             })
@@ -210,13 +239,22 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         for r in &rounds {
             println!(
                 "{:>5} {:>12} {:>10} {:>10} {:>12} {:>12} {:>7}",
-                r["round"],
-                r["participants"],
+                r["round"].to_string(),
+                r["participants"].to_string(),
                 f(&r["train_loss"]),
                 f(&r["eval_loss"]),
-                r["bytes_up"],
-                r["bytes_down"],
+                r["bytes_up"].to_string(),
+                r["bytes_down"].to_string(),
                 r["secs"].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+            );
+        }
+        if !eps.is_empty() {
+            let spent: Vec<String> = eps.iter().map(|(c, e)| format!("{c} {e:.3}")).collect();
+            println!(
+                "\nε spent per client (target {}, δ {}): {}",
+                a.epsilon.unwrap_or(f64::INFINITY),
+                a.delta,
+                spent.join(", ")
             );
         }
         println!(

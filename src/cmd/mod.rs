@@ -8,6 +8,7 @@ mod demo;
 mod logging;
 mod model;
 mod pretrain;
+mod privacy;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Pretrain the public base model and save its checkpoint.
     Pretrain(pretrain::PretrainArgs),
+    /// Privacy accounting: ε of a DP-SGD run, or the σ for a target ε.
+    Privacy(privacy::PrivacyArgs),
     /// Measure speed and memory (prints JSON with --json).
     Bench(bench::BenchArgs),
 }
@@ -55,6 +58,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => status::export(a),
         Command::Certs(a) => certs::run(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Privacy(a) => privacy::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,0 +1,100 @@
+//! `fedlora privacy epsilon|sigma`: the RDP accountant from the command line.
+
+use clap::{Args, Subcommand};
+use fedlora_dp::{dp_sgd_epsilon, noise_multiplier, DpError};
+use serde_json::json;
+
+use super::UsageError;
+
+#[derive(Args, Debug)]
+pub(crate) struct PrivacyArgs {
+    #[command(subcommand)]
+    cmd: PrivacyCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum PrivacyCmd {
+    /// ε of DP-SGD (Poisson-subsampled Gaussian, add/remove one example) under the RDP accountant.
+    Epsilon {
+        /// Poisson sampling rate q ∈ (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Noise multiplier σ > 0 (noise std in units of the clip norm).
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Number of steps T ≥ 1.
+        #[arg(long)]
+        steps: u64,
+        /// δ ∈ (0, 1).
+        #[arg(long)]
+        delta: f64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The smallest σ (to 1e-3, rounded up) that keeps DP-SGD within a target ε.
+    Sigma {
+        /// Poisson sampling rate q ∈ (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Number of steps T ≥ 1.
+        #[arg(long)]
+        steps: u64,
+        /// δ ∈ (0, 1).
+        #[arg(long)]
+        delta: f64,
+        /// Target ε > 0.
+        #[arg(long)]
+        target_epsilon: f64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn usage(e: DpError) -> anyhow::Error {
+    match e {
+        DpError::InvalidParameter(m) => UsageError(m).into(),
+        other => other.into(),
+    }
+}
+
+pub(crate) fn run(a: PrivacyArgs) -> anyhow::Result<()> {
+    match a.cmd {
+        PrivacyCmd::Epsilon {
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            delta,
+            json,
+        } => {
+            let (eps, order) =
+                dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta).map_err(usage)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"epsilon": eps, "delta": delta, "accountant": "rdp", "order": order})
+                );
+            } else {
+                println!("ε = {eps:.6} at δ = {delta} (RDP accountant, optimal order {order})");
+            }
+        }
+        PrivacyCmd::Sigma {
+            sampling_rate,
+            steps,
+            delta,
+            target_epsilon,
+            json,
+        } => {
+            let sigma =
+                noise_multiplier(sampling_rate, steps, delta, target_epsilon).map_err(usage)?;
+            let (eps, _) = dp_sgd_epsilon(sampling_rate, sigma, steps, delta).map_err(usage)?;
+            if json {
+                println!("{}", json!({"noise_multiplier": sigma, "epsilon": eps}));
+            } else {
+                println!("σ = {sigma} gives ε = {eps:.6} at δ = {delta} (target {target_epsilon})");
+            }
+        }
+    }
+    Ok(())
+}
