@@ -179,7 +179,13 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
         }
         let round = offers[0].round;
         assert!(offers.iter().all(|o| o.round == round));
-        let global = Codec::decode(&offers[0].global, &spec(), Some(Codec::DenseF32)).unwrap();
+        let global = Codec::decode(
+            &offers[0].global,
+            &spec(),
+            Some(&Codec::DenseF32),
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(
             global, expected,
             "offer carries the committed global exactly"
@@ -238,7 +244,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
             matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::WrongRound),
             "{r:?}"
         );
-        let got = Codec::decode(&o.global, &spec(), None).unwrap();
+        let got = Codec::decode(&o.global, &spec(), None, &Default::default()).unwrap();
         // the new global equals old + Σ wᵢΔᵢ / Σ wᵢ, element for element
         assert_eq!(got.values(), expected.values());
     }
@@ -255,7 +261,88 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
         let store_dir = dir.path().join("state");
         coord.shutdown().await;
         let store = fedlora_coordinator::store::Store::open(&store_dir).unwrap();
-        Codec::decode(&store.checkpoint(2).unwrap(), &spec(), None).unwrap()
+        Codec::decode(
+            &store.checkpoint(2).unwrap(),
+            &spec(),
+            None,
+            &Default::default(),
+        )
+        .unwrap()
     };
     assert_eq!(final_global.values(), expected.values());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modular_uploads_are_aggregated_by_decoding_only_their_sum() {
+    use fedlora_protocol::{codec_seed, CodecContext, ModularParams, Weighting};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names()).unwrap();
+    let codec = Codec::Modular(ModularParams {
+        value_bits: 12,
+        clamp: 2.0,
+        fraction: 0.5,
+        max_weight: 8,
+    });
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 1,
+        clients_per_round: 3,
+        min_clients: 3,
+        round_timeout_ms: 60_000,
+        eval_timeout_ms: 200,
+        ..Default::default()
+    };
+    cfg.federation.train.codec = codec.clone();
+    cfg.federation.train.weighting = Weighting::Uniform;
+    let seed = cfg.federation.seed;
+    let initial = delta(99);
+    let coord = Coordinator::start(cfg, initial.clone()).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let ep = endpoint(&ClientTls::from_dir(&certs.0, i)).unwrap();
+        sessions.push((ep.clone(), hello(&ep, addr, &spec()).await.0));
+    }
+    let mut expected = vec![0f64; spec().numel()];
+    for (i, (_, s)) in sessions.iter().enumerate() {
+        let o = wait_offer(s).await;
+        assert_eq!(o.config.codec, codec);
+        assert_eq!(o.codec_seed, codec_seed(seed, o.round));
+        let ctx = CodecContext {
+            round_seed: o.codec_seed,
+        };
+        let d = delta(i as u32 + 1);
+        let mut rng = <rand::rngs::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(i as u64);
+        let (payload, _) = codec.encode_with(d.values(), &ctx, 1, &mut rng);
+        let decoded = Codec::decode(&payload, &spec(), Some(&codec), &ctx).unwrap();
+        for (e, v) in expected.iter_mut().zip(decoded.values()) {
+            *e += f64::from(*v);
+        }
+        let up = ClientMsg::Upload(Upload {
+            round: o.round,
+            spec_hash: spec().hash(),
+            weight: 1.0,
+            train_loss: 1.0,
+            eps_spent: None,
+            payload,
+        });
+        let (r, _) = s.request(&up).await.unwrap();
+        assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
+    }
+    assert!(coord.wait_finished(Duration::from_millis(10)).await);
+    let store_dir = dir.path().join("state");
+    coord.shutdown().await;
+    let store = fedlora_coordinator::store::Store::open(&store_dir).unwrap();
+    let got = Codec::decode(
+        &store.checkpoint(1).unwrap(),
+        &spec(),
+        None,
+        &Default::default(),
+    )
+    .unwrap();
+    for ((g, i), e) in got.values().iter().zip(initial.values()).zip(&expected) {
+        let want = f64::from(*i) + e / 3.0;
+        assert!((f64::from(*g) - want).abs() < 1e-6, "{g} vs {want}");
+    }
 }

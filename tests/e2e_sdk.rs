@@ -86,3 +86,91 @@ async fn three_clients_train_two_rounds_over_quic() {
     assert!(report.evals.iter().all(|e| e.reports == 3));
     coord.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
+    use fedlora_client::privacy::PrivacyTarget;
+    use fedlora_protocol::{DpPlan, Weighting};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names()).unwrap();
+    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
+    let device = Device::flex().autodiff();
+    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
+    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 2,
+        clients_per_round: 3,
+        min_clients: 2,
+        round_timeout_ms: 120_000,
+        eval_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    cfg.federation.train.local_steps = 4;
+    cfg.federation.train.batch_size = 8;
+    cfg.federation.train.weighting = Weighting::Uniform;
+    cfg.federation.train.dp = Some(DpPlan {
+        clip_norm: 1.0,
+        planned_rounds: 2,
+    });
+    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
+        .await
+        .unwrap();
+    let addr = coord.local_addr().unwrap();
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs.0, i));
+        cc.sampling_seed = Some(i as u64);
+        cc.noise_seed = Some(100 + i as u64);
+        cc.state_dir = Some(dir.path().join(format!("client-{i}")));
+        if i < 2 {
+            cc.privacy = Some(PrivacyTarget {
+                epsilon: 8.0,
+                delta: 1e-5,
+            });
+        }
+        let data = ClientData::demo_client(i, 16).unwrap();
+        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
+        handles.push(tokio::spawn(async move { client.run().await }));
+    }
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("federation finishes");
+    assert!(ok);
+    let reports: Vec<_> = futures_join(handles).await;
+    for (i, r) in reports.iter().enumerate() {
+        if i < 2 {
+            assert_eq!(r.rounds.len(), 2, "{r:?}");
+            let eps = r.eps_spent.unwrap();
+            assert!(eps > 0.0 && eps <= 8.0, "{eps}");
+        } else {
+            assert!(r.rounds.is_empty());
+            assert_eq!(r.declined.len(), 2, "{r:?}");
+        }
+    }
+    let report = coord.report().unwrap();
+    for round in &report.rounds {
+        assert_eq!(round.record.participants.len(), 2);
+        assert_eq!(round.record.eps_spent.len(), 2);
+        assert!(round.record.eps_spent.values().all(|e| *e <= 8.0));
+    }
+    coord.shutdown().await;
+}
+
+async fn futures_join(
+    hs: Vec<
+        tokio::task::JoinHandle<
+            Result<fedlora_client::sdk::ClientReport, fedlora_client::ClientError>,
+        >,
+    >,
+) -> Vec<fedlora_client::sdk::ClientReport> {
+    let mut out = Vec::new();
+    for h in hs {
+        out.push(h.await.unwrap().unwrap());
+    }
+    out
+}

@@ -57,7 +57,7 @@ impl LmConfig {
     /// the adapter's trainable tensors require gradients.
     pub fn init(&self, device: &Device) -> Lm {
         assert!(
-            self.d_model % self.n_heads == 0,
+            self.d_model.is_multiple_of(self.n_heads),
             "n_heads must divide d_model"
         );
         device.seed(self.seed);

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedlora_protocol::{
-    AckStatus, ClientMsg, Codec, CoordMsg, EvalReport, FlatAdapter, RefusalCode, RoundOffer, Task,
-    Upload, Weighting, PROTOCOL_VERSION,
+    AckStatus, ClientMsg, Codec, CodecContext, CoordMsg, ErrorFeedback, EvalReport, FlatAdapter,
+    RefusalCode, RoundOffer, Task, Upload, Weighting, PROTOCOL_VERSION,
 };
 use rand::SeedableRng;
 use tracing::{info, warn};
@@ -329,8 +329,74 @@ impl FederatedClient {
         Ok(Codec::decode(
             bytes,
             self.trainer.spec(),
-            Some(Codec::DenseF32),
+            Some(&Codec::DenseF32),
+            &CodecContext::default(),
         )?)
+    }
+
+    fn residual_path(&self) -> Option<PathBuf> {
+        self.config
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("error_feedback.bin"))
+    }
+
+    /// Encodes a delta with the round's codec, with error feedback for sparsifying codecs (the
+    /// residual lives in the state directory; it is computed from the already-noised delta, so
+    /// it is post-processing).
+    fn encode_delta(
+        &self,
+        delta: &FlatAdapter,
+        offer: &RoundOffer,
+        weight: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let codec = &offer.config.codec;
+        let ctx = CodecContext {
+            round_seed: offer.codec_seed,
+        };
+        let mut rng = match self.config.sampling_seed {
+            Some(s) => rand::rngs::ChaCha20Rng::seed_from_u64(s ^ offer.round ^ 0xC0DEC),
+            None => rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+                .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))?,
+        };
+        if !codec.wants_error_feedback() {
+            let (bytes, stats) = codec.encode_with(delta.values(), &ctx, weight, &mut rng);
+            if stats.clamped > 0 {
+                info!(
+                    clamped = stats.clamped,
+                    of = delta.values().len(),
+                    "values clamped by the codec"
+                );
+            }
+            return Ok(bytes);
+        }
+        let n = delta.values().len();
+        let mut ef = self
+            .residual_path()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| {
+                bincode::serde::decode_from_slice::<ErrorFeedback, _>(
+                    &b,
+                    bincode::config::standard(),
+                )
+                .ok()
+            })
+            .map(|(e, _)| e)
+            .filter(|e| e.residual().len() == n)
+            .unwrap_or_else(|| ErrorFeedback::new(n));
+        let comp = ef.compensate(delta.values());
+        let (bytes, _) = codec.encode_with(&comp, &ctx, weight, &mut rng);
+        let sent = Codec::decode(&bytes, self.trainer.spec(), Some(codec), &ctx)?;
+        ef.update(&comp, sent.values());
+        if let Some(p) = self.residual_path() {
+            std::fs::create_dir_all(p.parent().expect("parent"))?;
+            let b = bincode::serde::encode_to_vec(&ef, bincode::config::standard())
+                .map_err(|e| ClientError::Storage(e.to_string()))?;
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, b)?;
+            std::fs::rename(tmp, p)?;
+        }
+        Ok(bytes)
     }
 
     async fn evaluate_and_report(
@@ -454,7 +520,7 @@ impl FederatedClient {
             weight,
             train_loss: out.train_loss,
             eps_spent: approved.map(|(_, eps)| eps),
-            payload: offer.config.codec.encode(out.delta.values()),
+            payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         }))
     }
 }

@@ -19,7 +19,12 @@ pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Re
         Some(v) => v,
         None => store.state()?.map(|s| s.global_version).unwrap_or_default(),
     };
-    let adapter = Codec::decode(&store.checkpoint(version)?, &spec, Some(Codec::DenseF32))?;
+    let adapter = Codec::decode(
+        &store.checkpoint(version)?,
+        &spec,
+        Some(&Codec::DenseF32),
+        &Default::default(),
+    )?;
     let bytes: Vec<Vec<u8>> = spec
         .offsets()
         .iter()

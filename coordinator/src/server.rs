@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
 use fedlora_protocol::{
-    fedavg, AdapterSpec, ClientMsg, Codec, CoordMsg, Directive, EvalReport, Federation,
-    FederationState, FlatAdapter, Refusal, RefusalCode, RoundOffer, Task, Transition, Upload,
-    UploadMeta, UploadVerdict, PROTOCOL_VERSION,
+    codec_seed, fedavg, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive,
+    EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal, RefusalCode,
+    RoundOffer, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
 };
 use quinn::{RecvStream, SendStream};
 use sha2::{Digest, Sha256};
@@ -171,7 +171,12 @@ impl Coordinator {
         };
         let version = fed.state().global_version;
         let encoded = store.checkpoint(version)?;
-        let adapter = Codec::decode(&encoded, &spec, Some(Codec::DenseF32))?;
+        let adapter = Codec::decode(
+            &encoded,
+            &spec,
+            Some(&Codec::DenseF32),
+            &CodecContext::default(),
+        )?;
         let server_config =
             crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
         let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
@@ -526,9 +531,13 @@ async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut r
 }
 
 fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
-    let (directive, train) = {
+    let (directive, train, seed) = {
         let mut fed = shared.fed.lock().expect("lock");
-        (fed.poll(client), fed.config().train.clone())
+        (
+            fed.poll(client),
+            fed.config().train.clone(),
+            fed.config().seed,
+        )
     };
     let wait = Task::Wait {
         retry_after_ms: shared.config.poll_interval_ms,
@@ -551,6 +560,7 @@ fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
                         spec_hash: shared.spec.hash(),
                         config: train,
                         evaluate,
+                        codec_seed: codec_seed(seed, round),
                         global: global.encoded.clone(),
                     })),
                     Some(round),
@@ -569,9 +579,15 @@ fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
 }
 
 async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
-    let expected = shared.fed.lock().expect("lock").config().train.codec;
+    let (expected, seed) = {
+        let fed = shared.fed.lock().expect("lock");
+        (fed.config().train.codec.clone(), fed.config().seed)
+    };
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, u.round),
+    };
     // the payload must decode to the federation's spec before anything is stored
-    if let Err(e) = Codec::decode(&u.payload, &shared.spec, Some(expected)) {
+    if let Err(e) = Codec::decode(&u.payload, &shared.spec, Some(&expected), &ctx) {
         return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
     }
     let digest: [u8; 32] = Sha256::digest(&u.payload).into();
@@ -819,17 +835,54 @@ fn aggregate(
     round: u64,
     uploads: &BTreeMap<String, UploadMeta>,
 ) -> Result<FlatAdapter> {
-    let codec = shared.fed.lock().expect("lock").config().train.codec;
+    let (codec, seed) = {
+        let fed = shared.fed.lock().expect("lock");
+        (fed.config().train.codec.clone(), fed.config().seed)
+    };
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, round),
+    };
+    let global = shared.global.lock().expect("lock").adapter.clone();
+    if let Codec::Modular(p) = &codec {
+        // sum the integers mod 2^m, then decode only the sum (what secure masking allows)
+        let mut sum: Option<ModularSum> = None;
+        for (client, meta) in uploads {
+            let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
+            let ints = codec.modular_payload(&bytes, &shared.spec)?;
+            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
+                .add(&ints)?;
+        }
+        let sum = sum.ok_or_else(|| CoordinatorError::Storage("no uploads".into()))?;
+        let (total, weight) = codec.decode_modular_sum(&sum, &shared.spec, &ctx)?;
+        if weight <= 0.0 {
+            return Err(CoordinatorError::Storage(format!(
+                "decoded weight sum {weight} is not positive"
+            )));
+        }
+        let mut new_global = global;
+        new_global.apply_delta(&mean_of(total, weight)?)?;
+        return Ok(new_global);
+    }
     let mut deltas = Vec::with_capacity(uploads.len());
     for (client, meta) in uploads {
         let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
         deltas.push((
             meta.weight,
-            Codec::decode(&bytes, &shared.spec, Some(codec))?,
+            Codec::decode(&bytes, &shared.spec, Some(&codec), &ctx)?,
         ));
     }
-    let global = shared.global.lock().expect("lock");
-    Ok(fedavg(&global.adapter, &deltas)?)
+    Ok(fedavg(&global, &deltas)?)
+}
+
+/// `total / weight` as an adapter (the weighted mean from a decoded sum).
+fn mean_of(total: FlatAdapter, weight: f64) -> Result<FlatAdapter> {
+    let spec = total.spec().clone();
+    let v = total
+        .into_values()
+        .into_iter()
+        .map(|x| (f64::from(x) / weight) as f32)
+        .collect();
+    Ok(FlatAdapter::new(spec, v)?)
 }
 
 fn commit(

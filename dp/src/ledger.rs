@@ -34,7 +34,8 @@ pub struct PrivacyLedger {
 impl PrivacyLedger {
     /// An empty ledger for (target_epsilon, delta).
     pub fn new(target_epsilon: f64, delta: f64) -> Result<Self, DpError> {
-        if !(target_epsilon > 0.0) || !(delta > 0.0 && delta < 1.0) {
+        let valid = target_epsilon > 0.0 && delta > 0.0 && delta < 1.0;
+        if !valid {
             return Err(DpError::InvalidParameter(format!(
                 "target ε = {target_epsilon} must be > 0 and δ = {delta} in (0, 1)"
             )));

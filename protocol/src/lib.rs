@@ -12,13 +12,13 @@ pub mod message;
 pub mod round;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
-pub use codec::Codec;
+pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
     AckStatus, ClientMsg, CoordMsg, DpPlan, EvalReport, RoundOffer, Task, TrainConfig, Upload,
     Weighting, PROTOCOL_VERSION,
 };
 pub use round::{
-    fedavg, ClientId, Directive, Federation, FederationConfig, FederationState, OpenRound, Phase,
-    Transition, UploadMeta, UploadVerdict,
+    codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,
+    OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
 };

@@ -203,6 +203,8 @@ pub struct RoundOffer {
     pub config: TrainConfig,
     /// Whether the client should also evaluate the received global and send an [`EvalReport`].
     pub evaluate: bool,
+    /// Public per-round seed of the codec (shared subsets); see [`crate::round::codec_seed`].
+    pub codec_seed: u64,
     /// The global adapter (not a delta), encoded with [`Codec::DenseF32`].
     #[serde(with = "serde_bytes")]
     pub global: Vec<u8>,

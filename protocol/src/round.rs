@@ -90,6 +90,15 @@ impl FederationConfig {
         if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
             return bad("learning_rate must be positive");
         }
+        self.train.codec.validate()?;
+        if self.train.codec.is_summable() && self.train.weighting != Weighting::Uniform {
+            return bad("the modular codec sums unit weights: use uniform weighting");
+        }
+        if let crate::codec::Codec::Modular(p) = &self.train.codec {
+            if (self.clients_per_round as u64) > p.max_weight {
+                return bad("clients_per_round exceeds the modular codec's max_weight headroom");
+            }
+        }
         if let Some(dp) = &self.train.dp {
             if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
                 return bad("the DP clip norm must be positive and finite");
@@ -683,6 +692,12 @@ impl Federation {
     }
 }
 
+/// The public codec seed of `round` (shared subsets): `seed ⊕ (round · φ)`, φ the 64-bit golden
+/// ratio constant.
+pub fn codec_seed(seed: u64, round: u64) -> u64 {
+    seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// FedAvg: `global + Σ wᵢ·Δᵢ / Σ wᵢ`, accumulated in `f64` in the order given, then rounded to
 /// `f32` once per value. Fails on an empty list, a non-positive total weight or a spec mismatch.
 pub fn fedavg(
@@ -819,7 +834,7 @@ mod tests {
         }
         assert!(matches!(f.tick(1_004), Some(Transition::Aggregate { .. })));
         assert_eq!(f.commit(2, 1_005).unwrap(), 2);
-        assert!(matches!(f.tick(1_006), None));
+        assert!(f.tick(1_006).is_none());
         assert_eq!(f.poll("a"), Directive::Evaluate { version: 2 });
         for c in ["a", "b", "c", "d"] {
             f.record_eval(c, 2).unwrap();

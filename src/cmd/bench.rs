@@ -123,6 +123,7 @@ fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
     let mut model = trainer.model_with(&g)?;
     let mut opt = AdamConfig::new().init();
     let (mut plain, mut dp) = (Vec::new(), Vec::new());
+    let mut norms = Vec::new();
     for i in 0..reps + 2 {
         let t0 = Instant::now();
         let loss = model.loss(windows_tensor(&windows, &device));
@@ -130,7 +131,8 @@ fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
         model = opt.step(1e-4, model, grads);
         let t_plain = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        let (grads, _, _) = dp_gradient(&model, &windows, &dpc, &mut noise, &device);
+        let (grads, n, _) = dp_gradient(&model, &windows, &dpc, &mut noise, &device);
+        norms.extend(n);
         let gp = to_gradients_params(&model, grads);
         model = opt.step(1e-4, model, gp);
         let t_dp = t0.elapsed().as_secs_f64();
@@ -158,6 +160,7 @@ fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
         "dp_step_ms": d * 1e3,
         "ratio": d / p,
         "per_example_grad_max_abs_err": err,
+        "per_example_grad_norm_median": median(&mut norms),
         "peak_rss_mib": peak_rss_mib(),
     }))
 }
