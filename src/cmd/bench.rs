@@ -20,6 +20,8 @@ enum BenchName {
     TrainStep,
     /// A DP-SGD step (per-example gradients, clipping, noise) against a plain step.
     DpStep,
+    /// Every update codec on a real adapter delta from training: bytes, ratio, error, speed.
+    Codec,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +167,78 @@ fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
+    use fedlora_protocol::{Codec, CodecContext};
+    // a real delta: 30 Adam steps of the demo setting on client 0, from the committed base
+    let model = super::model::ModelArgs {
+        base: super::model::DEFAULT_BASE.into(),
+        rank: 8,
+        alpha: 16.0,
+        targets: vec!["q".into(), "v".into()],
+        ffa: false,
+    };
+    let trainer = model.trainer()?;
+    let data = ClientData::demo_client(0, trainer.config().context)?;
+    let tc = TrainConfig {
+        local_steps: 30,
+        batch_size: 16,
+        learning_rate: 1e-2,
+        ..Default::default()
+    };
+    let g = trainer.initial_adapter();
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+    let delta = trainer.train(&g, &data.train, &tc, &mut rng)?.delta;
+    let x = delta.values();
+    let norm = fedlora_dp::l2_norm(x);
+    let max_abs = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let ctx = CodecContext { round_seed: 42 };
+    let dense_bytes = Codec::DenseF32.encode(x).len() as f64;
+    let names = [
+        "dense-f32", "f16", "q8", "q4", "q2", "q1", "q4-norot", "topk:0.1", "topk:0.05",
+        "topk:0.03", "subset:0.25", "subset:0.125", "modular:8:0.02:0.125:1024",
+        "modular:8:0.02:1:1024",
+    ];
+    let mb = (x.len() * 4) as f64 / 1e6;
+    let mut rows = Vec::new();
+    for name in names {
+        let c = Codec::from_name(name)?;
+        let (mut enc_t, mut dec_t) = (Vec::new(), Vec::new());
+        let mut bytes = Vec::new();
+        let mut clamped = 0;
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let (b, st) = c.encode_with(x, &ctx, 1, &mut rng);
+            enc_t.push(t0.elapsed().as_secs_f64());
+            clamped = st.clamped;
+            let t0 = Instant::now();
+            let _ = Codec::decode(&b, delta.spec(), Some(&c), &ctx)?;
+            dec_t.push(t0.elapsed().as_secs_f64());
+            bytes = b;
+        }
+        let d = Codec::decode(&bytes, delta.spec(), Some(&c), &ctx)?;
+        let err: f64 = x
+            .iter()
+            .zip(d.values())
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        rows.push(json!({
+            "name": c.name(),
+            "bytes": bytes.len(),
+            "ratio": dense_bytes / bytes.len() as f64,
+            "rel_l2_error": err / norm,
+            "encode_mb_s": mb / median(&mut enc_t),
+            "decode_mb_s": mb / median(&mut dec_t),
+            "clamped_fraction": clamped as f64 / x.len() as f64,
+        }));
+    }
+    Ok(json!({
+        "delta": {"values": x.len(), "l2_norm": norm, "max_abs": max_abs,
+                  "source": "30 local Adam steps (batch 16, lr 0.01) of demo client 0 from models/base.bpk"},
+        "codecs": rows,
+    }))
+}
+
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -190,6 +264,7 @@ fn spawn_child(name: &str, threads: usize, reps: usize) -> anyhow::Result<serde_
 pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
     let value = match a.name {
         BenchName::DpStep => dp_step(a.reps)?,
+        BenchName::Codec => codec_bench(a.reps)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {
                 train_step_once(a.reps)?
