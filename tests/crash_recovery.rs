@@ -62,7 +62,12 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
 }
 
 async fn poll(s: &Session) -> Task {
-    match s.request(&ClientMsg::Poll).await.unwrap().0 {
+    match s
+        .request(&ClientMsg::Poll { held_version: None })
+        .await
+        .unwrap()
+        .0
+    {
         CoordMsg::Task(t) => t,
         other => panic!("unexpected {other:?}"),
     }
@@ -185,7 +190,7 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
             t0.elapsed() < Duration::from_secs(60),
             "coordinator did not finish"
         );
-        let _ = s0.request(&ClientMsg::Poll).await;
+        let _ = s0.request(&ClientMsg::Poll { held_version: None }).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

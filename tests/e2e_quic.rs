@@ -49,7 +49,12 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (S
 
 async fn wait_offer(s: &Session) -> RoundOffer {
     for _ in 0..400 {
-        match s.request(&ClientMsg::Poll).await.unwrap().0 {
+        match s
+            .request(&ClientMsg::Poll { held_version: None })
+            .await
+            .unwrap()
+            .0
+        {
             CoordMsg::Task(Task::Train(o)) => return o,
             CoordMsg::Task(Task::Wait { .. }) | CoordMsg::Task(Task::AlreadyUploaded { .. }) => {
                 tokio::time::sleep(Duration::from_millis(25)).await
@@ -148,7 +153,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
         matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::Malformed),
         "{r:?}"
     );
-    let mut big = frame::encode(&ClientMsg::Poll).unwrap();
+    let mut big = frame::encode(&ClientMsg::Poll { held_version: None }).unwrap();
     big[4..8].copy_from_slice(&((CONTROL_LIMIT as u32) + 1).to_be_bytes());
     let (r, _) = s0.request_raw(&big).await.unwrap();
     assert!(
@@ -161,7 +166,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
         matches!(&r, CoordMsg::Refused(x) if x.code == RefusalCode::Malformed),
         "{r:?}"
     );
-    let mut wrong_kind = frame::encode(&ClientMsg::Poll).unwrap();
+    let mut wrong_kind = frame::encode(&ClientMsg::Poll { held_version: None }).unwrap();
     wrong_kind[3] = FrameKind::Task as u8;
     let (r, _) = s0.request_raw(&wrong_kind).await.unwrap();
     assert!(

@@ -174,3 +174,61 @@ async fn futures_join(
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
+    use fedlora_protocol::Downlink;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
+    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
+    let device = Device::flex().autodiff();
+    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
+    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 3,
+        clients_per_round: 2,
+        min_clients: 2,
+        round_timeout_ms: 120_000,
+        eval_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    cfg.federation.train.local_steps = 3;
+    cfg.federation.train.batch_size = 8;
+    cfg.federation.train.downlink = Downlink::F16Delta;
+    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
+        .await
+        .unwrap();
+    let addr = coord.local_addr().unwrap();
+    let mut handles = Vec::new();
+    for i in 0..2 {
+        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs.0, i));
+        cc.sampling_seed = Some(i as u64);
+        let data = ClientData::demo_client(i, 16).unwrap();
+        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
+        handles.push(tokio::spawn(async move { client.run().await }));
+    }
+    assert!(coord.wait_finished(Duration::from_millis(300)).await);
+    for h in handles {
+        let r = h.await.unwrap().unwrap();
+        assert_eq!(r.rounds.len(), 3, "{r:?}");
+        assert_eq!(
+            r.evals.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+    }
+    let report = coord.report().unwrap();
+    let down: Vec<u64> = report
+        .rounds
+        .iter()
+        .map(|r| r.record.bytes_down.values().sum())
+        .collect();
+    let n = trainer.spec().numel() as u64;
+    // round 1: full dense f32 (4 bytes a value); later rounds: f16 deltas (2 bytes a value)
+    assert!(down[0] >= 2 * 4 * n, "{down:?}");
+    for d in &down[1..] {
+        assert!(*d < 2 * 2 * n + 2 * 1024, "{down:?}");
+    }
+    coord.shutdown().await;
+}

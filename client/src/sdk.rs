@@ -92,6 +92,8 @@ pub struct FederatedClient {
     trainer: LocalTrainer,
     data: ClientData,
     privacy: std::sync::Mutex<Option<PrivacyState>>,
+    /// The global adapter this client reconstructed last, by version (for delta downloads).
+    held: std::sync::Mutex<Option<(u64, FlatAdapter)>>,
 }
 
 enum Work {
@@ -121,6 +123,7 @@ impl FederatedClient {
             trainer,
             data,
             privacy: std::sync::Mutex::new(privacy),
+            held: std::sync::Mutex::new(None),
         })
     }
 
@@ -280,7 +283,10 @@ impl FederatedClient {
             self.deliver(s, u, report, pending).await?;
         }
         loop {
-            let reply = self.send(s, &ClientMsg::Poll, report).await?;
+            let held_version = self.held.lock().expect("lock").as_ref().map(|h| h.0);
+            let reply = self
+                .send(s, &ClientMsg::Poll { held_version }, report)
+                .await?;
             match reply {
                 CoordMsg::Task(Task::Wait { retry_after_ms }) => {
                     tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
@@ -292,8 +298,12 @@ impl FederatedClient {
                     report.final_version = Some(version);
                     return Ok(Outcome::Finished);
                 }
-                CoordMsg::Task(Task::Evaluate { version, global }) => {
-                    let adapter = self.decode_global(&global)?;
+                CoordMsg::Task(Task::Evaluate {
+                    version,
+                    global_from,
+                    global,
+                }) => {
+                    let adapter = self.reconstruct(version, global_from, &global)?;
                     self.evaluate_and_report(s, version, adapter, report)
                         .await?;
                 }
@@ -325,13 +335,33 @@ impl FederatedClient {
         }
     }
 
-    fn decode_global(&self, bytes: &[u8]) -> Result<FlatAdapter, ClientError> {
-        Ok(Codec::decode(
-            bytes,
-            self.trainer.spec(),
-            Some(&Codec::DenseF32),
-            &CodecContext::default(),
-        )?)
+    /// The global adapter of `version` from a download: the full adapter (`from = None`) or an
+    /// f16 delta against the version this client holds.
+    fn reconstruct(
+        &self,
+        version: u64,
+        from: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<FlatAdapter, ClientError> {
+        let ctx = CodecContext::default();
+        let spec = self.trainer.spec();
+        let mut held = self.held.lock().expect("lock");
+        let global = match from {
+            None => Codec::decode(bytes, spec, Some(&Codec::DenseF32), &ctx)?,
+            Some(v) => {
+                let (hv, base) = held.as_ref().filter(|h| h.0 == v).ok_or_else(|| {
+                    ClientError::Transport(format!("delta from version {v}, which is not held"))
+                })?;
+                debug_assert_eq!(*hv, v);
+                let mut g = base.clone();
+                if !bytes.is_empty() {
+                    g.apply_delta(&Codec::decode(bytes, spec, Some(&Codec::F16), &ctx)?)?;
+                }
+                g
+            }
+        };
+        *held = Some((version, global.clone()));
+        Ok(global)
     }
 
     fn residual_path(&self) -> Option<PathBuf> {
@@ -438,7 +468,15 @@ impl FederatedClient {
                 },
             ));
         }
-        let global = self.decode_global(&offer.global)?;
+        let global = match self.reconstruct(offer.global_version, offer.global_from, &offer.global)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                // out of sync (e.g. a lost download): forget what we hold, get the full adapter
+                *self.held.lock().expect("lock") = None;
+                return Err(e);
+            }
+        };
         if offer.evaluate {
             self.evaluate_and_report(s, offer.global_version, global.clone(), report)
                 .await?;

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
 use fedlora_protocol::{
-    codec_seed, fedavg, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive,
+    codec_seed, fedavg, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive, Downlink,
     EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal, RefusalCode,
     RoundOffer, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
 };
@@ -90,6 +90,8 @@ struct Shared {
     bytes_down: Mutex<BTreeMap<(u64, String), u64>>,
     /// Live connection per client id (the latest one wins).
     live: Mutex<BTreeMap<String, usize>>,
+    /// What each client reconstructed of the global adapter (f16-delta downlink), by version.
+    recon: Mutex<BTreeMap<String, (u64, FlatAdapter)>>,
     events: broadcast::Sender<Event>,
 }
 
@@ -200,6 +202,7 @@ impl Coordinator {
             }),
             bytes_down: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
+            recon: Mutex::new(BTreeMap::new()),
             events,
         });
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
@@ -508,7 +511,7 @@ async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut r
             )),
             None,
         ),
-        Ok(ClientMsg::Poll) => poll(shared, client),
+        Ok(ClientMsg::Poll { held_version }) => poll(shared, client, held_version),
         Ok(ClientMsg::Upload(u)) => (upload(shared, client, u).await, None),
         Ok(ClientMsg::EvalReport(r)) => (eval_report(shared, client, r), None),
         Ok(ClientMsg::Decline { round, reason }) => (decline(shared, client, round, &reason), None),
@@ -530,7 +533,49 @@ async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut r
     }
 }
 
-fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
+/// The global adapter for `client` as the downlink rule says: `(global_from, payload)`.
+fn global_payload(
+    shared: &Shared,
+    global: &Global,
+    client: &str,
+    held: Option<u64>,
+    downlink: Downlink,
+) -> (Option<u64>, Vec<u8>) {
+    if downlink == Downlink::Full {
+        return (None, global.encoded.clone());
+    }
+    let mut recon = shared.recon.lock().expect("lock");
+    match (held, recon.get(client)) {
+        (Some(h), Some((v, r))) if *v == h => {
+            if h == global.version {
+                return (Some(h), Vec::new());
+            }
+            let step = global
+                .adapter
+                .delta_from(r)
+                .expect("reconstructions share the spec");
+            let bytes = Codec::F16.encode(step.values());
+            let sent = Codec::decode(
+                &bytes,
+                &shared.spec,
+                Some(&Codec::F16),
+                &CodecContext::default(),
+            )
+            .expect("f16 of finite values decodes");
+            let mut next = r.clone();
+            next.apply_delta(&sent).expect("same spec");
+            // what the client will hold after applying this delta, exactly
+            recon.insert(client.to_string(), (global.version, next));
+            (Some(h), bytes)
+        }
+        _ => {
+            recon.insert(client.to_string(), (global.version, global.adapter.clone()));
+            (None, global.encoded.clone())
+        }
+    }
+}
+
+fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
     let (directive, train, seed) = {
         let mut fed = shared.fed.lock().expect("lock");
         (
@@ -553,6 +598,8 @@ fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
             if base_version != global.version {
                 wait
             } else {
+                let (global_from, payload) =
+                    global_payload(shared, &global, client, held, train.downlink);
                 return (
                     CoordMsg::Task(Task::Train(RoundOffer {
                         round,
@@ -561,16 +608,22 @@ fn poll(shared: &Shared, client: &str) -> (CoordMsg, Option<u64>) {
                         config: train,
                         evaluate,
                         codec_seed: codec_seed(seed, round),
-                        global: global.encoded.clone(),
+                        global_from,
+                        global: payload,
                     })),
                     Some(round),
                 );
             }
         }
-        Directive::Evaluate { version } if version == global.version => Task::Evaluate {
-            version,
-            global: global.encoded.clone(),
-        },
+        Directive::Evaluate { version } if version == global.version => {
+            let (global_from, payload) =
+                global_payload(shared, &global, client, held, train.downlink);
+            Task::Evaluate {
+                version,
+                global_from,
+                global: payload,
+            }
+        }
         Directive::Evaluate { .. } => wait,
         Directive::AlreadyUploaded { round } => Task::AlreadyUploaded { round },
         Directive::Finished { version } => Task::Finished { version },

@@ -33,7 +33,7 @@ const MAGIC: [u8; 2] = *b"FL";
 pub enum FrameKind {
     /// [`ClientMsg::Hello`].
     Hello = 1,
-    /// [`ClientMsg::Poll`].
+    /// [`ClientMsg::Poll { held_version: None }`].
     Poll = 2,
     /// [`ClientMsg::Upload`].
     Upload = 3,
@@ -92,7 +92,7 @@ impl FrameMessage for ClientMsg {
     fn kind(&self) -> FrameKind {
         match self {
             ClientMsg::Hello { .. } => FrameKind::Hello,
-            ClientMsg::Poll => FrameKind::Poll,
+            ClientMsg::Poll { .. } => FrameKind::Poll,
             ClientMsg::Upload(_) => FrameKind::Upload,
             ClientMsg::EvalReport(_) => FrameKind::EvalReport,
             ClientMsg::Decline { .. } => FrameKind::Decline,
@@ -213,7 +213,7 @@ mod tests {
                 protocol_version: PROTOCOL_VERSION,
                 spec_hash: [7; 32],
             },
-            ClientMsg::Poll,
+            ClientMsg::Poll { held_version: None },
             ClientMsg::Upload(Upload {
                 round: 3,
                 spec_hash: [1; 32],
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn garbage_truncated_and_oversized_refused() {
-        let f = encode(&ClientMsg::Poll).unwrap();
+        let f = encode(&ClientMsg::Poll { held_version: None }).unwrap();
         assert!(decode::<ClientMsg>(&f[..4]).is_err());
         let mut bad = f.clone();
         bad[0] = b'X';

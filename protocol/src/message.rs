@@ -48,6 +48,9 @@ pub struct TrainConfig {
     /// DP-SGD plan; `None` trains without differential privacy.
     #[serde(default)]
     pub dp: Option<DpPlan>,
+    /// How the global adapter is sent down.
+    #[serde(default)]
+    pub downlink: Downlink,
 }
 
 impl Default for TrainConfig {
@@ -59,6 +62,7 @@ impl Default for TrainConfig {
             codec: Codec::DenseF32,
             weighting: Weighting::ExampleCount,
             dp: None,
+            downlink: Downlink::Full,
         }
     }
 }
@@ -74,7 +78,11 @@ pub enum ClientMsg {
         spec_hash: SpecHash,
     },
     /// Asks what to do next.
-    Poll,
+    Poll {
+        /// Global version the client holds (reconstructed from earlier downloads), so the
+        /// coordinator can send a delta against it; `None` asks for the full adapter.
+        held_version: Option<u64>,
+    },
     /// A trained delta for the open round.
     Upload(Upload),
     /// The held-out loss of a global version on the client's local test split.
@@ -174,7 +182,9 @@ pub enum Task {
     Evaluate {
         /// Version to evaluate.
         version: u64,
-        /// The global adapter, encoded with [`Codec::DenseF32`].
+        /// How `global` is encoded (full, or a delta against the version the client holds).
+        global_from: Option<u64>,
+        /// The global adapter (see [`RoundOffer::global`]).
         #[serde(with = "serde_bytes")]
         global: Vec<u8>,
     },
@@ -205,7 +215,24 @@ pub struct RoundOffer {
     pub evaluate: bool,
     /// Public per-round seed of the codec (shared subsets); see [`crate::round::codec_seed`].
     pub codec_seed: u64,
-    /// The global adapter (not a delta), encoded with [`Codec::DenseF32`].
+    /// `None`: `global` is the full adapter, [`Codec::DenseF32`]. `Some(v)`: `global` is the
+    /// [`Codec::F16`] delta from the client's held version `v` to `global_version` (empty when
+    /// `v` already is `global_version`).
+    pub global_from: Option<u64>,
+    /// The global adapter, as `global_from` says.
     #[serde(with = "serde_bytes")]
     pub global: Vec<u8>,
+}
+
+/// How the coordinator sends the global adapter down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Downlink {
+    /// The full adapter in dense f32, every time (exact).
+    #[default]
+    Full,
+    /// An f16 delta against exactly what the client reconstructed before (the coordinator keeps
+    /// each client's reconstruction, so rounding errors do not accumulate); the full adapter for
+    /// a client it has no reconstruction for (new, or after a restart).
+    F16Delta,
 }

@@ -194,8 +194,19 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
     let ctx = CodecContext { round_seed: 42 };
     let dense_bytes = Codec::DenseF32.encode(x).len() as f64;
     let names = [
-        "dense-f32", "f16", "q8", "q4", "q2", "q1", "q4-norot", "topk:0.1", "topk:0.05",
-        "topk:0.03", "subset:0.25", "subset:0.125", "modular:8:0.02:0.125:1024",
+        "dense-f32",
+        "f16",
+        "q8",
+        "q4",
+        "q2",
+        "q1",
+        "q4-norot",
+        "topk:0.1",
+        "topk:0.05",
+        "topk:0.03",
+        "subset:0.25",
+        "subset:0.125",
+        "modular:8:0.02:0.125:1024",
         "modular:8:0.02:1:1024",
     ];
     let mb = (x.len() * 4) as f64 / 1e6;

@@ -46,6 +46,10 @@ pub(crate) struct FederationArgs {
     /// Seed of client sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// How the global adapter goes down: full (dense f32, exact) or f16-delta (against what
+    /// each client reconstructed).
+    #[arg(long)]
+    pub downlink: Option<String>,
     /// Run DP-SGD rounds: the per-example clip norm C the plan proposes (clients calibrate σ
     /// to their own ε). Implies uniform weighting.
     #[arg(long)]
@@ -105,6 +109,17 @@ impl FederationArgs {
         }
         if let Some(v) = self.seed {
             f.seed = v;
+        }
+        if let Some(d) = &self.downlink {
+            f.train.downlink = match d.as_str() {
+                "full" => fedlora_protocol::Downlink::Full,
+                "f16-delta" => fedlora_protocol::Downlink::F16Delta,
+                other => {
+                    return Err(
+                        UsageError(format!("unknown downlink `{other}` (full, f16-delta)")).into(),
+                    )
+                }
+            };
         }
         if let Some(c) = self.dp_clip_norm {
             f.train.dp = Some(fedlora_protocol::DpPlan {
