@@ -128,6 +128,7 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
             cc.privacy = Some(PrivacyTarget {
                 epsilon: 8.0,
                 delta: 1e-5,
+                accountant: Default::default(),
             });
         }
         let data = ClientData::demo_client(i, 16).unwrap();

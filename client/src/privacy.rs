@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use fedlora_dp::{noise_multiplier, DpEvent, PrivacyLedger};
+use fedlora_dp::{DpEvent, PrivacyLedger};
 use fedlora_protocol::{DpPlan, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,9 @@ pub struct PrivacyTarget {
     pub epsilon: f64,
     /// δ; keep it well below 1/(number of examples).
     pub delta: f64,
+    /// Accountant for calibration and the ledger (RDP by default; PLD is tighter).
+    #[serde(default)]
+    pub accountant: fedlora_dp::Accountant,
 }
 
 /// The σ calibrated from a plan, kept so later rounds use the same noise.
@@ -67,6 +70,7 @@ impl PrivacyState {
     pub fn open(state_dir: Option<&Path>, target: PrivacyTarget) -> Result<Self, ClientError> {
         let mut ledger = PrivacyLedger::new(target.epsilon, target.delta)
             .map_err(|e| ClientError::Config(e.to_string()))?;
+        ledger.accountant = target.accountant;
         let mut plan = None;
         let db = match state_dir {
             Some(d) => {
@@ -126,7 +130,10 @@ impl PrivacyState {
         if self.plan.is_none() {
             let q = (f64::from(cfg.batch_size) / n_examples.max(1) as f64).min(1.0);
             let steps = u64::from(cfg.local_steps) * plan.planned_rounds;
-            let sigma = noise_multiplier(q, steps, self.target.delta, self.target.epsilon)
+            let sigma = self
+                .target
+                .accountant
+                .noise_multiplier(q, steps, self.target.delta, self.target.epsilon)
                 .map_err(|e| format!("cannot calibrate noise for this plan: {e}"))?;
             self.plan = Some(CalibratedPlan {
                 plan: plan.clone(),
@@ -185,6 +192,7 @@ mod tests {
         let target = PrivacyTarget {
             epsilon: 1.0,
             delta: 1e-5,
+            accountant: Default::default(),
         };
         let plan = DpPlan {
             clip_norm: 1.0,

@@ -20,6 +20,45 @@ pub struct LedgerEntry {
     pub event: DpEvent,
 }
 
+/// Which accountant turns the ledger's events into ε.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accountant {
+    /// Rényi DP ([`crate::rdp`]).
+    #[default]
+    Rdp,
+    /// Privacy loss distributions ([`crate::pld`], discretisation 1e-4): tighter, slower.
+    Pld,
+}
+
+impl Accountant {
+    /// ε at `delta` of `event` under this accountant.
+    pub fn epsilon(self, event: &DpEvent, delta: f64) -> Result<f64, DpError> {
+        match self {
+            Accountant::Rdp => {
+                let mut acc = RdpAccountant::default();
+                acc.compose(event)?;
+                Ok(acc.epsilon(delta).0)
+            }
+            Accountant::Pld => crate::pld::epsilon(event, delta, crate::pld::DEFAULT_INTERVAL),
+        }
+    }
+
+    /// The smallest σ (1e-3, rounded up) for DP-SGD within `target` under this accountant.
+    pub fn noise_multiplier(
+        self,
+        q: f64,
+        steps: u64,
+        delta: f64,
+        target: f64,
+    ) -> Result<f64, DpError> {
+        match self {
+            Accountant::Rdp => crate::calibrate::noise_multiplier(q, steps, delta, target),
+            Accountant::Pld => crate::pld::noise_multiplier(q, steps, delta, target),
+        }
+    }
+}
+
 /// The budget of one client.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyLedger {
@@ -27,6 +66,9 @@ pub struct PrivacyLedger {
     pub target_epsilon: f64,
     /// δ of the guarantee.
     pub delta: f64,
+    /// The accountant that computes ε spent.
+    #[serde(default)]
+    pub accountant: Accountant,
     /// Everything spent, in order.
     pub entries: Vec<LedgerEntry>,
 }
@@ -43,34 +85,34 @@ impl PrivacyLedger {
         Ok(Self {
             target_epsilon,
             delta,
+            accountant: Accountant::Rdp,
             entries: Vec::new(),
         })
     }
 
-    fn accountant_with(&self, extra: Option<&DpEvent>) -> Result<RdpAccountant, DpError> {
-        let mut acc = RdpAccountant::default();
-        for e in &self.entries {
-            acc.compose(&e.event)?;
+    fn epsilon_with(&self, extra: Option<&DpEvent>) -> Result<f64, DpError> {
+        let mut events: Vec<DpEvent> = self.entries.iter().map(|e| e.event.clone()).collect();
+        events.extend(extra.cloned());
+        if events.is_empty() {
+            return Ok(0.0);
         }
-        if let Some(e) = extra {
-            acc.compose(e)?;
-        }
-        Ok(acc)
+        self.accountant
+            .epsilon(&DpEvent::Composed(events), self.delta)
     }
 
-    /// ε spent so far at the ledger's δ (RDP accountant).
+    /// ε spent so far at the ledger's δ.
     pub fn epsilon_spent(&self) -> Result<f64, DpError> {
-        Ok(self.accountant_with(None)?.epsilon(self.delta).0)
+        self.epsilon_with(None)
     }
 
     /// Whether running `next` would take the campaign past the target ε.
     pub fn would_exceed(&self, next: &DpEvent) -> Result<bool, DpError> {
-        Ok(self.accountant_with(Some(next))?.epsilon(self.delta).0 > self.target_epsilon)
+        Ok(self.epsilon_with(Some(next))? > self.target_epsilon)
     }
 
     /// Records `event` for `round`, refusing it if it would exceed the target.
     pub fn spend(&mut self, round: u64, event: DpEvent) -> Result<f64, DpError> {
-        let after = self.accountant_with(Some(&event))?.epsilon(self.delta).0;
+        let after = self.epsilon_with(Some(&event))?;
         if after > self.target_epsilon {
             return Err(DpError::BudgetExceeded {
                 spent: self.epsilon_spent()?,

@@ -17,11 +17,12 @@ pub mod error;
 pub mod event;
 pub mod ledger;
 pub mod mechanism;
+pub mod pld;
 pub mod rdp;
 
 pub use calibrate::noise_multiplier;
 pub use error::DpError;
 pub use event::DpEvent;
-pub use ledger::PrivacyLedger;
+pub use ledger::{Accountant, PrivacyLedger};
 pub use mechanism::{clip_l2, l2_norm, GaussianNoise};
 pub use rdp::{dp_sgd_epsilon, RdpAccountant};

@@ -50,6 +50,9 @@ pub(crate) struct ClientArgs {
     /// δ of the privacy target.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Accountant for calibration and the budget ledger: rdp or pld.
+    #[arg(long, default_value = "rdp")]
+    accountant: String,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -93,11 +96,13 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
+    let accountant = super::privacy::parse_accountant(&a.accountant)?;
     cfg.privacy = a
         .epsilon
         .map(|epsilon| fedlora_client::privacy::PrivacyTarget {
             epsilon,
             delta: a.delta,
+            accountant,
         });
     let client = FederatedClient::new(cfg, trainer, data)?;
     let rt = tokio::runtime::Runtime::new()?;

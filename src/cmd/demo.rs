@@ -39,6 +39,9 @@ pub(crate) struct DemoArgs {
     /// δ of the privacy target.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Accountant for the clients' calibration and ledgers: rdp or pld.
+    #[arg(long, default_value = "rdp")]
+    accountant: String,
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
@@ -87,11 +90,13 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         fed_args.lr.get_or_insert(3e-3);
     }
     fed_args.apply(&mut fed)?;
+    let accountant = super::privacy::parse_accountant(&a.accountant)?;
     let privacy = a
         .epsilon
         .map(|epsilon| fedlora_client::privacy::PrivacyTarget {
             epsilon,
             delta: a.delta,
+            accountant,
         });
     let tmp = tempfile::tempdir()?;
     let root = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
@@ -217,6 +222,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
                 "final_eval_loss": final_loss,
                 "final_version": report.global_version,
                 "epsilon_target": a.epsilon,
+                "accountant": a.epsilon.map(|_| a.accountant.clone()),
                 "delta": a.epsilon.map(|_| a.delta),
                 "eps_spent": eps,
                 "wall_secs": wall,

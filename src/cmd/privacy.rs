@@ -12,6 +12,14 @@ pub(crate) struct PrivacyArgs {
     cmd: PrivacyCmd,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+enum Accountant {
+    /// Rényi DP (Mironov et al.), as dp-accounting's RdpAccountant.
+    Rdp,
+    /// Privacy loss distributions (pessimistic, discretisation 1e-4): tighter.
+    Pld,
+}
+
 #[derive(Subcommand, Debug)]
 enum PrivacyCmd {
     /// ε of DP-SGD (Poisson-subsampled Gaussian, add/remove one example) under the RDP accountant.
@@ -28,6 +36,9 @@ enum PrivacyCmd {
         /// δ ∈ (0, 1).
         #[arg(long)]
         delta: f64,
+        /// Accountant.
+        #[arg(long, value_enum, default_value = "rdp")]
+        accountant: Accountant,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -46,10 +57,22 @@ enum PrivacyCmd {
         /// Target ε > 0.
         #[arg(long)]
         target_epsilon: f64,
+        /// Accountant.
+        #[arg(long, value_enum, default_value = "rdp")]
+        accountant: Accountant,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Parses `rdp` or `pld`.
+pub(crate) fn parse_accountant(s: &str) -> anyhow::Result<fedlora_dp::Accountant> {
+    match s {
+        "rdp" => Ok(fedlora_dp::Accountant::Rdp),
+        "pld" => Ok(fedlora_dp::Accountant::Pld),
+        other => Err(UsageError(format!("unknown accountant `{other}` (rdp, pld)")).into()),
+    }
 }
 
 fn usage(e: DpError) -> anyhow::Error {
@@ -66,17 +89,33 @@ pub(crate) fn run(a: PrivacyArgs) -> anyhow::Result<()> {
             noise_multiplier,
             steps,
             delta,
+            accountant,
             json,
         } => {
-            let (eps, order) =
-                dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta).map_err(usage)?;
+            let (eps, order) = match accountant {
+                Accountant::Rdp => {
+                    let (e, o) = dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta)
+                        .map_err(usage)?;
+                    (e, Some(o))
+                }
+                Accountant::Pld => (
+                    fedlora_dp::pld::dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta)
+                        .map_err(usage)?,
+                    None,
+                ),
+            };
+            let name = if accountant == Accountant::Rdp {
+                "rdp"
+            } else {
+                "pld"
+            };
             if json {
                 println!(
                     "{}",
-                    json!({"epsilon": eps, "delta": delta, "accountant": "rdp", "order": order})
+                    json!({"epsilon": eps, "delta": delta, "accountant": name, "order": order})
                 );
             } else {
-                println!("ε = {eps:.6} at δ = {delta} (RDP accountant, optimal order {order})");
+                println!("ε = {eps:.6} at δ = {delta} ({name} accountant)");
             }
         }
         PrivacyCmd::Sigma {
@@ -84,11 +123,35 @@ pub(crate) fn run(a: PrivacyArgs) -> anyhow::Result<()> {
             steps,
             delta,
             target_epsilon,
+            accountant,
             json,
         } => {
-            let sigma =
-                noise_multiplier(sampling_rate, steps, delta, target_epsilon).map_err(usage)?;
-            let (eps, _) = dp_sgd_epsilon(sampling_rate, sigma, steps, delta).map_err(usage)?;
+            let (sigma, eps) = match accountant {
+                Accountant::Rdp => {
+                    let s = noise_multiplier(sampling_rate, steps, delta, target_epsilon)
+                        .map_err(usage)?;
+                    (
+                        s,
+                        dp_sgd_epsilon(sampling_rate, s, steps, delta)
+                            .map_err(usage)?
+                            .0,
+                    )
+                }
+                Accountant::Pld => {
+                    let s = fedlora_dp::pld::noise_multiplier(
+                        sampling_rate,
+                        steps,
+                        delta,
+                        target_epsilon,
+                    )
+                    .map_err(usage)?;
+                    (
+                        s,
+                        fedlora_dp::pld::dp_sgd_epsilon(sampling_rate, s, steps, delta)
+                            .map_err(usage)?,
+                    )
+                }
+            };
             if json {
                 println!("{}", json!({"noise_multiplier": sigma, "epsilon": eps}));
             } else {
