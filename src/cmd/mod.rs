@@ -9,6 +9,7 @@ mod logging;
 mod model;
 mod pretrain;
 mod privacy;
+mod reference;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Privacy accounting: ε of a DP-SGD run, or the σ for a target ε.
     Privacy(privacy::PrivacyArgs),
+    /// Utility yardsticks: base, local-only and pooled (centralised) LoRA on held-out text.
+    Reference(reference::ReferenceArgs),
     /// Measure speed and memory (prints JSON with --json).
     Bench(bench::BenchArgs),
 }
@@ -60,5 +63,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Privacy(a) => privacy::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Reference(a) => reference::run(a),
     }
 }
