@@ -10,6 +10,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod round;
+pub mod secagg;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};

@@ -97,10 +97,22 @@ pub(crate) fn run(a: ReferenceArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{out}");
     } else {
-        println!("held-out loss over {} clients' test text (nats/byte):", a.clients);
-        println!("  base model                        {base:.4} (perplexity {:.3})", base.exp());
-        println!("  local-only LoRA (each on its own) {local_only:.4} (perplexity {:.3})", local_only.exp());
-        println!("  pooled, centralised LoRA          {pooled_loss:.4} (perplexity {:.3})", pooled_loss.exp());
+        println!(
+            "held-out loss over {} clients' test text (nats/byte):",
+            a.clients
+        );
+        println!(
+            "  base model                        {base:.4} (perplexity {:.3})",
+            base.exp()
+        );
+        println!(
+            "  local-only LoRA (each on its own) {local_only:.4} (perplexity {:.3})",
+            local_only.exp()
+        );
+        println!(
+            "  pooled, centralised LoRA          {pooled_loss:.4} (perplexity {:.3})",
+            pooled_loss.exp()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,295 @@
+//! The coordinator side of a secure round: a typed stage machine that relays keys and shares
+//! and, at the end, removes the masks from the sum.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use super::crypto::{self, Purpose};
+use super::{
+    add_mod, neighbour_graph, sub_mod, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams,
+    UnmaskRequest, UnmaskResponse,
+};
+use crate::round::ClientId;
+
+/// Where the coordinator's secure round stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerStage {
+    /// Collecting advertised keys.
+    CollectKeys,
+    /// Collecting encrypted shares.
+    CollectShares,
+    /// Collecting masked inputs.
+    CollectInputs,
+    /// Collecting unmask responses.
+    CollectUnmask,
+    /// Finished (summed or failed).
+    Done,
+}
+
+/// The coordinator's state of one secure round.
+pub struct ServerRound {
+    round: u64,
+    params: SecAggParams,
+    len: usize,
+    expected: BTreeSet<ClientId>,
+    stage: ServerStage,
+    keys: BTreeMap<ClientId, AdvertisedKeys>,
+    graph: BTreeMap<ClientId, BTreeSet<ClientId>>,
+    shares: BTreeMap<ClientId, Vec<EncryptedShare>>,
+    inputs: BTreeMap<ClientId, Vec<u64>>,
+    request: Option<UnmaskRequest>,
+    responses: BTreeMap<ClientId, UnmaskResponse>,
+}
+
+fn out_of_order(stage: ServerStage, what: &str, from: &str) -> SecAggError {
+    SecAggError::OutOfOrder(format!("{what} from {from} in stage {stage:?}"))
+}
+
+impl ServerRound {
+    /// A round for `expected` participants summing vectors of `len` integers mod 2^m.
+    pub fn new(round: u64, params: SecAggParams, len: usize, expected: BTreeSet<ClientId>) -> Self {
+        Self {
+            round,
+            params,
+            len,
+            expected,
+            stage: ServerStage::CollectKeys,
+            keys: BTreeMap::new(),
+            graph: BTreeMap::new(),
+            shares: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            request: None,
+            responses: BTreeMap::new(),
+        }
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> ServerStage {
+        self.stage
+    }
+
+    /// Stage 1 message from `from`.
+    pub fn receive_keys(&mut self, from: &str, keys: AdvertisedKeys) -> Result<(), SecAggError> {
+        if self.stage != ServerStage::CollectKeys {
+            return Err(out_of_order(self.stage, "keys", from));
+        }
+        if keys.client != from || !self.expected.contains(from) {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "keys from {from} for {}",
+                keys.client
+            )));
+        }
+        if self.keys.contains_key(from) {
+            return Err(SecAggError::OutOfOrder(format!(
+                "second set of keys from {from}"
+            )));
+        }
+        self.keys.insert(from.to_string(), keys);
+        Ok(())
+    }
+
+    /// Ends stage 1 (all keys in, or the deadline): the roster to relay to every client in it.
+    pub fn close_keys(&mut self) -> Result<Vec<AdvertisedKeys>, SecAggError> {
+        if self.stage != ServerStage::CollectKeys {
+            return Err(out_of_order(self.stage, "close of keys", "driver"));
+        }
+        let ids: BTreeSet<ClientId> = self.keys.keys().cloned().collect();
+        self.params
+            .validate(ids.len())
+            .inspect_err(|_| self.stage = ServerStage::Done)?;
+        self.graph = neighbour_graph(&ids, &self.params);
+        self.stage = ServerStage::CollectShares;
+        Ok(self.keys.values().cloned().collect())
+    }
+
+    /// Stage 2 message: `from`'s encrypted shares, exactly one for each of its neighbours.
+    pub fn receive_shares(
+        &mut self,
+        from: &str,
+        shares: Vec<EncryptedShare>,
+    ) -> Result<(), SecAggError> {
+        if self.stage != ServerStage::CollectShares {
+            return Err(out_of_order(self.stage, "shares", from));
+        }
+        let Some(nb) = self.graph.get(from) else {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from} advertised no keys"
+            )));
+        };
+        if self.shares.contains_key(from) {
+            return Err(SecAggError::OutOfOrder(format!(
+                "second set of shares from {from}"
+            )));
+        }
+        let to: BTreeSet<&ClientId> = shares.iter().map(|s| &s.to).collect();
+        if shares.iter().any(|s| s.from != from)
+            || to.len() != shares.len()
+            || to != nb.iter().collect()
+        {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from} sent shares that do not match its neighbours"
+            )));
+        }
+        self.shares.insert(from.to_string(), shares);
+        Ok(())
+    }
+
+    /// Ends stage 2: the shares to deliver, by recipient (only senders that completed it).
+    pub fn close_shares(&mut self) -> Result<BTreeMap<ClientId, Vec<EncryptedShare>>, SecAggError> {
+        if self.stage != ServerStage::CollectShares {
+            return Err(out_of_order(self.stage, "close of shares", "driver"));
+        }
+        let mut out: BTreeMap<ClientId, Vec<EncryptedShare>> = BTreeMap::new();
+        for s in self.shares.values().flatten() {
+            if self.shares.contains_key(&s.to) {
+                out.entry(s.to.clone()).or_default().push(s.clone());
+            }
+        }
+        for u in self.shares.keys() {
+            out.entry(u.clone()).or_default();
+        }
+        self.stage = ServerStage::CollectInputs;
+        Ok(out)
+    }
+
+    /// Stage 3 message: `from`'s masked input.
+    pub fn receive_input(&mut self, from: &str, y: Vec<u64>) -> Result<(), SecAggError> {
+        if self.stage != ServerStage::CollectInputs {
+            return Err(out_of_order(self.stage, "masked input", from));
+        }
+        if !self.shares.contains_key(from) {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from} did not share keys"
+            )));
+        }
+        if self.inputs.contains_key(from) {
+            return Err(SecAggError::OutOfOrder(format!("second input from {from}")));
+        }
+        let mask = (1u64 << self.params.modulus_bits) - 1;
+        if y.len() != self.len || y.iter().any(|v| v & !mask != 0) {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from}'s input has the wrong shape"
+            )));
+        }
+        self.inputs.insert(from.to_string(), y);
+        Ok(())
+    }
+
+    /// Ends stage 3: the unmask request (survivors = inputs received, dropped = shared keys but
+    /// sent no input). Fails when some survivor or dropped client has fewer than t surviving
+    /// neighbours — its mask could not be removed.
+    pub fn close_inputs(&mut self) -> Result<UnmaskRequest, SecAggError> {
+        if self.stage != ServerStage::CollectInputs {
+            return Err(out_of_order(self.stage, "close of inputs", "driver"));
+        }
+        let survivors: BTreeSet<ClientId> = self.inputs.keys().cloned().collect();
+        let dropped: BTreeSet<ClientId> = self
+            .shares
+            .keys()
+            .filter(|u| !survivors.contains(*u))
+            .cloned()
+            .collect();
+        for u in survivors.iter().chain(&dropped) {
+            let live = self.graph[u]
+                .iter()
+                .filter(|v| survivors.contains(*v))
+                .count();
+            if live < self.params.threshold {
+                self.stage = ServerStage::Done;
+                return Err(SecAggError::Threshold(format!(
+                    "{u} has {live} surviving neighbours, threshold {}",
+                    self.params.threshold
+                )));
+            }
+        }
+        let req = UnmaskRequest { survivors, dropped };
+        self.request = Some(req.clone());
+        self.stage = ServerStage::CollectUnmask;
+        Ok(req)
+    }
+
+    /// Stage 4 message.
+    pub fn receive_unmask(&mut self, resp: UnmaskResponse) -> Result<(), SecAggError> {
+        if self.stage != ServerStage::CollectUnmask {
+            return Err(out_of_order(self.stage, "unmask response", &resp.client));
+        }
+        let req = self.request.as_ref().expect("set with the stage");
+        if !req.survivors.contains(&resp.client) {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{} is not a survivor",
+                resp.client
+            )));
+        }
+        if self.responses.contains_key(&resp.client) {
+            return Err(SecAggError::OutOfOrder(format!(
+                "second response from {}",
+                resp.client
+            )));
+        }
+        self.responses.insert(resp.client.clone(), resp);
+        Ok(())
+    }
+
+    /// Ends stage 4: removes every mask and returns the sum of the survivors' inputs mod 2^m and
+    /// the clients it counts. Fails (nothing to apply) if a secret has fewer than t shares.
+    pub fn finish(&mut self) -> Result<(Vec<u64>, BTreeSet<ClientId>), SecAggError> {
+        if self.stage != ServerStage::CollectUnmask {
+            return Err(out_of_order(self.stage, "finish", "driver"));
+        }
+        self.stage = ServerStage::Done;
+        let req = self.request.take().expect("set with the stage");
+        let m = self.params.modulus_bits;
+        let t = self.params.threshold;
+        let mut sum = vec![0u64; self.len];
+        for y in self.inputs.values() {
+            add_mod(&mut sum, y, m);
+        }
+        let gather = |owner: &ClientId, pick: &dyn Fn(&UnmaskResponse) -> Option<Vec<u8>>| {
+            let shares: Vec<Vec<u8>> = self.graph[owner]
+                .iter()
+                .filter_map(|v| self.responses.get(v).and_then(pick))
+                .collect();
+            if shares.len() < t {
+                return Err(SecAggError::Threshold(format!(
+                    "{} shares of {owner}'s secret, threshold {t}",
+                    shares.len()
+                )));
+            }
+            crypto::shamir_recover(&shares, t).map(Zeroizing::new)
+        };
+        for u in &req.survivors {
+            let b = gather(u, &|r: &UnmaskResponse| r.seed_shares.get(u).cloned())?;
+            let seed: [u8; 32] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| SecAggError::PeerMisbehaved("seed of the wrong length".into()))?;
+            sub_mod(&mut sum, &crypto::prg(&seed, self.len, m), m);
+        }
+        for d in &req.dropped {
+            let k = gather(d, &|r: &UnmaskResponse| r.key_shares.get(d).cloned())?;
+            let sk: [u8; 32] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| SecAggError::PeerMisbehaved("key of the wrong length".into()))?;
+            let sk = StaticSecret::from(sk);
+            for v in self.graph[d].iter().filter(|v| req.survivors.contains(*v)) {
+                let dh = sk.diffie_hellman(&PublicKey::from(self.keys[v].s_pk));
+                let seed = Zeroizing::new(crypto::derive(
+                    dh.as_bytes(),
+                    Purpose::PairwiseMask,
+                    self.round,
+                ));
+                let mask = crypto::prg(&seed, self.len, m);
+                // v added +mask if v < d, −mask otherwise: undo it
+                if *v < *d {
+                    sub_mod(&mut sum, &mask, m);
+                } else {
+                    add_mod(&mut sum, &mask, m);
+                }
+            }
+        }
+        Ok((sum, req.survivors))
+    }
+}
