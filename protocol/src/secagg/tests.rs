@@ -72,13 +72,16 @@ fn pick(ps: &[Party], frac: f64, offset: usize) -> BTreeSet<String> {
         .collect()
 }
 
-/// Runs a whole secure round; returns (unmasked sum, counted, plaintext sum of the counted).
+/// (unmasked sum, counted clients, plaintext sum of the counted inputs).
+type Outcome = (Vec<u64>, BTreeSet<String>, Vec<u64>);
+
+/// Runs a whole secure round.
 fn run(
     mut ps: Vec<Party>,
     verifier: &P256Verifier,
     p: &SecAggParams,
     drops: &Drops,
-) -> Result<(Vec<u64>, BTreeSet<String>, Vec<u64>), SecAggError> {
+) -> Result<Outcome, SecAggError> {
     let len = ps[0].x.len();
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(99);
     let ids: BTreeSet<String> = ps.iter().map(|c| c.id.clone()).collect();
