@@ -22,6 +22,8 @@ enum BenchName {
     DpStep,
     /// Every update codec on a real adapter delta from training: bytes, ratio, error, speed.
     Codec,
+    /// A secure-aggregation round without network: client and coordinator CPU time.
+    Secagg,
 }
 
 #[derive(Args, Debug)]
@@ -37,6 +39,24 @@ pub(crate) struct BenchArgs {
     /// Run in this process with this many threads instead of spawning 1- and 2-thread runs.
     #[arg(long, hide = true)]
     threads: Option<usize>,
+    /// secagg: clients in the round.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// secagg: values per input vector.
+    #[arg(long, default_value_t = 1_000_000)]
+    params: usize,
+    /// secagg: share of clients that drop after sharing keys, before the masked input.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// secagg: neighbours per client (0: everyone).
+    #[arg(long, default_value_t = 3)]
+    neighbours: usize,
+    /// secagg: Shamir threshold.
+    #[arg(long, default_value_t = 2)]
+    threshold: usize,
+    /// secagg: modulus bits of the inputs.
+    #[arg(long, default_value_t = 16)]
+    modulus_bits: u32,
 }
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
@@ -250,6 +270,151 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
+    use fedlora_protocol::secagg::{add_mod, ClientRound, SecAggParams, ServerRound};
+    use rand::RngExt;
+    use std::collections::{BTreeMap, BTreeSet};
+    let p = SecAggParams {
+        threshold: a.threshold,
+        neighbours: a.neighbours,
+        modulus_bits: a.modulus_bits,
+        graph_seed: 1,
+    };
+    let n = a.clients;
+    let len = a.params;
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(7);
+    let sysrng = ring::rand::SystemRandom::new();
+    let mut table = BTreeMap::new();
+    let mut parties = Vec::new();
+    for i in 0..n {
+        let id = format!("client-{i:03}");
+        let pk = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &sysrng,
+        )
+        .map_err(|_| anyhow::anyhow!("keygen"))?;
+        let signer = EcdsaP256Signer::from_pkcs8(pk.as_ref())?;
+        table.insert(id.clone(), signer.public_key());
+        let round = ClientRound::new(1, &id, p.clone(), &mut rng);
+        parties.push((id, round, signer));
+    }
+    let verifier = P256Verifier(table);
+    let ids: BTreeSet<String> = parties.iter().map(|c| c.0.clone()).collect();
+    let mut server = ServerRound::new(1, p.clone(), len, ids);
+    let mut client_s = vec![0f64; n];
+    let mut bytes = vec![0usize; n];
+    for (i, (id, r, s)) in parties.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        let k = r.advertise(s)?;
+        client_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += 64 + k.signature.len() + id.len();
+        server.receive_keys(id, k)?;
+    }
+    let roster = server.close_keys()?;
+    for (i, (id, r, _)) in parties.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        let shares = r.share_keys(&roster, &verifier, &mut rng)?;
+        client_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += shares
+            .iter()
+            .map(|s| s.ciphertext.len() + 2 * id.len())
+            .sum::<usize>();
+        server.receive_shares(id, shares)?;
+    }
+    let deliveries = server.close_shares()?;
+    // drop clients after sharing keys, before the masked input, placed (greedily) so that every
+    // neighbourhood keeps at least t survivors
+    let drop_n = (n as f64 * a.dropout).round() as usize;
+    let graph = fedlora_protocol::secagg::neighbour_graph(
+        &parties.iter().map(|c| c.0.clone()).collect(),
+        &p,
+    );
+    let index: BTreeMap<&str, usize> = parties
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.0.as_str(), i))
+        .collect();
+    let mut dropped: BTreeSet<usize> = BTreeSet::new();
+    for cand in 0..n {
+        if dropped.len() == drop_n {
+            break;
+        }
+        let mut trial = dropped.clone();
+        trial.insert(cand);
+        let ok = graph.values().all(|nb| {
+            nb.iter()
+                .filter(|v| !trial.contains(&index[v.as_str()]))
+                .count()
+                >= a.threshold
+        });
+        if ok {
+            dropped = trial;
+        }
+    }
+    anyhow::ensure!(
+        dropped.len() == drop_n,
+        "cannot place {drop_n} dropouts keeping t survivors"
+    );
+    let mask = (1u64 << a.modulus_bits) - 1;
+    let mut plain = vec![0u64; len];
+    for (i, (id, r, _)) in parties.iter_mut().enumerate() {
+        if dropped.contains(&i) {
+            continue;
+        }
+        let x: Vec<u64> = (0..len).map(|_| rng.random::<u64>() & mask).collect();
+        add_mod(&mut plain, &x, a.modulus_bits);
+        let t0 = Instant::now();
+        let y = r.masked_input(&deliveries[id.as_str()], &x)?;
+        client_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += (len * a.modulus_bits as usize).div_ceil(8);
+        server.receive_input(id, y)?;
+    }
+    let t0 = Instant::now();
+    let req = server.close_inputs()?;
+    let mut coord_s = t0.elapsed().as_secs_f64();
+    for (i, (_, r, _)) in parties.iter_mut().enumerate() {
+        if dropped.contains(&i) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let resp = r.unmask(&req)?;
+        client_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += resp
+            .seed_shares
+            .values()
+            .chain(resp.key_shares.values())
+            .map(|v| v.len() + 16)
+            .sum::<usize>();
+        server.receive_unmask(resp)?;
+    }
+    let t0 = Instant::now();
+    let (sum, counted) = server.finish()?;
+    coord_s += t0.elapsed().as_secs_f64();
+    let survivors: Vec<f64> = (0..n)
+        .filter(|i| !dropped.contains(i))
+        .map(|i| client_s[i])
+        .collect();
+    let mut s = survivors.clone();
+    let mut b: Vec<f64> = (0..n)
+        .filter(|i| !dropped.contains(i))
+        .map(|i| bytes[i] as f64)
+        .collect();
+    Ok(json!({
+        "clients": n,
+        "params": len,
+        "dropout": a.dropout,
+        "neighbours": p.k(n),
+        "threshold": a.threshold,
+        "modulus_bits": a.modulus_bits,
+        "client_ms": median(&mut s) * 1e3,
+        "coordinator_ms": coord_s * 1e3,
+        "bytes_per_client": median(&mut b),
+        "counted": counted.len(),
+        "exact": sum == plain,
+    }))
+}
+
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -276,6 +441,7 @@ pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
     let value = match a.name {
         BenchName::DpStep => dp_step(a.reps)?,
         BenchName::Codec => codec_bench(a.reps)?,
+        BenchName::Secagg => secagg_bench(&a)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {
                 train_step_once(a.reps)?

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, KeySigner, PeerVerifier, Purpose};
 use super::{
-    add_mod, neighbour_graph, sub_mod, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams,
-    UnmaskRequest, UnmaskResponse,
+    neighbour_graph, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams, UnmaskRequest,
+    UnmaskResponse,
 };
 use crate::round::ClientId;
 
@@ -255,14 +255,10 @@ impl ClientRound {
         }
         let m = self.params.modulus_bits;
         let mut y = x.to_vec();
-        add_mod(&mut y, &crypto::prg(&self.seed, x.len(), m), m);
+        crypto::prg_apply(&self.seed, &mut y, m, true);
         for v in held.keys() {
-            let mask = crypto::prg(&self.mask_seed(&self.roster[v].s_pk), x.len(), m);
-            if self.me < *v {
-                add_mod(&mut y, &mask, m);
-            } else {
-                sub_mod(&mut y, &mask, m);
-            }
+            let seed = self.mask_seed(&self.roster[v].s_pk);
+            crypto::prg_apply(&seed, &mut y, m, self.me < *v);
         }
         self.held = held;
         self.stage = ClientStage::Unmask;

@@ -58,6 +58,35 @@ pub fn prg(seed: &[u8; 32], len: usize, bits: u32) -> Vec<u64> {
         .collect()
 }
 
+/// Adds (or subtracts) [`prg`]`(seed, out.len(), bits)` into `out` mod 2^bits, streaming the
+/// keystream in chunks instead of materialising the mask.
+pub fn prg_apply(seed: &[u8; 32], out: &mut [u64], bits: u32, add: bool) {
+    const CHUNK: usize = 4096;
+    let width = bits.div_ceil(8) as usize;
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let mut c = chacha20::ChaCha20::new(seed.into(), &[0u8; 12].into());
+    let mut buf = vec![0u8; CHUNK * width];
+    for block in out.chunks_mut(CHUNK) {
+        let b = &mut buf[..block.len() * width];
+        b.fill(0);
+        c.apply_keystream(b);
+        for (o, bytes) in block.iter_mut().zip(b.chunks_exact(width)) {
+            let mut v = [0u8; 8];
+            v[..width].copy_from_slice(bytes);
+            let r = u64::from_le_bytes(v) & mask;
+            *o = if add {
+                o.wrapping_add(r)
+            } else {
+                o.wrapping_sub(r)
+            } & mask;
+        }
+    }
+}
+
 fn nonce(from: &str, to: &str) -> aead::Nonce {
     // one message per (sender, recipient) pair per round key, so a hash of both names is unique
     let d = ring::digest::digest(&ring::digest::SHA256, format!("{from}\u{0}{to}").as_bytes());

@@ -76,13 +76,15 @@ pub struct SecAggParams {
 }
 
 impl SecAggParams {
-    /// The effective neighbour count for `n` participants.
+    /// The effective neighbour count for `n` participants: everyone when `neighbours` is 0 or
+    /// at least n − 1; an odd k needs an even n (it is rounded up to even otherwise).
     pub fn k(&self, n: usize) -> usize {
         if self.neighbours == 0 || self.neighbours >= n.saturating_sub(1) {
             n.saturating_sub(1)
+        } else if self.neighbours % 2 == 1 && n % 2 == 1 {
+            self.neighbours + 1
         } else {
-            // a ring lattice needs an even degree
-            self.neighbours + self.neighbours % 2
+            self.neighbours
         }
     }
 
@@ -106,7 +108,8 @@ impl SecAggParams {
 }
 
 /// The neighbours of every client of `roster` under `params`: a ring lattice (each client
-/// linked to k/2 on each side) over a seeded permutation, or everyone.
+/// linked to ⌊k/2⌋ on each side, plus the client opposite on the ring when k is odd) over a
+/// seeded permutation, or everyone.
 pub fn neighbour_graph(
     roster: &BTreeSet<ClientId>,
     params: &SecAggParams,
@@ -126,6 +129,9 @@ pub fn neighbour_graph(
             for d in 1..=k / 2 {
                 set.insert(ids[(i + d) % n].clone());
                 set.insert(ids[(i + n - d) % n].clone());
+            }
+            if k % 2 == 1 {
+                set.insert(ids[(i + n / 2) % n].clone());
             }
         }
         g.insert(u.clone(), set);

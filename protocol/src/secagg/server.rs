@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, Purpose};
 use super::{
-    add_mod, neighbour_graph, sub_mod, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams,
+    add_mod, neighbour_graph, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams,
     UnmaskRequest, UnmaskResponse,
 };
 use crate::round::ClientId;
@@ -38,7 +38,9 @@ pub struct ServerRound {
     keys: BTreeMap<ClientId, AdvertisedKeys>,
     graph: BTreeMap<ClientId, BTreeSet<ClientId>>,
     shares: BTreeMap<ClientId, Vec<EncryptedShare>>,
-    inputs: BTreeMap<ClientId, Vec<u64>>,
+    /// Clients whose masked input arrived (their inputs are added to `sum` on arrival).
+    inputs: BTreeSet<ClientId>,
+    sum: Vec<u64>,
     request: Option<UnmaskRequest>,
     responses: BTreeMap<ClientId, UnmaskResponse>,
 }
@@ -59,7 +61,8 @@ impl ServerRound {
             keys: BTreeMap::new(),
             graph: BTreeMap::new(),
             shares: BTreeMap::new(),
-            inputs: BTreeMap::new(),
+            inputs: BTreeSet::new(),
+            sum: vec![0; len],
             request: None,
             responses: BTreeMap::new(),
         }
@@ -164,7 +167,7 @@ impl ServerRound {
                 "{from} did not share keys"
             )));
         }
-        if self.inputs.contains_key(from) {
+        if self.inputs.contains(from) {
             return Err(SecAggError::OutOfOrder(format!("second input from {from}")));
         }
         let mask = (1u64 << self.params.modulus_bits) - 1;
@@ -173,7 +176,8 @@ impl ServerRound {
                 "{from}'s input has the wrong shape"
             )));
         }
-        self.inputs.insert(from.to_string(), y);
+        add_mod(&mut self.sum, &y, self.params.modulus_bits);
+        self.inputs.insert(from.to_string());
         Ok(())
     }
 
@@ -184,7 +188,7 @@ impl ServerRound {
         if self.stage != ServerStage::CollectInputs {
             return Err(out_of_order(self.stage, "close of inputs", "driver"));
         }
-        let survivors: BTreeSet<ClientId> = self.inputs.keys().cloned().collect();
+        let survivors: BTreeSet<ClientId> = self.inputs.clone();
         let dropped: BTreeSet<ClientId> = self
             .shares
             .keys()
@@ -242,10 +246,7 @@ impl ServerRound {
         let req = self.request.take().expect("set with the stage");
         let m = self.params.modulus_bits;
         let t = self.params.threshold;
-        let mut sum = vec![0u64; self.len];
-        for y in self.inputs.values() {
-            add_mod(&mut sum, y, m);
-        }
+        let mut sum = std::mem::take(&mut self.sum);
         let gather = |owner: &ClientId, pick: &dyn Fn(&UnmaskResponse) -> Option<Vec<u8>>| {
             let shares: Vec<Vec<u8>> = self.graph[owner]
                 .iter()
@@ -265,7 +266,7 @@ impl ServerRound {
                 .as_slice()
                 .try_into()
                 .map_err(|_| SecAggError::PeerMisbehaved("seed of the wrong length".into()))?;
-            sub_mod(&mut sum, &crypto::prg(&seed, self.len, m), m);
+            crypto::prg_apply(&seed, &mut sum, m, false);
         }
         for d in &req.dropped {
             let k = gather(d, &|r: &UnmaskResponse| r.key_shares.get(d).cloned())?;
@@ -281,13 +282,8 @@ impl ServerRound {
                     Purpose::PairwiseMask,
                     self.round,
                 ));
-                let mask = crypto::prg(&seed, self.len, m);
                 // v added +mask if v < d, −mask otherwise: undo it
-                if *v < *d {
-                    sub_mod(&mut sum, &mask, m);
-                } else {
-                    add_mod(&mut sum, &mask, m);
-                }
+                crypto::prg_apply(&seed, &mut sum, m, *v > *d);
             }
         }
         Ok((sum, req.survivors))

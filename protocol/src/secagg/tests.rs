@@ -301,3 +301,25 @@ fn prg_is_the_chacha20_keystream() {
     let v = crypto::prg(&[0; 32], 2, 64);
     assert_eq!(v[0].to_le_bytes()[..4], [0x76, 0xb8, 0xe0, 0xad]);
 }
+
+#[test]
+fn neighbour_graphs_are_k_regular_and_symmetric() {
+    for (n, k) in [(100usize, 3usize), (100, 14), (51, 3), (10, 0)] {
+        let p = params(2, k);
+        let ids: BTreeSet<String> = (0..n).map(|i| format!("c{i}")).collect();
+        let g = neighbour_graph(&ids, &p);
+        let kk = p.k(n);
+        for (u, nb) in &g {
+            assert_eq!(nb.len(), kk, "n {n} k {k}");
+            assert!(!nb.contains(u));
+            for v in nb {
+                assert!(g[v].contains(u), "symmetric");
+            }
+        }
+    }
+    let mut y = vec![5u64; 10];
+    crypto::prg_apply(&[1; 32], &mut y, 12, true);
+    let mut expect = vec![5u64; 10];
+    add_mod(&mut expect, &crypto::prg(&[1; 32], 10, 12), 12);
+    assert_eq!(y, expect);
+}
