@@ -12,4 +12,5 @@ pub use error::ClientError;
 pub mod dp_sgd;
 pub mod privacy;
 pub mod sdk;
+pub mod secure;
 pub mod transport;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fedlora_protocol::{
     AckStatus, ClientMsg, Codec, CodecContext, CoordMsg, ErrorFeedback, EvalReport, FlatAdapter,
-    RefusalCode, RoundOffer, Task, Upload, Weighting, PROTOCOL_VERSION,
+    RefusalCode, RoundOffer, SecAggBody, SecAggTask, Task, Upload, Weighting, PROTOCOL_VERSION,
 };
 use rand::SeedableRng;
 use tracing::{info, warn};
@@ -94,11 +94,23 @@ pub struct FederatedClient {
     privacy: std::sync::Mutex<Option<PrivacyState>>,
     /// The global adapter this client reconstructed last, by version (for delta downloads).
     held: std::sync::Mutex<Option<(u64, FlatAdapter)>>,
+    /// The id the coordinator assigned (from the certificate), known after the hello.
+    client_id: std::sync::Mutex<String>,
+    /// The certificate key, for signing secure-aggregation keys (None: secure rounds refused).
+    signer: Option<fedlora_protocol::secagg::crypto::EcdsaP256Signer>,
+    /// The open secure round's client state (secrets live only here, only for one round).
+    secure: std::sync::Mutex<Option<(u64, fedlora_protocol::secagg::ClientRound)>>,
 }
 
 enum Work {
     Upload(Upload),
+    Masked(u64, Vec<u8>),
     Decline(u64, String),
+}
+
+fn os_rng() -> Result<rand::rngs::ChaCha20Rng, ClientError> {
+    rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
+        .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))
 }
 
 enum Outcome {
@@ -119,11 +131,14 @@ impl FederatedClient {
             None => None,
         };
         Ok(Self {
-            config,
             trainer,
             data,
             privacy: std::sync::Mutex::new(privacy),
             held: std::sync::Mutex::new(None),
+            signer: crate::secure::load_signer(&config.tls.key).ok(),
+            client_id: std::sync::Mutex::new(String::new()),
+            secure: std::sync::Mutex::new(None),
+            config,
         })
     }
 
@@ -218,6 +233,7 @@ impl FederatedClient {
         match s.request(&msg).await? {
             (CoordMsg::Welcome { client_id, .. }, _) => {
                 info!(%client_id, "joined the federation");
+                *self.client_id.lock().expect("lock") = client_id.clone();
                 report.client_id = client_id;
                 Ok(s)
             }
@@ -309,6 +325,16 @@ impl FederatedClient {
                 }
                 CoordMsg::Task(Task::Train(offer)) => match self.train(s, offer, report).await? {
                     Work::Upload(upload) => self.deliver(s, upload, report, pending).await?,
+                    Work::Masked(round, bytes) => {
+                        let msg = ClientMsg::SecAgg {
+                            round,
+                            body: SecAggBody::Input(bytes),
+                        };
+                        match self.send(s, &msg, report).await? {
+                            CoordMsg::Ack { .. } => report.rounds.push(round),
+                            other => warn!(round, ?other, "masked input not accepted"),
+                        }
+                    }
                     Work::Decline(round, reason) => {
                         warn!(round, %reason, "declining the round");
                         let msg = ClientMsg::Decline {
@@ -322,6 +348,17 @@ impl FederatedClient {
                         report.declined.push((round, reason));
                     }
                 },
+                CoordMsg::Task(Task::SecAgg { round, task }) => {
+                    if let Some(body) = self.secure_stage(round, *task) {
+                        let msg = ClientMsg::SecAgg { round, body };
+                        match self.send(s, &msg, report).await? {
+                            CoordMsg::Ack { .. } => {}
+                            other => warn!(round, ?other, "secure-aggregation message refused"),
+                        }
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
                 CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered => {
                     return Ok(Outcome::Reconnect)
                 }
@@ -331,6 +368,65 @@ impl FederatedClient {
                         "unexpected answer to a poll: {other:?}"
                     )))
                 }
+            }
+        }
+    }
+
+    /// Performs one secure-aggregation stage; `None` when the client cannot (it then drops out
+    /// of the round, which the protocol tolerates).
+    fn secure_stage(&self, round: u64, task: SecAggTask) -> Option<SecAggBody> {
+        use fedlora_protocol::secagg::ClientRound;
+        let mut guard = self.secure.lock().expect("lock");
+        let r = (|| -> Result<SecAggBody, String> {
+            match task {
+                SecAggTask::AdvertiseKeys { params } => {
+                    let signer = self
+                        .signer
+                        .as_ref()
+                        .ok_or("no ECDSA P-256 certificate key")?;
+                    let id = self.client_id.lock().expect("lock").clone();
+                    let mut rng = os_rng().map_err(|e| e.to_string())?;
+                    let mut cr = ClientRound::new(round, &id, params, &mut rng);
+                    let keys = cr.advertise(signer).map_err(|e| e.to_string())?;
+                    *guard = Some((round, cr));
+                    Ok(SecAggBody::Keys(keys))
+                }
+                SecAggTask::ShareKeys {
+                    roster,
+                    certificates,
+                } => {
+                    let (_, cr) = guard
+                        .as_mut()
+                        .filter(|g| g.0 == round)
+                        .ok_or("no keys for this round")?;
+                    let v = crate::secure::verifier_from_certificates(
+                        &self.config.tls.ca,
+                        &certificates,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let mut rng = os_rng().map_err(|e| e.to_string())?;
+                    let shares = cr
+                        .share_keys(&roster, &v, &mut rng)
+                        .map_err(|e| e.to_string())?;
+                    Ok(SecAggBody::Shares(shares))
+                }
+                SecAggTask::Unmask(req) => {
+                    let (_, cr) = guard
+                        .as_mut()
+                        .filter(|g| g.0 == round)
+                        .ok_or("no secure state for this round")?;
+                    let resp = cr.unmask(&req).map_err(|e| e.to_string())?;
+                    *guard = None;
+                    Ok(SecAggBody::Unmask(resp))
+                }
+            }
+        })();
+        match r {
+            Ok(b) => Some(b),
+            Err(e) => {
+                warn!(round, error = %e, "leaving the secure round");
+                *guard = None;
+                None
             }
         }
     }
@@ -552,6 +648,31 @@ impl FederatedClient {
             Weighting::ExampleCount => out.examples as f64,
             Weighting::Uniform => 1.0,
         };
+        if let Some(shares) = &offer.secure_shares {
+            let codec = &offer.config.codec;
+            let bytes = self.encode_delta(&out.delta, &offer, 1)?;
+            let ints = codec.modular_payload(&bytes, self.trainer.spec())?;
+            let Codec::Modular(p) = codec else {
+                return Ok(Work::Decline(
+                    offer.round,
+                    "secure round without the modular codec".into(),
+                ));
+            };
+            let mut guard = self.secure.lock().expect("lock");
+            let Some((_, cr)) = guard.as_mut().filter(|g| g.0 == offer.round) else {
+                return Ok(Work::Decline(
+                    offer.round,
+                    "no secure state for this round".into(),
+                ));
+            };
+            let masked = match cr.masked_input(shares, &ints) {
+                Ok(m) => m,
+                Err(e) => return Ok(Work::Decline(offer.round, format!("masking failed: {e}"))),
+            };
+            let mut packed = Vec::new();
+            fedlora_protocol::codec::bits::pack(masked, p.modulus_bits(), &mut packed);
+            return Ok(Work::Masked(offer.round, packed));
+        }
         Ok(Work::Upload(Upload {
             round: offer.round,
             spec_hash: self.trainer.spec().hash(),

@@ -5,6 +5,7 @@ pub mod certs;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod secure;
 pub mod server;
 pub mod status;
 pub mod store;

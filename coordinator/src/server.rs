@@ -14,7 +14,7 @@ use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
 use fedlora_protocol::{
     codec_seed, fedavg, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive, Downlink,
     EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal, RefusalCode,
-    RoundOffer, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
+    RoundOffer, SecAggBody, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
 };
 use quinn::{RecvStream, SendStream};
 use sha2::{Digest, Sha256};
@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::certs;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
+use crate::secure::{Advance, SecureRound};
 use crate::store::{EvalRecord, RoundRecord, RoundStatus, Store, UploadRecord};
 
 /// How long a peer may take to send one request frame, seconds.
@@ -92,6 +93,12 @@ struct Shared {
     live: Mutex<BTreeMap<String, usize>>,
     /// What each client reconstructed of the global adapter (f16-delta downlink), by version.
     recon: Mutex<BTreeMap<String, (u64, FlatAdapter)>>,
+    /// The open secure round, if the round is secure.
+    secure: Mutex<Option<SecureRound>>,
+    /// Secure-aggregation frame bytes received per (round, client); folded into bytes up.
+    secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
+    /// Client certificates (DER) from their TLS handshakes, relayed for key signatures.
+    certs: Mutex<BTreeMap<String, Vec<u8>>>,
     events: broadcast::Sender<Event>,
 }
 
@@ -156,6 +163,21 @@ impl Coordinator {
                 for e in store.evals()? {
                     fed.restore_eval(&e.client, e.version);
                 }
+                if let (Some(_), fedlora_protocol::Phase::Training(open)) =
+                    (&fed.config().train.secure, &fed.state().phase)
+                {
+                    // the clients' secrets died with the round: abort it, retry with fresh keys
+                    let round = open.round;
+                    fed.fail_round(round, now)?;
+                    if let Some(mut rec) = store.round(round)? {
+                        rec.status = RoundStatus::Failed {
+                            reason: "coordinator restarted during a secure round".into(),
+                        };
+                        rec.ended_ms = Some(now);
+                        store.put_round(&rec, fed.state())?;
+                    }
+                    warn!(round, "aborted the secure round open at the restart");
+                }
                 fed
             }
             _ => {
@@ -203,6 +225,9 @@ impl Coordinator {
             bytes_down: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
             recon: Mutex::new(BTreeMap::new()),
+            secure: Mutex::new(None),
+            secure_bytes_up: Mutex::new(BTreeMap::new()),
+            certs: Mutex::new(BTreeMap::new()),
             events,
         });
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
@@ -228,6 +253,12 @@ impl Coordinator {
     /// The status report of the running federation (what `fedlora status` prints).
     pub fn report(&self) -> Result<crate::status::StatusReport> {
         crate::status::report(&self.shared.store)
+    }
+
+    /// The current global adapter and its version.
+    pub fn global(&self) -> (u64, FlatAdapter) {
+        let g = self.shared.global.lock().expect("lock");
+        (g.version, g.adapter.clone())
     }
 
     /// A copy of the federation state.
@@ -324,6 +355,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             match handle_hello(&shared, &client, &fingerprint, send, recv).await {
                 Ok(true) => {
                     registered = true;
+                    shared
+                        .certs
+                        .lock()
+                        .expect("lock")
+                        .insert(client.clone(), der.clone());
                     shared
                         .live
                         .lock()
@@ -515,6 +551,9 @@ async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut r
         Ok(ClientMsg::Upload(u)) => (upload(shared, client, u).await, None),
         Ok(ClientMsg::EvalReport(r)) => (eval_report(shared, client, r), None),
         Ok(ClientMsg::Decline { round, reason }) => (decline(shared, client, round, &reason), None),
+        Ok(ClientMsg::SecAgg { round, body }) => {
+            (secure_receive(shared, client, round, body), None)
+        }
     };
     if let CoordMsg::Refused(r) = &reply {
         if r.code != RefusalCode::Malformed {
@@ -587,6 +626,30 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
     let wait = Task::Wait {
         retry_after_ms: shared.config.poll_interval_ms,
     };
+    let mut secure_shares = None;
+    if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }) =
+        (&train.secure, &directive)
+    {
+        // a secure round: its stages decide; until its state exists, wait
+        let sec = shared.secure.lock().expect("lock");
+        let Some(sr) = sec.as_ref().filter(|s| s.round == *round) else {
+            return (CoordMsg::Task(wait), None);
+        };
+        let certs = shared.certs.lock().expect("lock");
+        if let Some(task) = sr.task(client, &certs) {
+            return (
+                CoordMsg::Task(Task::SecAgg {
+                    round: *round,
+                    task: Box::new(task),
+                }),
+                None,
+            );
+        }
+        match sr.wants_input(client) {
+            Some(shares) => secure_shares = Some(shares),
+            None => return (CoordMsg::Task(wait), None),
+        }
+    }
     let global = shared.global.lock().expect("lock");
     let task = match directive {
         Directive::Wait => wait,
@@ -610,6 +673,7 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
                         codec_seed: codec_seed(seed, round),
                         global_from,
                         global: payload,
+                        secure_shares,
                     })),
                     Some(round),
                 );
@@ -723,6 +787,62 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
     }
 }
 
+fn secure_receive(shared: &Shared, client: &str, round: u64, body: SecAggBody) -> CoordMsg {
+    let wire = HEADER_LEN
+        + bincode::serde::encode_to_vec(
+            ClientMsg::SecAgg {
+                round,
+                body: body.clone(),
+            },
+            bincode::config::standard(),
+        )
+        .map_or(0, |b| b.len());
+    *shared
+        .secure_bytes_up
+        .lock()
+        .expect("lock")
+        .entry((round, client.to_string()))
+        .or_default() += wire as u64;
+    let mut sec = shared.secure.lock().expect("lock");
+    let Some(sr) = sec.as_mut().filter(|s| s.round == round) else {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::WrongRound,
+            format!("no secure round {round} is open"),
+        ));
+    };
+    let input = match &body {
+        SecAggBody::Input(b) => Some((Sha256::digest(b).into(), b.len() as u64)),
+        _ => None,
+    };
+    if let Err(e) = sr.receive(client, body) {
+        return CoordMsg::Refused(Refusal::new(RefusalCode::StageRefused, e.to_string()));
+    }
+    if let Some((digest, bytes)) = input {
+        // bookkeeping: the round's participants (the masked input itself stays in the sum)
+        let meta = UploadMeta {
+            digest,
+            weight: 1.0,
+            bytes,
+            train_loss: f64::NAN,
+            eps_spent: None,
+        };
+        let _ = shared
+            .fed
+            .lock()
+            .expect("lock")
+            .accept_upload(client, round, meta);
+        info!(round, client = %client, bytes, "masked input accepted");
+        let _ = shared.events.send(Event::UploadAccepted {
+            round,
+            client: client.to_string(),
+        });
+    }
+    CoordMsg::Ack {
+        round,
+        status: fedlora_protocol::AckStatus::Accepted,
+    }
+}
+
 fn decline(shared: &Shared, client: &str, round: u64, reason: &str) -> CoordMsg {
     let mut fed = shared.fed.lock().expect("lock");
     let before = fed.clone();
@@ -781,8 +901,71 @@ async fn tick_loop(shared: Arc<Shared>) {
     }
 }
 
+fn secure_tick(shared: &Shared, now: u64) -> Result<()> {
+    let outcome = match shared.secure.lock().expect("lock").as_mut() {
+        Some(sr) => (sr.round, sr.advance(now)),
+        None => return Ok(()),
+    };
+    let (round, adv) = outcome;
+    match adv {
+        Advance::Wait => Ok(()),
+        Advance::Fail(reason) => {
+            *shared.secure.lock().expect("lock") = None;
+            warn!(round, %reason, "secure round failed");
+            let state = {
+                let mut fed = shared.fed.lock().expect("lock");
+                fed.fail_round(round, now)?;
+                fed.state().clone()
+            };
+            fail_record(shared, round, reason, &state, now)
+        }
+        Advance::Sum(sum, counted) => {
+            *shared.secure.lock().expect("lock") = None;
+            let (codec, seed, uploads, selected) = {
+                let fed = shared.fed.lock().expect("lock");
+                let fedlora_protocol::Phase::Training(open) = &fed.state().phase else {
+                    return Ok(());
+                };
+                let uploads: BTreeMap<String, UploadMeta> = open
+                    .uploads
+                    .iter()
+                    .filter(|(c, _)| counted.contains(*c))
+                    .map(|(c, m)| (c.clone(), m.clone()))
+                    .collect();
+                (
+                    fed.config().train.codec.clone(),
+                    fed.config().seed,
+                    uploads,
+                    open.selected.clone(),
+                )
+            };
+            let Codec::Modular(p) = &codec else {
+                return Err(CoordinatorError::Config(
+                    "secure rounds need the modular codec".into(),
+                ));
+            };
+            let ctx = CodecContext {
+                round_seed: codec_seed(seed, round),
+            };
+            let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
+            let (total, weight) = codec.decode_modular_sum(&ms, &shared.spec, &ctx)?;
+            let mut new_global = shared.global.lock().expect("lock").adapter.clone();
+            new_global.apply_delta(&mean_of(total, weight)?)?;
+            let missing = selected.difference(&counted).cloned().collect();
+            info!(
+                round,
+                counted = counted.len(),
+                weight,
+                "secure sum unmasked"
+            );
+            commit(shared, round, new_global, &uploads, &missing, now)
+        }
+    }
+}
+
 fn tick_once(shared: &Shared) -> Result<()> {
     let now = now_ms();
+    secure_tick(shared, now)?;
     let transition = {
         let mut fed = shared.fed.lock().expect("lock");
         let t = fed.tick(now);
@@ -808,6 +991,21 @@ fn tick_once(shared: &Shared) -> Result<()> {
                 ended_ms: None,
             };
             shared.store.put_round(&rec, &state)?;
+            let (train, timeout) = {
+                let fed = shared.fed.lock().expect("lock");
+                (fed.config().train.clone(), fed.config().round_timeout_ms)
+            };
+            if let (Some(params), Codec::Modular(p)) = (&train.secure, &train.codec) {
+                let k = fedlora_protocol::codec::sparse::kept(shared.spec.numel(), p.fraction);
+                *shared.secure.lock().expect("lock") = Some(SecureRound::new(
+                    round,
+                    params.clone(),
+                    k + 1,
+                    selected.clone(),
+                    now,
+                    timeout,
+                ));
+            }
             info!(round, participants = selected.len(), "round started");
             let _ = shared.events.send(Event::RoundStarted {
                 round,
@@ -947,13 +1145,22 @@ fn commit(
     now: u64,
 ) -> Result<()> {
     let encoded = Codec::DenseF32.encode(new_global.values());
-    let records: BTreeMap<String, u64> = shared
+    let mut records: BTreeMap<String, u64> = shared
         .store
         .uploads()?
         .into_iter()
         .filter(|r| r.round == round)
         .map(|r| (r.client, r.wire_bytes))
         .collect();
+    {
+        let mut sec = shared.secure_bytes_up.lock().expect("lock");
+        let keys: Vec<_> = sec.keys().filter(|(r, _)| *r == round).cloned().collect();
+        for k in keys {
+            if let Some(b) = sec.remove(&k) {
+                *records.entry(k.1).or_default() += b;
+            }
+        }
+    }
     let total_w: f64 = uploads.values().map(|m| m.weight).sum();
     let train_loss = uploads
         .values()

@@ -67,6 +67,8 @@ pub enum RefusalCode {
     Declined,
     /// The coordinator failed internally (storage); the client should retry.
     Internal,
+    /// A secure-aggregation stage message was refused (out of order, repeated, malformed).
+    StageRefused,
 }
 
 /// A typed refusal with a human-readable reason.

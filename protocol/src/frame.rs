@@ -41,6 +41,8 @@ pub enum FrameKind {
     EvalReport = 4,
     /// [`ClientMsg::Decline`].
     Decline = 5,
+    /// [`ClientMsg::SecAgg`].
+    SecAgg = 6,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -63,6 +65,7 @@ impl FrameKind {
             3 => Self::Upload,
             4 => Self::EvalReport,
             5 => Self::Decline,
+            6 => Self::SecAgg,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
@@ -76,7 +79,7 @@ impl FrameKind {
     /// The largest body this kind may carry, bytes.
     pub fn limit(self) -> usize {
         match self {
-            Self::Upload | Self::Task => PAYLOAD_LIMIT,
+            Self::Upload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
             _ => CONTROL_LIMIT,
         }
     }
@@ -96,6 +99,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::Upload(_) => FrameKind::Upload,
             ClientMsg::EvalReport(_) => FrameKind::EvalReport,
             ClientMsg::Decline { .. } => FrameKind::Decline,
+            ClientMsg::SecAgg { .. } => FrameKind::SecAgg,
         }
     }
 }

@@ -16,8 +16,8 @@ pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
-    AckStatus, ClientMsg, CoordMsg, Downlink, DpPlan, EvalReport, RoundOffer, Task, TrainConfig,
-    Upload, Weighting, PROTOCOL_VERSION,
+    AckStatus, ClientMsg, CoordMsg, Downlink, DpPlan, EvalReport, RoundOffer, SecAggBody,
+    SecAggTask, Task, TrainConfig, Upload, Weighting, PROTOCOL_VERSION,
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,

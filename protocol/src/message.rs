@@ -51,6 +51,9 @@ pub struct TrainConfig {
     /// How the global adapter is sent down.
     #[serde(default)]
     pub downlink: Downlink,
+    /// Secure aggregation: the coordinator sees only the masked sum (needs the modular codec).
+    #[serde(default)]
+    pub secure: Option<crate::secagg::SecAggParams>,
 }
 
 impl Default for TrainConfig {
@@ -63,6 +66,7 @@ impl Default for TrainConfig {
             weighting: Weighting::ExampleCount,
             dp: None,
             downlink: Downlink::Full,
+            secure: None,
         }
     }
 }
@@ -94,6 +98,45 @@ pub enum ClientMsg {
         /// Why, for logs.
         reason: String,
     },
+    /// A secure-aggregation stage message for `round`.
+    SecAgg {
+        /// Round id.
+        round: u64,
+        /// The stage's content.
+        body: SecAggBody,
+    },
+}
+
+/// What a client sends in each secure-aggregation stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SecAggBody {
+    /// Stage 1: signed public keys.
+    Keys(crate::secagg::AdvertisedKeys),
+    /// Stage 2: encrypted shares for the neighbours.
+    Shares(Vec<crate::secagg::EncryptedShare>),
+    /// Stage 3: the masked input, bit-packed at m bits per value.
+    Input(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Stage 4: shares for unmasking.
+    Unmask(crate::secagg::UnmaskResponse),
+}
+
+/// A secure-aggregation stage the coordinator asks a client to perform.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SecAggTask {
+    /// Make fresh keys and advertise them.
+    AdvertiseKeys {
+        /// The round's secure-aggregation parameters.
+        params: crate::secagg::SecAggParams,
+    },
+    /// Check the roster's signatures and share keys with the neighbours.
+    ShareKeys {
+        /// Every participant's advertised keys.
+        roster: Vec<crate::secagg::AdvertisedKeys>,
+        /// Every participant's certificate (DER), to check signatures against the federation CA.
+        certificates: std::collections::BTreeMap<String, Vec<u8>>,
+    },
+    /// Return shares so the coordinator can unmask the sum.
+    Unmask(crate::secagg::UnmaskRequest),
 }
 
 /// A client's delta for one round.
@@ -127,6 +170,8 @@ pub struct EvalReport {
 }
 
 /// A coordinator's answer.
+// one message per request, moved once: the size of the largest variant does not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CoordMsg {
     /// Hello accepted.
@@ -169,6 +214,7 @@ pub enum AckStatus {
 }
 
 /// The next thing a polling client should do.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Task {
     /// Nothing now; poll again after the given delay.
@@ -198,6 +244,13 @@ pub enum Task {
         /// The final global version.
         version: u64,
     },
+    /// A secure-aggregation stage of `round`.
+    SecAgg {
+        /// Round id.
+        round: u64,
+        /// What to do.
+        task: Box<SecAggTask>,
+    },
 }
 
 /// An invitation to train in a round.
@@ -222,6 +275,10 @@ pub struct RoundOffer {
     /// The global adapter, as `global_from` says.
     #[serde(with = "serde_bytes")]
     pub global: Vec<u8>,
+    /// Secure rounds: the encrypted shares addressed to this client (stage 3 masks with their
+    /// senders); the client sends a masked input instead of an upload.
+    #[serde(default)]
+    pub secure_shares: Option<Vec<crate::secagg::EncryptedShare>>,
 }
 
 /// How the coordinator sends the global adapter down.

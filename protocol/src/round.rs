@@ -99,6 +99,18 @@ impl FederationConfig {
                 return bad("clients_per_round exceeds the modular codec's max_weight headroom");
             }
         }
+        if let Some(sec) = &self.train.secure {
+            let crate::codec::Codec::Modular(p) = &self.train.codec else {
+                return bad(
+                    "secure aggregation needs the modular codec (its sum is what is unmasked)",
+                );
+            };
+            if sec.modulus_bits != p.modulus_bits() {
+                return bad("secure aggregation's modulus_bits must equal the modular codec's m");
+            }
+            sec.validate(self.clients_per_round)
+                .map_err(|e| ProtocolError::Config(e.to_string()))?;
+        }
         if let Some(dp) = &self.train.dp {
             if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
                 return bad("the DP clip norm must be positive and finite");
@@ -579,6 +591,7 @@ impl Federation {
                 });
                 Some(Transition::RoundStarted { round, selected })
             }
+            Phase::Training(_) if self.config.train.secure.is_some() => None,
             Phase::Training(open) => {
                 let all_in = open.uploads.len() + open.declined.len() == open.selected.len();
                 if !open.closed && !all_in && now_ms < open.deadline_ms {

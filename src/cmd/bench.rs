@@ -280,6 +280,7 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         neighbours: a.neighbours,
         modulus_bits: a.modulus_bits,
         graph_seed: 1,
+        stage_timeout_ms: 1_000,
     };
     let n = a.clients;
     let len = a.params;

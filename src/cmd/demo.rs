@@ -39,6 +39,10 @@ pub(crate) struct DemoArgs {
     /// δ of the privacy target.
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// Secure aggregation: the coordinator sees only the masked sum (DP noise, then the modular
+    /// codec, then masking). Uses `--codec modular:…` if given, else modular:8:0.25:0.25:N.
+    #[arg(long)]
+    secure_aggregation: bool,
     /// Accountant for the clients' calibration and ledgers: rdp or pld.
     #[arg(long, default_value = "rdp")]
     accountant: String,
@@ -89,7 +93,31 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         fed_args.dp_clip_norm.get_or_insert(0.1);
         fed_args.lr.get_or_insert(3e-3);
     }
+    if a.secure_aggregation {
+        if !fed_args
+            .codec
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("modular")
+        {
+            fed_args.codec = Some(format!("modular:8:0.25:0.25:{}", a.clients.max(2)));
+        }
+        fed_args.weighting = Some("uniform".into());
+    }
     fed_args.apply(&mut fed)?;
+    if a.secure_aggregation {
+        let fedlora_protocol::Codec::Modular(p) = &fed.train.codec else {
+            unreachable!("set above")
+        };
+        fed.train.secure = Some(fedlora_protocol::secagg::SecAggParams {
+            threshold: (fed.clients_per_round / 2).max(2),
+            neighbours: 0,
+            modulus_bits: p.modulus_bits(),
+            graph_seed: fed.seed,
+            stage_timeout_ms: 60_000,
+        });
+        fed.validate()?;
+    }
     let accountant = super::privacy::parse_accountant(&a.accountant)?;
     let privacy = a
         .epsilon
@@ -218,6 +246,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             json!({
                 "clients": a.clients,
                 "codec": fed.train.codec.name(),
+                "secure_aggregation": a.secure_aggregation,
                 "base_eval_loss": base_loss,
                 "final_eval_loss": final_loss,
                 "final_version": report.global_version,

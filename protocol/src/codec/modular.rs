@@ -140,6 +140,15 @@ impl ModularSum {
         }
     }
 
+    /// A sum computed elsewhere (e.g. unmasked by secure aggregation) of `count` vectors.
+    pub fn from_sum(ints: Vec<u64>, m: u32, count: usize) -> Self {
+        Self {
+            mask: (1u64 << m) - 1,
+            acc: ints,
+            count,
+        }
+    }
+
     /// Adds one vector (mod 2^m).
     pub fn add(&mut self, ints: &[u64]) -> Result<(), ProtocolError> {
         if ints.len() != self.acc.len() {

@@ -73,6 +73,14 @@ pub struct SecAggParams {
     pub modulus_bits: u32,
     /// Seed of the neighbour graph (public).
     pub graph_seed: u64,
+    /// How long the coordinator waits in the key and unmask stages, milliseconds (the masked
+    /// input stage waits for the round deadline, since clients train first).
+    #[serde(default = "default_stage_timeout")]
+    pub stage_timeout_ms: u64,
+}
+
+fn default_stage_timeout() -> u64 {
+    30_000
 }
 
 impl SecAggParams {

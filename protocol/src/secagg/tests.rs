@@ -30,6 +30,7 @@ fn params(t: usize, k: usize) -> SecAggParams {
         neighbours: k,
         modulus_bits: 20,
         graph_seed: 3,
+        stage_timeout_ms: 1_000,
     }
 }
 

@@ -1,0 +1,180 @@
+//! Driving secure-aggregation rounds: the typed [`ServerRound`] stages over QUIC requests.
+//!
+//! A secure round's state lives in memory only. A coordinator restarted during one aborts it
+//! cleanly (the round fails, nothing is applied, a new round with fresh keys follows): the
+//! clients' secrets die with their round, and a partial or wrong sum is never applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fedlora_protocol::secagg::{
+    AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage,
+    UnmaskRequest,
+};
+use fedlora_protocol::{ClientId, SecAggBody, SecAggTask};
+
+/// The coordinator's side of one secure round.
+pub(crate) struct SecureRound {
+    pub(crate) round: u64,
+    pub(crate) params: SecAggParams,
+    pub(crate) server: ServerRound,
+    pub(crate) selected: BTreeSet<ClientId>,
+    pub(crate) deadline_ms: u64,
+    pub(crate) round_timeout_ms: u64,
+    pub(crate) roster: Vec<AdvertisedKeys>,
+    pub(crate) deliveries: BTreeMap<ClientId, Vec<EncryptedShare>>,
+    pub(crate) request: Option<UnmaskRequest>,
+    pub(crate) sent: [BTreeSet<ClientId>; 4],
+    pub(crate) len: usize,
+}
+
+/// What the driver must do after [`SecureRound::advance`].
+pub(crate) enum Advance {
+    /// Nothing yet.
+    Wait,
+    /// The unmasked sum of the counted clients' inputs.
+    Sum(Vec<u64>, BTreeSet<ClientId>),
+    /// The round cannot finish.
+    Fail(String),
+}
+
+impl SecureRound {
+    pub(crate) fn new(
+        round: u64,
+        params: SecAggParams,
+        len: usize,
+        selected: BTreeSet<ClientId>,
+        now_ms: u64,
+        round_timeout_ms: u64,
+    ) -> Self {
+        Self {
+            round,
+            server: ServerRound::new(round, params.clone(), len, selected.clone()),
+            deadline_ms: now_ms + params.stage_timeout_ms,
+            params,
+            selected,
+            round_timeout_ms,
+            roster: Vec::new(),
+            deliveries: BTreeMap::new(),
+            request: None,
+            sent: Default::default(),
+            len,
+        }
+    }
+
+    /// The stage task for `client`, if it has one now; `None` means wait (or train, in the
+    /// input stage, see [`SecureRound::wants_input`]).
+    pub(crate) fn task(
+        &self,
+        client: &str,
+        certs: &BTreeMap<ClientId, Vec<u8>>,
+    ) -> Option<SecAggTask> {
+        match self.server.stage() {
+            ServerStage::CollectKeys
+                if self.selected.contains(client) && !self.sent[0].contains(client) =>
+            {
+                Some(SecAggTask::AdvertiseKeys {
+                    params: self.params.clone(),
+                })
+            }
+            ServerStage::CollectShares
+                if self.roster.iter().any(|k| k.client == client)
+                    && !self.sent[1].contains(client) =>
+            {
+                Some(SecAggTask::ShareKeys {
+                    roster: self.roster.clone(),
+                    certificates: self
+                        .roster
+                        .iter()
+                        .filter_map(|k| certs.get(&k.client).map(|c| (k.client.clone(), c.clone())))
+                        .collect(),
+                })
+            }
+            ServerStage::CollectUnmask => {
+                let req = self.request.as_ref()?;
+                (req.survivors.contains(client) && !self.sent[3].contains(client))
+                    .then(|| SecAggTask::Unmask(req.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The shares to send with `client`'s training offer, when it is due a masked input.
+    pub(crate) fn wants_input(&self, client: &str) -> Option<Vec<EncryptedShare>> {
+        (self.server.stage() == ServerStage::CollectInputs && !self.sent[2].contains(client))
+            .then(|| self.deliveries.get(client).cloned())
+            .flatten()
+    }
+
+    /// A stage message from `client`.
+    pub(crate) fn receive(&mut self, client: &str, body: SecAggBody) -> Result<(), SecAggError> {
+        match body {
+            SecAggBody::Keys(k) => {
+                self.server.receive_keys(client, k)?;
+                self.sent[0].insert(client.to_string());
+            }
+            SecAggBody::Shares(s) => {
+                self.server.receive_shares(client, s)?;
+                self.sent[1].insert(client.to_string());
+            }
+            SecAggBody::Input(bytes) => {
+                let ints = fedlora_protocol::codec::bits::unpack(
+                    &bytes,
+                    self.len,
+                    self.params.modulus_bits,
+                )
+                .ok_or_else(|| {
+                    SecAggError::PeerMisbehaved("masked input of the wrong size".into())
+                })?;
+                self.server.receive_input(client, ints)?;
+                self.sent[2].insert(client.to_string());
+            }
+            SecAggBody::Unmask(r) => {
+                if r.client != client {
+                    return Err(SecAggError::PeerMisbehaved(
+                        "unmask response for another client".into(),
+                    ));
+                }
+                self.server.receive_unmask(r)?;
+                self.sent[3].insert(client.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a stage when everyone expected answered or its deadline passed.
+    pub(crate) fn advance(&mut self, now_ms: u64) -> Advance {
+        let r = (|| -> Result<Advance, SecAggError> {
+            match self.server.stage() {
+                ServerStage::CollectKeys => {
+                    if self.sent[0].len() == self.selected.len() || now_ms >= self.deadline_ms {
+                        self.roster = self.server.close_keys()?;
+                        self.deadline_ms = now_ms + self.params.stage_timeout_ms;
+                    }
+                }
+                ServerStage::CollectShares => {
+                    if self.sent[1].len() == self.roster.len() || now_ms >= self.deadline_ms {
+                        self.deliveries = self.server.close_shares()?;
+                        // clients train before they send their input: the round's deadline
+                        self.deadline_ms = now_ms + self.round_timeout_ms;
+                    }
+                }
+                ServerStage::CollectInputs => {
+                    if self.sent[2].len() == self.deliveries.len() || now_ms >= self.deadline_ms {
+                        self.request = Some(self.server.close_inputs()?);
+                        self.deadline_ms = now_ms + self.params.stage_timeout_ms;
+                    }
+                }
+                ServerStage::CollectUnmask => {
+                    let n = self.request.as_ref().map_or(0, |r| r.survivors.len());
+                    if self.sent[3].len() == n || now_ms >= self.deadline_ms {
+                        let (sum, counted) = self.server.finish()?;
+                        return Ok(Advance::Sum(sum, counted));
+                    }
+                }
+                ServerStage::Done => return Ok(Advance::Fail("secure round already ended".into())),
+            }
+            Ok(Advance::Wait)
+        })();
+        r.unwrap_or_else(|e| Advance::Fail(e.to_string()))
+    }
+}
