@@ -243,3 +243,86 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         assert_eq!(got, expected.values()[off..off + len]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let data = dir.path().join("data");
+    let st = Command::new(BIN)
+        .args(["certs", "init", "--clients", "2", "--out"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\n\
+             [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n\
+             round_timeout_ms = 120000\n\
+             [federation.train]\nweighting = \"uniform\"\n\
+             [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 2\n\
+             [federation.train.secure]\nthreshold = 1\nneighbours = 0\nmodulus_bits = 10\ngraph_seed = 1\n",
+            data.display().to_string(),
+            certs.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("coordinator.log");
+    let initial = initial_adapter(&LmConfig::new()).unwrap();
+    let spec_hash = initial.spec().hash();
+    let mut child = start(&config, &log);
+    let s0 = join(&certs, 0, addr, spec_hash).await;
+    let _s1 = join(&certs, 1, addr, spec_hash).await;
+    // the secure round opens with its first stage
+    let mut first = None;
+    for _ in 0..300 {
+        match poll(&s0).await {
+            Task::SecAgg { round, .. } => {
+                first = Some(round);
+                break;
+            }
+            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let first = first.expect("a secure stage task");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = start(&config, &log);
+    let s0 = join(&certs, 0, addr, spec_hash).await;
+    let _s1 = join(&certs, 1, addr, spec_hash).await;
+    let mut next = None;
+    for _ in 0..300 {
+        match poll(&s0).await {
+            Task::SecAgg { round, .. } => {
+                next = Some(round);
+                break;
+            }
+            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        next.expect("a fresh secure round") > first,
+        "a new round id, fresh keys"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r0 = &status["rounds"][0];
+    assert_eq!(r0["round"], first);
+    assert_eq!(r0["status"], "failed");
+    assert_eq!(r0["reason"], "coordinator restarted during a secure round");
+    assert_eq!(status["global_version"], 0, "nothing was applied");
+}

@@ -9,7 +9,7 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamGroup};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor};
 
 /// Adapter-wide LoRA settings.
 #[derive(Config, Debug, PartialEq)]
@@ -76,6 +76,10 @@ pub struct LoraLinearConfig {
     /// Adapter settings; `None` makes a plain (frozen) linear layer.
     #[config(default = "None")]
     pub lora: Option<LoraConfig>,
+    /// Seed of `A`'s init (ChaCha20, independent of the device's global RNG, so every client
+    /// and thread builds the same `A`).
+    #[config(default = 0)]
+    pub a_seed: u64,
 }
 
 impl LoraLinearConfig {
@@ -102,10 +106,14 @@ impl LoraLinearConfig {
         });
         let (lora_a, lora_b, scaling, dropout) = match &self.lora {
             Some(cfg) => {
+                use rand::{RngExt, SeedableRng};
                 let bound = 1.0 / (self.d_input as f64).sqrt();
-                let a = Tensor::<2>::random(
-                    [cfg.rank, self.d_input],
-                    Distribution::Uniform(-bound, bound),
+                let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(self.a_seed);
+                let values: Vec<f32> = (0..cfg.rank * self.d_input)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let a = Tensor::<2>::from_data(
+                    burn::tensor::TensorData::new(values, [cfg.rank, self.d_input]),
                     device,
                 );
                 let b = Tensor::<2>::zeros([self.d_output, cfg.rank], device);
@@ -213,6 +221,7 @@ impl LoraLinear {
 mod tests {
     use super::*;
     use burn::optim::{AdamConfig, GradientsParams};
+    use burn::tensor::Distribution;
     use burn::tensor::TensorData;
 
     fn device() -> Device {

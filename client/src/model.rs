@@ -48,9 +48,15 @@ pub struct LmConfig {
 }
 
 impl LmConfig {
-    fn proj(&self, name: &str, d_in: usize, d_out: usize) -> LoraLinearConfig {
+    fn proj(&self, name: &str, layer: usize, d_in: usize, d_out: usize) -> LoraLinearConfig {
         let lora = self.lora.as_ref().filter(|l| l.targets(name)).cloned();
-        LoraLinearConfig::new(d_in, d_out).with_lora(lora)
+        let which = ["q", "k", "v", "o", "fc1", "fc2", "head"]
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or(7) as u64;
+        LoraLinearConfig::new(d_in, d_out)
+            .with_lora(lora)
+            .with_a_seed(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (layer as u64 * 8 + which))
     }
 
     /// Builds the model with seeded weights. With an adapter, every base weight is frozen and only
@@ -62,15 +68,15 @@ impl LmConfig {
         );
         device.seed(self.seed);
         let blocks = (0..self.n_layers)
-            .map(|_| Block {
+            .map(|i| Block {
                 ln1: LayerNormConfig::new(self.d_model).init(device),
-                q: self.proj("q", self.d_model, self.d_model).init(device),
-                k: self.proj("k", self.d_model, self.d_model).init(device),
-                v: self.proj("v", self.d_model, self.d_model).init(device),
-                o: self.proj("o", self.d_model, self.d_model).init(device),
+                q: self.proj("q", i, self.d_model, self.d_model).init(device),
+                k: self.proj("k", i, self.d_model, self.d_model).init(device),
+                v: self.proj("v", i, self.d_model, self.d_model).init(device),
+                o: self.proj("o", i, self.d_model, self.d_model).init(device),
                 ln2: LayerNormConfig::new(self.d_model).init(device),
-                fc1: self.proj("fc1", self.d_model, self.d_ff).init(device),
-                fc2: self.proj("fc2", self.d_ff, self.d_model).init(device),
+                fc1: self.proj("fc1", i, self.d_model, self.d_ff).init(device),
+                fc2: self.proj("fc2", i, self.d_ff, self.d_model).init(device),
                 n_heads: self.n_heads,
             })
             .collect();
@@ -79,7 +85,9 @@ impl LmConfig {
             pos: EmbeddingConfig::new(self.context, self.d_model).init(device),
             blocks,
             ln_f: LayerNormConfig::new(self.d_model).init(device),
-            head: self.proj("head", self.d_model, VOCAB).init(device),
+            head: self
+                .proj("head", self.n_layers, self.d_model, VOCAB)
+                .init(device),
             context: self.context,
         };
         match &self.lora {

@@ -34,6 +34,7 @@ pub struct DpPlan {
 
 /// What a client does in a round, chosen by the coordinator and identical for all participants.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     /// Optimizer steps per round.
     pub local_steps: u32,
