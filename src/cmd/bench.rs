@@ -226,8 +226,9 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
         "topk:0.03",
         "subset:0.25",
         "subset:0.125",
-        "modular:8:0.02:0.125:1024",
-        "modular:8:0.02:1:1024",
+        "modular:8:0.25:0.125:64",
+        "modular:8:0.25:0.25:64",
+        "modular:8:0.25:1:64",
     ];
     let mb = (x.len() * 4) as f64 / 1e6;
     let mut rows = Vec::new();
