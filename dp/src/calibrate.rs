@@ -16,15 +16,29 @@ pub fn noise_multiplier(
     delta: f64,
     target_epsilon: f64,
 ) -> Result<f64, DpError> {
+    smallest_sigma(q, steps, delta, target_epsilon, 0.0, |s| {
+        dp_sgd_epsilon(q, s, steps, delta).map(|e| e.0)
+    })
+}
+
+/// The bisection behind every accountant's calibration: the smallest σ ≥ `floor` (to 1e-3,
+/// rounded up) with `epsilon(σ) ≤ target`, for an `epsilon` that decreases in σ.
+pub(crate) fn smallest_sigma(
+    q: f64,
+    steps: u64,
+    delta: f64,
+    target_epsilon: f64,
+    floor: f64,
+    epsilon: impl Fn(f64) -> Result<f64, DpError>,
+) -> Result<f64, DpError> {
     crate::event::validate(q, None, steps, delta)?;
     if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
         return Err(DpError::InvalidParameter(format!(
             "target ε = {target_epsilon} must be positive and finite"
         )));
     }
-    let eps = |s: f64| dp_sgd_epsilon(q, s, steps, delta).map(|e| e.0);
-    let mut hi = 1.0;
-    while eps(hi)? > target_epsilon {
+    let mut hi = 1.0f64.max(floor);
+    while epsilon(hi)? > target_epsilon {
         hi *= 2.0;
         if hi > MAX_SIGMA {
             return Err(DpError::Unreachable {
@@ -33,17 +47,17 @@ pub fn noise_multiplier(
             });
         }
     }
-    let mut lo = 0.0;
+    let mut lo = floor;
     while hi - lo > 1e-3 {
         let mid = 0.5 * (lo + hi);
-        if eps(mid)? > target_epsilon {
+        if epsilon(mid)? > target_epsilon {
             lo = mid;
         } else {
             hi = mid;
         }
     }
     let rounded = (hi * 1e3).ceil() / 1e3;
-    debug_assert!(eps(rounded)? <= target_epsilon);
+    debug_assert!(epsilon(rounded)? <= target_epsilon);
     Ok(rounded)
 }
 

@@ -119,20 +119,15 @@ impl Pld {
         let mut planner = FftPlanner::<f64>::new();
         let fft = planner.plan_fft_forward(size);
         let ifft = planner.plan_fft_inverse(size);
-        let mut a: Vec<Complex64> = self
-            .pmf
-            .iter()
-            .map(|&v| Complex64::new(v, 0.0))
-            .chain(std::iter::repeat(Complex64::new(0.0, 0.0)))
-            .take(size)
-            .collect();
-        let mut b: Vec<Complex64> = other
-            .pmf
-            .iter()
-            .map(|&v| Complex64::new(v, 0.0))
-            .chain(std::iter::repeat(Complex64::new(0.0, 0.0)))
-            .take(size)
-            .collect();
+        let padded = |pmf: &[f64]| -> Vec<Complex64> {
+            pmf.iter()
+                .map(|&v| Complex64::new(v, 0.0))
+                .chain(std::iter::repeat(Complex64::new(0.0, 0.0)))
+                .take(size)
+                .collect()
+        };
+        let mut a = padded(&self.pmf);
+        let mut b = padded(&other.pmf);
         fft.process(&mut a);
         fft.process(&mut b);
         for (x, y) in a.iter_mut().zip(&b) {
@@ -274,40 +269,17 @@ pub fn dp_sgd_epsilon(q: f64, sigma: f64, steps: u64, delta: f64) -> Result<f64,
 }
 
 /// The smallest σ (to 1e-3, rounded up) keeping DP-SGD within `target_epsilon` under the PLD
-/// accountant.
+/// accountant. The search starts at σ = 0.05 (below it the loss grid explodes); a smaller true
+/// answer is returned as 0.05, i.e. with more noise than needed.
 pub fn noise_multiplier(
     q: f64,
     steps: u64,
     delta: f64,
     target_epsilon: f64,
 ) -> Result<f64, DpError> {
-    crate::event::validate(q, None, steps, delta)?;
-    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
-        return Err(DpError::InvalidParameter(format!(
-            "target ε = {target_epsilon} must be positive and finite"
-        )));
-    }
-    let eps = |s: f64| dp_sgd_epsilon(q, s, steps, delta);
-    let mut hi = 1.0;
-    while eps(hi)? > target_epsilon {
-        hi *= 2.0;
-        if hi > crate::calibrate::MAX_SIGMA {
-            return Err(DpError::Unreachable {
-                target: target_epsilon,
-                max_sigma: crate::calibrate::MAX_SIGMA,
-            });
-        }
-    }
-    let mut lo = 0.05;
-    while hi - lo > 1e-3 {
-        let mid = 0.5 * (lo + hi);
-        if eps(mid)? > target_epsilon {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok((hi * 1e3).ceil() / 1e3)
+    crate::calibrate::smallest_sigma(q, steps, delta, target_epsilon, 0.05, |s| {
+        dp_sgd_epsilon(q, s, steps, delta)
+    })
 }
 
 #[cfg(test)]
