@@ -8,9 +8,10 @@ use fedlora_client::adapter::{collect_named, NamedFilter};
 use fedlora_client::data::ClientData;
 use fedlora_client::lora::LoraConfig;
 use fedlora_client::model::LmConfig;
-use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::sdk::{ClientConfig, ClientReport, FederatedClient};
 use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::ClientTls;
+use fedlora_client::ClientError;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
@@ -26,18 +27,78 @@ fn tiny(lora: Option<LoraConfig>) -> LmConfig {
         .with_lora(lora)
 }
 
+/// Certificates, a tiny model with a random base, and the trainer every client shares.
+struct Fixture {
+    dir: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    cfg_lm: LmConfig,
+    trainer: LocalTrainer,
+}
+
+impl Fixture {
+    fn new(clients: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = init_certs(&dir.path().join("certs"), clients, &default_server_names())
+            .unwrap()
+            .0;
+        let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
+        let device = Device::flex().autodiff();
+        let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
+        let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
+        Self {
+            dir,
+            certs,
+            cfg_lm,
+            trainer,
+        }
+    }
+
+    /// Starts a coordinator on an ephemeral loopback port running `federation`.
+    async fn coordinator(&self, federation: FederationConfig) -> Coordinator {
+        let mut cfg = CoordinatorConfig::new(self.dir.path().join("state"), &self.certs);
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.federation = federation;
+        Coordinator::start(cfg, initial_adapter(&self.cfg_lm).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Runs clients 0..n (demo data, seeded sampling), each configured further by `tweak`.
+    fn clients(
+        &self,
+        coord: &Coordinator,
+        n: usize,
+        tweak: impl Fn(usize, &mut ClientConfig),
+    ) -> Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>> {
+        let addr = coord.local_addr().unwrap();
+        (0..n)
+            .map(|i| {
+                let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&self.certs, i));
+                cc.sampling_seed = Some(i as u64);
+                cc.state_dir = Some(self.dir.path().join(format!("client-{i}")));
+                tweak(i, &mut cc);
+                let data = ClientData::demo_client(i, 16).unwrap();
+                let client = FederatedClient::new(cc, self.trainer.clone(), data).unwrap();
+                tokio::spawn(async move { client.run().await })
+            })
+            .collect()
+    }
+}
+
+async fn reports(
+    hs: Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>>,
+) -> Vec<ClientReport> {
+    let mut out = Vec::new();
+    for h in hs {
+        out.push(h.await.unwrap().unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_train_two_rounds_over_quic() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names()).unwrap();
-    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
-    let device = Device::flex().autodiff();
-    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
-    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
-
-    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.federation = FederationConfig {
+    let fx = Fixture::new(3);
+    let mut fed = FederationConfig {
         rounds: 2,
         clients_per_round: 3,
         min_clients: 3,
@@ -45,22 +106,11 @@ async fn three_clients_train_two_rounds_over_quic() {
         eval_timeout_ms: 30_000,
         ..Default::default()
     };
-    cfg.federation.train.local_steps = 5;
-    cfg.federation.train.batch_size = 8;
-    cfg.federation.train.learning_rate = 1e-2;
-    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
-        .await
-        .unwrap();
-    let addr = coord.local_addr().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs.0, i));
-        cc.sampling_seed = Some(i as u64);
-        cc.state_dir = Some(dir.path().join(format!("client-{i}")));
-        let data = ClientData::demo_client(i, 16).unwrap();
-        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
-        handles.push(tokio::spawn(async move { client.run().await }));
-    }
+    fed.train.local_steps = 5;
+    fed.train.batch_size = 8;
+    fed.train.learning_rate = 1e-2;
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 3, |_, _| {});
     let ok = tokio::time::timeout(
         Duration::from_secs(120),
         coord.wait_finished(Duration::from_millis(300)),
@@ -68,8 +118,7 @@ async fn three_clients_train_two_rounds_over_quic() {
     .await
     .expect("federation finishes");
     assert!(ok);
-    for h in handles {
-        let r = h.await.unwrap().unwrap();
+    for r in reports(handles).await {
         assert_eq!(r.rounds.len(), 2, "{r:?}");
         assert_eq!(r.final_version, Some(2));
         assert!(r.bytes_up > 0 && r.bytes_down > 0);
@@ -91,15 +140,8 @@ async fn three_clients_train_two_rounds_over_quic() {
 async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
     use fedlora_client::privacy::PrivacyTarget;
     use fedlora_protocol::{DpPlan, Weighting};
-    let dir = tempfile::tempdir().unwrap();
-    let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names()).unwrap();
-    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
-    let device = Device::flex().autodiff();
-    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
-    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
-    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.federation = FederationConfig {
+    let fx = Fixture::new(3);
+    let mut fed = FederationConfig {
         rounds: 2,
         clients_per_round: 3,
         min_clients: 2,
@@ -107,23 +149,16 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
         eval_timeout_ms: 30_000,
         ..Default::default()
     };
-    cfg.federation.train.local_steps = 4;
-    cfg.federation.train.batch_size = 8;
-    cfg.federation.train.weighting = Weighting::Uniform;
-    cfg.federation.train.dp = Some(DpPlan {
+    fed.train.local_steps = 4;
+    fed.train.batch_size = 8;
+    fed.train.weighting = Weighting::Uniform;
+    fed.train.dp = Some(DpPlan {
         clip_norm: 1.0,
         planned_rounds: 2,
     });
-    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
-        .await
-        .unwrap();
-    let addr = coord.local_addr().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs.0, i));
-        cc.sampling_seed = Some(i as u64);
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 3, |i, cc| {
         cc.noise_seed = Some(100 + i as u64);
-        cc.state_dir = Some(dir.path().join(format!("client-{i}")));
         if i < 2 {
             cc.privacy = Some(PrivacyTarget {
                 epsilon: 8.0,
@@ -131,10 +166,7 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
                 accountant: Default::default(),
             });
         }
-        let data = ClientData::demo_client(i, 16).unwrap();
-        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
-        handles.push(tokio::spawn(async move { client.run().await }));
-    }
+    });
     let ok = tokio::time::timeout(
         Duration::from_secs(120),
         coord.wait_finished(Duration::from_millis(300)),
@@ -142,8 +174,7 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
     .await
     .expect("federation finishes");
     assert!(ok);
-    let reports: Vec<_> = futures_join(handles).await;
-    for (i, r) in reports.iter().enumerate() {
+    for (i, r) in reports(handles).await.iter().enumerate() {
         if i < 2 {
             assert_eq!(r.rounds.len(), 2, "{r:?}");
             let eps = r.eps_spent.unwrap();
@@ -162,32 +193,11 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
     coord.shutdown().await;
 }
 
-async fn futures_join(
-    hs: Vec<
-        tokio::task::JoinHandle<
-            Result<fedlora_client::sdk::ClientReport, fedlora_client::ClientError>,
-        >,
-    >,
-) -> Vec<fedlora_client::sdk::ClientReport> {
-    let mut out = Vec::new();
-    for h in hs {
-        out.push(h.await.unwrap().unwrap());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
     use fedlora_protocol::Downlink;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
-    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
-    let device = Device::flex().autodiff();
-    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
-    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
-    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.federation = FederationConfig {
+    let fx = Fixture::new(2);
+    let mut fed = FederationConfig {
         rounds: 3,
         clients_per_round: 2,
         min_clients: 2,
@@ -195,24 +205,13 @@ async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
         eval_timeout_ms: 30_000,
         ..Default::default()
     };
-    cfg.federation.train.local_steps = 3;
-    cfg.federation.train.batch_size = 8;
-    cfg.federation.train.downlink = Downlink::F16Delta;
-    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
-        .await
-        .unwrap();
-    let addr = coord.local_addr().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..2 {
-        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs.0, i));
-        cc.sampling_seed = Some(i as u64);
-        let data = ClientData::demo_client(i, 16).unwrap();
-        let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
-        handles.push(tokio::spawn(async move { client.run().await }));
-    }
+    fed.train.local_steps = 3;
+    fed.train.batch_size = 8;
+    fed.train.downlink = Downlink::F16Delta;
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 2, |_, cc| cc.state_dir = None);
     assert!(coord.wait_finished(Duration::from_millis(300)).await);
-    for h in handles {
-        let r = h.await.unwrap().unwrap();
+    for r in reports(handles).await {
         assert_eq!(r.rounds.len(), 3, "{r:?}");
         assert_eq!(
             r.evals.iter().map(|e| e.0).collect::<Vec<_>>(),
@@ -225,7 +224,7 @@ async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
         .iter()
         .map(|r| r.record.bytes_down.values().sum())
         .collect();
-    let n = trainer.spec().numel() as u64;
+    let n = fx.trainer.spec().numel() as u64;
     // round 1: full dense f32 (4 bytes a value); later rounds: f16 deltas (2 bytes a value)
     assert!(down[0] >= 2 * 4 * n, "{down:?}");
     for d in &down[1..] {
