@@ -108,6 +108,20 @@ enum Work {
     Decline(u64, String),
 }
 
+/// Replaces a state-directory file with `value` (bincode): temp file, then rename.
+fn save_state_file<T: serde::Serialize>(
+    path: &std::path::Path,
+    value: &T,
+) -> Result<(), ClientError> {
+    std::fs::create_dir_all(path.parent().expect("state files live in a directory"))?;
+    let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| ClientError::Storage(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
 fn os_rng() -> Result<rand::rngs::ChaCha20Rng, ClientError> {
     rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))
@@ -150,15 +164,10 @@ impl FederatedClient {
     }
 
     fn save_pending(&self, u: &Upload) -> Result<(), ClientError> {
-        if let Some(p) = self.pending_path() {
-            std::fs::create_dir_all(p.parent().expect("parent"))?;
-            let bytes = bincode::serde::encode_to_vec(u, bincode::config::standard())
-                .map_err(|e| ClientError::Storage(e.to_string()))?;
-            let tmp = p.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(tmp, p)?;
+        match self.pending_path() {
+            Some(p) => save_state_file(&p, u),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn load_pending(&self) -> Option<Upload> {
@@ -482,8 +491,7 @@ impl FederatedClient {
         };
         let mut rng = match self.config.sampling_seed {
             Some(s) => rand::rngs::ChaCha20Rng::seed_from_u64(s ^ offer.round ^ 0xC0DEC),
-            None => rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-                .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))?,
+            None => os_rng()?,
         };
         if !codec.wants_error_feedback() {
             let (bytes, stats) = codec.encode_with(delta.values(), &ctx, weight, &mut rng);
@@ -515,12 +523,7 @@ impl FederatedClient {
         let sent = Codec::decode(&bytes, self.trainer.spec(), Some(codec), &ctx)?;
         ef.update(&comp, sent.values());
         if let Some(p) = self.residual_path() {
-            std::fs::create_dir_all(p.parent().expect("parent"))?;
-            let b = bincode::serde::encode_to_vec(&ef, bincode::config::standard())
-                .map_err(|e| ClientError::Storage(e.to_string()))?;
-            let tmp = p.with_extension("tmp");
-            std::fs::write(&tmp, b)?;
-            std::fs::rename(tmp, p)?;
+            save_state_file(&p, &ef)?;
         }
         Ok(bytes)
     }
@@ -620,8 +623,7 @@ impl FederatedClient {
         let out = tokio::task::spawn_blocking(move || {
             let mut rng = match seed {
                 Some(seed) => rand::rngs::ChaCha20Rng::seed_from_u64(seed),
-                None => rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-                    .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))?,
+                None => os_rng()?,
             };
             match dp {
                 None => trainer.train(&global, &train, &cfg, &mut rng),

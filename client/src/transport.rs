@@ -7,15 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
-use fedlora_protocol::{ClientMsg, CoordMsg};
+use fedlora_protocol::{ClientMsg, CoordMsg, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::ClientError;
-
-/// ALPN protocol id of fedlora over QUIC (must match the coordinator's).
-pub const ALPN: &[u8] = b"fedlora/1";
 
 /// How long one request/response exchange may take, seconds.
 pub const REQUEST_TIMEOUT_S: u64 = 120;
@@ -47,7 +44,7 @@ fn tls_err(path: &Path, e: impl std::fmt::Display) -> ClientError {
 }
 
 /// A QUIC client config: TLS 1.3 only, ring provider, the federation CA as the only root, this
-/// client's certificate for mutual TLS, idle timeout 60 s and keep-alives every 10 s.
+/// client's certificate for mutual TLS, the protocol's idle timeout and keep-alive interval.
 pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -72,9 +69,9 @@ pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError
     let mut cc = quinn::ClientConfig::new(Arc::new(q));
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("valid"),
+        quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_S)).expect("valid"),
     ));
-    t.keep_alive_interval(Some(Duration::from_secs(10)));
+    t.keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_S)));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }

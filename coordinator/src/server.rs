@@ -1066,14 +1066,15 @@ fn fail_record(
         reason: reason.clone(),
     };
     rec.ended_ms = Some(now);
-    rec.bytes_down = take_bytes_down(shared, round);
+    rec.bytes_down = take_round(&shared.bytes_down, round);
     shared.store.put_round(&rec, state)?;
     let _ = shared.events.send(Event::RoundFailed { round, reason });
     Ok(())
 }
 
-fn take_bytes_down(shared: &Shared, round: u64) -> BTreeMap<String, u64> {
-    let mut all = shared.bytes_down.lock().expect("lock");
+/// Removes and returns `round`'s per-client byte counts from a (round, client) counter.
+fn take_round(counter: &Mutex<BTreeMap<(u64, String), u64>>, round: u64) -> BTreeMap<String, u64> {
+    let mut all = counter.lock().expect("lock");
     let keys: Vec<_> = all.keys().filter(|(r, _)| *r == round).cloned().collect();
     keys.into_iter()
         .filter_map(|k| all.remove(&k).map(|v| (k.1, v)))
@@ -1152,14 +1153,8 @@ fn commit(
         .filter(|r| r.round == round)
         .map(|r| (r.client, r.wire_bytes))
         .collect();
-    {
-        let mut sec = shared.secure_bytes_up.lock().expect("lock");
-        let keys: Vec<_> = sec.keys().filter(|(r, _)| *r == round).cloned().collect();
-        for k in keys {
-            if let Some(b) = sec.remove(&k) {
-                *records.entry(k.1).or_default() += b;
-            }
-        }
+    for (client, b) in take_round(&shared.secure_bytes_up, round) {
+        *records.entry(client).or_default() += b;
     }
     let total_w: f64 = uploads.values().map(|m| m.weight).sum();
     let train_loss = uploads
@@ -1179,7 +1174,7 @@ fn commit(
     rec.participants = uploads.keys().cloned().collect();
     rec.stragglers = missing.iter().cloned().collect();
     rec.bytes_up = records;
-    rec.bytes_down = take_bytes_down(shared, round);
+    rec.bytes_down = take_round(&shared.bytes_down, round);
     rec.train_loss = Some(train_loss);
     rec.eps_spent = uploads
         .iter()

@@ -12,13 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::{CoordinatorError, Result};
 
-/// ALPN protocol id of fedlora over QUIC.
-pub const ALPN: &[u8] = b"fedlora/1";
-
-/// Idle timeout of a connection: a device silent for this long is dropped, seconds.
-pub const IDLE_TIMEOUT_S: u64 = 60;
-/// Keep-alive interval, seconds: keeps NAT bindings and idle connections open on flaky links.
-pub const KEEP_ALIVE_S: u64 = 10;
+use fedlora_protocol::{ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S};
 
 fn err(what: &Path, e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Tls(format!("{}: {e}", what.display()))

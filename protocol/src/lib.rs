@@ -17,7 +17,8 @@ pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
     AckStatus, ClientMsg, CoordMsg, Downlink, DpPlan, EvalReport, RoundOffer, SecAggBody,
-    SecAggTask, Task, TrainConfig, Upload, Weighting, PROTOCOL_VERSION,
+    SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S,
+    PROTOCOL_VERSION,
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,

@@ -10,6 +10,15 @@ use crate::error::Refusal;
 /// The protocol version this crate speaks; a hello with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
+pub const ALPN: &[u8] = b"fedlora/1";
+
+/// Idle timeout of a QUIC connection: a peer silent for this long is dropped, seconds.
+pub const IDLE_TIMEOUT_S: u64 = 60;
+
+/// Keep-alive interval, seconds: keeps NAT bindings and idle connections open on flaky links.
+pub const KEEP_ALIVE_S: u64 = 10;
+
 /// How the coordinator weighs each client's delta in the average.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
