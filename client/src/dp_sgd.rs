@@ -162,51 +162,73 @@ pub fn dp_gradient(
     for chunk in windows.chunks(cfg.max_chunk.max(1)) {
         let (grads, l) = per_example_grads(lm, chunk, device);
         losses.extend(l);
-        let b = chunk.len();
-        let mut sq = Tensor::<1>::zeros([b], &inner);
-        for g in &grads {
-            sq = sq
-                + g.clone()
-                    .powf_scalar(2.0)
-                    .sum_dim(2)
-                    .sum_dim(1)
-                    .reshape([b]);
-        }
-        let n: Vec<f64> = sq
-            .sqrt()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32")
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        let factors: Vec<f32> = n
-            .iter()
-            .map(|&x| fedlora_dp::mechanism::clip_factor(x, cfg.clip_norm) as f32)
-            .collect();
-        norms.extend(n);
-        let f = Tensor::<1>::from_data(TensorData::new(factors, [b]), &inner).reshape([b, 1, 1]);
-        for (s, g) in sums.iter_mut().zip(grads) {
-            let [_, r, c] = g.dims();
-            *s = s.clone() + (g * f.clone()).sum_dim(0).reshape([r, c]);
-        }
+        norms.extend(accumulate_clipped(&mut sums, grads, cfg.clip_norm));
     }
-    let std = cfg.noise_multiplier * cfg.clip_norm;
-    let out = sums
+    (noisy_mean(sums, cfg, noise), norms, losses)
+}
+
+/// Clips each example's gradient to L2 norm ≤ `clip_norm` **jointly** over all tensors and adds
+/// it to `sums`. `grads[j]` is `[batch, r, c]` (example `i`'s gradient of tensor `j` at index
+/// `i`), `sums[j]` is `[r, c]`; all on the inner (non-autodiff) backend. Returns the pre-clip
+/// norms. This is the sensitivity-bounding step every DP-SGD trainer in fedlora shares.
+pub fn accumulate_clipped(sums: &mut [Tensor<2>], grads: Vec<Tensor<3>>, clip_norm: f64) -> Vec<f64> {
+    let Some(first) = grads.first() else {
+        return Vec::new();
+    };
+    let b = first.dims()[0];
+    let inner = first.device();
+    let mut sq = Tensor::<1>::zeros([b], &inner);
+    for g in &grads {
+        sq = sq
+            + g.clone()
+                .powf_scalar(2.0)
+                .sum_dim(2)
+                .sum_dim(1)
+                .reshape([b]);
+    }
+    let n: Vec<f64> = sq
+        .sqrt()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32")
         .into_iter()
+        .map(f64::from)
+        .collect();
+    let factors: Vec<f32> = n
+        .iter()
+        .map(|&x| fedlora_dp::mechanism::clip_factor(x, clip_norm) as f32)
+        .collect();
+    let f = Tensor::<1>::from_data(TensorData::new(factors, [b]), &inner).reshape([b, 1, 1]);
+    for (s, g) in sums.iter_mut().zip(grads) {
+        let [_, r, c] = g.dims();
+        *s = s.clone() + (g * f.clone()).sum_dim(0).reshape([r, c]);
+    }
+    n
+}
+
+/// The Gaussian mechanism on clipped sums: adds N(0, (σ·C)²) from `noise` to every coordinate
+/// and divides by the expected batch size `q·n` (a fixed public number, so the division is
+/// post-processing).
+pub fn noisy_mean(
+    sums: Vec<Tensor<2>>,
+    cfg: &DpSgdConfig,
+    noise: &mut GaussianNoise,
+) -> Vec<Tensor<2>> {
+    let std = cfg.noise_multiplier * cfg.clip_norm;
+    sums.into_iter()
         .map(|s| {
             let dims = s.dims();
             let s = if std > 0.0 && std.is_finite() {
                 let z = noise.sample(dims[0] * dims[1]);
-                s + Tensor::<2>::from_data(TensorData::new(z, dims), &inner)
+                let device = s.device();
+                s + Tensor::<2>::from_data(TensorData::new(z, dims), &device)
             } else {
                 s
             };
             s.div_scalar(cfg.expected_batch.max(1) as f64)
         })
-        .collect();
-    (out, norms, losses)
+        .collect()
 }
 
 /// Poisson sample of `0..n` with rate `q` (each index independently).

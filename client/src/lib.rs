@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod data;
 pub mod error;
+pub mod learner;
 pub mod lora;
 pub mod model;
 pub mod train;

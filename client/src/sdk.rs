@@ -11,11 +11,11 @@ use fedlora_protocol::{
     AckStatus, ClientMsg, Codec, CodecContext, CoordMsg, ErrorFeedback, EvalReport, FlatAdapter,
     RefusalCode, RoundOffer, SecAggBody, SecAggTask, Task, Upload, Weighting, PROTOCOL_VERSION,
 };
-use rand::SeedableRng;
 use tracing::{info, warn};
 
 use crate::data::ClientData;
 use crate::error::ClientError;
+use crate::learner::{encode_update, local_update, os_rng, ClientSeeds, Learner, LmLearner};
 use crate::privacy::{PrivacyState, PrivacyTarget};
 use crate::train::LocalTrainer;
 use crate::transport::{endpoint, ClientTls, Session};
@@ -86,11 +86,10 @@ pub struct ClientReport {
     pub eps_spent: Option<f64>,
 }
 
-/// A federated client: a trainer, local data, and the connection settings.
+/// A federated client: a learner (model and local data) and the connection settings.
 pub struct FederatedClient {
     config: ClientConfig,
-    trainer: LocalTrainer,
-    data: ClientData,
+    learner: std::sync::Arc<dyn Learner>,
     privacy: std::sync::Mutex<Option<PrivacyState>>,
     /// The global adapter this client reconstructed last, by version (for delta downloads).
     held: std::sync::Mutex<Option<(u64, FlatAdapter)>>,
@@ -122,11 +121,6 @@ fn save_state_file<T: serde::Serialize>(
     Ok(())
 }
 
-fn os_rng() -> Result<rand::rngs::ChaCha20Rng, ClientError> {
-    rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
-        .map_err(|e| ClientError::Config(format!("OS RNG: {e}")))
-}
-
 enum Outcome {
     Finished,
     Reconnect,
@@ -140,13 +134,20 @@ impl FederatedClient {
         trainer: LocalTrainer,
         data: ClientData,
     ) -> Result<Self, ClientError> {
+        Self::with_learner(config, std::sync::Arc::new(LmLearner { trainer, data }))
+    }
+
+    /// A client training any [`Learner`] (your own model and data).
+    pub fn with_learner(
+        config: ClientConfig,
+        learner: std::sync::Arc<dyn Learner>,
+    ) -> Result<Self, ClientError> {
         let privacy = match config.privacy {
             Some(t) => Some(PrivacyState::open(config.state_dir.as_deref(), t)?),
             None => None,
         };
         Ok(Self {
-            trainer,
-            data,
+            learner,
             privacy: std::sync::Mutex::new(privacy),
             held: std::sync::Mutex::new(None),
             signer: crate::secure::load_signer(&config.tls.key).ok(),
@@ -154,6 +155,13 @@ impl FederatedClient {
             secure: std::sync::Mutex::new(None),
             config,
         })
+    }
+
+    fn seeds(&self) -> ClientSeeds {
+        ClientSeeds {
+            sampling: self.config.sampling_seed,
+            noise: self.config.noise_seed,
+        }
     }
 
     fn pending_path(&self) -> Option<PathBuf> {
@@ -237,7 +245,7 @@ impl FederatedClient {
         let s = Session::connect(ep, self.config.coordinator, &self.config.server_name).await?;
         let msg = ClientMsg::Hello {
             protocol_version: PROTOCOL_VERSION,
-            spec_hash: self.trainer.spec().hash(),
+            spec_hash: self.learner.spec().hash(),
         };
         match s.request(&msg).await? {
             (CoordMsg::Welcome { client_id, .. }, _) => {
@@ -449,7 +457,7 @@ impl FederatedClient {
         bytes: &[u8],
     ) -> Result<FlatAdapter, ClientError> {
         let ctx = CodecContext::default();
-        let spec = self.trainer.spec();
+        let spec = self.learner.spec();
         let mut held = self.held.lock().expect("lock");
         let global = match from {
             None => Codec::decode(bytes, spec, Some(&Codec::DenseF32), &ctx)?,
@@ -489,43 +497,41 @@ impl FederatedClient {
         let ctx = CodecContext {
             round_seed: offer.codec_seed,
         };
-        let mut rng = match self.config.sampling_seed {
-            Some(s) => rand::rngs::ChaCha20Rng::seed_from_u64(s ^ offer.round ^ 0xC0DEC),
-            None => os_rng()?,
+        let mut rng = self.seeds().codec_rng(offer.round)?;
+        let mut residual = if codec.wants_error_feedback() {
+            self.residual_path()
+                .and_then(|p| std::fs::read(p).ok())
+                .and_then(|b| {
+                    bincode::serde::decode_from_slice::<ErrorFeedback, _>(
+                        &b,
+                        bincode::config::standard(),
+                    )
+                    .ok()
+                })
+                .map(|(e, _)| e)
+        } else {
+            None
         };
-        if !codec.wants_error_feedback() {
-            let (bytes, stats) = codec.encode_with(delta.values(), &ctx, weight, &mut rng);
-            if stats.clamped > 0 {
-                info!(
-                    clamped = stats.clamped,
-                    of = delta.values().len(),
-                    "values clamped by the codec"
-                );
-            }
-            return Ok(bytes);
+        let enc = encode_update(
+            codec,
+            self.learner.spec(),
+            delta,
+            &ctx,
+            weight,
+            &mut rng,
+            &mut residual,
+        )?;
+        if enc.clamped > 0 {
+            info!(
+                clamped = enc.clamped,
+                of = delta.values().len(),
+                "values clamped by the codec"
+            );
         }
-        let n = delta.values().len();
-        let mut ef = self
-            .residual_path()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| {
-                bincode::serde::decode_from_slice::<ErrorFeedback, _>(
-                    &b,
-                    bincode::config::standard(),
-                )
-                .ok()
-            })
-            .map(|(e, _)| e)
-            .filter(|e| e.residual().len() == n)
-            .unwrap_or_else(|| ErrorFeedback::new(n));
-        let comp = ef.compensate(delta.values());
-        let (bytes, _) = codec.encode_with(&comp, &ctx, weight, &mut rng);
-        let sent = Codec::decode(&bytes, self.trainer.spec(), Some(codec), &ctx)?;
-        ef.update(&comp, sent.values());
-        if let Some(p) = self.residual_path() {
-            save_state_file(&p, &ef)?;
+        if let (Some(p), Some(ef)) = (self.residual_path(), &residual) {
+            save_state_file(&p, ef)?;
         }
-        Ok(bytes)
+        Ok(enc.bytes)
     }
 
     async fn evaluate_and_report(
@@ -535,9 +541,8 @@ impl FederatedClient {
         adapter: FlatAdapter,
         report: &mut ClientReport,
     ) -> Result<(), ClientError> {
-        let trainer = self.trainer.clone();
-        let test = self.data.test.clone();
-        let ev = tokio::task::spawn_blocking(move || trainer.evaluate(&adapter, &test))
+        let learner = self.learner.clone();
+        let ev = tokio::task::spawn_blocking(move || learner.evaluate(&adapter))
             .await
             .map_err(|e| ClientError::Model(e.to_string()))??;
         let msg = ClientMsg::EvalReport(EvalReport {
@@ -559,10 +564,10 @@ impl FederatedClient {
         offer: RoundOffer,
         report: &mut ClientReport,
     ) -> Result<Work, ClientError> {
-        if offer.spec_hash != self.trainer.spec().hash() {
+        if offer.spec_hash != self.learner.spec().hash() {
             return Err(ClientError::Protocol(
                 fedlora_protocol::ProtocolError::SpecMismatch {
-                    expected: self.trainer.spec().short_hash(),
+                    expected: self.learner.spec().short_hash(),
                     got: hex::encode(&offer.spec_hash[..8]),
                 },
             ));
@@ -598,7 +603,7 @@ impl FederatedClient {
                     ))
                 }
                 (Some(plan), Some(p)) => {
-                    match p.approve(plan, &offer.config, self.data.train.len()) {
+                    match p.approve(plan, &offer.config, self.learner.train_examples()) {
                         Ok(a) => {
                             let eps = p.spend(offer.round, &a)?;
                             info!(
@@ -614,29 +619,13 @@ impl FederatedClient {
                 }
             }
         };
-        let trainer = self.trainer.clone();
-        let train = self.data.train.clone();
+        let learner = self.learner.clone();
         let cfg = offer.config.clone();
-        let seed = self.config.sampling_seed.map(|s| s ^ offer.round);
-        let noise_seed = self.config.noise_seed.map(|s| s ^ offer.round);
+        let seeds = self.seeds();
+        let round = offer.round;
         let dp = approved.as_ref().map(|(a, _)| a.dp.clone());
         let out = tokio::task::spawn_blocking(move || {
-            let mut rng = match seed {
-                Some(seed) => rand::rngs::ChaCha20Rng::seed_from_u64(seed),
-                None => os_rng()?,
-            };
-            match dp {
-                None => trainer.train(&global, &train, &cfg, &mut rng),
-                Some(dp) => {
-                    let std = dp.noise_multiplier * dp.clip_norm;
-                    let mut noise = match noise_seed {
-                        Some(s) => fedlora_dp::GaussianNoise::seeded(std, s),
-                        None => fedlora_dp::GaussianNoise::from_os(std)
-                            .map_err(|e| ClientError::Config(e.to_string()))?,
-                    };
-                    trainer.train_dp(&global, &train, &cfg, &dp, &mut rng, &mut noise)
-                }
-            }
+            local_update(&*learner, &global, &cfg, dp.as_ref(), &seeds, round)
         })
         .await
         .map_err(|e| ClientError::Model(e.to_string()))??;
@@ -653,7 +642,7 @@ impl FederatedClient {
         if let Some(shares) = &offer.secure_shares {
             let codec = &offer.config.codec;
             let bytes = self.encode_delta(&out.delta, &offer, 1)?;
-            let ints = codec.modular_payload(&bytes, self.trainer.spec())?;
+            let ints = codec.modular_payload(&bytes, self.learner.spec())?;
             let Codec::Modular(p) = codec else {
                 return Ok(Work::Decline(
                     offer.round,
@@ -677,7 +666,7 @@ impl FederatedClient {
         }
         Ok(Work::Upload(Upload {
             round: offer.round,
-            spec_hash: self.trainer.spec().hash(),
+            spec_hash: self.learner.spec().hash(),
             weight,
             train_loss: out.train_loss,
             eps_spent: approved.map(|(_, eps)| eps),

@@ -1,6 +1,7 @@
 //! fedlora coordinator: the QUIC + mutual-TLS service that runs FedAvg rounds, with its state in
 //! sled and large payloads in files. It never links burn: adapters are named flat buffers.
 
+pub mod aggregate;
 pub mod certs;
 pub mod config;
 pub mod error;

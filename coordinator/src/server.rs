@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
 use fedlora_protocol::{
-    codec_seed, fedavg, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive, Downlink,
+    codec_seed, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive, Downlink,
     EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal, RefusalCode,
     RoundOffer, SecAggBody, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
 };
@@ -948,14 +948,13 @@ fn secure_tick(shared: &Shared, now: u64) -> Result<()> {
                 round_seed: codec_seed(seed, round),
             };
             let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
-            let (total, weight) = codec.decode_modular_sum(&ms, &shared.spec, &ctx)?;
-            let mut new_global = shared.global.lock().expect("lock").adapter.clone();
-            new_global.apply_delta(&mean_of(total, weight)?)?;
+            let global = shared.global.lock().expect("lock").adapter.clone();
+            let new_global =
+                crate::aggregate::apply_modular_sum(&global, &codec, &shared.spec, &ctx, &ms)?;
             let missing = selected.difference(&counted).cloned().collect();
             info!(
                 round,
                 counted = counted.len(),
-                weight,
                 "secure sum unmasked"
             );
             commit(shared, round, new_global, &uploads, &missing, now)
@@ -1081,7 +1080,7 @@ fn take_round(counter: &Mutex<BTreeMap<(u64, String), u64>>, round: u64) -> BTre
         .collect()
 }
 
-/// Loads and decodes every upload of `round` and applies their weighted mean to the global.
+/// Loads every upload of `round` and aggregates them into the next global.
 fn aggregate(
     shared: &Shared,
     round: u64,
@@ -1095,46 +1094,18 @@ fn aggregate(
         round_seed: codec_seed(seed, round),
     };
     let global = shared.global.lock().expect("lock").adapter.clone();
-    if let Codec::Modular(p) = &codec {
-        // sum the integers mod 2^m, then decode only the sum (what secure masking allows)
-        let mut sum: Option<ModularSum> = None;
-        for (client, meta) in uploads {
-            let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
-            let ints = codec.modular_payload(&bytes, &shared.spec)?;
-            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
-                .add(&ints)?;
-        }
-        let sum = sum.ok_or_else(|| CoordinatorError::Storage("no uploads".into()))?;
-        let (total, weight) = codec.decode_modular_sum(&sum, &shared.spec, &ctx)?;
-        if weight <= 0.0 {
-            return Err(CoordinatorError::Storage(format!(
-                "decoded weight sum {weight} is not positive"
-            )));
-        }
-        let mut new_global = global;
-        new_global.apply_delta(&mean_of(total, weight)?)?;
-        return Ok(new_global);
-    }
-    let mut deltas = Vec::with_capacity(uploads.len());
+    let mut payloads = Vec::with_capacity(uploads.len());
     for (client, meta) in uploads {
         let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
-        deltas.push((
-            meta.weight,
-            Codec::decode(&bytes, &shared.spec, Some(&codec), &ctx)?,
-        ));
+        payloads.push((meta.weight, bytes));
     }
-    Ok(fedavg(&global, &deltas)?)
-}
-
-/// `total / weight` as an adapter (the weighted mean from a decoded sum).
-fn mean_of(total: FlatAdapter, weight: f64) -> Result<FlatAdapter> {
-    let spec = total.spec().clone();
-    let v = total
-        .into_values()
-        .into_iter()
-        .map(|x| (f64::from(x) / weight) as f32)
-        .collect();
-    Ok(FlatAdapter::new(spec, v)?)
+    crate::aggregate::aggregate_payloads(
+        &global,
+        &codec,
+        &shared.spec,
+        &ctx,
+        payloads.iter().map(|(w, b)| (*w, b.as_slice())),
+    )
 }
 
 fn commit(

@@ -44,6 +44,10 @@ pub struct FederationConfig {
     pub start_grace_ms: u64,
     /// How long the final evaluation waits for reports, milliseconds.
     pub eval_timeout_ms: u64,
+    /// Connected clients a round waits for before it starts without the grace period (0 or
+    /// anything below `clients_per_round` means `clients_per_round`). Set it to the population
+    /// to sample every round from all clients (simulations over QUIC do).
+    pub wait_for_clients: usize,
     /// Failed rounds tolerated before the federation gives up.
     pub max_failed_rounds: u64,
     /// Seed of client sampling (deterministic per round: seed ⊕ round id).
@@ -61,6 +65,7 @@ impl Default for FederationConfig {
             round_timeout_ms: 120_000,
             start_grace_ms: 10_000,
             eval_timeout_ms: 60_000,
+            wait_for_clients: 0,
             max_failed_rounds: 10,
             seed: 42,
             train: TrainConfig::default(),
@@ -571,7 +576,11 @@ impl Federation {
         match &self.state.phase {
             Phase::Waiting { since_ms } => {
                 let n = self.connected.len();
-                let enough = n >= self.config.clients_per_round
+                let full = self
+                    .config
+                    .clients_per_round
+                    .max(self.config.wait_for_clients);
+                let enough = n >= full
                     || (n >= self.config.min_clients
                         && now_ms.saturating_sub(*since_ms) >= self.config.start_grace_ms);
                 if !enough {

@@ -10,6 +10,7 @@ mod model;
 mod pretrain;
 mod privacy;
 mod reference;
+mod simulate;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,8 @@ enum Command {
     Privacy(privacy::PrivacyArgs),
     /// Utility yardsticks: base, local-only and pooled (centralised) LoRA on held-out text.
     Reference(reference::ReferenceArgs),
+    /// Privacy-utility sweeps with virtual clients: CSVs, plots and a report.
+    Simulate(simulate::SimulateArgs),
     /// Measure speed and memory (prints JSON with --json).
     Bench(bench::BenchArgs),
 }
@@ -62,6 +65,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(a) => certs::run(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Privacy(a) => privacy::run(a),
+        Command::Simulate(a) => simulate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reference(a) => reference::run(a),
     }

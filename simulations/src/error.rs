@@ -1,0 +1,37 @@
+//! The simulation crate's one error type.
+
+/// Errors of the simulation harness.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The sweep file or a sweep point is invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// Task data is unusable.
+    #[error("data: {0}")]
+    Data(String),
+    /// A client-side failure (model, training, DP).
+    #[error(transparent)]
+    Client(#[from] fedlora_client::ClientError),
+    /// A protocol failure (codec, round machine, secure aggregation).
+    #[error(transparent)]
+    Protocol(#[from] fedlora_protocol::ProtocolError),
+    /// A coordinator failure (aggregation, QUIC server).
+    #[error(transparent)]
+    Coordinator(#[from] fedlora_coordinator::CoordinatorError),
+    /// Secure aggregation failed.
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
+    /// Writing results or plots failed.
+    #[error("output: {0}")]
+    Output(String),
+    /// File I/O failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<fedlora_dp::DpError> for SimError {
+    fn from(e: fedlora_dp::DpError) -> Self {
+        SimError::Config(format!("privacy: {e}"))
+    }
+}

@@ -1,0 +1,175 @@
+//! Running one sweep point over the real stack: a [`Coordinator`] (QUIC, mutual TLS, sled) and
+//! one SDK [`FederatedClient`] per virtual client, all on loopback in this process.
+//!
+//! Clients get the same learners, seeds and privacy targets as in-process runs, and the round
+//! machine waits for the whole population before sampling, so for the same seed both transports
+//! train the same clients on the same batches and aggregate in the same order. Differences left:
+//! per-round compute time is not measured (only round wall time, from the coordinator's
+//! records), and fault injection is in-process only.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fedlora_client::privacy::PrivacyState;
+use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::transport::ClientTls;
+use fedlora_coordinator::certs::{default_server_names, init_certs};
+use fedlora_coordinator::store::RoundStatus;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
+use fedlora_protocol::FlatAdapter;
+
+use crate::error::SimError;
+use crate::results::{RoundRow, RunColumns, RunOutput, RunSummary};
+use crate::runner::{client_seeds, federation_config, privacy_target};
+use crate::sweep::{Point, SweepConfig};
+use crate::task::Population;
+
+/// Runs `point` over QUIC on loopback. `on_round(round)` is called as rounds commit or fail.
+pub fn run_over_quic(
+    sweep: &SweepConfig,
+    point: &Point,
+    mut on_round: impl FnMut(u64),
+) -> Result<RunOutput, SimError> {
+    if sweep.faults.dropout > 0.0 || sweep.faults.straggler > 0.0 {
+        return Err(SimError::Config(
+            "fault injection (faults.dropout, faults.straggler) runs in-process only".into(),
+        ));
+    }
+    let t0 = std::time::Instant::now();
+    let pop = Population::build(&sweep.task, point.rank, point.seed)?;
+    let n = pop.learners.len();
+    let fcfg = federation_config(sweep, point, n)?;
+    let target = privacy_target(sweep, point);
+    let tmp = tempfile::tempdir()?;
+    let certs = tmp.path().join("certs");
+    init_certs(&certs, n, &default_server_names())?;
+    let mut cfg = CoordinatorConfig::new(tmp.path().join("coordinator"), &certs);
+    cfg.listen = "127.0.0.1:0".parse().expect("valid address");
+    cfg.federation = fcfg.clone();
+    cfg.tick_ms = 20;
+    cfg.poll_interval_ms = 50;
+    let startup_s = t0.elapsed().as_secs_f64();
+    let rt = tokio::runtime::Runtime::new()?;
+    let (globals, report) = rt.block_on(async {
+        let coord = Coordinator::start(cfg, pop.initial.clone()).await?;
+        let addr = coord
+            .local_addr()
+            .map_err(|e| SimError::Config(e.to_string()))?;
+        let mut events = coord.events();
+        let mut handles = Vec::new();
+        for (i, learner) in pop.learners.iter().enumerate() {
+            let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
+            cc.state_dir = Some(tmp.path().join(format!("client-{i}")));
+            let seeds = client_seeds(point.seed, i);
+            cc.sampling_seed = seeds.sampling;
+            cc.noise_seed = seeds.noise;
+            cc.privacy = target;
+            cc.max_connect_attempts = Some(20);
+            let client = FederatedClient::with_learner(cc, learner.clone())?;
+            handles.push(tokio::spawn(async move { client.run().await }));
+        }
+        let mut globals: BTreeMap<u64, FlatAdapter> = BTreeMap::new();
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(600), events.recv())
+                .await
+                .map_err(|_| SimError::Config("no progress over QUIC for 10 minutes".into()))?;
+            match ev {
+                Ok(Event::RoundCommitted { round, version }) => {
+                    let (v, g) = coord.global();
+                    if v != version {
+                        return Err(SimError::Config(format!(
+                            "global moved on to version {v} before version {version} was read"
+                        )));
+                    }
+                    globals.insert(version, g);
+                    on_round(round);
+                }
+                Ok(Event::RoundFailed { round, .. }) => on_round(round),
+                Ok(Event::Finished { .. }) => break,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => return Err(SimError::Config(format!("coordinator events: {e}"))),
+            }
+        }
+        coord.wait_finished(Duration::from_millis(200)).await;
+        let report = coord.report()?;
+        coord.shutdown().await;
+        for h in handles {
+            match h.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "a client ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "a client task failed"),
+            }
+        }
+        Ok::<_, SimError>((globals, report))
+    })?;
+
+    let cols = RunColumns::new(sweep, point, "quic");
+    let mut rows = Vec::new();
+    let mut row0 = RoundRow::new(&cols, 0);
+    row0.status = "initial".into();
+    let u = pop.evaluate(&pop.initial)?;
+    row0.loss = Some(u.loss);
+    row0.accuracy = u.accuracy;
+    rows.push(row0);
+    // σ and q the clients calibrated (the coordinator never learns them): the same calibration
+    let mut dp_steps: BTreeMap<String, u64> = BTreeMap::new();
+    for rr in &report.rounds {
+        let rec = &rr.record;
+        let mut row = RoundRow::new(&cols, rec.round);
+        row.selected = rec.selected.len();
+        row.aggregated = rec.participants.len();
+        row.bytes_up = rec.bytes_up.values().sum();
+        row.bytes_down = rec.bytes_down.values().sum();
+        row.train_loss = rec.train_loss;
+        if let Some(end) = rec.ended_ms {
+            row.wall_s = end.saturating_sub(rec.started_ms) as f64 / 1e3;
+        }
+        for c in &rec.participants {
+            *dp_steps.entry(c.clone()).or_default() += u64::from(fcfg.train.local_steps);
+        }
+        match rec.status {
+            RoundStatus::Committed { version } => {
+                row.version = version;
+                row.status = "committed".into();
+                if let Some(g) = globals.get(&version) {
+                    let last = version >= point.rounds;
+                    if version % sweep.eval_every == 0 || last {
+                        let u = pop.evaluate(g)?;
+                        row.loss = Some(u.loss);
+                        row.accuracy = u.accuracy;
+                    }
+                }
+            }
+            _ => {
+                row.version = rec.base_version;
+                row.status = "failed".into();
+            }
+        }
+        if let (Some(t), Some(plan)) = (target, &fcfg.train.dp) {
+            let all: BTreeMap<String, f64> = report
+                .rounds
+                .iter()
+                .filter(|r| r.record.round <= rec.round)
+                .flat_map(|r| r.record.eps_spent.clone())
+                .collect();
+            if let Some((who, eps)) = all.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+                let i: usize = who
+                    .strip_prefix("client-")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let mut ps = PrivacyState::open(None, t)?;
+                let examples = pop.learners[i].train_examples();
+                if ps.approve(plan, &fcfg.train, examples).is_ok() {
+                    row.q = ps.plan().map(|p| p.q);
+                    row.sigma = ps.plan().map(|p| p.sigma);
+                }
+                row.eps_spent = Some(*eps);
+                row.dp_steps = dp_steps.get(who).copied();
+            }
+        }
+        rows.push(row);
+    }
+    let summary = RunSummary::from_rows(&cols, &rows, startup_s);
+    Ok(RunOutput { rows, summary })
+}

@@ -1,0 +1,243 @@
+//! The sweep's Markdown report: settings, the privacy-utility table (mean ± sd over seeds), the
+//! answer to the sweep's question where it has one (the cost of the smallest ε against no DP),
+//! the figures, and the cost of every run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use crate::plot::{mean_sd, series_label, uses_accuracy};
+use crate::results::{RoundRow, RunSummary};
+use crate::sweep::SweepConfig;
+
+fn pm(v: &[f64], digits: usize) -> String {
+    let (m, sd) = mean_sd(v);
+    if v.len() > 1 {
+        format!("{m:.digits$} ± {sd:.digits$}")
+    } else {
+        format!("{m:.digits$}")
+    }
+}
+
+/// The report's Markdown; `plots` are SVG paths, linked relative to `out`.
+pub fn markdown(
+    sweep: &SweepConfig,
+    rows: &[RoundRow],
+    sums: &[RunSummary],
+    plots: &[PathBuf],
+    out: &Path,
+) -> String {
+    let mut s = String::new();
+    let (points, skipped) = sweep.points();
+    let _ = writeln!(s, "# Sweep report: {}\n", sweep.name);
+    if !sweep.question.is_empty() {
+        let _ = writeln!(s, "**Question.** {}\n", sweep.question);
+    }
+    let t = &sweep.task;
+    let _ = writeln!(
+        s,
+        "Task `{:?}`, partition `{:?}`{}, {} clients. Local training: {} steps of batch {} \
+         (Poisson-expected under DP), Adam lr {}{}, accountant {:?}. Faults: dropout {}, \
+         stragglers {}. {} of {} runs finished{}.\n",
+        t.name,
+        t.partition,
+        if t.partition == crate::task::PartitionName::Dirichlet {
+            format!(" (α = {})", t.alpha)
+        } else {
+            String::new()
+        },
+        t.clients,
+        sweep.train.local_steps,
+        sweep.train.batch_size,
+        sweep.train.learning_rate,
+        sweep
+            .train
+            .dp_learning_rate
+            .map(|l| format!(" (under DP {l})"))
+            .unwrap_or_default(),
+        sweep.train.accountant,
+        sweep.faults.dropout,
+        sweep.faults.straggler,
+        sums.len(),
+        points.len(),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} settings skipped (secure aggregation needs a modular codec)",
+                skipped.len()
+            )
+        }
+    );
+    if sums.is_empty() {
+        return s;
+    }
+    let acc = uses_accuracy(sums);
+    // privacy-utility table: by (setting, ε)
+    let mut groups: BTreeMap<(String, u64), Vec<&RunSummary>> = BTreeMap::new();
+    for r in sums {
+        let e: f64 = r.epsilon.parse().unwrap_or(f64::INFINITY);
+        groups
+            .entry((series_label(sweep, r), e.to_bits()))
+            .or_default()
+            .push(r);
+    }
+    let _ = writeln!(s, "## Privacy-utility table\n");
+    let _ = writeln!(
+        s,
+        "ε is each client's example-level target; *ε spent* is the largest any client spent \
+         (the accountant's ε for that client's q, σ and steps at the run's δ). Mean ± sd over \
+         seeds.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| setting | target ε | seeds | {}final loss | ε spent | σ | upload MB/run |",
+        if acc { "final accuracy | " } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---|{}---|---|---|---|",
+        if acc { "---|" } else { "" }
+    );
+    let mut sorted: Vec<_> = groups.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.0 .0.cmp(&b.0 .0).then(
+            f64::from_bits(a.0 .1).total_cmp(&f64::from_bits(b.0 .1)),
+        )
+    });
+    for ((label, e), runs) in &sorted {
+        let e = f64::from_bits(*e);
+        let losses: Vec<f64> = runs.iter().map(|r| r.final_loss).collect();
+        let accs: Vec<f64> = runs.iter().filter_map(|r| r.final_accuracy).collect();
+        let eps: Vec<f64> = runs.iter().filter_map(|r| r.eps_spent).collect();
+        let sig: Vec<f64> = runs.iter().filter_map(|r| r.sigma).collect();
+        let mb: Vec<f64> = runs.iter().map(|r| r.bytes_up as f64 / 1e6).collect();
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {}{} | {} | {} | {} |",
+            if e.is_finite() {
+                format!("{e}")
+            } else {
+                "∞ (no DP)".into()
+            },
+            runs.len(),
+            if acc {
+                format!("{} | ", pm(&accs, 3))
+            } else {
+                String::new()
+            },
+            pm(&losses, 4),
+            if eps.is_empty() {
+                "—".into()
+            } else {
+                pm(&eps, 3)
+            },
+            if sig.is_empty() {
+                "—".into()
+            } else {
+                pm(&sig, 3)
+            },
+            pm(&mb, 3),
+        );
+    }
+    // the headline: smallest ε against ∞, per setting
+    let _ = writeln!(s);
+    let mut by_label: BTreeMap<&str, Vec<(f64, &Vec<&RunSummary>)>> = BTreeMap::new();
+    for ((label, e), runs) in &groups {
+        by_label
+            .entry(label.as_str())
+            .or_default()
+            .push((f64::from_bits(*e), runs));
+    }
+    for (label, mut v) in by_label {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (Some(lo), Some(hi)) = (v.first(), v.last()) else {
+            continue;
+        };
+        if !(lo.0.is_finite() && hi.0.is_infinite()) {
+            continue;
+        }
+        let metric = |runs: &Vec<&RunSummary>| -> f64 {
+            let v: Vec<f64> = runs
+                .iter()
+                .map(|r| {
+                    if acc {
+                        r.final_accuracy.unwrap_or(f64::NAN)
+                    } else {
+                        r.final_loss
+                    }
+                })
+                .collect();
+            mean_sd(&v).0
+        };
+        let (a, b) = (metric(lo.1), metric(hi.1));
+        let _ = writeln!(
+            s,
+            "**{label}: ε = {} against ε = ∞.** {} {:.4} against {:.4} ({:+.4}{}).\n",
+            lo.0,
+            if acc {
+                "Test accuracy"
+            } else {
+                "Held-out loss"
+            },
+            a,
+            b,
+            a - b,
+            if acc {
+                format!(", {:+.1} percentage points", 100.0 * (a - b))
+            } else {
+                String::new()
+            }
+        );
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(s, "## Figures\n");
+        for p in plots {
+            let rel = p.strip_prefix(out).unwrap_or(p);
+            let name = p.file_stem().map(|n| n.to_string_lossy().into_owned());
+            let _ = writeln!(
+                s,
+                "![{}]({})\n",
+                name.unwrap_or_default(),
+                rel.display()
+            );
+        }
+        let _ = writeln!(s, "(PNG versions beside the SVGs.)\n");
+    }
+    let _ = writeln!(s, "## Cost of each run\n");
+    let _ = writeln!(
+        s,
+        "Overhead = round wall time / (summed client training time / threads would be the \
+         ideal); here *compute* is the summed client training time and *wall* the rounds' wall \
+         time, both excluding evaluation.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| run | setting | seed | transport | rounds ok | startup s | wall s | compute s | upload MB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for r in sums {
+        let _ = writeln!(
+            s,
+            "| {} | ε={} {} | {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.3} |",
+            r.run,
+            r.epsilon,
+            series_label(sweep, r),
+            r.seed,
+            r.transport,
+            r.committed,
+            r.rounds,
+            r.startup_s,
+            r.wall_s,
+            r.compute_s,
+            r.bytes_up as f64 / 1e6
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nFiles: `rounds.csv` ({} rows, one per run and round), `summary.csv` (one per run), \
+         `plots/`, `sweep.toml`.",
+        rows.len()
+    );
+    s
+}

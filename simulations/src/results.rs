@@ -1,0 +1,293 @@
+//! What a run produces: one row per (run, round) and one summary per run, as flat records that
+//! are written to CSV. Columns ending in `_s` are wall-clock timings; everything else is a
+//! deterministic function of the sweep file and the seed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::sweep::{fmt_eps, Point, SweepConfig};
+
+/// The configuration columns shared by round rows and summaries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunColumns {
+    /// Run key (index and hash; the result file's name).
+    pub run: String,
+    /// Task.
+    pub task: String,
+    /// Data split.
+    pub partition: String,
+    /// Population size.
+    pub clients: usize,
+    /// Target ε (`inf`: no DP).
+    pub epsilon: String,
+    /// δ.
+    pub delta: f64,
+    /// Clip norm.
+    pub clip: f64,
+    /// Codec.
+    pub codec: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Planned rounds.
+    pub rounds: u64,
+    /// Secure aggregation.
+    pub secure_aggregation: bool,
+    /// Seed.
+    pub seed: u64,
+    /// `in-process` or `quic`.
+    pub transport: String,
+}
+
+impl RunColumns {
+    /// The columns of `point` in `sweep`.
+    pub fn new(sweep: &SweepConfig, point: &Point, transport: &str) -> Self {
+        Self {
+            run: sweep.run_key(point),
+            task: serde_name(&sweep.task.name),
+            partition: serde_name(&sweep.task.partition),
+            clients: sweep.task.clients,
+            epsilon: fmt_eps(point.epsilon),
+            delta: point.delta,
+            clip: point.clip,
+            codec: point.codec.clone(),
+            rank: point.rank,
+            clients_per_round: point.clients_per_round,
+            rounds: point.rounds,
+            secure_aggregation: point.secure_aggregation,
+            seed: point.seed,
+            transport: transport.to_string(),
+        }
+    }
+}
+
+/// The serde (kebab-case) name of a unit enum value.
+fn serde_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One round of one run (round 0 is the initial adapter).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRow {
+    /// Run key.
+    pub run: String,
+    /// Task.
+    pub task: String,
+    /// Data split.
+    pub partition: String,
+    /// Population size.
+    pub clients: usize,
+    /// Target ε.
+    pub epsilon: String,
+    /// δ.
+    pub delta: f64,
+    /// Clip norm.
+    pub clip: f64,
+    /// Codec.
+    pub codec: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Planned rounds.
+    pub rounds: u64,
+    /// Secure aggregation.
+    pub secure_aggregation: bool,
+    /// Seed.
+    pub seed: u64,
+    /// Transport.
+    pub transport: String,
+    /// Round id (0: before the first round).
+    pub round: u64,
+    /// Global version after the round.
+    pub version: u64,
+    /// `initial`, `committed` or `failed`.
+    pub status: String,
+    /// Clients selected.
+    pub selected: usize,
+    /// Uploads aggregated.
+    pub aggregated: usize,
+    /// Selected clients that dropped out (injected).
+    pub dropped: usize,
+    /// Uploads refused as late (injected stragglers).
+    pub late: usize,
+    /// Clients that declined (privacy budget).
+    pub declined: usize,
+    /// Held-out loss of the global after the round (empty when not evaluated).
+    pub loss: Option<f64>,
+    /// Held-out accuracy (classification tasks).
+    pub accuracy: Option<f64>,
+    /// Mean training loss of the round's participants.
+    pub train_loss: Option<f64>,
+    /// Largest ε any client has spent so far (empty without DP).
+    pub eps_spent: Option<f64>,
+    /// That client's Poisson rate q.
+    pub q: Option<f64>,
+    /// That client's noise multiplier σ.
+    pub sigma: Option<f64>,
+    /// That client's DP-SGD steps so far.
+    pub dp_steps: Option<u64>,
+    /// Wire bytes sent by clients this round (upload frames, secure-aggregation messages).
+    pub bytes_up: u64,
+    /// Wire bytes sent to clients this round (round offers with the global adapter).
+    pub bytes_down: u64,
+    /// Round wall time (training, encoding, aggregation; not evaluation), seconds.
+    pub wall_s: f64,
+    /// Summed client training time of the round, seconds.
+    pub compute_s: f64,
+    /// Evaluation time, seconds.
+    pub eval_s: f64,
+}
+
+impl RoundRow {
+    /// A row with `cols` and zeroed round values.
+    pub fn new(cols: &RunColumns, round: u64) -> Self {
+        let c = cols.clone();
+        Self {
+            run: c.run,
+            task: c.task,
+            partition: c.partition,
+            clients: c.clients,
+            epsilon: c.epsilon,
+            delta: c.delta,
+            clip: c.clip,
+            codec: c.codec,
+            rank: c.rank,
+            clients_per_round: c.clients_per_round,
+            rounds: c.rounds,
+            secure_aggregation: c.secure_aggregation,
+            seed: c.seed,
+            transport: c.transport,
+            round,
+            version: 0,
+            status: String::new(),
+            selected: 0,
+            aggregated: 0,
+            dropped: 0,
+            late: 0,
+            declined: 0,
+            loss: None,
+            accuracy: None,
+            train_loss: None,
+            eps_spent: None,
+            q: None,
+            sigma: None,
+            dp_steps: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            wall_s: 0.0,
+            compute_s: 0.0,
+            eval_s: 0.0,
+        }
+    }
+}
+
+/// One run's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run key.
+    pub run: String,
+    /// Task.
+    pub task: String,
+    /// Data split.
+    pub partition: String,
+    /// Population size.
+    pub clients: usize,
+    /// Target ε.
+    pub epsilon: String,
+    /// δ.
+    pub delta: f64,
+    /// Clip norm.
+    pub clip: f64,
+    /// Codec.
+    pub codec: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Planned rounds.
+    pub rounds: u64,
+    /// Secure aggregation.
+    pub secure_aggregation: bool,
+    /// Seed.
+    pub seed: u64,
+    /// Transport.
+    pub transport: String,
+    /// Rounds committed.
+    pub committed: u64,
+    /// Rounds failed.
+    pub failed: u64,
+    /// Held-out loss of the initial adapter.
+    pub initial_loss: f64,
+    /// Held-out loss of the final global.
+    pub final_loss: f64,
+    /// Held-out accuracy of the initial adapter.
+    pub initial_accuracy: Option<f64>,
+    /// Held-out accuracy of the final global.
+    pub final_accuracy: Option<f64>,
+    /// Largest ε spent by any client (empty without DP).
+    pub eps_spent: Option<f64>,
+    /// Noise multiplier of that client.
+    pub sigma: Option<f64>,
+    /// Total upload bytes.
+    pub bytes_up: u64,
+    /// Total download bytes.
+    pub bytes_down: u64,
+    /// Setup time (data, model, clients) before the first round, seconds.
+    pub startup_s: f64,
+    /// Total round wall time, seconds.
+    pub wall_s: f64,
+    /// Total client training time, seconds.
+    pub compute_s: f64,
+}
+
+impl RunSummary {
+    /// The summary of `rows` (round 0 first, evaluated at least at the start and the end).
+    pub fn from_rows(cols: &RunColumns, rows: &[RoundRow], startup_s: f64) -> Self {
+        let c = cols.clone();
+        let first = rows.first();
+        let last_eval = rows.iter().rev().find(|r| r.loss.is_some());
+        let last_eps = rows.iter().rev().find(|r| r.eps_spent.is_some());
+        Self {
+            run: c.run,
+            task: c.task,
+            partition: c.partition,
+            clients: c.clients,
+            epsilon: c.epsilon,
+            delta: c.delta,
+            clip: c.clip,
+            codec: c.codec,
+            rank: c.rank,
+            clients_per_round: c.clients_per_round,
+            rounds: c.rounds,
+            secure_aggregation: c.secure_aggregation,
+            seed: c.seed,
+            transport: c.transport,
+            committed: rows.iter().filter(|r| r.status == "committed").count() as u64,
+            failed: rows.iter().filter(|r| r.status == "failed").count() as u64,
+            initial_loss: first.and_then(|r| r.loss).unwrap_or(f64::NAN),
+            final_loss: last_eval.and_then(|r| r.loss).unwrap_or(f64::NAN),
+            initial_accuracy: first.and_then(|r| r.accuracy),
+            final_accuracy: last_eval.and_then(|r| r.accuracy),
+            eps_spent: last_eps.and_then(|r| r.eps_spent),
+            sigma: last_eps.and_then(|r| r.sigma),
+            bytes_up: rows.iter().map(|r| r.bytes_up).sum(),
+            bytes_down: rows.iter().map(|r| r.bytes_down).sum(),
+            startup_s,
+            wall_s: rows.iter().map(|r| r.wall_s).sum(),
+            compute_s: rows.iter().map(|r| r.compute_s).sum(),
+        }
+    }
+}
+
+/// What one run produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunOutput {
+    /// One row per round (round 0 first).
+    pub rows: Vec<RoundRow>,
+    /// The summary.
+    pub summary: RunSummary,
+}

@@ -1,0 +1,707 @@
+//! Running one sweep point in-process: virtual clients and the coordinator's round machine in
+//! one process, no network.
+//!
+//! The code paths are the deployment's: the sans-IO [`Federation`] samples clients, opens and
+//! closes rounds and refuses late or duplicate uploads; clients approve and record DP spending
+//! with the SDK's [`PrivacyState`], train with [`local_update`] and encode with
+//! [`encode_update`] (error feedback included); the coordinator aggregates with
+//! [`aggregate_payloads`] / [`apply_modular_sum`]; secure rounds run the typed
+//! [`ClientRound`] / [`ServerRound`] stages with real keys, shares and masks. Only the
+//! transport differs: messages are handed over in memory, and their wire size is counted with
+//! the real frame encoding. Time is simulated (a round's deadline passes when the driver says
+//! so), so stragglers are exact and nothing sleeps.
+//!
+//! Clients of a round train in parallel on a rayon pool; each client's randomness comes from
+//! its own seeds, and uploads are aggregated in client-id order, so results do not depend on
+//! the number of threads or on scheduling.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedlora_client::learner::{encode_update, local_update, ClientSeeds, Learner};
+use fedlora_client::privacy::{PrivacyState, PrivacyTarget};
+use fedlora_client::train::TrainOutcome;
+use fedlora_coordinator::aggregate::{aggregate_payloads, apply_modular_sum};
+use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
+use fedlora_protocol::secagg::{ClientRound, SecAggParams, ServerRound};
+use fedlora_protocol::{
+    codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback,
+    Federation, FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task,
+    TrainConfig, Transition, UploadMeta, Weighting,
+};
+use rand::rngs::ChaCha20Rng;
+use rand::{RngExt, SeedableRng};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::error::SimError;
+use crate::results::{RoundRow, RunColumns, RunOutput, RunSummary};
+use crate::sweep::{Point, SweepConfig};
+use crate::task::Population;
+
+/// Simulated round deadline, milliseconds (only its order relative to uploads matters).
+const ROUND_TIMEOUT_MS: u64 = 60_000;
+
+/// Mixes a run seed with a client index and a purpose into an independent 64-bit seed
+/// (SplitMix64 finalizer).
+pub fn mix_seed(seed: u64, index: u64, purpose: u64) -> u64 {
+    let mut z = seed
+        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seeds of client `i` in a run with `seed` (the QUIC transport gives its SDK clients the
+/// same ones, so both transports train identically).
+pub fn client_seeds(seed: u64, i: usize) -> ClientSeeds {
+    ClientSeeds {
+        sampling: Some(mix_seed(seed, i as u64, 1)),
+        noise: Some(mix_seed(seed, i as u64, 2)),
+    }
+}
+
+/// The id of client `i` (the common name the certificate tool gives client `i`).
+pub fn client_id(i: usize) -> String {
+    format!("client-{i}")
+}
+
+/// The federation settings of `point` for a population of `clients`.
+pub fn federation_config(
+    sweep: &SweepConfig,
+    point: &Point,
+    clients: usize,
+) -> Result<FederationConfig, SimError> {
+    let codec = Codec::from_name(&point.codec)?;
+    let dp = point.dp().then_some(DpPlan {
+        clip_norm: point.clip,
+        planned_rounds: point.rounds,
+    });
+    let secure = match (&codec, point.secure_aggregation) {
+        (Codec::Modular(p), true) => {
+            let k = point.clients_per_round;
+            let neighbours = if k <= 16 { 0 } else { 14 };
+            let probe = SecAggParams {
+                threshold: 1,
+                neighbours,
+                modulus_bits: p.modulus_bits(),
+                graph_seed: point.seed,
+                stage_timeout_ms: ROUND_TIMEOUT_MS,
+            };
+            let kk = probe.k(k);
+            Some(SecAggParams {
+                threshold: (kk / 2 + 1).min(kk).max(1),
+                ..probe
+            })
+        }
+        (_, true) => {
+            return Err(SimError::Config(
+                "secure aggregation needs a modular codec".into(),
+            ))
+        }
+        _ => None,
+    };
+    let t = &sweep.train;
+    let cfg = FederationConfig {
+        rounds: point.rounds,
+        clients_per_round: point.clients_per_round,
+        min_clients: 1,
+        round_timeout_ms: ROUND_TIMEOUT_MS,
+        start_grace_ms: ROUND_TIMEOUT_MS,
+        eval_timeout_ms: 1_000,
+        wait_for_clients: clients,
+        max_failed_rounds: point.rounds,
+        seed: point.seed,
+        train: TrainConfig {
+            local_steps: t.local_steps,
+            batch_size: t.batch_size,
+            learning_rate: if point.dp() {
+                t.dp_learning_rate.unwrap_or(t.learning_rate)
+            } else {
+                t.learning_rate
+            },
+            codec,
+            weighting: Weighting::Uniform,
+            dp,
+            downlink: Default::default(),
+            secure,
+        },
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The client's privacy target at `point` (none without DP).
+pub fn privacy_target(sweep: &SweepConfig, point: &Point) -> Option<PrivacyTarget> {
+    point.dp().then_some(PrivacyTarget {
+        epsilon: point.epsilon,
+        delta: point.delta,
+        accountant: sweep.train.accountant,
+    })
+}
+
+struct VirtualClient {
+    id: String,
+    learner: Arc<dyn Learner>,
+    seeds: ClientSeeds,
+    privacy: Option<PrivacyState>,
+    residual: Option<ErrorFeedback>,
+    signer: Option<EcdsaP256Signer>,
+    dp_steps: u64,
+}
+
+/// What a client does in a round, decided before training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    OnTime,
+    Dropped,
+    Late,
+}
+
+struct Job {
+    client: usize,
+    dp: Option<fedlora_client::dp_sgd::DpSgdConfig>,
+    fate: Fate,
+    residual: Option<ErrorFeedback>,
+}
+
+struct Trained {
+    client: usize,
+    fate: Fate,
+    out: TrainOutcome,
+    payload: Vec<u8>,
+    residual: Option<ErrorFeedback>,
+}
+
+/// Runs `point` of `sweep` in-process on `pool`. `on_round(round)` is called after each round.
+pub fn run_in_process(
+    sweep: &SweepConfig,
+    point: &Point,
+    pool: &rayon::ThreadPool,
+    mut on_round: impl FnMut(u64),
+) -> Result<RunOutput, SimError> {
+    let t0 = Instant::now();
+    let pop = Population::build(&sweep.task, point.rank, point.seed)?;
+    let n = pop.learners.len();
+    let fcfg = federation_config(sweep, point, n)?;
+    let target = privacy_target(sweep, point);
+    let secure = fcfg.train.secure.clone();
+    let mut clients: Vec<VirtualClient> = pop
+        .learners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| -> Result<VirtualClient, SimError> {
+            Ok(VirtualClient {
+                id: client_id(i),
+                learner: l.clone(),
+                seeds: client_seeds(point.seed, i),
+                privacy: target
+                    .map(|t| PrivacyState::open(None, t))
+                    .transpose()?,
+                residual: None,
+                signer: match secure {
+                    Some(_) => Some(new_signer()?),
+                    None => None,
+                },
+                dp_steps: 0,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let verifier = P256Verifier(
+        clients
+            .iter()
+            .filter_map(|c| c.signer.as_ref().map(|s| (c.id.clone(), s.public_key())))
+            .collect(),
+    );
+    let index: BTreeMap<String, usize> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.clone(), i))
+        .collect();
+    let spec = pop.initial.spec().clone();
+    let mut fed = Federation::new(fcfg.clone(), spec.hash(), 0)?;
+    for c in &clients {
+        fed.connect(&c.id);
+    }
+    let cols = RunColumns::new(sweep, point, "in-process");
+    let mut global = pop.initial.clone();
+    let mut rows = Vec::new();
+    let mut row0 = RoundRow::new(&cols, 0);
+    row0.status = "initial".into();
+    let te = Instant::now();
+    let u = pop.evaluate(&global)?;
+    row0.loss = Some(u.loss);
+    row0.accuracy = u.accuracy;
+    row0.eval_s = te.elapsed().as_secs_f64();
+    rows.push(row0);
+    let startup_s = t0.elapsed().as_secs_f64() - rows[0].eval_s;
+    let mut now = 0u64;
+    while !matches!(
+        fed.state().phase,
+        fedlora_protocol::Phase::Evaluating { .. } | fedlora_protocol::Phase::Finished { .. }
+    ) {
+        let tr = Instant::now();
+        let Some(Transition::RoundStarted { round, selected }) = fed.tick(now) else {
+            return Err(SimError::Config(format!(
+                "the round machine did not start a round (phase {:?})",
+                fed.state().phase
+            )));
+        };
+        let mut row = RoundRow::new(&cols, round);
+        row.selected = selected.len();
+        let mut fate_rng = ChaCha20Rng::seed_from_u64(mix_seed(point.seed, round, 3));
+        let ctx = CodecContext {
+            round_seed: codec_seed(fcfg.seed, round),
+        };
+        // every selected client polls, gets the offer, and its budget decides
+        let offer_bytes = offer_frame_len(&fed, &fcfg, round, &global, &spec)?;
+        let mut jobs = Vec::new();
+        for id in &selected {
+            let ci = index[id];
+            let u: f64 = fate_rng.random();
+            let fate = if u < sweep.faults.dropout {
+                Fate::Dropped
+            } else if u < sweep.faults.dropout + sweep.faults.straggler {
+                Fate::Late
+            } else {
+                Fate::OnTime
+            };
+            match fed.poll(id) {
+                fedlora_protocol::Directive::Train { round: r, .. } if r == round => {}
+                other => {
+                    return Err(SimError::Config(format!(
+                        "{id} was selected for round {round} but told {other:?}"
+                    )))
+                }
+            }
+            row.bytes_down += offer_bytes;
+            let c = &mut clients[ci];
+            let dp = match (&fcfg.train.dp, c.privacy.as_mut()) {
+                (Some(plan), Some(p)) => {
+                    match p.approve(plan, &fcfg.train, c.learner.train_examples()) {
+                        Ok(a) => {
+                            p.spend(round, &a)?;
+                            c.dp_steps += u64::from(fcfg.train.local_steps);
+                            Some(a.dp)
+                        }
+                        Err(reason) => {
+                            let msg = ClientMsg::Decline {
+                                round,
+                                reason: reason.clone(),
+                            };
+                            row.bytes_up += frame::encode(&msg)?.len() as u64;
+                            fed.decline(id, round, &reason)
+                                .map_err(|e| SimError::Config(e.to_string()))?;
+                            row.declined += 1;
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            jobs.push(Job {
+                client: ci,
+                dp,
+                fate,
+                residual: c.residual.take(),
+            });
+        }
+        let outcome = if let Some(params) = &secure {
+            secure_round(
+                &mut fed, &mut clients, &verifier, params, jobs, &fcfg, &spec, &global, round,
+                &ctx, pool, &mut row,
+            )?
+        } else {
+            plain_round(
+                &mut fed,
+                &mut clients,
+                jobs,
+                &fcfg,
+                &spec,
+                &global,
+                round,
+                &ctx,
+                pool,
+                &mut row,
+                &mut now,
+            )?
+        };
+        match outcome {
+            Some(next) => {
+                global = next;
+                let v = fed.commit(round, now)?;
+                row.version = v;
+                row.status = "committed".into();
+            }
+            None => {
+                if matches!(fed.state().phase, fedlora_protocol::Phase::Training(_)) {
+                    fed.fail_round(round, now)?;
+                }
+                row.version = fed.state().global_version;
+                row.status = "failed".into();
+            }
+        }
+        row.wall_s = tr.elapsed().as_secs_f64();
+        // the client with the largest ε so far, and its accounting inputs
+        if let Some((eps, c)) = clients
+            .iter()
+            .filter_map(|c| {
+                let p = c.privacy.as_ref()?;
+                Some((p.epsilon_spent().ok()?, c))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+        {
+            let plan = c.privacy.as_ref().and_then(|p| p.plan());
+            row.eps_spent = Some(eps);
+            row.q = plan.map(|p| p.q);
+            row.sigma = plan.map(|p| p.sigma);
+            row.dp_steps = Some(c.dp_steps);
+        }
+        let last = row.version >= point.rounds;
+        if row.status == "committed" && (row.version % sweep.eval_every == 0 || last) {
+            let te = Instant::now();
+            let u = pop.evaluate(&global)?;
+            row.loss = Some(u.loss);
+            row.accuracy = u.accuracy;
+            row.eval_s = te.elapsed().as_secs_f64();
+        }
+        on_round(round);
+        rows.push(row);
+        now += ROUND_TIMEOUT_MS + 1;
+        if matches!(fed.state().phase, fedlora_protocol::Phase::Waiting { .. }) {
+            now += fcfg.start_grace_ms;
+        }
+    }
+    let summary = RunSummary::from_rows(&cols, &rows, startup_s);
+    Ok(RunOutput { rows, summary })
+}
+
+fn new_signer() -> Result<EcdsaP256Signer, SimError> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .map_err(|e| SimError::SecAgg(format!("key generation: {e}")))?;
+    EcdsaP256Signer::from_pkcs8(pkcs8.as_ref()).map_err(|e| SimError::SecAgg(e.to_string()))
+}
+
+/// Wire size of the round offer a participant receives (full dense global adapter).
+fn offer_frame_len(
+    fed: &Federation,
+    fcfg: &FederationConfig,
+    round: u64,
+    global: &FlatAdapter,
+    spec: &fedlora_protocol::AdapterSpec,
+) -> Result<u64, SimError> {
+    let offer = RoundOffer {
+        round,
+        global_version: fed.state().global_version,
+        spec_hash: spec.hash(),
+        config: fcfg.train.clone(),
+        evaluate: false,
+        codec_seed: codec_seed(fcfg.seed, round),
+        global_from: None,
+        global: Codec::DenseF32.encode(global.values()),
+        secure_shares: None,
+    };
+    Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
+}
+
+/// Trains `jobs` (clients that will deliver, i.e. not dropped) in parallel and encodes their
+/// updates. Results are in job order.
+fn train_jobs(
+    clients: &[VirtualClient],
+    jobs: Vec<Job>,
+    cfg: &TrainConfig,
+    spec: &fedlora_protocol::AdapterSpec,
+    global: &FlatAdapter,
+    round: u64,
+    ctx: &CodecContext,
+    pool: &rayon::ThreadPool,
+) -> Result<Vec<Trained>, SimError> {
+    pool.install(|| {
+        jobs.into_par_iter()
+            .map(|mut job| -> Result<Trained, SimError> {
+                let c = &clients[job.client];
+                let out = local_update(
+                    c.learner.as_ref(),
+                    global,
+                    cfg,
+                    job.dp.as_ref(),
+                    &c.seeds,
+                    round,
+                )?;
+                let mut rng = c.seeds.codec_rng(round)?;
+                let enc = encode_update(
+                    &cfg.codec,
+                    spec,
+                    &out.delta,
+                    ctx,
+                    1,
+                    &mut rng,
+                    &mut job.residual,
+                )?;
+                Ok(Trained {
+                    client: job.client,
+                    fate: job.fate,
+                    out,
+                    payload: enc.bytes,
+                    residual: job.residual,
+                })
+            })
+            .collect()
+    })
+}
+
+fn note_training(row: &mut RoundRow, trained: &[Trained]) {
+    row.compute_s = trained.iter().map(|t| t.out.secs).sum();
+    if !trained.is_empty() {
+        row.train_loss =
+            Some(trained.iter().map(|t| t.out.train_loss).sum::<f64>() / trained.len() as f64);
+    }
+}
+
+/// A round without secure aggregation. Returns the next global, or `None` if it failed.
+#[allow(clippy::too_many_arguments)]
+fn plain_round(
+    fed: &mut Federation,
+    clients: &mut [VirtualClient],
+    jobs: Vec<Job>,
+    fcfg: &FederationConfig,
+    spec: &fedlora_protocol::AdapterSpec,
+    global: &FlatAdapter,
+    round: u64,
+    ctx: &CodecContext,
+    pool: &rayon::ThreadPool,
+    row: &mut RoundRow,
+    now: &mut u64,
+) -> Result<Option<FlatAdapter>, SimError> {
+    let (jobs, dropped): (Vec<Job>, Vec<Job>) =
+        jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
+    row.dropped = dropped.len();
+    for j in dropped {
+        clients[j.client].residual = j.residual;
+    }
+    let trained = train_jobs(clients, jobs, &fcfg.train, spec, global, round, ctx, pool)?;
+    note_training(row, &trained);
+    let mut payloads: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut late = Vec::new();
+    for t in trained {
+        let c = &mut clients[t.client];
+        c.residual = t.residual;
+        let up = ClientMsg::Upload(fedlora_protocol::Upload {
+            round,
+            spec_hash: spec.hash(),
+            weight: 1.0,
+            train_loss: t.out.train_loss,
+            eps_spent: None,
+            payload: t.payload,
+        });
+        row.bytes_up += frame::encode(&up)?.len() as u64;
+        let ClientMsg::Upload(up) = up else {
+            unreachable!()
+        };
+        if t.fate == Fate::Late {
+            late.push((c.id.clone(), up));
+            continue;
+        }
+        submit(fed, &c.id, &up, spec)?;
+        payloads.insert(c.id.clone(), up.payload);
+    }
+    let mut tr = fed.tick(*now);
+    if tr.is_none() {
+        *now += fcfg.round_timeout_ms;
+        tr = fed.tick(*now);
+    }
+    // stragglers arrive after the deadline: the round machine refuses them
+    for (id, up) in &late {
+        if submit(fed, id, up, spec).is_ok() {
+            return Err(SimError::Config(format!(
+                "late upload of {id} was accepted after the deadline"
+            )));
+        }
+        row.late += 1;
+    }
+    match tr {
+        Some(Transition::Aggregate { uploads, .. }) => {
+            row.aggregated = uploads.len();
+            let next = aggregate_payloads(
+                global,
+                &fcfg.train.codec,
+                spec,
+                ctx,
+                uploads
+                    .iter()
+                    .map(|(id, m)| (m.weight, payloads[id].as_slice())),
+            )?;
+            Ok(Some(next))
+        }
+        Some(Transition::RoundFailed { .. }) => Ok(None),
+        other => Err(SimError::Config(format!(
+            "unexpected transition closing round {round}: {other:?}"
+        ))),
+    }
+}
+
+fn submit(
+    fed: &mut Federation,
+    id: &str,
+    up: &fedlora_protocol::Upload,
+    spec: &fedlora_protocol::AdapterSpec,
+) -> Result<(), SimError> {
+    let digest: [u8; 32] = Sha256::digest(&up.payload).into();
+    let refused = |e: fedlora_protocol::Refusal| SimError::Config(e.to_string());
+    let verdict = fed
+        .check_upload(id, up.round, &spec.hash(), &digest, up.weight)
+        .map_err(refused)?;
+    if verdict == fedlora_protocol::UploadVerdict::New {
+        let meta = UploadMeta {
+            digest,
+            weight: up.weight,
+            bytes: up.payload.len() as u64,
+            train_loss: up.train_loss,
+            eps_spent: up.eps_spent,
+        };
+        fed.accept_upload(id, up.round, meta).map_err(refused)?;
+    }
+    Ok(())
+}
+
+fn wire(round: u64, body: SecAggBody) -> Result<u64, SimError> {
+    Ok(frame::encode(&ClientMsg::SecAgg { round, body })?.len() as u64)
+}
+
+/// A secure round: keys, shares, training, masked inputs, unmasking. Injected dropouts leave
+/// after sharing their keys (the case the protocol must recover from); stragglers miss the
+/// masked-input stage.
+#[allow(clippy::too_many_arguments)]
+fn secure_round(
+    fed: &mut Federation,
+    clients: &mut [VirtualClient],
+    verifier: &P256Verifier,
+    params: &SecAggParams,
+    jobs: Vec<Job>,
+    fcfg: &FederationConfig,
+    spec: &fedlora_protocol::AdapterSpec,
+    global: &FlatAdapter,
+    round: u64,
+    ctx: &CodecContext,
+    pool: &rayon::ThreadPool,
+    row: &mut RoundRow,
+) -> Result<Option<FlatAdapter>, SimError> {
+    let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
+    let Codec::Modular(mp) = &fcfg.train.codec else {
+        return Err(SimError::Config("secure rounds need the modular codec".into()));
+    };
+    let len = fedlora_protocol::codec::sparse::kept(spec.numel(), mp.fraction) + 1;
+    let participants: BTreeSet<String> =
+        jobs.iter().map(|j| clients[j.client].id.clone()).collect();
+    if participants.is_empty() {
+        return Ok(None);
+    }
+    let mut server = ServerRound::new(round, params.clone(), len, participants);
+    let mut rounds: BTreeMap<usize, ClientRound> = BTreeMap::new();
+    for j in &jobs {
+        let c = &clients[j.client];
+        let mut rng = ChaCha20Rng::seed_from_u64(mix_seed(
+            c.seeds.sampling.unwrap_or_default(),
+            round,
+            4,
+        ));
+        let mut cr = ClientRound::new(round, &c.id, params.clone(), &mut rng);
+        let keys = cr
+            .advertise(c.signer.as_ref().expect("secure runs have signers"))
+            .map_err(sa)?;
+        row.bytes_up += wire(round, SecAggBody::Keys(keys.clone()))?;
+        server.receive_keys(&c.id, keys).map_err(sa)?;
+        rounds.insert(j.client, cr);
+    }
+    let fail = |server_err: SecAggError| -> Result<Option<FlatAdapter>, SimError> {
+        tracing::warn!(round, error = %server_err, "secure round failed");
+        Ok(None)
+    };
+    use fedlora_protocol::secagg::SecAggError;
+    let roster = match server.close_keys() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    for j in &jobs {
+        let c = &clients[j.client];
+        let mut rng = ChaCha20Rng::seed_from_u64(mix_seed(
+            c.seeds.sampling.unwrap_or_default(),
+            round,
+            5,
+        ));
+        let cr = rounds.get_mut(&j.client).expect("advertised");
+        let shares = cr.share_keys(&roster, verifier, &mut rng).map_err(sa)?;
+        row.bytes_up += wire(round, SecAggBody::Shares(shares.clone()))?;
+        server.receive_shares(&c.id, shares).map_err(sa)?;
+    }
+    let deliveries = match server.close_shares() {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    // dropouts leave now, after sharing keys
+    let (jobs, dropped): (Vec<Job>, Vec<Job>) =
+        jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
+    row.dropped = dropped.len();
+    for j in dropped {
+        clients[j.client].residual = j.residual;
+    }
+    let trained = train_jobs(clients, jobs, &fcfg.train, spec, global, round, ctx, pool)?;
+    note_training(row, &trained);
+    let mut survivors = Vec::new();
+    for t in trained {
+        let c = &mut clients[t.client];
+        c.residual = t.residual;
+        if t.fate == Fate::Late {
+            row.late += 1;
+            continue;
+        }
+        let ints = fcfg.train.codec.modular_payload(&t.payload, spec)?;
+        let cr = rounds.get_mut(&t.client).expect("advertised");
+        let mine = deliveries.get(&c.id).cloned().unwrap_or_default();
+        let y = cr.masked_input(&mine, &ints).map_err(sa)?;
+        let mut packed = Vec::new();
+        fedlora_protocol::codec::bits::pack(y.iter().copied(), mp.modulus_bits(), &mut packed);
+        let digest: [u8; 32] = Sha256::digest(&packed).into();
+        row.bytes_up += wire(round, SecAggBody::Input(packed.clone()))?;
+        server.receive_input(&c.id, y).map_err(sa)?;
+        let meta = UploadMeta {
+            digest,
+            weight: 1.0,
+            bytes: packed.len() as u64,
+            train_loss: t.out.train_loss,
+            eps_spent: None,
+        };
+        fed.accept_upload(&c.id, round, meta)
+            .map_err(|e| SimError::Config(e.to_string()))?;
+        survivors.push(t.client);
+    }
+    let req = match server.close_inputs() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    for ci in &survivors {
+        let cr = rounds.get_mut(ci).expect("advertised");
+        let resp = cr.unmask(&req).map_err(sa)?;
+        row.bytes_up += wire(round, SecAggBody::Unmask(resp.clone()))?;
+        server.receive_unmask(resp).map_err(sa)?;
+    }
+    let (sum, counted) = match server.finish() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    row.aggregated = counted.len();
+    let ms = ModularSum::from_sum(sum, mp.modulus_bits(), counted.len());
+    Ok(Some(apply_modular_sum(
+        global,
+        &fcfg.train.codec,
+        spec,
+        ctx,
+        &ms,
+    )?))
+}

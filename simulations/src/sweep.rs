@@ -1,0 +1,471 @@
+//! Sweep files: a task, fixed training settings, and a grid of values whose product is the list
+//! of sweep points (runs).
+//!
+//! ```toml
+//! name = "privacy-utility"
+//! [task]
+//! name = "bcw"
+//! partition = "dirichlet"
+//! alpha = 1.0
+//! clients = 10
+//! [train]
+//! local_steps = 10
+//! batch_size = 16
+//! learning_rate = 0.01
+//! [grid]
+//! epsilon = [1.0, 4.0, inf]      # TOML's inf: no DP
+//! seed = [1, 2, 3]
+//! ```
+//! Grid keys with one value can be omitted (defaults below). Points are enumerated in a fixed
+//! order (the grid keys in the order of [`Grid`]'s fields, `seed` innermost), so point `i` is
+//! the same on every machine — which is what `--shard i/N` relies on.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::SimError;
+use crate::task::TaskConfig;
+
+/// Fixed local-training settings of every run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Local optimizer steps per round.
+    #[serde(default = "d_steps")]
+    pub local_steps: u32,
+    /// Batch size (expected batch size under DP's Poisson sampling).
+    #[serde(default = "d_batch")]
+    pub batch_size: u32,
+    /// Adam learning rate without DP.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// Adam learning rate under DP (default: `learning_rate`).
+    #[serde(default)]
+    pub dp_learning_rate: Option<f64>,
+    /// Privacy accountant for calibration and the reported ε.
+    #[serde(default)]
+    pub accountant: fedlora_dp::Accountant,
+}
+
+fn d_steps() -> u32 {
+    10
+}
+fn d_batch() -> u32 {
+    16
+}
+fn d_lr() -> f64 {
+    0.01
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            local_steps: d_steps(),
+            batch_size: d_batch(),
+            learning_rate: d_lr(),
+            dp_learning_rate: None,
+            accountant: Default::default(),
+        }
+    }
+}
+
+/// Injected failures (in-process runs only), each an independent per-(round, client) draw from
+/// the run's seed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Probability that a selected client drops out of a round (in a secure round: after it
+    /// shared its keys, the case the masking protocol must recover from).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Probability that a selected client's upload arrives after the round's deadline (it is
+    /// refused as late, like on a real coordinator).
+    #[serde(default)]
+    pub straggler: f64,
+}
+
+/// The grid: every combination of these values is one sweep point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    /// Target ε per client (example-level); `inf` trains without DP.
+    #[serde(default = "d_eps")]
+    pub epsilon: Vec<f64>,
+    /// δ of the DP guarantee.
+    #[serde(default = "d_delta")]
+    pub delta: Vec<f64>,
+    /// Per-example L2 clip norm C.
+    #[serde(default = "d_clip")]
+    pub clip: Vec<f64>,
+    /// Upload codecs by name (`dense`, `f16`, `q4`, `topk:0.05`, `subset:0.125`,
+    /// `modular:8:0.25:0.125:64`, …).
+    #[serde(default = "d_codec")]
+    pub codec: Vec<String>,
+    /// LoRA rank.
+    #[serde(default = "d_rank")]
+    pub rank: Vec<usize>,
+    /// Clients sampled per round.
+    #[serde(default = "d_cpr")]
+    pub clients_per_round: Vec<usize>,
+    /// Rounds.
+    #[serde(default = "d_rounds")]
+    pub rounds: Vec<u64>,
+    /// Secure aggregation (needs a modular codec; other combinations are skipped).
+    #[serde(default = "d_secure")]
+    pub secure_aggregation: Vec<bool>,
+    /// Seeds (repetitions): client sampling, data split, batch sampling, noise.
+    #[serde(default = "d_seed")]
+    pub seed: Vec<u64>,
+}
+
+fn d_eps() -> Vec<f64> {
+    vec![f64::INFINITY]
+}
+fn d_delta() -> Vec<f64> {
+    vec![1e-5]
+}
+fn d_clip() -> Vec<f64> {
+    vec![1.0]
+}
+fn d_codec() -> Vec<String> {
+    vec!["dense".into()]
+}
+fn d_rank() -> Vec<usize> {
+    vec![4]
+}
+fn d_cpr() -> Vec<usize> {
+    vec![5]
+}
+fn d_rounds() -> Vec<u64> {
+    vec![10]
+}
+fn d_secure() -> Vec<bool> {
+    vec![false]
+}
+fn d_seed() -> Vec<u64> {
+    vec![1]
+}
+
+/// A sweep file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Name used in the report.
+    pub name: String,
+    /// The question the sweep answers (shown in the report).
+    #[serde(default)]
+    pub question: String,
+    /// Task and data split.
+    pub task: TaskConfig,
+    /// Local training.
+    #[serde(default)]
+    pub train: TrainSettings,
+    /// Injected failures.
+    #[serde(default)]
+    pub faults: Faults,
+    /// The grid.
+    pub grid: Grid,
+    /// Evaluate the global adapter every this many rounds (and always after the last), ≥ 1.
+    #[serde(default = "d_eval_every")]
+    pub eval_every: u64,
+}
+
+fn d_eval_every() -> u64 {
+    1
+}
+
+/// One sweep point: a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// Position in the sweep's enumeration.
+    pub index: usize,
+    /// Target ε (`inf`: no DP).
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// Clip norm.
+    pub clip: f64,
+    /// Codec name.
+    pub codec: String,
+    /// LoRA rank.
+    pub rank: usize,
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Rounds.
+    pub rounds: u64,
+    /// Secure aggregation on.
+    pub secure_aggregation: bool,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl Point {
+    /// Whether this point trains with DP.
+    pub fn dp(&self) -> bool {
+        self.epsilon.is_finite()
+    }
+
+    /// The setting without the seed (points that differ only in seed are repetitions).
+    pub fn setting(&self) -> String {
+        format!(
+            "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}",
+            fmt_eps(self.epsilon),
+            self.delta,
+            self.clip,
+            self.codec,
+            self.rank,
+            self.clients_per_round,
+            self.rounds,
+            self.secure_aggregation
+        )
+    }
+}
+
+/// ε as written in CSVs and reports (`inf` without DP).
+pub fn fmt_eps(e: f64) -> String {
+    if e.is_finite() {
+        format!("{e}")
+    } else {
+        "inf".into()
+    }
+}
+
+impl SweepConfig {
+    /// Parses a sweep file.
+    pub fn from_toml(text: &str) -> Result<Self, SimError> {
+        let c: SweepConfig =
+            toml::from_str(text).map_err(|e| SimError::Config(format!("sweep file: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads a sweep file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, SimError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SimError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks values that no point could run with.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |m: String| Err(SimError::Config(m));
+        let g = &self.grid;
+        let lists = [
+            ("epsilon", g.epsilon.len()),
+            ("delta", g.delta.len()),
+            ("clip", g.clip.len()),
+            ("codec", g.codec.len()),
+            ("rank", g.rank.len()),
+            ("clients_per_round", g.clients_per_round.len()),
+            ("rounds", g.rounds.len()),
+            ("secure_aggregation", g.secure_aggregation.len()),
+            ("seed", g.seed.len()),
+        ];
+        if let Some((k, _)) = lists.iter().find(|(_, n)| *n == 0) {
+            return bad(format!("grid.{k} is empty"));
+        }
+        if g.epsilon.iter().any(|e| e.is_nan() || *e <= 0.0) {
+            return bad("grid.epsilon: every ε must be positive (inf for no DP)".into());
+        }
+        if g.delta.iter().any(|d| !(*d > 0.0 && *d < 1.0)) {
+            return bad("grid.delta: every δ must be in (0, 1)".into());
+        }
+        if g.clip.iter().any(|c| !(*c > 0.0 && c.is_finite())) {
+            return bad("grid.clip: every clip norm must be positive and finite".into());
+        }
+        for c in &g.codec {
+            fedlora_protocol::Codec::from_name(c)
+                .and_then(|c| c.validate())
+                .map_err(|e| SimError::Config(format!("grid.codec `{c}`: {e}")))?;
+        }
+        if g.rank.contains(&0) || g.rounds.contains(&0) {
+            return bad("grid.rank and grid.rounds must be at least 1".into());
+        }
+        for &k in &g.clients_per_round {
+            if k == 0 || k > self.task.clients {
+                return bad(format!(
+                    "grid.clients_per_round {k} must be in 1..={} (task.clients)",
+                    self.task.clients
+                ));
+            }
+        }
+        if self.eval_every == 0 {
+            return bad("eval_every must be at least 1".into());
+        }
+        for (name, p) in [
+            ("dropout", self.faults.dropout),
+            ("straggler", self.faults.straggler),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("faults.{name} must be in [0, 1)"));
+            }
+        }
+        if self.points().0.is_empty() {
+            return bad("no runnable point: secure aggregation needs a modular codec".into());
+        }
+        Ok(())
+    }
+
+    /// Every runnable point in enumeration order, and the combinations skipped (secure
+    /// aggregation with a codec whose sum cannot be unmasked).
+    pub fn points(&self) -> (Vec<Point>, Vec<String>) {
+        let g = &self.grid;
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for &epsilon in &g.epsilon {
+            for &delta in &g.delta {
+                for &clip in &g.clip {
+                    for codec in &g.codec {
+                        for &rank in &g.rank {
+                            for &k in &g.clients_per_round {
+                                for &rounds in &g.rounds {
+                                    for &secure in &g.secure_aggregation {
+                                        for &seed in &g.seed {
+                                            let p = Point {
+                                                index: out.len(),
+                                                epsilon,
+                                                delta,
+                                                clip,
+                                                codec: codec.clone(),
+                                                rank,
+                                                clients_per_round: k,
+                                                rounds,
+                                                secure_aggregation: secure,
+                                                seed,
+                                            };
+                                            let summable =
+                                                fedlora_protocol::Codec::from_name(codec)
+                                                    .is_ok_and(|c| c.is_summable());
+                                            if secure && !summable {
+                                                skipped.push(p.setting());
+                                            } else {
+                                                out.push(p);
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        skipped.dedup();
+        (out, skipped)
+    }
+
+    /// A hash of everything that decides results (the task, training, faults, evaluation
+    /// cadence): shards and resumed runs must agree on it.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(&(
+            &self.task,
+            &self.train,
+            &self.faults,
+            self.eval_every,
+        ))
+        .expect("serializable");
+        hex::encode(&Sha256::digest(json)[..8])
+    }
+
+    /// The key of `point`'s result file: its index and a hash of its values and the sweep's
+    /// fingerprint (so a changed sweep never reuses a stale result).
+    pub fn run_key(&self, point: &Point) -> String {
+        let json = serde_json::to_vec(point).expect("serializable");
+        let mut h = Sha256::new();
+        h.update(self.fingerprint());
+        h.update(json);
+        format!("run{:04}-{}", point.index, hex::encode(&h.finalize()[..6]))
+    }
+}
+
+/// `i/N`: run the points whose index is `i` mod `N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, `0 ≤ index < count`.
+    pub index: usize,
+    /// Number of shards.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = SimError;
+    fn from_str(s: &str) -> Result<Self, SimError> {
+        let bad = || SimError::Config(format!("shard `{s}`: expected i/N with 0 ≤ i < N"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl Shard {
+    /// Whether this shard runs `point`.
+    pub fn runs(&self, point: &Point) -> bool {
+        point.index % self.count == self.index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SWEEP: &str = r#"
+name = "t"
+[task]
+name = "bcw"
+partition = "iid"
+clients = 6
+[grid]
+epsilon = [1.0, inf]
+codec = ["dense", "modular:8:0.25:0.125:64"]
+secure_aggregation = [false, true]
+seed = [1, 2]
+"#;
+
+    #[test]
+    fn grid_expands_in_order_and_skips_secure_without_a_summable_codec() {
+        let c = SweepConfig::from_toml(SWEEP).unwrap();
+        let (points, skipped) = c.points();
+        // 2 ε × (dense: secure off only; modular: on and off) × 2 seeds
+        assert_eq!(points.len(), 2 * 3 * 2);
+        assert_eq!(skipped.len(), 2);
+        assert!(points.iter().enumerate().all(|(i, p)| p.index == i));
+        assert_eq!(points[0].epsilon, 1.0);
+        assert!(points.last().unwrap().epsilon.is_infinite());
+        assert_eq!((points[0].seed, points[1].seed), (1, 2));
+        let keys: std::collections::BTreeSet<_> = points.iter().map(|p| c.run_key(p)).collect();
+        assert_eq!(keys.len(), points.len());
+    }
+
+    #[test]
+    fn shards_partition_the_points() {
+        let c = SweepConfig::from_toml(SWEEP).unwrap();
+        let (points, _) = c.points();
+        let shards: Vec<Shard> = (0..3).map(|i| format!("{i}/3").parse().unwrap()).collect();
+        for p in &points {
+            assert_eq!(shards.iter().filter(|s| s.runs(p)).count(), 1);
+        }
+        assert!("3/3".parse::<Shard>().is_err());
+        assert!("x".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        for (from, to, key) in [
+            ("seed = [1, 2]", "seed = []", "grid.seed"),
+            ("epsilon = [1.0, inf]", "epsilon = [0.0]", "grid.epsilon"),
+            ("codec = [\"dense\",", "codec = [\"nope\",", "grid.codec"),
+            ("clients = 6", "clients = 6\nfoo = 1", "unknown field"),
+        ] {
+            let e = SweepConfig::from_toml(&SWEEP.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The tasks a sweep can run and the population of virtual clients each one builds: the
+//! Shakespeare byte LM (natural split by speaking role, as LEAF, or IID) and the Breast Cancer
+//! Wisconsin MLP (IID or Dirichlet(α) label skew).
+//!
+//! A population holds every client's data once (memory grows with data) and one shared frozen
+//! model; clients are [`Learner`]s over it, so no client owns a model copy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use fedlora_client::adapter::{collect_named, NamedFilter};
+use fedlora_client::data::{split_roles, ClientData, SHAKESPEARE};
+use fedlora_client::learner::{Learner, LmLearner};
+use fedlora_client::lora::LoraConfig;
+use fedlora_client::model::LmConfig;
+use fedlora_client::train::{load_base, LocalTrainer};
+use fedlora_protocol::FlatAdapter;
+use serde::{Deserialize, Serialize};
+
+use crate::error::SimError;
+use crate::partition;
+use crate::tabular::{BcwData, TabularLearner, TabularModel};
+
+/// Which task a sweep runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskName {
+    /// Next-byte prediction on tiny Shakespeare (utility: held-out loss, nats/byte).
+    Shakespeare,
+    /// Breast Cancer Wisconsin diagnosis (utility: test accuracy and BCE loss).
+    Bcw,
+}
+
+/// How client data is split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionName {
+    /// One speaking role per client (Shakespeare only).
+    Natural,
+    /// Shuffled and dealt evenly.
+    Iid,
+    /// Dirichlet(α) label skew (BCW only).
+    Dirichlet,
+}
+
+/// The LM used by the Shakespeare task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TextModel {
+    /// The reference LM over the committed pretrained base (`base`).
+    Reference,
+    /// A one-layer LM (d_model 32, context 16) over a seeded random base: for tests and smoke
+    /// runs only.
+    Tiny,
+}
+
+/// The `[task]` table of a sweep file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Task.
+    pub name: TaskName,
+    /// Data split.
+    pub partition: PartitionName,
+    /// Dirichlet concentration α (smaller is more skewed).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Number of virtual clients.
+    pub clients: usize,
+    /// BCW: hidden units of the MLP.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Shakespeare: which LM.
+    #[serde(default = "default_text_model")]
+    pub model: TextModel,
+    /// Shakespeare: base checkpoint of the reference LM (relative to the repository root).
+    #[serde(default = "default_base")]
+    pub base: PathBuf,
+    /// LoRA α (the update is scaled by α/rank).
+    #[serde(default = "default_lora_alpha")]
+    pub lora_alpha: f64,
+    /// Projections with an adapter (default: q, v for the LM; fc1, fc2, out for the MLP).
+    #[serde(default)]
+    pub targets: Option<Vec<String>>,
+    /// Shakespeare: held-out windows the global evaluation uses (evenly spaced over all
+    /// clients' test windows).
+    #[serde(default = "default_eval_examples")]
+    pub max_eval_examples: usize,
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+fn default_hidden() -> usize {
+    64
+}
+fn default_text_model() -> TextModel {
+    TextModel::Reference
+}
+fn default_base() -> PathBuf {
+    PathBuf::from("models/base.bpk")
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn default_eval_examples() -> usize {
+    256
+}
+
+/// Utility of a global adapter on the task's held-out data.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Utility {
+    /// Mean held-out loss (nats per byte for the LM; binary cross-entropy for BCW).
+    pub loss: f64,
+    /// Test accuracy (BCW only).
+    pub accuracy: Option<f64>,
+}
+
+enum Evaluator {
+    Text {
+        trainer: LocalTrainer,
+        test: Vec<Vec<u8>>,
+    },
+    Tabular(Arc<TabularModel>),
+}
+
+/// The virtual clients of one run and the task's global evaluation.
+pub struct Population {
+    /// One learner per client; client `i` has id `client-{i}`.
+    pub learners: Vec<Arc<dyn Learner>>,
+    /// Global version 0.
+    pub initial: FlatAdapter,
+    evaluator: Evaluator,
+}
+
+impl std::fmt::Debug for Population {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Population")
+            .field("clients", &self.learners.len())
+            .field("adapter_values", &self.initial.values().len())
+            .finish()
+    }
+}
+
+impl Population {
+    /// Builds the population of `task` with LoRA `rank`; `seed` drives the IID and Dirichlet
+    /// splits.
+    pub fn build(task: &TaskConfig, rank: usize, seed: u64) -> Result<Self, SimError> {
+        if task.clients == 0 {
+            return Err(SimError::Config("task.clients must be at least 1".into()));
+        }
+        match task.name {
+            TaskName::Bcw => build_bcw(task, rank, seed),
+            TaskName::Shakespeare => build_text(task, rank, seed),
+        }
+    }
+
+    /// Utility of `adapter` on the task's held-out data.
+    pub fn evaluate(&self, adapter: &FlatAdapter) -> Result<Utility, SimError> {
+        Ok(match &self.evaluator {
+            Evaluator::Text { trainer, test } => Utility {
+                loss: trainer.evaluate(adapter, test)?.loss,
+                accuracy: None,
+            },
+            Evaluator::Tabular(m) => {
+                let (loss, acc) = m.evaluate_test(adapter)?;
+                Utility {
+                    loss,
+                    accuracy: Some(acc),
+                }
+            }
+        })
+    }
+}
+
+fn lora(task: &TaskConfig, rank: usize, default_targets: &[&str]) -> LoraConfig {
+    LoraConfig::new()
+        .with_rank(rank)
+        .with_alpha(task.lora_alpha)
+        .with_targets(task.targets.clone().unwrap_or_else(|| {
+            default_targets.iter().map(|s| s.to_string()).collect()
+        }))
+}
+
+fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, SimError> {
+    let data = BcwData::load()?;
+    let shards = match task.partition {
+        PartitionName::Iid => partition::iid(data.train.len(), task.clients, seed),
+        PartitionName::Dirichlet => {
+            if !(task.alpha > 0.0 && task.alpha.is_finite()) {
+                return Err(SimError::Config("task.alpha must be positive".into()));
+            }
+            partition::dirichlet(&data.train_labels(), task.clients, task.alpha, seed)
+        }
+        PartitionName::Natural => {
+            return Err(SimError::Config(
+                "the BCW data has no natural clients: use partition = \"iid\" or \"dirichlet\""
+                    .into(),
+            ))
+        }
+    };
+    if let Some(i) = shards.iter().position(Vec::is_empty) {
+        return Err(SimError::Config(format!(
+            "client {i} got no BCW rows ({} clients for {} rows): use fewer clients or a larger α",
+            task.clients,
+            data.train.len()
+        )));
+    }
+    let model = Arc::new(TabularModel::new(
+        task.hidden,
+        lora(task, rank, &["fc1", "fc2", "out"]),
+        data.test.clone(),
+    )?);
+    let learners = shards
+        .iter()
+        .map(|idx| {
+            Arc::new(TabularLearner {
+                model: model.clone(),
+                rows: data.train.select(idx),
+            }) as Arc<dyn Learner>
+        })
+        .collect();
+    Ok(Population {
+        learners,
+        initial: model.initial_adapter(),
+        evaluator: Evaluator::Tabular(model),
+    })
+}
+
+fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, SimError> {
+    let (cfg, base) = match task.model {
+        TextModel::Reference => {
+            let cfg = LmConfig::new().with_lora(Some(lora(task, rank, &["q", "v"])));
+            let path = crate::repo_path(&task.base);
+            if !path.exists() {
+                return Err(SimError::Config(format!(
+                    "base checkpoint {} not found (run `fedlora pretrain`)",
+                    path.display()
+                )));
+            }
+            let base = load_base(&cfg, &path)?;
+            (cfg, base)
+        }
+        TextModel::Tiny => {
+            let cfg = LmConfig::new()
+                .with_d_model(32)
+                .with_n_layers(1)
+                .with_n_heads(2)
+                .with_d_ff(64)
+                .with_context(16)
+                .with_lora(Some(lora(task, rank, &["q", "v"])));
+            let plain = LmConfig {
+                lora: None,
+                ..cfg.clone()
+            };
+            let base = collect_named(&plain.init(&Device::flex()), NamedFilter::All);
+            (cfg, base)
+        }
+    };
+    let context = cfg.context;
+    let trainer = LocalTrainer::new(cfg, &base, Device::flex().autodiff())?;
+    let roles = split_roles(SHAKESPEARE).clients;
+    let per_role: Vec<ClientData> = roles
+        .iter()
+        .map(|r| ClientData::from_text(&r.name, r.text.as_bytes(), context))
+        .collect::<Result<_, _>>()?;
+    let all_test: Vec<Vec<u8>> = per_role.iter().flat_map(|d| d.test.clone()).collect();
+    let stride = all_test.len().div_ceil(task.max_eval_examples.max(1)).max(1);
+    let test: Vec<Vec<u8>> = all_test.iter().step_by(stride).cloned().collect();
+    let clients: Vec<ClientData> = match task.partition {
+        PartitionName::Natural => {
+            if task.clients > per_role.len() {
+                return Err(SimError::Config(format!(
+                    "the natural split has {} clients (speaking roles); {} asked: use \
+                     partition = \"iid\" for more",
+                    per_role.len(),
+                    task.clients
+                )));
+            }
+            per_role.into_iter().take(task.clients).collect()
+        }
+        PartitionName::Iid => {
+            let pool: Vec<Vec<u8>> = per_role.iter().flat_map(|d| d.train.clone()).collect();
+            let shards = partition::iid(pool.len(), task.clients, seed);
+            let client_test: Vec<Vec<u8>> = test.iter().take(8).cloned().collect();
+            shards
+                .into_iter()
+                .enumerate()
+                .map(|(i, idx)| ClientData {
+                    name: format!("iid-{i}"),
+                    train: idx.iter().map(|&j| pool[j].clone()).collect(),
+                    test: client_test.clone(),
+                })
+                .collect()
+        }
+        PartitionName::Dirichlet => {
+            return Err(SimError::Config(
+                "the text task has no labels to skew: use \"natural\" or \"iid\"".into(),
+            ))
+        }
+    };
+    if let Some(c) = clients.iter().position(|c| c.train.is_empty()) {
+        return Err(SimError::Config(format!(
+            "client {c} got no training windows: use fewer clients"
+        )));
+    }
+    let learners = clients
+        .into_iter()
+        .map(|data| {
+            Arc::new(LmLearner {
+                trainer: trainer.clone(),
+                data,
+            }) as Arc<dyn Learner>
+        })
+        .collect();
+    Ok(Population {
+        learners,
+        initial: trainer.initial_adapter(),
+        evaluator: Evaluator::Text { trainer, test },
+    })
+}
