@@ -171,7 +171,11 @@ pub fn dp_gradient(
 /// it to `sums`. `grads[j]` is `[batch, r, c]` (example `i`'s gradient of tensor `j` at index
 /// `i`), `sums[j]` is `[r, c]`; all on the inner (non-autodiff) backend. Returns the pre-clip
 /// norms. This is the sensitivity-bounding step every DP-SGD trainer in fedlora shares.
-pub fn accumulate_clipped(sums: &mut [Tensor<2>], grads: Vec<Tensor<3>>, clip_norm: f64) -> Vec<f64> {
+pub fn accumulate_clipped(
+    sums: &mut [Tensor<2>],
+    grads: Vec<Tensor<3>>,
+    clip_norm: f64,
+) -> Vec<f64> {
     let Some(first) = grads.first() else {
         return Vec::new();
     };

@@ -952,11 +952,7 @@ fn secure_tick(shared: &Shared, now: u64) -> Result<()> {
             let new_global =
                 crate::aggregate::apply_modular_sum(&global, &codec, &shared.spec, &ctx, &ms)?;
             let missing = selected.difference(&counted).cloned().collect();
-            info!(
-                round,
-                counted = counted.len(),
-                "secure sum unmasked"
-            );
+            info!(round, counted = counted.len(), "secure sum unmasked");
             commit(shared, round, new_global, &uploads, &missing, now)
         }
     }

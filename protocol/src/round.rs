@@ -787,6 +787,21 @@ mod tests {
     }
 
     #[test]
+    fn wait_for_clients_holds_the_first_round_until_the_population_is_connected() {
+        let mut c = cfg();
+        c.wait_for_clients = 4;
+        c.start_grace_ms = 10_000;
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        for cl in ["a", "b", "c"] {
+            f.connect(cl);
+        }
+        // 3 connected = clients_per_round, but the population of 4 is not there yet
+        assert_eq!(f.tick(1), None);
+        f.connect("d");
+        assert!(matches!(f.tick(2), Some(Transition::RoundStarted { .. })));
+    }
+
+    #[test]
     fn full_federation_with_straggler_and_eval() {
         let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
         for c in ["a", "b", "c", "d"] {

@@ -94,6 +94,17 @@ pub fn read_csv<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, SimError> {
         .map_err(|e| out_err(path, e))
 }
 
+/// The pool virtual clients train on: `threads` workers (default: available parallelism).
+pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool, SimError> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| SimError::Config(format!("thread pool: {e}")))
+}
+
 /// Runs every point of `sweep` (of this shard) that `out` has no result for, then writes the
 /// joined CSVs, plots and report of all finished points.
 pub fn run_sweep(
@@ -115,13 +126,7 @@ pub fn run_sweep(
         .filter(|p| !summary_file(out, &sweep.run_key(p)).exists())
         .collect();
     let resumed = mine.len() - todo.len();
-    let threads = opts.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
+    let pool = thread_pool(opts.threads)?;
     let total_rounds: u64 = todo.iter().map(|p| p.rounds).sum();
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total_rounds)

@@ -286,9 +286,15 @@ where
             ))?
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
-        chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 3, color.filled())))?;
+        chart.draw_series(
+            pts.iter()
+                .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+        )?;
         chart.draw_series(pts.iter().filter(|p| p.2 > 0.0).map(|p| {
-            PathElement::new(vec![(p.0, p.1 - p.2), (p.0, p.1 + p.2)], color.stroke_width(1))
+            PathElement::new(
+                vec![(p.0, p.1 - p.2), (p.0, p.1 + p.2)],
+                color.stroke_width(1),
+            )
         }))?;
     }
     chart

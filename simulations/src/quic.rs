@@ -134,7 +134,7 @@ pub fn run_over_quic(
                 row.status = "committed".into();
                 if let Some(g) = globals.get(&version) {
                     let last = version >= point.rounds;
-                    if version % sweep.eval_every == 0 || last {
+                    if version.is_multiple_of(sweep.eval_every) || last {
                         let u = pop.evaluate(g)?;
                         row.loss = Some(u.loss);
                         row.accuracy = u.accuracy;

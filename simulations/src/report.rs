@@ -91,7 +91,7 @@ pub fn markdown(
     );
     let _ = writeln!(
         s,
-        "| setting | target ε | seeds | {}final loss | ε spent | σ | upload MB/run |",
+        "| setting | target ε | seeds | {}final loss | ε spent | σ of that client | upload MB/run |",
         if acc { "final accuracy | " } else { "" }
     );
     let _ = writeln!(
@@ -101,9 +101,9 @@ pub fn markdown(
     );
     let mut sorted: Vec<_> = groups.iter().collect();
     sorted.sort_by(|a, b| {
-        a.0 .0.cmp(&b.0 .0).then(
-            f64::from_bits(a.0 .1).total_cmp(&f64::from_bits(b.0 .1)),
-        )
+        a.0 .0
+            .cmp(&b.0 .0)
+            .then(f64::from_bits(a.0 .1).total_cmp(&f64::from_bits(b.0 .1)))
     });
     for ((label, e), runs) in &sorted {
         let e = f64::from_bits(*e);
@@ -151,7 +151,9 @@ pub fn markdown(
     }
     for (label, mut v) in by_label {
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (Some(lo), Some(hi)) = (v.first(), v.last()) else {
+        // ε = 1 where swept (the default question), else the smallest ε
+        let lo = v.iter().find(|x| x.0 == 1.0).or(v.first());
+        let (Some(lo), Some(hi)) = (lo, v.last()) else {
             continue;
         };
         if !(lo.0.is_finite() && hi.0.is_infinite()) {
@@ -195,12 +197,7 @@ pub fn markdown(
         for p in plots {
             let rel = p.strip_prefix(out).unwrap_or(p);
             let name = p.file_stem().map(|n| n.to_string_lossy().into_owned());
-            let _ = writeln!(
-                s,
-                "![{}]({})\n",
-                name.unwrap_or_default(),
-                rel.display()
-            );
+            let _ = writeln!(s, "![{}]({})\n", name.unwrap_or_default(), rel.display());
         }
         let _ = writeln!(s, "(PNG versions beside the SVGs.)\n");
     }

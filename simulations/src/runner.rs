@@ -26,9 +26,9 @@ use fedlora_coordinator::aggregate::{aggregate_payloads, apply_modular_sum};
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, ServerRound};
 use fedlora_protocol::{
-    codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback,
-    Federation, FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task,
-    TrainConfig, Transition, UploadMeta, Weighting,
+    codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback, Federation,
+    FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task, TrainConfig,
+    Transition, UploadMeta, Weighting,
 };
 use rand::rngs::ChaCha20Rng;
 use rand::{RngExt, SeedableRng};
@@ -162,6 +162,7 @@ enum Fate {
 
 struct Job {
     client: usize,
+    eps: Option<f64>,
     dp: Option<fedlora_client::dp_sgd::DpSgdConfig>,
     fate: Fate,
     residual: Option<ErrorFeedback>,
@@ -169,6 +170,7 @@ struct Job {
 
 struct Trained {
     client: usize,
+    eps: Option<f64>,
     fate: Fate,
     out: TrainOutcome,
     payload: Vec<u8>,
@@ -197,9 +199,7 @@ pub fn run_in_process(
                 id: client_id(i),
                 learner: l.clone(),
                 seeds: client_seeds(point.seed, i),
-                privacy: target
-                    .map(|t| PrivacyState::open(None, t))
-                    .transpose()?,
+                privacy: target.map(|t| PrivacyState::open(None, t)).transpose()?,
                 residual: None,
                 signer: match secure {
                     Some(_) => Some(new_signer()?),
@@ -278,11 +278,12 @@ pub fn run_in_process(
             }
             row.bytes_down += offer_bytes;
             let c = &mut clients[ci];
+            let mut eps = None;
             let dp = match (&fcfg.train.dp, c.privacy.as_mut()) {
                 (Some(plan), Some(p)) => {
                     match p.approve(plan, &fcfg.train, c.learner.train_examples()) {
                         Ok(a) => {
-                            p.spend(round, &a)?;
+                            eps = Some(p.spend(round, &a)?);
                             c.dp_steps += u64::from(fcfg.train.local_steps);
                             Some(a.dp)
                         }
@@ -303,6 +304,7 @@ pub fn run_in_process(
             };
             jobs.push(Job {
                 client: ci,
+                eps,
                 dp,
                 fate,
                 residual: c.residual.take(),
@@ -310,8 +312,18 @@ pub fn run_in_process(
         }
         let outcome = if let Some(params) = &secure {
             secure_round(
-                &mut fed, &mut clients, &verifier, params, jobs, &fcfg, &spec, &global, round,
-                &ctx, pool, &mut row,
+                &mut fed,
+                &mut clients,
+                &verifier,
+                params,
+                jobs,
+                &fcfg,
+                &spec,
+                &global,
+                round,
+                &ctx,
+                pool,
+                &mut row,
             )?
         } else {
             plain_round(
@@ -360,7 +372,7 @@ pub fn run_in_process(
             row.dp_steps = Some(c.dp_steps);
         }
         let last = row.version >= point.rounds;
-        if row.status == "committed" && (row.version % sweep.eval_every == 0 || last) {
+        if row.status == "committed" && (row.version.is_multiple_of(sweep.eval_every) || last) {
             let te = Instant::now();
             let u = pop.evaluate(&global)?;
             row.loss = Some(u.loss);
@@ -410,6 +422,7 @@ fn offer_frame_len(
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Trains `jobs` (clients that will deliver, i.e. not dropped) in parallel and encodes their
 /// updates. Results are in job order.
 fn train_jobs(
@@ -446,6 +459,7 @@ fn train_jobs(
                 )?;
                 Ok(Trained {
                     client: job.client,
+                    eps: job.eps,
                     fate: job.fate,
                     out,
                     payload: enc.bytes,
@@ -497,7 +511,7 @@ fn plain_round(
             spec_hash: spec.hash(),
             weight: 1.0,
             train_loss: t.out.train_loss,
-            eps_spent: None,
+            eps_spent: t.eps,
             payload: t.payload,
         });
         row.bytes_up += frame::encode(&up)?.len() as u64;
@@ -594,7 +608,9 @@ fn secure_round(
 ) -> Result<Option<FlatAdapter>, SimError> {
     let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
     let Codec::Modular(mp) = &fcfg.train.codec else {
-        return Err(SimError::Config("secure rounds need the modular codec".into()));
+        return Err(SimError::Config(
+            "secure rounds need the modular codec".into(),
+        ));
     };
     let len = fedlora_protocol::codec::sparse::kept(spec.numel(), mp.fraction) + 1;
     let participants: BTreeSet<String> =
@@ -606,11 +622,8 @@ fn secure_round(
     let mut rounds: BTreeMap<usize, ClientRound> = BTreeMap::new();
     for j in &jobs {
         let c = &clients[j.client];
-        let mut rng = ChaCha20Rng::seed_from_u64(mix_seed(
-            c.seeds.sampling.unwrap_or_default(),
-            round,
-            4,
-        ));
+        let mut rng =
+            ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
         let mut cr = ClientRound::new(round, &c.id, params.clone(), &mut rng);
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
@@ -630,11 +643,8 @@ fn secure_round(
     };
     for j in &jobs {
         let c = &clients[j.client];
-        let mut rng = ChaCha20Rng::seed_from_u64(mix_seed(
-            c.seeds.sampling.unwrap_or_default(),
-            round,
-            5,
-        ));
+        let mut rng =
+            ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 5));
         let cr = rounds.get_mut(&j.client).expect("advertised");
         let shares = cr.share_keys(&roster, verifier, &mut rng).map_err(sa)?;
         row.bytes_up += wire(round, SecAggBody::Shares(shares.clone()))?;

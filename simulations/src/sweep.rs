@@ -357,13 +357,8 @@ impl SweepConfig {
     /// A hash of everything that decides results (the task, training, faults, evaluation
     /// cadence): shards and resumed runs must agree on it.
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_vec(&(
-            &self.task,
-            &self.train,
-            &self.faults,
-            self.eval_every,
-        ))
-        .expect("serializable");
+        let json = serde_json::to_vec(&(&self.task, &self.train, &self.faults, self.eval_every))
+            .expect("serializable");
         hex::encode(&Sha256::digest(json)[..8])
     }
 

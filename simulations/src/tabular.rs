@@ -104,7 +104,11 @@ impl BcwData {
                 .collect::<Result<_, _>>()
                 .map_err(|e| SimError::Data(format!("BCW line {}: {e}", i + 2)))?;
             if v.len() != FEATURES + 1 {
-                return Err(SimError::Data(format!("BCW line {}: {} fields", i + 2, v.len())));
+                return Err(SimError::Data(format!(
+                    "BCW line {}: {} fields",
+                    i + 2,
+                    v.len()
+                )));
             }
             rows.push((v[..FEATURES].to_vec(), v[FEATURES]));
         }
@@ -122,14 +126,14 @@ impl BcwData {
         let mut mean = [0f64; FEATURES];
         let mut sd = [0f64; FEATURES];
         for &i in &train_idx {
-            for j in 0..FEATURES {
-                mean[j] += f64::from(rows[i].0[j]);
+            for (m, v) in mean.iter_mut().zip(&rows[i].0) {
+                *m += f64::from(*v);
             }
         }
         mean.iter_mut().for_each(|m| *m /= train_idx.len() as f64);
         for &i in &train_idx {
-            for j in 0..FEATURES {
-                sd[j] += (f64::from(rows[i].0[j]) - mean[j]).powi(2);
+            for ((s, m), v) in sd.iter_mut().zip(&mean).zip(&rows[i].0) {
+                *s += (f64::from(*v) - m).powi(2);
             }
         }
         sd.iter_mut()
@@ -137,8 +141,8 @@ impl BcwData {
         let build = |idx: &[usize]| {
             let mut r = Rows::default();
             for &i in idx {
-                for j in 0..FEATURES {
-                    r.x.push(((f64::from(rows[i].0[j]) - mean[j]) / sd[j]) as f32);
+                for ((v, m), s) in rows[i].0.iter().zip(&mean).zip(&sd) {
+                    r.x.push(((f64::from(*v) - m) / s) as f32);
                 }
                 r.y.push(rows[i].1);
             }
@@ -462,9 +466,11 @@ mod tests {
 
     fn setup() -> (Arc<TabularModel>, BcwData) {
         let data = BcwData::load().unwrap();
-        let lora = LoraConfig::new()
-            .with_rank(4)
-            .with_targets(vec!["fc1".into(), "fc2".into(), "out".into()]);
+        let lora = LoraConfig::new().with_rank(4).with_targets(vec![
+            "fc1".into(),
+            "fc2".into(),
+            "out".into(),
+        ]);
         let model = Arc::new(TabularModel::new(32, lora, data.test.clone()).unwrap());
         (model, data)
     }

@@ -119,7 +119,7 @@ pub struct Utility {
 
 enum Evaluator {
     Text {
-        trainer: LocalTrainer,
+        trainer: Box<LocalTrainer>,
         test: Vec<Vec<u8>>,
     },
     Tabular(Arc<TabularModel>),
@@ -178,9 +178,11 @@ fn lora(task: &TaskConfig, rank: usize, default_targets: &[&str]) -> LoraConfig 
     LoraConfig::new()
         .with_rank(rank)
         .with_alpha(task.lora_alpha)
-        .with_targets(task.targets.clone().unwrap_or_else(|| {
-            default_targets.iter().map(|s| s.to_string()).collect()
-        }))
+        .with_targets(
+            task.targets
+                .clone()
+                .unwrap_or_else(|| default_targets.iter().map(|s| s.to_string()).collect()),
+        )
 }
 
 fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, SimError> {
@@ -266,7 +268,10 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
         .map(|r| ClientData::from_text(&r.name, r.text.as_bytes(), context))
         .collect::<Result<_, _>>()?;
     let all_test: Vec<Vec<u8>> = per_role.iter().flat_map(|d| d.test.clone()).collect();
-    let stride = all_test.len().div_ceil(task.max_eval_examples.max(1)).max(1);
+    let stride = all_test
+        .len()
+        .div_ceil(task.max_eval_examples.max(1))
+        .max(1);
     let test: Vec<Vec<u8>> = all_test.iter().step_by(stride).cloned().collect();
     let clients: Vec<ClientData> = match task.partition {
         PartitionName::Natural => {
@@ -317,6 +322,9 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
     Ok(Population {
         learners,
         initial: trainer.initial_adapter(),
-        evaluator: Evaluator::Text { trainer, test },
+        evaluator: Evaluator::Text {
+            trainer: Box::new(trainer),
+            test,
+        },
     })
 }

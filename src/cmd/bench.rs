@@ -24,6 +24,9 @@ enum BenchName {
     Codec,
     /// A secure-aggregation round without network: client and coordinator CPU time.
     Secagg,
+    /// The simulation harness: virtual clients on the reference LM (startup, round wall time
+    /// against summed client training time, peak memory).
+    Simulate,
 }
 
 #[derive(Args, Debug)]
@@ -39,9 +42,15 @@ pub(crate) struct BenchArgs {
     /// Run in this process with this many threads instead of spawning 1- and 2-thread runs.
     #[arg(long, hide = true)]
     threads: Option<usize>,
-    /// secagg: clients in the round.
+    /// secagg: clients in the round; simulate: clients in the population.
     #[arg(long, default_value_t = 100)]
     clients: usize,
+    /// simulate: clients per round.
+    #[arg(long, default_value_t = 20)]
+    per_round: usize,
+    /// simulate: rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: u64,
     /// secagg: values per input vector.
     #[arg(long, default_value_t = 1_000_000)]
     params: usize,
@@ -417,6 +426,69 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// 100 virtual clients (IID shards of the Shakespeare client text), 20 per round, 5 local steps
+/// of batch 32 on the reference LM (rank 8 on q, v), in-process on all cores.
+fn simulate_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use fedlora_simulations::output::thread_pool;
+    use fedlora_simulations::runner::run_in_process;
+    use fedlora_simulations::sweep::SweepConfig;
+    let t0 = Instant::now();
+    let sweep = SweepConfig::from_toml(&format!(
+        r#"
+name = "bench"
+eval_every = 1000
+[task]
+name = "shakespeare"
+partition = "iid"
+clients = {clients}
+model = "reference"
+max_eval_examples = 32
+[train]
+local_steps = 5
+batch_size = 32
+learning_rate = 0.001
+[grid]
+rank = [8]
+clients_per_round = [{per_round}]
+rounds = [{rounds}]
+codec = ["dense"]
+seed = [1]
+"#,
+        clients = a.clients,
+        per_round = a.per_round,
+        rounds = a.rounds
+    ))?;
+    let point = sweep.points().0.remove(0);
+    let cores = rayon_threads();
+    let pool = thread_pool(Some(cores))?;
+    let out = run_in_process(&sweep, &point, &pool, |_| {})?;
+    let total_s = t0.elapsed().as_secs_f64();
+    let rounds = &out.rows[1..];
+    let mut wall: Vec<f64> = rounds.iter().map(|r| r.wall_s).collect();
+    let mut compute: Vec<f64> = rounds.iter().map(|r| r.compute_s).collect();
+    let mut overhead: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.wall_s / (r.compute_s / cores as f64))
+        .collect();
+    Ok(json!({
+        "clients": a.clients,
+        "clients_per_round": a.per_round,
+        "local_steps": 5,
+        "batch_size": 32,
+        "rounds": rounds.len(),
+        "cores": cores,
+        "startup_s": out.summary.startup_s,
+        "first_round_after_s": out.summary.startup_s + out.rows[0].eval_s,
+        "round_wall_s": median(&mut wall),
+        "round_compute_s": median(&mut compute),
+        "overhead": median(&mut overhead),
+        "peak_rss_mib": peak_rss_mib(),
+        "total_s": total_s,
+        "final_loss": out.summary.final_loss,
+        "initial_loss": out.summary.initial_loss,
+    }))
+}
+
 fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -444,6 +516,7 @@ pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchName::DpStep => dp_step(a.reps)?,
         BenchName::Codec => codec_bench(a.reps)?,
         BenchName::Secagg => secagg_bench(&a)?,
+        BenchName::Simulate => simulate_bench(&a)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {
                 train_step_once(a.reps)?
