@@ -91,8 +91,7 @@ impl PrivacyLedger {
     }
 
     fn epsilon_with(&self, extra: Option<&DpEvent>) -> Result<f64, DpError> {
-        let mut events: Vec<DpEvent> = self.entries.iter().map(|e| e.event.clone()).collect();
-        events.extend(extra.cloned());
+        let events = merge_repeats(self.entries.iter().map(|e| &e.event).chain(extra));
         if events.is_empty() {
             return Ok(0.0);
         }
@@ -125,9 +124,64 @@ impl PrivacyLedger {
     }
 }
 
+/// The same composition with repeats of one mechanism merged: `SelfComposed(e, a)` and
+/// `SelfComposed(e, b)` become `SelfComposed(e, a + b)` (exact: both are e run a + b times, and
+/// composition does not depend on order). A campaign of rounds with the same (q, σ) is then one
+/// event, so a ledger query costs the same after 1 round as after 1000.
+fn merge_repeats<'a>(events: impl Iterator<Item = &'a DpEvent>) -> Vec<DpEvent> {
+    let mut out: Vec<DpEvent> = Vec::new();
+    for e in events {
+        if let DpEvent::SelfComposed { event, count } = e {
+            let same = out.iter_mut().find_map(|o| match o {
+                DpEvent::SelfComposed {
+                    event: inner,
+                    count: c,
+                } if inner == event => Some(c),
+                _ => None,
+            });
+            if let Some(c) = same {
+                *c += count;
+                continue;
+            }
+        }
+        out.push(e.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merging_repeated_rounds_does_not_change_epsilon() {
+        let round = DpEvent::dp_sgd(0.05, 1.1, 20);
+        let other = DpEvent::dp_sgd(0.1, 1.1, 5);
+        let events = [round.clone(), other.clone(), round.clone(), round];
+        let merged = merge_repeats(events.iter());
+        assert_eq!(merged.len(), 2);
+        for acc in [Accountant::Rdp, Accountant::Pld] {
+            let a = acc
+                .epsilon(&DpEvent::Composed(events.to_vec()), 1e-5)
+                .unwrap();
+            let b = acc
+                .epsilon(&DpEvent::Composed(merged.clone()), 1e-5)
+                .unwrap();
+            assert!((a - b).abs() <= 1e-9 * a, "{acc:?}: {a} vs {b}");
+        }
+        let by_steps = Accountant::Rdp
+            .epsilon(&DpEvent::dp_sgd(0.05, 1.1, 60), 1e-5)
+            .unwrap();
+        let merged_rdp = Accountant::Rdp
+            .epsilon(
+                &DpEvent::Composed(merge_repeats(
+                    vec![DpEvent::dp_sgd(0.05, 1.1, 20); 3].iter(),
+                )),
+                1e-5,
+            )
+            .unwrap();
+        assert_eq!(by_steps, merged_rdp);
+    }
 
     #[test]
     fn refuses_the_round_that_would_exceed_and_survives_serialisation() {

@@ -124,12 +124,13 @@ pub fn write_plots(
         .map(|s| eps_value(&s.epsilon))
         .filter(|e| e.is_finite())
         .collect();
+    // ε on a log2 axis; ∞ one step right of the largest finite ε
     let max_finite = finite.iter().copied().fold(1.0f64, f64::max);
-    let inf_x = max_finite * 2.0;
+    let inf_x = max_finite.log2().ceil() + 1.0;
     let mut by: BTreeMap<String, BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
     for s in sums {
         let e = eps_value(&s.epsilon);
-        let x = if e.is_finite() { e } else { inf_x };
+        let x = if e.is_finite() { e.log2() } else { inf_x };
         by.entry(label_of[s.run.as_str()].clone())
             .or_default()
             .entry(x.to_bits())
@@ -186,7 +187,7 @@ pub fn write_plots(
         (
             "privacy_utility",
             format!("{}: utility vs ε (mean ± sd over seeds)", sweep.name),
-            "target ε (per client; right edge: no DP)",
+            "target ε per client (log scale; ∞: no DP)",
             &pu,
             Some(inf_x),
         ),
@@ -257,24 +258,25 @@ where
         .y_label_area_size(64)
         .build_cartesian_2d(x0 - xpad..x1 + xpad, y0 - ypad..y1 + ypad)?;
     let fmt_x = |x: &f64| match inf_x {
-        Some(i) if (*x - i).abs() < 1e-9 * i.max(1.0) => "∞".to_string(),
-        _ => format!("{x}"),
+        Some(i) if (*x - i).abs() < 1e-9 => "∞".to_string(),
+        Some(_) => {
+            let v = x.exp2();
+            let r = (v * 1000.0).round() / 1000.0;
+            format!("{r}")
+        }
+        None => {
+            let r = (x * 1e6).round() / 1e6;
+            format!("{r}")
+        }
     };
     let mut mesh = chart.configure_mesh();
     mesh.x_desc(xlabel)
         .y_desc(ylabel)
         .label_style(("sans-serif", 13))
         .x_label_formatter(&fmt_x);
-    if let Some(i) = inf_x {
-        // label the ε values actually swept
-        let mut xs: Vec<f64> = series
-            .iter()
-            .flat_map(|s| s.1.iter().map(|p| p.0))
-            .collect();
-        xs.sort_by(f64::total_cmp);
-        xs.dedup();
-        let _ = i;
-        mesh.x_labels(xs.len().max(2) * 2);
+    if inf_x.is_some() {
+        // whole powers of two only
+        mesh.x_labels(((x1 - x0).round() as usize + 1).max(2));
     }
     mesh.draw()?;
     for (k, (label, pts)) in series.iter().enumerate() {

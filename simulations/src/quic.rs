@@ -170,6 +170,7 @@ pub fn run_over_quic(
         }
         rows.push(row);
     }
-    let summary = RunSummary::from_rows(&cols, &rows, startup_s);
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let summary = RunSummary::from_rows(&cols, &rows, startup_s, threads);
     Ok(RunOutput { rows, summary })
 }

@@ -204,19 +204,19 @@ pub fn markdown(
     let _ = writeln!(s, "## Cost of each run\n");
     let _ = writeln!(
         s,
-        "Overhead = round wall time / (summed client training time / threads would be the \
-         ideal); here *compute* is the summed client training time and *wall* the rounds' wall \
-         time, both excluding evaluation.\n"
+        "*wall*: the rounds' wall time; *compute*: summed client training time (in-process \
+         runs); overhead = wall / (compute / threads), 1.0 being perfect scaling. Evaluation is \
+         excluded from all three.\n"
     );
     let _ = writeln!(
         s,
-        "| run | setting | seed | transport | rounds ok | startup s | wall s | compute s | upload MB |"
+        "| run | setting | seed | transport | rounds ok | startup s | wall s | compute s | threads | overhead | upload MB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in sums {
         let _ = writeln!(
             s,
-            "| {} | ε={} {} | {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {:.3} |",
+            "| {} | ε={} {} | {} | {} | {}/{} | {:.2} | {:.2} | {:.2} | {} | {} | {:.3} |",
             r.run,
             r.epsilon,
             series_label(sweep, r),
@@ -227,6 +227,9 @@ pub fn markdown(
             r.startup_s,
             r.wall_s,
             r.compute_s,
+            r.threads,
+            r.overhead()
+                .map_or_else(|| "—".to_string(), |o| format!("{o:.3}")),
             r.bytes_up as f64 / 1e6
         );
     }

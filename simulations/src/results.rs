@@ -240,13 +240,22 @@ pub struct RunSummary {
     pub startup_s: f64,
     /// Total round wall time, seconds.
     pub wall_s: f64,
-    /// Total client training time, seconds.
+    /// Total client training time, seconds (in-process runs).
     pub compute_s: f64,
+    /// Worker threads that trained clients (an execution setting, not part of the results).
+    pub threads: usize,
 }
 
 impl RunSummary {
+    /// Overhead: round wall time over the ideal, summed client training time / threads (1.0 is
+    /// perfect scaling; `None` where training time was not measured).
+    pub fn overhead(&self) -> Option<f64> {
+        (self.compute_s > 0.0 && self.threads > 0)
+            .then(|| self.wall_s / (self.compute_s / self.threads as f64))
+    }
+
     /// The summary of `rows` (round 0 first, evaluated at least at the start and the end).
-    pub fn from_rows(cols: &RunColumns, rows: &[RoundRow], startup_s: f64) -> Self {
+    pub fn from_rows(cols: &RunColumns, rows: &[RoundRow], startup_s: f64, threads: usize) -> Self {
         let c = cols.clone();
         let first = rows.first();
         let last_eval = rows.iter().rev().find(|r| r.loss.is_some());
@@ -279,6 +288,7 @@ impl RunSummary {
             startup_s,
             wall_s: rows.iter().map(|r| r.wall_s).sum(),
             compute_s: rows.iter().map(|r| r.compute_s).sum(),
+            threads,
         }
     }
 }

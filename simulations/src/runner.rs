@@ -150,6 +150,8 @@ struct VirtualClient {
     residual: Option<ErrorFeedback>,
     signer: Option<EcdsaP256Signer>,
     dp_steps: u64,
+    /// ε spent so far (as the ledger returned it at the last spend).
+    eps: Option<f64>,
 }
 
 /// What a client does in a round, decided before training.
@@ -206,6 +208,7 @@ pub fn run_in_process(
                     None => None,
                 },
                 dp_steps: 0,
+                eps: None,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -284,6 +287,7 @@ pub fn run_in_process(
                     match p.approve(plan, &fcfg.train, c.learner.train_examples()) {
                         Ok(a) => {
                             eps = Some(p.spend(round, &a)?);
+                            c.eps = eps;
                             c.dp_steps += u64::from(fcfg.train.local_steps);
                             Some(a.dp)
                         }
@@ -359,10 +363,7 @@ pub fn run_in_process(
         // the client with the largest ε so far, and its accounting inputs
         if let Some((eps, c)) = clients
             .iter()
-            .filter_map(|c| {
-                let p = c.privacy.as_ref()?;
-                Some((p.epsilon_spent().ok()?, c))
-            })
+            .filter_map(|c| Some((c.eps?, c)))
             .max_by(|a, b| a.0.total_cmp(&b.0))
         {
             let plan = c.privacy.as_ref().and_then(|p| p.plan());
@@ -386,7 +387,7 @@ pub fn run_in_process(
             now += fcfg.start_grace_ms;
         }
     }
-    let summary = RunSummary::from_rows(&cols, &rows, startup_s);
+    let summary = RunSummary::from_rows(&cols, &rows, startup_s, pool.current_num_threads());
     Ok(RunOutput { rows, summary })
 }
 
