@@ -1,0 +1,102 @@
+//! `fedlora simulate` from the command line: a sharded sweep, its merge, and bad input.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
+
+const SWEEP: &str = r#"
+name = "cli"
+[task]
+name = "bcw"
+partition = "iid"
+clients = 4
+hidden = 16
+[train]
+local_steps = 2
+batch_size = 16
+[grid]
+epsilon = [2.0, inf]
+clients_per_round = [3]
+rounds = [2]
+seed = [1, 2]
+"#;
+
+fn simulate(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("simulate")
+        .args(args)
+        .output()
+        .expect("run fedlora")
+}
+
+#[test]
+fn sharded_sweep_merges_into_one_report_and_bad_input_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sweep.toml");
+    std::fs::write(&cfg, SWEEP).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let mut shards = Vec::new();
+    for i in 0..2 {
+        let out = dir.path().join(format!("shard{i}"));
+        let o = simulate(&[
+            "--config",
+            cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--shard",
+            &format!("{i}/2"),
+            "--threads",
+            "1",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("2 points: 2 run now"));
+        shards.push(out);
+    }
+    let merged = dir.path().join("merged");
+    let mut args = vec!["merge", "--out", merged.to_str().unwrap()];
+    args.extend(shards.iter().map(|p| p.to_str().unwrap()));
+    let o = simulate(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = std::fs::read_to_string(merged.join("summary.csv")).unwrap();
+    assert_eq!(summary.lines().count(), 1 + 4, "{summary}");
+    let report = std::fs::read_to_string(merged.join("report.md")).unwrap();
+    assert!(report.contains("4 of 4 runs finished"), "{report}");
+    assert!(report.contains("plots/privacy_utility.svg"));
+
+    // a second run of a shard resumes: nothing is redone
+    let o = simulate(&[
+        "--config",
+        cfg,
+        "--out",
+        shards[0].to_str().unwrap(),
+        "--shard",
+        "0/2",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 run now, 2 already finished"));
+
+    // bad input: exit code 2 and a message naming the problem
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        SWEEP.replace("seed = [1, 2]", "seed = []"),
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.toml");
+    for (args, needle) in [
+        (
+            vec!["--config", bad.to_str().unwrap(), "--out", "x"],
+            "grid.seed",
+        ),
+        (
+            vec!["--config", cfg, "--out", "x", "--shard", "2/2"],
+            "shard",
+        ),
+        (vec!["--config", cfg], "--out"),
+    ] {
+        let o = simulate(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(needle),
+            "{args:?}"
+        );
+    }
+}
