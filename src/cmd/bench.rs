@@ -49,7 +49,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     per_round: usize,
     /// simulate: rounds.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: u64,
     /// secagg: values per input vector.
     #[arg(long, default_value_t = 1_000_000)]
