@@ -314,6 +314,14 @@ pub fn run_in_process(
                 residual: c.residual.take(),
             });
         }
+        let env = RoundEnv {
+            fcfg: &fcfg,
+            spec: &spec,
+            global: &global,
+            round,
+            ctx: &ctx,
+            pool,
+        };
         let outcome = if let Some(params) = &secure {
             secure_round(
                 &mut fed,
@@ -321,28 +329,11 @@ pub fn run_in_process(
                 &verifier,
                 params,
                 jobs,
-                &fcfg,
-                &spec,
-                &global,
-                round,
-                &ctx,
-                pool,
+                &env,
                 &mut row,
             )?
         } else {
-            plain_round(
-                &mut fed,
-                &mut clients,
-                jobs,
-                &fcfg,
-                &spec,
-                &global,
-                round,
-                &ctx,
-                pool,
-                &mut row,
-                &mut now,
-            )?
+            plain_round(&mut fed, &mut clients, jobs, &env, &mut row, &mut now)?
         };
         match outcome {
             Some(next) => {
@@ -423,19 +414,32 @@ fn offer_frame_len(
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every step of one round shares.
+struct RoundEnv<'a> {
+    fcfg: &'a FederationConfig,
+    spec: &'a fedlora_protocol::AdapterSpec,
+    global: &'a FlatAdapter,
+    round: u64,
+    ctx: &'a CodecContext,
+    pool: &'a rayon::ThreadPool,
+}
+
 /// Trains `jobs` (clients that will deliver, i.e. not dropped) in parallel and encodes their
 /// updates. Results are in job order.
 fn train_jobs(
     clients: &[VirtualClient],
     jobs: Vec<Job>,
-    cfg: &TrainConfig,
-    spec: &fedlora_protocol::AdapterSpec,
-    global: &FlatAdapter,
-    round: u64,
-    ctx: &CodecContext,
-    pool: &rayon::ThreadPool,
+    env: &RoundEnv<'_>,
 ) -> Result<Vec<Trained>, SimError> {
+    let RoundEnv {
+        fcfg,
+        spec,
+        global,
+        round,
+        ctx,
+        pool,
+    } = *env;
+    let cfg = &fcfg.train;
     pool.install(|| {
         jobs.into_par_iter()
             .map(|mut job| -> Result<Trained, SimError> {
@@ -480,27 +484,29 @@ fn note_training(row: &mut RoundRow, trained: &[Trained]) {
 }
 
 /// A round without secure aggregation. Returns the next global, or `None` if it failed.
-#[allow(clippy::too_many_arguments)]
 fn plain_round(
     fed: &mut Federation,
     clients: &mut [VirtualClient],
     jobs: Vec<Job>,
-    fcfg: &FederationConfig,
-    spec: &fedlora_protocol::AdapterSpec,
-    global: &FlatAdapter,
-    round: u64,
-    ctx: &CodecContext,
-    pool: &rayon::ThreadPool,
+    env: &RoundEnv<'_>,
     row: &mut RoundRow,
     now: &mut u64,
 ) -> Result<Option<FlatAdapter>, SimError> {
+    let RoundEnv {
+        fcfg,
+        spec,
+        global,
+        round,
+        ctx,
+        ..
+    } = *env;
     let (jobs, dropped): (Vec<Job>, Vec<Job>) =
         jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
     row.dropped = dropped.len();
     for j in dropped {
         clients[j.client].residual = j.residual;
     }
-    let trained = train_jobs(clients, jobs, &fcfg.train, spec, global, round, ctx, pool)?;
+    let trained = train_jobs(clients, jobs, env)?;
     note_training(row, &trained);
     let mut payloads: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut late = Vec::new();
@@ -592,21 +598,23 @@ fn wire(round: u64, body: SecAggBody) -> Result<u64, SimError> {
 /// A secure round: keys, shares, training, masked inputs, unmasking. Injected dropouts leave
 /// after sharing their keys (the case the protocol must recover from); stragglers miss the
 /// masked-input stage.
-#[allow(clippy::too_many_arguments)]
 fn secure_round(
     fed: &mut Federation,
     clients: &mut [VirtualClient],
     verifier: &P256Verifier,
     params: &SecAggParams,
     jobs: Vec<Job>,
-    fcfg: &FederationConfig,
-    spec: &fedlora_protocol::AdapterSpec,
-    global: &FlatAdapter,
-    round: u64,
-    ctx: &CodecContext,
-    pool: &rayon::ThreadPool,
+    env: &RoundEnv<'_>,
     row: &mut RoundRow,
 ) -> Result<Option<FlatAdapter>, SimError> {
+    let RoundEnv {
+        fcfg,
+        spec,
+        global,
+        round,
+        ctx,
+        ..
+    } = *env;
     let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
     let Codec::Modular(mp) = &fcfg.train.codec else {
         return Err(SimError::Config(
@@ -662,7 +670,7 @@ fn secure_round(
     for j in dropped {
         clients[j.client].residual = j.residual;
     }
-    let trained = train_jobs(clients, jobs, &fcfg.train, spec, global, round, ctx, pool)?;
+    let trained = train_jobs(clients, jobs, env)?;
     note_training(row, &trained);
     let mut survivors = Vec::new();
     for t in trained {
