@@ -212,6 +212,30 @@ impl Lm {
         picked.reshape([b, n - 1]).mean_dim(1).reshape([b]).neg()
     }
 
+    /// Per-example mean next-byte cross-entropy (nats per byte) and share of bytes whose most
+    /// likely prediction is right, from one forward pass (evaluation).
+    ///
+    /// # Shapes
+    /// - windows: `[batch, seq + 1]`
+    /// - outputs: `[batch]`, `[batch]`
+    pub fn loss_and_accuracy(&self, windows: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>) {
+        let [b, n] = windows.dims();
+        let inputs = windows.clone().slice([0..b, 0..n - 1]);
+        let targets = windows.slice([0..b, 1..n]).unsqueeze_dim::<3>(2);
+        let logits = self.forward_with(inputs, None);
+        let hits = logits
+            .clone()
+            .argmax(2)
+            .equal(targets.clone())
+            .float()
+            .reshape([b, n - 1])
+            .mean_dim(1)
+            .reshape([b]);
+        let picked = log_softmax(logits, 2).gather(2, targets);
+        let loss = picked.reshape([b, n - 1]).mean_dim(1).reshape([b]).neg();
+        (loss, hits)
+    }
+
     /// Mean next-byte cross-entropy over the batch, nats per byte.
     pub fn loss(&self, windows: Tensor<2, Int>) -> Tensor<1> {
         self.per_example_loss(windows, None).mean()
@@ -255,6 +279,35 @@ mod tests {
         let text = b"to be or not to be, that is the question";
         let w: Vec<&[u8]> = vec![&text[0..9], &text[9..18], &text[18..27]];
         windows_tensor(&w, device)
+    }
+
+    #[test]
+    fn evaluation_loss_matches_the_training_loss_and_accuracy_counts_argmax_hits() {
+        let device = Device::flex();
+        let lm = tiny(None).init(&device);
+        let (loss, acc) = lm.loss_and_accuracy(batch(&device));
+        let reference = lm.per_example_loss(batch(&device), None);
+        let d = (loss - reference).abs().max().into_scalar::<f32>();
+        assert!(d <= 1e-6, "{d}");
+        // accuracy by hand: argmax of each position's logits against the next byte
+        let w = batch(&device);
+        let [b, n] = w.dims();
+        let logits = lm.forward(w.clone().slice([0..b, 0..n - 1]));
+        let pred: Vec<i64> = logits
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .unwrap();
+        let tgt: Vec<i64> = w
+            .slice([0..b, 1..n])
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .unwrap();
+        let hits = pred.iter().zip(&tgt).filter(|(p, t)| p == t).count() as f32;
+        let mean = acc.mean().into_scalar::<f32>();
+        assert!((mean - hits / (b * (n - 1)) as f32).abs() < 1e-6);
     }
 
     #[test]

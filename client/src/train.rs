@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
 use rand::Rng;
 
@@ -146,8 +146,11 @@ pub struct TrainOutcome {
 pub struct EvalOutcome {
     /// Mean next-byte cross-entropy, nats per byte.
     pub loss: f64,
-    /// Number of predicted bytes.
+    /// Number of predicted bytes (examples, for classifiers).
     pub tokens: u64,
+    /// Share of predictions that are right (next byte by argmax; class for classifiers), where
+    /// the model computes it.
+    pub accuracy: Option<f64>,
 }
 
 impl EvalOutcome {
@@ -308,22 +311,27 @@ pub fn evaluate_model(
         return Err(ClientError::Data("no evaluation windows".into()));
     }
     let mut sum = 0.0;
+    let mut hits = 0.0;
     let mut count = 0usize;
-    for chunk in windows.chunks(32) {
-        let batch: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
-        let per = model.per_example_loss(windows_tensor(&batch, device), None);
-        let v = per
-            .into_data()
+    let to_vec = |t: Tensor<1>| {
+        t.into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .expect("f32");
+            .expect("f32")
+    };
+    for chunk in windows.chunks(32) {
+        let batch: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+        let (loss, acc) = model.loss_and_accuracy(windows_tensor(&batch, device));
+        let v = to_vec(loss);
         sum += v.iter().map(|x| *x as f64).sum::<f64>();
+        hits += to_vec(acc).iter().map(|x| *x as f64).sum::<f64>();
         count += v.len();
     }
     let per_window = windows[0].len() - 1;
     Ok(EvalOutcome {
         loss: sum / count as f64,
         tokens: (count * per_window) as u64,
+        accuracy: Some(hits / count as f64),
     })
 }
 

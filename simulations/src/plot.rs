@@ -6,7 +6,7 @@
 //! - `utility_by_round`: utility after each round, mean over seeds, one line per setting;
 //! - `utility_by_bytes`: utility against cumulative upload bytes, mean over seeds.
 //!
-//! Utility is test accuracy for classification tasks and held-out loss otherwise.
+//! Utility is test accuracy for classification (BCW) and held-out loss for the LM.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,9 +75,9 @@ pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
     }
 }
 
-/// Whether the task reports accuracy (then it is the utility).
+/// Whether accuracy is the utility (classification); the LM's utility is its held-out loss.
 pub fn uses_accuracy(sums: &[RunSummary]) -> bool {
-    sums.iter().any(|s| s.final_accuracy.is_some())
+    sums.iter().any(|s| s.task == "bcw")
 }
 
 fn utility_of(acc: Option<f64>, loss: f64, accuracy: bool) -> f64 {

@@ -73,6 +73,7 @@ pub fn markdown(
         return s;
     }
     let acc = uses_accuracy(sums);
+    let has_acc = sums.iter().any(|r| r.final_accuracy.is_some());
     // privacy-utility table: by (setting, ε)
     let mut groups: BTreeMap<(String, u64), Vec<&RunSummary>> = BTreeMap::new();
     for r in sums {
@@ -92,12 +93,12 @@ pub fn markdown(
     let _ = writeln!(
         s,
         "| setting | target ε | seeds | {}final loss | ε spent | σ of that client | upload MB/run |",
-        if acc { "final accuracy | " } else { "" }
+        if has_acc { "final accuracy | " } else { "" }
     );
     let _ = writeln!(
         s,
         "|---|---|---|{}---|---|---|---|",
-        if acc { "---|" } else { "" }
+        if has_acc { "---|" } else { "" }
     );
     let mut sorted: Vec<_> = groups.iter().collect();
     sorted.sort_by(|a, b| {
@@ -121,7 +122,7 @@ pub fn markdown(
                 "∞ (no DP)".into()
             },
             runs.len(),
-            if acc {
+            if has_acc {
                 format!("{} | ", pm(&accs, 3))
             } else {
                 String::new()

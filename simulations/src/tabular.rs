@@ -451,10 +451,11 @@ impl Learner for TabularLearner {
     }
 
     fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
-        let (loss, _) = self.model.evaluate_test(adapter)?;
+        let (loss, acc) = self.model.evaluate_test(adapter)?;
         Ok(EvalOutcome {
             loss,
             tokens: self.model.test.len() as u64,
+            accuracy: Some(acc),
         })
     }
 }

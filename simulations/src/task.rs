@@ -26,7 +26,8 @@ use crate::tabular::{BcwData, TabularLearner, TabularModel};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskName {
-    /// Next-byte prediction on tiny Shakespeare (utility: held-out loss, nats/byte).
+    /// Next-byte prediction on tiny Shakespeare (utility: held-out loss, nats/byte; next-byte
+    /// accuracy is reported too).
     Shakespeare,
     /// Breast Cancer Wisconsin diagnosis (utility: test accuracy and BCE loss).
     Bcw,
@@ -113,7 +114,7 @@ fn default_eval_examples() -> usize {
 pub struct Utility {
     /// Mean held-out loss (nats per byte for the LM; binary cross-entropy for BCW).
     pub loss: f64,
-    /// Test accuracy (BCW only).
+    /// Test accuracy: next-byte argmax accuracy for the LM, diagnosis accuracy for BCW.
     pub accuracy: Option<f64>,
 }
 
@@ -159,10 +160,13 @@ impl Population {
     /// Utility of `adapter` on the task's held-out data.
     pub fn evaluate(&self, adapter: &FlatAdapter) -> Result<Utility, SimError> {
         Ok(match &self.evaluator {
-            Evaluator::Text { trainer, test } => Utility {
-                loss: trainer.evaluate(adapter, test)?.loss,
-                accuracy: None,
-            },
+            Evaluator::Text { trainer, test } => {
+                let e = trainer.evaluate(adapter, test)?;
+                Utility {
+                    loss: e.loss,
+                    accuracy: e.accuracy,
+                }
+            }
             Evaluator::Tabular(m) => {
                 let (loss, acc) = m.evaluate_test(adapter)?;
                 Utility {
