@@ -92,12 +92,13 @@ pub fn markdown(
     );
     let _ = writeln!(
         s,
-        "| setting | target ε | seeds | {}final loss | ε spent | σ of that client | upload MB/run |",
+        "| setting | target ε | seeds | initial {} | {}final loss | ε spent | σ of that client | upload MB/run |",
+        if acc { "accuracy" } else { "loss" },
         if has_acc { "final accuracy | " } else { "" }
     );
     let _ = writeln!(
         s,
-        "|---|---|---|{}---|---|---|---|",
+        "|---|---|---|---|{}---|---|---|---|",
         if has_acc { "---|" } else { "" }
     );
     let mut sorted: Vec<_> = groups.iter().collect();
@@ -115,13 +116,26 @@ pub fn markdown(
         let mb: Vec<f64> = runs.iter().map(|r| r.bytes_up as f64 / 1e6).collect();
         let _ = writeln!(
             s,
-            "| {label} | {} | {} | {}{} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {}{} | {} | {} | {} |",
             if e.is_finite() {
                 format!("{e}")
             } else {
                 "∞ (no DP)".into()
             },
             runs.len(),
+            {
+                let v: Vec<f64> = runs
+                    .iter()
+                    .map(|r| {
+                        if acc {
+                            r.initial_accuracy.unwrap_or(f64::NAN)
+                        } else {
+                            r.initial_loss
+                        }
+                    })
+                    .collect();
+                pm(&v, if acc { 3 } else { 4 })
+            },
             if has_acc {
                 format!("{} | ", pm(&accs, 3))
             } else {
