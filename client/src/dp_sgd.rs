@@ -96,6 +96,22 @@ pub fn adapter_params(lm: &Lm) -> Vec<AdapterParam> {
     out
 }
 
+/// `batch` copies of an adapter tensor as a fresh autodiff leaf `[batch, …]`, tracked when the
+/// tensor is trainable: each copy's gradient is then exactly one example's gradient.
+pub fn per_example_copies(t: Tensor<2>, batch: usize) -> Tensor<3> {
+    let train = t.is_require_grad();
+    let rep = t
+        .inner()
+        .unsqueeze_dim::<3>(0)
+        .repeat_dim(0, batch)
+        .autodiff();
+    if train {
+        rep.require_grad()
+    } else {
+        rep
+    }
+}
+
 /// Per-example gradients of each example's mean loss with respect to every trainable adapter
 /// tensor, in one backward pass. Returns, in [`adapter_params`] order, tensors `[batch, …]`
 /// (inner backend), and the per-example losses.
@@ -108,17 +124,8 @@ pub fn per_example_grads(
     let mut map = ExampleAdapters::new();
     let mut leaves: Vec<Tensor<3>> = Vec::new();
     for (path, l) in layers(lm) {
-        let expand = |t: Tensor<2>| {
-            let train = t.is_require_grad();
-            let rep = t.inner().unsqueeze_dim::<3>(0).repeat_dim(0, b).autodiff();
-            if train {
-                rep.require_grad()
-            } else {
-                rep
-            }
-        };
-        let a = expand(l.lora_a.as_ref().expect("adapter").val());
-        let bb = expand(l.lora_b.as_ref().expect("adapter").val());
+        let a = per_example_copies(l.lora_a.as_ref().expect("adapter").val(), b);
+        let bb = per_example_copies(l.lora_b.as_ref().expect("adapter").val(), b);
         for t in [&a, &bb] {
             if t.is_require_grad() {
                 leaves.push(t.clone());

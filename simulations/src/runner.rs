@@ -475,6 +475,18 @@ fn train_jobs(
     })
 }
 
+/// Takes the injected dropouts out of `jobs` (they keep their error-feedback residual) and
+/// counts them.
+fn leave_dropped(clients: &mut [VirtualClient], jobs: Vec<Job>, row: &mut RoundRow) -> Vec<Job> {
+    let (jobs, dropped): (Vec<Job>, Vec<Job>) =
+        jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
+    row.dropped = dropped.len();
+    for j in dropped {
+        clients[j.client].residual = j.residual;
+    }
+    jobs
+}
+
 fn note_training(row: &mut RoundRow, trained: &[Trained]) {
     row.compute_s = trained.iter().map(|t| t.out.secs).sum();
     if !trained.is_empty() {
@@ -492,20 +504,8 @@ fn plain_round(
     row: &mut RoundRow,
     now: &mut u64,
 ) -> Result<Option<FlatAdapter>, SimError> {
-    let RoundEnv {
-        fcfg,
-        spec,
-        global,
-        round,
-        ctx,
-        ..
-    } = *env;
-    let (jobs, dropped): (Vec<Job>, Vec<Job>) =
-        jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
-    row.dropped = dropped.len();
-    for j in dropped {
-        clients[j.client].residual = j.residual;
-    }
+    let (fcfg, spec, global, round, ctx) = (env.fcfg, env.spec, env.global, env.round, env.ctx);
+    let jobs = leave_dropped(clients, jobs, row);
     let trained = train_jobs(clients, jobs, env)?;
     note_training(row, &trained);
     let mut payloads: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -607,14 +607,7 @@ fn secure_round(
     env: &RoundEnv<'_>,
     row: &mut RoundRow,
 ) -> Result<Option<FlatAdapter>, SimError> {
-    let RoundEnv {
-        fcfg,
-        spec,
-        global,
-        round,
-        ctx,
-        ..
-    } = *env;
+    let (fcfg, spec, global, round, ctx) = (env.fcfg, env.spec, env.global, env.round, env.ctx);
     let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
     let Codec::Modular(mp) = &fcfg.train.codec else {
         return Err(SimError::Config(
@@ -664,12 +657,7 @@ fn secure_round(
         Err(e) => return fail(e),
     };
     // dropouts leave now, after sharing keys
-    let (jobs, dropped): (Vec<Job>, Vec<Job>) =
-        jobs.into_iter().partition(|j| j.fate != Fate::Dropped);
-    row.dropped = dropped.len();
-    for j in dropped {
-        clients[j.client].residual = j.residual;
-    }
+    let jobs = leave_dropped(clients, jobs, row);
     let trained = train_jobs(clients, jobs, env)?;
     note_training(row, &trained);
     let mut survivors = Vec::new();

@@ -22,7 +22,9 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Device, Tensor, TensorData};
 use fedlora_client::adapter::{adapter_spec, assign_named, extract_adapter, load_adapter};
-use fedlora_client::dp_sgd::{accumulate_clipped, noisy_mean, poisson_sample, DpSgdConfig};
+use fedlora_client::dp_sgd::{
+    accumulate_clipped, noisy_mean, per_example_copies, poisson_sample, DpSgdConfig,
+};
 use fedlora_client::learner::Learner;
 use fedlora_client::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
 use fedlora_client::train::{sample_batch, EvalOutcome, TrainOutcome};
@@ -397,16 +399,10 @@ impl Learner for TabularLearner {
                     let (Some(a), Some(bb)) = (&l.lora_a, &l.lora_b) else {
                         continue;
                     };
-                    let expand = |t: Tensor<2>| {
-                        let train = t.is_require_grad();
-                        let rep = t.inner().unsqueeze_dim::<3>(0).repeat_dim(0, b).autodiff();
-                        if train {
-                            rep.require_grad()
-                        } else {
-                            rep
-                        }
-                    };
-                    let (ea, eb) = (expand(a.val()), expand(bb.val()));
+                    let (ea, eb) = (
+                        per_example_copies(a.val(), b),
+                        per_example_copies(bb.val(), b),
+                    );
                     for t in [&ea, &eb] {
                         if t.is_require_grad() {
                             leaves.push(t.clone());
