@@ -11,9 +11,11 @@ use fedlora_client::model::LmConfig;
 use fedlora_client::train::initial_adapter;
 use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_protocol::{
-    fedavg, AckStatus, ClientMsg, Codec, CoordMsg, FlatAdapter, RoundOffer, Task, Upload,
-    PROTOCOL_VERSION,
+    fedavg, AckStatus, ClientMsg, CoordMsg, FlatAdapter, Task, PROTOCOL_VERSION,
 };
+
+mod common;
+use common::{offer, poll, upload};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 
@@ -61,45 +63,9 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
     }
 }
 
-async fn poll(s: &Session) -> Task {
-    match s
-        .request(&ClientMsg::Poll { held_version: None })
-        .await
-        .unwrap()
-        .0
-    {
-        CoordMsg::Task(t) => t,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-async fn offer(s: &Session) -> RoundOffer {
-    for _ in 0..600 {
-        match poll(s).await {
-            Task::Train(o) => return o,
-            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    panic!("no offer");
-}
-
+/// A synthetic delta in `like`'s spec.
 fn delta(like: &FlatAdapter, k: f32) -> FlatAdapter {
-    let v = (0..like.values().len())
-        .map(|i| ((i as f32) * 0.01 * k).sin() * 1e-2)
-        .collect();
-    FlatAdapter::new(like.spec().clone(), v).unwrap()
-}
-
-fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
-    ClientMsg::Upload(Upload {
-        round,
-        spec_hash: d.spec().hash(),
-        weight,
-        train_loss: 2.0,
-        eps_spent: None,
-        payload: Codec::DenseF32.encode(d.values()),
-    })
+    common::wave(like.spec().clone(), |x| ((x - 1.0) * 0.01 * k).sin() * 1e-2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,11 @@ use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::frame::{self, FrameKind, CONTROL_LIMIT};
 use fedlora_protocol::{
     fedavg, AckStatus, AdapterSpec, ClientMsg, Codec, CoordMsg, FederationConfig, FlatAdapter,
-    RefusalCode, RoundOffer, Task, TensorSpec, Upload, PROTOCOL_VERSION,
+    RefusalCode, TensorSpec, Upload, PROTOCOL_VERSION,
 };
+
+mod common;
+use common::{offer, upload};
 
 fn spec() -> AdapterSpec {
     AdapterSpec::new(vec![
@@ -28,11 +31,9 @@ fn spec() -> AdapterSpec {
 }
 
 fn delta(seed: u32) -> FlatAdapter {
-    let s = spec();
-    let v = (0..s.numel())
-        .map(|i| ((i as f32 + 1.0) * 0.37 * seed as f32).sin() / (seed as f32 + 0.5))
-        .collect();
-    FlatAdapter::new(s, v).unwrap()
+    common::wave(spec(), |x| {
+        (x * 0.37 * seed as f32).sin() / (seed as f32 + 0.5)
+    })
 }
 
 async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (Session, CoordMsg) {
@@ -45,35 +46,6 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (S
         .await
         .unwrap();
     (s, reply)
-}
-
-async fn wait_offer(s: &Session) -> RoundOffer {
-    for _ in 0..400 {
-        match s
-            .request(&ClientMsg::Poll { held_version: None })
-            .await
-            .unwrap()
-            .0
-        {
-            CoordMsg::Task(Task::Train(o)) => return o,
-            CoordMsg::Task(Task::Wait { .. }) | CoordMsg::Task(Task::AlreadyUploaded { .. }) => {
-                tokio::time::sleep(Duration::from_millis(25)).await
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    panic!("no offer")
-}
-
-fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
-    ClientMsg::Upload(Upload {
-        round,
-        spec_hash: spec().hash(),
-        weight,
-        train_loss: 1.0,
-        eps_spent: None,
-        payload: Codec::DenseF32.encode(d.values()),
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +152,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
     for round_ix in 0..2u32 {
         let mut offers = Vec::new();
         for (_, s) in &sessions {
-            offers.push(wait_offer(s).await);
+            offers.push(offer(s).await);
         }
         let round = offers[0].round;
         assert!(offers.iter().all(|o| o.round == round));
@@ -238,7 +210,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
             break;
         }
         // wait for round 2's offer, then replay an upload of round 1
-        let o = wait_offer(&sessions[1].1).await;
+        let o = offer(&sessions[1].1).await;
         assert_eq!(o.round, round + 1);
         let (r, _) = sessions[1]
             .1
@@ -311,7 +283,7 @@ async fn modular_uploads_are_aggregated_by_decoding_only_their_sum() {
     }
     let mut expected = vec![0f64; spec().numel()];
     for (i, (_, s)) in sessions.iter().enumerate() {
-        let o = wait_offer(s).await;
+        let o = offer(s).await;
         assert_eq!(o.config.codec, codec);
         assert_eq!(o.codec_seed, codec_seed(seed, o.round));
         let ctx = CodecContext {

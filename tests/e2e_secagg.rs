@@ -16,6 +16,9 @@ use fedlora_protocol::{
 };
 use rand::SeedableRng;
 
+mod common;
+use common::next_task;
+
 fn spec() -> AdapterSpec {
     AdapterSpec::new(vec![TensorSpec {
         name: "blocks.0.q.lora_b".into(),
@@ -25,34 +28,7 @@ fn spec() -> AdapterSpec {
 }
 
 fn delta(seed: u32) -> FlatAdapter {
-    let s = spec();
-    let v = (0..s.numel())
-        .map(|i| ((i as f32 + 1.0) * 0.013 * seed as f32).sin() * 0.1)
-        .collect();
-    FlatAdapter::new(s, v).unwrap()
-}
-
-async fn poll(s: &Session) -> Task {
-    match s
-        .request(&ClientMsg::Poll { held_version: None })
-        .await
-        .unwrap()
-        .0
-    {
-        CoordMsg::Task(t) => t,
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Polls until a task other than Wait arrives.
-async fn next_task(s: &Session) -> Task {
-    for _ in 0..2000 {
-        match poll(s).await {
-            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(10)).await,
-            t => return t,
-        }
-    }
-    panic!("no task")
+    common::wave(spec(), |x| (x * 0.013 * seed as f32).sin() * 0.1)
 }
 
 async fn send(s: &Session, round: u64, body: SecAggBody) {

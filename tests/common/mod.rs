@@ -1,0 +1,66 @@
+//! Helpers shared by the end-to-end tests: polling a coordinator, synthetic deltas, dense
+//! uploads. (Each test binary uses a subset.)
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use fedlora_client::transport::Session;
+use fedlora_protocol::{
+    AdapterSpec, ClientMsg, Codec, CoordMsg, FlatAdapter, RoundOffer, Task, Upload,
+};
+
+/// One poll: the coordinator's task for this client.
+pub(crate) async fn poll(s: &Session) -> Task {
+    match s
+        .request(&ClientMsg::Poll { held_version: None })
+        .await
+        .unwrap()
+        .0
+    {
+        CoordMsg::Task(t) => t,
+        other => panic!("unexpected answer to a poll: {other:?}"),
+    }
+}
+
+/// Polls (every 10 ms, for up to about 30 s) until a task other than `Wait` arrives.
+pub(crate) async fn next_task(s: &Session) -> Task {
+    for _ in 0..3000 {
+        match poll(s).await {
+            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(10)).await,
+            t => return t,
+        }
+    }
+    panic!("no task")
+}
+
+/// Polls until a round offer arrives (waiting out `Wait` and `AlreadyUploaded`).
+pub(crate) async fn offer(s: &Session) -> RoundOffer {
+    for _ in 0..3000 {
+        match poll(s).await {
+            Task::Train(o) => return o,
+            Task::Wait { .. } | Task::AlreadyUploaded { .. } => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("unexpected task {other:?}"),
+        }
+    }
+    panic!("no offer")
+}
+
+/// A deterministic delta of `spec`: value `i` is `f(i + 1)`.
+pub(crate) fn wave(spec: AdapterSpec, f: impl Fn(f32) -> f32) -> FlatAdapter {
+    let v = (0..spec.numel()).map(|i| f(i as f32 + 1.0)).collect();
+    FlatAdapter::new(spec, v).unwrap()
+}
+
+/// A dense f32 upload of `d` for `round`.
+pub(crate) fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
+    ClientMsg::Upload(Upload {
+        round,
+        spec_hash: d.spec().hash(),
+        weight,
+        train_loss: 1.0,
+        eps_spent: None,
+        payload: Codec::DenseF32.encode(d.values()),
+    })
+}
