@@ -3,7 +3,7 @@
 //! is lost or counted twice.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,13 +63,19 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
     }
 }
 
-/// A synthetic delta in `like`'s spec.
-fn delta(like: &FlatAdapter, k: f32) -> FlatAdapter {
-    common::wave(like.spec().clone(), |x| ((x - 1.0) * 0.01 * k).sin() * 1e-2)
+/// A temporary directory with certificates for 2 clients (made by the CLI), a free port, and a
+/// coordinator config file: `top` lines, then `[federation]` with 1 round of 2 clients and
+/// `federation` lines after it.
+struct Setup {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    data: PathBuf,
+    addr: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
+fn setup(top: &str, federation: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let data = dir.path().join("data");
@@ -79,21 +85,45 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         .status()
         .unwrap();
     assert!(st.success());
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\nlog_format = \"json\"\n\
+            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\n{top}\
              [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n\
-             round_timeout_ms = 120000\neval_timeout_ms = 300\n",
+             round_timeout_ms = 120000\n{federation}",
             data.display().to_string(),
             certs.display().to_string()
         ),
     )
     .unwrap();
     let log = dir.path().join("coordinator.log");
+    Setup {
+        dir,
+        certs,
+        data,
+        addr,
+        config,
+        log,
+    }
+}
+
+/// A synthetic delta in `like`'s spec.
+fn delta(like: &FlatAdapter, k: f32) -> FlatAdapter {
+    common::wave(like.spec().clone(), |x| ((x - 1.0) * 0.01 * k).sin() * 1e-2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
+    let Setup {
+        dir,
+        certs,
+        data,
+        addr,
+        config,
+        log,
+    } = setup("log_format = \"json\"\n", "eval_timeout_ms = 300\n");
 
     // the reference model's adapter, as the coordinator computes it by default
     let initial = initial_adapter(&LmConfig::new()).unwrap();
@@ -212,33 +242,20 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let data = dir.path().join("data");
-    let st = Command::new(BIN)
-        .args(["certs", "init", "--clients", "2", "--out"])
-        .arg(&certs)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\n\
-             [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n\
-             round_timeout_ms = 120000\n\
-             [federation.train]\nweighting = \"uniform\"\n\
-             [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 2\n\
-             [federation.train.secure]\nthreshold = 1\nneighbours = 0\nmodulus_bits = 10\ngraph_seed = 1\n",
-            data.display().to_string(),
-            certs.display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("coordinator.log");
+    // `_dir` keeps the temporary directory alive until the end of the test
+    let Setup {
+        dir: _dir,
+        certs,
+        data,
+        addr,
+        config,
+        log,
+    } = setup(
+        "",
+        "[federation.train]\nweighting = \"uniform\"\n\
+         [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 2\n\
+         [federation.train.secure]\nthreshold = 1\nneighbours = 0\nmodulus_bits = 10\ngraph_seed = 1\n",
+    );
     let initial = initial_adapter(&LmConfig::new()).unwrap();
     let spec_hash = initial.spec().hash();
     let mut child = start(&config, &log);
