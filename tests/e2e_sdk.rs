@@ -35,6 +35,21 @@ struct Fixture {
     trainer: LocalTrainer,
 }
 
+/// `rounds` rounds of `k` clients (at least `min` uploads), `steps` local steps each, with
+/// generous deadlines.
+fn federation(rounds: u64, k: usize, min: usize, steps: u32) -> FederationConfig {
+    let mut f = FederationConfig {
+        rounds,
+        clients_per_round: k,
+        min_clients: min,
+        round_timeout_ms: 120_000,
+        eval_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    f.train.local_steps = steps;
+    f
+}
+
 impl Fixture {
     fn new(clients: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -98,15 +113,7 @@ async fn reports(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_train_two_rounds_over_quic() {
     let fx = Fixture::new(3);
-    let mut fed = FederationConfig {
-        rounds: 2,
-        clients_per_round: 3,
-        min_clients: 3,
-        round_timeout_ms: 120_000,
-        eval_timeout_ms: 30_000,
-        ..Default::default()
-    };
-    fed.train.local_steps = 5;
+    let mut fed = federation(2, 3, 3, 5);
     fed.train.batch_size = 8;
     fed.train.learning_rate = 1e-2;
     let coord = fx.coordinator(fed).await;
@@ -141,15 +148,7 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
     use fedlora_client::privacy::PrivacyTarget;
     use fedlora_protocol::{DpPlan, Weighting};
     let fx = Fixture::new(3);
-    let mut fed = FederationConfig {
-        rounds: 2,
-        clients_per_round: 3,
-        min_clients: 2,
-        round_timeout_ms: 120_000,
-        eval_timeout_ms: 30_000,
-        ..Default::default()
-    };
-    fed.train.local_steps = 4;
+    let mut fed = federation(2, 3, 2, 4);
     fed.train.batch_size = 8;
     fed.train.weighting = Weighting::Uniform;
     fed.train.dp = Some(DpPlan {
@@ -197,15 +196,7 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
 async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
     use fedlora_protocol::Downlink;
     let fx = Fixture::new(2);
-    let mut fed = FederationConfig {
-        rounds: 3,
-        clients_per_round: 2,
-        min_clients: 2,
-        round_timeout_ms: 120_000,
-        eval_timeout_ms: 30_000,
-        ..Default::default()
-    };
-    fed.train.local_steps = 3;
+    let mut fed = federation(3, 2, 2, 3);
     fed.train.batch_size = 8;
     fed.train.downlink = Downlink::F16Delta;
     let coord = fx.coordinator(fed).await;
