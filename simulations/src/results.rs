@@ -6,37 +6,70 @@ use serde::{Deserialize, Serialize};
 
 use crate::sweep::{fmt_eps, Point, SweepConfig};
 
-/// The configuration columns shared by round rows and summaries.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunColumns {
-    /// Run key (index and hash; the result file's name).
-    pub run: String,
-    /// Task.
-    pub task: String,
-    /// Data split.
-    pub partition: String,
-    /// Population size.
-    pub clients: usize,
-    /// Target ε (`inf`: no DP).
-    pub epsilon: String,
-    /// δ.
-    pub delta: f64,
-    /// Clip norm.
-    pub clip: f64,
-    /// Codec.
-    pub codec: String,
-    /// LoRA rank.
-    pub rank: usize,
-    /// Clients per round.
-    pub clients_per_round: usize,
-    /// Planned rounds.
-    pub rounds: u64,
-    /// Secure aggregation.
-    pub secure_aggregation: bool,
-    /// Seed.
-    pub seed: u64,
-    /// `in-process` or `quic`.
-    pub transport: String,
+/// Declares a record struct that starts with the run's configuration columns (the csv crate
+/// cannot flatten a nested struct, so the columns are spelled out once here and pasted into
+/// [`RunColumns`], [`RoundRow`] and [`RunSummary`]), with `set_columns` to fill them.
+macro_rules! with_run_columns {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            /// Run key (index and hash; the result file's name).
+            pub run: String,
+            /// Task.
+            pub task: String,
+            /// Data split.
+            pub partition: String,
+            /// Population size.
+            pub clients: usize,
+            /// Target ε (`inf`: no DP).
+            pub epsilon: String,
+            /// δ.
+            pub delta: f64,
+            /// Clip norm.
+            pub clip: f64,
+            /// Codec.
+            pub codec: String,
+            /// LoRA rank.
+            pub rank: usize,
+            /// Clients per round.
+            pub clients_per_round: usize,
+            /// Planned rounds.
+            pub rounds: u64,
+            /// Secure aggregation.
+            pub secure_aggregation: bool,
+            /// Seed.
+            pub seed: u64,
+            /// `in-process` or `quic`.
+            pub transport: String,
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+
+        impl $name {
+            /// Copies the configuration columns from `c`.
+            pub fn set_columns(&mut self, c: &RunColumns) {
+                self.run.clone_from(&c.run);
+                self.task.clone_from(&c.task);
+                self.partition.clone_from(&c.partition);
+                self.clients = c.clients;
+                self.epsilon.clone_from(&c.epsilon);
+                self.delta = c.delta;
+                self.clip = c.clip;
+                self.codec.clone_from(&c.codec);
+                self.rank = c.rank;
+                self.clients_per_round = c.clients_per_round;
+                self.rounds = c.rounds;
+                self.secure_aggregation = c.secure_aggregation;
+                self.seed = c.seed;
+                self.transport.clone_from(&c.transport);
+            }
+        }
+    };
+}
+
+with_run_columns! {
+    /// The configuration columns shared by round rows and summaries.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct RunColumns {}
 }
 
 impl RunColumns {
@@ -69,37 +102,10 @@ fn serde_name<T: Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+with_run_columns! {
 /// One round of one run (round 0 is the initial adapter).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundRow {
-    /// Run key.
-    pub run: String,
-    /// Task.
-    pub task: String,
-    /// Data split.
-    pub partition: String,
-    /// Population size.
-    pub clients: usize,
-    /// Target ε.
-    pub epsilon: String,
-    /// δ.
-    pub delta: f64,
-    /// Clip norm.
-    pub clip: f64,
-    /// Codec.
-    pub codec: String,
-    /// LoRA rank.
-    pub rank: usize,
-    /// Clients per round.
-    pub clients_per_round: usize,
-    /// Planned rounds.
-    pub rounds: u64,
-    /// Secure aggregation.
-    pub secure_aggregation: bool,
-    /// Seed.
-    pub seed: u64,
-    /// Transport.
-    pub transport: String,
     /// Round id (0: before the first round).
     pub round: u64,
     /// Global version after the round.
@@ -141,81 +147,24 @@ pub struct RoundRow {
     /// Evaluation time, seconds.
     pub eval_s: f64,
 }
+}
 
 impl RoundRow {
-    /// A row with `cols` and zeroed round values.
+    /// A row of `cols` for `round`, with zeroed round values.
     pub fn new(cols: &RunColumns, round: u64) -> Self {
-        let c = cols.clone();
-        Self {
-            run: c.run,
-            task: c.task,
-            partition: c.partition,
-            clients: c.clients,
-            epsilon: c.epsilon,
-            delta: c.delta,
-            clip: c.clip,
-            codec: c.codec,
-            rank: c.rank,
-            clients_per_round: c.clients_per_round,
-            rounds: c.rounds,
-            secure_aggregation: c.secure_aggregation,
-            seed: c.seed,
-            transport: c.transport,
+        let mut r = Self {
             round,
-            version: 0,
-            status: String::new(),
-            selected: 0,
-            aggregated: 0,
-            dropped: 0,
-            late: 0,
-            declined: 0,
-            loss: None,
-            accuracy: None,
-            train_loss: None,
-            eps_spent: None,
-            q: None,
-            sigma: None,
-            dp_steps: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            wall_s: 0.0,
-            compute_s: 0.0,
-            eval_s: 0.0,
-        }
+            ..Default::default()
+        };
+        r.set_columns(cols);
+        r
     }
 }
 
+with_run_columns! {
 /// One run's outcome.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
-    /// Run key.
-    pub run: String,
-    /// Task.
-    pub task: String,
-    /// Data split.
-    pub partition: String,
-    /// Population size.
-    pub clients: usize,
-    /// Target ε.
-    pub epsilon: String,
-    /// δ.
-    pub delta: f64,
-    /// Clip norm.
-    pub clip: f64,
-    /// Codec.
-    pub codec: String,
-    /// LoRA rank.
-    pub rank: usize,
-    /// Clients per round.
-    pub clients_per_round: usize,
-    /// Planned rounds.
-    pub rounds: u64,
-    /// Secure aggregation.
-    pub secure_aggregation: bool,
-    /// Seed.
-    pub seed: u64,
-    /// Transport.
-    pub transport: String,
     /// Rounds committed.
     pub committed: u64,
     /// Rounds failed.
@@ -245,6 +194,7 @@ pub struct RunSummary {
     /// Worker threads that trained clients (an execution setting, not part of the results).
     pub threads: usize,
 }
+}
 
 impl RunSummary {
     /// Overhead: round wall time over the ideal, summed client training time / threads (1.0 is
@@ -256,25 +206,10 @@ impl RunSummary {
 
     /// The summary of `rows` (round 0 first, evaluated at least at the start and the end).
     pub fn from_rows(cols: &RunColumns, rows: &[RoundRow], startup_s: f64, threads: usize) -> Self {
-        let c = cols.clone();
         let first = rows.first();
         let last_eval = rows.iter().rev().find(|r| r.loss.is_some());
         let last_eps = rows.iter().rev().find(|r| r.eps_spent.is_some());
-        Self {
-            run: c.run,
-            task: c.task,
-            partition: c.partition,
-            clients: c.clients,
-            epsilon: c.epsilon,
-            delta: c.delta,
-            clip: c.clip,
-            codec: c.codec,
-            rank: c.rank,
-            clients_per_round: c.clients_per_round,
-            rounds: c.rounds,
-            secure_aggregation: c.secure_aggregation,
-            seed: c.seed,
-            transport: c.transport,
+        let mut s = Self {
             committed: rows.iter().filter(|r| r.status == "committed").count() as u64,
             failed: rows.iter().filter(|r| r.status == "failed").count() as u64,
             initial_loss: first.and_then(|r| r.loss).unwrap_or(f64::NAN),
@@ -289,7 +224,10 @@ impl RunSummary {
             wall_s: rows.iter().map(|r| r.wall_s).sum(),
             compute_s: rows.iter().map(|r| r.compute_s).sum(),
             threads,
-        }
+            ..Default::default()
+        };
+        s.set_columns(cols);
+        s
     }
 }
 
