@@ -182,6 +182,53 @@ impl PrivacyState {
     }
 }
 
+/// What a client's budget decides for an offered round.
+#[derive(Clone, Debug)]
+pub enum RoundDecision {
+    /// Train: under DP-SGD with these settings (the round's spending is already recorded and
+    /// flushed, `eps` is ε spent after it), or without DP.
+    Train {
+        /// DP-SGD settings; `None` for a round without a DP plan.
+        dp: Option<DpSgdConfig>,
+        /// ε spent including this round (DP rounds).
+        eps: Option<f64>,
+    },
+    /// Decline the round, with the reason.
+    Decline(String),
+}
+
+/// Decides whether a client with `privacy` (its budget, or `None` without a privacy target)
+/// trains a round of `cfg` on `n_examples` examples. A client with a target joins only DP
+/// rounds, a client without one only non-DP rounds; a DP round is approved only within the
+/// target and its spending is recorded (and flushed) **before** this returns. The device SDK
+/// and the simulation harness both decide through this.
+pub fn decide_round(
+    privacy: Option<&mut PrivacyState>,
+    cfg: &TrainConfig,
+    n_examples: usize,
+    round: u64,
+) -> Result<RoundDecision, ClientError> {
+    let decline = |m: &str| Ok(RoundDecision::Decline(m.to_string()));
+    match (&cfg.dp, privacy) {
+        (None, None) => Ok(RoundDecision::Train {
+            dp: None,
+            eps: None,
+        }),
+        (Some(_), None) => decline("this client has no privacy target and does not join DP rounds"),
+        (None, Some(_)) => decline("this client trains only under DP and the round has no DP plan"),
+        (Some(plan), Some(p)) => match p.approve(plan, cfg, n_examples) {
+            Ok(a) => {
+                let eps = p.spend(round, &a)?;
+                Ok(RoundDecision::Train {
+                    dp: Some(a.dp),
+                    eps: Some(eps),
+                })
+            }
+            Err(reason) => Ok(RoundDecision::Decline(reason)),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

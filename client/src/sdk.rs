@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::data::ClientData;
 use crate::error::ClientError;
 use crate::learner::{encode_update, local_update, os_rng, ClientSeeds, Learner, LmLearner};
-use crate::privacy::{PrivacyState, PrivacyTarget};
+use crate::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
 use crate::train::LocalTrainer;
 use crate::transport::{endpoint, ClientTls, Session};
 
@@ -586,44 +586,30 @@ impl FederatedClient {
                 .await?;
         }
         // the budget decides before any data is touched; spending is flushed before training
-        let approved = {
+        let (dp, eps) = {
             let mut guard = self.privacy.lock().expect("lock");
-            match (&offer.config.dp, guard.as_mut()) {
-                (None, None) => None,
-                (Some(_), None) => {
-                    return Ok(Work::Decline(
-                        offer.round,
-                        "this client has no privacy target and does not join DP rounds".into(),
-                    ))
-                }
-                (None, Some(_)) => {
-                    return Ok(Work::Decline(
-                        offer.round,
-                        "this client trains only under DP and the round has no DP plan".into(),
-                    ))
-                }
-                (Some(plan), Some(p)) => {
-                    match p.approve(plan, &offer.config, self.learner.train_examples()) {
-                        Ok(a) => {
-                            let eps = p.spend(offer.round, &a)?;
-                            info!(
-                                round = offer.round,
-                                eps,
-                                sigma = a.dp.noise_multiplier,
-                                "DP round approved"
-                            );
-                            Some((a, eps))
-                        }
-                        Err(reason) => return Ok(Work::Decline(offer.round, reason)),
-                    }
-                }
+            match decide_round(
+                guard.as_mut(),
+                &offer.config,
+                self.learner.train_examples(),
+                offer.round,
+            )? {
+                RoundDecision::Train { dp, eps } => (dp, eps),
+                RoundDecision::Decline(reason) => return Ok(Work::Decline(offer.round, reason)),
             }
         };
+        if let (Some(dp), Some(eps)) = (&dp, eps) {
+            info!(
+                round = offer.round,
+                eps,
+                sigma = dp.noise_multiplier,
+                "DP round approved"
+            );
+        }
         let learner = self.learner.clone();
         let cfg = offer.config.clone();
         let seeds = self.seeds();
         let round = offer.round;
-        let dp = approved.as_ref().map(|(a, _)| a.dp.clone());
         let out = tokio::task::spawn_blocking(move || {
             local_update(&*learner, &global, &cfg, dp.as_ref(), &seeds, round)
         })
@@ -669,7 +655,7 @@ impl FederatedClient {
             spec_hash: self.learner.spec().hash(),
             weight,
             train_loss: out.train_loss,
-            eps_spent: approved.map(|(_, eps)| eps),
+            eps_spent: eps,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         }))
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedlora_client::learner::{encode_update, local_update, ClientSeeds, Learner};
-use fedlora_client::privacy::{PrivacyState, PrivacyTarget};
+use fedlora_client::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
 use fedlora_client::train::TrainOutcome;
 use fedlora_coordinator::aggregate::{aggregate_payloads, apply_modular_sum};
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
@@ -281,31 +281,29 @@ pub fn run_in_process(
             }
             row.bytes_down += offer_bytes;
             let c = &mut clients[ci];
-            let mut eps = None;
-            let dp = match (&fcfg.train.dp, c.privacy.as_mut()) {
-                (Some(plan), Some(p)) => {
-                    match p.approve(plan, &fcfg.train, c.learner.train_examples()) {
-                        Ok(a) => {
-                            eps = Some(p.spend(round, &a)?);
-                            c.eps = eps;
-                            c.dp_steps += u64::from(fcfg.train.local_steps);
-                            Some(a.dp)
-                        }
-                        Err(reason) => {
-                            let msg = ClientMsg::Decline {
-                                round,
-                                reason: reason.clone(),
-                            };
-                            row.bytes_up += frame::encode(&msg)?.len() as u64;
-                            fed.decline(id, round, &reason)
-                                .map_err(|e| SimError::Config(e.to_string()))?;
-                            row.declined += 1;
-                            continue;
-                        }
-                    }
+            let (dp, eps) = match decide_round(
+                c.privacy.as_mut(),
+                &fcfg.train,
+                c.learner.train_examples(),
+                round,
+            )? {
+                RoundDecision::Train { dp, eps } => (dp, eps),
+                RoundDecision::Decline(reason) => {
+                    let msg = ClientMsg::Decline {
+                        round,
+                        reason: reason.clone(),
+                    };
+                    row.bytes_up += frame::encode(&msg)?.len() as u64;
+                    fed.decline(id, round, &reason)
+                        .map_err(|e| SimError::Config(e.to_string()))?;
+                    row.declined += 1;
+                    continue;
                 }
-                _ => None,
             };
+            if eps.is_some() {
+                c.eps = eps;
+                c.dp_steps += u64::from(fcfg.train.local_steps);
+            }
             jobs.push(Job {
                 client: ci,
                 eps,
