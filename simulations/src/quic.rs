@@ -112,8 +112,11 @@ pub fn run_over_quic(
     row0.loss = Some(u.loss);
     row0.accuracy = u.accuracy;
     rows.push(row0);
-    // σ and q the clients calibrated (the coordinator never learns them): the same calibration
+    // σ and q the clients calibrated (the coordinator never learns them): the same calibration,
+    // once per client; ε so far per client, from the rounds in order (the report is by round)
     let mut dp_steps: BTreeMap<String, u64> = BTreeMap::new();
+    let mut eps_so_far: BTreeMap<String, f64> = BTreeMap::new();
+    let mut calibrated: BTreeMap<usize, Option<(f64, f64)>> = BTreeMap::new();
     for rr in &report.rounds {
         let rec = &rr.record;
         let mut row = RoundRow::new(&cols, rec.round);
@@ -146,24 +149,28 @@ pub fn run_over_quic(
                 row.status = "failed".into();
             }
         }
+        eps_so_far.extend(rec.eps_spent.clone());
         if let (Some(t), Some(plan)) = (target, &fcfg.train.dp) {
-            let all: BTreeMap<String, f64> = report
-                .rounds
-                .iter()
-                .filter(|r| r.record.round <= rec.round)
-                .flat_map(|r| r.record.eps_spent.clone())
-                .collect();
-            if let Some((who, eps)) = all.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+            if let Some((who, eps)) = eps_so_far.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
                 let i: usize = who
                     .strip_prefix("client-")
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0);
-                let mut ps = PrivacyState::open(None, t)?;
-                let examples = pop.learners[i].train_examples();
-                if ps.approve(plan, &fcfg.train, examples).is_ok() {
-                    row.q = ps.plan().map(|p| p.q);
-                    row.sigma = ps.plan().map(|p| p.sigma);
-                }
+                let qs = match calibrated.get(&i) {
+                    Some(qs) => *qs,
+                    None => {
+                        let mut ps = PrivacyState::open(None, t)?;
+                        let examples = pop.learners[i].train_examples();
+                        let qs = ps
+                            .approve(plan, &fcfg.train, examples)
+                            .ok()
+                            .and_then(|_| ps.plan().map(|p| (p.q, p.sigma)));
+                        calibrated.insert(i, qs);
+                        qs
+                    }
+                };
+                row.q = qs.map(|p| p.0);
+                row.sigma = qs.map(|p| p.1);
                 row.eps_spent = Some(*eps);
                 row.dp_steps = dp_steps.get(who).copied();
             }
