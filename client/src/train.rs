@@ -141,6 +141,28 @@ pub struct TrainOutcome {
     pub secs: f64,
 }
 
+impl TrainOutcome {
+    /// The outcome of a local run from `global` that ended at `local`: `loss_sum` over
+    /// `loss_count` losses (steps or examples), `examples` training examples, `steps` steps,
+    /// timed from `started`.
+    pub fn finish(
+        local: &FlatAdapter,
+        global: &FlatAdapter,
+        (loss_sum, loss_count): (f64, usize),
+        examples: usize,
+        steps: u32,
+        started: Instant,
+    ) -> Result<Self, ClientError> {
+        Ok(Self {
+            delta: local.delta_from(global)?,
+            train_loss: loss_sum / loss_count.max(1) as f64,
+            examples,
+            steps: steps as usize,
+            secs: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// Held-out loss of an adapter.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalOutcome {
@@ -240,13 +262,14 @@ impl LocalTrainer {
             model = opt.step(cfg.learning_rate, model, grads);
         }
         let local = extract_adapter(&model, &self.lora);
-        Ok(TrainOutcome {
-            delta: local.delta_from(global)?,
-            train_loss: loss_sum / cfg.local_steps.max(1) as f64,
-            examples: train.len(),
-            steps: cfg.local_steps as usize,
-            secs: t0.elapsed().as_secs_f64(),
-        })
+        TrainOutcome::finish(
+            &local,
+            global,
+            (loss_sum, cfg.local_steps as usize),
+            train.len(),
+            cfg.local_steps,
+            t0,
+        )
     }
 
     /// DP-SGD from `global` on `train` windows: `cfg.local_steps` Adam steps, each on a Poisson
@@ -281,13 +304,14 @@ impl LocalTrainer {
             model = opt.step(cfg.learning_rate, model, gp);
         }
         let local = extract_adapter(&model, &self.lora);
-        Ok(TrainOutcome {
-            delta: local.delta_from(global)?,
-            train_loss: loss_sum / loss_n.max(1) as f64,
-            examples: train.len(),
-            steps: cfg.local_steps as usize,
-            secs: t0.elapsed().as_secs_f64(),
-        })
+        TrainOutcome::finish(
+            &local,
+            global,
+            (loss_sum, loss_n),
+            train.len(),
+            cfg.local_steps,
+            t0,
+        )
     }
 
     /// Mean held-out next-byte loss of `adapter` on `windows` (no gradients).

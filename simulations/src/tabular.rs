@@ -349,13 +349,14 @@ impl Learner for TabularLearner {
             m = opt.step(cfg.learning_rate, m, grads);
         }
         let local = extract_adapter(&m, &self.model.lora);
-        Ok(TrainOutcome {
-            delta: local.delta_from(global)?,
-            train_loss: loss_sum / f64::from(cfg.local_steps.max(1)),
-            examples: self.rows.len(),
-            steps: cfg.local_steps as usize,
-            secs: t0.elapsed().as_secs_f64(),
-        })
+        TrainOutcome::finish(
+            &local,
+            global,
+            (loss_sum, cfg.local_steps as usize),
+            self.rows.len(),
+            cfg.local_steps,
+            t0,
+        )
     }
 
     fn train_dp(
@@ -376,17 +377,17 @@ impl Learner for TabularLearner {
         let mut m = self.model.with(global)?;
         let mut opt = AdamConfig::new().init();
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        for _ in 0..cfg.local_steps {
-            let idx = poisson_sample(rng, self.rows.len(), q);
-            // trainable adapter params, in a fixed order
-            let mut params = Vec::new();
-            for (_, l) in m.layers() {
-                for p in [&l.lora_a, &l.lora_b].into_iter().flatten() {
-                    if p.val().is_require_grad() {
-                        params.push((p.id, p.val().dims()));
-                    }
+        // trainable adapter params, in a fixed order (ids and shapes survive optimizer steps)
+        let mut params = Vec::new();
+        for (_, l) in m.layers() {
+            for p in [&l.lora_a, &l.lora_b].into_iter().flatten() {
+                if p.val().is_require_grad() {
+                    params.push((p.id, p.val().dims()));
                 }
             }
+        }
+        for _ in 0..cfg.local_steps {
+            let idx = poisson_sample(rng, self.rows.len(), q);
             let mut sums: Vec<Tensor<2>> = params
                 .iter()
                 .map(|(_, d)| Tensor::<2>::zeros(*d, &inner))
@@ -431,19 +432,20 @@ impl Learner for TabularLearner {
             }
             let noisy = noisy_mean(sums, dp, noise);
             let mut gp = GradientsParams::new();
-            for ((id, _), g) in params.into_iter().zip(noisy) {
-                gp.register(id, g);
+            for ((id, _), g) in params.iter().zip(noisy) {
+                gp.register(*id, g);
             }
             m = opt.step(cfg.learning_rate, m, gp);
         }
         let local = extract_adapter(&m, &self.model.lora);
-        Ok(TrainOutcome {
-            delta: local.delta_from(global)?,
-            train_loss: loss_sum / loss_n.max(1) as f64,
-            examples: self.rows.len(),
-            steps: cfg.local_steps as usize,
-            secs: t0.elapsed().as_secs_f64(),
-        })
+        TrainOutcome::finish(
+            &local,
+            global,
+            (loss_sum, loss_n),
+            self.rows.len(),
+            cfg.local_steps,
+            t0,
+        )
     }
 
     fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
