@@ -15,7 +15,7 @@ use fedlora_protocol::{
 };
 
 mod common;
-use common::{offer, poll, upload};
+use common::{next_task, offer, poll, upload};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 
@@ -106,6 +106,14 @@ fn setup(top: &str, federation: &str) -> Setup {
         addr,
         config,
         log,
+    }
+}
+
+/// The round of a secure-aggregation stage task (panics on any other task).
+fn secure_round_of(t: Task) -> u64 {
+    match t {
+        Task::SecAgg { round, .. } => round,
+        other => panic!("expected a secure stage task, got {other:?}"),
     }
 }
 
@@ -262,39 +270,15 @@ async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
     let s0 = join(&certs, 0, addr, spec_hash).await;
     let _s1 = join(&certs, 1, addr, spec_hash).await;
     // the secure round opens with its first stage
-    let mut first = None;
-    for _ in 0..300 {
-        match poll(&s0).await {
-            Task::SecAgg { round, .. } => {
-                first = Some(round);
-                break;
-            }
-            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    let first = first.expect("a secure stage task");
+    let first = secure_round_of(next_task(&s0).await);
     child.kill().unwrap();
     child.wait().unwrap();
 
     let mut child = start(&config, &log);
     let s0 = join(&certs, 0, addr, spec_hash).await;
     let _s1 = join(&certs, 1, addr, spec_hash).await;
-    let mut next = None;
-    for _ in 0..300 {
-        match poll(&s0).await {
-            Task::SecAgg { round, .. } => {
-                next = Some(round);
-                break;
-            }
-            Task::Wait { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert!(
-        next.expect("a fresh secure round") > first,
-        "a new round id, fresh keys"
-    );
+    let next = secure_round_of(next_task(&s0).await);
+    assert!(next > first, "a new round id, fresh keys");
     child.kill().unwrap();
     child.wait().unwrap();
     let out = Command::new(BIN)
