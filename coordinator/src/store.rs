@@ -555,6 +555,23 @@ mod tests {
     use super::*;
     use fedlora_protocol::{OpenRound, TensorSpec};
 
+    /// Stores client `a`'s upload (payload `[1; 4]`) in an open round 1; returns the state.
+    fn put_upload_of_a(s: &Store) -> FederationState {
+        let st = open_state(&[("a", 1)]);
+        let Phase::Training(o) = &st.phase else {
+            unreachable!()
+        };
+        let rec = UploadRecord {
+            round: 1,
+            client: "a".into(),
+            meta: o.uploads["a"].clone(),
+            wire_bytes: 20,
+            accepted_ms: 5,
+        };
+        s.put_upload(&rec, &[1; 4], &st).unwrap();
+        st
+    }
+
     fn open_state(uploads: &[(&str, u8)]) -> FederationState {
         FederationState {
             global_version: 0,
@@ -604,18 +621,7 @@ mod tests {
                 0,
             )
             .unwrap();
-            let st = open_state(&[("a", 1)]);
-            let Phase::Training(o) = &st.phase else {
-                unreachable!()
-            };
-            let rec = UploadRecord {
-                round: 1,
-                client: "a".into(),
-                meta: o.uploads["a"].clone(),
-                wire_bytes: 20,
-                accepted_ms: 5,
-            };
-            s.put_upload(&rec, &[1; 4], &st).unwrap();
+            put_upload_of_a(&s);
             // an orphan file (crash between file write and record)
             write_file_durably(&dir.path().join("uploads/r1/b.bin"), &[2; 4]).unwrap();
             // a stale round's leftovers
@@ -642,18 +648,7 @@ mod tests {
     fn record_without_file_is_reported_and_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let st = open_state(&[("a", 1)]);
-        let Phase::Training(o) = &st.phase else {
-            unreachable!()
-        };
-        let rec = UploadRecord {
-            round: 1,
-            client: "a".into(),
-            meta: o.uploads["a"].clone(),
-            wire_bytes: 20,
-            accepted_ms: 5,
-        };
-        s.put_upload(&rec, &[1; 4], &st).unwrap();
+        let st = put_upload_of_a(&s);
         std::fs::remove_file(dir.path().join("uploads/r1/a.bin")).unwrap();
         let (st, problems) = s.reconcile(st).unwrap();
         assert_eq!(problems.len(), 1);
