@@ -80,7 +80,8 @@ pub fn uses_accuracy(sums: &[RunSummary]) -> bool {
     sums.iter().any(|s| s.task == "bcw")
 }
 
-fn utility_of(acc: Option<f64>, loss: f64, accuracy: bool) -> f64 {
+/// The utility of a result: its accuracy when `accuracy` is the utility, else its loss.
+pub(crate) fn utility_of(acc: Option<f64>, loss: f64, accuracy: bool) -> f64 {
     if accuracy {
         acc.unwrap_or(f64::NAN)
     } else {

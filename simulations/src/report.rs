@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::plot::{mean_sd, series_label, uses_accuracy};
+use crate::plot::{mean_sd, series_label, uses_accuracy, utility_of};
 use crate::results::{RoundRow, RunSummary};
 use crate::sweep::SweepConfig;
 
@@ -126,13 +126,7 @@ pub fn markdown(
             {
                 let v: Vec<f64> = runs
                     .iter()
-                    .map(|r| {
-                        if acc {
-                            r.initial_accuracy.unwrap_or(f64::NAN)
-                        } else {
-                            r.initial_loss
-                        }
-                    })
+                    .map(|r| utility_of(r.initial_accuracy, r.initial_loss, acc))
                     .collect();
                 pm(&v, if acc { 3 } else { 4 })
             },
@@ -177,13 +171,7 @@ pub fn markdown(
         let metric = |runs: &Vec<&RunSummary>| -> f64 {
             let v: Vec<f64> = runs
                 .iter()
-                .map(|r| {
-                    if acc {
-                        r.final_accuracy.unwrap_or(f64::NAN)
-                    } else {
-                        r.final_loss
-                    }
-                })
+                .map(|r| utility_of(r.final_accuracy, r.final_loss, acc))
                 .collect();
             mean_sd(&v).0
         };
