@@ -230,21 +230,24 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<(SweepConfig, PathBuf), S
     let first = shards
         .first()
         .ok_or_else(|| SimError::Config("merge needs at least one shard directory".into()))?;
-    let text = std::fs::read_to_string(first.join("sweep.toml"))
-        .map_err(|e| out_err(&first.join("sweep.toml"), e))?;
-    let sweep = SweepConfig::from_toml(&text)?;
-    std::fs::create_dir_all(runs_dir(out))?;
-    for dir in shards {
-        let t = std::fs::read_to_string(dir.join("sweep.toml"))
-            .map_err(|e| out_err(&dir.join("sweep.toml"), e))?;
-        let other = SweepConfig::from_toml(&t)?;
-        if other != sweep {
+    let read = |dir: &Path| -> Result<(String, SweepConfig), SimError> {
+        let path = dir.join("sweep.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| out_err(&path, e))?;
+        let sweep = SweepConfig::from_toml(&text)?;
+        Ok((text, sweep))
+    };
+    let (text, sweep) = read(first)?;
+    for dir in &shards[1..] {
+        if read(dir)?.1 != sweep {
             return Err(SimError::Config(format!(
                 "{} ran a different sweep than {}",
                 dir.display(),
                 first.display()
             )));
         }
+    }
+    std::fs::create_dir_all(runs_dir(out))?;
+    for dir in shards {
         for e in std::fs::read_dir(runs_dir(dir))? {
             let e = e?;
             let name = e.file_name();
