@@ -262,7 +262,7 @@ async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
         "",
         "[federation.train]\nweighting = \"uniform\"\n\
          [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 2\n\
-         [federation.train.secure]\nthreshold = 1\nneighbours = 0\nmodulus_bits = 10\ngraph_seed = 1\n",
+         [federation.train.secure]\nthreshold = 1\nneighbours = 0\nmodulus_bits = 10\n",
     );
     let initial = initial_adapter(&LmConfig::new()).unwrap();
     let spec_hash = initial.spec().hash();

@@ -301,7 +301,6 @@ async fn modular_uploads_are_aggregated_by_decoding_only_their_sum() {
             spec_hash: spec().hash(),
             weight: 1.0,
             train_loss: 1.0,
-            eps_spent: None,
             payload,
         });
         let (r, _) = s.request(&up).await.unwrap();

@@ -144,7 +144,8 @@ async fn three_clients_train_two_rounds_over_quic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
+async fn dp_clients_send_only_what_their_accountant_covers_and_a_client_without_a_target_declines()
+{
     use fedlora_client::privacy::PrivacyTarget;
     use fedlora_protocol::{DpPlan, Weighting};
     let fx = Fixture::new(3);
@@ -176,19 +177,34 @@ async fn dp_rounds_report_epsilon_and_a_client_without_a_target_declines() {
     for (i, r) in reports(handles).await.iter().enumerate() {
         if i < 2 {
             assert_eq!(r.rounds.len(), 2, "{r:?}");
+            // ε is the device's own record (its ledger), never sent
             let eps = r.eps_spent.unwrap();
             assert!(eps > 0.0 && eps <= 8.0, "{eps}");
+            assert!(r.evals.is_empty(), "a private client reports no evaluation");
         } else {
             assert!(r.rounds.is_empty());
             assert_eq!(r.declined.len(), 2, "{r:?}");
+            assert!(r
+                .declined
+                .iter()
+                .all(|(_, why)| *why == fedlora_protocol::DeclineReason::NoPrivacyTarget));
         }
     }
     let report = coord.report().unwrap();
     for round in &report.rounds {
         assert_eq!(round.record.participants.len(), 2);
-        assert_eq!(round.record.eps_spent.len(), 2);
-        assert!(round.record.eps_spent.values().all(|e| *e <= 8.0));
+        assert_eq!(
+            round.record.train_loss, None,
+            "no training loss leaves a DP client"
+        );
     }
+    // only the client without a target reported held-out losses (and token counts)
+    assert!(!report.evals.is_empty());
+    assert!(
+        report.evals.iter().all(|e| e.reports == 1),
+        "{:?}",
+        report.evals
+    );
     coord.shutdown().await;
 }
 

@@ -9,7 +9,7 @@ use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::codec::bits;
-use fedlora_protocol::secagg::{ClientRound, SecAggParams};
+use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy};
 use fedlora_protocol::{
     AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter,
     ModularParams, SecAggBody, SecAggTask, Task, TensorSpec, Weighting, PROTOCOL_VERSION,
@@ -63,7 +63,6 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
         threshold: 2,
         neighbours: 0,
         modulus_bits: mp.modulus_bits(),
-        graph_seed: 9,
         stage_timeout_ms: 3_000,
     });
     let initial = delta(50);
@@ -97,7 +96,8 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
             let SecAggTask::AdvertiseKeys { params } = *task else {
                 panic!("expected keys")
             };
-            let mut cr = ClientRound::new(round, &client_id, params, &mut rng);
+            let mut cr =
+                ClientRound::new(round, &client_id, params, SecAggPolicy::default(), &mut rng);
             send(&s, round, SecAggBody::Keys(cr.advertise(&signer).unwrap())).await;
             // stage 2
             let Task::SecAgg { task, .. } = next_task(&s).await else {
@@ -106,13 +106,14 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
             let SecAggTask::ShareKeys {
                 roster,
                 certificates,
+                graph_seed,
             } = *task
             else {
                 panic!("expected roster")
             };
             assert_eq!(certificates.len(), 4);
             let v = verifier_from_certificates(&tls.ca, &certificates).unwrap();
-            let shares = cr.share_keys(&roster, &v, &mut rng).unwrap();
+            let shares = cr.share_keys(&roster, &graph_seed, &v, &mut rng).unwrap();
             send(&s, round, SecAggBody::Shares(shares)).await;
             if i == 3 {
                 // killed: the connection and the client's secrets are gone
@@ -137,16 +138,32 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
             let mut packed = Vec::new();
             bits::pack(masked, mp.modulus_bits(), &mut packed);
             send(&s, round, SecAggBody::Input(packed)).await;
-            // stage 4
+            // stage 4: sign the survivor view
+            let Task::SecAgg { task, .. } = next_task(&s).await else {
+                panic!("expected the consistency check")
+            };
+            let SecAggTask::ConsistencyCheck(view) = *task else {
+                panic!("expected the consistency check")
+            };
+            assert_eq!(view.survivors.len(), 3);
+            assert!(view.dropped.contains("client-3"));
+            let sig = cr.consistency(&view, &signer).unwrap();
+            send(&s, round, SecAggBody::Consistency(sig)).await;
+            // stage 5: unmask, with the neighbours' signatures of the same view
             let Task::SecAgg { task, .. } = next_task(&s).await else {
                 panic!("expected unmask")
             };
-            let SecAggTask::Unmask(req) = *task else {
+            let SecAggTask::Unmask {
+                request,
+                signatures,
+            } = *task
+            else {
                 panic!("expected unmask")
             };
-            assert_eq!(req.survivors.len(), 3);
-            assert!(req.dropped.contains("client-3"));
-            send(&s, round, SecAggBody::Unmask(cr.unmask(&req).unwrap())).await;
+            assert_eq!(request, view);
+            assert_eq!(signatures.len(), 3);
+            let resp = cr.unmask(&request, &signatures, &v).unwrap();
+            send(&s, round, SecAggBody::Unmask(resp)).await;
             Some(decoded)
         }));
     }

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use fedlora_dp::{DpEvent, PrivacyLedger};
-use fedlora_protocol::{DpPlan, TrainConfig};
+use fedlora_protocol::{DeclineReason, DpPlan, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::dp_sgd::DpSgdConfig;
@@ -37,10 +37,14 @@ pub struct CalibratedPlan {
     pub local_steps: u32,
     /// Expected batch size.
     pub expected_batch: u32,
-    /// Poisson rate q.
+    /// Poisson rate q = expected batch / n, what the ledger records per step.
     pub q: f64,
     /// Noise multiplier σ.
     pub sigma: f64,
+    /// The number of local examples n that q was computed from. A round on fewer examples
+    /// would sample at a higher rate than the ledger records, so it is declined.
+    #[serde(default)]
+    pub n_examples: usize,
 }
 
 /// A round the budget allows: what to run and the event to record.
@@ -65,9 +69,21 @@ fn storage(e: impl std::fmt::Display) -> ClientError {
 }
 
 impl PrivacyState {
-    /// Opens the budget stored under `state_dir` (or a fresh one in memory when `None`). The
-    /// ledger's entries persist across restarts; `target` is the client's current target.
-    pub fn open(state_dir: Option<&Path>, target: PrivacyTarget) -> Result<Self, ClientError> {
+    /// Opens the budget stored under `state_dir`: the ledger's entries and the calibrated plan
+    /// persist across restarts (flushed before every round trains); `target` is the client's
+    /// current target. What a device uses: a ledger that a restart could reset would let it
+    /// spend its budget again.
+    pub fn open(state_dir: &Path, target: PrivacyTarget) -> Result<Self, ClientError> {
+        Self::open_inner(Some(state_dir), target)
+    }
+
+    /// A budget that lives in memory only, for one process: the simulation harness's virtual
+    /// clients, whose whole campaign runs in one process. Not for devices (see [`Self::open`]).
+    pub fn in_memory(target: PrivacyTarget) -> Result<Self, ClientError> {
+        Self::open_inner(None, target)
+    }
+
+    fn open_inner(state_dir: Option<&Path>, target: PrivacyTarget) -> Result<Self, ClientError> {
         let mut ledger = PrivacyLedger::new(target.epsilon, target.delta)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         ledger.accountant = target.accountant;
@@ -121,12 +137,17 @@ impl PrivacyState {
 
     /// Decides whether the client can train a round of `cfg` under `plan` on `n_examples`
     /// windows. `Err(reason)` means decline.
+    ///
+    /// The trainer samples each example with probability `expected_batch / n_examples`. The
+    /// ledger records the plan's q, so a round on fewer examples than the plan was calibrated
+    /// for (a higher real rate) is declined ([`DeclineReason::DataShrank`]); more examples
+    /// mean a lower real rate, which the recorded q over-covers.
     pub fn approve(
         &mut self,
         plan: &DpPlan,
         cfg: &TrainConfig,
         n_examples: usize,
-    ) -> Result<Approved, String> {
+    ) -> Result<Approved, DeclineReason> {
         if self.plan.is_none() {
             let q = (f64::from(cfg.batch_size) / n_examples.max(1) as f64).min(1.0);
             let steps = u64::from(cfg.local_steps) * plan.planned_rounds;
@@ -134,31 +155,37 @@ impl PrivacyState {
                 .target
                 .accountant
                 .noise_multiplier(q, steps, self.target.delta, self.target.epsilon)
-                .map_err(|e| format!("cannot calibrate noise for this plan: {e}"))?;
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "cannot calibrate noise for this plan");
+                    DeclineReason::CannotCalibrate
+                })?;
             self.plan = Some(CalibratedPlan {
                 plan: plan.clone(),
                 local_steps: cfg.local_steps,
                 expected_batch: cfg.batch_size,
                 q,
                 sigma,
+                n_examples,
             });
         }
-        let p = self.plan.as_ref().expect("set above");
+        let p = self.plan.as_ref().ok_or(DeclineReason::CannotCalibrate)?;
         if &p.plan != plan || p.local_steps != cfg.local_steps || p.expected_batch != cfg.batch_size
         {
-            return Err("the coordinator changed the DP plan this client calibrated for".into());
+            return Err(DeclineReason::PlanChanged);
+        }
+        let real_q = (f64::from(cfg.batch_size) / n_examples.max(1) as f64).min(1.0);
+        if n_examples < p.n_examples || real_q > p.q {
+            tracing::warn!(
+                calibrated_for = p.n_examples,
+                now = n_examples,
+                "fewer local examples than the DP plan was calibrated for; declining"
+            );
+            return Err(DeclineReason::DataShrank);
         }
         let event = DpEvent::dp_sgd(p.q, p.sigma, u64::from(cfg.local_steps));
         match self.ledger.would_exceed(&event) {
             Ok(false) => {}
-            Ok(true) => {
-                return Err(format!(
-                    "privacy budget: this round would exceed ε = {} (spent {:.4})",
-                    self.target.epsilon,
-                    self.ledger.epsilon_spent().unwrap_or(f64::NAN)
-                ))
-            }
-            Err(e) => return Err(e.to_string()),
+            Ok(true) | Err(_) => return Err(DeclineReason::Budget),
         }
         Ok(Approved {
             dp: DpSgdConfig {
@@ -194,7 +221,7 @@ pub enum RoundDecision {
         eps: Option<f64>,
     },
     /// Decline the round, with the reason.
-    Decline(String),
+    Decline(DeclineReason),
 }
 
 /// Decides whether a client with `privacy` (its budget, or `None` without a privacy target)
@@ -208,14 +235,18 @@ pub fn decide_round(
     n_examples: usize,
     round: u64,
 ) -> Result<RoundDecision, ClientError> {
-    let decline = |m: &str| Ok(RoundDecision::Decline(m.to_string()));
+    let decline = |r: DeclineReason| Ok(RoundDecision::Decline(r));
     match (&cfg.dp, privacy) {
         (None, None) => Ok(RoundDecision::Train {
             dp: None,
             eps: None,
         }),
-        (Some(_), None) => decline("this client has no privacy target and does not join DP rounds"),
-        (None, Some(_)) => decline("this client trains only under DP and the round has no DP plan"),
+        (Some(_), None) => decline(DeclineReason::NoPrivacyTarget),
+        (None, Some(_)) => decline(DeclineReason::DpRequired),
+        // an example count would leak n: a DP client never uses it as its weight
+        (Some(_), Some(_)) if cfg.weighting != fedlora_protocol::Weighting::Uniform => {
+            decline(DeclineReason::WeightingNotPrivate)
+        }
         (Some(plan), Some(p)) => match p.approve(plan, cfg, n_examples) {
             Ok(a) => {
                 let eps = p.spend(round, &a)?;
@@ -251,7 +282,7 @@ mod tests {
             ..Default::default()
         };
         {
-            let mut s = PrivacyState::open(Some(dir.path()), target).unwrap();
+            let mut s = PrivacyState::open(dir.path(), target).unwrap();
             for round in 1..=2 {
                 let a = s.approve(&plan, &cfg, 400).unwrap();
                 let eps = s.spend(round, &a).unwrap();
@@ -259,10 +290,79 @@ mod tests {
             }
             assert!(s.approve(&plan, &cfg, 400).is_err());
         }
-        let mut s = PrivacyState::open(Some(dir.path()), target).unwrap();
+        let mut s = PrivacyState::open(dir.path(), target).unwrap();
         let spent = s.epsilon_spent().unwrap();
         assert!(spent > 0.9 && spent <= 1.0, "{spent}");
         let reason = s.approve(&plan, &cfg, 400).unwrap_err();
-        assert!(reason.contains("privacy budget"), "{reason}");
+        assert_eq!(reason, DeclineReason::Budget);
+    }
+
+    #[test]
+    fn a_client_restarted_with_fewer_examples_declines_instead_of_under_recording_q() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = PrivacyTarget {
+            epsilon: 4.0,
+            delta: 1e-5,
+            accountant: Default::default(),
+        };
+        let plan = DpPlan {
+            clip_norm: 1.0,
+            planned_rounds: 4,
+        };
+        let cfg = TrainConfig {
+            local_steps: 5,
+            batch_size: 16,
+            weighting: fedlora_protocol::Weighting::Uniform,
+            dp: Some(plan.clone()),
+            ..Default::default()
+        };
+        {
+            let mut s = PrivacyState::open(dir.path(), target).unwrap();
+            let a = s.approve(&plan, &cfg, 400).unwrap();
+            s.spend(1, &a).unwrap();
+            assert!((s.plan().unwrap().q - 16.0 / 400.0).abs() < 1e-15);
+        }
+        // restarted on a smaller data file: 200 examples would be sampled at q = 0.08 > 0.04
+        let mut s = PrivacyState::open(dir.path(), target).unwrap();
+        assert_eq!(
+            s.approve(&plan, &cfg, 200).unwrap_err(),
+            DeclineReason::DataShrank
+        );
+        let mut p = Some(&mut s);
+        let d = decide_round(p.take(), &cfg, 200, 2).unwrap();
+        assert!(matches!(
+            d,
+            RoundDecision::Decline(DeclineReason::DataShrank)
+        ));
+        // nothing was spent for the declined round
+        let spent_before = s.epsilon_spent().unwrap();
+        // more examples: the recorded q (0.04) is above the real rate, and the round trains
+        let a = s.approve(&plan, &cfg, 800).unwrap();
+        assert!((s.plan().unwrap().q - 0.04).abs() < 1e-15);
+        assert!(s.spend(2, &a).unwrap() > spent_before);
+    }
+
+    #[test]
+    fn a_dp_client_refuses_example_count_weighting() {
+        let target = PrivacyTarget {
+            epsilon: 4.0,
+            delta: 1e-5,
+            accountant: Default::default(),
+        };
+        let mut s = PrivacyState::in_memory(target).unwrap();
+        let cfg = TrainConfig {
+            dp: Some(DpPlan {
+                clip_norm: 1.0,
+                planned_rounds: 4,
+            }),
+            weighting: fedlora_protocol::Weighting::ExampleCount,
+            ..Default::default()
+        };
+        let d = decide_round(Some(&mut s), &cfg, 400, 1).unwrap();
+        assert!(matches!(
+            d,
+            RoundDecision::Decline(DeclineReason::WeightingNotPrivate)
+        ));
+        assert_eq!(s.epsilon_spent().unwrap(), 0.0);
     }
 }

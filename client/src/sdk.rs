@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fedlora_protocol::secagg::crypto::P256Verifier;
+use fedlora_protocol::secagg::{ClientRound, SecAggPolicy};
 use fedlora_protocol::{
-    AckStatus, ClientMsg, Codec, CodecContext, CoordMsg, ErrorFeedback, EvalReport, FlatAdapter,
-    RefusalCode, RoundOffer, SecAggBody, SecAggTask, Task, Upload, Weighting, PROTOCOL_VERSION,
+    AckStatus, ClientMsg, Codec, CodecContext, CoordMsg, DeclineReason, ErrorFeedback, EvalReport,
+    FlatAdapter, PrivateUpload, RefusalCode, RoundOffer, SecAggBody, SecAggTask, Task, Upload,
+    Weighting, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
@@ -45,6 +48,10 @@ pub struct ClientConfig {
     pub privacy: Option<PrivacyTarget>,
     /// Noise seed (tests and simulations only; `None` draws DP noise from the OS CSPRNG).
     pub noise_seed: Option<u64>,
+    /// What this client accepts of secure aggregation (checked on the client, whatever the
+    /// coordinator says): thresholds above half the neighbours, at least 3 neighbours, enough
+    /// survivors, and never a plaintext update in a secure federation.
+    pub secagg: SecAggPolicy,
 }
 
 impl ClientConfig {
@@ -61,7 +68,22 @@ impl ClientConfig {
             max_connect_attempts: None,
             privacy: None,
             noise_seed: None,
+            secagg: SecAggPolicy::default(),
         }
+    }
+
+    /// Refuses settings that would break a promise: a privacy target needs a durable state
+    /// directory (a ledger kept in memory restarts from zero, and the client could spend its
+    /// budget again).
+    pub fn validate(&self) -> Result<(), ClientError> {
+        if self.privacy.is_some() && self.state_dir.is_none() {
+            return Err(ClientError::Config(
+                "a privacy target needs a state directory (--state-dir) for its ledger: a ledger \
+                 in memory would start from zero after a restart"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -81,7 +103,7 @@ pub struct ClientReport {
     /// Final global version announced by the coordinator.
     pub final_version: Option<u64>,
     /// Rounds this client declined, with the reason.
-    pub declined: Vec<(u64, String)>,
+    pub declined: Vec<(u64, DeclineReason)>,
     /// ε spent at the end (DP clients).
     pub eps_spent: Option<f64>,
 }
@@ -98,13 +120,26 @@ pub struct FederatedClient {
     /// The certificate key, for signing secure-aggregation keys (None: secure rounds refused).
     signer: Option<fedlora_protocol::secagg::crypto::EcdsaP256Signer>,
     /// The open secure round's client state (secrets live only here, only for one round).
-    secure: std::sync::Mutex<Option<(u64, fedlora_protocol::secagg::ClientRound)>>,
+    secure: std::sync::Mutex<Option<SecureState>>,
+    /// Global versions this client sent unmask shares for: it sends no second masked input
+    /// trained from the same version (a round failed on purpose and retried would otherwise
+    /// give the coordinator two views of one delta).
+    unmasked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+}
+
+/// One secure round on the client: its stage machine, the peers' verifier from the roster's
+/// certificates, and the global version its masked input was trained from.
+struct SecureState {
+    round: u64,
+    cr: ClientRound,
+    verifier: Option<P256Verifier>,
+    masked_version: Option<u64>,
 }
 
 enum Work {
-    Upload(Upload),
+    Upload(ClientMsg),
     Masked(u64, Vec<u8>),
-    Decline(u64, String),
+    Decline(u64, DeclineReason),
 }
 
 /// Replaces a state-directory file with `value` (bincode): temp file, then rename.
@@ -142,9 +177,10 @@ impl FederatedClient {
         config: ClientConfig,
         learner: std::sync::Arc<dyn Learner>,
     ) -> Result<Self, ClientError> {
-        let privacy = match config.privacy {
-            Some(t) => Some(PrivacyState::open(config.state_dir.as_deref(), t)?),
-            None => None,
+        config.validate()?;
+        let privacy = match (config.privacy, &config.state_dir) {
+            (Some(t), Some(dir)) => Some(PrivacyState::open(dir, t)?),
+            _ => None,
         };
         Ok(Self {
             learner,
@@ -153,6 +189,7 @@ impl FederatedClient {
             signer: crate::secure::load_signer(&config.tls.key).ok(),
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
+            unmasked: std::sync::Mutex::new(Default::default()),
             config,
         })
     }
@@ -171,14 +208,14 @@ impl FederatedClient {
             .map(|d| d.join("pending_upload.bin"))
     }
 
-    fn save_pending(&self, u: &Upload) -> Result<(), ClientError> {
+    fn save_pending(&self, u: &ClientMsg) -> Result<(), ClientError> {
         match self.pending_path() {
             Some(p) => save_state_file(&p, u),
             None => Ok(()),
         }
     }
 
-    fn load_pending(&self) -> Option<Upload> {
+    fn load_pending(&self) -> Option<ClientMsg> {
         let bytes = std::fs::read(self.pending_path()?).ok()?;
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
             .ok()
@@ -201,6 +238,12 @@ impl FederatedClient {
         loop {
             let session = match self.hello(&ep, &mut report).await {
                 Ok(s) => s,
+                Err(ClientError::Refused(r)) if !r.code.is_fatal() => {
+                    warn!(code = ?r.code, reason = %r.message, "hello refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
+                    continue;
+                }
                 Err(ClientError::Transport(e)) => {
                     failures += 1;
                     if self
@@ -277,14 +320,23 @@ impl FederatedClient {
     async fn deliver(
         &self,
         s: &Session,
-        upload: Upload,
+        upload: ClientMsg,
         report: &mut ClientReport,
-        pending: &mut Option<Upload>,
+        pending: &mut Option<ClientMsg>,
     ) -> Result<(), ClientError> {
-        let round = upload.round;
+        let round = match &upload {
+            ClientMsg::Upload(u) => u.round,
+            ClientMsg::PrivateUpload(u) => u.round,
+            other => {
+                return Err(ClientError::Config(format!(
+                    "{:?} is not an upload",
+                    fedlora_protocol::frame::FrameMessage::kind(other)
+                )))
+            }
+        };
         *pending = Some(upload.clone());
         self.save_pending(&upload)?;
-        match self.send(s, &ClientMsg::Upload(upload), report).await? {
+        match self.send(s, &upload, report).await? {
             CoordMsg::Ack { status, .. } => {
                 info!(round, ?status, "upload acknowledged");
                 if status == AckStatus::Accepted || !report.rounds.contains(&round) {
@@ -309,12 +361,13 @@ impl FederatedClient {
         &self,
         s: &Session,
         report: &mut ClientReport,
-        pending: &mut Option<Upload>,
+        pending: &mut Option<ClientMsg>,
     ) -> Result<Outcome, ClientError> {
         if let Some(u) = pending.clone() {
-            info!(round = u.round, "re-sending an unacknowledged upload");
+            info!("re-sending an unacknowledged upload");
             self.deliver(s, u, report, pending).await?;
         }
+        let mut refused_backoff = self.config.backoff_initial_ms;
         loop {
             let held_version = self.held.lock().expect("lock").as_ref().map(|h| h.0);
             let reply = self
@@ -354,10 +407,7 @@ impl FederatedClient {
                     }
                     Work::Decline(round, reason) => {
                         warn!(round, %reason, "declining the round");
-                        let msg = ClientMsg::Decline {
-                            round,
-                            reason: reason.clone(),
-                        };
+                        let msg = ClientMsg::Decline { round, reason };
                         match self.send(s, &msg, report).await? {
                             CoordMsg::DeclineRecorded { .. } => {}
                             other => warn!(?other, "unexpected answer to a decline"),
@@ -379,7 +429,17 @@ impl FederatedClient {
                 CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered => {
                     return Ok(Outcome::Reconnect)
                 }
-                CoordMsg::Refused(r) => return Err(ClientError::Refused(r)),
+                // only a short list of refusals cannot heal (revoked, another version or spec);
+                // anything else (busy, a refused stage message, a passing storage error) is
+                // retried after a backoff
+                CoordMsg::Refused(r) if r.code.is_fatal() => return Err(ClientError::Refused(r)),
+                CoordMsg::Refused(r) => {
+                    warn!(code = ?r.code, reason = %r.message, backoff_ms = refused_backoff,
+                        "poll refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(refused_backoff)).await;
+                    refused_backoff = (refused_backoff * 2).min(self.config.backoff_max_ms);
+                    continue;
+                }
                 other => {
                     return Err(ClientError::Transport(format!(
                         "unexpected answer to a poll: {other:?}"
@@ -389,50 +449,71 @@ impl FederatedClient {
         }
     }
 
-    /// Performs one secure-aggregation stage; `None` when the client cannot (it then drops out
-    /// of the round, which the protocol tolerates).
+    /// Performs one secure-aggregation stage; `None` when the client cannot or will not (it
+    /// then drops out of the round, which the protocol tolerates, and its state is wiped).
     fn secure_stage(&self, round: u64, task: SecAggTask) -> Option<SecAggBody> {
-        use fedlora_protocol::secagg::ClientRound;
         let mut guard = self.secure.lock().expect("lock");
         let r = (|| -> Result<SecAggBody, String> {
+            let signer = self
+                .signer
+                .as_ref()
+                .ok_or("no ECDSA P-256 certificate key")?;
+            if let SecAggTask::AdvertiseKeys { params } = task {
+                let id = self.client_id.lock().expect("lock").clone();
+                let mut rng = os_rng().map_err(|e| e.to_string())?;
+                let mut cr = ClientRound::new(round, &id, params, self.config.secagg, &mut rng);
+                let keys = cr.advertise(signer).map_err(|e| e.to_string())?;
+                *guard = Some(SecureState {
+                    round,
+                    cr,
+                    verifier: None,
+                    masked_version: None,
+                });
+                return Ok(SecAggBody::Keys(keys));
+            }
+            let st = guard
+                .as_mut()
+                .filter(|g| g.round == round)
+                .ok_or("no secure state for this round")?;
             match task {
-                SecAggTask::AdvertiseKeys { params } => {
-                    let signer = self
-                        .signer
-                        .as_ref()
-                        .ok_or("no ECDSA P-256 certificate key")?;
-                    let id = self.client_id.lock().expect("lock").clone();
-                    let mut rng = os_rng().map_err(|e| e.to_string())?;
-                    let mut cr = ClientRound::new(round, &id, params, &mut rng);
-                    let keys = cr.advertise(signer).map_err(|e| e.to_string())?;
-                    *guard = Some((round, cr));
-                    Ok(SecAggBody::Keys(keys))
-                }
+                SecAggTask::AdvertiseKeys { .. } => Err("keys already advertised".into()),
                 SecAggTask::ShareKeys {
                     roster,
                     certificates,
+                    graph_seed,
                 } => {
-                    let (_, cr) = guard
-                        .as_mut()
-                        .filter(|g| g.0 == round)
-                        .ok_or("no keys for this round")?;
                     let v = crate::secure::verifier_from_certificates(
                         &self.config.tls.ca,
                         &certificates,
                     )
                     .map_err(|e| e.to_string())?;
                     let mut rng = os_rng().map_err(|e| e.to_string())?;
-                    let shares = cr
-                        .share_keys(&roster, &v, &mut rng)
+                    let shares = st
+                        .cr
+                        .share_keys(&roster, &graph_seed, &v, &mut rng)
                         .map_err(|e| e.to_string())?;
+                    st.verifier = Some(v);
                     Ok(SecAggBody::Shares(shares))
                 }
-                SecAggTask::Unmask(req) => {
-                    let (_, cr) = guard
-                        .as_mut()
-                        .filter(|g| g.0 == round)
-                        .ok_or("no secure state for this round")?;
-                    let resp = cr.unmask(&req).map_err(|e| e.to_string())?;
+                SecAggTask::ConsistencyCheck(view) => {
+                    let sig = st
+                        .cr
+                        .consistency(&view, signer)
+                        .map_err(|e| e.to_string())?;
+                    Ok(SecAggBody::Consistency(sig))
+                }
+                SecAggTask::Unmask {
+                    request,
+                    signatures,
+                } => {
+                    let v = st.verifier.as_ref().ok_or("no roster verifier")?;
+                    let resp = st
+                        .cr
+                        .unmask(&request, &signatures, v)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(version) = st.masked_version {
+                        self.unmasked.lock().expect("lock").insert(version);
+                    }
                     *guard = None;
                     Ok(SecAggBody::Unmask(resp))
                 }
@@ -541,6 +622,17 @@ impl FederatedClient {
         adapter: FlatAdapter,
         report: &mut ClientReport,
     ) -> Result<(), ClientError> {
+        if self.config.privacy.is_some() {
+            // a held-out loss and its token count are not covered by this client's accountant
+            // (the count gives away n): a private client reports nothing
+            let msg = ClientMsg::EvalWithheld { version };
+            match self.send(s, &msg, report).await? {
+                CoordMsg::EvalRecorded { .. } => {}
+                CoordMsg::Refused(r) => warn!(version, reason = %r, "withheld evaluation refused"),
+                other => warn!(?other, "unexpected answer to a withheld evaluation"),
+            }
+            return Ok(());
+        }
         let learner = self.learner.clone();
         let ev = tokio::task::spawn_blocking(move || learner.evaluate(&adapter))
             .await
@@ -585,7 +677,12 @@ impl FederatedClient {
             self.evaluate_and_report(s, offer.global_version, global.clone(), report)
                 .await?;
         }
+        // the secure-aggregation policy decides before the budget is spent
+        if let Some(reason) = self.secure_policy(&offer) {
+            return Ok(Work::Decline(offer.round, reason));
+        }
         // the budget decides before any data is touched; spending is flushed before training
+        let dp_round = offer.config.dp.is_some();
         let (dp, eps) = {
             let mut guard = self.privacy.lock().expect("lock");
             match decide_round(
@@ -621,10 +718,6 @@ impl FederatedClient {
             secs = out.secs,
             "trained locally"
         );
-        let weight = match offer.config.weighting {
-            Weighting::ExampleCount => out.examples as f64,
-            Weighting::Uniform => 1.0,
-        };
         if let Some(shares) = &offer.secure_shares {
             let codec = &offer.config.codec;
             let bytes = self.encode_delta(&out.delta, &offer, 1)?;
@@ -632,31 +725,159 @@ impl FederatedClient {
             let Codec::Modular(p) = codec else {
                 return Ok(Work::Decline(
                     offer.round,
-                    "secure round without the modular codec".into(),
+                    DeclineReason::SecureAggregationPolicy,
                 ));
             };
             let mut guard = self.secure.lock().expect("lock");
-            let Some((_, cr)) = guard.as_mut().filter(|g| g.0 == offer.round) else {
-                return Ok(Work::Decline(
-                    offer.round,
-                    "no secure state for this round".into(),
-                ));
+            let Some(st) = guard.as_mut().filter(|g| g.round == offer.round) else {
+                return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
             };
-            let masked = match cr.masked_input(shares, &ints) {
+            let masked = match st.cr.masked_input(shares, &ints) {
                 Ok(m) => m,
-                Err(e) => return Ok(Work::Decline(offer.round, format!("masking failed: {e}"))),
+                Err(e) => {
+                    warn!(round = offer.round, error = %e, "masking failed");
+                    *guard = None;
+                    return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
+                }
             };
+            st.masked_version = Some(offer.global_version);
             let mut packed = Vec::new();
             fedlora_protocol::codec::bits::pack(masked, p.modulus_bits(), &mut packed);
             return Ok(Work::Masked(offer.round, packed));
         }
-        Ok(Work::Upload(Upload {
+        if dp_round {
+            // post-processing of DP-SGD outputs only: the type has no room for a loss, a count
+            // or ε
+            return Ok(Work::Upload(ClientMsg::PrivateUpload(PrivateUpload {
+                round: offer.round,
+                spec_hash: self.learner.spec().hash(),
+                payload: self.encode_delta(&out.delta, &offer, 1)?,
+            })));
+        }
+        let weight = match offer.config.weighting {
+            Weighting::ExampleCount => out.examples as f64,
+            Weighting::Uniform => 1.0,
+        };
+        Ok(Work::Upload(ClientMsg::Upload(Upload {
             round: offer.round,
             spec_hash: self.learner.spec().hash(),
             weight,
             train_loss: out.train_loss,
-            eps_spent: eps,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
-        }))
+        })))
+    }
+
+    /// Why this client must not train `offer` under its secure-aggregation policy, if it must
+    /// not: a secure federation's offer without the shares to mask with (the coordinator wants
+    /// a plaintext update), a round without secure aggregation when the policy requires it, or
+    /// a second masked input from a global version it already sent unmask shares for.
+    fn secure_policy(&self, offer: &RoundOffer) -> Option<DeclineReason> {
+        secure_policy_decision(
+            &self.config.secagg,
+            offer,
+            &self.unmasked.lock().expect("lock"),
+        )
+    }
+}
+
+/// The secure-aggregation policy's verdict on an offer (see [`FederatedClient`]); `None`
+/// means the client may train it.
+pub fn secure_policy_decision(
+    policy: &SecAggPolicy,
+    offer: &RoundOffer,
+    unmasked_versions: &std::collections::BTreeSet<u64>,
+) -> Option<DeclineReason> {
+    let secure = offer.config.secure.is_some() || offer.secure_shares.is_some();
+    let plaintext = offer.secure_shares.is_none();
+    if (secure || policy.required) && plaintext {
+        return Some(DeclineReason::SecureAggregationPolicy);
+    }
+    if secure && !matches!(offer.config.codec, Codec::Modular(_)) {
+        return Some(DeclineReason::SecureAggregationPolicy);
+    }
+    if !plaintext && unmasked_versions.contains(&offer.global_version) {
+        return Some(DeclineReason::SecureAggregationPolicy);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::secagg::SecAggParams;
+    use fedlora_protocol::{ModularParams, TrainConfig};
+
+    fn offer(secure: bool, shares: bool) -> RoundOffer {
+        RoundOffer {
+            round: 3,
+            global_version: 2,
+            spec_hash: [0; 32],
+            config: TrainConfig {
+                codec: Codec::Modular(ModularParams::default()),
+                weighting: Weighting::Uniform,
+                secure: secure.then_some(SecAggParams {
+                    threshold: 2,
+                    neighbours: 3,
+                    modulus_bits: 10,
+                    stage_timeout_ms: 1_000,
+                }),
+                ..Default::default()
+            },
+            evaluate: false,
+            codec_seed: 0,
+            global_from: None,
+            global: vec![],
+            secure_shares: shares.then(Vec::new),
+        }
+    }
+
+    #[test]
+    fn a_secure_client_never_sends_a_plaintext_update() {
+        let none = Default::default();
+        let p = SecAggPolicy::default();
+        // a secure federation offering no shares: the coordinator asks for plaintext
+        assert_eq!(
+            secure_policy_decision(&p, &offer(true, false), &none),
+            Some(DeclineReason::SecureAggregationPolicy)
+        );
+        assert_eq!(secure_policy_decision(&p, &offer(true, true), &none), None);
+        // a plain federation is fine unless the client requires secure aggregation
+        assert_eq!(
+            secure_policy_decision(&p, &offer(false, false), &none),
+            None
+        );
+        let required = SecAggPolicy {
+            required: true,
+            ..p
+        };
+        assert_eq!(
+            secure_policy_decision(&required, &offer(false, false), &none),
+            Some(DeclineReason::SecureAggregationPolicy)
+        );
+        // no second masked input from a global version already unmasked
+        let done = [2u64].into();
+        assert_eq!(
+            secure_policy_decision(&p, &offer(true, true), &done),
+            Some(DeclineReason::SecureAggregationPolicy)
+        );
+    }
+
+    #[test]
+    fn a_privacy_target_without_a_state_dir_is_refused() {
+        let tls = ClientTls {
+            ca: "ca.pem".into(),
+            cert: "c.pem".into(),
+            key: "c.key".into(),
+        };
+        let mut c = ClientConfig::new("127.0.0.1:1".parse().unwrap(), tls);
+        c.privacy = Some(crate::privacy::PrivacyTarget {
+            epsilon: 1.0,
+            delta: 1e-5,
+            accountant: Default::default(),
+        });
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("state directory"), "{e}");
+        c.state_dir = Some("somewhere".into());
+        c.validate().unwrap();
     }
 }

@@ -11,6 +11,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod wire;
 
 pub use config::{CoordinatorConfig, TlsPaths};
 pub use error::CoordinatorError;

@@ -21,9 +21,14 @@ pub(crate) struct SecureRound {
     pub(crate) deadline_ms: u64,
     pub(crate) round_timeout_ms: u64,
     pub(crate) roster: Vec<AdvertisedKeys>,
+    pub(crate) graph_seed: [u8; 32],
     pub(crate) deliveries: BTreeMap<ClientId, Vec<EncryptedShare>>,
-    pub(crate) request: Option<UnmaskRequest>,
-    pub(crate) sent: [BTreeSet<ClientId>; 4],
+    /// The survivor view sent for signing.
+    pub(crate) view: Option<UnmaskRequest>,
+    /// The unmask request and the signatures relayed with it.
+    pub(crate) request: Option<(UnmaskRequest, BTreeMap<ClientId, Vec<u8>>)>,
+    /// Who answered each stage: keys, shares, input, consistency signature, unmask.
+    pub(crate) sent: [BTreeSet<ClientId>; 5],
     pub(crate) len: usize,
 }
 
@@ -54,7 +59,9 @@ impl SecureRound {
             selected,
             round_timeout_ms,
             roster: Vec::new(),
+            graph_seed: [0; 32],
             deliveries: BTreeMap::new(),
+            view: None,
             request: None,
             sent: Default::default(),
             len,
@@ -87,12 +94,22 @@ impl SecureRound {
                         .iter()
                         .filter_map(|k| certs.get(&k.client).map(|c| (k.client.clone(), c.clone())))
                         .collect(),
+                    graph_seed: self.graph_seed,
                 })
             }
+            ServerStage::CollectConsistency => {
+                let view = self.view.as_ref()?;
+                (view.survivors.contains(client) && !self.sent[3].contains(client))
+                    .then(|| SecAggTask::ConsistencyCheck(view.clone()))
+            }
             ServerStage::CollectUnmask => {
-                let req = self.request.as_ref()?;
-                (req.survivors.contains(client) && !self.sent[3].contains(client))
-                    .then(|| SecAggTask::Unmask(req.clone()))
+                let (req, sigs) = self.request.as_ref()?;
+                (sigs.contains_key(client) && !self.sent[4].contains(client)).then(|| {
+                    SecAggTask::Unmask {
+                        request: req.clone(),
+                        signatures: sigs.clone(),
+                    }
+                })
             }
             _ => None,
         }
@@ -128,6 +145,10 @@ impl SecureRound {
                 self.server.receive_input(client, ints)?;
                 self.sent[2].insert(client.to_string());
             }
+            SecAggBody::Consistency(sig) => {
+                self.server.receive_consistency(client, sig)?;
+                self.sent[3].insert(client.to_string());
+            }
             SecAggBody::Unmask(r) => {
                 if r.client != client {
                     return Err(SecAggError::PeerMisbehaved(
@@ -135,7 +156,7 @@ impl SecureRound {
                     ));
                 }
                 self.server.receive_unmask(r)?;
-                self.sent[3].insert(client.to_string());
+                self.sent[4].insert(client.to_string());
             }
         }
         Ok(())
@@ -147,7 +168,7 @@ impl SecureRound {
             match self.server.stage() {
                 ServerStage::CollectKeys => {
                     if self.sent[0].len() == self.selected.len() || now_ms >= self.deadline_ms {
-                        self.roster = self.server.close_keys()?;
+                        (self.roster, self.graph_seed) = self.server.close_keys()?;
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }
                 }
@@ -160,13 +181,20 @@ impl SecureRound {
                 }
                 ServerStage::CollectInputs => {
                     if self.sent[2].len() == self.deliveries.len() || now_ms >= self.deadline_ms {
-                        self.request = Some(self.server.close_inputs()?);
+                        self.view = Some(self.server.close_inputs()?);
+                        self.deadline_ms = now_ms + self.params.stage_timeout_ms;
+                    }
+                }
+                ServerStage::CollectConsistency => {
+                    let n = self.view.as_ref().map_or(0, |r| r.survivors.len());
+                    if self.sent[3].len() == n || now_ms >= self.deadline_ms {
+                        self.request = Some(self.server.close_consistency()?);
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }
                 }
                 ServerStage::CollectUnmask => {
-                    let n = self.request.as_ref().map_or(0, |r| r.survivors.len());
-                    if self.sent[3].len() == n || now_ms >= self.deadline_ms {
+                    let n = self.request.as_ref().map_or(0, |r| r.1.len());
+                    if self.sent[4].len() == n || now_ms >= self.deadline_ms {
                         let (sum, counted) = self.server.finish()?;
                         return Ok(Advance::Sum(sum, counted));
                     }

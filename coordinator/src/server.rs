@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
 use fedlora_protocol::{
-    codec_seed, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, Directive, Downlink,
-    EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal, RefusalCode,
-    RoundOffer, SecAggBody, Task, Transition, Upload, UploadMeta, UploadVerdict, PROTOCOL_VERSION,
+    codec_seed, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, DeclineReason, Directive,
+    Downlink, EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal,
+    RefusalCode, RoundOffer, SecAggBody, SpecHash, Task, Transition, UploadMeta, UploadVerdict,
+    PROTOCOL_VERSION,
 };
 use quinn::{RecvStream, SendStream};
 use sha2::{Digest, Sha256};
@@ -26,9 +26,8 @@ use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::secure::{Advance, SecureRound};
 use crate::store::{EvalRecord, RoundRecord, RoundStatus, Store, UploadRecord};
-
-/// How long a peer may take to send one request frame, seconds.
-pub const REQUEST_TIMEOUT_S: u64 = 30;
+pub use crate::wire::REQUEST_TIMEOUT_S;
+use crate::wire::{read_request, respond, ReadBudget, MAX_CONNECTIONS_PER_CLIENT};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -99,6 +98,10 @@ struct Shared {
     secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
     /// Client certificates (DER) from their TLS handshakes, relayed for key signatures.
     certs: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Open connections per client id, oldest first (at most [`MAX_CONNECTIONS_PER_CLIENT`]).
+    conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
+    /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
+    budget: Arc<tokio::sync::Semaphore>,
     events: broadcast::Sender<Event>,
 }
 
@@ -228,6 +231,8 @@ impl Coordinator {
             secure: Mutex::new(None),
             secure_bytes_up: Mutex::new(BTreeMap::new()),
             certs: Mutex::new(BTreeMap::new()),
+            conns: Mutex::new(BTreeMap::new()),
+            budget: ReadBudget::global(),
             events,
         });
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
@@ -341,6 +346,17 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     };
     let fingerprint = certs::fingerprint(&der);
     let conn_id = conn.stable_id();
+    {
+        // a client id holds a bounded number of connections: the oldest makes room
+        let mut conns = shared.conns.lock().expect("lock");
+        let mine = conns.entry(client.clone()).or_default();
+        mine.push(conn.clone());
+        while mine.len() > MAX_CONNECTIONS_PER_CLIENT {
+            let old = mine.remove(0);
+            old.close(3u32.into(), b"too many connections for this client");
+        }
+    }
+    let budget = ReadBudget::for_connection(shared.budget.clone());
     let mut registered = false;
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -352,7 +368,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         };
         if !registered {
             // the hello is handled inline: nothing else is served before it succeeds
-            match handle_hello(&shared, &client, &fingerprint, send, recv).await {
+            match handle_hello(&shared, &client, &fingerprint, &budget, send, recv).await {
                 Ok(true) => {
                     registered = true;
                     shared
@@ -377,7 +393,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         }
         let shared = shared.clone();
         let client = client.clone();
-        tokio::spawn(async move { serve_stream(&shared, &client, send, recv).await });
+        let budget = budget.clone();
+        tokio::spawn(async move { serve_stream(&shared, &client, &budget, send, recv).await });
+    }
+    if let Some(mine) = shared.conns.lock().expect("lock").get_mut(&client) {
+        mine.retain(|c| c.stable_id() != conn_id);
     }
     let mut live = shared.live.lock().expect("lock");
     if live.get(&client) == Some(&conn_id) {
@@ -394,11 +414,12 @@ async fn handle_hello(
     shared: &Shared,
     client: &str,
     fingerprint: &str,
+    budget: &ReadBudget,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> std::result::Result<bool, HelloEnd> {
-    let msg = match read_request(&mut recv).await {
-        Ok(m) => m,
+    let msg = match read_request(&mut recv, budget).await {
+        Ok(r) => r.msg,
         Err(r) => {
             let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
             return Ok(false);
@@ -479,80 +500,58 @@ async fn handle_hello(
     }
 }
 
-/// Reads one request frame. Refusals describe what was wrong with it.
-async fn read_request(recv: &mut RecvStream) -> std::result::Result<ClientMsg, Refusal> {
-    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
-    let mut header = [0u8; HEADER_LEN];
-    let malformed = |m: String| Refusal::new(RefusalCode::Malformed, m);
-    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
-        Err(_) => return Err(malformed("timed out reading the frame header".into())),
-    }
-    let (kind, len) = frame::parse_header(&header).map_err(|e| {
-        let code = if e.to_string().contains("exceeds its limit") {
-            RefusalCode::TooLarge
-        } else {
-            RefusalCode::Malformed
-        };
-        Refusal::new(code, e.to_string())
-    })?;
-    if matches!(
-        kind,
-        FrameKind::Welcome
-            | FrameKind::Task
-            | FrameKind::Ack
-            | FrameKind::EvalRecorded
-            | FrameKind::Refused
-            | FrameKind::DeclineRecorded
-    ) {
-        return Err(malformed(format!("{kind:?} is not a client message")));
-    }
-    let mut body = vec![0u8; len];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(malformed(format!("truncated frame body: {e}"))),
-        Err(_) => return Err(malformed("timed out reading the frame body".into())),
-    }
-    frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| malformed(e.to_string()))
-}
-
-async fn respond(send: &mut SendStream, msg: &CoordMsg) -> std::result::Result<u64, ()> {
-    let bytes = match frame::encode(msg) {
-        Ok(b) => b,
-        Err(e) => {
-            error!(error = %e, "cannot encode a response");
-            frame::encode(&CoordMsg::Refused(Refusal::new(
-                RefusalCode::Internal,
-                "response too large",
-            )))
-            .expect("small refusal encodes")
-        }
-    };
-    send.write_all(&bytes).await.map_err(|_| ())?;
-    send.finish().map_err(|_| ())?;
-    Ok(bytes.len() as u64)
-}
-
-async fn serve_stream(shared: &Shared, client: &str, mut send: SendStream, mut recv: RecvStream) {
-    let (reply, round_down) = match read_request(&mut recv).await {
+async fn serve_stream(
+    shared: &Shared,
+    client: &str,
+    budget: &ReadBudget,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let req = match read_request(&mut recv, budget).await {
+        Ok(r) => r,
         Err(r) => {
             warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
-            (CoordMsg::Refused(r), None)
+            let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+            return;
         }
-        Ok(ClientMsg::Hello { .. }) => (
+    };
+    let wire = req.wire_bytes;
+    let (reply, round_down) = match req.msg {
+        ClientMsg::Hello { .. } => (
             CoordMsg::Refused(Refusal::new(
                 RefusalCode::Malformed,
                 "hello already done on this connection",
             )),
             None,
         ),
-        Ok(ClientMsg::Poll { held_version }) => poll(shared, client, held_version),
-        Ok(ClientMsg::Upload(u)) => (upload(shared, client, u).await, None),
-        Ok(ClientMsg::EvalReport(r)) => (eval_report(shared, client, r), None),
-        Ok(ClientMsg::Decline { round, reason }) => (decline(shared, client, round, &reason), None),
-        Ok(ClientMsg::SecAgg { round, body }) => {
-            (secure_receive(shared, client, round, body), None)
+        ClientMsg::Poll { held_version } => poll(shared, client, held_version),
+        ClientMsg::Upload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: u.weight,
+                train_loss: Some(u.train_loss),
+                private: false,
+                wire_bytes: wire,
+            };
+            (upload(shared, client, got, &u.payload), None)
+        }
+        ClientMsg::PrivateUpload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: 1.0,
+                train_loss: None,
+                private: true,
+                wire_bytes: wire,
+            };
+            (upload(shared, client, got, &u.payload), None)
+        }
+        ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
+        ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
+        ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
+        ClientMsg::SecAgg { round, body } => {
+            (secure_receive(shared, client, round, body, wire), None)
         }
     };
     if let CoordMsg::Refused(r) = &reply {
@@ -584,34 +583,47 @@ fn global_payload(
         return (None, global.encoded.clone());
     }
     let mut recon = shared.recon.lock().expect("lock");
-    match (held, recon.get(client)) {
-        (Some(h), Some((v, r))) if *v == h => {
+    if let (Some(h), Some((v, r))) = (held, recon.get(client)) {
+        if *v == h {
             if h == global.version {
                 return (Some(h), Vec::new());
             }
-            let step = global
-                .adapter
-                .delta_from(r)
-                .expect("reconstructions share the spec");
-            let bytes = Codec::F16.encode(step.values());
-            let sent = Codec::decode(
-                &bytes,
-                &shared.spec,
-                Some(&Codec::F16),
-                &CodecContext::default(),
-            )
-            .expect("f16 of finite values decodes");
-            let mut next = r.clone();
-            next.apply_delta(&sent).expect("same spec");
-            // what the client will hold after applying this delta, exactly
-            recon.insert(client.to_string(), (global.version, next));
-            (Some(h), bytes)
-        }
-        _ => {
-            recon.insert(client.to_string(), (global.version, global.adapter.clone()));
-            (None, global.encoded.clone())
+            if let Some((bytes, next)) = f16_step(&shared.spec, &global.adapter, r) {
+                // what the client will hold after applying this delta, exactly
+                recon.insert(client.to_string(), (global.version, next));
+                return (Some(h), bytes);
+            }
+            warn!(%client, "the downlink step does not fit in f16; sending the full adapter");
         }
     }
+    recon.insert(client.to_string(), (global.version, global.adapter.clone()));
+    (None, global.encoded.clone())
+}
+
+/// The f16 delta from `held` to `global` and what the client reconstructs from it; `None`
+/// when some step is beyond f16's range (|x| > 65504) or the result is not finite.
+fn f16_step(
+    spec: &AdapterSpec,
+    global: &FlatAdapter,
+    held: &FlatAdapter,
+) -> Option<(Vec<u8>, FlatAdapter)> {
+    const F16_MAX: f32 = 65504.0;
+    let step = global.delta_from(held).ok()?;
+    if step
+        .values()
+        .iter()
+        .any(|x| !x.is_finite() || x.abs() > F16_MAX)
+    {
+        return None;
+    }
+    let bytes = Codec::F16.encode(step.values());
+    let sent = Codec::decode(&bytes, spec, Some(&Codec::F16), &CodecContext::default()).ok()?;
+    let mut next = held.clone();
+    next.apply_delta(&sent).ok()?;
+    next.values()
+        .iter()
+        .all(|x| x.is_finite())
+        .then_some((bytes, next))
 }
 
 fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
@@ -695,64 +707,74 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
     (CoordMsg::Task(task), None)
 }
 
-async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
+/// What an upload carried besides its payload, as received.
+struct Received {
+    round: u64,
+    spec_hash: SpecHash,
+    weight: f64,
+    /// The raw training loss of a non-DP upload (private uploads carry none).
+    train_loss: Option<f64>,
+    /// A [`ClientMsg::PrivateUpload`].
+    private: bool,
+    /// Frame bytes on the wire.
+    wire_bytes: u64,
+}
+
+/// Refuses an upload of the wrong kind for this federation: a plain upload (with a loss and a
+/// weight) in a DP federation, a private one without DP, and any unmasked upload in a secure
+/// federation.
+fn check_kind(train: &fedlora_protocol::TrainConfig, private: bool) -> Result<(), Refusal> {
+    let wrong = |m: &str| Err(Refusal::new(RefusalCode::WrongKind, m));
+    if train.secure.is_some() {
+        return wrong("this federation aggregates securely: send a masked input, not an upload");
+    }
+    match (train.dp.is_some(), private) {
+        (true, false) => wrong("this federation trains under DP: send a private upload"),
+        (false, true) => wrong("this federation trains without DP: send a plain upload"),
+        _ => Ok(()),
+    }
+}
+
+fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMsg {
     let (expected, seed) = {
         let fed = shared.fed.lock().expect("lock");
+        if let Err(r) = check_kind(&fed.config().train, u.private) {
+            return CoordMsg::Refused(r);
+        }
         (fed.config().train.codec.clone(), fed.config().seed)
     };
     let ctx = CodecContext {
         round_seed: codec_seed(seed, u.round),
     };
     // the payload must decode to the federation's spec before anything is stored
-    if let Err(e) = Codec::decode(&u.payload, &shared.spec, Some(&expected), &ctx) {
+    if let Err(e) = Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
         return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
     }
-    let digest: [u8; 32] = Sha256::digest(&u.payload).into();
-    let verdict = shared.fed.lock().expect("lock").check_upload(
-        client,
-        u.round,
-        &u.spec_hash,
-        &digest,
-        u.weight,
-    );
-    match verdict {
-        Err(r) => return CoordMsg::Refused(r),
+    let digest: [u8; 32] = Sha256::digest(payload).into();
+    let meta = UploadMeta {
+        digest,
+        weight: u.weight,
+        bytes: payload.len() as u64,
+        train_loss: u.train_loss,
+    };
+    let record = UploadRecord {
+        round: u.round,
+        client: client.to_string(),
+        meta: meta.clone(),
+        wire_bytes: u.wire_bytes,
+        accepted_ms: now_ms(),
+    };
+    // Check and accept under the lock, persist, and roll back if persisting fails: an ack is
+    // sent only for an upload that is on disk.
+    let mut fed = shared.fed.lock().expect("lock");
+    match fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight) {
+        Ok(UploadVerdict::New) => {}
         Ok(UploadVerdict::AlreadyAccepted) => {
             info!(round = u.round, %client, "upload already accepted (re-send)");
             return CoordMsg::Ack {
                 round: u.round,
                 status: fedlora_protocol::AckStatus::AlreadyAccepted,
             };
-        }
-        Ok(UploadVerdict::New) => {}
-    }
-    let meta = UploadMeta {
-        digest,
-        weight: u.weight,
-        bytes: u.payload.len() as u64,
-        train_loss: u.train_loss,
-        eps_spent: u.eps_spent.filter(|e| e.is_finite() && *e >= 0.0),
-    };
-    let wire_bytes = (HEADER_LEN
-        + bincode::serde::encode_to_vec(ClientMsg::Upload(u.clone()), bincode::config::standard())
-            .map_or(0, |b| b.len())) as u64;
-    let record = UploadRecord {
-        round: u.round,
-        client: client.to_string(),
-        meta: meta.clone(),
-        wire_bytes,
-        accepted_ms: now_ms(),
-    };
-    // Re-check and accept under the lock, persist, and roll back if persisting fails: an ack is
-    // sent only for an upload that is on disk.
-    let mut fed = shared.fed.lock().expect("lock");
-    match fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight) {
-        Ok(UploadVerdict::New) => {}
-        Ok(UploadVerdict::AlreadyAccepted) => {
-            return CoordMsg::Ack {
-                round: u.round,
-                status: fedlora_protocol::AckStatus::AlreadyAccepted,
-            }
         }
         Err(r) => return CoordMsg::Refused(r),
     }
@@ -761,7 +783,7 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
         Ok(s) => s.clone(),
         Err(r) => return CoordMsg::Refused(r),
     };
-    if let Err(e) = shared.store.put_upload(&record, &u.payload, &state) {
+    if let Err(e) = shared.store.put_upload(&record, payload, &state) {
         *fed = before;
         error!(error = %e, %client, "storing an upload failed");
         return CoordMsg::Refused(Refusal::new(
@@ -773,7 +795,7 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
     info!(
         round = u.round,
         client = %client,
-        bytes = wire_bytes,
+        bytes = u.wire_bytes,
         weight = u.weight,
         "upload accepted"
     );
@@ -787,22 +809,13 @@ async fn upload(shared: &Shared, client: &str, u: Upload) -> CoordMsg {
     }
 }
 
-fn secure_receive(shared: &Shared, client: &str, round: u64, body: SecAggBody) -> CoordMsg {
-    let wire = HEADER_LEN
-        + bincode::serde::encode_to_vec(
-            ClientMsg::SecAgg {
-                round,
-                body: body.clone(),
-            },
-            bincode::config::standard(),
-        )
-        .map_or(0, |b| b.len());
-    *shared
-        .secure_bytes_up
-        .lock()
-        .expect("lock")
-        .entry((round, client.to_string()))
-        .or_default() += wire as u64;
+fn secure_receive(
+    shared: &Shared,
+    client: &str,
+    round: u64,
+    body: SecAggBody,
+    wire: u64,
+) -> CoordMsg {
     let mut sec = shared.secure.lock().expect("lock");
     let Some(sr) = sec.as_mut().filter(|s| s.round == round) else {
         return CoordMsg::Refused(Refusal::new(
@@ -810,6 +823,19 @@ fn secure_receive(shared: &Shared, client: &str, round: u64, body: SecAggBody) -
             format!("no secure round {round} is open"),
         ));
     };
+    if !sr.selected.contains(client) {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::NotSelected,
+            format!("client {client} is not a participant of round {round}"),
+        ));
+    }
+    // counted only for the open round's participants: the map cannot grow with made-up rounds
+    *shared
+        .secure_bytes_up
+        .lock()
+        .expect("lock")
+        .entry((round, client.to_string()))
+        .or_default() += wire;
     let input = match &body {
         SecAggBody::Input(b) => Some((Sha256::digest(b).into(), b.len() as u64)),
         _ => None,
@@ -823,8 +849,7 @@ fn secure_receive(shared: &Shared, client: &str, round: u64, body: SecAggBody) -
             digest,
             weight: 1.0,
             bytes,
-            train_loss: f64::NAN,
-            eps_spent: None,
+            train_loss: None,
         };
         let _ = shared
             .fed
@@ -843,7 +868,7 @@ fn secure_receive(shared: &Shared, client: &str, round: u64, body: SecAggBody) -
     }
 }
 
-fn decline(shared: &Shared, client: &str, round: u64, reason: &str) -> CoordMsg {
+fn decline(shared: &Shared, client: &str, round: u64, reason: DeclineReason) -> CoordMsg {
     let mut fed = shared.fed.lock().expect("lock");
     let before = fed.clone();
     if let Err(r) = fed.decline(client, round, reason) {
@@ -854,23 +879,15 @@ fn decline(shared: &Shared, client: &str, round: u64, reason: &str) -> CoordMsg 
         error!(error = %e, "storing a decline failed");
         return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
     }
-    warn!(round, %client, %reason, "client declined the round");
+    warn!(round, %client, reason = reason.describe(), "client declined the round");
     CoordMsg::DeclineRecorded { round }
 }
 
 fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
-    if !(r.loss.is_finite() && r.loss >= 0.0) || r.tokens == 0 {
-        return CoordMsg::Refused(Refusal::new(
-            RefusalCode::Malformed,
-            "evaluation needs a finite, non-negative loss over at least one token",
-        ));
-    }
-    if let Err(refusal) = shared
-        .fed
-        .lock()
-        .expect("lock")
-        .record_eval(client, r.version)
-    {
+    // (the frame decoder already refused non-finite or negative losses and empty reports)
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    if let Err(refusal) = fed.record_eval(client, r.version) {
         return CoordMsg::Refused(refusal);
     }
     let rec = EvalRecord {
@@ -879,11 +896,33 @@ fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
         loss: r.loss,
         tokens: r.tokens,
     };
+    // acknowledged only once stored; otherwise the client is asked again
     if let Err(e) = shared.store.put_eval(&rec) {
+        *fed = before;
         error!(error = %e, "storing an evaluation failed");
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "could not store the evaluation; retry",
+        ));
     }
+    drop(fed);
     info!(version = r.version, %client, loss = r.loss, "evaluation recorded");
     CoordMsg::EvalRecorded { version: r.version }
+}
+
+/// A client withholds its evaluation (it trains under DP): nothing is stored, and the
+/// federation stops waiting for its report of `version`.
+fn eval_withheld(shared: &Shared, client: &str, version: u64) -> CoordMsg {
+    if let Err(refusal) = shared
+        .fed
+        .lock()
+        .expect("lock")
+        .record_eval(client, version)
+    {
+        return CoordMsg::Refused(refusal);
+    }
+    info!(version, %client, "evaluation withheld (private client)");
+    CoordMsg::EvalRecorded { version }
 }
 
 async fn tick_loop(shared: Arc<Shared>) {
@@ -907,55 +946,78 @@ fn secure_tick(shared: &Shared, now: u64) -> Result<()> {
         None => return Ok(()),
     };
     let (round, adv) = outcome;
-    match adv {
-        Advance::Wait => Ok(()),
-        Advance::Fail(reason) => {
-            *shared.secure.lock().expect("lock") = None;
-            warn!(round, %reason, "secure round failed");
-            let state = {
-                let mut fed = shared.fed.lock().expect("lock");
-                fed.fail_round(round, now)?;
-                fed.state().clone()
-            };
-            fail_record(shared, round, reason, &state, now)
-        }
-        Advance::Sum(sum, counted) => {
-            *shared.secure.lock().expect("lock") = None;
-            let (codec, seed, uploads, selected) = {
-                let fed = shared.fed.lock().expect("lock");
-                let fedlora_protocol::Phase::Training(open) = &fed.state().phase else {
-                    return Ok(());
-                };
-                let uploads: BTreeMap<String, UploadMeta> = open
-                    .uploads
-                    .iter()
-                    .filter(|(c, _)| counted.contains(*c))
-                    .map(|(c, m)| (c.clone(), m.clone()))
-                    .collect();
-                (
-                    fed.config().train.codec.clone(),
-                    fed.config().seed,
-                    uploads,
-                    open.selected.clone(),
-                )
-            };
-            let Codec::Modular(p) = &codec else {
-                return Err(CoordinatorError::Config(
-                    "secure rounds need the modular codec".into(),
-                ));
-            };
-            let ctx = CodecContext {
-                round_seed: codec_seed(seed, round),
-            };
-            let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
-            let global = shared.global.lock().expect("lock").adapter.clone();
-            let new_global =
-                crate::aggregate::apply_modular_sum(&global, &codec, &shared.spec, &ctx, &ms)?;
-            let missing = selected.difference(&counted).cloned().collect();
-            info!(round, counted = counted.len(), "secure sum unmasked");
-            commit(shared, round, new_global, &uploads, &missing, now)
-        }
+    let failure = match adv {
+        Advance::Wait => return Ok(()),
+        Advance::Fail(reason) => reason,
+        // any failure after unmasking fails the round too: it must never wedge the federation
+        Advance::Sum(sum, counted) => match finish_secure(shared, round, sum, &counted, now) {
+            Ok(()) => {
+                *shared.secure.lock().expect("lock") = None;
+                return Ok(());
+            }
+            Err(e) => e.to_string(),
+        },
+    };
+    *shared.secure.lock().expect("lock") = None;
+    warn!(round, reason = %failure, "secure round failed");
+    let state = {
+        let mut fed = shared.fed.lock().expect("lock");
+        fed.fail_round(round, now)?;
+        fed.state().clone()
+    };
+    fail_record(shared, round, failure, &state, now)
+}
+
+/// Applies an unmasked sum: needs at least `min_clients` counted clients, a sum that decodes
+/// (a positive total weight) and a commit that succeeds.
+fn finish_secure(
+    shared: &Shared,
+    round: u64,
+    sum: Vec<u64>,
+    counted: &std::collections::BTreeSet<String>,
+    now: u64,
+) -> Result<()> {
+    let (codec, seed, uploads, selected, min_clients) = {
+        let fed = shared.fed.lock().expect("lock");
+        let fedlora_protocol::Phase::Training(open) = &fed.state().phase else {
+            return Err(CoordinatorError::Config(format!(
+                "secure round {round} ended, but no round is open"
+            )));
+        };
+        let uploads: BTreeMap<String, UploadMeta> = open
+            .uploads
+            .iter()
+            .filter(|(c, _)| counted.contains(*c))
+            .map(|(c, m)| (c.clone(), m.clone()))
+            .collect();
+        (
+            fed.config().train.codec.clone(),
+            fed.config().seed,
+            uploads,
+            open.selected.clone(),
+            fed.config().min_clients,
+        )
+    };
+    if counted.len() < min_clients {
+        return Err(CoordinatorError::Config(format!(
+            "{} masked inputs unmasked, {min_clients} needed",
+            counted.len()
+        )));
     }
+    let Codec::Modular(p) = &codec else {
+        return Err(CoordinatorError::Config(
+            "secure rounds need the modular codec".into(),
+        ));
+    };
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, round),
+    };
+    let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
+    let global = shared.global.lock().expect("lock").adapter.clone();
+    let new_global = crate::aggregate::apply_modular_sum(&global, &codec, &shared.spec, &ctx, &ms)?;
+    let missing = selected.difference(counted).cloned().collect();
+    info!(round, counted = counted.len(), "secure sum unmasked");
+    commit(shared, round, new_global, &uploads, &missing, now)
 }
 
 fn tick_once(shared: &Shared) -> Result<()> {
@@ -981,7 +1043,6 @@ fn tick_once(shared: &Shared) -> Result<()> {
                 bytes_up: BTreeMap::new(),
                 bytes_down: BTreeMap::new(),
                 train_loss: None,
-                eps_spent: BTreeMap::new(),
                 started_ms: now,
                 ended_ms: None,
             };
@@ -1062,6 +1123,8 @@ fn fail_record(
     };
     rec.ended_ms = Some(now);
     rec.bytes_down = take_round(&shared.bytes_down, round);
+    // per-round counters of a round that is over are dropped
+    take_round(&shared.secure_bytes_up, round);
     shared.store.put_round(&rec, state)?;
     let _ = shared.events.send(Event::RoundFailed { round, reason });
     Ok(())
@@ -1123,12 +1186,14 @@ fn commit(
     for (client, b) in take_round(&shared.secure_bytes_up, round) {
         *records.entry(client).or_default() += b;
     }
-    let total_w: f64 = uploads.values().map(|m| m.weight).sum();
-    let train_loss = uploads
+    // the weighted mean of the losses the uploads carried (none under DP or masking)
+    let with_loss: Vec<(f64, f64)> = uploads
         .values()
-        .map(|m| m.weight * m.train_loss)
-        .sum::<f64>()
-        / total_w;
+        .filter_map(|m| m.train_loss.map(|l| (m.weight, l)))
+        .collect();
+    let total_w: f64 = with_loss.iter().map(|(w, _)| w).sum();
+    let train_loss =
+        (total_w > 0.0).then(|| with_loss.iter().map(|(w, l)| w * l).sum::<f64>() / total_w);
     let mut fed = shared.fed.lock().expect("lock");
     let before = fed.clone();
     let version = fed.commit(round, now)?;
@@ -1142,11 +1207,7 @@ fn commit(
     rec.stragglers = missing.iter().cloned().collect();
     rec.bytes_up = records;
     rec.bytes_down = take_round(&shared.bytes_down, round);
-    rec.train_loss = Some(train_loss);
-    rec.eps_spent = uploads
-        .iter()
-        .filter_map(|(c, m)| m.eps_spent.map(|e| (c.clone(), e)))
-        .collect();
+    rec.train_loss = train_loss;
     rec.ended_ms = Some(now);
     if let Err(e) = shared
         .store

@@ -44,8 +44,6 @@ pub struct StatusReport {
     pub evals: Vec<VersionEval>,
     /// Clients seen.
     pub clients: Vec<ClientRecord>,
-    /// The latest ε each client reported as spent (DP rounds only).
-    pub eps_spent: std::collections::BTreeMap<String, f64>,
 }
 
 /// Builds the report from an open store.
@@ -105,14 +103,7 @@ pub fn report(store: &Store) -> Result<StatusReport> {
             }
         })
         .collect();
-    let mut eps_spent = std::collections::BTreeMap::new();
-    for r in &rounds {
-        for (c, e) in &r.record.eps_spent {
-            eps_spent.insert(c.clone(), *e);
-        }
-    }
     Ok(StatusReport {
-        eps_spent,
         phase: phase.to_string(),
         global_version: version,
         rounds,

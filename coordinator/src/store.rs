@@ -96,11 +96,9 @@ pub struct RoundRecord {
     pub bytes_up: BTreeMap<String, u64>,
     /// Task frame bytes per client (global adapter sent), as sent on the wire.
     pub bytes_down: BTreeMap<String, u64>,
-    /// Weighted mean training loss of the aggregated uploads, nats/byte.
+    /// Weighted mean of the training losses the aggregated uploads carried, nats/byte: `None`
+    /// when they carried none (DP rounds send private uploads, secure rounds masked inputs).
     pub train_loss: Option<f64>,
-    /// ε each aggregated client reported as spent so far (DP rounds only).
-    #[serde(default)]
-    pub eps_spent: BTreeMap<String, f64>,
     /// Started, Unix ms.
     pub started_ms: u64,
     /// Ended, Unix ms.
@@ -593,8 +591,7 @@ mod tests {
                                 digest: Sha256::digest([*b; 4]).into(),
                                 weight: 1.0,
                                 bytes: 4,
-                                train_loss: 0.0,
-                                eps_spent: None,
+                                train_loss: Some(0.0),
                             },
                         )
                     })

@@ -42,6 +42,7 @@ pub fn transport_config() -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_S)).expect("valid timeout"),
     ));
     t.keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_S)));
+    crate::wire::apply_limits(&mut t);
     t
 }
 

@@ -6,10 +6,25 @@
 //! One training example: one non-overlapping context window of one client's text
 //! (add/remove-one-example neighbours). A record of k windows (a whole speech, a document) is
 //! protected with group privacy: for RDP, a group of k examples costs roughly k² times the RDP of
-//! one at the same order; in (ε, δ) terms at least kε with δ growing to about k·e^{(k−1)ε}δ. The
-//! guarantee covers everything a client sends that depends on its data: the adapter delta is
-//! post-processing of DP-SGD outputs (as are compression and masking), and under DP uploads
-//! carry a uniform weight instead of an example count.
+//! one at the same order; in (ε, δ) terms at least kε with δ growing to about k·e^{(k−1)ε}δ.
+//!
+//! # What a client under a privacy target releases (the whole list)
+//! The guarantee covers everything such a client sends that depends on its data. The wire type
+//! of a DP round's upload (`PrivateUpload` in `fedlora-protocol`) has no field for anything
+//! else, and the client refuses example-count weighting.
+//!
+//! | released | sensitivity (add/remove one example) | noise | accounted as |
+//! |---|---|---|---|
+//! | the adapter delta (`PrivateUpload.payload`), after any codec and secure masking | per step: C (each example's gradient is clipped to L2 norm C over all adapter tensors jointly) | per step: N(0, σ²C²) on the clipped sum over the Poisson batch, then ÷ expected batch B | `DpEvent::dp_sgd(q = B/n, σ, local_steps)` per round, in the ledger before training starts; compression, masking and the optimizer are post-processing |
+//! | the round id, the spec hash, the frame's length | 0: fixed by the coordinator and the codec, not by the data | none | nothing |
+//! | `Decline { reason }`: one of a fixed list (`DeclineReason`) | depends on the ledger and the plan, not on the examples, except `DataShrank` (n fell below the n the plan was calibrated for; a device whose data shrinks reveals that it did) | none | nothing |
+//! | `EvalWithheld { version }` | 0 | none | nothing |
+//!
+//! Not released: the training loss, held-out losses and token counts (a DP client withholds
+//! its evaluations), the number of examples n, and ε spent (it depends on q = B/n); the
+//! device's ledger is the record of ε. The weight of every DP upload is 1. The sampling rate
+//! the trainer uses, B/n with the current n, is never above the q the ledger records: a round
+//! on fewer examples than at calibration is declined.
 
 pub mod analytic;
 pub mod calibrate;

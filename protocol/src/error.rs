@@ -28,9 +28,16 @@ pub enum ProtocolError {
     /// An update encoding is malformed.
     #[error("codec: {0}")]
     Codec(String),
-    /// A frame is malformed, truncated, oversized or of an unexpected kind.
+    /// A frame is malformed, truncated or of an unexpected kind.
     #[error("frame: {0}")]
     Frame(String),
+    /// A frame (or one field of it) is larger than its limit allows.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// A decoded message holds a value outside its range: a non-finite float, a negative loss,
+    /// a list or string over its bound.
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
     /// A configuration value is invalid.
     #[error("invalid config: {0}")]
     Config(String),
@@ -69,6 +76,37 @@ pub enum RefusalCode {
     Internal,
     /// A secure-aggregation stage message was refused (out of order, repeated, malformed).
     StageRefused,
+    /// A field is outside its range (a non-finite float, a list or string over its bound).
+    InvalidValue,
+    /// The message is not allowed in this federation (a plain upload in a DP federation, a
+    /// private upload without DP).
+    WrongKind,
+}
+
+impl RefusalCode {
+    /// Whether a client should stop for good on this refusal of a request: the federation will
+    /// not accept it however long it waits (revoked, another protocol version or adapter spec).
+    /// Every other refusal of a poll is retried after a backoff.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            Self::Revoked | Self::VersionMismatch | Self::SpecMismatch
+        )
+    }
+}
+
+impl ProtocolError {
+    /// The refusal a peer gets for this error of one of its messages.
+    pub fn refusal(&self) -> Refusal {
+        let code = match self {
+            Self::TooLarge(_) => RefusalCode::TooLarge,
+            Self::InvalidValue(_) => RefusalCode::InvalidValue,
+            Self::SpecMismatch { .. } => RefusalCode::SpecMismatch,
+            Self::Refused(r) => return r.clone(),
+            _ => RefusalCode::Malformed,
+        };
+        Refusal::new(code, self.to_string())
+    }
 }
 
 /// A typed refusal with a human-readable reason.

@@ -43,6 +43,10 @@ pub enum FrameKind {
     Decline = 5,
     /// [`ClientMsg::SecAgg`].
     SecAgg = 6,
+    /// [`ClientMsg::PrivateUpload`].
+    PrivateUpload = 7,
+    /// [`ClientMsg::EvalWithheld`].
+    EvalWithheld = 8,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -66,6 +70,8 @@ impl FrameKind {
             4 => Self::EvalReport,
             5 => Self::Decline,
             6 => Self::SecAgg,
+            7 => Self::PrivateUpload,
+            8 => Self::EvalWithheld,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
@@ -79,9 +85,16 @@ impl FrameKind {
     /// The largest body this kind may carry, bytes.
     pub fn limit(self) -> usize {
         match self {
-            Self::Upload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
+            Self::Upload | Self::PrivateUpload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
             _ => CONTROL_LIMIT,
         }
+    }
+}
+
+impl FrameKind {
+    /// Whether clients send this kind (the others are the coordinator's answers).
+    pub fn from_client(self) -> bool {
+        (self as u8) < 16
     }
 }
 
@@ -89,6 +102,10 @@ impl FrameKind {
 pub trait FrameMessage: Serialize + DeserializeOwned {
     /// The kind this message's variant is framed as.
     fn kind(&self) -> FrameKind;
+
+    /// Checks every field against its range (finite floats, bounded lists and strings; see
+    /// [`crate::limits`]). [`decode_body`] runs it, so nothing out of range leaves the decoder.
+    fn check(&self) -> Result<(), ProtocolError>;
 }
 
 impl FrameMessage for ClientMsg {
@@ -100,7 +117,13 @@ impl FrameMessage for ClientMsg {
             ClientMsg::EvalReport(_) => FrameKind::EvalReport,
             ClientMsg::Decline { .. } => FrameKind::Decline,
             ClientMsg::SecAgg { .. } => FrameKind::SecAgg,
+            ClientMsg::PrivateUpload(_) => FrameKind::PrivateUpload,
+            ClientMsg::EvalWithheld { .. } => FrameKind::EvalWithheld,
         }
+    }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        crate::limits::check_client_msg(self)
     }
 }
 
@@ -115,6 +138,10 @@ impl FrameMessage for CoordMsg {
             CoordMsg::DeclineRecorded { .. } => FrameKind::DeclineRecorded,
         }
     }
+
+    fn check(&self) -> Result<(), ProtocolError> {
+        crate::limits::check_coord_msg(self)
+    }
 }
 
 fn config() -> impl bincode::config::Config {
@@ -127,7 +154,7 @@ pub fn encode<M: FrameMessage>(msg: &M) -> Result<Vec<u8>, ProtocolError> {
     let body = bincode::serde::encode_to_vec(msg, config())
         .map_err(|e| ProtocolError::Frame(format!("encode: {e}")))?;
     if body.len() > kind.limit() {
-        return Err(ProtocolError::Frame(format!(
+        return Err(ProtocolError::TooLarge(format!(
             "{kind:?} body of {} bytes exceeds its limit of {} bytes",
             body.len(),
             kind.limit()
@@ -156,9 +183,9 @@ pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(FrameKind, usize), Pro
         )));
     }
     let kind = FrameKind::from_u8(header[3])?;
-    let len = u32::from_be_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
     if len > kind.limit() {
-        return Err(ProtocolError::Frame(format!(
+        return Err(ProtocolError::TooLarge(format!(
             "{kind:?} frame of {len} bytes exceeds its limit of {} bytes",
             kind.limit()
         )));
@@ -182,6 +209,7 @@ pub fn decode_body<M: FrameMessage>(kind: FrameKind, body: &[u8]) -> Result<M, P
             msg.kind()
         )));
     }
+    msg.check()?;
     Ok(msg)
 }
 
@@ -193,7 +221,8 @@ pub fn decode<M: FrameMessage>(bytes: &[u8]) -> Result<M, ProtocolError> {
             bytes.len()
         )));
     }
-    let header: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("8 bytes");
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&bytes[..HEADER_LEN]);
     let (kind, len) = parse_header(&header)?;
     let body = &bytes[HEADER_LEN..];
     if body.len() != len {
@@ -223,12 +252,17 @@ mod tests {
                 spec_hash: [1; 32],
                 weight: 12.0,
                 train_loss: 1.5,
-                eps_spent: Some(0.5),
                 payload: vec![1, 2, 3],
             }),
+            ClientMsg::PrivateUpload(crate::message::PrivateUpload {
+                round: 3,
+                spec_hash: [1; 32],
+                payload: vec![4, 5],
+            }),
+            ClientMsg::EvalWithheld { version: 4 },
             ClientMsg::Decline {
                 round: 2,
-                reason: "budget".into(),
+                reason: crate::message::DeclineReason::Budget,
             },
         ];
         for m in msgs {

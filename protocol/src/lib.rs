@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod limits;
 pub mod message;
 pub mod round;
 pub mod secagg;
@@ -16,9 +17,9 @@ pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
-    AckStatus, ClientMsg, CoordMsg, Downlink, DpPlan, EvalReport, RoundOffer, SecAggBody,
-    SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S,
-    PROTOCOL_VERSION,
+    AckStatus, ClientMsg, CoordMsg, DeclineReason, Downlink, DpPlan, EvalReport, PrivateUpload,
+    RoundOffer, SecAggBody, SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN, IDLE_TIMEOUT_S,
+    KEEP_ALIVE_S, PROTOCOL_VERSION,
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,

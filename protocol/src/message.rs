@@ -8,7 +8,11 @@ use crate::codec::Codec;
 use crate::error::Refusal;
 
 /// The protocol version this crate speaks; a hello with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: DP rounds upload a [`PrivateUpload`] (no loss, no weight, no ε), a client may
+/// withhold an evaluation ([`ClientMsg::EvalWithheld`]), decline reasons are a fixed
+/// [`DeclineReason`], and secure aggregation carries client nonces and a consistency check.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -97,16 +101,18 @@ pub enum ClientMsg {
         /// coordinator can send a delta against it; `None` asks for the full adapter.
         held_version: Option<u64>,
     },
-    /// A trained delta for the open round.
+    /// A trained delta for the open round of a federation **without** DP.
     Upload(Upload),
-    /// The held-out loss of a global version on the client's local test split.
+    /// The held-out loss of a global version on the client's local test split (clients without
+    /// a privacy target only).
     EvalReport(EvalReport),
     /// The client will not train in `round` (e.g. its privacy budget would be exceeded).
     Decline {
         /// Round declined.
         round: u64,
-        /// Why, for logs.
-        reason: String,
+        /// Why, from a fixed list (no free text: a reason with numbers in it could depend on
+        /// the client's data).
+        reason: DeclineReason,
     },
     /// A secure-aggregation stage message for `round`.
     SecAgg {
@@ -115,6 +121,66 @@ pub enum ClientMsg {
         /// The stage's content.
         body: SecAggBody,
     },
+    /// A trained delta for the open round of a federation **with** DP: the type has no field
+    /// for raw statistics (no loss, no example count, no ε), so a DP client cannot send one.
+    PrivateUpload(PrivateUpload),
+    /// The client does not report an evaluation of `version` (a client under a privacy target:
+    /// its held-out loss and token count are not covered by its accountant). The coordinator
+    /// stops waiting for its report.
+    EvalWithheld {
+        /// Version not reported.
+        version: u64,
+    },
+}
+
+/// Why a client declines a round: a fixed list, so the reason carries nothing about the
+/// client's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DeclineReason {
+    /// The round would take the client past its privacy target.
+    Budget,
+    /// The coordinator changed the DP plan the client calibrated its noise for.
+    PlanChanged,
+    /// The plan cannot be calibrated to the client's target (e.g. σ out of range).
+    CannotCalibrate,
+    /// The client has fewer examples than when it calibrated: it would sample at a higher rate
+    /// than its ledger records.
+    DataShrank,
+    /// The round has a DP plan and the client has no privacy target.
+    NoPrivacyTarget,
+    /// The client has a privacy target and the round has no DP plan.
+    DpRequired,
+    /// The round asks for example-count weighting from a client under DP.
+    WeightingNotPrivate,
+    /// The client's secure-aggregation policy refuses the round (plaintext upload in a secure
+    /// federation, threshold or neighbourhood below the client's minimum).
+    SecureAggregationPolicy,
+    /// The client could not take part in this round's secure aggregation (state lost).
+    SecureStateLost,
+}
+
+impl DeclineReason {
+    /// A short, fixed description for logs and `status`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Budget => "privacy budget would be exceeded",
+            Self::PlanChanged => "the DP plan changed after calibration",
+            Self::CannotCalibrate => "the DP plan cannot be calibrated to the target",
+            Self::DataShrank => "fewer local examples than at calibration",
+            Self::NoPrivacyTarget => "no privacy target for a DP round",
+            Self::DpRequired => "a privacy target and a round without DP",
+            Self::WeightingNotPrivate => "example-count weighting under DP",
+            Self::SecureAggregationPolicy => "secure-aggregation policy",
+            Self::SecureStateLost => "secure-aggregation state lost",
+        }
+    }
+}
+
+impl std::fmt::Display for DeclineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
 }
 
 /// What a client sends in each secure-aggregation stage.
@@ -126,7 +192,10 @@ pub enum SecAggBody {
     Shares(Vec<crate::secagg::EncryptedShare>),
     /// Stage 3: the masked input, bit-packed at m bits per value.
     Input(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// Stage 4: shares for unmasking.
+    /// Stage 4: the client's signature of the survivor view (see
+    /// [`crate::secagg::consistency_message`]).
+    Consistency(Vec<u8>),
+    /// Stage 5: shares for unmasking.
     Unmask(crate::secagg::UnmaskResponse),
 }
 
@@ -144,25 +213,49 @@ pub enum SecAggTask {
         roster: Vec<crate::secagg::AdvertisedKeys>,
         /// Every participant's certificate (DER), to check signatures against the federation CA.
         certificates: std::collections::BTreeMap<String, Vec<u8>>,
+        /// The neighbour graph's seed as the coordinator derived it; the client recomputes it
+        /// from the roster ([`crate::secagg::graph_seed`]) and refuses a mismatch.
+        graph_seed: [u8; 32],
     },
+    /// Check and sign the coordinator's view of who survived.
+    ConsistencyCheck(crate::secagg::UnmaskRequest),
     /// Return shares so the coordinator can unmask the sum.
-    Unmask(crate::secagg::UnmaskRequest),
+    Unmask {
+        /// The view the client signed in the consistency check.
+        request: crate::secagg::UnmaskRequest,
+        /// Survivors' signatures of that view, by signer.
+        signatures: std::collections::BTreeMap<String, Vec<u8>>,
+    },
 }
 
-/// A client's delta for one round.
+/// A client's delta for one round of a federation without DP.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Upload {
     /// Round id the delta was trained for.
     pub round: u64,
     /// Spec hash of the delta.
     pub spec_hash: SpecHash,
-    /// Aggregation weight (see [`Weighting`]).
+    /// Aggregation weight (see [`Weighting`]); finite and positive.
     pub weight: f64,
-    /// Mean training loss over the local steps, nats per byte.
+    /// Mean training loss over the local steps, nats per byte; finite.
     pub train_loss: f64,
-    /// ε the client has spent so far in the campaign (at its δ), when it trains under DP.
-    #[serde(default)]
-    pub eps_spent: Option<f64>,
+    /// The delta `local − global`, encoded with the round's codec.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A client's delta for one round of a federation with DP.
+///
+/// Everything in it is a function of DP-SGD outputs (post-processing): the payload is the
+/// encoded delta of the noised steps. It carries no loss, no weight (the weight is 1: an
+/// example count would leak) and no ε (ε depends on q = B/n, so it leaks n); the device's
+/// ledger is the record of what was spent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PrivateUpload {
+    /// Round id the delta was trained for.
+    pub round: u64,
+    /// Spec hash of the delta.
+    pub spec_hash: SpecHash,
     /// The delta `local − global`, encoded with the round's codec.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -173,7 +266,7 @@ pub struct Upload {
 pub struct EvalReport {
     /// Global version evaluated.
     pub version: u64,
-    /// Mean next-byte cross-entropy on the local test split, nats per byte.
+    /// Mean next-byte cross-entropy on the local test split, nats per byte; finite, ≥ 0.
     pub loss: f64,
     /// Number of predicted bytes the mean is over (its weight in the federation mean).
     pub tokens: u64,

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::{FlatAdapter, SpecHash};
 use crate::error::{ProtocolError, Refusal, RefusalCode};
-use crate::message::{AckStatus, TrainConfig, Weighting};
+use crate::message::{AckStatus, DeclineReason, TrainConfig, Weighting};
 
 /// A client's identity: the common name of its TLS certificate.
 pub type ClientId = String;
@@ -140,11 +140,9 @@ pub struct UploadMeta {
     pub weight: f64,
     /// Payload size, bytes.
     pub bytes: u64,
-    /// The client's mean training loss.
-    pub train_loss: f64,
-    /// ε the client reported as spent so far.
-    #[serde(default)]
-    pub eps_spent: Option<f64>,
+    /// The training loss the upload carried (nats per byte): `None` for private uploads
+    /// (DP rounds) and masked inputs, which carry none.
+    pub train_loss: Option<f64>,
 }
 
 /// The round being trained.
@@ -162,7 +160,7 @@ pub struct OpenRound {
     pub closed: bool,
     /// Participants that declined the round, with their reason.
     #[serde(default)]
-    pub declined: BTreeMap<ClientId, String>,
+    pub declined: BTreeMap<ClientId, DeclineReason>,
     /// Accepted uploads.
     pub uploads: BTreeMap<ClientId, UploadMeta>,
 }
@@ -517,7 +515,12 @@ impl Federation {
 
     /// Records that `client` declines the open round `round`: the round stops waiting for it.
     /// Refused for another round, a non-participant, or a client that already uploaded.
-    pub fn decline(&mut self, client: &str, round: u64, reason: &str) -> Result<(), Refusal> {
+    pub fn decline(
+        &mut self,
+        client: &str,
+        round: u64,
+        reason: DeclineReason,
+    ) -> Result<(), Refusal> {
         match &mut self.state.phase {
             Phase::Training(open)
                 if open.round == round && open.selected.contains(client) && !open.closed =>
@@ -528,7 +531,7 @@ impl Federation {
                         format!("client {client} already uploaded for round {round}"),
                     ));
                 }
-                open.declined.insert(client.to_string(), reason.to_string());
+                open.declined.insert(client.to_string(), reason);
                 Ok(())
             }
             _ => Err(Refusal::new(
@@ -773,8 +776,7 @@ mod tests {
             digest: [b; 32],
             weight: 10.0,
             bytes: 4,
-            train_loss: 1.0,
-            eps_spent: None,
+            train_loss: Some(1.0),
         }
     }
 
@@ -945,10 +947,10 @@ mod tests {
         upload(&mut f, "b", 1, 2).unwrap();
         assert_eq!(f.tick(10), None);
         assert_eq!(
-            f.decline("c", 2, "budget").unwrap_err().code,
+            f.decline("c", 2, DeclineReason::Budget).unwrap_err().code,
             RefusalCode::WrongRound
         );
-        f.decline("c", 1, "budget").unwrap();
+        f.decline("c", 1, DeclineReason::Budget).unwrap();
         assert_eq!(f.poll("c"), Directive::Wait);
         let Some(Transition::Aggregate {
             uploads, missing, ..
@@ -959,7 +961,7 @@ mod tests {
         assert_eq!(uploads.len(), 2);
         assert!(missing.is_empty());
         assert_eq!(
-            f.decline("a", 1, "late").unwrap_err().code,
+            f.decline("a", 1, DeclineReason::Budget).unwrap_err().code,
             RefusalCode::WrongRound
         );
     }

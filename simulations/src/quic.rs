@@ -112,11 +112,17 @@ pub fn run_over_quic(
     row0.loss = Some(u.loss);
     row0.accuracy = u.accuracy;
     rows.push(row0);
-    // σ and q the clients calibrated (the coordinator never learns them): the same calibration,
-    // once per client; ε so far per client, from the rounds in order (the report is by round)
+    // σ and q the clients calibrated (the coordinator never learns them, nor ε: DP uploads
+    // carry none): the same calibration, once per client; ε so far per client from its
+    // (q, σ) and the DP-SGD steps of the rounds it took part in, in order
     let mut dp_steps: BTreeMap<String, u64> = BTreeMap::new();
     let mut eps_so_far: BTreeMap<String, f64> = BTreeMap::new();
     let mut calibrated: BTreeMap<usize, Option<(f64, f64)>> = BTreeMap::new();
+    let client_index = |who: &str| -> usize {
+        who.strip_prefix("client-")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
     for rr in &report.rounds {
         let rec = &rr.record;
         let mut row = RoundRow::new(&cols, rec.round);
@@ -149,26 +155,31 @@ pub fn run_over_quic(
                 row.status = "failed".into();
             }
         }
-        eps_so_far.extend(rec.eps_spent.clone());
         if let (Some(t), Some(plan)) = (target, &fcfg.train.dp) {
-            if let Some((who, eps)) = eps_so_far.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
-                let i: usize = who
-                    .strip_prefix("client-")
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let qs = match calibrated.get(&i) {
-                    Some(qs) => *qs,
-                    None => {
-                        let mut ps = PrivacyState::open(None, t)?;
-                        let examples = pop.learners[i].train_examples();
-                        let qs = ps
-                            .approve(plan, &fcfg.train, examples)
-                            .ok()
-                            .and_then(|_| ps.plan().map(|p| (p.q, p.sigma)));
-                        calibrated.insert(i, qs);
-                        qs
+            let mut calibration = |i: usize| -> Result<Option<(f64, f64)>, SimError> {
+                if let Some(qs) = calibrated.get(&i) {
+                    return Ok(*qs);
+                }
+                let mut ps = PrivacyState::in_memory(t)?;
+                let examples = pop.learners[i].train_examples();
+                let qs = ps
+                    .approve(plan, &fcfg.train, examples)
+                    .ok()
+                    .and_then(|_| ps.plan().map(|p| (p.q, p.sigma)));
+                calibrated.insert(i, qs);
+                Ok(qs)
+            };
+            for c in &rec.participants {
+                if let Some((q, sigma)) = calibration(client_index(c))? {
+                    let steps = dp_steps.get(c).copied().unwrap_or(0);
+                    let ev = fedlora_dp::DpEvent::dp_sgd(q, sigma, steps);
+                    if let Ok(e) = t.accountant.epsilon(&ev, t.delta) {
+                        eps_so_far.insert(c.clone(), e);
                     }
-                };
+                }
+            }
+            if let Some((who, eps)) = eps_so_far.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+                let qs = calibration(client_index(who))?;
                 row.q = qs.map(|p| p.0);
                 row.sigma = qs.map(|p| p.1);
                 row.eps_spent = Some(*eps);

@@ -24,7 +24,7 @@ use fedlora_client::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDe
 use fedlora_client::train::TrainOutcome;
 use fedlora_coordinator::aggregate::{aggregate_payloads, apply_modular_sum};
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
-use fedlora_protocol::secagg::{ClientRound, SecAggParams, ServerRound};
+use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy, ServerRound};
 use fedlora_protocol::{
     codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback, Federation,
     FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task, TrainConfig,
@@ -87,7 +87,6 @@ pub fn federation_config(
                 threshold: 1,
                 neighbours,
                 modulus_bits: p.modulus_bits(),
-                graph_seed: point.seed,
                 stage_timeout_ms: ROUND_TIMEOUT_MS,
             };
             let kk = probe.k(k);
@@ -164,7 +163,6 @@ enum Fate {
 
 struct Job {
     client: usize,
-    eps: Option<f64>,
     dp: Option<fedlora_client::dp_sgd::DpSgdConfig>,
     fate: Fate,
     residual: Option<ErrorFeedback>,
@@ -172,7 +170,6 @@ struct Job {
 
 struct Trained {
     client: usize,
-    eps: Option<f64>,
     fate: Fate,
     out: TrainOutcome,
     payload: Vec<u8>,
@@ -201,7 +198,7 @@ pub fn run_in_process(
                 id: client_id(i),
                 learner: l.clone(),
                 seeds: client_seeds(point.seed, i),
-                privacy: target.map(|t| PrivacyState::open(None, t)).transpose()?,
+                privacy: target.map(PrivacyState::in_memory).transpose()?,
                 residual: None,
                 signer: match secure {
                     Some(_) => Some(new_signer()?),
@@ -289,12 +286,9 @@ pub fn run_in_process(
             )? {
                 RoundDecision::Train { dp, eps } => (dp, eps),
                 RoundDecision::Decline(reason) => {
-                    let msg = ClientMsg::Decline {
-                        round,
-                        reason: reason.clone(),
-                    };
+                    let msg = ClientMsg::Decline { round, reason };
                     row.bytes_up += frame::encode(&msg)?.len() as u64;
-                    fed.decline(id, round, &reason)
+                    fed.decline(id, round, reason)
                         .map_err(|e| SimError::Config(e.to_string()))?;
                     row.declined += 1;
                     continue;
@@ -306,7 +300,6 @@ pub fn run_in_process(
             }
             jobs.push(Job {
                 client: ci,
-                eps,
                 dp,
                 fate,
                 residual: c.residual.take(),
@@ -462,7 +455,6 @@ fn train_jobs(
                 )?;
                 Ok(Trained {
                     client: job.client,
-                    eps: job.eps,
                     fate: job.fate,
                     out,
                     payload: enc.bytes,
@@ -511,23 +503,29 @@ fn plain_round(
     for t in trained {
         let c = &mut clients[t.client];
         c.residual = t.residual;
-        let up = ClientMsg::Upload(fedlora_protocol::Upload {
+        // what the device would send: a private upload (no loss, no weight) under DP
+        let up = fedlora_protocol::Upload {
             round,
             spec_hash: spec.hash(),
             weight: 1.0,
             train_loss: t.out.train_loss,
-            eps_spent: t.eps,
             payload: t.payload,
-        });
-        row.bytes_up += frame::encode(&up)?.len() as u64;
-        let ClientMsg::Upload(up) = up else {
-            unreachable!()
         };
+        let msg = if fcfg.train.dp.is_some() {
+            ClientMsg::PrivateUpload(fedlora_protocol::PrivateUpload {
+                round,
+                spec_hash: up.spec_hash,
+                payload: up.payload.clone(),
+            })
+        } else {
+            ClientMsg::Upload(up.clone())
+        };
+        row.bytes_up += frame::encode(&msg)?.len() as u64;
         if t.fate == Fate::Late {
             late.push((c.id.clone(), up));
             continue;
         }
-        submit(fed, &c.id, &up, spec)?;
+        submit(fed, &c.id, &up, spec, fcfg.train.dp.is_none())?;
         payloads.insert(c.id.clone(), up.payload);
     }
     let mut tr = fed.tick(*now);
@@ -537,7 +535,7 @@ fn plain_round(
     }
     // stragglers arrive after the deadline: the round machine refuses them
     for (id, up) in &late {
-        if submit(fed, id, up, spec).is_ok() {
+        if submit(fed, id, up, spec, fcfg.train.dp.is_none()).is_ok() {
             return Err(SimError::Config(format!(
                 "late upload of {id} was accepted after the deadline"
             )));
@@ -570,6 +568,7 @@ fn submit(
     id: &str,
     up: &fedlora_protocol::Upload,
     spec: &fedlora_protocol::AdapterSpec,
+    carries_loss: bool,
 ) -> Result<(), SimError> {
     let digest: [u8; 32] = Sha256::digest(&up.payload).into();
     let refused = |e: fedlora_protocol::Refusal| SimError::Config(e.to_string());
@@ -581,8 +580,7 @@ fn submit(
             digest,
             weight: up.weight,
             bytes: up.payload.len() as u64,
-            train_loss: up.train_loss,
-            eps_spent: up.eps_spent,
+            train_loss: carries_loss.then_some(up.train_loss),
         };
         fed.accept_upload(id, up.round, meta).map_err(refused)?;
     }
@@ -624,7 +622,13 @@ fn secure_round(
         let c = &clients[j.client];
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
-        let mut cr = ClientRound::new(round, &c.id, params.clone(), &mut rng);
+        let mut cr = ClientRound::new(
+            round,
+            &c.id,
+            params.clone(),
+            SecAggPolicy::default(),
+            &mut rng,
+        );
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
             .map_err(sa)?;
@@ -637,7 +641,7 @@ fn secure_round(
         Ok(None)
     };
     use fedlora_protocol::secagg::SecAggError;
-    let roster = match server.close_keys() {
+    let (roster, graph_seed) = match server.close_keys() {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
@@ -646,7 +650,9 @@ fn secure_round(
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 5));
         let cr = rounds.get_mut(&j.client).expect("advertised");
-        let shares = cr.share_keys(&roster, verifier, &mut rng).map_err(sa)?;
+        let shares = cr
+            .share_keys(&roster, &graph_seed, verifier, &mut rng)
+            .map_err(sa)?;
         row.bytes_up += wire(round, SecAggBody::Shares(shares.clone()))?;
         server.receive_shares(&c.id, shares).map_err(sa)?;
     }
@@ -679,20 +685,32 @@ fn secure_round(
             digest,
             weight: 1.0,
             bytes: packed.len() as u64,
-            train_loss: t.out.train_loss,
-            eps_spent: None,
+            train_loss: None,
         };
         fed.accept_upload(&c.id, round, meta)
             .map_err(|e| SimError::Config(e.to_string()))?;
         survivors.push(t.client);
     }
-    let req = match server.close_inputs() {
+    let view = match server.close_inputs() {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    for ci in &survivors {
+        let c = &clients[*ci];
+        let cr = rounds.get_mut(ci).expect("advertised");
+        let sig = cr
+            .consistency(&view, c.signer.as_ref().expect("secure runs have signers"))
+            .map_err(sa)?;
+        row.bytes_up += wire(round, SecAggBody::Consistency(sig.clone()))?;
+        server.receive_consistency(&c.id, sig).map_err(sa)?;
+    }
+    let (req, sigs) = match server.close_consistency() {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
     for ci in &survivors {
         let cr = rounds.get_mut(ci).expect("advertised");
-        let resp = cr.unmask(&req).map_err(sa)?;
+        let resp = cr.unmask(&req, &sigs, verifier).map_err(sa)?;
         row.bytes_up += wire(round, SecAggBody::Unmask(resp.clone()))?;
         server.receive_unmask(resp).map_err(sa)?;
     }

@@ -280,24 +280,46 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Per-phase timers of the secure-aggregation bench, seconds.
+#[derive(Default)]
+struct SecAggTimes {
+    /// Coordinator: collecting keys and shares, closing those stages (roster, graph, routing).
+    setup: f64,
+    /// Coordinator: adding the masked inputs into the running sum (`receive_input`).
+    sum: f64,
+    /// Coordinator: survivor view, consistency signatures, unmask responses, mask removal.
+    unmask: f64,
+}
+
 fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
-    use fedlora_protocol::secagg::{add_mod, ClientRound, SecAggParams, ServerRound};
+    use fedlora_protocol::secagg::{add_mod, ClientRound, SecAggParams, SecAggPolicy, ServerRound};
     use rand::RngExt;
     use std::collections::{BTreeMap, BTreeSet};
     let p = SecAggParams {
         threshold: a.threshold,
         neighbours: a.neighbours,
         modulus_bits: a.modulus_bits,
-        graph_seed: 1,
         stage_timeout_ms: 1_000,
     };
     let n = a.clients;
+    p.validate(n).map_err(|e| {
+        anyhow::anyhow!(
+            "--clients {n} --neighbours {} --threshold {}: {e}",
+            a.neighbours,
+            a.threshold
+        )
+    })?;
     let len = a.params;
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(7);
     let sysrng = ring::rand::SystemRandom::new();
     let mut table = BTreeMap::new();
     let mut parties = Vec::new();
+    let policy = SecAggPolicy {
+        min_neighbours: 0,
+        min_survivors: 0,
+        required: true,
+    };
     for i in 0..n {
         let id = format!("client-{i:03}");
         let pk = ring::signature::EcdsaKeyPair::generate_pkcs8(
@@ -307,39 +329,53 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         .map_err(|_| anyhow::anyhow!("keygen"))?;
         let signer = EcdsaP256Signer::from_pkcs8(pk.as_ref())?;
         table.insert(id.clone(), signer.public_key());
-        let round = ClientRound::new(1, &id, p.clone(), &mut rng);
+        let round = ClientRound::new(1, &id, p.clone(), policy, &mut rng);
         parties.push((id, round, signer));
     }
     let verifier = P256Verifier(table);
     let ids: BTreeSet<String> = parties.iter().map(|c| c.0.clone()).collect();
     let mut server = ServerRound::new(1, p.clone(), len, ids);
-    let mut client_s = vec![0f64; n];
+    let mut co = SecAggTimes::default();
+    // per client: keys, shares, mask (masked input), unmask (consistency + unmask answer)
+    let mut keys_s = vec![0f64; n];
+    let mut shares_s = vec![0f64; n];
+    let mut mask_s = vec![0f64; n];
+    let mut unmask_s = vec![0f64; n];
     let mut bytes = vec![0usize; n];
     for (i, (id, r, s)) in parties.iter_mut().enumerate() {
         let t0 = Instant::now();
         let k = r.advertise(s)?;
-        client_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += 64 + k.signature.len() + id.len();
+        keys_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += 96 + k.signature.len() + id.len();
+        let t0 = Instant::now();
         server.receive_keys(id, k)?;
+        co.setup += t0.elapsed().as_secs_f64();
     }
-    let roster = server.close_keys()?;
+    let t0 = Instant::now();
+    let (roster, graph_seed) = server.close_keys()?;
+    co.setup += t0.elapsed().as_secs_f64();
     for (i, (id, r, _)) in parties.iter_mut().enumerate() {
         let t0 = Instant::now();
-        let shares = r.share_keys(&roster, &verifier, &mut rng)?;
-        client_s[i] += t0.elapsed().as_secs_f64();
+        let shares = r.share_keys(&roster, &graph_seed, &verifier, &mut rng)?;
+        shares_s[i] += t0.elapsed().as_secs_f64();
         bytes[i] += shares
             .iter()
             .map(|s| s.ciphertext.len() + 2 * id.len())
             .sum::<usize>();
+        let t0 = Instant::now();
         server.receive_shares(id, shares)?;
+        co.setup += t0.elapsed().as_secs_f64();
     }
+    let t0 = Instant::now();
     let deliveries = server.close_shares()?;
+    co.setup += t0.elapsed().as_secs_f64();
     // drop clients after sharing keys, before the masked input, placed (greedily) so that every
     // neighbourhood keeps at least t survivors
     let drop_n = (n as f64 * a.dropout).round() as usize;
     let graph = fedlora_protocol::secagg::neighbour_graph(
         &parties.iter().map(|c| c.0.clone()).collect(),
         &p,
+        &graph_seed,
     );
     let index: BTreeMap<&str, usize> = parties
         .iter()
@@ -377,40 +413,59 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         add_mod(&mut plain, &x, a.modulus_bits);
         let t0 = Instant::now();
         let y = r.masked_input(&deliveries[id.as_str()], &x)?;
-        client_s[i] += t0.elapsed().as_secs_f64();
+        mask_s[i] += t0.elapsed().as_secs_f64();
         bytes[i] += (len * a.modulus_bits as usize).div_ceil(8);
+        let t0 = Instant::now();
         server.receive_input(id, y)?;
+        co.sum += t0.elapsed().as_secs_f64();
     }
     let t0 = Instant::now();
-    let req = server.close_inputs()?;
-    let mut coord_s = t0.elapsed().as_secs_f64();
+    let view = server.close_inputs()?;
+    co.unmask += t0.elapsed().as_secs_f64();
+    for (i, (id, r, s)) in parties.iter_mut().enumerate() {
+        if dropped.contains(&i) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let sig = r.consistency(&view, s)?;
+        unmask_s[i] += t0.elapsed().as_secs_f64();
+        bytes[i] += sig.len();
+        let t0 = Instant::now();
+        server.receive_consistency(id, sig)?;
+        co.unmask += t0.elapsed().as_secs_f64();
+    }
+    let t0 = Instant::now();
+    let (req, sigs) = server.close_consistency()?;
+    co.unmask += t0.elapsed().as_secs_f64();
     for (i, (_, r, _)) in parties.iter_mut().enumerate() {
         if dropped.contains(&i) {
             continue;
         }
         let t0 = Instant::now();
-        let resp = r.unmask(&req)?;
-        client_s[i] += t0.elapsed().as_secs_f64();
+        let resp = r.unmask(&req, &sigs, &verifier)?;
+        unmask_s[i] += t0.elapsed().as_secs_f64();
         bytes[i] += resp
             .seed_shares
             .values()
             .chain(resp.key_shares.values())
             .map(|v| v.len() + 16)
             .sum::<usize>();
+        let t0 = Instant::now();
         server.receive_unmask(resp)?;
+        co.unmask += t0.elapsed().as_secs_f64();
     }
     let t0 = Instant::now();
     let (sum, counted) = server.finish()?;
-    coord_s += t0.elapsed().as_secs_f64();
-    let survivors: Vec<f64> = (0..n)
-        .filter(|i| !dropped.contains(i))
-        .map(|i| client_s[i])
+    co.unmask += t0.elapsed().as_secs_f64();
+    let alive: Vec<usize> = (0..n).filter(|i| !dropped.contains(i)).collect();
+    let med = |v: &[f64]| {
+        let mut x: Vec<f64> = alive.iter().map(|&i| v[i]).collect();
+        median(&mut x) * 1e3
+    };
+    let total: Vec<f64> = (0..n)
+        .map(|i| keys_s[i] + shares_s[i] + mask_s[i] + unmask_s[i])
         .collect();
-    let mut s = survivors.clone();
-    let mut b: Vec<f64> = (0..n)
-        .filter(|i| !dropped.contains(i))
-        .map(|i| bytes[i] as f64)
-        .collect();
+    let mut b: Vec<f64> = alive.iter().map(|&i| bytes[i] as f64).collect();
     Ok(json!({
         "clients": n,
         "params": len,
@@ -418,8 +473,19 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "neighbours": p.k(n),
         "threshold": a.threshold,
         "modulus_bits": a.modulus_bits,
-        "client_ms": median(&mut s) * 1e3,
-        "coordinator_ms": coord_s * 1e3,
+        "client": {
+            "keys_ms": med(&keys_s),
+            "shares_ms": med(&shares_s),
+            "mask_ms": med(&mask_s),
+            "unmask_ms": med(&unmask_s),
+            "total_ms": med(&total),
+        },
+        "coordinator": {
+            "setup_ms": co.setup * 1e3,
+            "sum_ms": co.sum * 1e3,
+            "unmask_ms": co.unmask * 1e3,
+            "total_ms": (co.setup + co.sum + co.unmask) * 1e3,
+        },
         "bytes_per_client": median(&mut b),
         "counted": counted.len(),
         "exact": sum == plain,

@@ -110,10 +110,11 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             unreachable!("set above")
         };
         fed.train.secure = Some(fedlora_protocol::secagg::SecAggParams {
-            threshold: (fed.clients_per_round / 2).max(2),
+            // more than half the neighbours (everyone else here): safe against an active
+            // coordinator without colluding clients (2t > k)
+            threshold: fed.clients_per_round / 2 + 1,
             neighbours: 0,
             modulus_bits: p.modulus_bits(),
-            graph_seed: fed.seed,
             stage_timeout_ms: 60_000,
         });
         fed.validate()?;

@@ -63,14 +63,6 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
             e.version, e.loss, e.tokens, e.reports
         );
     }
-    if !r.eps_spent.is_empty() {
-        let e: Vec<String> = r
-            .eps_spent
-            .iter()
-            .map(|(c, e)| format!("{c} {e:.4}"))
-            .collect();
-        println!("ε spent (latest report per client): {}", e.join(", "));
-    }
     println!("{} clients seen", r.clients.len());
     Ok(())
 }

@@ -60,7 +60,6 @@ pub(crate) fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
         spec_hash: d.spec().hash(),
         weight,
         train_loss: 1.0,
-        eps_spent: None,
         payload: Codec::DenseF32.encode(d.values()),
     })
 }

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, KeySigner, PeerVerifier, Purpose};
 use super::{
-    neighbour_graph, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams, UnmaskRequest,
-    UnmaskResponse,
+    consistency_message, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
+    SecAggError, SecAggParams, SecAggPolicy, UnmaskRequest, UnmaskResponse,
 };
 use crate::round::ClientId;
 
@@ -22,7 +22,9 @@ pub enum ClientStage {
     ShareKeys,
     /// Shared; waiting for the shares addressed to it, then sends its masked input.
     MaskedInput,
-    /// Input sent; waiting for the unmask request.
+    /// Input sent; waiting for the coordinator's view of the survivors to sign.
+    ConsistencyCheck,
+    /// View signed; waiting for the unmask request with the neighbours' signatures.
     Unmask,
     /// Finished.
     Done,
@@ -36,6 +38,14 @@ struct SharePlain {
     key_share: Vec<u8>,
 }
 
+impl Drop for SharePlain {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.seed_share.zeroize();
+        self.key_share.zeroize();
+    }
+}
+
 /// A peer's shares held by this client: (share of its self-mask seed, share of its mask key).
 type HeldShares = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
 
@@ -44,10 +54,16 @@ pub struct ClientRound {
     round: u64,
     me: ClientId,
     params: SecAggParams,
+    policy: SecAggPolicy,
     c_sk: StaticSecret,
     s_sk: StaticSecret,
     seed: Zeroizing<[u8; 32]>,
+    nonce: [u8; 32],
     stage: ClientStage,
+    roster_hash: [u8; 32],
+    graph_seed: [u8; 32],
+    /// The survivor view this client signed (it answers an unmask request for this one only).
+    signed: Option<UnmaskRequest>,
     roster: BTreeMap<ClientId, AdvertisedKeys>,
     neighbours: BTreeSet<ClientId>,
     /// Decrypted shares received, by owner: (share of b, share of s_sk).
@@ -59,23 +75,32 @@ fn out_of_order(stage: ClientStage, what: &str) -> SecAggError {
 }
 
 impl ClientRound {
-    /// Fresh keys and self-mask seed for `round`, from a CSPRNG.
+    /// Fresh keys, nonce and self-mask seed for `round`, from a CSPRNG. The client checks the
+    /// round against `policy` as the roster and the survivor view arrive.
     pub fn new<R: rand::CryptoRng>(
         round: u64,
         me: &str,
         params: SecAggParams,
+        policy: SecAggPolicy,
         rng: &mut R,
     ) -> Self {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
         Self {
             round,
             me: me.to_string(),
             params,
+            policy,
             c_sk: StaticSecret::random_from_rng(rng),
             s_sk: StaticSecret::random_from_rng(rng),
             seed,
+            nonce,
             stage: ClientStage::AdvertiseKeys,
+            roster_hash: [0; 32],
+            graph_seed: [0; 32],
+            signed: None,
             roster: BTreeMap::new(),
             neighbours: BTreeSet::new(),
             held: BTreeMap::new(),
@@ -92,36 +117,38 @@ impl ClientRound {
         if self.stage != ClientStage::AdvertiseKeys {
             return Err(out_of_order(self.stage, "advertise"));
         }
-        let c_pk = PublicKey::from(&self.c_sk).to_bytes();
-        let s_pk = PublicKey::from(&self.s_sk).to_bytes();
-        let signature = signer.sign(&AdvertisedKeys::signed_bytes(
-            self.round, &self.me, &c_pk, &s_pk,
-        ))?;
-        self.stage = ClientStage::ShareKeys;
-        Ok(AdvertisedKeys {
+        let mut keys = AdvertisedKeys {
             client: self.me.clone(),
-            c_pk,
-            s_pk,
-            signature,
-        })
+            c_pk: PublicKey::from(&self.c_sk).to_bytes(),
+            s_pk: PublicKey::from(&self.s_sk).to_bytes(),
+            nonce: self.nonce,
+            signature: Vec::new(),
+        };
+        keys.signature = signer.sign(&keys.signed_bytes(self.round))?;
+        self.stage = ClientStage::ShareKeys;
+        Ok(keys)
     }
 
     /// Stage 2: checks every advertised key's signature (a swapped or unsigned key refuses the
-    /// whole roster), then Shamir-shares the self-mask seed and the mask key among the
-    /// neighbours, each pair encrypted to its recipient.
+    /// whole roster), this client's own entry, the round against the policy, and the graph seed
+    /// the coordinator announced against the one derived from the roster; then Shamir-shares the
+    /// self-mask seed and the mask key among the neighbours, each pair encrypted to its
+    /// recipient.
     pub fn share_keys<R: rand::CryptoRng>(
         &mut self,
         roster: &[AdvertisedKeys],
+        announced_seed: &[u8; 32],
         verifier: &dyn PeerVerifier,
         rng: &mut R,
     ) -> Result<Vec<EncryptedShare>, SecAggError> {
         if self.stage != ClientStage::ShareKeys {
             return Err(out_of_order(self.stage, "roster"));
         }
+        // whatever happens below, this client shares at most once per round
+        self.stage = ClientStage::Done;
         let mut keys = BTreeMap::new();
         for k in roster {
-            let msg = AdvertisedKeys::signed_bytes(self.round, &k.client, &k.c_pk, &k.s_pk);
-            if !verifier.verify(&k.client, &msg, &k.signature) {
+            if !verifier.verify(&k.client, &k.signed_bytes(self.round), &k.signature) {
                 return Err(SecAggError::PeerMisbehaved(format!(
                     "the key advertised for {} is not signed by its certificate",
                     k.client
@@ -139,16 +166,22 @@ impl ClientRound {
         })?;
         if mine.c_pk != PublicKey::from(&self.c_sk).to_bytes()
             || mine.s_pk != PublicKey::from(&self.s_sk).to_bytes()
+            || mine.nonce != self.nonce
         {
             return Err(SecAggError::PeerMisbehaved(
                 "the roster altered this client's keys".into(),
             ));
         }
+        self.policy.check(&self.params, keys.len())?;
+        let rh = roster_hash(self.round, &keys);
+        let seed = graph_seed(self.round, &rh);
+        if &seed != announced_seed {
+            return Err(SecAggError::PeerMisbehaved(
+                "the announced graph seed is not the one derived from the roster".into(),
+            ));
+        }
         let ids = keys.keys().cloned().collect();
-        self.params
-            .validate(keys.len())
-            .map_err(|e| SecAggError::Config(e.to_string()))?;
-        let graph = neighbour_graph(&ids, &self.params);
+        let graph = neighbour_graph(&ids, &self.params, &seed);
         self.neighbours = graph.get(&self.me).cloned().unwrap_or_default();
         let k = self.neighbours.len();
         let t = self.params.threshold;
@@ -160,6 +193,8 @@ impl ClientRound {
         let seed_shares = crypto::shamir_split(self.seed.as_ref(), t, k, rng);
         let key_bytes = Zeroizing::new(self.s_sk.to_bytes());
         let key_shares = crypto::shamir_split(key_bytes.as_ref(), t, k, rng);
+        self.roster_hash = rh;
+        self.graph_seed = seed;
         let mut out = Vec::with_capacity(k);
         for ((v, sb), ss) in self.neighbours.iter().zip(seed_shares).zip(key_shares) {
             let plain = Zeroizing::new(
@@ -233,13 +268,12 @@ impl ClientRound {
                     "share names other parties".into(),
                 ));
             }
-            if held
-                .insert(
-                    s.from.clone(),
-                    (Zeroizing::new(p.seed_share), Zeroizing::new(p.key_share)),
-                )
-                .is_some()
-            {
+            let mut p = p;
+            let pair = (
+                Zeroizing::new(std::mem::take(&mut p.seed_share)),
+                Zeroizing::new(std::mem::take(&mut p.key_share)),
+            );
+            if held.insert(s.from.clone(), pair).is_some() {
                 return Err(SecAggError::PeerMisbehaved(format!(
                     "two shares from {}",
                     s.from
@@ -261,17 +295,14 @@ impl ClientRound {
             crypto::prg_apply(&seed, &mut y, m, self.me < *v);
         }
         self.held = held;
-        self.stage = ClientStage::Unmask;
+        self.stage = ClientStage::ConsistencyCheck;
         Ok(y)
     }
 
-    /// Stage 4: shares of survivors' seeds and of dropped clients' mask keys. Refuses a request
-    /// that names a peer both survivor and dropped (that would reveal both its secrets), one
-    /// that does not count this client, or one with fewer than t survivors around it.
-    pub fn unmask(&mut self, req: &UnmaskRequest) -> Result<UnmaskResponse, SecAggError> {
-        if self.stage != ClientStage::Unmask {
-            return Err(out_of_order(self.stage, "unmask request"));
-        }
+    /// Checks a survivor view against this client's own knowledge and policy: no peer both
+    /// survivor and dropped, this client counted, every named client in the roster, at least
+    /// `max(t, min_survivors)` survivors, at least t surviving neighbours.
+    fn check_view(&self, req: &UnmaskRequest) -> Result<(), SecAggError> {
         if let Some(both) = req.survivors.intersection(&req.dropped).next() {
             return Err(SecAggError::PeerMisbehaved(format!(
                 "unmask request asks for both shares of {both}"
@@ -282,15 +313,95 @@ impl ClientRound {
                 "request does not count this client".into(),
             ));
         }
+        if let Some(u) = req
+            .survivors
+            .iter()
+            .chain(&req.dropped)
+            .find(|u| !self.roster.contains_key(*u))
+        {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{u} is not in this round's roster"
+            )));
+        }
+        let t = self.params.threshold;
+        let need = t.max(self.policy.min_survivors);
+        if req.survivors.len() < need {
+            return Err(SecAggError::Threshold(format!(
+                "{} survivors, this client requires at least {need}",
+                req.survivors.len()
+            )));
+        }
         let around = self
             .neighbours
             .iter()
             .filter(|v| req.survivors.contains(*v))
             .count();
-        if around < self.params.threshold {
+        if around < t {
             return Err(SecAggError::Threshold(format!(
-                "{around} survivors around {}, threshold {}",
-                self.me, self.params.threshold
+                "{around} survivors around {}, threshold {t}",
+                self.me
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stage 4: checks the coordinator's survivor view and signs it, once per round. The
+    /// client will answer an unmask request for this view only.
+    pub fn consistency(
+        &mut self,
+        req: &UnmaskRequest,
+        signer: &dyn KeySigner,
+    ) -> Result<Vec<u8>, SecAggError> {
+        if self.stage != ClientStage::ConsistencyCheck {
+            return Err(out_of_order(self.stage, "survivor view"));
+        }
+        self.stage = ClientStage::Done;
+        self.check_view(req)?;
+        let sig = signer.sign(&consistency_message(
+            self.round,
+            &self.roster_hash,
+            &self.graph_seed,
+            req,
+        ))?;
+        self.signed = Some(req.clone());
+        self.stage = ClientStage::Unmask;
+        Ok(sig)
+    }
+
+    /// Stage 5: shares of survivors' seeds and of dropped clients' mask keys, answered once per
+    /// round. Refuses a request for another view than the one this client signed, and one with
+    /// fewer than t valid signatures of this client's neighbours over that view.
+    pub fn unmask(
+        &mut self,
+        req: &UnmaskRequest,
+        signatures: &BTreeMap<ClientId, Vec<u8>>,
+        verifier: &dyn PeerVerifier,
+    ) -> Result<UnmaskResponse, SecAggError> {
+        if self.stage != ClientStage::Unmask {
+            return Err(out_of_order(self.stage, "unmask request"));
+        }
+        self.stage = ClientStage::Done;
+        if self.signed.as_ref() != Some(req) {
+            return Err(SecAggError::PeerMisbehaved(
+                "unmask request for another survivor view than the one signed".into(),
+            ));
+        }
+        self.check_view(req)?;
+        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
+        let valid = self
+            .neighbours
+            .iter()
+            .filter(|v| req.survivors.contains(*v))
+            .filter(|v| {
+                signatures
+                    .get(*v)
+                    .is_some_and(|sig| verifier.verify(v, &msg, sig))
+            })
+            .count();
+        if valid < self.params.threshold {
+            return Err(SecAggError::Threshold(format!(
+                "{valid} valid neighbour signatures of the survivor view, threshold {}",
+                self.params.threshold
             )));
         }
         let mut resp = UnmaskResponse {
@@ -305,7 +416,7 @@ impl ClientRound {
                 resp.key_shares.insert(v.clone(), ss.to_vec());
             }
         }
-        self.stage = ClientStage::Done;
+        self.held.clear();
         Ok(resp)
     }
 }

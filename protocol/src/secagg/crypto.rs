@@ -112,7 +112,7 @@ pub fn open(
     ciphertext: &[u8],
 ) -> Result<Vec<u8>, SecAggError> {
     let k = LessSafeKey::new(UnboundKey::new(&aead::CHACHA20_POLY1305, key).expect("32-byte key"));
-    let mut buf = ciphertext.to_vec();
+    let mut buf = zeroize::Zeroizing::new(ciphertext.to_vec());
     let pt = k
         .open_in_place(nonce(from, to), aead::Aad::from(b"fedlora share"), &mut buf)
         .map_err(|_| SecAggError::PeerMisbehaved(format!("share from {from} does not decrypt")))?;
@@ -135,10 +135,10 @@ pub fn shamir_split<R: rand::CryptoRng>(
 }
 
 /// Recovers a secret from at least `t` shares made by [`shamir_split`].
-pub fn shamir_recover(shares: &[Vec<u8>], t: usize) -> Result<Vec<u8>, SecAggError> {
+pub fn shamir_recover<S: AsRef<[u8]>>(shares: &[S], t: usize) -> Result<Vec<u8>, SecAggError> {
     let parsed = shares
         .iter()
-        .map(|b| blahaj::Share::try_from(b.as_slice()))
+        .map(|b| blahaj::Share::try_from(b.as_ref()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SecAggError::PeerMisbehaved(format!("malformed share: {e}")))?;
     blahaj::Sharks(t as u8)

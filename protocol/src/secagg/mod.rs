@@ -3,29 +3,64 @@
 //! [`modular`](crate::codec::modular) encoding of their deltas, weight included).
 //!
 //! # Threat model
-//! Clients are authenticated by their certificates. The coordinator is honest-but-curious: it
-//! follows the protocol but tries to learn individual inputs from what it sees; within that
-//! model it learns only the sum of at least `t` inputs per neighbourhood. Beyond it: every
-//! advertised key is signed with the client's certificate key, so a relaying coordinator cannot
-//! swap keys; and a client never reveals, for one peer, both the share of its self-mask seed and
-//! the share of its mask key (it refuses an unmask request naming a peer both survivor and
-//! dropped). **Not protected:** a coordinator that also runs the CA can enrol fake clients (and
-//! so make a "sum" of one real input); a malicious client can send a well-formed but bad input
-//! (bounding inputs is a later addition).
+//! Clients are authenticated by their certificates (issued by the federation's CA). The
+//! coordinator may be **actively malicious**: it may drop, delay, reorder or forge any message it
+//! relays, lie about who survived, and choose the round parameters. Up to `c` of a client's `k`
+//! neighbours may collude with it. What each client checks, so that the coordinator learns only
+//! the sum of the surviving inputs:
+//! - **Signed keys.** Every advertised key set (two X25519 keys and a fresh 32-byte nonce) is
+//!   signed with the client's certificate key; a relayed roster with a forged or swapped key is
+//!   refused whole.
+//! - **The neighbour graph is not the coordinator's choice.** Its seed is
+//!   `SHA-256("fedlora-secagg-graph-v2" ‖ round ‖ roster hash)`, where the roster hash covers
+//!   every client's keys and nonce; each client recomputes it and refuses a round whose announced
+//!   seed differs. The coordinator can only choose which advertised clients to include.
+//! - **Client policy** ([`SecAggPolicy`]): the client refuses `2t ≤ k`, fewer than
+//!   `min_neighbours` neighbours (default 3) and fewer than `max(t, min_survivors)` survivors;
+//!   a client in a secure federation never sends a plaintext update.
+//! - **Consistency check** (Bell et al. 2020, after Bonawitz et al. 2017): before unmasking,
+//!   each survivor signs `(round, roster hash, graph seed, survivors, dropped)` **once**. It
+//!   answers **one** unmask request per round, for exactly the sets it signed, and only when it
+//!   holds at least `t` valid signatures of its neighbours over that same message. A request
+//!   naming a peer both survivor and dropped is refused.
+//!
+//! **Why that protects one client u.** Learning u's input needs both ≥ t shares of u's
+//! self-mask seed (u "survived") and ≥ t shares of u's mask key (u "dropped"). Every honest
+//! neighbour of u signs and answers for one view only, so with `c` colluders among u's `k`
+//! neighbours the coordinator collects at most `(k − c) + 2c = k + c` share answers over both
+//! views: **u is safe when `2t > k + c`.** The default parameters (`k = 3`, `t = 2`) therefore
+//! protect against an active coordinator with no colluding neighbour (`c = 0`); `k = 6, t = 5`
+//! tolerates `c = 3`; in general choose `t > (k + c) / 2`. With a random neighbour graph, a
+//! colluding fraction `γ` of the population puts on average `γk` colluders around u.
+//!
+//! **Not protected:**
+//! - **Sybils.** A coordinator that also runs the CA (or any CA holder) can enrol fake clients;
+//!   they count as colluders, and a round of one real client among fakes reveals that client.
+//!   Keep the CA key away from the coordinator host and bound who may enrol.
+//! - **Bad inputs.** A malicious client can send a well-formed but wrong masked input (the sum
+//!   is then wrong; nothing about another client leaks). Bounding inputs is a later addition.
+//! - **Denial of service.** The coordinator (or enough dropouts) can always make a round fail.
+//!   A client that has sent unmask shares for a global version sends no second masked input
+//!   for the same version, so a round failed on purpose and retried cannot collect two views
+//!   of one delta.
 //!
 //! # Stages (typed; a message for another stage is refused)
 //! 1. **Advertise keys**: each client sends two signed X25519 public keys (`c_pk` encrypts share
-//!    messages, `s_pk` agrees pairwise mask seeds); the coordinator relays the roster.
-//! 2. **Share keys**: each client Shamir-shares (t-of-k) its self-mask seed `b` and its mask
-//!    private key `s_sk` among its k neighbours (a seeded random k-regular graph), each share
-//!    pair AEAD-encrypted to its recipient; the coordinator routes them.
+//!    messages, `s_pk` agrees pairwise mask seeds) and a nonce; the coordinator relays the
+//!    roster and the graph seed derived from it.
+//! 2. **Share keys**: each client checks the roster and the seed, then Shamir-shares (t-of-k)
+//!    its self-mask seed `b` and its mask private key `s_sk` among its k neighbours (a seeded
+//!    random k-regular graph), each share pair AEAD-encrypted to its recipient; the coordinator
+//!    routes them.
 //! 3. **Masked input**: `y = x + PRG(b) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv) mod 2^m` (+ if u < v).
-//! 4. **Unmask**: the coordinator names survivors (U3) and dropped clients (U2 \ U3); survivors
-//!    return shares of survivors' `b` and of dropped clients' `s_sk`; the coordinator removes the
-//!    masks and gets the exact sum of the U3 inputs.
+//! 4. **Consistency check**: the coordinator names survivors (U3) and dropped clients
+//!    (U2 \ U3); each survivor checks and signs that view.
+//! 5. **Unmask**: with the signatures relayed, survivors return shares of survivors' `b` and of
+//!    dropped clients' `s_sk`; the coordinator removes the masks and gets the exact sum of the
+//!    U3 inputs.
 //!
 //! Keys are fresh every round (reused masks would leak the difference of two rounds' inputs);
-//! secrets are zeroized on drop and never logged.
+//! secrets and shares are zeroized on drop and never logged.
 
 mod client;
 pub mod crypto;
@@ -35,6 +70,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 pub use client::{ClientRound, ClientStage};
 pub use server::{ServerRound, ServerStage};
@@ -62,17 +99,16 @@ pub enum SecAggError {
 
 /// Parameters of a secure round (part of the round config).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SecAggParams {
-    /// Shares needed to reconstruct a secret (t). Security: the coordinator must not obtain t
-    /// shares of both secrets of one client; with honest clients t > k/2 keeps a colluding
-    /// minority of neighbours from reconstructing.
+    /// Shares needed to reconstruct a secret (t). Must satisfy `2t > k`; a client is safe
+    /// against an active coordinator with `c` colluding neighbours when `2t > k + c` (see the
+    /// module's threat model).
     pub threshold: usize,
     /// Neighbours per client (k); 0 means everyone (rounds of at most a few dozen clients).
     pub neighbours: usize,
     /// Modulus bits m of the inputs (from the modular codec).
     pub modulus_bits: u32,
-    /// Seed of the neighbour graph (public).
-    pub graph_seed: u64,
     /// How long the coordinator waits in the key and unmask stages, milliseconds (the masked
     /// input stage waits for the round deadline, since clients train first).
     #[serde(default = "default_stage_timeout")]
@@ -96,15 +132,17 @@ impl SecAggParams {
         }
     }
 
-    /// Refuses parameters that cannot work for `n` participants.
+    /// Refuses parameters that cannot work, or are not safe, for `n` participants: k ≤ 254,
+    /// `k/2 < t ≤ k`.
     pub fn validate(&self, n: usize) -> Result<(), SecAggError> {
         let k = self.k(n);
-        if k > 254 {
+        if k > crate::limits::MAX_NEIGHBOURS {
             return Err(SecAggError::Config(format!("k = {k} exceeds 254 shares")));
         }
-        if self.threshold < 1 || self.threshold > k {
+        if self.threshold > k || 2 * self.threshold <= k {
             return Err(SecAggError::Config(format!(
-                "threshold {} must be in 1..={k}",
+                "threshold {} with {k} neighbours ({n} participants): it must be more than half \
+                 of the neighbours and at most all of them",
                 self.threshold
             )));
         }
@@ -115,18 +153,108 @@ impl SecAggParams {
     }
 }
 
+/// What a client accepts of a secure round, checked on the client whatever the coordinator
+/// says (see the threat model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecAggPolicy {
+    /// Fewest neighbours (k) a client shares its secrets among. Default 3.
+    pub min_neighbours: usize,
+    /// Fewest survivors an unmask request may name (the client also requires at least t).
+    /// Default 2, the coordinator's default `min_clients`.
+    pub min_survivors: usize,
+    /// Refuse rounds without secure aggregation (never send a plaintext update). Default false:
+    /// a client follows the federation, but in a secure federation it never sends plaintext.
+    pub required: bool,
+}
+
+impl Default for SecAggPolicy {
+    fn default() -> Self {
+        Self {
+            min_neighbours: 3,
+            min_survivors: 2,
+            required: false,
+        }
+    }
+}
+
+impl SecAggPolicy {
+    /// Checks a round's parameters for `n` participants against this policy.
+    pub fn check(&self, params: &SecAggParams, n: usize) -> Result<(), SecAggError> {
+        params.validate(n)?;
+        let k = params.k(n);
+        if k < self.min_neighbours {
+            return Err(SecAggError::Config(format!(
+                "{k} neighbours, this client requires at least {}",
+                self.min_neighbours
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a roster: every client's id, keys and nonce, in id order (signatures excluded:
+/// they are randomized, and each was checked).
+pub fn roster_hash(round: u64, roster: &BTreeMap<ClientId, AdvertisedKeys>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedlora-secagg-roster-v2");
+    h.update(round.to_be_bytes());
+    h.update((roster.len() as u64).to_be_bytes());
+    for (id, k) in roster {
+        h.update((id.len() as u64).to_be_bytes());
+        h.update(id.as_bytes());
+        h.update(k.c_pk);
+        h.update(k.s_pk);
+        h.update(k.nonce);
+    }
+    h.finalize().into()
+}
+
+/// The neighbour graph's seed: `SHA-256("fedlora-secagg-graph-v2" ‖ round ‖ roster hash)`.
+/// Every client's nonce is in the roster hash, so no party picks the seed alone.
+pub fn graph_seed(round: u64, roster_hash: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedlora-secagg-graph-v2");
+    h.update(round.to_be_bytes());
+    h.update(roster_hash);
+    h.finalize().into()
+}
+
+/// What each survivor signs in the consistency check: a domain tag, the round, the roster
+/// hash, the graph seed, and the survivor and dropped sets (length-prefixed ids, in order).
+pub fn consistency_message(
+    round: u64,
+    roster_hash: &[u8; 32],
+    graph_seed: &[u8; 32],
+    req: &UnmaskRequest,
+) -> Vec<u8> {
+    let mut m = b"fedlora-secagg-consistency-v2".to_vec();
+    m.extend_from_slice(&round.to_be_bytes());
+    m.extend_from_slice(roster_hash);
+    m.extend_from_slice(graph_seed);
+    for set in [&req.survivors, &req.dropped] {
+        m.extend_from_slice(&(set.len() as u64).to_be_bytes());
+        for id in set {
+            m.extend_from_slice(&(id.len() as u64).to_be_bytes());
+            m.extend_from_slice(id.as_bytes());
+        }
+    }
+    m
+}
+
 /// The neighbours of every client of `roster` under `params`: a ring lattice (each client
 /// linked to ⌊k/2⌋ on each side, plus the client opposite on the ring when k is odd) over a
-/// seeded permutation, or everyone.
+/// permutation seeded by `seed` (see [`graph_seed`]), or everyone.
 pub fn neighbour_graph(
     roster: &BTreeSet<ClientId>,
     params: &SecAggParams,
+    seed: &[u8; 32],
 ) -> BTreeMap<ClientId, BTreeSet<ClientId>> {
     use rand::seq::SliceRandom;
     let mut ids: Vec<ClientId> = roster.iter().cloned().collect();
     let n = ids.len();
     let k = params.k(n);
-    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(params.graph_seed);
+    let mut rng = rand::rngs::ChaCha20Rng::from_seed(*seed);
     ids.shuffle(&mut rng);
     let mut g: BTreeMap<ClientId, BTreeSet<ClientId>> = BTreeMap::new();
     for (i, u) in ids.iter().enumerate() {
@@ -156,19 +284,22 @@ pub struct AdvertisedKeys {
     pub c_pk: [u8; 32],
     /// X25519 key for pairwise masks.
     pub s_pk: [u8; 32],
+    /// Fresh random bytes: the client's contribution to the graph seed.
+    pub nonce: [u8; 32],
     /// Signature of [`AdvertisedKeys::signed_bytes`] with the client's certificate key.
     pub signature: Vec<u8>,
 }
 
 impl AdvertisedKeys {
-    /// What is signed: a domain tag, the round, the client id and both keys.
-    pub fn signed_bytes(round: u64, client: &str, c_pk: &[u8; 32], s_pk: &[u8; 32]) -> Vec<u8> {
-        let mut m = b"fedlora-secagg-keys-v1".to_vec();
+    /// What is signed: a domain tag, the round, the client id, both keys and the nonce.
+    pub fn signed_bytes(&self, round: u64) -> Vec<u8> {
+        let mut m = b"fedlora-secagg-keys-v2".to_vec();
         m.extend_from_slice(&round.to_be_bytes());
-        m.extend_from_slice(&(client.len() as u32).to_be_bytes());
-        m.extend_from_slice(client.as_bytes());
-        m.extend_from_slice(c_pk);
-        m.extend_from_slice(s_pk);
+        m.extend_from_slice(&(self.client.len() as u32).to_be_bytes());
+        m.extend_from_slice(self.client.as_bytes());
+        m.extend_from_slice(&self.c_pk);
+        m.extend_from_slice(&self.s_pk);
+        m.extend_from_slice(&self.nonce);
         m
     }
 }
@@ -193,7 +324,8 @@ pub struct UnmaskRequest {
     pub dropped: BTreeSet<ClientId>,
 }
 
-/// Stage 4 answer: decrypted shares held by one survivor.
+/// Stage 5 answer: decrypted shares held by one survivor. Its share bytes are wiped when it is
+/// dropped (every copy: the client's, the frame decoder's, the coordinator's).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnmaskResponse {
     /// Responding client.
@@ -202,6 +334,18 @@ pub struct UnmaskResponse {
     pub seed_shares: BTreeMap<ClientId, Vec<u8>>,
     /// Shares of dropped clients' mask keys, by owner.
     pub key_shares: BTreeMap<ClientId, Vec<u8>>,
+}
+
+impl Drop for UnmaskResponse {
+    fn drop(&mut self) {
+        for v in self
+            .seed_shares
+            .values_mut()
+            .chain(self.key_shares.values_mut())
+        {
+            v.zeroize();
+        }
+    }
 }
 
 /// `a + b mod 2^m` element-wise into `a`.

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, Purpose};
 use super::{
-    add_mod, neighbour_graph, AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams,
-    UnmaskRequest, UnmaskResponse,
+    add_mod, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare, SecAggError,
+    SecAggParams, UnmaskRequest, UnmaskResponse,
 };
 use crate::round::ClientId;
 
@@ -22,6 +22,8 @@ pub enum ServerStage {
     CollectShares,
     /// Collecting masked inputs.
     CollectInputs,
+    /// Collecting survivors' signatures of the survivor view.
+    CollectConsistency,
     /// Collecting unmask responses.
     CollectUnmask,
     /// Finished (summed or failed).
@@ -42,6 +44,7 @@ pub struct ServerRound {
     inputs: BTreeSet<ClientId>,
     sum: Vec<u64>,
     request: Option<UnmaskRequest>,
+    signatures: BTreeMap<ClientId, Vec<u8>>,
     responses: BTreeMap<ClientId, UnmaskResponse>,
 }
 
@@ -64,6 +67,7 @@ impl ServerRound {
             inputs: BTreeSet::new(),
             sum: vec![0; len],
             request: None,
+            signatures: BTreeMap::new(),
             responses: BTreeMap::new(),
         }
     }
@@ -93,8 +97,9 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Ends stage 1 (all keys in, or the deadline): the roster to relay to every client in it.
-    pub fn close_keys(&mut self) -> Result<Vec<AdvertisedKeys>, SecAggError> {
+    /// Ends stage 1 (all keys in, or the deadline): the roster to relay to every client in it,
+    /// and the graph seed derived from it (which every client recomputes).
+    pub fn close_keys(&mut self) -> Result<(Vec<AdvertisedKeys>, [u8; 32]), SecAggError> {
         if self.stage != ServerStage::CollectKeys {
             return Err(out_of_order(self.stage, "close of keys", "driver"));
         }
@@ -102,9 +107,10 @@ impl ServerRound {
         self.params
             .validate(ids.len())
             .inspect_err(|_| self.stage = ServerStage::Done)?;
-        self.graph = neighbour_graph(&ids, &self.params);
+        let seed = graph_seed(self.round, &roster_hash(self.round, &self.keys));
+        self.graph = neighbour_graph(&ids, &self.params, &seed);
         self.stage = ServerStage::CollectShares;
-        Ok(self.keys.values().cloned().collect())
+        Ok((self.keys.values().cloned().collect(), seed))
     }
 
     /// Stage 2 message: `from`'s encrypted shares, exactly one for each of its neighbours.
@@ -181,9 +187,30 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Ends stage 3: the unmask request (survivors = inputs received, dropped = shared keys but
-    /// sent no input). Fails when some survivor or dropped client has fewer than t surviving
-    /// neighbours — its mask could not be removed.
+    /// Fails the round when some client of `owners` has fewer than t neighbours in `live`:
+    /// its secret could not be rebuilt.
+    fn require_live(
+        &mut self,
+        owners: &BTreeSet<ClientId>,
+        live: &BTreeSet<ClientId>,
+        what: &str,
+    ) -> Result<(), SecAggError> {
+        for u in owners {
+            let n = self.graph[u].iter().filter(|v| live.contains(*v)).count();
+            if n < self.params.threshold {
+                self.stage = ServerStage::Done;
+                return Err(SecAggError::Threshold(format!(
+                    "{u} has {n} {what} neighbours, threshold {}",
+                    self.params.threshold
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends stage 3: the survivor view for the consistency check (survivors = inputs received,
+    /// dropped = shared keys but sent no input). Fails when some survivor or dropped client has
+    /// fewer than t surviving neighbours — its mask could not be removed.
     pub fn close_inputs(&mut self) -> Result<UnmaskRequest, SecAggError> {
         if self.stage != ServerStage::CollectInputs {
             return Err(out_of_order(self.stage, "close of inputs", "driver"));
@@ -195,34 +222,69 @@ impl ServerRound {
             .filter(|u| !survivors.contains(*u))
             .cloned()
             .collect();
-        for u in survivors.iter().chain(&dropped) {
-            let live = self.graph[u]
-                .iter()
-                .filter(|v| survivors.contains(*v))
-                .count();
-            if live < self.params.threshold {
-                self.stage = ServerStage::Done;
-                return Err(SecAggError::Threshold(format!(
-                    "{u} has {live} surviving neighbours, threshold {}",
-                    self.params.threshold
-                )));
-            }
-        }
+        let owners = survivors.union(&dropped).cloned().collect();
+        self.require_live(&owners, &survivors, "surviving")?;
         let req = UnmaskRequest { survivors, dropped };
         self.request = Some(req.clone());
-        self.stage = ServerStage::CollectUnmask;
+        self.stage = ServerStage::CollectConsistency;
         Ok(req)
     }
 
-    /// Stage 4 message.
+    /// Stage 4 message: `from`'s signature of the survivor view (checked by its neighbours, who
+    /// hold the certificates; the coordinator only relays it).
+    pub fn receive_consistency(&mut self, from: &str, sig: Vec<u8>) -> Result<(), SecAggError> {
+        if self.stage != ServerStage::CollectConsistency {
+            return Err(out_of_order(self.stage, "consistency signature", from));
+        }
+        let req = self.request.as_ref().ok_or_else(|| {
+            SecAggError::OutOfOrder("consistency stage without a survivor view".into())
+        })?;
+        if !req.survivors.contains(from) {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from} is not a survivor"
+            )));
+        }
+        if self.signatures.contains_key(from) {
+            return Err(SecAggError::OutOfOrder(format!(
+                "second signature from {from}"
+            )));
+        }
+        self.signatures.insert(from.to_string(), sig);
+        Ok(())
+    }
+
+    /// Ends stage 4: the unmask request and the signatures to relay with it. Fails when a
+    /// secret's owner has fewer than t neighbours that signed (they are the only ones that will
+    /// answer).
+    pub fn close_consistency(
+        &mut self,
+    ) -> Result<(UnmaskRequest, BTreeMap<ClientId, Vec<u8>>), SecAggError> {
+        if self.stage != ServerStage::CollectConsistency {
+            return Err(out_of_order(self.stage, "close of consistency", "driver"));
+        }
+        let req = self.request.clone().ok_or_else(|| {
+            SecAggError::OutOfOrder("consistency stage without a survivor view".into())
+        })?;
+        let signed: BTreeSet<ClientId> = self.signatures.keys().cloned().collect();
+        let owners = req.survivors.union(&req.dropped).cloned().collect();
+        self.require_live(&owners, &signed, "signing")?;
+        self.stage = ServerStage::CollectUnmask;
+        Ok((req, self.signatures.clone()))
+    }
+
+    /// The survivors that signed the view (the clients asked to unmask).
+    pub fn signers(&self) -> BTreeSet<ClientId> {
+        self.signatures.keys().cloned().collect()
+    }
+
+    /// Stage 5 message.
     pub fn receive_unmask(&mut self, resp: UnmaskResponse) -> Result<(), SecAggError> {
         if self.stage != ServerStage::CollectUnmask {
             return Err(out_of_order(self.stage, "unmask response", &resp.client));
         }
-        let req = self.request.as_ref().expect("set with the stage");
-        if !req.survivors.contains(&resp.client) {
+        if !self.signatures.contains_key(&resp.client) {
             return Err(SecAggError::PeerMisbehaved(format!(
-                "{} is not a survivor",
+                "{} did not sign the survivor view",
                 resp.client
             )));
         }
@@ -243,14 +305,16 @@ impl ServerRound {
             return Err(out_of_order(self.stage, "finish", "driver"));
         }
         self.stage = ServerStage::Done;
-        let req = self.request.take().expect("set with the stage");
+        let req = self.request.take().ok_or_else(|| {
+            SecAggError::OutOfOrder("unmask stage without a survivor view".into())
+        })?;
         let m = self.params.modulus_bits;
         let t = self.params.threshold;
         let mut sum = std::mem::take(&mut self.sum);
         let gather = |owner: &ClientId, pick: &dyn Fn(&UnmaskResponse) -> Option<Vec<u8>>| {
-            let shares: Vec<Vec<u8>> = self.graph[owner]
+            let shares: Vec<Zeroizing<Vec<u8>>> = self.graph[owner]
                 .iter()
-                .filter_map(|v| self.responses.get(v).and_then(pick))
+                .filter_map(|v| self.responses.get(v).and_then(pick).map(Zeroizing::new))
                 .collect();
             if shares.len() < t {
                 return Err(SecAggError::Threshold(format!(

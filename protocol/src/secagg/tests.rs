@@ -29,12 +29,21 @@ fn params(t: usize, k: usize) -> SecAggParams {
         threshold: t,
         neighbours: k,
         modulus_bits: 20,
-        graph_seed: 3,
         stage_timeout_ms: 1_000,
     }
 }
 
 fn parties(n: usize, p: &SecAggParams, len: usize, seed: u64) -> (Vec<Party>, P256Verifier) {
+    parties_with(n, p, len, seed, SecAggPolicy::default())
+}
+
+fn parties_with(
+    n: usize,
+    p: &SecAggParams,
+    len: usize,
+    seed: u64,
+    policy: SecAggPolicy,
+) -> (Vec<Party>, P256Verifier) {
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(seed);
     let mut table = BTreeMap::new();
     let ps = (0..n)
@@ -46,7 +55,7 @@ fn parties(n: usize, p: &SecAggParams, len: usize, seed: u64) -> (Vec<Party>, P2
                 .map(|_| rng.random::<u64>() & ((1 << p.modulus_bits) - 1))
                 .collect();
             Party {
-                round: ClientRound::new(7, &id, p.clone(), &mut rng),
+                round: ClientRound::new(7, &id, p.clone(), policy, &mut rng),
                 id,
                 signer: s,
                 x,
@@ -91,12 +100,12 @@ fn run(
         let k = c.round.advertise(&c.signer)?;
         server.receive_keys(&c.id, k)?;
     }
-    let roster = server.close_keys()?;
+    let (roster, seed) = server.close_keys()?;
     for c in ps
         .iter_mut()
         .filter(|c| !drops.before_sharing.contains(&c.id))
     {
-        let shares = c.round.share_keys(&roster, verifier, &mut rng)?;
+        let shares = c.round.share_keys(&roster, &seed, verifier, &mut rng)?;
         server.receive_shares(&c.id, shares)?;
     }
     let deliveries = server.close_shares()?;
@@ -110,13 +119,19 @@ fn run(
         let y = c.round.masked_input(&deliveries[&c.id], &c.x)?;
         server.receive_input(&c.id, y)?;
     }
-    let req = server.close_inputs()?;
+    let view = server.close_inputs()?;
+    for &i in &u3 {
+        let c = &mut ps[i];
+        let sig = c.round.consistency(&view, &c.signer)?;
+        server.receive_consistency(&c.id, sig)?;
+    }
+    let (req, sigs) = server.close_consistency()?;
     for &i in &u3 {
         let c = &mut ps[i];
         if drops.before_unmask.contains(&c.id) {
             continue;
         }
-        let r = c.round.unmask(&req)?;
+        let r = c.round.unmask(&req, &sigs, verifier)?;
         server.receive_unmask(r)?;
     }
     let (sum, counted) = server.finish()?;
@@ -129,7 +144,7 @@ fn run(
 
 #[test]
 fn exact_sum_with_dropouts_at_every_stage() {
-    for (n, t) in [(10usize, 4usize), (50, 20)] {
+    for (n, t) in [(10usize, 5usize), (50, 25)] {
         let p = params(t, 0);
         for frac in [0.0, 0.1, 0.3] {
             for stage in 0..3 {
@@ -188,7 +203,7 @@ fn a_neighbourhood_below_threshold_fails_instead_of_a_wrong_sum() {
 #[test]
 fn out_of_order_and_repeated_messages_are_refused() {
     let p = params(2, 0);
-    let (mut ps, v) = parties(3, &p, 4, 3);
+    let (mut ps, v) = parties(4, &p, 4, 3);
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
     // a client cannot send an input before sharing keys
     let x = ps[0].x.clone();
@@ -214,8 +229,11 @@ fn out_of_order_and_repeated_messages_are_refused() {
         let k = c.round.advertise(&c.signer).unwrap();
         server.receive_keys(&c.id, k).unwrap();
     }
-    let roster = server.close_keys().unwrap();
-    let s0 = ps[0].round.share_keys(&roster, &v, &mut rng).unwrap();
+    let (roster, seed) = server.close_keys().unwrap();
+    let s0 = ps[0]
+        .round
+        .share_keys(&roster, &seed, &v, &mut rng)
+        .unwrap();
     server.receive_shares(&ps[0].id, s0.clone()).unwrap();
     assert!(server.receive_shares(&ps[0].id, s0).is_err(), "twice");
     assert!(matches!(server.finish(), Err(SecAggError::OutOfOrder(_))));
@@ -230,40 +248,210 @@ fn a_swapped_or_unsigned_key_is_refused() {
         .iter_mut()
         .map(|c| c.round.advertise(&c.signer).unwrap())
         .collect();
+    let seed = seed_of(&roster);
     // the coordinator swaps client 2's mask key for one it controls
     roster[2].s_pk = [9; 32];
-    let err = ps[0].round.share_keys(&roster, &v, &mut rng).unwrap_err();
+    let err = ps[0]
+        .round
+        .share_keys(&roster, &seed, &v, &mut rng)
+        .unwrap_err();
     assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
     roster[2].signature.clear();
-    let err = ps[1].round.share_keys(&roster, &v, &mut rng).unwrap_err();
+    let err = ps[1]
+        .round
+        .share_keys(&roster, &seed, &v, &mut rng)
+        .unwrap_err();
     assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
+}
+
+/// The graph seed every client derives from `roster` (round 7).
+fn seed_of(roster: &[AdvertisedKeys]) -> [u8; 32] {
+    let map = roster
+        .iter()
+        .map(|k| (k.client.clone(), k.clone()))
+        .collect();
+    graph_seed(7, &roster_hash(7, &map))
+}
+
+/// Parties that advertised and shared keys, with their masked inputs sent: the state in which
+/// a coordinator asks for unmasking.
+fn after_inputs(
+    n: usize,
+    p: &SecAggParams,
+    seed: u64,
+    policy: SecAggPolicy,
+) -> (Vec<Party>, P256Verifier, UnmaskRequest) {
+    let (mut ps, v) = parties_with(n, p, 4, seed, policy);
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+    let ids: BTreeSet<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let mut server = ServerRound::new(7, p.clone(), 4, ids);
+    for c in ps.iter_mut() {
+        let k = c.round.advertise(&c.signer).unwrap();
+        server.receive_keys(&c.id, k).unwrap();
+    }
+    let (roster, gs) = server.close_keys().unwrap();
+    for c in ps.iter_mut() {
+        let s = c.round.share_keys(&roster, &gs, &v, &mut rng).unwrap();
+        server.receive_shares(&c.id, s).unwrap();
+    }
+    let del = server.close_shares().unwrap();
+    for c in ps.iter_mut() {
+        let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
+        server.receive_input(&c.id, y).unwrap();
+    }
+    let view = server.close_inputs().unwrap();
+    (ps, v, view)
 }
 
 #[test]
 fn a_request_for_both_shares_of_one_peer_is_refused() {
     let p = params(2, 0);
-    let (mut ps, v) = parties(4, &p, 4, 6);
-    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
-    let ids: BTreeSet<String> = ps.iter().map(|c| c.id.clone()).collect();
-    let mut server = ServerRound::new(7, p.clone(), 4, ids.clone());
-    for c in ps.iter_mut() {
-        let k = c.round.advertise(&c.signer).unwrap();
-        server.receive_keys(&c.id, k).unwrap();
-    }
-    let roster = server.close_keys().unwrap();
-    for c in ps.iter_mut() {
-        let s = c.round.share_keys(&roster, &v, &mut rng).unwrap();
-        server.receive_shares(&c.id, s).unwrap();
-    }
-    let del = server.close_shares().unwrap();
-    let x = ps[0].x.clone();
-    let id0 = ps[0].id.clone();
-    ps[0].round.masked_input(&del[&id0], &x).unwrap();
+    let (mut ps, _v, honest) = after_inputs(4, &p, 6, SecAggPolicy::default());
     let evil = UnmaskRequest {
-        survivors: ids.clone(),
+        survivors: honest.survivors.clone(),
         dropped: [ps[1].id.clone()].into(),
     };
-    let err = ps[0].round.unmask(&evil).unwrap_err();
+    let c = &mut ps[0];
+    let err = c.round.consistency(&evil, &c.signer).unwrap_err();
+    assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
+    // a refused view ends the client's round: it signs nothing afterwards either
+    assert!(c.round.consistency(&honest, &c.signer).is_err());
+}
+
+#[test]
+fn inconsistent_survivor_views_reveal_no_share() {
+    // The coordinator tells half of u's neighbours "u survived" and the other half "u dropped",
+    // hoping for t shares of u's self-mask seed and t shares of u's mask key. Every client
+    // signs its own view; signatures over the other view do not count, so nobody reaches t.
+    let p = params(3, 0); // n = 6: k = 5, t = 3
+    let (mut ps, v, honest) = after_inputs(6, &p, 11, SecAggPolicy::default());
+    let u = ps[0].id.clone();
+    let mut dropped_u = honest.clone();
+    dropped_u.survivors.remove(&u);
+    dropped_u.dropped.insert(u.clone());
+    let view_of = |i: usize| {
+        if i <= 2 {
+            honest.clone()
+        } else {
+            dropped_u.clone()
+        }
+    };
+    let mut sigs_a = BTreeMap::new();
+    let mut sigs_b = BTreeMap::new();
+    for (i, c) in ps.iter_mut().enumerate() {
+        let sig = c.round.consistency(&view_of(i), &c.signer).unwrap();
+        if i <= 2 {
+            sigs_a.insert(c.id.clone(), sig)
+        } else {
+            sigs_b.insert(c.id.clone(), sig)
+        };
+    }
+    // it relays every signature it has, whatever view it was over
+    let mut all = sigs_a.clone();
+    all.extend(sigs_b.clone());
+    for (i, c) in ps.iter_mut().enumerate() {
+        let err = c.round.unmask(&view_of(i), &all, &v).unwrap_err();
+        assert!(
+            matches!(err, SecAggError::Threshold(_)),
+            "client {i}: {err}"
+        );
+    }
+    // and a client never answers for a view it did not sign
+    let (mut ps, v, honest) = after_inputs(6, &p, 12, SecAggPolicy::default());
+    let mut sigs = BTreeMap::new();
+    for c in ps.iter_mut() {
+        sigs.insert(
+            c.id.clone(),
+            c.round.consistency(&honest, &c.signer).unwrap(),
+        );
+    }
+    let mut other = honest.clone();
+    other.survivors.remove(&ps[5].id);
+    other.dropped.insert(ps[5].id.clone());
+    let err = ps[1].round.unmask(&other, &sigs, &v).unwrap_err();
+    assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
+    // one answer per round: the honest request after a refused one gets nothing
+    assert!(ps[1].round.unmask(&honest, &sigs, &v).is_err());
+    // the others answer the honest view once, and only once
+    assert!(ps[2].round.unmask(&honest, &sigs, &v).is_ok());
+    assert!(matches!(
+        ps[2].round.unmask(&honest, &sigs, &v),
+        Err(SecAggError::OutOfOrder(_))
+    ));
+}
+
+#[test]
+fn a_graph_seed_chosen_by_the_coordinator_is_refused() {
+    let p = params(2, 3);
+    let (mut ps, v) = parties(6, &p, 4, 13);
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+    let roster: Vec<AdvertisedKeys> = ps
+        .iter_mut()
+        .map(|c| c.round.advertise(&c.signer).unwrap())
+        .collect();
+    let mut chosen = seed_of(&roster);
+    chosen[0] ^= 1;
+    for c in ps.iter_mut() {
+        let err = c
+            .round
+            .share_keys(&roster, &chosen, &v, &mut rng)
+            .unwrap_err();
+        assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
+        // no second chance with the right seed: the round is over for this client
+        assert!(c
+            .round
+            .share_keys(&roster, &seed_of(&roster), &v, &mut rng)
+            .is_err());
+    }
+}
+
+#[test]
+fn thresholds_at_or_below_half_and_small_neighbourhoods_are_refused_by_clients() {
+    // t = 1, t = k/2, and k = 2 < the default minimum of 3: no client shares anything
+    for (n, t, k) in [(4usize, 1usize, 0usize), (5, 2, 0), (7, 2, 4), (3, 2, 0)] {
+        let p = params(t, k);
+        let (mut ps, v) = parties(n, &p, 4, 14);
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+        let roster: Vec<AdvertisedKeys> = ps
+            .iter_mut()
+            .map(|c| c.round.advertise(&c.signer).unwrap())
+            .collect();
+        let seed = seed_of(&roster);
+        for c in ps.iter_mut() {
+            let err = c
+                .round
+                .share_keys(&roster, &seed, &v, &mut rng)
+                .unwrap_err();
+            assert!(
+                matches!(err, SecAggError::Config(_)),
+                "n {n} t {t} k {k}: {err}"
+            );
+        }
+    }
+    // k = 3 with t = 2 works
+    let p = params(2, 3);
+    let (ps, v) = parties(6, &p, 8, 15);
+    let (sum, _, plain) = run(ps, &v, &p, &Drops::default()).unwrap();
+    assert_eq!(sum, plain);
+}
+
+#[test]
+fn a_view_with_too_few_survivors_or_strangers_is_not_signed() {
+    let p = params(2, 0);
+    let policy = SecAggPolicy {
+        min_survivors: 5,
+        ..Default::default()
+    };
+    let (mut ps, _v, honest) = after_inputs(4, &p, 16, policy);
+    let c = &mut ps[0];
+    let err = c.round.consistency(&honest, &c.signer).unwrap_err();
+    assert!(matches!(err, SecAggError::Threshold(_)), "{err}");
+    // a view naming a client outside the roster is refused
+    let (mut ps, _v, honest) = after_inputs(4, &p, 17, SecAggPolicy::default());
+    let mut bogus = honest.clone();
+    bogus.dropped.insert("mallory".into());
+    let c = &mut ps[0];
+    let err = c.round.consistency(&bogus, &c.signer).unwrap_err();
     assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
 }
 
@@ -275,15 +463,16 @@ fn masked_values_look_uniform() {
         modulus_bits: 16,
         ..params(2, 0)
     };
-    let (mut ps, v) = parties(3, &p, 16_000, 8);
+    let (mut ps, v) = parties(4, &p, 16_000, 8);
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
     let roster: Vec<_> = ps
         .iter_mut()
         .map(|c| c.round.advertise(&c.signer).unwrap())
         .collect();
+    let seed = seed_of(&roster);
     let mut all = Vec::new();
     for c in ps.iter_mut() {
-        all.extend(c.round.share_keys(&roster, &v, &mut rng).unwrap());
+        all.extend(c.round.share_keys(&roster, &seed, &v, &mut rng).unwrap());
     }
     let mine: Vec<EncryptedShare> = all.into_iter().filter(|s| s.to == ps[0].id).collect();
     let y = ps[0].round.masked_input(&mine, &vec![0; 16_000]).unwrap();
@@ -308,7 +497,7 @@ fn neighbour_graphs_are_k_regular_and_symmetric() {
     for (n, k) in [(100usize, 3usize), (100, 14), (51, 3), (10, 0)] {
         let p = params(2, k);
         let ids: BTreeSet<String> = (0..n).map(|i| format!("c{i}")).collect();
-        let g = neighbour_graph(&ids, &p);
+        let g = neighbour_graph(&ids, &p, &[3; 32]);
         let kk = p.k(n);
         for (u, nb) in &g {
             assert_eq!(nb.len(), kk, "n {n} k {k}");

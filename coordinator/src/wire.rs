@@ -1,0 +1,165 @@
+//! Reading requests and writing answers on QUIC streams, within fixed memory limits.
+//!
+//! # Memory bound
+//! What one peer can make the coordinator hold is bounded by construction:
+//! - quinn buffers at most [`CONNECTION_RECEIVE_WINDOW`] of unread data and
+//!   [`SEND_WINDOW`] of unacknowledged answers per connection, on at most
+//!   [`MAX_STREAMS_PER_CONNECTION`] concurrent request streams;
+//! - a client id holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections (the oldest is closed);
+//! - a request body is read incrementally: control frames (≤ [`CONTROL_LIMIT`]) as they
+//!   arrive, payload frames (uploads, secure-aggregation messages) only after reserving their
+//!   declared length from a global budget of [`PAYLOAD_BUDGET`] bytes, one payload at a time per
+//!   connection.
+//!
+//! So, with `C` open connections,
+//! `RSS ≲ base + PAYLOAD_BUDGET + C · (CONNECTION_RECEIVE_WINDOW + SEND_WINDOW +
+//! MAX_STREAMS_PER_CONNECTION · CONTROL_LIMIT)`, where `base` is the process, the federation
+//! state and a few copies of the global adapter (≈ 4 × its dense f32 size during aggregation).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedlora_protocol::frame::{self, CONTROL_LIMIT, HEADER_LEN};
+use fedlora_protocol::{ClientMsg, CoordMsg, Refusal, RefusalCode};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::Semaphore;
+use tracing::error;
+
+/// How long a peer may take to send one request frame, seconds.
+pub const REQUEST_TIMEOUT_S: u64 = 30;
+/// Concurrent bidirectional request streams a client may open on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
+/// Flow-control window of one stream, bytes.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Flow-control window of one connection (all its streams), bytes.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+/// Unacknowledged bytes the coordinator sends on one connection.
+pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
+/// Connections one client id may hold open at once (a reconnecting device's new connection
+/// replaces its oldest).
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 2;
+/// Bytes of payload-frame bodies being read at once, over all connections.
+pub const PAYLOAD_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The quinn limits above, plus idle timeout and keep-alive.
+pub fn apply_limits(t: &mut quinn::TransportConfig) {
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.send_window(SEND_WINDOW);
+}
+
+/// The global budget for payload bodies and each connection's one-at-a-time gate.
+#[derive(Clone)]
+pub struct ReadBudget {
+    global: Arc<Semaphore>,
+    connection: Arc<Semaphore>,
+}
+
+impl ReadBudget {
+    /// A budget shared by every connection of a coordinator.
+    pub fn global() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(PAYLOAD_BUDGET / 1024))
+    }
+
+    /// One connection's view of the global budget.
+    pub fn for_connection(global: Arc<Semaphore>) -> Self {
+        Self {
+            global,
+            connection: Arc::new(Semaphore::new(1)),
+        }
+    }
+}
+
+/// A request as read: the message and the bytes its frame took on the wire.
+pub struct Request {
+    /// The decoded, range-checked message.
+    pub msg: ClientMsg,
+    /// Header plus body, bytes.
+    pub wire_bytes: u64,
+}
+
+fn malformed(m: String) -> Refusal {
+    Refusal::new(RefusalCode::Malformed, m)
+}
+
+/// Reads one request frame: header, then the body incrementally (payload bodies within the
+/// budget), then decodes and range-checks it. Refusals say what was wrong.
+pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<Request, Refusal> {
+    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
+    let mut header = [0u8; HEADER_LEN];
+    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
+        Err(_) => return Err(malformed("timed out reading the frame header".into())),
+    }
+    let (kind, len) = frame::parse_header(&header).map_err(|e| e.refusal())?;
+    if !kind.from_client() {
+        return Err(malformed(format!("{kind:?} is not a client message")));
+    }
+    // payload bodies wait for their share of the budget; control bodies are small
+    let _permits = if len > CONTROL_LIMIT {
+        let busy = || Refusal::new(RefusalCode::Internal, "coordinator busy; retry");
+        let reserve = async {
+            let c = budget.connection.clone().acquire_owned().await;
+            let g = budget
+                .global
+                .clone()
+                .acquire_many_owned(len.div_ceil(1024) as u32)
+                .await;
+            (c, g)
+        };
+        match tokio::time::timeout(timeout, reserve).await {
+            Ok((Ok(c), Ok(g))) => Some((c, g)),
+            _ => return Err(busy()),
+        }
+    } else {
+        None
+    };
+    let body = tokio::time::timeout(timeout, read_body(recv, len))
+        .await
+        .map_err(|_| malformed("timed out reading the frame body".into()))??;
+    let msg = frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| e.refusal())?;
+    Ok(Request {
+        msg,
+        wire_bytes: (HEADER_LEN + len) as u64,
+    })
+}
+
+/// Reads exactly `len` bytes, growing the buffer only as data arrives.
+async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, Refusal> {
+    let mut body = Vec::with_capacity(len.min(CONTROL_LIMIT));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(malformed(format!(
+                    "truncated frame body: {} of {len} bytes",
+                    body.len()
+                )))
+            }
+            Err(e) => return Err(malformed(format!("truncated frame body: {e}"))),
+        }
+    }
+    Ok(body)
+}
+
+/// Writes one answer frame and finishes the stream; returns the frame's size. An answer that
+/// cannot be encoded becomes an `Internal` refusal.
+pub async fn respond(send: &mut SendStream, msg: &CoordMsg) -> Result<u64, ()> {
+    let bytes = match frame::encode(msg) {
+        Ok(b) => b,
+        Err(e) => {
+            error!(error = %e, "cannot encode a response");
+            frame::encode(&CoordMsg::Refused(Refusal::new(
+                RefusalCode::Internal,
+                "response too large",
+            )))
+            .map_err(|_| ())?
+        }
+    };
+    send.write_all(&bytes).await.map_err(|_| ())?;
+    send.finish().map_err(|_| ())?;
+    Ok(bytes.len() as u64)
+}
