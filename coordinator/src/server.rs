@@ -1231,3 +1231,62 @@ fn commit(
     let _ = shared.events.send(Event::RoundCommitted { round, version });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::TensorSpec;
+
+    fn spec() -> AdapterSpec {
+        AdapterSpec::new(vec![TensorSpec {
+            name: "a".into(),
+            shape: vec![2, 2],
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_downlink_step_beyond_f16_falls_back_instead_of_panicking() {
+        let held = FlatAdapter::new(spec(), vec![0.0; 4]).unwrap();
+        let near = FlatAdapter::new(spec(), vec![1.0, -2.0, 0.5, 3.0]).unwrap();
+        let (bytes, next) = f16_step(&spec(), &near, &held).expect("fits in f16");
+        assert!(!bytes.is_empty());
+        assert_eq!(next.values(), near.values());
+        // a step above 65504 (f16's largest finite value) has no f16 encoding
+        let far = FlatAdapter::new(spec(), vec![1e6, 0.0, 0.0, 0.0]).unwrap();
+        assert!(f16_step(&spec(), &far, &held).is_none());
+    }
+
+    #[test]
+    fn unmasked_uploads_are_refused_in_dp_and_secure_federations() {
+        use fedlora_protocol::{DpPlan, TrainConfig};
+        let plain = TrainConfig::default();
+        assert!(check_kind(&plain, false).is_ok());
+        assert_eq!(
+            check_kind(&plain, true).unwrap_err().code,
+            RefusalCode::WrongKind
+        );
+        let dp = TrainConfig {
+            dp: Some(DpPlan {
+                clip_norm: 1.0,
+                planned_rounds: 3,
+            }),
+            ..Default::default()
+        };
+        assert!(check_kind(&dp, true).is_ok());
+        assert_eq!(
+            check_kind(&dp, false).unwrap_err().code,
+            RefusalCode::WrongKind
+        );
+        let secure = TrainConfig {
+            secure: Some(fedlora_protocol::secagg::SecAggParams {
+                threshold: 2,
+                neighbours: 3,
+                modulus_bits: 10,
+                stage_timeout_ms: 1_000,
+            }),
+            ..dp
+        };
+        assert!(check_kind(&secure, true).is_err());
+    }
+}
