@@ -164,6 +164,7 @@ async fn dp_clients_send_only_what_their_accountant_covers_and_a_client_without_
                 epsilon: 8.0,
                 delta: 1e-5,
                 accountant: Default::default(),
+                loss_clip: None,
             });
         }
     });

@@ -1,6 +1,7 @@
 //! Secure aggregation over real QUIC + mTLS: the coordinator only ever sees masked inputs; one
 //! client is killed after sharing its keys, and the round still completes with the survivors,
-//! giving exactly the average of their (modular-encoded) deltas.
+//! giving exactly the average of their (modular-encoded) deltas; a malicious client whose input
+//! makes the sum undecodable fails the round, and a fresh round follows.
 
 use std::time::Duration;
 
@@ -36,18 +37,31 @@ async fn send(s: &Session, round: u64, body: SecAggBody) {
     assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
+/// What a scripted client does in its secure round.
+#[derive(Clone, Copy, PartialEq)]
+enum Script {
+    /// Every stage, honestly.
+    Honest,
+    /// Killed after sharing its keys (its connection and secrets are gone).
+    KilledAfterShares,
+    /// Adds `offset` to the weight slot of its input before masking (a malicious client).
+    WeightOffset(u64),
+}
+
+fn modular() -> (Codec, ModularParams) {
     let mp = ModularParams {
         value_bits: 12,
         clamp: 0.2,
         fraction: 0.5,
         max_weight: 4,
     };
-    let codec = Codec::Modular(mp.clone());
-    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    (Codec::Modular(mp.clone()), mp)
+}
+
+/// A coordinator for one secure round of 4 clients (t = 2 of k = 3).
+async fn coordinator(dir: &std::path::Path, certs: &std::path::Path) -> (Coordinator, FlatAdapter) {
+    let (codec, mp) = modular();
+    let mut cfg = CoordinatorConfig::new(dir.join("state"), certs);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.federation = FederationConfig {
         rounds: 1,
@@ -57,7 +71,7 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
         eval_timeout_ms: 200,
         ..Default::default()
     };
-    cfg.federation.train.codec = codec.clone();
+    cfg.federation.train.codec = codec;
     cfg.federation.train.weighting = Weighting::Uniform;
     cfg.federation.train.secure = Some(SecAggParams {
         threshold: 2,
@@ -66,110 +80,135 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
         stage_timeout_ms: 3_000,
     });
     let initial = delta(50);
-    let coord = Coordinator::start(cfg, initial.clone()).await.unwrap();
-    let addr = coord.local_addr().unwrap();
+    (
+        Coordinator::start(cfg, initial.clone()).await.unwrap(),
+        initial,
+    )
+}
 
+/// Client `i` through one secure round as `script` says, over real QUIC. Returns the delta it
+/// contributed (as the coordinator will decode it) unless it was killed, and its session.
+async fn scripted(
+    i: usize,
+    certs: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    script: Script,
+    survivors: usize,
+) -> (Option<FlatAdapter>, Session) {
+    let (codec, mp) = modular();
+    let tls = ClientTls::from_dir(&certs, i);
+    let ep = endpoint(&tls).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let (w, _) = s
+        .request(&ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            spec_hash: spec().hash(),
+        })
+        .await
+        .unwrap();
+    let CoordMsg::Welcome { client_id, .. } = w else {
+        panic!("{w:?}")
+    };
+    let signer = load_signer(&tls.key).unwrap();
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(i as u64);
+    // stage 1
+    let Task::SecAgg { round, task } = next_task(&s).await else {
+        panic!("expected keys")
+    };
+    let SecAggTask::AdvertiseKeys { params } = *task else {
+        panic!("expected keys")
+    };
+    let mut cr = ClientRound::new(round, &client_id, params, SecAggPolicy::default(), &mut rng);
+    send(&s, round, SecAggBody::Keys(cr.advertise(&signer).unwrap())).await;
+    // stage 2
+    let Task::SecAgg { task, .. } = next_task(&s).await else {
+        panic!("expected roster")
+    };
+    let SecAggTask::ShareKeys {
+        roster,
+        certificates,
+        graph_seed,
+    } = *task
+    else {
+        panic!("expected roster")
+    };
+    assert_eq!(certificates.len(), 4);
+    let v = verifier_from_certificates(&tls.ca, &certificates).unwrap();
+    let shares = cr.share_keys(&roster, &graph_seed, &v, &mut rng).unwrap();
+    send(&s, round, SecAggBody::Shares(shares)).await;
+    if script == Script::KilledAfterShares {
+        s.close();
+        return (None, s);
+    }
+    // stage 3: train (here: a known delta), encode, mask
+    let Task::Train(offer) = next_task(&s).await else {
+        panic!("expected the offer")
+    };
+    let ctx = CodecContext {
+        round_seed: offer.codec_seed,
+    };
+    let d = delta(i as u32 + 1);
+    let (bytes, _) = codec.encode_with(d.values(), &ctx, 1, &mut rng);
+    let decoded = Codec::decode(&bytes, &spec(), Some(&codec), &ctx).unwrap();
+    let mut ints = codec.modular_payload(&bytes, &spec()).unwrap();
+    if let Script::WeightOffset(off) = script {
+        let m = (1u64 << mp.modulus_bits()) - 1;
+        let last = ints.last_mut().unwrap();
+        *last = last.wrapping_add(off) & m;
+    }
+    let masked = cr
+        .masked_input(offer.secure_shares.as_ref().unwrap(), &ints)
+        .unwrap();
+    assert_ne!(masked, ints, "what leaves the client is masked");
+    let mut packed = Vec::new();
+    bits::pack(masked, mp.modulus_bits(), &mut packed);
+    send(&s, round, SecAggBody::Input(packed)).await;
+    // stage 4: sign the survivor view
+    let Task::SecAgg { task, .. } = next_task(&s).await else {
+        panic!("expected the consistency check")
+    };
+    let SecAggTask::ConsistencyCheck(view) = *task else {
+        panic!("expected the consistency check")
+    };
+    assert_eq!(view.survivors.len(), survivors);
+    let sig = cr.consistency(&view, &signer).unwrap();
+    send(&s, round, SecAggBody::Consistency(sig)).await;
+    // stage 5: unmask, with the neighbours' signatures of the same view
+    let Task::SecAgg { task, .. } = next_task(&s).await else {
+        panic!("expected unmask")
+    };
+    let SecAggTask::Unmask {
+        request,
+        signatures,
+    } = *task
+    else {
+        panic!("expected unmask")
+    };
+    assert_eq!(request, view);
+    assert_eq!(signatures.len(), survivors);
+    let resp = cr.unmask(&request, &signatures, &v).unwrap();
+    send(&s, round, SecAggBody::Unmask(resp)).await;
+    (Some(decoded), s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
+    let (coord, initial) = coordinator(dir.path(), &certs.0).await;
+    let addr = coord.local_addr().unwrap();
     let mut handles = Vec::new();
     for i in 0..4usize {
-        let certs = certs.0.clone();
-        let (codec, mp) = (codec.clone(), mp.clone());
-        handles.push(tokio::spawn(async move {
-            let tls = ClientTls::from_dir(&certs, i);
-            let ep = endpoint(&tls).unwrap();
-            let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-            let (w, _) = s
-                .request(&ClientMsg::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    spec_hash: spec().hash(),
-                })
-                .await
-                .unwrap();
-            let CoordMsg::Welcome { client_id, .. } = w else {
-                panic!("{w:?}")
-            };
-            let signer = load_signer(&tls.key).unwrap();
-            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(i as u64);
-            // stage 1
-            let Task::SecAgg { round, task } = next_task(&s).await else {
-                panic!("expected keys")
-            };
-            let SecAggTask::AdvertiseKeys { params } = *task else {
-                panic!("expected keys")
-            };
-            let mut cr =
-                ClientRound::new(round, &client_id, params, SecAggPolicy::default(), &mut rng);
-            send(&s, round, SecAggBody::Keys(cr.advertise(&signer).unwrap())).await;
-            // stage 2
-            let Task::SecAgg { task, .. } = next_task(&s).await else {
-                panic!("expected roster")
-            };
-            let SecAggTask::ShareKeys {
-                roster,
-                certificates,
-                graph_seed,
-            } = *task
-            else {
-                panic!("expected roster")
-            };
-            assert_eq!(certificates.len(), 4);
-            let v = verifier_from_certificates(&tls.ca, &certificates).unwrap();
-            let shares = cr.share_keys(&roster, &graph_seed, &v, &mut rng).unwrap();
-            send(&s, round, SecAggBody::Shares(shares)).await;
-            if i == 3 {
-                // killed: the connection and the client's secrets are gone
-                s.close();
-                return None;
-            }
-            // stage 3: train (here: a known delta), encode, mask
-            let Task::Train(offer) = next_task(&s).await else {
-                panic!("expected the offer")
-            };
-            let ctx = CodecContext {
-                round_seed: offer.codec_seed,
-            };
-            let d = delta(i as u32 + 1);
-            let (bytes, _) = codec.encode_with(d.values(), &ctx, 1, &mut rng);
-            let decoded = Codec::decode(&bytes, &spec(), Some(&codec), &ctx).unwrap();
-            let ints = codec.modular_payload(&bytes, &spec()).unwrap();
-            let masked = cr
-                .masked_input(offer.secure_shares.as_ref().unwrap(), &ints)
-                .unwrap();
-            assert_ne!(masked, ints, "what leaves the client is masked");
-            let mut packed = Vec::new();
-            bits::pack(masked, mp.modulus_bits(), &mut packed);
-            send(&s, round, SecAggBody::Input(packed)).await;
-            // stage 4: sign the survivor view
-            let Task::SecAgg { task, .. } = next_task(&s).await else {
-                panic!("expected the consistency check")
-            };
-            let SecAggTask::ConsistencyCheck(view) = *task else {
-                panic!("expected the consistency check")
-            };
-            assert_eq!(view.survivors.len(), 3);
-            assert!(view.dropped.contains("client-3"));
-            let sig = cr.consistency(&view, &signer).unwrap();
-            send(&s, round, SecAggBody::Consistency(sig)).await;
-            // stage 5: unmask, with the neighbours' signatures of the same view
-            let Task::SecAgg { task, .. } = next_task(&s).await else {
-                panic!("expected unmask")
-            };
-            let SecAggTask::Unmask {
-                request,
-                signatures,
-            } = *task
-            else {
-                panic!("expected unmask")
-            };
-            assert_eq!(request, view);
-            assert_eq!(signatures.len(), 3);
-            let resp = cr.unmask(&request, &signatures, &v).unwrap();
-            send(&s, round, SecAggBody::Unmask(resp)).await;
-            Some(decoded)
-        }));
+        let script = if i == 3 {
+            Script::KilledAfterShares
+        } else {
+            Script::Honest
+        };
+        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 3)));
     }
     let mut survivors = Vec::new();
     for h in handles {
-        if let Some(d) = h.await.unwrap() {
+        if let (Some(d), _) = h.await.unwrap() {
             survivors.push(d);
         }
     }
@@ -181,6 +220,10 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
     .unwrap());
     let report = coord.report().unwrap();
     assert_eq!(report.rounds[0].record.participants.len(), 3);
+    assert_eq!(
+        report.rounds[0].record.train_loss, None,
+        "masked inputs carry no loss"
+    );
     let (version, got) = coord.global();
     assert_eq!(version, 1);
     coord.shutdown().await;
@@ -193,4 +236,60 @@ async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors
         let want = f64::from(*i0) + mean;
         assert!((f64::from(*g) - want).abs() < 1e-6, "{j}: {g} vs {want}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sum_that_does_not_decode_fails_the_round_and_a_fresh_round_follows() {
+    // one client offsets its weight slot so that the unmasked weights sum to 0 mod 2^m: the sum
+    // cannot be applied, and the round must fail as a round instead of wedging the federation
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
+    let (coord, _) = coordinator(dir.path(), &certs.0).await;
+    let addr = coord.local_addr().unwrap();
+    let mut events = coord.events();
+    let m = modular().1.modulus_bits();
+    let mut handles = Vec::new();
+    for i in 0..4usize {
+        // 1 + 1 + 1 + (2^m − 3) ≡ 0 (mod 2^m)
+        let script = if i == 0 {
+            Script::WeightOffset((1u64 << m) - 4)
+        } else {
+            Script::Honest
+        };
+        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 4)));
+    }
+    let mut sessions = Vec::new();
+    for h in handles {
+        sessions.push(h.await.unwrap().1);
+    }
+    let (mut failed, mut restarted) = (None, None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while restarted.is_none() {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("the failed secure round is followed by a fresh one")
+            .unwrap();
+        match ev {
+            fedlora_coordinator::Event::RoundFailed { round, reason } => {
+                failed = Some((round, reason))
+            }
+            fedlora_coordinator::Event::RoundStarted { round, .. } if failed.is_some() => {
+                restarted = Some(round)
+            }
+            _ => {}
+        }
+    }
+    let (first, reason) = failed.unwrap();
+    assert!(reason.contains("weight"), "{reason}");
+    assert!(restarted.unwrap() > first);
+    let report = coord.report().unwrap();
+    assert_eq!(report.global_version, 0, "nothing was applied");
+    let rec = &report.rounds[0].record;
+    assert!(
+        matches!(&rec.status, fedlora_coordinator::store::RoundStatus::Failed { reason } if reason.contains("weight")),
+        "{:?}",
+        rec.status
+    );
+    drop(sessions);
+    coord.shutdown().await;
 }

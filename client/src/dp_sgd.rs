@@ -38,6 +38,11 @@ pub struct DpSgdConfig {
     pub expected_batch: usize,
     /// Largest number of examples per backward pass (memory bound), examples.
     pub max_chunk: usize,
+    /// `Some(L)`: also release each step's training loss through the Gaussian mechanism
+    /// ([`fedlora_dp::noisy_clipped_sum`]: per-example losses clipped to [0, L], summed over
+    /// the step's Poisson batch, noise σ·L), which the ledger must record as multiplier σ/√2.
+    /// `None` (the default): the loss is not released.
+    pub loss_clip: Option<f64>,
 }
 
 /// One trainable adapter tensor of the model.
@@ -339,6 +344,7 @@ mod tests {
             noise_multiplier: 0.0,
             expected_batch: refs.len(),
             max_chunk: 4,
+            loss_clip: None,
         };
         let mut noise = GaussianNoise::seeded(0.0, 1);
         let (dp, norms, _) = dp_gradient(&lm, &refs, &cfg, &mut noise, &device);
@@ -355,6 +361,7 @@ mod tests {
             noise_multiplier: 0.0,
             expected_batch: 1,
             max_chunk: 6,
+            loss_clip: None,
         };
         for i in 0..refs.len() {
             let (g, _, _) = dp_gradient(&lm, &refs[i..i + 1], &cfg, &mut noise, &device);

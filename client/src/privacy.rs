@@ -26,6 +26,12 @@ pub struct PrivacyTarget {
     /// Accountant for calibration and the ledger (RDP by default; PLD is tighter).
     #[serde(default)]
     pub accountant: fedlora_dp::Accountant,
+    /// `Some(L)`: opt in to releasing the training loss, through the Gaussian mechanism on
+    /// per-example losses clipped to [0, L] (nats per byte) with the gradient's σ; each step
+    /// then counts as one Gaussian mechanism of multiplier σ/√2, so σ is calibrated √2 times
+    /// larger for the same target. `None` (the default): no loss leaves the device.
+    #[serde(default)]
+    pub loss_clip: Option<f64>,
 }
 
 /// The σ calibrated from a plan, kept so later rounds use the same noise.
@@ -39,12 +45,29 @@ pub struct CalibratedPlan {
     pub expected_batch: u32,
     /// Poisson rate q = expected batch / n, what the ledger records per step.
     pub q: f64,
-    /// Noise multiplier σ.
+    /// Noise multiplier σ of the gradient (and, with loss release, of the loss) mechanism.
     pub sigma: f64,
+    /// Whether σ was calibrated for steps that also release the loss (then every step is
+    /// recorded with multiplier σ/√2).
+    #[serde(default)]
+    pub releases_loss: bool,
     /// The number of local examples n that q was computed from. A round on fewer examples
     /// would sample at a higher rate than the ledger records, so it is declined.
     #[serde(default)]
     pub n_examples: usize,
+}
+
+impl CalibratedPlan {
+    /// The noise multiplier one step is recorded with: σ, or σ/√2 when the step releases the
+    /// loss too (two Gaussian mechanisms of multiplier σ on the same batch; see
+    /// [`fedlora_dp::noisy_clipped_sum`]).
+    pub fn event_sigma(&self) -> f64 {
+        if self.releases_loss {
+            self.sigma / std::f64::consts::SQRT_2
+        } else {
+            self.sigma
+        }
+    }
 }
 
 /// A round the budget allows: what to run and the event to record.
@@ -84,6 +107,13 @@ impl PrivacyState {
     }
 
     fn open_inner(state_dir: Option<&Path>, target: PrivacyTarget) -> Result<Self, ClientError> {
+        if let Some(l) = target.loss_clip {
+            if !(l.is_finite() && l > 0.0) {
+                return Err(ClientError::Config(format!(
+                    "the loss clip bound must be positive and finite, not {l}"
+                )));
+            }
+        }
         let mut ledger = PrivacyLedger::new(target.epsilon, target.delta)
             .map_err(|e| ClientError::Config(e.to_string()))?;
         ledger.accountant = target.accountant;
@@ -151,7 +181,7 @@ impl PrivacyState {
         if self.plan.is_none() {
             let q = (f64::from(cfg.batch_size) / n_examples.max(1) as f64).min(1.0);
             let steps = u64::from(cfg.local_steps) * plan.planned_rounds;
-            let sigma = self
+            let event_sigma = self
                 .target
                 .accountant
                 .noise_multiplier(q, steps, self.target.delta, self.target.epsilon)
@@ -159,17 +189,26 @@ impl PrivacyState {
                     tracing::warn!(error = %e, "cannot calibrate noise for this plan");
                     DeclineReason::CannotCalibrate
                 })?;
+            let releases_loss = self.target.loss_clip.is_some();
             self.plan = Some(CalibratedPlan {
                 plan: plan.clone(),
                 local_steps: cfg.local_steps,
                 expected_batch: cfg.batch_size,
                 q,
-                sigma,
+                sigma: if releases_loss {
+                    event_sigma * std::f64::consts::SQRT_2
+                } else {
+                    event_sigma
+                },
+                releases_loss,
                 n_examples,
             });
         }
         let p = self.plan.as_ref().ok_or(DeclineReason::CannotCalibrate)?;
-        if &p.plan != plan || p.local_steps != cfg.local_steps || p.expected_batch != cfg.batch_size
+        if &p.plan != plan
+            || p.local_steps != cfg.local_steps
+            || p.expected_batch != cfg.batch_size
+            || p.releases_loss != self.target.loss_clip.is_some()
         {
             return Err(DeclineReason::PlanChanged);
         }
@@ -182,7 +221,7 @@ impl PrivacyState {
             );
             return Err(DeclineReason::DataShrank);
         }
-        let event = DpEvent::dp_sgd(p.q, p.sigma, u64::from(cfg.local_steps));
+        let event = DpEvent::dp_sgd(p.q, p.event_sigma(), u64::from(cfg.local_steps));
         match self.ledger.would_exceed(&event) {
             Ok(false) => {}
             Ok(true) | Err(_) => return Err(DeclineReason::Budget),
@@ -193,6 +232,7 @@ impl PrivacyState {
                 noise_multiplier: p.sigma,
                 expected_batch: cfg.batch_size as usize,
                 max_chunk: 64,
+                loss_clip: self.target.loss_clip,
             },
             event,
         })
@@ -271,6 +311,7 @@ mod tests {
             epsilon: 1.0,
             delta: 1e-5,
             accountant: Default::default(),
+            loss_clip: None,
         };
         let plan = DpPlan {
             clip_norm: 1.0,
@@ -304,6 +345,7 @@ mod tests {
             epsilon: 4.0,
             delta: 1e-5,
             accountant: Default::default(),
+            loss_clip: None,
         };
         let plan = DpPlan {
             clip_norm: 1.0,
@@ -348,6 +390,7 @@ mod tests {
             epsilon: 4.0,
             delta: 1e-5,
             accountant: Default::default(),
+            loss_clip: None,
         };
         let mut s = PrivacyState::in_memory(target).unwrap();
         let cfg = TrainConfig {
@@ -364,5 +407,50 @@ mod tests {
             RoundDecision::Decline(DeclineReason::WeightingNotPrivate)
         ));
         assert_eq!(s.epsilon_spent().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn releasing_the_loss_is_charged_as_a_second_gaussian_on_each_step() {
+        let plan = DpPlan {
+            clip_norm: 1.0,
+            planned_rounds: 4,
+        };
+        let cfg = TrainConfig {
+            local_steps: 5,
+            batch_size: 16,
+            weighting: fedlora_protocol::Weighting::Uniform,
+            dp: Some(plan.clone()),
+            ..Default::default()
+        };
+        let target = |loss_clip| PrivacyTarget {
+            epsilon: 2.0,
+            delta: 1e-5,
+            accountant: Default::default(),
+            loss_clip,
+        };
+        let mut quiet = PrivacyState::in_memory(target(None)).unwrap();
+        let a = quiet.approve(&plan, &cfg, 400).unwrap();
+        assert_eq!(a.dp.loss_clip, None);
+        let mut loud = PrivacyState::in_memory(target(Some(4.0))).unwrap();
+        let b = loud.approve(&plan, &cfg, 400).unwrap();
+        assert_eq!(b.dp.loss_clip, Some(4.0));
+        // σ is √2 larger, and the ledger records the joint mechanism, multiplier σ/√2
+        let (sq, sl) = (quiet.plan().unwrap().sigma, loud.plan().unwrap().sigma);
+        assert!(
+            (sl / sq - std::f64::consts::SQRT_2).abs() < 1e-9,
+            "{sq} {sl}"
+        );
+        assert_eq!(b.event, DpEvent::dp_sgd(16.0 / 400.0, sq, 5));
+        // every planned round fits the target, exactly as without the release
+        for round in 1..=4 {
+            let b = loud.approve(&plan, &cfg, 400).unwrap();
+            assert!(loud.spend(round, &b).unwrap() <= 2.0 + 1e-9);
+        }
+        assert_eq!(
+            loud.approve(&plan, &cfg, 400).unwrap_err(),
+            DeclineReason::Budget
+        );
+        // a bad bound is refused
+        assert!(PrivacyState::in_memory(target(Some(f64::NAN))).is_err());
     }
 }

@@ -752,6 +752,7 @@ impl FederatedClient {
                 round: offer.round,
                 spec_hash: self.learner.spec().hash(),
                 payload: self.encode_delta(&out.delta, &offer, 1)?,
+                noised_train_loss: out.released_loss,
             })));
         }
         let weight = match offer.config.weighting {
@@ -874,6 +875,7 @@ mod tests {
             epsilon: 1.0,
             delta: 1e-5,
             accountant: Default::default(),
+            loss_clip: None,
         });
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("state directory"), "{e}");

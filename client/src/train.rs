@@ -139,6 +139,10 @@ pub struct TrainOutcome {
     pub steps: usize,
     /// Wall time of training, seconds.
     pub secs: f64,
+    /// DP training with [`DpSgdConfig::loss_clip`](crate::dp_sgd::DpSgdConfig::loss_clip):
+    /// the mean over steps of the noised clipped loss sums ÷ expected batch, nats per byte —
+    /// the only training loss a DP client may send. `None` otherwise.
+    pub released_loss: Option<f64>,
 }
 
 impl TrainOutcome {
@@ -159,7 +163,38 @@ impl TrainOutcome {
             examples,
             steps: steps as usize,
             secs: started.elapsed().as_secs_f64(),
+            released_loss: None,
         })
+    }
+}
+
+/// Accumulates the released (noised) training loss of DP steps (see
+/// [`TrainOutcome::released_loss`]).
+#[derive(Default)]
+pub struct LossRelease {
+    sum: f64,
+    steps: usize,
+}
+
+impl LossRelease {
+    /// Releases one step's loss if `dp` asks for it: the per-example `losses` of the step's
+    /// batch, clipped, summed and noised with `noise`'s stream, ÷ the expected batch.
+    pub fn step(
+        &mut self,
+        dp: &crate::dp_sgd::DpSgdConfig,
+        losses: impl IntoIterator<Item = f64>,
+        noise: &mut fedlora_dp::GaussianNoise,
+    ) {
+        if let Some(l) = dp.loss_clip {
+            let s = fedlora_dp::noisy_clipped_sum(losses, l, dp.noise_multiplier, noise);
+            self.sum += s / dp.expected_batch.max(1) as f64;
+            self.steps += 1;
+        }
+    }
+
+    /// The mean released loss over the steps, if any was released.
+    pub fn mean(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.sum / self.steps as f64)
     }
 }
 
@@ -294,24 +329,28 @@ impl LocalTrainer {
         let mut model = self.model_with(global)?;
         let mut opt = AdamConfig::new().init();
         let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+        let mut release = LossRelease::default();
         for _ in 0..cfg.local_steps {
             let idx = poisson_sample(rng, train.len(), q);
             let batch: Vec<&[u8]> = idx.iter().map(|&i| train[i].as_slice()).collect();
             let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, &self.device);
             loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
             loss_n += losses.len();
+            release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
             let gp = to_gradients_params(&model, grads);
             model = opt.step(cfg.learning_rate, model, gp);
         }
         let local = extract_adapter(&model, &self.lora);
-        TrainOutcome::finish(
+        let mut out = TrainOutcome::finish(
             &local,
             global,
             (loss_sum, loss_n),
             train.len(),
             cfg.local_steps,
             t0,
-        )
+        )?;
+        out.released_loss = release.mean();
+        Ok(out)
     }
 
     /// Mean held-out next-byte loss of `adapter` on `windows` (no gradients).
@@ -408,5 +447,51 @@ mod tests {
         let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
         let again = trainer.train(&g, &data.train, &cfg, &mut rng).unwrap();
         assert_eq!(again.delta, out.delta);
+    }
+
+    #[test]
+    fn a_dp_trainer_releases_its_loss_only_when_asked_clipped_to_the_bound() {
+        let device = Device::flex().autodiff();
+        let base_cfg = LmConfig {
+            lora: None,
+            ..tiny()
+        };
+        let base = collect_named(&base_cfg.init(&device), NamedFilter::All);
+        let trainer = LocalTrainer::new(tiny(), &base, device).unwrap();
+        let data = ClientData::demo_client(5, 16).unwrap();
+        let train = &data.train[..8];
+        let g = trainer.initial_adapter();
+        let cfg = TrainConfig {
+            local_steps: 3,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            ..Default::default()
+        };
+        // q = 8/8 = 1 (every example every step) and σ = 0, so the release is checkable
+        let dp = |loss_clip| crate::dp_sgd::DpSgdConfig {
+            clip_norm: 1.0,
+            noise_multiplier: 0.0,
+            expected_batch: 8,
+            max_chunk: 8,
+            loss_clip,
+        };
+        let run = |loss_clip| {
+            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
+            let mut noise = fedlora_dp::GaussianNoise::seeded(0.0, 4);
+            trainer
+                .train_dp(&g, train, &cfg, &dp(loss_clip), &mut rng, &mut noise)
+                .unwrap()
+        };
+        assert_eq!(run(None).released_loss, None, "nothing released by default");
+        let wide = run(Some(1e9));
+        let released = wide.released_loss.unwrap();
+        assert!(
+            (released - wide.train_loss).abs() < 1e-5 * wide.train_loss,
+            "{released} vs {}",
+            wide.train_loss
+        );
+        // every per-example loss (≈ ln 256 nats/byte untrained) is clipped to L = 0.1
+        let tight = run(Some(0.1)).released_loss.unwrap();
+        assert!((tight - 0.1).abs() < 1e-9, "{tight}");
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedlora_protocol::frame::{self, FrameKind, HEADER_LEN};
+use fedlora_protocol::frame::{self, HEADER_LEN};
 use fedlora_protocol::{ClientMsg, CoordMsg, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S};
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls_pki_types::pem::PemObject;
@@ -119,20 +119,19 @@ impl Session {
             let mut header = [0u8; HEADER_LEN];
             recv.read_exact(&mut header).await.map_err(transport)?;
             let (kind, len) = frame::parse_header(&header)?;
-            if matches!(
-                kind,
-                FrameKind::Hello
-                    | FrameKind::Poll
-                    | FrameKind::Upload
-                    | FrameKind::EvalReport
-                    | FrameKind::Decline
-            ) {
+            if kind.from_client() {
                 return Err(ClientError::Transport(format!(
                     "coordinator sent a client frame kind {kind:?}"
                 )));
             }
-            let mut body = vec![0u8; len];
-            recv.read_exact(&mut body).await.map_err(transport)?;
+            // grows as data arrives (the coordinator finishes the stream after one frame)
+            let body = recv.read_to_end(len).await.map_err(transport)?;
+            if body.len() != len {
+                return Err(ClientError::Transport(format!(
+                    "answer body is {} bytes, its header says {len}",
+                    body.len()
+                )));
+            }
             let msg = frame::decode_body::<CoordMsg>(kind, &body)?;
             Ok((msg, (HEADER_LEN + len) as u64))
         };
@@ -144,6 +143,11 @@ impl Session {
     /// Sends one request and returns the response and its size on the wire (bytes).
     pub async fn request(&self, msg: &ClientMsg) -> Result<(CoordMsg, u64), ClientError> {
         self.request_raw(&frame::encode(msg)?).await
+    }
+
+    /// The QUIC connection (for tests that open their own streams).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
     }
 
     /// Closes the connection.

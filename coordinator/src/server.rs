@@ -541,7 +541,7 @@ async fn serve_stream(
                 round: u.round,
                 spec_hash: u.spec_hash,
                 weight: 1.0,
-                train_loss: None,
+                train_loss: u.noised_train_loss,
                 private: true,
                 wire_bytes: wire,
             };
@@ -712,7 +712,8 @@ struct Received {
     round: u64,
     spec_hash: SpecHash,
     weight: f64,
-    /// The raw training loss of a non-DP upload (private uploads carry none).
+    /// The training loss the upload carried: raw (non-DP), noised (a DP client that opted
+    /// in), or none.
     train_loss: Option<f64>,
     /// A [`ClientMsg::PrivateUpload`].
     private: bool,

@@ -16,11 +16,12 @@
 //! | released | sensitivity (add/remove one example) | noise | accounted as |
 //! |---|---|---|---|
 //! | the adapter delta (`PrivateUpload.payload`), after any codec and secure masking | per step: C (each example's gradient is clipped to L2 norm C over all adapter tensors jointly) | per step: N(0, σ²C²) on the clipped sum over the Poisson batch, then ÷ expected batch B | `DpEvent::dp_sgd(q = B/n, σ, local_steps)` per round, in the ledger before training starts; compression, masking and the optimizer are post-processing |
+//! | opt-in only (`PrivacyTarget::loss_clip = Some(L)`): the training loss, `PrivateUpload.noised_train_loss` | per step: L (per-example losses clipped to [0, L], summed over the same Poisson batch) | per step: N(0, σ²L²) ([`noisy_clipped_sum`]), then ÷ B, averaged over steps | with the step: gradient and loss together are one Gaussian mechanism of multiplier σ/√2, so the ledger records `dp_sgd(q, σ/√2, steps)` and σ is calibrated √2 larger |
 //! | the round id, the spec hash, the frame's length | 0: fixed by the coordinator and the codec, not by the data | none | nothing |
 //! | `Decline { reason }`: one of a fixed list (`DeclineReason`) | depends on the ledger and the plan, not on the examples, except `DataShrank` (n fell below the n the plan was calibrated for; a device whose data shrinks reveals that it did) | none | nothing |
 //! | `EvalWithheld { version }` | 0 | none | nothing |
 //!
-//! Not released: the training loss, held-out losses and token counts (a DP client withholds
+//! Not released: the raw training loss, held-out losses and token counts (a DP client withholds
 //! its evaluations), the number of examples n, and ε spent (it depends on q = B/n); the
 //! device's ledger is the record of ε. The weight of every DP upload is 1. The sampling rate
 //! the trainer uses, B/n with the current n, is never above the q the ledger records: a round
@@ -39,5 +40,5 @@ pub use calibrate::noise_multiplier;
 pub use error::DpError;
 pub use event::DpEvent;
 pub use ledger::{Accountant, PrivacyLedger};
-pub use mechanism::{clip_l2, l2_norm, GaussianNoise};
+pub use mechanism::{clip_l2, l2_norm, noisy_clipped_sum, GaussianNoise};
 pub use rdp::{dp_sgd_epsilon, RdpAccountant};

@@ -43,6 +43,37 @@ pub fn clip_l2(values: &mut [f32], clip: f64) -> f64 {
     n
 }
 
+/// The Gaussian mechanism on a sum of scalars clipped to `[0, bound]`: returns
+/// `Σ clamp(xᵢ, 0, bound) + N(0, (σ·bound)²)`, the noise drawn from `noise`.
+///
+/// - **Unit and neighbours:** one example (one `xᵢ`), add/remove.
+/// - **Sensitivity:** `bound` (one example moves the clipped sum by at most `bound`).
+/// - **Noise:** standard deviation `σ·bound`, so the noise multiplier is σ.
+/// - **Privacy:** alone, the Gaussian mechanism with multiplier σ. Released on the same Poisson
+///   batch as a DP-SGD gradient step with clip norm C and multiplier σ, the pair is one
+///   Gaussian mechanism on the vector (gradient sum, loss sum · C/bound) with sensitivity √2·C
+///   and noise σ·C: **multiplier σ/√2**, which is how the client's ledger records such a step.
+/// - **Assumes:** non-finite inputs count as `bound` (a NaN loss is clipped, never dropped,
+///   so it cannot change who is in the sum).
+pub fn noisy_clipped_sum(
+    values: impl IntoIterator<Item = f64>,
+    bound: f64,
+    sigma: f64,
+    noise: &mut GaussianNoise,
+) -> f64 {
+    let sum: f64 = values
+        .into_iter()
+        .map(|x| {
+            if x.is_finite() {
+                x.clamp(0.0, bound)
+            } else {
+                bound
+            }
+        })
+        .sum();
+    sum + noise.draw_with_std(sigma * bound)
+}
+
 /// Gaussian noise of a fixed standard deviation from ChaCha20.
 pub struct GaussianNoise {
     std: f64,
@@ -88,6 +119,13 @@ impl GaussianNoise {
         }
     }
 
+    /// One N(0, std²) draw of another standard deviation from the same stream (a second
+    /// Gaussian mechanism on the same step, e.g. [`noisy_clipped_sum`]).
+    pub fn draw_with_std(&mut self, std: f64) -> f64 {
+        let z: f64 = StandardNormal.sample(&mut self.rng);
+        z * std
+    }
+
     /// A uniform draw in [0, 1), for Poisson sampling decisions.
     pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
@@ -97,6 +135,24 @@ impl GaussianNoise {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn noisy_clipped_sum_clips_to_the_bound_and_adds_noise_of_sigma_times_bound() {
+        let mut quiet = GaussianNoise::seeded(0.0, 1);
+        let xs = [-1.0, 0.5, 7.0, f64::NAN, f64::INFINITY];
+        // −1 → 0, 0.5, 7 → 2, NaN → 2, ∞ → 2
+        assert_eq!(noisy_clipped_sum(xs, 2.0, 0.0, &mut quiet), 6.5);
+        // mean 1.5 (three values 0.5), std σ·bound = 1.2: sample mean and variance
+        let mut noise = GaussianNoise::seeded(0.0, 7);
+        let n = 20_000;
+        let draws: Vec<f64> = (0..n)
+            .map(|_| noisy_clipped_sum([0.5, 0.5, 0.5], 2.0, 0.6, &mut noise))
+            .collect();
+        let mean = draws.iter().sum::<f64>() / n as f64;
+        let var = draws.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!((mean - 1.5).abs() < 0.03, "{mean}");
+        assert!((var.sqrt() - 1.2).abs() < 0.03, "{}", var.sqrt());
+    }
 
     #[test]
     fn clipped_norm_is_at_most_c() {

@@ -258,6 +258,7 @@ mod tests {
                 round: 3,
                 spec_hash: [1; 32],
                 payload: vec![4, 5],
+                noised_train_loss: None,
             }),
             ClientMsg::EvalWithheld { version: 4 },
             ClientMsg::Decline {

@@ -127,10 +127,13 @@ pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
                 Ok(())
             }
         },
+        ClientMsg::PrivateUpload(u) => match u.noised_train_loss {
+            Some(l) => finite("private upload's noised train_loss", l),
+            None => Ok(()),
+        },
         ClientMsg::Hello { .. }
         | ClientMsg::Poll { .. }
         | ClientMsg::Decline { .. }
-        | ClientMsg::PrivateUpload(_)
         | ClientMsg::EvalWithheld { .. } => Ok(()),
     }
 }

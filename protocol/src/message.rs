@@ -246,10 +246,11 @@ pub struct Upload {
 
 /// A client's delta for one round of a federation with DP.
 ///
-/// Everything in it is a function of DP-SGD outputs (post-processing): the payload is the
-/// encoded delta of the noised steps. It carries no loss, no weight (the weight is 1: an
-/// example count would leak) and no ε (ε depends on q = B/n, so it leaks n); the device's
-/// ledger is the record of what was spent.
+/// Everything in it is a function of DP outputs (post-processing): the payload is the encoded
+/// delta of the noised steps. It carries no raw statistic: no weight (the weight is 1: an
+/// example count would leak), no ε (ε depends on q = B/n, so it leaks n), and a training loss
+/// only as released by the Gaussian mechanism when the client opted in; the device's ledger is
+/// the record of what was spent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrivateUpload {
     /// Round id the delta was trained for.
@@ -259,6 +260,10 @@ pub struct PrivateUpload {
     /// The delta `local − global`, encoded with the round's codec.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The noised training loss (nats per byte; it can be negative), when the client opted in:
+    /// mean over steps of (Σ per-example losses clipped to [0, L] + N(0, σ²L²)) ÷ expected
+    /// batch, accounted by the client with each step. `None` by default.
+    pub noised_train_loss: Option<f64>,
 }
 
 /// A held-out evaluation of one global version.

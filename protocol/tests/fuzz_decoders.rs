@@ -96,6 +96,7 @@ fn client_seeds() -> Vec<Vec<u8>> {
             round: 2,
             spec_hash: [1; 32],
             payload: vec![8; 40],
+            noised_train_loss: Some(-0.25),
         }),
         ClientMsg::EvalReport(EvalReport {
             version: 1,

@@ -138,6 +138,7 @@ pub fn privacy_target(sweep: &SweepConfig, point: &Point) -> Option<PrivacyTarge
         epsilon: point.epsilon,
         delta: point.delta,
         accountant: sweep.train.accountant,
+        loss_clip: None,
     })
 }
 
@@ -516,6 +517,7 @@ fn plain_round(
                 round,
                 spec_hash: up.spec_hash,
                 payload: up.payload.clone(),
+                noised_train_loss: t.out.released_loss,
             })
         } else {
             ClientMsg::Upload(up.clone())

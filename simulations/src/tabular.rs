@@ -386,8 +386,10 @@ impl Learner for TabularLearner {
                 }
             }
         }
+        let mut release = fedlora_client::train::LossRelease::default();
         for _ in 0..cfg.local_steps {
             let idx = poisson_sample(rng, self.rows.len(), q);
+            let mut step_losses: Vec<f64> = Vec::with_capacity(idx.len());
             let mut sums: Vec<Tensor<2>> = params
                 .iter()
                 .map(|(_, d)| Tensor::<2>::zeros(*d, &inner))
@@ -423,6 +425,7 @@ impl Learner for TabularLearner {
                     .expect("f32");
                 loss_sum += l.iter().map(|v| f64::from(*v)).sum::<f64>();
                 loss_n += l.len();
+                step_losses.extend(l.iter().map(|v| f64::from(*v)));
                 let grads = losses.sum().backward();
                 let g: Vec<Tensor<3>> = leaves
                     .iter()
@@ -431,6 +434,7 @@ impl Learner for TabularLearner {
                 accumulate_clipped(&mut sums, g, dp.clip_norm);
             }
             let noisy = noisy_mean(sums, dp, noise);
+            release.step(dp, step_losses, noise);
             let mut gp = GradientsParams::new();
             for ((id, _), g) in params.iter().zip(noisy) {
                 gp.register(*id, g);
@@ -438,14 +442,16 @@ impl Learner for TabularLearner {
             m = opt.step(cfg.learning_rate, m, gp);
         }
         let local = extract_adapter(&m, &self.model.lora);
-        TrainOutcome::finish(
+        let mut out = TrainOutcome::finish(
             &local,
             global,
             (loss_sum, loss_n),
             self.rows.len(),
             cfg.local_steps,
             t0,
-        )
+        )?;
+        out.released_loss = release.mean();
+        Ok(out)
     }
 
     fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
@@ -534,6 +540,7 @@ mod tests {
             noise_multiplier: 0.0,
             expected_batch: 40,
             max_chunk: 16,
+            loss_clip: None,
         };
         let mut rng = ChaCha20Rng::seed_from_u64(0);
         let mut noise = GaussianNoise::seeded(0.0, 0);

@@ -149,6 +149,7 @@ fn dp_step(reps: usize) -> anyhow::Result<serde_json::Value> {
         noise_multiplier: 1.0,
         expected_batch: batch,
         max_chunk: batch,
+        loss_clip: None,
     };
     let mut noise = fedlora_dp::GaussianNoise::from_os(1.0)?;
     let mut model = trainer.model_with(&g)?;

@@ -53,6 +53,11 @@ pub(crate) struct ClientArgs {
     /// Accountant for calibration and the budget ledger: rdp or pld.
     #[arg(long, default_value = "rdp")]
     accountant: String,
+    /// Under --epsilon, also send each round's training loss, released through the Gaussian
+    /// mechanism on per-example losses clipped to [0, L] nats/byte (accounted with every step;
+    /// σ grows by √2 for the same ε). Off by default: no loss leaves the device.
+    #[arg(long, value_name = "L", requires = "epsilon")]
+    release_train_loss: Option<f64>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -103,6 +108,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             epsilon,
             delta: a.delta,
             accountant,
+            loss_clip: a.release_train_loss,
         });
     let client = FederatedClient::new(cfg, trainer, data)?;
     let rt = tokio::runtime::Runtime::new()?;

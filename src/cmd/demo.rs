@@ -126,6 +126,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             epsilon,
             delta: a.delta,
             accountant,
+            loss_clip: None,
         });
     let tmp = tempfile::tempdir()?;
     let root = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
