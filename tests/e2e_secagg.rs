@@ -58,15 +58,19 @@ fn modular() -> (Codec, ModularParams) {
     (Codec::Modular(mp.clone()), mp)
 }
 
-/// A coordinator for one secure round of 4 clients (t = 2 of k = 3).
-async fn coordinator(dir: &std::path::Path, certs: &std::path::Path) -> (Coordinator, FlatAdapter) {
+/// A coordinator for one secure round of 4 clients (t = 2 of k = 3) that needs `min_clients`.
+async fn coordinator(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+    min_clients: usize,
+) -> (Coordinator, FlatAdapter) {
     let (codec, mp) = modular();
     let mut cfg = CoordinatorConfig::new(dir.join("state"), certs);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.federation = FederationConfig {
         rounds: 1,
         clients_per_round: 4,
-        min_clients: 2,
+        min_clients,
         round_timeout_ms: 3_000,
         eval_timeout_ms: 200,
         ..Default::default()
@@ -195,7 +199,7 @@ async fn scripted(
 async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors() {
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
-    let (coord, initial) = coordinator(dir.path(), &certs.0).await;
+    let (coord, initial) = coordinator(dir.path(), &certs.0, 2).await;
     let addr = coord.local_addr().unwrap();
     let mut handles = Vec::new();
     for i in 0..4usize {
@@ -244,7 +248,7 @@ async fn a_sum_that_does_not_decode_fails_the_round_and_a_fresh_round_follows() 
     // cannot be applied, and the round must fail as a round instead of wedging the federation
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
-    let (coord, _) = coordinator(dir.path(), &certs.0).await;
+    let (coord, _) = coordinator(dir.path(), &certs.0, 2).await;
     let addr = coord.local_addr().unwrap();
     let mut events = coord.events();
     let m = modular().1.modulus_bits();
@@ -290,6 +294,47 @@ async fn a_sum_that_does_not_decode_fails_the_round_and_a_fresh_round_follows() 
         "{:?}",
         rec.status
     );
+    drop(sessions);
+    coord.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_below_min_clients_fails_instead_of_committing() {
+    // min_clients = 4 and one client is killed after sharing keys: the 3 survivors unmask
+    // exactly, but a round needs 4 uploads, so nothing is applied
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
+    let (coord, _) = coordinator(dir.path(), &certs.0, 4).await;
+    let addr = coord.local_addr().unwrap();
+    let mut events = coord.events();
+    let mut handles = Vec::new();
+    for i in 0..4usize {
+        let script = if i == 3 {
+            Script::KilledAfterShares
+        } else {
+            Script::Honest
+        };
+        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 3)));
+    }
+    let mut sessions = Vec::new();
+    for h in handles {
+        sessions.push(h.await.unwrap().1);
+    }
+    let reason = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the round ends")
+            .unwrap();
+        match ev {
+            fedlora_coordinator::Event::RoundFailed { reason, .. } => break reason,
+            fedlora_coordinator::Event::RoundCommitted { .. } => {
+                panic!("a round of 3 committed with min_clients = 4")
+            }
+            _ => {}
+        }
+    };
+    assert!(reason.contains("4 needed"), "{reason}");
+    assert_eq!(coord.report().unwrap().global_version, 0);
     drop(sessions);
     coord.shutdown().await;
 }
