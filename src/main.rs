@@ -4,20 +4,23 @@
 
 mod cmd;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+
+/// Lets every (sub)command take negative numbers as values (`--epsilon -1`), so that the value's
+/// own range check answers instead of clap taking it for a flag.
+fn negative_numbers(c: clap::Command) -> clap::Command {
+    c.allow_negative_numbers(true)
+        .mut_subcommands(negative_numbers)
+}
 
 fn main() {
-    let cli = cmd::Cli::parse();
+    let matches = negative_numbers(cmd::Cli::command()).get_matches();
+    let cli = cmd::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cmd::run(cli) {
         Ok(()) => {}
         Err(e) => {
             eprintln!("error: {e:#}");
-            let code = if e.downcast_ref::<cmd::UsageError>().is_some() {
-                2
-            } else {
-                1
-            };
-            std::process::exit(code);
+            std::process::exit(cmd::exit_code(&e));
         }
     }
 }

@@ -123,7 +123,9 @@ impl ClientData {
 
     /// Reads a UTF-8 or binary text file as a client's data.
     pub fn from_file(path: &Path, context: usize) -> Result<Self, ClientError> {
-        let bytes = std::fs::read(path)?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            ClientError::Data(format!("cannot read the data file {}: {e}", path.display()))
+        })?;
         Self::from_text(&path.display().to_string(), &bytes, context)
     }
 

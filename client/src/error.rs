@@ -10,7 +10,7 @@ pub enum ClientError {
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
     /// The coordinator refused a request.
-    #[error("coordinator refused: {0}")]
+    #[error("the coordinator refused: {0}")]
     Refused(Refusal),
     /// A model or adapter does not fit (missing tensor, wrong shape).
     #[error("model: {0}")]
@@ -21,9 +21,15 @@ pub enum ClientError {
     /// A configuration value is invalid.
     #[error("config: {0}")]
     Config(String),
-    /// Network or TLS failure; the SDK retries these with backoff.
+    /// Network failure (unreachable, timed out, connection lost); the SDK retries these with
+    /// backoff.
     #[error("transport: {0}")]
     Transport(String),
+    /// A TLS failure that waiting cannot heal: the coordinator's certificate is not from the
+    /// configured CA or does not name the server, or the coordinator refused this client's
+    /// certificate. The SDK stops on it unless told to retry forever.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Local state storage failed.
     #[error("storage: {0}")]
     Storage(String),

@@ -33,6 +33,46 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Refuses settings that cannot make an adapter: rank 0, a non-positive or non-finite α,
+    /// dropout outside [0, 1), no targets, a target the model does not have (`valid` lists the
+    /// model's projection names), or the same target twice.
+    pub fn validate(&self, valid: &[&str]) -> Result<(), crate::error::ClientError> {
+        let bad = |m: String| Err(crate::error::ClientError::Config(m));
+        if self.rank == 0 {
+            return bad("LoRA rank must be at least 1 (--rank)".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!(
+                "LoRA alpha must be positive, not {} (--alpha)",
+                self.alpha
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!(
+                "LoRA dropout must be in [0, 1), not {}",
+                self.dropout
+            ));
+        }
+        if self.targets.is_empty() {
+            return bad(format!(
+                "no LoRA targets: name at least one of {} (--targets)",
+                valid.join(", ")
+            ));
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if !valid.contains(&t.as_str()) {
+                return bad(format!(
+                    "unknown LoRA target `{t}`: valid targets are {} (--targets)",
+                    valid.join(", ")
+                ));
+            }
+            if self.targets[..i].contains(t) {
+                return bad(format!("LoRA target `{t}` is listed twice (--targets)"));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the projection called `name` gets an adapter.
     pub fn targets(&self, name: &str) -> bool {
         self.targets.iter().any(|t| t == name)

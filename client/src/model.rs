@@ -7,6 +7,9 @@
 
 use std::collections::HashMap;
 
+/// The projections of [`Lm`] that can carry a LoRA adapter.
+pub const LM_TARGETS: &[&str] = &["q", "k", "v", "o", "fc1", "fc2", "head"];
+
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};

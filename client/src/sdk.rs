@@ -43,6 +43,10 @@ pub struct ClientConfig {
     pub sampling_seed: Option<u64>,
     /// Give up after this many consecutive failed connection attempts (`None`: never).
     pub max_connect_attempts: Option<u32>,
+    /// Keep retrying also after a TLS failure that waiting cannot heal (unknown CA, bad
+    /// signature, wrong server name, a refused certificate). Default false: such a failure
+    /// ends [`FederatedClient::run`] with [`ClientError::Tls`].
+    pub retry_forever: bool,
     /// This client's privacy target. With one, the client trains only under a DP plan and
     /// declines rounds its budget cannot pay for; without one, it declines DP rounds.
     pub privacy: Option<PrivacyTarget>,
@@ -66,6 +70,7 @@ impl ClientConfig {
             backoff_max_ms: 5_000,
             sampling_seed: None,
             max_connect_attempts: None,
+            retry_forever: false,
             privacy: None,
             noise_seed: None,
             secagg: SecAggPolicy::default(),
@@ -235,6 +240,8 @@ impl FederatedClient {
         let mut pending = self.load_pending();
         let mut backoff = self.config.backoff_initial_ms;
         let mut failures = 0u32;
+        let addr = self.config.coordinator;
+        info!(coordinator = %addr, "connecting to the coordinator");
         loop {
             let session = match self.hello(&ep, &mut report).await {
                 Ok(s) => s,
@@ -244,16 +251,27 @@ impl FederatedClient {
                     backoff = (backoff * 2).min(self.config.backoff_max_ms);
                     continue;
                 }
-                Err(ClientError::Transport(e)) => {
+                Err(ClientError::Tls(e)) if !self.config.retry_forever => {
+                    return Err(ClientError::Tls(e))
+                }
+                Err(ClientError::Refused(r)) if r.code.is_fatal() && self.config.retry_forever => {
+                    warn!(coordinator = %addr, code = ?r.code, reason = %r.message,
+                        backoff_ms = backoff, "refused; retrying (--retry-forever)");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
+                    continue;
+                }
+                Err(e @ (ClientError::Transport(_) | ClientError::Tls(_))) => {
                     failures += 1;
                     if self
                         .config
                         .max_connect_attempts
                         .is_some_and(|m| failures >= m)
                     {
-                        return Err(ClientError::Transport(e));
+                        return Err(e);
                     }
-                    warn!(error = %e, backoff_ms = backoff, "connecting failed; retrying");
+                    warn!(coordinator = %addr, error = %e, backoff_ms = backoff,
+                        "cannot reach the coordinator; retrying");
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                     backoff = (backoff * 2).min(self.config.backoff_max_ms);
                     continue;
@@ -273,7 +291,10 @@ impl FederatedClient {
                 }
                 Ok(Outcome::Reconnect) => {}
                 Err(ClientError::Transport(e)) => {
-                    warn!(error = %e, "connection lost; reconnecting");
+                    warn!(coordinator = %addr, error = %e, "connection lost; reconnecting");
+                }
+                Err(ClientError::Tls(e)) if self.config.retry_forever => {
+                    warn!(coordinator = %addr, error = %e, "TLS failure; retrying (--retry-forever)");
                 }
                 Err(e) => return Err(e),
             }

@@ -120,6 +120,7 @@ pub fn initial_adapter(config: &LmConfig) -> Result<FlatAdapter, ClientError> {
         .lora
         .as_ref()
         .ok_or_else(|| ClientError::Config("the config has no adapter".into()))?;
+    lora.validate(crate::model::LM_TARGETS)?;
     Ok(extract_adapter(
         &config.init(&Device::flex().autodiff()),
         lora,
@@ -239,6 +240,7 @@ impl LocalTrainer {
             .lora
             .clone()
             .ok_or_else(|| ClientError::Config("the trainer needs a LoRA config".into()))?;
+        lora.validate(crate::model::LM_TARGETS)?;
         let model = assign_named(config.init(&device), base)?;
         let spec = adapter_spec(&model, &lora);
         Ok(Self {

@@ -88,10 +88,45 @@ fn transport(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
 
+/// How long a QUIC + TLS handshake may take before the coordinator counts as unreachable,
+/// seconds.
+pub const CONNECT_TIMEOUT_S: u64 = 10;
+
+/// Sorts a connection failure: TLS alerts (ours about the coordinator's certificate, or the
+/// coordinator's about ours) are [`ClientError::Tls`], the rest [`ClientError::Transport`].
+fn connection_error(
+    e: &quinn::ConnectionError,
+    addr: SocketAddr,
+    server_name: &str,
+) -> ClientError {
+    use quinn::ConnectionError as E;
+    let tls_alert = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match e {
+        E::TransportError(t) if tls_alert(t.code) => ClientError::Tls(format!(
+            "the coordinator at {addr} failed this client's TLS checks ({t}): is --ca the \
+             federation's CA (from the same `fedlora certs init`), and does the coordinator's \
+             certificate name `{server_name}` (else pass --server-name)?"
+        )),
+        E::ConnectionClosed(c) if tls_alert(c.error_code) => ClientError::Tls(format!(
+            "the coordinator at {addr} refused this client's certificate ({c}): is it from the \
+             federation's current CA, and not revoked?"
+        )),
+        E::TimedOut => ClientError::Transport(format!(
+            "no answer from {addr}: is the coordinator running and reachable on that UDP \
+             address (--coordinator)?"
+        )),
+        other => ClientError::Transport(format!(
+            "connection to {addr}: {other} (is the coordinator running and reachable there?)"
+        )),
+    }
+}
+
 /// One connection to the coordinator.
 #[derive(Clone, Debug)]
 pub struct Session {
     conn: quinn::Connection,
+    addr: SocketAddr,
+    server_name: String,
 }
 
 impl Session {
@@ -102,22 +137,42 @@ impl Session {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Self, ClientError> {
-        let conn = endpoint
+        let connecting = endpoint
             .connect(addr, server_name)
-            .map_err(transport)?
-            .await
-            .map_err(transport)?;
-        Ok(Self { conn })
+            .map_err(|e| ClientError::Config(format!("connecting to {addr}: {e}")))?;
+        match tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_S), connecting).await {
+            Err(_) => Err(ClientError::Transport(format!(
+                "no answer from {addr} within {CONNECT_TIMEOUT_S} s: is the coordinator running \
+                 and reachable on that UDP address (--coordinator)?"
+            ))),
+            Ok(Err(e)) => Err(connection_error(&e, addr, server_name)),
+            Ok(Ok(conn)) => Ok(Self {
+                conn,
+                addr,
+                server_name: server_name.to_string(),
+            }),
+        }
+    }
+
+    /// The error of a request that failed because the connection ended (sorted as
+    /// [`connection_error`] does), or a transport error.
+    fn lost(&self, e: impl std::fmt::Display) -> ClientError {
+        match self.conn.close_reason() {
+            Some(reason) => connection_error(&reason, self.addr, &self.server_name),
+            None => transport(e),
+        }
     }
 
     /// Sends raw bytes as one request and reads one response (tests use it for bad frames).
     pub async fn request_raw(&self, bytes: &[u8]) -> Result<(CoordMsg, u64), ClientError> {
         let fut = async {
-            let (mut send, mut recv) = self.conn.open_bi().await.map_err(transport)?;
-            send.write_all(bytes).await.map_err(transport)?;
-            send.finish().map_err(transport)?;
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
+            send.write_all(bytes).await.map_err(|e| self.lost(e))?;
+            send.finish().map_err(|e| self.lost(e))?;
             let mut header = [0u8; HEADER_LEN];
-            recv.read_exact(&mut header).await.map_err(transport)?;
+            recv.read_exact(&mut header)
+                .await
+                .map_err(|e| self.lost(e))?;
             let (kind, len) = frame::parse_header(&header)?;
             if kind.from_client() {
                 return Err(ClientError::Transport(format!(
@@ -125,7 +180,7 @@ impl Session {
                 )));
             }
             // grows as data arrives (the coordinator finishes the stream after one frame)
-            let body = recv.read_to_end(len).await.map_err(transport)?;
+            let body = recv.read_to_end(len).await.map_err(|e| self.lost(e))?;
             if body.len() != len {
                 return Err(ClientError::Transport(format!(
                     "answer body is {} bytes, its header says {len}",

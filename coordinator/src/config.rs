@@ -52,6 +52,14 @@ pub struct CoordinatorConfig {
     pub udp_recv_buffer: usize,
     /// Delay a waiting client is told to poll again after, milliseconds.
     pub poll_interval_ms: u64,
+    /// Where to serve Prometheus metrics and `/healthz` over HTTP (e.g. 127.0.0.1:9100);
+    /// `None` (the default) serves none.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// How the adapter was chosen, in the user's words (e.g. the CLI flags), for the message a
+    /// client with another adapter gets.
+    #[serde(default)]
+    pub adapter_description: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -65,6 +73,8 @@ impl CoordinatorConfig {
             tick_ms: 100,
             udp_recv_buffer: 4 * 1024 * 1024,
             poll_interval_ms: 200,
+            metrics: None,
+            adapter_description: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod metrics;
 pub mod secure;
 pub mod server;
 pub mod status;

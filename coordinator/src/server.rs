@@ -102,6 +102,8 @@ struct Shared {
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
     budget: Arc<tokio::sync::Semaphore>,
+    /// Operator metrics (served when `config.metrics` is set).
+    metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<Event>,
 }
 
@@ -128,7 +130,14 @@ fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSock
     } else {
         info!(bytes = got, "UDP receive buffer");
     }
-    sock.bind(&addr.into())?;
+    sock.bind(&addr.into()).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another coordinator is running there? choose another --listen port)"
+        } else {
+            ""
+        };
+        CoordinatorError::Config(format!("cannot listen on {addr}: {e}{hint}"))
+    })?;
     Ok(sock.into())
 }
 
@@ -137,6 +146,25 @@ impl Coordinator {
     /// new one from `initial` (global version 0), binds the QUIC endpoint and starts serving.
     pub async fn start(config: CoordinatorConfig, initial: FlatAdapter) -> Result<Self> {
         config.validate()?;
+        if initial.spec().numel() == 0 {
+            return Err(CoordinatorError::Config(
+                "the adapter has no parameters (no LoRA targets?)".into(),
+            ));
+        }
+        // everything that can fail on the user's input fails before anything is created on disk
+        let server_config =
+            crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
+        info!(
+            listen = %config.listen,
+            data_dir = %config.data_dir.display(),
+            federation = %serde_json::to_string(&config.federation).unwrap_or_default(),
+            "effective settings"
+        );
         let spec = initial.spec().clone();
         let store = Store::open(&config.data_dir)?;
         let now = now_ms();
@@ -204,9 +232,6 @@ impl Coordinator {
             Some(&Codec::DenseF32),
             &CodecContext::default(),
         )?;
-        let server_config =
-            crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-        let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),
@@ -233,21 +258,45 @@ impl Coordinator {
             certs: Mutex::new(BTreeMap::new()),
             conns: Mutex::new(BTreeMap::new()),
             budget: ReadBudget::global(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             events,
         });
+        {
+            let m = &shared.metrics;
+            let fed = shared.fed.lock().expect("lock");
+            m.global_version.set(fed.state().global_version as i64);
+            if let Some(dp) = &fed.config().train.dp {
+                m.dp_clip_norm.set(dp.clip_norm);
+                m.dp_planned_rounds.set(dp.planned_rounds as i64);
+            }
+        }
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let ticker = tokio::spawn(tick_loop(shared.clone()));
+        let snapshots = tokio::spawn(snapshot_loop(shared.clone()));
+        let mut tasks = vec![accept, ticker, snapshots];
+        if let Some(l) = metrics_listener {
+            info!(addr = %l.local_addr()?, "serving metrics (/metrics, /healthz)");
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                l,
+                shared.metrics.clone(),
+            )));
+        }
         Ok(Self {
             endpoint,
             shared,
-            tasks: vec![accept, ticker],
+            tasks,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The metrics in the Prometheus text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
     }
 
     /// Subscribes to events.
@@ -381,7 +430,12 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                         .lock()
                         .expect("lock")
                         .insert(client.clone(), conn_id);
-                    shared.fed.lock().expect("lock").connect(&client);
+                    let n = {
+                        let mut fed = shared.fed.lock().expect("lock");
+                        fed.connect(&client);
+                        fed.connected().len()
+                    };
+                    shared.metrics.connected_clients.set(n as i64);
                 }
                 Ok(false) => {}
                 Err(HelloEnd::Close(reason)) => {
@@ -402,7 +456,12 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let mut live = shared.live.lock().expect("lock");
     if live.get(&client) == Some(&conn_id) {
         live.remove(&client);
-        shared.fed.lock().expect("lock").disconnect(&client);
+        let mut fed = shared.fed.lock().expect("lock");
+        fed.disconnect(&client);
+        shared
+            .metrics
+            .connected_clients
+            .set(fed.connected().len() as i64);
     }
 }
 
@@ -454,8 +513,13 @@ async fn handle_hello(
                     Refusal::new(
                         RefusalCode::SpecMismatch,
                         format!(
-                            "federation adapter spec is {}, client's is {}",
+                            "the federation's adapter is {}{}, this client's is {}",
                             shared.spec.short_hash(),
+                            shared
+                                .config
+                                .adapter_description
+                                .as_deref()
+                                .map_or(String::new(), |d| format!(" ({d})")),
                             hex::encode(&spec_hash[..8])
                         ),
                     ),
@@ -473,6 +537,7 @@ async fn handle_hello(
     match refusal {
         Some((r, close)) => {
             warn!(%client, code = ?r.code, reason = %r.message, "hello refused");
+            shared.metrics.refused(&format!("{:?}", r.code));
             let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
             if close {
                 // give the refusal time to reach the peer before closing
@@ -511,11 +576,13 @@ async fn serve_stream(
         Ok(r) => r,
         Err(r) => {
             warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
+            shared.metrics.refused(&format!("{:?}", r.code));
             let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
             return;
         }
     };
     let wire = req.wire_bytes;
+    shared.metrics.bytes_up.inc_by(wire);
     let (reply, round_down) = match req.msg {
         ClientMsg::Hello { .. } => (
             CoordMsg::Refused(Refusal::new(
@@ -555,11 +622,13 @@ async fn serve_stream(
         }
     };
     if let CoordMsg::Refused(r) = &reply {
+        shared.metrics.refused(&format!("{:?}", r.code));
         if r.code != RefusalCode::Malformed {
             warn!(%client, code = ?r.code, reason = %r.message, "request refused");
         }
     }
     if let Ok(n) = respond(&mut send, &reply).await {
+        shared.metrics.bytes_down.inc_by(n);
         if let Some(round) = round_down {
             *shared
                 .bytes_down
@@ -800,6 +869,7 @@ fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMs
         weight = u.weight,
         "upload accepted"
     );
+    shared.metrics.uploads_accepted.inc();
     let _ = shared.events.send(Event::UploadAccepted {
         round: u.round,
         client: client.to_string(),
@@ -858,6 +928,7 @@ fn secure_receive(
             .expect("lock")
             .accept_upload(client, round, meta);
         info!(round, client = %client, bytes, "masked input accepted");
+        shared.metrics.uploads_accepted.inc();
         let _ = shared.events.send(Event::UploadAccepted {
             round,
             client: client.to_string(),
@@ -924,6 +995,30 @@ fn eval_withheld(shared: &Shared, client: &str, version: u64) -> CoordMsg {
     }
     info!(version, %client, "evaluation withheld (private client)");
     CoordMsg::EvalRecorded { version }
+}
+
+/// Keeps `DATA_DIR/status.json` current: written at start and after every event (a burst of
+/// events is written once), so `fedlora status` works while this process holds the store.
+async fn snapshot_loop(shared: Arc<Shared>) {
+    let mut events = shared.events.subscribe();
+    loop {
+        let s = shared.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::status::report(&s.store)
+                .and_then(|r| crate::status::write_snapshot(s.store.dir(), &r))
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            warn!(error = %e, "could not write the status snapshot");
+        }
+        match events.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        // coalesce a burst of events into one write
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while events.try_recv().is_ok() {}
+    }
 }
 
 async fn tick_loop(shared: Arc<Shared>) {
@@ -1123,6 +1218,9 @@ fn fail_record(
         reason: reason.clone(),
     };
     rec.ended_ms = Some(now);
+    shared
+        .metrics
+        .round_ended("failed", now.saturating_sub(rec.started_ms) as f64 / 1e3);
     rec.bytes_down = take_round(&shared.bytes_down, round);
     // per-round counters of a round that is over are dropped
     take_round(&shared.secure_bytes_up, round);
@@ -1222,6 +1320,10 @@ fn commit(
         adapter: new_global,
         encoded,
     };
+    shared
+        .metrics
+        .round_ended("committed", now.saturating_sub(rec.started_ms) as f64 / 1e3);
+    shared.metrics.global_version.set(version as i64);
     drop(fed);
     info!(
         round,

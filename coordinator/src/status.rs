@@ -1,13 +1,15 @@
 //! A report of a coordinator's data directory (`fedlora status`), running or stopped.
 
-use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::store::{ClientRecord, RoundRecord, RoundStatus, Store};
 
 /// The federation-wide held-out loss of one global version: the token-weighted mean of the
 /// clients' reports.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionEval {
     /// Global version.
     pub version: u64,
@@ -20,7 +22,7 @@ pub struct VersionEval {
 }
 
 /// One round in the report.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundReport {
     /// The stored record.
     #[serde(flatten)]
@@ -32,7 +34,7 @@ pub struct RoundReport {
 }
 
 /// What `fedlora status` prints.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// `waiting`, `training`, `evaluating` or `finished`.
     pub phase: String,
@@ -44,6 +46,33 @@ pub struct StatusReport {
     pub evals: Vec<VersionEval>,
     /// Clients seen.
     pub clients: Vec<ClientRecord>,
+}
+
+/// Where a running coordinator keeps its latest report: `DATA_DIR/status.json`, replaced
+/// atomically (temp file, rename) after every event, so `fedlora status` can read it while the
+/// coordinator holds the store's lock.
+pub fn snapshot_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("status.json")
+}
+
+/// Writes `report` as the data directory's snapshot (temp file, then rename).
+pub fn write_snapshot(data_dir: &Path, report: &StatusReport) -> Result<()> {
+    let path = snapshot_path(data_dir);
+    let tmp = data_dir.join(".status.json.tmp");
+    let bytes = serde_json::to_vec(report)
+        .map_err(|e| crate::error::CoordinatorError::Storage(e.to_string()))?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Reads the snapshot a running coordinator wrote.
+pub fn read_snapshot(data_dir: &Path) -> Result<StatusReport> {
+    let path = snapshot_path(data_dir);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| crate::error::CoordinatorError::Storage(format!("{}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| crate::error::CoordinatorError::Storage(format!("{}: {e}", path.display())))
 }
 
 /// Builds the report from an open store.

@@ -192,7 +192,12 @@ impl Store {
             .path(dir.join("state"))
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled reports its file lock as an I/O error of kind WouldBlock, or of another
+                // kind that wraps it ("could not acquire lock")
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     CoordinatorError::Storage(format!(
                         "{} is in use by another process (a running coordinator?)",
                         dir.display()
@@ -210,6 +215,23 @@ impl Store {
             clients: db.open_tree("clients")?,
             db,
         })
+    }
+
+    /// Opens the store of an existing data directory, read and write, creating nothing: a
+    /// directory without a coordinator's state is an error that names it.
+    pub fn open_existing(dir: &Path) -> Result<Self> {
+        if !dir.join("state").is_dir() {
+            return Err(CoordinatorError::Config(format!(
+                "{} holds no coordinator state (give the --data-dir a coordinator ran with)",
+                dir.display()
+            )));
+        }
+        Self::open(dir)
+    }
+
+    /// Whether `dir`'s store is held by a running coordinator (sled's lock).
+    pub fn is_locked(e: &CoordinatorError) -> bool {
+        matches!(e, CoordinatorError::Storage(m) if m.contains("in use by another process"))
     }
 
     /// The data directory.

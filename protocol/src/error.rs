@@ -111,7 +111,7 @@ impl ProtocolError {
 
 /// A typed refusal with a human-readable reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("refused ({code:?}): {message}")]
+#[error("{message}")]
 pub struct Refusal {
     /// What kind of refusal.
     pub code: RefusalCode,

@@ -37,6 +37,7 @@ pub enum Weighting {
 /// The coordinator's proposed DP-SGD plan. Each client calibrates its own noise multiplier σ
 /// from it and its own target (ε, δ), and declines a round its budget cannot pay for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DpPlan {
     /// Per-example L2 clip norm C over all adapter tensors jointly.
     pub clip_norm: f64,
@@ -47,7 +48,7 @@ pub struct DpPlan {
 
 /// What a client does in a round, chosen by the coordinator and identical for all participants.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Optimizer steps per round.
     pub local_steps: u32,

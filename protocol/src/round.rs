@@ -29,7 +29,7 @@ pub type ClientId = String;
 
 /// Federation settings, identical for every round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FederationConfig {
     /// Rounds to commit before the federation ends.
     pub rounds: u64,

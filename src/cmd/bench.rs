@@ -304,12 +304,17 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         stage_timeout_ms: 1_000,
     };
     let n = a.clients;
+    if n < 2 {
+        return Err(super::UsageError(format!(
+            "--clients must be at least 2 for secure aggregation, not {n}"
+        ))
+        .into());
+    }
     p.validate(n).map_err(|e| {
-        anyhow::anyhow!(
+        super::UsageError(format!(
             "--clients {n} --neighbours {} --threshold {}: {e}",
-            a.neighbours,
-            a.threshold
-        )
+            a.neighbours, a.threshold
+        ))
     })?;
     let len = a.params;
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(7);

@@ -26,6 +26,10 @@ enum CertsCmd {
         /// DNS names or IP addresses of the coordinator (repeatable).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        /// Replace an existing CA in --out. Every certificate it issued (the coordinator's and
+        /// every client's) stops working: all parties need the new files.
+        #[arg(long)]
+        force: bool,
     },
     /// Put a client certificate on the coordinator's deny-list (takes effect at its next hello).
     Revoke {
@@ -47,13 +51,32 @@ pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
             out,
             clients,
             server_names,
+            force,
         } => {
             let names = if server_names.is_empty() {
                 default_server_names()
             } else {
                 server_names
             };
-            init_certs(&out, clients, &names)?;
+            let ca = CertDir(out.clone()).ca();
+            if ca.exists() && !force {
+                return Err(UsageError(format!(
+                    "{} already holds a CA ({}): replacing it would invalidate every \
+                     certificate it issued; pass --force to make a new CA anyway",
+                    out.display(),
+                    ca.display()
+                ))
+                .into());
+            }
+            if clients == 0 {
+                return Err(UsageError("--clients must be at least 1".into()).into());
+            }
+            init_certs(&out, clients, &names).map_err(|e| {
+                UsageError(format!(
+                    "cannot write certificates to {}: {e}",
+                    out.display()
+                ))
+            })?;
             println!(
                 "wrote CA, server certificate ({}) and {clients} client certificates to {}",
                 names.join(", "),

@@ -58,6 +58,10 @@ pub(crate) struct ClientArgs {
     /// σ grows by √2 for the same ε). Off by default: no loss leaves the device.
     #[arg(long, value_name = "L", requires = "epsilon")]
     release_train_loss: Option<f64>,
+    /// Keep retrying after failures that waiting cannot heal (unknown CA, bad signature, wrong
+    /// --server-name, a revoked certificate); by default they end the client with exit code 3.
+    #[arg(long)]
+    retry_forever: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -92,7 +96,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let trainer = a.model.trainer()?;
     let context = trainer.config().context;
     let data = match (&a.data, a.client_index) {
-        (Some(p), _) => ClientData::from_file(p, context)?,
+        (Some(p), _) => ClientData::from_file(p, context).map_err(|e| UsageError(e.to_string()))?,
         (None, Some(i)) => ClientData::demo_client(i, context)?,
         (None, None) => {
             return Err(UsageError("give --data FILE or --client-index I".into()).into())
@@ -101,6 +105,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
+    cfg.retry_forever = a.retry_forever;
     let accountant = super::privacy::parse_accountant(&a.accountant)?;
     cfg.privacy = a
         .epsilon
@@ -110,12 +115,63 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             accountant,
             loss_clip: a.release_train_loss,
         });
-    let client = FederatedClient::new(cfg, trainer, data)?;
+    for p in [&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key] {
+        if !p.exists() {
+            return Err(UsageError(format!(
+                "{} not found (make certificates with `fedlora certs init`)",
+                p.display()
+            ))
+            .into());
+        }
+    }
+    let client = FederatedClient::new(cfg, trainer, data).map_err(|e| match e {
+        fedlora_client::error::ClientError::Config(m) => anyhow::Error::new(UsageError(m)),
+        other => other.into(),
+    })?;
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(client.run())?;
+    let report = rt
+        .block_on(client.run())
+        .map_err(|e| explain(e, &a.model))?;
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    let declined: Vec<String> = report
+        .declined
+        .iter()
+        .map(|(r, why)| format!("{r} ({why})"))
+        .collect();
     println!(
-        "{}: uploaded in rounds {:?}, declined {:?}, final version {:?}, ε spent {:?}",
-        report.client_id, report.rounds, report.declined, report.final_version, report.eps_spent
+        "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}",
+        report.client_id,
+        list(&report.rounds),
+        declined.join(", "),
+        report
+            .final_version
+            .map_or("none".into(), |v| v.to_string()),
+        report
+            .eps_spent
+            .map_or("none (no privacy target)".into(), |e| format!("{e:.4}")),
     );
     Ok(())
+}
+
+/// A client failure in the user's words: which flags must agree on a spec mismatch.
+fn explain(e: fedlora_client::error::ClientError, model: &ModelArgs) -> anyhow::Error {
+    use fedlora_client::error::ClientError;
+    use fedlora_protocol::RefusalCode;
+    match e {
+        ClientError::Refused(r) if r.code == RefusalCode::SpecMismatch => {
+            anyhow::Error::new(UsageError(format!(
+                "the coordinator serves another adapter ({}). The coordinator and every client \
+                 must use the same --rank, --alpha, --targets and --ffa; this client has {}",
+                r.message,
+                model.describe()
+            )))
+        }
+        ClientError::Refused(r) if r.code == RefusalCode::VersionMismatch => {
+            anyhow::Error::new(UsageError(format!(
+                "{}: install the same fedlora version as the coordinator",
+                r.message
+            )))
+        }
+        other => other.into(),
+    }
 }

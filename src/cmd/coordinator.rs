@@ -25,9 +25,9 @@ pub(crate) struct FederationArgs {
     /// Fewest uploads a round needs.
     #[arg(long)]
     pub min_clients: Option<usize>,
-    /// Round deadline, seconds.
-    #[arg(long)]
-    pub round_timeout: Option<f64>,
+    /// Round deadline: seconds, or a duration with units (30s, 5m, 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub round_timeout: Option<Duration>,
     /// Local optimizer steps per round.
     #[arg(long)]
     pub local_steps: Option<u32>,
@@ -37,7 +37,8 @@ pub(crate) struct FederationArgs {
     /// Local learning rate (Adam).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Upload codec (dense-f32, f16).
+    /// Upload codec: dense-f32, f16, q8, q4, q2, q1, topk:F, subset:F, or modular:B:C:F:W
+    /// (the one secure aggregation needs; see README "Compression").
     #[arg(long)]
     pub codec: Option<String>,
     /// Aggregation weights: example-count or uniform.
@@ -56,6 +57,20 @@ pub(crate) struct FederationArgs {
     pub dp_clip_norm: Option<f64>,
 }
 
+/// Parses a duration: a plain number of seconds (`600`, `0.5`), or a duration with units
+/// (`30s`, `5m`, `1h 30m`, `250ms`).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<f64>() {
+        return if secs.is_finite() && secs > 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("`{s}` must be a positive duration"))
+        };
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (write seconds, or e.g. 30s, 5m, 1h)"))
+}
+
 /// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +79,7 @@ pub(crate) struct CoordinatorToml {
     data_dir: Option<PathBuf>,
     certs: Option<PathBuf>,
     log_format: Option<String>,
+    metrics: Option<SocketAddr>,
     federation: Option<FederationConfig>,
 }
 
@@ -80,7 +96,7 @@ impl FederationArgs {
             f.min_clients = v;
         }
         if let Some(v) = self.round_timeout {
-            f.round_timeout_ms = (v * 1e3) as u64;
+            f.round_timeout_ms = v.as_millis() as u64;
         }
         let t: &mut TrainConfig = &mut f.train;
         if let Some(v) = self.local_steps {
@@ -138,7 +154,7 @@ impl FederationArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CoordinatorArgs {
-    /// TOML config file (keys: listen, data_dir, certs, log_format, [federation]).
+    /// TOML config file (keys: listen, data_dir, certs, log_format, metrics, [federation]).
     #[arg(long)]
     config: Option<PathBuf>,
     /// UDP address to listen on.
@@ -153,6 +169,10 @@ pub(crate) struct CoordinatorArgs {
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) over HTTP here,
+    /// e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
@@ -161,8 +181,12 @@ pub(crate) struct CoordinatorArgs {
 
 pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     let file: CoordinatorToml = match &a.config {
-        Some(p) => toml::from_str(&std::fs::read_to_string(p)?)
-            .map_err(|e| UsageError(format!("{}: {e}", p.display())))?,
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                UsageError(format!("cannot read the config file {}: {e}", p.display()))
+            })?;
+            toml::from_str(&text).map_err(|e| UsageError(format!("{}: {e}", p.display())))?
+        }
         None => CoordinatorToml::default(),
     };
     let format = match (a.log_format, file.log_format.as_deref()) {
@@ -185,13 +209,25 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(l) = a.listen.or(file.listen) {
         cfg.listen = l;
     }
+    cfg.metrics = a.metrics.or(file.metrics);
+    cfg.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
     cfg.federation = fed;
-    let initial = fedlora_client::train::initial_adapter(&a.model.lm_config())?;
+    let initial = fedlora_client::train::initial_adapter(&a.model.lm_config()?)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let c = Coordinator::start(cfg, initial).await?;
+        let c = Coordinator::start(cfg, initial)
+            .await
+            .map_err(|e| match e {
+                // a file, a port or a setting to fix
+                fedlora_coordinator::CoordinatorError::Config(_)
+                | fedlora_coordinator::CoordinatorError::Tls(_)
+                | fedlora_coordinator::CoordinatorError::Protocol(_) => {
+                    anyhow::Error::new(UsageError(e.to_string()))
+                }
+                other => other.into(),
+            })?;
         tokio::select! {
             ok = c.wait_finished(Duration::from_secs(5)) => {
                 tracing::info!(success = ok, "done");

@@ -71,7 +71,25 @@ fn demo_federation(clients: usize) -> FederationConfig {
 }
 
 pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
+    use super::UsageError;
     super::logging::init(super::logging::LogFormat::Text, "warn");
+    if a.clients == 0 {
+        return Err(UsageError("--clients must be at least 1".into()).into());
+    }
+    if a.secure_aggregation && a.clients < 4 {
+        return Err(UsageError(format!(
+            "--secure-aggregation needs at least 4 --clients (each client shares its secrets \
+             among at least 3 others), not {}",
+            a.clients
+        ))
+        .into());
+    }
+    if let Some(e) = a.epsilon {
+        if !(e.is_finite() && e > 0.0) {
+            return Err(UsageError(format!("--epsilon must be positive, not {e}")).into());
+        }
+    }
+    a.model.lm_config()?;
     let t0 = Instant::now();
     let base = base_path(&a.model.base);
     if !base.exists() {
@@ -141,13 +159,22 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     let datas = (0..a.clients)
         .map(|i| ClientData::demo_client(i, context))
         .collect::<Result<Vec<_>, _>>()?;
+    // the demo holds every client's data, so it measures each global version itself on the
+    // pooled held-out windows (token-weighted, as the clients' reports are); DP clients report
+    // no evaluation
+    let test: Vec<Vec<u8>> = datas.iter().flat_map(|d| d.test.iter().cloned()).collect();
+    let held_out = |adapter: &fedlora_protocol::FlatAdapter| -> anyhow::Result<f64> {
+        Ok(trainer.evaluate(adapter, &test)?.loss)
+    };
+    let mut losses = std::collections::BTreeMap::new();
+    losses.insert(0u64, held_out(&initial)?);
 
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
         let coord = Coordinator::start(cfg, initial).await?;
         let addr = coord.local_addr()?;
         let mut events = coord.events();
-        let mut handles = Vec::new();
+        let mut clients = tokio::task::JoinSet::new();
         for (i, data) in datas.into_iter().enumerate() {
             let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
             cc.state_dir = Some(root.join(format!("client-{i}")));
@@ -155,17 +182,19 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             cc.noise_seed = a.sampling_seed.map(|s| s + 1000 + i as u64);
             cc.privacy = privacy;
             let client = FederatedClient::new(cc, trainer.clone(), data)?;
-            handles.push(tokio::spawn(async move { client.run().await }));
+            clients.spawn(async move { (i, client.run().await) });
         }
         let show = !a.json;
-        let progress = tokio::spawn(async move {
-            let mut bar: Option<ProgressBar> = None;
-            while let Ok(ev) = events.recv().await {
-                match ev {
-                    Event::RoundStarted {
-                        round,
-                        participants,
-                    } if show => {
+        let mut bar: Option<ProgressBar> = None;
+        let mut eps = std::collections::BTreeMap::new();
+        let started = Instant::now();
+        // one loop over the coordinator's events and the clients: a client that fails or
+        // panics ends the demo with its error instead of leaving the coordinator waiting
+        let mut finished = false;
+        while !finished || !clients.is_empty() {
+            tokio::select! {
+                ev = events.recv(), if !finished => match ev {
+                    Ok(Event::RoundStarted { round, participants }) if show => {
                         let b = ProgressBar::new(participants as u64);
                         b.set_style(
                             ProgressStyle::with_template(
@@ -177,43 +206,60 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
                         b.set_message(round.to_string());
                         bar = Some(b);
                     }
-                    Event::UploadAccepted { .. } => {
+                    Ok(Event::UploadAccepted { .. }) => {
                         if let Some(b) = &bar {
                             b.inc(1);
                         }
                     }
-                    Event::RoundCommitted { .. } | Event::RoundFailed { .. } => {
+                    Ok(Event::RoundCommitted { round, version }) => {
                         if let Some(b) = bar.take() {
-                            b.finish();
+                            b.finish_and_clear();
+                        }
+                        let (v, g) = coord.global();
+                        if v == version {
+                            let loss = held_out(&g)?;
+                            losses.insert(version, loss);
+                            if show {
+                                eprintln!(
+                                    "round {round} committed: version {version}, held-out loss \
+                                     {loss:.4} nats/byte (base {:.4}), {:.1} s",
+                                    losses[&0],
+                                    started.elapsed().as_secs_f64()
+                                );
+                            }
                         }
                     }
-                    Event::Finished { .. } => break,
-                    _ => {}
-                }
-            }
-        });
-        let success = coord.wait_finished(Duration::from_millis(500)).await;
-        let mut eps = std::collections::BTreeMap::new();
-        for h in handles {
-            match h.await {
-                Ok(Ok(r)) => {
-                    if let Some(e) = r.eps_spent {
-                        eps.insert(r.client_id, e);
+                    Ok(Event::RoundFailed { round, reason }) => {
+                        if let Some(b) = bar.take() {
+                            b.finish_and_clear();
+                        }
+                        if show {
+                            eprintln!("round {round} failed: {reason}");
+                        }
                     }
-                }
-                Ok(Err(e)) => eprintln!("a client failed: {e}"),
-                Err(e) => eprintln!("a client panicked: {e}"),
+                    Ok(Event::Finished { .. }) => finished = true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(e) => anyhow::bail!("coordinator events: {e}"),
+                },
+                Some(done) = clients.join_next() => match done {
+                    Ok((_, Ok(r))) => {
+                        if let Some(e) = r.eps_spent {
+                            eps.insert(r.client_id, e);
+                        }
+                    }
+                    Ok((i, Err(e))) => anyhow::bail!("client {i} failed: {e}"),
+                    Err(e) => anyhow::bail!("a client task panicked: {e}"),
+                },
             }
         }
-        progress.abort();
+        let success = coord.wait_finished(Duration::from_millis(100)).await;
         let report = coord.report()?;
         coord.shutdown().await;
         anyhow::ensure!(success, "the federation did not complete every round");
         anyhow::Ok((report, eps))
     })?;
     let (report, eps) = report;
-
-    let eval = |v: u64| report.evals.iter().find(|e| e.version == v).map(|e| e.loss);
+    let eval = |v: u64| losses.get(&v).copied();
     let base_loss = eval(0);
     let rounds: Vec<_> = report
         .rounds
@@ -232,7 +278,10 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
                 "round": rec.round,
                 "status": status,
                 "participants": rec.participants.len(),
-                "eval_loss": r.eval_loss,
+                "eval_loss": match rec.status {
+                    RoundStatus::Committed { version } => eval(version),
+                    _ => None,
+                },
                 "train_loss": rec.train_loss,
                 "bytes_up": rec.bytes_up.values().sum::<u64>(),
                 "bytes_down": rec.bytes_down.values().sum::<u64>(),

@@ -54,6 +54,23 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// The process exit code of a failed command: 2 for a usage or input error (a flag, a file,
+/// a config value to fix), 3 for a credential failure that waiting cannot heal (unknown CA, bad
+/// signature, wrong server name, a revoked certificate), 1 for any other runtime failure.
+pub(crate) fn exit_code(e: &anyhow::Error) -> i32 {
+    use fedlora_client::error::ClientError;
+    use fedlora_protocol::RefusalCode;
+    if e.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Tls(_)) => 3,
+        Some(ClientError::Refused(r)) if r.code == RefusalCode::Revoked => 3,
+        Some(ClientError::Config(_) | ClientError::Data(_)) => 2,
+        _ => 1,
+    }
+}
+
 /// Runs a parsed command line.
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

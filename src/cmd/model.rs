@@ -33,7 +33,12 @@ pub(crate) struct ModelArgs {
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
     /// Projections with an adapter, comma-separated (q, k, v, o, fc1, fc2, head).
-    #[arg(long, value_delimiter = ',', default_value = "q,v")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q,v",
+        allow_hyphen_values = false
+    )]
     pub targets: Vec<String>,
     /// FFA-LoRA: freeze A, train and upload B only.
     #[arg(long)]
@@ -41,19 +46,39 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The LM config these flags describe.
-    pub(crate) fn lm_config(&self) -> LmConfig {
-        reference_config(Some(
-            LoraConfig::new()
-                .with_rank(self.rank)
-                .with_alpha(self.alpha)
-                .with_targets(self.targets.clone())
-                .with_freeze_a(self.ffa),
-        ))
+    /// The LM config these flags describe; a usage error (exit 2) when they cannot make an
+    /// adapter (rank 0, an empty or unknown target, …).
+    pub(crate) fn lm_config(&self) -> Result<LmConfig, super::UsageError> {
+        let lora = LoraConfig::new()
+            .with_rank(self.rank)
+            .with_alpha(self.alpha)
+            .with_targets(
+                self.targets
+                    .iter()
+                    .filter(|t| !t.is_empty())
+                    .cloned()
+                    .collect(),
+            )
+            .with_freeze_a(self.ffa);
+        lora.validate(fedlora_client::model::LM_TARGETS)
+            .map_err(|e| super::UsageError(e.to_string().replace("config: ", "")))?;
+        Ok(reference_config(Some(lora)))
+    }
+
+    /// The flags as the user would type them (for messages about mismatched adapters).
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "--rank {} --alpha {} --targets {}{}",
+            self.rank,
+            self.alpha,
+            self.targets.join(","),
+            if self.ffa { " --ffa" } else { "" }
+        )
     }
 
     /// A trainer over the base checkpoint.
     pub(crate) fn trainer(&self) -> anyhow::Result<LocalTrainer> {
+        let cfg = self.lm_config()?;
         let path = base_path(&self.base);
         anyhow::ensure!(
             path.exists(),
@@ -61,7 +86,6 @@ impl ModelArgs {
             path.display(),
             path.display()
         );
-        let cfg = self.lm_config();
         let base = load_base(&cfg, &path)?;
         Ok(LocalTrainer::new(cfg, &base, Device::flex().autodiff())?)
     }

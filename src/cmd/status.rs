@@ -19,8 +19,15 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let store = Store::open(&a.data_dir)?;
-    let r = report(&store)?;
+    let r = match Store::open_existing(&a.data_dir) {
+        Ok(store) => report(&store)?,
+        // a running coordinator holds the store: read the snapshot it keeps current
+        Err(e) if Store::is_locked(&e) => fedlora_coordinator::status::read_snapshot(&a.data_dir)
+            .map_err(|s| {
+            anyhow::anyhow!("{e}; and its status snapshot could not be read: {s}")
+        })?,
+        Err(e) => return Err(UsageError(e.to_string()).into()),
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -81,7 +88,13 @@ pub(crate) struct ExportArgs {
 }
 
 pub(crate) fn export(a: ExportArgs) -> anyhow::Result<()> {
-    let store = Store::open(&a.data_dir)?;
+    let store = Store::open_existing(&a.data_dir).map_err(|e| {
+        if Store::is_locked(&e) {
+            anyhow::anyhow!("{e}: export from a stopped coordinator's directory (or a copy)")
+        } else {
+            UsageError(e.to_string()).into()
+        }
+    })?;
     let version = match a.round {
         None => None,
         Some(n) => match store.round(n)?.map(|r| r.status) {

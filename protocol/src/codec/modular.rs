@@ -16,6 +16,7 @@ use crate::error::ProtocolError;
 
 /// Public parameters of the modular encoding (part of the round config).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModularParams {
     /// Value bits b (2..=24): levels per value are 2^(b−1) − 1 on each side of zero.
     pub value_bits: u8,
