@@ -404,3 +404,48 @@ fn credentials_that_cannot_heal_end_the_client_with_exit_3_and_operators_see_sta
         "{m}"
     );
 }
+
+#[test]
+fn the_demo_shows_progress_on_a_terminal_and_json_stays_one_object() {
+    // a real terminal: util-linux `script` runs the demo under a pty
+    let cmd = format!("{BIN} demo --clients 2 --rounds 2 --local-steps 2 --batch-size 4");
+    let out = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` runs the demo under a pty");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(!screen.contains("panicked at"), "{screen}");
+    assert!(
+        screen.contains("uploads"),
+        "a progress bar while a round runs:\n{screen}"
+    );
+    let first = screen
+        .find("round 1 committed: version 1, held-out loss")
+        .expect("a line when round 1 commits");
+    let second = screen
+        .find("round 2 committed: version 2, held-out loss")
+        .expect("a line when round 2 commits");
+    let table = screen
+        .find("held-out loss (nats/byte): base")
+        .expect("the closing table");
+    assert!(first < second && second < table, "{screen}");
+
+    let out = fedlora(&[
+        "demo",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["final_version"], 1);
+    assert!(v["final_eval_loss"].as_f64().unwrap() > 0.0);
+}

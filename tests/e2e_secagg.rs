@@ -195,21 +195,44 @@ async fn scripted(
     (Some(decoded), s)
 }
 
+/// Runs clients 0..4 as `script_of` says; `survivors` is how many reach the masked input.
+fn launch(
+    certs: &std::path::Path,
+    addr: std::net::SocketAddr,
+    script_of: impl Fn(usize) -> Script,
+    survivors: usize,
+) -> Vec<tokio::task::JoinHandle<(Option<FlatAdapter>, Session)>> {
+    (0..4usize)
+        .map(|i| {
+            tokio::spawn(scripted(
+                i,
+                certs.to_path_buf(),
+                addr,
+                script_of(i),
+                survivors,
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_killed_after_sharing_keys_leaves_an_exact_sum_of_the_survivors() {
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 4, &default_server_names()).unwrap();
     let (coord, initial) = coordinator(dir.path(), &certs.0, 2).await;
     let addr = coord.local_addr().unwrap();
-    let mut handles = Vec::new();
-    for i in 0..4usize {
-        let script = if i == 3 {
-            Script::KilledAfterShares
-        } else {
-            Script::Honest
-        };
-        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 3)));
-    }
+    let handles = launch(
+        &certs.0,
+        addr,
+        |i| {
+            if i == 3 {
+                Script::KilledAfterShares
+            } else {
+                Script::Honest
+            }
+        },
+        3,
+    );
     let mut survivors = Vec::new();
     for h in handles {
         if let (Some(d), _) = h.await.unwrap() {
@@ -252,16 +275,19 @@ async fn a_sum_that_does_not_decode_fails_the_round_and_a_fresh_round_follows() 
     let addr = coord.local_addr().unwrap();
     let mut events = coord.events();
     let m = modular().1.modulus_bits();
-    let mut handles = Vec::new();
-    for i in 0..4usize {
-        // 1 + 1 + 1 + (2^m − 3) ≡ 0 (mod 2^m)
-        let script = if i == 0 {
-            Script::WeightOffset((1u64 << m) - 4)
-        } else {
-            Script::Honest
-        };
-        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 4)));
-    }
+    // 1 + 1 + 1 + (2^m − 3) ≡ 0 (mod 2^m)
+    let handles = launch(
+        &certs.0,
+        addr,
+        |i| {
+            if i == 0 {
+                Script::WeightOffset((1u64 << m) - 4)
+            } else {
+                Script::Honest
+            }
+        },
+        4,
+    );
     let mut sessions = Vec::new();
     for h in handles {
         sessions.push(h.await.unwrap().1);
@@ -307,15 +333,18 @@ async fn a_secure_round_below_min_clients_fails_instead_of_committing() {
     let (coord, _) = coordinator(dir.path(), &certs.0, 4).await;
     let addr = coord.local_addr().unwrap();
     let mut events = coord.events();
-    let mut handles = Vec::new();
-    for i in 0..4usize {
-        let script = if i == 3 {
-            Script::KilledAfterShares
-        } else {
-            Script::Honest
-        };
-        handles.push(tokio::spawn(scripted(i, certs.0.clone(), addr, script, 3)));
-    }
+    let handles = launch(
+        &certs.0,
+        addr,
+        |i| {
+            if i == 3 {
+                Script::KilledAfterShares
+            } else {
+                Script::Honest
+            }
+        },
+        3,
+    );
     let mut sessions = Vec::new();
     for h in handles {
         sessions.push(h.await.unwrap().1);

@@ -304,24 +304,37 @@ pub fn decide_round(
 mod tests {
     use super::*;
 
+    /// An RDP target of `epsilon` at δ = 1e-5.
+    fn target(epsilon: f64, loss_clip: Option<f64>) -> PrivacyTarget {
+        PrivacyTarget {
+            epsilon,
+            delta: 1e-5,
+            accountant: Default::default(),
+            loss_clip,
+        }
+    }
+
+    /// A DP round config of `local_steps` steps of 16 under clip 1 for `planned_rounds`.
+    fn dp_round(local_steps: u32, planned_rounds: u64) -> (DpPlan, TrainConfig) {
+        let plan = DpPlan {
+            clip_norm: 1.0,
+            planned_rounds,
+        };
+        let cfg = TrainConfig {
+            local_steps,
+            batch_size: 16,
+            weighting: fedlora_protocol::Weighting::Uniform,
+            dp: Some(plan.clone()),
+            ..Default::default()
+        };
+        (plan, cfg)
+    }
+
     #[test]
     fn refuses_the_round_past_the_target_also_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let target = PrivacyTarget {
-            epsilon: 1.0,
-            delta: 1e-5,
-            accountant: Default::default(),
-            loss_clip: None,
-        };
-        let plan = DpPlan {
-            clip_norm: 1.0,
-            planned_rounds: 2,
-        };
-        let cfg = TrainConfig {
-            local_steps: 10,
-            batch_size: 16,
-            ..Default::default()
-        };
+        let target = target(1.0, None);
+        let (plan, cfg) = dp_round(10, 2);
         {
             let mut s = PrivacyState::open(dir.path(), target).unwrap();
             for round in 1..=2 {
@@ -341,23 +354,8 @@ mod tests {
     #[test]
     fn a_client_restarted_with_fewer_examples_declines_instead_of_under_recording_q() {
         let dir = tempfile::tempdir().unwrap();
-        let target = PrivacyTarget {
-            epsilon: 4.0,
-            delta: 1e-5,
-            accountant: Default::default(),
-            loss_clip: None,
-        };
-        let plan = DpPlan {
-            clip_norm: 1.0,
-            planned_rounds: 4,
-        };
-        let cfg = TrainConfig {
-            local_steps: 5,
-            batch_size: 16,
-            weighting: fedlora_protocol::Weighting::Uniform,
-            dp: Some(plan.clone()),
-            ..Default::default()
-        };
+        let target = target(4.0, None);
+        let (plan, cfg) = dp_round(5, 4);
         {
             let mut s = PrivacyState::open(dir.path(), target).unwrap();
             let a = s.approve(&plan, &cfg, 400).unwrap();
@@ -386,21 +384,9 @@ mod tests {
 
     #[test]
     fn a_dp_client_refuses_example_count_weighting() {
-        let target = PrivacyTarget {
-            epsilon: 4.0,
-            delta: 1e-5,
-            accountant: Default::default(),
-            loss_clip: None,
-        };
-        let mut s = PrivacyState::in_memory(target).unwrap();
-        let cfg = TrainConfig {
-            dp: Some(DpPlan {
-                clip_norm: 1.0,
-                planned_rounds: 4,
-            }),
-            weighting: fedlora_protocol::Weighting::ExampleCount,
-            ..Default::default()
-        };
+        let mut s = PrivacyState::in_memory(target(4.0, None)).unwrap();
+        let (_, mut cfg) = dp_round(5, 4);
+        cfg.weighting = fedlora_protocol::Weighting::ExampleCount;
         let d = decide_round(Some(&mut s), &cfg, 400, 1).unwrap();
         assert!(matches!(
             d,
@@ -411,23 +397,8 @@ mod tests {
 
     #[test]
     fn releasing_the_loss_is_charged_as_a_second_gaussian_on_each_step() {
-        let plan = DpPlan {
-            clip_norm: 1.0,
-            planned_rounds: 4,
-        };
-        let cfg = TrainConfig {
-            local_steps: 5,
-            batch_size: 16,
-            weighting: fedlora_protocol::Weighting::Uniform,
-            dp: Some(plan.clone()),
-            ..Default::default()
-        };
-        let target = |loss_clip| PrivacyTarget {
-            epsilon: 2.0,
-            delta: 1e-5,
-            accountant: Default::default(),
-            loss_clip,
-        };
+        let (plan, cfg) = dp_round(5, 4);
+        let target = |loss_clip| target(2.0, loss_clip);
         let mut quiet = PrivacyState::in_memory(target(None)).unwrap();
         let a = quiet.approve(&plan, &cfg, 400).unwrap();
         assert_eq!(a.dp.loss_clip, None);

@@ -415,15 +415,20 @@ mod tests {
             .with_context(16)
     }
 
-    #[test]
-    fn local_training_lowers_training_loss_and_returns_a_delta_in_spec() {
+    /// A trainer of the tiny LM over a random frozen base.
+    fn tiny_trainer() -> LocalTrainer {
         let device = Device::flex().autodiff();
         let base_cfg = LmConfig {
             lora: None,
             ..tiny()
         };
         let base = collect_named(&base_cfg.init(&device), NamedFilter::All);
-        let trainer = LocalTrainer::new(tiny(), &base, device).unwrap();
+        LocalTrainer::new(tiny(), &base, device).unwrap()
+    }
+
+    #[test]
+    fn local_training_lowers_training_loss_and_returns_a_delta_in_spec() {
+        let trainer = tiny_trainer();
         let data = ClientData::demo_client(5, 16).unwrap();
         let g = trainer.initial_adapter();
         let before = trainer.evaluate(&g, &data.train[..64]).unwrap();
@@ -453,13 +458,7 @@ mod tests {
 
     #[test]
     fn a_dp_trainer_releases_its_loss_only_when_asked_clipped_to_the_bound() {
-        let device = Device::flex().autodiff();
-        let base_cfg = LmConfig {
-            lora: None,
-            ..tiny()
-        };
-        let base = collect_named(&base_cfg.init(&device), NamedFilter::All);
-        let trainer = LocalTrainer::new(tiny(), &base, device).unwrap();
+        let trainer = tiny_trainer();
         let data = ClientData::demo_client(5, 16).unwrap();
         let train = &data.train[..8];
         let g = trainer.initial_adapter();

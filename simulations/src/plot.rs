@@ -282,16 +282,35 @@ where
     mesh.draw()?;
     for (k, (label, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|p| (p.0, p.1)),
-                color.stroke_width(2),
-            ))?
-            .label(label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        // series that coincide (e.g. identical utility at every ε) stay distinguishable: each
+        // has its own dash pattern and marker, and earlier series are drawn wider underneath
+        let style = k % 4;
+        let width = 1 + (3 - style as u32);
+        let line = pts.iter().map(|p| (p.0, p.1));
+        let drawn = match style {
+            0 => chart.draw_series(LineSeries::new(line, color.stroke_width(width)))?,
+            1 => chart.draw_series(DashedLineSeries::new(
+                line,
+                10,
+                5,
+                color.stroke_width(width),
+            ))?,
+            2 => chart.draw_series(DashedLineSeries::new(line, 2, 5, color.stroke_width(width)))?,
+            _ => chart.draw_series(DashedLineSeries::new(
+                line,
+                16,
+                4,
+                color.stroke_width(width),
+            ))?,
+        };
+        drawn.label(label.clone()).legend(move |(x, y)| {
+            EmptyElement::at((x, y))
+                + PathElement::new(vec![(0, 0), (18, 0)], color.stroke_width(width))
+                + marker(style, (9, 0), color)
+        });
         chart.draw_series(
             pts.iter()
-                .map(|p| Circle::new((p.0, p.1), 3, color.filled())),
+                .map(|p| EmptyElement::at((p.0, p.1)) + marker(style, (0, 0), color)),
         )?;
         chart.draw_series(pts.iter().filter(|p| p.2 > 0.0).map(|p| {
             PathElement::new(
@@ -309,4 +328,18 @@ where
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// The marker of series style `style` (0–3): filled circle, triangle, cross, hollow circle.
+fn marker<DB: DrawingBackend>(
+    style: usize,
+    at: (i32, i32),
+    color: RGBAColor,
+) -> DynElement<'static, DB, (i32, i32)> {
+    match style {
+        0 => Circle::new(at, 4, color.filled()).into_dyn(),
+        1 => TriangleMarker::new(at, 5, color.filled()).into_dyn(),
+        2 => Cross::new(at, 4, color.stroke_width(2)).into_dyn(),
+        _ => Circle::new(at, 5, color.stroke_width(2)).into_dyn(),
+    }
 }

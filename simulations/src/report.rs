@@ -36,11 +36,11 @@ pub fn markdown(
     let t = &sweep.task;
     let _ = writeln!(
         s,
-        "Task `{:?}`, partition `{:?}`{}, {} clients. Local training: {} steps of batch {} \
-         (Poisson-expected under DP), Adam lr {}{}, accountant {:?}. Faults: dropout {}, \
+        "Task `{}`, partition `{}`{}, {} clients. Local training: {} steps of batch {} \
+         (Poisson-expected under DP), Adam lr {}{}, accountant {}. Faults: dropout {}, \
          stragglers {}. {} of {} runs finished{}.\n",
-        t.name,
-        t.partition,
+        config_name(&t.name),
+        config_name(&t.partition),
         if t.partition == crate::task::PartitionName::Dirichlet {
             format!(" (α = {})", t.alpha)
         } else {
@@ -55,7 +55,7 @@ pub fn markdown(
             .dp_learning_rate
             .map(|l| format!(" (under DP {l})"))
             .unwrap_or_default(),
-        sweep.train.accountant,
+        config_name(&sweep.train.accountant),
         sweep.faults.dropout,
         sweep.faults.straggler,
         sums.len(),
@@ -243,4 +243,13 @@ pub fn markdown(
         rows.len()
     );
     s
+}
+
+/// A config value as the sweep file spells it (its serde name, e.g. `bcw`, `dirichlet`, `rdp`).
+fn config_name<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
 }

@@ -228,15 +228,21 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
                 }
                 other => other.into(),
             })?;
-        tokio::select! {
+        let success = tokio::select! {
             ok = c.wait_finished(Duration::from_secs(5)) => {
-                tracing::info!(success = ok, "done");
+                tracing::info!(success = ok, "done: the coordinator exits after its last round");
+                ok
             }
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted; state is on disk, restart to resume");
+                true
             }
-        }
+        };
         c.shutdown().await;
+        anyhow::ensure!(
+            success,
+            "the federation gave up after too many failed rounds (see `fedlora status`)"
+        );
         anyhow::Ok(())
     })
 }
