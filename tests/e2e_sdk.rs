@@ -240,3 +240,48 @@ async fn f16_delta_downlink_halves_bytes_down_after_the_first_round() {
     }
     coord.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_complete_secure_rounds_with_the_consistency_check() {
+    use fedlora_protocol::secagg::SecAggParams;
+    use fedlora_protocol::{Codec, ModularParams, Weighting};
+    let fx = Fixture::new(4);
+    let mut fed = federation(2, 4, 4, 3);
+    fed.train.batch_size = 8;
+    let mp = ModularParams {
+        value_bits: 8,
+        clamp: 0.25,
+        fraction: 0.25,
+        max_weight: 4,
+    };
+    fed.train.codec = Codec::Modular(mp.clone());
+    fed.train.weighting = Weighting::Uniform;
+    fed.train.secure = Some(SecAggParams {
+        threshold: 2,
+        neighbours: 0,
+        modulus_bits: mp.modulus_bits(),
+        stage_timeout_ms: 30_000,
+    });
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 4, |_, cc| {
+        cc.secagg.required = true;
+    });
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("federation finishes");
+    assert!(ok);
+    for r in reports(handles).await {
+        assert_eq!(r.rounds.len(), 2, "{r:?}");
+        assert!(r.declined.is_empty(), "{r:?}");
+    }
+    let report = coord.report().unwrap();
+    assert_eq!(report.global_version, 2);
+    for round in &report.rounds {
+        assert_eq!(round.record.participants.len(), 4);
+        assert_eq!(round.record.train_loss, None, "masked inputs carry no loss");
+    }
+    coord.shutdown().await;
+}
