@@ -322,3 +322,72 @@ async fn modular_uploads_are_aggregated_by_decoding_only_their_sum() {
         assert!((f64::from(*g) - want).abs() < 1e-6, "{g} vs {want}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_optimizer_continues_its_moments_exactly_after_a_restart() {
+    use fedlora_protocol::strategy::{OptimizerState, ServerOptimizer, Strategy};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
+    let strategy = Strategy::FedAdam(ServerOptimizer {
+        server_lr: 0.1,
+        ..Default::default()
+    });
+    let config = || {
+        let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.federation = FederationConfig {
+            rounds: 2,
+            clients_per_round: 2,
+            min_clients: 2,
+            round_timeout_ms: 60_000,
+            eval_timeout_ms: 100,
+            strategy: strategy.clone(),
+            ..Default::default()
+        };
+        cfg
+    };
+    let initial = delta(9);
+    let mut expected = initial.clone();
+    let mut moments = OptimizerState::default();
+    for round_ix in 0..2u32 {
+        // a fresh coordinator process state for each round: round 2 runs after a restart
+        let coord = Coordinator::start(config(), initial.clone()).await.unwrap();
+        let addr = coord.local_addr().unwrap();
+        let mut events = coord.events();
+        let deltas = [delta(2 * round_ix + 1), delta(2 * round_ix + 2)];
+        let mut sessions = Vec::new();
+        for i in 0..2 {
+            let ep = endpoint(&ClientTls::from_dir(&certs.0, i)).unwrap();
+            let (s, w) = hello(&ep, addr, &spec()).await;
+            assert!(matches!(w, CoordMsg::Welcome { .. }), "{w:?}");
+            sessions.push((ep, s));
+        }
+        for ((_, s), d) in sessions.iter().zip(&deltas) {
+            let o = offer(s).await;
+            let (r, _) = s.request(&upload(o.round, d, 1.0)).await.unwrap();
+            assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
+        }
+        loop {
+            if let Ok(fedlora_coordinator::Event::RoundCommitted { .. }) =
+                tokio::time::timeout(Duration::from_secs(30), events.recv())
+                    .await
+                    .expect("the round commits")
+            {
+                break;
+            }
+        }
+        let pairs: Vec<(f64, FlatAdapter)> = deltas.iter().map(|d| (1.0, d.clone())).collect();
+        let averaged = fedavg(&expected, &pairs).unwrap();
+        expected = strategy.step(&mut moments, &expected, averaged).unwrap();
+        let (version, got) = coord.global();
+        assert_eq!(version, u64::from(round_ix) + 1);
+        // bit-exact: the restarted coordinator continued the moments of round 1
+        assert_eq!(got.values(), expected.values(), "round {}", round_ix + 1);
+        let report = coord.report().unwrap();
+        assert!(report
+            .rounds
+            .iter()
+            .all(|r| r.record.strategy == "fed-adam"));
+        coord.shutdown().await;
+    }
+}

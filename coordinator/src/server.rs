@@ -102,6 +102,8 @@ struct Shared {
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
     budget: Arc<tokio::sync::Semaphore>,
+    /// The server optimizer's moments that go with the current global version.
+    opt: Mutex<fedlora_protocol::strategy::OptimizerState>,
     /// Operator metrics (served when `config.metrics` is set).
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<Event>,
@@ -226,6 +228,8 @@ impl Coordinator {
         };
         let version = fed.state().global_version;
         let encoded = store.checkpoint(version)?;
+        // the moments of a server optimizer continue exactly from the current version
+        let opt = store.optimizer_state(version)?.unwrap_or_default();
         let adapter = Codec::decode(
             &encoded,
             &spec,
@@ -258,6 +262,7 @@ impl Coordinator {
             certs: Mutex::new(BTreeMap::new()),
             conns: Mutex::new(BTreeMap::new()),
             budget: ReadBudget::global(),
+            opt: Mutex::new(opt),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             events,
         });
@@ -1139,6 +1144,14 @@ fn tick_once(shared: &Shared) -> Result<()> {
                 bytes_up: BTreeMap::new(),
                 bytes_down: BTreeMap::new(),
                 train_loss: None,
+                strategy: shared
+                    .fed
+                    .lock()
+                    .expect("lock")
+                    .config()
+                    .strategy
+                    .name()
+                    .to_string(),
                 started_ms: now,
                 ended_ms: None,
             };
@@ -1266,14 +1279,27 @@ fn aggregate(
     )
 }
 
+/// Commits `round`: `averaged` is the FedAvg result (global + the round's weighted mean delta),
+/// which the federation's strategy turns into the next global adapter; a server optimizer's
+/// moments are stored with it before the round commits.
 fn commit(
     shared: &Shared,
     round: u64,
-    new_global: FlatAdapter,
+    averaged: FlatAdapter,
     uploads: &BTreeMap<String, UploadMeta>,
     missing: &std::collections::BTreeSet<String>,
     now: u64,
 ) -> Result<()> {
+    let strategy = shared.fed.lock().expect("lock").config().strategy.clone();
+    let mut opt = shared.opt.lock().expect("lock").clone();
+    let new_global = {
+        let global = shared.global.lock().expect("lock");
+        strategy.step(&mut opt, &global.adapter, averaged)?
+    };
+    let next_version = shared.fed.lock().expect("lock").state().global_version + 1;
+    if !opt.m.is_empty() {
+        shared.store.put_optimizer_state(next_version, &opt)?;
+    }
     let encoded = Codec::DenseF32.encode(new_global.values());
     let mut records: BTreeMap<String, u64> = shared
         .store
@@ -1320,6 +1346,7 @@ fn commit(
         adapter: new_global,
         encoded,
     };
+    *shared.opt.lock().expect("lock") = opt;
     shared
         .metrics
         .round_ended("committed", now.saturating_sub(rec.started_ms) as f64 / 1e3);

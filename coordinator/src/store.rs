@@ -99,6 +99,9 @@ pub struct RoundRecord {
     /// Weighted mean of the training losses the aggregated uploads carried, nats/byte: `None`
     /// when they carried none (DP rounds send private uploads, secure rounds masked inputs).
     pub train_loss: Option<f64>,
+    /// The aggregation strategy the round ran with (`fed-avg`, `fed-adam`, …).
+    #[serde(default)]
+    pub strategy: String,
     /// Started, Unix ms.
     pub started_ms: u64,
     /// Ended, Unix ms.
@@ -388,6 +391,41 @@ impl Store {
             .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
         self.flush()?;
         self.drop_round_uploads(round.round)
+    }
+
+    fn optimizer_path(&self, version: u64) -> PathBuf {
+        self.dir
+            .join("checkpoints")
+            .join(format!("v{version}.optimizer.bin"))
+    }
+
+    /// Stores the server optimizer's moments that go with global `version` (a file beside its
+    /// checkpoint, written durably **before** the round commits, so a restart at `version`
+    /// continues from exactly these moments).
+    pub fn put_optimizer_state(
+        &self,
+        version: u64,
+        state: &fedlora_protocol::strategy::OptimizerState,
+    ) -> Result<()> {
+        let bytes =
+            bincode::serde::encode_to_vec(state, bincode::config::standard()).map_err(storage)?;
+        write_file_durably(&self.optimizer_path(version), &bytes)
+    }
+
+    /// The server optimizer's moments of global `version` (`None`: none were stored, as for
+    /// FedAvg or version 0).
+    pub fn optimizer_state(
+        &self,
+        version: u64,
+    ) -> Result<Option<fedlora_protocol::strategy::OptimizerState>> {
+        let path = self.optimizer_path(version);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path)?;
+        let (s, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| storage(format!("{}: {e}", path.display())))?;
+        Ok(Some(s))
     }
 
     /// Stores a round record and the state together (round opened or failed); flushes. A failed

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod message;
 pub mod round;
 pub mod secagg;
+pub mod strategy;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};

@@ -54,6 +54,8 @@ pub struct FederationConfig {
     pub seed: u64,
     /// What every participant trains.
     pub train: TrainConfig,
+    /// How the round's mean delta becomes the next global adapter (FedAvg by default).
+    pub strategy: crate::strategy::Strategy,
 }
 
 impl Default for FederationConfig {
@@ -69,6 +71,7 @@ impl Default for FederationConfig {
             max_failed_rounds: 10,
             seed: 42,
             train: TrainConfig::default(),
+            strategy: crate::strategy::Strategy::default(),
         }
     }
 }
@@ -96,6 +99,14 @@ impl FederationConfig {
             return bad("learning_rate must be positive");
         }
         self.train.codec.validate()?;
+        self.strategy.validate()?;
+        if self.strategy.needs_individual_updates() && self.train.secure.is_some() {
+            return Err(ProtocolError::Config(format!(
+                "strategy {} needs each client's update, and secure aggregation reveals only \
+                 their sum",
+                self.strategy.name()
+            )));
+        }
         if self.train.codec.is_summable() && self.train.weighting != Weighting::Uniform {
             return bad("the modular codec sums unit weights: use uniform weighting");
         }

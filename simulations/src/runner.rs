@@ -113,6 +113,7 @@ pub fn federation_config(
         wait_for_clients: clients,
         max_failed_rounds: point.rounds,
         seed: point.seed,
+        strategy: Default::default(),
         train: TrainConfig {
             local_steps: t.local_steps,
             batch_size: t.batch_size,

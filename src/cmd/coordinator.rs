@@ -55,6 +55,13 @@ pub(crate) struct FederationArgs {
     /// to their own ε). Implies uniform weighting.
     #[arg(long)]
     pub dp_clip_norm: Option<f64>,
+    /// Aggregation strategy: fed-avg, fed-adam, fed-yogi or fed-adagrad (server optimizers
+    /// over the round's mean delta; all work under DP and secure aggregation).
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Server learning rate η of a server-optimizer strategy (default 0.01).
+    #[arg(long)]
+    pub server_lr: Option<f64>,
 }
 
 /// Parses a duration: a plain number of seconds (`600`, `0.5`), or a duration with units
@@ -146,6 +153,23 @@ impl FederationArgs {
         }
         if let Some(dp) = f.train.dp.as_mut() {
             dp.planned_rounds = dp.planned_rounds.max(f.rounds);
+        }
+        if let Some(s) = &self.strategy {
+            f.strategy = fedlora_protocol::strategy::Strategy::from_name(s)
+                .map_err(|e| UsageError(e.to_string().replace("invalid config: ", "")))?;
+        }
+        if let Some(lr) = self.server_lr {
+            match f.strategy.optimizer_mut() {
+                Some(o) => o.server_lr = lr,
+                None => {
+                    return Err(UsageError(
+                        "--server-lr needs a server-optimizer --strategy (fed-adam, fed-yogi, \
+                         fed-adagrad)"
+                            .into(),
+                    )
+                    .into())
+                }
+            }
         }
         f.validate().map_err(|e| UsageError(e.to_string()))?;
         Ok(())

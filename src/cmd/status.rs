@@ -32,7 +32,14 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("phase: {}, global version {}", r.phase, r.global_version);
+    let strategy = r
+        .rounds
+        .last()
+        .map_or("-", |rr| rr.record.strategy.as_str());
+    println!(
+        "phase: {}, global version {}, strategy {strategy}",
+        r.phase, r.global_version
+    );
     println!(
         "{:>5} {:>10} {:>7} {:>12} {:>12} {:>10} {:>10}",
         "round", "status", "uploads", "bytes up", "bytes down", "train", "eval"
