@@ -14,7 +14,8 @@
 //! So, with `C` open connections,
 //! `RSS ≲ base + PAYLOAD_BUDGET + C · (CONNECTION_RECEIVE_WINDOW + SEND_WINDOW +
 //! MAX_STREAMS_PER_CONNECTION · CONTROL_LIMIT)`, where `base` is the process, the federation
-//! state and a few copies of the global adapter (≈ 4 × its dense f32 size during aggregation).
+//! state and a few copies of the global adapter (≈ 4 × its dense f32 size during aggregation),
+//! plus one copy per client under the f16-delta downlink (each client's reconstruction).
 
 use std::sync::Arc;
 use std::time::Duration;
