@@ -183,6 +183,7 @@ impl FederatedClient {
         learner: std::sync::Arc<dyn Learner>,
     ) -> Result<Self, ClientError> {
         config.validate()?;
+        let unmasked = load_unmasked(config.state_dir.as_deref())?;
         let privacy = match (config.privacy, &config.state_dir) {
             (Some(t), Some(dir)) => Some(PrivacyState::open(dir, t)?),
             _ => None,
@@ -194,7 +195,7 @@ impl FederatedClient {
             signer: crate::secure::load_signer(&config.tls.key).ok(),
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
-            unmasked: std::sync::Mutex::new(Default::default()),
+            unmasked: std::sync::Mutex::new(unmasked),
             config,
         })
     }
@@ -533,7 +534,11 @@ impl FederatedClient {
                         .unmask(&request, &signatures, v)
                         .map_err(|e| e.to_string())?;
                     if let Some(version) = st.masked_version {
-                        self.unmasked.lock().expect("lock").insert(version);
+                        // recorded (durably, with a state directory) before any share leaves
+                        let mut done = self.unmasked.lock().expect("lock");
+                        done.insert(version);
+                        record_unmasked(self.config.state_dir.as_deref(), &done)
+                            .map_err(|e| e.to_string())?;
                     }
                     *guard = None;
                     Ok(SecAggBody::Unmask(resp))
@@ -802,6 +807,38 @@ impl FederatedClient {
     }
 }
 
+/// Where a client records the global versions it sent unmask shares for.
+const UNMASKED_FILE: &str = "unmasked_versions.bin";
+
+/// The global versions this client already sent unmask shares for, from its state directory
+/// (empty without one). A file that cannot be read is an error: forgetting it would let a
+/// coordinator collect a second masked view of the same delta.
+fn load_unmasked(
+    state_dir: Option<&std::path::Path>,
+) -> Result<std::collections::BTreeSet<u64>, ClientError> {
+    let Some(path) = state_dir.map(|d| d.join(UNMASKED_FILE)) else {
+        return Ok(Default::default());
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map(|(s, _)| s)
+            .map_err(|e| ClientError::Storage(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(ClientError::Storage(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Saves the set of unmasked global versions in the state directory (temp file, rename).
+fn record_unmasked(
+    state_dir: Option<&std::path::Path>,
+    versions: &std::collections::BTreeSet<u64>,
+) -> Result<(), ClientError> {
+    match state_dir {
+        Some(d) => save_state_file(&d.join(UNMASKED_FILE), versions),
+        None => Ok(()),
+    }
+}
+
 /// The secure-aggregation policy's verdict on an offer (see [`FederatedClient`]); `None`
 /// means the client may train it.
 pub fn secure_policy_decision(
@@ -882,6 +919,22 @@ mod tests {
             secure_policy_decision(&p, &offer(true, true), &done),
             Some(DeclineReason::SecureAggregationPolicy)
         );
+    }
+
+    #[test]
+    fn the_unmasked_versions_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_unmasked(Some(dir.path())).unwrap().is_empty());
+        record_unmasked(Some(dir.path()), &[2u64].into()).unwrap();
+        // a restarted client still refuses a second masked input from version 2
+        let reloaded = load_unmasked(Some(dir.path())).unwrap();
+        assert_eq!(
+            secure_policy_decision(&SecAggPolicy::default(), &offer(true, true), &reloaded),
+            Some(DeclineReason::SecureAggregationPolicy)
+        );
+        // a damaged record is an error, not a silent reset
+        std::fs::write(dir.path().join(UNMASKED_FILE), b"\xff\xff\xff").unwrap();
+        assert!(load_unmasked(Some(dir.path())).is_err());
     }
 
     #[test]
