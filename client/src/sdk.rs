@@ -166,6 +166,38 @@ enum Outcome {
     Reconnect,
 }
 
+/// Exponential backoff between retries: `initial_ms`, doubling up to `max_ms`.
+struct Backoff {
+    next_ms: u64,
+    initial_ms: u64,
+    max_ms: u64,
+}
+
+impl Backoff {
+    fn new(config: &ClientConfig) -> Self {
+        Self {
+            next_ms: config.backoff_initial_ms,
+            initial_ms: config.backoff_initial_ms,
+            max_ms: config.backoff_max_ms,
+        }
+    }
+
+    /// The delay the next [`Backoff::wait`] sleeps, milliseconds.
+    fn ms(&self) -> u64 {
+        self.next_ms
+    }
+
+    /// Sleeps the current delay, then doubles it (up to the maximum).
+    async fn wait(&mut self) {
+        tokio::time::sleep(Duration::from_millis(self.next_ms)).await;
+        self.next_ms = (self.next_ms * 2).min(self.max_ms);
+    }
+
+    fn reset(&mut self) {
+        self.next_ms = self.initial_ms;
+    }
+}
+
 impl FederatedClient {
     /// A client training `trainer`'s adapter on `data`. Opens its privacy ledger (in the state
     /// directory) when it has a privacy target.
@@ -239,28 +271,22 @@ impl FederatedClient {
         let ep = endpoint(&self.config.tls)?;
         let mut report = ClientReport::default();
         let mut pending = self.load_pending();
-        let mut backoff = self.config.backoff_initial_ms;
+        let mut backoff = Backoff::new(&self.config);
         let mut failures = 0u32;
         let addr = self.config.coordinator;
         info!(coordinator = %addr, "connecting to the coordinator");
         loop {
             let session = match self.hello(&ep, &mut report).await {
                 Ok(s) => s,
-                Err(ClientError::Refused(r)) if !r.code.is_fatal() => {
-                    warn!(code = ?r.code, reason = %r.message, "hello refused; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
+                // a refusal that can heal, or any with --retry-forever
+                Err(ClientError::Refused(r)) if !r.code.is_fatal() || self.config.retry_forever => {
+                    warn!(coordinator = %addr, code = ?r.code, reason = %r.message,
+                        backoff_ms = backoff.ms(), "hello refused; retrying");
+                    backoff.wait().await;
                     continue;
                 }
                 Err(ClientError::Tls(e)) if !self.config.retry_forever => {
                     return Err(ClientError::Tls(e))
-                }
-                Err(ClientError::Refused(r)) if r.code.is_fatal() && self.config.retry_forever => {
-                    warn!(coordinator = %addr, code = ?r.code, reason = %r.message,
-                        backoff_ms = backoff, "refused; retrying (--retry-forever)");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
-                    continue;
                 }
                 Err(e @ (ClientError::Transport(_) | ClientError::Tls(_))) => {
                     failures += 1;
@@ -271,15 +297,14 @@ impl FederatedClient {
                     {
                         return Err(e);
                     }
-                    warn!(coordinator = %addr, error = %e, backoff_ms = backoff,
+                    warn!(coordinator = %addr, error = %e, backoff_ms = backoff.ms(),
                         "cannot reach the coordinator; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                    backoff = (backoff * 2).min(self.config.backoff_max_ms);
+                    backoff.wait().await;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            backoff = self.config.backoff_initial_ms;
+            backoff.reset();
             failures = 0;
             match self.serve(&session, &mut report, &mut pending).await {
                 Ok(Outcome::Finished) => {
@@ -389,7 +414,7 @@ impl FederatedClient {
             info!("re-sending an unacknowledged upload");
             self.deliver(s, u, report, pending).await?;
         }
-        let mut refused_backoff = self.config.backoff_initial_ms;
+        let mut refused = Backoff::new(&self.config);
         loop {
             let held_version = self.held.lock().expect("lock").as_ref().map(|h| h.0);
             let reply = self
@@ -456,10 +481,9 @@ impl FederatedClient {
                 // retried after a backoff
                 CoordMsg::Refused(r) if r.code.is_fatal() => return Err(ClientError::Refused(r)),
                 CoordMsg::Refused(r) => {
-                    warn!(code = ?r.code, reason = %r.message, backoff_ms = refused_backoff,
+                    warn!(code = ?r.code, reason = %r.message, backoff_ms = refused.ms(),
                         "poll refused; retrying");
-                    tokio::time::sleep(Duration::from_millis(refused_backoff)).await;
-                    refused_backoff = (refused_backoff * 2).min(self.config.backoff_max_ms);
+                    refused.wait().await;
                     continue;
                 }
                 other => {

@@ -124,10 +124,10 @@ impl Metrics {
         self.round_seconds.observe(seconds);
     }
 
-    /// Counts a refused request.
-    pub fn refused(&self, reason: &str) {
+    /// Counts a refused request, labelled with its refusal code.
+    pub fn refused(&self, code: fedlora_protocol::RefusalCode) {
         self.refused
-            .get_or_create(&vec![("reason".into(), reason.into())])
+            .get_or_create(&vec![("reason".into(), format!("{code:?}"))])
             .inc();
     }
 
@@ -203,7 +203,7 @@ mod tests {
     fn the_exposition_names_every_metric_with_its_labels() {
         let m = Metrics::default();
         m.round_ended("committed", 3.0);
-        m.refused("WrongRound");
+        m.refused(fedlora_protocol::RefusalCode::WrongRound);
         m.uploads_accepted.inc();
         let text = m.encode();
         for needle in [

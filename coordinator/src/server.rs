@@ -542,7 +542,7 @@ async fn handle_hello(
     match refusal {
         Some((r, close)) => {
             warn!(%client, code = ?r.code, reason = %r.message, "hello refused");
-            shared.metrics.refused(&format!("{:?}", r.code));
+            shared.metrics.refused(r.code);
             let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
             if close {
                 // give the refusal time to reach the peer before closing
@@ -581,7 +581,7 @@ async fn serve_stream(
         Ok(r) => r,
         Err(r) => {
             warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
-            shared.metrics.refused(&format!("{:?}", r.code));
+            shared.metrics.refused(r.code);
             let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
             return;
         }
@@ -627,7 +627,7 @@ async fn serve_stream(
         }
     };
     if let CoordMsg::Refused(r) = &reply {
-        shared.metrics.refused(&format!("{:?}", r.code));
+        shared.metrics.refused(r.code);
         if r.code != RefusalCode::Malformed {
             warn!(%client, code = ?r.code, reason = %r.message, "request refused");
         }

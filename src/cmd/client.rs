@@ -96,7 +96,8 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     let trainer = a.model.trainer()?;
     let context = trainer.config().context;
     let data = match (&a.data, a.client_index) {
-        (Some(p), _) => ClientData::from_file(p, context).map_err(|e| UsageError(e.to_string()))?,
+        // a data or config error exits with 2 (see `exit_code`)
+        (Some(p), _) => ClientData::from_file(p, context)?,
         (None, Some(i)) => ClientData::demo_client(i, context)?,
         (None, None) => {
             return Err(UsageError("give --data FILE or --client-index I".into()).into())
@@ -124,10 +125,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let client = FederatedClient::new(cfg, trainer, data).map_err(|e| match e {
-        fedlora_client::error::ClientError::Config(m) => anyhow::Error::new(UsageError(m)),
-        other => other.into(),
-    })?;
+    let client = FederatedClient::new(cfg, trainer, data)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt
         .block_on(client.run())
