@@ -12,6 +12,9 @@ pub enum CoordinatorError {
     /// The state store failed or holds inconsistent data.
     #[error("storage: {0}")]
     Storage(String),
+    /// The data directory's store is held by another process (a running coordinator).
+    #[error("{} is in use by another process (a running coordinator?)", .0.display())]
+    Locked(std::path::PathBuf),
     /// Certificates or TLS setup failed.
     #[error("tls: {0}")]
     Tls(String),

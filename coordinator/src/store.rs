@@ -201,10 +201,7 @@ impl Store {
                     if io.kind() == std::io::ErrorKind::WouldBlock
                         || io.to_string().contains("could not acquire lock") =>
                 {
-                    CoordinatorError::Storage(format!(
-                        "{} is in use by another process (a running coordinator?)",
-                        dir.display()
-                    ))
+                    CoordinatorError::Locked(dir.to_path_buf())
                 }
                 other => storage(other),
             })?;
@@ -232,9 +229,9 @@ impl Store {
         Self::open(dir)
     }
 
-    /// Whether `dir`'s store is held by a running coordinator (sled's lock).
+    /// Whether `e` says the store is held by a running coordinator (sled's lock).
     pub fn is_locked(e: &CoordinatorError) -> bool {
-        matches!(e, CoordinatorError::Storage(m) if m.contains("in use by another process"))
+        matches!(e, CoordinatorError::Locked(_))
     }
 
     /// The data directory.
