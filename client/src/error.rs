@@ -15,6 +15,14 @@ pub enum ClientError {
     /// A model or adapter does not fit (missing tensor, wrong shape).
     #[error("model: {0}")]
     Model(String),
+    /// A model file that cannot be read: truncated, corrupt, or missing a tensor or a setting
+    /// the format requires. Names the file and what is wrong.
+    #[error("model file: {0}")]
+    ModelFile(String),
+    /// A model this version cannot run: an architecture, tensor type, pre-tokenizer or
+    /// setting it does not implement. Names what is missing and what is supported.
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// Training data is unusable (too short for one window, unreadable).
     #[error("data: {0}")]
     Data(String),

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod data;
 pub mod error;
 pub mod learner;
+pub mod llm;
 pub mod lora;
 pub mod model;
 pub mod train;

@@ -144,6 +144,18 @@ impl LoraLinearConfig {
                 device,
             )
         });
+        self.with_base(weight, bias, device)
+    }
+
+    /// Builds the layer around a given frozen base (`weight` in burn layout `[d_in, d_out]`,
+    /// `bias` `[d_out]`, e.g. a pretrained model's), with the adapter initialised as in
+    /// [`init`](Self::init).
+    pub fn with_base(
+        &self,
+        weight: Param<Tensor<2>>,
+        bias: Option<Param<Tensor<1>>>,
+        device: &Device,
+    ) -> LoraLinear {
         let (lora_a, lora_b, scaling, dropout) = match &self.lora {
             Some(cfg) => {
                 use rand::{RngExt, SeedableRng};

@@ -66,7 +66,12 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Tls(_)) => 3,
         Some(ClientError::Refused(r)) if r.code == RefusalCode::Revoked => 3,
-        Some(ClientError::Config(_) | ClientError::Data(_)) => 2,
+        Some(
+            ClientError::Config(_)
+            | ClientError::Data(_)
+            | ClientError::ModelFile(_)
+            | ClientError::Unsupported(_),
+        ) => 2,
         _ => 1,
     }
 }

@@ -1,0 +1,455 @@
+//! The Llama-family decoder (also Qwen2) on burn, with [`LoraLinear`] projections and a KV
+//! cache for generation.
+//!
+//! Per layer: `h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))` with
+//! `n1 = rms_norm(x)`, then `h + down_proj(silu(gate_proj(n2)) · up_proj(n2))` with
+//! `n2 = rms_norm(h)`. Grouped-query attention repeats each key/value head for
+//! `num_heads / num_kv_heads` query heads. RoPE rotates the two halves of each head
+//! (`rotate_half`, as transformers). Module paths mirror Hugging Face's
+//! (`layers.3.self_attn.q_proj`), and the projection names are the LoRA targets
+//! ([`LLM_TARGETS`]).
+
+use burn::module::{Module, Param};
+use burn::nn::RmsNorm;
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, embedding, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::config::LlmConfig;
+use super::gguf::HostTensor;
+use super::weights::WeightMap;
+use crate::error::ClientError;
+use crate::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
+
+/// The projections of [`LlamaLm`] that can carry a LoRA adapter (PEFT's names).
+pub const LLM_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Self-attention with grouped-query heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: LoraLinear,
+    /// Key projection.
+    pub k_proj: LoraLinear,
+    /// Value projection.
+    pub v_proj: LoraLinear,
+    /// Output projection.
+    pub o_proj: LoraLinear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// The SwiGLU MLP.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate projection (through SiLU).
+    pub gate_proj: LoraLinear,
+    /// Up projection.
+    pub up_proj: LoraLinear,
+    /// Down projection.
+    pub down_proj: LoraLinear,
+}
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// A Llama-family / Qwen2 causal LM. Build it with [`LlamaLm::from_weights`].
+#[derive(Module, Debug)]
+pub struct LlamaLm {
+    embed_tokens: Param<Tensor<2>>,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// A separate output head; `None` when it is tied to the token embedding.
+    lm_head: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    inv_freq: Vec<f32>,
+    max_positions: usize,
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn transposed(t: &HostTensor) -> Vec<f32> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0f32; t.data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    out
+}
+
+struct Builder<'a> {
+    w: &'a mut WeightMap,
+    device: &'a Device,
+    lora: Option<&'a LoraConfig>,
+    seed: u64,
+}
+
+impl Builder<'_> {
+    fn tensor1(&mut self, name: &str, n: usize) -> Result<Tensor<1>, ClientError> {
+        let t = self.w.take(name, &[n])?;
+        Ok(Tensor::from_data(TensorData::new(t.data, [n]), self.device))
+    }
+
+    fn tensor2(&mut self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, ClientError> {
+        let t = self.w.take(name, &[rows, cols])?;
+        Ok(Tensor::from_data(
+            TensorData::new(t.data, [rows, cols]),
+            self.device,
+        ))
+    }
+
+    fn norm(&mut self, name: &str, d: usize, eps: f64) -> Result<RmsNorm, ClientError> {
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(self.tensor1(&format!("{name}.weight"), d)?),
+            epsilon: eps,
+        })
+    }
+
+    /// A projection `prefix.{weight,bias}` with HF weight `[d_out, d_in]`.
+    fn linear(
+        &mut self,
+        prefix: &str,
+        target: &str,
+        layer: usize,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<LoraLinear, ClientError> {
+        let w = self.w.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let weight =
+            Tensor::<2>::from_data(TensorData::new(transposed(&w), [d_in, d_out]), self.device);
+        drop(w);
+        let bias = if bias {
+            Some(Param::from_tensor(
+                self.tensor1(&format!("{prefix}.bias"), d_out)?,
+            ))
+        } else {
+            None
+        };
+        let which = LLM_TARGETS.iter().position(|t| *t == target).unwrap_or(7) as u64;
+        let lora = self.lora.filter(|l| l.targets(target)).cloned();
+        Ok(LoraLinearConfig::new(d_in, d_out)
+            .with_bias(bias.is_some())
+            .with_lora(lora)
+            .with_a_seed(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (layer as u64 * 8 + which))
+            .with_base(Param::from_tensor(weight), bias, self.device))
+    }
+}
+
+impl LlamaLm {
+    /// Builds the model from Hugging Face-named weights, consuming them. With `lora`, the
+    /// targeted projections get an adapter (`A` seeded by `seed`, `B` zero) and every base
+    /// weight is frozen.
+    pub fn from_weights(
+        cfg: &LlmConfig,
+        weights: &mut WeightMap,
+        lora: Option<&LoraConfig>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ClientError> {
+        if let Some(l) = lora {
+            l.validate(LLM_TARGETS)?;
+        }
+        let mut b = Builder {
+            w: weights,
+            device,
+            lora,
+            seed,
+        };
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let q_out = cfg.num_heads * hd;
+        let kv_out = cfg.num_kv_heads * hd;
+        let embed_tokens =
+            Param::from_tensor(b.tensor2("model.embed_tokens.weight", cfg.vocab_size, d)?);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let attn = format!("{p}.self_attn");
+            let mlp = format!("{p}.mlp");
+            layers.push(DecoderLayer {
+                input_layernorm: b.norm(&format!("{p}.input_layernorm"), d, cfg.rms_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: b.linear(
+                        &format!("{attn}.q_proj"),
+                        "q_proj",
+                        i,
+                        d,
+                        q_out,
+                        cfg.qkv_bias,
+                    )?,
+                    k_proj: b.linear(
+                        &format!("{attn}.k_proj"),
+                        "k_proj",
+                        i,
+                        d,
+                        kv_out,
+                        cfg.qkv_bias,
+                    )?,
+                    v_proj: b.linear(
+                        &format!("{attn}.v_proj"),
+                        "v_proj",
+                        i,
+                        d,
+                        kv_out,
+                        cfg.qkv_bias,
+                    )?,
+                    o_proj: b.linear(
+                        &format!("{attn}.o_proj"),
+                        "o_proj",
+                        i,
+                        q_out,
+                        d,
+                        cfg.o_bias,
+                    )?,
+                    n_heads: cfg.num_heads,
+                    n_kv_heads: cfg.num_kv_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: b.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: Mlp {
+                    gate_proj: b.linear(
+                        &format!("{mlp}.gate_proj"),
+                        "gate_proj",
+                        i,
+                        d,
+                        cfg.intermediate_size,
+                        false,
+                    )?,
+                    up_proj: b.linear(
+                        &format!("{mlp}.up_proj"),
+                        "up_proj",
+                        i,
+                        d,
+                        cfg.intermediate_size,
+                        false,
+                    )?,
+                    down_proj: b.linear(
+                        &format!("{mlp}.down_proj"),
+                        "down_proj",
+                        i,
+                        cfg.intermediate_size,
+                        d,
+                        false,
+                    )?,
+                },
+            });
+        }
+        let norm = b.norm("model.norm", d, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !b.w.contains("lm_head.weight") {
+            None
+        } else {
+            let head = b.w.take("lm_head.weight", &[cfg.vocab_size, d])?;
+            Some(Param::from_tensor(Tensor::<2>::from_data(
+                TensorData::new(transposed(&head), [d, cfg.vocab_size]),
+                device,
+            )))
+        };
+        let lm = LlamaLm {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+            max_positions: cfg.max_position_embeddings,
+        };
+        Ok(match lora {
+            Some(l) => l.freeze_base(lm),
+            None => lm.no_grad(),
+        })
+    }
+
+    /// The longest sequence (prompt plus generated tokens) the model accepts.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Vocabulary size (width of the logits).
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.shape().dims::<2>()[0]
+    }
+
+    /// Next-token logits of every position.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_cached(tokens, None)
+    }
+
+    /// [`forward`](Self::forward) that continues from (and extends) `cache`: the tokens are
+    /// positions `cache.len()..cache.len() + seq`. With a non-empty cache `seq` must be 1
+    /// (decode one token at a time after the prompt).
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let [_, t] = tokens.dims();
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        assert!(
+            offset == 0 || t == 1,
+            "after the prompt, decode one token at a time"
+        );
+        let device = tokens.device();
+        let (cos, sin) = self.rope_tables(offset, t, &device);
+        let mut x = embedding(self.embed_tokens.val(), tokens);
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                c.layers = vec![None; self.layers.len()];
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &cos, &sin, slot);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(w) => linear(x, w.val(), None),
+            None => linear(x, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// cos and sin of the rotation angles of positions `offset..offset + t`, `[t, head_dim]`
+    /// (each frequency twice: first half and second half of the head).
+    fn rope_tables(&self, offset: usize, t: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let inv = &self.inv_freq;
+        let d = inv.len() * 2;
+        let mut cos = Vec::with_capacity(t * d);
+        let mut sin = Vec::with_capacity(t * d);
+        for p in offset..offset + t {
+            for _half in 0..2 {
+                for &f in inv {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [t, d]), device),
+            Tensor::from_data(TensorData::new(sin, [t, d]), device),
+        )
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]` over the head's halves.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().unsqueeze_dims::<4>(&[0, 1]);
+    let sin = sin.clone().unsqueeze_dims::<4>(&[0, 1]);
+    x * cos + rotated * sin
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let split = |z: Tensor<3>, n: usize| z.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let q = apply_rope(split(self.q_proj.forward(x.clone()), h), cos, sin);
+        let mut k = apply_rope(split(self.k_proj.forward(x.clone()), kv), cos, sin);
+        let mut v = split(self.v_proj.forward(x), kv);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = h / kv;
+        let repeat = |z: Tensor<4>| {
+            if rep == 1 {
+                return z;
+            }
+            let [b, kv, s, hd] = z.dims();
+            z.unsqueeze_dim::<5>(2)
+                .repeat_dim(2, rep)
+                .reshape([b, kv * rep, s, hd])
+        };
+        let opts = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            // one new query attends to every cached key; a prompt is causal within itself
+            is_causal: t > 1,
+        };
+        let ctx = attention(q, repeat(k), repeat(v), None, None, opts)
+            .swap_dims(1, 2)
+            .reshape([b, t, h * hd]);
+        self.o_proj.forward(ctx)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<2>,
+        sin: &Tensor<2>,
+        cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+        let n = self.post_attention_layernorm.forward(h.clone());
+        let m = &self.mlp;
+        h + m
+            .down_proj
+            .forward(silu(m.gate_proj.forward(n.clone())) * m.up_proj.forward(n))
+    }
+}

