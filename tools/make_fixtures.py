@@ -17,7 +17,7 @@ loaders, tokenizers and model against them:
   transformers itself loads it; the `gguf` package's dequantized values of four GGUF tensors;
   the chat template rendered by transformers.
 
-Needs: torch, transformers, tokenizers, gguf, safetensors, numpy (none of them in CI).
+Needs: torch, transformers, tokenizers, gguf, peft, safetensors, numpy (none of them in CI).
 Run from the repository root: `python3 tools/make_fixtures.py`. The output is deterministic for a
 given set of package versions (printed into tests/fixtures/llm/versions.json).
 """
@@ -28,6 +28,7 @@ import shutil
 
 import gguf
 import numpy as np
+import peft
 import safetensors.torch
 import tokenizers
 import torch
@@ -300,6 +301,19 @@ def main():
     reference_logits(f"{OUT}/llama", f"{OUT}/llama/reference.safetensors", ids)
     expected["ids"]["llama"] = llama_tok.encode(TRICKY).ids
 
+    # 1b. a PEFT LoRA adapter on it (random A and B), and the logits PEFT computes with it
+    torch.manual_seed(SEED + 1)
+    base_for_peft = transformers.AutoModelForCausalLM.from_pretrained(f"{OUT}/llama", dtype=torch.float32)
+    lcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    peft.get_peft_model(base_for_peft, lcfg).save_pretrained(f"{OUT}/llama_adapter")
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(f"{OUT}/llama", dtype=torch.float32), f"{OUT}/llama_adapter"
+    )
+    reference_logits(adapted, f"{OUT}/llama_adapter/reference.safetensors", ids)
+    os.remove(f"{OUT}/llama_adapter/README.md") if os.path.exists(f"{OUT}/llama_adapter/README.md") else None
+
     # 2. the same Llama as GGUF, and what transformers computes from that GGUF
     dequant = write_gguf(llama, cfg, llama_tok, f"{OUT}/llama.gguf")
     safetensors.torch.save_file(dequant, f"{OUT}/gguf_dequant.safetensors")
@@ -370,6 +384,7 @@ def main():
                 "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__,
                 "gguf": getattr(gguf, "__version__", "0.19.0"),
+                "peft": peft.__version__,
             },
             f,
             indent=1,

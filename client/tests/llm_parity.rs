@@ -352,3 +352,25 @@ fn truncated_or_corrupt_gguf_and_safetensors_files_are_typed_errors_not_panics()
     std::fs::write(&path, b"hello world").unwrap();
     assert!(matches!(load_err(&path), ClientError::ModelFile(_)));
 }
+
+#[test]
+fn a_peft_adapter_gives_the_logits_peft_computes() {
+    let llm = fedlora_client::llm::load_with_adapter(
+        &fixtures().join("llama"),
+        &fixtures().join("llama_adapter"),
+        &Device::flex(),
+    )
+    .unwrap();
+    let err = max_logit_error(&llm, "llama_adapter/reference.safetensors");
+    assert!(err <= 1e-4, "max |logit - PEFT| = {err}");
+    // the adapter matters: without it the logits are the base model's, far from PEFT's
+    let base = load_fixture("llama");
+    assert!(max_logit_error(&base, "llama_adapter/reference.safetensors") > 1e-2);
+    // the same adapter on the GGUF copy of the model loads too (names match)
+    fedlora_client::llm::load_with_adapter(
+        &fixtures().join("llama.gguf"),
+        &fixtures().join("llama_adapter"),
+        &Device::flex(),
+    )
+    .unwrap();
+}

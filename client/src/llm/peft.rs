@@ -1,0 +1,190 @@
+//! LoRA adapters in Hugging Face PEFT's format: a directory with `adapter_config.json` and
+//! `adapter_model.safetensors`, tensors named
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (`[r, d_in]`) and
+//! `….lora_B.weight` (`[d_out, r]`), the update scaled by `lora_alpha / r` (or
+//! `lora_alpha / √r` with `use_rslora`). These are the layouts [`LoraLinear`] keeps, so the
+//! tensors are used as they are.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde_json::Value;
+
+use super::gguf::HostTensor;
+use super::llama::{LlamaLm, LLM_TARGETS};
+use crate::error::ClientError;
+use crate::lora::{LoraConfig, LoraLinear};
+
+/// What `adapter_config.json` says, reduced to what fedlora applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftAdapterConfig {
+    /// The LoRA shape, with `alpha` set so that `alpha / rank` is PEFT's scaling.
+    pub lora: LoraConfig,
+}
+
+fn bad(path: &Path, m: impl std::fmt::Display) -> ClientError {
+    ClientError::ModelFile(format!("{}: {m}", path.display()))
+}
+
+impl PeftAdapterConfig {
+    /// Reads `dir/adapter_config.json`. Refuses what it would silently get wrong: DoRA,
+    /// per-module rank or alpha patterns, `fan_in_fan_out`, trained biases, adapters on some
+    /// layers only or extra saved modules, targets that are not projections of the
+    /// Llama/Qwen2 model, and a PEFT type other than LoRA.
+    pub fn read(dir: &Path) -> Result<Self, ClientError> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(&path, e))?;
+        let c: Value = serde_json::from_str(&text).map_err(|e| bad(&path, e))?;
+        let ty = c.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+        if ty != "LORA" {
+            return Err(ClientError::Unsupported(format!(
+                "{}: peft_type `{ty}`; fedlora applies LORA adapters",
+                path.display()
+            )));
+        }
+        for key in [
+            "layers_to_transform",
+            "modules_to_save",
+            "layer_replication",
+        ] {
+            if c.get(key).is_some_and(|v| !v.is_null()) {
+                return Err(ClientError::Unsupported(format!(
+                    "{}: `{key}` (fedlora applies LoRA on every layer's projections only)",
+                    path.display()
+                )));
+            }
+        }
+        if c.get("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            return Err(ClientError::Unsupported(format!(
+                "{}: trained biases (`bias` other than \"none\")",
+                path.display()
+            )));
+        }
+        for flag in ["use_dora", "fan_in_fan_out", "lora_bias"] {
+            if c.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(ClientError::Unsupported(format!(
+                    "{}: `{flag} = true`",
+                    path.display()
+                )));
+            }
+        }
+        for pattern in ["rank_pattern", "alpha_pattern"] {
+            if c.get(pattern)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(ClientError::Unsupported(format!(
+                    "{}: a per-module `{pattern}`",
+                    path.display()
+                )));
+            }
+        }
+        let rank = c
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(&path, "no rank `r`"))? as usize;
+        let alpha = c
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad(&path, "no `lora_alpha`"))?;
+        let rslora = c.get("use_rslora").and_then(Value::as_bool) == Some(true);
+        let targets: Vec<String> = match c.get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => return Err(bad(&path, "no `target_modules` list")),
+        };
+        let mut targets = targets;
+        targets.sort();
+        targets.dedup();
+        // PEFT scales by alpha/r, or alpha/√r with rsLoRA; LoraConfig scales by alpha/rank.
+        let alpha = if rslora {
+            alpha * (rank as f64).sqrt()
+        } else {
+            alpha
+        };
+        let lora = LoraConfig::new()
+            .with_rank(rank)
+            .with_alpha(alpha)
+            .with_targets(targets);
+        lora.validate(LLM_TARGETS).map_err(|e| match e {
+            ClientError::Config(m) => ClientError::Unsupported(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
+        Ok(Self { lora })
+    }
+}
+
+/// Reads `dir/adapter_model.safetensors` and sets every adapted projection's `A` and `B`.
+/// `model` must have been built with [`PeftAdapterConfig::lora`]; every adapted projection
+/// must get both tensors, and no tensor may be left over.
+pub fn apply(model: LlamaLm, dir: &Path, device: &Device) -> Result<LlamaLm, ClientError> {
+    let path = dir.join("adapter_model.safetensors");
+    let mut tensors = read_all(&path)?;
+    let mut model = model;
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let attn = &mut layer.self_attn;
+        let mlp = &mut layer.mlp;
+        let projections: [(&str, &mut LoraLinear); 7] = [
+            ("self_attn.q_proj", &mut attn.q_proj),
+            ("self_attn.k_proj", &mut attn.k_proj),
+            ("self_attn.v_proj", &mut attn.v_proj),
+            ("self_attn.o_proj", &mut attn.o_proj),
+            ("mlp.gate_proj", &mut mlp.gate_proj),
+            ("mlp.up_proj", &mut mlp.up_proj),
+            ("mlp.down_proj", &mut mlp.down_proj),
+        ];
+        for (name, proj) in projections {
+            let (Some(a), Some(b)) = (&proj.lora_a, &proj.lora_b) else {
+                continue;
+            };
+            let prefix = format!("base_model.model.model.layers.{i}.{name}");
+            let mut take = |which: &str, shape: [usize; 2]| -> Result<Tensor<2>, ClientError> {
+                let key = format!("{prefix}.{which}.weight");
+                let t = tensors
+                    .remove(&key)
+                    .ok_or_else(|| bad(&path, format!("missing `{key}`")))?;
+                if t.shape != shape {
+                    return Err(bad(
+                        &path,
+                        format!("`{key}` has shape {:?}, expected {shape:?}", t.shape),
+                    ));
+                }
+                Ok(Tensor::from_data(TensorData::new(t.data, shape), device))
+            };
+            let a_shape = a.shape().dims::<2>();
+            let b_shape = b.shape().dims::<2>();
+            let a = take("lora_A", a_shape)?;
+            let b = take("lora_B", b_shape)?;
+            proj.lora_a = Some(Param::from_tensor(a));
+            proj.lora_b = Some(Param::from_tensor(b));
+        }
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(ClientError::Unsupported(format!(
+            "{}: tensor `{extra}` is not a LoRA A/B of a projection fedlora adapts \
+             ({} left over)",
+            path.display(),
+            tensors.len()
+        )));
+    }
+    Ok(model)
+}
+
+fn read_all(path: &Path) -> Result<HashMap<String, HostTensor>, ClientError> {
+    let mut out = HashMap::new();
+    super::weights::read_safetensors(path, &mut out)?;
+    // some PEFT versions save `…lora_A.default.weight`; use the unnamed form
+    Ok(out
+        .into_iter()
+        .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
+        .collect())
+}

