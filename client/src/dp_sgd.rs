@@ -1,4 +1,5 @@
-//! DP-SGD on the LoRA parameters of the [`Lm`].
+//! DP-SGD on the LoRA parameters of a [`DpModel`]: the byte-level [`Lm`] or a real LLM
+//! ([`crate::llm::llama::LlamaLm`]).
 //!
 //! # Guarantee
 //! Each step Poisson-samples the client's training windows with rate q (every window
@@ -24,7 +25,51 @@ use burn::tensor::{Device, Tensor, TensorData};
 use fedlora_dp::GaussianNoise;
 use rand::{Rng, RngExt};
 
+use crate::lora::LoraLinear;
 use crate::model::{windows_tensor, ExampleAdapters, Lm};
+
+/// What DP-SGD needs of a model: its adapted projections, and each example's own loss with
+/// per-example adapter copies.
+///
+/// The DP unit is one `Example` (one window of the byte-level LM; one window or one chat
+/// conversation of a real LLM).
+pub trait DpModel {
+    /// One training example.
+    type Example: ?Sized;
+
+    /// Every projection with an adapter, keyed by the path [`ExampleAdapters`] uses, in a
+    /// fixed order.
+    fn lora_layers(&self) -> Vec<(String, &LoraLinear)>;
+
+    /// The loss of each example (its mean over the example's scored tokens), with the
+    /// adapters of `per` where given.
+    ///
+    /// # Shapes
+    /// - output: `[examples.len()]`
+    fn example_losses(
+        &self,
+        examples: &[&Self::Example],
+        per: Option<&ExampleAdapters>,
+        device: &Device,
+    ) -> Tensor<1>;
+}
+
+impl DpModel for Lm {
+    type Example = [u8];
+
+    fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        layers(self)
+    }
+
+    fn example_losses(
+        &self,
+        examples: &[&[u8]],
+        per: Option<&ExampleAdapters>,
+        device: &Device,
+    ) -> Tensor<1> {
+        self.per_example_loss(windows_tensor(examples, device), per)
+    }
+}
 
 /// The DP-SGD parameters of one local training run.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,8 +103,8 @@ pub struct AdapterParam {
     pub value: Tensor<2>,
 }
 
-/// Every LoRA layer of `lm`: (path, A, B, whether A is trainable).
-fn layers(lm: &Lm) -> Vec<(String, &crate::lora::LoraLinear)> {
+/// Every LoRA layer of `lm`: (path, layer).
+fn layers(lm: &Lm) -> Vec<(String, &LoraLinear)> {
     let mut out = Vec::new();
     for (i, b) in lm.blocks.iter().enumerate() {
         for (n, l) in [
@@ -82,9 +127,9 @@ fn layers(lm: &Lm) -> Vec<(String, &crate::lora::LoraLinear)> {
 }
 
 /// The trainable adapter tensors of `lm`, in a fixed order.
-pub fn adapter_params(lm: &Lm) -> Vec<AdapterParam> {
+pub fn adapter_params<M: DpModel>(lm: &M) -> Vec<AdapterParam> {
     let mut out = Vec::new();
-    for (path, l) in layers(lm) {
+    for (path, l) in lm.lora_layers() {
         for (name, p) in [("lora_a", &l.lora_a), ("lora_b", &l.lora_b)] {
             let p = p.as_ref().expect("layer has an adapter");
             let v = p.val();
@@ -120,15 +165,15 @@ pub fn per_example_copies(t: Tensor<2>, batch: usize) -> Tensor<3> {
 /// Per-example gradients of each example's mean loss with respect to every trainable adapter
 /// tensor, in one backward pass. Returns, in [`adapter_params`] order, tensors `[batch, …]`
 /// (inner backend), and the per-example losses.
-pub fn per_example_grads(
-    lm: &Lm,
-    windows: &[&[u8]],
+pub fn per_example_grads<M: DpModel>(
+    lm: &M,
+    windows: &[&M::Example],
     device: &Device,
 ) -> (Vec<Tensor<3>>, Vec<f32>) {
     let b = windows.len();
     let mut map = ExampleAdapters::new();
     let mut leaves: Vec<Tensor<3>> = Vec::new();
-    for (path, l) in layers(lm) {
+    for (path, l) in lm.lora_layers() {
         let a = per_example_copies(l.lora_a.as_ref().expect("adapter").val(), b);
         let bb = per_example_copies(l.lora_b.as_ref().expect("adapter").val(), b);
         for t in [&a, &bb] {
@@ -138,7 +183,7 @@ pub fn per_example_grads(
         }
         map.insert(path, (a, bb));
     }
-    let per = lm.per_example_loss(windows_tensor(windows, device), Some(&map));
+    let per = lm.example_losses(windows, Some(&map), device);
     let losses = per
         .clone()
         .inner()
@@ -156,9 +201,9 @@ pub fn per_example_grads(
 
 /// The noisy, clipped, averaged gradient of one DP-SGD step over the sampled `windows`, in
 /// [`adapter_params`] order (2-D, inner backend), plus the per-example pre-clip norms and losses.
-pub fn dp_gradient(
-    lm: &Lm,
-    windows: &[&[u8]],
+pub fn dp_gradient<M: DpModel>(
+    lm: &M,
+    windows: &[&M::Example],
     cfg: &DpSgdConfig,
     noise: &mut GaussianNoise,
     device: &Device,
@@ -253,7 +298,7 @@ pub fn poisson_sample<R: Rng + ?Sized>(rng: &mut R, n: usize, q: f64) -> Vec<usi
 }
 
 /// Registers `grads` (in [`adapter_params`] order) for an optimizer step.
-pub fn to_gradients_params(lm: &Lm, grads: Vec<Tensor<2>>) -> GradientsParams {
+pub fn to_gradients_params<M: DpModel>(lm: &M, grads: Vec<Tensor<2>>) -> GradientsParams {
     let mut gp = GradientsParams::new();
     for (p, g) in adapter_params(lm).into_iter().zip(grads) {
         gp.register(p.id, g);
@@ -262,8 +307,12 @@ pub fn to_gradients_params(lm: &Lm, grads: Vec<Tensor<2>>) -> GradientsParams {
 }
 
 /// The model's adapter gradients from a plain (non-private) backward pass of the mean loss.
-pub fn plain_gradient(lm: &Lm, windows: &[&[u8]], device: &Device) -> Vec<Tensor<2>> {
-    let grads = lm.loss(windows_tensor(windows, device)).backward();
+pub fn plain_gradient<M: DpModel>(
+    lm: &M,
+    windows: &[&M::Example],
+    device: &Device,
+) -> Vec<Tensor<2>> {
+    let grads = lm.example_losses(windows, None, device).mean().backward();
     adapter_params(lm)
         .into_iter()
         .map(|p| p.value.grad(&grads).expect("trainable"))

@@ -30,13 +30,17 @@ impl TensorSpec {
 /// The SHA-256 of an [`AdapterSpec`]'s canonical encoding.
 pub type SpecHash = [u8; 32];
 
-/// Ordered tensor names and shapes of an adapter, and the hash that identifies them.
+/// Ordered tensor names and shapes of an adapter, the identity of the base model it adapts,
+/// and the hash that identifies them.
 ///
 /// Two adapters can be subtracted, averaged or applied to each other only if their specs hash the
-/// same. The hash covers names, shapes and order.
+/// same. The hash covers names, shapes, order and, when set, the base model's identity (so a
+/// client holding another base with the same shapes is refused).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdapterSpec {
     tensors: Vec<TensorSpec>,
+    #[serde(default)]
+    base: Option<String>,
 }
 
 impl AdapterSpec {
@@ -57,7 +61,22 @@ impl AdapterSpec {
                 )));
             }
         }
-        Ok(Self { tensors })
+        Ok(Self {
+            tensors,
+            base: None,
+        })
+    }
+
+    /// The same spec bound to a base model: `id` names it exactly (fedlora uses a SHA-256 of
+    /// the model file, e.g. `sha256:…`), and enters the hash.
+    pub fn with_base(mut self, id: impl Into<String>) -> Self {
+        self.base = Some(id.into());
+        self
+    }
+
+    /// The base model's identity, if the spec is bound to one.
+    pub fn base(&self) -> Option<&str> {
+        self.base.as_deref()
     }
 
     /// The tensors, in wire order.
@@ -82,6 +101,11 @@ impl AdapterSpec {
             for d in &t.shape {
                 h.update((*d as u64).to_le_bytes());
             }
+        }
+        if let Some(base) = &self.base {
+            h.update(b"base");
+            h.update((base.len() as u32).to_le_bytes());
+            h.update(base.as_bytes());
         }
         h.finalize().into()
     }
@@ -232,6 +256,17 @@ mod tests {
         t[0].name = "x".into();
         assert_ne!(b.hash(), AdapterSpec::new(t).unwrap().hash());
         assert_eq!(a.hash(), spec().hash());
+    }
+
+    #[test]
+    fn the_base_models_identity_enters_the_hash() {
+        let a = spec().with_base("sha256:aa");
+        assert_ne!(a.hash(), spec().hash());
+        assert_ne!(a.hash(), spec().with_base("sha256:ab").hash());
+        assert_eq!(a.hash(), spec().with_base("sha256:aa").hash());
+        assert_eq!(a.base(), Some("sha256:aa"));
+        let d = FlatAdapter::zeros(a.clone());
+        assert!(d.delta_from(&FlatAdapter::zeros(spec())).is_err());
     }
 
     #[test]

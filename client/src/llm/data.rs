@@ -1,0 +1,216 @@
+//! Training examples for a real LLM: token windows of plain text, and chat conversations
+//! (JSONL) rendered with the model's chat template, scored on the assistant's tokens only.
+//!
+//! One [`TokenExample`] is the DP unit: one window, or one conversation.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde_json::Value;
+
+use super::eval::windows;
+use super::llama::LlamaLm;
+use super::tokenizer::{ChatMessage, LlmTokenizer};
+use crate::dp_sgd::DpModel;
+use crate::error::ClientError;
+use crate::lora::LoraLinear;
+use crate::model::ExampleAdapters;
+
+/// One training or evaluation example: token ids, and which targets count. Target `t` (the
+/// prediction of `ids[t + 1]` from `ids[..=t]`) counts when `scored[t]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenExample {
+    /// Token ids, `n + 1` of them for `n` targets.
+    pub ids: Vec<u32>,
+    /// `n` flags: which targets the loss includes.
+    pub scored: Vec<bool>,
+}
+
+impl TokenExample {
+    /// Number of targets the loss includes.
+    pub fn scored_targets(&self) -> usize {
+        self.scored.iter().filter(|&&s| s).count()
+    }
+}
+
+/// Plain text in windows as [`eval`](super::eval) cuts them (window i is tokens
+/// `[i·C, i·C + C + 1)`), every target scored. The whole text is tokenized as one string.
+pub fn text_examples(
+    tok: &LlmTokenizer,
+    text: &str,
+    context: usize,
+) -> Result<Vec<TokenExample>, ClientError> {
+    let ids = tok.encode(text, true)?;
+    Ok(windows(&ids, context, usize::MAX)
+        .into_iter()
+        .map(|w| TokenExample {
+            ids: w.to_vec(),
+            scored: vec![true; w.len() - 1],
+        })
+        .collect())
+}
+
+/// The messages of one JSONL line: `{"messages": [{"role", "content"}, …]}` or
+/// `{"prompt", "response"}` (a user turn and an assistant turn).
+pub fn parse_chat_line(line: &str) -> Result<Vec<ChatMessage>, ClientError> {
+    let bad = |m: &str| ClientError::Data(format!("chat line: {m}"));
+    let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+    if let Some(list) = v.get("messages").and_then(Value::as_array) {
+        return list
+            .iter()
+            .map(|m| {
+                let role = m.get("role").and_then(Value::as_str);
+                let content = m.get("content").and_then(Value::as_str);
+                match (role, content) {
+                    (Some(r), Some(c)) => Ok(ChatMessage {
+                        role: r.to_string(),
+                        content: c.to_string(),
+                    }),
+                    _ => Err(bad("a message needs string `role` and `content`")),
+                }
+            })
+            .collect();
+    }
+    match (
+        v.get("prompt").and_then(Value::as_str),
+        v.get("response").and_then(Value::as_str),
+    ) {
+        (Some(p), Some(r)) => Ok(vec![
+            ChatMessage {
+                role: "user".into(),
+                content: p.into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: r.into(),
+            },
+        ]),
+        _ => Err(bad(
+            "expected {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...}",
+        )),
+    }
+}
+
+/// One conversation as an example: rendered with the chat template, truncated to
+/// `context + 1` tokens, with only the assistant turns' tokens scored (each turn from the end
+/// of the generation prompt before it to the end of the turn as the template writes it, its
+/// end-of-turn token included). `None` when no assistant token survives the truncation.
+pub fn chat_example(
+    tok: &LlmTokenizer,
+    messages: &[ChatMessage],
+    context: usize,
+) -> Result<Option<TokenExample>, ClientError> {
+    let full = tok.render_chat(messages, false)?;
+    let (ids, offsets) = tok.encode_with_offsets(&full)?;
+    // byte spans of the assistant turns in the rendered text
+    let mut spans = Vec::new();
+    for (k, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let start = tok.render_chat(&messages[..k], true)?;
+        let end = tok.render_chat(&messages[..=k], false)?;
+        if !full.starts_with(&start) || !full.starts_with(&end) || end.len() < start.len() {
+            return Err(ClientError::Unsupported(
+                "this chat template does not render conversations as prefixes of each other, \
+                 so assistant turns cannot be located"
+                    .into(),
+            ));
+        }
+        spans.push(start.len()..end.len());
+    }
+    let n = ids.len().min(context + 1);
+    let ids = ids[..n].to_vec();
+    let scored: Vec<bool> = (1..n)
+        .map(|t| {
+            let (s, e) = offsets[t];
+            spans.iter().any(|r| s >= r.start && e <= r.end && e > s)
+        })
+        .collect();
+    let ex = TokenExample { ids, scored };
+    Ok((ex.scored_targets() > 0).then_some(ex))
+}
+
+/// Every conversation of a JSONL file (one per line; blank lines skipped) as an example; a
+/// conversation with no assistant token within the context is dropped.
+pub fn chat_examples(
+    tok: &LlmTokenizer,
+    jsonl: &str,
+    context: usize,
+) -> Result<Vec<TokenExample>, ClientError> {
+    let mut out = Vec::new();
+    for (i, line) in jsonl.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let messages =
+            parse_chat_line(line).map_err(|e| ClientError::Data(format!("line {}: {e}", i + 1)))?;
+        if let Some(ex) = chat_example(tok, &messages, context)? {
+            out.push(ex);
+        }
+    }
+    Ok(out)
+}
+
+/// Examples padded to one length: tokens `[b, n + 1]` (padding id 0) and the target weights
+/// `[b, n]` (1 scored, 0 not scored or padding).
+pub fn batch_tensors(examples: &[&TokenExample], device: &Device) -> (Tensor<2, Int>, Tensor<2>) {
+    let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+    let b = examples.len();
+    let mut ids = vec![0i64; b * len];
+    let mut w = vec![0f32; b * (len - 1)];
+    for (i, e) in examples.iter().enumerate() {
+        for (j, &t) in e.ids.iter().enumerate() {
+            ids[i * len + j] = i64::from(t);
+        }
+        for (j, &s) in e.scored.iter().enumerate() {
+            w[i * (len - 1) + j] = if s { 1.0 } else { 0.0 };
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [b, len]), device),
+        Tensor::from_data(TensorData::new(w, [b, len - 1]), device),
+    )
+}
+
+impl LlamaLm {
+    /// Summed negative log-likelihood of each example's scored targets, and their number.
+    ///
+    /// # Shapes
+    /// - outputs: `[batch]`, `[batch]`
+    pub fn example_nll(
+        &self,
+        examples: &[&TokenExample],
+        per: Option<&ExampleAdapters>,
+        device: &Device,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let (tokens, weights) = batch_tensors(examples, device);
+        let [b, n1] = tokens.dims();
+        let inputs = tokens.clone().slice([0..b, 0..n1 - 1]);
+        let targets = tokens.slice([0..b, 1..n1]);
+        let logp = log_softmax(self.forward_with(inputs, per), 2);
+        let picked = logp
+            .gather(2, targets.unsqueeze_dim::<3>(2))
+            .reshape([b, n1 - 1]);
+        let nll = (picked * weights.clone()).sum_dim(1).reshape([b]).neg();
+        (nll, weights.sum_dim(1).reshape([b]))
+    }
+}
+
+impl DpModel for LlamaLm {
+    type Example = TokenExample;
+
+    fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        LlamaLm::lora_layers(self)
+    }
+
+    /// Mean NLL over each example's scored targets (nats per token).
+    fn example_losses(
+        &self,
+        examples: &[&TokenExample],
+        per: Option<&ExampleAdapters>,
+        device: &Device,
+    ) -> Tensor<1> {
+        let (nll, count) = self.example_nll(examples, per, device);
+        nll / count.clamp_min(1.0)
+    }
+}

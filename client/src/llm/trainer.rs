@@ -1,0 +1,254 @@
+//! Local LoRA training of a real LLM, plain or DP-SGD, and the [`Learner`] a federated client
+//! runs with it.
+//!
+//! The frozen base is shared: every [`LlmLearner`] of one process holds an `Arc` of one
+//! [`LlmTrainer`], and each round's working model is a clone of its module, whose base tensors
+//! are reference-counted, not copied. 100 virtual SmolLM2 clients hold one base.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use fedlora_dp::GaussianNoise;
+use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
+use rand::rngs::ChaCha20Rng;
+use rand::Rng;
+
+use super::data::TokenExample;
+use super::llama::LlamaLm;
+use super::{load, Llm};
+use crate::adapter::{adapter_spec, extract_adapter, load_adapter};
+use crate::dp_sgd::{dp_gradient, poisson_sample, to_gradients_params, DpSgdConfig};
+use crate::error::ClientError;
+use crate::learner::Learner;
+use crate::lora::LoraConfig;
+use crate::train::{sample_batch, EvalOutcome, LossRelease, TrainOutcome};
+
+/// A real LLM with the federation's adapter, on an autodiff device.
+#[derive(Debug)]
+pub struct LlmTrainer {
+    llm: Llm,
+    lora: LoraConfig,
+    spec: AdapterSpec,
+    device: Device,
+}
+
+impl LlmTrainer {
+    /// Loads the model at `path` with an adapter on `lora`'s targets (`A` seeded by `seed`,
+    /// the same on every party) on the CPU autodiff backend. The adapter spec is bound to the
+    /// model's identity ([`Llm::base_id`]).
+    pub fn load(path: &Path, lora: &LoraConfig, seed: u64) -> Result<Self, ClientError> {
+        let device = Device::flex().autodiff();
+        let llm = load(path, Some(lora), seed, &device)?;
+        let spec = adapter_spec(&llm.model, lora).with_base(llm.base_id.clone());
+        Ok(Self {
+            llm,
+            lora: lora.clone(),
+            spec,
+            device,
+        })
+    }
+
+    /// The adapter spec every upload and global adapter must have.
+    pub fn spec(&self) -> &AdapterSpec {
+        &self.spec
+    }
+
+    /// The loaded model, its tokenizer and identity.
+    pub fn llm(&self) -> &Llm {
+        &self.llm
+    }
+
+    /// The seeded initial adapter (`A` random, `B` zero): global version 0.
+    pub fn initial_adapter(&self) -> FlatAdapter {
+        let a = extract_adapter(&self.llm.model, &self.lora);
+        FlatAdapter::new(self.spec.clone(), a.values().to_vec()).expect("same layout")
+    }
+
+    /// The model with `adapter` loaded (refused unless its spec, model identity included, is
+    /// this trainer's).
+    pub fn model_with(&self, adapter: &FlatAdapter) -> Result<LlamaLm, ClientError> {
+        fedlora_protocol::check_spec(&self.spec.hash(), &adapter.spec().hash())?;
+        let plain = FlatAdapter::new(
+            adapter_spec(&self.llm.model, &self.lora),
+            adapter.values().to_vec(),
+        )?;
+        load_adapter(self.llm.model.clone(), &self.lora, &plain)
+    }
+
+    fn finish(
+        &self,
+        model: &LlamaLm,
+        global: &FlatAdapter,
+        loss: (f64, usize),
+        examples: usize,
+        steps: u32,
+        t0: Instant,
+    ) -> Result<TrainOutcome, ClientError> {
+        let local = FlatAdapter::new(
+            self.spec.clone(),
+            extract_adapter(model, &self.lora).values().to_vec(),
+        )?;
+        TrainOutcome::finish(&local, global, loss, examples, steps, t0)
+    }
+
+    /// `cfg.local_steps` Adam steps from `global`, each on `cfg.batch_size` examples sampled
+    /// uniformly without replacement by `rng`; returns the delta.
+    pub fn train<R: Rng + ?Sized>(
+        &self,
+        global: &FlatAdapter,
+        train: &[TokenExample],
+        cfg: &TrainConfig,
+        rng: &mut R,
+    ) -> Result<TrainOutcome, ClientError> {
+        if train.is_empty() {
+            return Err(ClientError::Data("no training examples".into()));
+        }
+        let t0 = Instant::now();
+        let mut model = self.model_with(global)?;
+        let mut opt = AdamConfig::new().init();
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.local_steps {
+            let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
+            let batch: Vec<&TokenExample> = idx.iter().map(|&i| &train[i]).collect();
+            let (nll, count) = model.example_nll(&batch, None, &self.device);
+            // mean over the batch's scored tokens
+            let loss = nll.sum() / count.sum().clamp_min(1.0);
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step(cfg.learning_rate, model, grads);
+        }
+        self.finish(
+            &model,
+            global,
+            (loss_sum, cfg.local_steps as usize),
+            train.len(),
+            cfg.local_steps,
+            t0,
+        )
+    }
+
+    /// DP-SGD from `global` (see [`crate::dp_sgd`]): Poisson sampling of examples at rate
+    /// `dp.expected_batch / n`, each example's gradient clipped to `dp.clip_norm`, Gaussian
+    /// noise σ·C. The DP unit is one example: one text window or one conversation.
+    pub fn train_dp<R: Rng + ?Sized>(
+        &self,
+        global: &FlatAdapter,
+        train: &[TokenExample],
+        cfg: &TrainConfig,
+        dp: &DpSgdConfig,
+        rng: &mut R,
+        noise: &mut GaussianNoise,
+    ) -> Result<TrainOutcome, ClientError> {
+        if train.is_empty() {
+            return Err(ClientError::Data("no training examples".into()));
+        }
+        let t0 = Instant::now();
+        let q = (dp.expected_batch as f64 / train.len() as f64).min(1.0);
+        let mut model = self.model_with(global)?;
+        let mut opt = AdamConfig::new().init();
+        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+        let mut release = LossRelease::default();
+        for _ in 0..cfg.local_steps {
+            let idx = poisson_sample(rng, train.len(), q);
+            let batch: Vec<&TokenExample> = idx.iter().map(|&i| &train[i]).collect();
+            let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, &self.device);
+            loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
+            loss_n += losses.len();
+            release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
+            let gp = to_gradients_params(&model, grads);
+            model = opt.step(cfg.learning_rate, model, gp);
+        }
+        let mut out = self.finish(
+            &model,
+            global,
+            (loss_sum, loss_n),
+            train.len(),
+            cfg.local_steps,
+            t0,
+        )?;
+        out.released_loss = release.mean();
+        Ok(out)
+    }
+
+    /// Held-out NLL per scored token of `adapter` on `examples`, in batches of 4.
+    pub fn evaluate(
+        &self,
+        adapter: &FlatAdapter,
+        examples: &[TokenExample],
+    ) -> Result<EvalOutcome, ClientError> {
+        if examples.is_empty() {
+            return Err(ClientError::Data("no evaluation examples".into()));
+        }
+        let model = self.model_with(adapter)?.valid();
+        let inner = self.device.clone().inner();
+        let (mut nll, mut count) = (0f64, 0f64);
+        for chunk in examples.chunks(4) {
+            let refs: Vec<&TokenExample> = chunk.iter().collect();
+            let (n, c) = model.example_nll(&refs, None, &inner);
+            nll += f64::from(n.sum().into_scalar::<f32>());
+            count += f64::from(c.sum().into_scalar::<f32>());
+        }
+        Ok(EvalOutcome {
+            loss: nll / count.max(1.0),
+            tokens: count as u64,
+            accuracy: None,
+        })
+    }
+}
+
+/// A client's examples for a real LLM.
+#[derive(Clone, Debug, Default)]
+pub struct LlmData {
+    /// Training examples.
+    pub train: Vec<TokenExample>,
+    /// Held-out examples.
+    pub test: Vec<TokenExample>,
+}
+
+/// A real LLM on a client's examples; many learners share one [`LlmTrainer`] (one base).
+#[derive(Clone, Debug)]
+pub struct LlmLearner {
+    /// The shared frozen base with the federation's adapter layout.
+    pub trainer: Arc<LlmTrainer>,
+    /// The client's examples.
+    pub data: LlmData,
+}
+
+impl Learner for LlmLearner {
+    fn spec(&self) -> &AdapterSpec {
+        self.trainer.spec()
+    }
+
+    fn train_examples(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn train(
+        &self,
+        global: &FlatAdapter,
+        cfg: &TrainConfig,
+        rng: &mut ChaCha20Rng,
+    ) -> Result<TrainOutcome, ClientError> {
+        self.trainer.train(global, &self.data.train, cfg, rng)
+    }
+
+    fn train_dp(
+        &self,
+        global: &FlatAdapter,
+        cfg: &TrainConfig,
+        dp: &DpSgdConfig,
+        rng: &mut ChaCha20Rng,
+        noise: &mut GaussianNoise,
+    ) -> Result<TrainOutcome, ClientError> {
+        self.trainer
+            .train_dp(global, &self.data.train, cfg, dp, rng, noise)
+    }
+
+    fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
+        self.trainer.evaluate(adapter, &self.data.test)
+    }
+}
