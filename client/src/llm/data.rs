@@ -151,6 +151,75 @@ pub fn chat_examples(
     Ok(out)
 }
 
+/// A client's examples for a real LLM: training and held-out.
+#[derive(Clone, Debug, Default)]
+pub struct LlmData {
+    /// Name of the data source (role or file).
+    pub name: String,
+    /// Training examples.
+    pub train: Vec<TokenExample>,
+    /// Held-out examples.
+    pub test: Vec<TokenExample>,
+}
+
+impl LlmData {
+    /// Holds out the last [`TEST_FRACTION`](crate::data::TEST_FRACTION) of `examples` (at least
+    /// one, at most [`MAX_TEST_WINDOWS`](crate::data::MAX_TEST_WINDOWS)).
+    pub fn split(name: &str, mut examples: Vec<TokenExample>) -> Result<Self, ClientError> {
+        if examples.len() < 2 {
+            return Err(ClientError::Data(format!(
+                "{name}: {} example(s) is too few to train and hold one out",
+                examples.len()
+            )));
+        }
+        let n_test = ((examples.len() as f64 * crate::data::TEST_FRACTION).ceil() as usize)
+            .clamp(1, crate::data::MAX_TEST_WINDOWS);
+        let test = examples.split_off(examples.len() - n_test);
+        Ok(Self {
+            name: name.to_string(),
+            train: examples,
+            test,
+        })
+    }
+
+    /// Plain text in windows of `context` targets ([`text_examples`]), the last ones held out.
+    pub fn from_text(
+        name: &str,
+        tok: &LlmTokenizer,
+        text: &str,
+        context: usize,
+    ) -> Result<Self, ClientError> {
+        Self::split(name, text_examples(tok, text, context)?)
+    }
+
+    /// A data file: `.jsonl` is chat data ([`chat_examples`]), anything else plain UTF-8 text.
+    pub fn from_file(
+        path: &std::path::Path,
+        tok: &LlmTokenizer,
+        context: usize,
+    ) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ClientError::Data(format!("cannot read the data file {}: {e}", path.display()))
+        })?;
+        let name = path.display().to_string();
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            Self::split(&name, chat_examples(tok, &text, context)?)
+        } else {
+            Self::from_text(&name, tok, &text, context)
+        }
+    }
+
+    /// The `i`-th demo client: the `i`-th largest speaking role of the shipped corpus.
+    pub fn demo_client(i: usize, tok: &LlmTokenizer, context: usize) -> Result<Self, ClientError> {
+        let split = crate::data::split_roles(crate::data::SHAKESPEARE);
+        let n = split.clients.len();
+        let role = split.clients.get(i).ok_or_else(|| {
+            ClientError::Data(format!("demo client index {i} out of range (0..{n})"))
+        })?;
+        Self::from_text(&role.name, tok, &role.text, context)
+    }
+}
+
 /// Examples padded to one length: tokens `[b, n + 1]` (padding id 0) and the target weights
 /// `[b, n]` (1 scored, 0 not scored or padding).
 pub fn batch_tensors(examples: &[&TokenExample], device: &Device) -> (Tensor<2, Int>, Tensor<2>) {

@@ -17,7 +17,7 @@ use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
 use rand::rngs::ChaCha20Rng;
 use rand::Rng;
 
-use super::data::TokenExample;
+use super::data::{LlmData, TokenExample};
 use super::llama::LlamaLm;
 use super::{load, Llm};
 use crate::adapter::{adapter_spec, extract_adapter, load_adapter};
@@ -198,15 +198,6 @@ impl LlmTrainer {
             accuracy: None,
         })
     }
-}
-
-/// A client's examples for a real LLM.
-#[derive(Clone, Debug, Default)]
-pub struct LlmData {
-    /// Training examples.
-    pub train: Vec<TokenExample>,
-    /// Held-out examples.
-    pub test: Vec<TokenExample>,
 }
 
 /// A real LLM on a client's examples; many learners share one [`LlmTrainer`] (one base).
