@@ -138,3 +138,85 @@ fn bad_models_and_flags_exit_2_with_a_message_naming_the_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--top-p"));
 }
+
+#[test]
+fn demo_with_a_real_llm_then_peft_export_then_eval_with_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let m = fixtures().join("llama");
+    let out = fedlora(&[
+        "demo",
+        "--model",
+        m.to_str().unwrap(),
+        "--clients",
+        "4",
+        "--rounds",
+        "2",
+        "--sampling-seed",
+        "1",
+        "--dir",
+        d.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(stdout_ok(&out).trim()).unwrap();
+    assert_eq!(v["final_version"], 2, "{v}");
+    let (base, last) = (
+        v["base_eval_loss"].as_f64().unwrap(),
+        v["final_eval_loss"].as_f64().unwrap(),
+    );
+    assert!(last < base, "held-out NLL {base} -> {last}");
+    // the committed global adapter as a PEFT directory, then scored with it
+    let peft = dir.path().join("peft");
+    stdout_ok(&fedlora(&[
+        "export",
+        "--data-dir",
+        d.join("coordinator").to_str().unwrap(),
+        "--peft",
+        peft.to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+    ]));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let text = text_file(dir.path());
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "64",
+            "--max-windows",
+            "4",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(stdout_ok(&fedlora(&args)).trim()).unwrap();
+        v["nll_per_token"].as_f64().unwrap()
+    };
+    let with = score(&["--adapter", peft.to_str().unwrap()]);
+    let without = score(&[]);
+    assert!(with != without, "the adapter changes the model");
+    // other adapter flags than the federation's: refused, exit 2
+    let out = fedlora(&[
+        "export",
+        "--data-dir",
+        d.join("coordinator").to_str().unwrap(),
+        "--peft",
+        dir.path().join("p2").to_str().unwrap(),
+        "--model",
+        m.to_str().unwrap(),
+        "--rank",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

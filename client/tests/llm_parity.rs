@@ -374,3 +374,44 @@ fn a_peft_adapter_gives_the_logits_peft_computes() {
     )
     .unwrap();
 }
+
+#[test]
+fn peft_export_round_trips_the_peft_adapter_in_names_shapes_and_bytes() {
+    let adapter = fixtures().join("llama_adapter");
+    let llm = fedlora_client::llm::load_with_adapter(
+        &fixtures().join("llama"),
+        &adapter,
+        &Device::flex(),
+    )
+    .unwrap();
+    let cfg = fedlora_client::llm::peft::PeftAdapterConfig::read(&adapter).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    fedlora_client::llm::peft::export(&llm.model, &cfg.lora, "tiny-llama", out.path()).unwrap();
+    let a = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(out.path().join("adapter_model.safetensors")).unwrap();
+    let (a, b) = (
+        SafeTensors::deserialize(&a).unwrap(),
+        SafeTensors::deserialize(&b).unwrap(),
+    );
+    let mut names_a: Vec<String> = a.names().into_iter().map(str::to_string).collect();
+    let mut names_b: Vec<String> = b.names().into_iter().map(str::to_string).collect();
+    names_a.sort();
+    names_b.sort();
+    assert_eq!(names_a, names_b);
+    assert_eq!(names_a.len(), 2 * 3 * 2, "A and B of 3 targets in 2 layers");
+    for n in &names_a {
+        let (ta, tb) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+        assert_eq!(ta.shape(), tb.shape(), "{n}");
+        assert_eq!(ta.dtype(), tb.dtype(), "{n}");
+        assert_eq!(ta.data(), tb.data(), "{n}: bytes");
+    }
+    // and the export loads back to PEFT's logits
+    let back = fedlora_client::llm::load_with_adapter(
+        &fixtures().join("llama"),
+        out.path(),
+        &Device::flex(),
+    )
+    .unwrap();
+    let err = max_logit_error(&back, "llama_adapter/reference.safetensors");
+    assert!(err <= 1e-4, "{err}");
+}

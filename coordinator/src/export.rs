@@ -2,16 +2,14 @@
 
 use std::path::Path;
 
-use fedlora_protocol::Codec;
+use fedlora_protocol::{Codec, FlatAdapter};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{CoordinatorError, Result};
 use crate::store::Store;
 
-/// Writes global version `version` (the latest when `None`) to `out` as safetensors: one F32
-/// tensor per adapter tensor, named as in the spec, in the wire layout (`A` `[r, d_in]`,
-/// `B` `[d_out, r]`). Returns the version written.
-pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Result<u64> {
+/// The global adapter of `version` (the latest when `None`) and its version number.
+pub fn global_adapter(store: &Store, version: Option<u64>) -> Result<(u64, FlatAdapter)> {
     let (_, spec) = store.setup()?.ok_or_else(|| {
         CoordinatorError::Storage("the data directory holds no federation".into())
     })?;
@@ -25,6 +23,15 @@ pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Re
         Some(&Codec::DenseF32),
         &Default::default(),
     )?;
+    Ok((version, adapter))
+}
+
+/// Writes global version `version` (the latest when `None`) to `out` as safetensors: one F32
+/// tensor per adapter tensor, named as in the spec, in the wire layout (`A` `[r, d_in]`,
+/// `B` `[d_out, r]`). Returns the version written.
+pub fn export_safetensors(store: &Store, version: Option<u64>, out: &Path) -> Result<u64> {
+    let (version, adapter) = global_adapter(store, version)?;
+    let spec = adapter.spec().clone();
     let bytes: Vec<Vec<u8>> = spec
         .offsets()
         .iter()

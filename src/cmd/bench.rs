@@ -202,6 +202,8 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
     // a real delta: 30 Adam steps of the demo setting on client 0, from the committed base
     let model = super::model::ModelArgs {
         base: super::model::DEFAULT_BASE.into(),
+        model: None,
+        context: None,
         rank: 8,
         alpha: 16.0,
         targets: vec!["q".into(), "v".into()],

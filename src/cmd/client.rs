@@ -4,7 +4,6 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::Args;
-use fedlora_client::data::ClientData;
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
 use fedlora_client::transport::ClientTls;
 
@@ -35,7 +34,9 @@ pub(crate) struct ClientArgs {
     /// Name on the coordinator's certificate.
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// The client's own text file (default: the I-th demo client's speaking role).
+    /// The client's own text file (default: the I-th demo client's speaking role); with
+    /// --model, a `.jsonl` file is chat data ({"messages": [...]} or {"prompt", "response"}
+    /// per line, scored on the assistant's tokens).
     #[arg(long)]
     data: Option<PathBuf>,
     /// State directory (unacknowledged uploads survive restarts here).
@@ -93,16 +94,12 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             .into())
         }
     };
-    let trainer = a.model.trainer()?;
-    let context = trainer.config().context;
-    let data = match (&a.data, a.client_index) {
-        // a data or config error exits with 2 (see `exit_code`)
-        (Some(p), _) => ClientData::from_file(p, context)?,
-        (None, Some(i)) => ClientData::demo_client(i, context)?,
-        (None, None) => {
-            return Err(UsageError("give --data FILE or --client-index I".into()).into())
-        }
-    };
+    if a.data.is_none() && a.client_index.is_none() {
+        return Err(UsageError("give --data FILE or --client-index I".into()).into());
+    }
+    // a data or config error exits with 2 (see `exit_code`)
+    let workload = super::workload::Workload::load(&a.model)?;
+    let learner = workload.learner(a.data.as_deref(), a.client_index)?;
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
@@ -125,7 +122,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let client = FederatedClient::new(cfg, trainer, data)?;
+    let client = FederatedClient::with_learner(cfg, learner)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt
         .block_on(client.run())

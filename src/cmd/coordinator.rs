@@ -238,7 +238,7 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
     cfg.federation = fed;
-    let initial = fedlora_client::train::initial_adapter(&a.model.lm_config()?)?;
+    let initial = super::workload::Workload::load(&a.model)?.initial_adapter();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let c = Coordinator::start(cfg, initial)

@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use fedlora_client::data::ClientData;
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
 use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
@@ -52,6 +51,19 @@ pub(crate) struct DemoArgs {
     model: ModelArgs,
 }
 
+/// The demo's federation defaults with a real LLM (`--model`): 2 rounds, every client each
+/// round, 5 local Adam steps of 4 windows (128 tokens) at learning rate 0.002.
+fn llm_demo_federation(clients: usize) -> FederationConfig {
+    let mut f = demo_federation(clients);
+    f.rounds = 2;
+    f.train.local_steps = 5;
+    f.train.batch_size = 4;
+    f.train.learning_rate = 2e-3;
+    f.round_timeout_ms = 1_800_000;
+    f.eval_timeout_ms = 600_000;
+    f
+}
+
 /// The demo's federation defaults: 3 rounds, every client each round, 30 local Adam steps of 16
 /// windows at learning rate 0.01.
 fn demo_federation(clients: usize) -> FederationConfig {
@@ -89,10 +101,11 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             return Err(UsageError(format!("--epsilon must be positive, not {e}")).into());
         }
     }
-    a.model.lm_config()?;
+    a.model.lora()?;
+    let llm = a.model.model.is_some();
     let t0 = Instant::now();
     let base = base_path(&a.model.base);
-    if !base.exists() {
+    if !llm && !base.exists() {
         eprintln!(
             "base checkpoint {} missing: pretraining it once (cached for later runs)",
             base.display()
@@ -103,7 +116,11 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         base,
         ..a.model.clone()
     };
-    let mut fed = demo_federation(a.clients);
+    let mut fed = if llm {
+        llm_demo_federation(a.clients)
+    } else {
+        demo_federation(a.clients)
+    };
     let mut fed_args = a.fed.clone();
     if a.epsilon.is_some() {
         // measured per-example gradient norms of this model are ~0.1: clip there, and take
@@ -153,19 +170,13 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = CoordinatorConfig::new(root.join("coordinator"), &certs);
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.federation = fed.clone();
-    let trainer = model.trainer()?;
-    let initial = fedlora_client::train::initial_adapter(trainer.config())?;
-    let context = trainer.config().context;
-    let datas = (0..a.clients)
-        .map(|i| ClientData::demo_client(i, context))
-        .collect::<Result<Vec<_>, _>>()?;
+    let workload = super::workload::Workload::load(&model)?;
+    let unit = workload.unit();
+    let initial = workload.initial_adapter();
     // the demo holds every client's data, so it measures each global version itself on the
     // pooled held-out windows (token-weighted, as the clients' reports are); DP clients report
     // no evaluation
-    let test: Vec<Vec<u8>> = datas.iter().flat_map(|d| d.test.iter().cloned()).collect();
-    let held_out = |adapter: &fedlora_protocol::FlatAdapter| -> anyhow::Result<f64> {
-        Ok(trainer.evaluate(adapter, &test)?.loss)
-    };
+    let (learners, held_out) = workload.demo(a.clients)?;
     let mut losses = std::collections::BTreeMap::new();
     losses.insert(0u64, held_out(&initial)?);
 
@@ -175,13 +186,13 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
         let addr = coord.local_addr()?;
         let mut events = coord.events();
         let mut clients = tokio::task::JoinSet::new();
-        for (i, data) in datas.into_iter().enumerate() {
+        for (i, learner) in learners.into_iter().enumerate() {
             let mut cc = ClientConfig::new(addr, ClientTls::from_dir(&certs, i));
             cc.state_dir = Some(root.join(format!("client-{i}")));
             cc.sampling_seed = a.sampling_seed.map(|s| s + i as u64);
             cc.noise_seed = a.sampling_seed.map(|s| s + 1000 + i as u64);
             cc.privacy = privacy;
-            let client = FederatedClient::new(cc, trainer.clone(), data)?;
+            let client = FederatedClient::with_learner(cc, learner)?;
             clients.spawn(async move { (i, client.run().await) });
         }
         let show = !a.json;
@@ -222,7 +233,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
                             if show {
                                 eprintln!(
                                     "round {round} committed: version {version}, held-out loss \
-                                     {loss:.4} nats/byte (base {:.4}), {:.1} s",
+                                     {loss:.4} {unit} (base {:.4}), {:.1} s",
                                     losses[&0],
                                     started.elapsed().as_secs_f64()
                                 );
@@ -347,7 +358,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "\nheld-out loss (nats/byte): base {} -> final {}; wall time {wall:.1} s",
+            "\nheld-out loss ({unit}): base {} -> final {}; wall time {wall:.1} s",
             base_loss.map_or("-".into(), |x| format!("{x:.4}")),
             final_loss.map_or("-".into(), |x| format!("{x:.4}"))
         );

@@ -13,6 +13,7 @@ mod privacy;
 mod reference;
 mod simulate;
 mod status;
+mod workload;
 
 use clap::{Parser, Subcommand};
 

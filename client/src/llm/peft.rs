@@ -188,3 +188,71 @@ fn read_all(path: &Path) -> Result<HashMap<String, HostTensor>, ClientError> {
         .map(|(k, v)| (k.replace(".default.weight", ".weight"), v))
         .collect())
 }
+
+/// PEFT's name of a projection's adapter tensor: `layers.3.self_attn.q_proj` and `lora_A` →
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`.
+pub fn peft_key(layer_path: &str, which: &str) -> String {
+    format!("base_model.model.model.{layer_path}.{which}.weight")
+}
+
+/// Writes `model`'s adapter (every adapted projection's `A` `[r, d_in]` and `B` `[d_out, r]`,
+/// f32) as a PEFT adapter directory: `adapter_model.safetensors` under PEFT's key names and
+/// `adapter_config.json` with `r`, `lora_alpha` (scaling `alpha / r`, as [`LoraConfig`]),
+/// `target_modules` and `base_model_name_or_path`. `PeftModel.from_pretrained` loads it onto
+/// the Hugging Face model. FFA-LoRA's frozen `A` is written too (PEFT needs both).
+pub fn export(
+    model: &LlamaLm,
+    lora: &LoraConfig,
+    base_model_name: &str,
+    dir: &Path,
+) -> Result<(), ClientError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let io = |e: std::io::Error| ClientError::Storage(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (path, layer) in model.lora_layers() {
+        for (which, p) in [("lora_A", &layer.lora_a), ("lora_B", &layer.lora_b)] {
+            let t = p.as_ref().expect("an adapted layer has A and B").val();
+            let shape = t.dims().to_vec();
+            let values = t
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .map_err(|e| ClientError::Model(format!("{path}: {e:?}")))?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            named.push((peft_key(&path, which), shape, bytes));
+        }
+    }
+    let views = named
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ClientError::Model(format!("{n}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), &dir.join("adapter_model.safetensors"))
+        .map_err(|e| ClientError::Storage(format!("{}: {e}", dir.display())))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    });
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    std::fs::write(dir.join("adapter_config.json"), text).map_err(io)?;
+    Ok(())
+}

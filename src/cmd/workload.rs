@@ -1,0 +1,158 @@
+//! What a federation trains, as the commands see it: the byte-level model on byte windows, or a
+//! real LLM (`--model`) on token windows or chat conversations. One place builds the initial
+//! adapter, the clients' learners and the pooled held-out evaluation for both.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fedlora_client::data::ClientData;
+use fedlora_client::learner::{Learner, LmLearner};
+use fedlora_client::llm::data::{LlmData, TokenExample};
+use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
+use fedlora_client::train::LocalTrainer;
+use fedlora_protocol::FlatAdapter;
+
+use super::model::ModelArgs;
+
+/// Default tokens per window of a real LLM's training examples.
+pub(crate) const DEFAULT_LLM_CONTEXT: usize = 128;
+
+/// The model a command trains.
+pub(crate) enum Workload {
+    /// The byte-level LM over the committed base checkpoint.
+    Bytes(Box<LocalTrainer>),
+    /// A real LLM; one loaded base shared by every client of the process.
+    Llm {
+        /// The shared trainer.
+        trainer: Arc<LlmTrainer>,
+        /// Tokens per training window.
+        context: usize,
+    },
+}
+
+/// A held-out evaluation of a global adapter: NLL per byte or per token.
+pub(crate) type HeldOut = Box<dyn Fn(&FlatAdapter) -> anyhow::Result<f64> + Send + Sync>;
+
+impl Workload {
+    /// Loads what `model` names (the byte-level base, or `--model`).
+    pub(crate) fn load(model: &ModelArgs) -> anyhow::Result<Self> {
+        match &model.model {
+            None => Ok(Self::Bytes(Box::new(model.trainer()?))),
+            Some(path) => {
+                let lora = model.lora()?;
+                let trainer = LlmTrainer::load(path, &lora, 0)?;
+                let context = model.context.unwrap_or(DEFAULT_LLM_CONTEXT);
+                if context == 0 || context >= trainer.llm().config.max_position_embeddings {
+                    return Err(super::UsageError(format!(
+                        "--context must be in 1..{}, not {context}",
+                        trainer.llm().config.max_position_embeddings
+                    ))
+                    .into());
+                }
+                Ok(Self::Llm {
+                    trainer: Arc::new(trainer),
+                    context,
+                })
+            }
+        }
+    }
+
+    /// Global version 0.
+    pub(crate) fn initial_adapter(&self) -> FlatAdapter {
+        match self {
+            Self::Bytes(t) => t.initial_adapter(),
+            Self::Llm { trainer, .. } => trainer.initial_adapter(),
+        }
+    }
+
+    /// A client's learner on its data: `file` (text; `.jsonl` chat data with --model), or the
+    /// `index`-th demo role.
+    pub(crate) fn learner(
+        &self,
+        file: Option<&Path>,
+        index: Option<usize>,
+    ) -> anyhow::Result<Arc<dyn Learner>> {
+        let missing = || super::UsageError("give --data FILE or --client-index I".into());
+        Ok(match self {
+            Self::Bytes(trainer) => {
+                let ctx = trainer.config().context;
+                let data = match (file, index) {
+                    (Some(p), _) => ClientData::from_file(p, ctx)?,
+                    (None, Some(i)) => ClientData::demo_client(i, ctx)?,
+                    (None, None) => return Err(missing().into()),
+                };
+                Arc::new(LmLearner {
+                    trainer: (**trainer).clone(),
+                    data,
+                })
+            }
+            Self::Llm { trainer, context } => {
+                let tok = &trainer.llm().tokenizer;
+                let data = match (file, index) {
+                    (Some(p), _) => LlmData::from_file(p, tok, *context)?,
+                    (None, Some(i)) => LlmData::demo_client(i, tok, *context)?,
+                    (None, None) => return Err(missing().into()),
+                };
+                Arc::new(LlmLearner {
+                    trainer: trainer.clone(),
+                    data,
+                })
+            }
+        })
+    }
+
+    /// The learners of demo clients `0..n`, and the evaluation of a global adapter on their
+    /// pooled held-out examples (token-weighted).
+    pub(crate) fn demo(&self, n: usize) -> anyhow::Result<(Vec<Arc<dyn Learner>>, HeldOut)> {
+        match self {
+            Self::Bytes(trainer) => {
+                let ctx = trainer.config().context;
+                let datas = (0..n)
+                    .map(|i| ClientData::demo_client(i, ctx))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let test: Vec<Vec<u8>> =
+                    datas.iter().flat_map(|d| d.test.iter().cloned()).collect();
+                let t = (**trainer).clone();
+                let held_out: HeldOut = Box::new(move |a| Ok(t.evaluate(a, &test)?.loss));
+                let learners = datas
+                    .into_iter()
+                    .map(|data| {
+                        Arc::new(LmLearner {
+                            trainer: (**trainer).clone(),
+                            data,
+                        }) as Arc<dyn Learner>
+                    })
+                    .collect();
+                Ok((learners, held_out))
+            }
+            Self::Llm { trainer, context } => {
+                let tok = &trainer.llm().tokenizer;
+                let datas = (0..n)
+                    .map(|i| LlmData::demo_client(i, tok, *context))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let test: Vec<TokenExample> =
+                    datas.iter().flat_map(|d| d.test.iter().cloned()).collect();
+                let t = trainer.clone();
+                let held_out: HeldOut = Box::new(move |a| Ok(t.evaluate(a, &test)?.loss));
+                let learners = datas
+                    .into_iter()
+                    .map(|data| {
+                        Arc::new(LlmLearner {
+                            trainer: trainer.clone(),
+                            data,
+                        }) as Arc<dyn Learner>
+                    })
+                    .collect();
+                Ok((learners, held_out))
+            }
+        }
+    }
+
+    /// The unit of the held-out loss, for messages.
+    pub(crate) fn unit(&self) -> &'static str {
+        match self {
+            Self::Bytes(_) => "nats/byte",
+            Self::Llm { .. } => "nats/token",
+        }
+    }
+}
