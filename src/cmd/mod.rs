@@ -58,6 +58,8 @@ enum Command {
     Eval(llm::EvalArgs),
     /// Continue a prompt with a real LLM (greedy, or top-p sampling), optionally as a chat.
     Generate(llm::GenerateArgs),
+    /// Merge a PEFT LoRA adapter into its base and write a Hugging Face model directory.
+    Merge(llm::MergeArgs),
 }
 
 /// The process exit code of a failed command: 2 for a usage or input error (a flag, a file,
@@ -98,5 +100,6 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reference(a) => reference::run(a),
         Command::Eval(a) => llm::run_eval(a),
         Command::Generate(a) => llm::run_generate(a),
+        Command::Merge(a) => llm::run_merge(a),
     }
 }

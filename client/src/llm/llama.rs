@@ -64,10 +64,10 @@ pub struct Mlp {
 /// One decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    pub(crate) input_layernorm: RmsNorm,
     /// Attention.
     pub self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
+    pub(crate) post_attention_layernorm: RmsNorm,
     /// MLP.
     pub mlp: Mlp,
 }
@@ -75,12 +75,12 @@ pub struct DecoderLayer {
 /// A Llama-family / Qwen2 causal LM. Build it with [`LlamaLm::from_weights`].
 #[derive(Module, Debug)]
 pub struct LlamaLm {
-    embed_tokens: Param<Tensor<2>>,
+    pub(crate) embed_tokens: Param<Tensor<2>>,
     /// The decoder layers.
     pub layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    pub(crate) norm: RmsNorm,
     /// A separate output head; `None` when it is tied to the token embedding.
-    lm_head: Option<Param<Tensor<2>>>,
+    pub(crate) lm_head: Option<Param<Tensor<2>>>,
     #[module(skip)]
     inv_freq: Vec<f32>,
     max_positions: usize,

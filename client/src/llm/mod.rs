@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod merge;
 pub mod peft;
 pub mod source;
 pub mod tokenizer;

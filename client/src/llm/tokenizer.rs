@@ -307,6 +307,29 @@ impl LlmTokenizer {
             .map_err(|e| ClientError::Data(format!("cannot decode tokens: {e}")))
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, BOS and EOS tokens)
+    /// into a Hugging Face model directory.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), ClientError> {
+        let io = |e: std::io::Error| ClientError::Storage(format!("{}: {e}", dir.display()));
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| ClientError::Model(format!("tokenizer: {e}")))?;
+        std::fs::write(dir.join("tokenizer.json"), json).map_err(io)?;
+        let mut config = json!({"tokenizer_class": "PreTrainedTokenizerFast"});
+        if let Some(t) = &self.chat_template {
+            config["chat_template"] = json!(t);
+        }
+        if let Some(t) = &self.bos_token {
+            config["bos_token"] = json!(t);
+        }
+        if let Some(t) = &self.eos_token {
+            config["eos_token"] = json!(t);
+        }
+        let text = serde_json::to_string_pretty(&config).expect("json");
+        std::fs::write(dir.join("tokenizer_config.json"), text).map_err(io)
+    }
+
     /// Token ids that end generation (EOS / end-of-turn).
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
