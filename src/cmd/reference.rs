@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use clap::Args;
-use fedlora_client::data::ClientData;
 use fedlora_protocol::TrainConfig;
 use rand::SeedableRng;
 use serde_json::json;
@@ -41,12 +40,9 @@ pub(crate) struct ReferenceArgs {
 
 pub(crate) fn run(a: ReferenceArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let trainer = a.model.trainer()?;
-    let ctx = trainer.config().context;
-    let data = (0..a.clients)
-        .map(|i| ClientData::demo_client(i, ctx))
-        .collect::<Result<Vec<_>, _>>()?;
-    let g = trainer.initial_adapter();
+    let workload = super::workload::Workload::load(&a.model)?;
+    let (learners, _) = workload.demo(a.clients)?;
+    let g = workload.initial_adapter();
     let tc = TrainConfig {
         local_steps: a.steps,
         batch_size: a.batch_size,
@@ -56,8 +52,8 @@ pub(crate) fn run(a: ReferenceArgs) -> anyhow::Result<()> {
     // token-weighted mean over clients of each one's held-out loss
     let pooled_eval = |adapters: &[fedlora_protocol::FlatAdapter]| -> anyhow::Result<f64> {
         let (mut sum, mut tokens) = (0.0, 0u64);
-        for (d, ad) in data.iter().zip(adapters) {
-            let e = trainer.evaluate(ad, &d.test)?;
+        for (l, ad) in learners.iter().zip(adapters) {
+            let e = l.evaluate(ad)?;
             sum += e.loss * e.tokens as f64;
             tokens += e.tokens;
         }
@@ -66,19 +62,18 @@ pub(crate) fn run(a: ReferenceArgs) -> anyhow::Result<()> {
     let base = pooled_eval(&vec![g.clone(); a.clients])?;
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(a.seed);
     let mut local = Vec::new();
-    for d in &data {
+    for l in &learners {
         let mut ad = g.clone();
-        ad.apply_delta(&trainer.train(&g, &d.train, &tc, &mut rng)?.delta)?;
+        ad.apply_delta(&l.train(&g, &tc, &mut rng)?.delta)?;
         local.push(ad);
     }
     let local_only = pooled_eval(&local)?;
-    let all: Vec<Vec<u8>> = data.iter().flat_map(|d| d.train.clone()).collect();
     let mut pooled = g.clone();
     let ptc = TrainConfig {
         local_steps: a.pooled_steps,
         ..tc.clone()
     };
-    pooled.apply_delta(&trainer.train(&g, &all, &ptc, &mut rng)?.delta)?;
+    pooled.apply_delta(&workload.pooled(a.clients)?.train(&g, &ptc, &mut rng)?.delta)?;
     let pooled_loss = pooled_eval(&vec![pooled; a.clients])?;
     let out = json!({
         "clients": a.clients,
@@ -98,8 +93,9 @@ pub(crate) fn run(a: ReferenceArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "held-out loss over {} clients' test text (nats/byte):",
-            a.clients
+            "held-out loss over {} clients' test text ({}):",
+            a.clients,
+            workload.unit()
         );
         println!(
             "  base model                        {base:.4} (perplexity {:.3})",

@@ -148,6 +148,43 @@ impl Workload {
         }
     }
 
+    /// One learner holding the training examples of demo clients `0..n` together (the
+    /// centralised reference); it has no held-out data of its own.
+    pub(crate) fn pooled(&self, n: usize) -> anyhow::Result<Arc<dyn Learner>> {
+        Ok(match self {
+            Self::Bytes(trainer) => {
+                let ctx = trainer.config().context;
+                let mut train = Vec::new();
+                for i in 0..n {
+                    train.extend(ClientData::demo_client(i, ctx)?.train);
+                }
+                Arc::new(LmLearner {
+                    trainer: (**trainer).clone(),
+                    data: ClientData {
+                        name: "pooled".into(),
+                        train,
+                        test: Vec::new(),
+                    },
+                })
+            }
+            Self::Llm { trainer, context } => {
+                let tok = &trainer.llm().tokenizer;
+                let mut train = Vec::new();
+                for i in 0..n {
+                    train.extend(LlmData::demo_client(i, tok, *context)?.train);
+                }
+                Arc::new(LlmLearner {
+                    trainer: trainer.clone(),
+                    data: LlmData {
+                        name: "pooled".into(),
+                        train,
+                        test: Vec::new(),
+                    },
+                })
+            }
+        })
+    }
+
     /// The unit of the held-out loss, for messages.
     pub(crate) fn unit(&self) -> &'static str {
         match self {
