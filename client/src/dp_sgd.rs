@@ -292,6 +292,42 @@ pub fn noisy_mean(
         .collect()
 }
 
+/// The local DP-SGD run every trainer shares: `cfg.local_steps` Adam steps on `model` (whose
+/// only trainable tensors are its adapter's), each on a Poisson sample of `train` at rate
+/// `q = dp.expected_batch / n` drawn from `rng`, with the clipped, noised gradient of
+/// [`dp_gradient`] (noise from `noise`). Returns the trained model, the per-example loss sum
+/// and count (never sent), and the released loss if `dp.loss_clip` asks for one.
+pub fn dp_train_steps<M, T, R>(
+    mut model: M,
+    train: &[T],
+    cfg: &fedlora_protocol::TrainConfig,
+    dp: &DpSgdConfig,
+    rng: &mut R,
+    noise: &mut GaussianNoise,
+    device: &Device,
+) -> (M, (f64, usize), Option<f64>)
+where
+    M: DpModel + burn::module::Module,
+    T: std::borrow::Borrow<M::Example>,
+    R: Rng + ?Sized,
+{
+    let q = (dp.expected_batch as f64 / train.len().max(1) as f64).min(1.0);
+    let mut opt = burn::optim::AdamConfig::new().init();
+    let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+    let mut release = crate::train::LossRelease::default();
+    for _ in 0..cfg.local_steps {
+        let idx = poisson_sample(rng, train.len(), q);
+        let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
+        let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, device);
+        loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
+        loss_n += losses.len();
+        release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
+        let gp = to_gradients_params(&model, grads);
+        model = opt.step(cfg.learning_rate, model, gp);
+    }
+    (model, (loss_sum, loss_n), release.mean())
+}
+
 /// Poisson sample of `0..n` with rate `q` (each index independently).
 pub fn poisson_sample<R: Rng + ?Sized>(rng: &mut R, n: usize, q: f64) -> Vec<usize> {
     (0..n).filter(|_| rng.random::<f64>() < q).collect()

@@ -322,36 +322,16 @@ impl LocalTrainer {
         rng: &mut R,
         noise: &mut fedlora_dp::GaussianNoise,
     ) -> Result<TrainOutcome, ClientError> {
-        use crate::dp_sgd::{dp_gradient, poisson_sample, to_gradients_params};
         if train.is_empty() {
             return Err(ClientError::Data("no training windows".into()));
         }
         let t0 = Instant::now();
-        let q = (dp.expected_batch as f64 / train.len() as f64).min(1.0);
-        let mut model = self.model_with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        let mut release = LossRelease::default();
-        for _ in 0..cfg.local_steps {
-            let idx = poisson_sample(rng, train.len(), q);
-            let batch: Vec<&[u8]> = idx.iter().map(|&i| train[i].as_slice()).collect();
-            let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, &self.device);
-            loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
-            loss_n += losses.len();
-            release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
-            let gp = to_gradients_params(&model, grads);
-            model = opt.step(cfg.learning_rate, model, gp);
-        }
+        let model = self.model_with(global)?;
+        let (model, loss, released) =
+            crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
         let local = extract_adapter(&model, &self.lora);
-        let mut out = TrainOutcome::finish(
-            &local,
-            global,
-            (loss_sum, loss_n),
-            train.len(),
-            cfg.local_steps,
-            t0,
-        )?;
-        out.released_loss = release.mean();
+        let mut out = TrainOutcome::finish(&local, global, loss, train.len(), cfg.local_steps, t0)?;
+        out.released_loss = released;
         Ok(out)
     }
 

@@ -21,11 +21,11 @@ use super::data::{LlmData, TokenExample};
 use super::llama::LlamaLm;
 use super::{load, Llm};
 use crate::adapter::{adapter_spec, extract_adapter, load_adapter};
-use crate::dp_sgd::{dp_gradient, poisson_sample, to_gradients_params, DpSgdConfig};
+use crate::dp_sgd::DpSgdConfig;
 use crate::error::ClientError;
 use crate::learner::Learner;
 use crate::lora::LoraConfig;
-use crate::train::{sample_batch, EvalOutcome, LossRelease, TrainOutcome};
+use crate::train::{sample_batch, EvalOutcome, TrainOutcome};
 
 /// A real LLM with the federation's adapter, on an autodiff device.
 #[derive(Debug)]
@@ -147,30 +147,11 @@ impl LlmTrainer {
             return Err(ClientError::Data("no training examples".into()));
         }
         let t0 = Instant::now();
-        let q = (dp.expected_batch as f64 / train.len() as f64).min(1.0);
-        let mut model = self.model_with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        let mut release = LossRelease::default();
-        for _ in 0..cfg.local_steps {
-            let idx = poisson_sample(rng, train.len(), q);
-            let batch: Vec<&TokenExample> = idx.iter().map(|&i| &train[i]).collect();
-            let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, &self.device);
-            loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
-            loss_n += losses.len();
-            release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
-            let gp = to_gradients_params(&model, grads);
-            model = opt.step(cfg.learning_rate, model, gp);
-        }
-        let mut out = self.finish(
-            &model,
-            global,
-            (loss_sum, loss_n),
-            train.len(),
-            cfg.local_steps,
-            t0,
-        )?;
-        out.released_loss = release.mean();
+        let model = self.model_with(global)?;
+        let (model, loss, released) =
+            crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
+        let mut out = self.finish(&model, global, loss, train.len(), cfg.local_steps, t0)?;
+        out.released_loss = released;
         Ok(out)
     }
 
