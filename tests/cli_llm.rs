@@ -220,3 +220,110 @@ fn demo_with_a_real_llm_then_peft_export_then_eval_with_the_adapter() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn coordinator_and_clients_as_processes_federate_a_real_llm_with_chat_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    stdout_ok(&fedlora(&[
+        "certs",
+        "init",
+        "--out",
+        certs.to_str().unwrap(),
+        "--clients",
+        "2",
+    ]));
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = fixtures().join("llama");
+    let model = ["--model", m.to_str().unwrap(), "--targets", "q_proj,v_proj"];
+    let mut coord = Command::new(BIN)
+        .args(["coordinator", "--listen", &addr, "--rounds", "1"])
+        .args(["--clients-per-round", "2", "--min-clients", "2"])
+        .arg("--data-dir")
+        .arg(dir.path().join("state"))
+        .arg("--certs")
+        .arg(&certs)
+        .args(model)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // client 0 on chat data, client 1 on a speaking role's text
+    let chat = dir.path().join("chat.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("What is {i} plus {i}?")},
+                {"role": "assistant", "content": format!("{i} plus {i} is {}.", 2 * i)}
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&chat, lines.join("\n")).unwrap();
+    let client = |i: usize, data: Option<&Path>| {
+        let mut c = Command::new(BIN);
+        c.args([
+            "client",
+            "--coordinator",
+            &addr,
+            "--client-index",
+            &i.to_string(),
+        ])
+        .arg("--certs")
+        .arg(&certs)
+        .arg("--state-dir")
+        .arg(dir.path().join(format!("c{i}")))
+        .args(model)
+        .args(["--context", "160"]);
+        if let Some(d) = data {
+            c.arg("--data").arg(d);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut procs = vec![client(0, Some(&chat)), client(1, None)];
+    // a client that fails leaves the others waiting for the round: end everything on the
+    // first failure or after 5 minutes
+    let t0 = std::time::Instant::now();
+    loop {
+        let states: Vec<Option<std::process::ExitStatus>> =
+            procs.iter_mut().map(|p| p.try_wait().unwrap()).collect();
+        let failed = states.iter().any(|s| s.is_some_and(|s| !s.success()));
+        if states.iter().all(Option::is_some) {
+            break;
+        }
+        if failed || t0.elapsed() > std::time::Duration::from_secs(300) {
+            for p in procs.iter_mut() {
+                let _ = p.kill();
+            }
+            let _ = coord.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let outs: Vec<Output> = procs
+        .into_iter()
+        .map(|p| p.wait_with_output().unwrap())
+        .collect();
+    let (a, b) = (&outs[0], &outs[1]);
+    if !(a.status.success() && b.status.success()) {
+        let _ = coord.kill();
+    }
+    let status = coord.wait().unwrap();
+    for out in [a, b] {
+        let text = stdout_ok(out);
+        assert!(text.contains("uploaded in rounds [1]"), "{text}");
+    }
+    assert!(
+        status.success(),
+        "the coordinator ends after its last round"
+    );
+}

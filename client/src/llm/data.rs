@@ -203,7 +203,14 @@ impl LlmData {
         })?;
         let name = path.display().to_string();
         if path.extension().is_some_and(|e| e == "jsonl") {
-            Self::split(&name, chat_examples(tok, &text, context)?)
+            let examples = chat_examples(tok, &text, context)?;
+            if examples.is_empty() {
+                return Err(ClientError::Data(format!(
+                    "{name}: no conversation has an assistant token within the first {context} \
+                     tokens (raise --context)"
+                )));
+            }
+            Self::split(&name, examples)
         } else {
             Self::from_text(&name, tok, &text, context)
         }
