@@ -100,3 +100,54 @@ fn sharded_sweep_merges_into_one_report_and_bad_input_is_a_usage_error() {
         );
     }
 }
+
+/// The `llm` task on the tiny Llama fixture: every codec, DP, and secure aggregation run, the
+/// summary has one row per point, and DP runs record their ε.
+#[test]
+fn the_llm_task_runs_every_codec_dp_and_secure_aggregation() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm/llama");
+    let sweep = format!(
+        r#"
+name = "llm-cli"
+[task]
+name = "llm"
+partition = "natural"
+clients = 4
+model_path = "{}"
+context = 32
+max_eval_examples = 16
+[train]
+local_steps = 2
+batch_size = 4
+learning_rate = 0.002
+[grid]
+epsilon = [8.0, inf]
+codec = ["dense", "f16", "q4", "topk:0.05", "subset:0.1", "modular:8:0.05:0.125:64"]
+clients_per_round = [4]
+rounds = [2]
+secure_aggregation = [false, true]
+"#,
+        fixture.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("llm.toml");
+    std::fs::write(&cfg, sweep).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = simulate(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 6 codecs × 2 ε in the clear, and the modular codec × 2 ε under secure aggregation
+    let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+    let rows: Vec<&str> = summary.lines().skip(1).collect();
+    assert_eq!(rows.len(), 14, "{summary}");
+    let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(report.contains("14 of 14 runs finished"), "{report}");
+}
