@@ -122,7 +122,12 @@ impl FederationConfig {
                 );
             };
             if sec.modulus_bits != p.modulus_bits() {
-                return bad("secure aggregation's modulus_bits must equal the modular codec's m");
+                return Err(ProtocolError::Config(format!(
+                    "secure aggregation's modulus_bits is {}; it must equal the modular codec's \
+                     m, {}",
+                    sec.modulus_bits,
+                    p.modulus_bits()
+                )));
             }
             sec.validate(self.clients_per_round)
                 .map_err(|e| ProtocolError::Config(e.to_string()))?;

@@ -237,6 +237,22 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     cfg.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
+    if let Some(sec) = &fed.train.secure {
+        // SDK clients decline rounds below their policy's neighbour count (3 by default): such
+        // a round can only time out with nothing to unmask
+        let k = sec.k(fed.clients_per_round);
+        let min = fedlora_protocol::secagg::SecAggPolicy::default().min_neighbours;
+        if k < min {
+            tracing::warn!(
+                clients_per_round = fed.clients_per_round,
+                neighbours = k,
+                "secure rounds give each client {k} neighbours; clients with the default \
+                 secure-aggregation policy decline fewer than {min}: use at least {} clients \
+                 per round unless every client lowers its policy",
+                min + 1
+            );
+        }
+    }
     cfg.federation = fed;
     let initial = super::workload::Workload::load(&a.model)?.initial_adapter();
     let rt = tokio::runtime::Runtime::new()?;
