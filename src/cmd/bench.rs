@@ -27,6 +27,9 @@ enum BenchName {
     /// The simulation harness: virtual clients on the reference LM (startup, round wall time
     /// against summed client training time, peak memory).
     Simulate,
+    /// One LoRA step of a real LLM (--model; batch 4, context 128, rank 8 on q_proj, v_proj
+    /// by default): forward, backward and optimizer phases, in this process's threads.
+    LlmStep,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +69,51 @@ pub(crate) struct BenchArgs {
     /// secagg: modulus bits of the inputs.
     #[arg(long, default_value_t = 16)]
     modulus_bits: u32,
+    /// llm-step: windows per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// llm-step: the model and its adapter (--model, --context, --rank, --targets …).
+    #[command(flatten)]
+    model: super::model::ModelArgs,
+}
+
+/// One LoRA step of the real LLM `a.model` names, by phase (medians of `a.reps`).
+fn llm_step_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use fedlora_client::llm::bench::plain_step_phases;
+    use fedlora_client::llm::data::text_examples;
+    use fedlora_client::llm::trainer::LlmTrainer;
+    let Some(path) = &a.model.model else {
+        return Err(super::UsageError("llm-step needs --model PATH".into()).into());
+    };
+    let context = a.model.context.unwrap_or(128);
+    let lora = a.model.lora()?;
+    let t0 = Instant::now();
+    let trainer = LlmTrainer::load(path, &lora, 0)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let role = &fedlora_client::data::split_roles(fedlora_client::data::SHAKESPEARE).clients[0];
+    let examples = text_examples(&trainer.llm().tokenizer, &role.text, context)?;
+    anyhow::ensure!(examples.len() >= a.batch, "too little text for one batch");
+    let batch = &examples[..a.batch];
+    let phases = plain_step_phases(
+        &trainer,
+        &trainer.initial_adapter(),
+        batch,
+        2,
+        a.reps,
+        trainer.device(),
+    )?;
+    Ok(json!({
+        "model": path.display().to_string(),
+        "shape": {"batch": a.batch, "context": context, "rank": lora.rank, "alpha": lora.alpha,
+                  "targets": lora.targets},
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "reps": a.reps,
+        "load_s": load_s,
+        "phases_ms": phases,
+        "step_ms": phases.total_ms,
+        "tokens_per_s": (a.batch * context) as f64 / (phases.total_ms / 1e3),
+        "peak_rss_mib": peak_rss_mib(),
+    }))
 }
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
@@ -591,6 +639,7 @@ pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchName::Codec => codec_bench(a.reps)?,
         BenchName::Secagg => secagg_bench(&a)?,
         BenchName::Simulate => simulate_bench(&a)?,
+        BenchName::LlmStep => llm_step_bench(&a)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {
                 train_step_once(a.reps)?

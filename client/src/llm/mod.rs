@@ -5,6 +5,7 @@
 //!
 //! The byte-level model in [`crate::model`] stays the fast model for tests and the quick demo.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod eval;

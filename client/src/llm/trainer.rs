@@ -57,6 +57,11 @@ impl LlmTrainer {
         &self.spec
     }
 
+    /// The autodiff device the trainer computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The loaded model, its tokenizer and identity.
     pub fn llm(&self) -> &Llm {
         &self.llm

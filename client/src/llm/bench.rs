@@ -1,0 +1,78 @@
+//! Timing of one LoRA training step on a real LLM, by phase: what `fedlora bench llm-step`
+//! reports.
+
+use std::time::Instant;
+
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::Device;
+use fedlora_protocol::FlatAdapter;
+use serde::Serialize;
+
+use super::data::TokenExample;
+use super::trainer::LlmTrainer;
+use crate::error::ClientError;
+
+/// Median milliseconds of each phase of a plain LoRA step (Adam), over the measured reps.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepPhases {
+    /// Forward pass and the masked mean loss (logits and log-softmax included).
+    pub forward_ms: f64,
+    /// Backward pass and collecting the adapter's gradients.
+    pub backward_ms: f64,
+    /// The Adam update of the adapter.
+    pub optimizer_ms: f64,
+    /// The whole step.
+    pub total_ms: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs `warmup + reps` plain Adam steps from `global` on `batch` (the same examples every
+/// step) and returns the median time of each phase over the last `reps`.
+pub fn plain_step_phases(
+    trainer: &LlmTrainer,
+    global: &FlatAdapter,
+    batch: &[TokenExample],
+    warmup: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<StepPhases, ClientError> {
+    let mut model = trainer.model_with(global)?;
+    let mut opt = AdamConfig::new().init();
+    let refs: Vec<&TokenExample> = batch.iter().collect();
+    let (mut f, mut b, mut o, mut t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + reps {
+        let t0 = Instant::now();
+        let (nll, count) = model.example_nll(&refs, None, device);
+        let loss = nll.sum() / count.sum().clamp_min(1.0);
+        let _ = loss.clone().into_scalar::<f32>();
+        let t1 = Instant::now();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t2 = Instant::now();
+        model = opt.step(1e-4, model, grads);
+        let t3 = Instant::now();
+        if i >= warmup {
+            f.push((t1 - t0).as_secs_f64() * 1e3);
+            b.push((t2 - t1).as_secs_f64() * 1e3);
+            o.push((t3 - t2).as_secs_f64() * 1e3);
+            t.push((t3 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    Ok(StepPhases {
+        forward_ms: median(f),
+        backward_ms: median(b),
+        optimizer_ms: median(o),
+        total_ms: median(t),
+    })
+}
