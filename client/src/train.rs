@@ -12,6 +12,7 @@ use rand::Rng;
 
 use crate::adapter::{adapter_spec, assign_named, collect_named, extract_adapter, load_adapter};
 use crate::adapter::{NamedFilter, NamedTensor};
+use crate::dp_sgd::DpModel;
 use crate::error::ClientError;
 use crate::lora::LoraConfig;
 use crate::model::{windows_tensor, Lm, LmConfig};
@@ -125,6 +126,35 @@ pub fn initial_adapter(config: &LmConfig) -> Result<FlatAdapter, ClientError> {
         &config.init(&Device::flex().autodiff()),
         lora,
     ))
+}
+
+/// The local non-private run every trainer shares: `cfg.local_steps` Adam steps on `model`,
+/// each on `cfg.batch_size` examples of `train` sampled uniformly without replacement by `rng`,
+/// minimising the batch mean of the examples' losses ([`DpModel::example_losses`]). Returns
+/// the trained model and the sum of the steps' losses.
+pub fn plain_train_steps<M, T, R>(
+    mut model: M,
+    train: &[T],
+    cfg: &TrainConfig,
+    rng: &mut R,
+    device: &Device,
+) -> (M, f64)
+where
+    M: DpModel + Module,
+    T: std::borrow::Borrow<M::Example>,
+    R: Rng + ?Sized,
+{
+    let mut opt = AdamConfig::new().init();
+    let mut loss_sum = 0.0;
+    for _ in 0..cfg.local_steps {
+        let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
+        let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
+        let loss = model.example_losses(&batch, None, device).mean();
+        loss_sum += loss.clone().into_scalar::<f32>() as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(cfg.learning_rate, model, grads);
+    }
+    (model, loss_sum)
 }
 
 /// What one round of local training produced.
@@ -287,17 +317,8 @@ impl LocalTrainer {
             return Err(ClientError::Data("no training windows".into()));
         }
         let t0 = Instant::now();
-        let mut model = self.model_with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.local_steps {
-            let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
-            let batch: Vec<&[u8]> = idx.iter().map(|&i| train[i].as_slice()).collect();
-            let loss = model.loss(windows_tensor(&batch, &self.device));
-            loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = opt.step(cfg.learning_rate, model, grads);
-        }
+        let model = self.model_with(global)?;
+        let (model, loss_sum) = plain_train_steps(model, train, cfg, rng, &self.device);
         let local = extract_adapter(&model, &self.lora);
         TrainOutcome::finish(
             &local,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::Device;
 use fedlora_dp::GaussianNoise;
 use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
@@ -25,7 +24,7 @@ use crate::dp_sgd::DpSgdConfig;
 use crate::error::ClientError;
 use crate::learner::Learner;
 use crate::lora::LoraConfig;
-use crate::train::{sample_batch, EvalOutcome, TrainOutcome};
+use crate::train::{EvalOutcome, TrainOutcome};
 
 /// A real LLM with the federation's adapter, on an autodiff device.
 #[derive(Debug)]
@@ -113,19 +112,11 @@ impl LlmTrainer {
             return Err(ClientError::Data("no training examples".into()));
         }
         let t0 = Instant::now();
-        let mut model = self.model_with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.local_steps {
-            let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
-            let batch: Vec<&TokenExample> = idx.iter().map(|&i| &train[i]).collect();
-            let (nll, count) = model.example_nll(&batch, None, &self.device);
-            // mean over the batch's scored tokens
-            let loss = nll.sum() / count.sum().clamp_min(1.0);
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = opt.step(cfg.learning_rate, model, grads);
-        }
+        let model = self.model_with(global)?;
+        // each example's mean over its scored tokens, averaged over the batch (one window or
+        // conversation counts once, as in DP-SGD)
+        let (model, loss_sum) =
+            crate::train::plain_train_steps(model, train, cfg, rng, &self.device);
         self.finish(
             &model,
             global,
