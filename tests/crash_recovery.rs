@@ -50,6 +50,7 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
             let hello = ClientMsg::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 spec_hash,
+                max_rank: None,
             };
             if let Ok((CoordMsg::Welcome { .. }, _)) = s.request(&hello).await {
                 return s;

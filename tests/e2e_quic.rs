@@ -42,6 +42,7 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (S
         .request(&ClientMsg::Hello {
             protocol_version: PROTOCOL_VERSION,
             spec_hash: spec.hash(),
+            max_rank: None,
         })
         .await
         .unwrap();
@@ -77,6 +78,7 @@ async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
             .request(&ClientMsg::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 spec_hash: spec().hash(),
+                max_rank: None,
             })
             .await
             .is_err(),
@@ -325,10 +327,12 @@ async fn modular_uploads_are_aggregated_by_decoding_only_their_sum() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_optimizer_continues_its_moments_exactly_after_a_restart() {
-    use fedlora_protocol::strategy::{OptimizerState, ServerOptimizer, Strategy};
+    use fedlora_protocol::strategy::{
+        Contribution, OptimizerState, ServerOptimizer, StrategyConfig,
+    };
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
-    let strategy = Strategy::FedAdam(ServerOptimizer {
+    let strategy = StrategyConfig::FedAdam(ServerOptimizer {
         server_lr: 0.1,
         ..Default::default()
     });
@@ -376,9 +380,17 @@ async fn a_server_optimizer_continues_its_moments_exactly_after_a_restart() {
                 break;
             }
         }
-        let pairs: Vec<(f64, FlatAdapter)> = deltas.iter().map(|d| (1.0, d.clone())).collect();
-        let averaged = fedavg(&expected, &pairs).unwrap();
-        expected = strategy.step(&mut moments, &expected, averaged).unwrap();
+        let ups: Vec<Contribution<'_>> = deltas
+            .iter()
+            .map(|d| Contribution {
+                weight: 1.0,
+                rank: 1,
+                delta: d,
+            })
+            .collect();
+        let s = strategy.build();
+        let mean = s.combine(1, &ups).unwrap();
+        expected = s.next_global(&mut moments, &expected, &mean).unwrap();
         let (version, got) = coord.global();
         assert_eq!(version, u64::from(round_ix) + 1);
         // bit-exact: the restarted coordinator continued the moments of round 1

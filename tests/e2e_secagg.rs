@@ -107,6 +107,7 @@ async fn scripted(
         .request(&ClientMsg::Hello {
             protocol_version: PROTOCOL_VERSION,
             spec_hash: spec().hash(),
+            max_rank: None,
         })
         .await
         .unwrap();

@@ -39,6 +39,7 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec_hash: [u8; 32]) -> O
     let msg = ClientMsg::Hello {
         protocol_version: PROTOCOL_VERSION,
         spec_hash,
+        max_rank: None,
     };
     match s.request(&msg).await {
         Ok((CoordMsg::Welcome { .. }, _)) => Some(s),

@@ -108,6 +108,20 @@ struct Assigner<'a> {
     named: std::collections::HashMap<&'a str, &'a NamedTensor>,
     used: usize,
     error: Option<String>,
+    /// Loading a rank slice ([`fedlora_protocol::rank`]): LoRA factors take the slice's
+    /// shapes, and frozen factors not given (FFA-LoRA's `A`) are cut to the same rank.
+    slice_rank: Option<usize>,
+}
+
+/// `current` with its LoRA rank dimension set to `r` (rows of `lora_a`, columns of `lora_b`).
+fn sliced_shape(last: &str, current: &[usize], r: usize) -> Option<Vec<usize>> {
+    let mut s = current.to_vec();
+    match (last, s.len()) {
+        ("lora_a", 2) => s[0] = r,
+        ("lora_b", 2) => s[1] = r,
+        _ => return None,
+    }
+    Some(s)
 }
 
 impl ModuleMapper for Assigner<'_> {
@@ -119,11 +133,23 @@ impl ModuleMapper for Assigner<'_> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = self.path.join(".");
-        let Some((_, shape, values)) = self.named.get(key.as_str()).copied() else {
-            return param;
-        };
+        let last = self.path.last().map(String::as_str).unwrap_or("");
         let current = param.val().dims().to_vec();
-        if &current != shape {
+        let sliced = self
+            .slice_rank
+            .and_then(|r| sliced_shape(last, &current, r));
+        let Some((_, shape, values)) = self.named.get(key.as_str()).copied() else {
+            // a frozen factor of a rank slice: keep its first r components
+            return match sliced {
+                Some(want) if want != current => param.map(move |old| {
+                    let req = old.is_require_grad();
+                    let ranges: [std::ops::Range<usize>; D] = std::array::from_fn(|i| 0..want[i]);
+                    old.slice(ranges).set_require_grad(req)
+                }),
+                _ => param,
+            };
+        };
+        if &current != shape && sliced.as_ref() != Some(shape) {
             self.error = Some(format!(
                 "tensor `{key}` has shape {current:?}, the values are for {shape:?}"
             ));
@@ -143,11 +169,22 @@ impl ModuleMapper for Assigner<'_> {
 /// Replaces the parameters of `module` named in `named` (by dotted path). Every name must exist
 /// with the same shape; parameter ids (and so optimizer state) are kept.
 pub fn assign_named<M: Module>(module: M, named: &[NamedTensor]) -> Result<M, ClientError> {
+    assign_named_sliced(module, named, None)
+}
+
+/// [`assign_named`] for a rank slice: LoRA factors may have rank `slice_rank` instead of the
+/// module's, and frozen factors that `named` does not give are cut to that rank.
+fn assign_named_sliced<M: Module>(
+    module: M,
+    named: &[NamedTensor],
+    slice_rank: Option<usize>,
+) -> Result<M, ClientError> {
     let mut a = Assigner {
         path: Vec::new(),
         named: named.iter().map(|t| (t.0.as_str(), t)).collect(),
         used: 0,
         error: None,
+        slice_rank,
     };
     let module = module.map(&mut a);
     if let Some(e) = a.error {
@@ -190,14 +227,30 @@ pub fn extract_adapter<M: Module>(module: &M, lora: &LoraConfig) -> FlatAdapter 
 }
 
 /// Loads `adapter` into `module`. Refused with [`ClientError::Protocol`] (spec mismatch) unless
-/// the adapter's spec hash equals the module's.
+/// the adapter's spec hash equals the module's, or is the module's adapter cut to a lower rank
+/// ([`fedlora_protocol::rank::slice_spec`]): then the module's LoRA factors take the slice's
+/// rank (frozen factors, such as FFA-LoRA's `A`, are cut to it), so the module trains a
+/// rank-r adapter with the module's scaling α / R.
 pub fn load_adapter<M: Module>(
     module: M,
     lora: &LoraConfig,
     adapter: &FlatAdapter,
 ) -> Result<M, ClientError> {
-    let spec = adapter_spec(&module, lora);
-    check_spec(&spec.hash(), &adapter.spec().hash())?;
+    let full = adapter_spec(&module, lora);
+    let (spec, slice_rank) = if full.hash() == adapter.spec().hash() {
+        (full, None)
+    } else {
+        // a rank slice of this module's adapter (heterogeneous ranks), or a foreign adapter
+        let slice = fedlora_protocol::rank::spec_rank(adapter.spec())
+            .and_then(|r| Ok((fedlora_protocol::rank::slice_spec(&full, r)?, r)));
+        match slice {
+            Ok((s, r)) if s.hash() == adapter.spec().hash() => (s, Some(r)),
+            _ => {
+                check_spec(&full.hash(), &adapter.spec().hash())?;
+                (full, None)
+            }
+        }
+    };
     let named: Vec<NamedTensor> = spec
         .tensors()
         .iter()
@@ -210,7 +263,7 @@ pub fn load_adapter<M: Module>(
             )
         })
         .collect();
-    assign_named(module, &named)
+    assign_named_sliced(module, &named, slice_rank)
 }
 
 #[cfg(test)]

@@ -295,7 +295,8 @@ pub fn noisy_mean(
 /// The local DP-SGD run every trainer shares: `cfg.local_steps` Adam steps on `model` (whose
 /// only trainable tensors are its adapter's), each on a Poisson sample of `train` at rate
 /// `q = dp.expected_batch / n` drawn from `rng`, with the clipped, noised gradient of
-/// [`dp_gradient`] (noise from `noise`). Returns the trained model, the per-example loss sum
+/// [`dp_gradient`] (noise from `noise`), plus FedProx's proximal gradient after the noise when
+/// `cfg.proximal_mu` > 0 (post-processing). Returns the trained model, the per-example loss sum
 /// and count (never sent), and the released loss if `dp.loss_clip` asks for one.
 pub fn dp_train_steps<M, T, R>(
     mut model: M,
@@ -315,6 +316,7 @@ where
     let mut opt = burn::optim::AdamConfig::new().init();
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
     let mut release = crate::train::LossRelease::default();
+    let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
     for _ in 0..cfg.local_steps {
         let idx = poisson_sample(rng, train.len(), q);
         let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
@@ -322,6 +324,11 @@ where
         loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
         loss_n += losses.len();
         release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
+        // FedProx: the data-independent proximal gradient, after clipping and noise
+        let grads = match &anchor {
+            Some(a) => crate::proximal::add_proximal(grads, &model, a, cfg.proximal_mu),
+            None => grads,
+        };
         let gp = to_gradients_params(&model, grads);
         model = opt.step(cfg.learning_rate, model, gp);
     }

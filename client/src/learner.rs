@@ -139,6 +139,10 @@ impl ClientSeeds {
 
 /// One round of local training: DP-SGD under `dp` (its noise std is σ·C), plain training
 /// otherwise, with the round's RNGs from `seeds`.
+///
+/// `global` is the learner's adapter, or its rank slice ([`fedlora_protocol::rank`]) when the
+/// coordinator assigned this client a lower rank: the learner then trains the slice, and the
+/// returned delta is zero-padded back to the learner's (the federation's) spec.
 pub fn local_update(
     learner: &dyn Learner,
     global: &FlatAdapter,
@@ -148,13 +152,32 @@ pub fn local_update(
     round: u64,
 ) -> Result<TrainOutcome, ClientError> {
     let mut rng = seeds.sampling_rng(round)?;
-    match dp {
-        None => learner.train(global, cfg, &mut rng),
+    let mut out = match dp {
+        None => learner.train(global, cfg, &mut rng)?,
         Some(dp) => {
             let mut noise = seeds.noise(round, dp.noise_multiplier * dp.clip_norm)?;
-            learner.train_dp(global, cfg, dp, &mut rng, &mut noise)
+            learner.train_dp(global, cfg, dp, &mut rng, &mut noise)?
         }
+    };
+    if out.delta.spec().hash() != learner.spec().hash() {
+        out.delta = fedlora_protocol::rank::pad(&out.delta, learner.spec())?;
     }
+    Ok(out)
+}
+
+/// `values` scaled to L2 norm ≤ `bound` (unchanged when already within it): the client side of
+/// norm-bounded updates ([`TrainConfig::max_update_norm`]). The norm is computed in f64.
+pub fn clip_update(values: &[f32], bound: f64) -> Vec<f32> {
+    let norm = values
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    let f = fedlora_dp::mechanism::clip_factor(norm, bound);
+    if f >= 1.0 {
+        return values.to_vec();
+    }
+    values.iter().map(|&v| (f64::from(v) * f) as f32).collect()
 }
 
 /// What [`encode_update`] produced.
@@ -169,7 +192,9 @@ pub struct EncodedUpdate {
 /// Encodes `delta` with the round's codec. Sparsifying codecs use error feedback: `residual`
 /// (the client's, created on first use or when its length does not fit) is added before
 /// encoding and updated with what was not sent. The residual is computed from the already
-/// noised delta, so under DP it is post-processing.
+/// noised delta, so under DP it is post-processing. With `max_norm` (norm-bounded updates),
+/// the vector handed to the codec is first scaled to L2 norm ≤ `max_norm` ([`clip_update`]).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_update(
     codec: &Codec,
     spec: &AdapterSpec,
@@ -178,9 +203,14 @@ pub fn encode_update(
     weight: u64,
     rng: &mut ChaCha20Rng,
     residual: &mut Option<ErrorFeedback>,
+    max_norm: Option<f64>,
 ) -> Result<EncodedUpdate, ClientError> {
+    let clip = |v: &[f32]| match max_norm {
+        Some(b) => clip_update(v, b),
+        None => v.to_vec(),
+    };
     if !codec.wants_error_feedback() {
-        let (bytes, stats) = codec.encode_with(delta.values(), ctx, weight, rng);
+        let (bytes, stats) = codec.encode_with(&clip(delta.values()), ctx, weight, rng);
         return Ok(EncodedUpdate {
             bytes,
             clamped: stats.clamped as u64,
@@ -191,7 +221,7 @@ pub fn encode_update(
         *residual = Some(ErrorFeedback::new(n));
     }
     let ef = residual.as_mut().expect("set above");
-    let comp = ef.compensate(delta.values());
+    let comp = clip(&ef.compensate(delta.values()));
     let (bytes, stats) = codec.encode_with(&comp, ctx, weight, rng);
     let sent = Codec::decode(&bytes, spec, Some(codec), ctx)?;
     ef.update(&comp, sent.values());

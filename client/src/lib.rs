@@ -13,6 +13,7 @@ pub mod train;
 pub use error::ClientError;
 pub mod dp_sgd;
 pub mod privacy;
+pub mod proximal;
 pub mod sdk;
 pub mod secure;
 pub mod transport;

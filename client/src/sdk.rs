@@ -56,6 +56,10 @@ pub struct ClientConfig {
     /// coordinator says): thresholds above half the neighbours, at least 3 neighbours, enough
     /// survivors, and never a plaintext update in a secure federation.
     pub secagg: SecAggPolicy,
+    /// The largest LoRA rank this client trains (heterogeneous ranks; e.g. set from the
+    /// device's memory). `None`: the federation's rank. Below it, the coordinator sends this
+    /// client the rank slice of the global adapter and it uploads its delta zero-padded.
+    pub max_rank: Option<u32>,
 }
 
 impl ClientConfig {
@@ -74,6 +78,7 @@ impl ClientConfig {
             privacy: None,
             noise_seed: None,
             secagg: SecAggPolicy::default(),
+            max_rank: None,
         }
     }
 
@@ -336,6 +341,7 @@ impl FederatedClient {
         let msg = ClientMsg::Hello {
             protocol_version: PROTOCOL_VERSION,
             spec_hash: self.learner.spec().hash(),
+            max_rank: self.config.max_rank,
         };
         match s.request(&msg).await? {
             (CoordMsg::Welcome { client_id, .. }, _) => {
@@ -651,6 +657,7 @@ impl FederatedClient {
             weight,
             &mut rng,
             &mut residual,
+            offer.config.max_update_norm,
         )?;
         if enc.clamped > 0 {
             info!(
@@ -714,8 +721,25 @@ impl FederatedClient {
                 },
             ));
         }
-        let global = match self.reconstruct(offer.global_version, offer.global_from, &offer.global)
-        {
+        let sliced = match self.offered_rank(&offer) {
+            Ok(s) => s,
+            Err(reason) => return Ok(Work::Decline(offer.round, reason)),
+        };
+        let global = match &sliced {
+            Some(spec) => {
+                // a rank slice, always sent in full; it replaces nothing this client holds
+                *self.held.lock().expect("lock") = None;
+                Codec::decode(
+                    &offer.global,
+                    spec,
+                    Some(&Codec::DenseF32),
+                    &CodecContext::default(),
+                )
+                .map_err(ClientError::from)
+            }
+            None => self.reconstruct(offer.global_version, offer.global_from, &offer.global),
+        };
+        let global = match global {
             Ok(g) => g,
             Err(e) => {
                 // out of sync (e.g. a lost download): forget what we hold, get the full adapter
@@ -818,6 +842,23 @@ impl FederatedClient {
         })))
     }
 
+    /// The spec of the rank slice `offer` asks this client to train (`None`: the full rank), or
+    /// why it declines: a rank above its `max_rank`, or a slice not of this client's adapter.
+    fn offered_rank(
+        &self,
+        offer: &RoundOffer,
+    ) -> Result<Option<fedlora_protocol::AdapterSpec>, DeclineReason> {
+        let Some(r) = offer.rank else {
+            return Ok(None);
+        };
+        if self.config.max_rank.is_some_and(|m| r > m) || offer.global_from.is_some() {
+            return Err(DeclineReason::RankNotSupported);
+        }
+        fedlora_protocol::rank::slice_spec(self.learner.spec(), r as usize)
+            .map(Some)
+            .map_err(|_| DeclineReason::RankNotSupported)
+    }
+
     /// Why this client must not train `offer` under its secure-aggregation policy, if it must
     /// not: a secure federation's offer without the shares to mask with (the coordinator wants
     /// a plaintext update), a round without secure aggregation when the policy requires it, or
@@ -911,6 +952,7 @@ mod tests {
             global_from: None,
             global: vec![],
             secure_shares: shares.then(Vec::new),
+            rank: None,
         }
     }
 

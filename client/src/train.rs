@@ -130,7 +130,8 @@ pub fn initial_adapter(config: &LmConfig) -> Result<FlatAdapter, ClientError> {
 
 /// The local non-private run every trainer shares: `cfg.local_steps` Adam steps on `model`,
 /// each on `cfg.batch_size` examples of `train` sampled uniformly without replacement by `rng`,
-/// minimising the batch mean of the examples' losses ([`DpModel::example_losses`]). Returns
+/// minimising the batch mean of the examples' losses ([`DpModel::example_losses`]) plus
+/// FedProx's `μ/2·‖w − w_start‖²` when `cfg.proximal_mu` > 0 ([`crate::proximal`]). Returns
 /// the trained model and the sum of the steps' losses.
 pub fn plain_train_steps<M, T, R>(
     mut model: M,
@@ -146,12 +147,24 @@ where
 {
     let mut opt = AdamConfig::new().init();
     let mut loss_sum = 0.0;
+    let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
     for _ in 0..cfg.local_steps {
         let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
         let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
         let loss = model.example_losses(&batch, None, device).mean();
         loss_sum += loss.clone().into_scalar::<f32>() as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = match &anchor {
+            None => GradientsParams::from_grads(loss.backward(), &model),
+            Some(anchor) => {
+                let g = loss.backward();
+                let gs = crate::dp_sgd::adapter_params(&model)
+                    .into_iter()
+                    .map(|p| p.value.grad(&g).expect("trainable adapter tensor"))
+                    .collect();
+                let gs = crate::proximal::add_proximal(gs, &model, anchor, cfg.proximal_mu);
+                crate::dp_sgd::to_gradients_params(&model, gs)
+            }
+        };
         model = opt.step(cfg.learning_rate, model, grads);
     }
     (model, loss_sum)

@@ -1,48 +1,96 @@
-//! Turning a round's uploads into the next global adapter: FedAvg of decoded deltas, or, for the
-//! modular codec, the decoded **sum** of the integer payloads (the only thing secure masking
-//! reveals). The QUIC server and the simulation harness both call these, so a simulated round
-//! aggregates exactly as a deployed one.
+//! Turning a round's uploads into its aggregated delta, which the federation's strategy
+//! ([`fedlora_protocol::strategy`]) then turns into the next global adapter.
+//!
+//! - Strategies that work from the sum, with the modular codec: the integer payloads are
+//!   summed mod 2^m and only the sum is decoded (what secure masking reveals).
+//! - Otherwise every upload is decoded and the strategy combines the deltas (weighted mean,
+//!   coordinate-wise median, trimmed mean).
+//!
+//! With heterogeneous ranks each rank component is averaged over the clients whose rank covers
+//! it ([`RankCounts`]). The QUIC server and the simulation harness both call these, so a
+//! simulated round aggregates exactly as a deployed one.
 
-use fedlora_protocol::{fedavg, AdapterSpec, Codec, CodecContext, FlatAdapter, ModularSum};
+use fedlora_protocol::rank::RankCounts;
+use fedlora_protocol::strategy::{Contribution, Strategy};
+use fedlora_protocol::{AdapterSpec, Codec, CodecContext, FlatAdapter, ModularSum};
 
 use crate::error::{CoordinatorError, Result};
 
-/// The next global from `global` and the round's payloads `(weight, bytes)`, in the order
-/// given (the coordinator passes them by client id). Modular payloads are summed mod 2^m and
-/// only the sum is decoded; every other codec is decoded per upload and averaged with
-/// [`fedavg`].
+/// One stored upload of a round.
+#[derive(Clone, Copy, Debug)]
+pub struct Payload<'a> {
+    /// Aggregation weight.
+    pub weight: f64,
+    /// The rank the client trained (`None`: the federation's).
+    pub rank: Option<u32>,
+    /// The encoded delta (at the federation's rank).
+    pub bytes: &'a [u8],
+}
+
+/// The federation's LoRA rank (1 for a spec without LoRA factors, which has one component).
+pub fn full_rank(spec: &AdapterSpec) -> usize {
+    fedlora_protocol::rank::spec_rank(spec).unwrap_or(1)
+}
+
+fn rank_of(rank: Option<u32>, full: usize) -> usize {
+    rank.map_or(full, |r| (r as usize).min(full))
+}
+
+/// The round's aggregated delta from its payloads, in the order given (the coordinator passes
+/// them by client id).
 pub fn aggregate_payloads<'a>(
-    global: &FlatAdapter,
+    strategy: &dyn Strategy,
     codec: &Codec,
     spec: &AdapterSpec,
     ctx: &CodecContext,
-    payloads: impl IntoIterator<Item = (f64, &'a [u8])>,
+    payloads: impl IntoIterator<Item = Payload<'a>>,
 ) -> Result<FlatAdapter> {
-    if let Codec::Modular(p) = codec {
-        let mut sum: Option<ModularSum> = None;
-        for (_, bytes) in payloads {
-            let ints = codec.modular_payload(bytes, spec)?;
-            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
-                .add(&ints)?;
+    let full = full_rank(spec);
+    let payloads: Vec<Payload<'a>> = payloads.into_iter().collect();
+    if payloads.is_empty() {
+        return Err(CoordinatorError::Storage("no uploads".into()));
+    }
+    if let (Codec::Modular(p), false) = (codec, strategy.needs_individual_updates()) {
+        let mut sum = ModularSum::new(0, p.modulus_bits());
+        for (i, u) in payloads.iter().enumerate() {
+            let ints = codec.modular_payload(u.bytes, spec)?;
+            if i == 0 {
+                sum = ModularSum::new(ints.len(), p.modulus_bits());
+            }
+            sum.add(&ints)?;
         }
-        let sum = sum.ok_or_else(|| CoordinatorError::Storage("no uploads".into()))?;
-        return apply_modular_sum(global, codec, spec, ctx, &sum);
+        let counts = RankCounts::new(
+            full,
+            payloads.iter().map(|u| (u.weight, rank_of(u.rank, full))),
+        );
+        return modular_sum_delta(codec, spec, ctx, &sum, &counts);
     }
-    let mut deltas = Vec::new();
-    for (weight, bytes) in payloads {
-        deltas.push((weight, Codec::decode(bytes, spec, Some(codec), ctx)?));
+    let mut deltas = Vec::with_capacity(payloads.len());
+    for u in &payloads {
+        deltas.push(Codec::decode(u.bytes, spec, Some(codec), ctx)?);
     }
-    Ok(fedavg(global, &deltas)?)
+    let ups: Vec<Contribution<'_>> = payloads
+        .iter()
+        .zip(&deltas)
+        .map(|(u, d)| Contribution {
+            weight: u.weight,
+            rank: rank_of(u.rank, full),
+            delta: d,
+        })
+        .collect();
+    Ok(strategy.combine(full, &ups)?)
 }
 
-/// `global` plus the weighted mean decoded from a modular sum (from plain modular uploads, or
-/// unmasked by secure aggregation). Fails when the decoded weight is not positive.
-pub fn apply_modular_sum(
-    global: &FlatAdapter,
+/// The mean delta decoded from a modular sum (of plain modular uploads, or unmasked by secure
+/// aggregation). `counts` gives the weight behind each rank component: with every client at
+/// full rank the decoded weight sum is used (and must be positive); with heterogeneous ranks
+/// component `j` is divided by the weight of the counted clients whose rank is above `j`.
+pub fn modular_sum_delta(
     codec: &Codec,
     spec: &AdapterSpec,
     ctx: &CodecContext,
     sum: &ModularSum,
+    counts: &RankCounts,
 ) -> Result<FlatAdapter> {
     let (total, weight) = codec.decode_modular_sum(sum, spec, ctx)?;
     if !(weight > 0.0 && weight.is_finite()) {
@@ -50,13 +98,53 @@ pub fn apply_modular_sum(
             "decoded weight sum {weight} is not positive"
         )));
     }
+    if !counts.is_uniform() {
+        return Ok(counts.mean(&total)?);
+    }
     let spec = total.spec().clone();
     let mean: Vec<f32> = total
         .into_values()
         .into_iter()
         .map(|x| (f64::from(x) / weight) as f32)
         .collect();
-    let mut next = global.clone();
-    next.apply_delta(&FlatAdapter::new(spec, mean)?)?;
-    Ok(next)
+    Ok(FlatAdapter::new(spec, mean)?)
+}
+
+/// The L2 norm of a plaintext upload as the coordinator decodes it, and whether it is within
+/// `bound·(1 + τ)` (τ = [`Codec::norm_tolerance`]). A modular upload must also carry weight 1
+/// (norm bounds need uniform weighting).
+pub fn check_update_norm(
+    codec: &Codec,
+    spec: &AdapterSpec,
+    ctx: &CodecContext,
+    bytes: &[u8],
+    bound: f64,
+) -> std::result::Result<f64, String> {
+    let delta = Codec::decode(bytes, spec, Some(codec), ctx).map_err(|e| e.to_string())?;
+    if let Codec::Modular(p) = codec {
+        let ints = codec
+            .modular_payload(bytes, spec)
+            .map_err(|e| e.to_string())?;
+        let (_, w) = p.from_ints(&ints);
+        if w != 1.0 {
+            return Err(format!(
+                "a norm-bounded modular upload carries weight 1, not {w}"
+            ));
+        }
+    }
+    let norm = delta
+        .values()
+        .iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt();
+    let tau = codec
+        .norm_tolerance(spec.numel(), bound)
+        .ok_or_else(|| format!("codec {} has no stated norm error bound", codec.name()))?;
+    if norm > bound * (1.0 + tau) {
+        return Err(format!(
+            "update norm {norm:.6} exceeds the bound {bound} × (1 + {tau:.2e})"
+        ));
+    }
+    Ok(norm)
 }

@@ -104,6 +104,14 @@ struct Shared {
     budget: Arc<tokio::sync::Semaphore>,
     /// The server optimizer's moments that go with the current global version.
     opt: Mutex<fedlora_protocol::strategy::OptimizerState>,
+    /// The federation's strategy (built from its config).
+    strategy: Box<dyn fedlora_protocol::strategy::Strategy>,
+    /// The federation's LoRA rank R.
+    full_rank: usize,
+    /// Each connected client's declared largest rank, when below R (heterogeneous ranks).
+    max_ranks: Mutex<BTreeMap<String, u32>>,
+    /// The rank each client was offered for a round: `client → (round, rank)`.
+    offered_ranks: Mutex<BTreeMap<String, (u64, u32)>>,
     /// Operator metrics (served when `config.metrics` is set).
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<Event>,
@@ -244,6 +252,8 @@ impl Coordinator {
                 .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
         )?;
         let (events, _) = broadcast::channel(1024);
+        let strategy = config.federation.strategy.build();
+        let full_rank = crate::aggregate::full_rank(&spec);
         let shared = Arc::new(Shared {
             config,
             spec,
@@ -263,6 +273,10 @@ impl Coordinator {
             conns: Mutex::new(BTreeMap::new()),
             budget: ReadBudget::global(),
             opt: Mutex::new(opt),
+            strategy,
+            full_rank,
+            max_ranks: Mutex::new(BTreeMap::new()),
+            offered_ranks: Mutex::new(BTreeMap::new()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             events,
         });
@@ -493,7 +507,18 @@ async fn handle_hello(
         ClientMsg::Hello {
             protocol_version,
             spec_hash,
+            max_rank,
         } => {
+            let mut ranks = shared.max_ranks.lock().expect("lock");
+            match max_rank {
+                Some(r) if (r as usize) < shared.full_rank => {
+                    ranks.insert(client.to_string(), r.max(1));
+                }
+                _ => {
+                    ranks.remove(client);
+                }
+            }
+            drop(ranks);
             let deny = certs::load_deny_list(&shared.config.tls.revoked).unwrap_or_else(|e| {
                 error!(error = %e, "cannot read the deny-list; refusing everyone");
                 std::iter::once(fingerprint.to_string()).collect()
@@ -705,7 +730,7 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
         let mut fed = shared.fed.lock().expect("lock");
         (
             fed.poll(client),
-            fed.config().train.clone(),
+            shared.strategy.configure_round(&fed.config().train),
             fed.config().seed,
         )
     };
@@ -747,8 +772,25 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
             if base_version != global.version {
                 wait
             } else {
-                let (global_from, payload) =
-                    global_payload(shared, &global, client, held, train.downlink);
+                let rank = shared.max_ranks.lock().expect("lock").get(client).copied();
+                let (global_from, payload) = match rank {
+                    // a lower-rank client: its slice, in full
+                    Some(r) => match fedlora_protocol::rank::slice(&global.adapter, r as usize) {
+                        Ok(sliced) => {
+                            shared
+                                .offered_ranks
+                                .lock()
+                                .expect("lock")
+                                .insert(client.to_string(), (round, r));
+                            (None, Codec::DenseF32.encode(sliced.values()))
+                        }
+                        Err(e) => {
+                            error!(%client, error = %e, "cannot slice the global adapter");
+                            return (CoordMsg::Task(wait), None);
+                        }
+                    },
+                    None => global_payload(shared, &global, client, held, train.downlink),
+                };
                 return (
                     CoordMsg::Task(Task::Train(RoundOffer {
                         round,
@@ -760,6 +802,7 @@ fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u
                         global_from,
                         global: payload,
                         secure_shares,
+                        rank,
                     })),
                     Some(round),
                 );
@@ -818,6 +861,13 @@ fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMs
         }
         (fed.config().train.codec.clone(), fed.config().seed)
     };
+    let max_norm = shared
+        .fed
+        .lock()
+        .expect("lock")
+        .config()
+        .train
+        .max_update_norm;
     let ctx = CodecContext {
         round_seed: codec_seed(seed, u.round),
     };
@@ -825,12 +875,22 @@ fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMs
     if let Err(e) = Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
         return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
     }
+    if let Some(bound) = max_norm {
+        if let Err(m) =
+            crate::aggregate::check_update_norm(&expected, &shared.spec, &ctx, payload, bound)
+        {
+            warn!(round = u.round, %client, reason = %m, "update refused: norm bound");
+            shared.metrics.refused(RefusalCode::UpdateNormExceeded);
+            return CoordMsg::Refused(Refusal::new(RefusalCode::UpdateNormExceeded, m));
+        }
+    }
     let digest: [u8; 32] = Sha256::digest(payload).into();
     let meta = UploadMeta {
         digest,
         weight: u.weight,
         bytes: payload.len() as u64,
         train_loss: u.train_loss,
+        rank: trained_rank(shared, client, u.round),
     };
     let record = UploadRecord {
         round: u.round,
@@ -926,6 +986,7 @@ fn secure_receive(
             weight: 1.0,
             bytes,
             train_loss: None,
+            rank: trained_rank(shared, client, round),
         };
         let _ = shared
             .fed
@@ -943,6 +1004,17 @@ fn secure_receive(
         round,
         status: fedlora_protocol::AckStatus::Accepted,
     }
+}
+
+/// The rank `client` trained for `round`: the rank it was offered, else its declared one
+/// (after a restart), `None` for the federation's rank.
+fn trained_rank(shared: &Shared, client: &str, round: u64) -> Option<u32> {
+    if let Some((r, rank)) = shared.offered_ranks.lock().expect("lock").get(client) {
+        if *r == round {
+            return Some(*rank);
+        }
+    }
+    shared.max_ranks.lock().expect("lock").get(client).copied()
 }
 
 fn decline(shared: &Shared, client: &str, round: u64, reason: DeclineReason) -> CoordMsg {
@@ -1114,11 +1186,18 @@ fn finish_secure(
         round_seed: codec_seed(seed, round),
     };
     let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
-    let global = shared.global.lock().expect("lock").adapter.clone();
-    let new_global = crate::aggregate::apply_modular_sum(&global, &codec, &shared.spec, &ctx, &ms)?;
+    let full = shared.full_rank;
+    let counts = fedlora_protocol::rank::RankCounts::new(
+        full,
+        counted.iter().map(|c| {
+            let r = uploads.get(c).and_then(|m| m.rank);
+            (1.0, r.map_or(full, |r| (r as usize).min(full)))
+        }),
+    );
+    let delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
     let missing = selected.difference(counted).cloned().collect();
     info!(round, counted = counted.len(), "secure sum unmasked");
-    commit(shared, round, new_global, &uploads, &missing, now)
+    commit(shared, round, delta, &uploads, &missing, now)
 }
 
 fn tick_once(shared: &Shared) -> Result<()> {
@@ -1264,37 +1343,43 @@ fn aggregate(
     let ctx = CodecContext {
         round_seed: codec_seed(seed, round),
     };
-    let global = shared.global.lock().expect("lock").adapter.clone();
     let mut payloads = Vec::with_capacity(uploads.len());
     for (client, meta) in uploads {
         let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
-        payloads.push((meta.weight, bytes));
+        payloads.push((meta.weight, meta.rank, bytes));
     }
     crate::aggregate::aggregate_payloads(
-        &global,
+        shared.strategy.as_ref(),
         &codec,
         &shared.spec,
         &ctx,
-        payloads.iter().map(|(w, b)| (*w, b.as_slice())),
+        payloads
+            .iter()
+            .map(|(weight, rank, b)| crate::aggregate::Payload {
+                weight: *weight,
+                rank: *rank,
+                bytes: b.as_slice(),
+            }),
     )
 }
 
-/// Commits `round`: `averaged` is the FedAvg result (global + the round's weighted mean delta),
-/// which the federation's strategy turns into the next global adapter; a server optimizer's
-/// moments are stored with it before the round commits.
+/// Commits `round`: `delta` is the round's aggregated delta, which the federation's strategy
+/// turns into the next global adapter; a server optimizer's moments are stored with it before
+/// the round commits.
 fn commit(
     shared: &Shared,
     round: u64,
-    averaged: FlatAdapter,
+    delta: FlatAdapter,
     uploads: &BTreeMap<String, UploadMeta>,
     missing: &std::collections::BTreeSet<String>,
     now: u64,
 ) -> Result<()> {
-    let strategy = shared.fed.lock().expect("lock").config().strategy.clone();
     let mut opt = shared.opt.lock().expect("lock").clone();
     let new_global = {
         let global = shared.global.lock().expect("lock");
-        strategy.step(&mut opt, &global.adapter, averaged)?
+        shared
+            .strategy
+            .next_global(&mut opt, &global.adapter, &delta)?
     };
     let next_version = shared.fed.lock().expect("lock").state().global_version + 1;
     if !opt.m.is_empty() {

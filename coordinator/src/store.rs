@@ -649,6 +649,7 @@ mod tests {
                                 weight: 1.0,
                                 bytes: 4,
                                 train_loss: Some(0.0),
+                                rank: None,
                             },
                         )
                     })

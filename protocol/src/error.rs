@@ -81,6 +81,9 @@ pub enum RefusalCode {
     /// The message is not allowed in this federation (a plain upload in a DP federation, a
     /// private upload without DP).
     WrongKind,
+    /// A plaintext update's decoded L2 norm exceeds the federation's bound `B·(1 + τ)`
+    /// (`max_update_norm`).
+    UpdateNormExceeded,
 }
 
 impl RefusalCode {

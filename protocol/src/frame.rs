@@ -245,6 +245,7 @@ mod tests {
             ClientMsg::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 spec_hash: [7; 32],
+                max_rank: None,
             },
             ClientMsg::Poll { held_version: None },
             ClientMsg::Upload(Upload {
@@ -294,6 +295,7 @@ mod tests {
         let mut wrong = encode(&ClientMsg::Hello {
             protocol_version: 1,
             spec_hash: [0; 32],
+            max_rank: None,
         })
         .unwrap();
         wrong[3] = FrameKind::Poll as u8;

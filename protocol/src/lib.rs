@@ -10,6 +10,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod rank;
 pub mod round;
 pub mod secagg;
 pub mod strategy;

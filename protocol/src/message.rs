@@ -12,7 +12,9 @@ use crate::error::Refusal;
 /// Version 2: DP rounds upload a [`PrivateUpload`] (no loss, no weight, no ε), a client may
 /// withhold an evaluation ([`ClientMsg::EvalWithheld`]), decline reasons are a fixed
 /// [`DeclineReason`], and secure aggregation carries client nonces and a consistency check.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: strategies (FedProx's μ and the update norm bound in [`TrainConfig`]) and
+/// heterogeneous ranks (`max_rank` in the hello, the client's rank in [`RoundOffer`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -69,6 +71,17 @@ pub struct TrainConfig {
     /// Secure aggregation: the coordinator sees only the masked sum (needs the modular codec).
     #[serde(default)]
     pub secure: Option<crate::secagg::SecAggParams>,
+    /// FedProx's proximal weight μ ≥ 0: the client minimises `loss + μ/2·‖w − w_global‖²` over
+    /// the adapter parameters (0: plain local training). Set by the strategy.
+    #[serde(default)]
+    pub proximal_mu: f64,
+    /// Norm-bounded updates: each client scales its whole encoded update to L2 norm ≤ B before
+    /// encoding, and the coordinator refuses a plaintext update whose decoded norm exceeds
+    /// `B·(1 + τ)` (τ the codec's stated error, [`Codec::norm_tolerance`]). Needs uniform
+    /// weighting. Under masking nothing bounds a dishonest client's input: this bounds honest
+    /// clients only.
+    #[serde(default)]
+    pub max_update_norm: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +95,8 @@ impl Default for TrainConfig {
             dp: None,
             downlink: Downlink::Full,
             secure: None,
+            proximal_mu: 0.0,
+            max_update_norm: None,
         }
     }
 }
@@ -93,8 +108,12 @@ pub enum ClientMsg {
     Hello {
         /// [`PROTOCOL_VERSION`] of the client.
         protocol_version: u16,
-        /// Hash of the client's adapter spec.
+        /// Hash of the client's adapter spec (at the federation's rank).
         spec_hash: SpecHash,
+        /// The largest LoRA rank the client can train (e.g. set from its memory); `None`: the
+        /// federation's rank. The coordinator sends it the slice of the global adapter up to
+        /// `min(max_rank, R)` ([`crate::rank`]).
+        max_rank: Option<u32>,
     },
     /// Asks what to do next.
     Poll {
@@ -159,6 +178,8 @@ pub enum DeclineReason {
     SecureAggregationPolicy,
     /// The client could not take part in this round's secure aggregation (state lost).
     SecureStateLost,
+    /// The offered LoRA rank is above the client's `max_rank`, or not a slice of its adapter.
+    RankNotSupported,
 }
 
 impl DeclineReason {
@@ -174,6 +195,7 @@ impl DeclineReason {
             Self::WeightingNotPrivate => "example-count weighting under DP",
             Self::SecureAggregationPolicy => "secure-aggregation policy",
             Self::SecureStateLost => "secure-aggregation state lost",
+            Self::RankNotSupported => "the offered LoRA rank is not supported",
         }
     }
 }
@@ -388,6 +410,12 @@ pub struct RoundOffer {
     /// senders); the client sends a masked input instead of an upload.
     #[serde(default)]
     pub secure_shares: Option<Vec<crate::secagg::EncryptedShare>>,
+    /// The LoRA rank this client trains, below the federation's rank: `global` is then the
+    /// rank slice ([`crate::rank::slice`], sent in full, `global_from` is `None`) and the
+    /// upload is the delta zero-padded to the federation's rank ([`crate::rank::pad`]).
+    /// `None`: the full rank.
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// How the coordinator sends the global adapter down.

@@ -55,7 +55,7 @@ pub struct FederationConfig {
     /// What every participant trains.
     pub train: TrainConfig,
     /// How the round's mean delta becomes the next global adapter (FedAvg by default).
-    pub strategy: crate::strategy::Strategy,
+    pub strategy: crate::strategy::StrategyConfig,
 }
 
 impl Default for FederationConfig {
@@ -71,7 +71,7 @@ impl Default for FederationConfig {
             max_failed_rounds: 10,
             seed: 42,
             train: TrainConfig::default(),
-            strategy: crate::strategy::Strategy::default(),
+            strategy: crate::strategy::StrategyConfig::default(),
         }
     }
 }
@@ -106,6 +106,28 @@ impl FederationConfig {
                  their sum",
                 self.strategy.name()
             )));
+        }
+        if let Some(b) = self.train.max_update_norm {
+            if !(b.is_finite() && b > 0.0) {
+                return bad("max_update_norm must be positive and finite");
+            }
+            if self.train.weighting != Weighting::Uniform {
+                return bad(
+                    "max_update_norm bounds each client's influence only with uniform weighting",
+                );
+            }
+            if self.train.codec.norm_tolerance(1, b).is_none() {
+                return Err(ProtocolError::Config(format!(
+                    "max_update_norm needs a codec with a stated norm error bound; {} has none \
+                     (use dense-f32, f16, top-k, shared-subset or modular)",
+                    self.train.codec.name()
+                )));
+            }
+        }
+        if self.train.proximal_mu != 0.0 {
+            return bad(
+                "proximal_mu is set by the strategy (fed-prox with its mu), not in [train]",
+            );
         }
         if self.train.codec.is_summable() && self.train.weighting != Weighting::Uniform {
             return bad("the modular codec sums unit weights: use uniform weighting");
@@ -159,6 +181,9 @@ pub struct UploadMeta {
     /// The training loss the upload carried (nats per byte): `None` for private uploads
     /// (DP rounds) and masked inputs, which carry none.
     pub train_loss: Option<f64>,
+    /// The LoRA rank the client trained (heterogeneous ranks), `None` for the federation's.
+    #[serde(default)]
+    pub rank: Option<u32>,
 }
 
 /// The round being trained.
@@ -739,8 +764,10 @@ pub fn codec_seed(seed: u64, round: u64) -> u64 {
     seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// FedAvg: `global + Σ wᵢ·Δᵢ / Σ wᵢ`, accumulated in `f64` in the order given, then rounded to
-/// `f32` once per value. Fails on an empty list, a non-positive total weight or a spec mismatch.
+/// FedAvg: `global + Σ wᵢ·Δᵢ / Σ wᵢ`, exactly as the coordinator commits it: the weighted mean
+/// delta accumulated in `f64` in the order given and rounded to `f32` once per value
+/// ([`crate::strategy::weighted_mean`]), then added to `global` in `f32`. Fails on an empty
+/// list, a non-positive weight or a spec mismatch.
 pub fn fedavg(
     global: &FlatAdapter,
     deltas: &[(f64, FlatAdapter)],
@@ -748,24 +775,18 @@ pub fn fedavg(
     if deltas.is_empty() {
         return Err(ProtocolError::Config("nothing to aggregate".into()));
     }
-    let total: f64 = deltas.iter().map(|(w, _)| *w).sum();
-    if !(total.is_finite() && total > 0.0) {
-        return Err(ProtocolError::Config(format!("total weight {total}")));
-    }
-    let mut acc = vec![0f64; global.values().len()];
-    for (w, d) in deltas {
-        global.check_same_spec(d.spec())?;
-        for (a, v) in acc.iter_mut().zip(d.values()) {
-            *a += w * f64::from(*v);
-        }
-    }
-    let values = global
-        .values()
+    let ups: Vec<crate::strategy::Contribution<'_>> = deltas
         .iter()
-        .zip(&acc)
-        .map(|(g, a)| (f64::from(*g) + a / total) as f32)
+        .map(|(w, d)| crate::strategy::Contribution {
+            weight: *w,
+            rank: 1,
+            delta: d,
+        })
         .collect();
-    FlatAdapter::new(global.spec().clone(), values)
+    let mean = crate::strategy::weighted_mean(1, &ups)?;
+    let mut next = global.clone();
+    next.apply_delta(&mean)?;
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -793,6 +814,7 @@ mod tests {
             weight: 10.0,
             bytes: 4,
             train_loss: Some(1.0),
+            rank: None,
         }
     }
 
@@ -802,6 +824,71 @@ mod tests {
             f.accept_upload(c, round, meta(b))?;
         }
         Ok(v.ack_status())
+    }
+
+    #[test]
+    fn strategy_and_norm_bound_settings_are_checked_at_configuration() {
+        use crate::codec::{Codec, ModularParams};
+        use crate::strategy::StrategyConfig;
+        let modular = ModularParams::default();
+        let secure = FederationConfig {
+            train: TrainConfig {
+                codec: Codec::Modular(modular.clone()),
+                weighting: Weighting::Uniform,
+                secure: Some(crate::secagg::SecAggParams {
+                    threshold: 2,
+                    neighbours: 0,
+                    modulus_bits: modular.modulus_bits(),
+                    stage_timeout_ms: 1_000,
+                }),
+                ..Default::default()
+            },
+            ..cfg()
+        };
+        secure.validate().unwrap();
+        for s in ["median", "trimmed-mean"] {
+            let c = FederationConfig {
+                strategy: StrategyConfig::from_name(s).unwrap(),
+                ..secure.clone()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("needs each client's update"), "{e}");
+            // in the clear they are fine
+            FederationConfig {
+                strategy: StrategyConfig::from_name(s).unwrap(),
+                ..cfg()
+            }
+            .validate()
+            .unwrap();
+        }
+        let prox = FederationConfig {
+            strategy: StrategyConfig::from_name("fed-prox").unwrap(),
+            ..secure.clone()
+        };
+        prox.validate().unwrap();
+        // a norm bound needs uniform weighting and a codec with a stated error bound
+        let mut c = cfg();
+        c.train.max_update_norm = Some(1.0);
+        assert!(c.validate().unwrap_err().to_string().contains("uniform"));
+        c.train.weighting = Weighting::Uniform;
+        c.validate().unwrap();
+        c.train.codec = Codec::Quantized {
+            bits: 4,
+            block: 64,
+            rotate: false,
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("norm error bound"));
+        c.train.codec = Codec::F16;
+        c.train.max_update_norm = Some(-1.0);
+        assert!(c.validate().is_err());
+        // μ comes from the strategy, not from [train]
+        let mut c = cfg();
+        c.train.proximal_mu = 0.1;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -81,6 +81,7 @@ fn client_seeds() -> Vec<Vec<u8>> {
         ClientMsg::Hello {
             protocol_version: PROTOCOL_VERSION,
             spec_hash: [3; 32],
+            max_rank: None,
         },
         ClientMsg::Poll {
             held_version: Some(4),
@@ -160,6 +161,7 @@ fn coord_seeds() -> Vec<Vec<u8>> {
             global_from: Some(0),
             global: vec![1; 50],
             secure_shares: Some(vec![share(3)]),
+            rank: None,
         })),
         CoordMsg::Task(Task::Evaluate {
             version: 2,

@@ -40,6 +40,7 @@ pub fn run_over_quic(
     let n = pop.learners.len();
     let fcfg = federation_config(sweep, point, n)?;
     let target = privacy_target(sweep, point);
+    let ranks = crate::sweep::parse_client_ranks(&point.client_ranks, n)?;
     let tmp = tempfile::tempdir()?;
     let certs = tmp.path().join("certs");
     init_certs(&certs, n, &default_server_names())?;
@@ -65,6 +66,7 @@ pub fn run_over_quic(
             cc.noise_seed = seeds.noise;
             cc.privacy = target;
             cc.max_connect_attempts = Some(20);
+            cc.max_rank = ranks.as_ref().map(|r| r[i] as u32);
             let client = FederatedClient::with_learner(cc, learner.clone())?;
             handles.push(tokio::spawn(async move { client.run().await }));
         }

@@ -41,6 +41,12 @@ macro_rules! with_run_columns {
             pub seed: u64,
             /// `in-process` or `quic`.
             pub transport: String,
+            /// Aggregation strategy (grid syntax).
+            #[serde(default)]
+            pub strategy: String,
+            /// Clients' largest ranks (`uniform` or a list).
+            #[serde(default)]
+            pub client_ranks: String,
             $($(#[$fm])* pub $field: $ty,)*
         }
 
@@ -61,6 +67,8 @@ macro_rules! with_run_columns {
                 self.secure_aggregation = c.secure_aggregation;
                 self.seed = c.seed;
                 self.transport.clone_from(&c.transport);
+                self.strategy.clone_from(&c.strategy);
+                self.client_ranks.clone_from(&c.client_ranks);
             }
         }
     };
@@ -90,6 +98,8 @@ impl RunColumns {
             secure_aggregation: point.secure_aggregation,
             seed: point.seed,
             transport: transport.to_string(),
+            strategy: point.strategy.clone(),
+            client_ranks: point.client_ranks.clone(),
         }
     }
 }
@@ -140,6 +150,10 @@ pub struct RoundRow {
     pub bytes_up: u64,
     /// Wire bytes sent to clients this round (round offers with the global adapter).
     pub bytes_down: u64,
+    /// Of `bytes_up`: what lower-rank clients' zero padding to the global rank cost (their
+    /// encoded padded delta minus the same codec's encoding of their rank slice).
+    #[serde(default)]
+    pub pad_bytes_up: u64,
     /// Round wall time (training, encoding, aggregation; not evaluation), seconds.
     pub wall_s: f64,
     /// Summed client training time of the round, seconds.

@@ -22,9 +22,11 @@ use std::time::Instant;
 use fedlora_client::learner::{encode_update, local_update, ClientSeeds, Learner};
 use fedlora_client::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
 use fedlora_client::train::TrainOutcome;
-use fedlora_coordinator::aggregate::{aggregate_payloads, apply_modular_sum};
+use fedlora_coordinator::aggregate::{aggregate_payloads, modular_sum_delta, Payload};
+use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy, ServerRound};
+use fedlora_protocol::strategy::{OptimizerState, StrategyConfig};
 use fedlora_protocol::{
     codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback, Federation,
     FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task, TrainConfig,
@@ -113,7 +115,7 @@ pub fn federation_config(
         wait_for_clients: clients,
         max_failed_rounds: point.rounds,
         seed: point.seed,
-        strategy: Default::default(),
+        strategy: StrategyConfig::parse(&point.strategy)?,
         train: TrainConfig {
             local_steps: t.local_steps,
             batch_size: t.batch_size,
@@ -127,6 +129,8 @@ pub fn federation_config(
             dp,
             downlink: Default::default(),
             secure,
+            proximal_mu: 0.0,
+            max_update_norm: None,
         },
     };
     cfg.validate()?;
@@ -145,6 +149,8 @@ pub fn privacy_target(sweep: &SweepConfig, point: &Point) -> Option<PrivacyTarge
 
 struct VirtualClient {
     id: String,
+    /// The rank this client trains, when below the global rank (heterogeneous ranks).
+    rank: Option<usize>,
     learner: Arc<dyn Learner>,
     seeds: ClientSeeds,
     privacy: Option<PrivacyState>,
@@ -176,6 +182,8 @@ struct Trained {
     out: TrainOutcome,
     payload: Vec<u8>,
     residual: Option<ErrorFeedback>,
+    /// Bytes of the payload that zero padding to the global rank cost.
+    pad_bytes: u64,
 }
 
 /// Runs `point` of `sweep` in-process on `pool`. `on_round(round)` is called after each round.
@@ -191,6 +199,12 @@ pub fn run_in_process(
     let fcfg = federation_config(sweep, point, n)?;
     let target = privacy_target(sweep, point);
     let secure = fcfg.train.secure.clone();
+    let strategy = fcfg.strategy.build();
+    // what every participant receives (FedProx's μ among others)
+    let round_train = strategy.configure_round(&fcfg.train);
+    let mut opt = OptimizerState::default();
+    let full_rank = fedlora_coordinator::aggregate::full_rank(pop.initial.spec());
+    let ranks = crate::sweep::parse_client_ranks(&point.client_ranks, n)?;
     let mut clients: Vec<VirtualClient> = pop
         .learners
         .iter()
@@ -198,6 +212,7 @@ pub fn run_in_process(
         .map(|(i, l)| -> Result<VirtualClient, SimError> {
             Ok(VirtualClient {
                 id: client_id(i),
+                rank: ranks.as_ref().map(|r| r[i]).filter(|&r| r < full_rank),
                 learner: l.clone(),
                 seeds: client_seeds(point.seed, i),
                 privacy: target.map(PrivacyState::in_memory).transpose()?,
@@ -257,8 +272,8 @@ pub fn run_in_process(
         let ctx = CodecContext {
             round_seed: codec_seed(fcfg.seed, round),
         };
-        // every selected client polls, gets the offer, and its budget decides
-        let offer_bytes = offer_frame_len(&fed, &fcfg, round, &global, &spec)?;
+        // every selected client polls, gets the offer (its rank's slice), and its budget decides
+        let mut offer_bytes: BTreeMap<Option<usize>, u64> = BTreeMap::new();
         let mut jobs = Vec::new();
         for id in &selected {
             let ci = index[id];
@@ -278,7 +293,13 @@ pub fn run_in_process(
                     )))
                 }
             }
-            row.bytes_down += offer_bytes;
+            let rank = clients[ci].rank;
+            row.bytes_down += match offer_bytes.entry(rank) {
+                std::collections::btree_map::Entry::Occupied(e) => *e.get(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    *e.insert(offer_frame_len(&fed, &round_train, round, &global, rank)?)
+                }
+            };
             let c = &mut clients[ci];
             let (dp, eps) = match decide_round(
                 c.privacy.as_mut(),
@@ -309,6 +330,8 @@ pub fn run_in_process(
         }
         let env = RoundEnv {
             fcfg: &fcfg,
+            train: &round_train,
+            full_rank,
             spec: &spec,
             global: &global,
             round,
@@ -329,8 +352,8 @@ pub fn run_in_process(
             plain_round(&mut fed, &mut clients, jobs, &env, &mut row, &mut now)?
         };
         match outcome {
-            Some(next) => {
-                global = next;
+            Some(delta) => {
+                global = strategy.next_global(&mut opt, &global, &delta)?;
                 let v = fed.commit(round, now)?;
                 row.version = v;
                 row.status = "committed".into();
@@ -385,24 +408,30 @@ fn new_signer() -> Result<EcdsaP256Signer, SimError> {
     EcdsaP256Signer::from_pkcs8(pkcs8.as_ref()).map_err(|e| SimError::SecAgg(e.to_string()))
 }
 
-/// Wire size of the round offer a participant receives (full dense global adapter).
+/// Wire size of the round offer a participant of `rank` (`None`: the global rank) receives:
+/// its slice of the global adapter, dense.
 fn offer_frame_len(
     fed: &Federation,
-    fcfg: &FederationConfig,
+    train: &TrainConfig,
     round: u64,
     global: &FlatAdapter,
-    spec: &fedlora_protocol::AdapterSpec,
+    rank: Option<usize>,
 ) -> Result<u64, SimError> {
+    let sent = match rank {
+        Some(r) => fedlora_protocol::rank::slice(global, r)?,
+        None => global.clone(),
+    };
     let offer = RoundOffer {
         round,
         global_version: fed.state().global_version,
-        spec_hash: spec.hash(),
-        config: fcfg.train.clone(),
+        spec_hash: global.spec().hash(),
+        config: train.clone(),
         evaluate: false,
-        codec_seed: codec_seed(fcfg.seed, round),
+        codec_seed: codec_seed(fed.config().seed, round),
         global_from: None,
-        global: Codec::DenseF32.encode(global.values()),
+        global: Codec::DenseF32.encode(sent.values()),
         secure_shares: None,
+        rank: rank.map(|r| r as u32),
     };
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }
@@ -410,6 +439,10 @@ fn offer_frame_len(
 /// What every step of one round shares.
 struct RoundEnv<'a> {
     fcfg: &'a FederationConfig,
+    /// What participants train with (the strategy's round configuration).
+    train: &'a TrainConfig,
+    /// The global LoRA rank.
+    full_rank: usize,
     spec: &'a fedlora_protocol::AdapterSpec,
     global: &'a FlatAdapter,
     round: u64,
@@ -425,21 +458,25 @@ fn train_jobs(
     env: &RoundEnv<'_>,
 ) -> Result<Vec<Trained>, SimError> {
     let RoundEnv {
-        fcfg,
+        train: cfg,
         spec,
         global,
         round,
         ctx,
         pool,
+        ..
     } = *env;
-    let cfg = &fcfg.train;
     pool.install(|| {
         jobs.into_par_iter()
             .map(|mut job| -> Result<Trained, SimError> {
                 let c = &clients[job.client];
+                let sliced = match c.rank {
+                    Some(r) => Some(fedlora_protocol::rank::slice(global, r)?),
+                    None => None,
+                };
                 let out = local_update(
                     c.learner.as_ref(),
-                    global,
+                    sliced.as_ref().unwrap_or(global),
                     cfg,
                     job.dp.as_ref(),
                     &c.seeds,
@@ -454,13 +491,25 @@ fn train_jobs(
                     1,
                     &mut rng,
                     &mut job.residual,
+                    cfg.max_update_norm,
                 )?;
+                // what the slice alone would have cost with the same codec
+                let pad_bytes = match c.rank {
+                    Some(r) => {
+                        let own = fedlora_protocol::rank::slice(&out.delta, r)?;
+                        let mut rng = c.seeds.codec_rng(round)?;
+                        let (b, _) = cfg.codec.encode_with(own.values(), ctx, 1, &mut rng);
+                        (enc.bytes.len() as u64).saturating_sub(b.len() as u64)
+                    }
+                    None => 0,
+                };
                 Ok(Trained {
                     client: job.client,
                     fate: job.fate,
                     out,
                     payload: enc.bytes,
                     residual: job.residual,
+                    pad_bytes,
                 })
             })
             .collect()
@@ -496,7 +545,7 @@ fn plain_round(
     row: &mut RoundRow,
     now: &mut u64,
 ) -> Result<Option<FlatAdapter>, SimError> {
-    let (fcfg, spec, global, round, ctx) = (env.fcfg, env.spec, env.global, env.round, env.ctx);
+    let (fcfg, spec, round, ctx) = (env.fcfg, env.spec, env.round, env.ctx);
     let jobs = leave_dropped(clients, jobs, row);
     let trained = train_jobs(clients, jobs, env)?;
     note_training(row, &trained);
@@ -524,11 +573,12 @@ fn plain_round(
             ClientMsg::Upload(up.clone())
         };
         row.bytes_up += frame::encode(&msg)?.len() as u64;
+        row.pad_bytes_up += t.pad_bytes;
         if t.fate == Fate::Late {
             late.push((c.id.clone(), up));
             continue;
         }
-        submit(fed, &c.id, &up, spec, fcfg.train.dp.is_none())?;
+        submit(fed, &c.id, &up, spec, fcfg.train.dp.is_none(), c.rank)?;
         payloads.insert(c.id.clone(), up.payload);
     }
     let mut tr = fed.tick(*now);
@@ -538,7 +588,7 @@ fn plain_round(
     }
     // stragglers arrive after the deadline: the round machine refuses them
     for (id, up) in &late {
-        if submit(fed, id, up, spec, fcfg.train.dp.is_none()).is_ok() {
+        if submit(fed, id, up, spec, fcfg.train.dp.is_none(), None).is_ok() {
             return Err(SimError::Config(format!(
                 "late upload of {id} was accepted after the deadline"
             )));
@@ -548,16 +598,19 @@ fn plain_round(
     match tr {
         Some(Transition::Aggregate { uploads, .. }) => {
             row.aggregated = uploads.len();
-            let next = aggregate_payloads(
-                global,
+            let strategy = fcfg.strategy.build();
+            let delta = aggregate_payloads(
+                strategy.as_ref(),
                 &fcfg.train.codec,
                 spec,
                 ctx,
-                uploads
-                    .iter()
-                    .map(|(id, m)| (m.weight, payloads[id].as_slice())),
+                uploads.iter().map(|(id, m)| Payload {
+                    weight: m.weight,
+                    rank: m.rank,
+                    bytes: payloads[id].as_slice(),
+                }),
             )?;
-            Ok(Some(next))
+            Ok(Some(delta))
         }
         Some(Transition::RoundFailed { .. }) => Ok(None),
         other => Err(SimError::Config(format!(
@@ -572,6 +625,7 @@ fn submit(
     up: &fedlora_protocol::Upload,
     spec: &fedlora_protocol::AdapterSpec,
     carries_loss: bool,
+    rank: Option<usize>,
 ) -> Result<(), SimError> {
     let digest: [u8; 32] = Sha256::digest(&up.payload).into();
     let refused = |e: fedlora_protocol::Refusal| SimError::Config(e.to_string());
@@ -584,6 +638,7 @@ fn submit(
             weight: up.weight,
             bytes: up.payload.len() as u64,
             train_loss: carries_loss.then_some(up.train_loss),
+            rank: rank.map(|r| r as u32),
         };
         fed.accept_upload(id, up.round, meta).map_err(refused)?;
     }
@@ -606,7 +661,7 @@ fn secure_round(
     env: &RoundEnv<'_>,
     row: &mut RoundRow,
 ) -> Result<Option<FlatAdapter>, SimError> {
-    let (fcfg, spec, global, round, ctx) = (env.fcfg, env.spec, env.global, env.round, env.ctx);
+    let (fcfg, spec, round, ctx) = (env.fcfg, env.spec, env.round, env.ctx);
     let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
     let Codec::Modular(mp) = &fcfg.train.codec else {
         return Err(SimError::Config(
@@ -683,12 +738,14 @@ fn secure_round(
         fedlora_protocol::codec::bits::pack(y.iter().copied(), mp.modulus_bits(), &mut packed);
         let digest: [u8; 32] = Sha256::digest(&packed).into();
         row.bytes_up += wire(round, SecAggBody::Input(packed.clone()))?;
+        row.pad_bytes_up += t.pad_bytes;
         server.receive_input(&c.id, y).map_err(sa)?;
         let meta = UploadMeta {
             digest,
             weight: 1.0,
             bytes: packed.len() as u64,
             train_loss: None,
+            rank: c.rank.map(|r| r as u32),
         };
         fed.accept_upload(&c.id, round, meta)
             .map_err(|e| SimError::Config(e.to_string()))?;
@@ -723,11 +780,19 @@ fn secure_round(
     };
     row.aggregated = counted.len();
     let ms = ModularSum::from_sum(sum, mp.modulus_bits(), counted.len());
-    Ok(Some(apply_modular_sum(
-        global,
+    // every counted client masked its full padded delta; component j is over ranks above j
+    let counts = RankCounts::new(
+        env.full_rank,
+        counted.iter().map(|id| {
+            let rank = clients.iter().find(|c| &c.id == id).and_then(|c| c.rank);
+            (1.0, rank.unwrap_or(env.full_rank))
+        }),
+    );
+    Ok(Some(modular_sum_delta(
         &fcfg.train.codec,
         spec,
         ctx,
         &ms,
+        &counts,
     )?))
 }

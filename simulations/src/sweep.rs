@@ -110,12 +110,22 @@ pub struct Grid {
     /// Rounds.
     #[serde(default = "d_rounds")]
     pub rounds: Vec<u64>,
-    /// Secure aggregation (needs a modular codec; other combinations are skipped).
+    /// Secure aggregation (needs a modular codec; other combinations are skipped, and so are
+    /// strategies that need individual updates).
     #[serde(default = "d_secure")]
     pub secure_aggregation: Vec<bool>,
     /// Seeds (repetitions): client sampling, data split, batch sampling, noise.
     #[serde(default = "d_seed")]
     pub seed: Vec<u64>,
+    /// Aggregation strategies, as `name` or `name:value` (`fed-avg`, `fed-prox:0.01`,
+    /// `fed-adam:0.03`, `median`, `trimmed-mean:0.2`; see
+    /// [`fedlora_protocol::strategy::StrategyConfig::parse`]).
+    #[serde(default = "d_strategy")]
+    pub strategy: Vec<String>,
+    /// Clients' largest LoRA ranks: `uniform` (everyone trains `rank`), or a list such as
+    /// `2,4,8,16` that client i takes entry i mod len of (capped at `rank`, the global rank).
+    #[serde(default = "d_client_ranks")]
+    pub client_ranks: Vec<String>,
 }
 
 fn d_eps() -> Vec<f64> {
@@ -144,6 +154,45 @@ fn d_secure() -> Vec<bool> {
 }
 fn d_seed() -> Vec<u64> {
     vec![1]
+}
+fn d_strategy() -> Vec<String> {
+    vec![DEFAULT_STRATEGY.into()]
+}
+fn d_client_ranks() -> Vec<String> {
+    vec![UNIFORM_RANKS.into()]
+}
+
+/// The default strategy's grid value.
+pub const DEFAULT_STRATEGY: &str = "fed-avg";
+/// The grid value of uniform client ranks.
+pub const UNIFORM_RANKS: &str = "uniform";
+
+fn is_default_strategy(s: &str) -> bool {
+    s == DEFAULT_STRATEGY
+}
+fn is_uniform_ranks(s: &str) -> bool {
+    s == UNIFORM_RANKS
+}
+
+/// The largest rank of each client of a population of `clients` under `client_ranks` (`None`:
+/// the global rank for everyone).
+pub fn parse_client_ranks(text: &str, clients: usize) -> Result<Option<Vec<usize>>, SimError> {
+    if text == UNIFORM_RANKS {
+        return Ok(None);
+    }
+    let list: Vec<usize> = text
+        .split(',')
+        .map(|r| r.trim().parse::<usize>().ok().filter(|r| *r > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| {
+            SimError::Config(format!(
+                "grid.client_ranks `{text}`: `uniform` or a list of positive ranks like `2,4,8`"
+            ))
+        })?;
+    if list.is_empty() {
+        return Err(SimError::Config("grid.client_ranks: empty list".into()));
+    }
+    Ok(Some((0..clients).map(|i| list[i % list.len()]).collect()))
 }
 
 /// A sweep file.
@@ -197,6 +246,22 @@ pub struct Point {
     pub secure_aggregation: bool,
     /// Seed.
     pub seed: u64,
+    /// Aggregation strategy (grid syntax); left out of the run key when it is the default.
+    #[serde(
+        default = "default_strategy",
+        skip_serializing_if = "is_default_strategy"
+    )]
+    pub strategy: String,
+    /// Clients' largest ranks (grid syntax); left out of the run key when uniform.
+    #[serde(default = "default_uniform", skip_serializing_if = "is_uniform_ranks")]
+    pub client_ranks: String,
+}
+
+fn default_strategy() -> String {
+    DEFAULT_STRATEGY.into()
+}
+fn default_uniform() -> String {
+    UNIFORM_RANKS.into()
 }
 
 impl Point {
@@ -207,8 +272,15 @@ impl Point {
 
     /// The setting without the seed (points that differ only in seed are repetitions).
     pub fn setting(&self) -> String {
+        let mut extra = String::new();
+        if !is_default_strategy(&self.strategy) {
+            extra.push_str(&format!(" strategy={}", self.strategy));
+        }
+        if !is_uniform_ranks(&self.client_ranks) {
+            extra.push_str(&format!(" client_ranks={}", self.client_ranks));
+        }
         format!(
-            "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}",
+            "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}{extra}",
             fmt_eps(self.epsilon),
             self.delta,
             self.clip,
@@ -260,6 +332,8 @@ impl SweepConfig {
             ("rounds", g.rounds.len()),
             ("secure_aggregation", g.secure_aggregation.len()),
             ("seed", g.seed.len()),
+            ("strategy", g.strategy.len()),
+            ("client_ranks", g.client_ranks.len()),
         ];
         if let Some((k, _)) = lists.iter().find(|(_, n)| *n == 0) {
             return bad(format!("grid.{k} is empty"));
@@ -277,6 +351,13 @@ impl SweepConfig {
             fedlora_protocol::Codec::from_name(c)
                 .and_then(|c| c.validate())
                 .map_err(|e| SimError::Config(format!("grid.codec `{c}`: {e}")))?;
+        }
+        for st in &g.strategy {
+            fedlora_protocol::strategy::StrategyConfig::parse(st)
+                .map_err(|e| SimError::Config(format!("grid.strategy `{st}`: {e}")))?;
+        }
+        for cr in &g.client_ranks {
+            parse_client_ranks(cr, self.task.clients)?;
         }
         if g.rank.contains(&0) || g.rounds.contains(&0) {
             return bad("grid.rank and grid.rounds must be at least 1".into());
@@ -307,47 +388,58 @@ impl SweepConfig {
     }
 
     /// Every runnable point in enumeration order, and the combinations skipped (secure
-    /// aggregation with a codec whose sum cannot be unmasked).
+    /// aggregation with a codec whose sum cannot be unmasked, or with a strategy that needs
+    /// individual updates). The order is the grid keys' in [`Grid`]'s field order, the first
+    /// outermost, then `strategy` and `client_ranks` outside them all (so sweeps without those
+    /// keys keep their numbering), `seed` innermost.
     pub fn points(&self) -> (Vec<Point>, Vec<String>) {
         let g = &self.grid;
+        // one index per grid key, odometer style, the last key fastest
+        let sizes = [
+            g.strategy.len(),
+            g.client_ranks.len(),
+            g.epsilon.len(),
+            g.delta.len(),
+            g.clip.len(),
+            g.codec.len(),
+            g.rank.len(),
+            g.clients_per_round.len(),
+            g.rounds.len(),
+            g.secure_aggregation.len(),
+            g.seed.len(),
+        ];
+        let total: usize = sizes.iter().product();
         let mut out = Vec::new();
         let mut skipped = Vec::new();
-        for &epsilon in &g.epsilon {
-            for &delta in &g.delta {
-                for &clip in &g.clip {
-                    for codec in &g.codec {
-                        for &rank in &g.rank {
-                            for &k in &g.clients_per_round {
-                                for &rounds in &g.rounds {
-                                    for &secure in &g.secure_aggregation {
-                                        for &seed in &g.seed {
-                                            let p = Point {
-                                                index: out.len(),
-                                                epsilon,
-                                                delta,
-                                                clip,
-                                                codec: codec.clone(),
-                                                rank,
-                                                clients_per_round: k,
-                                                rounds,
-                                                secure_aggregation: secure,
-                                                seed,
-                                            };
-                                            let summable =
-                                                fedlora_protocol::Codec::from_name(codec)
-                                                    .is_ok_and(|c| c.is_summable());
-                                            if secure && !summable {
-                                                skipped.push(p.setting());
-                                            } else {
-                                                out.push(p);
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+        for flat in 0..total {
+            let mut i = [0usize; 11];
+            let mut rest = flat;
+            for k in (0..sizes.len()).rev() {
+                i[k] = rest % sizes[k];
+                rest /= sizes[k];
+            }
+            let p = Point {
+                index: out.len(),
+                strategy: g.strategy[i[0]].clone(),
+                client_ranks: g.client_ranks[i[1]].clone(),
+                epsilon: g.epsilon[i[2]],
+                delta: g.delta[i[3]],
+                clip: g.clip[i[4]],
+                codec: g.codec[i[5]].clone(),
+                rank: g.rank[i[6]],
+                clients_per_round: g.clients_per_round[i[7]],
+                rounds: g.rounds[i[8]],
+                secure_aggregation: g.secure_aggregation[i[9]],
+                seed: g.seed[i[10]],
+            };
+            let summable =
+                fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
+            let individual = fedlora_protocol::strategy::StrategyConfig::parse(&p.strategy)
+                .is_ok_and(|s| s.needs_individual_updates());
+            if p.secure_aggregation && (!summable || individual) {
+                skipped.push(p.setting());
+            } else {
+                out.push(p);
             }
         }
         skipped.dedup();

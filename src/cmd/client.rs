@@ -63,6 +63,11 @@ pub(crate) struct ClientArgs {
     /// --server-name, a revoked certificate); by default they end the client with exit code 3.
     #[arg(long)]
     retry_forever: bool,
+    /// The largest LoRA rank this device trains (e.g. chosen from its memory). Below the
+    /// federation's rank it receives the rank slice of the global adapter and uploads its delta
+    /// zero-padded (heterogeneous ranks).
+    #[arg(long)]
+    max_rank: Option<u32>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -104,6 +109,10 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
     cfg.retry_forever = a.retry_forever;
+    if a.max_rank == Some(0) {
+        return Err(UsageError("--max-rank must be at least 1".into()).into());
+    }
+    cfg.max_rank = a.max_rank;
     let accountant = super::privacy::parse_accountant(&a.accountant)?;
     cfg.privacy = a
         .epsilon

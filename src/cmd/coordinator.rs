@@ -55,13 +55,26 @@ pub(crate) struct FederationArgs {
     /// to their own ε). Implies uniform weighting.
     #[arg(long)]
     pub dp_clip_norm: Option<f64>,
-    /// Aggregation strategy: fed-avg, fed-adam, fed-yogi or fed-adagrad (server optimizers
-    /// over the round's mean delta; all work under DP and secure aggregation).
+    /// Aggregation strategy: fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad (these need
+    /// only the sum: fine under DP and secure aggregation), median or trimmed-mean (need each
+    /// update: plaintext only). See README "Strategies".
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate η of a server-optimizer strategy (default 0.01).
     #[arg(long)]
     pub server_lr: Option<f64>,
+    /// FedProx's proximal weight μ (default 0.01); needs --strategy fed-prox.
+    #[arg(long)]
+    pub proximal_mu: Option<f64>,
+    /// The trimmed mean's share β trimmed at each end (default 0.2); needs --strategy
+    /// trimmed-mean.
+    #[arg(long)]
+    pub trim: Option<f64>,
+    /// Norm-bounded updates: clients scale their whole update to L2 norm ≤ B before encoding;
+    /// a plaintext update whose decoded norm exceeds B·(1 + the codec's error bound) is
+    /// refused. Implies uniform weighting. Bounds honest clients only under masking.
+    #[arg(long)]
+    pub max_update_norm: Option<f64>,
 }
 
 /// Parses a duration: a plain number of seconds (`600`, `0.5`), or a duration with units
@@ -155,8 +168,27 @@ impl FederationArgs {
             dp.planned_rounds = dp.planned_rounds.max(f.rounds);
         }
         if let Some(s) = &self.strategy {
-            f.strategy = fedlora_protocol::strategy::Strategy::from_name(s)
+            f.strategy = fedlora_protocol::strategy::StrategyConfig::from_name(s)
                 .map_err(|e| UsageError(e.to_string().replace("invalid config: ", "")))?;
+        }
+        use fedlora_protocol::strategy::StrategyConfig;
+        if let Some(mu) = self.proximal_mu {
+            match &mut f.strategy {
+                StrategyConfig::FedProx(p) => p.mu = mu,
+                _ => {
+                    return Err(UsageError("--proximal-mu needs --strategy fed-prox".into()).into())
+                }
+            }
+        }
+        if let Some(trim) = self.trim {
+            match &mut f.strategy {
+                StrategyConfig::TrimmedMean(t) => t.trim = trim,
+                _ => return Err(UsageError("--trim needs --strategy trimmed-mean".into()).into()),
+            }
+        }
+        if let Some(b) = self.max_update_norm {
+            f.train.max_update_norm = Some(b);
+            f.train.weighting = Weighting::Uniform;
         }
         if let Some(lr) = self.server_lr {
             match f.strategy.optimizer_mut() {

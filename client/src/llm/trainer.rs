@@ -74,12 +74,18 @@ impl LlmTrainer {
 
     /// The model with `adapter` loaded (refused unless its spec, model identity included, is
     /// this trainer's).
+    ///
+    /// A rank slice of this trainer's adapter ([`fedlora_protocol::rank`]) is loaded too: the
+    /// model then trains that rank.
     pub fn model_with(&self, adapter: &FlatAdapter) -> Result<LlamaLm, ClientError> {
-        fedlora_protocol::check_spec(&self.spec.hash(), &adapter.spec().hash())?;
-        let plain = FlatAdapter::new(
-            adapter_spec(&self.llm.model, &self.lora),
-            adapter.values().to_vec(),
-        )?;
+        let mut plain_spec = adapter_spec(&self.llm.model, &self.lora);
+        if adapter.spec().hash() != self.spec.hash() {
+            let r = fedlora_protocol::rank::spec_rank(adapter.spec())?;
+            let want = fedlora_protocol::rank::slice_spec(&self.spec, r)?;
+            fedlora_protocol::check_spec(&want.hash(), &adapter.spec().hash())?;
+            plain_spec = fedlora_protocol::rank::slice_spec(&plain_spec, r)?;
+        }
+        let plain = FlatAdapter::new(plain_spec, adapter.values().to_vec())?;
         load_adapter(self.llm.model.clone(), &self.lora, &plain)
     }
 
@@ -93,7 +99,7 @@ impl LlmTrainer {
         t0: Instant,
     ) -> Result<TrainOutcome, ClientError> {
         let local = FlatAdapter::new(
-            self.spec.clone(),
+            global.spec().clone(),
             extract_adapter(model, &self.lora).values().to_vec(),
         )?;
         TrainOutcome::finish(&local, global, loss, examples, steps, t0)

@@ -215,6 +215,29 @@ impl Codec {
         Ok(())
     }
 
+    /// The codec's stated error bound on an update's L2 norm, as a share τ of `bound`: any
+    /// `n` values `x` with ‖x‖₂ ≤ `bound` decode to `x̂` with ‖x̂‖₂ ≤ `bound`·(1 + τ).
+    /// `None` for a codec without such a bound (stochastic quantization: one value's error can
+    /// reach its block's scale).
+    ///
+    /// - dense f32: 2⁻²³ (the f32 rounding of values scaled in f64);
+    /// - f16, top-k, shared subset: 2⁻¹¹ relative (round to nearest, normal range) plus
+    ///   √n·2⁻²⁵ absolute (subnormals); a subset's norm is at most the whole's;
+    /// - modular: clamping only shrinks values and stochastic rounding moves each of the k
+    ///   kept values by less than one step `clamp / levels`, so √k·step absolute.
+    pub fn norm_tolerance(&self, n: usize, bound: f64) -> Option<f64> {
+        let f16_tau = 2f64.powi(-11) + (n as f64).sqrt() * 2f64.powi(-25) / bound;
+        match self {
+            Codec::DenseF32 => Some(2f64.powi(-23)),
+            Codec::F16 | Codec::TopK { .. } | Codec::SharedSubset { .. } => Some(f16_tau),
+            Codec::Quantized { .. } => None,
+            Codec::Modular(p) => {
+                let k = sparse::kept(n, p.fraction) as f64;
+                Some(k.sqrt() * (p.clamp / p.levels() as f64) / bound + 2f64.powi(-23))
+            }
+        }
+    }
+
     /// Whether the coordinator can add encodings of this codec without decoding them one by
     /// one (required under secure masking).
     pub fn is_summable(&self) -> bool {
