@@ -509,4 +509,142 @@ mod tests {
         let tight = run(Some(0.1)).released_loss.unwrap();
         assert!((tight - 0.1).abs() < 1e-9, "{tight}");
     }
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
+    }
+
+    /// The proximal gradient is exactly μ(w − anchor), and FedProx's term keeps the local
+    /// adapter near the global one: the same run with a large μ moves it much less, plain and
+    /// under DP-SGD (where the term is added after the noise).
+    #[test]
+    fn fed_prox_adds_mu_times_the_distance_and_keeps_the_delta_small() {
+        let trainer = tiny_trainer();
+        let g = trainer.initial_adapter();
+        let model = trainer.model_with(&g).unwrap();
+        let params = crate::dp_sgd::adapter_params(&model);
+        let anchor: Vec<burn::tensor::Tensor<2>> = params
+            .iter()
+            .map(|p| p.value.clone().inner().sub_scalar(0.5))
+            .collect();
+        let zeros: Vec<burn::tensor::Tensor<2>> = params
+            .iter()
+            .map(|p| p.value.clone().inner().zeros_like())
+            .collect();
+        for g in crate::proximal::add_proximal(zeros, &model, &anchor, 0.2) {
+            let v = g
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap();
+            assert!(v.iter().all(|x| (x - 0.1).abs() < 1e-6), "{:?}", &v[..4]);
+        }
+        assert!(crate::proximal::anchor(&model, 0.0).is_none());
+
+        let data = ClientData::demo_client(5, 16).unwrap();
+        let cfg = |mu| TrainConfig {
+            local_steps: 20,
+            batch_size: 8,
+            learning_rate: 1e-2,
+            proximal_mu: mu,
+            ..Default::default()
+        };
+        let run = |mu| {
+            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
+            trainer.train(&g, &data.train, &cfg(mu), &mut rng).unwrap()
+        };
+        let (free, prox) = (
+            norm(run(0.0).delta.values()),
+            norm(run(50.0).delta.values()),
+        );
+        assert!(prox < 0.5 * free, "FedProx {prox} vs plain {free}");
+        let dp = crate::dp_sgd::DpSgdConfig {
+            clip_norm: 1.0,
+            noise_multiplier: 0.5,
+            expected_batch: 8,
+            max_chunk: 8,
+            loss_clip: None,
+        };
+        let run_dp = |mu| {
+            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
+            let mut noise = fedlora_dp::GaussianNoise::seeded(0.5, 4);
+            trainer
+                .train_dp(&g, &data.train[..64], &cfg(mu), &dp, &mut rng, &mut noise)
+                .unwrap()
+        };
+        let (free, prox) = (
+            norm(run_dp(0.0).delta.values()),
+            norm(run_dp(50.0).delta.values()),
+        );
+        assert!(prox < 0.5 * free, "DP FedProx {prox} vs DP plain {free}");
+    }
+
+    /// A client assigned rank r trains the global adapter's first r components only: the
+    /// learner loads the slice (FFA-LoRA's frozen A is cut too), and `local_update` returns the
+    /// delta zero-padded to the federation's spec.
+    #[test]
+    fn a_rank_slice_trains_its_components_and_comes_back_zero_padded() {
+        use crate::learner::{local_update, ClientSeeds, LmLearner};
+        use fedlora_protocol::rank;
+        for freeze_a in [false, true] {
+            let device = Device::flex().autodiff();
+            let cfg = LmConfig {
+                lora: Some(
+                    crate::lora::LoraConfig::new()
+                        .with_rank(4)
+                        .with_freeze_a(freeze_a)
+                        .with_targets(vec!["q".into(), "v".into()]),
+                ),
+                ..tiny()
+            };
+            let base_cfg = LmConfig {
+                lora: None,
+                ..tiny()
+            };
+            let base = collect_named(&base_cfg.init(&device), NamedFilter::All);
+            let trainer = LocalTrainer::new(cfg, &base, device).unwrap();
+            let g = trainer.initial_adapter();
+            let sliced = rank::slice(&g, 2).unwrap();
+            let m = trainer.model_with(&sliced).unwrap();
+            assert_eq!(m.blocks[0].q.lora_a.as_ref().unwrap().val().dims()[0], 2);
+            assert_eq!(m.blocks[0].q.lora_b.as_ref().unwrap().val().dims()[1], 2);
+            assert_eq!(crate::adapter::extract_adapter(&m, &trainer.lora), sliced);
+            let learner = LmLearner {
+                trainer: trainer.clone(),
+                data: ClientData::demo_client(5, 16).unwrap(),
+            };
+            let tc = TrainConfig {
+                local_steps: 5,
+                batch_size: 8,
+                learning_rate: 1e-2,
+                ..Default::default()
+            };
+            let seeds = ClientSeeds {
+                sampling: Some(1),
+                noise: Some(2),
+            };
+            let out = local_update(&learner, &sliced, &tc, None, &seeds, 1).unwrap();
+            assert_eq!(out.delta.spec(), trainer.spec());
+            let comp = rank::components(trainer.spec()).unwrap();
+            let (mut low, mut high) = (0.0f64, 0.0f64);
+            for (v, j) in out.delta.values().iter().zip(comp) {
+                if j < 2 {
+                    low += f64::from(v.abs());
+                } else {
+                    high += f64::from(v.abs());
+                }
+            }
+            assert!(low > 0.0, "the slice trained (freeze_a {freeze_a})");
+            assert_eq!(high, 0.0, "padding is zero (freeze_a {freeze_a})");
+        }
+    }
+
+    #[test]
+    fn clip_update_bounds_the_norm_and_keeps_small_updates() {
+        let v: Vec<f32> = (0..100).map(|i| (i as f32 * 0.3).sin()).collect();
+        let c = crate::learner::clip_update(&v, 1.0);
+        assert!((norm(&c) - 1.0).abs() < 1e-6 && norm(&v) > 1.0);
+        let small: Vec<f32> = v.iter().map(|x| x * 0.01).collect();
+        assert_eq!(crate::learner::clip_update(&small, 1.0), small);
+    }
 }

@@ -61,8 +61,49 @@ pub fn dirichlet(labels: &[usize], clients: usize, alpha: f64, seed: u64) -> Vec
     out
 }
 
+/// [`dirichlet`], redrawn until every client has at least `min_size` examples: draw `t` uses
+/// seed `seed` for `t = 0` (so `min_size = 0` is [`dirichlet`] itself) and
+/// `seed ⊕ t·φ` after. Returns the last draw if 1,000 draws all fall short (the caller checks).
+pub fn dirichlet_min(
+    labels: &[usize],
+    clients: usize,
+    alpha: f64,
+    seed: u64,
+    min_size: usize,
+) -> Vec<Vec<usize>> {
+    let mut p = dirichlet(labels, clients, alpha, seed);
+    for t in 1..1000u64 {
+        if p.iter().all(|c| c.len() >= min_size) {
+            break;
+        }
+        p = dirichlet(
+            labels,
+            clients,
+            alpha,
+            seed ^ t.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dirichlet_min_redraws_until_every_client_has_enough() {
+        let labels: Vec<usize> = (0..456).map(|i| usize::from(i % 3 == 0)).collect();
+        let first = super::dirichlet(&labels, 8, 0.1, 1);
+        assert_eq!(super::dirichlet_min(&labels, 8, 0.1, 1, 0), first);
+        let p = super::dirichlet_min(&labels, 8, 0.1, 1, 10);
+        assert!(
+            p.iter().all(|c| c.len() >= 10),
+            "{:?}",
+            p.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        let mut all: Vec<usize> = p.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..456).collect::<Vec<_>>());
+    }
+
     use super::*;
 
     #[test]

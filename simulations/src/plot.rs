@@ -43,6 +43,16 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
 pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
     let g = &sweep.grid;
     let mut parts = Vec::new();
+    if g.strategy.len() > 1 {
+        parts.push(s.strategy.clone());
+    }
+    if g.client_ranks.len() > 1 {
+        parts.push(if s.client_ranks == crate::sweep::UNIFORM_RANKS {
+            "uniform ranks".to_string()
+        } else {
+            format!("ranks {}", s.client_ranks)
+        });
+    }
     if g.delta.len() > 1 {
         parts.push(format!("δ={}", s.delta));
     }

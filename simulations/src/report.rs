@@ -149,6 +149,8 @@ pub fn markdown(
             pm(&mb, 3),
         );
     }
+    let _ = writeln!(s);
+    by_round_table(&mut s, sweep, rows, &groups, acc);
     // the headline: smallest ε against ∞, per setting
     let _ = writeln!(s);
     let mut by_label: BTreeMap<&str, Vec<(f64, &Vec<&RunSummary>)>> = BTreeMap::new();
@@ -243,6 +245,118 @@ pub fn markdown(
         rows.len()
     );
     s
+}
+
+/// The utility of each setting after selected rounds (mean ± sd over seeds), with the upload
+/// per round and, with heterogeneous ranks, what zero padding cost.
+fn by_round_table(
+    s: &mut String,
+    sweep: &SweepConfig,
+    rows: &[RoundRow],
+    groups: &BTreeMap<(String, u64), Vec<&RunSummary>>,
+    acc: bool,
+) {
+    let max_round = rows.iter().map(|r| r.version).max().unwrap_or(0);
+    if max_round == 0 {
+        return;
+    }
+    let mut shown: Vec<u64> = [1, 2, 3, 5, 10, 15, 20, 30, 50, 100]
+        .into_iter()
+        .filter(|&r| r < max_round)
+        .collect();
+    shown.push(max_round);
+    let by_run: BTreeMap<&str, Vec<&RoundRow>> = rows.iter().fold(BTreeMap::new(), |mut m, r| {
+        m.entry(r.run.as_str()).or_insert_with(Vec::new).push(r);
+        m
+    });
+    let padded = rows.iter().any(|r| r.pad_bytes_up > 0);
+    let _ = writeln!(
+        s,
+        "## Utility by round
+"
+    );
+    let _ = writeln!(
+        s,
+        "{} of the global adapter after each round (its global version), mean ± sd over seeds; \
+         upload: all clients' wire bytes per round{}.\n",
+        if acc {
+            "Held-out accuracy"
+        } else {
+            "Held-out loss (nats per token)"
+        },
+        if padded {
+            "; padding: the part of it that lower-rank clients spent on zero padding to the \
+             global rank"
+        } else {
+            ""
+        }
+    );
+    let head: Vec<String> = shown.iter().map(|r| format!("round {r}")).collect();
+    let _ = writeln!(
+        s,
+        "| setting | target ε | {} | upload MB/round |{}",
+        head.join(" | "),
+        if padded { " padding MB/round |" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|{}---|{}",
+        "---|".repeat(shown.len()),
+        if padded { "---|" } else { "" }
+    );
+    for ((label, e), runs) in groups {
+        let e = f64::from_bits(*e);
+        let mut cells = Vec::new();
+        for &v in &shown {
+            let vals: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| by_run.get(r.run.as_str()))
+                .filter_map(|rr| {
+                    rr.iter()
+                        .find(|x| x.version == v && x.status == "committed")
+                        .and_then(|x| {
+                            let u = utility_of(x.accuracy, x.loss.unwrap_or(f64::NAN), acc);
+                            u.is_finite().then_some(u)
+                        })
+                })
+                .collect();
+            cells.push(if vals.is_empty() {
+                "—".to_string()
+            } else {
+                pm(&vals, if acc { 3 } else { 4 })
+            });
+        }
+        let per_round = |f: &dyn Fn(&RoundRow) -> u64| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| by_run.get(r.run.as_str()))
+                .map(|rr| {
+                    let trained: Vec<_> = rr.iter().filter(|x| x.round > 0).collect();
+                    let total: u64 = trained.iter().map(|x| f(x)).sum();
+                    total as f64 / 1e6 / trained.len().max(1) as f64
+                })
+                .collect()
+        };
+        let up = per_round(&|x| x.bytes_up);
+        let pad = per_round(&|x| x.pad_bytes_up);
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} |{}",
+            if e.is_finite() {
+                format!("{e}")
+            } else {
+                "∞".into()
+            },
+            cells.join(" | "),
+            pm(&up, 4),
+            if padded {
+                format!(" {} |", pm(&pad, 4))
+            } else {
+                String::new()
+            }
+        );
+    }
+    let _ = sweep;
+    let _ = writeln!(s);
 }
 
 /// A config value as the sweep file spells it (its serde name, e.g. `bcw`, `dirichlet`, `rdp`).

@@ -18,16 +18,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Device, Tensor, TensorData};
 use fedlora_client::adapter::{adapter_spec, assign_named, extract_adapter, load_adapter};
-use fedlora_client::dp_sgd::{
-    accumulate_clipped, noisy_mean, per_example_copies, poisson_sample, DpSgdConfig,
-};
+use fedlora_client::dp_sgd::{DpModel, DpSgdConfig};
 use fedlora_client::learner::Learner;
 use fedlora_client::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
-use fedlora_client::train::{sample_batch, EvalOutcome, TrainOutcome};
+use fedlora_client::model::ExampleAdapters;
+use fedlora_client::train::{EvalOutcome, TrainOutcome};
 use fedlora_client::ClientError;
 use fedlora_dp::GaussianNoise;
 use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
@@ -73,6 +71,17 @@ impl Rows {
             r.y.push(self.y[i]);
         }
         r
+    }
+
+    /// Each row as one training example: its `FEATURES` values, then its label.
+    pub fn examples(&self) -> Vec<Vec<f32>> {
+        (0..self.len())
+            .map(|i| {
+                let mut e = self.x[i * FEATURES..(i + 1) * FEATURES].to_vec();
+                e.push(self.y[i]);
+                e
+            })
+            .collect()
     }
 
     fn tensors(&self, idx: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
@@ -173,10 +182,6 @@ pub struct Mlp {
     pub out: LoraLinear,
 }
 
-/// Per-example adapter copies `(A, B)` `[batch, …]` by layer name (see
-/// [`LoraLinear::forward_per_example`]).
-type PerExample = Vec<(String, (Tensor<3>, Tensor<3>))>;
-
 impl Mlp {
     /// The MLP with `hidden` units and adapters from `lora` on the layers it targets (`fc1`,
     /// `fc2`, `out`); base weights are drawn from a fixed seed, so every client has the same
@@ -224,8 +229,8 @@ impl Mlp {
         self.out.forward(h)
     }
 
-    fn forward_per_example(&self, x: Tensor<3>, per: &PerExample) -> Tensor<3> {
-        let get = |n: &str| per.iter().find(|p| p.0 == n).map(|p| p.1.clone());
+    fn forward_per_example(&self, x: Tensor<3>, per: &ExampleAdapters) -> Tensor<3> {
+        let get = |n: &str| per.get(n).cloned();
         let h = relu(self.fc1.forward_per_example(x, get("fc1")));
         let h = relu(self.fc2.forward_per_example(h, get("fc2")));
         self.out.forward_per_example(h, get("out"))
@@ -233,6 +238,44 @@ impl Mlp {
 }
 
 /// Per-example binary cross-entropy from logits, `[batch]`-shaped `[batch, 1]`.
+/// DP-SGD and plain training through the client SDK's shared loops: one example is one patient
+/// row (`FEATURES` values, then the label).
+impl DpModel for Mlp {
+    type Example = [f32];
+
+    fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        self.layers()
+            .into_iter()
+            .filter(|(_, l)| l.has_adapter())
+            .map(|(n, l)| (n.to_string(), l))
+            .collect()
+    }
+
+    fn example_losses(
+        &self,
+        examples: &[&[f32]],
+        per: Option<&ExampleAdapters>,
+        device: &Device,
+    ) -> Tensor<1> {
+        let b = examples.len();
+        let mut x = Vec::with_capacity(b * FEATURES);
+        let mut y = Vec::with_capacity(b);
+        for e in examples {
+            x.extend_from_slice(&e[..FEATURES]);
+            y.push(e[FEATURES]);
+        }
+        let x = Tensor::<2>::from_data(TensorData::new(x, [b, FEATURES]), device);
+        let y = Tensor::<2>::from_data(TensorData::new(y, [b, 1]), device);
+        let logits = match per {
+            None => self.forward(x),
+            Some(per) => self
+                .forward_per_example(x.unsqueeze_dim::<3>(1), per)
+                .reshape([b, 1]),
+        };
+        bce(logits, y).reshape([b])
+    }
+}
+
 fn bce(logits: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
     let pos = log_sigmoid(logits.clone());
     let neg = log_sigmoid(logits.neg());
@@ -337,17 +380,10 @@ impl Learner for TabularLearner {
             return Err(ClientError::Data("no training rows".into()));
         }
         let t0 = Instant::now();
-        let mut m = self.model.with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let mut loss_sum = 0.0;
-        for _ in 0..cfg.local_steps {
-            let idx = sample_batch(rng, self.rows.len(), cfg.batch_size as usize);
-            let (x, y) = self.rows.tensors(&idx, &self.model.device);
-            let loss = bce(m.forward(x), y).mean();
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>());
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            m = opt.step(cfg.learning_rate, m, grads);
-        }
+        let m = self.model.with(global)?;
+        let examples = self.rows.examples();
+        let (m, loss_sum) =
+            fedlora_client::train::plain_train_steps(m, &examples, cfg, rng, &self.model.device);
         let local = extract_adapter(&m, &self.model.lora);
         TrainOutcome::finish(
             &local,
@@ -371,86 +407,21 @@ impl Learner for TabularLearner {
             return Err(ClientError::Data("no training rows".into()));
         }
         let t0 = Instant::now();
-        let device = &self.model.device;
-        let inner = device.clone().inner();
-        let q = (dp.expected_batch as f64 / self.rows.len() as f64).min(1.0);
-        let mut m = self.model.with(global)?;
-        let mut opt = AdamConfig::new().init();
-        let (mut loss_sum, mut loss_n) = (0.0, 0usize);
-        // trainable adapter params, in a fixed order (ids and shapes survive optimizer steps)
-        let mut params = Vec::new();
-        for (_, l) in m.layers() {
-            for p in [&l.lora_a, &l.lora_b].into_iter().flatten() {
-                if p.val().is_require_grad() {
-                    params.push((p.id, p.val().dims()));
-                }
-            }
-        }
-        let mut release = fedlora_client::train::LossRelease::default();
-        for _ in 0..cfg.local_steps {
-            let idx = poisson_sample(rng, self.rows.len(), q);
-            let mut step_losses: Vec<f64> = Vec::with_capacity(idx.len());
-            let mut sums: Vec<Tensor<2>> = params
-                .iter()
-                .map(|(_, d)| Tensor::<2>::zeros(*d, &inner))
-                .collect();
-            for chunk in idx.chunks(dp.max_chunk.max(1)) {
-                let b = chunk.len();
-                let mut per: PerExample = Vec::new();
-                let mut leaves = Vec::new();
-                for (name, l) in m.layers() {
-                    let (Some(a), Some(bb)) = (&l.lora_a, &l.lora_b) else {
-                        continue;
-                    };
-                    let (ea, eb) = (
-                        per_example_copies(a.val(), b),
-                        per_example_copies(bb.val(), b),
-                    );
-                    for t in [&ea, &eb] {
-                        if t.is_require_grad() {
-                            leaves.push(t.clone());
-                        }
-                    }
-                    per.push((name.to_string(), (ea, eb)));
-                }
-                let (x, y) = self.rows.tensors(chunk, device);
-                let logits = m.forward_per_example(x.unsqueeze_dim::<3>(1), &per);
-                let losses = bce(logits.reshape([b, 1]), y);
-                let l: Vec<f32> = losses
-                    .clone()
-                    .inner()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .expect("f32");
-                loss_sum += l.iter().map(|v| f64::from(*v)).sum::<f64>();
-                loss_n += l.len();
-                step_losses.extend(l.iter().map(|v| f64::from(*v)));
-                let grads = losses.sum().backward();
-                let g: Vec<Tensor<3>> = leaves
-                    .iter()
-                    .map(|t| t.grad(&grads).expect("leaf has a gradient"))
-                    .collect();
-                accumulate_clipped(&mut sums, g, dp.clip_norm);
-            }
-            let noisy = noisy_mean(sums, dp, noise);
-            release.step(dp, step_losses, noise);
-            let mut gp = GradientsParams::new();
-            for ((id, _), g) in params.iter().zip(noisy) {
-                gp.register(*id, g);
-            }
-            m = opt.step(cfg.learning_rate, m, gp);
-        }
+        let m = self.model.with(global)?;
+        let examples = self.rows.examples();
+        let (m, loss, released) = fedlora_client::dp_sgd::dp_train_steps(
+            m,
+            &examples,
+            cfg,
+            dp,
+            rng,
+            noise,
+            &self.model.device,
+        );
         let local = extract_adapter(&m, &self.model.lora);
-        let mut out = TrainOutcome::finish(
-            &local,
-            global,
-            (loss_sum, loss_n),
-            self.rows.len(),
-            cfg.local_steps,
-            t0,
-        )?;
-        out.released_loss = release.mean();
+        let mut out =
+            TrainOutcome::finish(&local, global, loss, self.rows.len(), cfg.local_steps, t0)?;
+        out.released_loss = released;
         Ok(out)
     }
 

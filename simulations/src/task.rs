@@ -99,6 +99,15 @@ pub struct TaskConfig {
     /// llm: tokens per window.
     #[serde(default = "default_context")]
     pub context: usize,
+    /// Dirichlet splits: redraw the split (up to 1,000 times, each from a seed derived from
+    /// the run's) until every client holds at least this many examples, as Flower's
+    /// `DirichletPartitioner(min_partition_size)` does. 0 (default) keeps the first draw.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_client_examples: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_context() -> usize {
@@ -221,7 +230,13 @@ fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, Si
             if !(task.alpha > 0.0 && task.alpha.is_finite()) {
                 return Err(SimError::Config("task.alpha must be positive".into()));
             }
-            partition::dirichlet(&data.train_labels(), task.clients, task.alpha, seed)
+            partition::dirichlet_min(
+                &data.train_labels(),
+                task.clients,
+                task.alpha,
+                seed,
+                task.min_client_examples,
+            )
         }
         PartitionName::Natural => {
             return Err(SimError::Config(
@@ -230,9 +245,12 @@ fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, Si
             ))
         }
     };
-    if let Some(i) = shards.iter().position(Vec::is_empty) {
+    let least = task.min_client_examples.max(1);
+    if let Some(i) = shards.iter().position(|c| c.len() < least) {
         return Err(SimError::Config(format!(
-            "client {i} got no BCW rows ({} clients for {} rows): use fewer clients or a larger α",
+            "client {i} got {} BCW rows, fewer than {least} ({} clients for {} rows): use fewer \
+             clients, a larger α or task.min_client_examples (redraws the split)",
+            shards[i].len(),
             task.clients,
             data.train.len()
         )));

@@ -199,7 +199,7 @@ fn reported_epsilon_is_the_accountants_epsilon_for_q_sigma_steps_and_delta() {
 
 #[test]
 fn secure_aggregation_gives_the_plain_modular_result_under_dropout() {
-    let text = SWEEP
+    let base = SWEEP
         .replace(
             "codec = [\"dense\", \"topk:0.25\"]",
             "codec = [\"modular:8:0.25:1:64\"]\nsecure_aggregation = [false, true]",
@@ -208,35 +208,89 @@ fn secure_aggregation_gives_the_plain_modular_result_under_dropout() {
         .replace("dropout = 0.15", "dropout = 0.1")
         .replace("clients = 6", "clients = 10")
         .replace("clients_per_round = [4]", "clients_per_round = [8]");
-    let sweep = SweepConfig::from_toml(&text).unwrap();
-    let pool = fedlora_simulations::output::thread_pool(Some(2)).unwrap();
-    let (points, _) = sweep.points();
-    let mut compared = 0;
-    let mut dropped = 0;
-    for plain in points.iter().filter(|p| !p.secure_aggregation) {
-        let secure = points
-            .iter()
-            .find(|q| q.secure_aggregation && q.epsilon == plain.epsilon && q.seed == plain.seed)
-            .unwrap();
-        let a = fedlora_simulations::runner::run_in_process(&sweep, plain, &pool, |_| {}).unwrap();
-        let b = fedlora_simulations::runner::run_in_process(&sweep, secure, &pool, |_| {}).unwrap();
-        dropped += b.rows.iter().map(|r| r.dropped).sum::<usize>();
-        assert!(b.rows.iter().all(|r| r.status != "failed"));
-        for (x, y) in a.rows.iter().zip(&b.rows) {
-            assert_eq!(
-                (x.loss, x.accuracy),
-                (y.loss, y.accuracy),
-                "round {}",
-                x.round
-            );
-            assert_eq!(x.aggregated, y.aggregated);
+    // also with heterogeneous ranks: every client masks its zero-padded delta, and the
+    // coordinator divides each rank component by the survivors whose rank covers it
+    let hetero = base.replace(
+        "seed = [1, 2]",
+        "seed = [1, 2]\nrank = [4]\nclient_ranks = [\"1,2,4\"]",
+    );
+    for text in [base, hetero] {
+        let sweep = SweepConfig::from_toml(&text).unwrap();
+        let pool = fedlora_simulations::output::thread_pool(Some(2)).unwrap();
+        let (points, _) = sweep.points();
+        let mut compared = 0;
+        let mut dropped = 0;
+        for plain in points.iter().filter(|p| !p.secure_aggregation) {
+            let secure = points
+                .iter()
+                .find(|q| {
+                    q.secure_aggregation && q.epsilon == plain.epsilon && q.seed == plain.seed
+                })
+                .unwrap();
+            let a =
+                fedlora_simulations::runner::run_in_process(&sweep, plain, &pool, |_| {}).unwrap();
+            let b =
+                fedlora_simulations::runner::run_in_process(&sweep, secure, &pool, |_| {}).unwrap();
+            dropped += b.rows.iter().map(|r| r.dropped).sum::<usize>();
+            assert!(b.rows.iter().all(|r| r.status != "failed"));
+            for (x, y) in a.rows.iter().zip(&b.rows) {
+                assert_eq!(
+                    (x.loss, x.accuracy),
+                    (y.loss, y.accuracy),
+                    "round {}",
+                    x.round
+                );
+                assert_eq!(x.aggregated, y.aggregated);
+                assert_eq!(x.pad_bytes_up, y.pad_bytes_up);
+            }
+            if plain.client_ranks != "uniform" {
+                assert!(
+                    a.rows.iter().any(|r| r.pad_bytes_up > 0),
+                    "padding is counted"
+                );
+            }
+            // masking costs upload bytes, not utility
+            assert!(b.summary.bytes_up > a.summary.bytes_up);
+            compared += 1;
         }
-        // masking costs upload bytes, not utility
-        assert!(b.summary.bytes_up > a.summary.bytes_up);
-        compared += 1;
+        assert_eq!(compared, 4);
+        assert!(dropped > 0, "dropouts happened after key sharing");
     }
-    assert_eq!(compared, 4);
-    assert!(dropped > 0, "dropouts happened after key sharing");
+}
+
+#[test]
+fn strategy_and_rank_grids_expand_and_median_is_never_run_securely() {
+    let text = SWEEP.replace(
+        "seed = [1, 2]",
+        "seed = [1]\nstrategy = [\"fed-avg\", \"median\"]\nclient_ranks = [\"uniform\", \"2,4\"]\n\
+         secure_aggregation = [false, true]",
+    ).replace("codec = [\"dense\", \"topk:0.25\"]", "codec = [\"modular:8:0.25:1:64\"]");
+    let sweep = SweepConfig::from_toml(&text).unwrap();
+    let (points, skipped) = sweep.points();
+    // 2 strategies × 2 rank mixes × 2 ε × 2 secure, less median × secure (2 × 2)
+    assert_eq!(points.len(), 12);
+    assert_eq!(skipped.len(), 4);
+    assert!(points
+        .iter()
+        .all(|p| !(p.secure_aggregation && p.strategy == "median")));
+    // the default strategy and uniform ranks leave run keys as they were
+    let plain = SweepConfig::from_toml(SWEEP).unwrap();
+    let p0 = &plain.points().0[0];
+    let json = serde_json::to_string(p0).unwrap();
+    assert!(
+        !json.contains("strategy") && !json.contains("client_ranks"),
+        "{json}"
+    );
+    let bad = SWEEP.replace("seed = [1, 2]", "seed = [1]\nstrategy = [\"krum\"]");
+    assert!(SweepConfig::from_toml(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("grid.strategy"));
+    let bad = SWEEP.replace("seed = [1, 2]", "seed = [1]\nclient_ranks = [\"2,x\"]");
+    assert!(SweepConfig::from_toml(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("client_ranks"));
 }
 
 #[test]
@@ -259,6 +313,17 @@ rounds = [2]
 codec = ["q8"]
 seed = [5]
 "#;
+    // and the SDK's path for heterogeneous ranks and FedProx: sliced offers, zero-padded uploads
+    let hetero = text.replace(
+        "seed = [5]",
+        "seed = [5]\nrank = [4]\nclient_ranks = [\"1,2,4\"]\nstrategy = [\"fed-prox:0.5\"]",
+    );
+    for text in [text.to_string(), hetero] {
+        quic_matches_in_process(&text);
+    }
+}
+
+fn quic_matches_in_process(text: &str) {
     let sweep = SweepConfig::from_toml(text).unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     run_sweep(&sweep, text, a.path(), &opts(2)).unwrap();
