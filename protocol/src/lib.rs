@@ -8,6 +8,7 @@ pub mod adapter;
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod identity;
 pub mod limits;
 pub mod message;
 pub mod rank;

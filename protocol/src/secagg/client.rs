@@ -11,7 +11,7 @@ use super::{
     consistency_message, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
     SecAggError, SecAggParams, SecAggPolicy, UnmaskRequest, UnmaskResponse,
 };
-use crate::round::ClientId;
+use crate::identity::ClientId;
 
 /// Where a client's secure round stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

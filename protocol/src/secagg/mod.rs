@@ -76,7 +76,7 @@ use zeroize::Zeroize;
 pub use client::{ClientRound, ClientStage};
 pub use server::{ServerRound, ServerStage};
 
-use crate::round::ClientId;
+use crate::identity::ClientId;
 
 /// Errors of secure aggregation, grouped by whose fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

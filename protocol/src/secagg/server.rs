@@ -11,7 +11,7 @@ use super::{
     add_mod, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare, SecAggError,
     SecAggParams, UnmaskRequest, UnmaskResponse,
 };
-use crate::round::ClientId;
+use crate::identity::ClientId;
 
 /// Where the coordinator's secure round stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,300 @@
+//! Connections: accepting them, the hello (revocation, protocol version, adapter spec, the
+//! client's largest rank), and serving each request stream.
+
+use super::downlink::poll;
+use super::requests::{decline, eval_report, eval_withheld, secure_receive, upload, Received};
+use super::*;
+
+pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared).await,
+                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+pub(super) fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let id = conn.peer_identity()?;
+    let certs = id
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let Some(der) = peer_cert(&conn) else {
+        warn!(%remote, "connection without a client certificate");
+        conn.close(1u32.into(), b"client certificate required");
+        return;
+    };
+    let client = match certs::client_id(&der) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%remote, error = %e, "unusable client certificate");
+            conn.close(1u32.into(), b"unusable client certificate");
+            return;
+        }
+    };
+    let fingerprint = certs::fingerprint(&der);
+    let conn_id = conn.stable_id();
+    {
+        // a client id holds a bounded number of connections: the oldest makes room
+        let mut conns = shared.conns.lock().expect("lock");
+        let mine = conns.entry(client.clone()).or_default();
+        mine.push(conn.clone());
+        while mine.len() > MAX_CONNECTIONS_PER_CLIENT {
+            let old = mine.remove(0);
+            old.close(3u32.into(), b"too many connections for this client");
+        }
+    }
+    let budget = ReadBudget::for_connection(shared.budget.clone());
+    let mut registered = false;
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                info!(%client, reason = %e, "connection closed");
+                break;
+            }
+        };
+        if !registered {
+            // the hello is handled inline: nothing else is served before it succeeds
+            match handle_hello(&shared, &client, &fingerprint, &budget, send, recv).await {
+                Ok(true) => {
+                    registered = true;
+                    shared
+                        .certs
+                        .lock()
+                        .expect("lock")
+                        .insert(client.clone(), der.clone());
+                    shared
+                        .live
+                        .lock()
+                        .expect("lock")
+                        .insert(client.clone(), conn_id);
+                    let n = {
+                        let mut fed = shared.fed.lock().expect("lock");
+                        fed.connect(&client);
+                        fed.connected().len()
+                    };
+                    shared.metrics.connected_clients.set(n as i64);
+                }
+                Ok(false) => {}
+                Err(HelloEnd::Close(reason)) => {
+                    conn.close(2u32.into(), reason.as_bytes());
+                    break;
+                }
+            }
+            continue;
+        }
+        let shared = shared.clone();
+        let client = client.clone();
+        let budget = budget.clone();
+        tokio::spawn(async move { serve_stream(&shared, &client, &budget, send, recv).await });
+    }
+    if let Some(mine) = shared.conns.lock().expect("lock").get_mut(&client) {
+        mine.retain(|c| c.stable_id() != conn_id);
+    }
+    let mut live = shared.live.lock().expect("lock");
+    if live.get(&client) == Some(&conn_id) {
+        live.remove(&client);
+        let mut fed = shared.fed.lock().expect("lock");
+        fed.disconnect(&client);
+        shared
+            .metrics
+            .connected_clients
+            .set(fed.connected().len() as i64);
+    }
+}
+
+pub(super) enum HelloEnd {
+    Close(String),
+}
+
+pub(super) async fn handle_hello(
+    shared: &Shared,
+    client: &str,
+    fingerprint: &str,
+    budget: &ReadBudget,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> std::result::Result<bool, HelloEnd> {
+    let msg = match read_request(&mut recv, budget).await {
+        Ok(r) => r.msg,
+        Err(r) => {
+            let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+            return Ok(false);
+        }
+    };
+    let refusal = match msg {
+        ClientMsg::Hello {
+            protocol_version,
+            spec_hash,
+            max_rank,
+        } => {
+            let mut ranks = shared.max_ranks.lock().expect("lock");
+            match max_rank {
+                Some(r) if (r as usize) < shared.full_rank => {
+                    ranks.insert(client.to_string(), r.max(1));
+                }
+                _ => {
+                    ranks.remove(client);
+                }
+            }
+            drop(ranks);
+            let deny = certs::load_deny_list(&shared.config.tls.revoked).unwrap_or_else(|e| {
+                error!(error = %e, "cannot read the deny-list; refusing everyone");
+                std::iter::once(fingerprint.to_string()).collect()
+            });
+            if deny.contains(fingerprint) {
+                Some((
+                    Refusal::new(RefusalCode::Revoked, "this client certificate is revoked"),
+                    true,
+                ))
+            } else if protocol_version != PROTOCOL_VERSION {
+                Some((
+                    Refusal::new(
+                        RefusalCode::VersionMismatch,
+                        format!(
+                            "coordinator speaks protocol {PROTOCOL_VERSION}, client {protocol_version}"
+                        ),
+                    ),
+                    true,
+                ))
+            } else if spec_hash != shared.spec.hash() {
+                Some((
+                    Refusal::new(
+                        RefusalCode::SpecMismatch,
+                        format!(
+                            "the federation's adapter is {}{}, this client's is {}",
+                            shared.spec.short_hash(),
+                            shared
+                                .config
+                                .adapter_description
+                                .as_deref()
+                                .map_or(String::new(), |d| format!(" ({d})")),
+                            hex::encode(&spec_hash[..8])
+                        ),
+                    ),
+                    true,
+                ))
+            } else {
+                None
+            }
+        }
+        _ => Some((
+            Refusal::new(RefusalCode::NotRegistered, "send a hello first"),
+            false,
+        )),
+    };
+    match refusal {
+        Some((r, close)) => {
+            warn!(%client, code = ?r.code, reason = %r.message, "hello refused");
+            shared.metrics.refused(r.code);
+            let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
+            if close {
+                // give the refusal time to reach the peer before closing
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(HelloEnd::Close(format!("{:?}", r.code)))
+            } else {
+                Ok(false)
+            }
+        }
+        None => {
+            if let Err(e) = shared.store.saw_client(client, fingerprint, now_ms()) {
+                error!(error = %e, "recording client");
+            }
+            info!(%client, "client registered");
+            let _ = respond(
+                &mut send,
+                &CoordMsg::Welcome {
+                    client_id: client.to_string(),
+                    protocol_version: PROTOCOL_VERSION,
+                },
+            )
+            .await;
+            Ok(true)
+        }
+    }
+}
+
+pub(super) async fn serve_stream(
+    shared: &Shared,
+    client: &str,
+    budget: &ReadBudget,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let req = match read_request(&mut recv, budget).await {
+        Ok(r) => r,
+        Err(r) => {
+            warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
+            shared.metrics.refused(r.code);
+            let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+            return;
+        }
+    };
+    let wire = req.wire_bytes;
+    shared.metrics.bytes_up.inc_by(wire);
+    let (reply, round_down) = match req.msg {
+        ClientMsg::Hello { .. } => (
+            CoordMsg::Refused(Refusal::new(
+                RefusalCode::Malformed,
+                "hello already done on this connection",
+            )),
+            None,
+        ),
+        ClientMsg::Poll { held_version } => poll(shared, client, held_version),
+        ClientMsg::Upload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: u.weight,
+                train_loss: Some(u.train_loss),
+                private: false,
+                wire_bytes: wire,
+            };
+            (upload(shared, client, got, &u.payload), None)
+        }
+        ClientMsg::PrivateUpload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: 1.0,
+                train_loss: u.noised_train_loss,
+                private: true,
+                wire_bytes: wire,
+            };
+            (upload(shared, client, got, &u.payload), None)
+        }
+        ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
+        ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
+        ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
+        ClientMsg::SecAgg { round, body } => {
+            (secure_receive(shared, client, round, body, wire), None)
+        }
+    };
+    if let CoordMsg::Refused(r) = &reply {
+        shared.metrics.refused(r.code);
+        if r.code != RefusalCode::Malformed {
+            warn!(%client, code = ?r.code, reason = %r.message, "request refused");
+        }
+    }
+    if let Ok(n) = respond(&mut send, &reply).await {
+        shared.metrics.bytes_down.inc_by(n);
+        if let Some(round) = round_down {
+            *shared
+                .bytes_down
+                .lock()
+                .expect("lock")
+                .entry((round, client.to_string()))
+                .or_default() += n;
+        }
+    }
+}

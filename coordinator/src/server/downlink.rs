@@ -1,0 +1,184 @@
+//! What a polling client is told, and the global adapter it is sent: in full, as an f16 delta
+//! against its reconstruction, or as its rank slice.
+
+use super::*;
+
+/// The global adapter for `client` as the downlink rule says: `(global_from, payload)`.
+pub(super) fn global_payload(
+    shared: &Shared,
+    global: &Global,
+    client: &str,
+    held: Option<u64>,
+    downlink: Downlink,
+) -> (Option<u64>, Vec<u8>) {
+    if downlink == Downlink::Full {
+        return (None, global.encoded.clone());
+    }
+    let mut recon = shared.recon.lock().expect("lock");
+    if let (Some(h), Some((v, r))) = (held, recon.get(client)) {
+        if *v == h {
+            if h == global.version {
+                return (Some(h), Vec::new());
+            }
+            if let Some((bytes, next)) = f16_step(&shared.spec, &global.adapter, r) {
+                // what the client will hold after applying this delta, exactly
+                recon.insert(client.to_string(), (global.version, next));
+                return (Some(h), bytes);
+            }
+            warn!(%client, "the downlink step does not fit in f16; sending the full adapter");
+        }
+    }
+    recon.insert(client.to_string(), (global.version, global.adapter.clone()));
+    (None, global.encoded.clone())
+}
+
+/// The f16 delta from `held` to `global` and what the client reconstructs from it; `None`
+/// when some step is beyond f16's range (|x| > 65504) or the result is not finite.
+pub(super) fn f16_step(
+    spec: &AdapterSpec,
+    global: &FlatAdapter,
+    held: &FlatAdapter,
+) -> Option<(Vec<u8>, FlatAdapter)> {
+    const F16_MAX: f32 = 65504.0;
+    let step = global.delta_from(held).ok()?;
+    if step
+        .values()
+        .iter()
+        .any(|x| !x.is_finite() || x.abs() > F16_MAX)
+    {
+        return None;
+    }
+    let bytes = Codec::F16.encode(step.values());
+    let sent = Codec::decode(&bytes, spec, Some(&Codec::F16), &CodecContext::default()).ok()?;
+    let mut next = held.clone();
+    next.apply_delta(&sent).ok()?;
+    next.values()
+        .iter()
+        .all(|x| x.is_finite())
+        .then_some((bytes, next))
+}
+
+pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
+    let (directive, train, seed) = {
+        let mut fed = shared.fed.lock().expect("lock");
+        (
+            fed.poll(client),
+            shared.strategy.configure_round(&fed.config().train),
+            fed.config().seed,
+        )
+    };
+    let wait = Task::Wait {
+        retry_after_ms: shared.config.poll_interval_ms,
+    };
+    let mut secure_shares = None;
+    if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }) =
+        (&train.secure, &directive)
+    {
+        // a secure round: its stages decide; until its state exists, wait
+        let sec = shared.secure.lock().expect("lock");
+        let Some(sr) = sec.as_ref().filter(|s| s.round == *round) else {
+            return (CoordMsg::Task(wait), None);
+        };
+        let certs = shared.certs.lock().expect("lock");
+        if let Some(task) = sr.task(client, &certs) {
+            return (
+                CoordMsg::Task(Task::SecAgg {
+                    round: *round,
+                    task: Box::new(task),
+                }),
+                None,
+            );
+        }
+        match sr.wants_input(client) {
+            Some(shares) => secure_shares = Some(shares),
+            None => return (CoordMsg::Task(wait), None),
+        }
+    }
+    let global = shared.global.lock().expect("lock");
+    let task = match directive {
+        Directive::Wait => wait,
+        Directive::Train {
+            round,
+            base_version,
+            evaluate,
+        } => {
+            if base_version != global.version {
+                wait
+            } else {
+                let rank = shared.max_ranks.lock().expect("lock").get(client).copied();
+                let (global_from, payload) = match rank {
+                    // a lower-rank client: its slice, in full
+                    Some(r) => match fedlora_protocol::rank::slice(&global.adapter, r as usize) {
+                        Ok(sliced) => {
+                            shared
+                                .offered_ranks
+                                .lock()
+                                .expect("lock")
+                                .insert(client.to_string(), (round, r));
+                            (None, Codec::DenseF32.encode(sliced.values()))
+                        }
+                        Err(e) => {
+                            error!(%client, error = %e, "cannot slice the global adapter");
+                            return (CoordMsg::Task(wait), None);
+                        }
+                    },
+                    None => global_payload(shared, &global, client, held, train.downlink),
+                };
+                return (
+                    CoordMsg::Task(Task::Train(RoundOffer {
+                        round,
+                        global_version: base_version,
+                        spec_hash: shared.spec.hash(),
+                        config: train,
+                        evaluate,
+                        codec_seed: codec_seed(seed, round),
+                        global_from,
+                        global: payload,
+                        secure_shares,
+                        rank,
+                    })),
+                    Some(round),
+                );
+            }
+        }
+        Directive::Evaluate { version } if version == global.version => {
+            let (global_from, payload) =
+                global_payload(shared, &global, client, held, train.downlink);
+            Task::Evaluate {
+                version,
+                global_from,
+                global: payload,
+            }
+        }
+        Directive::Evaluate { .. } => wait,
+        Directive::AlreadyUploaded { round } => Task::AlreadyUploaded { round },
+        Directive::Finished { version } => Task::Finished { version },
+    };
+    (CoordMsg::Task(task), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::TensorSpec;
+
+    fn spec() -> AdapterSpec {
+        AdapterSpec::new(vec![TensorSpec {
+            name: "a".into(),
+            shape: vec![2, 2],
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_downlink_step_beyond_f16_falls_back_instead_of_panicking() {
+        let held = FlatAdapter::new(spec(), vec![0.0; 4]).unwrap();
+        let near = FlatAdapter::new(spec(), vec![1.0, -2.0, 0.5, 3.0]).unwrap();
+        let (bytes, next) = f16_step(&spec(), &near, &held).expect("fits in f16");
+        assert!(!bytes.is_empty());
+        assert_eq!(next.values(), near.values());
+        // a step above 65504 (f16's largest finite value) has no f16 encoding
+        let far = FlatAdapter::new(spec(), vec![1e6, 0.0, 0.0, 0.0]).unwrap();
+        assert!(f16_step(&spec(), &far, &held).is_none());
+    }
+}

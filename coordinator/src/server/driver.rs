@@ -1,0 +1,380 @@
+//! The clock side: ticks of the round machine and of secure rounds, aggregation with the
+//! federation's strategy, commits, and the status snapshot.
+
+use super::*;
+
+/// Keeps `DATA_DIR/status.json` current: written at start and after every event (a burst of
+/// events is written once), so `fedlora status` works while this process holds the store.
+pub(super) async fn snapshot_loop(shared: Arc<Shared>) {
+    let mut events = shared.events.subscribe();
+    loop {
+        let s = shared.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::status::report(&s.store)
+                .and_then(|r| crate::status::write_snapshot(s.store.dir(), &r))
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            warn!(error = %e, "could not write the status snapshot");
+        }
+        match events.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        // coalesce a burst of events into one write
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while events.try_recv().is_ok() {}
+    }
+}
+
+pub(super) async fn tick_loop(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(shared.config.tick_ms));
+    loop {
+        interval.tick().await;
+        let shared2 = shared.clone();
+        // aggregation reads files and does arithmetic: keep it off the async workers
+        let r = tokio::task::spawn_blocking(move || tick_once(&shared2)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "tick failed"),
+            Err(e) => error!(error = %e, "tick panicked"),
+        }
+    }
+}
+
+pub(super) fn secure_tick(shared: &Shared, now: u64) -> Result<()> {
+    let outcome = match shared.secure.lock().expect("lock").as_mut() {
+        Some(sr) => (sr.round, sr.advance(now)),
+        None => return Ok(()),
+    };
+    let (round, adv) = outcome;
+    let failure = match adv {
+        Advance::Wait => return Ok(()),
+        Advance::Fail(reason) => reason,
+        // any failure after unmasking fails the round too: it must never wedge the federation
+        Advance::Sum(sum, counted) => match finish_secure(shared, round, sum, &counted, now) {
+            Ok(()) => {
+                *shared.secure.lock().expect("lock") = None;
+                return Ok(());
+            }
+            Err(e) => e.to_string(),
+        },
+    };
+    *shared.secure.lock().expect("lock") = None;
+    warn!(round, reason = %failure, "secure round failed");
+    let state = {
+        let mut fed = shared.fed.lock().expect("lock");
+        fed.fail_round(round, now)?;
+        fed.state().clone()
+    };
+    fail_record(shared, round, failure, &state, now)
+}
+
+/// Applies an unmasked sum: needs at least `min_clients` counted clients, a sum that decodes
+/// (a positive total weight) and a commit that succeeds.
+pub(super) fn finish_secure(
+    shared: &Shared,
+    round: u64,
+    sum: Vec<u64>,
+    counted: &std::collections::BTreeSet<String>,
+    now: u64,
+) -> Result<()> {
+    let (codec, seed, uploads, selected, min_clients) = {
+        let fed = shared.fed.lock().expect("lock");
+        let fedlora_protocol::Phase::Training(open) = &fed.state().phase else {
+            return Err(CoordinatorError::Config(format!(
+                "secure round {round} ended, but no round is open"
+            )));
+        };
+        let uploads: BTreeMap<String, UploadMeta> = open
+            .uploads
+            .iter()
+            .filter(|(c, _)| counted.contains(*c))
+            .map(|(c, m)| (c.clone(), m.clone()))
+            .collect();
+        (
+            fed.config().train.codec.clone(),
+            fed.config().seed,
+            uploads,
+            open.selected.clone(),
+            fed.config().min_clients,
+        )
+    };
+    if counted.len() < min_clients {
+        return Err(CoordinatorError::Config(format!(
+            "{} masked inputs unmasked, {min_clients} needed",
+            counted.len()
+        )));
+    }
+    let Codec::Modular(p) = &codec else {
+        return Err(CoordinatorError::Config(
+            "secure rounds need the modular codec".into(),
+        ));
+    };
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, round),
+    };
+    let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
+    let full = shared.full_rank;
+    let counts = fedlora_protocol::rank::RankCounts::new(
+        full,
+        counted.iter().map(|c| {
+            let r = uploads.get(c).and_then(|m| m.rank);
+            (1.0, r.map_or(full, |r| (r as usize).min(full)))
+        }),
+    );
+    let delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
+    let missing = selected.difference(counted).cloned().collect();
+    info!(round, counted = counted.len(), "secure sum unmasked");
+    commit(shared, round, delta, &uploads, &missing, now)
+}
+
+pub(super) fn tick_once(shared: &Shared) -> Result<()> {
+    let now = now_ms();
+    secure_tick(shared, now)?;
+    let transition = {
+        let mut fed = shared.fed.lock().expect("lock");
+        let t = fed.tick(now);
+        (t, fed.state().clone())
+    };
+    let (Some(t), state) = transition else {
+        return Ok(());
+    };
+    match t {
+        Transition::RoundStarted { round, selected } => {
+            let rec = RoundRecord {
+                round,
+                base_version: state.global_version,
+                status: RoundStatus::Open,
+                selected: selected.iter().cloned().collect(),
+                participants: vec![],
+                stragglers: vec![],
+                bytes_up: BTreeMap::new(),
+                bytes_down: BTreeMap::new(),
+                train_loss: None,
+                strategy: shared
+                    .fed
+                    .lock()
+                    .expect("lock")
+                    .config()
+                    .strategy
+                    .name()
+                    .to_string(),
+                started_ms: now,
+                ended_ms: None,
+            };
+            shared.store.put_round(&rec, &state)?;
+            let (train, timeout) = {
+                let fed = shared.fed.lock().expect("lock");
+                (fed.config().train.clone(), fed.config().round_timeout_ms)
+            };
+            if let (Some(params), Codec::Modular(p)) = (&train.secure, &train.codec) {
+                let k = fedlora_protocol::codec::sparse::kept(shared.spec.numel(), p.fraction);
+                *shared.secure.lock().expect("lock") = Some(SecureRound::new(
+                    round,
+                    params.clone(),
+                    k + 1,
+                    selected.clone(),
+                    now,
+                    timeout,
+                ));
+            }
+            info!(round, participants = selected.len(), "round started");
+            let _ = shared.events.send(Event::RoundStarted {
+                round,
+                participants: selected.len(),
+            });
+        }
+        Transition::Aggregate {
+            round,
+            uploads,
+            missing,
+        } => {
+            // persist `closed` first, so a restart does not reopen the round to uploads
+            shared.store.save_state(&state)?;
+            for c in &missing {
+                warn!(round, client = %c, "straggler dropped from the round");
+            }
+            match aggregate(shared, round, &uploads) {
+                Ok(new_global) => commit(shared, round, new_global, &uploads, &missing, now)?,
+                Err(e) => {
+                    error!(round, error = %e, "aggregation failed; failing the round");
+                    let state = {
+                        let mut fed = shared.fed.lock().expect("lock");
+                        fed.fail_round(round, now)?;
+                        fed.state().clone()
+                    };
+                    fail_record(shared, round, e.to_string(), &state, now)?;
+                }
+            }
+        }
+        Transition::RoundFailed { round, reason } => {
+            warn!(round, %reason, "round failed");
+            fail_record(shared, round, reason, &state, now)?;
+        }
+        Transition::EvaluationStarted { version } => {
+            info!(version, "final evaluation started");
+        }
+        Transition::Finished { success } => {
+            shared.store.save_state(&state)?;
+            info!(success, "federation finished");
+            let _ = shared.events.send(Event::Finished { success });
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn fail_record(
+    shared: &Shared,
+    round: u64,
+    reason: String,
+    state: &FederationState,
+    now: u64,
+) -> Result<()> {
+    let mut rec = shared
+        .store
+        .round(round)?
+        .ok_or_else(|| CoordinatorError::Storage(format!("no record for round {round}")))?;
+    rec.status = RoundStatus::Failed {
+        reason: reason.clone(),
+    };
+    rec.ended_ms = Some(now);
+    shared
+        .metrics
+        .round_ended("failed", now.saturating_sub(rec.started_ms) as f64 / 1e3);
+    rec.bytes_down = take_round(&shared.bytes_down, round);
+    // per-round counters of a round that is over are dropped
+    take_round(&shared.secure_bytes_up, round);
+    shared.store.put_round(&rec, state)?;
+    let _ = shared.events.send(Event::RoundFailed { round, reason });
+    Ok(())
+}
+
+/// Removes and returns `round`'s per-client byte counts from a (round, client) counter.
+pub(super) fn take_round(
+    counter: &Mutex<BTreeMap<(u64, String), u64>>,
+    round: u64,
+) -> BTreeMap<String, u64> {
+    let mut all = counter.lock().expect("lock");
+    let keys: Vec<_> = all.keys().filter(|(r, _)| *r == round).cloned().collect();
+    keys.into_iter()
+        .filter_map(|k| all.remove(&k).map(|v| (k.1, v)))
+        .collect()
+}
+
+/// Loads every upload of `round` and aggregates them into the next global.
+pub(super) fn aggregate(
+    shared: &Shared,
+    round: u64,
+    uploads: &BTreeMap<String, UploadMeta>,
+) -> Result<FlatAdapter> {
+    let (codec, seed) = {
+        let fed = shared.fed.lock().expect("lock");
+        (fed.config().train.codec.clone(), fed.config().seed)
+    };
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, round),
+    };
+    let mut payloads = Vec::with_capacity(uploads.len());
+    for (client, meta) in uploads {
+        let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
+        payloads.push((meta.weight, meta.rank, bytes));
+    }
+    crate::aggregate::aggregate_payloads(
+        shared.strategy.as_ref(),
+        &codec,
+        &shared.spec,
+        &ctx,
+        payloads
+            .iter()
+            .map(|(weight, rank, b)| crate::aggregate::Payload {
+                weight: *weight,
+                rank: *rank,
+                bytes: b.as_slice(),
+            }),
+    )
+}
+
+/// Commits `round`: `delta` is the round's aggregated delta, which the federation's strategy
+/// turns into the next global adapter; a server optimizer's moments are stored with it before
+/// the round commits.
+pub(super) fn commit(
+    shared: &Shared,
+    round: u64,
+    delta: FlatAdapter,
+    uploads: &BTreeMap<String, UploadMeta>,
+    missing: &std::collections::BTreeSet<String>,
+    now: u64,
+) -> Result<()> {
+    let mut opt = shared.opt.lock().expect("lock").clone();
+    let new_global = {
+        let global = shared.global.lock().expect("lock");
+        shared
+            .strategy
+            .next_global(&mut opt, &global.adapter, &delta)?
+    };
+    let next_version = shared.fed.lock().expect("lock").state().global_version + 1;
+    if !opt.m.is_empty() {
+        shared.store.put_optimizer_state(next_version, &opt)?;
+    }
+    let encoded = Codec::DenseF32.encode(new_global.values());
+    let mut records: BTreeMap<String, u64> = shared
+        .store
+        .uploads()?
+        .into_iter()
+        .filter(|r| r.round == round)
+        .map(|r| (r.client, r.wire_bytes))
+        .collect();
+    for (client, b) in take_round(&shared.secure_bytes_up, round) {
+        *records.entry(client).or_default() += b;
+    }
+    // the weighted mean of the losses the uploads carried (none under DP or masking)
+    let with_loss: Vec<(f64, f64)> = uploads
+        .values()
+        .filter_map(|m| m.train_loss.map(|l| (m.weight, l)))
+        .collect();
+    let total_w: f64 = with_loss.iter().map(|(w, _)| w).sum();
+    let train_loss =
+        (total_w > 0.0).then(|| with_loss.iter().map(|(w, l)| w * l).sum::<f64>() / total_w);
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    let version = fed.commit(round, now)?;
+    let state = fed.state().clone();
+    let mut rec = shared
+        .store
+        .round(round)?
+        .ok_or_else(|| CoordinatorError::Storage(format!("no record for round {round}")))?;
+    rec.status = RoundStatus::Committed { version };
+    rec.participants = uploads.keys().cloned().collect();
+    rec.stragglers = missing.iter().cloned().collect();
+    rec.bytes_up = records;
+    rec.bytes_down = take_round(&shared.bytes_down, round);
+    rec.train_loss = train_loss;
+    rec.ended_ms = Some(now);
+    if let Err(e) = shared
+        .store
+        .commit_round(version, &encoded, &rec, &state, now)
+    {
+        *fed = before;
+        return Err(e);
+    }
+    *shared.global.lock().expect("lock") = Global {
+        version,
+        adapter: new_global,
+        encoded,
+    };
+    *shared.opt.lock().expect("lock") = opt;
+    shared
+        .metrics
+        .round_ended("committed", now.saturating_sub(rec.started_ms) as f64 / 1e3);
+    shared.metrics.global_version.set(version as i64);
+    drop(fed);
+    info!(
+        round,
+        version,
+        participants = uploads.len(),
+        "round committed"
+    );
+    let _ = shared.events.send(Event::RoundCommitted { round, version });
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! The coordinator service: drives the [`Federation`] state machine from QUIC connections and a
+//! clock, persisting to the [`Store`] before anything is acknowledged.
+//!
+//! Each request is one frame on a fresh bidirectional stream, answered by one frame; the stream
+//! is then finished. A malformed, truncated or oversized frame gets a typed `Refused` answer and
+//! a closed stream; the connection and every other client carry on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedlora_protocol::{
+    codec_seed, AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, DeclineReason, Directive,
+    Downlink, EvalReport, Federation, FederationState, FlatAdapter, ModularSum, Refusal,
+    RefusalCode, RoundOffer, SecAggBody, SpecHash, Task, Transition, UploadMeta, UploadVerdict,
+    PROTOCOL_VERSION,
+};
+use quinn::{RecvStream, SendStream};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+use tracing::{error, info, warn};
+
+use crate::certs;
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::secure::{Advance, SecureRound};
+use crate::store::{EvalRecord, RoundRecord, RoundStatus, Store, UploadRecord};
+pub use crate::wire::REQUEST_TIMEOUT_S;
+use crate::wire::{read_request, respond, ReadBudget, MAX_CONNECTIONS_PER_CLIENT};
+
+mod connection;
+mod downlink;
+mod driver;
+mod requests;
+
+use connection::accept_loop;
+use driver::{snapshot_loop, tick_loop};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Something that happened, for progress displays and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A round opened.
+    RoundStarted {
+        /// Round id.
+        round: u64,
+        /// Participants.
+        participants: usize,
+    },
+    /// An upload was stored and acknowledged.
+    UploadAccepted {
+        /// Round id.
+        round: u64,
+        /// Client id.
+        client: String,
+    },
+    /// A round was committed.
+    RoundCommitted {
+        /// Round id.
+        round: u64,
+        /// New global version.
+        version: u64,
+    },
+    /// A round failed.
+    RoundFailed {
+        /// Round id.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The federation ended.
+    Finished {
+        /// Whether every planned round committed.
+        success: bool,
+    },
+}
+
+struct Global {
+    version: u64,
+    adapter: FlatAdapter,
+    encoded: Vec<u8>,
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    spec: AdapterSpec,
+    store: Store,
+    fed: Mutex<Federation>,
+    global: Mutex<Global>,
+    /// Task bytes sent per (round, client) for the open round; folded into its record.
+    bytes_down: Mutex<BTreeMap<(u64, String), u64>>,
+    /// Live connection per client id (the latest one wins).
+    live: Mutex<BTreeMap<String, usize>>,
+    /// What each client reconstructed of the global adapter (f16-delta downlink), by version.
+    recon: Mutex<BTreeMap<String, (u64, FlatAdapter)>>,
+    /// The open secure round, if the round is secure.
+    secure: Mutex<Option<SecureRound>>,
+    /// Secure-aggregation frame bytes received per (round, client); folded into bytes up.
+    secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
+    /// Client certificates (DER) from their TLS handshakes, relayed for key signatures.
+    certs: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Open connections per client id, oldest first (at most [`MAX_CONNECTIONS_PER_CLIENT`]).
+    conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
+    /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
+    budget: Arc<tokio::sync::Semaphore>,
+    /// The server optimizer's moments that go with the current global version.
+    opt: Mutex<fedlora_protocol::strategy::OptimizerState>,
+    /// The federation's strategy (built from its config).
+    strategy: Box<dyn fedlora_protocol::strategy::Strategy>,
+    /// The federation's LoRA rank R.
+    full_rank: usize,
+    /// Each connected client's declared largest rank, when below R (heterogeneous ranks).
+    max_ranks: Mutex<BTreeMap<String, u32>>,
+    /// The rank each client was offered for a round: `client → (round, rank)`.
+    offered_ranks: Mutex<BTreeMap<String, (u64, u32)>>,
+    /// Operator metrics (served when `config.metrics` is set).
+    metrics: Arc<crate::metrics::Metrics>,
+    events: broadcast::Sender<Event>,
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
+        warn!(error = %e, "could not set the UDP receive buffer");
+    }
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    if got < recv_buffer {
+        warn!(
+            requested = recv_buffer,
+            granted = got,
+            "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
+        );
+    } else {
+        info!(bytes = got, "UDP receive buffer");
+    }
+    sock.bind(&addr.into()).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another coordinator is running there? choose another --listen port)"
+        } else {
+            ""
+        };
+        CoordinatorError::Config(format!("cannot listen on {addr}: {e}{hint}"))
+    })?;
+    Ok(sock.into())
+}
+
+impl Coordinator {
+    /// Opens the store under `config.data_dir`, resumes the federation found there or starts a
+    /// new one from `initial` (global version 0), binds the QUIC endpoint and starts serving.
+    pub async fn start(config: CoordinatorConfig, initial: FlatAdapter) -> Result<Self> {
+        config.validate()?;
+        if initial.spec().numel() == 0 {
+            return Err(CoordinatorError::Config(
+                "the adapter has no parameters (no LoRA targets?)".into(),
+            ));
+        }
+        // everything that can fail on the user's input fails before anything is created on disk
+        let server_config =
+            crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
+        info!(
+            listen = %config.listen,
+            data_dir = %config.data_dir.display(),
+            federation = %serde_json::to_string(&config.federation).unwrap_or_default(),
+            "effective settings"
+        );
+        let spec = initial.spec().clone();
+        let store = Store::open(&config.data_dir)?;
+        let now = now_ms();
+        let fed = match (store.setup()?, store.state()?) {
+            (Some((stored_cfg, stored_spec)), Some(state)) => {
+                if stored_spec.hash() != spec.hash() {
+                    return Err(CoordinatorError::Config(format!(
+                        "{} holds a federation for adapter spec {}, this coordinator serves {}",
+                        config.data_dir.display(),
+                        stored_spec.short_hash(),
+                        spec.short_hash()
+                    )));
+                }
+                if stored_cfg != config.federation {
+                    warn!("federation config differs from the stored one; the stored one is used");
+                }
+                let (state, problems) = store.reconcile(state)?;
+                for p in &problems {
+                    error!(problem = %p, "store reconciliation");
+                }
+                info!(
+                    version = state.global_version,
+                    phase = ?phase_name(&state),
+                    "resuming federation"
+                );
+                let mut fed = Federation::resume(stored_cfg, spec.hash(), state, now);
+                for e in store.evals()? {
+                    fed.restore_eval(&e.client, e.version);
+                }
+                if let (Some(_), fedlora_protocol::Phase::Training(open)) =
+                    (&fed.config().train.secure, &fed.state().phase)
+                {
+                    // the clients' secrets died with the round: abort it, retry with fresh keys
+                    let round = open.round;
+                    fed.fail_round(round, now)?;
+                    if let Some(mut rec) = store.round(round)? {
+                        rec.status = RoundStatus::Failed {
+                            reason: "coordinator restarted during a secure round".into(),
+                        };
+                        rec.ended_ms = Some(now);
+                        store.put_round(&rec, fed.state())?;
+                    }
+                    warn!(round, "aborted the secure round open at the restart");
+                }
+                fed
+            }
+            _ => {
+                let fed = Federation::new(config.federation.clone(), spec.hash(), now)?;
+                store.initialize(
+                    &config.federation,
+                    &spec,
+                    &Codec::DenseF32.encode(initial.values()),
+                    fed.state(),
+                    now,
+                )?;
+                info!(spec = %spec.short_hash(), params = spec.numel(), "new federation");
+                fed
+            }
+        };
+        let version = fed.state().global_version;
+        let encoded = store.checkpoint(version)?;
+        // the moments of a server optimizer continue exactly from the current version
+        let opt = store.optimizer_state(version)?.unwrap_or_default();
+        let adapter = Codec::decode(
+            &encoded,
+            &spec,
+            Some(&Codec::DenseF32),
+            &CodecContext::default(),
+        )?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            quinn::default_runtime()
+                .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
+        )?;
+        let (events, _) = broadcast::channel(1024);
+        let strategy = config.federation.strategy.build();
+        let full_rank = crate::aggregate::full_rank(&spec);
+        let shared = Arc::new(Shared {
+            config,
+            spec,
+            store,
+            fed: Mutex::new(fed),
+            global: Mutex::new(Global {
+                version,
+                adapter,
+                encoded,
+            }),
+            bytes_down: Mutex::new(BTreeMap::new()),
+            live: Mutex::new(BTreeMap::new()),
+            recon: Mutex::new(BTreeMap::new()),
+            secure: Mutex::new(None),
+            secure_bytes_up: Mutex::new(BTreeMap::new()),
+            certs: Mutex::new(BTreeMap::new()),
+            conns: Mutex::new(BTreeMap::new()),
+            budget: ReadBudget::global(),
+            opt: Mutex::new(opt),
+            strategy,
+            full_rank,
+            max_ranks: Mutex::new(BTreeMap::new()),
+            offered_ranks: Mutex::new(BTreeMap::new()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            events,
+        });
+        {
+            let m = &shared.metrics;
+            let fed = shared.fed.lock().expect("lock");
+            m.global_version.set(fed.state().global_version as i64);
+            if let Some(dp) = &fed.config().train.dp {
+                m.dp_clip_norm.set(dp.clip_norm);
+                m.dp_planned_rounds.set(dp.planned_rounds as i64);
+            }
+        }
+        info!(addr = %endpoint.local_addr()?, "coordinator listening");
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        let ticker = tokio::spawn(tick_loop(shared.clone()));
+        let snapshots = tokio::spawn(snapshot_loop(shared.clone()));
+        let mut tasks = vec![accept, ticker, snapshots];
+        if let Some(l) = metrics_listener {
+            info!(addr = %l.local_addr()?, "serving metrics (/metrics, /healthz)");
+            tasks.push(tokio::spawn(crate::metrics::serve(
+                l,
+                shared.metrics.clone(),
+            )));
+        }
+        Ok(Self {
+            endpoint,
+            shared,
+            tasks,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The metrics in the Prometheus text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
+    /// Subscribes to events.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The status report of the running federation (what `fedlora status` prints).
+    pub fn report(&self) -> Result<crate::status::StatusReport> {
+        crate::status::report(&self.shared.store)
+    }
+
+    /// The current global adapter and its version.
+    pub fn global(&self) -> (u64, FlatAdapter) {
+        let g = self.shared.global.lock().expect("lock");
+        (g.version, g.adapter.clone())
+    }
+
+    /// A copy of the federation state.
+    pub fn state(&self) -> FederationState {
+        self.shared.fed.lock().expect("lock").state().clone()
+    }
+
+    /// Waits until the federation ends (the final evaluation is done); returns whether every
+    /// planned round committed. Keeps serving `Finished` to clients for `linger`.
+    pub async fn wait_finished(&self, linger: Duration) -> bool {
+        let success = loop {
+            if let fedlora_protocol::Phase::Finished { success } =
+                self.shared.fed.lock().expect("lock").state().phase
+            {
+                break success;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(linger).await;
+        success
+    }
+
+    /// Stops serving and closes the store.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(0u32.into(), b"coordinator shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.shared.store.flush();
+        self.endpoint.wait_idle().await;
+    }
+}
+
+fn phase_name(s: &FederationState) -> &'static str {
+    use fedlora_protocol::Phase::*;
+    match s.phase {
+        Waiting { .. } => "waiting",
+        Training(_) => "training",
+        Evaluating { .. } => "evaluating",
+        Finished { .. } => "finished",
+    }
+}

@@ -1,0 +1,300 @@
+//! Requests that change the round: uploads (checked, persisted before the ack), masked-input
+//! stages, declines and evaluation reports.
+
+use super::*;
+
+/// What an upload carried besides its payload, as received.
+pub(super) struct Received {
+    pub(super) round: u64,
+    pub(super) spec_hash: SpecHash,
+    pub(super) weight: f64,
+    /// The training loss the upload carried: raw (non-DP), noised (a DP client that opted
+    /// in), or none.
+    pub(super) train_loss: Option<f64>,
+    /// A [`ClientMsg::PrivateUpload`].
+    pub(super) private: bool,
+    /// Frame bytes on the wire.
+    pub(super) wire_bytes: u64,
+}
+
+/// Refuses an upload of the wrong kind for this federation: a plain upload (with a loss and a
+/// weight) in a DP federation, a private one without DP, and any unmasked upload in a secure
+/// federation.
+pub(super) fn check_kind(
+    train: &fedlora_protocol::TrainConfig,
+    private: bool,
+) -> Result<(), Refusal> {
+    let wrong = |m: &str| Err(Refusal::new(RefusalCode::WrongKind, m));
+    if train.secure.is_some() {
+        return wrong("this federation aggregates securely: send a masked input, not an upload");
+    }
+    match (train.dp.is_some(), private) {
+        (true, false) => wrong("this federation trains under DP: send a private upload"),
+        (false, true) => wrong("this federation trains without DP: send a plain upload"),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMsg {
+    let (expected, seed) = {
+        let fed = shared.fed.lock().expect("lock");
+        if let Err(r) = check_kind(&fed.config().train, u.private) {
+            return CoordMsg::Refused(r);
+        }
+        (fed.config().train.codec.clone(), fed.config().seed)
+    };
+    let max_norm = shared
+        .fed
+        .lock()
+        .expect("lock")
+        .config()
+        .train
+        .max_update_norm;
+    let ctx = CodecContext {
+        round_seed: codec_seed(seed, u.round),
+    };
+    // the payload must decode to the federation's spec before anything is stored
+    if let Err(e) = Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
+        return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
+    }
+    if let Some(bound) = max_norm {
+        if let Err(m) =
+            crate::aggregate::check_update_norm(&expected, &shared.spec, &ctx, payload, bound)
+        {
+            warn!(round = u.round, %client, reason = %m, "update refused: norm bound");
+            shared.metrics.refused(RefusalCode::UpdateNormExceeded);
+            return CoordMsg::Refused(Refusal::new(RefusalCode::UpdateNormExceeded, m));
+        }
+    }
+    let digest: [u8; 32] = Sha256::digest(payload).into();
+    let meta = UploadMeta {
+        digest,
+        weight: u.weight,
+        bytes: payload.len() as u64,
+        train_loss: u.train_loss,
+        rank: trained_rank(shared, client, u.round),
+    };
+    let record = UploadRecord {
+        round: u.round,
+        client: client.to_string(),
+        meta: meta.clone(),
+        wire_bytes: u.wire_bytes,
+        accepted_ms: now_ms(),
+    };
+    // Check and accept under the lock, persist, and roll back if persisting fails: an ack is
+    // sent only for an upload that is on disk.
+    let mut fed = shared.fed.lock().expect("lock");
+    match fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight) {
+        Ok(UploadVerdict::New) => {}
+        Ok(UploadVerdict::AlreadyAccepted) => {
+            info!(round = u.round, %client, "upload already accepted (re-send)");
+            return CoordMsg::Ack {
+                round: u.round,
+                status: fedlora_protocol::AckStatus::AlreadyAccepted,
+            };
+        }
+        Err(r) => return CoordMsg::Refused(r),
+    }
+    let before = fed.clone();
+    let state = match fed.accept_upload(client, u.round, meta) {
+        Ok(s) => s.clone(),
+        Err(r) => return CoordMsg::Refused(r),
+    };
+    if let Err(e) = shared.store.put_upload(&record, payload, &state) {
+        *fed = before;
+        error!(error = %e, %client, "storing an upload failed");
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "could not store the upload; retry",
+        ));
+    }
+    drop(fed);
+    info!(
+        round = u.round,
+        client = %client,
+        bytes = u.wire_bytes,
+        weight = u.weight,
+        "upload accepted"
+    );
+    shared.metrics.uploads_accepted.inc();
+    let _ = shared.events.send(Event::UploadAccepted {
+        round: u.round,
+        client: client.to_string(),
+    });
+    CoordMsg::Ack {
+        round: u.round,
+        status: fedlora_protocol::AckStatus::Accepted,
+    }
+}
+
+pub(super) fn secure_receive(
+    shared: &Shared,
+    client: &str,
+    round: u64,
+    body: SecAggBody,
+    wire: u64,
+) -> CoordMsg {
+    let mut sec = shared.secure.lock().expect("lock");
+    let Some(sr) = sec.as_mut().filter(|s| s.round == round) else {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::WrongRound,
+            format!("no secure round {round} is open"),
+        ));
+    };
+    if !sr.selected.contains(client) {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::NotSelected,
+            format!("client {client} is not a participant of round {round}"),
+        ));
+    }
+    // counted only for the open round's participants: the map cannot grow with made-up rounds
+    *shared
+        .secure_bytes_up
+        .lock()
+        .expect("lock")
+        .entry((round, client.to_string()))
+        .or_default() += wire;
+    let input = match &body {
+        SecAggBody::Input(b) => Some((Sha256::digest(b).into(), b.len() as u64)),
+        _ => None,
+    };
+    if let Err(e) = sr.receive(client, body) {
+        return CoordMsg::Refused(Refusal::new(RefusalCode::StageRefused, e.to_string()));
+    }
+    if let Some((digest, bytes)) = input {
+        // bookkeeping: the round's participants (the masked input itself stays in the sum)
+        let meta = UploadMeta {
+            digest,
+            weight: 1.0,
+            bytes,
+            train_loss: None,
+            rank: trained_rank(shared, client, round),
+        };
+        let _ = shared
+            .fed
+            .lock()
+            .expect("lock")
+            .accept_upload(client, round, meta);
+        info!(round, client = %client, bytes, "masked input accepted");
+        shared.metrics.uploads_accepted.inc();
+        let _ = shared.events.send(Event::UploadAccepted {
+            round,
+            client: client.to_string(),
+        });
+    }
+    CoordMsg::Ack {
+        round,
+        status: fedlora_protocol::AckStatus::Accepted,
+    }
+}
+
+/// The rank `client` trained for `round`: the rank it was offered, else its declared one
+/// (after a restart), `None` for the federation's rank.
+pub(super) fn trained_rank(shared: &Shared, client: &str, round: u64) -> Option<u32> {
+    if let Some((r, rank)) = shared.offered_ranks.lock().expect("lock").get(client) {
+        if *r == round {
+            return Some(*rank);
+        }
+    }
+    shared.max_ranks.lock().expect("lock").get(client).copied()
+}
+
+pub(super) fn decline(
+    shared: &Shared,
+    client: &str,
+    round: u64,
+    reason: DeclineReason,
+) -> CoordMsg {
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    if let Err(r) = fed.decline(client, round, reason) {
+        return CoordMsg::Refused(r);
+    }
+    if let Err(e) = shared.store.save_state(fed.state()) {
+        *fed = before;
+        error!(error = %e, "storing a decline failed");
+        return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
+    }
+    warn!(round, %client, reason = reason.describe(), "client declined the round");
+    CoordMsg::DeclineRecorded { round }
+}
+
+pub(super) fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
+    // (the frame decoder already refused non-finite or negative losses and empty reports)
+    let mut fed = shared.fed.lock().expect("lock");
+    let before = fed.clone();
+    if let Err(refusal) = fed.record_eval(client, r.version) {
+        return CoordMsg::Refused(refusal);
+    }
+    let rec = EvalRecord {
+        version: r.version,
+        client: client.to_string(),
+        loss: r.loss,
+        tokens: r.tokens,
+    };
+    // acknowledged only once stored; otherwise the client is asked again
+    if let Err(e) = shared.store.put_eval(&rec) {
+        *fed = before;
+        error!(error = %e, "storing an evaluation failed");
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "could not store the evaluation; retry",
+        ));
+    }
+    drop(fed);
+    info!(version = r.version, %client, loss = r.loss, "evaluation recorded");
+    CoordMsg::EvalRecorded { version: r.version }
+}
+
+/// A client withholds its evaluation (it trains under DP): nothing is stored, and the
+/// federation stops waiting for its report of `version`.
+pub(super) fn eval_withheld(shared: &Shared, client: &str, version: u64) -> CoordMsg {
+    if let Err(refusal) = shared
+        .fed
+        .lock()
+        .expect("lock")
+        .record_eval(client, version)
+    {
+        return CoordMsg::Refused(refusal);
+    }
+    info!(version, %client, "evaluation withheld (private client)");
+    CoordMsg::EvalRecorded { version }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmasked_uploads_are_refused_in_dp_and_secure_federations() {
+        use fedlora_protocol::{DpPlan, TrainConfig};
+        let plain = TrainConfig::default();
+        assert!(check_kind(&plain, false).is_ok());
+        assert_eq!(
+            check_kind(&plain, true).unwrap_err().code,
+            RefusalCode::WrongKind
+        );
+        let dp = TrainConfig {
+            dp: Some(DpPlan {
+                clip_norm: 1.0,
+                planned_rounds: 3,
+            }),
+            ..Default::default()
+        };
+        assert!(check_kind(&dp, true).is_ok());
+        assert_eq!(
+            check_kind(&dp, false).unwrap_err().code,
+            RefusalCode::WrongKind
+        );
+        let secure = TrainConfig {
+            secure: Some(fedlora_protocol::secagg::SecAggParams {
+                threshold: 2,
+                neighbours: 3,
+                modulus_bits: 10,
+                stage_timeout_ms: 1_000,
+            }),
+            ..dp
+        };
+        assert!(check_kind(&secure, true).is_err());
+    }
+}

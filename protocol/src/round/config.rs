@@ -1,0 +1,148 @@
+//! The federation's settings, identical for every round, and their checks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::message::{TrainConfig, Weighting};
+
+/// Federation settings, identical for every round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Rounds to commit before the federation ends.
+    pub rounds: u64,
+    /// Clients sampled per round (K).
+    pub clients_per_round: usize,
+    /// Fewest uploads a round needs to commit.
+    pub min_clients: usize,
+    /// How long a round waits for uploads, milliseconds.
+    pub round_timeout_ms: u64,
+    /// How long to wait for `clients_per_round` connections before starting a round with at least
+    /// `min_clients`, milliseconds.
+    pub start_grace_ms: u64,
+    /// How long the final evaluation waits for reports, milliseconds.
+    pub eval_timeout_ms: u64,
+    /// Connected clients a round waits for before it starts without the grace period (0 or
+    /// anything below `clients_per_round` means `clients_per_round`). Set it to the population
+    /// to sample every round from all clients (simulations over QUIC do).
+    pub wait_for_clients: usize,
+    /// Failed rounds tolerated before the federation gives up.
+    pub max_failed_rounds: u64,
+    /// Seed of client sampling (deterministic per round: seed ⊕ round id).
+    pub seed: u64,
+    /// What every participant trains.
+    pub train: TrainConfig,
+    /// How the round's mean delta becomes the next global adapter (FedAvg by default).
+    pub strategy: crate::strategy::StrategyConfig,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            clients_per_round: 8,
+            min_clients: 2,
+            round_timeout_ms: 120_000,
+            start_grace_ms: 10_000,
+            eval_timeout_ms: 60_000,
+            wait_for_clients: 0,
+            max_failed_rounds: 10,
+            seed: 42,
+            train: TrainConfig::default(),
+            strategy: crate::strategy::StrategyConfig::default(),
+        }
+    }
+}
+
+impl FederationConfig {
+    /// Checks the settings before a federation starts.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |m: &str| Err(ProtocolError::Config(m.to_string()));
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1");
+        }
+        if self.min_clients == 0 {
+            return bad("min_clients must be at least 1");
+        }
+        if self.clients_per_round < self.min_clients {
+            return bad("clients_per_round must be at least min_clients");
+        }
+        if self.round_timeout_ms == 0 {
+            return bad("round_timeout_ms must be positive");
+        }
+        if self.train.local_steps == 0 || self.train.batch_size == 0 {
+            return bad("local_steps and batch_size must be positive");
+        }
+        if !(self.train.learning_rate.is_finite() && self.train.learning_rate > 0.0) {
+            return bad("learning_rate must be positive");
+        }
+        self.train.codec.validate()?;
+        self.strategy.validate()?;
+        if self.strategy.needs_individual_updates() && self.train.secure.is_some() {
+            return Err(ProtocolError::Config(format!(
+                "strategy {} needs each client's update, and secure aggregation reveals only \
+                 their sum",
+                self.strategy.name()
+            )));
+        }
+        if let Some(b) = self.train.max_update_norm {
+            if !(b.is_finite() && b > 0.0) {
+                return bad("max_update_norm must be positive and finite");
+            }
+            if self.train.weighting != Weighting::Uniform {
+                return bad(
+                    "max_update_norm bounds each client's influence only with uniform weighting",
+                );
+            }
+            if self.train.codec.norm_tolerance(1, b).is_none() {
+                return Err(ProtocolError::Config(format!(
+                    "max_update_norm needs a codec with a stated norm error bound; {} has none \
+                     (use dense-f32, f16, top-k, shared-subset or modular)",
+                    self.train.codec.name()
+                )));
+            }
+        }
+        if self.train.proximal_mu != 0.0 {
+            return bad(
+                "proximal_mu is set by the strategy (fed-prox with its mu), not in [train]",
+            );
+        }
+        if self.train.codec.is_summable() && self.train.weighting != Weighting::Uniform {
+            return bad("the modular codec sums unit weights: use uniform weighting");
+        }
+        if let crate::codec::Codec::Modular(p) = &self.train.codec {
+            if (self.clients_per_round as u64) > p.max_weight {
+                return bad("clients_per_round exceeds the modular codec's max_weight headroom");
+            }
+        }
+        if let Some(sec) = &self.train.secure {
+            let crate::codec::Codec::Modular(p) = &self.train.codec else {
+                return bad(
+                    "secure aggregation needs the modular codec (its sum is what is unmasked)",
+                );
+            };
+            if sec.modulus_bits != p.modulus_bits() {
+                return Err(ProtocolError::Config(format!(
+                    "secure aggregation's modulus_bits is {}; it must equal the modular codec's \
+                     m, {}",
+                    sec.modulus_bits,
+                    p.modulus_bits()
+                )));
+            }
+            sec.validate(self.clients_per_round)
+                .map_err(|e| ProtocolError::Config(e.to_string()))?;
+        }
+        if let Some(dp) = &self.train.dp {
+            if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
+                return bad("the DP clip norm must be positive and finite");
+            }
+            if dp.planned_rounds < self.rounds {
+                return bad("the DP plan must cover every round (planned_rounds ≥ rounds)");
+            }
+            if self.train.weighting != Weighting::Uniform {
+                return bad("under DP an exact example count is private: use uniform weighting");
+            }
+        }
+        Ok(())
+    }
+}
