@@ -151,3 +151,51 @@ secure_aggregation = [false, true]
     let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(report.contains("14 of 14 runs finished"), "{report}");
 }
+
+/// `fedlora audit` prints the audit's JSON, writes its report, and refuses a claim without DP.
+#[test]
+fn audit_prints_the_bound_and_refuses_a_run_without_dp() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/simulations/configs/audit_bcw.toml"
+    );
+    let out = Command::new(BIN)
+        .args(["audit", "--json", "--config", config, "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "epsilon_lower_bound",
+        "epsilon_reported",
+        "m",
+        "guesses",
+        "correct",
+        "noise",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing from {v}");
+    }
+    assert_eq!(v["m"], 1000);
+    let lb = v["epsilon_lower_bound"].as_f64().unwrap();
+    assert!(lb <= v["epsilon_reported"].as_f64().unwrap());
+    assert!(dir.path().join("report.md").exists() && dir.path().join("audit.json").exists());
+    // ε = ∞ is no claim to audit: a typed usage error (exit code 2)
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("epsilon = 1.0", "epsilon = inf");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run.epsilon"));
+}

@@ -300,6 +300,11 @@ impl LocalTrainer {
         &self.spec
     }
 
+    /// The device the trainer trains on (autodiff).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The model configuration.
     pub fn config(&self) -> &LmConfig {
         &self.config

@@ -28,6 +28,7 @@
 //! on fewer examples than at calibration is declined.
 
 pub mod analytic;
+pub mod audit;
 pub mod calibrate;
 pub mod error;
 pub mod event;

@@ -8,6 +8,7 @@
 //! - [`runner`]: one point in-process; [`quic`]: one point over QUIC.
 //! - [`results`], [`output`], [`plot`], [`report`]: rows, files, figures, the report.
 
+pub mod audit;
 pub mod error;
 pub mod output;
 pub mod partition;

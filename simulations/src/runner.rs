@@ -191,10 +191,40 @@ pub fn run_in_process(
     sweep: &SweepConfig,
     point: &Point,
     pool: &rayon::ThreadPool,
-    mut on_round: impl FnMut(u64),
+    on_round: impl FnMut(u64),
 ) -> Result<RunOutput, SimError> {
     let t0 = Instant::now();
     let pop = Population::build(&sweep.task, point.rank, point.seed)?;
+    let (out, _) = run_population(sweep, point, &pop, pool, RunHooks::default(), t0, on_round)?;
+    Ok(out)
+}
+
+/// Test and audit hooks of [`run_population`].
+#[derive(Clone, Copy, Debug)]
+pub struct RunHooks {
+    /// Scales every DP-SGD noise multiplier the clients train with, while their ledgers still
+    /// record (and the run still reports) the calibrated σ. 1 in every real run; 0 only in the
+    /// audit's test that a broken mechanism is caught.
+    pub noise_scale: f64,
+}
+
+impl Default for RunHooks {
+    fn default() -> Self {
+        Self { noise_scale: 1.0 }
+    }
+}
+
+/// Runs `point` of `sweep` on the prebuilt population `pop` (e.g. with audit canaries in its
+/// clients' data) and returns the run's rows and the final global adapter.
+pub fn run_population(
+    sweep: &SweepConfig,
+    point: &Point,
+    pop: &Population,
+    pool: &rayon::ThreadPool,
+    hooks: RunHooks,
+    t0: Instant,
+    mut on_round: impl FnMut(u64),
+) -> Result<(RunOutput, FlatAdapter), SimError> {
     let n = pop.learners.len();
     let fcfg = federation_config(sweep, point, n)?;
     let target = privacy_target(sweep, point);
@@ -307,7 +337,12 @@ pub fn run_in_process(
                 c.learner.train_examples(),
                 round,
             )? {
-                RoundDecision::Train { dp, eps } => (dp, eps),
+                RoundDecision::Train { mut dp, eps } => {
+                    if let Some(d) = dp.as_mut() {
+                        d.noise_multiplier *= hooks.noise_scale;
+                    }
+                    (dp, eps)
+                }
                 RoundDecision::Decline(reason) => {
                     let msg = ClientMsg::Decline { round, reason };
                     row.bytes_up += frame::encode(&msg)?.len() as u64;
@@ -395,7 +430,7 @@ pub fn run_in_process(
         }
     }
     let summary = RunSummary::from_rows(&cols, &rows, startup_s, pool.current_num_threads());
-    Ok(RunOutput { rows, summary })
+    Ok((RunOutput { rows, summary }, global))
 }
 
 fn new_signer() -> Result<EcdsaP256Signer, SimError> {

@@ -58,6 +58,12 @@ impl Rows {
         self.y.len()
     }
 
+    /// Appends one row laid out as [`Rows::examples`] does (features, then the label).
+    pub fn push(&mut self, example: &[f32]) {
+        self.x.extend_from_slice(&example[..FEATURES]);
+        self.y.push(example[FEATURES]);
+    }
+
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
         self.y.is_empty()
@@ -307,6 +313,11 @@ impl TabularModel {
         })
     }
 
+    /// The device the model trains on (autodiff).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The adapter spec.
     pub fn spec(&self) -> &AdapterSpec {
         &self.spec
@@ -317,7 +328,7 @@ impl TabularModel {
         extract_adapter(&self.model, &self.lora)
     }
 
-    fn with(&self, adapter: &FlatAdapter) -> Result<Mlp, ClientError> {
+    pub(crate) fn with(&self, adapter: &FlatAdapter) -> Result<Mlp, ClientError> {
         load_adapter(self.model.clone(), &self.lora, adapter)
     }
 
@@ -344,6 +355,53 @@ impl TabularModel {
             .mean()
             .into_scalar::<f32>();
         Ok((f64::from(loss), f64::from(acc)))
+    }
+
+    /// Each example's loss (binary cross-entropy, nats) under `adapter`; examples are rows as
+    /// [`Rows::examples`] lays them out.
+    pub fn example_losses(
+        &self,
+        adapter: &FlatAdapter,
+        examples: &[Vec<f32>],
+    ) -> Result<Vec<f64>, ClientError> {
+        let m = self.with(adapter)?;
+        let refs: Vec<&[f32]> = examples.iter().map(Vec::as_slice).collect();
+        let inner = self.device.clone();
+        let l = m.example_losses(&refs, None, &inner);
+        Ok(l.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| ClientError::Model(format!("{e:?}")))?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    }
+
+    /// Each example's margin `(2y − 1)·logit` under `adapter` (positive: its own label is the
+    /// more likely one); examples as [`Rows::examples`] lays them out.
+    pub fn example_margins(
+        &self,
+        adapter: &FlatAdapter,
+        examples: &[Vec<f32>],
+    ) -> Result<Vec<f64>, ClientError> {
+        let m = self.with(adapter)?;
+        let b = examples.len();
+        let mut x = Vec::with_capacity(b * FEATURES);
+        for e in examples {
+            x.extend_from_slice(&e[..FEATURES]);
+        }
+        let x = Tensor::<2>::from_data(TensorData::new(x, [b, FEATURES]), &self.device);
+        let logits: Vec<f32> = m
+            .forward(x)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| ClientError::Model(format!("{e:?}")))?;
+        Ok(logits
+            .iter()
+            .zip(examples)
+            .map(|(&l, e)| f64::from(l) * if e[FEATURES] > 0.5 { 1.0 } else { -1.0 })
+            .collect())
     }
 
     /// Loss and accuracy on the global test set.

@@ -104,6 +104,10 @@ pub struct TaskConfig {
     /// `DirichletPartitioner(min_partition_size)` does. 0 (default) keeps the first draw.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_client_examples: usize,
+    /// shakespeare: keep at most this many training windows per client (the first ones); 0
+    /// (default) keeps all. Small clients make an audit's canaries a visible share of the data.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_client_examples: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -154,13 +158,83 @@ enum Evaluator {
     Tabular(Arc<TabularModel>),
 }
 
+/// A canary example of a privacy audit ([`crate::audit`]): a tabular row (its features, then
+/// its label) or a byte window of the LM's context + 1 bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Canary {
+    /// A BCW row.
+    Row(Vec<f32>),
+    /// An LM window.
+    Window(Vec<u8>),
+}
+
+/// `−⟨∇ℓ(example; m0), θ(m1) − θ(m0)⟩` for every example, over the trainable adapter tensors.
+fn gradient_scores<M: fedlora_client::dp_sgd::DpModel>(
+    m0: &M,
+    m1: &M,
+    examples: &[&M::Example],
+    device: &Device,
+) -> Vec<f64> {
+    use fedlora_client::dp_sgd::{adapter_params, per_example_grads};
+    let to_vec = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default()
+    };
+    let change: Vec<Vec<f32>> = adapter_params(m1)
+        .into_iter()
+        .zip(adapter_params(m0))
+        .map(|(a, b)| {
+            to_vec(a.value.inner())
+                .iter()
+                .zip(to_vec(b.value.inner()))
+                .map(|(x, y)| x - y)
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(32) {
+        let (grads, _) = per_example_grads(m0, chunk, device);
+        let mut scores = vec![0.0f64; chunk.len()];
+        for (g, d) in grads.into_iter().zip(&change) {
+            let [b, r, c] = g.dims();
+            let g: Vec<f32> = g
+                .reshape([b, r * c])
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
+            for (i, s) in scores.iter_mut().enumerate() {
+                let row = &g[i * r * c..(i + 1) * r * c];
+                *s -= row
+                    .iter()
+                    .zip(d)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>();
+            }
+        }
+        out.extend(scores);
+    }
+    out
+}
+
+/// A client's own data, kept so audit canaries can be added to it.
+#[derive(Clone, Debug)]
+enum ClientRaw {
+    Rows(crate::tabular::Rows),
+    Text(ClientData),
+    Other,
+}
+
 /// The virtual clients of one run and the task's global evaluation.
 pub struct Population {
     /// One learner per client; client `i` has id `client-{i}`.
     pub learners: Vec<Arc<dyn Learner>>,
     /// Global version 0.
     pub initial: FlatAdapter,
-    evaluator: Evaluator,
+    evaluator: Arc<Evaluator>,
+    raw: Vec<ClientRaw>,
 }
 
 impl std::fmt::Debug for Population {
@@ -186,9 +260,195 @@ impl Population {
         }
     }
 
+    /// `m` canary examples for an audit, drawn from `seed`: BCW rows in a uniformly random
+    /// direction at distance 3·√30 from the standardised data's centre (three times its
+    /// spread, the same for every canary) with a fair-coin label; LM windows of uniformly
+    /// random bytes. Refused for the llm task.
+    pub fn canaries(&self, m: usize, seed: u64) -> Result<Vec<Canary>, SimError> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(seed);
+        match &*self.evaluator {
+            Evaluator::Tabular(_) => {
+                let normal = rand_distr::Normal::new(0.0f32, 3.0).expect("valid");
+                let radius = 3.0 * (crate::tabular::FEATURES as f32).sqrt();
+                Ok((0..m)
+                    .map(|_| {
+                        let mut r: Vec<f32> = (0..crate::tabular::FEATURES)
+                            .map(|_| rand_distr::Distribution::sample(&normal, &mut rng))
+                            .collect();
+                        // every canary at the same distance from the data's centre
+                        let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+                        r.iter_mut().for_each(|v| *v *= radius / norm);
+                        r.push(if rng.random::<bool>() { 1.0 } else { 0.0 });
+                        Canary::Row(r)
+                    })
+                    .collect())
+            }
+            Evaluator::Text { trainer, .. } => {
+                let len = trainer.config().context + 1;
+                Ok((0..m)
+                    .map(|_| Canary::Window((0..len).map(|_| rng.random::<u8>()).collect()))
+                    .collect())
+            }
+            Evaluator::Llm { .. } => Err(SimError::Config(
+                "the audit supports the bcw and shakespeare tasks".into(),
+            )),
+        }
+    }
+
+    /// This population with `added[i]` appended to client `i`'s training data (`added` has one
+    /// list per client).
+    pub fn with_canaries(&self, added: &[Vec<Canary>]) -> Result<Population, SimError> {
+        if added.len() != self.learners.len() {
+            return Err(SimError::Config(format!(
+                "{} canary lists for {} clients",
+                added.len(),
+                self.learners.len()
+            )));
+        }
+        let mut learners = Vec::with_capacity(added.len());
+        for (raw, extra) in self.raw.iter().zip(added) {
+            let learner: Arc<dyn Learner> = match (raw, &*self.evaluator) {
+                (ClientRaw::Rows(rows), Evaluator::Tabular(model)) => {
+                    let mut rows = rows.clone();
+                    for c in extra {
+                        let Canary::Row(r) = c else {
+                            return Err(SimError::Config("a window canary for BCW".into()));
+                        };
+                        rows.push(r);
+                    }
+                    Arc::new(TabularLearner {
+                        model: model.clone(),
+                        rows,
+                    })
+                }
+                (ClientRaw::Text(data), Evaluator::Text { trainer, .. }) => {
+                    let mut data = data.clone();
+                    for c in extra {
+                        let Canary::Window(w) = c else {
+                            return Err(SimError::Config("a row canary for the LM".into()));
+                        };
+                        data.train.push(w.clone());
+                    }
+                    Arc::new(LmLearner {
+                        trainer: (**trainer).clone(),
+                        data,
+                    })
+                }
+                _ => {
+                    return Err(SimError::Config(
+                        "the audit supports the bcw and shakespeare tasks".into(),
+                    ))
+                }
+            };
+            learners.push(learner);
+        }
+        Ok(Population {
+            learners,
+            initial: self.initial.clone(),
+            evaluator: self.evaluator.clone(),
+            raw: self.raw.clone(),
+        })
+    }
+
+    /// Each canary's loss under `adapter`, lower meaning a better fit: for BCW the negated
+    /// margin `−(2y − 1)·logit` (linear in the logit, so a canary the model already gets very
+    /// wrong still shows its change), for the LM the mean next-byte cross-entropy of the
+    /// window (nats).
+    pub fn canary_losses(
+        &self,
+        adapter: &FlatAdapter,
+        canaries: &[Canary],
+    ) -> Result<Vec<f64>, SimError> {
+        match &*self.evaluator {
+            Evaluator::Tabular(model) => {
+                let rows: Vec<Vec<f32>> = canaries
+                    .iter()
+                    .filter_map(|c| match c {
+                        Canary::Row(r) => Some(r.clone()),
+                        Canary::Window(_) => None,
+                    })
+                    .collect();
+                // the margin toward the canary's own label, as a loss: lower is better fit
+                Ok(model
+                    .example_margins(adapter, &rows)?
+                    .into_iter()
+                    .map(|m| -m)
+                    .collect())
+            }
+            Evaluator::Text { trainer, .. } => {
+                use fedlora_client::dp_sgd::DpModel;
+                let lm = trainer.model_with(adapter)?;
+                let mut out = Vec::with_capacity(canaries.len());
+                let windows: Vec<&[u8]> = canaries
+                    .iter()
+                    .filter_map(|c| match c {
+                        Canary::Window(w) => Some(w.as_slice()),
+                        Canary::Row(_) => None,
+                    })
+                    .collect();
+                for chunk in windows.chunks(64) {
+                    let l = lm.example_losses(chunk, None, trainer.device());
+                    out.extend(
+                        l.into_data()
+                            .convert::<f32>()
+                            .try_into_vec::<f32>()
+                            .map_err(|e| SimError::Config(format!("{e:?}")))?
+                            .into_iter()
+                            .map(f64::from),
+                    );
+                }
+                Ok(out)
+            }
+            Evaluator::Llm { .. } => Err(SimError::Config(
+                "the audit supports the bcw and shakespeare tasks".into(),
+            )),
+        }
+    }
+
+    /// White-box canary scores: for each canary, the inner product of the adapter's change
+    /// `θ_final − θ_initial` (trainable tensors) with the canary's negative loss gradient at
+    /// `θ_initial`. Training on a canary moves the adapter along its (clipped) negative
+    /// gradient, so included canaries tend to score higher.
+    pub fn canary_gradient_scores(
+        &self,
+        initial: &FlatAdapter,
+        fin: &FlatAdapter,
+        canaries: &[Canary],
+    ) -> Result<Vec<f64>, SimError> {
+        match &*self.evaluator {
+            Evaluator::Tabular(model) => {
+                let rows: Vec<Vec<f32>> = canaries
+                    .iter()
+                    .filter_map(|c| match c {
+                        Canary::Row(r) => Some(r.clone()),
+                        Canary::Window(_) => None,
+                    })
+                    .collect();
+                let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                let (m0, m1) = (model.with(initial)?, model.with(fin)?);
+                Ok(gradient_scores(&m0, &m1, &refs, model.device()))
+            }
+            Evaluator::Text { trainer, .. } => {
+                let windows: Vec<&[u8]> = canaries
+                    .iter()
+                    .filter_map(|c| match c {
+                        Canary::Window(w) => Some(w.as_slice()),
+                        Canary::Row(_) => None,
+                    })
+                    .collect();
+                let (m0, m1) = (trainer.model_with(initial)?, trainer.model_with(fin)?);
+                Ok(gradient_scores(&m0, &m1, &windows, trainer.device()))
+            }
+            Evaluator::Llm { .. } => Err(SimError::Config(
+                "the audit supports the bcw and shakespeare tasks".into(),
+            )),
+        }
+    }
+
     /// Utility of `adapter` on the task's held-out data.
     pub fn evaluate(&self, adapter: &FlatAdapter) -> Result<Utility, SimError> {
-        Ok(match &self.evaluator {
+        Ok(match &*self.evaluator {
             Evaluator::Text { trainer, test } => {
                 let e = trainer.evaluate(adapter, test)?;
                 Utility {
@@ -269,10 +529,15 @@ fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, Si
             }) as Arc<dyn Learner>
         })
         .collect();
+    let raw = shards
+        .iter()
+        .map(|idx| ClientRaw::Rows(data.train.select(idx)))
+        .collect();
     Ok(Population {
         learners,
         initial: model.initial_adapter(),
-        evaluator: Evaluator::Tabular(model),
+        evaluator: Arc::new(Evaluator::Tabular(model)),
+        raw,
     })
 }
 
@@ -356,6 +621,16 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
             "client {c} got no training windows: use fewer clients"
         )));
     }
+    let clients: Vec<ClientData> = clients
+        .into_iter()
+        .map(|mut c| {
+            if task.max_client_examples > 0 {
+                c.train.truncate(task.max_client_examples);
+            }
+            c
+        })
+        .collect();
+    let raw = clients.iter().cloned().map(ClientRaw::Text).collect();
     let learners = clients
         .into_iter()
         .map(|data| {
@@ -368,10 +643,11 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
     Ok(Population {
         learners,
         initial: trainer.initial_adapter(),
-        evaluator: Evaluator::Text {
+        evaluator: Arc::new(Evaluator::Text {
             trainer: Box::new(trainer),
             test,
-        },
+        }),
+        raw,
     })
 }
 
@@ -440,6 +716,7 @@ fn build_llm(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, Si
             "client {c} got no training windows: use fewer clients"
         )));
     }
+    let n_clients = clients.len();
     let learners = clients
         .into_iter()
         .map(|data| {
@@ -452,6 +729,7 @@ fn build_llm(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, Si
     Ok(Population {
         learners,
         initial: trainer.initial_adapter(),
-        evaluator: Evaluator::Llm { trainer, test },
+        evaluator: Arc::new(Evaluator::Llm { trainer, test }),
+        raw: vec![ClientRaw::Other; n_clients],
     })
 }

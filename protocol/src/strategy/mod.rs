@@ -20,10 +20,12 @@
 //! | `fed-adam`, `fed-yogi`, `fed-adagrad` | the sum | local Adam | server optimizer on `Δ̄` |
 //! | `median` | each update | local Adam | `x + median(Δᵢ)` per coordinate |
 //! | `trimmed-mean` | each update | local Adam | `x + mean of Δᵢ without the ⌊β·k⌋ largest and smallest` per coordinate |
+//! | `het-lora` | each update | local Adam | `x +` per-rank-component mean of the Δᵢ weighted by ‖Δᵢ‖ ([`NormWeighted`]) |
 //!
 //! [`StrategyConfig`] is the serialisable choice (`--strategy NAME`, `[federation.strategy]`
 //! in the coordinator's TOML); [`StrategyConfig::build`] gives the [`Strategy`].
 
+mod norm_weighted;
 mod robust;
 mod server_opt;
 
@@ -34,6 +36,7 @@ use crate::error::ProtocolError;
 use crate::message::TrainConfig;
 use crate::rank::RankCounts;
 
+pub use norm_weighted::NormWeighted;
 pub use robust::{Median, TrimmedMean};
 pub use server_opt::{OptimizerState, Rule, ServerOpt, ServerOptimizer};
 
@@ -209,11 +212,13 @@ pub enum StrategyConfig {
     Median,
     /// Coordinate-wise [`TrimmedMean`] (plaintext only).
     TrimmedMean(TrimmedMean),
+    /// HetLoRA-style [`NormWeighted`] averaging for heterogeneous ranks (plaintext only).
+    HetLora,
 }
 
 /// Every strategy name [`StrategyConfig::from_name`] accepts.
 pub const STRATEGY_NAMES: &str =
-    "fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad, median, trimmed-mean";
+    "fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad, median, trimmed-mean, het-lora";
 
 impl StrategyConfig {
     /// The strategy called `name` (one of [`STRATEGY_NAMES`]; `fedavg`, `FedProx` and the like
@@ -228,6 +233,7 @@ impl StrategyConfig {
                 "fedadagrad" => Self::FedAdagrad(ServerOptimizer::default()),
                 "median" => Self::Median,
                 "trimmedmean" => Self::TrimmedMean(TrimmedMean::default()),
+                "hetlora" => Self::HetLora,
                 _ => {
                     return Err(ProtocolError::Config(format!(
                         "unknown strategy `{name}` ({STRATEGY_NAMES})"
@@ -256,7 +262,7 @@ impl StrategyConfig {
                 Self::FedProx(p) => p.mu = v,
                 Self::TrimmedMean(t) => t.trim = v,
                 Self::FedAdam(o) | Self::FedYogi(o) | Self::FedAdagrad(o) => o.server_lr = v,
-                Self::FedAvg | Self::Median => {
+                Self::FedAvg | Self::Median | Self::HetLora => {
                     return Err(ProtocolError::Config(format!(
                         "strategy `{text}`: {} takes no parameter",
                         s.name()
@@ -287,6 +293,7 @@ impl StrategyConfig {
             }),
             Self::Median => Box::new(Median),
             Self::TrimmedMean(t) => Box::new(*t),
+            Self::HetLora => Box::new(NormWeighted),
         }
     }
 
@@ -438,6 +445,7 @@ mod tests {
             ("FedProx", "fed-prox"),
             ("median", "median"),
             ("trimmed_mean", "trimmed-mean"),
+            ("het-lora", "het-lora"),
         ] {
             assert_eq!(StrategyConfig::from_name(n).unwrap().name(), want);
         }
