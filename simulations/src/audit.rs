@@ -200,6 +200,9 @@ impl AuditConfig {
                 seed: vec![r.seed],
                 strategy: vec![crate::sweep::DEFAULT_STRATEGY.into()],
                 client_ranks: vec![crate::sweep::UNIFORM_RANKS.into()],
+                local_steps: Vec::new(),
+                batch_size: Vec::new(),
+                dp_learning_rate: Vec::new(),
             },
             eval_every: r.rounds.max(1),
         }

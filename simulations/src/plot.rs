@@ -53,6 +53,15 @@ pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
             format!("ranks {}", s.client_ranks)
         });
     }
+    if g.local_steps.len() > 1 {
+        parts.push(format!("steps={}", s.local_steps));
+    }
+    if g.batch_size.len() > 1 {
+        parts.push(format!("B={}", s.batch_size));
+    }
+    if g.dp_learning_rate.len() > 1 {
+        parts.push(format!("dp_lr={}", s.learning_rate));
+    }
     if g.delta.len() > 1 {
         parts.push(format!("δ={}", s.delta));
     }

@@ -47,6 +47,15 @@ macro_rules! with_run_columns {
             /// Clients' largest ranks (`uniform` or a list).
             #[serde(default)]
             pub client_ranks: String,
+            /// Local steps per round.
+            #[serde(default)]
+            pub local_steps: u32,
+            /// Batch size (expected under DP).
+            #[serde(default)]
+            pub batch_size: u32,
+            /// Learning rate the clients trained with.
+            #[serde(default)]
+            pub learning_rate: f64,
             $($(#[$fm])* pub $field: $ty,)*
         }
 
@@ -69,6 +78,9 @@ macro_rules! with_run_columns {
                 self.transport.clone_from(&c.transport);
                 self.strategy.clone_from(&c.strategy);
                 self.client_ranks.clone_from(&c.client_ranks);
+                self.local_steps = c.local_steps;
+                self.batch_size = c.batch_size;
+                self.learning_rate = c.learning_rate;
             }
         }
     };
@@ -100,6 +112,16 @@ impl RunColumns {
             transport: transport.to_string(),
             strategy: point.strategy.clone(),
             client_ranks: point.client_ranks.clone(),
+            local_steps: point.local_steps.unwrap_or(sweep.train.local_steps),
+            batch_size: point.batch_size.unwrap_or(sweep.train.batch_size),
+            learning_rate: if point.dp() {
+                point
+                    .dp_learning_rate
+                    .or(sweep.train.dp_learning_rate)
+                    .unwrap_or(sweep.train.learning_rate)
+            } else {
+                sweep.train.learning_rate
+            },
         }
     }
 }

@@ -117,10 +117,13 @@ pub fn federation_config(
         seed: point.seed,
         strategy: StrategyConfig::parse(&point.strategy)?,
         train: TrainConfig {
-            local_steps: t.local_steps,
-            batch_size: t.batch_size,
+            local_steps: point.local_steps.unwrap_or(t.local_steps),
+            batch_size: point.batch_size.unwrap_or(t.batch_size),
             learning_rate: if point.dp() {
-                t.dp_learning_rate.unwrap_or(t.learning_rate)
+                point
+                    .dp_learning_rate
+                    .or(t.dp_learning_rate)
+                    .unwrap_or(t.learning_rate)
             } else {
                 t.learning_rate
             },

@@ -126,6 +126,15 @@ pub struct Grid {
     /// `2,4,8,16` that client i takes entry i mod len of (capped at `rank`, the global rank).
     #[serde(default = "d_client_ranks")]
     pub client_ranks: Vec<String>,
+    /// Local steps per round, overriding `train.local_steps` (hyper-parameter searches).
+    #[serde(default)]
+    pub local_steps: Vec<u32>,
+    /// Batch size, overriding `train.batch_size`.
+    #[serde(default)]
+    pub batch_size: Vec<u32>,
+    /// Learning rate under DP, overriding `train.dp_learning_rate`.
+    #[serde(default)]
+    pub dp_learning_rate: Vec<f64>,
 }
 
 fn d_eps() -> Vec<f64> {
@@ -166,6 +175,15 @@ fn d_client_ranks() -> Vec<String> {
 pub const DEFAULT_STRATEGY: &str = "fed-avg";
 /// The grid value of uniform client ranks.
 pub const UNIFORM_RANKS: &str = "uniform";
+
+/// `list` as overrides, or one "no override" when it is empty.
+fn opt_list<T: Copy>(list: &[T]) -> Vec<Option<T>> {
+    if list.is_empty() {
+        vec![None]
+    } else {
+        list.iter().copied().map(Some).collect()
+    }
+}
 
 fn is_default_strategy(s: &str) -> bool {
     s == DEFAULT_STRATEGY
@@ -255,6 +273,15 @@ pub struct Point {
     /// Clients' largest ranks (grid syntax); left out of the run key when uniform.
     #[serde(default = "default_uniform", skip_serializing_if = "is_uniform_ranks")]
     pub client_ranks: String,
+    /// Local steps override (`None`: the sweep's `train.local_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_steps: Option<u32>,
+    /// Batch size override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// DP learning rate override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_learning_rate: Option<f64>,
 }
 
 fn default_strategy() -> String {
@@ -278,6 +305,15 @@ impl Point {
         }
         if !is_uniform_ranks(&self.client_ranks) {
             extra.push_str(&format!(" client_ranks={}", self.client_ranks));
+        }
+        if let Some(v) = self.local_steps {
+            extra.push_str(&format!(" steps={v}"));
+        }
+        if let Some(v) = self.batch_size {
+            extra.push_str(&format!(" batch={v}"));
+        }
+        if let Some(v) = self.dp_learning_rate {
+            extra.push_str(&format!(" dp_lr={v}"));
         }
         format!(
             "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}{extra}",
@@ -359,6 +395,15 @@ impl SweepConfig {
         for cr in &g.client_ranks {
             parse_client_ranks(cr, self.task.clients)?;
         }
+        if g.local_steps.contains(&0) || g.batch_size.contains(&0) {
+            return bad("grid.local_steps and grid.batch_size must be positive".into());
+        }
+        if g.dp_learning_rate
+            .iter()
+            .any(|l| !(*l > 0.0 && l.is_finite()))
+        {
+            return bad("grid.dp_learning_rate must be positive".into());
+        }
         if g.rank.contains(&0) || g.rounds.contains(&0) {
             return bad("grid.rank and grid.rounds must be at least 1".into());
         }
@@ -395,7 +440,14 @@ impl SweepConfig {
     pub fn points(&self) -> (Vec<Point>, Vec<String>) {
         let g = &self.grid;
         // one index per grid key, odometer style, the last key fastest
+        // optional keys: an empty list is one "no override"
+        let steps: Vec<Option<u32>> = opt_list(&g.local_steps);
+        let batches: Vec<Option<u32>> = opt_list(&g.batch_size);
+        let lrs: Vec<Option<f64>> = opt_list(&g.dp_learning_rate);
         let sizes = [
+            steps.len(),
+            batches.len(),
+            lrs.len(),
             g.strategy.len(),
             g.client_ranks.len(),
             g.epsilon.len(),
@@ -412,7 +464,7 @@ impl SweepConfig {
         let mut out = Vec::new();
         let mut skipped = Vec::new();
         for flat in 0..total {
-            let mut i = [0usize; 11];
+            let mut i = [0usize; 14];
             let mut rest = flat;
             for k in (0..sizes.len()).rev() {
                 i[k] = rest % sizes[k];
@@ -420,17 +472,20 @@ impl SweepConfig {
             }
             let p = Point {
                 index: out.len(),
-                strategy: g.strategy[i[0]].clone(),
-                client_ranks: g.client_ranks[i[1]].clone(),
-                epsilon: g.epsilon[i[2]],
-                delta: g.delta[i[3]],
-                clip: g.clip[i[4]],
-                codec: g.codec[i[5]].clone(),
-                rank: g.rank[i[6]],
-                clients_per_round: g.clients_per_round[i[7]],
-                rounds: g.rounds[i[8]],
-                secure_aggregation: g.secure_aggregation[i[9]],
-                seed: g.seed[i[10]],
+                local_steps: steps[i[0]],
+                batch_size: batches[i[1]],
+                dp_learning_rate: lrs[i[2]],
+                strategy: g.strategy[i[3]].clone(),
+                client_ranks: g.client_ranks[i[4]].clone(),
+                epsilon: g.epsilon[i[5]],
+                delta: g.delta[i[6]],
+                clip: g.clip[i[7]],
+                codec: g.codec[i[8]].clone(),
+                rank: g.rank[i[9]],
+                clients_per_round: g.clients_per_round[i[10]],
+                rounds: g.rounds[i[11]],
+                secure_aggregation: g.secure_aggregation[i[12]],
+                seed: g.seed[i[13]],
             };
             let summable =
                 fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());

@@ -175,6 +175,29 @@ impl BcwData {
     pub fn train_labels(&self) -> Vec<usize> {
         self.train.y.iter().map(|&y| y as usize).collect()
     }
+
+    /// For hyper-parameter tuning: a stratified 20 % of the training rows (fixed seed) becomes
+    /// the held-out set, the rest stays training data, and the test rows are not used at all.
+    /// The validation rows stand for public data no client holds.
+    pub fn validation_split(self) -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(DATA_SEED ^ 0x7A11D);
+        let (mut keep, mut val) = (Vec::new(), Vec::new());
+        for label in [0.0f32, 1.0] {
+            let mut idx: Vec<usize> = (0..self.train.len())
+                .filter(|&i| self.train.y[i] == label)
+                .collect();
+            rand::seq::SliceRandom::shuffle(idx.as_mut_slice(), &mut rng);
+            let k = idx.len() / 5;
+            val.extend_from_slice(&idx[..k]);
+            keep.extend_from_slice(&idx[k..]);
+        }
+        keep.sort_unstable();
+        val.sort_unstable();
+        Self {
+            test: self.train.select(&val),
+            train: self.train.select(&keep),
+        }
+    }
 }
 
 /// The classifier: three [`LoraLinear`] layers (adapters on all three by default).

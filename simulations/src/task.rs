@@ -108,6 +108,14 @@ pub struct TaskConfig {
     /// (default) keeps all. Small clients make an audit's canaries a visible share of the data.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_client_examples: usize,
+    /// bcw: evaluate on a validation split of the training rows (20 %, held by no client)
+    /// instead of the test rows, for hyper-parameter searches that must not see the test set.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub validation: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -484,6 +492,11 @@ fn lora(task: &TaskConfig, rank: usize, default_targets: &[&str]) -> LoraConfig 
 
 fn build_bcw(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, SimError> {
     let data = BcwData::load()?;
+    let data = if task.validation {
+        data.validation_split()
+    } else {
+        data
+    };
     let shards = match task.partition {
         PartitionName::Iid => partition::iid(data.train.len(), task.clients, seed),
         PartitionName::Dirichlet => {
