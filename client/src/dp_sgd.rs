@@ -313,7 +313,7 @@ where
     R: Rng + ?Sized,
 {
     let q = (dp.expected_batch as f64 / train.len().max(1) as f64).min(1.0);
-    let mut opt = burn::optim::AdamConfig::new().init();
+    let mut opt = crate::train::local_optimizer(cfg.optimizer);
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
     let mut release = crate::train::LossRelease::default();
     let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);

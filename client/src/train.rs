@@ -128,6 +128,14 @@ pub fn initial_adapter(config: &LmConfig) -> Result<FlatAdapter, ClientError> {
     ))
 }
 
+/// The optimizer `kind` names (fresh state: clients start each round's local run anew).
+pub fn local_optimizer(kind: fedlora_protocol::LocalOptimizer) -> burn::optim::ModuleOptimizer {
+    match kind {
+        fedlora_protocol::LocalOptimizer::Adam => AdamConfig::new().init(),
+        fedlora_protocol::LocalOptimizer::Sgd => burn::optim::SgdConfig::new().init(),
+    }
+}
+
 /// The local non-private run every trainer shares: `cfg.local_steps` Adam steps on `model`,
 /// each on `cfg.batch_size` examples of `train` sampled uniformly without replacement by `rng`,
 /// minimising the batch mean of the examples' losses ([`DpModel::example_losses`]) plus
@@ -145,7 +153,7 @@ where
     T: std::borrow::Borrow<M::Example>,
     R: Rng + ?Sized,
 {
-    let mut opt = AdamConfig::new().init();
+    let mut opt = local_optimizer(cfg.optimizer);
     let mut loss_sum = 0.0;
     let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
     for _ in 0..cfg.local_steps {

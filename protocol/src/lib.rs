@@ -20,9 +20,9 @@ pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
-    AckStatus, ClientMsg, CoordMsg, DeclineReason, Downlink, DpPlan, EvalReport, PrivateUpload,
-    RoundOffer, SecAggBody, SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN, IDLE_TIMEOUT_S,
-    KEEP_ALIVE_S, PROTOCOL_VERSION,
+    AckStatus, ClientMsg, CoordMsg, DeclineReason, Downlink, DpPlan, EvalReport, LocalOptimizer,
+    PrivateUpload, RoundOffer, SecAggBody, SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN,
+    IDLE_TIMEOUT_S, KEEP_ALIVE_S, PROTOCOL_VERSION,
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,

@@ -82,6 +82,21 @@ pub struct TrainConfig {
     /// clients only.
     #[serde(default)]
     pub max_update_norm: Option<f64>,
+    /// The clients' local optimizer (Adam by default).
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
+}
+
+/// The optimizer a client trains its adapter with, at [`TrainConfig::learning_rate`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalOptimizer {
+    /// Adam (β₁ 0.9, β₂ 0.999, ε 1e-5), burn's defaults.
+    #[default]
+    Adam,
+    /// Plain stochastic gradient descent (no momentum): under DP-SGD each step moves the
+    /// adapter by exactly lr × the noised gradient, so the noise is not rescaled per coordinate.
+    Sgd,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +112,7 @@ impl Default for TrainConfig {
             secure: None,
             proximal_mu: 0.0,
             max_update_norm: None,
+            optimizer: LocalOptimizer::Adam,
         }
     }
 }

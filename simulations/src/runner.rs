@@ -134,6 +134,7 @@ pub fn federation_config(
             secure,
             proximal_mu: 0.0,
             max_update_norm: None,
+            optimizer: t.optimizer,
         },
     };
     cfg.validate()?;

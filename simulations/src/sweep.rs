@@ -45,6 +45,13 @@ pub struct TrainSettings {
     /// Privacy accountant for calibration and the reported ε.
     #[serde(default)]
     pub accountant: fedlora_dp::Accountant,
+    /// The clients' local optimizer: `adam` (default) or `sgd`.
+    #[serde(default, skip_serializing_if = "is_adam")]
+    pub optimizer: fedlora_protocol::LocalOptimizer,
+}
+
+fn is_adam(o: &fedlora_protocol::LocalOptimizer) -> bool {
+    *o == fedlora_protocol::LocalOptimizer::Adam
 }
 
 fn d_steps() -> u32 {
@@ -65,6 +72,7 @@ impl Default for TrainSettings {
             learning_rate: d_lr(),
             dp_learning_rate: None,
             accountant: Default::default(),
+            optimizer: Default::default(),
         }
     }
 }

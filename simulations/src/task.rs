@@ -108,10 +108,16 @@ pub struct TaskConfig {
     /// (default) keeps all. Small clients make an audit's canaries a visible share of the data.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_client_examples: usize,
-    /// bcw: evaluate on a validation split of the training rows (20 %, held by no client)
-    /// instead of the test rows, for hyper-parameter searches that must not see the test set.
+    /// Evaluate on validation data no client holds instead of the test data, for
+    /// hyper-parameter searches that must not see it: bcw, a stratified 20 % of the training
+    /// rows (taken from the clients); shakespeare with the natural split, the held-out windows
+    /// of the roles that are not clients.
     #[serde(default, skip_serializing_if = "is_false")]
     pub validation: bool,
+    /// FFA-LoRA: freeze every `A` at its seeded initial value and train `B` only (halves the
+    /// upload; known to suit DP-SGD).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub freeze_a: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -483,6 +489,7 @@ fn lora(task: &TaskConfig, rank: usize, default_targets: &[&str]) -> LoraConfig 
     LoraConfig::new()
         .with_rank(rank)
         .with_alpha(task.lora_alpha)
+        .with_freeze_a(task.freeze_a)
         .with_targets(
             task.targets
                 .clone()
@@ -591,7 +598,19 @@ fn build_text(task: &TaskConfig, rank: usize, seed: u64) -> Result<Population, S
         .iter()
         .map(|r| ClientData::from_text(&r.name, r.text.as_bytes(), context))
         .collect::<Result<_, _>>()?;
-    let all_test: Vec<Vec<u8>> = per_role.iter().flat_map(|d| d.test.clone()).collect();
+    // validation (hyper-parameter searches): the held-out windows of the roles that are not
+    // clients of a natural split, text no client holds
+    let held_out_roles = if task.validation && task.partition == PartitionName::Natural {
+        if per_role.len() <= task.clients {
+            return Err(SimError::Config(
+                "task.validation needs roles left over: use fewer clients".into(),
+            ));
+        }
+        &per_role[task.clients..]
+    } else {
+        &per_role[..]
+    };
+    let all_test: Vec<Vec<u8>> = held_out_roles.iter().flat_map(|d| d.test.clone()).collect();
     let stride = all_test
         .len()
         .div_ceil(task.max_eval_examples.max(1))

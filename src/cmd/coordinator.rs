@@ -34,9 +34,12 @@ pub(crate) struct FederationArgs {
     /// Windows per local step.
     #[arg(long)]
     pub batch_size: Option<u32>,
-    /// Local learning rate (Adam).
+    /// Local learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Clients' local optimizer: adam (default) or sgd.
+    #[arg(long)]
+    pub local_optimizer: Option<String>,
     /// Upload codec: dense-f32, f16, q8, q4, q2, q1, topk:F, subset:F, or modular:B:C:F:W
     /// (the one secure aggregation needs; see README "Compression").
     #[arg(long)]
@@ -127,6 +130,18 @@ impl FederationArgs {
         }
         if let Some(v) = self.lr {
             t.learning_rate = v;
+        }
+        if let Some(v) = &self.local_optimizer {
+            t.optimizer = match v.as_str() {
+                "adam" => fedlora_protocol::LocalOptimizer::Adam,
+                "sgd" => fedlora_protocol::LocalOptimizer::Sgd,
+                other => {
+                    return Err(UsageError(format!(
+                        "unknown --local-optimizer `{other}` (adam, sgd)"
+                    ))
+                    .into())
+                }
+            };
         }
         if let Some(v) = &self.codec {
             t.codec = Codec::from_name(v).map_err(|e| UsageError(e.to_string()))?;
