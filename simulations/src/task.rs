@@ -182,6 +182,30 @@ pub enum Canary {
     Window(Vec<u8>),
 }
 
+impl Canary {
+    /// The rows among `canaries`, in order.
+    fn rows(canaries: &[Canary]) -> Vec<Vec<f32>> {
+        canaries
+            .iter()
+            .filter_map(|c| match c {
+                Canary::Row(r) => Some(r.clone()),
+                Canary::Window(_) => None,
+            })
+            .collect()
+    }
+
+    /// The windows among `canaries`, in order.
+    fn windows(canaries: &[Canary]) -> Vec<&[u8]> {
+        canaries
+            .iter()
+            .filter_map(|c| match c {
+                Canary::Window(w) => Some(w.as_slice()),
+                Canary::Row(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// `−⟨∇ℓ(example; m0), θ(m1) − θ(m0)⟩` for every example, over the trainable adapter tensors.
 fn gradient_scores<M: fedlora_client::dp_sgd::DpModel>(
     m0: &M,
@@ -376,13 +400,7 @@ impl Population {
     ) -> Result<Vec<f64>, SimError> {
         match &*self.evaluator {
             Evaluator::Tabular(model) => {
-                let rows: Vec<Vec<f32>> = canaries
-                    .iter()
-                    .filter_map(|c| match c {
-                        Canary::Row(r) => Some(r.clone()),
-                        Canary::Window(_) => None,
-                    })
-                    .collect();
+                let rows = Canary::rows(canaries);
                 // the margin toward the canary's own label, as a loss: lower is better fit
                 Ok(model
                     .example_margins(adapter, &rows)?
@@ -394,13 +412,7 @@ impl Population {
                 use fedlora_client::dp_sgd::DpModel;
                 let lm = trainer.model_with(adapter)?;
                 let mut out = Vec::with_capacity(canaries.len());
-                let windows: Vec<&[u8]> = canaries
-                    .iter()
-                    .filter_map(|c| match c {
-                        Canary::Window(w) => Some(w.as_slice()),
-                        Canary::Row(_) => None,
-                    })
-                    .collect();
+                let windows = Canary::windows(canaries);
                 for chunk in windows.chunks(64) {
                     let l = lm.example_losses(chunk, None, trainer.device());
                     out.extend(
@@ -432,25 +444,13 @@ impl Population {
     ) -> Result<Vec<f64>, SimError> {
         match &*self.evaluator {
             Evaluator::Tabular(model) => {
-                let rows: Vec<Vec<f32>> = canaries
-                    .iter()
-                    .filter_map(|c| match c {
-                        Canary::Row(r) => Some(r.clone()),
-                        Canary::Window(_) => None,
-                    })
-                    .collect();
+                let rows = Canary::rows(canaries);
                 let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
                 let (m0, m1) = (model.with(initial)?, model.with(fin)?);
                 Ok(gradient_scores(&m0, &m1, &refs, model.device()))
             }
             Evaluator::Text { trainer, .. } => {
-                let windows: Vec<&[u8]> = canaries
-                    .iter()
-                    .filter_map(|c| match c {
-                        Canary::Window(w) => Some(w.as_slice()),
-                        Canary::Row(_) => None,
-                    })
-                    .collect();
+                let windows = Canary::windows(canaries);
                 let (m0, m1) = (trainer.model_with(initial)?, trainer.model_with(fin)?);
                 Ok(gradient_scores(&m0, &m1, &windows, trainer.device()))
             }
