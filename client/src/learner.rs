@@ -166,18 +166,12 @@ pub fn local_update(
 }
 
 /// `values` scaled to L2 norm ≤ `bound` (unchanged when already within it): the client side of
-/// norm-bounded updates ([`TrainConfig::max_update_norm`]). The norm is computed in f64.
+/// norm-bounded updates ([`TrainConfig::max_update_norm`]), with the DP crate's clipping
+/// ([`fedlora_dp::clip_l2`], norm in f64).
 pub fn clip_update(values: &[f32], bound: f64) -> Vec<f32> {
-    let norm = values
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum::<f64>()
-        .sqrt();
-    let f = fedlora_dp::mechanism::clip_factor(norm, bound);
-    if f >= 1.0 {
-        return values.to_vec();
-    }
-    values.iter().map(|&v| (f64::from(v) * f) as f32).collect()
+    let mut v = values.to_vec();
+    fedlora_dp::clip_l2(&mut v, bound);
+    v
 }
 
 /// What [`encode_update`] produced.

@@ -523,9 +523,7 @@ mod tests {
         assert!((tight - 0.1).abs() < 1e-9, "{tight}");
     }
 
-    fn norm(v: &[f32]) -> f64 {
-        v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
-    }
+    use fedlora_dp::l2_norm as norm;
 
     /// The proximal gradient is exactly μ(w − anchor), and FedProx's term keeps the local
     /// adapter near the global one: the same run with a large μ moves it much less, plain and

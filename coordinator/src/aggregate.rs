@@ -51,14 +51,15 @@ pub fn aggregate_payloads<'a>(
         return Err(CoordinatorError::Storage("no uploads".into()));
     }
     if let (Codec::Modular(p), false) = (codec, strategy.needs_individual_updates()) {
-        let mut sum = ModularSum::new(0, p.modulus_bits());
-        for (i, u) in payloads.iter().enumerate() {
+        let mut sum: Option<ModularSum> = None;
+        for u in &payloads {
             let ints = codec.modular_payload(u.bytes, spec)?;
-            if i == 0 {
-                sum = ModularSum::new(ints.len(), p.modulus_bits());
-            }
-            sum.add(&ints)?;
+            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
+                .add(&ints)?;
         }
+        let Some(sum) = sum else {
+            return Err(CoordinatorError::Storage("no uploads".into()));
+        };
         let counts = RankCounts::new(
             full,
             payloads.iter().map(|u| (u.weight, rank_of(u.rank, full))),
@@ -110,17 +111,16 @@ pub fn modular_sum_delta(
     Ok(FlatAdapter::new(spec, mean)?)
 }
 
-/// The L2 norm of a plaintext upload as the coordinator decodes it, and whether it is within
-/// `bound·(1 + τ)` (τ = [`Codec::norm_tolerance`]). A modular upload must also carry weight 1
-/// (norm bounds need uniform weighting).
+/// The L2 norm of a plaintext upload (`bytes`, already decoded by the caller as `delta`), and
+/// whether it is within `bound·(1 + τ)` (τ = [`Codec::norm_tolerance`]). A modular upload must
+/// also carry weight 1 (norm bounds need uniform weighting).
 pub fn check_update_norm(
     codec: &Codec,
     spec: &AdapterSpec,
-    ctx: &CodecContext,
     bytes: &[u8],
+    delta: &FlatAdapter,
     bound: f64,
 ) -> std::result::Result<f64, String> {
-    let delta = Codec::decode(bytes, spec, Some(codec), ctx).map_err(|e| e.to_string())?;
     if let Codec::Modular(p) = codec {
         let ints = codec
             .modular_payload(bytes, spec)

@@ -204,21 +204,30 @@ impl RankCounts {
     /// divided by its component's weight; a component with no weight becomes 0 (no client
     /// trained it, so the global keeps its value).
     pub fn mean(&self, sum: &FlatAdapter) -> Result<FlatAdapter, ProtocolError> {
-        let comp = components(sum.spec())?;
-        let values = sum
-            .values()
+        let sums: Vec<f64> = sum.values().iter().map(|&v| f64::from(v)).collect();
+        self.mean_of(sum.spec(), &sums)
+    }
+
+    /// [`RankCounts::mean`] of sums kept in `f64` (one per value of `spec`). With every
+    /// component at the same weight this is the plain weighted mean, for any spec.
+    pub fn mean_of(&self, spec: &AdapterSpec, sums: &[f64]) -> Result<FlatAdapter, ProtocolError> {
+        if self.is_uniform() {
+            let w = self.weight(0);
+            return FlatAdapter::new(spec.clone(), sums.iter().map(|s| (s / w) as f32).collect());
+        }
+        let values = sums
             .iter()
-            .zip(comp)
-            .map(|(&v, j)| {
+            .zip(components(spec)?)
+            .map(|(s, j)| {
                 let w = self.weight(j as usize);
                 if w > 0.0 {
-                    (f64::from(v) / w) as f32
+                    (s / w) as f32
                 } else {
                     0.0
                 }
             })
             .collect();
-        FlatAdapter::new(sum.spec().clone(), values)
+        FlatAdapter::new(spec.clone(), values)
     }
 }
 

@@ -369,6 +369,7 @@ pub fn run_population(
         }
         let env = RoundEnv {
             fcfg: &fcfg,
+            strategy: strategy.as_ref(),
             train: &round_train,
             full_rank,
             spec: &spec,
@@ -478,6 +479,8 @@ fn offer_frame_len(
 /// What every step of one round shares.
 struct RoundEnv<'a> {
     fcfg: &'a FederationConfig,
+    /// The federation's strategy (built once per run).
+    strategy: &'a dyn fedlora_protocol::strategy::Strategy,
     /// What participants train with (the strategy's round configuration).
     train: &'a TrainConfig,
     /// The global LoRA rank.
@@ -637,9 +640,8 @@ fn plain_round(
     match tr {
         Some(Transition::Aggregate { uploads, .. }) => {
             row.aggregated = uploads.len();
-            let strategy = fcfg.strategy.build();
             let delta = aggregate_payloads(
-                strategy.as_ref(),
+                env.strategy,
                 &fcfg.train.codec,
                 spec,
                 ctx,

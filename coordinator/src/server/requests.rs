@@ -36,30 +36,31 @@ pub(super) fn check_kind(
 }
 
 pub(super) fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMsg {
-    let (expected, seed) = {
+    let (expected, seed, max_norm) = {
         let fed = shared.fed.lock().expect("lock");
         if let Err(r) = check_kind(&fed.config().train, u.private) {
             return CoordMsg::Refused(r);
         }
-        (fed.config().train.codec.clone(), fed.config().seed)
+        let train = &fed.config().train;
+        (
+            train.codec.clone(),
+            fed.config().seed,
+            train.max_update_norm,
+        )
     };
-    let max_norm = shared
-        .fed
-        .lock()
-        .expect("lock")
-        .config()
-        .train
-        .max_update_norm;
     let ctx = CodecContext {
         round_seed: codec_seed(seed, u.round),
     };
     // the payload must decode to the federation's spec before anything is stored
-    if let Err(e) = Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
-        return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
-    }
+    let decoded = match Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
+        Ok(d) => d,
+        Err(e) => {
+            return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
+        }
+    };
     if let Some(bound) = max_norm {
         if let Err(m) =
-            crate::aggregate::check_update_norm(&expected, &shared.spec, &ctx, payload, bound)
+            crate::aggregate::check_update_norm(&expected, &shared.spec, payload, &decoded, bound)
         {
             warn!(round = u.round, %client, reason = %m, "update refused: norm bound");
             shared.metrics.refused(RefusalCode::UpdateNormExceeded);

@@ -115,26 +115,8 @@ pub fn weighted_mean(
             *s += u.weight * f64::from(d);
         }
     }
-    let counts = RankCounts::new(full_rank, updates.iter().map(|u| (u.weight, u.rank)));
-    if counts.is_uniform() {
-        let w = counts.weight(0);
-        let values = sum.iter().map(|s| (s / w) as f32).collect();
-        return FlatAdapter::new(first.delta.spec().clone(), values);
-    }
-    let comp = crate::rank::components(first.delta.spec())?;
-    let values = sum
-        .iter()
-        .zip(comp)
-        .map(|(s, j)| {
-            let w = counts.weight(j as usize);
-            if w > 0.0 {
-                (s / w) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    FlatAdapter::new(first.delta.spec().clone(), values)
+    RankCounts::new(full_rank, updates.iter().map(|u| (u.weight, u.rank)))
+        .mean_of(first.delta.spec(), &sum)
 }
 
 /// FedAvg (McMahan et al. 2017): `x + Δ̄`.
