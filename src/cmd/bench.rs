@@ -336,7 +336,8 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
 struct SecAggTimes {
     /// Coordinator: collecting keys and shares, closing those stages (roster, graph, routing).
     setup: f64,
-    /// Coordinator: adding the masked inputs into the running sum (`receive_input`).
+    /// Coordinator: unpacking each masked input (m bits per value) and adding it into the
+    /// running sum (`receive_input`).
     sum: f64,
     /// Coordinator: survivor view, consistency signatures, unmask responses, mask removal.
     unmask: f64,
@@ -469,9 +470,13 @@ fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         add_mod(&mut plain, &x, a.modulus_bits);
         let t0 = Instant::now();
         let y = r.masked_input(&deliveries[id.as_str()], &x)?;
+        let mut packed = Vec::new();
+        fedlora_protocol::codec::bits::pack(y, a.modulus_bits, &mut packed);
         mask_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += (len * a.modulus_bits as usize).div_ceil(8);
+        bytes[i] += packed.len();
         let t0 = Instant::now();
+        let y = fedlora_protocol::codec::bits::unpack(&packed, len, a.modulus_bits)
+            .ok_or_else(|| anyhow::anyhow!("masked input of the wrong length"))?;
         server.receive_input(id, y)?;
         co.sum += t0.elapsed().as_secs_f64();
     }

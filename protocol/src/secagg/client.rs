@@ -288,12 +288,19 @@ impl ClientRound {
             )));
         }
         let m = self.params.modulus_bits;
-        let mut y = x.to_vec();
-        crypto::prg_apply(&self.seed, &mut y, m, true);
+        let mut masks = Vec::with_capacity(held.len() + 1);
+        masks.push(crypto::Mask {
+            seed: *self.seed,
+            add: true,
+        });
         for v in held.keys() {
-            let seed = self.mask_seed(&self.roster[v].s_pk);
-            crypto::prg_apply(&seed, &mut y, m, self.me < *v);
+            masks.push(crypto::Mask {
+                seed: *self.mask_seed(&self.roster[v].s_pk),
+                add: self.me < *v,
+            });
         }
+        let mut y = x.to_vec();
+        crypto::apply_masks(&mut y, &masks, m, 1);
         self.held = held;
         self.stage = ClientStage::ConsistencyCheck;
         Ok(y)

@@ -46,6 +46,8 @@ pub struct ServerRound {
     request: Option<UnmaskRequest>,
     signatures: BTreeMap<ClientId, Vec<u8>>,
     responses: BTreeMap<ClientId, UnmaskResponse>,
+    /// Threads that remove the masks (see [`ServerRound::with_threads`]).
+    threads: usize,
 }
 
 fn out_of_order(stage: ServerStage, what: &str, from: &str) -> SecAggError {
@@ -69,7 +71,15 @@ impl ServerRound {
             request: None,
             signatures: BTreeMap::new(),
             responses: BTreeMap::new(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
+    }
+
+    /// Removes the masks with `threads` threads (default: every core). The sum is the same
+    /// for any count.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// The current stage.
@@ -324,13 +334,14 @@ impl ServerRound {
             }
             crypto::shamir_recover(&shares, t).map(Zeroizing::new)
         };
+        let mut masks = Vec::with_capacity(req.survivors.len() + req.dropped.len() * 4);
         for u in &req.survivors {
             let b = gather(u, &|r: &UnmaskResponse| r.seed_shares.get(u).cloned())?;
             let seed: [u8; 32] = b
                 .as_slice()
                 .try_into()
                 .map_err(|_| SecAggError::PeerMisbehaved("seed of the wrong length".into()))?;
-            crypto::prg_apply(&seed, &mut sum, m, false);
+            masks.push(crypto::Mask { seed, add: false });
         }
         for d in &req.dropped {
             let k = gather(d, &|r: &UnmaskResponse| r.key_shares.get(d).cloned())?;
@@ -341,15 +352,14 @@ impl ServerRound {
             let sk = StaticSecret::from(sk);
             for v in self.graph[d].iter().filter(|v| req.survivors.contains(*v)) {
                 let dh = sk.diffie_hellman(&PublicKey::from(self.keys[v].s_pk));
-                let seed = Zeroizing::new(crypto::derive(
-                    dh.as_bytes(),
-                    Purpose::PairwiseMask,
-                    self.round,
-                ));
                 // v added +mask if v < d, −mask otherwise: undo it
-                crypto::prg_apply(&seed, &mut sum, m, *v > *d);
+                masks.push(crypto::Mask {
+                    seed: crypto::derive(dh.as_bytes(), Purpose::PairwiseMask, self.round),
+                    add: *v > *d,
+                });
             }
         }
+        crypto::apply_masks(&mut sum, &masks, m, self.threads);
         Ok((sum, req.survivors))
     }
 }

@@ -513,3 +513,36 @@ fn neighbour_graphs_are_k_regular_and_symmetric() {
     add_mod(&mut expect, &crypto::prg(&[1; 32], 10, 12), 12);
     assert_eq!(y, expect);
 }
+
+#[test]
+fn one_pass_masking_equals_applying_each_mask_alone_at_every_width_and_thread_count() {
+    // lengths around the chunk (4,096) and the parallel threshold (65,536)
+    for bits in [1u32, 8, 12, 16, 20, 32, 40, 62] {
+        let m = (1u64 << bits) - 1;
+        for len in [1usize, 4095, 4097, 70_001] {
+            let x: Vec<u64> = (0..len as u64)
+                .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & m)
+                .collect();
+            let masks: Vec<crypto::Mask> = (0..4u8)
+                .map(|i| crypto::Mask {
+                    seed: [i + 1; 32],
+                    add: i % 2 == 0,
+                })
+                .collect();
+            let mut expect = x.clone();
+            for k in &masks {
+                let r = crypto::prg(&k.seed, len, bits);
+                if k.add {
+                    add_mod(&mut expect, &r, bits);
+                } else {
+                    crate::secagg::sub_mod(&mut expect, &r, bits);
+                }
+            }
+            for threads in [1, 2, 3] {
+                let mut y = x.clone();
+                crypto::apply_masks(&mut y, &masks, bits, threads);
+                assert_eq!(y, expect, "bits {bits}, len {len}, threads {threads}");
+            }
+        }
+    }
+}
