@@ -129,17 +129,16 @@ async fn scripted(
     let Task::SecAgg { task, .. } = next_task(&s).await else {
         panic!("expected roster")
     };
-    let SecAggTask::ShareKeys {
-        roster,
-        certificates,
-        graph_seed,
-    } = *task
-    else {
+    let SecAggTask::ShareKeys { view, certificates } = *task else {
         panic!("expected roster")
     };
-    assert_eq!(certificates.len(), 4);
+    // the roster's ids, and only the neighbours' keys and certificates (everyone else here)
+    assert_eq!(view.ids.len(), 4);
+    assert_eq!(view.neighbours.len(), 3);
+    assert_eq!(certificates.len(), 3);
+    assert!(!certificates.contains_key(&client_id));
     let v = verifier_from_certificates(&tls.ca, &certificates).unwrap();
-    let shares = cr.share_keys(&roster, &graph_seed, &v, &mut rng).unwrap();
+    let shares = cr.share_keys(&view, &v, &mut rng).unwrap();
     send(&s, round, SecAggBody::Shares(shares)).await;
     if script == Script::KilledAfterShares {
         s.close();
@@ -190,7 +189,8 @@ async fn scripted(
         panic!("expected unmask")
     };
     assert_eq!(request, view);
-    assert_eq!(signatures.len(), survivors);
+    // the surviving neighbours' signatures only
+    assert_eq!(signatures.len(), survivors - 1);
     let resp = cr.unmask(&request, &signatures, &v).unwrap();
     send(&s, round, SecAggBody::Unmask(resp)).await;
     (Some(decoded), s)

@@ -116,6 +116,20 @@ pub struct ClientReport {
     pub declined: Vec<(u64, DeclineReason)>,
     /// ε spent at the end (DP clients).
     pub eps_spent: Option<f64>,
+    /// Each acknowledged upload (or masked input): when it was sent and how long until its
+    /// acknowledgement (transfer, the coordinator's checks and its write to disk).
+    pub uploads: Vec<UploadTiming>,
+}
+
+/// One acknowledged upload, timed by the client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UploadTiming {
+    /// When the request frame started to go out.
+    pub started: std::time::Instant,
+    /// Milliseconds until the acknowledgement arrived.
+    pub ms: f64,
+    /// Bytes of the request frame.
+    pub bytes: u64,
 }
 
 /// A federated client: a learner (model and local data) and the connection settings.
@@ -389,8 +403,14 @@ impl FederatedClient {
         };
         *pending = Some(upload.clone());
         self.save_pending(&upload)?;
+        let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
         match self.send(s, &upload, report).await? {
             CoordMsg::Ack { status, .. } => {
+                report.uploads.push(UploadTiming {
+                    started: t0,
+                    ms: t0.elapsed().as_secs_f64() * 1e3,
+                    bytes: report.bytes_up - sent,
+                });
                 info!(round, ?status, "upload acknowledged");
                 if status == AckStatus::Accepted || !report.rounds.contains(&round) {
                     report.rounds.push(round);
@@ -453,8 +473,16 @@ impl FederatedClient {
                             round,
                             body: SecAggBody::Input(bytes),
                         };
+                        let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
                         match self.send(s, &msg, report).await? {
-                            CoordMsg::Ack { .. } => report.rounds.push(round),
+                            CoordMsg::Ack { .. } => {
+                                report.uploads.push(UploadTiming {
+                                    started: t0,
+                                    ms: t0.elapsed().as_secs_f64() * 1e3,
+                                    bytes: report.bytes_up - sent,
+                                });
+                                report.rounds.push(round);
+                            }
                             other => warn!(round, ?other, "masked input not accepted"),
                         }
                     }
@@ -529,11 +557,7 @@ impl FederatedClient {
                 .ok_or("no secure state for this round")?;
             match task {
                 SecAggTask::AdvertiseKeys { .. } => Err("keys already advertised".into()),
-                SecAggTask::ShareKeys {
-                    roster,
-                    certificates,
-                    graph_seed,
-                } => {
+                SecAggTask::ShareKeys { view, certificates } => {
                     let v = crate::secure::verifier_from_certificates(
                         &self.config.tls.ca,
                         &certificates,
@@ -542,7 +566,7 @@ impl FederatedClient {
                     let mut rng = os_rng().map_err(|e| e.to_string())?;
                     let shares = st
                         .cr
-                        .share_keys(&roster, &graph_seed, &v, &mut rng)
+                        .share_keys(&view, &v, &mut rng)
                         .map_err(|e| e.to_string())?;
                     st.verifier = Some(v);
                     Ok(SecAggBody::Shares(shares))

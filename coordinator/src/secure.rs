@@ -7,8 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedlora_protocol::secagg::{
-    AdvertisedKeys, EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage,
-    UnmaskRequest,
+    EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage, UnmaskRequest,
 };
 use fedlora_protocol::{ClientId, SecAggBody, SecAggTask};
 
@@ -20,13 +19,13 @@ pub(crate) struct SecureRound {
     pub(crate) selected: BTreeSet<ClientId>,
     pub(crate) deadline_ms: u64,
     pub(crate) round_timeout_ms: u64,
-    pub(crate) roster: Vec<AdvertisedKeys>,
-    pub(crate) graph_seed: [u8; 32],
+    /// Clients in the fixed roster (0 until the key stage closes).
+    pub(crate) roster_len: usize,
     pub(crate) deliveries: BTreeMap<ClientId, Vec<EncryptedShare>>,
     /// The survivor view sent for signing.
     pub(crate) view: Option<UnmaskRequest>,
-    /// The unmask request and the signatures relayed with it.
-    pub(crate) request: Option<(UnmaskRequest, BTreeMap<ClientId, Vec<u8>>)>,
+    /// The unmask request (relayed with each signer's neighbours' signatures).
+    pub(crate) request: Option<UnmaskRequest>,
     /// Who answered each stage: keys, shares, input, consistency signature, unmask.
     pub(crate) sent: [BTreeSet<ClientId>; 5],
     pub(crate) len: usize,
@@ -58,8 +57,7 @@ impl SecureRound {
             params,
             selected,
             round_timeout_ms,
-            roster: Vec::new(),
-            graph_seed: [0; 32],
+            roster_len: 0,
             deliveries: BTreeMap::new(),
             view: None,
             request: None,
@@ -84,18 +82,19 @@ impl SecureRound {
                 })
             }
             ServerStage::CollectShares
-                if self.roster.iter().any(|k| k.client == client)
-                    && !self.sent[1].contains(client) =>
+                if self.server.in_roster(client) && !self.sent[1].contains(client) =>
             {
-                Some(SecAggTask::ShareKeys {
-                    roster: self.roster.clone(),
-                    certificates: self
-                        .roster
-                        .iter()
-                        .filter_map(|k| certs.get(&k.client).map(|c| (k.client.clone(), c.clone())))
-                        .collect(),
-                    graph_seed: self.graph_seed,
-                })
+                let view = self.server.roster_view(client)?;
+                // only the neighbours' certificates: a client checks k signatures, not n
+                let certificates = view
+                    .neighbours
+                    .iter()
+                    .filter_map(|nk| {
+                        let c = &nk.keys.client;
+                        certs.get(c).map(|der| (c.clone(), der.clone()))
+                    })
+                    .collect();
+                Some(SecAggTask::ShareKeys { view, certificates })
             }
             ServerStage::CollectConsistency => {
                 let view = self.view.as_ref()?;
@@ -103,11 +102,11 @@ impl SecureRound {
                     .then(|| SecAggTask::ConsistencyCheck(view.clone()))
             }
             ServerStage::CollectUnmask => {
-                let (req, sigs) = self.request.as_ref()?;
-                (sigs.contains_key(client) && !self.sent[4].contains(client)).then(|| {
+                let req = self.request.as_ref()?;
+                (self.server.has_signed(client) && !self.sent[4].contains(client)).then(|| {
                     SecAggTask::Unmask {
                         request: req.clone(),
-                        signatures: sigs.clone(),
+                        signatures: self.server.signatures_for(client),
                     }
                 })
             }
@@ -168,12 +167,13 @@ impl SecureRound {
             match self.server.stage() {
                 ServerStage::CollectKeys => {
                     if self.sent[0].len() == self.selected.len() || now_ms >= self.deadline_ms {
-                        (self.roster, self.graph_seed) = self.server.close_keys()?;
+                        self.server.close_keys()?;
+                        self.roster_len = self.server.roster_len();
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }
                 }
                 ServerStage::CollectShares => {
-                    if self.sent[1].len() == self.roster.len() || now_ms >= self.deadline_ms {
+                    if self.sent[1].len() == self.roster_len || now_ms >= self.deadline_ms {
                         self.deliveries = self.server.close_shares()?;
                         // clients train before they send their input: the round's deadline
                         self.deadline_ms = now_ms + self.round_timeout_ms;
@@ -193,7 +193,7 @@ impl SecureRound {
                     }
                 }
                 ServerStage::CollectUnmask => {
-                    let n = self.request.as_ref().map_or(0, |r| r.1.len());
+                    let n = self.server.signer_count();
                     if self.sent[4].len() == n || now_ms >= self.deadline_ms {
                         let (sum, counted) = self.server.finish()?;
                         return Ok(Advance::Sum(sum, counted));

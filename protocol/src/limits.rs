@@ -19,6 +19,8 @@ pub const MAX_SHARE_CIPHERTEXT: usize = 1024;
 pub const MAX_SECRET_SHARE_LEN: usize = 64;
 /// Most participants in one secure round (roster, certificates, survivor sets).
 pub const MAX_ROSTER: usize = 10_000;
+/// Longest Merkle inclusion proof of a roster entry (⌈log₂ MAX_ROSTER⌉ hashes, with room).
+pub const MAX_PROOF: usize = 32;
 /// Longest client certificate relayed for signature checks (DER), bytes.
 pub const MAX_CERT_LEN: usize = 8 * 1024;
 
@@ -153,14 +155,16 @@ pub fn check_coord_msg(m: &CoordMsg) -> Result<(), ProtocolError> {
         }
         Task::SecAgg { task, .. } => match task.as_ref() {
             SecAggTask::AdvertiseKeys { .. } => Ok(()),
-            SecAggTask::ShareKeys {
-                roster,
-                certificates,
-                ..
-            } => {
-                bounded("roster", roster.len(), MAX_ROSTER)?;
-                bounded("certificates", certificates.len(), MAX_ROSTER)?;
-                roster.iter().try_for_each(keys)?;
+            SecAggTask::ShareKeys { view, certificates } => {
+                bounded("roster", view.ids.len(), MAX_ROSTER)?;
+                view.ids.iter().try_for_each(|c| id("roster id", c))?;
+                bounded("neighbours' keys", view.neighbours.len(), MAX_NEIGHBOURS)?;
+                bounded("certificates", certificates.len(), MAX_NEIGHBOURS)?;
+                bounded("inclusion proof", view.own_proof.len(), MAX_PROOF)?;
+                for nk in &view.neighbours {
+                    keys(&nk.keys)?;
+                    bounded("inclusion proof", nk.proof.len(), MAX_PROOF)?;
+                }
                 for (c, der) in certificates {
                     id("certificate owner", c)?;
                     bounded("certificate", der.len(), MAX_CERT_LEN)?;

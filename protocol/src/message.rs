@@ -14,7 +14,10 @@ use crate::error::Refusal;
 /// [`DeclineReason`], and secure aggregation carries client nonces and a consistency check.
 /// Version 3: strategies (FedProx's μ and the update norm bound in [`TrainConfig`]) and
 /// heterogeneous ranks (`max_rank` in the hello, the client's rank in [`RoundOffer`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: secure aggregation at scale: each client receives the roster's ids, a Merkle root
+/// over every client's keys and its neighbours' keys with inclusion proofs
+/// ([`crate::secagg::RosterView`]), and only its neighbours' certificates and signatures.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -246,15 +249,14 @@ pub enum SecAggTask {
         /// The round's secure-aggregation parameters.
         params: crate::secagg::SecAggParams,
     },
-    /// Check the roster's signatures and share keys with the neighbours.
+    /// Check this client's view of the roster and share keys with the neighbours.
     ShareKeys {
-        /// Every participant's advertised keys.
-        roster: Vec<crate::secagg::AdvertisedKeys>,
-        /// Every participant's certificate (DER), to check signatures against the federation CA.
+        /// The roster's ids, the keys' Merkle root, the graph seed, and this client's
+        /// neighbours' signed keys with inclusion proofs.
+        view: crate::secagg::RosterView,
+        /// The neighbours' certificates (DER), to check their signatures against the
+        /// federation CA.
         certificates: std::collections::BTreeMap<String, Vec<u8>>,
-        /// The neighbour graph's seed as the coordinator derived it; the client recomputes it
-        /// from the roster ([`crate::secagg::graph_seed`]) and refuses a mismatch.
-        graph_seed: [u8; 32],
     },
     /// Check and sign the coordinator's view of who survived.
     ConsistencyCheck(crate::secagg::UnmaskRequest),
@@ -262,7 +264,7 @@ pub enum SecAggTask {
     Unmask {
         /// The view the client signed in the consistency check.
         request: crate::secagg::UnmaskRequest,
-        /// Survivors' signatures of that view, by signer.
+        /// This client's surviving neighbours' signatures of that view, by signer.
         signatures: std::collections::BTreeMap<String, Vec<u8>>,
     },
 }

@@ -175,9 +175,23 @@ fn coord_seeds() -> Vec<Vec<u8>> {
         CoordMsg::Task(Task::SecAgg {
             round: 1,
             task: Box::new(SecAggTask::ShareKeys {
-                roster: vec![keys(1), keys(2)],
+                view: fedlora_protocol::secagg::RosterView {
+                    ids: vec!["client-1".into(), "client-2".into(), "client-3".into()].into(),
+                    keys_root: [4; 32],
+                    graph_seed: [6; 32],
+                    own_proof: vec![[7; 32], [8; 32]],
+                    neighbours: vec![
+                        fedlora_protocol::secagg::NeighbourKeys {
+                            keys: keys(1),
+                            proof: vec![[1; 32], [2; 32]],
+                        },
+                        fedlora_protocol::secagg::NeighbourKeys {
+                            keys: keys(2),
+                            proof: vec![[3; 32]],
+                        },
+                    ],
+                },
                 certificates: BTreeMap::from([("client-1".to_string(), vec![5; 300])]),
-                graph_seed: [6; 32],
             }),
         }),
         CoordMsg::Task(Task::SecAgg {

@@ -6,10 +6,12 @@
 //!   (IID or Dirichlet label skew); [`partition`] splits, [`tabular`] the MLP with LoRA.
 //! - [`sweep`]: sweep files, grid points, shards.
 //! - [`runner`]: one point in-process; [`quic`]: one point over QUIC.
+//! - [`load`]: N synthetic SDK clients against a real coordinator (`fedlora bench load`).
 //! - [`results`], [`output`], [`plot`], [`report`]: rows, files, figures, the report.
 
 pub mod audit;
 pub mod error;
+pub mod load;
 pub mod output;
 pub mod partition;
 pub mod plot;

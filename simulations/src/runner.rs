@@ -740,18 +740,18 @@ fn secure_round(
         Ok(None)
     };
     use fedlora_protocol::secagg::SecAggError;
-    let (roster, graph_seed) = match server.close_keys() {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
+    if let Err(e) = server.close_keys() {
+        return fail(e);
+    }
     for j in &jobs {
         let c = &clients[j.client];
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 5));
         let cr = rounds.get_mut(&j.client).expect("advertised");
-        let shares = cr
-            .share_keys(&roster, &graph_seed, verifier, &mut rng)
-            .map_err(sa)?;
+        let view = server
+            .roster_view(&c.id)
+            .ok_or_else(|| SimError::Config(format!("{} left out of the roster", c.id)))?;
+        let shares = cr.share_keys(&view, verifier, &mut rng).map_err(sa)?;
         row.bytes_up += wire(round, SecAggBody::Shares(shares.clone()))?;
         server.receive_shares(&c.id, shares).map_err(sa)?;
     }
@@ -805,12 +805,13 @@ fn secure_round(
         row.bytes_up += wire(round, SecAggBody::Consistency(sig.clone()))?;
         server.receive_consistency(&c.id, sig).map_err(sa)?;
     }
-    let (req, sigs) = match server.close_consistency() {
+    let req = match server.close_consistency() {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
     for ci in &survivors {
         let cr = rounds.get_mut(ci).expect("advertised");
+        let sigs = server.signatures_for(&clients[*ci].id);
         let resp = cr.unmask(&req, &sigs, verifier).map_err(sa)?;
         row.bytes_up += wire(round, SecAggBody::Unmask(resp.clone()))?;
         server.receive_unmask(resp).map_err(sa)?;

@@ -30,6 +30,9 @@ enum BenchName {
     /// One LoRA step of a real LLM (--model; batch 4, context 128, rank 8 on q_proj, v_proj
     /// by default): forward, backward and optimizer phases, in this process's threads.
     LlmStep,
+    /// One round over real QUIC + mTLS: a coordinator (child process, its memory measured)
+    /// and --clients synthetic SDK clients uploading seeded random deltas of --params values.
+    Load,
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +69,15 @@ pub(crate) struct BenchArgs {
     /// secagg: Shamir threshold.
     #[arg(long, default_value_t = 2)]
     threshold: usize,
+    /// load: secure aggregation (k = 2⌈log₂ N⌉ neighbours, t = k/2 + 1).
+    #[arg(long)]
+    secure: bool,
+    /// load: upload codec (default dense-f32; modular:8:0.05:1:N with --secure).
+    #[arg(long)]
+    codec: Option<String>,
+    /// load: run as the coordinator of a load run prepared in this directory (internal).
+    #[arg(long, hide = true)]
+    serve: Option<std::path::PathBuf>,
     /// secagg: modulus bits of the inputs.
     #[arg(long, default_value_t = 16)]
     modulus_bits: u32,
@@ -331,226 +343,151 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// Per-phase timers of the secure-aggregation bench, seconds.
-#[derive(Default)]
-struct SecAggTimes {
-    /// Coordinator: collecting keys and shares, closing those stages (roster, graph, routing).
-    setup: f64,
-    /// Coordinator: unpacking each masked input (m bits per value) and adding it into the
-    /// running sum (`receive_input`).
-    sum: f64,
-    /// Coordinator: survivor view, consistency signatures, unmask responses, mask removal.
-    unmask: f64,
-}
-
+/// `bench secagg`: one whole secure round in this process, timed by phase (see
+/// [`fedlora_protocol::secagg::bench`]).
 fn secagg_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
-    use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
-    use fedlora_protocol::secagg::{add_mod, ClientRound, SecAggParams, SecAggPolicy, ServerRound};
-    use rand::RngExt;
-    use std::collections::{BTreeMap, BTreeSet};
-    let p = SecAggParams {
-        threshold: a.threshold,
+    use fedlora_protocol::secagg::bench::{run, BenchConfig};
+    let cfg = BenchConfig {
+        clients: a.clients,
+        params: a.params,
+        dropout: a.dropout,
         neighbours: a.neighbours,
+        threshold: a.threshold,
         modulus_bits: a.modulus_bits,
-        stage_timeout_ms: 1_000,
+        coordinator_threads: a.threads.unwrap_or_else(rayon_threads),
+        ..Default::default()
     };
-    let n = a.clients;
-    if n < 2 {
-        return Err(super::UsageError(format!(
-            "--clients must be at least 2 for secure aggregation, not {n}"
-        ))
-        .into());
-    }
-    p.validate(n).map_err(|e| {
+    let report = run(&cfg).map_err(|e| {
         super::UsageError(format!(
-            "--clients {n} --neighbours {} --threshold {}: {e}",
-            a.neighbours, a.threshold
+            "--clients {} --neighbours {} --threshold {}: {e}",
+            a.clients, a.neighbours, a.threshold
         ))
     })?;
-    let len = a.params;
-    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(7);
-    let sysrng = ring::rand::SystemRandom::new();
-    let mut table = BTreeMap::new();
-    let mut parties = Vec::new();
-    let policy = SecAggPolicy {
-        min_neighbours: 0,
-        min_survivors: 0,
-        required: true,
+    Ok(serde_json::to_value(report)?)
+}
+
+fn load_config(a: &BenchArgs) -> anyhow::Result<fedlora_simulations::load::LoadConfig> {
+    let codec = a
+        .codec
+        .as_deref()
+        .map(fedlora_protocol::Codec::from_name)
+        .transpose()
+        .map_err(|e| super::UsageError(format!("--codec: {e}")))?;
+    if a.clients == 0 || a.params == 0 {
+        return Err(super::UsageError("--clients and --params must be positive".into()).into());
+    }
+    Ok(fedlora_simulations::load::LoadConfig {
+        clients: a.clients,
+        params: a.params,
+        secure: a.secure,
+        codec,
+        ..Default::default()
+    })
+}
+
+/// `bench load`: certificates, a coordinator in a child process (`--serve`), the synthetic
+/// clients in this one; the report joins both sides.
+fn load_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use fedlora_simulations::load;
+    let started = Instant::now();
+    let cfg = load_config(a)?;
+    cfg.federation()?;
+    let tmp = tempfile::tempdir()?;
+    let certs = load::make_certs(&cfg, tmp.path())?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "load", "--clients", &a.clients.to_string()])
+        .args(["--params", &a.params.to_string()])
+        .arg("--serve")
+        .arg(tmp.path());
+    if a.secure {
+        cmd.arg("--secure");
+    }
+    if let Some(c) = &a.codec {
+        cmd.args(["--codec", c]);
+    }
+    let mut child = cmd.stdout(std::process::Stdio::null()).spawn()?;
+    let addr_file = tmp.path().join("addr");
+    let addr = loop {
+        if let Some(addr) = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break addr;
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the load coordinator exited early: {status}");
+        }
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 120,
+            "the load coordinator did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    for i in 0..n {
-        let id = format!("client-{i:03}");
-        let pk = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &sysrng,
-        )
-        .map_err(|_| anyhow::anyhow!("keygen"))?;
-        let signer = EcdsaP256Signer::from_pkcs8(pk.as_ref())?;
-        table.insert(id.clone(), signer.public_key());
-        let round = ClientRound::new(1, &id, p.clone(), policy, &mut rng);
-        parties.push((id, round, signer));
+    let setup_s = started.elapsed().as_secs_f64();
+    let rt = tokio::runtime::Runtime::new()?;
+    let clients = rt.block_on(load::run_clients(&cfg, addr, &certs))?;
+    let status = child.wait()?;
+    anyhow::ensure!(status.success(), "the load coordinator failed: {status}");
+    let served: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("served.json"))?)?;
+    let values: Vec<f32> = std::fs::read(tmp.path().join("global.f32"))?
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let outcome = load::ServeOutcome {
+        round: served["round"].as_u64().unwrap_or(0),
+        committed: served["committed"].as_bool().unwrap_or(false),
+        global: fedlora_protocol::FlatAdapter::new(cfg.spec()?, values)?,
+        round_s: served["round_s"].as_f64().unwrap_or(0.0),
+        participants: serde_json::from_value(served["participants"].clone())?,
+    };
+    let rss = served["peak_rss_mib"].as_f64();
+    let report = load::report(&cfg, &outcome, &clients, rss, setup_s, started)?;
+    let mut v = serde_json::to_value(&report)?;
+    v["client_process_peak_rss_mib"] = json!(peak_rss_mib());
+    if let Some(r) = rss {
+        v["coordinator_kib_per_client"] = json!(r * 1024.0 / a.clients as f64);
     }
-    let verifier = P256Verifier(table);
-    let ids: BTreeSet<String> = parties.iter().map(|c| c.0.clone()).collect();
-    let mut server = ServerRound::new(1, p.clone(), len, ids);
-    let mut co = SecAggTimes::default();
-    // per client: keys, shares, mask (masked input), unmask (consistency + unmask answer)
-    let mut keys_s = vec![0f64; n];
-    let mut shares_s = vec![0f64; n];
-    let mut mask_s = vec![0f64; n];
-    let mut unmask_s = vec![0f64; n];
-    let mut bytes = vec![0usize; n];
-    for (i, (id, r, s)) in parties.iter_mut().enumerate() {
-        let t0 = Instant::now();
-        let k = r.advertise(s)?;
-        keys_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += 96 + k.signature.len() + id.len();
-        let t0 = Instant::now();
-        server.receive_keys(id, k)?;
-        co.setup += t0.elapsed().as_secs_f64();
-    }
-    let t0 = Instant::now();
-    let (roster, graph_seed) = server.close_keys()?;
-    co.setup += t0.elapsed().as_secs_f64();
-    for (i, (id, r, _)) in parties.iter_mut().enumerate() {
-        let t0 = Instant::now();
-        let shares = r.share_keys(&roster, &graph_seed, &verifier, &mut rng)?;
-        shares_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += shares
-            .iter()
-            .map(|s| s.ciphertext.len() + 2 * id.len())
-            .sum::<usize>();
-        let t0 = Instant::now();
-        server.receive_shares(id, shares)?;
-        co.setup += t0.elapsed().as_secs_f64();
-    }
-    let t0 = Instant::now();
-    let deliveries = server.close_shares()?;
-    co.setup += t0.elapsed().as_secs_f64();
-    // drop clients after sharing keys, before the masked input, placed (greedily) so that every
-    // neighbourhood keeps at least t survivors
-    let drop_n = (n as f64 * a.dropout).round() as usize;
-    let graph = fedlora_protocol::secagg::neighbour_graph(
-        &parties.iter().map(|c| c.0.clone()).collect(),
-        &p,
-        &graph_seed,
-    );
-    let index: BTreeMap<&str, usize> = parties
+    Ok(v)
+}
+
+/// The child side of `bench load`: the coordinator, until its round ends; writes its address,
+/// then `served.json` (round, status, wall time, participants, its own peak RSS) and the
+/// committed global as little-endian f32 (`global.f32`).
+fn serve_load(a: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    use fedlora_simulations::load;
+    let cfg = load_config(a)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let addr_file = dir.join("addr");
+    let out = rt.block_on(load::serve(
+        &cfg,
+        &dir.join("coordinator"),
+        &dir.join("certs"),
+        |addr| {
+            let tmp = dir.join("addr.tmp");
+            if std::fs::write(&tmp, addr.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, &addr_file);
+            }
+        },
+    ))?;
+    let bytes: Vec<u8> = out
+        .global
+        .values()
         .iter()
-        .enumerate()
-        .map(|(i, c)| (c.0.as_str(), i))
+        .flat_map(|v| v.to_le_bytes())
         .collect();
-    let mut dropped: BTreeSet<usize> = BTreeSet::new();
-    for cand in 0..n {
-        if dropped.len() == drop_n {
-            break;
-        }
-        let mut trial = dropped.clone();
-        trial.insert(cand);
-        let ok = graph.values().all(|nb| {
-            nb.iter()
-                .filter(|v| !trial.contains(&index[v.as_str()]))
-                .count()
-                >= a.threshold
-        });
-        if ok {
-            dropped = trial;
-        }
-    }
-    anyhow::ensure!(
-        dropped.len() == drop_n,
-        "cannot place {drop_n} dropouts keeping t survivors"
-    );
-    let mask = (1u64 << a.modulus_bits) - 1;
-    let mut plain = vec![0u64; len];
-    for (i, (id, r, _)) in parties.iter_mut().enumerate() {
-        if dropped.contains(&i) {
-            continue;
-        }
-        let x: Vec<u64> = (0..len).map(|_| rng.random::<u64>() & mask).collect();
-        add_mod(&mut plain, &x, a.modulus_bits);
-        let t0 = Instant::now();
-        let y = r.masked_input(&deliveries[id.as_str()], &x)?;
-        let mut packed = Vec::new();
-        fedlora_protocol::codec::bits::pack(y, a.modulus_bits, &mut packed);
-        mask_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += packed.len();
-        let t0 = Instant::now();
-        let y = fedlora_protocol::codec::bits::unpack(&packed, len, a.modulus_bits)
-            .ok_or_else(|| anyhow::anyhow!("masked input of the wrong length"))?;
-        server.receive_input(id, y)?;
-        co.sum += t0.elapsed().as_secs_f64();
-    }
-    let t0 = Instant::now();
-    let view = server.close_inputs()?;
-    co.unmask += t0.elapsed().as_secs_f64();
-    for (i, (id, r, s)) in parties.iter_mut().enumerate() {
-        if dropped.contains(&i) {
-            continue;
-        }
-        let t0 = Instant::now();
-        let sig = r.consistency(&view, s)?;
-        unmask_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += sig.len();
-        let t0 = Instant::now();
-        server.receive_consistency(id, sig)?;
-        co.unmask += t0.elapsed().as_secs_f64();
-    }
-    let t0 = Instant::now();
-    let (req, sigs) = server.close_consistency()?;
-    co.unmask += t0.elapsed().as_secs_f64();
-    for (i, (_, r, _)) in parties.iter_mut().enumerate() {
-        if dropped.contains(&i) {
-            continue;
-        }
-        let t0 = Instant::now();
-        let resp = r.unmask(&req, &sigs, &verifier)?;
-        unmask_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += resp
-            .seed_shares
-            .values()
-            .chain(resp.key_shares.values())
-            .map(|v| v.len() + 16)
-            .sum::<usize>();
-        let t0 = Instant::now();
-        server.receive_unmask(resp)?;
-        co.unmask += t0.elapsed().as_secs_f64();
-    }
-    let t0 = Instant::now();
-    let (sum, counted) = server.finish()?;
-    co.unmask += t0.elapsed().as_secs_f64();
-    let alive: Vec<usize> = (0..n).filter(|i| !dropped.contains(i)).collect();
-    let med = |v: &[f64]| {
-        let mut x: Vec<f64> = alive.iter().map(|&i| v[i]).collect();
-        median(&mut x) * 1e3
-    };
-    let total: Vec<f64> = (0..n)
-        .map(|i| keys_s[i] + shares_s[i] + mask_s[i] + unmask_s[i])
-        .collect();
-    let mut b: Vec<f64> = alive.iter().map(|&i| bytes[i] as f64).collect();
-    Ok(json!({
-        "clients": n,
-        "params": len,
-        "dropout": a.dropout,
-        "neighbours": p.k(n),
-        "threshold": a.threshold,
-        "modulus_bits": a.modulus_bits,
-        "client": {
-            "keys_ms": med(&keys_s),
-            "shares_ms": med(&shares_s),
-            "mask_ms": med(&mask_s),
-            "unmask_ms": med(&unmask_s),
-            "total_ms": med(&total),
-        },
-        "coordinator": {
-            "setup_ms": co.setup * 1e3,
-            "sum_ms": co.sum * 1e3,
-            "unmask_ms": co.unmask * 1e3,
-            "total_ms": (co.setup + co.sum + co.unmask) * 1e3,
-        },
-        "bytes_per_client": median(&mut b),
-        "counted": counted.len(),
-        "exact": sum == plain,
-    }))
+    std::fs::write(dir.join("global.f32"), bytes)?;
+    std::fs::write(
+        dir.join("served.json"),
+        serde_json::to_vec(&json!({
+            "round": out.round,
+            "committed": out.committed,
+            "round_s": out.round_s,
+            "participants": out.participants,
+            "peak_rss_mib": peak_rss_mib(),
+        }))?,
+    )?;
+    Ok(())
 }
 
 /// 100 virtual clients (IID shards of the Shakespeare client text), 20 per round, 5 local steps
@@ -644,6 +581,10 @@ pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchName::Codec => codec_bench(a.reps)?,
         BenchName::Secagg => secagg_bench(&a)?,
         BenchName::Simulate => simulate_bench(&a)?,
+        BenchName::Load => match &a.serve {
+            Some(dir) => return serve_load(&a, dir),
+            None => load_bench(&a)?,
+        },
         BenchName::LlmStep => llm_step_bench(&a)?,
         BenchName::TrainStep => {
             if a.threads.is_some() {

@@ -8,8 +8,9 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, KeySigner, PeerVerifier, Purpose};
 use super::{
-    consistency_message, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
-    SecAggError, SecAggParams, SecAggPolicy, UnmaskRequest, UnmaskResponse,
+    consistency_message, graph_seed, leaf_hash, roster_hash, verify_proof, AdvertisedKeys,
+    EncryptedShare, Graph, RosterView, SecAggError, SecAggParams, SecAggPolicy, UnmaskRequest,
+    UnmaskResponse,
 };
 use crate::identity::ClientId;
 
@@ -64,7 +65,10 @@ pub struct ClientRound {
     graph_seed: [u8; 32],
     /// The survivor view this client signed (it answers an unmask request for this one only).
     signed: Option<UnmaskRequest>,
-    roster: BTreeMap<ClientId, AdvertisedKeys>,
+    /// The roster's ids, ascending.
+    ids: std::sync::Arc<[ClientId]>,
+    /// The neighbours' advertised keys.
+    peers: BTreeMap<ClientId, AdvertisedKeys>,
     neighbours: BTreeSet<ClientId>,
     /// Decrypted shares received, by owner: (share of b, share of s_sk).
     held: BTreeMap<ClientId, HeldShares>,
@@ -101,7 +105,8 @@ impl ClientRound {
             roster_hash: [0; 32],
             graph_seed: [0; 32],
             signed: None,
-            roster: BTreeMap::new(),
+            ids: std::sync::Arc::from(Vec::new()),
+            peers: BTreeMap::new(),
             neighbours: BTreeSet::new(),
             held: BTreeMap::new(),
         }
@@ -129,15 +134,16 @@ impl ClientRound {
         Ok(keys)
     }
 
-    /// Stage 2: checks every advertised key's signature (a swapped or unsigned key refuses the
-    /// whole roster), this client's own entry, the round against the policy, and the graph seed
-    /// the coordinator announced against the one derived from the roster; then Shamir-shares the
+    /// Stage 2: checks this client's view of the roster ([`RosterView`]): the ids strictly
+    /// ascending and naming this client, its own keys in the Merkle root unaltered, the round
+    /// against the policy, the announced graph seed against the one derived from the ids and
+    /// the root, and each neighbour the graph names present once, in the root at its index and
+    /// signed by its certificate (any failure refuses the round). Then Shamir-shares the
     /// self-mask seed and the mask key among the neighbours, each pair encrypted to its
-    /// recipient.
+    /// recipient. Work: O(n) to hash the ids, O(k log n) for the rest.
     pub fn share_keys<R: rand::CryptoRng>(
         &mut self,
-        roster: &[AdvertisedKeys],
-        announced_seed: &[u8; 32],
+        view: &RosterView,
         verifier: &dyn PeerVerifier,
         rng: &mut R,
     ) -> Result<Vec<EncryptedShare>, SecAggError> {
@@ -146,8 +152,70 @@ impl ClientRound {
         }
         // whatever happens below, this client shares at most once per round
         self.stage = ClientStage::Done;
+        let ids = &view.ids;
+        if ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(SecAggError::PeerMisbehaved(
+                "the roster's ids are not strictly ascending".into(),
+            ));
+        }
+        let n = ids.len();
+        let me = ids
+            .binary_search(&self.me)
+            .map_err(|_| SecAggError::PeerMisbehaved("the roster leaves this client out".into()))?;
+        let mine = AdvertisedKeys {
+            client: self.me.clone(),
+            c_pk: PublicKey::from(&self.c_sk).to_bytes(),
+            s_pk: PublicKey::from(&self.s_sk).to_bytes(),
+            nonce: self.nonce,
+            signature: Vec::new(),
+        };
+        if !verify_proof(
+            &view.keys_root,
+            &leaf_hash(self.round, &mine),
+            me,
+            n,
+            &view.own_proof,
+        ) {
+            return Err(SecAggError::PeerMisbehaved(
+                "the roster altered this client's keys".into(),
+            ));
+        }
+        self.policy.check(&self.params, n)?;
+        let rh = roster_hash(self.round, ids, &view.keys_root);
+        let seed = graph_seed(self.round, &rh);
+        if seed != view.graph_seed {
+            return Err(SecAggError::PeerMisbehaved(
+                "the announced graph seed is not the one derived from the roster".into(),
+            ));
+        }
+        let graph = Graph::new(n, &self.params, &seed);
+        let expected: Vec<usize> = graph.neighbours(me);
+        if view.neighbours.len() != expected.len() {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{} neighbours' keys relayed, the graph names {}",
+                view.neighbours.len(),
+                expected.len()
+            )));
+        }
         let mut keys = BTreeMap::new();
-        for k in roster {
+        for nk in &view.neighbours {
+            let k = &nk.keys;
+            let at = ids
+                .binary_search(&k.client)
+                .ok()
+                .filter(|i| expected.contains(i));
+            let Some(at) = at else {
+                return Err(SecAggError::PeerMisbehaved(format!(
+                    "keys relayed for {}, not a neighbour of this client",
+                    k.client
+                )));
+            };
+            if !verify_proof(&view.keys_root, &leaf_hash(self.round, k), at, n, &nk.proof) {
+                return Err(SecAggError::PeerMisbehaved(format!(
+                    "the keys of {} are not the roster's",
+                    k.client
+                )));
+            }
             if !verifier.verify(&k.client, &k.signed_bytes(self.round), &k.signature) {
                 return Err(SecAggError::PeerMisbehaved(format!(
                     "the key advertised for {} is not signed by its certificate",
@@ -161,28 +229,7 @@ impl ClientRound {
                 )));
             }
         }
-        let mine = keys.get(&self.me).ok_or_else(|| {
-            SecAggError::PeerMisbehaved("the roster leaves this client out".into())
-        })?;
-        if mine.c_pk != PublicKey::from(&self.c_sk).to_bytes()
-            || mine.s_pk != PublicKey::from(&self.s_sk).to_bytes()
-            || mine.nonce != self.nonce
-        {
-            return Err(SecAggError::PeerMisbehaved(
-                "the roster altered this client's keys".into(),
-            ));
-        }
-        self.policy.check(&self.params, keys.len())?;
-        let rh = roster_hash(self.round, &keys);
-        let seed = graph_seed(self.round, &rh);
-        if &seed != announced_seed {
-            return Err(SecAggError::PeerMisbehaved(
-                "the announced graph seed is not the one derived from the roster".into(),
-            ));
-        }
-        let ids = keys.keys().cloned().collect();
-        let graph = neighbour_graph(&ids, &self.params, &seed);
-        self.neighbours = graph.get(&self.me).cloned().unwrap_or_default();
+        self.neighbours = keys.keys().cloned().collect();
         let k = self.neighbours.len();
         let t = self.params.threshold;
         if k < t {
@@ -216,7 +263,8 @@ impl ClientRound {
                 ciphertext: crypto::seal(&key, &self.me, v, &plain),
             });
         }
-        self.roster = keys;
+        self.peers = keys;
+        self.ids = view.ids.clone();
         self.stage = ClientStage::MaskedInput;
         Ok(out)
     }
@@ -257,7 +305,7 @@ impl ClientRound {
                     s.from, s.to, self.me
                 )));
             }
-            let key = self.share_key(&self.roster[&s.from].c_pk);
+            let key = self.share_key(&self.peers[&s.from].c_pk);
             let plain = Zeroizing::new(crypto::open(&key, &s.from, &s.to, &s.ciphertext)?);
             let (p, _): (SharePlain, usize) =
                 bincode::serde::decode_from_slice(&plain, bincode::config::standard()).map_err(
@@ -295,7 +343,7 @@ impl ClientRound {
         });
         for v in held.keys() {
             masks.push(crypto::Mask {
-                seed: *self.mask_seed(&self.roster[v].s_pk),
+                seed: *self.mask_seed(&self.peers[v].s_pk),
                 add: self.me < *v,
             });
         }
@@ -324,7 +372,7 @@ impl ClientRound {
             .survivors
             .iter()
             .chain(&req.dropped)
-            .find(|u| !self.roster.contains_key(*u))
+            .find(|u| self.ids.binary_search(u).is_err())
         {
             return Err(SecAggError::PeerMisbehaved(format!(
                 "{u} is not in this round's roster"

@@ -9,12 +9,18 @@
 //! neighbours may collude with it. What each client checks, so that the coordinator learns only
 //! the sum of the surviving inputs:
 //! - **Signed keys.** Every advertised key set (two X25519 keys and a fresh 32-byte nonce) is
-//!   signed with the client's certificate key; a relayed roster with a forged or swapped key is
-//!   refused whole.
+//!   signed with the client's certificate key. A client receives the roster's ids, a Merkle
+//!   root over every client's keys, and its k neighbours' signed keys with inclusion proofs
+//!   ([`RosterView`], see [`roster`]); a neighbour's forged or swapped key, a proof that does
+//!   not lead to the root, or its own keys altered refuse the round. It verifies k signatures,
+//!   not n, so its cost does not grow with the round.
 //! - **The neighbour graph is not the coordinator's choice.** Its seed is
 //!   `SHA-256("fedlora-secagg-graph-v2" ‖ round ‖ roster hash)`, where the roster hash covers
-//!   every client's keys and nonce; each client recomputes it and refuses a round whose announced
-//!   seed differs. The coordinator can only choose which advertised clients to include.
+//!   every id and, through the Merkle root, every client's keys and nonce; each client
+//!   recomputes it and refuses a round whose announced seed differs. The coordinator can only
+//!   choose which advertised clients to include (and so could try many subsets in search of a
+//!   graph it prefers; each try excludes real clients, and the consistency check still binds
+//!   every neighbour to one roster).
 //! - **Client policy** ([`SecAggPolicy`]): the client refuses `2t ≤ k`, fewer than
 //!   `min_neighbours` neighbours (default 3) and fewer than `max(t, min_survivors)` survivors;
 //!   a client in a secure federation never sends a plaintext update.
@@ -46,9 +52,10 @@
 //!
 //! # Stages (typed; a message for another stage is refused)
 //! 1. **Advertise keys**: each client sends two signed X25519 public keys (`c_pk` encrypts share
-//!    messages, `s_pk` agrees pairwise mask seeds) and a nonce; the coordinator relays the
-//!    roster and the graph seed derived from it.
-//! 2. **Share keys**: each client checks the roster and the seed, then Shamir-shares (t-of-k)
+//!    messages, `s_pk` agrees pairwise mask seeds) and a nonce; the coordinator relays to
+//!    each client the roster's ids, the keys' Merkle root, the graph seed derived from them,
+//!    and that client's neighbours' keys.
+//! 2. **Share keys**: each client checks its view and the seed, then Shamir-shares (t-of-k)
 //!    its self-mask seed `b` and its mask private key `s_sk` among its k neighbours (a seeded
 //!    random k-regular graph), each share pair AEAD-encrypted to its recipient; the coordinator
 //!    routes them.
@@ -62,13 +69,14 @@
 //! Keys are fresh every round (reused masks would leak the difference of two rounds' inputs);
 //! secrets and shares are zeroized on drop and never logged.
 
+pub mod bench;
 mod client;
 pub mod crypto;
+pub mod roster;
 mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
@@ -193,25 +201,11 @@ impl SecAggPolicy {
     }
 }
 
-/// SHA-256 of a roster: every client's id, keys and nonce, in id order (signatures excluded:
-/// they are randomized, and each was checked).
-pub fn roster_hash(round: u64, roster: &BTreeMap<ClientId, AdvertisedKeys>) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"fedlora-secagg-roster-v2");
-    h.update(round.to_be_bytes());
-    h.update((roster.len() as u64).to_be_bytes());
-    for (id, k) in roster {
-        h.update((id.len() as u64).to_be_bytes());
-        h.update(id.as_bytes());
-        h.update(k.c_pk);
-        h.update(k.s_pk);
-        h.update(k.nonce);
-    }
-    h.finalize().into()
-}
+pub use roster::{leaf_hash, roster_hash, verify_proof, Graph, MerkleTree};
 
 /// The neighbour graph's seed: `SHA-256("fedlora-secagg-graph-v2" ‖ round ‖ roster hash)`.
-/// Every client's nonce is in the roster hash, so no party picks the seed alone.
+/// Every client's nonce is in the roster hash (through the keys' Merkle root), so no party
+/// picks the seed alone.
 pub fn graph_seed(round: u64, roster_hash: &[u8; 32]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"fedlora-secagg-graph-v2");
@@ -242,37 +236,53 @@ pub fn consistency_message(
     m
 }
 
-/// The neighbours of every client of `roster` under `params`: a ring lattice (each client
-/// linked to ⌊k/2⌋ on each side, plus the client opposite on the ring when k is odd) over a
-/// permutation seeded by `seed` (see [`graph_seed`]), or everyone.
+/// The neighbours of every client of `roster` under `params` (the [`Graph`] of the roster's
+/// indices in id order), by id: the coordinator's whole view, O(n·k).
 pub fn neighbour_graph(
     roster: &BTreeSet<ClientId>,
     params: &SecAggParams,
     seed: &[u8; 32],
 ) -> BTreeMap<ClientId, BTreeSet<ClientId>> {
-    use rand::seq::SliceRandom;
-    let mut ids: Vec<ClientId> = roster.iter().cloned().collect();
-    let n = ids.len();
-    let k = params.k(n);
-    let mut rng = rand::rngs::ChaCha20Rng::from_seed(*seed);
-    ids.shuffle(&mut rng);
-    let mut g: BTreeMap<ClientId, BTreeSet<ClientId>> = BTreeMap::new();
-    for (i, u) in ids.iter().enumerate() {
-        let mut set = BTreeSet::new();
-        if k + 1 >= n {
-            set.extend(ids.iter().filter(|v| *v != u).cloned());
-        } else {
-            for d in 1..=k / 2 {
-                set.insert(ids[(i + d) % n].clone());
-                set.insert(ids[(i + n - d) % n].clone());
-            }
-            if k % 2 == 1 {
-                set.insert(ids[(i + n / 2) % n].clone());
-            }
-        }
-        g.insert(u.clone(), set);
-    }
-    g
+    let ids: Vec<&ClientId> = roster.iter().collect();
+    let g = Graph::new(ids.len(), params, seed);
+    g.all()
+        .into_iter()
+        .enumerate()
+        .map(|(i, nb)| {
+            (
+                ids[i].clone(),
+                nb.into_iter().map(|v| ids[v].clone()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Stage 2 message to one client: the roster's ids, the Merkle root over every client's keys,
+/// the graph seed, this client's own inclusion proof, and its neighbours' signed keys with
+/// theirs. O(n) bytes of ids and O(k log n) of keys and proofs; see [`roster`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RosterView {
+    /// Every participant's id, strictly ascending (shared, not copied, between the views of one
+    /// round).
+    pub ids: std::sync::Arc<[ClientId]>,
+    /// Merkle root over [`leaf_hash`] of every participant's keys, in id order.
+    pub keys_root: [u8; 32],
+    /// The graph seed as the coordinator derived it; the client recomputes it
+    /// ([`graph_seed`] of [`roster_hash`]) and refuses a mismatch.
+    pub graph_seed: [u8; 32],
+    /// The inclusion proof of this client's own keys.
+    pub own_proof: Vec<[u8; 32]>,
+    /// The neighbours' signed keys, each with its inclusion proof.
+    pub neighbours: Vec<NeighbourKeys>,
+}
+
+/// One neighbour's signed keys and their Merkle inclusion proof.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourKeys {
+    /// The neighbour's advertised keys, signed with its certificate key.
+    pub keys: AdvertisedKeys,
+    /// Sibling hashes from its leaf to the root.
+    pub proof: Vec<[u8; 32]>,
 }
 
 /// Stage 1 message: a client's signed public keys.

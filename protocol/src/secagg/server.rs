@@ -8,8 +8,9 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, Purpose};
 use super::{
-    add_mod, graph_seed, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare, SecAggError,
-    SecAggParams, UnmaskRequest, UnmaskResponse,
+    add_mod, graph_seed, leaf_hash, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
+    MerkleTree, NeighbourKeys, RosterView, SecAggError, SecAggParams, UnmaskRequest,
+    UnmaskResponse,
 };
 use crate::identity::ClientId;
 
@@ -38,6 +39,10 @@ pub struct ServerRound {
     expected: BTreeSet<ClientId>,
     stage: ServerStage,
     keys: BTreeMap<ClientId, AdvertisedKeys>,
+    /// The fixed roster's ids, ascending, and the Merkle tree over their keys.
+    ids: std::sync::Arc<[ClientId]>,
+    tree: Option<MerkleTree>,
+    graph_seed: [u8; 32],
     graph: BTreeMap<ClientId, BTreeSet<ClientId>>,
     shares: BTreeMap<ClientId, Vec<EncryptedShare>>,
     /// Clients whose masked input arrived (their inputs are added to `sum` on arrival).
@@ -64,6 +69,9 @@ impl ServerRound {
             expected,
             stage: ServerStage::CollectKeys,
             keys: BTreeMap::new(),
+            ids: std::sync::Arc::from(Vec::new()),
+            tree: None,
+            graph_seed: [0; 32],
             graph: BTreeMap::new(),
             shares: BTreeMap::new(),
             inputs: BTreeSet::new(),
@@ -107,9 +115,11 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Ends stage 1 (all keys in, or the deadline): the roster to relay to every client in it,
-    /// and the graph seed derived from it (which every client recomputes).
-    pub fn close_keys(&mut self) -> Result<(Vec<AdvertisedKeys>, [u8; 32]), SecAggError> {
+    /// Ends stage 1 (all keys in, or the deadline): fixes the roster (every client that
+    /// advertised keys, in id order), the Merkle tree over their keys and the graph seed derived
+    /// from both (which every client recomputes), and returns the seed. Each client's part of the
+    /// roster is then [`ServerRound::roster_view`].
+    pub fn close_keys(&mut self) -> Result<[u8; 32], SecAggError> {
         if self.stage != ServerStage::CollectKeys {
             return Err(out_of_order(self.stage, "close of keys", "driver"));
         }
@@ -117,10 +127,68 @@ impl ServerRound {
         self.params
             .validate(ids.len())
             .inspect_err(|_| self.stage = ServerStage::Done)?;
-        let seed = graph_seed(self.round, &roster_hash(self.round, &self.keys));
+        let tree = MerkleTree::new(
+            self.keys
+                .values()
+                .map(|k| leaf_hash(self.round, k))
+                .collect(),
+        );
+        self.ids = ids.iter().cloned().collect();
+        let seed = graph_seed(
+            self.round,
+            &roster_hash(self.round, &self.ids, &tree.root()),
+        );
         self.graph = neighbour_graph(&ids, &self.params, &seed);
+        self.tree = Some(tree);
+        self.graph_seed = seed;
         self.stage = ServerStage::CollectShares;
-        Ok((self.keys.values().cloned().collect(), seed))
+        Ok(seed)
+    }
+
+    /// What `client` receives in stage 2 (once the roster is fixed): the ids, the keys' root,
+    /// the graph seed, its own inclusion proof, and its neighbours' keys with their proofs.
+    /// `None` for a client not in the roster.
+    pub fn roster_view(&self, client: &str) -> Option<RosterView> {
+        let tree = self.tree.as_ref()?;
+        let me = self
+            .ids
+            .binary_search_by(|id| id.as_str().cmp(client))
+            .ok()?;
+        let neighbours = self.graph[client]
+            .iter()
+            .map(|v| {
+                let at = self
+                    .ids
+                    .binary_search(v)
+                    .expect("neighbours are in the roster");
+                NeighbourKeys {
+                    keys: self.keys[v].clone(),
+                    proof: tree.proof(at),
+                }
+            })
+            .collect();
+        Some(RosterView {
+            ids: self.ids.clone(),
+            keys_root: tree.root(),
+            graph_seed: self.graph_seed,
+            own_proof: tree.proof(me),
+            neighbours,
+        })
+    }
+
+    /// `client`'s neighbours, once the roster is fixed.
+    pub fn neighbours(&self, client: &str) -> Option<&BTreeSet<ClientId>> {
+        self.graph.get(client)
+    }
+
+    /// Clients in the fixed roster.
+    pub fn roster_len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether `client` is in the fixed roster.
+    pub fn in_roster(&self, client: &str) -> bool {
+        self.graph.contains_key(client)
     }
 
     /// Stage 2 message: `from`'s encrypted shares, exactly one for each of its neighbours.
@@ -263,12 +331,11 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Ends stage 4: the unmask request and the signatures to relay with it. Fails when a
+    /// Ends stage 4: the unmask request (relayed with each signer's [`ServerRound::signatures_for`]).
+    /// Fails when a
     /// secret's owner has fewer than t neighbours that signed (they are the only ones that will
     /// answer).
-    pub fn close_consistency(
-        &mut self,
-    ) -> Result<(UnmaskRequest, BTreeMap<ClientId, Vec<u8>>), SecAggError> {
+    pub fn close_consistency(&mut self) -> Result<UnmaskRequest, SecAggError> {
         if self.stage != ServerStage::CollectConsistency {
             return Err(out_of_order(self.stage, "close of consistency", "driver"));
         }
@@ -279,7 +346,27 @@ impl ServerRound {
         let owners = req.survivors.union(&req.dropped).cloned().collect();
         self.require_live(&owners, &signed, "signing")?;
         self.stage = ServerStage::CollectUnmask;
-        Ok((req, self.signatures.clone()))
+        Ok(req)
+    }
+
+    /// The signatures of the view by `client`'s neighbours: what `client` needs to check before
+    /// it unmasks (only its neighbours' count).
+    pub fn signatures_for(&self, client: &str) -> BTreeMap<ClientId, Vec<u8>> {
+        self.graph.get(client).map_or_else(BTreeMap::new, |nb| {
+            nb.iter()
+                .filter_map(|v| self.signatures.get(v).map(|s| (v.clone(), s.clone())))
+                .collect()
+        })
+    }
+
+    /// Whether `client` signed the survivor view (it is then asked to unmask).
+    pub fn has_signed(&self, client: &str) -> bool {
+        self.signatures.contains_key(client)
+    }
+
+    /// How many survivors signed the view.
+    pub fn signer_count(&self) -> usize {
+        self.signatures.len()
     }
 
     /// The survivors that signed the view (the clients asked to unmask).

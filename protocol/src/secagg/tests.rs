@@ -100,12 +100,13 @@ fn run(
         let k = c.round.advertise(&c.signer)?;
         server.receive_keys(&c.id, k)?;
     }
-    let (roster, seed) = server.close_keys()?;
+    server.close_keys()?;
     for c in ps
         .iter_mut()
         .filter(|c| !drops.before_sharing.contains(&c.id))
     {
-        let shares = c.round.share_keys(&roster, &seed, verifier, &mut rng)?;
+        let view = server.roster_view(&c.id).expect("in the roster");
+        let shares = c.round.share_keys(&view, verifier, &mut rng)?;
         server.receive_shares(&c.id, shares)?;
     }
     let deliveries = server.close_shares()?;
@@ -125,13 +126,15 @@ fn run(
         let sig = c.round.consistency(&view, &c.signer)?;
         server.receive_consistency(&c.id, sig)?;
     }
-    let (req, sigs) = server.close_consistency()?;
+    let req = server.close_consistency()?;
     for &i in &u3 {
         let c = &mut ps[i];
         if drops.before_unmask.contains(&c.id) {
             continue;
         }
-        let r = c.round.unmask(&req, &sigs, verifier)?;
+        let r = c
+            .round
+            .unmask(&req, &server.signatures_for(&c.id), verifier)?;
         server.receive_unmask(r)?;
     }
     let (sum, counted) = server.finish()?;
@@ -229,48 +232,106 @@ fn out_of_order_and_repeated_messages_are_refused() {
         let k = c.round.advertise(&c.signer).unwrap();
         server.receive_keys(&c.id, k).unwrap();
     }
-    let (roster, seed) = server.close_keys().unwrap();
-    let s0 = ps[0]
-        .round
-        .share_keys(&roster, &seed, &v, &mut rng)
-        .unwrap();
+    server.close_keys().unwrap();
+    let view0 = server.roster_view(&ps[0].id).unwrap();
+    let s0 = ps[0].round.share_keys(&view0, &v, &mut rng).unwrap();
     server.receive_shares(&ps[0].id, s0.clone()).unwrap();
     assert!(server.receive_shares(&ps[0].id, s0).is_err(), "twice");
     assert!(matches!(server.finish(), Err(SecAggError::OutOfOrder(_))));
 }
 
 #[test]
-fn a_swapped_or_unsigned_key_is_refused() {
-    let p = params(2, 0);
-    let (mut ps, v) = parties(4, &p, 4, 4);
+fn a_swapped_unsigned_or_missing_key_and_an_altered_roster_are_refused() {
+    let p = params(2, 3);
+    let (mut ps, v) = parties(8, &p, 4, 4);
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
-    let mut roster: Vec<AdvertisedKeys> = ps
-        .iter_mut()
-        .map(|c| c.round.advertise(&c.signer).unwrap())
+    let server = advertised(&mut ps, &p);
+    let names: Vec<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let honest = |i: usize| server.roster_view(&names[i]).unwrap();
+    let mut tampered: Vec<(&str, RosterView)> = Vec::new();
+    // the coordinator swaps a neighbour's mask key for one it controls (its proof then fails)
+    let mut w = honest(0);
+    w.neighbours[0].keys.s_pk = [9; 32];
+    tampered.push(("swapped key", w));
+    // ... or rebuilds the tree around the swapped key: the signature fails
+    let mut w = honest(1);
+    w.neighbours[1].keys.signature.clear();
+    tampered.push(("unsigned key", w));
+    // ... leaves a neighbour out, or relays a stranger in its place
+    let mut w = honest(2);
+    w.neighbours.pop();
+    tampered.push(("missing neighbour", w));
+    let mut w = honest(3);
+    let stranger = (0..8)
+        .flat_map(|i| honest(i).neighbours)
+        .find(|nk| nk.keys.client != names[3] && !w.neighbours.contains(nk))
+        .unwrap();
+    w.neighbours[0] = stranger;
+    tampered.push(("stranger", w));
+    // ... alters this client's own keys in the tree, or the ids
+    let mut w = honest(4);
+    w.own_proof[0][0] ^= 1;
+    tampered.push(("own keys", w));
+    let mut w = honest(5);
+    let mut ids = w.ids.to_vec();
+    ids.swap(0, 1);
+    w.ids = ids.into();
+    tampered.push(("unsorted ids", w));
+    let mut w = honest(6);
+    w.ids = w
+        .ids
+        .iter()
+        .filter(|id| **id != names[6])
+        .cloned()
         .collect();
-    let seed = seed_of(&roster);
-    // the coordinator swaps client 2's mask key for one it controls
-    roster[2].s_pk = [9; 32];
-    let err = ps[0]
-        .round
-        .share_keys(&roster, &seed, &v, &mut rng)
-        .unwrap_err();
-    assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
-    roster[2].signature.clear();
-    let err = ps[1]
-        .round
-        .share_keys(&roster, &seed, &v, &mut rng)
-        .unwrap_err();
-    assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
+    tampered.push(("left out", w));
+    for (i, (what, w)) in tampered.into_iter().enumerate() {
+        let err = ps[i].round.share_keys(&w, &v, &mut rng).unwrap_err();
+        assert!(
+            matches!(err, SecAggError::PeerMisbehaved(_)),
+            "{what}: {err}"
+        );
+    }
+    // the honest view works
+    assert!(ps[7].round.share_keys(&honest(7), &v, &mut rng).is_ok());
 }
 
-/// The graph seed every client derives from `roster` (round 7).
-fn seed_of(roster: &[AdvertisedKeys]) -> [u8; 32] {
-    let map = roster
-        .iter()
-        .map(|k| (k.client.clone(), k.clone()))
-        .collect();
-    graph_seed(7, &roster_hash(7, &map))
+/// Every party advertises; the coordinator closes the key stage (views ready).
+fn advertised(ps: &mut [Party], p: &SecAggParams) -> ServerRound {
+    let ids: BTreeSet<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let mut server = ServerRound::new(7, p.clone(), ps[0].x.len(), ids);
+    for c in ps.iter_mut() {
+        let k = c.round.advertise(&c.signer).unwrap();
+        server.receive_keys(&c.id, k).unwrap();
+    }
+    server.close_keys().unwrap();
+    server
+}
+
+/// The honest view of `me` built from the advertised keys without a coordinator (which would
+/// refuse unsafe parameters before any client sees them).
+fn hand_view(keys: &[AdvertisedKeys], me: &str, p: &SecAggParams) -> RosterView {
+    let mut keys = keys.to_vec();
+    keys.sort_by(|a, b| a.client.cmp(&b.client));
+    let ids: Vec<String> = keys.iter().map(|k| k.client.clone()).collect();
+    let tree = MerkleTree::new(keys.iter().map(|k| leaf_hash(7, k)).collect());
+    let seed = graph_seed(7, &roster_hash(7, &ids, &tree.root()));
+    let i = ids.iter().position(|id| id == me).unwrap();
+    let g = Graph::new(ids.len(), p, &seed);
+    RosterView {
+        keys_root: tree.root(),
+        graph_seed: seed,
+        own_proof: tree.proof(i),
+        neighbours: g
+            .neighbours(i)
+            .into_iter()
+            .map(|j| NeighbourKeys {
+                keys: keys[j].clone(),
+                proof: tree.proof(j),
+            })
+            .collect(),
+        ids: ids.into(),
+    }
 }
 
 /// Parties that advertised and shared keys, with their masked inputs sent: the state in which
@@ -289,9 +350,10 @@ fn after_inputs(
         let k = c.round.advertise(&c.signer).unwrap();
         server.receive_keys(&c.id, k).unwrap();
     }
-    let (roster, gs) = server.close_keys().unwrap();
+    server.close_keys().unwrap();
     for c in ps.iter_mut() {
-        let s = c.round.share_keys(&roster, &gs, &v, &mut rng).unwrap();
+        let view = server.roster_view(&c.id).unwrap();
+        let s = c.round.share_keys(&view, &v, &mut rng).unwrap();
         server.receive_shares(&c.id, s).unwrap();
     }
     let del = server.close_shares().unwrap();
@@ -385,23 +447,15 @@ fn a_graph_seed_chosen_by_the_coordinator_is_refused() {
     let p = params(2, 3);
     let (mut ps, v) = parties(6, &p, 4, 13);
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
-    let roster: Vec<AdvertisedKeys> = ps
-        .iter_mut()
-        .map(|c| c.round.advertise(&c.signer).unwrap())
-        .collect();
-    let mut chosen = seed_of(&roster);
-    chosen[0] ^= 1;
+    let server = advertised(&mut ps, &p);
     for c in ps.iter_mut() {
-        let err = c
-            .round
-            .share_keys(&roster, &chosen, &v, &mut rng)
-            .unwrap_err();
+        let honest = server.roster_view(&c.id).unwrap();
+        let mut chosen = honest.clone();
+        chosen.graph_seed[0] ^= 1;
+        let err = c.round.share_keys(&chosen, &v, &mut rng).unwrap_err();
         assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
         // no second chance with the right seed: the round is over for this client
-        assert!(c
-            .round
-            .share_keys(&roster, &seed_of(&roster), &v, &mut rng)
-            .is_err());
+        assert!(c.round.share_keys(&honest, &v, &mut rng).is_err());
     }
 }
 
@@ -412,16 +466,14 @@ fn thresholds_at_or_below_half_and_small_neighbourhoods_are_refused_by_clients()
         let p = params(t, k);
         let (mut ps, v) = parties(n, &p, 4, 14);
         let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
-        let roster: Vec<AdvertisedKeys> = ps
+        // the coordinator's own checks would refuse these parameters: build the views by hand
+        let keys: Vec<AdvertisedKeys> = ps
             .iter_mut()
             .map(|c| c.round.advertise(&c.signer).unwrap())
             .collect();
-        let seed = seed_of(&roster);
         for c in ps.iter_mut() {
-            let err = c
-                .round
-                .share_keys(&roster, &seed, &v, &mut rng)
-                .unwrap_err();
+            let view = hand_view(&keys, &c.id, &p);
+            let err = c.round.share_keys(&view, &v, &mut rng).unwrap_err();
             assert!(
                 matches!(err, SecAggError::Config(_)),
                 "n {n} t {t} k {k}: {err}"
@@ -465,14 +517,11 @@ fn masked_values_look_uniform() {
     };
     let (mut ps, v) = parties(4, &p, 16_000, 8);
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
-    let roster: Vec<_> = ps
-        .iter_mut()
-        .map(|c| c.round.advertise(&c.signer).unwrap())
-        .collect();
-    let seed = seed_of(&roster);
+    let server = advertised(&mut ps, &p);
     let mut all = Vec::new();
     for c in ps.iter_mut() {
-        all.extend(c.round.share_keys(&roster, &seed, &v, &mut rng).unwrap());
+        let view = server.roster_view(&c.id).unwrap();
+        all.extend(c.round.share_keys(&view, &v, &mut rng).unwrap());
     }
     let mine: Vec<EncryptedShare> = all.into_iter().filter(|s| s.to == ps[0].id).collect();
     let y = ps[0].round.masked_input(&mine, &vec![0; 16_000]).unwrap();
