@@ -148,9 +148,8 @@ def main():
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
     nodes = list(range(1, a.clients + 1))
-    # spread the dropouts around Flower's shuffled ring as fedlora's bench does around its own
     ndrop = round(a.clients * a.dropout)
-    dropped = set(nodes[:: max(1, a.clients // max(ndrop, 1))][:ndrop])
+    dropped = set()  # chosen on Flower's own ring once it is built (below)
     grid = LocalGrid(nodes, a.params, dropped)
     manager = SimpleClientManager()
     for nid in nodes:
@@ -175,6 +174,20 @@ def main():
         orig = getattr(wf.SecAggPlusWorkflow, name)
 
         def timed(self, g, c, s, orig=orig, name=name):
+            if name == "collect_masked_vectors_stage":
+                # drop clients after sharing keys, placed greedily (as fedlora's bench does) so
+                # that every secret keeps t live holders on Flower's shuffled ring
+                live = {n: len(s.nid_to_neighbours[n]) for n in nodes}
+                for cand in nodes:
+                    if len(dropped) == ndrop:
+                        break
+                    around = s.nid_to_neighbours[cand] - {cand}
+                    if live[cand] - 1 >= a.threshold and all(
+                            live[v] - 1 >= a.threshold for v in around):
+                        dropped.add(cand)
+                        for v in s.nid_to_neighbours[cand]:
+                            live[v] -= 1
+                assert len(dropped) == ndrop, "cannot place the dropouts"
             before = sum(grid.client_s.values()) + grid.transport_s
             t0 = time.perf_counter()
             ok = orig(self, g, c, s)

@@ -63,8 +63,9 @@ pub struct ClientRound {
     stage: ClientStage,
     roster_hash: [u8; 32],
     graph_seed: [u8; 32],
-    /// The survivor view this client signed (it answers an unmask request for this one only).
-    signed: Option<UnmaskRequest>,
+    /// The consistency message (a SHA-256) this client signed: it answers an unmask request
+    /// for that view only, and keeps O(1) of it however large the round.
+    signed: Option<[u8; 32]>,
     /// The roster's ids, ascending.
     ids: std::sync::Arc<[ClientId]>,
     /// The neighbours' advertised keys.
@@ -72,6 +73,20 @@ pub struct ClientRound {
     neighbours: BTreeSet<ClientId>,
     /// Decrypted shares received, by owner: (share of b, share of s_sk).
     held: BTreeMap<ClientId, HeldShares>,
+}
+
+/// The first id of `names` (ascending) missing from `ids` (ascending): one merge pass, O(n).
+fn first_stranger<'a>(ids: &[ClientId], names: &'a BTreeSet<ClientId>) -> Option<&'a ClientId> {
+    let mut it = ids.iter().peekable();
+    for name in names {
+        while it.peek().is_some_and(|id| *id < name) {
+            it.next();
+        }
+        if it.peek() != Some(&name) {
+            return Some(name);
+        }
+    }
+    None
 }
 
 fn out_of_order(stage: ClientStage, what: &str) -> SecAggError {
@@ -368,15 +383,12 @@ impl ClientRound {
                 "request does not count this client".into(),
             ));
         }
-        if let Some(u) = req
-            .survivors
-            .iter()
-            .chain(&req.dropped)
-            .find(|u| self.ids.binary_search(u).is_err())
-        {
-            return Err(SecAggError::PeerMisbehaved(format!(
-                "{u} is not in this round's roster"
-            )));
+        for set in [&req.survivors, &req.dropped] {
+            if let Some(u) = first_stranger(&self.ids, set) {
+                return Err(SecAggError::PeerMisbehaved(format!(
+                    "{u} is not in this round's roster"
+                )));
+            }
         }
         let t = self.params.threshold;
         let need = t.max(self.policy.min_survivors);
@@ -412,13 +424,9 @@ impl ClientRound {
         }
         self.stage = ClientStage::Done;
         self.check_view(req)?;
-        let sig = signer.sign(&consistency_message(
-            self.round,
-            &self.roster_hash,
-            &self.graph_seed,
-            req,
-        ))?;
-        self.signed = Some(req.clone());
+        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
+        let sig = signer.sign(&msg)?;
+        self.signed = Some(msg);
         self.stage = ClientStage::Unmask;
         Ok(sig)
     }
@@ -436,13 +444,13 @@ impl ClientRound {
             return Err(out_of_order(self.stage, "unmask request"));
         }
         self.stage = ClientStage::Done;
-        if self.signed.as_ref() != Some(req) {
+        // the view this client signed (and checked when it signed it), or nothing
+        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
+        if self.signed != Some(msg) {
             return Err(SecAggError::PeerMisbehaved(
                 "unmask request for another survivor view than the one signed".into(),
             ));
         }
-        self.check_view(req)?;
-        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
         let valid = self
             .neighbours
             .iter()

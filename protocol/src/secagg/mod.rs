@@ -25,10 +25,10 @@
 //!   `min_neighbours` neighbours (default 3) and fewer than `max(t, min_survivors)` survivors;
 //!   a client in a secure federation never sends a plaintext update.
 //! - **Consistency check** (Bell et al. 2020, after Bonawitz et al. 2017): before unmasking,
-//!   each survivor signs `(round, roster hash, graph seed, survivors, dropped)` **once**. It
-//!   answers **one** unmask request per round, for exactly the sets it signed, and only when it
-//!   holds at least `t` valid signatures of its neighbours over that same message. A request
-//!   naming a peer both survivor and dropped is refused.
+//!   each survivor signs the hash of `(round, roster hash, graph seed, survivors, dropped)`
+//!   **once**. It answers **one** unmask request per round, for exactly the sets it signed,
+//!   and only when it holds at least `t` valid signatures of its neighbours over that same
+//!   message. A request naming a peer both survivor and dropped is refused.
 //!
 //! **Why that protects one client u.** Learning u's input needs both ≥ t shares of u's
 //! self-mask seed (u "survived") and ≥ t shares of u's mask key (u "dropped"). Every honest
@@ -214,26 +214,29 @@ pub fn graph_seed(round: u64, roster_hash: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// What each survivor signs in the consistency check: a domain tag, the round, the roster
-/// hash, the graph seed, and the survivor and dropped sets (length-prefixed ids, in order).
+/// What each survivor signs in the consistency check: the SHA-256 of a domain tag, the round,
+/// the roster hash, the graph seed, and the survivor and dropped sets (length-prefixed ids, in
+/// order). Hashed in one streaming pass, so a client hashes the O(n) view once and signs and
+/// checks its neighbours' signatures over 32 bytes.
 pub fn consistency_message(
     round: u64,
     roster_hash: &[u8; 32],
     graph_seed: &[u8; 32],
     req: &UnmaskRequest,
-) -> Vec<u8> {
-    let mut m = b"fedlora-secagg-consistency-v2".to_vec();
-    m.extend_from_slice(&round.to_be_bytes());
-    m.extend_from_slice(roster_hash);
-    m.extend_from_slice(graph_seed);
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedlora-secagg-consistency-v3");
+    h.update(round.to_be_bytes());
+    h.update(roster_hash);
+    h.update(graph_seed);
     for set in [&req.survivors, &req.dropped] {
-        m.extend_from_slice(&(set.len() as u64).to_be_bytes());
+        h.update((set.len() as u64).to_be_bytes());
         for id in set {
-            m.extend_from_slice(&(id.len() as u64).to_be_bytes());
-            m.extend_from_slice(id.as_bytes());
+            h.update((id.len() as u64).to_be_bytes());
+            h.update(id.as_bytes());
         }
     }
-    m
+    h.finalize().into()
 }
 
 /// The neighbours of every client of `roster` under `params` (the [`Graph`] of the roster's
