@@ -275,3 +275,32 @@ pub struct RunOutput {
     /// The summary.
     pub summary: RunSummary,
 }
+
+/// A results CSV (`rounds.csv`, `summary.csv`) without its wall-clock columns (names ending in
+/// `_s`, and `threads`): what must be identical between two runs of the same points, whatever
+/// the machine, the thread count or the sharding.
+pub fn csv_without_timings(text: &str) -> String {
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return String::new();
+    };
+    let header: Vec<&str> = header.split(',').collect();
+    let keep: Vec<usize> = (0..header.len())
+        .filter(|&i| !header[i].ends_with("_s") && header[i] != "threads")
+        .collect();
+    std::iter::once(
+        keep.iter()
+            .map(|&i| header[i])
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .chain(lines.map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        keep.iter()
+            .map(|&i| f.get(i).copied().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(",")
+    }))
+    .collect::<Vec<_>>()
+    .join("\n")
+}

@@ -38,19 +38,7 @@ fn opts(threads: usize) -> SweepOptions {
 
 /// A CSV file without its timing columns (names ending in `_s`) and the thread count.
 fn without_timings(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let keep: Vec<usize> = (0..header.len())
-        .filter(|&i| !header[i].ends_with("_s") && header[i] != "threads")
-        .collect();
-    std::iter::once(header.join(","))
-        .chain(lines.map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            keep.iter().map(|&i| f[i]).collect::<Vec<_>>().join(",")
-        }))
-        .collect::<Vec<_>>()
-        .join("\n")
+    fedlora_simulations::results::csv_without_timings(&std::fs::read_to_string(path).unwrap())
 }
 
 #[test]
