@@ -50,8 +50,15 @@ pub struct CoordinatorConfig {
     /// UDP receive buffer to request, bytes (the kernel may cap it at `rmem_max`; the value it
     /// granted is logged). The 208 KiB default drops packets under many parallel uploads.
     pub udp_recv_buffer: usize,
-    /// Delay a waiting client is told to poll again after, milliseconds.
+    /// Delay a waiting client is told to poll again after, milliseconds (the least; see
+    /// `max_polls_per_s`).
     pub poll_interval_ms: u64,
+    /// Polls per second the coordinator invites over all connected clients: a waiting client
+    /// is told to come back after max(`poll_interval_ms`, connected clients ÷ this), so ten
+    /// thousand waiting devices do not poll ten thousand times per interval and starve the
+    /// uploads. Default 2,000.
+    #[serde(default = "default_max_polls_per_s")]
+    pub max_polls_per_s: u64,
     /// Where to serve Prometheus metrics and `/healthz` over HTTP (e.g. 127.0.0.1:9100);
     /// `None` (the default) serves none.
     #[serde(default)]
@@ -60,6 +67,20 @@ pub struct CoordinatorConfig {
     /// client with another adapter gets.
     #[serde(default)]
     pub adapter_description: Option<String>,
+}
+
+fn default_max_polls_per_s() -> u64 {
+    2_000
+}
+
+/// How long a waiting client should wait before it polls again, milliseconds: at least
+/// `poll_interval_ms`, and long enough that `connected` clients together poll at most
+/// `max_polls_per_s` times per second.
+pub fn poll_delay_ms(poll_interval_ms: u64, connected: usize, max_polls_per_s: u64) -> u64 {
+    let spread = (connected as u64)
+        .saturating_mul(1000)
+        .div_ceil(max_polls_per_s.max(1));
+    poll_interval_ms.max(spread)
 }
 
 impl CoordinatorConfig {
@@ -73,6 +94,7 @@ impl CoordinatorConfig {
             tick_ms: 100,
             udp_recv_buffer: 4 * 1024 * 1024,
             poll_interval_ms: 200,
+            max_polls_per_s: default_max_polls_per_s(),
             metrics: None,
             adapter_description: None,
         }
@@ -81,11 +103,33 @@ impl CoordinatorConfig {
     /// Checks the config.
     pub fn validate(&self) -> Result<()> {
         self.federation.validate()?;
-        if self.tick_ms == 0 || self.poll_interval_ms == 0 {
+        if self.tick_ms == 0 || self.poll_interval_ms == 0 || self.max_polls_per_s == 0 {
             return Err(CoordinatorError::Config(
-                "tick_ms and poll_interval_ms must be positive".into(),
+                "tick_ms, poll_interval_ms and max_polls_per_s must be positive".into(),
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_delay_ms;
+
+    #[test]
+    fn waiting_clients_are_spread_to_the_poll_budget() {
+        // few clients: the configured interval
+        assert_eq!(poll_delay_ms(200, 10, 2_000), 200);
+        assert_eq!(poll_delay_ms(200, 400, 2_000), 200);
+        // many: together they poll at most max_polls_per_s times a second
+        assert_eq!(poll_delay_ms(200, 10_000, 2_000), 5_000);
+        assert_eq!(poll_delay_ms(100, 5_000, 1_000), 5_000);
+        for n in [1usize, 999, 4_000, 100_000] {
+            let d = poll_delay_ms(100, n, 2_000);
+            assert!(
+                n as f64 * 1000.0 / d as f64 <= 2_000.0 + 1e-9,
+                "{n} clients, {d} ms"
+            );
+        }
     }
 }

@@ -67,8 +67,13 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             fed.config().seed,
         )
     };
+    let connected = shared.conns.lock().expect("lock").len();
     let wait = Task::Wait {
-        retry_after_ms: shared.config.poll_interval_ms,
+        retry_after_ms: crate::config::poll_delay_ms(
+            shared.config.poll_interval_ms,
+            connected,
+            shared.config.max_polls_per_s,
+        ),
     };
     let mut secure_shares = None;
     if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }) =
