@@ -97,6 +97,15 @@ impl ClientConfig {
     }
 }
 
+/// The longest a client waits between polls, whatever the coordinator asks: 60 s.
+pub const MAX_POLL_WAIT_MS: u64 = 60_000;
+
+/// How long to wait before the next poll: the coordinator's `retry_after_ms` (its poll budget,
+/// which grows with the number of connected clients), at most [`MAX_POLL_WAIT_MS`].
+pub fn poll_wait(retry_after_ms: u64) -> Duration {
+    Duration::from_millis(retry_after_ms.min(MAX_POLL_WAIT_MS))
+}
+
 /// What a client did during a federation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClientReport {
@@ -447,11 +456,9 @@ impl FederatedClient {
                 .send(s, &ClientMsg::Poll { held_version }, report)
                 .await?;
             match reply {
-                CoordMsg::Task(Task::Wait { retry_after_ms }) => {
-                    tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
-                }
-                CoordMsg::Task(Task::AlreadyUploaded { .. }) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                CoordMsg::Task(Task::Wait { retry_after_ms })
+                | CoordMsg::Task(Task::AlreadyUploaded { retry_after_ms, .. }) => {
+                    tokio::time::sleep(poll_wait(retry_after_ms)).await;
                 }
                 CoordMsg::Task(Task::Finished { version }) => {
                     report.final_version = Some(version);
@@ -951,6 +958,15 @@ pub fn secure_policy_decision(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_poll_wait_follows_the_coordinator_up_to_a_minute() {
+        use std::time::Duration;
+        assert_eq!(super::poll_wait(200), Duration::from_millis(200));
+        assert_eq!(super::poll_wait(5_000), Duration::from_secs(5));
+        assert_eq!(super::poll_wait(u64::MAX), Duration::from_secs(60));
+    }
+
     use super::*;
     use fedlora_protocol::secagg::SecAggParams;
     use fedlora_protocol::{ModularParams, TrainConfig};

@@ -16,7 +16,8 @@ use crate::error::Refusal;
 /// heterogeneous ranks (`max_rank` in the hello, the client's rank in [`RoundOffer`]).
 /// Version 4: secure aggregation at scale: each client receives the roster's ids, a Merkle root
 /// over every client's keys and its neighbours' keys with inclusion proofs
-/// ([`crate::secagg::RosterView`]), and only its neighbours' certificates and signatures.
+/// ([`crate::secagg::RosterView`]), and only its neighbours' certificates and signatures; a
+/// client whose upload is stored is told how long to wait (`Task::AlreadyUploaded`).
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
@@ -387,6 +388,8 @@ pub enum Task {
     AlreadyUploaded {
         /// The open round.
         round: u64,
+        /// Milliseconds to wait before polling again (the coordinator's poll budget).
+        retry_after_ms: u64,
     },
     /// The federation is over.
     Finished {

@@ -68,13 +68,12 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         )
     };
     let connected = shared.conns.lock().expect("lock").len();
-    let wait = Task::Wait {
-        retry_after_ms: crate::config::poll_delay_ms(
-            shared.config.poll_interval_ms,
-            connected,
-            shared.config.max_polls_per_s,
-        ),
-    };
+    let retry_after_ms = crate::config::poll_delay_ms(
+        shared.config.poll_interval_ms,
+        connected,
+        shared.config.max_polls_per_s,
+    );
+    let wait = Task::Wait { retry_after_ms };
     let mut secure_shares = None;
     if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }) =
         (&train.secure, &directive)
@@ -156,7 +155,10 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             }
         }
         Directive::Evaluate { .. } => wait,
-        Directive::AlreadyUploaded { round } => Task::AlreadyUploaded { round },
+        Directive::AlreadyUploaded { round } => Task::AlreadyUploaded {
+            round,
+            retry_after_ms,
+        },
         Directive::Finished { version } => Task::Finished { version },
     };
     (CoordMsg::Task(task), None)
