@@ -32,7 +32,7 @@ use fedlora_protocol::{
 };
 use rand::rngs::ChaCha20Rng;
 use rand::{RngExt, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
 
@@ -390,6 +390,61 @@ pub struct ServeOutcome {
     pub round_s: f64,
     /// Clients the round counted.
     pub participants: Vec<String>,
+}
+
+/// What a coordinator child process hands back besides the global adapter (`served.json`).
+#[derive(Serialize, Deserialize)]
+struct ServedSummary {
+    round: u64,
+    committed: bool,
+    round_s: f64,
+    participants: Vec<String>,
+    peak_rss_mib: f64,
+}
+
+/// Writes `out` into `dir` for the process that started this coordinator: `served.json`, and
+/// the committed global as little-endian f32 (`global.f32`, so it comes back bit for bit),
+/// with the coordinator process's peak RSS.
+pub fn write_served(dir: &Path, out: &ServeOutcome, peak_rss_mib: f64) -> Result<(), SimError> {
+    let bytes: Vec<u8> = out
+        .global
+        .values()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("global.f32"), bytes)?;
+    let summary = ServedSummary {
+        round: out.round,
+        committed: out.committed,
+        round_s: out.round_s,
+        participants: out.participants.clone(),
+        peak_rss_mib,
+    };
+    let json = serde_json::to_vec(&summary).map_err(|e| SimError::Config(e.to_string()))?;
+    std::fs::write(dir.join("served.json"), json)?;
+    Ok(())
+}
+
+/// Reads what [`write_served`] wrote: the outcome and the coordinator's peak RSS, MiB.
+pub fn read_served(dir: &Path, cfg: &LoadConfig) -> Result<(ServeOutcome, f64), SimError> {
+    let s: ServedSummary = serde_json::from_slice(&std::fs::read(dir.join("served.json"))?)
+        .map_err(|e| SimError::Config(format!("served.json: {e}")))?;
+    let values: Vec<f32> = std::fs::read(dir.join("global.f32"))?
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    let global =
+        FlatAdapter::new(cfg.spec()?, values).map_err(|e| SimError::Config(e.to_string()))?;
+    Ok((
+        ServeOutcome {
+            round: s.round,
+            committed: s.committed,
+            global,
+            round_s: s.round_s,
+            participants: s.participants,
+        },
+        s.peak_rss_mib,
+    ))
 }
 
 /// Runs the coordinator until its one round ends; `on_listen` receives its address.

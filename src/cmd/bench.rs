@@ -428,32 +428,16 @@ fn load_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     let clients = rt.block_on(load::run_clients(&cfg, addr, &certs))?;
     let status = child.wait()?;
     anyhow::ensure!(status.success(), "the load coordinator failed: {status}");
-    let served: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("served.json"))?)?;
-    let values: Vec<f32> = std::fs::read(tmp.path().join("global.f32"))?
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
-    let outcome = load::ServeOutcome {
-        round: served["round"].as_u64().unwrap_or(0),
-        committed: served["committed"].as_bool().unwrap_or(false),
-        global: fedlora_protocol::FlatAdapter::new(cfg.spec()?, values)?,
-        round_s: served["round_s"].as_f64().unwrap_or(0.0),
-        participants: serde_json::from_value(served["participants"].clone())?,
-    };
-    let rss = served["peak_rss_mib"].as_f64();
-    let report = load::report(&cfg, &outcome, &clients, rss, setup_s, started)?;
+    let (outcome, rss) = load::read_served(tmp.path(), &cfg)?;
+    let report = load::report(&cfg, &outcome, &clients, Some(rss), setup_s, started)?;
     let mut v = serde_json::to_value(&report)?;
     v["client_process_peak_rss_mib"] = json!(peak_rss_mib());
-    if let Some(r) = rss {
-        v["coordinator_kib_per_client"] = json!(r * 1024.0 / a.clients as f64);
-    }
+    v["coordinator_kib_per_client"] = json!(rss * 1024.0 / a.clients as f64);
     Ok(v)
 }
 
 /// The child side of `bench load`: the coordinator, until its round ends; writes its address,
-/// then `served.json` (round, status, wall time, participants, its own peak RSS) and the
-/// committed global as little-endian f32 (`global.f32`).
+/// then its outcome and its own peak RSS ([`fedlora_simulations::load::write_served`]).
 fn serve_load(a: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     use fedlora_simulations::load;
     let cfg = load_config(a)?;
@@ -470,23 +454,7 @@ fn serve_load(a: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             }
         },
     ))?;
-    let bytes: Vec<u8> = out
-        .global
-        .values()
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    std::fs::write(dir.join("global.f32"), bytes)?;
-    std::fs::write(
-        dir.join("served.json"),
-        serde_json::to_vec(&json!({
-            "round": out.round,
-            "committed": out.committed,
-            "round_s": out.round_s,
-            "participants": out.participants,
-            "peak_rss_mib": peak_rss_mib(),
-        }))?,
-    )?;
+    load::write_served(dir, &out, peak_rss_mib())?;
     Ok(())
 }
 
