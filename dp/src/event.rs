@@ -16,6 +16,18 @@ pub enum DpEvent {
         /// σ (unitless: a multiple of the clip norm C).
         noise_multiplier: f64,
     },
+    /// Symmetric Skellam noise of variance `variance` per coordinate (integer units²) on an
+    /// integer-valued function of L2 sensitivity `l2_sensitivity` and L1 sensitivity
+    /// `l1_sensitivity` (integer units): distributed DP inside secure aggregation
+    /// ([`crate::skellam`]). Only the RDP accountant analyses it, at integer orders.
+    Skellam {
+        /// Δ₂ in integer units.
+        l2_sensitivity: f64,
+        /// Δ₁ in integer units.
+        l1_sensitivity: f64,
+        /// μ, the variance per coordinate of the noise in the released sum.
+        variance: f64,
+    },
     /// `event` run on a Poisson sample: every record is included independently with
     /// probability `sampling_probability`.
     PoissonSampled {

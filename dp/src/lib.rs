@@ -30,12 +30,14 @@
 pub mod analytic;
 pub mod audit;
 pub mod calibrate;
+pub mod client_level;
 pub mod error;
 pub mod event;
 pub mod ledger;
 pub mod mechanism;
 pub mod pld;
 pub mod rdp;
+pub mod skellam;
 
 pub use calibrate::noise_multiplier;
 pub use error::DpError;

@@ -242,6 +242,11 @@ fn event_pld(e: &DpEvent, dir: Direction, h: f64) -> Result<Pld, DpError> {
                 )))
             }
         },
+        DpEvent::Skellam { .. } => {
+            return Err(DpError::Unsupported(
+                "the PLD accountant has no Skellam mechanism: use the RDP accountant".into(),
+            ))
+        }
         DpEvent::SelfComposed { event, count } => event_pld(event, dir, h)?.self_compose(*count),
         DpEvent::Composed(events) => {
             let mut acc = Pld::identity(h);

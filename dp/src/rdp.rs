@@ -171,10 +171,42 @@ impl RdpAccountant {
                     *o += scale * rdp_poisson_gaussian(1.0, *noise_multiplier, *a);
                 }
             }
+            DpEvent::Skellam {
+                l2_sensitivity,
+                l1_sensitivity,
+                variance,
+            } => {
+                for (o, a) in out.iter_mut().zip(&self.orders) {
+                    *o += scale
+                        * crate::skellam::skellam_rdp(
+                            *a,
+                            *l2_sensitivity,
+                            *l1_sensitivity,
+                            *variance,
+                        );
+                }
+            }
             DpEvent::PoissonSampled {
                 sampling_probability,
                 event,
             } => match event.as_ref() {
+                DpEvent::Skellam {
+                    l2_sensitivity,
+                    l1_sensitivity,
+                    variance,
+                } => {
+                    for (o, a) in out.iter_mut().zip(&self.orders) {
+                        *o += scale
+                            * crate::skellam::subsampled_rdp(*a, *sampling_probability, |l| {
+                                crate::skellam::skellam_rdp(
+                                    l,
+                                    *l2_sensitivity,
+                                    *l1_sensitivity,
+                                    *variance,
+                                )
+                            });
+                    }
+                }
                 DpEvent::Gaussian { noise_multiplier } => {
                     for (o, a) in out.iter_mut().zip(&self.orders) {
                         *o += scale
