@@ -10,6 +10,7 @@
 //! it ([`RankCounts`]). The QUIC server and the simulation harness both call these, so a
 //! simulated round aggregates exactly as a deployed one.
 
+use fedlora_protocol::client_dp::ClientDpPlan;
 use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::strategy::{Contribution, Strategy};
 use fedlora_protocol::{AdapterSpec, Codec, CodecContext, FlatAdapter, ModularSum};
@@ -50,11 +51,11 @@ pub fn aggregate_payloads<'a>(
     if payloads.is_empty() {
         return Err(CoordinatorError::Storage("no uploads".into()));
     }
-    if let (Codec::Modular(p), false) = (codec, strategy.needs_individual_updates()) {
+    if let (Some(m), false) = (codec.modulus_bits(), strategy.needs_individual_updates()) {
         let mut sum: Option<ModularSum> = None;
         for u in &payloads {
             let ints = codec.modular_payload(u.bytes, spec)?;
-            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
+            sum.get_or_insert_with(|| ModularSum::new(ints.len(), m))
                 .add(&ints)?;
         }
         let Some(sum) = sum else {
@@ -80,6 +81,46 @@ pub fn aggregate_payloads<'a>(
         })
         .collect();
     Ok(strategy.combine(full, &ups)?)
+}
+
+/// Client-level DP in central mode: every upload decoded and clipped again to the plan's S
+/// (the coordinator enforces the sensitivity whatever a client sent), summed, N(0, σ²S²) added
+/// to every coordinate of the sum, and the noisy sum divided by the plan's **expected** clients
+/// per round (not by the number that arrived). `noise` must have standard deviation σ·S and
+/// come from the OS CSPRNG in deployments.
+pub fn central_dp_delta<'a>(
+    plan: &ClientDpPlan,
+    codec: &Codec,
+    spec: &AdapterSpec,
+    ctx: &CodecContext,
+    payloads: impl IntoIterator<Item = Payload<'a>>,
+    noise: &mut fedlora_dp::GaussianNoise,
+) -> Result<FlatAdapter> {
+    let fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } = plan.noise else {
+        return Err(CoordinatorError::Config(
+            "central client-level DP needs Gaussian noise".into(),
+        ));
+    };
+    let want = noise_multiplier * plan.clip;
+    if (noise.std() - want).abs() > 1e-12 * want.max(1.0) {
+        return Err(CoordinatorError::Config(format!(
+            "central noise has std {}, the plan needs σ·S = {want}",
+            noise.std()
+        )));
+    }
+    let mut sum = vec![0f64; spec.numel()];
+    for u in payloads {
+        let mut d = Codec::decode(u.bytes, spec, Some(codec), ctx)?.into_values();
+        fedlora_dp::clip_l2(&mut d, plan.clip);
+        for (s, v) in sum.iter_mut().zip(&d) {
+            *s += f64::from(*v);
+        }
+    }
+    let noisy: Vec<f32> = sum
+        .into_iter()
+        .map(|s| ((s + noise.draw_with_std(want)) / plan.expected_clients) as f32)
+        .collect();
+    Ok(FlatAdapter::new(spec.clone(), noisy)?)
 }
 
 /// The mean delta decoded from a modular sum (of plain modular uploads, or unmasked by secure

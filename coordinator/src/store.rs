@@ -639,6 +639,7 @@ mod tests {
                 deadline_ms: 10,
                 closed: false,
                 declined: Default::default(),
+                sampling_rate: None,
                 uploads: uploads
                     .iter()
                     .map(|(c, b)| {

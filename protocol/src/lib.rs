@@ -5,6 +5,7 @@
 //! in as milliseconds), so the coordinator, the client and the simulations share one tested core.
 
 pub mod adapter;
+pub mod client_dp;
 pub mod codec;
 pub mod error;
 pub mod frame;
@@ -26,5 +27,5 @@ pub use message::{
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,
-    OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
+    OpenRound, Phase, Sampling, Transition, UploadMeta, UploadVerdict,
 };

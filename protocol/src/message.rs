@@ -89,6 +89,10 @@ pub struct TrainConfig {
     /// The clients' local optimizer (Adam by default).
     #[serde(default)]
     pub optimizer: LocalOptimizer,
+    /// Client-level DP plan (`None`: none). Each participant clips its whole update to the
+    /// plan's S; the noise is added centrally or, with the Skellam codec, by the clients.
+    #[serde(default)]
+    pub client_dp: Option<crate::client_dp::ClientDpPlan>,
 }
 
 /// The optimizer a client trains its adapter with, at [`TrainConfig::learning_rate`].
@@ -101,6 +105,18 @@ pub enum LocalOptimizer {
     /// Plain stochastic gradient descent (no momentum): under DP-SGD each step moves the
     /// adapter by exactly lr × the noised gradient, so the noise is not rescaled per coordinate.
     Sgd,
+}
+
+impl TrainConfig {
+    /// The L2 bound a client scales its whole update to before encoding: the smaller of
+    /// `max_update_norm` and the client-level DP plan's clip S (`None`: neither is set).
+    pub fn update_clip(&self) -> Option<f64> {
+        let plan = self.client_dp.as_ref().map(|p| p.clip);
+        match (self.max_update_norm, plan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -117,6 +133,7 @@ impl Default for TrainConfig {
             proximal_mu: 0.0,
             max_update_norm: None,
             optimizer: LocalOptimizer::Adam,
+            client_dp: None,
         }
     }
 }

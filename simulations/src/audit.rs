@@ -203,6 +203,7 @@ impl AuditConfig {
                 local_steps: Vec::new(),
                 batch_size: Vec::new(),
                 dp_learning_rate: Vec::new(),
+                privacy: Vec::new(),
             },
             eval_every: r.rounds.max(1),
         }

@@ -4,12 +4,13 @@
 //!
 //! - [`task`]: the Shakespeare LM (natural or IID split) and the Breast Cancer Wisconsin MLP
 //!   (IID or Dirichlet label skew); [`partition`] splits, [`tabular`] the MLP with LoRA.
-//! - [`sweep`]: sweep files, grid points, shards.
+//! - [`sweep`]: sweep files, grid points, shards; [`client_dp`]: client-level DP plans.
 //! - [`runner`]: one point in-process; [`quic`]: one point over QUIC.
 //! - [`load`]: N synthetic SDK clients against a real coordinator (`fedlora bench load`).
 //! - [`results`], [`output`], [`plot`], [`report`]: rows, files, figures, the report.
 
 pub mod audit;
+pub mod client_dp;
 pub mod error;
 pub mod load;
 pub mod output;

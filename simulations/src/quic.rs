@@ -38,7 +38,12 @@ pub fn run_over_quic(
     let t0 = std::time::Instant::now();
     let pop = Population::build(&sweep.task, point.rank, point.seed)?;
     let n = pop.learners.len();
-    let fcfg = federation_config(sweep, point, n)?;
+    if point.privacy().client_level() {
+        return Err(SimError::Config(
+            "client-level DP points run in-process (transport = in-process)".into(),
+        ));
+    }
+    let fcfg = federation_config(sweep, point, n, pop.initial.spec().numel())?;
     let target = privacy_target(sweep, point);
     let ranks = crate::sweep::parse_client_ranks(&point.client_ranks, n)?;
     let tmp = tempfile::tempdir()?;

@@ -162,6 +162,10 @@ pub struct RoundRow {
     pub train_loss: Option<f64>,
     /// Largest ε any client has spent so far (empty without DP).
     pub eps_spent: Option<f64>,
+    /// Client-level DP: the largest ε (b) of any client (against the coordinator; inf in
+    /// central mode). `eps_spent` is then ε (a) of the models released so far.
+    #[serde(default)]
+    pub eps_coordinator: Option<f64>,
     /// That client's Poisson rate q.
     pub q: Option<f64>,
     /// That client's noise multiplier σ.
@@ -176,6 +180,10 @@ pub struct RoundRow {
     /// encoded padded delta minus the same codec's encoding of their rank slice).
     #[serde(default)]
     pub pad_bytes_up: u64,
+    /// Distributed DP: coordinates of the unmasked sum within 1 % of the modulus' half range
+    /// (where wrap-around may have happened; post-processing, so utility only).
+    #[serde(default)]
+    pub near_wrap: Option<u64>,
     /// Round wall time (training, encoding, aggregation; not evaluation), seconds.
     pub wall_s: f64,
     /// Summed client training time of the round, seconds.

@@ -29,7 +29,7 @@ use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy, ServerRo
 use fedlora_protocol::strategy::{OptimizerState, StrategyConfig};
 use fedlora_protocol::{
     codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback, Federation,
-    FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task, TrainConfig,
+    FederationConfig, FlatAdapter, ModularSum, RoundOffer, Sampling, SecAggBody, Task, TrainConfig,
     Transition, UploadMeta, Weighting,
 };
 use rand::rngs::ChaCha20Rng;
@@ -75,20 +75,25 @@ pub fn federation_config(
     sweep: &SweepConfig,
     point: &Point,
     clients: usize,
+    numel: usize,
 ) -> Result<FederationConfig, SimError> {
-    let codec = Codec::from_name(&point.codec)?;
+    let cdp = crate::client_dp::setup(sweep, point, clients, numel)?;
+    let codec = match cdp.as_ref().and_then(|c| c.codec.clone()) {
+        Some(c) => c,
+        None => Codec::from_name(&point.codec)?,
+    };
     let dp = point.dp().then_some(DpPlan {
         clip_norm: point.clip,
         planned_rounds: point.rounds,
     });
-    let secure = match (&codec, point.secure_aggregation) {
-        (Codec::Modular(p), true) => {
+    let secure = match (codec.modulus_bits(), point.secure_aggregation) {
+        (Some(modulus_bits), true) => {
             let k = point.clients_per_round;
             let neighbours = if k <= 16 { 0 } else { 14 };
             let probe = SecAggParams {
                 threshold: 1,
                 neighbours,
-                modulus_bits: p.modulus_bits(),
+                modulus_bits,
                 stage_timeout_ms: ROUND_TIMEOUT_MS,
             };
             let kk = probe.k(k);
@@ -108,7 +113,7 @@ pub fn federation_config(
     let cfg = FederationConfig {
         rounds: point.rounds,
         clients_per_round: point.clients_per_round,
-        min_clients: 1,
+        min_clients: cdp.as_ref().map_or(1, |c| c.plan.min_clients),
         round_timeout_ms: ROUND_TIMEOUT_MS,
         start_grace_ms: ROUND_TIMEOUT_MS,
         eval_timeout_ms: 1_000,
@@ -135,6 +140,12 @@ pub fn federation_config(
             proximal_mu: 0.0,
             max_update_norm: None,
             optimizer: t.optimizer,
+            client_dp: cdp.as_ref().map(|c| c.plan.clone()),
+        },
+        sampling: if cdp.is_some() {
+            Sampling::PoissonSeeded
+        } else {
+            Sampling::Fixed
         },
     };
     cfg.validate()?;
@@ -163,6 +174,9 @@ struct VirtualClient {
     dp_steps: u64,
     /// ε spent so far (as the ledger returned it at the last spend).
     eps: Option<f64>,
+    /// Client-level DP rounds this client took part in (uploaded in central mode, sent unmask
+    /// shares in distributed mode): what ε (b) counts.
+    participated: u64,
 }
 
 /// What a client does in a round, decided before training.
@@ -230,7 +244,7 @@ pub fn run_population(
     mut on_round: impl FnMut(u64),
 ) -> Result<(RunOutput, FlatAdapter), SimError> {
     let n = pop.learners.len();
-    let fcfg = federation_config(sweep, point, n)?;
+    let fcfg = federation_config(sweep, point, n, pop.initial.spec().numel())?;
     let target = privacy_target(sweep, point);
     let secure = fcfg.train.secure.clone();
     let strategy = fcfg.strategy.build();
@@ -257,6 +271,7 @@ pub fn run_population(
                 },
                 dp_steps: 0,
                 eps: None,
+                participated: 0,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -419,6 +434,19 @@ pub fn run_population(
             row.sigma = plan.map(|p| p.sigma);
             row.dp_steps = Some(c.dp_steps);
         }
+        if let Some(plan) = &fcfg.train.client_dp {
+            let most = clients.iter().map(|c| c.participated).max().unwrap_or(0);
+            row.eps_spent = Some(crate::client_dp::observer_epsilon_so_far(
+                plan,
+                fed.state().global_version,
+            )?);
+            row.eps_coordinator = Some(
+                plan.coordinator_epsilon(most)
+                    .map_err(|e| SimError::Config(e.to_string()))?,
+            );
+            row.q = Some(plan.sampling_rate);
+            row.sigma = Some(plan.noise.effective_multiplier());
+        }
         let last = row.version >= point.rounds;
         if row.status == "committed" && (row.version.is_multiple_of(sweep.eval_every) || last) {
             let te = Instant::now();
@@ -533,7 +561,7 @@ fn train_jobs(
                     1,
                     &mut rng,
                     &mut job.residual,
-                    cfg.max_update_norm,
+                    cfg.update_clip(),
                 )?;
                 // what the slice alone would have cost with the same codec
                 let pad_bytes = match c.rank {
@@ -640,6 +668,35 @@ fn plain_round(
     match tr {
         Some(Transition::Aggregate { uploads, .. }) => {
             row.aggregated = uploads.len();
+            if let Some(plan) = &fcfg.train.client_dp {
+                for id in uploads.keys() {
+                    if let Some(c) = clients.iter_mut().find(|c| &c.id == id) {
+                        c.participated += 1;
+                    }
+                }
+                let std = match plan.noise {
+                    fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } => {
+                        noise_multiplier * plan.clip
+                    }
+                    _ => 0.0,
+                };
+                // the simulated coordinator's noise: seeded for reproducible sweeps
+                let mut noise =
+                    fedlora_dp::GaussianNoise::seeded(std, mix_seed(env.fcfg.seed, round, 7));
+                let delta = fedlora_coordinator::aggregate::central_dp_delta(
+                    plan,
+                    &fcfg.train.codec,
+                    spec,
+                    ctx,
+                    uploads.keys().map(|id| Payload {
+                        weight: 1.0,
+                        rank: None,
+                        bytes: payloads[id].as_slice(),
+                    }),
+                    &mut noise,
+                )?;
+                return Ok(Some(delta));
+            }
             let delta = aggregate_payloads(
                 env.strategy,
                 &fcfg.train.codec,
@@ -704,12 +761,22 @@ fn secure_round(
 ) -> Result<Option<FlatAdapter>, SimError> {
     let (fcfg, spec, round, ctx) = (env.fcfg, env.spec, env.round, env.ctx);
     let sa = |e: fedlora_protocol::secagg::SecAggError| SimError::SecAgg(e.to_string());
-    let Codec::Modular(mp) = &fcfg.train.codec else {
+    let codec = &fcfg.train.codec;
+    let (Some(len), Some(modulus)) = (codec.summed_len(spec.numel()), codec.modulus_bits()) else {
         return Err(SimError::Config(
-            "secure rounds need the modular codec".into(),
+            "secure rounds need a summable codec (modular or skellam)".into(),
         ));
     };
-    let len = fedlora_protocol::codec::sparse::kept(spec.numel(), mp.fraction) + 1;
+    // under client-level DP a client sends unmask shares only for a survivor set of at least
+    // the plan's min_clients, and signs the plan's digest with the survivor view
+    let plan = fcfg.train.client_dp.as_ref();
+    let policy = SecAggPolicy {
+        min_survivors: plan.map_or(SecAggPolicy::default().min_survivors, |p| {
+            p.min_clients.max(SecAggPolicy::default().min_survivors)
+        }),
+        ..SecAggPolicy::default()
+    };
+    let context = fedlora_protocol::client_dp::plan_digest(plan, codec);
     let participants: BTreeSet<String> =
         jobs.iter().map(|j| clients[j.client].id.clone()).collect();
     if participants.is_empty() {
@@ -721,13 +788,8 @@ fn secure_round(
         let c = &clients[j.client];
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
-        let mut cr = ClientRound::new(
-            round,
-            &c.id,
-            params.clone(),
-            SecAggPolicy::default(),
-            &mut rng,
-        );
+        let mut cr = ClientRound::new(round, &c.id, params.clone(), policy.clone(), &mut rng)
+            .with_context(context);
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
             .map_err(sa)?;
@@ -776,7 +838,7 @@ fn secure_round(
         let mine = deliveries.get(&c.id).cloned().unwrap_or_default();
         let y = cr.masked_input(&mine, &ints).map_err(sa)?;
         let mut packed = Vec::new();
-        fedlora_protocol::codec::bits::pack(y.iter().copied(), mp.modulus_bits(), &mut packed);
+        fedlora_protocol::codec::bits::pack(y.iter().copied(), modulus, &mut packed);
         let digest: [u8; 32] = Sha256::digest(&packed).into();
         row.bytes_up += wire(round, SecAggBody::Input(packed.clone()))?;
         row.pad_bytes_up += t.pad_bytes;
@@ -799,9 +861,13 @@ fn secure_round(
     for ci in &survivors {
         let c = &clients[*ci];
         let cr = rounds.get_mut(ci).expect("advertised");
-        let sig = cr
-            .consistency(&view, c.signer.as_ref().expect("secure runs have signers"))
-            .map_err(sa)?;
+        let sig = match cr.consistency(&view, c.signer.as_ref().expect("secure runs have signers"))
+        {
+            Ok(sig) => sig,
+            // the client's policy refuses this view (too few survivors): it withholds
+            Err(SecAggError::Threshold(_)) if plan.is_some() => continue,
+            Err(e) => return Err(sa(e)),
+        };
         row.bytes_up += wire(round, SecAggBody::Consistency(sig.clone()))?;
         server.receive_consistency(&c.id, sig).map_err(sa)?;
     }
@@ -809,19 +875,37 @@ fn secure_round(
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    let mut clients_participated = Vec::new();
     for ci in &survivors {
         let cr = rounds.get_mut(ci).expect("advertised");
         let sigs = server.signatures_for(&clients[*ci].id);
-        let resp = cr.unmask(&req, &sigs, verifier).map_err(sa)?;
+        let resp = match cr.unmask(&req, &sigs, verifier) {
+            Ok(r) => r,
+            Err(e) if plan.is_some() => {
+                tracing::debug!(round, error = %e, "client withholds its unmask shares");
+                continue;
+            }
+            Err(e) => return Err(sa(e)),
+        };
+        // from here the round's noisy sum can be released: the client is charged
+        clients_participated.push(*ci);
         row.bytes_up += wire(round, SecAggBody::Unmask(resp.clone()))?;
         server.receive_unmask(resp).map_err(sa)?;
+    }
+    if plan.is_some() {
+        for ci in clients_participated {
+            clients[ci].participated += 1;
+        }
     }
     let (sum, counted) = match server.finish() {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
     row.aggregated = counted.len();
-    let ms = ModularSum::from_sum(sum, mp.modulus_bits(), counted.len());
+    if let Codec::Skellam(p) = codec {
+        row.near_wrap = Some(p.near_wrap(&sum) as u64);
+    }
+    let ms = ModularSum::from_sum(sum, modulus, counted.len());
     // every counted client masked its full padded delta; component j is over ranks above j
     let counts = RankCounts::new(
         env.full_rank,

@@ -48,6 +48,76 @@ pub struct TrainSettings {
     /// The clients' local optimizer: `adam` (default) or `sgd`.
     #[serde(default, skip_serializing_if = "is_adam")]
     pub optimizer: fedlora_protocol::LocalOptimizer,
+    /// Settings of client-level DP points (`grid.privacy = ["central", "distributed:16"]`).
+    #[serde(default, skip_serializing_if = "ClientDpSettings::is_default")]
+    pub client_dp: ClientDpSettings,
+}
+
+/// Settings shared by every client-level DP point of a sweep.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientDpSettings {
+    /// c: colluding or Sybil clients the distributed noise tolerates.
+    pub collusion: usize,
+    /// `min_clients` as a share of the expected clients per round (rounded up).
+    pub min_fraction: f64,
+    /// Failure probability of one conditional rounding attempt.
+    pub beta: f64,
+    /// Standard deviations of modulus headroom against wrap-around.
+    pub headroom: f64,
+}
+
+impl Default for ClientDpSettings {
+    fn default() -> Self {
+        Self {
+            collusion: 0,
+            min_fraction: 0.8,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        }
+    }
+}
+
+impl ClientDpSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What a point's ε protects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privacy {
+    /// One training example, DP-SGD on each client (the default).
+    Example,
+    /// One client, Gaussian noise added by the coordinator.
+    ClientCentral,
+    /// One client, Skellam noise shares added by the clients inside secure aggregation, with
+    /// this many bits per coordinate.
+    ClientDistributed(u8),
+}
+
+impl Privacy {
+    /// Parses `example`, `central` or `distributed:BITS`.
+    pub fn parse(s: &str) -> Result<Self, SimError> {
+        match s.split_once(':') {
+            None if s == "example" => Ok(Privacy::Example),
+            None if s == "central" => Ok(Privacy::ClientCentral),
+            Some(("distributed", b)) => match b.parse::<u8>() {
+                Ok(bits) if (4..=62).contains(&bits) => Ok(Privacy::ClientDistributed(bits)),
+                _ => Err(SimError::Config(format!(
+                    "privacy `{s}`: bits must be an integer in 4..=62"
+                ))),
+            },
+            _ => Err(SimError::Config(format!(
+                "privacy `{s}`: example, central or distributed:BITS"
+            ))),
+        }
+    }
+
+    /// Whether the unit of privacy is the client.
+    pub fn client_level(self) -> bool {
+        !matches!(self, Privacy::Example)
+    }
 }
 
 fn is_adam(o: &fedlora_protocol::LocalOptimizer) -> bool {
@@ -73,6 +143,7 @@ impl Default for TrainSettings {
             dp_learning_rate: None,
             accountant: Default::default(),
             optimizer: Default::default(),
+            client_dp: ClientDpSettings::default(),
         }
     }
 }
@@ -143,6 +214,13 @@ pub struct Grid {
     /// Learning rate under DP, overriding `train.dp_learning_rate`.
     #[serde(default)]
     pub dp_learning_rate: Vec<f64>,
+    /// What ε protects: `example` (DP-SGD, the default), `central` or `distributed:BITS`
+    /// (client-level DP-FedAvg; see [`Privacy`]). Client-level points sample clients by Poisson
+    /// sampling, clip whole updates to `clip`, and are skipped at ε = inf (the non-private run
+    /// is the baseline); distributed points run secure aggregation with the Skellam codec
+    /// whatever `codec` and `secure_aggregation` say.
+    #[serde(default)]
+    pub privacy: Vec<String>,
 }
 
 fn d_eps() -> Vec<f64> {
@@ -290,6 +368,9 @@ pub struct Point {
     /// DP learning rate override.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_learning_rate: Option<f64>,
+    /// What ε protects (grid syntax; `None`: one example).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<String>,
 }
 
 fn default_strategy() -> String {
@@ -300,9 +381,17 @@ fn default_uniform() -> String {
 }
 
 impl Point {
-    /// Whether this point trains with DP.
+    /// Whether this point trains with example-level DP (DP-SGD).
     pub fn dp(&self) -> bool {
-        self.epsilon.is_finite()
+        self.epsilon.is_finite() && !self.privacy().client_level()
+    }
+
+    /// What this point's ε protects.
+    pub fn privacy(&self) -> Privacy {
+        self.privacy
+            .as_deref()
+            .and_then(|p| Privacy::parse(p).ok())
+            .unwrap_or(Privacy::Example)
     }
 
     /// The setting without the seed (points that differ only in seed are repetitions).
@@ -322,6 +411,9 @@ impl Point {
         }
         if let Some(v) = self.dp_learning_rate {
             extra.push_str(&format!(" dp_lr={v}"));
+        }
+        if let Some(v) = &self.privacy {
+            extra.push_str(&format!(" privacy={v}"));
         }
         format!(
             "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}{extra}",
@@ -403,6 +495,16 @@ impl SweepConfig {
         for cr in &g.client_ranks {
             parse_client_ranks(cr, self.task.clients)?;
         }
+        for p in &g.privacy {
+            Privacy::parse(p)?;
+        }
+        let c = &self.train.client_dp;
+        if !(c.min_fraction > 0.0 && c.min_fraction <= 1.0) {
+            return bad("train.client_dp.min_fraction must be in (0, 1]".into());
+        }
+        if !(c.beta > 0.0 && c.beta < 1.0 && c.headroom > 0.0) {
+            return bad("train.client_dp: beta in (0, 1) and headroom > 0".into());
+        }
         if g.local_steps.contains(&0) || g.batch_size.contains(&0) {
             return bad("grid.local_steps and grid.batch_size must be positive".into());
         }
@@ -452,7 +554,13 @@ impl SweepConfig {
         let steps: Vec<Option<u32>> = opt_list(&g.local_steps);
         let batches: Vec<Option<u32>> = opt_list(&g.batch_size);
         let lrs: Vec<Option<f64>> = opt_list(&g.dp_learning_rate);
+        let privacies: Vec<Option<String>> = if g.privacy.is_empty() {
+            vec![None]
+        } else {
+            g.privacy.iter().cloned().map(Some).collect()
+        };
         let sizes = [
+            privacies.len(),
             steps.len(),
             batches.len(),
             lrs.len(),
@@ -472,13 +580,16 @@ impl SweepConfig {
         let mut out = Vec::new();
         let mut skipped = Vec::new();
         for flat in 0..total {
-            let mut i = [0usize; 14];
+            let mut ii = [0usize; 15];
             let mut rest = flat;
             for k in (0..sizes.len()).rev() {
-                i[k] = rest % sizes[k];
+                ii[k] = rest % sizes[k];
                 rest /= sizes[k];
             }
-            let p = Point {
+            let privacy = privacies[ii[0]].clone();
+            let i = &ii[1..];
+            let mut p = Point {
+                privacy,
                 index: out.len(),
                 local_steps: steps[i[0]],
                 batch_size: batches[i[1]],
@@ -495,11 +606,30 @@ impl SweepConfig {
                 secure_aggregation: g.secure_aggregation[i[12]],
                 seed: g.seed[i[13]],
             };
-            let summable =
-                fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
+            match p.privacy() {
+                Privacy::ClientDistributed(bits) => {
+                    p.codec = format!("skellam-{bits}");
+                    p.secure_aggregation = true;
+                }
+                Privacy::ClientCentral => p.secure_aggregation = false,
+                Privacy::Example => {}
+            }
+            if p.privacy().client_level() && !p.epsilon.is_finite() {
+                continue; // the non-private baseline runs once, as `example` at ε = inf
+            }
+            if out
+                .iter()
+                .any(|o: &Point| o.setting() == p.setting() && o.seed == p.seed)
+            {
+                continue; // forced codec or secure flag made it a repeat
+            }
+            let summable = p.codec.starts_with("skellam-")
+                || fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
             let individual = fedlora_protocol::strategy::StrategyConfig::parse(&p.strategy)
                 .is_ok_and(|s| s.needs_individual_updates());
-            if p.secure_aggregation && (!summable || individual) {
+            if (p.secure_aggregation && (!summable || individual))
+                || (p.privacy().client_level() && individual)
+            {
                 skipped.push(p.setting());
             } else {
                 out.push(p);

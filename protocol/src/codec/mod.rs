@@ -16,6 +16,7 @@
 pub mod bits;
 pub mod modular;
 pub mod quant;
+pub mod skellam;
 pub mod sparse;
 
 use rand::{Rng, SeedableRng};
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::{AdapterSpec, FlatAdapter};
 use crate::error::ProtocolError;
 pub use modular::{ModularParams, ModularSum};
+pub use skellam::SkellamParams;
 pub use sparse::ErrorFeedback;
 
 /// The codecs a round config can choose.
@@ -59,6 +61,9 @@ pub enum Codec {
     },
     /// Integers mod 2^m whose sum the coordinator decodes (secure-masking compatible).
     Modular(ModularParams),
+    /// Distributed DP: clipped, rotated, scaled and conditionally rounded integers mod 2^m that
+    /// carry the client's share of Skellam noise; only their sum is decoded ([`skellam`]).
+    Skellam(SkellamParams),
 }
 
 /// Per-round public context of an encoding.
@@ -74,6 +79,10 @@ pub struct CodecContext {
 pub struct EncodeStats {
     /// Values clamped by a modular encoding.
     pub clamped: usize,
+    /// Conditional rounding attempts of a Skellam encoding (0 for other codecs).
+    pub rounding_tries: usize,
+    /// A Skellam encoding whose rounding never met its bound sent the zero vector.
+    pub sent_zero: bool,
 }
 
 const HEADER_LEN: usize = 2 + 4;
@@ -92,6 +101,7 @@ impl Codec {
             Codec::TopK { .. } => 4,
             Codec::SharedSubset { .. } => 5,
             Codec::Modular(_) => 6,
+            Codec::Skellam(_) => 7,
         }
     }
 
@@ -118,6 +128,10 @@ impl Codec {
             Codec::Modular(p) => format!(
                 "modular:{}:{}:{}:{}",
                 p.value_bits, p.clamp, p.fraction, p.max_weight
+            ),
+            Codec::Skellam(p) => format!(
+                "skellam:{}:{}:{}:{}:{}:{}",
+                p.bits, p.clip, p.scale, p.l2_bound, p.share, p.expected_clients
             ),
         }
     }
@@ -156,6 +170,23 @@ impl Codec {
                     p.max_weight = num(v)? as u64;
                 }
                 Codec::Modular(p)
+            }
+            "skellam" => {
+                let parts: Vec<&str> = rest.split(':').collect();
+                if parts.len() != 6 {
+                    return Err(codec_err(format!(
+                        "codec `{name}`: skellam:BITS:CLIP:SCALE:L2_BOUND:SHARE:EXPECTED_CLIENTS \
+                         (set by the privacy plan)"
+                    )));
+                }
+                Codec::Skellam(SkellamParams {
+                    bits: num(parts[0])? as u8,
+                    clip: num(parts[1])?,
+                    scale: num(parts[2])?,
+                    l2_bound: num(parts[3])?,
+                    share: num(parts[4])?,
+                    expected_clients: num(parts[5])?,
+                })
             }
             q if q.starts_with('q') => {
                 let (b, rotate) = match q.strip_suffix("-norot") {
@@ -210,6 +241,7 @@ impl Codec {
                 }
             }
             Codec::Modular(p) => p.validate()?,
+            Codec::Skellam(p) => p.validate()?,
             Codec::DenseF32 | Codec::F16 => {}
         }
         Ok(())
@@ -230,7 +262,7 @@ impl Codec {
         match self {
             Codec::DenseF32 => Some(2f64.powi(-23)),
             Codec::F16 | Codec::TopK { .. } | Codec::SharedSubset { .. } => Some(f16_tau),
-            Codec::Quantized { .. } => None,
+            Codec::Quantized { .. } | Codec::Skellam(_) => None,
             Codec::Modular(p) => {
                 let k = sparse::kept(n, p.fraction) as f64;
                 Some(k.sqrt() * (p.clamp / p.levels() as f64) / bound + 2f64.powi(-23))
@@ -241,7 +273,25 @@ impl Codec {
     /// Whether the coordinator can add encodings of this codec without decoding them one by
     /// one (required under secure masking).
     pub fn is_summable(&self) -> bool {
-        matches!(self, Codec::Modular(_))
+        self.modulus_bits().is_some()
+    }
+
+    /// m of a summable codec: its integers (and their sum) are kept mod 2^m.
+    pub fn modulus_bits(&self) -> Option<u32> {
+        match self {
+            Codec::Modular(p) => Some(p.modulus_bits()),
+            Codec::Skellam(p) => Some(u32::from(p.bits)),
+            _ => None,
+        }
+    }
+
+    /// Integers per upload of a summable codec for `n` values (what secure aggregation masks).
+    pub fn summed_len(&self, n: usize) -> Option<usize> {
+        match self {
+            Codec::Modular(p) => Some(sparse::kept(n, p.fraction) + 1),
+            Codec::Skellam(_) => Some(SkellamParams::dim(n)),
+            _ => None,
+        }
     }
 
     /// Whether the codec drops information that error feedback should carry to the next round.
@@ -319,6 +369,16 @@ impl Codec {
                 stats.clamped = clamped;
                 bits::pack(ints, p.modulus_bits(), &mut out);
             }
+            Codec::Skellam(p) => match p.to_ints(values, ctx.round_seed, rng) {
+                Ok((ints, st)) => {
+                    stats.rounding_tries = st.rounding_tries;
+                    stats.sent_zero = st.sent_zero;
+                    bits::pack(ints, u32::from(p.bits), &mut out);
+                }
+                // unreachable for validated parameters; an empty body is refused by every
+                // decoder and carries nothing of the update
+                Err(_) => stats.sent_zero = true,
+            },
         }
         (out, stats)
     }
@@ -341,6 +401,10 @@ impl Codec {
                     &sparse::shared_subset(n, sparse::kept(n, p.fraction), ctx.round_seed),
                     &sub,
                 )
+            }
+            Codec::Skellam(p) => {
+                let ints = codec.modular_ints(body, n)?;
+                p.from_ints(&ints, n, ctx.round_seed)
             }
             _ => codec.decode_body(body, n, ctx)?,
         };
@@ -491,17 +555,18 @@ impl Codec {
                 }
                 scatter(n, &idx, &f16s(body))
             }
-            Codec::Modular(_) => unreachable!("handled by the caller"),
+            Codec::Modular(_) | Codec::Skellam(_) => {
+                return Err(codec_err("summable codecs are decoded by the caller"))
+            }
         })
     }
 
     fn modular_ints(&self, body: &[u8], n: usize) -> Result<Vec<u64>, ProtocolError> {
-        let Codec::Modular(p) = self else {
-            return Err(codec_err("not a modular codec"));
+        let (Some(len), Some(m)) = (self.summed_len(n), self.modulus_bits()) else {
+            return Err(codec_err("not a summable codec"));
         };
-        let k = sparse::kept(n, p.fraction);
-        bits::unpack(body, k + 1, p.modulus_bits())
-            .ok_or_else(|| codec_err("modular body has the wrong length"))
+        bits::unpack(body, len, m)
+            .ok_or_else(|| codec_err(format!("{} body has the wrong length", self.name())))
     }
 
     /// The integers of a modular encoding (for summing without decoding each upload).
@@ -522,10 +587,22 @@ impl Codec {
         spec: &AdapterSpec,
         ctx: &CodecContext,
     ) -> Result<(FlatAdapter, f64), ProtocolError> {
-        let Codec::Modular(p) = self else {
-            return Err(codec_err("not a modular codec"));
-        };
         let n = spec.numel();
+        let p = match self {
+            Codec::Modular(p) => p,
+            Codec::Skellam(p) => {
+                let len = SkellamParams::dim(n);
+                if sum.ints().len() != len {
+                    return Err(ProtocolError::ShapeMismatch {
+                        expected: len,
+                        got: sum.ints().len(),
+                    });
+                }
+                let values = p.from_ints(sum.ints(), n, ctx.round_seed);
+                return Ok((FlatAdapter::new(spec.clone(), values)?, p.expected_clients));
+            }
+            _ => return Err(codec_err("not a summable codec")),
+        };
         let (sub, w) = p.from_ints(sum.ints());
         let idx = sparse::shared_subset(n, sparse::kept(n, p.fraction), ctx.round_seed);
         if sub.len() != idx.len() {

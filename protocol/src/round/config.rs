@@ -34,6 +34,32 @@ pub struct FederationConfig {
     pub train: TrainConfig,
     /// How the round's mean delta becomes the next global adapter (FedAvg by default).
     pub strategy: crate::strategy::StrategyConfig,
+    /// How a round's participants are drawn from the connected clients.
+    pub sampling: Sampling,
+}
+
+/// How a round's participants are drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// `clients_per_round` of the connected clients, shuffled with ChaCha20 seeded by
+    /// `seed ⊕ round`.
+    #[default]
+    Fixed,
+    /// Poisson sampling: each connected client independently with probability
+    /// q = min(1, `clients_per_round` ÷ connected), drawn from the OS CSPRNG; q is recorded in
+    /// the round. What client-level DP's amplification by sampling assumes.
+    Poisson,
+    /// Poisson sampling from ChaCha20 seeded by `seed ⊕ round`: **tests and simulations only**
+    /// (whoever knows the seed knows the sample).
+    PoissonSeeded,
+}
+
+impl Sampling {
+    /// Whether each client is included independently (amplification by Poisson sampling).
+    pub fn is_poisson(self) -> bool {
+        matches!(self, Sampling::Poisson | Sampling::PoissonSeeded)
+    }
 }
 
 impl Default for FederationConfig {
@@ -50,6 +76,7 @@ impl Default for FederationConfig {
             seed: 42,
             train: TrainConfig::default(),
             strategy: crate::strategy::StrategyConfig::default(),
+            sampling: Sampling::Fixed,
         }
     }
 }
@@ -132,6 +159,9 @@ impl FederationConfig {
             sec.validate(self.clients_per_round)
                 .map_err(|e| ProtocolError::Config(e.to_string()))?;
         }
+        if let Some(plan) = &self.train.client_dp {
+            self.validate_client_dp(plan)?;
+        }
         if let Some(dp) = &self.train.dp {
             if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
                 return bad("the DP clip norm must be positive and finite");
@@ -142,6 +172,47 @@ impl FederationConfig {
             if self.train.weighting != Weighting::Uniform {
                 return bad("under DP an exact example count is private: use uniform weighting");
             }
+        }
+        Ok(())
+    }
+
+    fn validate_client_dp(
+        &self,
+        plan: &crate::client_dp::ClientDpPlan,
+    ) -> Result<(), ProtocolError> {
+        use crate::client_dp::ClientDpMode;
+        let bad = |m: String| Err(ProtocolError::Config(format!("client-level DP: {m}")));
+        plan.check_consistent(
+            &self.train.codec,
+            self.train.secure.as_ref().map(|s| s.modulus_bits),
+        )
+        .map_err(|e| ProtocolError::Config(e.to_string()))?;
+        if !self.sampling.is_poisson() {
+            return bad("needs Poisson sampling (sampling = \"poisson\")".into());
+        }
+        if self.train.dp.is_some() {
+            return bad("example-level DP-SGD and client-level DP are separate plans".into());
+        }
+        if self.train.weighting != Weighting::Uniform {
+            return bad("needs uniform weighting".into());
+        }
+        if self.strategy.needs_individual_updates() {
+            return bad(format!(
+                "strategy {} needs each client's update, not the noisy sum",
+                self.strategy.name()
+            ));
+        }
+        if plan.min_clients != self.min_clients {
+            return bad(format!(
+                "the plan's min_clients {} differs from the federation's {}",
+                plan.min_clients, self.min_clients
+            ));
+        }
+        if plan.rounds < self.rounds {
+            return bad("the plan must cover every round (plan rounds ≥ rounds)".into());
+        }
+        if plan.mode == ClientDpMode::Central && self.train.codec.is_summable() {
+            return bad("central mode adds noise to a plaintext sum: use a plaintext codec".into());
         }
         Ok(())
     }

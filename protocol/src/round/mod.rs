@@ -27,7 +27,7 @@ use crate::error::{ProtocolError, Refusal, RefusalCode};
 use crate::message::{DeclineReason, Weighting};
 
 pub use crate::identity::ClientId;
-pub use config::FederationConfig;
+pub use config::{FederationConfig, Sampling};
 pub use state::{
     Directive, FederationState, OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
 };
@@ -328,7 +328,7 @@ impl Federation {
                     return None;
                 }
                 let round = self.state.next_round;
-                let selected = self.sample(round);
+                let (selected, sampling_rate) = self.sample(round);
                 self.state.next_round += 1;
                 self.state.phase = Phase::Training(OpenRound {
                     round,
@@ -338,6 +338,7 @@ impl Federation {
                     closed: false,
                     declined: BTreeMap::new(),
                     uploads: BTreeMap::new(),
+                    sampling_rate,
                 });
                 Some(Transition::RoundStarted { round, selected })
             }
@@ -443,15 +444,39 @@ impl Federation {
         Ok(())
     }
 
-    /// Seeded sample of K connected clients for `round`: sort, shuffle with ChaCha20 seeded by
-    /// `seed ⊕ round`, take K.
-    fn sample(&self, round: u64) -> BTreeSet<ClientId> {
-        let mut ids: Vec<ClientId> = self.connected.iter().cloned().collect();
-        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(self.config.seed ^ round);
-        ids.shuffle(&mut rng);
-        ids.into_iter()
-            .take(self.config.clients_per_round)
-            .collect()
+    /// The participants of `round` and, under Poisson sampling, q. Fixed: sort, shuffle with
+    /// ChaCha20 seeded by `seed ⊕ round`, take K. Poisson: each connected client with
+    /// probability q = min(1, K ÷ connected), from the OS CSPRNG (or the seeded ChaCha20 under
+    /// [`Sampling::PoissonSeeded`]); if the OS generator fails nobody is sampled and the round
+    /// fails like an empty one.
+    fn sample(&self, round: u64) -> (BTreeSet<ClientId>, Option<f64>) {
+        let seeded = || rand::rngs::ChaCha20Rng::seed_from_u64(self.config.seed ^ round);
+        let ids: Vec<ClientId> = self.connected.iter().cloned().collect();
+        let mut rng = match self.config.sampling {
+            Sampling::Fixed => {
+                let mut ids = ids;
+                ids.shuffle(&mut seeded());
+                return (
+                    ids.into_iter()
+                        .take(self.config.clients_per_round)
+                        .collect(),
+                    None,
+                );
+            }
+            Sampling::PoissonSeeded => seeded(),
+            Sampling::Poisson => {
+                match rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng) {
+                    Ok(r) => r,
+                    Err(_) => return (BTreeSet::new(), Some(0.0)),
+                }
+            }
+        };
+        let q = (self.config.clients_per_round as f64 / ids.len().max(1) as f64).min(1.0);
+        let picked = ids
+            .into_iter()
+            .filter(|_| rand::RngExt::random::<f64>(&mut rng) < q)
+            .collect();
+        (picked, Some(q))
     }
 }
 

@@ -42,6 +42,10 @@ pub struct OpenRound {
     pub declined: BTreeMap<ClientId, DeclineReason>,
     /// Accepted uploads.
     pub uploads: BTreeMap<ClientId, UploadMeta>,
+    /// q of a Poisson-sampled round: each connected client was included with this
+    /// probability (`None` under fixed-size sampling).
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
 }
 
 /// Where the federation is.

@@ -63,6 +63,8 @@ pub struct ClientRound {
     stage: ClientStage,
     roster_hash: [u8; 32],
     graph_seed: [u8; 32],
+    /// The round configuration's digest, bound into the consistency message.
+    context: [u8; 32],
     /// The consistency message (a SHA-256) this client signed: it answers an unmask request
     /// for that view only, and keeps O(1) of it however large the round.
     signed: Option<[u8; 32]>,
@@ -119,12 +121,21 @@ impl ClientRound {
             stage: ClientStage::AdvertiseKeys,
             roster_hash: [0; 32],
             graph_seed: [0; 32],
+            context: [0; 32],
             signed: None,
             ids: std::sync::Arc::from(Vec::new()),
             peers: BTreeMap::new(),
             neighbours: BTreeSet::new(),
             held: BTreeMap::new(),
         }
+    }
+
+    /// Binds the round's context (e.g. [`crate::client_dp::plan_digest`] of the offer) into
+    /// the consistency message this client signs and checks its neighbours' signatures over:
+    /// a coordinator that showed clients different contexts gets no unmask shares.
+    pub fn with_context(mut self, context: [u8; 32]) -> Self {
+        self.context = context;
+        self
     }
 
     /// The current stage.
@@ -424,7 +435,13 @@ impl ClientRound {
         }
         self.stage = ClientStage::Done;
         self.check_view(req)?;
-        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
+        let msg = consistency_message(
+            self.round,
+            &self.roster_hash,
+            &self.graph_seed,
+            &self.context,
+            req,
+        );
         let sig = signer.sign(&msg)?;
         self.signed = Some(msg);
         self.stage = ClientStage::Unmask;
@@ -445,7 +462,13 @@ impl ClientRound {
         }
         self.stage = ClientStage::Done;
         // the view this client signed (and checked when it signed it), or nothing
-        let msg = consistency_message(self.round, &self.roster_hash, &self.graph_seed, req);
+        let msg = consistency_message(
+            self.round,
+            &self.roster_hash,
+            &self.graph_seed,
+            &self.context,
+            req,
+        );
         if self.signed != Some(msg) {
             return Err(SecAggError::PeerMisbehaved(
                 "unmask request for another survivor view than the one signed".into(),

@@ -215,20 +215,23 @@ pub fn graph_seed(round: u64, roster_hash: &[u8; 32]) -> [u8; 32] {
 }
 
 /// What each survivor signs in the consistency check: the SHA-256 of a domain tag, the round,
-/// the roster hash, the graph seed, and the survivor and dropped sets (length-prefixed ids, in
-/// order). Hashed in one streaming pass, so a client hashes the O(n) view once and signs and
+/// the roster hash, the graph seed, the round's context (the digest of its privacy plan and
+/// codec, [`crate::client_dp::plan_digest`], so survivors that were shown different plans sign
+/// different messages), and the survivor and dropped sets (length-prefixed ids, in order). Hashed in one streaming pass, so a client hashes the O(n) view once and signs and
 /// checks its neighbours' signatures over 32 bytes.
 pub fn consistency_message(
     round: u64,
     roster_hash: &[u8; 32],
     graph_seed: &[u8; 32],
+    context: &[u8; 32],
     req: &UnmaskRequest,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"fedlora-secagg-consistency-v3");
+    h.update(b"fedlora-secagg-consistency-v4");
     h.update(round.to_be_bytes());
     h.update(roster_hash);
     h.update(graph_seed);
+    h.update(context);
     for set in [&req.survivors, &req.dropped] {
         h.update((set.len() as u64).to_be_bytes());
         for id in set {
