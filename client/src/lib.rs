@@ -2,6 +2,7 @@
 //! client that takes part in a federation.
 
 pub mod adapter;
+pub mod client_dp;
 pub mod data;
 pub mod error;
 pub mod learner;

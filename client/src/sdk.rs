@@ -16,12 +16,14 @@ use fedlora_protocol::{
 };
 use tracing::{info, warn};
 
+use crate::client_dp::ClientDpRecord;
 use crate::data::ClientData;
 use crate::error::ClientError;
 use crate::learner::{encode_update, local_update, os_rng, ClientSeeds, Learner, LmLearner};
 use crate::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
 use crate::train::LocalTrainer;
 use crate::transport::{endpoint, ClientTls, Session};
+use fedlora_protocol::client_dp::{ClientDpPlan, ClientDpPolicy, PlanRefusal};
 
 /// Settings of a federated client.
 #[derive(Clone, Debug)]
@@ -60,6 +62,10 @@ pub struct ClientConfig {
     /// device's memory). `None`: the federation's rank. Below it, the coordinator sends this
     /// client the rank slice of the global adapter and it uploads its delta zero-padded.
     pub max_rank: Option<u32>,
+    /// What this client requires of a client-level DP plan ([`ClientDpPolicy`]: its ε, by (b)
+    /// unless it trusts the coordinator, δ, `min_clients`, collusion bound). `None`: it takes
+    /// part in any consistent plan, and still keeps its own record of what it was charged.
+    pub client_dp: Option<ClientDpPolicy>,
 }
 
 impl ClientConfig {
@@ -79,6 +85,7 @@ impl ClientConfig {
             noise_seed: None,
             secagg: SecAggPolicy::default(),
             max_rank: None,
+            client_dp: None,
         }
     }
 
@@ -158,6 +165,8 @@ pub struct FederatedClient {
     /// trained from the same version (a round failed on purpose and retried would otherwise
     /// give the coordinator two views of one delta).
     unmasked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// The client-level DP rounds this client was charged for (its own record).
+    client_dp: std::sync::Mutex<ClientDpRecord>,
 }
 
 /// One secure round on the client: its stage machine, the peers' verifier from the roster's
@@ -167,6 +176,9 @@ struct SecureState {
     cr: ClientRound,
     verifier: Option<P256Verifier>,
     masked_version: Option<u64>,
+    /// The client-level DP plan (and its codec) the masked input was made under: the client
+    /// is charged for it when its unmask shares leave.
+    client_dp: Option<(ClientDpPlan, Codec)>,
 }
 
 enum Work {
@@ -244,6 +256,7 @@ impl FederatedClient {
     ) -> Result<Self, ClientError> {
         config.validate()?;
         let unmasked = load_unmasked(config.state_dir.as_deref())?;
+        let client_dp = ClientDpRecord::load(config.state_dir.as_deref())?;
         let privacy = match (config.privacy, &config.state_dir) {
             (Some(t), Some(dir)) => Some(PrivacyState::open(dir, t)?),
             _ => None,
@@ -256,6 +269,7 @@ impl FederatedClient {
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
             unmasked: std::sync::Mutex::new(unmasked),
+            client_dp: std::sync::Mutex::new(client_dp),
             config,
         })
     }
@@ -555,6 +569,7 @@ impl FederatedClient {
                     cr,
                     verifier: None,
                     masked_version: None,
+                    client_dp: None,
                 });
                 return Ok(SecAggBody::Keys(keys));
             }
@@ -594,6 +609,13 @@ impl FederatedClient {
                         .cr
                         .unmask(&request, &signatures, v)
                         .map_err(|e| e.to_string())?;
+                    if let Some((plan, codec)) = &st.client_dp {
+                        // charged (durably) before the shares that release the noisy sum leave
+                        let mut rec = self.client_dp.lock().expect("lock");
+                        rec.record(plan, codec, round);
+                        rec.save(self.config.state_dir.as_deref())
+                            .map_err(|e| e.to_string())?;
+                    }
                     if let Some(version) = st.masked_version {
                         // recorded (durably, with a state directory) before any share leaves
                         let mut done = self.unmasked.lock().expect("lock");
@@ -688,7 +710,7 @@ impl FederatedClient {
             weight,
             &mut rng,
             &mut residual,
-            offer.config.max_update_norm,
+            offer.config.update_clip(),
         )?;
         if enc.clamped > 0 {
             info!(
@@ -786,8 +808,18 @@ impl FederatedClient {
         if let Some(reason) = self.secure_policy(&offer) {
             return Ok(Work::Decline(offer.round, reason));
         }
+        // a client-level DP plan is checked against this client's minimums before training
+        if let Some(plan) = &offer.config.client_dp {
+            if let Err(reason) = self.admit_client_dp(plan, &offer.config) {
+                warn!(round = offer.round, %reason, "client-level DP plan refused");
+                return Ok(Work::Decline(
+                    offer.round,
+                    DeclineReason::ClientDpPlanRefused,
+                ));
+            }
+        }
         // the budget decides before any data is touched; spending is flushed before training
-        let dp_round = offer.config.dp.is_some();
+        let dp_round = offer.config.dp.is_some() || offer.config.client_dp.is_some();
         let (dp, eps) = {
             let mut guard = self.privacy.lock().expect("lock");
             match decide_round(
@@ -827,7 +859,7 @@ impl FederatedClient {
             let codec = &offer.config.codec;
             let bytes = self.encode_delta(&out.delta, &offer, 1)?;
             let ints = codec.modular_payload(&bytes, self.learner.spec())?;
-            let Codec::Modular(p) = codec else {
+            let Some(modulus) = codec.modulus_bits() else {
                 return Ok(Work::Decline(
                     offer.round,
                     DeclineReason::SecureAggregationPolicy,
@@ -837,6 +869,15 @@ impl FederatedClient {
             let Some(st) = guard.as_mut().filter(|g| g.round == offer.round) else {
                 return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
             };
+            if let Some(plan) = &offer.config.client_dp {
+                // survivors sign the plan with their view; fewer than min_clients get no shares
+                let digest = fedlora_protocol::client_dp::plan_digest(Some(plan), codec);
+                if st.cr.bind(digest, plan.min_clients).is_err() {
+                    *guard = None;
+                    return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
+                }
+                st.client_dp = Some((plan.clone(), codec.clone()));
+            }
             let masked = match st.cr.masked_input(shares, &ints) {
                 Ok(m) => m,
                 Err(e) => {
@@ -847,12 +888,18 @@ impl FederatedClient {
             };
             st.masked_version = Some(offer.global_version);
             let mut packed = Vec::new();
-            fedlora_protocol::codec::bits::pack(masked, p.modulus_bits(), &mut packed);
+            fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
             return Ok(Work::Masked(offer.round, packed));
         }
+        if let Some(plan) = &offer.config.client_dp {
+            // central mode: charged (durably) before the update leaves
+            let mut rec = self.client_dp.lock().expect("lock");
+            rec.record(plan, &offer.config.codec, offer.round);
+            rec.save(self.config.state_dir.as_deref())?;
+        }
         if dp_round {
-            // post-processing of DP-SGD outputs only: the type has no room for a loss, a count
-            // or ε
+            // post-processing of DP outputs only: the type has no room for a loss, a count or ε
+            // (a client-level round has no noised loss to send)
             return Ok(Work::Upload(ClientMsg::PrivateUpload(PrivateUpload {
                 round: offer.round,
                 spec_hash: self.learner.spec().hash(),
@@ -871,6 +918,29 @@ impl FederatedClient {
             train_loss: out.train_loss,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         })))
+    }
+
+    /// Checks a client-level DP plan: consistent with the round's codec and secure
+    /// aggregation, and within this client's policy given the rounds it already took part in.
+    fn admit_client_dp(
+        &self,
+        plan: &ClientDpPlan,
+        cfg: &fedlora_protocol::TrainConfig,
+    ) -> Result<(), PlanRefusal> {
+        let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
+        match &self.config.client_dp {
+            None => plan.check_consistent(&cfg.codec, modulus),
+            Some(policy) => {
+                let done = self
+                    .client_dp
+                    .lock()
+                    .expect("lock")
+                    .participated(plan, &cfg.codec);
+                let eps = plan.admit(policy, &cfg.codec, modulus, done)?;
+                info!(eps, taken_part = done, "client-level DP plan admitted");
+                Ok(())
+            }
+        }
     }
 
     /// The spec of the rank slice `offer` asks this client to train (`None`: the full rank), or
@@ -947,7 +1017,7 @@ pub fn secure_policy_decision(
     if (secure || policy.required) && plaintext {
         return Some(DeclineReason::SecureAggregationPolicy);
     }
-    if secure && !matches!(offer.config.codec, Codec::Modular(_)) {
+    if secure && !offer.config.codec.is_summable() {
         return Some(DeclineReason::SecureAggregationPolicy);
     }
     if !plaintext && unmasked_versions.contains(&offer.global_version) {

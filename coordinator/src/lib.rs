@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod metrics;
+pub mod privacy_plan;
 pub mod secure;
 pub mod server;
 pub mod status;

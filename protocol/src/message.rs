@@ -18,7 +18,7 @@ use crate::error::Refusal;
 /// over every client's keys and its neighbours' keys with inclusion proofs
 /// ([`crate::secagg::RosterView`]), and only its neighbours' certificates and signatures; a
 /// client whose upload is stored is told how long to wait (`Task::AlreadyUploaded`).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -217,6 +217,10 @@ pub enum DeclineReason {
     SecureStateLost,
     /// The offered LoRA rank is above the client's `max_rank`, or not a slice of its adapter.
     RankNotSupported,
+    /// The client-level DP plan is inconsistent or weaker than the client requires (too
+    /// little noise for its ε, too small `min_clients` or collusion bound, or central mode
+    /// for a client that does not trust the coordinator).
+    ClientDpPlanRefused,
 }
 
 impl DeclineReason {
@@ -230,6 +234,7 @@ impl DeclineReason {
             Self::NoPrivacyTarget => "no privacy target for a DP round",
             Self::DpRequired => "a privacy target and a round without DP",
             Self::WeightingNotPrivate => "example-count weighting under DP",
+            Self::ClientDpPlanRefused => "the client-level DP plan is below the client's minimums",
             Self::SecureAggregationPolicy => "secure-aggregation policy",
             Self::SecureStateLost => "secure-aggregation state lost",
             Self::RankNotSupported => "the offered LoRA rank is not supported",

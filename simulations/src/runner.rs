@@ -77,16 +77,21 @@ pub fn federation_config(
     clients: usize,
     numel: usize,
 ) -> Result<FederationConfig, SimError> {
-    let cdp = crate::client_dp::setup(sweep, point, clients, numel)?;
-    let codec = match cdp.as_ref().and_then(|c| c.codec.clone()) {
-        Some(c) => c,
-        None => Codec::from_name(&point.codec)?,
+    let cdp = crate::client_dp::request(sweep, point, clients);
+    // a distributed point's codec is planned below (its name is only a label)
+    let codec = if point.codec.starts_with("skellam-") {
+        Codec::DenseF32
+    } else {
+        Codec::from_name(&point.codec)?
     };
     let dp = point.dp().then_some(DpPlan {
         clip_norm: point.clip,
         planned_rounds: point.rounds,
     });
-    let secure = match (codec.modulus_bits(), point.secure_aggregation) {
+    let secure = match (
+        codec.modulus_bits(),
+        point.secure_aggregation && cdp.is_none(),
+    ) {
         (Some(modulus_bits), true) => {
             let k = point.clients_per_round;
             let neighbours = if k <= 16 { 0 } else { 14 };
@@ -110,10 +115,14 @@ pub fn federation_config(
         _ => None,
     };
     let t = &sweep.train;
-    let cfg = FederationConfig {
+    let mut cfg = FederationConfig {
         rounds: point.rounds,
         clients_per_round: point.clients_per_round,
-        min_clients: cdp.as_ref().map_or(1, |c| c.plan.min_clients),
+        min_clients: if cdp.is_some() {
+            crate::client_dp::min_clients(sweep, point)
+        } else {
+            1
+        },
         round_timeout_ms: ROUND_TIMEOUT_MS,
         start_grace_ms: ROUND_TIMEOUT_MS,
         eval_timeout_ms: 1_000,
@@ -140,14 +149,15 @@ pub fn federation_config(
             proximal_mu: 0.0,
             max_update_norm: None,
             optimizer: t.optimizer,
-            client_dp: cdp.as_ref().map(|c| c.plan.clone()),
+            client_dp: None,
         },
-        sampling: if cdp.is_some() {
-            Sampling::PoissonSeeded
-        } else {
-            Sampling::Fixed
-        },
+        sampling: Sampling::Fixed,
     };
+    if let Some(req) = &cdp {
+        // the deployment's planner, with seeded Poisson sampling for reproducible sweeps
+        fedlora_coordinator::privacy_plan::apply(req, &mut cfg, numel, true)
+            .map_err(|e| SimError::Config(e.to_string()))?;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -770,12 +780,8 @@ fn secure_round(
     // under client-level DP a client sends unmask shares only for a survivor set of at least
     // the plan's min_clients, and signs the plan's digest with the survivor view
     let plan = fcfg.train.client_dp.as_ref();
-    let policy = SecAggPolicy {
-        min_survivors: plan.map_or(SecAggPolicy::default().min_survivors, |p| {
-            p.min_clients.max(SecAggPolicy::default().min_survivors)
-        }),
-        ..SecAggPolicy::default()
-    };
+    let policy = SecAggPolicy::default();
+    let min_survivors = plan.map_or(0, |p| p.min_clients);
     let context = fedlora_protocol::client_dp::plan_digest(plan, codec);
     let participants: BTreeSet<String> =
         jobs.iter().map(|j| clients[j.client].id.clone()).collect();
@@ -788,8 +794,8 @@ fn secure_round(
         let c = &clients[j.client];
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
-        let mut cr = ClientRound::new(round, &c.id, params.clone(), policy.clone(), &mut rng)
-            .with_context(context);
+        let mut cr = ClientRound::new(round, &c.id, params.clone(), policy.clone(), &mut rng);
+        cr.bind(context, min_survivors).map_err(sa)?;
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
             .map_err(sa)?;

@@ -106,15 +106,19 @@ pub(super) fn finish_secure(
             counted.len()
         )));
     }
-    let Codec::Modular(p) = &codec else {
+    let Some(modulus) = codec.modulus_bits() else {
         return Err(CoordinatorError::Config(
-            "secure rounds need the modular codec".into(),
+            "secure rounds need a summable codec (modular or skellam)".into(),
         ));
     };
     let ctx = CodecContext {
         round_seed: codec_seed(seed, round),
     };
-    let ms = ModularSum::from_sum(sum, p.modulus_bits(), counted.len());
+    if let Codec::Skellam(p) = &codec {
+        let near = p.near_wrap(&sum);
+        info!(round, near_wrap = near, "distributed-DP sum unmasked");
+    }
+    let ms = ModularSum::from_sum(sum, modulus, counted.len());
     let full = shared.full_rank;
     let counts = fedlora_protocol::rank::RankCounts::new(
         full,
@@ -168,12 +172,13 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
                 let fed = shared.fed.lock().expect("lock");
                 (fed.config().train.clone(), fed.config().round_timeout_ms)
             };
-            if let (Some(params), Codec::Modular(p)) = (&train.secure, &train.codec) {
-                let k = fedlora_protocol::codec::sparse::kept(shared.spec.numel(), p.fraction);
+            if let (Some(params), Some(len)) =
+                (&train.secure, train.codec.summed_len(shared.spec.numel()))
+            {
                 *shared.secure.lock().expect("lock") = Some(SecureRound::new(
                     round,
                     params.clone(),
-                    k + 1,
+                    len,
                     selected.clone(),
                     now,
                     timeout,
@@ -268,9 +273,14 @@ pub(super) fn aggregate(
     round: u64,
     uploads: &BTreeMap<String, UploadMeta>,
 ) -> Result<FlatAdapter> {
-    let (codec, seed) = {
+    let (codec, seed, client_dp) = {
         let fed = shared.fed.lock().expect("lock");
-        (fed.config().train.codec.clone(), fed.config().seed)
+        let train = &fed.config().train;
+        (
+            train.codec.clone(),
+            fed.config().seed,
+            train.client_dp.clone(),
+        )
     };
     let ctx = CodecContext {
         round_seed: codec_seed(seed, round),
@@ -279,6 +289,29 @@ pub(super) fn aggregate(
     for (client, meta) in uploads {
         let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
         payloads.push((meta.weight, meta.rank, bytes));
+    }
+    if let Some(plan) = client_dp.as_ref() {
+        let fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } = plan.noise
+        else {
+            return Err(CoordinatorError::Config(
+                "plaintext client-level DP rounds are central (Gaussian noise)".into(),
+            ));
+        };
+        // central mode: the coordinator's noise, from the OS CSPRNG
+        let mut noise = fedlora_dp::GaussianNoise::from_os(noise_multiplier * plan.clip)
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        return crate::aggregate::central_dp_delta(
+            plan,
+            &codec,
+            &shared.spec,
+            &ctx,
+            payloads.iter().map(|(_, _, b)| crate::aggregate::Payload {
+                weight: 1.0,
+                rank: None,
+                bytes: b.as_slice(),
+            }),
+            &mut noise,
+        );
     }
     crate::aggregate::aggregate_payloads(
         shared.strategy.as_ref(),

@@ -18,7 +18,7 @@ pub(super) struct Received {
 }
 
 /// Refuses an upload of the wrong kind for this federation: a plain upload (with a loss and a
-/// weight) in a DP federation, a private one without DP, and any unmasked upload in a secure
+/// weight) in a DP federation (example- or client-level), a private one without DP, and any unmasked upload in a secure
 /// federation.
 pub(super) fn check_kind(
     train: &fedlora_protocol::TrainConfig,
@@ -28,7 +28,7 @@ pub(super) fn check_kind(
     if train.secure.is_some() {
         return wrong("this federation aggregates securely: send a masked input, not an upload");
     }
-    match (train.dp.is_some(), private) {
+    match (train.dp.is_some() || train.client_dp.is_some(), private) {
         (true, false) => wrong("this federation trains under DP: send a private upload"),
         (false, true) => wrong("this federation trains without DP: send a plain upload"),
         _ => Ok(()),

@@ -143,17 +143,16 @@ impl FederationConfig {
             }
         }
         if let Some(sec) = &self.train.secure {
-            let crate::codec::Codec::Modular(p) = &self.train.codec else {
+            let Some(m) = self.train.codec.modulus_bits() else {
                 return bad(
-                    "secure aggregation needs the modular codec (its sum is what is unmasked)",
+                    "secure aggregation needs a summable codec, modular or skellam (its sum is \
+                     what is unmasked)",
                 );
             };
-            if sec.modulus_bits != p.modulus_bits() {
+            if sec.modulus_bits != m {
                 return Err(ProtocolError::Config(format!(
-                    "secure aggregation's modulus_bits is {}; it must equal the modular codec's \
-                     m, {}",
-                    sec.modulus_bits,
-                    p.modulus_bits()
+                    "secure aggregation's modulus_bits is {}; it must equal the codec's m, {m}",
+                    sec.modulus_bits
                 )));
             }
             sec.validate(self.clients_per_round)

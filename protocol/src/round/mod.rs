@@ -446,7 +446,7 @@ impl Federation {
 
     /// The participants of `round` and, under Poisson sampling, q. Fixed: sort, shuffle with
     /// ChaCha20 seeded by `seed ⊕ round`, take K. Poisson: each connected client with
-    /// probability q = min(1, K ÷ connected), from the OS CSPRNG (or the seeded ChaCha20 under
+    /// probability q = min(1, K ÷ connected, the client-level plan's q), from the OS CSPRNG (or the seeded ChaCha20 under
     /// [`Sampling::PoissonSeeded`]); if the OS generator fails nobody is sampled and the round
     /// fails like an empty one.
     fn sample(&self, round: u64) -> (BTreeSet<ClientId>, Option<f64>) {
@@ -471,7 +471,11 @@ impl Federation {
                 }
             }
         };
-        let q = (self.config.clients_per_round as f64 / ids.len().max(1) as f64).min(1.0);
+        let mut q = (self.config.clients_per_round as f64 / ids.len().max(1) as f64).min(1.0);
+        // under client-level DP never sample above the rate the plan was calibrated for
+        if let Some(plan) = &self.config.train.client_dp {
+            q = q.min(plan.sampling_rate);
+        }
         let picked = ids
             .into_iter()
             .filter(|_| rand::RngExt::random::<f64>(&mut rng) < q)

@@ -131,11 +131,20 @@ impl ClientRound {
     }
 
     /// Binds the round's context (e.g. [`crate::client_dp::plan_digest`] of the offer) into
-    /// the consistency message this client signs and checks its neighbours' signatures over:
-    /// a coordinator that showed clients different contexts gets no unmask shares.
-    pub fn with_context(mut self, context: [u8; 32]) -> Self {
+    /// the consistency message this client signs and checks its neighbours' signatures over,
+    /// and raises the fewest survivors it accepts to `min_survivors` (a client-level DP plan's
+    /// `min_clients`). A coordinator that showed clients different contexts gets no unmask
+    /// shares. Only before the masked input is sent.
+    pub fn bind(&mut self, context: [u8; 32], min_survivors: usize) -> Result<(), SecAggError> {
+        if matches!(
+            self.stage,
+            ClientStage::ConsistencyCheck | ClientStage::Unmask | ClientStage::Done
+        ) {
+            return Err(out_of_order(self.stage, "binding the round context"));
+        }
         self.context = context;
-        self
+        self.policy.min_survivors = self.policy.min_survivors.max(min_survivors);
+        Ok(())
     }
 
     /// The current stage.
