@@ -285,3 +285,97 @@ async fn sdk_clients_complete_secure_rounds_with_the_consistency_check() {
     }
     coord.shutdown().await;
 }
+
+/// Client-level DP over QUIC with SDK clients: every client checks the coordinator's plan
+/// against its own policy; a client whose minimums the plan does not meet declines with the
+/// fixed reason, the others add their noise (distributed) or clip and send no loss (central),
+/// record the round before anything leaves, and their privacy statement reads it back.
+async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
+    use fedlora_coordinator::privacy_plan::{apply, ClientDpRequest};
+    use fedlora_protocol::client_dp::{ClientDpMode, ClientDpPolicy};
+    use fedlora_protocol::DeclineReason;
+    let fx = Fixture::new(4);
+    let mut fed = federation(1, 4, 3, 2);
+    fed.train.batch_size = 8;
+    let mut req = ClientDpRequest::new(mode, 0.5, 8.0, 4);
+    req.collusion = 1;
+    req.bits = 20;
+    let numel = initial_adapter(&fx.cfg_lm).unwrap().spec().numel();
+    apply(&req, &mut fed, numel, true).unwrap();
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 4, |i, cc| {
+        cc.client_dp = Some(if i < 3 {
+            ClientDpPolicy {
+                max_epsilon: 1e6,
+                trust_coordinator: mode == ClientDpMode::Central,
+                ..ClientDpPolicy::default()
+            }
+        } else {
+            // distributed: ε (b) of one round at q = 1 is far above 1; central: no trust
+            ClientDpPolicy {
+                max_epsilon: 1.0,
+                ..ClientDpPolicy::default()
+            }
+        });
+    });
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("federation finishes");
+    assert!(ok);
+    let reports = reports(handles).await;
+    for (i, r) in reports.iter().enumerate() {
+        let rec = fedlora_client::client_dp::ClientDpRecord::load(Some(
+            &fx.dir.path().join(format!("client-{i}")),
+        ))
+        .unwrap();
+        if i < 3 {
+            assert_eq!(r.rounds.len(), 1, "{r:?}");
+            assert_eq!(rec.plans.len(), 1);
+            assert_eq!(rec.plans[0].rounds, r.rounds);
+        } else {
+            assert!(r.rounds.is_empty(), "{r:?}");
+            assert!(
+                r.declined
+                    .iter()
+                    .any(|(_, why)| *why == DeclineReason::ClientDpPlanRefused),
+                "{r:?}"
+            );
+            assert!(rec.plans.is_empty(), "a declined round is not charged");
+        }
+    }
+    let report = coord.report().unwrap();
+    assert_eq!(report.global_version, 1);
+    let record = &report.rounds[0].record;
+    assert_eq!(record.participants.len(), 3);
+    assert_eq!(
+        record.train_loss, None,
+        "no loss leaves a client-level DP client"
+    );
+    coord.shutdown().await;
+    let st = fedlora_client::statement::PrivacyStatement::from_state_dir(
+        &fx.dir.path().join("client-0"),
+    )
+    .unwrap();
+    let c = st.client_level.clone().expect("a client-level section");
+    assert!(c.epsilon_observers > 0.0 && c.epsilon_observers <= 8.0);
+    match mode {
+        ClientDpMode::Central => assert_eq!(c.epsilon_coordinator, f64::INFINITY),
+        ClientDpMode::Distributed => {
+            assert!(c.epsilon_coordinator.is_finite() && c.epsilon_coordinator > 1.0)
+        }
+    }
+    assert!(st.to_markdown().contains("ε (b), against the coordinator"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_level_distributed_dp_round_with_a_client_that_refuses_the_plan() {
+    client_level_round(fedlora_protocol::client_dp::ClientDpMode::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_level_central_dp_round_with_a_client_that_does_not_trust_the_coordinator() {
+    client_level_round(fedlora_protocol::client_dp::ClientDpMode::Central).await;
+}

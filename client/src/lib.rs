@@ -17,4 +17,5 @@ pub mod privacy;
 pub mod proximal;
 pub mod sdk;
 pub mod secure;
+pub mod statement;
 pub mod transport;

@@ -29,6 +29,9 @@ pub(crate) struct SecureRound {
     /// Who answered each stage: keys, shares, input, consistency signature, unmask.
     pub(crate) sent: [BTreeSet<ClientId>; 5],
     pub(crate) len: usize,
+    /// Roster members that declined the round (e.g. its privacy plan) after sharing keys: they
+    /// send no input, so the input stage need not wait for them until the deadline.
+    pub(crate) declined: BTreeSet<ClientId>,
 }
 
 /// What the driver must do after [`SecureRound::advance`].
@@ -63,6 +66,14 @@ impl SecureRound {
             request: None,
             sent: Default::default(),
             len,
+            declined: BTreeSet::new(),
+        }
+    }
+
+    /// Notes that `client` declined this round: the input stage stops waiting for it.
+    pub(crate) fn note_decline(&mut self, client: &str) {
+        if !self.sent[2].contains(client) {
+            self.declined.insert(client.to_string());
         }
     }
 
@@ -180,7 +191,12 @@ impl SecureRound {
                     }
                 }
                 ServerStage::CollectInputs => {
-                    if self.sent[2].len() == self.deliveries.len() || now_ms >= self.deadline_ms {
+                    let waiting = self
+                        .deliveries
+                        .keys()
+                        .filter(|c| !self.sent[2].contains(*c) && !self.declined.contains(*c))
+                        .count();
+                    if waiting == 0 || now_ms >= self.deadline_ms {
                         self.view = Some(self.server.close_inputs()?);
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }

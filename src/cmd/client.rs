@@ -68,6 +68,21 @@ pub(crate) struct ClientArgs {
     /// zero-padded (heterogeneous ranks).
     #[arg(long)]
     max_rank: Option<u32>,
+    /// Client-level DP: the most ε this client accepts from a plan, counted against the
+    /// coordinator, ε (b), unless --trust-coordinator (then ε (a)). Without it the client
+    /// takes part in any consistent client-level plan (and still records what it is charged).
+    #[arg(long, value_name = "E")]
+    client_dp_epsilon: Option<f64>,
+    /// Client-level DP: trust the coordinator to sample honestly and keep the sample secret
+    /// (needed for central mode; spends by ε (a)).
+    #[arg(long, requires = "client_dp_epsilon")]
+    trust_coordinator: bool,
+    /// Client-level DP: the fewest min_clients (signed survivors) a plan may have.
+    #[arg(long, value_name = "N", requires = "client_dp_epsilon")]
+    client_dp_min_clients: Option<usize>,
+    /// Client-level DP: the fewest colluding clients a plan must tolerate.
+    #[arg(long, value_name = "C", requires = "client_dp_epsilon")]
+    client_dp_min_collusion: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -122,6 +137,16 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             accountant,
             loss_clip: a.release_train_loss,
         });
+    cfg.client_dp = a.client_dp_epsilon.map(|max_epsilon| {
+        let d = fedlora_protocol::client_dp::ClientDpPolicy::default();
+        fedlora_protocol::client_dp::ClientDpPolicy {
+            max_epsilon,
+            max_delta: a.delta,
+            min_clients: a.client_dp_min_clients.unwrap_or(d.min_clients),
+            min_collusion: a.client_dp_min_collusion.unwrap_or(d.min_collusion),
+            trust_coordinator: a.trust_coordinator,
+        }
+    });
     for p in [&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key] {
         if !p.exists() {
             return Err(UsageError(format!(

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use fedlora_coordinator::privacy_plan::ClientDpRequest;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, TlsPaths};
+use fedlora_protocol::client_dp::ClientDpMode;
 use fedlora_protocol::{Codec, FederationConfig, TrainConfig, Weighting};
 use serde::Deserialize;
 
@@ -104,6 +106,108 @@ pub(crate) struct CoordinatorToml {
     log_format: Option<String>,
     metrics: Option<SocketAddr>,
     federation: Option<FederationConfig>,
+    /// Client-level DP (`[client_dp]`: mode, clip, target_epsilon, delta, collusion,
+    /// eligible, bits, beta, headroom).
+    client_dp: Option<ClientDpRequest>,
+}
+
+/// Client-level DP flags of `coordinator` (override the config file's `[client_dp]`).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ClientDpArgs {
+    /// Client-level DP-FedAvg (the unit is a whole client): `central` (this coordinator adds
+    /// Gaussian noise to the plaintext sum; clients must trust it) or `distributed` (each client
+    /// adds a share of Skellam noise inside secure aggregation; this coordinator learns only the
+    /// noisy sum). Needs --client-clip and --target-epsilon. See README "Privacy".
+    #[arg(long, value_name = "MODE")]
+    pub client_dp: Option<String>,
+    /// S: each client clips its whole update to this L2 norm.
+    #[arg(long, value_name = "S")]
+    pub client_clip: Option<f64>,
+    /// Target client-level ε (a), against observers of the released models, over the campaign.
+    #[arg(long, value_name = "E")]
+    pub target_epsilon: Option<f64>,
+    /// δ of the client-level guarantee (default 1e-5).
+    #[arg(long, value_name = "D")]
+    pub delta: Option<f64>,
+    /// c: colluding or Sybil clients the distributed noise tolerates (default 0).
+    #[arg(long, value_name = "C")]
+    pub collusion: Option<usize>,
+    /// Eligible clients sampled from (q = clients per round ÷ this; default --wait-for-clients
+    /// from the config file).
+    #[arg(long, value_name = "N")]
+    pub eligible: Option<usize>,
+    /// Distributed mode: bits per coordinate of the masked sum (default 16).
+    #[arg(long, value_name = "B")]
+    pub client_dp_bits: Option<u8>,
+}
+
+impl ClientDpArgs {
+    /// The request from the config file's `[client_dp]` and these flags (`None`: none).
+    pub(crate) fn request(
+        &self,
+        file: Option<ClientDpRequest>,
+        fed: &FederationConfig,
+    ) -> anyhow::Result<Option<ClientDpRequest>> {
+        let mode = match self.client_dp.as_deref() {
+            Some(m) => Some(
+                m.parse::<ClientDpMode>()
+                    .map_err(|e| UsageError(format!("--client-dp: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut req = match (file, mode) {
+            (None, None) => {
+                let stray = self.client_clip.is_some()
+                    || self.target_epsilon.is_some()
+                    || self.collusion.is_some()
+                    || self.eligible.is_some()
+                    || self.client_dp_bits.is_some();
+                if stray {
+                    return Err(UsageError(
+                        "--client-clip, --target-epsilon, --collusion, --eligible and \
+                         --client-dp-bits need --client-dp central|distributed"
+                            .into(),
+                    )
+                    .into());
+                }
+                return Ok(None);
+            }
+            (Some(mut r), m) => {
+                if let Some(m) = m {
+                    r.mode = m;
+                }
+                r
+            }
+            (None, Some(m)) => {
+                let (Some(clip), Some(eps)) = (self.client_clip, self.target_epsilon) else {
+                    return Err(UsageError(
+                        "--client-dp needs --client-clip S and --target-epsilon E".into(),
+                    )
+                    .into());
+                };
+                ClientDpRequest::new(m, clip, eps, fed.wait_for_clients)
+            }
+        };
+        if let Some(v) = self.client_clip {
+            req.clip = v;
+        }
+        if let Some(v) = self.target_epsilon {
+            req.target_epsilon = v;
+        }
+        if let Some(v) = self.delta {
+            req.delta = v;
+        }
+        if let Some(v) = self.collusion {
+            req.collusion = v;
+        }
+        if let Some(v) = self.eligible {
+            req.eligible = v;
+        }
+        if let Some(v) = self.client_dp_bits {
+            req.bits = v;
+        }
+        Ok(Some(req))
+    }
 }
 
 impl FederationArgs {
@@ -247,6 +351,8 @@ pub(crate) struct CoordinatorArgs {
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
+    client_dp: ClientDpArgs,
+    #[command(flatten)]
     model: ModelArgs,
 }
 
@@ -284,6 +390,24 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     cfg.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
+    let workload = super::workload::Workload::load(&a.model)?;
+    let initial = workload.initial_adapter();
+    if let Some(req) = a.client_dp.request(file.client_dp, &fed)? {
+        fedlora_coordinator::privacy_plan::apply(&req, &mut fed, initial.spec().numel(), false)
+            .map_err(|e| UsageError(e.to_string()))?;
+        if let Some(plan) = &fed.train.client_dp {
+            tracing::info!(
+                mode = %plan.mode,
+                q = plan.sampling_rate,
+                noise_multiplier = plan.noise.effective_multiplier(),
+                epsilon_a = plan.observer_epsilon().unwrap_or(f64::NAN),
+                min_clients = plan.min_clients,
+                collusion = plan.collusion,
+                codec = %fed.train.codec.name(),
+                "client-level DP plan"
+            );
+        }
+    }
     if let Some(sec) = &fed.train.secure {
         // SDK clients decline rounds below their policy's neighbour count (3 by default): such
         // a round can only time out with nothing to unmask
@@ -301,7 +425,6 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         }
     }
     cfg.federation = fed;
-    let initial = super::workload::Workload::load(&a.model)?.initial_adapter();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let c = Coordinator::start(cfg, initial)

@@ -107,3 +107,12 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => llm::run_merge(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks flag names, conflicts and `requires` targets only in debug assertions
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

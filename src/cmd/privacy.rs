@@ -1,4 +1,5 @@
-//! `fedlora privacy epsilon|sigma`: the RDP accountant from the command line.
+//! `fedlora privacy epsilon|sigma|statement`: the accountants from the command line, and a
+//! client's privacy statement from its state directory.
 
 use clap::{Args, Subcommand};
 use fedlora_dp::{dp_sgd_epsilon, noise_multiplier, DpError};
@@ -64,6 +65,17 @@ enum PrivacyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One client's privacy statement for an auditor, from its own state directory: the unit
+    /// of privacy, ε and δ spent and targeted under (a) and (b), the accountant, the rounds and
+    /// their q, σ or μ, steps and bits, what it released, and the assumptions.
+    Statement {
+        /// The client's --state-dir (the client must not be running).
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        /// Print one JSON object instead of Markdown.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses `rdp` or `pld`.
@@ -84,6 +96,18 @@ fn usage(e: DpError) -> anyhow::Error {
 
 pub(crate) fn run(a: PrivacyArgs) -> anyhow::Result<()> {
     match a.cmd {
+        PrivacyCmd::Statement { state_dir, json } => {
+            let st = fedlora_client::statement::PrivacyStatement::from_state_dir(&state_dir)
+                .map_err(|e| match e {
+                    fedlora_client::error::ClientError::Config(m) => UsageError(m).into(),
+                    other => anyhow::Error::new(other),
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.to_markdown());
+            }
+        }
         PrivacyCmd::Epsilon {
             sampling_rate,
             noise_multiplier,

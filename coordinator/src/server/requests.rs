@@ -216,6 +216,16 @@ pub(super) fn decline(
         error!(error = %e, "storing a decline failed");
         return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
     }
+    drop(fed);
+    if let Some(sec) = shared
+        .secure
+        .lock()
+        .expect("lock")
+        .as_mut()
+        .filter(|s| s.round == round)
+    {
+        sec.note_decline(client);
+    }
     warn!(round, %client, reason = reason.describe(), "client declined the round");
     CoordMsg::DeclineRecorded { round }
 }

@@ -595,3 +595,78 @@ fn one_pass_masking_equals_applying_each_mask_alone_at_every_width_and_thread_co
         }
     }
 }
+
+#[test]
+fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_small_views() {
+    // n = 6, k = 5, t = 3: half the clients are shown one privacy plan, half another (say, a
+    // plan with less noise). Each signs the view bound to the plan it saw; the other half's
+    // signatures do not verify, so nobody reaches t and no share leaves.
+    let p = params(3, 0);
+    let (mut ps, _, _) = after_inputs(6, &p, 21, SecAggPolicy::default());
+    for (i, c) in ps.iter_mut().enumerate() {
+        // binding is refused once the masked input is out
+        assert!(matches!(
+            c.round.bind([i as u8; 32], 1),
+            Err(SecAggError::OutOfOrder(_))
+        ));
+    }
+    // bind before the masked input: parties made afresh
+    let (mut ps, v2) = parties(6, &p, 4, 22);
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(2);
+    let ids: BTreeSet<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let mut server = ServerRound::new(7, p.clone(), 4, ids);
+    for c in ps.iter_mut() {
+        let k = c.round.advertise(&c.signer).unwrap();
+        server.receive_keys(&c.id, k).unwrap();
+    }
+    server.close_keys().unwrap();
+    for c in ps.iter_mut() {
+        let view = server.roster_view(&c.id).unwrap();
+        let s = c.round.share_keys(&view, &v2, &mut rng).unwrap();
+        server.receive_shares(&c.id, s).unwrap();
+    }
+    let del = server.close_shares().unwrap();
+    for (i, c) in ps.iter_mut().enumerate() {
+        let plan = if i < 3 { [1u8; 32] } else { [2u8; 32] };
+        c.round.bind(plan, 6).unwrap();
+        let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
+        server.receive_input(&c.id, y).unwrap();
+    }
+    let view = server.close_inputs().unwrap();
+    let mut sigs = BTreeMap::new();
+    for c in ps.iter_mut() {
+        sigs.insert(c.id.clone(), c.round.consistency(&view, &c.signer).unwrap());
+    }
+    for (i, c) in ps.iter_mut().enumerate() {
+        let err = c.round.unmask(&view, &sigs, &v2).unwrap_err();
+        assert!(
+            matches!(err, SecAggError::Threshold(_)),
+            "client {i}: {err}"
+        );
+    }
+    // a client that requires 6 survivors (a plan's min_clients) does not sign a view of 5
+    let (mut fresh, v3) = parties(6, &p, 4, 24);
+    let ids: BTreeSet<String> = fresh.iter().map(|c| c.id.clone()).collect();
+    let mut server = ServerRound::new(7, p.clone(), 4, ids);
+    for c in fresh.iter_mut() {
+        let k = c.round.advertise(&c.signer).unwrap();
+        server.receive_keys(&c.id, k).unwrap();
+    }
+    server.close_keys().unwrap();
+    for c in fresh.iter_mut() {
+        let view = server.roster_view(&c.id).unwrap();
+        let s = c.round.share_keys(&view, &v3, &mut rng).unwrap();
+        server.receive_shares(&c.id, s).unwrap();
+    }
+    let del = server.close_shares().unwrap();
+    for c in fresh.iter_mut().take(5) {
+        c.round.bind([3u8; 32], 6).unwrap();
+        let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
+        server.receive_input(&c.id, y).unwrap();
+    }
+    let view = server.close_inputs().unwrap();
+    assert_eq!(view.survivors.len(), 5);
+    let c = &mut fresh[0];
+    let err = c.round.consistency(&view, &c.signer).unwrap_err();
+    assert!(matches!(err, SecAggError::Threshold(_)), "{err}");
+}
