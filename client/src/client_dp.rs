@@ -1,7 +1,10 @@
 //! A client's own record of its client-level DP rounds: the plans it took part under and the
 //! rounds it took part in, kept in its state directory and written **before** anything that
-//! the round charges leaves the device (a central-mode upload, or distributed-mode unmask
-//! shares). ε (a) and (b) are computed from this record, never from the coordinator's word.
+//! the round charges leaves the device: a central-mode upload, or a distributed-mode masked
+//! input (the coordinator can unmask it with the neighbours' shares alone, so the client is
+//! charged whether or not it answers the unmask stage; a round that aborts before any unmask
+//! share was sent releases nothing, but the client cannot verify that, so it never refunds).
+//! ε (a) and (b) are computed from this record, never from the coordinator's word.
 
 use std::path::{Path, PathBuf};
 
@@ -26,7 +29,7 @@ pub struct PlanParticipation {
     pub plan: ClientDpPlan,
     /// The codec's name (bits, scale and noise share in distributed mode).
     pub codec: String,
-    /// Rounds this client took part in (uploaded, or sent unmask shares), ascending.
+    /// Rounds this client was charged for (uploaded, or sent its masked input), ascending.
     pub rounds: Vec<u64>,
 }
 

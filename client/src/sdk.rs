@@ -176,9 +176,6 @@ struct SecureState {
     cr: ClientRound,
     verifier: Option<P256Verifier>,
     masked_version: Option<u64>,
-    /// The client-level DP plan (and its codec) the masked input was made under: the client
-    /// is charged for it when its unmask shares leave.
-    client_dp: Option<(ClientDpPlan, Codec)>,
 }
 
 enum Work {
@@ -569,7 +566,6 @@ impl FederatedClient {
                     cr,
                     verifier: None,
                     masked_version: None,
-                    client_dp: None,
                 });
                 return Ok(SecAggBody::Keys(keys));
             }
@@ -609,13 +605,6 @@ impl FederatedClient {
                         .cr
                         .unmask(&request, &signatures, v)
                         .map_err(|e| e.to_string())?;
-                    if let Some((plan, codec)) = &st.client_dp {
-                        // charged (durably) before the shares that release the noisy sum leave
-                        let mut rec = self.client_dp.lock().expect("lock");
-                        rec.record(plan, codec, round);
-                        rec.save(self.config.state_dir.as_deref())
-                            .map_err(|e| e.to_string())?;
-                    }
                     if let Some(version) = st.masked_version {
                         // recorded (durably, with a state directory) before any share leaves
                         let mut done = self.unmasked.lock().expect("lock");
@@ -876,7 +865,11 @@ impl FederatedClient {
                     *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
-                st.client_dp = Some((plan.clone(), codec.clone()));
+                // charged (durably) before the masked input leaves: the coordinator can unmask
+                // it with the neighbours' shares alone, whether or not this client answers
+                let mut rec = self.client_dp.lock().expect("lock");
+                rec.record(plan, codec, offer.round);
+                rec.save(self.config.state_dir.as_deref())?;
             }
             let masked = match st.cr.masked_input(shares, &ints) {
                 Ok(m) => m,

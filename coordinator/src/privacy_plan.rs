@@ -214,7 +214,15 @@ mod tests {
             true,
         )
         .unwrap();
-        assert!(fed2.train.client_dp.unwrap().observer_epsilon().unwrap() <= 4.0);
+        assert!(
+            fed2.train
+                .client_dp
+                .as_ref()
+                .unwrap()
+                .observer_epsilon()
+                .unwrap()
+                <= 4.0
+        );
         // fewer eligible than per round, collusion ≥ min_clients, too few bits
         let mut f = fed2.clone();
         assert!(apply(

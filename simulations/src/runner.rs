@@ -184,8 +184,8 @@ struct VirtualClient {
     dp_steps: u64,
     /// ε spent so far (as the ledger returned it at the last spend).
     eps: Option<f64>,
-    /// Client-level DP rounds this client took part in (uploaded in central mode, sent unmask
-    /// shares in distributed mode): what ε (b) counts.
+    /// Client-level DP rounds this client was charged for (uploaded in central mode, sent its
+    /// masked input in distributed mode): what ε (b) counts.
     participated: u64,
 }
 
@@ -794,7 +794,7 @@ fn secure_round(
         let c = &clients[j.client];
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
-        let mut cr = ClientRound::new(round, &c.id, params.clone(), policy.clone(), &mut rng);
+        let mut cr = ClientRound::new(round, &c.id, params.clone(), policy, &mut rng);
         cr.bind(context, min_survivors).map_err(sa)?;
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
@@ -849,6 +849,10 @@ fn secure_round(
         row.bytes_up += wire(round, SecAggBody::Input(packed.clone()))?;
         row.pad_bytes_up += t.pad_bytes;
         server.receive_input(&c.id, y).map_err(sa)?;
+        if plan.is_some() {
+            // charged when its masked input leaves: the neighbours' shares alone unmask it
+            c.participated += 1;
+        }
         let meta = UploadMeta {
             digest,
             weight: 1.0,
@@ -881,7 +885,6 @@ fn secure_round(
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    let mut clients_participated = Vec::new();
     for ci in &survivors {
         let cr = rounds.get_mut(ci).expect("advertised");
         let sigs = server.signatures_for(&clients[*ci].id);
@@ -893,15 +896,8 @@ fn secure_round(
             }
             Err(e) => return Err(sa(e)),
         };
-        // from here the round's noisy sum can be released: the client is charged
-        clients_participated.push(*ci);
         row.bytes_up += wire(round, SecAggBody::Unmask(resp.clone()))?;
         server.receive_unmask(resp).map_err(sa)?;
-    }
-    if plan.is_some() {
-        for ci in clients_participated {
-            clients[ci].participated += 1;
-        }
     }
     let (sum, counted) = match server.finish() {
         Ok(s) => s,
