@@ -627,8 +627,11 @@ impl SweepConfig {
                 || fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
             let individual = fedlora_protocol::strategy::StrategyConfig::parse(&p.strategy)
                 .is_ok_and(|s| s.needs_individual_updates());
+            // central mode adds its noise to a plaintext sum
+            let central_summable = p.privacy() == Privacy::ClientCentral && summable;
             if (p.secure_aggregation && (!summable || individual))
                 || (p.privacy().client_level() && individual)
+                || central_summable
             {
                 skipped.push(p.setting());
             } else {
@@ -706,6 +709,45 @@ codec = ["dense", "modular:8:0.25:0.125:64"]
 secure_aggregation = [false, true]
 seed = [1, 2]
 "#;
+
+    #[test]
+    fn client_level_points_run_once_at_each_finite_epsilon_and_distributed_ones_securely() {
+        let text = SWEEP.replace(
+            "[grid]",
+            "[grid]\nprivacy = [\"example\", \"central\", \"distributed:16\"]",
+        );
+        let c = SweepConfig::from_toml(&text).unwrap();
+        let (points, _) = c.points();
+        let client: Vec<&Point> = points
+            .iter()
+            .filter(|p| p.privacy().client_level())
+            .collect();
+        // ε = inf is the example-level baseline only; codec and secure flag are forced, so the
+        // grid's 3 codec × secure combinations collapse to one point per (mode, ε, seed)
+        assert!(client.iter().all(|p| p.epsilon == 1.0));
+        assert_eq!(client.len(), 2 * 2);
+        for p in &client {
+            match p.privacy() {
+                Privacy::ClientDistributed(16) => {
+                    assert!(p.secure_aggregation && p.codec == "skellam-16")
+                }
+                Privacy::ClientCentral => assert!(!p.secure_aggregation),
+                other => panic!("{other:?}"),
+            }
+            assert!(!p.dp(), "client-level points train without DP-SGD");
+        }
+        // the example-level points are the ones a grid without `privacy` has, keys unchanged
+        let plain = SweepConfig::from_toml(SWEEP).unwrap();
+        let (before, _) = plain.points();
+        let example: Vec<&Point> = points
+            .iter()
+            .filter(|p| !p.privacy().client_level())
+            .collect();
+        assert_eq!(example.len(), before.len());
+        assert!(Privacy::parse("distributed:2").is_err() && Privacy::parse("local").is_err());
+        let bad = SWEEP.replace("[grid]", "[grid]\nprivacy = [\"distributed\"]");
+        assert!(SweepConfig::from_toml(&bad).is_err());
+    }
 
     #[test]
     fn grid_expands_in_order_and_skips_secure_without_a_summable_codec() {
