@@ -1,7 +1,7 @@
 //! Client-level distributed DP over real QUIC + mTLS: four clients each clip, rotate, round and
 //! noise their update with the Skellam codec, mask it, and the coordinator commits exactly the
-//! decoded noisy sum divided by the expected clients (5, one more than came) — bit for bit the sum, mod 2^m, of what
-//! the clients encoded — while no client's un-noised update leaves it.
+//! decoded noisy sum divided by the expected clients (5, one more than came): bit for bit the
+//! sum, mod 2^m, of what the clients encoded, while no client's un-noised update leaves it.
 
 use std::time::Duration;
 
@@ -15,30 +15,13 @@ use fedlora_protocol::codec::bits;
 use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::secagg::{ClientRound, SecAggPolicy};
 use fedlora_protocol::{
-    AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter,
-    ModularSum, SecAggBody, SecAggTask, Task, TensorSpec, PROTOCOL_VERSION,
+    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, ModularSum, SecAggBody, SecAggTask,
+    Task, PROTOCOL_VERSION,
 };
 use rand::SeedableRng;
 
 mod common;
-use common::next_task;
-
-fn spec() -> AdapterSpec {
-    AdapterSpec::new(vec![TensorSpec {
-        name: "blocks.0.q.lora_b".into(),
-        shape: vec![40, 8],
-    }])
-    .unwrap()
-}
-
-fn delta(seed: u32) -> FlatAdapter {
-    common::wave(spec(), |x| (x * 0.013 * seed as f32).sin() * 0.1)
-}
-
-async fn send(s: &Session, round: u64, body: SecAggBody) {
-    let (r, _) = s.request(&ClientMsg::SecAgg { round, body }).await.unwrap();
-    assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
-}
+use common::{next_task, secagg_delta as delta, secagg_spec as spec, send_secagg as send};
 
 /// Client `i` through one distributed-DP round over QUIC: it checks the plan, encodes its
 /// delta with the round's Skellam codec (its noise share included), binds the plan into its

@@ -12,30 +12,13 @@ use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::codec::bits;
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy};
 use fedlora_protocol::{
-    AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter,
-    ModularParams, SecAggBody, SecAggTask, Task, TensorSpec, Weighting, PROTOCOL_VERSION,
+    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter, ModularParams,
+    SecAggBody, SecAggTask, Task, Weighting, PROTOCOL_VERSION,
 };
 use rand::SeedableRng;
 
 mod common;
-use common::next_task;
-
-fn spec() -> AdapterSpec {
-    AdapterSpec::new(vec![TensorSpec {
-        name: "blocks.0.q.lora_b".into(),
-        shape: vec![40, 8],
-    }])
-    .unwrap()
-}
-
-fn delta(seed: u32) -> FlatAdapter {
-    common::wave(spec(), |x| (x * 0.013 * seed as f32).sin() * 0.1)
-}
-
-async fn send(s: &Session, round: u64, body: SecAggBody) {
-    let (r, _) = s.request(&ClientMsg::SecAgg { round, body }).await.unwrap();
-    assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
-}
+use common::{next_task, secagg_delta as delta, secagg_spec as spec, send_secagg as send};
 
 /// What a scripted client does in its secure round.
 #[derive(Clone, Copy, PartialEq)]

@@ -64,7 +64,8 @@ pub struct ClientConfig {
     pub max_rank: Option<u32>,
     /// What this client requires of a client-level DP plan ([`ClientDpPolicy`]: its ε, by (b)
     /// unless it trusts the coordinator, δ, `min_clients`, collusion bound). `None`: it takes
-    /// part in any consistent plan, and still keeps its own record of what it was charged.
+    /// part in any consistent distributed plan (never a central one, which needs trust), and
+    /// still keeps its own record of what it was charged.
     pub client_dp: Option<ClientDpPolicy>,
 }
 
@@ -922,7 +923,17 @@ impl FederatedClient {
     ) -> Result<(), PlanRefusal> {
         let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
         match &self.config.client_dp {
-            None => plan.check_consistent(&cfg.codec, modulus),
+            // without a policy: any consistent plan, but never central mode, where the
+            // coordinator sees the update in the clear (only a client configured to trust it)
+            None => {
+                plan.check_consistent(&cfg.codec, modulus)?;
+                if plan.mode == fedlora_protocol::client_dp::ClientDpMode::Central {
+                    return Err(PlanRefusal::NeedsTrust(
+                        "central mode needs a client configured to trust the coordinator".into(),
+                    ));
+                }
+                Ok(())
+            }
             Some(policy) => {
                 let done = self
                     .client_dp

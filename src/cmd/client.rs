@@ -70,7 +70,8 @@ pub(crate) struct ClientArgs {
     max_rank: Option<u32>,
     /// Client-level DP: the most ε this client accepts from a plan, counted against the
     /// coordinator, ε (b), unless --trust-coordinator (then ε (a)). Without it the client
-    /// takes part in any consistent client-level plan (and still records what it is charged).
+    /// takes part in any consistent distributed plan, never a central one (and still records
+    /// what it is charged).
     #[arg(long, value_name = "E")]
     client_dp_epsilon: Option<f64>,
     /// Client-level DP: trust the coordinator to sample honestly and keep the sample secret

@@ -63,3 +63,23 @@ pub(crate) fn upload(round: u64, d: &FlatAdapter, weight: f64) -> ClientMsg {
         payload: Codec::DenseF32.encode(d.values()),
     })
 }
+
+/// The one-tensor spec of the secure-aggregation tests: a 40 × 8 LoRA `B`.
+pub(crate) fn secagg_spec() -> AdapterSpec {
+    AdapterSpec::new(vec![fedlora_protocol::TensorSpec {
+        name: "blocks.0.q.lora_b".into(),
+        shape: vec![40, 8],
+    }])
+    .unwrap()
+}
+
+/// A deterministic delta of [`secagg_spec`], different for each `seed`.
+pub(crate) fn secagg_delta(seed: u32) -> FlatAdapter {
+    wave(secagg_spec(), |x| (x * 0.013 * seed as f32).sin() * 0.1)
+}
+
+/// Sends one secure-aggregation stage's message and expects an acknowledgement.
+pub(crate) async fn send_secagg(s: &Session, round: u64, body: fedlora_protocol::SecAggBody) {
+    let (r, _) = s.request(&ClientMsg::SecAgg { round, body }).await.unwrap();
+    assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
+}
