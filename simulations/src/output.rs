@@ -203,8 +203,22 @@ pub fn load_runs(
         if !s.exists() {
             continue;
         }
-        rows.extend(read_csv::<RoundRow>(&rounds_file(out, &key))?);
-        sums.extend(read_csv::<RunSummary>(&s)?);
+        // the point decides the configuration columns (results written before a column
+        // existed get it filled in)
+        let cols = crate::results::RunColumns::new(sweep, p, "");
+        let fill = |privacy: &mut String| {
+            if privacy.is_empty() {
+                privacy.clone_from(&cols.privacy);
+            }
+        };
+        for mut r in read_csv::<RoundRow>(&rounds_file(out, &key))? {
+            fill(&mut r.privacy);
+            rows.push(r);
+        }
+        for mut r in read_csv::<RunSummary>(&s)? {
+            fill(&mut r.privacy);
+            sums.push(r);
+        }
     }
     Ok((rows, sums))
 }

@@ -43,6 +43,9 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
 pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
     let g = &sweep.grid;
     let mut parts = Vec::new();
+    if g.privacy.len() > 1 {
+        parts.push(s.privacy.clone());
+    }
     if g.strategy.len() > 1 {
         parts.push(s.strategy.clone());
     }

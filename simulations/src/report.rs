@@ -84,12 +84,24 @@ pub fn markdown(
             .push(r);
     }
     let _ = writeln!(s, "## Privacy-utility table\n");
-    let _ = writeln!(
-        s,
-        "ε is each client's example-level target; *ε spent* is the largest any client spent \
-         (the accountant's ε for that client's q, σ and steps at the run's δ). Mean ± sd over \
-         seeds.\n"
-    );
+    if sweep.grid.privacy.iter().any(|p| p != "example") {
+        let _ = writeln!(
+            s,
+            "ε is each client's target for the setting's unit: one example for `example` \
+             (DP-SGD; *ε spent* is the largest any client spent, σ per step), one whole client \
+             for `central` and `distributed:BITS` (*ε spent* is ε (a) against observers of the \
+             released models, σ the noise in units of the sensitivity; ε (b), against the \
+             coordinator, is the `eps_coordinator` column of `rounds.csv`). Mean ± sd over \
+             seeds.\n"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "ε is each client's example-level target; *ε spent* is the largest any client spent \
+             (the accountant's ε for that client's q, σ and steps at the run's δ). Mean ± sd \
+             over seeds.\n"
+        );
+    }
     let _ = writeln!(
         s,
         "| setting | target ε | seeds | initial {} | {}final loss | ε spent | σ of that client | upload MB/run |",

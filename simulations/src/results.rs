@@ -56,6 +56,9 @@ macro_rules! with_run_columns {
             /// Learning rate the clients trained with.
             #[serde(default)]
             pub learning_rate: f64,
+            /// What ε protects: `example`, `central` or `distributed:BITS` (client-level).
+            #[serde(default)]
+            pub privacy: String,
             $($(#[$fm])* pub $field: $ty,)*
         }
 
@@ -81,6 +84,7 @@ macro_rules! with_run_columns {
                 self.local_steps = c.local_steps;
                 self.batch_size = c.batch_size;
                 self.learning_rate = c.learning_rate;
+                self.privacy.clone_from(&c.privacy);
             }
         }
     };
@@ -122,6 +126,7 @@ impl RunColumns {
             } else {
                 sweep.train.learning_rate
             },
+            privacy: point.privacy.clone().unwrap_or_else(|| "example".into()),
         }
     }
 }
