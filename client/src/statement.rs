@@ -49,6 +49,10 @@ pub struct ClientPlan {
     pub mode: String,
     /// Target ε (a) the coordinator calibrated for.
     pub target_epsilon: f64,
+    /// ε (a) of the whole campaign under this plan alone (RDP).
+    pub epsilon_observers: f64,
+    /// The same under the tighter PLD accountant (central mode's Gaussian only).
+    pub epsilon_observers_pld: Option<f64>,
     /// Rounds of the campaign (T).
     pub campaign_rounds: u64,
     /// Poisson sampling rate of clients (q).
@@ -198,6 +202,8 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
             ClientPlan {
                 mode: p.plan.mode.to_string(),
                 target_epsilon: p.plan.target_epsilon,
+                epsilon_observers: p.plan.observer_epsilon().unwrap_or(f64::INFINITY),
+                epsilon_observers_pld: p.plan.observer_epsilon_pld().and_then(Result::ok),
                 campaign_rounds: p.plan.rounds,
                 q: p.plan.sampling_rate,
                 clip: p.plan.clip,
@@ -335,13 +341,18 @@ impl PrivacyStatement {
                 eps(c.epsilon_coordinator),
                 c.delta
             );
-            s += "| mode | target ε (a) | T | q | S | noise | codec | min_clients | c | \
-                  secure | rounds taken part in |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+            s += "| mode | target ε (a) | ε (a), RDP (PLD) | T | q | S | noise | codec | \
+                  min_clients | c | secure | rounds taken part in |\n\
+                  |---|---|---|---|---|---|---|---|---|---|---|---|\n";
             for p in &c.plans {
                 s += &format!(
-                    "| {} | {} | {} | {:.5} | {} | {} | `{}` | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {:.5} | {} | {} | `{}` | {} | {} | {} | {} |\n",
                     p.mode,
                     p.target_epsilon,
+                    match p.epsilon_observers_pld {
+                        Some(pld) => format!("{} ({})", eps(p.epsilon_observers), eps(pld)),
+                        None => eps(p.epsilon_observers),
+                    },
                     p.campaign_rounds,
                     p.q,
                     p.clip,

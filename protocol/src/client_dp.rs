@@ -214,6 +214,17 @@ impl ClientDpPlan {
         )
     }
 
+    /// ε (a) under the privacy-loss-distribution accountant (tighter), for central mode's
+    /// Poisson-subsampled Gaussian; `None` for Skellam, which only the RDP accountant covers.
+    pub fn observer_epsilon_pld(&self) -> Option<Result<f64, fedlora_dp::DpError>> {
+        matches!(self.noise, ClientNoise::Gaussian { .. }).then(|| {
+            Accountant::Pld.epsilon(
+                &observer_event(&self.noise, self.sampling_rate, self.rounds),
+                self.delta,
+            )
+        })
+    }
+
     /// ε (b) after taking part in `participated` rounds (∞ in central mode).
     pub fn coordinator_epsilon(&self, participated: u64) -> Result<f64, fedlora_dp::DpError> {
         if participated == 0 {
@@ -396,6 +407,19 @@ mod tests {
             Err(PlanRefusal::NeedsTrust(_))
         ));
         assert_eq!(central.coordinator_epsilon(1).unwrap(), f64::INFINITY);
+        // the PLD accountant is tighter than RDP for the Gaussian, and has no Skellam
+        let moderate = ClientDpPlan {
+            noise: ClientNoise::Gaussian {
+                noise_multiplier: 1.0,
+            },
+            ..central.clone()
+        };
+        let (pld, rdp) = (
+            moderate.observer_epsilon_pld().unwrap().unwrap(),
+            moderate.observer_epsilon().unwrap(),
+        );
+        assert!(pld < rdp, "PLD {pld} vs RDP {rdp}");
+        assert!(plan.observer_epsilon_pld().is_none());
         assert!(central.admit(&trusting, &Codec::DenseF32, None, 0).is_err()); // σ = 0.3 is ε > 4
     }
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""The comparison table of a client-level DP sweep (simulations/configs/client_dp_lm.toml).
+
+Reads OUT/summary.csv and OUT/rounds.csv written by `fedlora simulate` and prints, per privacy
+setting and target epsilon: the final held-out loss (mean +- sd over seeds), the share of the
+non-private gain it keeps (per seed against the mean non-private final loss), the upload per
+participating client per round, epsilon (a) and the largest epsilon (b) of any client.
+
+    python3 tools/client_dp_table.py OUT > OUT/table.md
+"""
+
+import csv
+import statistics
+import sys
+from collections import defaultdict
+
+
+def main(out: str) -> None:
+    sums = list(csv.DictReader(open(f"{out}/summary.csv")))
+    rounds = list(csv.DictReader(open(f"{out}/rounds.csv")))
+    last_b = {}
+    per_round_up = defaultdict(list)
+    for r in rounds:
+        if r["status"] != "committed":
+            continue
+        if r["eps_coordinator"]:
+            last_b[r["run"]] = r["eps_coordinator"]
+        if int(r["aggregated"]) > 0:
+            per_round_up[r["run"]].append(int(r["bytes_up"]) / int(r["aggregated"]))
+    base = [float(s["final_loss"]) for s in sums if s["epsilon"] == "inf"]
+    if not base:
+        sys.exit("no non-private run (epsilon = inf) in the sweep")
+    nonpriv = statistics.mean(base)
+    groups = defaultdict(list)
+    for s in sums:
+        groups[(s["privacy"] or "example", s["epsilon"])].append(s)
+    order = {"example": 0, "central": 1}
+
+    def key(k):
+        p, e = k
+        return (float("inf") if e == "inf" else float(e), order.get(p, 2), p)
+
+    def pm(v, d):
+        if len(v) == 1:
+            return f"{v[0]:.{d}f}"
+        return f"{statistics.mean(v):.{d}f} ± {statistics.stdev(v):.{d}f}"
+
+    print(
+        "| target ε | privacy | seeds | final loss | share of the non-private gain | "
+        "upload per client per round | ε (a) | ε (b), largest |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (p, e) in sorted(groups, key=key):
+        runs = groups[(p, e)]
+        loss = [float(r["final_loss"]) for r in runs]
+        kept = [
+            100.0 * (float(r["initial_loss"]) - float(r["final_loss"]))
+            / (float(r["initial_loss"]) - nonpriv)
+            for r in runs
+        ]
+        up = [statistics.mean(per_round_up[r["run"]]) / 1024 for r in runs if per_round_up[r["run"]]]
+        eps_a = [float(r["eps_spent"]) for r in runs if r["eps_spent"]]
+        b = [last_b.get(r["run"], "") for r in runs]
+        b_txt = "-" if not any(b) else ("∞" if "inf" in b else f"{max(float(x) for x in b if x):.1f}")
+        print(
+            f"| {e} | {p} | {len(runs)} | {pm(loss, 4)} | {pm(kept, 0)} % | "
+            f"{pm(up, 1)} KiB | {pm(eps_a, 2) if eps_a else '-'} | {b_txt} |"
+        )
+    print(
+        f"\nNon-private final loss {nonpriv:.4f} (mean of {len(base)} seeds); initial "
+        f"{float(sums[0]['initial_loss']):.4f}."
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "client-dp")
