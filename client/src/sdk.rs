@@ -922,6 +922,7 @@ impl FederatedClient {
         cfg: &fedlora_protocol::TrainConfig,
     ) -> Result<(), PlanRefusal> {
         let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
+        plan.check_sensitivities(&cfg.codec, self.learner.spec().numel())?;
         match &self.config.client_dp {
             // without a policy: any consistent plan, but never central mode, where the
             // coordinator sees the update in the clear (only a client configured to trust it)

@@ -206,6 +206,34 @@ impl ClientDpPlan {
         }
     }
 
+    /// Checks, for an adapter of `numel` values, that the sensitivities the plan accounts for
+    /// cover what the Skellam codec can send: Δ₂ ≥ the rounding bound and Δ₁ ≥ its L1 bound
+    /// over the D = next power of two coordinates (a coordinator understating them would
+    /// understate ε). Central mode: nothing to check (S is the sensitivity).
+    pub fn check_sensitivities(&self, codec: &Codec, numel: usize) -> Result<(), PlanRefusal> {
+        let (
+            Codec::Skellam(p),
+            ClientNoise::Skellam {
+                l2_sensitivity,
+                l1_sensitivity,
+                ..
+            },
+        ) = (codec, &self.noise)
+        else {
+            return Ok(());
+        };
+        let d = crate::codec::SkellamParams::dim(numel);
+        let l1 = fedlora_dp::skellam::rounded_l1_bound(p.l2_bound, d);
+        if *l2_sensitivity < p.l2_bound || *l1_sensitivity < l1 * (1.0 - 1e-12) {
+            return Err(PlanRefusal::Inconsistent(format!(
+                "the plan accounts for Δ₂ = {l2_sensitivity}, Δ₁ = {l1_sensitivity}; the codec \
+                 can send Δ₂ = {}, Δ₁ = {l1} over {d} coordinates",
+                p.l2_bound
+            )));
+        }
+        Ok(())
+    }
+
     /// ε (a) of the whole campaign (RDP accountant).
     pub fn observer_epsilon(&self) -> Result<f64, fedlora_dp::DpError> {
         Accountant::Rdp.epsilon(
@@ -369,6 +397,14 @@ mod tests {
             plan.admit(&trusting, &Codec::Skellam(p), Some(16), 0),
             Err(PlanRefusal::Inconsistent(_))
         ));
+        // the sensitivities cover the codec's at the adapter's size, and an understated Δ₁
+        // is refused
+        plan.check_sensitivities(&codec, 1 << 12).unwrap();
+        let mut understated = plan.clone();
+        if let ClientNoise::Skellam { l1_sensitivity, .. } = &mut understated.noise {
+            *l1_sensitivity /= 2.0;
+        }
+        assert!(understated.check_sensitivities(&codec, 1 << 12).is_err());
         // no secure aggregation, or another modulus
         assert!(plan.admit(&trusting, &codec, None, 0).is_err());
         assert!(plan.admit(&trusting, &codec, Some(20), 0).is_err());
