@@ -18,6 +18,9 @@ use crate::error::Refusal;
 /// over every client's keys and its neighbours' keys with inclusion proofs
 /// ([`crate::secagg::RosterView`]), and only its neighbours' certificates and signatures; a
 /// client whose upload is stored is told how long to wait (`Task::AlreadyUploaded`).
+/// Version 5: client-level DP: the round config carries a [`crate::client_dp::ClientDpPlan`],
+/// the Skellam codec, a `ClientDpPlanRefused` decline, and survivors sign the plan's digest
+/// with their consistency view.
 pub const PROTOCOL_VERSION: u16 = 5;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
