@@ -42,7 +42,10 @@
 //! **Not protected:**
 //! - **Sybils.** A coordinator that also runs the CA (or any CA holder) can enrol fake clients;
 //!   they count as colluders, and a round of one real client among fakes reveals that client.
-//!   Keep the CA key away from the coordinator host and bound who may enrol.
+//!   Keep the CA key away from the coordinator host and bound who may enrol. Under client-level
+//!   distributed DP ([`crate::client_dp`]) fakes also add no noise: the plan's collusion bound c
+//!   counts them, and the honest clients' shares carry the whole noise only while at most c of
+//!   the `min_clients` signed survivors are fakes.
 //! - **Bad inputs.** A malicious client can send a well-formed but wrong masked input (the sum
 //!   is then wrong; nothing about another client leaks). Bounding inputs is a later addition.
 //! - **Denial of service.** The coordinator (or enough dropouts) can always make a round fail.
