@@ -866,11 +866,9 @@ impl FederatedClient {
                     *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
-                // charged (durably) before the masked input leaves: the coordinator can unmask
-                // it with the neighbours' shares alone, whether or not this client answers
-                let mut rec = self.client_dp.lock().expect("lock");
-                rec.record(plan, codec, offer.round);
-                rec.save(self.config.state_dir.as_deref())?;
+                // charged before the masked input leaves: the coordinator can unmask it with
+                // the neighbours' shares alone, whether or not this client answers
+                self.charge_client_dp(plan, codec, offer.round)?;
             }
             let masked = match st.cr.masked_input(shares, &ints) {
                 Ok(m) => m,
@@ -886,10 +884,8 @@ impl FederatedClient {
             return Ok(Work::Masked(offer.round, packed));
         }
         if let Some(plan) = &offer.config.client_dp {
-            // central mode: charged (durably) before the update leaves
-            let mut rec = self.client_dp.lock().expect("lock");
-            rec.record(plan, &offer.config.codec, offer.round);
-            rec.save(self.config.state_dir.as_deref())?;
+            // central mode: charged before the update leaves
+            self.charge_client_dp(plan, &offer.config.codec, offer.round)?;
         }
         if dp_round {
             // post-processing of DP outputs only: the type has no room for a loss, a count or ε
@@ -912,6 +908,19 @@ impl FederatedClient {
             train_loss: out.train_loss,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         })))
+    }
+
+    /// Records, durably, that this client is charged for `round` under `plan` (called before
+    /// whatever the round charges leaves the device).
+    fn charge_client_dp(
+        &self,
+        plan: &ClientDpPlan,
+        codec: &Codec,
+        round: u64,
+    ) -> Result<(), ClientError> {
+        let mut rec = self.client_dp.lock().expect("lock");
+        rec.record(plan, codec, round);
+        rec.save(self.config.state_dir.as_deref())
     }
 
     /// Checks a client-level DP plan: consistent with the round's codec and secure

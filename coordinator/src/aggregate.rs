@@ -96,12 +96,11 @@ pub fn central_dp_delta<'a>(
     payloads: impl IntoIterator<Item = Payload<'a>>,
     noise: &mut fedlora_dp::GaussianNoise,
 ) -> Result<FlatAdapter> {
-    let fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } = plan.noise else {
+    let Some(want) = plan.central_noise_std() else {
         return Err(CoordinatorError::Config(
             "central client-level DP needs Gaussian noise".into(),
         ));
     };
-    let want = noise_multiplier * plan.clip;
     if (noise.std() - want).abs() > 1e-12 * want.max(1.0) {
         return Err(CoordinatorError::Config(format!(
             "central noise has std {}, the plan needs σ·S = {want}",

@@ -141,6 +141,23 @@ pub fn rdp_to_epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> (f64, f64) {
     (best.0.max(0.0), best.1)
 }
 
+/// The RDP curve of a Skellam event at integer orders ([`crate::skellam::skellam_rdp`]);
+/// +∞ at every order for any other event (never reached: callers match Skellam first).
+fn skellam_curve(e: &DpEvent) -> impl Fn(f64) -> f64 {
+    let p = match *e {
+        DpEvent::Skellam {
+            l2_sensitivity,
+            l1_sensitivity,
+            variance,
+        } => Some((l2_sensitivity, l1_sensitivity, variance)),
+        _ => None,
+    };
+    move |a| match p {
+        Some((l2, l1, mu)) => crate::skellam::skellam_rdp(a, l2, l1, mu),
+        None => f64::INFINITY,
+    }
+}
+
 /// An RDP accountant: composes [`DpEvent`]s and answers ε for a δ.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RdpAccountant {
@@ -171,40 +188,21 @@ impl RdpAccountant {
                     *o += scale * rdp_poisson_gaussian(1.0, *noise_multiplier, *a);
                 }
             }
-            DpEvent::Skellam {
-                l2_sensitivity,
-                l1_sensitivity,
-                variance,
-            } => {
+            DpEvent::Skellam { .. } => {
+                let curve = skellam_curve(e);
                 for (o, a) in out.iter_mut().zip(&self.orders) {
-                    *o += scale
-                        * crate::skellam::skellam_rdp(
-                            *a,
-                            *l2_sensitivity,
-                            *l1_sensitivity,
-                            *variance,
-                        );
+                    *o += scale * curve(*a);
                 }
             }
             DpEvent::PoissonSampled {
                 sampling_probability,
                 event,
             } => match event.as_ref() {
-                DpEvent::Skellam {
-                    l2_sensitivity,
-                    l1_sensitivity,
-                    variance,
-                } => {
+                DpEvent::Skellam { .. } => {
+                    let curve = skellam_curve(event);
                     for (o, a) in out.iter_mut().zip(&self.orders) {
                         *o += scale
-                            * crate::skellam::subsampled_rdp(*a, *sampling_probability, |l| {
-                                crate::skellam::skellam_rdp(
-                                    l,
-                                    *l2_sensitivity,
-                                    *l1_sensitivity,
-                                    *variance,
-                                )
-                            });
+                            * crate::skellam::subsampled_rdp(*a, *sampling_probability, &curve);
                     }
                 }
                 DpEvent::Gaussian { noise_multiplier } => {

@@ -234,6 +234,15 @@ impl ClientDpPlan {
         Ok(())
     }
 
+    /// Central mode's noise standard deviation on the sum, σ·S (adapter units); `None` for
+    /// distributed plans.
+    pub fn central_noise_std(&self) -> Option<f64> {
+        match self.noise {
+            ClientNoise::Gaussian { noise_multiplier } => Some(noise_multiplier * self.clip),
+            ClientNoise::Skellam { .. } => None,
+        }
+    }
+
     /// ε (a) of the whole campaign (RDP accountant).
     pub fn observer_epsilon(&self) -> Result<f64, fedlora_dp::DpError> {
         Accountant::Rdp.epsilon(

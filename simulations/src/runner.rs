@@ -684,12 +684,8 @@ fn plain_round(
                         c.participated += 1;
                     }
                 }
-                let std = match plan.noise {
-                    fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } => {
-                        noise_multiplier * plan.clip
-                    }
-                    _ => 0.0,
-                };
+                // not central: central_dp_delta refuses the plan before using the noise
+                let std = plan.central_noise_std().unwrap_or(0.0);
                 // the simulated coordinator's noise: seeded for reproducible sweeps
                 let mut noise =
                     fedlora_dp::GaussianNoise::seeded(std, mix_seed(env.fcfg.seed, round, 7));

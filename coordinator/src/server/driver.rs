@@ -291,14 +291,13 @@ pub(super) fn aggregate(
         payloads.push((meta.weight, meta.rank, bytes));
     }
     if let Some(plan) = client_dp.as_ref() {
-        let fedlora_dp::client_level::ClientNoise::Gaussian { noise_multiplier } = plan.noise
-        else {
+        let Some(std) = plan.central_noise_std() else {
             return Err(CoordinatorError::Config(
                 "plaintext client-level DP rounds are central (Gaussian noise)".into(),
             ));
         };
         // central mode: the coordinator's noise, from the OS CSPRNG
-        let mut noise = fedlora_dp::GaussianNoise::from_os(noise_multiplier * plan.clip)
+        let mut noise = fedlora_dp::GaussianNoise::from_os(std)
             .map_err(|e| CoordinatorError::Config(e.to_string()))?;
         return crate::aggregate::central_dp_delta(
             plan,

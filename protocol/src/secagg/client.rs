@@ -147,6 +147,17 @@ impl ClientRound {
         Ok(())
     }
 
+    /// What this client signs (and checks signatures over) for the survivor view `req`.
+    fn view_message(&self, req: &UnmaskRequest) -> [u8; 32] {
+        consistency_message(
+            self.round,
+            &self.roster_hash,
+            &self.graph_seed,
+            &self.context,
+            req,
+        )
+    }
+
     /// The current stage.
     pub fn stage(&self) -> ClientStage {
         self.stage
@@ -444,13 +455,7 @@ impl ClientRound {
         }
         self.stage = ClientStage::Done;
         self.check_view(req)?;
-        let msg = consistency_message(
-            self.round,
-            &self.roster_hash,
-            &self.graph_seed,
-            &self.context,
-            req,
-        );
+        let msg = self.view_message(req);
         let sig = signer.sign(&msg)?;
         self.signed = Some(msg);
         self.stage = ClientStage::Unmask;
@@ -471,13 +476,7 @@ impl ClientRound {
         }
         self.stage = ClientStage::Done;
         // the view this client signed (and checked when it signed it), or nothing
-        let msg = consistency_message(
-            self.round,
-            &self.roster_hash,
-            &self.graph_seed,
-            &self.context,
-            req,
-        );
+        let msg = self.view_message(req);
         if self.signed != Some(msg) {
             return Err(SecAggError::PeerMisbehaved(
                 "unmask request for another survivor view than the one signed".into(),
