@@ -85,6 +85,17 @@ impl Fixture {
         n: usize,
         tweak: impl Fn(usize, &mut ClientConfig),
     ) -> Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>> {
+        self.gated_clients(coord, n, tweak, |_| None)
+    }
+
+    /// [`Fixture::clients`], each with the eligibility check `gate` gives it (if any).
+    fn gated_clients(
+        &self,
+        coord: &Coordinator,
+        n: usize,
+        tweak: impl Fn(usize, &mut ClientConfig),
+        gate: impl Fn(usize) -> Option<fedlora_client::eligibility::SharedEligibility>,
+    ) -> Vec<tokio::task::JoinHandle<Result<ClientReport, ClientError>>> {
         let addr = coord.local_addr().unwrap();
         (0..n)
             .map(|i| {
@@ -93,7 +104,10 @@ impl Fixture {
                 cc.state_dir = Some(self.dir.path().join(format!("client-{i}")));
                 tweak(i, &mut cc);
                 let data = ClientData::demo_client(i, 16).unwrap();
-                let client = FederatedClient::new(cc, self.trainer.clone(), data).unwrap();
+                let mut client = FederatedClient::new(cc, self.trainer.clone(), data).unwrap();
+                if let Some(g) = gate(i) {
+                    client = client.with_eligibility(g);
+                }
                 tokio::spawn(async move { client.run().await })
             })
             .collect()
@@ -206,6 +220,115 @@ async fn dp_clients_send_only_what_their_accountant_covers_and_a_client_without_
         "{:?}",
         report.evals
     );
+    coord.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_decline_when_ineligible_and_stop_training_at_their_time_cap() {
+    use fedlora_client::eligibility::{Ineligible, SharedEligibility};
+    use fedlora_client::privacy::PrivacyTarget;
+    use fedlora_client::sdk::EarlyStop;
+    use fedlora_protocol::{DeclineReason, DpPlan, Weighting};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    const STEPS: u32 = 300;
+    let fx = Fixture::new(4);
+    let mut fed = federation(2, 4, 2, STEPS);
+    fed.train.batch_size = 4;
+    fed.train.weighting = Weighting::Uniform;
+    fed.train.dp = Some(DpPlan {
+        clip_norm: 1.0,
+        planned_rounds: 2,
+    });
+    let coord = fx.coordinator(fed).await;
+    // 0: plain; 1: always on battery; 2: at most 30 ms of training per round (uploads what it
+    // has); 3: unplugged after two steps of round 1 (declines; the spend stands), then never
+    // eligible again
+    let checks = Arc::new(AtomicU32::new(0));
+    let handles = fx.gated_clients(
+        &coord,
+        4,
+        |i, cc| {
+            cc.noise_seed = Some(100 + i as u64);
+            cc.privacy = Some(PrivacyTarget {
+                epsilon: 8.0,
+                delta: 1e-5,
+                accountant: Default::default(),
+                loss_clip: None,
+            });
+            if i == 2 {
+                cc.limits.max_train_secs = Some(0.03);
+            }
+            if i == 3 {
+                cc.limits.early_stop = EarlyStop::Decline;
+            }
+        },
+        |i| -> Option<SharedEligibility> {
+            match i {
+                1 => Some(Arc::new(|| Err(Ineligible::OnBattery))),
+                3 => {
+                    let c = checks.clone();
+                    Some(Arc::new(move || {
+                        // the check before the round, then one per step
+                        if c.fetch_add(1, Ordering::SeqCst) < 3 {
+                            Ok(())
+                        } else {
+                            Err(Ineligible::OnBattery)
+                        }
+                    }))
+                }
+                _ => None,
+            }
+        },
+    );
+    let ok = tokio::time::timeout(
+        Duration::from_secs(180),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("federation finishes");
+    assert!(ok);
+    let r = reports(handles).await;
+    let on_battery = |rep: &ClientReport| {
+        rep.declined.len() == 2
+            && rep
+                .declined
+                .iter()
+                .all(|(_, why)| *why == DeclineReason::DeviceOnBattery)
+    };
+    assert_eq!(r[0].rounds.len(), 2, "{:?}", r[0]);
+    // declined before training: no privacy budget spent
+    assert!(r[1].rounds.is_empty() && on_battery(&r[1]), "{:?}", r[1]);
+    assert_eq!(r[1].eps_spent.unwrap_or(0.0), 0.0);
+    // the capped device uploaded both rounds, each with fewer steps than planned
+    assert_eq!(r[2].rounds.len(), 2, "{:?}", r[2]);
+    assert_eq!(r[2].partial.len(), 2, "{:?}", r[2]);
+    assert!(r[2]
+        .partial
+        .iter()
+        .all(|(_, steps)| (1..STEPS).contains(steps)));
+    // unplugged mid-training: declined, and round 1's spend stands
+    assert!(r[3].rounds.is_empty() && on_battery(&r[3]), "{:?}", r[3]);
+    assert!(r[3].eps_spent.unwrap() > 0.0, "{:?}", r[3]);
+    // the coordinator's round records carry the reasons, and no decliner is a straggler
+    let report = coord.report().unwrap();
+    assert_eq!(report.rounds.len(), 2);
+    for round in &report.rounds {
+        let rec = &round.record;
+        assert_eq!(
+            rec.participants,
+            vec![r[0].client_id.clone(), r[2].client_id.clone()]
+        );
+        assert_eq!(
+            rec.declined,
+            [
+                (r[1].client_id.clone(), DeclineReason::DeviceOnBattery),
+                (r[3].client_id.clone(), DeclineReason::DeviceOnBattery)
+            ]
+            .into()
+        );
+        assert!(rec.stragglers.is_empty(), "{rec:?}");
+    }
     coord.shutdown().await;
 }
 

@@ -297,7 +297,9 @@ pub fn noisy_mean(
 /// `q = dp.expected_batch / n` drawn from `rng`, with the clipped, noised gradient of
 /// [`dp_gradient`] (noise from `noise`), plus FedProx's proximal gradient after the noise when
 /// `cfg.proximal_mu` > 0 (post-processing). Returns the trained model, the per-example loss sum
-/// and count (never sent), and the released loss if `dp.loss_clip` asks for one.
+/// and count (never sent), the steps taken (fewer when the round's [`crate::step_gate`]
+/// closes: the accountant was charged for all of them, so stopping early only releases less),
+/// and the released loss if `dp.loss_clip` asks for one.
 pub fn dp_train_steps<M, T, R>(
     mut model: M,
     train: &[T],
@@ -306,7 +308,7 @@ pub fn dp_train_steps<M, T, R>(
     rng: &mut R,
     noise: &mut GaussianNoise,
     device: &Device,
-) -> (M, (f64, usize), Option<f64>)
+) -> crate::train::LocalRun<M>
 where
     M: DpModel + burn::module::Module,
     T: std::borrow::Borrow<M::Example>,
@@ -317,7 +319,12 @@ where
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
     let mut release = crate::train::LossRelease::default();
     let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
+    let mut steps = 0;
     for _ in 0..cfg.local_steps {
+        if !crate::step_gate::proceed() {
+            break;
+        }
+        steps += 1;
         let idx = poisson_sample(rng, train.len(), q);
         let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
         let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, device);
@@ -332,7 +339,12 @@ where
         let gp = to_gradients_params(&model, grads);
         model = opt.step(cfg.learning_rate, model, gp);
     }
-    (model, (loss_sum, loss_n), release.mean())
+    crate::train::LocalRun {
+        model,
+        loss: (loss_sum, loss_n),
+        steps,
+        released: release.mean(),
+    }
 }
 
 /// Poisson sample of `0..n` with rate `q` (each index independently).

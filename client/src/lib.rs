@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod client_dp;
 pub mod data;
+pub mod eligibility;
 pub mod error;
 pub mod learner;
 pub mod llm;
@@ -18,4 +19,5 @@ pub mod proximal;
 pub mod sdk;
 pub mod secure;
 pub mod statement;
+pub mod step_gate;
 pub mod transport;

@@ -18,9 +18,11 @@ use tracing::{info, warn};
 
 use crate::client_dp::ClientDpRecord;
 use crate::data::ClientData;
+use crate::eligibility::{Ineligible, SharedEligibility};
 use crate::error::ClientError;
 use crate::learner::{encode_update, local_update, os_rng, ClientSeeds, Learner, LmLearner};
 use crate::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
+use crate::step_gate::{Gate, Stop};
 use crate::train::LocalTrainer;
 use crate::transport::{endpoint, ClientTls, Session};
 use fedlora_protocol::client_dp::{ClientDpPlan, ClientDpPolicy, PlanRefusal};
@@ -67,6 +69,46 @@ pub struct ClientConfig {
     /// part in any consistent distributed plan (never a central one, which needs trust), and
     /// still keeps its own record of what it was charged.
     pub client_dp: Option<ClientDpPolicy>,
+    /// Caps on local training: threads, seconds per round, the time kept for the upload, and
+    /// what to do when training must stop early.
+    pub limits: TrainingLimits,
+}
+
+/// What a device does when its local training stops before the planned steps (the round's
+/// deadline, its cap on training seconds, or its eligibility).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EarlyStop {
+    /// Upload the update of the steps it took (at least one); decline with none.
+    #[default]
+    Upload,
+    /// Decline the round. Before training, a round whose planned steps would not fit (by the
+    /// device's measured step time) is declined at no privacy cost.
+    Decline,
+}
+
+/// Caps on a device's local training.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainingLimits {
+    /// Threads training and evaluation may use (`None`: every core).
+    pub max_threads: Option<usize>,
+    /// The longest local training per round, seconds (`None`: no cap but the deadline).
+    pub max_train_secs: Option<f64>,
+    /// Milliseconds kept back from the round's deadline for encoding and the upload
+    /// (default 5,000).
+    pub upload_margin_ms: u64,
+    /// What to do when training must stop early.
+    pub early_stop: EarlyStop,
+}
+
+impl Default for TrainingLimits {
+    fn default() -> Self {
+        Self {
+            max_threads: None,
+            max_train_secs: None,
+            upload_margin_ms: 5_000,
+            early_stop: EarlyStop::Upload,
+        }
+    }
 }
 
 impl ClientConfig {
@@ -87,6 +129,7 @@ impl ClientConfig {
             secagg: SecAggPolicy::default(),
             max_rank: None,
             client_dp: None,
+            limits: TrainingLimits::default(),
         }
     }
 
@@ -99,6 +142,20 @@ impl ClientConfig {
                 "a privacy target needs a state directory (--state-dir) for its ledger: a ledger \
                  in memory would start from zero after a restart"
                     .into(),
+            ));
+        }
+        if self.limits.max_threads == Some(0) {
+            return Err(ClientError::Config(
+                "the thread cap must be at least 1".into(),
+            ));
+        }
+        if self
+            .limits
+            .max_train_secs
+            .is_some_and(|s| !(s.is_finite() && s > 0.0))
+        {
+            return Err(ClientError::Config(
+                "the cap on training seconds must be a positive number".into(),
             ));
         }
         Ok(())
@@ -136,6 +193,8 @@ pub struct ClientReport {
     /// Each acknowledged upload (or masked input): when it was sent and how long until its
     /// acknowledgement (transfer, the coordinator's checks and its write to disk).
     pub uploads: Vec<UploadTiming>,
+    /// Rounds whose training stopped early and were uploaded anyway: (round, steps taken).
+    pub partial: Vec<(u64, u32)>,
 }
 
 /// One acknowledged upload, timed by the client.
@@ -168,6 +227,12 @@ pub struct FederatedClient {
     unmasked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     /// The client-level DP rounds this client was charged for (its own record).
     client_dp: std::sync::Mutex<ClientDpRecord>,
+    /// Whether the device may train now (consulted before a round and before each step).
+    eligibility: Option<SharedEligibility>,
+    /// The pool training runs in when threads are capped.
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// Seconds per local step, measured on the last round (plans the next round's time).
+    step_secs: std::sync::Mutex<Option<f64>>,
 }
 
 /// One secure round on the client: its stage machine, the peers' verifier from the roster's
@@ -259,8 +324,21 @@ impl FederatedClient {
             (Some(t), Some(dir)) => Some(PrivacyState::open(dir, t)?),
             _ => None,
         };
+        let pool = match config.limits.max_threads {
+            None => None,
+            Some(n) => Some(std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("fedlora-train-{i}"))
+                    .build()
+                    .map_err(|e| ClientError::Config(format!("training threads: {e}")))?,
+            )),
+        };
         Ok(Self {
             learner,
+            eligibility: None,
+            pool,
+            step_secs: std::sync::Mutex::new(None),
             privacy: std::sync::Mutex::new(privacy),
             held: std::sync::Mutex::new(None),
             signer: crate::secure::load_signer(&config.tls.key).ok(),
@@ -270,6 +348,19 @@ impl FederatedClient {
             client_dp: std::sync::Mutex::new(client_dp),
             config,
         })
+    }
+
+    /// Consults `check` before accepting each round and before each local step (see
+    /// [`crate::eligibility`]); without one the device is always eligible.
+    pub fn with_eligibility(mut self, check: SharedEligibility) -> Self {
+        self.eligibility = Some(check);
+        self
+    }
+
+    /// Why the device may not train now, as a decline reason.
+    fn ineligible(&self) -> Option<DeclineReason> {
+        let e = self.eligibility.as_ref()?;
+        e.check().err().map(Ineligible::decline_reason)
     }
 
     fn seeds(&self) -> ClientSeeds {
@@ -558,6 +649,10 @@ impl FederatedClient {
                 .as_ref()
                 .ok_or("no ECDSA P-256 certificate key")?;
             if let SecAggTask::AdvertiseKeys { params } = task {
+                // a device that may not train now does not join the round's key exchange
+                if let Some(why) = self.ineligible() {
+                    return Err(format!("not joining: {why}"));
+                }
                 let id = self.client_id.lock().expect("lock").clone();
                 let mut rng = os_rng().map_err(|e| e.to_string())?;
                 let mut cr = ClientRound::new(round, &id, params, self.config.secagg, &mut rng);
@@ -734,9 +829,13 @@ impl FederatedClient {
             return Ok(());
         }
         let learner = self.learner.clone();
-        let ev = tokio::task::spawn_blocking(move || learner.evaluate(&adapter))
-            .await
-            .map_err(|e| ClientError::Model(e.to_string()))??;
+        let pool = self.pool.clone();
+        let ev = tokio::task::spawn_blocking(move || match pool {
+            Some(p) => p.install(|| learner.evaluate(&adapter)),
+            None => learner.evaluate(&adapter),
+        })
+        .await
+        .map_err(|e| ClientError::Model(e.to_string()))??;
         let msg = ClientMsg::EvalReport(EvalReport {
             version,
             loss: ev.loss,
@@ -763,6 +862,11 @@ impl FederatedClient {
                     got: hex::encode(&offer.spec_hash[..8]),
                 },
             ));
+        }
+        let received = std::time::Instant::now();
+        // the device's own verdict comes first: a round declined here costs nothing
+        if let Some(reason) = self.ineligible() {
+            return Ok(Work::Decline(offer.round, reason));
         }
         let sliced = match self.offered_rank(&offer) {
             Ok(s) => s,
@@ -808,6 +912,12 @@ impl FederatedClient {
                 ));
             }
         }
+        // a round whose time cannot fit a step (or, with EarlyStop::Decline, every step) is
+        // declined before the budget is spent
+        let until = self.training_until(&offer, received);
+        if !self.time_fits(until, offer.config.local_steps) {
+            return Ok(Work::Decline(offer.round, DeclineReason::NotEnoughTime));
+        }
         // the budget decides before any data is touched; spending is flushed before training
         let dp_round = offer.config.dp.is_some() || offer.config.client_dp.is_some();
         let (dp, eps) = {
@@ -834,17 +944,48 @@ impl FederatedClient {
         let cfg = offer.config.clone();
         let seeds = self.seeds();
         let round = offer.round;
-        let out = tokio::task::spawn_blocking(move || {
-            local_update(&*learner, &global, &cfg, dp.as_ref(), &seeds, round)
+        let gate = Gate {
+            eligibility: self.eligibility.clone(),
+            until,
+        };
+        let pool = self.pool.clone();
+        let (out, gated) = tokio::task::spawn_blocking(move || {
+            let work = || {
+                crate::step_gate::run(gate, || {
+                    local_update(&*learner, &global, &cfg, dp.as_ref(), &seeds, round)
+                })
+            };
+            match pool {
+                Some(p) => p.install(work),
+                None => work(),
+            }
         })
         .await
-        .map_err(|e| ClientError::Model(e.to_string()))??;
+        .map_err(|e| ClientError::Model(e.to_string()))?;
+        let out = out?;
+        if out.steps > 0 {
+            *self.step_secs.lock().expect("lock") = Some(out.secs / out.steps as f64);
+        }
         info!(
             round = offer.round,
             loss = out.train_loss,
             secs = out.secs,
+            steps = out.steps,
             "trained locally"
         );
+        if let Some(stop) = gated.stopped {
+            let reason = match stop {
+                Stop::Ineligible(why) => why.decline_reason(),
+                Stop::OutOfTime => DeclineReason::NotEnoughTime,
+            };
+            // whatever the round spent stands; an update of no steps is not sent
+            if out.steps == 0 || self.config.limits.early_stop == EarlyStop::Decline {
+                return Ok(Work::Decline(offer.round, reason));
+            }
+            warn!(round = offer.round, steps = out.steps, of = offer.config.local_steps,
+                %reason, "training stopped early; uploading what it has");
+            report.partial.push((offer.round, out.steps as u32));
+        }
         if let Some(shares) = &offer.secure_shares {
             let codec = &offer.config.codec;
             let bytes = self.encode_delta(&out.delta, &offer, 1)?;
@@ -908,6 +1049,43 @@ impl FederatedClient {
             train_loss: out.train_loss,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         })))
+    }
+
+    /// The instant local training must end by: the round's deadline less the upload margin,
+    /// or the cap on training seconds, whichever comes first (`None`: no limit).
+    fn training_until(
+        &self,
+        offer: &RoundOffer,
+        received: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        let limits = &self.config.limits;
+        let by_deadline = offer
+            .time_left_ms
+            .map(|t| received + Duration::from_millis(t.saturating_sub(limits.upload_margin_ms)));
+        let by_cap = limits
+            .max_train_secs
+            .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
+        match (by_deadline, by_cap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether training may start before `until`: some time is left, and by the step time
+    /// measured last round it fits one step (or all `steps`, with [`EarlyStop::Decline`]).
+    fn time_fits(&self, until: Option<std::time::Instant>, steps: u32) -> bool {
+        let Some(until) = until else {
+            return true;
+        };
+        let left = until
+            .saturating_duration_since(std::time::Instant::now())
+            .as_secs_f64();
+        let per_step = self.step_secs.lock().expect("lock").unwrap_or(0.0);
+        let need = match self.config.limits.early_stop {
+            EarlyStop::Upload => per_step,
+            EarlyStop::Decline => per_step * steps as f64,
+        };
+        left > 0.0 && left >= need
     }
 
     /// Records, durably, that this client is charged for `round` under `plan` (called before
@@ -1077,6 +1255,7 @@ mod tests {
             global: vec![],
             secure_shares: shares.then(Vec::new),
             rank: None,
+            time_left_ms: None,
         }
     }
 

@@ -140,14 +140,15 @@ pub fn local_optimizer(kind: fedlora_protocol::LocalOptimizer) -> burn::optim::M
 /// each on `cfg.batch_size` examples of `train` sampled uniformly without replacement by `rng`,
 /// minimising the batch mean of the examples' losses ([`DpModel::example_losses`]) plus
 /// FedProx's `μ/2·‖w − w_start‖²` when `cfg.proximal_mu` > 0 ([`crate::proximal`]). Returns
-/// the trained model and the sum of the steps' losses.
+/// the trained model, the sum of the steps' losses and the steps taken (fewer than planned
+/// when the round's [`crate::step_gate`] closes).
 pub fn plain_train_steps<M, T, R>(
     mut model: M,
     train: &[T],
     cfg: &TrainConfig,
     rng: &mut R,
     device: &Device,
-) -> (M, f64)
+) -> LocalRun<M>
 where
     M: DpModel + Module,
     T: std::borrow::Borrow<M::Example>,
@@ -155,8 +156,13 @@ where
 {
     let mut opt = local_optimizer(cfg.optimizer);
     let mut loss_sum = 0.0;
+    let mut steps = 0;
     let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
     for _ in 0..cfg.local_steps {
+        if !crate::step_gate::proceed() {
+            break;
+        }
+        steps += 1;
         let idx = sample_batch(rng, train.len(), cfg.batch_size as usize);
         let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
         let loss = model.example_losses(&batch, None, device).mean();
@@ -175,7 +181,25 @@ where
         };
         model = opt.step(cfg.learning_rate, model, grads);
     }
-    (model, loss_sum)
+    LocalRun {
+        model,
+        loss: (loss_sum, steps as usize),
+        steps,
+        released: None,
+    }
+}
+
+/// What a shared local training loop ran: the trained model, its loss sum and count (never
+/// sent), the steps taken, and the released (noised) loss when DP asks for one.
+pub struct LocalRun<M> {
+    /// The trained model.
+    pub model: M,
+    /// The sum of the losses and their count (steps, or examples under DP-SGD).
+    pub loss: (f64, usize),
+    /// Steps taken (fewer than planned when the round's step gate closed).
+    pub steps: u32,
+    /// The released training loss, nats per unit (DP with a loss clip only).
+    pub released: Option<f64>,
 }
 
 /// What one round of local training produced.
@@ -344,16 +368,9 @@ impl LocalTrainer {
         }
         let t0 = Instant::now();
         let model = self.model_with(global)?;
-        let (model, loss_sum) = plain_train_steps(model, train, cfg, rng, &self.device);
-        let local = extract_adapter(&model, &self.lora);
-        TrainOutcome::finish(
-            &local,
-            global,
-            (loss_sum, cfg.local_steps as usize),
-            train.len(),
-            cfg.local_steps,
-            t0,
-        )
+        let run = plain_train_steps(model, train, cfg, rng, &self.device);
+        let local = extract_adapter(&run.model, &self.lora);
+        TrainOutcome::finish(&local, global, run.loss, train.len(), run.steps, t0)
     }
 
     /// DP-SGD from `global` on `train` windows: `cfg.local_steps` Adam steps, each on a Poisson
@@ -374,11 +391,10 @@ impl LocalTrainer {
         }
         let t0 = Instant::now();
         let model = self.model_with(global)?;
-        let (model, loss, released) =
-            crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
-        let local = extract_adapter(&model, &self.lora);
-        let mut out = TrainOutcome::finish(&local, global, loss, train.len(), cfg.local_steps, t0)?;
-        out.released_loss = released;
+        let run = crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
+        let local = extract_adapter(&run.model, &self.lora);
+        let mut out = TrainOutcome::finish(&local, global, run.loss, train.len(), run.steps, t0)?;
+        out.released_loss = run.released;
         Ok(out)
     }
 

@@ -90,8 +90,12 @@ pub struct RoundRecord {
     pub selected: Vec<String>,
     /// Clients whose uploads were aggregated.
     pub participants: Vec<String>,
-    /// Participants that did not upload in time.
+    /// Participants that did not upload in time (and did not decline).
     pub stragglers: Vec<String>,
+    /// Participants that declined the round, with their reason (a fixed list: budget, plan,
+    /// policy, or the device's eligibility and deadline).
+    #[serde(default)]
+    pub declined: BTreeMap<String, fedlora_protocol::DeclineReason>,
     /// Upload frame bytes per client, as received on the wire.
     pub bytes_up: BTreeMap<String, u64>,
     /// Task frame bytes per client (global adapter sent), as sent on the wire.

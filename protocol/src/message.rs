@@ -21,7 +21,7 @@ use crate::error::Refusal;
 /// Version 5: client-level DP: the round config carries a [`crate::client_dp::ClientDpPlan`],
 /// the Skellam codec, a `ClientDpPlanRefused` decline, and survivors sign the plan's digest
 /// with their consistency view.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -224,6 +224,19 @@ pub enum DeclineReason {
     /// little noise for its ε, too small `min_clients` or collusion bound, or central mode
     /// for a client that does not trust the coordinator).
     ClientDpPlanRefused,
+    /// The device runs on battery and its eligibility requires mains power.
+    DeviceOnBattery,
+    /// The device's battery is below its eligibility threshold.
+    DeviceBatteryLow,
+    /// The device is busy (its load average is above its eligibility limit).
+    DeviceBusy,
+    /// The device trains only in a time window, and this is outside it.
+    OutsideTrainingWindow,
+    /// The device's own eligibility check (the app's) says no.
+    DeviceNotEligible,
+    /// The round's deadline (or the device's cap on training seconds) leaves too little time:
+    /// declined before training, or training stopped before its first step.
+    NotEnoughTime,
 }
 
 impl DeclineReason {
@@ -241,6 +254,12 @@ impl DeclineReason {
             Self::SecureAggregationPolicy => "secure-aggregation policy",
             Self::SecureStateLost => "secure-aggregation state lost",
             Self::RankNotSupported => "the offered LoRA rank is not supported",
+            Self::DeviceOnBattery => "the device runs on battery",
+            Self::DeviceBatteryLow => "the device's battery is low",
+            Self::DeviceBusy => "the device is busy",
+            Self::OutsideTrainingWindow => "outside the device's training window",
+            Self::DeviceNotEligible => "the device's own eligibility check said no",
+            Self::NotEnoughTime => "not enough time before the round's deadline",
         }
     }
 }
@@ -462,6 +481,10 @@ pub struct RoundOffer {
     /// `None`: the full rank.
     #[serde(default)]
     pub rank: Option<u32>,
+    /// Milliseconds from this offer to the round's deadline, by the coordinator's clock (an
+    /// upload after it is a straggler's). The client plans its training and upload within it.
+    #[serde(default)]
+    pub time_left_ms: Option<u64>,
 }
 
 /// How the coordinator sends the global adapter down.

@@ -162,6 +162,7 @@ fn coord_seeds() -> Vec<Vec<u8>> {
             global: vec![1; 50],
             secure_shares: Some(vec![share(3)]),
             rank: None,
+            time_left_ms: Some(60_000),
         })),
         CoordMsg::Task(Task::Evaluate {
             version: 2,

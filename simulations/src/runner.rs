@@ -510,6 +510,8 @@ fn offer_frame_len(
         global: Codec::DenseF32.encode(sent.values()),
         secure_shares: None,
         rank: rank.map(|r| r as u32),
+        // the bytes of the deployed offer, which carries the time left
+        time_left_ms: Some(fed.config().round_timeout_ms),
     };
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }

@@ -463,17 +463,10 @@ impl Learner for TabularLearner {
         let t0 = Instant::now();
         let m = self.model.with(global)?;
         let examples = self.rows.examples();
-        let (m, loss_sum) =
+        let run =
             fedlora_client::train::plain_train_steps(m, &examples, cfg, rng, &self.model.device);
-        let local = extract_adapter(&m, &self.model.lora);
-        TrainOutcome::finish(
-            &local,
-            global,
-            (loss_sum, cfg.local_steps as usize),
-            self.rows.len(),
-            cfg.local_steps,
-            t0,
-        )
+        let local = extract_adapter(&run.model, &self.model.lora);
+        TrainOutcome::finish(&local, global, run.loss, self.rows.len(), run.steps, t0)
     }
 
     fn train_dp(
@@ -490,7 +483,7 @@ impl Learner for TabularLearner {
         let t0 = Instant::now();
         let m = self.model.with(global)?;
         let examples = self.rows.examples();
-        let (m, loss, released) = fedlora_client::dp_sgd::dp_train_steps(
+        let run = fedlora_client::dp_sgd::dp_train_steps(
             m,
             &examples,
             cfg,
@@ -499,10 +492,10 @@ impl Learner for TabularLearner {
             noise,
             &self.model.device,
         );
-        let local = extract_adapter(&m, &self.model.lora);
+        let local = extract_adapter(&run.model, &self.model.lora);
         let mut out =
-            TrainOutcome::finish(&local, global, loss, self.rows.len(), cfg.local_steps, t0)?;
-        out.released_loss = released;
+            TrainOutcome::finish(&local, global, run.loss, self.rows.len(), run.steps, t0)?;
+        out.released_loss = run.released;
         Ok(out)
     }
 

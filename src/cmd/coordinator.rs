@@ -82,19 +82,7 @@ pub(crate) struct FederationArgs {
     pub max_update_norm: Option<f64>,
 }
 
-/// Parses a duration: a plain number of seconds (`600`, `0.5`), or a duration with units
-/// (`30s`, `5m`, `1h 30m`, `250ms`).
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.trim().parse::<f64>() {
-        return if secs.is_finite() && secs > 0.0 {
-            Ok(Duration::from_secs_f64(secs))
-        } else {
-            Err(format!("`{s}` must be a positive duration"))
-        };
-    }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}`: {e} (write seconds, or e.g. 30s, 5m, 1h)"))
-}
+pub(crate) use fedlora_device::parse_duration;
 
 /// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
 #[derive(Debug, Default, Deserialize)]

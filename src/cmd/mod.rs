@@ -3,25 +3,21 @@
 mod audit;
 mod bench;
 mod certs;
-mod client;
 mod coordinator;
 mod demo;
 mod llm;
-mod logging;
-mod model;
 mod pretrain;
 mod privacy;
 mod reference;
 mod simulate;
 mod status;
-mod workload;
 
 use clap::{Parser, Subcommand};
 
-/// An error in the user's input: reported with exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct UsageError(pub String);
+// the client side of the command line lives in the device crate (the `fedlora-device` binary
+// runs the same code)
+use fedlora_device::{client, logging, model_args as model, workload};
+pub(crate) use fedlora_device::{exit_code, UsageError};
 
 /// fedlora: federated LoRA fine-tuning over QUIC with mutual TLS.
 #[derive(Parser, Debug)]
@@ -63,28 +59,6 @@ enum Command {
     Generate(llm::GenerateArgs),
     /// Merge a PEFT LoRA adapter into its base and write a Hugging Face model directory.
     Merge(llm::MergeArgs),
-}
-
-/// The process exit code of a failed command: 2 for a usage or input error (a flag, a file,
-/// a config value to fix), 3 for a credential failure that waiting cannot heal (unknown CA, bad
-/// signature, wrong server name, a revoked certificate), 1 for any other runtime failure.
-pub(crate) fn exit_code(e: &anyhow::Error) -> i32 {
-    use fedlora_client::error::ClientError;
-    use fedlora_protocol::RefusalCode;
-    if e.downcast_ref::<UsageError>().is_some() {
-        return 2;
-    }
-    match e.downcast_ref::<ClientError>() {
-        Some(ClientError::Tls(_)) => 3,
-        Some(ClientError::Refused(r)) if r.code == RefusalCode::Revoked => 3,
-        Some(
-            ClientError::Config(_)
-            | ClientError::Data(_)
-            | ClientError::ModelFile(_)
-            | ClientError::Unsupported(_),
-        ) => 2,
-        _ => 1,
-    }
 }
 
 /// Runs a parsed command line.

@@ -79,13 +79,7 @@ enum PrivacyCmd {
 }
 
 /// Parses `rdp` or `pld`.
-pub(crate) fn parse_accountant(s: &str) -> anyhow::Result<fedlora_dp::Accountant> {
-    match s {
-        "rdp" => Ok(fedlora_dp::Accountant::Rdp),
-        "pld" => Ok(fedlora_dp::Accountant::Pld),
-        other => Err(UsageError(format!("unknown accountant `{other}` (rdp, pld)")).into()),
-    }
-}
+pub(crate) use fedlora_device::parse_accountant;
 
 fn usage(e: DpError) -> anyhow::Error {
     match e {

@@ -121,16 +121,8 @@ impl LlmTrainer {
         let model = self.model_with(global)?;
         // each example's mean over its scored tokens, averaged over the batch (one window or
         // conversation counts once, as in DP-SGD)
-        let (model, loss_sum) =
-            crate::train::plain_train_steps(model, train, cfg, rng, &self.device);
-        self.finish(
-            &model,
-            global,
-            (loss_sum, cfg.local_steps as usize),
-            train.len(),
-            cfg.local_steps,
-            t0,
-        )
+        let run = crate::train::plain_train_steps(model, train, cfg, rng, &self.device);
+        self.finish(&run.model, global, run.loss, train.len(), run.steps, t0)
     }
 
     /// DP-SGD from `global` (see [`crate::dp_sgd`]): Poisson sampling of examples at rate
@@ -150,10 +142,9 @@ impl LlmTrainer {
         }
         let t0 = Instant::now();
         let model = self.model_with(global)?;
-        let (model, loss, released) =
-            crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
-        let mut out = self.finish(&model, global, loss, train.len(), cfg.local_steps, t0)?;
-        out.released_loss = released;
+        let run = crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
+        let mut out = self.finish(&run.model, global, run.loss, train.len(), run.steps, t0)?;
+        out.released_loss = run.released;
         Ok(out)
     }
 

@@ -105,6 +105,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             round,
             base_version,
             evaluate,
+            deadline_ms,
         } => {
             if base_version != global.version {
                 wait
@@ -140,6 +141,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                         global: payload,
                         secure_shares,
                         rank,
+                        time_left_ms: Some(deadline_ms.saturating_sub(now_ms())),
                     })),
                     Some(round),
                 );

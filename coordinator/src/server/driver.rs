@@ -153,6 +153,7 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
                 selected: selected.iter().cloned().collect(),
                 participants: vec![],
                 stragglers: vec![],
+                declined: BTreeMap::new(),
                 bytes_up: BTreeMap::new(),
                 bytes_down: BTreeMap::new(),
                 train_loss: None,
@@ -378,7 +379,11 @@ pub(super) fn commit(
         .ok_or_else(|| CoordinatorError::Storage(format!("no record for round {round}")))?;
     rec.status = RoundStatus::Committed { version };
     rec.participants = uploads.keys().cloned().collect();
-    rec.stragglers = missing.iter().cloned().collect();
+    rec.stragglers = missing
+        .iter()
+        .filter(|c| !rec.declined.contains_key(*c))
+        .cloned()
+        .collect();
     rec.bytes_up = records;
     rec.bytes_down = take_round(&shared.bytes_down, round);
     rec.train_loss = train_loss;

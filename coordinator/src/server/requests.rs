@@ -211,7 +211,16 @@ pub(super) fn decline(
     if let Err(r) = fed.decline(client, round, reason) {
         return CoordMsg::Refused(r);
     }
-    if let Err(e) = shared.store.save_state(fed.state()) {
+    // the reason goes into the round's record with the state, in one write
+    let stored = match shared.store.round(round) {
+        Ok(Some(mut rec)) => {
+            rec.declined.insert(client.to_string(), reason);
+            shared.store.put_round(&rec, fed.state())
+        }
+        Ok(None) => shared.store.save_state(fed.state()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stored {
         *fed = before;
         error!(error = %e, "storing a decline failed");
         return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));

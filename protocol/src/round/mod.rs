@@ -139,6 +139,7 @@ impl Federation {
                         round: open.round,
                         base_version: open.base_version,
                         evaluate,
+                        deadline_ms: open.deadline_ms,
                     }
                 }
             }
@@ -655,7 +656,8 @@ mod tests {
             Directive::Train {
                 round: 1,
                 base_version: 0,
-                evaluate: true
+                evaluate: true,
+                ..
             }
         ));
         assert_eq!(upload(&mut f, &sel[0], 1, 1), Ok(AckStatus::Accepted));

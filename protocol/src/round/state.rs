@@ -140,6 +140,8 @@ pub enum Directive {
         base_version: u64,
         /// Whether the client should report the base version's held-out loss.
         evaluate: bool,
+        /// The round's deadline, Unix ms (the coordinator's clock).
+        deadline_ms: u64,
     },
     /// Evaluate `version`.
     Evaluate {

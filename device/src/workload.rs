@@ -12,13 +12,13 @@ use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
 use fedlora_client::train::LocalTrainer;
 use fedlora_protocol::FlatAdapter;
 
-use super::model::ModelArgs;
+use crate::model_args::ModelArgs;
 
 /// Default tokens per window of a real LLM's training examples.
-pub(crate) const DEFAULT_LLM_CONTEXT: usize = 128;
+pub const DEFAULT_LLM_CONTEXT: usize = 128;
 
 /// The model a command trains.
-pub(crate) enum Workload {
+pub enum Workload {
     /// The byte-level LM over the committed base checkpoint.
     Bytes(Box<LocalTrainer>),
     /// A real LLM; one loaded base shared by every client of the process.
@@ -31,11 +31,11 @@ pub(crate) enum Workload {
 }
 
 /// A held-out evaluation of a global adapter: NLL per byte or per token.
-pub(crate) type HeldOut = Box<dyn Fn(&FlatAdapter) -> anyhow::Result<f64> + Send + Sync>;
+pub type HeldOut = Box<dyn Fn(&FlatAdapter) -> anyhow::Result<f64> + Send + Sync>;
 
 impl Workload {
     /// Loads what `model` names (the byte-level base, or `--model`).
-    pub(crate) fn load(model: &ModelArgs) -> anyhow::Result<Self> {
+    pub fn load(model: &ModelArgs) -> anyhow::Result<Self> {
         match &model.model {
             None => Ok(Self::Bytes(Box::new(model.trainer()?))),
             Some(path) => {
@@ -43,7 +43,7 @@ impl Workload {
                 let trainer = LlmTrainer::load(path, &lora, 0)?;
                 let context = model.context.unwrap_or(DEFAULT_LLM_CONTEXT);
                 if context == 0 || context >= trainer.llm().config.max_position_embeddings {
-                    return Err(super::UsageError(format!(
+                    return Err(crate::UsageError(format!(
                         "--context must be in 1..{}, not {context}",
                         trainer.llm().config.max_position_embeddings
                     ))
@@ -58,7 +58,7 @@ impl Workload {
     }
 
     /// Global version 0.
-    pub(crate) fn initial_adapter(&self) -> FlatAdapter {
+    pub fn initial_adapter(&self) -> FlatAdapter {
         match self {
             Self::Bytes(t) => t.initial_adapter(),
             Self::Llm { trainer, .. } => trainer.initial_adapter(),
@@ -67,12 +67,12 @@ impl Workload {
 
     /// A client's learner on its data: `file` (text; `.jsonl` chat data with --model), or the
     /// `index`-th demo role.
-    pub(crate) fn learner(
+    pub fn learner(
         &self,
         file: Option<&Path>,
         index: Option<usize>,
     ) -> anyhow::Result<Arc<dyn Learner>> {
-        let missing = || super::UsageError("give --data FILE or --client-index I".into());
+        let missing = || crate::UsageError("give --data FILE or --client-index I".into());
         Ok(match self {
             Self::Bytes(trainer) => {
                 let ctx = trainer.config().context;
@@ -101,9 +101,29 @@ impl Workload {
         })
     }
 
+    /// A client's learner on text handed over in memory (an app embedding the SDK): bytes for
+    /// the byte-level model, UTF-8 for a real LLM.
+    pub fn learner_from_text(&self, name: &str, text: &[u8]) -> anyhow::Result<Arc<dyn Learner>> {
+        Ok(match self {
+            Self::Bytes(trainer) => Arc::new(LmLearner {
+                trainer: (**trainer).clone(),
+                data: ClientData::from_text(name, text, trainer.config().context)?,
+            }),
+            Self::Llm { trainer, context } => {
+                let text = std::str::from_utf8(text).map_err(|e| {
+                    crate::UsageError(format!("{name}: a real LLM trains on UTF-8 text ({e})"))
+                })?;
+                Arc::new(LlmLearner {
+                    trainer: trainer.clone(),
+                    data: LlmData::from_text(name, &trainer.llm().tokenizer, text, *context)?,
+                })
+            }
+        })
+    }
+
     /// The learners of demo clients `0..n`, and the evaluation of a global adapter on their
     /// pooled held-out examples (token-weighted).
-    pub(crate) fn demo(&self, n: usize) -> anyhow::Result<(Vec<Arc<dyn Learner>>, HeldOut)> {
+    pub fn demo(&self, n: usize) -> anyhow::Result<(Vec<Arc<dyn Learner>>, HeldOut)> {
         match self {
             Self::Bytes(trainer) => {
                 let ctx = trainer.config().context;
@@ -150,7 +170,7 @@ impl Workload {
 
     /// One learner holding the training examples of demo clients `0..n` together (the
     /// centralised reference); it has no held-out data of its own.
-    pub(crate) fn pooled(&self, n: usize) -> anyhow::Result<Arc<dyn Learner>> {
+    pub fn pooled(&self, n: usize) -> anyhow::Result<Arc<dyn Learner>> {
         Ok(match self {
             Self::Bytes(trainer) => {
                 let ctx = trainer.config().context;
@@ -186,7 +206,7 @@ impl Workload {
     }
 
     /// The unit of the held-out loss, for messages.
-    pub(crate) fn unit(&self) -> &'static str {
+    pub fn unit(&self) -> &'static str {
         match self {
             Self::Bytes(_) => "nats/byte",
             Self::Llm { .. } => "nats/token",

@@ -11,18 +11,18 @@ use fedlora_client::train::{load_base, LocalTrainer};
 use serde::{Deserialize, Serialize};
 
 /// Where the committed base checkpoint lives (relative to the repository root).
-pub(crate) const DEFAULT_BASE: &str = "models/base.bpk";
+pub const DEFAULT_BASE: &str = "models/base.bpk";
 
 /// The reference LM: d_model 128, 4 layers, 4 heads, MLP 512, context 64; with an adapter,
 /// rank 8 (α 16) on q, v by default.
-pub(crate) fn reference_config(lora: Option<LoraConfig>) -> LmConfig {
+pub fn reference_config(lora: Option<LoraConfig>) -> LmConfig {
     LmConfig::new().with_lora(lora)
 }
 
 /// Adapter flags shared by `coordinator`, `client` and `demo` (all parties must agree; the
 /// adapter spec hash is checked at every hello).
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct ModelArgs {
+pub struct ModelArgs {
     /// Base checkpoint of the byte-level model (made by `fedlora pretrain`).
     #[arg(long, default_value = DEFAULT_BASE)]
     pub base: PathBuf,
@@ -55,9 +55,9 @@ pub(crate) struct ModelArgs {
 impl ModelArgs {
     /// The LM config these flags describe; a usage error (exit 2) when they cannot make an
     /// adapter (rank 0, an empty or unknown target, …).
-    pub(crate) fn lm_config(&self) -> Result<LmConfig, super::UsageError> {
+    pub fn lm_config(&self) -> Result<LmConfig, crate::UsageError> {
         if self.model.is_some() {
-            return Err(super::UsageError(
+            return Err(crate::UsageError(
                 "this command runs the byte-level model only; leave out --model".into(),
             ));
         }
@@ -97,19 +97,19 @@ impl ModelArgs {
 
     /// The LoRA settings these flags describe, validated against the chosen model's
     /// projection names (a usage error, exit 2, otherwise).
-    pub(crate) fn lora(&self) -> Result<LoraConfig, super::UsageError> {
+    pub fn lora(&self) -> Result<LoraConfig, crate::UsageError> {
         let lora = LoraConfig::new()
             .with_rank(self.rank)
             .with_alpha(self.alpha)
             .with_targets(self.resolved_targets())
             .with_freeze_a(self.ffa);
         lora.validate(self.target_names().0)
-            .map_err(|e| super::UsageError(e.to_string().replace("config: ", "")))?;
+            .map_err(|e| crate::UsageError(e.to_string().replace("config: ", "")))?;
         Ok(lora)
     }
 
     /// The flags as the user would type them (for messages about mismatched adapters).
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         format!(
             "{}--rank {} --alpha {} --targets {}{}",
             self.model
@@ -123,7 +123,7 @@ impl ModelArgs {
     }
 
     /// A trainer over the base checkpoint.
-    pub(crate) fn trainer(&self) -> anyhow::Result<LocalTrainer> {
+    pub fn trainer(&self) -> anyhow::Result<LocalTrainer> {
         let cfg = self.lm_config()?;
         let path = base_path(&self.base);
         anyhow::ensure!(
@@ -137,13 +137,13 @@ impl ModelArgs {
     }
 }
 
-/// Resolves the base checkpoint path: as given if it exists, else relative to the crate root
-/// (so `cargo run` works from any directory of the checkout).
-pub(crate) fn base_path(given: &Path) -> PathBuf {
+/// Resolves the base checkpoint path: as given if it exists, else relative to the workspace
+/// root (so `cargo run` works from any directory of the checkout).
+pub fn base_path(given: &Path) -> PathBuf {
     if given.exists() || given.is_absolute() {
         return given.to_path_buf();
     }
-    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join(given);
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(given);
     if in_repo.exists() {
         in_repo
     } else {

@@ -4,15 +4,19 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::Args;
-use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::eligibility::{
+    LinuxEligibility, LinuxEligibilityConfig, SharedEligibility, TimeWindow,
+};
+use fedlora_client::sdk::{ClientConfig, EarlyStop, FederatedClient, TrainingLimits};
 use fedlora_client::transport::ClientTls;
 
-use super::logging::{self, LogFormat};
-use super::model::ModelArgs;
-use super::UsageError;
+use crate::logging::{self, LogFormat};
+use crate::model_args::ModelArgs;
+use crate::UsageError;
 
+/// Flags of one federated client (`fedlora client`, `fedlora-device run`).
 #[derive(Args, Debug)]
-pub(crate) struct ClientArgs {
+pub struct ClientArgs {
     /// Coordinator HOST:PORT.
     #[arg(long)]
     coordinator: String,
@@ -86,9 +90,110 @@ pub(crate) struct ClientArgs {
     client_dp_min_collusion: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
-pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
+/// What the device allows: threads, time, and when it may train at all.
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Threads for training and evaluation (default: every core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// The longest local training per round (e.g. 90s, 5m); training stops there.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    max_train_time: Option<std::time::Duration>,
+    /// Time kept back from the round's deadline for encoding and the upload.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration, default_value = "5s")]
+    upload_margin: std::time::Duration,
+    /// When training must stop early (deadline, --max-train-time, eligibility lost): upload
+    /// what it has, or decline the round.
+    #[arg(long, value_enum, default_value = "upload")]
+    early_stop: EarlyStopArg,
+    /// When the device may train: `always`, or `linux` (mains power or a charged battery from
+    /// /sys/class/power_supply, the load average from /proc/loadavg, --train-window), checked
+    /// before each round and each local step.
+    #[arg(long, value_enum, default_value = "always")]
+    eligibility: EligibilityArg,
+    /// With --eligibility linux: train on battery too (above --min-battery).
+    #[arg(long)]
+    allow_battery: bool,
+    /// With --eligibility linux: the least battery charge, percent.
+    #[arg(long, value_name = "PCT", default_value_t = 50)]
+    min_battery: u8,
+    /// With --eligibility linux: the highest 1-minute load average per core (0: no limit).
+    #[arg(long, value_name = "LOAD", default_value_t = 0.8)]
+    max_load: f64,
+    /// With --eligibility linux: train only between these UTC times, e.g. 22:00-06:00.
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    train_window: Option<String>,
+    /// With --eligibility linux: where the kernel lists power supplies.
+    #[arg(long, value_name = "DIR", default_value = "/sys/class/power_supply")]
+    power_supply_dir: PathBuf,
+}
+
+/// `--early-stop`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum EarlyStopArg {
+    Upload,
+    Decline,
+}
+
+/// `--eligibility`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EligibilityArg {
+    Always,
+    Linux,
+}
+
+impl DeviceArgs {
+    /// The SDK's training limits.
+    pub fn limits(&self) -> Result<TrainingLimits, UsageError> {
+        if self.threads == Some(0) {
+            return Err(UsageError("--threads must be at least 1".into()));
+        }
+        Ok(TrainingLimits {
+            max_threads: self.threads,
+            max_train_secs: self.max_train_time.map(|d| d.as_secs_f64()),
+            upload_margin_ms: self.upload_margin.as_millis() as u64,
+            early_stop: match self.early_stop {
+                EarlyStopArg::Upload => EarlyStop::Upload,
+                EarlyStopArg::Decline => EarlyStop::Decline,
+            },
+        })
+    }
+
+    /// The eligibility check the flags describe (`None`: always eligible).
+    pub fn eligibility(&self) -> Result<Option<SharedEligibility>, UsageError> {
+        if self.eligibility == EligibilityArg::Always {
+            return Ok(None);
+        }
+        if !(self.max_load.is_finite() && self.max_load >= 0.0) || self.min_battery > 100 {
+            return Err(UsageError(
+                "--max-load must be ≥ 0 and --min-battery a percentage".into(),
+            ));
+        }
+        let window = self
+            .train_window
+            .as_deref()
+            .map(TimeWindow::parse)
+            .transpose()
+            .map_err(UsageError)?;
+        Ok(Some(std::sync::Arc::new(LinuxEligibility::new(
+            LinuxEligibilityConfig {
+                power_supply_dir: self.power_supply_dir.clone(),
+                require_mains: !self.allow_battery,
+                min_battery_percent: self.min_battery,
+                max_load_per_core: (self.max_load > 0.0).then_some(self.max_load),
+                window,
+                ..Default::default()
+            },
+        ))))
+    }
+}
+
+/// Runs one client until the federation finishes, then prints what it did.
+pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     logging::init(a.log_format, "info");
     let addr: SocketAddr = a
         .coordinator
@@ -119,7 +224,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
         return Err(UsageError("give --data FILE or --client-index I".into()).into());
     }
     // a data or config error exits with 2 (see `exit_code`)
-    let workload = super::workload::Workload::load(&a.model)?;
+    let workload = crate::workload::Workload::load(&a.model)?;
     let learner = workload.learner(a.data.as_deref(), a.client_index)?;
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
@@ -129,7 +234,7 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
         return Err(UsageError("--max-rank must be at least 1".into()).into());
     }
     cfg.max_rank = a.max_rank;
-    let accountant = super::privacy::parse_accountant(&a.accountant)?;
+    let accountant = crate::parse_accountant(&a.accountant)?;
     cfg.privacy = a
         .epsilon
         .map(|epsilon| fedlora_client::privacy::PrivacyTarget {
@@ -157,7 +262,11 @@ pub(crate) fn run(a: ClientArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let client = FederatedClient::with_learner(cfg, learner)?;
+    cfg.limits = a.device.limits()?;
+    let mut client = FederatedClient::with_learner(cfg, learner)?;
+    if let Some(check) = a.device.eligibility()? {
+        client = client.with_eligibility(check);
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt
         .block_on(client.run())

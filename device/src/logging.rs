@@ -4,7 +4,7 @@ use clap::ValueEnum;
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
-pub(crate) enum LogFormat {
+pub enum LogFormat {
     /// Human-readable lines.
     #[default]
     Text,
@@ -13,7 +13,7 @@ pub(crate) enum LogFormat {
 }
 
 /// Installs the global subscriber; `RUST_LOG` overrides `default_level`.
-pub(crate) fn init(format: LogFormat, default_level: &str) {
+pub fn init(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // colour codes only on a terminal: a log file or a pipe gets plain text

@@ -1,0 +1,61 @@
+//! fedlora on a device: the client's command line (the adapter and model flags every party
+//! shares, the workload they load, one federated client) as a library, so that the full
+//! `fedlora` CLI and the small `fedlora-device` binary run the same code.
+//!
+//! The `fedlora-device` binary links only this crate, the client SDK and the protocol: nothing
+//! of the coordinator, the simulations or the plots.
+
+pub mod client;
+pub mod logging;
+pub mod model_args;
+pub mod workload;
+
+/// An error in the user's input: reported with exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The process exit code of a failed command: 2 for a usage or input error (a flag, a file,
+/// a config value to fix), 3 for a credential failure that waiting cannot heal (unknown CA, bad
+/// signature, wrong server name, a revoked certificate), 1 for any other runtime failure.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    use fedlora_client::error::ClientError;
+    use fedlora_protocol::RefusalCode;
+    if e.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::Tls(_)) => 3,
+        Some(ClientError::Refused(r)) if r.code == RefusalCode::Revoked => 3,
+        Some(
+            ClientError::Config(_)
+            | ClientError::Data(_)
+            | ClientError::ModelFile(_)
+            | ClientError::Unsupported(_),
+        ) => 2,
+        _ => 1,
+    }
+}
+
+/// The accountant a flag names: `rdp` or `pld` (a usage error otherwise).
+pub fn parse_accountant(s: &str) -> anyhow::Result<fedlora_dp::Accountant> {
+    match s {
+        "rdp" => Ok(fedlora_dp::Accountant::Rdp),
+        "pld" => Ok(fedlora_dp::Accountant::Pld),
+        other => Err(UsageError(format!("unknown accountant `{other}` (rdp, pld)")).into()),
+    }
+}
+
+/// Parses a duration: a plain number of seconds (`600`, `0.5`), or a duration with units
+/// (`30s`, `5m`, `1h 30m`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(secs) = s.trim().parse::<f64>() {
+        return if secs.is_finite() && secs > 0.0 {
+            Ok(std::time::Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("`{s}` must be a positive duration"))
+        };
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}`: {e} (write seconds, or e.g. 30s, 5m, 1h)"))
+}
