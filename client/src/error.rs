@@ -6,6 +6,9 @@ use fedlora_protocol::{ProtocolError, Refusal};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    /// The enrollment service refused the request (nothing was issued).
+    #[error("enrollment refused ({0:?}): {1}")]
+    Enroll(fedlora_protocol::enroll::EnrollErrorCode, String),
     /// A protocol-level problem (spec mismatch, bad encoding, bad frame).
     #[error(transparent)]
     Protocol(#[from] ProtocolError),

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod client_dp;
 pub mod data;
 pub mod eligibility;
+pub mod enroll;
 pub mod error;
 pub mod learner;
 pub mod llm;

@@ -72,6 +72,10 @@ pub struct ClientConfig {
     /// Caps on local training: threads, seconds per round, the time kept for the upload, and
     /// what to do when training must stop early.
     pub limits: TrainingLimits,
+    /// Renew the certificate (same key, over the mTLS connection) when it ends within this
+    /// many seconds (default 10 days); `None`: never. A coordinator without an issuer refuses
+    /// renewal, and the client then goes on with its certificate.
+    pub renew_within_s: Option<u64>,
 }
 
 /// What a device does when its local training stops before the planned steps (the round's
@@ -130,6 +134,7 @@ impl ClientConfig {
             max_rank: None,
             client_dp: None,
             limits: TrainingLimits::default(),
+            renew_within_s: Some(10 * 86_400),
         }
     }
 
@@ -195,6 +200,8 @@ pub struct ClientReport {
     pub uploads: Vec<UploadTiming>,
     /// Rounds whose training stopped early and were uploaded anyway: (round, steps taken).
     pub partial: Vec<(u64, u32)>,
+    /// Certificates renewed.
+    pub renewals: u32,
 }
 
 /// One acknowledged upload, timed by the client.
@@ -233,6 +240,8 @@ pub struct FederatedClient {
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
     /// Seconds per local step, measured on the last round (plans the next round's time).
     step_secs: std::sync::Mutex<Option<f64>>,
+    /// The coordinator refused a renewal: not asked again in this run.
+    renewal_refused: std::sync::atomic::AtomicBool,
 }
 
 /// One secure round on the client: its stage machine, the peers' verifier from the roster's
@@ -339,6 +348,7 @@ impl FederatedClient {
             eligibility: None,
             pool,
             step_secs: std::sync::Mutex::new(None),
+            renewal_refused: std::sync::atomic::AtomicBool::new(false),
             privacy: std::sync::Mutex::new(privacy),
             held: std::sync::Mutex::new(None),
             signer: crate::secure::load_signer(&config.tls.key).ok(),
@@ -399,7 +409,7 @@ impl FederatedClient {
 
     /// Runs until the coordinator says the federation is finished.
     pub async fn run(&self) -> Result<ClientReport, ClientError> {
-        let ep = endpoint(&self.config.tls)?;
+        let mut ep = endpoint(&self.config.tls)?;
         let mut report = ClientReport::default();
         let mut pending = self.load_pending();
         let mut backoff = Backoff::new(&self.config);
@@ -437,6 +447,12 @@ impl FederatedClient {
             };
             backoff.reset();
             failures = 0;
+            if self.renew(&session, &mut report).await? {
+                // reconnect with the new certificate
+                session.close();
+                ep = endpoint(&self.config.tls)?;
+                continue;
+            }
             match self.serve(&session, &mut report, &mut pending).await {
                 Ok(Outcome::Finished) => {
                     if let Some(p) = self.privacy.lock().expect("lock").as_ref() {
@@ -480,6 +496,53 @@ impl FederatedClient {
             (other, _) => Err(ClientError::Transport(format!(
                 "unexpected answer to hello: {other:?}"
             ))),
+        }
+    }
+
+    /// Renews this device's certificate when it ends within
+    /// [`ClientConfig::renew_within_s`]: a request for the same key over the mTLS session, the
+    /// new chain written over the old. `true` when it renewed (the caller reconnects with it).
+    async fn renew(&self, s: &Session, report: &mut ClientReport) -> Result<bool, ClientError> {
+        use std::sync::atomic::Ordering;
+        let Some(within) = self.config.renew_within_s else {
+            return Ok(false);
+        };
+        if self.renewal_refused.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let Some(csr_der) = crate::enroll::renewal_request(&self.config.tls, within, now)? else {
+            return Ok(false);
+        };
+        match self.send(s, &ClientMsg::Renew { csr_der }, report).await? {
+            CoordMsg::Renewed(cert) => {
+                crate::enroll::store_chain(&self.config.tls, &cert.chain_pem)?;
+                info!(device = %cert.device_id, not_after = cert.not_after_unix_s,
+                    "certificate renewed");
+                report.renewals += 1;
+                if cert.not_after_unix_s <= now.saturating_add(within) {
+                    // certificates shorter than the renewal window would renew at every
+                    // connection: once per run is enough
+                    warn!(
+                        within_s = within,
+                        "the coordinator's certificates are shorter than \
+                        the renewal window; renewing once per run"
+                    );
+                    self.renewal_refused.store(true, Ordering::Relaxed);
+                }
+                Ok(true)
+            }
+            CoordMsg::Refused(r) if r.code == RefusalCode::Revoked => Err(ClientError::Refused(r)),
+            other => {
+                warn!(
+                    ?other,
+                    "certificate renewal refused; going on with the current one"
+                );
+                self.renewal_refused.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
         }
     }
 

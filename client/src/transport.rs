@@ -29,6 +29,16 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
+    /// The files `fedlora-device enroll` writes in a device's state directory: `ca.pem`,
+    /// `device.pem` (its chain) and `device.key` (made on the device, mode 0600).
+    pub fn from_state_dir(dir: &Path) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("device.pem"),
+            key: dir.join("device.key"),
+        }
+    }
+
     /// The `index`-th client of a directory made by `fedlora certs init`.
     pub fn from_dir(dir: &Path, index: usize) -> Self {
         Self {
@@ -43,16 +53,47 @@ fn tls_err(path: &Path, e: impl std::fmt::Display) -> ClientError {
     ClientError::Config(format!("{}: {e}", path.display()))
 }
 
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| tls_err(ca, e))? {
+        roots
+            .add(c.map_err(|e| tls_err(ca, e))?)
+            .map_err(|e| tls_err(ca, e))?;
+    }
+    Ok(roots)
+}
+
+fn quic(cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+    let q = QuicClientConfig::try_from(cfg).map_err(|e| ClientError::Config(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(q));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_S)).expect("valid"),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_S)));
+    cc.transport_config(Arc::new(t));
+    Ok(cc)
+}
+
+/// The enrollment endpoint's client config: TLS 1.3, the federation CA as the only root, no
+/// client certificate (the device has none yet), ALPN
+/// [`fedlora_protocol::enroll::ENROLL_ALPN`].
+pub fn enroll_client_config(ca: &Path) -> Result<quinn::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![fedlora_protocol::enroll::ENROLL_ALPN.to_vec()];
+    quic(cfg)
+}
+
 /// A QUIC client config: TLS 1.3 only, ring provider, the federation CA as the only root, this
 /// client's certificate for mutual TLS, the protocol's idle timeout and keep-alive interval.
 pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| tls_err(&tls.ca, e))? {
-        roots
-            .add(c.map_err(|e| tls_err(&tls.ca, e))?)
-            .map_err(|e| tls_err(&tls.ca, e))?;
-    }
+    let roots = roots(&tls.ca)?;
     let chain = CertificateDer::pem_file_iter(&tls.cert)
         .map_err(|e| tls_err(&tls.cert, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -65,15 +106,7 @@ pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError
         .with_client_auth_cert(chain, key)
         .map_err(|e| tls_err(&tls.cert, e))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let q = QuicClientConfig::try_from(cfg).map_err(|e| ClientError::Config(e.to_string()))?;
-    let mut cc = quinn::ClientConfig::new(Arc::new(q));
-    let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_S)).expect("valid"),
-    ));
-    t.keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_S)));
-    cc.transport_config(Arc::new(t));
-    Ok(cc)
+    quic(cfg)
 }
 
 /// A client endpoint on an ephemeral local port.

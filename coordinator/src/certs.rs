@@ -158,15 +158,42 @@ pub fn read_cert_der(path: &Path) -> Result<Vec<u8>> {
 
 /// Adds the certificate at `cert` to the deny-list of `dir`; returns its fingerprint.
 pub fn revoke(dir: &CertDir, cert: &Path) -> Result<String> {
-    let fp = fingerprint(&read_cert_der(cert)?);
+    deny(dir, fingerprint(&read_cert_der(cert)?))
+}
+
+/// Adds a deny-list entry (a fingerprint, `device:ID` or `key:KEY_ID`) to `dir`'s deny-list.
+fn deny(dir: &CertDir, entry: String) -> Result<String> {
     let mut set = load_deny_list(&dir.revoked())?;
-    if set.insert(fp.clone()) {
+    if set.insert(entry.clone()) {
         let body: String = set.iter().map(|f| format!("{f}\n")).collect();
         let tmp = dir.revoked().with_extension("tmp");
         std::fs::write(&tmp, body)?;
         std::fs::rename(tmp, dir.revoked())?;
     }
-    Ok(fp)
+    Ok(entry)
+}
+
+/// Revokes a device by id: every certificate with that common name, renewed ones included.
+pub fn revoke_device(dir: &CertDir, device_id: &str) -> Result<String> {
+    deny(dir, format!("device:{device_id}"))
+}
+
+/// Revokes the key of the certificate at `cert`: every certificate for that key.
+pub fn revoke_key(dir: &CertDir, cert: &Path) -> Result<String> {
+    let (key, _, _) = crate::enroll::issuer::cert_key_and_name(&read_cert_der(cert)?)?;
+    deny(dir, format!("key:{key}"))
+}
+
+/// Whether a deny-list names this certificate: by fingerprint, by its device id or by its key.
+pub fn is_denied(
+    deny: &BTreeSet<String>,
+    fingerprint: &str,
+    client_id: &str,
+    key_id: &str,
+) -> bool {
+    deny.contains(fingerprint)
+        || deny.contains(&format!("device:{client_id}"))
+        || deny.contains(&format!("key:{key_id}"))
 }
 
 /// Reads a deny-list file (missing file: empty list). Blank lines and `#` comments are ignored.

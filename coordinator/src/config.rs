@@ -67,6 +67,9 @@ pub struct CoordinatorConfig {
     /// client with another adapter gets.
     #[serde(default)]
     pub adapter_description: Option<String>,
+    /// The enrollment endpoint and issuer (`None`: no enrollment, no renewal).
+    #[serde(skip)]
+    pub enroll: Option<crate::enroll::EnrollConfig>,
 }
 
 fn default_max_polls_per_s() -> u64 {
@@ -97,6 +100,7 @@ impl CoordinatorConfig {
             max_polls_per_s: default_max_polls_per_s(),
             metrics: None,
             adapter_description: None,
+            enroll: None,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod aggregate;
 pub mod certs;
 pub mod config;
+pub mod enroll;
 pub mod error;
 pub mod export;
 pub mod metrics;

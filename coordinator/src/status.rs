@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::store::{ClientRecord, RoundRecord, RoundStatus, Store};
+use crate::store::{ClientRecord, DeviceRecord, RoundRecord, RoundStatus, Store};
 
 /// The federation-wide held-out loss of one global version: the token-weighted mean of the
 /// clients' reports.
@@ -46,6 +46,9 @@ pub struct StatusReport {
     pub evals: Vec<VersionEval>,
     /// Clients seen.
     pub clients: Vec<ClientRecord>,
+    /// Devices enrolled with a token, with their certificates' expiry.
+    #[serde(default)]
+    pub devices: Vec<DeviceRecord>,
 }
 
 /// Where a running coordinator keeps its latest report: `DATA_DIR/status.json`, replaced
@@ -138,5 +141,6 @@ pub fn report(store: &Store) -> Result<StatusReport> {
         rounds,
         evals,
         clients: store.clients()?,
+        devices: store.registry()?.devices()?,
     })
 }

@@ -138,6 +138,68 @@ pub struct ClientRecord {
     pub last_seen_ms: u64,
 }
 
+/// A device enrolled with a token ([`crate::enroll`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// The device id the coordinator assigned (its certificates' common name).
+    pub device_id: String,
+    /// SHA-256 (hex) of the public key of its latest certificate.
+    pub key_id: String,
+    /// The end of its latest certificate's validity, Unix seconds.
+    pub not_after_unix_s: u64,
+    /// Enrolled, Unix ms.
+    pub enrolled_ms: u64,
+    /// Certificates issued after the first (renewals).
+    pub renewals: u32,
+}
+
+/// The enrolled devices and the tokens used, in the coordinator's sled (or the enrollment
+/// service's own, when it runs as its own process).
+#[derive(Clone)]
+pub struct DeviceRegistry {
+    db: sled::Db,
+    devices: sled::Tree,
+    tokens_used: sled::Tree,
+}
+
+impl DeviceRegistry {
+    /// Marks the token with hash `hash` used by `device_id`, atomically and durably: `false`
+    /// when it was used already (by anyone).
+    pub fn claim_token(&self, hash: &str, device_id: &str) -> Result<bool> {
+        let swapped = self
+            .tokens_used
+            .compare_and_swap(hash, None as Option<&[u8]>, Some(device_id.as_bytes()))
+            .map_err(storage)?;
+        self.db.flush().map_err(storage)?;
+        Ok(swapped.is_ok())
+    }
+
+    /// Whether the token with hash `hash` was used.
+    pub fn token_used(&self, hash: &str) -> Result<bool> {
+        Ok(self.tokens_used.contains_key(hash)?)
+    }
+
+    /// Stores (replaces) a device's record; flushes.
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
+        self.devices.insert(rec.device_id.as_bytes(), json(rec))?;
+        self.db.flush().map_err(storage)?;
+        Ok(())
+    }
+
+    /// One device's record.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .get(id.as_bytes())?
+            .map(|b| from_json(&b))
+            .transpose()
+    }
+
+    /// Every enrolled device, by id.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices.iter().map(|kv| from_json(&kv?.1)).collect()
+    }
+}
+
 /// The coordinator's store.
 pub struct Store {
     dir: PathBuf,
@@ -231,6 +293,15 @@ impl Store {
             )));
         }
         Self::open(dir)
+    }
+
+    /// The enrolled devices and used tokens.
+    pub fn registry(&self) -> Result<DeviceRegistry> {
+        Ok(DeviceRegistry {
+            devices: self.db.open_tree("devices")?,
+            tokens_used: self.db.open_tree("enroll_tokens_used")?,
+            db: self.db.clone(),
+        })
     }
 
     /// Whether `e` says the store is held by a running coordinator (sled's lock).

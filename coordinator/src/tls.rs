@@ -57,13 +57,31 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<quinn::Server
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| err(ca, e))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CoordinatorError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| err(cert, e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    quic(tls, ALPN)
+}
+
+/// The enrollment endpoint's QUIC server config: TLS 1.3, the server authenticated, no client
+/// certificate asked for (a device enrolling has none yet; its token authorises it), ALPN
+/// [`fedlora_protocol::enroll::ENROLL_ALPN`].
+pub fn enroll_server_config(cert: &Path, key: &Path) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CoordinatorError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| err(cert, e))?;
+    quic(tls, fedlora_protocol::enroll::ENROLL_ALPN)
+}
+
+fn quic(mut tls: rustls::ServerConfig, alpn: &[u8]) -> Result<quinn::ServerConfig> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let q = QuicServerConfig::try_from(tls).map_err(|e| CoordinatorError::Tls(e.to_string()))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(q));
     sc.transport_config(Arc::new(transport_config()));

@@ -43,7 +43,8 @@ pub struct ClientArgs {
     /// per line, scored on the assistant's tokens).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// State directory (unacknowledged uploads survive restarts here).
+    /// State directory (unacknowledged uploads survive restarts here; an enrolled device's key
+    /// and certificate live here too).
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Log format.
@@ -213,9 +214,19 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
             cert: cert.clone(),
             key: key.clone(),
         },
+        (None, _, None, None, None)
+            if a.state_dir
+                .as_ref()
+                .is_some_and(|d| ClientTls::from_state_dir(d).cert.exists()) =>
+        {
+            // enrolled with `fedlora-device enroll --state-dir`
+            ClientTls::from_state_dir(a.state_dir.as_ref().expect("checked"))
+        }
         _ => {
             return Err(UsageError(
-                "give --certs DIR --client-index I, or --cert, --key and --ca".into(),
+                "give --certs DIR --client-index I, or --cert, --key and --ca, or the \
+                 --state-dir of an enrolled device"
+                    .into(),
             )
             .into())
         }
@@ -278,7 +289,8 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         .map(|(r, why)| format!("{r} ({why})"))
         .collect();
     println!(
-        "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}",
+        "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}, peak RSS \
+         {:.1} MiB",
         report.client_id,
         list(&report.rounds),
         declined.join(", "),
@@ -288,6 +300,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         report
             .eps_spent
             .map_or("none (no privacy target)".into(), |e| format!("{e:.4}")),
+        crate::peak_rss_mib(),
     );
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! of the coordinator, the simulations or the plots.
 
 pub mod client;
+pub mod enroll;
 pub mod logging;
 pub mod model_args;
 pub mod workload;
@@ -26,6 +27,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Tls(_)) => 3,
+        Some(ClientError::Enroll(..)) => 3,
         Some(ClientError::Refused(r)) if r.code == RefusalCode::Revoked => 3,
         Some(
             ClientError::Config(_)
@@ -58,4 +60,16 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("`{s}`: {e} (write seconds, or e.g. 30s, 5m, 1h)"))
+}
+
+/// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }

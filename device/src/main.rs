@@ -1,5 +1,5 @@
 //! `fedlora-device`: the client alone, for devices. It runs one federated client (`run`) and
-//! carries nothing of the coordinator, the simulations or the plots.
+//! enrolls the device (`enroll`); it carries nothing of the coordinator, the simulations or the plots.
 
 use clap::{Parser, Subcommand};
 
@@ -14,13 +14,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Take part in a federation until it finishes.
-    Run(fedlora_device::client::ClientArgs),
+    Run(Box<fedlora_device::client::ClientArgs>),
+    /// Make this device's key and trade a one-time token for its certificate.
+    Enroll(fedlora_device::enroll::EnrollArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Run(a) => fedlora_device::client::run(a),
+        Command::Run(a) => fedlora_device::client::run(*a),
+        Command::Enroll(a) => fedlora_device::enroll::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

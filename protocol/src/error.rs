@@ -84,6 +84,8 @@ pub enum RefusalCode {
     /// A plaintext update's decoded L2 norm exceeds the federation's bound `B·(1 + τ)`
     /// (`max_update_norm`).
     UpdateNormExceeded,
+    /// The coordinator does not offer this (a certificate renewal without an issuer).
+    NotOffered,
 }
 
 impl RefusalCode {

@@ -47,6 +47,8 @@ pub enum FrameKind {
     PrivateUpload = 7,
     /// [`ClientMsg::EvalWithheld`].
     EvalWithheld = 8,
+    /// [`ClientMsg::Renew`].
+    Renew = 9,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -59,6 +61,8 @@ pub enum FrameKind {
     Refused = 20,
     /// [`CoordMsg::DeclineRecorded`].
     DeclineRecorded = 21,
+    /// [`CoordMsg::Renewed`].
+    Renewed = 22,
 }
 
 impl FrameKind {
@@ -72,12 +76,14 @@ impl FrameKind {
             6 => Self::SecAgg,
             7 => Self::PrivateUpload,
             8 => Self::EvalWithheld,
+            9 => Self::Renew,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
             19 => Self::EvalRecorded,
             20 => Self::Refused,
             21 => Self::DeclineRecorded,
+            22 => Self::Renewed,
             other => return Err(ProtocolError::Frame(format!("unknown frame kind {other}"))),
         })
     }
@@ -119,6 +125,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::SecAgg { .. } => FrameKind::SecAgg,
             ClientMsg::PrivateUpload(_) => FrameKind::PrivateUpload,
             ClientMsg::EvalWithheld { .. } => FrameKind::EvalWithheld,
+            ClientMsg::Renew { .. } => FrameKind::Renew,
         }
     }
 
@@ -136,6 +143,7 @@ impl FrameMessage for CoordMsg {
             CoordMsg::EvalRecorded { .. } => FrameKind::EvalRecorded,
             CoordMsg::Refused(_) => FrameKind::Refused,
             CoordMsg::DeclineRecorded { .. } => FrameKind::DeclineRecorded,
+            CoordMsg::Renewed(_) => FrameKind::Renewed,
         }
     }
 

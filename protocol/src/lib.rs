@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod client_dp;
 pub mod codec;
+pub mod enroll;
 pub mod error;
 pub mod frame;
 pub mod identity;

@@ -94,6 +94,11 @@ fn train_config(c: &TrainConfig) -> Result<(), ProtocolError> {
 /// Checks a client's message (see the module docs).
 pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
     match m {
+        ClientMsg::Renew { csr_der } => bounded(
+            "certificate request",
+            csr_der.len(),
+            crate::enroll::MAX_CSR_LEN,
+        ),
         ClientMsg::Upload(u) => {
             finite("upload weight", u.weight)?;
             finite("upload train_loss", u.train_loss)?;
@@ -142,8 +147,10 @@ pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
 
 /// Checks a coordinator's message (see the module docs).
 pub fn check_coord_msg(m: &CoordMsg) -> Result<(), ProtocolError> {
-    let CoordMsg::Task(task) = m else {
-        return Ok(());
+    let task = match m {
+        CoordMsg::Task(task) => task,
+        CoordMsg::Renewed(c) => return c.check(),
+        _ => return Ok(()),
     };
     match task {
         Task::Train(offer) => {

@@ -191,6 +191,13 @@ pub enum ClientMsg {
         /// Version not reported.
         version: u64,
     },
+    /// Asks for a new certificate before the current one expires, for the key in `csr_der`
+    /// (the same key or a new one); the device id stays the one this connection proved.
+    Renew {
+        /// A PKCS#10 request (DER), signed by the key to certify.
+        #[serde(with = "serde_bytes")]
+        csr_der: Vec<u8>,
+    },
 }
 
 /// Why a client declines a round: a fixed list, so the reason carries nothing about the
@@ -396,6 +403,8 @@ pub enum CoordMsg {
     },
     /// The request was refused.
     Refused(Refusal),
+    /// A renewed certificate ([`ClientMsg::Renew`]).
+    Renewed(crate::enroll::IssuedCert),
 }
 
 /// Whether an acknowledged upload was new.

@@ -105,6 +105,9 @@ fn client_seeds() -> Vec<Vec<u8>> {
             tokens: 100,
         }),
         ClientMsg::EvalWithheld { version: 1 },
+        ClientMsg::Renew {
+            csr_der: vec![7; 200],
+        },
         ClientMsg::Decline {
             round: 5,
             reason: DeclineReason::Budget,
@@ -213,6 +216,11 @@ fn coord_seeds() -> Vec<Vec<u8>> {
         },
         CoordMsg::EvalRecorded { version: 1 },
         CoordMsg::DeclineRecorded { round: 1 },
+        CoordMsg::Renewed(fedlora_protocol::enroll::IssuedCert {
+            device_id: "device-1".into(),
+            chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            not_after_unix_s: 1,
+        }),
         CoordMsg::Refused(Refusal::new(RefusalCode::WrongRound, "no")),
     ];
     msgs.iter().map(|m| frame::encode(m).unwrap()).collect()

@@ -128,17 +128,7 @@ fn llm_step_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
-pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
+pub(crate) use fedlora_device::peak_rss_mib;
 
 /// Median of `v` (sorted in place).
 pub(crate) fn median(v: &mut [f64]) -> f64 {

@@ -1,9 +1,11 @@
-//! `fedlora certs init|revoke`.
+//! `fedlora certs init|token|revoke`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use fedlora_coordinator::certs::{default_server_names, init_certs, revoke, CertDir};
+use fedlora_coordinator::certs::{
+    default_server_names, init_certs, revoke, revoke_device, revoke_key, CertDir,
+};
 
 use super::UsageError;
 
@@ -31,17 +33,38 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Put a client certificate on the coordinator's deny-list (takes effect at its next hello).
+    /// Issue one-time enrollment tokens: printed once; only their SHA-256 hashes are kept, in
+    /// DIR/enroll-tokens.txt (the coordinator records each token's use in its own store).
+    Token {
+        /// Certificate directory.
+        #[arg(long)]
+        certs: PathBuf,
+        /// How many tokens.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// How long each token stays valid (e.g. 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = super::coordinator::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Put a client on the coordinator's deny-list (takes effect at its next hello): a
+    /// certificate, every certificate of a device id (renewals too), or every certificate of
+    /// a key.
     Revoke {
         /// Certificate directory (its revoked.txt is updated).
         #[arg(long)]
         certs: PathBuf,
         /// Revoke the I-th client certificate of the directory.
-        #[arg(long, conflicts_with = "cert")]
+        #[arg(long, conflicts_with_all = ["cert", "device", "key_of"])]
         client_index: Option<usize>,
         /// Revoke this certificate file.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["device", "key_of"])]
         cert: Option<PathBuf>,
+        /// Revoke an enrolled device by id: all its certificates, renewed ones included.
+        #[arg(long, conflicts_with = "key_of")]
+        device: Option<String>,
+        /// Revoke the key of this certificate file: every certificate for that key.
+        #[arg(long, value_name = "CERT")]
+        key_of: Option<PathBuf>,
     },
 }
 
@@ -84,19 +107,59 @@ pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        CertsCmd::Token { certs, count, ttl } => {
+            if !CertDir(certs.clone()).ca().exists() {
+                return Err(UsageError(format!(
+                    "{} holds no CA: run `fedlora certs init --out {}` first",
+                    certs.display(),
+                    certs.display()
+                ))
+                .into());
+            }
+            if count == 0 || count > 100_000 {
+                return Err(UsageError("--count must be in 1..=100000".into()).into());
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let file = certs.join(fedlora_coordinator::enroll::tokens::TOKEN_FILE);
+            let tokens = fedlora_coordinator::enroll::tokens::issue_tokens(
+                &file,
+                count,
+                ttl.as_secs(),
+                now,
+            )?;
+            for t in &tokens {
+                println!("{t}");
+            }
+            eprintln!(
+                "{count} token(s), each valid once for {}; hashes in {}",
+                humantime::format_duration(ttl),
+                file.display()
+            );
+            Ok(())
+        }
         CertsCmd::Revoke {
             certs,
             client_index,
             cert,
+            device,
+            key_of,
         } => {
             let dir = CertDir(certs);
-            let path = match (client_index, cert) {
-                (Some(i), None) => dir.client_cert(i),
-                (None, Some(p)) => p,
-                _ => return Err(UsageError("give --client-index I or --cert FILE".into()).into()),
+            let entry = match (client_index, cert, device, key_of) {
+                (Some(i), None, None, None) => revoke(&dir, &dir.client_cert(i))?,
+                (None, Some(p), None, None) => revoke(&dir, &p)?,
+                (None, None, Some(d), None) => revoke_device(&dir, &d)?,
+                (None, None, None, Some(p)) => revoke_key(&dir, &p)?,
+                _ => {
+                    return Err(UsageError(
+                        "give --client-index I, --cert FILE, --device ID or --key-of FILE".into(),
+                    )
+                    .into())
+                }
             };
-            let fp = revoke(&dir, &path)?;
-            println!("revoked {} (sha256 {fp})", path.display());
+            println!("revoked: {entry}");
             Ok(())
         }
     }

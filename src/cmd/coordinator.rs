@@ -336,6 +336,12 @@ pub(crate) struct CoordinatorArgs {
     /// e.g. 127.0.0.1:9100.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Serve device enrollment (a token for a certificate) on this UDP address, and renew
+    /// enrolled devices' certificates over the main endpoint. Signs with the CA key.
+    #[arg(long)]
+    enroll_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    issuer: super::enroll::IssuerArgs,
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
@@ -375,6 +381,9 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         cfg.listen = l;
     }
     cfg.metrics = a.metrics.or(file.metrics);
+    if let Some(l) = a.enroll_listen {
+        cfg.enroll = Some(a.issuer.config(&certs, l)?);
+    }
     cfg.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;

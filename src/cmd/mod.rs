@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod coordinator;
 mod demo;
+mod enroll;
 mod llm;
 mod pretrain;
 mod privacy;
@@ -32,15 +33,18 @@ enum Command {
     /// Run the whole stack on loopback: certificates, coordinator and clients over QUIC + mTLS.
     Demo(demo::DemoArgs),
     /// Run the coordinator service.
-    Coordinator(coordinator::CoordinatorArgs),
+    Coordinator(Box<coordinator::CoordinatorArgs>),
     /// Run one federated client.
     Client(client::ClientArgs),
     /// Show rounds, uploads and metrics of a coordinator's data directory.
     Status(status::StatusArgs),
     /// Write a committed global adapter as safetensors.
     Export(status::ExportArgs),
-    /// Make or revoke certificates.
+    /// Make certificates, enrollment tokens, or revoke.
     Certs(certs::CertsArgs),
+    /// Run the enrollment endpoint as its own process (devices trade a token for a
+    /// certificate for a key they made).
+    EnrollService(enroll::EnrollServiceArgs),
     /// Pretrain the public base model and save its checkpoint.
     Pretrain(pretrain::PretrainArgs),
     /// Privacy accounting: ε of a DP-SGD run, or the σ for a target ε.
@@ -65,11 +69,12 @@ enum Command {
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::Coordinator(a) => coordinator::run(a),
+        Command::Coordinator(a) => coordinator::run(*a),
         Command::Client(a) => client::run(a),
         Command::Status(a) => status::run(a),
         Command::Export(a) => status::export(a),
         Command::Certs(a) => certs::run(a),
+        Command::EnrollService(a) => enroll::run_service(a),
         Command::Pretrain(a) => pretrain::run(a),
         Command::Privacy(a) => privacy::run(a),
         Command::Simulate(a) => simulate::run(a),

@@ -70,6 +70,9 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
         if let RoundStatus::Failed { reason } = &rec.status {
             println!("      failed: {reason}");
         }
+        for (client, why) in &rec.declined {
+            println!("      declined by {client}: {why}");
+        }
     }
     for e in &r.evals {
         println!(
@@ -78,6 +81,18 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("{} clients seen", r.clients.len());
+    if !r.devices.is_empty() {
+        println!("{} devices enrolled:", r.devices.len());
+        for d in &r.devices {
+            println!(
+                "  {}: certificate until {} (Unix s), {} renewal(s), key {}",
+                d.device_id,
+                d.not_after_unix_s,
+                d.renewals,
+                &d.key_id[..16.min(d.key_id.len())]
+            );
+        }
+    }
     Ok(())
 }
 

@@ -42,6 +42,10 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         }
     };
     let fingerprint = certs::fingerprint(&der);
+    // revocation also goes by device id and by key, so a renewed certificate is revoked too
+    let key_id = crate::enroll::issuer::cert_key_and_name(&der)
+        .map(|(k, _, _)| k)
+        .unwrap_or_default();
     let conn_id = conn.stable_id();
     {
         // a client id holds a bounded number of connections: the oldest makes room
@@ -65,7 +69,16 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         };
         if !registered {
             // the hello is handled inline: nothing else is served before it succeeds
-            match handle_hello(&shared, &client, &fingerprint, &budget, send, recv).await {
+            match handle_hello(
+                &shared,
+                &client,
+                (&fingerprint, &key_id),
+                &budget,
+                send,
+                recv,
+            )
+            .await
+            {
                 Ok(true) => {
                     registered = true;
                     shared
@@ -120,7 +133,7 @@ pub(super) enum HelloEnd {
 pub(super) async fn handle_hello(
     shared: &Shared,
     client: &str,
-    fingerprint: &str,
+    (fingerprint, key_id): (&str, &str),
     budget: &ReadBudget,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -152,7 +165,7 @@ pub(super) async fn handle_hello(
                 error!(error = %e, "cannot read the deny-list; refusing everyone");
                 std::iter::once(fingerprint.to_string()).collect()
             });
-            if deny.contains(fingerprint) {
+            if certs::is_denied(&deny, fingerprint, client, key_id) {
                 Some((
                     Refusal::new(RefusalCode::Revoked, "this client certificate is revoked"),
                     true,
@@ -279,6 +292,7 @@ pub(super) async fn serve_stream(
         ClientMsg::SecAgg { round, body } => {
             (secure_receive(shared, client, round, body, wire), None)
         }
+        ClientMsg::Renew { csr_der } => (renew(shared, client, csr_der).await, None),
     };
     if let CoordMsg::Refused(r) = &reply {
         shared.metrics.refused(r.code);
@@ -296,5 +310,30 @@ pub(super) async fn serve_stream(
                 .entry((round, client.to_string()))
                 .or_default() += n;
         }
+    }
+}
+
+/// A renewed certificate for `client` (the id its connection proved), or why not.
+async fn renew(shared: &Shared, client: &str, csr_der: Vec<u8>) -> CoordMsg {
+    use fedlora_protocol::enroll::EnrollErrorCode;
+    let Some(e) = shared.enrollment.clone() else {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::NotOffered,
+            "this coordinator issues no certificates (start it with enrollment)",
+        ));
+    };
+    let id = client.to_string();
+    let now = now_ms() / 1000;
+    match tokio::task::spawn_blocking(move || e.renew(&id, &csr_der, now)).await {
+        Ok(Ok(cert)) => CoordMsg::Renewed(cert),
+        Ok(Err((code, message))) => {
+            let code = match code {
+                EnrollErrorCode::Revoked => RefusalCode::Revoked,
+                EnrollErrorCode::Internal => RefusalCode::Internal,
+                _ => RefusalCode::InvalidValue,
+            };
+            CoordMsg::Refused(Refusal::new(code, message))
+        }
+        Err(_) => CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry")),
     }
 }

@@ -120,6 +120,8 @@ struct Shared {
     max_ranks: Mutex<BTreeMap<String, u32>>,
     /// The rank each client was offered for a round: `client → (round, rank)`.
     offered_ranks: Mutex<BTreeMap<String, (u64, u32)>>,
+    /// Enrollment and renewal (when configured).
+    enrollment: Option<Arc<crate::enroll::Enrollment>>,
     /// Operator metrics (served when `config.metrics` is set).
     metrics: Arc<crate::metrics::Metrics>,
     events: broadcast::Sender<Event>,
@@ -130,6 +132,7 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    enroll: Option<crate::enroll::EnrollService>,
 }
 
 fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
@@ -259,6 +262,17 @@ impl Coordinator {
             quinn::default_runtime()
                 .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
         )?;
+        let (enrollment, enroll) = match &config.enroll {
+            Some(ec) => {
+                let e = Arc::new(crate::enroll::Enrollment::new(
+                    ec.clone(),
+                    store.registry()?,
+                )?);
+                let service = crate::enroll::EnrollService::start(e.clone())?;
+                (Some(e), Some(service))
+            }
+            None => (None, None),
+        };
         let (events, _) = broadcast::channel(1024);
         let strategy = config.federation.strategy.build();
         let full_rank = crate::aggregate::full_rank(&spec);
@@ -285,6 +299,7 @@ impl Coordinator {
             full_rank,
             max_ranks: Mutex::new(BTreeMap::new()),
             offered_ranks: Mutex::new(BTreeMap::new()),
+            enrollment,
             metrics: Arc::new(crate::metrics::Metrics::default()),
             events,
         });
@@ -313,12 +328,18 @@ impl Coordinator {
             endpoint,
             shared,
             tasks,
+            enroll,
         })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The enrollment endpoint's bound address (`None` without enrollment).
+    pub fn enroll_addr(&self) -> Option<SocketAddr> {
+        self.enroll.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The metrics in the Prometheus text format (what `/metrics` serves).
@@ -368,6 +389,9 @@ impl Coordinator {
             .close(0u32.into(), b"coordinator shutting down");
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(e) = &self.enroll {
+            e.shutdown();
         }
         let _ = self.shared.store.flush();
         self.endpoint.wait_idle().await;

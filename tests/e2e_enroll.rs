@@ -1,0 +1,208 @@
+//! Enrollment end to end over QUIC: a device makes its key, trades a one-time token for a
+//! certificate, takes part in a round with it, renews it over mTLS, and is revoked by id so
+//! that its renewed certificate is refused too. A used, expired or unknown token, and a
+//! request whose signature does not match its key, are refused with typed errors and issue
+//! nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use burn::tensor::Device;
+use fedlora_client::adapter::{collect_named, NamedFilter};
+use fedlora_client::data::ClientData;
+use fedlora_client::enroll::{cert_not_after, csr, device_key, enroll, exchange, EnrollOptions};
+use fedlora_client::lora::LoraConfig;
+use fedlora_client::model::LmConfig;
+use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::train::{initial_adapter, LocalTrainer};
+use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_client::ClientError;
+use fedlora_coordinator::certs::{default_server_names, init_certs, revoke_device, CertDir};
+use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
+use fedlora_coordinator::enroll::EnrollConfig;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig};
+use fedlora_protocol::enroll::{EnrollErrorCode, EnrollRequest, EnrollResponse};
+use fedlora_protocol::{ClientMsg, CoordMsg, FederationConfig, RefusalCode, PROTOCOL_VERSION};
+
+fn tiny(lora: Option<LoraConfig>) -> LmConfig {
+    LmConfig::new()
+        .with_d_model(32)
+        .with_n_layers(1)
+        .with_n_heads(2)
+        .with_d_ff(64)
+        .with_context(16)
+        .with_lora(lora)
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A hello with `tls` on the main endpoint: `Ok` when welcomed, else the refusal's code.
+async fn hello(addr: SocketAddr, tls: &ClientTls, spec_hash: [u8; 32]) -> Result<(), RefusalCode> {
+    let ep = endpoint(tls).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let msg = ClientMsg::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        spec_hash,
+        max_rank: None,
+    };
+    let r = match s.request(&msg).await.unwrap().0 {
+        CoordMsg::Welcome { .. } => Ok(()),
+        CoordMsg::Refused(r) => Err(r.code),
+        other => panic!("unexpected answer to a hello: {other:?}"),
+    };
+    s.close();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_enroll_with_one_time_tokens_renew_and_are_revoked_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names())
+        .unwrap()
+        .0;
+    let file = certs.join(TOKEN_FILE);
+    let good = issue_tokens(&file, 2, 3600, now_s()).unwrap();
+    let expired = issue_tokens(&file, 1, 0, now_s()).unwrap();
+
+    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
+    let device = Device::flex().autodiff();
+    let base = collect_named(&tiny(None).init(&device), NamedFilter::All);
+    let trainer = LocalTrainer::new(cfg_lm.clone(), &base, device).unwrap();
+    let spec_hash = trainer.spec().hash();
+
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
+    // short-lived certificates, so that the device renews at its first hello
+    ec.validity_s = 600;
+    cfg.enroll = Some(ec);
+    cfg.federation = FederationConfig {
+        rounds: 1,
+        clients_per_round: 1,
+        min_clients: 1,
+        round_timeout_ms: 120_000,
+        eval_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    cfg.federation.train.local_steps = 2;
+    cfg.federation.train.batch_size = 4;
+    let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
+        .await
+        .unwrap();
+    let (addr, enroll_addr) = (coord.local_addr().unwrap(), coord.enroll_addr().unwrap());
+    let opts = |name: &str, token: &str| EnrollOptions {
+        endpoint: enroll_addr,
+        server_name: "localhost".into(),
+        ca: CertDir(certs.clone()).ca(),
+        token: token.into(),
+        state_dir: dir.path().join(name),
+    };
+    let code = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Enroll(code, _)) => code,
+        Ok(_) => panic!("issued"),
+        Err(e) => panic!("{e}"),
+    };
+
+    // the device makes its key (mode 0600) and gets a certificate for it
+    let a = enroll(&opts("a", &good[0])).await.unwrap();
+    assert!(a.device_id.starts_with("device-"));
+    assert!(a.not_after_unix_s > now_s());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&a.tls.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // a token works once; an expired or unknown one never: nothing is issued
+    assert_eq!(
+        code(enroll(&opts("b", &good[0])).await),
+        EnrollErrorCode::TokenUsed
+    );
+    assert_eq!(
+        code(enroll(&opts("b", &expired[0])).await),
+        EnrollErrorCode::TokenExpired
+    );
+    assert_eq!(
+        code(enroll(&opts("b", "fl-not-a-token")).await),
+        EnrollErrorCode::UnknownToken
+    );
+    assert!(!ClientTls::from_state_dir(&dir.path().join("b"))
+        .cert
+        .exists());
+    // a request whose signature does not match its key is refused, and its token is not used
+    let key = device_key(&dir.path().join("c/device.key")).unwrap();
+    let mut tampered = csr(&key).unwrap();
+    let n = tampered.len();
+    tampered[n - 5] ^= 0x40;
+    let bad = EnrollRequest {
+        protocol_version: PROTOCOL_VERSION,
+        token: good[1].clone(),
+        csr_der: tampered,
+    };
+    match exchange(&opts("c", &good[1]), &bad).await.unwrap() {
+        EnrollResponse::Refused { code, .. } => assert_eq!(code, EnrollErrorCode::BadRequest),
+        other => panic!("{other:?}"),
+    }
+    let c = enroll(&opts("c", &good[1])).await.unwrap();
+    assert_ne!(c.device_id, a.device_id);
+
+    // the enrolled device takes part in a round; its certificate ends within the renewal
+    // window, so it renews first, over mTLS, for the same key
+    let first_cert = std::fs::read(&a.tls.cert).unwrap();
+    let mut cc = ClientConfig::new(addr, a.tls.clone());
+    cc.state_dir = Some(dir.path().join("a"));
+    cc.sampling_seed = Some(1);
+    cc.renew_within_s = Some(3600);
+    let data = ClientData::demo_client(0, 16).unwrap();
+    let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
+    let run = tokio::spawn(async move { client.run().await });
+    assert!(tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(200))
+    )
+    .await
+    .unwrap());
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.rounds, vec![1]);
+    assert_eq!(report.renewals, 1, "{report:?}");
+    assert_eq!(report.client_id, a.device_id);
+    assert_ne!(std::fs::read(&a.tls.cert).unwrap(), first_cert);
+    assert!(cert_not_after(&a.tls.cert).unwrap() >= a.not_after_unix_s);
+
+    // status lists both devices with their expiry, and the renewal
+    let status = coord.report().unwrap();
+    assert_eq!(status.devices.len(), 2);
+    let rec = status
+        .devices
+        .iter()
+        .find(|d| d.device_id == a.device_id)
+        .unwrap();
+    assert_eq!(rec.renewals, 1);
+    assert!(rec.not_after_unix_s > now_s());
+
+    // revoked by id: the renewed certificate and the first one are both refused
+    assert_eq!(hello(addr, &a.tls, spec_hash).await, Ok(()));
+    revoke_device(&CertDir(certs.clone()), &a.device_id).unwrap();
+    assert_eq!(
+        hello(addr, &a.tls, spec_hash).await,
+        Err(RefusalCode::Revoked)
+    );
+    let old = dir.path().join("a/first.pem");
+    std::fs::write(&old, &first_cert).unwrap();
+    let old_tls = ClientTls {
+        cert: old,
+        ..a.tls.clone()
+    };
+    assert_eq!(
+        hello(addr, &old_tls, spec_hash).await,
+        Err(RefusalCode::Revoked)
+    );
+    // the other device is unaffected
+    assert_eq!(hello(addr, &c.tls, spec_hash).await, Ok(()));
+    coord.shutdown().await;
+}
