@@ -122,6 +122,33 @@ fn issue_client(d: &CertDir, issuer: &Issuer<'_, KeyPair>, i: usize) -> Result<(
     write_secret(&d.client_key(i), &k.serialize_pem())
 }
 
+/// Makes an issuing CA for the enrollment service (an intermediate the federation CA in `dir`
+/// signs, allowed to sign device certificates only: path length 0), written as `cert` and
+/// `key` (mode 0600). The federation CA's key is needed once, here; the enrollment service then
+/// runs with the intermediate's key alone.
+pub fn make_issuer(dir: &CertDir, cert: &Path, key: &Path) -> Result<()> {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .map_err(|e| CoordinatorError::Config(format!("{}: {e}", p.display())))
+    };
+    let ca_key = KeyPair::from_pem(&read(dir.ca_key())?).map_err(tls_err)?;
+    let root = Issuer::from_ca_cert_pem(&read(dir.ca())?, ca_key).map_err(tls_err)?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.distinguished_name
+        .push(DnType::CommonName, "fedlora enrollment issuer");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let k = KeyPair::generate().map_err(tls_err)?;
+    let c = p.signed_by(&k, &root).map_err(tls_err)?;
+    std::fs::write(cert, c.pem())?;
+    write_secret(key, &k.serialize_pem())
+}
+
 fn write_secret(path: &Path, pem: &str) -> Result<()> {
     #[cfg(unix)]
     {

@@ -49,8 +49,6 @@ pub enum EnrollErrorCode {
     UnknownToken,
     /// The token was used already.
     TokenUsed,
-    /// A renewal for a device that was never enrolled with a token.
-    UnknownDevice,
     /// The token expired.
     TokenExpired,
     /// The request cannot be parsed, or its signature does not match its key.

@@ -1,4 +1,4 @@
-//! `fedlora certs init|token|revoke`.
+//! `fedlora certs init|token|issuer|revoke`.
 
 use std::path::PathBuf;
 
@@ -45,6 +45,19 @@ enum CertsCmd {
         /// How long each token stays valid (e.g. 24h, 7d).
         #[arg(long, default_value = "24h", value_parser = super::coordinator::parse_duration)]
         ttl: std::time::Duration,
+    },
+    /// Make an issuing CA for `fedlora enroll-service` (an intermediate the federation CA
+    /// signs), so that the enrollment service runs without the federation CA's key.
+    Issuer {
+        /// Certificate directory (its CA signs the issuer).
+        #[arg(long)]
+        certs: PathBuf,
+        /// Where to write the issuer's certificate (PEM).
+        #[arg(long)]
+        out_cert: PathBuf,
+        /// Where to write the issuer's key (PEM, mode 0600).
+        #[arg(long)]
+        out_key: PathBuf,
     },
     /// Put a client on the coordinator's deny-list (takes effect at its next hello): a
     /// certificate, every certificate of a device id (renewals too), or every certificate of
@@ -136,6 +149,19 @@ pub(crate) fn run(a: CertsArgs) -> anyhow::Result<()> {
                 "{count} token(s), each valid once for {}; hashes in {}",
                 humantime::format_duration(ttl),
                 file.display()
+            );
+            Ok(())
+        }
+        CertsCmd::Issuer {
+            certs,
+            out_cert,
+            out_key,
+        } => {
+            fedlora_coordinator::certs::make_issuer(&CertDir(certs), &out_cert, &out_key)?;
+            println!(
+                "wrote the enrollment issuer {} and its key {}",
+                out_cert.display(),
+                out_key.display()
             );
             Ok(())
         }

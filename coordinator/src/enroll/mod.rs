@@ -191,7 +191,7 @@ impl Enrollment {
     }
 
     /// A new certificate for `device_id` (proved by its current mTLS identity) for the key of
-    /// `csr_der`. Refused for an unknown or revoked device, a revoked key, or a bad request.
+    /// `csr_der`. Refused for a revoked device or key, or a bad request.
     pub fn renew(
         &self,
         device_id: &str,
@@ -199,12 +199,19 @@ impl Enrollment {
         now_s: u64,
     ) -> std::result::Result<IssuedCert, Refused> {
         let internal = |e: CoordinatorError| (EnrollErrorCode::Internal, e.to_string());
-        let Some(mut rec) = self.registry.device(device_id).map_err(internal)? else {
-            return Err((
-                EnrollErrorCode::UnknownDevice,
-                format!("{device_id} was not enrolled with a token"),
-            ));
-        };
+        // a device enrolled by a separate enrollment service is not in this registry yet:
+        // its connection proved its id with a certificate from the federation's CA
+        let mut rec = self
+            .registry
+            .device(device_id)
+            .map_err(internal)?
+            .unwrap_or_else(|| DeviceRecord {
+                device_id: device_id.to_string(),
+                key_id: String::new(),
+                not_after_unix_s: 0,
+                enrolled_ms: now_s * 1000,
+                renewals: 0,
+            });
         let (cert, key) = self
             .issuer
             .issue(csr_der, device_id, now_s)
