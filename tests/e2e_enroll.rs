@@ -24,14 +24,10 @@ use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::enroll::{EnrollErrorCode, EnrollRequest, EnrollResponse};
 use fedlora_protocol::{ClientMsg, CoordMsg, FederationConfig, RefusalCode, PROTOCOL_VERSION};
 
+mod common;
+
 fn tiny(lora: Option<LoraConfig>) -> LmConfig {
-    LmConfig::new()
-        .with_d_model(32)
-        .with_n_layers(1)
-        .with_n_heads(2)
-        .with_d_ff(64)
-        .with_context(16)
-        .with_lora(lora)
+    common::tiny_lm(32, 1, lora)
 }
 
 fn now_s() -> u64 {

@@ -83,3 +83,18 @@ pub(crate) async fn send_secagg(s: &Session, round: u64, body: fedlora_protocol:
     let (r, _) = s.request(&ClientMsg::SecAgg { round, body }).await.unwrap();
     assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
 }
+
+/// A small byte-level LM config: `d_model` wide, `layers` deep, 2 heads, context 16.
+pub(crate) fn tiny_lm(
+    d_model: usize,
+    layers: usize,
+    lora: Option<fedlora_client::lora::LoraConfig>,
+) -> fedlora_client::model::LmConfig {
+    fedlora_client::model::LmConfig::new()
+        .with_d_model(d_model)
+        .with_n_layers(layers)
+        .with_n_heads(2)
+        .with_d_ff(2 * d_model)
+        .with_context(16)
+        .with_lora(lora)
+}

@@ -1,0 +1,209 @@
+//! Devices on a bad link: an in-process UDP proxy between the clients and the coordinator drops
+//! 10 % of the datagrams each way, delays each by 200 ms, and cuts the link for longer than the
+//! QUIC idle timeout in the middle of an upload. The federation completes, each client reports
+//! what it sent, and no upload is counted twice.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use burn::tensor::Device;
+use fedlora_client::adapter::{collect_named, NamedFilter};
+use fedlora_client::data::ClientData;
+use fedlora_client::lora::LoraConfig;
+use fedlora_client::sdk::{ClientConfig, FederatedClient};
+use fedlora_client::train::{initial_adapter, LocalTrainer};
+use fedlora_client::transport::ClientTls;
+use fedlora_coordinator::certs::{default_server_names, init_certs};
+use fedlora_coordinator::store::RoundStatus;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
+use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
+use rand::{RngExt, SeedableRng};
+use tokio::net::UdpSocket;
+
+/// What the proxy does to the datagrams it relays.
+struct Link {
+    loss: f64,
+    delay: Duration,
+    rng: Mutex<rand::rngs::ChaCha20Rng>,
+    /// While set, every datagram is dropped.
+    cut: AtomicBool,
+    /// Armed: cut the link once this many more bytes went upstream (`u64::MAX`: not armed).
+    cut_after: AtomicU64,
+    dropped: AtomicU64,
+    cuts: AtomicU64,
+}
+
+impl Link {
+    /// Whether to drop a datagram of `len` bytes (`upstream`: client → coordinator).
+    fn drop_it(&self, len: usize, upstream: bool) -> bool {
+        if upstream {
+            let left = self.cut_after.load(Ordering::SeqCst);
+            if left != u64::MAX {
+                if left <= len as u64 {
+                    self.cut_after.store(u64::MAX, Ordering::SeqCst);
+                    self.cut.store(true, Ordering::SeqCst);
+                    self.cuts.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    self.cut_after.store(left - len as u64, Ordering::SeqCst);
+                }
+            }
+        }
+        let lost =
+            self.cut.load(Ordering::SeqCst) || self.rng.lock().unwrap().random::<f64>() < self.loss;
+        if lost {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+        lost
+    }
+}
+
+/// A UDP proxy in front of `upstream`: one upstream socket per client address.
+async fn proxy(upstream: SocketAddr, link: Arc<Link>) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut peers: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = front.recv_from(&mut buf).await else {
+                return;
+            };
+            let up = match peers.get(&from) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    s.connect(upstream).await.unwrap();
+                    peers.insert(from, s.clone());
+                    // the coordinator's answers back to this client
+                    let (s2, front2, link2) = (s.clone(), front.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let mut b = vec![0u8; 65_536];
+                        while let Ok(n) = s2.recv(&mut b).await {
+                            if link2.drop_it(n, false) {
+                                continue;
+                            }
+                            let (d, f, pkt) = (link2.delay, front2.clone(), b[..n].to_vec());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(d).await;
+                                let _ = f.send_to(&pkt, from).await;
+                            });
+                        }
+                    });
+                    s
+                }
+            };
+            if link.drop_it(n, true) {
+                continue;
+            }
+            let (d, pkt) = (link.delay, buf[..n].to_vec());
+            tokio::spawn(async move {
+                tokio::time::sleep(d).await;
+                let _ = up.send(&pkt).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names())
+        .unwrap()
+        .0;
+    // big enough that an upload takes many datagrams (2 layers × q, v × rank 8 × 64 × 2)
+    let lm = common::tiny_lm(64, 2, Some(LoraConfig::new().with_rank(8)));
+    let device = Device::flex().autodiff();
+    let base = collect_named(
+        &common::tiny_lm(64, 2, None).init(&device),
+        NamedFilter::All,
+    );
+    let trainer = LocalTrainer::new(lm.clone(), &base, device).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 2,
+        clients_per_round: 2,
+        min_clients: 2,
+        round_timeout_ms: 240_000,
+        eval_timeout_ms: 120_000,
+        ..Default::default()
+    };
+    cfg.federation.train.local_steps = 3;
+    cfg.federation.train.batch_size = 4;
+    let coord = Coordinator::start(cfg, initial_adapter(&lm).unwrap())
+        .await
+        .unwrap();
+    let link = Arc::new(Link {
+        loss: 0.10,
+        delay: Duration::from_millis(200),
+        rng: Mutex::new(rand::rngs::ChaCha20Rng::seed_from_u64(7)),
+        cut: AtomicBool::new(false),
+        cut_after: AtomicU64::new(u64::MAX),
+        dropped: AtomicU64::new(0),
+        cuts: AtomicU64::new(0),
+    });
+    let front = proxy(coord.local_addr().unwrap(), link.clone()).await;
+
+    // when round 1 starts, arm the cut: it falls inside the first upload (polls and
+    // keep-alives are small; a delta is ~16 KB), and lasts past the idle timeout
+    let mut events = coord.events();
+    let l = link.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            if let Event::RoundStarted { round: 1, .. } = e {
+                l.cut_after.store(6_000, Ordering::SeqCst);
+                while !l.cut.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
+                l.cut.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    });
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let mut cc = ClientConfig::new(front, ClientTls::from_dir(&certs, i));
+            cc.sampling_seed = Some(i as u64);
+            cc.state_dir = Some(dir.path().join(format!("client-{i}")));
+            let data = ClientData::demo_client(i, 16).unwrap();
+            let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
+            tokio::spawn(async move { client.run().await })
+        })
+        .collect();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(420),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("the federation finishes over the bad link");
+    assert!(finished);
+    assert_eq!(link.cuts.load(Ordering::SeqCst), 1, "the link was cut once");
+    assert!(link.dropped.load(Ordering::SeqCst) > 0);
+    let mut total_up = 0;
+    for h in handles {
+        let r = h.await.unwrap().unwrap();
+        // each round once, whatever was re-sent
+        assert_eq!(r.rounds, vec![1, 2], "{r:?}");
+        assert!(r.bytes_up > 0);
+        total_up += r.bytes_up;
+    }
+    let report = coord.report().unwrap();
+    for round in &report.rounds {
+        assert!(matches!(round.record.status, RoundStatus::Committed { .. }));
+        // one aggregated upload per client, and their bytes counted once each
+        assert_eq!(round.record.participants.len(), 2, "{:?}", round.record);
+        assert_eq!(round.record.bytes_up.len(), 2);
+    }
+    println!(
+        "bytes sent by the clients: {total_up}; datagrams dropped: {}",
+        link.dropped.load(Ordering::SeqCst)
+    );
+    coord.shutdown().await;
+}
