@@ -1,7 +1,8 @@
 //! Devices on a bad link: an in-process UDP proxy between the clients and the coordinator drops
 //! 10 % of the datagrams each way, delays each by 200 ms, and cuts the link for longer than the
-//! QUIC idle timeout in the middle of an upload. The federation completes, each client reports
-//! what it sent, and no upload is counted twice.
+//! QUIC idle timeout in the middle of an upload. The upload resumes from the pieces the
+//! coordinator holds, the federation completes, each client reports what it sent, and no
+//! upload is counted twice.
 
 mod common;
 
@@ -20,7 +21,7 @@ use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
-use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
+use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
 use rand::{RngExt, SeedableRng};
 use tokio::net::UdpSocket;
@@ -32,27 +33,13 @@ struct Link {
     rng: Mutex<rand::rngs::ChaCha20Rng>,
     /// While set, every datagram is dropped.
     cut: AtomicBool,
-    /// Armed: cut the link once this many more bytes went upstream (`u64::MAX`: not armed).
-    cut_after: AtomicU64,
     dropped: AtomicU64,
     cuts: AtomicU64,
 }
 
 impl Link {
-    /// Whether to drop a datagram of `len` bytes (`upstream`: client → coordinator).
-    fn drop_it(&self, len: usize, upstream: bool) -> bool {
-        if upstream {
-            let left = self.cut_after.load(Ordering::SeqCst);
-            if left != u64::MAX {
-                if left <= len as u64 {
-                    self.cut_after.store(u64::MAX, Ordering::SeqCst);
-                    self.cut.store(true, Ordering::SeqCst);
-                    self.cuts.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    self.cut_after.store(left - len as u64, Ordering::SeqCst);
-                }
-            }
-        }
+    /// Whether to drop a datagram.
+    fn drop_it(&self) -> bool {
         let lost =
             self.cut.load(Ordering::SeqCst) || self.rng.lock().unwrap().random::<f64>() < self.loss;
         if lost {
@@ -84,7 +71,7 @@ async fn proxy(upstream: SocketAddr, link: Arc<Link>) -> SocketAddr {
                     tokio::spawn(async move {
                         let mut b = vec![0u8; 65_536];
                         while let Ok(n) = s2.recv(&mut b).await {
-                            if link2.drop_it(n, false) {
+                            if link2.drop_it() {
                                 continue;
                             }
                             let (d, f, pkt) = (link2.delay, front2.clone(), b[..n].to_vec());
@@ -97,7 +84,7 @@ async fn proxy(upstream: SocketAddr, link: Arc<Link>) -> SocketAddr {
                     s
                 }
             };
-            if link.drop_it(n, true) {
+            if link.drop_it() {
                 continue;
             }
             let (d, pkt) = (link.delay, buf[..n].to_vec());
@@ -144,34 +131,29 @@ async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_tim
         delay: Duration::from_millis(200),
         rng: Mutex::new(rand::rngs::ChaCha20Rng::seed_from_u64(7)),
         cut: AtomicBool::new(false),
-        cut_after: AtomicU64::new(u64::MAX),
         dropped: AtomicU64::new(0),
         cuts: AtomicU64::new(0),
     });
     let front = proxy(coord.local_addr().unwrap(), link.clone()).await;
 
-    // when round 1 starts, arm the cut: it falls inside the first upload (polls and
-    // keep-alives are small; a delta is ~16 KB), and lasts past the idle timeout
-    let mut events = coord.events();
+    // the link is cut once the coordinator holds a piece of round 1's first upload (a delta is
+    // ~16 KB in 2 KB pieces), and stays cut past the idle timeout
     let l = link.clone();
+    let state = dir.path().join("state");
     tokio::spawn(async move {
-        while let Ok(e) = events.recv().await {
-            if let Event::RoundStarted { round: 1, .. } = e {
-                l.cut_after.store(6_000, Ordering::SeqCst);
-                while !l.cut.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
-                l.cut.store(false, Ordering::SeqCst);
-                return;
-            }
-        }
+        common::wait_for_partial_upload(&state, 2_048).await;
+        l.cut.store(true, Ordering::SeqCst);
+        l.cuts.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
+        l.cut.store(false, Ordering::SeqCst);
     });
     let handles: Vec<_> = (0..2)
         .map(|i| {
             let mut cc = ClientConfig::new(front, ClientTls::from_dir(&certs, i));
             cc.sampling_seed = Some(i as u64);
             cc.state_dir = Some(dir.path().join(format!("client-{i}")));
+            // resumable uploads in small pieces, so that the cut falls between pieces
+            cc.upload_chunk_bytes = 2048;
             let data = ClientData::demo_client(i, 16).unwrap();
             let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
             tokio::spawn(async move { client.run().await })
@@ -186,14 +168,17 @@ async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_tim
     assert!(finished);
     assert_eq!(link.cuts.load(Ordering::SeqCst), 1, "the link was cut once");
     assert!(link.dropped.load(Ordering::SeqCst) > 0);
-    let mut total_up = 0;
+    let (mut total_up, mut resumed) = (0, 0);
     for h in handles {
         let r = h.await.unwrap().unwrap();
         // each round once, whatever was re-sent
         assert_eq!(r.rounds, vec![1, 2], "{r:?}");
         assert!(r.bytes_up > 0);
         total_up += r.bytes_up;
+        resumed += r.resumed_uploads;
     }
+    // the upload cut mid-way went on from the pieces the coordinator held
+    assert!(resumed >= 1, "no upload resumed");
     let report = coord.report().unwrap();
     for round in &report.rounds {
         assert!(matches!(round.record.status, RoundStatus::Committed { .. }));

@@ -72,6 +72,9 @@ pub struct ClientConfig {
     /// Caps on local training: threads, seconds per round, the time kept for the upload, and
     /// what to do when training must stop early.
     pub limits: TrainingLimits,
+    /// Uploads larger than this go in resumable pieces of this many bytes (default 256 KiB;
+    /// at most [`fedlora_protocol::upload::MAX_UPLOAD_CHUNK`]).
+    pub upload_chunk_bytes: usize,
     /// Renew the certificate (same key, over the mTLS connection) when it ends within this
     /// many seconds (default 10 days); `None`: never. A coordinator without an issuer refuses
     /// renewal, and the client then goes on with its certificate.
@@ -135,6 +138,7 @@ impl ClientConfig {
             client_dp: None,
             limits: TrainingLimits::default(),
             renew_within_s: Some(10 * 86_400),
+            upload_chunk_bytes: fedlora_protocol::upload::DEFAULT_UPLOAD_CHUNK,
         }
     }
 
@@ -148,6 +152,12 @@ impl ClientConfig {
                  in memory would start from zero after a restart"
                     .into(),
             ));
+        }
+        if !(1..=fedlora_protocol::upload::MAX_UPLOAD_CHUNK).contains(&self.upload_chunk_bytes) {
+            return Err(ClientError::Config(format!(
+                "upload pieces must be 1 to {} bytes",
+                fedlora_protocol::upload::MAX_UPLOAD_CHUNK
+            )));
         }
         if self.limits.max_threads == Some(0) {
             return Err(ClientError::Config(
@@ -202,6 +212,8 @@ pub struct ClientReport {
     pub partial: Vec<(u64, u32)>,
     /// Certificates renewed.
     pub renewals: u32,
+    /// Uploads resumed from where the coordinator held them (after a lost connection).
+    pub resumed_uploads: u32,
 }
 
 /// One acknowledged upload, timed by the client.
@@ -579,7 +591,16 @@ impl FederatedClient {
         *pending = Some(upload.clone());
         self.save_pending(&upload)?;
         let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
-        match self.send(s, &upload, report).await? {
+        let frame = fedlora_protocol::frame::encode(&upload)?;
+        let reply = if frame.len() > self.config.upload_chunk_bytes {
+            self.send_in_pieces(s, &frame, report).await?
+        } else {
+            let (reply, down) = s.request_raw(&frame).await?;
+            report.bytes_up += frame.len() as u64;
+            report.bytes_down += down;
+            reply
+        };
+        match reply {
             CoordMsg::Ack { status, .. } => {
                 report.uploads.push(UploadTiming {
                     started: t0,
@@ -603,6 +624,59 @@ impl FederatedClient {
         *pending = None;
         self.clear_pending();
         Ok(())
+    }
+
+    /// Sends an upload frame as a resumable upload: asks how much the coordinator holds (of
+    /// this frame, by its hash), then sends the rest in pieces of
+    /// [`ClientConfig::upload_chunk_bytes`]. Returns the answer to the piece that completed it.
+    /// A lost connection surfaces as a transport error; the re-sent upload resumes.
+    async fn send_in_pieces(
+        &self,
+        s: &Session,
+        frame: &[u8],
+        report: &mut ClientReport,
+    ) -> Result<CoordMsg, ClientError> {
+        use fedlora_protocol::upload::{upload_id, UploadChunk};
+        let id = upload_id(frame);
+        let piece = |offset: usize, len: usize| {
+            ClientMsg::UploadChunk(UploadChunk {
+                upload_id: id,
+                total_len: frame.len() as u64,
+                offset: offset as u64,
+                bytes: frame[offset..offset + len].to_vec(),
+            })
+        };
+        let mut offset = match self.send(s, &piece(0, 0), report).await? {
+            CoordMsg::UploadProgress { upload_id, have } if upload_id == id => have as usize,
+            other => return Ok(other),
+        };
+        if offset > 0 {
+            info!(offset, of = frame.len(), "resuming an upload");
+            report.resumed_uploads += 1;
+        }
+        // each answer says where to go on; one that does not advance twice in a row is a
+        // coordinator out of step, and the upload is retried from the top by the caller
+        let mut stalled = 0;
+        loop {
+            let len = self
+                .config
+                .upload_chunk_bytes
+                .min(frame.len().saturating_sub(offset));
+            match self.send(s, &piece(offset, len), report).await? {
+                CoordMsg::UploadProgress { upload_id, have } if upload_id == id => {
+                    let have = have as usize;
+                    stalled = if have > offset { 0 } else { stalled + 1 };
+                    if stalled > 2 || have >= frame.len() {
+                        return Err(ClientError::Transport(format!(
+                            "the coordinator holds {have} of {} bytes and does not advance",
+                            frame.len()
+                        )));
+                    }
+                    offset = have;
+                }
+                other => return Ok(other),
+            }
+        }
     }
 
     async fn serve(

@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod error;
 pub mod export;
 pub mod metrics;
+pub mod partial;
 pub mod privacy_plan;
 pub mod secure;
 pub mod server;

@@ -101,6 +101,10 @@ pub struct DeviceArgs {
     /// Threads for training and evaluation (default: every core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Uploads larger than this go in resumable pieces of this many bytes (a lost link costs
+    /// only the piece in flight).
+    #[arg(long, value_name = "BYTES", default_value_t = fedlora_protocol::upload::DEFAULT_UPLOAD_CHUNK)]
+    upload_chunk: usize,
     /// The longest local training per round (e.g. 90s, 5m); training stops there.
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     max_train_time: Option<std::time::Duration>,
@@ -274,6 +278,14 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         }
     }
     cfg.limits = a.device.limits()?;
+    if !(1024..=fedlora_protocol::upload::MAX_UPLOAD_CHUNK).contains(&a.device.upload_chunk) {
+        return Err(UsageError(format!(
+            "--upload-chunk must be 1024 to {} bytes",
+            fedlora_protocol::upload::MAX_UPLOAD_CHUNK
+        ))
+        .into());
+    }
+    cfg.upload_chunk_bytes = a.device.upload_chunk;
     let mut client = FederatedClient::with_learner(cfg, learner)?;
     if let Some(check) = a.device.eligibility()? {
         client = client.with_eligibility(check);
@@ -289,8 +301,8 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         .map(|(r, why)| format!("{r} ({why})"))
         .collect();
     println!(
-        "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}, peak RSS \
-         {:.1} MiB",
+        "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}, sent {} \
+         bytes, received {}, {} upload(s) resumed, peak RSS {:.1} MiB",
         report.client_id,
         list(&report.rounds),
         declined.join(", "),
@@ -300,6 +312,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         report
             .eps_spent
             .map_or("none (no privacy target)".into(), |e| format!("{e:.4}")),
+        report.bytes_up,
+        report.bytes_down,
+        report.resumed_uploads,
         crate::peak_rss_mib(),
     );
     Ok(())

@@ -49,6 +49,8 @@ pub enum FrameKind {
     EvalWithheld = 8,
     /// [`ClientMsg::Renew`].
     Renew = 9,
+    /// [`ClientMsg::UploadChunk`].
+    UploadChunk = 10,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -63,6 +65,8 @@ pub enum FrameKind {
     DeclineRecorded = 21,
     /// [`CoordMsg::Renewed`].
     Renewed = 22,
+    /// [`CoordMsg::UploadProgress`].
+    UploadProgress = 23,
 }
 
 impl FrameKind {
@@ -77,6 +81,7 @@ impl FrameKind {
             7 => Self::PrivateUpload,
             8 => Self::EvalWithheld,
             9 => Self::Renew,
+            10 => Self::UploadChunk,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
@@ -84,6 +89,7 @@ impl FrameKind {
             20 => Self::Refused,
             21 => Self::DeclineRecorded,
             22 => Self::Renewed,
+            23 => Self::UploadProgress,
             other => return Err(ProtocolError::Frame(format!("unknown frame kind {other}"))),
         })
     }
@@ -92,6 +98,7 @@ impl FrameKind {
     pub fn limit(self) -> usize {
         match self {
             Self::Upload | Self::PrivateUpload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
+            Self::UploadChunk => crate::upload::MAX_UPLOAD_CHUNK + 1024,
             _ => CONTROL_LIMIT,
         }
     }
@@ -126,6 +133,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::PrivateUpload(_) => FrameKind::PrivateUpload,
             ClientMsg::EvalWithheld { .. } => FrameKind::EvalWithheld,
             ClientMsg::Renew { .. } => FrameKind::Renew,
+            ClientMsg::UploadChunk(_) => FrameKind::UploadChunk,
         }
     }
 
@@ -144,6 +152,7 @@ impl FrameMessage for CoordMsg {
             CoordMsg::Refused(_) => FrameKind::Refused,
             CoordMsg::DeclineRecorded { .. } => FrameKind::DeclineRecorded,
             CoordMsg::Renewed(_) => FrameKind::Renewed,
+            CoordMsg::UploadProgress { .. } => FrameKind::UploadProgress,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod rank;
 pub mod round;
 pub mod secagg;
 pub mod strategy;
+pub mod upload;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};

@@ -94,6 +94,7 @@ fn train_config(c: &TrainConfig) -> Result<(), ProtocolError> {
 /// Checks a client's message (see the module docs).
 pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
     match m {
+        ClientMsg::UploadChunk(c) => c.check(),
         ClientMsg::Renew { csr_der } => bounded(
             "certificate request",
             csr_der.len(),

@@ -191,6 +191,9 @@ pub enum ClientMsg {
         /// Version not reported.
         version: u64,
     },
+    /// One piece of a resumable upload ([`crate::upload`]); with no bytes, asks how much of
+    /// the upload the coordinator holds.
+    UploadChunk(crate::upload::UploadChunk),
     /// Asks for a new certificate before the current one expires, for the key in `csr_der`
     /// (the same key or a new one); the device id stays the one this connection proved.
     Renew {
@@ -405,6 +408,14 @@ pub enum CoordMsg {
     Refused(Refusal),
     /// A renewed certificate ([`ClientMsg::Renew`]).
     Renewed(crate::enroll::IssuedCert),
+    /// How much of a resumable upload the coordinator holds: the client goes on from `have`.
+    /// (The piece that completes an upload gets the upload's own answer instead.)
+    UploadProgress {
+        /// SHA-256 of the whole upload frame.
+        upload_id: [u8; 32],
+        /// Bytes held, from the start.
+        have: u64,
+    },
 }
 
 /// Whether an acknowledged upload was new.

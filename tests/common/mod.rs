@@ -98,3 +98,20 @@ pub(crate) fn tiny_lm(
         .with_context(16)
         .with_lora(lora)
 }
+
+/// Waits until the coordinator with data directory `data_dir` holds at least `bytes` of some
+/// client's resumable upload on disk (`DATA_DIR/partial/*.part`).
+pub(crate) async fn wait_for_partial_upload(data_dir: &std::path::Path, bytes: u64) {
+    loop {
+        let held = std::fs::read_dir(data_dir.join("partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+            .any(|e| e.metadata().is_ok_and(|m| m.len() >= bytes));
+        if held {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

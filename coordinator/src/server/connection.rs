@@ -264,28 +264,10 @@ pub(super) async fn serve_stream(
             None,
         ),
         ClientMsg::Poll { held_version } => poll(shared, client, held_version),
-        ClientMsg::Upload(u) => {
-            let got = Received {
-                round: u.round,
-                spec_hash: u.spec_hash,
-                weight: u.weight,
-                train_loss: Some(u.train_loss),
-                private: false,
-                wire_bytes: wire,
-            };
-            (upload(shared, client, got, &u.payload), None)
+        m @ (ClientMsg::Upload(_) | ClientMsg::PrivateUpload(_)) => {
+            (handle_upload(shared, client, m, wire), None)
         }
-        ClientMsg::PrivateUpload(u) => {
-            let got = Received {
-                round: u.round,
-                spec_hash: u.spec_hash,
-                weight: 1.0,
-                train_loss: u.noised_train_loss,
-                private: true,
-                wire_bytes: wire,
-            };
-            (upload(shared, client, got, &u.payload), None)
-        }
+        ClientMsg::UploadChunk(c) => (upload_piece(shared, client, c).await, None),
         ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
         ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
         ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
@@ -333,6 +315,76 @@ async fn renew(shared: &Shared, client: &str, csr_der: Vec<u8>) -> CoordMsg {
                 _ => RefusalCode::InvalidValue,
             };
             CoordMsg::Refused(Refusal::new(code, message))
+        }
+        Err(_) => CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry")),
+    }
+}
+
+/// An upload or a private upload (whole, or assembled from resumable pieces).
+fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> CoordMsg {
+    match msg {
+        ClientMsg::Upload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: u.weight,
+                train_loss: Some(u.train_loss),
+                private: false,
+                wire_bytes: wire,
+            };
+            upload(shared, client, got, &u.payload)
+        }
+        ClientMsg::PrivateUpload(u) => {
+            let got = Received {
+                round: u.round,
+                spec_hash: u.spec_hash,
+                weight: 1.0,
+                train_loss: u.noised_train_loss,
+                private: true,
+                wire_bytes: wire,
+            };
+            upload(shared, client, got, &u.payload)
+        }
+        other => CoordMsg::Refused(Refusal::new(
+            RefusalCode::WrongKind,
+            format!(
+                "a resumable upload must hold an upload, not {:?}",
+                fedlora_protocol::frame::FrameMessage::kind(&other)
+            ),
+        )),
+    }
+}
+
+/// One piece of a resumable upload: stored (flushed) before it is acknowledged; the piece that
+/// completes it is checked against the upload's hash, decoded and taken as one upload.
+async fn upload_piece(
+    shared: &Shared,
+    client: &str,
+    chunk: fedlora_protocol::upload::UploadChunk,
+) -> CoordMsg {
+    use crate::partial::PieceOutcome;
+    let id = chunk.upload_id;
+    let partial = shared.partial.clone();
+    let who = client.to_string();
+    let applied = tokio::task::spawn_blocking(move || partial.apply(&who, &chunk, now_ms())).await;
+    match applied {
+        Ok(Ok(PieceOutcome::Progress(have))) => CoordMsg::UploadProgress {
+            upload_id: id,
+            have,
+        },
+        Ok(Ok(PieceOutcome::HashMismatch)) => CoordMsg::Refused(Refusal::new(
+            RefusalCode::InvalidValue,
+            "the assembled upload does not match its hash; send it again",
+        )),
+        Ok(Ok(PieceOutcome::Complete(frame))) => {
+            match fedlora_protocol::frame::decode::<ClientMsg>(&frame) {
+                Ok(m) => handle_upload(shared, client, m, frame.len() as u64),
+                Err(e) => CoordMsg::Refused(e.refusal()),
+            }
+        }
+        Ok(Err(e)) => {
+            error!(%client, error = %e, "storing an upload piece failed");
+            CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"))
         }
         Err(_) => CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry")),
     }

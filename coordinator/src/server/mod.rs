@@ -120,6 +120,8 @@ struct Shared {
     max_ranks: Mutex<BTreeMap<String, u32>>,
     /// The rank each client was offered for a round: `client → (round, rank)`.
     offered_ranks: Mutex<BTreeMap<String, (u64, u32)>>,
+    /// Resumable uploads in progress (on disk).
+    partial: Arc<crate::partial::PartialUploads>,
     /// Enrollment and renewal (when configured).
     enrollment: Option<Arc<crate::enroll::Enrollment>>,
     /// Operator metrics (served when `config.metrics` is set).
@@ -273,6 +275,7 @@ impl Coordinator {
             }
             None => (None, None),
         };
+        let data_dir = config.data_dir.clone();
         let (events, _) = broadcast::channel(1024);
         let strategy = config.federation.strategy.build();
         let full_rank = crate::aggregate::full_rank(&spec);
@@ -299,6 +302,10 @@ impl Coordinator {
             full_rank,
             max_ranks: Mutex::new(BTreeMap::new()),
             offered_ranks: Mutex::new(BTreeMap::new()),
+            partial: Arc::new(crate::partial::PartialUploads::new(
+                &data_dir,
+                crate::partial::DEFAULT_MAX_AGE_MS,
+            )),
             enrollment,
             metrics: Arc::new(crate::metrics::Metrics::default()),
             events,

@@ -1,0 +1,225 @@
+//! A device on a real bad link: the `fedlora client` process runs in a network namespace the
+//! test creates, joined to the coordinator's by a veth pair with `tc netem` (10 % loss and
+//! 200 ms delay each way). During round 1's upload the link goes down for longer than the QUIC
+//! idle timeout, then up again. The federation completes, the client reports the bytes it sent
+//! and a resumed upload, and no upload is counted twice.
+//!
+//! Needs root, `ip` and `tc` (iproute2; `.ci/run` installs it). Where network namespaces are not
+//! allowed it says so on stderr and skips.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fedlora_coordinator::certs::{default_server_names, init_certs};
+use fedlora_coordinator::store::RoundStatus;
+use fedlora_coordinator::{Coordinator, CoordinatorConfig};
+use fedlora_device::model_args::{ModelArgs, DEFAULT_BASE};
+use fedlora_device::workload::Workload;
+use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A namespace and a veth pair with netem on both ends; removed on drop.
+struct Net {
+    ns: String,
+    host_if: String,
+}
+
+impl Net {
+    fn create(tag: u32) -> Result<Self, String> {
+        let ns = format!("flnetem{tag}");
+        let (host_if, dev_if) = (format!("flh{tag}"), format!("fld{tag}"));
+        let net = Net {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+        };
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &dev_if,
+        ])?;
+        sh(&["ip", "link", "set", &dev_if, "netns", &ns])?;
+        sh(&["ip", "addr", "add", "10.77.0.1/24", "dev", &host_if])?;
+        sh(&["ip", "link", "set", &host_if, "up"])?;
+        let inside = |cmd: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &ns];
+            v.extend_from_slice(cmd);
+            sh(&v)
+        };
+        inside(&["ip", "addr", "add", "10.77.0.2/24", "dev", &dev_if])?;
+        inside(&["ip", "link", "set", &dev_if, "up"])?;
+        inside(&["ip", "link", "set", "lo", "up"])?;
+        for (dev, in_ns) in [(host_if.as_str(), false), (dev_if.as_str(), true)] {
+            let q = [
+                "tc", "qdisc", "add", "dev", dev, "root", "netem", "loss", "10%", "delay", "200ms",
+            ];
+            let r = if in_ns { inside(&q) } else { sh(&q) };
+            if let Err(e) = r {
+                // a kernel without sch_netem: the link-down part still runs (loss and delay
+                // are covered by tests/lossy_link.rs's in-process proxy)
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "netem test: no netem qdisc here ({e}); running the link-down part only"
+                );
+                break;
+            }
+        }
+        Ok(net)
+    }
+
+    fn link(&self, up: bool) {
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" },
+        ])
+        .unwrap();
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "link", "del", &self.host_if]);
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}
+
+/// Says why the test cannot run, where CI's log shows it (not through the test's captured
+/// output), and returns.
+fn skip(why: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED netem test: {why} (needs root with network namespaces, ip and tc)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout() {
+    let tag = std::process::id() % 100_000;
+    let net = match Net::create(tag) {
+        Ok(n) => n,
+        Err(e) => return skip(&e),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names())
+        .unwrap()
+        .0;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = root.join(DEFAULT_BASE);
+    let model = ModelArgs {
+        base: base.clone(),
+        model: None,
+        context: None,
+        rank: 8,
+        alpha: 16.0,
+        targets: vec![],
+        ffa: false,
+    };
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
+    cfg.listen = "10.77.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 2,
+        clients_per_round: 1,
+        min_clients: 1,
+        round_timeout_ms: 300_000,
+        eval_timeout_ms: 120_000,
+        ..Default::default()
+    };
+    cfg.federation.train.local_steps = 5;
+    cfg.federation.train.batch_size = 8;
+    let coord = Coordinator::start(cfg, Workload::load(&model).unwrap().initial_adapter())
+        .await
+        .unwrap();
+    let addr = coord.local_addr().unwrap();
+
+    // the link goes down once the coordinator holds a piece of round 1's upload (the delta is
+    // 64 KB in 8 KB pieces), for longer than the idle timeout
+    let watcher = {
+        let (host_if, ns) = (net.host_if.clone(), net.ns.clone());
+        let state = dir.path().join("state");
+        tokio::spawn(async move {
+            let probe = Net { ns, host_if };
+            common::wait_for_partial_upload(&state, 8_192).await;
+            probe.link(false);
+            tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
+            probe.link(true);
+            // the probe must not tear the namespace down
+            std::mem::forget(probe);
+            true
+        })
+    };
+    let client = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &net.ns])
+        .arg(env!("CARGO_BIN_EXE_fedlora"))
+        .args([
+            "client",
+            "--coordinator",
+            &addr.to_string(),
+            "--server-name",
+            "localhost",
+        ])
+        .arg("--certs")
+        .arg(&certs)
+        .args(["--client-index", "0", "--upload-chunk", "8192"])
+        .arg("--base")
+        .arg(&base)
+        .arg("--state-dir")
+        .arg(dir.path().join("device"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let finished = tokio::time::timeout(
+        Duration::from_secs(480),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .expect("the federation finishes over the bad link");
+    assert!(finished);
+    assert!(
+        watcher.await.unwrap(),
+        "the link went down during an upload"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(120), client.wait_with_output())
+        .await
+        .expect("the client exits")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("uploaded in rounds [1, 2]"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!stdout.contains(", 0 upload(s) resumed"), "{stdout}");
+    let _ = writeln!(std::io::stderr(), "netem: {}", stdout.trim());
+    let report = coord.report().unwrap();
+    for round in &report.rounds {
+        assert!(matches!(round.record.status, RoundStatus::Committed { .. }));
+        assert_eq!(round.record.participants, vec!["client-0".to_string()]);
+        assert_eq!(round.record.bytes_up.len(), 1);
+    }
+    coord.shutdown().await;
+    drop(net);
+}
