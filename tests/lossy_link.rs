@@ -1,8 +1,8 @@
 //! Devices on a bad link: an in-process UDP proxy between the clients and the coordinator drops
 //! 10 % of the datagrams each way, delays each by 200 ms, and cuts the link for longer than the
-//! QUIC idle timeout in the middle of an upload. The upload resumes from the pieces the
-//! coordinator holds, the federation completes, each client reports what it sent, and no
-//! upload is counted twice.
+//! QUIC idle timeout, once in the middle of a download of the global adapter and once in the
+//! middle of an upload. Both resume from the pieces already held, the federation completes,
+//! each client reports what it sent, and no upload is counted twice.
 
 mod common;
 
@@ -21,7 +21,7 @@ use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
-use fedlora_coordinator::{Coordinator, CoordinatorConfig};
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
 use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
 use rand::{RngExt, SeedableRng};
 use tokio::net::UdpSocket;
@@ -35,6 +35,8 @@ struct Link {
     cut: AtomicBool,
     dropped: AtomicU64,
     cuts: AtomicU64,
+    /// Bytes relayed to the clients.
+    down_bytes: AtomicU64,
 }
 
 impl Link {
@@ -74,6 +76,7 @@ async fn proxy(upstream: SocketAddr, link: Arc<Link>) -> SocketAddr {
                             if link2.drop_it() {
                                 continue;
                             }
+                            link2.down_bytes.fetch_add(n as u64, Ordering::SeqCst);
                             let (d, f, pkt) = (link2.delay, front2.clone(), b[..n].to_vec());
                             tokio::spawn(async move {
                                 tokio::time::sleep(d).await;
@@ -98,16 +101,17 @@ async fn proxy(upstream: SocketAddr, link: Arc<Link>) -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_timeout() {
+async fn transfers_resume_over_a_lossy_slow_link_cut_for_longer_than_the_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names())
         .unwrap()
         .0;
-    // big enough that an upload takes many datagrams (2 layers × q, v × rank 8 × 64 × 2)
-    let lm = common::tiny_lm(64, 2, Some(LoraConfig::new().with_rank(8)));
+    // an adapter above the inline limit (2 layers × q, v × rank 24 × 128 × 2 × 4 bytes = 96 KiB),
+    // so that downloads go in pieces too
+    let lm = common::tiny_lm(128, 2, Some(LoraConfig::new().with_rank(24)));
     let device = Device::flex().autodiff();
     let base = collect_named(
-        &common::tiny_lm(64, 2, None).init(&device),
+        &common::tiny_lm(128, 2, None).init(&device),
         NamedFilter::All,
     );
     let trainer = LocalTrainer::new(lm.clone(), &base, device).unwrap();
@@ -133,27 +137,46 @@ async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_tim
         cut: AtomicBool::new(false),
         dropped: AtomicU64::new(0),
         cuts: AtomicU64::new(0),
+        down_bytes: AtomicU64::new(0),
     });
     let front = proxy(coord.local_addr().unwrap(), link.clone()).await;
 
-    // the link is cut once the coordinator holds a piece of round 1's first upload (a delta is
-    // ~16 KB in 2 KB pieces), and stays cut past the idle timeout
-    let l = link.clone();
-    let state = dir.path().join("state");
-    tokio::spawn(async move {
-        common::wait_for_partial_upload(&state, 2_048).await;
+    // two cuts, each past the idle timeout: in round 1 once the clients hold some pieces of the
+    // global adapter (32 KB relayed to them since the round started), in round 2 once the
+    // coordinator holds a piece of an upload (16 KB pieces)
+    let cut = |l: Arc<Link>| async move {
         l.cut.store(true, Ordering::SeqCst);
         l.cuts.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
         l.cut.store(false, Ordering::SeqCst);
+    };
+    let (l, state, mut events) = (link.clone(), dir.path().join("state"), coord.events());
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            match e {
+                Event::RoundStarted { round: 1, .. } => {
+                    let start = l.down_bytes.load(Ordering::SeqCst);
+                    while l.down_bytes.load(Ordering::SeqCst) < start + 32_000 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    cut(l.clone()).await;
+                }
+                Event::RoundStarted { round: 2, .. } => {
+                    common::wait_for_partial_upload(&state, 16_384).await;
+                    cut(l.clone()).await;
+                    return;
+                }
+                _ => {}
+            }
+        }
     });
     let handles: Vec<_> = (0..2)
         .map(|i| {
             let mut cc = ClientConfig::new(front, ClientTls::from_dir(&certs, i));
             cc.sampling_seed = Some(i as u64);
             cc.state_dir = Some(dir.path().join(format!("client-{i}")));
-            // resumable uploads in small pieces, so that the cut falls between pieces
-            cc.upload_chunk_bytes = 2048;
+            // resumable transfers in pieces, so that a cut falls between pieces
+            cc.upload_chunk_bytes = 16_384;
             let data = ClientData::demo_client(i, 16).unwrap();
             let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
             tokio::spawn(async move { client.run().await })
@@ -166,19 +189,25 @@ async fn rounds_complete_over_a_lossy_slow_link_cut_for_longer_than_the_idle_tim
     .await
     .expect("the federation finishes over the bad link");
     assert!(finished);
-    assert_eq!(link.cuts.load(Ordering::SeqCst), 1, "the link was cut once");
+    assert_eq!(
+        link.cuts.load(Ordering::SeqCst),
+        2,
+        "the link was cut twice"
+    );
     assert!(link.dropped.load(Ordering::SeqCst) > 0);
-    let (mut total_up, mut resumed) = (0, 0);
+    let (mut total_up, mut resumed_up, mut resumed_down) = (0, 0, 0);
     for h in handles {
         let r = h.await.unwrap().unwrap();
         // each round once, whatever was re-sent
         assert_eq!(r.rounds, vec![1, 2], "{r:?}");
         assert!(r.bytes_up > 0);
         total_up += r.bytes_up;
-        resumed += r.resumed_uploads;
+        resumed_up += r.resumed_uploads;
+        resumed_down += r.resumed_downloads;
     }
-    // the upload cut mid-way went on from the pieces the coordinator held
-    assert!(resumed >= 1, "no upload resumed");
+    // the transfers cut mid-way went on from the pieces already held
+    assert!(resumed_down >= 1, "no download resumed");
+    assert!(resumed_up >= 1, "no upload resumed");
     let report = coord.report().unwrap();
     for round in &report.rounds {
         assert!(matches!(round.record.status, RoundStatus::Committed { .. }));

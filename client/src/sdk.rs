@@ -73,7 +73,7 @@ pub struct ClientConfig {
     /// what to do when training must stop early.
     pub limits: TrainingLimits,
     /// Uploads larger than this go in resumable pieces of this many bytes (default 256 KiB;
-    /// at most [`fedlora_protocol::upload::MAX_UPLOAD_CHUNK`]).
+    /// at most [`fedlora_protocol::resumable::MAX_UPLOAD_CHUNK`]).
     pub upload_chunk_bytes: usize,
     /// Renew the certificate (same key, over the mTLS connection) when it ends within this
     /// many seconds (default 10 days); `None`: never. A coordinator without an issuer refuses
@@ -138,7 +138,7 @@ impl ClientConfig {
             client_dp: None,
             limits: TrainingLimits::default(),
             renew_within_s: Some(10 * 86_400),
-            upload_chunk_bytes: fedlora_protocol::upload::DEFAULT_UPLOAD_CHUNK,
+            upload_chunk_bytes: fedlora_protocol::resumable::DEFAULT_UPLOAD_CHUNK,
         }
     }
 
@@ -153,10 +153,10 @@ impl ClientConfig {
                     .into(),
             ));
         }
-        if !(1..=fedlora_protocol::upload::MAX_UPLOAD_CHUNK).contains(&self.upload_chunk_bytes) {
+        if !(1..=fedlora_protocol::resumable::MAX_UPLOAD_CHUNK).contains(&self.upload_chunk_bytes) {
             return Err(ClientError::Config(format!(
                 "upload pieces must be 1 to {} bytes",
-                fedlora_protocol::upload::MAX_UPLOAD_CHUNK
+                fedlora_protocol::resumable::MAX_UPLOAD_CHUNK
             )));
         }
         if self.limits.max_threads == Some(0) {
@@ -214,6 +214,8 @@ pub struct ClientReport {
     pub renewals: u32,
     /// Uploads resumed from where the coordinator held them (after a lost connection).
     pub resumed_uploads: u32,
+    /// Downloads of the global adapter resumed from the pieces already held.
+    pub resumed_downloads: u32,
 }
 
 /// One acknowledged upload, timed by the client.
@@ -252,6 +254,9 @@ pub struct FederatedClient {
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
     /// Seconds per local step, measured on the last round (plans the next round's time).
     step_secs: std::sync::Mutex<Option<f64>>,
+    /// A download in pieces under way (version, digest, bytes so far): kept across
+    /// reconnects, so a lost link costs only the piece in flight.
+    download: std::sync::Mutex<Option<(u64, fedlora_protocol::resumable::GlobalDigest, Vec<u8>)>>,
     /// The coordinator refused a renewal: not asked again in this run.
     renewal_refused: std::sync::atomic::AtomicBool,
 }
@@ -361,6 +366,7 @@ impl FederatedClient {
             pool,
             step_secs: std::sync::Mutex::new(None),
             renewal_refused: std::sync::atomic::AtomicBool::new(false),
+            download: std::sync::Mutex::new(None),
             privacy: std::sync::Mutex::new(privacy),
             held: std::sync::Mutex::new(None),
             signer: crate::secure::load_signer(&config.tls.key).ok(),
@@ -626,6 +632,72 @@ impl FederatedClient {
         Ok(())
     }
 
+    /// Fetches the global adapter `version` in pieces, going on from what an interrupted fetch
+    /// of the same version and digest already holds, and checks it against `digest`. A lost
+    /// link surfaces as a transport error (the caller reconnects; the pieces stay).
+    async fn fetch_global(
+        &self,
+        s: &Session,
+        version: u64,
+        digest: fedlora_protocol::resumable::GlobalDigest,
+        report: &mut ClientReport,
+    ) -> Result<Vec<u8>, ClientError> {
+        use fedlora_protocol::resumable::GlobalDigest;
+        let mut buf = match self.download.lock().expect("lock").take() {
+            Some((v, d, b)) if v == version && d == digest => b,
+            _ => Vec::new(),
+        };
+        if !buf.is_empty() {
+            info!(
+                version,
+                have = buf.len(),
+                of = digest.len,
+                "resuming a download"
+            );
+            report.resumed_downloads += 1;
+        }
+        while (buf.len() as u64) < digest.len {
+            let msg = ClientMsg::FetchGlobal {
+                version,
+                offset: buf.len() as u64,
+                max_len: self.config.upload_chunk_bytes as u32,
+            };
+            let reply = match self.send(s, &msg, report).await {
+                Ok(r) => r,
+                Err(e) => {
+                    *self.download.lock().expect("lock") = Some((version, digest, buf));
+                    return Err(e);
+                }
+            };
+            match reply {
+                CoordMsg::GlobalPiece {
+                    version: v,
+                    offset,
+                    bytes,
+                } if v == version
+                    && offset == buf.len() as u64
+                    && !bytes.is_empty()
+                    && buf.len() as u64 + bytes.len() as u64 <= digest.len =>
+                {
+                    buf.extend_from_slice(&bytes)
+                }
+                // the version is gone, or an answer out of step: poll again afresh
+                other => {
+                    return Err(ClientError::Transport(format!(
+                        "downloading global version {version}: the coordinator answered {:?}",
+                        fedlora_protocol::frame::FrameMessage::kind(&other)
+                    )))
+                }
+            }
+        }
+        if GlobalDigest::of(&buf) != digest {
+            return Err(ClientError::Transport(format!(
+                "global version {version} does not match its digest"
+            )));
+        }
+        Ok(buf)
+    }
+
     /// Sends an upload frame as a resumable upload: asks how much the coordinator holds (of
     /// this frame, by its hash), then sends the rest in pieces of
     /// [`ClientConfig::upload_chunk_bytes`]. Returns the answer to the piece that completed it.
@@ -636,7 +708,7 @@ impl FederatedClient {
         frame: &[u8],
         report: &mut ClientReport,
     ) -> Result<CoordMsg, ClientError> {
-        use fedlora_protocol::upload::{upload_id, UploadChunk};
+        use fedlora_protocol::resumable::{upload_id, UploadChunk};
         let id = upload_id(frame);
         let piece = |offset: usize, len: usize| {
             ClientMsg::UploadChunk(UploadChunk {
@@ -707,8 +779,12 @@ impl FederatedClient {
                 CoordMsg::Task(Task::Evaluate {
                     version,
                     global_from,
-                    global,
+                    mut global,
+                    global_digest,
                 }) => {
+                    if let Some(d) = global_digest {
+                        global = self.fetch_global(s, version, d, report).await?;
+                    }
                     let adapter = self.reconstruct(version, global_from, &global)?;
                     self.evaluate_and_report(s, version, adapter, report)
                         .await?;
@@ -1004,6 +1080,12 @@ impl FederatedClient {
         // the device's own verdict comes first: a round declined here costs nothing
         if let Some(reason) = self.ineligible() {
             return Ok(Work::Decline(offer.round, reason));
+        }
+        let mut offer = offer;
+        if let Some(d) = offer.global_digest {
+            offer.global = self
+                .fetch_global(s, offer.global_version, d, report)
+                .await?;
         }
         let sliced = match self.offered_rank(&offer) {
             Ok(s) => s,
@@ -1393,6 +1475,7 @@ mod tests {
             secure_shares: shares.then(Vec::new),
             rank: None,
             time_left_ms: None,
+            global_digest: None,
         }
     }
 

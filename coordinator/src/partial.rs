@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fedlora_protocol::upload::{upload_id, PartialUpload, PieceAction, UploadChunk};
+use fedlora_protocol::resumable::{upload_id, PartialUpload, PieceAction, UploadChunk};
 use sha2::{Digest, Sha256};
 
 use crate::error::{CoordinatorError, Result};
@@ -130,7 +130,7 @@ impl PartialUploads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedlora_protocol::upload::pieces;
+    use fedlora_protocol::resumable::pieces;
 
     fn chunk(frame: &[u8], offset: usize, bytes: &[u8]) -> UploadChunk {
         UploadChunk {

@@ -103,7 +103,7 @@ pub struct DeviceArgs {
     threads: Option<usize>,
     /// Uploads larger than this go in resumable pieces of this many bytes (a lost link costs
     /// only the piece in flight).
-    #[arg(long, value_name = "BYTES", default_value_t = fedlora_protocol::upload::DEFAULT_UPLOAD_CHUNK)]
+    #[arg(long, value_name = "BYTES", default_value_t = fedlora_protocol::resumable::DEFAULT_UPLOAD_CHUNK)]
     upload_chunk: usize,
     /// The longest local training per round (e.g. 90s, 5m); training stops there.
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
@@ -278,10 +278,10 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         }
     }
     cfg.limits = a.device.limits()?;
-    if !(1024..=fedlora_protocol::upload::MAX_UPLOAD_CHUNK).contains(&a.device.upload_chunk) {
+    if !(1024..=fedlora_protocol::resumable::MAX_UPLOAD_CHUNK).contains(&a.device.upload_chunk) {
         return Err(UsageError(format!(
             "--upload-chunk must be 1024 to {} bytes",
-            fedlora_protocol::upload::MAX_UPLOAD_CHUNK
+            fedlora_protocol::resumable::MAX_UPLOAD_CHUNK
         ))
         .into());
     }
@@ -302,7 +302,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         .collect();
     println!(
         "{}: uploaded in rounds [{}], declined [{}], final version {}, ε spent {}, sent {} \
-         bytes, received {}, {} upload(s) resumed, peak RSS {:.1} MiB",
+         bytes, received {}, {} upload(s) and {} download(s) resumed, peak RSS {:.1} MiB",
         report.client_id,
         list(&report.rounds),
         declined.join(", "),
@@ -315,6 +315,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         report.bytes_up,
         report.bytes_down,
         report.resumed_uploads,
+        report.resumed_downloads,
         crate::peak_rss_mib(),
     );
     Ok(())

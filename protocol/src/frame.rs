@@ -51,6 +51,8 @@ pub enum FrameKind {
     Renew = 9,
     /// [`ClientMsg::UploadChunk`].
     UploadChunk = 10,
+    /// [`ClientMsg::FetchGlobal`].
+    FetchGlobal = 11,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -67,6 +69,8 @@ pub enum FrameKind {
     Renewed = 22,
     /// [`CoordMsg::UploadProgress`].
     UploadProgress = 23,
+    /// [`CoordMsg::GlobalPiece`].
+    GlobalPiece = 24,
 }
 
 impl FrameKind {
@@ -82,6 +86,7 @@ impl FrameKind {
             8 => Self::EvalWithheld,
             9 => Self::Renew,
             10 => Self::UploadChunk,
+            11 => Self::FetchGlobal,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
@@ -90,6 +95,7 @@ impl FrameKind {
             21 => Self::DeclineRecorded,
             22 => Self::Renewed,
             23 => Self::UploadProgress,
+            24 => Self::GlobalPiece,
             other => return Err(ProtocolError::Frame(format!("unknown frame kind {other}"))),
         })
     }
@@ -98,7 +104,7 @@ impl FrameKind {
     pub fn limit(self) -> usize {
         match self {
             Self::Upload | Self::PrivateUpload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
-            Self::UploadChunk => crate::upload::MAX_UPLOAD_CHUNK + 1024,
+            Self::UploadChunk | Self::GlobalPiece => crate::resumable::MAX_UPLOAD_CHUNK + 1024,
             _ => CONTROL_LIMIT,
         }
     }
@@ -134,6 +140,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::EvalWithheld { .. } => FrameKind::EvalWithheld,
             ClientMsg::Renew { .. } => FrameKind::Renew,
             ClientMsg::UploadChunk(_) => FrameKind::UploadChunk,
+            ClientMsg::FetchGlobal { .. } => FrameKind::FetchGlobal,
         }
     }
 
@@ -153,6 +160,7 @@ impl FrameMessage for CoordMsg {
             CoordMsg::DeclineRecorded { .. } => FrameKind::DeclineRecorded,
             CoordMsg::Renewed(_) => FrameKind::Renewed,
             CoordMsg::UploadProgress { .. } => FrameKind::UploadProgress,
+            CoordMsg::GlobalPiece { .. } => FrameKind::GlobalPiece,
         }
     }
 

@@ -14,10 +14,10 @@ pub mod identity;
 pub mod limits;
 pub mod message;
 pub mod rank;
+pub mod resumable;
 pub mod round;
 pub mod secagg;
 pub mod strategy;
-pub mod upload;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};
 pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};

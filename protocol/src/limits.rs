@@ -95,6 +95,11 @@ fn train_config(c: &TrainConfig) -> Result<(), ProtocolError> {
 pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
     match m {
         ClientMsg::UploadChunk(c) => c.check(),
+        ClientMsg::FetchGlobal { max_len, .. } => bounded(
+            "global piece",
+            *max_len as usize,
+            crate::resumable::MAX_UPLOAD_CHUNK,
+        ),
         ClientMsg::Renew { csr_der } => bounded(
             "certificate request",
             csr_der.len(),
@@ -151,6 +156,13 @@ pub fn check_coord_msg(m: &CoordMsg) -> Result<(), ProtocolError> {
     let task = match m {
         CoordMsg::Task(task) => task,
         CoordMsg::Renewed(c) => return c.check(),
+        CoordMsg::GlobalPiece { bytes, .. } => {
+            return bounded(
+                "global piece",
+                bytes.len(),
+                crate::resumable::MAX_UPLOAD_CHUNK,
+            )
+        }
         _ => return Ok(()),
     };
     match task {

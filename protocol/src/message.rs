@@ -191,9 +191,19 @@ pub enum ClientMsg {
         /// Version not reported.
         version: u64,
     },
-    /// One piece of a resumable upload ([`crate::upload`]); with no bytes, asks how much of
+    /// One piece of a resumable upload ([`crate::resumable`]); with no bytes, asks how much of
     /// the upload the coordinator holds.
-    UploadChunk(crate::upload::UploadChunk),
+    UploadChunk(crate::resumable::UploadChunk),
+    /// Asks for a piece of the global adapter `version` (offered with a
+    /// [`crate::resumable::GlobalDigest`] instead of inline).
+    FetchGlobal {
+        /// The global version.
+        version: u64,
+        /// Where the piece starts, bytes.
+        offset: u64,
+        /// The longest piece wanted, bytes (at most [`crate::resumable::MAX_UPLOAD_CHUNK`]).
+        max_len: u32,
+    },
     /// Asks for a new certificate before the current one expires, for the key in `csr_der`
     /// (the same key or a new one); the device id stays the one this connection proved.
     Renew {
@@ -408,6 +418,16 @@ pub enum CoordMsg {
     Refused(Refusal),
     /// A renewed certificate ([`ClientMsg::Renew`]).
     Renewed(crate::enroll::IssuedCert),
+    /// A piece of the global adapter ([`ClientMsg::FetchGlobal`]).
+    GlobalPiece {
+        /// The global version.
+        version: u64,
+        /// Where the piece starts, bytes.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
     /// How much of a resumable upload the coordinator holds: the client goes on from `have`.
     /// (The piece that completes an upload gets the upload's own answer instead.)
     UploadProgress {
@@ -447,6 +467,9 @@ pub enum Task {
         /// The global adapter (see [`RoundOffer::global`]).
         #[serde(with = "serde_bytes")]
         global: Vec<u8>,
+        /// Set when `global` is empty and the full adapter is fetched in pieces.
+        #[serde(default)]
+        global_digest: Option<crate::resumable::GlobalDigest>,
     },
     /// This client's upload for `round` is already stored: do not train again.
     AlreadyUploaded {
@@ -505,6 +528,10 @@ pub struct RoundOffer {
     /// upload after it is a straggler's). The client plans its training and upload within it.
     #[serde(default)]
     pub time_left_ms: Option<u64>,
+    /// Set when `global` is empty and the full adapter is fetched in pieces
+    /// ([`ClientMsg::FetchGlobal`]).
+    #[serde(default)]
+    pub global_digest: Option<crate::resumable::GlobalDigest>,
 }
 
 /// How the coordinator sends the global adapter down.

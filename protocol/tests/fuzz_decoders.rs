@@ -108,6 +108,11 @@ fn client_seeds() -> Vec<Vec<u8>> {
         ClientMsg::Renew {
             csr_der: vec![7; 200],
         },
+        ClientMsg::FetchGlobal {
+            version: 3,
+            offset: 100,
+            max_len: 4096,
+        },
         ClientMsg::Decline {
             round: 5,
             reason: DeclineReason::Budget,
@@ -166,11 +171,13 @@ fn coord_seeds() -> Vec<Vec<u8>> {
             secure_shares: Some(vec![share(3)]),
             rank: None,
             time_left_ms: Some(60_000),
+            global_digest: None,
         })),
         CoordMsg::Task(Task::Evaluate {
             version: 2,
             global_from: None,
             global: vec![3; 20],
+            global_digest: None,
         }),
         CoordMsg::Task(Task::SecAgg {
             round: 1,
@@ -216,6 +223,11 @@ fn coord_seeds() -> Vec<Vec<u8>> {
         },
         CoordMsg::EvalRecorded { version: 1 },
         CoordMsg::DeclineRecorded { round: 1 },
+        CoordMsg::GlobalPiece {
+            version: 3,
+            offset: 100,
+            bytes: vec![9; 64],
+        },
         CoordMsg::Renewed(fedlora_protocol::enroll::IssuedCert {
             device_id: "device-1".into(),
             chain_pem: "-----BEGIN CERTIFICATE-----".into(),

@@ -512,6 +512,7 @@ fn offer_frame_len(
         rank: rank.map(|r| r as u32),
         // the bytes of the deployed offer, which carries the time left
         time_left_ms: Some(fed.config().round_timeout_ms),
+        global_digest: None,
     };
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }

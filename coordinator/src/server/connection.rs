@@ -268,6 +268,14 @@ pub(super) async fn serve_stream(
             (handle_upload(shared, client, m, wire), None)
         }
         ClientMsg::UploadChunk(c) => (upload_piece(shared, client, c).await, None),
+        ClientMsg::FetchGlobal {
+            version,
+            offset,
+            max_len,
+        } => (
+            super::downlink::global_piece(shared, version, offset, max_len),
+            None,
+        ),
         ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
         ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
         ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
@@ -360,7 +368,7 @@ fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> Co
 async fn upload_piece(
     shared: &Shared,
     client: &str,
-    chunk: fedlora_protocol::upload::UploadChunk,
+    chunk: fedlora_protocol::resumable::UploadChunk,
 ) -> CoordMsg {
     use crate::partial::PieceOutcome;
     let id = chunk.upload_id;

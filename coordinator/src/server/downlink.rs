@@ -32,6 +32,46 @@ pub(super) fn global_payload(
     (None, global.encoded.clone())
 }
 
+/// A full adapter (not a delta, not a rank slice) above
+/// [`fedlora_protocol::resumable::INLINE_GLOBAL_MAX`] goes by its digest: the client fetches it
+/// in resumable pieces ([`global_piece`]).
+fn by_digest(
+    from: Option<u64>,
+    rank: Option<u32>,
+    payload: Vec<u8>,
+) -> (Vec<u8>, Option<fedlora_protocol::resumable::GlobalDigest>) {
+    use fedlora_protocol::resumable::{GlobalDigest, INLINE_GLOBAL_MAX};
+    if from.is_none() && rank.is_none() && payload.len() > INLINE_GLOBAL_MAX {
+        (Vec::new(), Some(GlobalDigest::of(&payload)))
+    } else {
+        (payload, None)
+    }
+}
+
+/// A piece of the current global adapter (full, dense f32), or a refusal when `version` is no
+/// longer current (the client polls again).
+pub(super) fn global_piece(shared: &Shared, version: u64, offset: u64, max_len: u32) -> CoordMsg {
+    let global = shared.global.lock().expect("lock");
+    if version != global.version {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::WrongRound,
+            format!(
+                "global version {version} is gone (now {}); poll again",
+                global.version
+            ),
+        ));
+    }
+    let start = (offset as usize).min(global.encoded.len());
+    let end = start
+        .saturating_add(max_len as usize)
+        .min(global.encoded.len());
+    CoordMsg::GlobalPiece {
+        version,
+        offset: start as u64,
+        bytes: global.encoded[start..end].to_vec(),
+    }
+}
+
 /// The f16 delta from `held` to `global` and what the client reconstructs from it; `None`
 /// when some step is beyond f16's range (|x| > 65504) or the result is not finite.
 pub(super) fn f16_step(
@@ -129,6 +169,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                     },
                     None => global_payload(shared, &global, client, held, train.downlink),
                 };
+                let (payload, global_digest) = by_digest(global_from, rank, payload);
                 return (
                     CoordMsg::Task(Task::Train(RoundOffer {
                         round,
@@ -142,6 +183,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                         secure_shares,
                         rank,
                         time_left_ms: Some(deadline_ms.saturating_sub(now_ms())),
+                        global_digest,
                     })),
                     Some(round),
                 );
@@ -150,10 +192,12 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         Directive::Evaluate { version } if version == global.version => {
             let (global_from, payload) =
                 global_payload(shared, &global, client, held, train.downlink);
+            let (payload, global_digest) = by_digest(global_from, None, payload);
             Task::Evaluate {
                 version,
                 global_from,
                 global: payload,
+                global_digest,
             }
         }
         Directive::Evaluate { .. } => wait,

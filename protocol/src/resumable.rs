@@ -1,10 +1,18 @@
-//! Resumable uploads: an upload frame ([`crate::ClientMsg::Upload`] or
+//! Resumable transfers.
+//!
+//! **Uploads**: an upload frame ([`crate::ClientMsg::Upload`] or
 //! [`crate::ClientMsg::PrivateUpload`], encoded) sent in pieces with offsets, so that a link that
 //! drops mid-upload costs only the piece in flight. The coordinator keeps the pieces on disk,
 //! tells a reconnected client where to go on ([`crate::CoordMsg::UploadProgress`]), checks the
 //! whole frame against its SHA-256 (the upload's id) and then takes it as one upload, once.
 //!
 //! [`PartialUpload`] is the coordinator's bookkeeping for one client, without I/O.
+//!
+//! **Downloads**: a full global adapter larger than [`INLINE_GLOBAL_MAX`] is not put in the
+//! offer; the offer carries its length and SHA-256 ([`GlobalDigest`]) and the client fetches it
+//! in pieces ([`crate::ClientMsg::FetchGlobal`]), keeping what it has across reconnects and
+//! checking the whole against the digest. Deltas (the f16 downlink) and rank slices stay
+//! inline.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -14,6 +22,28 @@ use crate::frame::PAYLOAD_LIMIT;
 
 /// The largest piece, bytes.
 pub const MAX_UPLOAD_CHUNK: usize = 1 << 20;
+/// The largest full global adapter an offer carries inline, bytes; larger ones are fetched in
+/// pieces.
+pub const INLINE_GLOBAL_MAX: usize = 64 * 1024;
+
+/// The length and SHA-256 of a global adapter fetched in pieces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalDigest {
+    /// Its length, bytes.
+    pub len: u64,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
+}
+
+impl GlobalDigest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self {
+            len: bytes.len() as u64,
+            sha256: upload_id(bytes),
+        }
+    }
+}
 /// The default piece size of a device, bytes.
 pub const DEFAULT_UPLOAD_CHUNK: usize = 256 * 1024;
 
