@@ -33,12 +33,16 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 export RUSTC=/usr/bin/rustc
+# statically linked (glibc's crt-static): one file to copy onto a device, and Debian 12's
+# qemu-aarch64 (7.2) hangs in pthread_create for dynamically linked aarch64 programs on newer
+# host kernels (a 5-line C program with one thread shows it), while static ones run
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
 echo "+ /usr/bin/cargo build --profile device -p fedlora-device --target $target"
 /usr/bin/cargo build --profile device -p fedlora-device --target "$target" \
   --target-dir target/aarch64
 device="target/aarch64/$target/device/fedlora-device"
 file "$device" 2>/dev/null || true
-unset RUSTC CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER
+unset RUSTC CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS
 
 # the coordinator: this machine's own build
 cargo build --release -p fedlora
@@ -54,9 +58,9 @@ sleep 2
 
 echo "+ qemu-aarch64 $device run --coordinator 127.0.0.1:$port ..."
 start=$(date +%s)
-qemu-aarch64 -L /usr/aarch64-linux-gnu "$device" run --coordinator "127.0.0.1:$port" \
+qemu-aarch64 "$device" run --coordinator "127.0.0.1:$port" \
   --certs "$work/certs" --client-index 0 --base "$root/models/base.bpk" \
-  --state-dir "$work/device" --threads 2 | tee "$work/device.out"
+  --state-dir "$work/device" --threads 2 --upload-margin 1s | tee "$work/device.out"
 end=$(date +%s)
 wait $coord || true
 grep -q "final version 1" "$work/device.out"

@@ -125,15 +125,7 @@ async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout
         .0;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = root.join(DEFAULT_BASE);
-    let model = ModelArgs {
-        base: base.clone(),
-        model: None,
-        context: None,
-        rank: 8,
-        alpha: 16.0,
-        targets: vec![],
-        ffa: false,
-    };
+    let model = ModelArgs::byte_level(base.clone());
     let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
     cfg.listen = "10.77.0.1:0".parse().unwrap();
     cfg.federation = FederationConfig {

@@ -1,6 +1,5 @@
 //! `fedlora client`: one device taking part in a federation.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -200,17 +199,7 @@ impl DeviceArgs {
 /// Runs one client until the federation finishes, then prints what it did.
 pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     logging::init(a.log_format, "info");
-    let addr: SocketAddr = a
-        .coordinator
-        .to_socket_addrs()
-        .map_err(|e| UsageError(format!("--coordinator {}: {e}", a.coordinator)))?
-        .next()
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--coordinator {} resolves to nothing",
-                a.coordinator
-            ))
-        })?;
+    let addr = crate::resolve("--coordinator", &a.coordinator)?;
     let tls = match (&a.certs, a.client_index, &a.cert, &a.key, &a.ca) {
         (Some(dir), Some(i), None, None, None) => ClientTls::from_dir(dir, i),
         (None, _, Some(cert), Some(key), Some(ca)) => ClientTls {

@@ -1,7 +1,6 @@
 //! `fedlora-device enroll`: make this device's key here and trade a one-time token for its
 //! certificate.
 
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -33,17 +32,7 @@ pub struct EnrollArgs {
 /// Enrolls this device and prints its id.
 pub fn run(a: EnrollArgs) -> anyhow::Result<()> {
     crate::logging::init(crate::logging::LogFormat::Text, "warn");
-    let endpoint = a
-        .coordinator
-        .to_socket_addrs()
-        .map_err(|e| UsageError(format!("--coordinator {}: {e}", a.coordinator)))?
-        .next()
-        .ok_or_else(|| {
-            UsageError(format!(
-                "--coordinator {} resolves to nothing",
-                a.coordinator
-            ))
-        })?;
+    let endpoint = crate::resolve("--coordinator", &a.coordinator)?;
     if !a.ca.exists() {
         return Err(UsageError(format!("--ca {} not found", a.ca.display())).into());
     }

@@ -73,3 +73,11 @@ pub fn peak_rss_mib() -> f64 {
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+/// The socket address a `--coordinator HOST:PORT` flag names (a usage error otherwise).
+pub fn resolve(flag: &str, addr: &str) -> Result<std::net::SocketAddr, UsageError> {
+    std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| UsageError(format!("{flag} {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| UsageError(format!("{flag} {addr} resolves to nothing")))
+}

@@ -53,6 +53,20 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The byte-level model over the base checkpoint `base`, with the default adapter (rank 8,
+    /// α 16, q and v): what every party gets without adapter flags.
+    pub fn byte_level(base: PathBuf) -> Self {
+        Self {
+            base,
+            model: None,
+            context: None,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec![],
+            ffa: false,
+        }
+    }
+
     /// The LM config these flags describe; a usage error (exit 2) when they cannot make an
     /// adapter (rank 0, an empty or unknown target, …).
     pub fn lm_config(&self) -> Result<LmConfig, crate::UsageError> {

@@ -60,15 +60,7 @@ async fn the_c_example_takes_part_in_a_round() {
     let base = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(DEFAULT_BASE);
-    let model = ModelArgs {
-        base: base.clone(),
-        model: None,
-        context: None,
-        rank: 8,
-        alpha: 16.0,
-        targets: vec![],
-        ffa: false,
-    };
+    let model = ModelArgs::byte_level(base.clone());
     let initial = Workload::load(&model).unwrap().initial_adapter();
     let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
@@ -103,17 +95,24 @@ async fn the_c_example_takes_part_in_a_round() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let finished = tokio::time::timeout(
-        Duration::from_secs(180),
-        coord.wait_finished(Duration::from_millis(200)),
-    )
+    // the federation finishes, or the C client exits first (then its output says why)
+    let mut client = tokio::spawn(child.wait_with_output());
+    let early = tokio::time::timeout(Duration::from_secs(180), async {
+        tokio::select! {
+            f = coord.wait_finished(Duration::from_millis(200)) => { assert!(f); None }
+            o = &mut client => Some(o.unwrap().unwrap()),
+        }
+    })
     .await
-    .expect("the federation finishes");
-    assert!(finished);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("the C client exits")
-        .unwrap();
+    .expect("the federation finishes or the C client exits");
+    let out = match early {
+        Some(o) => o,
+        None => tokio::time::timeout(Duration::from_secs(60), client)
+            .await
+            .expect("the C client exits")
+            .unwrap()
+            .unwrap(),
+    };
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
