@@ -22,7 +22,7 @@ use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
 use fedlora_coordinator::enroll::EnrollConfig;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::enroll::{EnrollErrorCode, EnrollRequest, EnrollResponse};
-use fedlora_protocol::{ClientMsg, CoordMsg, FederationConfig, RefusalCode, PROTOCOL_VERSION};
+use fedlora_protocol::{ClientMsg, CoordMsg, RefusalCode, PROTOCOL_VERSION};
 
 mod common;
 
@@ -77,15 +77,7 @@ async fn devices_enroll_with_one_time_tokens_renew_and_are_revoked_by_id() {
     // short-lived certificates, so that the device renews at its first hello
     ec.validity_s = 600;
     cfg.enroll = Some(ec);
-    cfg.federation = FederationConfig {
-        rounds: 1,
-        clients_per_round: 1,
-        min_clients: 1,
-        round_timeout_ms: 120_000,
-        eval_timeout_ms: 30_000,
-        ..Default::default()
-    };
-    cfg.federation.train.local_steps = 2;
+    cfg.federation = common::federation(1, 1, 1, 2, 120);
     cfg.federation.train.batch_size = 4;
     let coord = Coordinator::start(cfg, initial_adapter(&cfg_lm).unwrap())
         .await

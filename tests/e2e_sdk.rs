@@ -35,19 +35,12 @@ struct Fixture {
     trainer: LocalTrainer,
 }
 
+mod common;
+
 /// `rounds` rounds of `k` clients (at least `min` uploads), `steps` local steps each, with
 /// generous deadlines.
 fn federation(rounds: u64, k: usize, min: usize, steps: u32) -> FederationConfig {
-    let mut f = FederationConfig {
-        rounds,
-        clients_per_round: k,
-        min_clients: min,
-        round_timeout_ms: 120_000,
-        eval_timeout_ms: 30_000,
-        ..Default::default()
-    };
-    f.train.local_steps = steps;
-    f
+    common::federation(rounds, k, min, steps, 120)
 }
 
 impl Fixture {

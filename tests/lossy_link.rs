@@ -22,7 +22,7 @@ use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
-use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
+use fedlora_protocol::IDLE_TIMEOUT_S;
 use rand::{RngExt, SeedableRng};
 use tokio::net::UdpSocket;
 
@@ -117,15 +117,7 @@ async fn transfers_resume_over_a_lossy_slow_link_cut_for_longer_than_the_idle_ti
     let trainer = LocalTrainer::new(lm.clone(), &base, device).unwrap();
     let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.federation = FederationConfig {
-        rounds: 2,
-        clients_per_round: 2,
-        min_clients: 2,
-        round_timeout_ms: 240_000,
-        eval_timeout_ms: 120_000,
-        ..Default::default()
-    };
-    cfg.federation.train.local_steps = 3;
+    cfg.federation = common::federation(2, 2, 2, 3, 480);
     cfg.federation.train.batch_size = 4;
     let coord = Coordinator::start(cfg, initial_adapter(&lm).unwrap())
         .await

@@ -19,7 +19,7 @@ use fedlora_coordinator::store::RoundStatus;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_device::model_args::{ModelArgs, DEFAULT_BASE};
 use fedlora_device::workload::Workload;
-use fedlora_protocol::{FederationConfig, IDLE_TIMEOUT_S};
+use fedlora_protocol::IDLE_TIMEOUT_S;
 
 fn sh(args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
@@ -128,15 +128,7 @@ async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout
     let model = ModelArgs::byte_level(base.clone());
     let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
     cfg.listen = "10.77.0.1:0".parse().unwrap();
-    cfg.federation = FederationConfig {
-        rounds: 2,
-        clients_per_round: 1,
-        min_clients: 1,
-        round_timeout_ms: 300_000,
-        eval_timeout_ms: 120_000,
-        ..Default::default()
-    };
-    cfg.federation.train.local_steps = 5;
+    cfg.federation = common::federation(2, 1, 1, 5, 300);
     cfg.federation.train.batch_size = 8;
     let coord = Coordinator::start(cfg, Workload::load(&model).unwrap().initial_adapter())
         .await

@@ -115,3 +115,24 @@ pub(crate) async fn wait_for_partial_upload(data_dir: &std::path::Path, bytes: u
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// `rounds` rounds of `k` clients (at least `min` uploads), `steps` local steps each, with
+/// deadlines of `timeout_s` for a round and a quarter of it for an evaluation.
+pub(crate) fn federation(
+    rounds: u64,
+    k: usize,
+    min: usize,
+    steps: u32,
+    timeout_s: u64,
+) -> fedlora_protocol::FederationConfig {
+    let mut f = fedlora_protocol::FederationConfig {
+        rounds,
+        clients_per_round: k,
+        min_clients: min,
+        round_timeout_ms: timeout_s * 1000,
+        eval_timeout_ms: timeout_s * 250,
+        ..Default::default()
+    };
+    f.train.local_steps = steps;
+    f
+}
