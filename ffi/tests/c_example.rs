@@ -135,5 +135,9 @@ async fn the_c_example_takes_part_in_a_round() {
         RoundStatus::Committed { version: 1 }
     ));
     assert_eq!(report.rounds[0].record.participants.len(), 1);
+    // the global adapter (64 KiB of f32 and its header) went in pieces, and they count in the
+    // round's bytes down
+    let down: u64 = report.rounds[0].record.bytes_down.values().sum();
+    assert!(down > 65_536, "bytes down {down}");
     coord.shutdown().await;
 }

@@ -272,10 +272,19 @@ pub(super) async fn serve_stream(
             version,
             offset,
             max_len,
-        } => (
-            super::downlink::global_piece(shared, version, offset, max_len),
-            None,
-        ),
+        } => {
+            // the pieces of an offer's global adapter count in that round's bytes down
+            let round = match &shared.fed.lock().expect("lock").state().phase {
+                fedlora_protocol::Phase::Training(open) if open.base_version == version => {
+                    Some(open.round)
+                }
+                _ => None,
+            };
+            (
+                super::downlink::global_piece(shared, version, offset, max_len),
+                round,
+            )
+        }
         ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
         ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
         ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
