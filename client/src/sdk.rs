@@ -570,9 +570,19 @@ impl FederatedClient {
         msg: &ClientMsg,
         report: &mut ClientReport,
     ) -> Result<CoordMsg, ClientError> {
-        let up = fedlora_protocol::frame::encode(msg)?;
-        let (reply, down) = s.request_raw(&up).await?;
-        report.bytes_up += up.len() as u64;
+        self.send_frame(s, &fedlora_protocol::frame::encode(msg)?, report)
+            .await
+    }
+
+    /// Sends an encoded frame and counts its bytes both ways in `report`.
+    async fn send_frame(
+        &self,
+        s: &Session,
+        frame: &[u8],
+        report: &mut ClientReport,
+    ) -> Result<CoordMsg, ClientError> {
+        let (reply, down) = s.request_raw(frame).await?;
+        report.bytes_up += frame.len() as u64;
         report.bytes_down += down;
         Ok(reply)
     }
@@ -601,10 +611,7 @@ impl FederatedClient {
         let reply = if frame.len() > self.config.upload_chunk_bytes {
             self.send_in_pieces(s, &frame, report).await?
         } else {
-            let (reply, down) = s.request_raw(&frame).await?;
-            report.bytes_up += frame.len() as u64;
-            report.bytes_down += down;
-            reply
+            self.send_frame(s, &frame, report).await?
         };
         match reply {
             CoordMsg::Ack { status, .. } => {
