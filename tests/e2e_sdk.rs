@@ -224,7 +224,9 @@ async fn devices_decline_when_ineligible_and_stop_training_at_their_time_cap() {
     use fedlora_protocol::{DeclineReason, DpPlan, Weighting};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
-    const STEPS: u32 = 300;
+    // ~2 ms a step here: 1,000 steps take seconds, far past the capped device's 150 ms, which
+    // leaves room for a loaded machine to start training late (the cap counts from the offer)
+    const STEPS: u32 = 1000;
     let fx = Fixture::new(4);
     let mut fed = federation(2, 4, 2, STEPS);
     fed.train.batch_size = 4;
@@ -234,7 +236,7 @@ async fn devices_decline_when_ineligible_and_stop_training_at_their_time_cap() {
         planned_rounds: 2,
     });
     let coord = fx.coordinator(fed).await;
-    // 0: plain; 1: always on battery; 2: at most 30 ms of training per round (uploads what it
+    // 0: plain; 1: always on battery; 2: at most 150 ms of training per round (uploads what it
     // has); 3: unplugged after two steps of round 1 (declines; the spend stands), then never
     // eligible again
     let checks = Arc::new(AtomicU32::new(0));
@@ -250,7 +252,7 @@ async fn devices_decline_when_ineligible_and_stop_training_at_their_time_cap() {
                 loss_clip: None,
             });
             if i == 2 {
-                cc.limits.max_train_secs = Some(0.03);
+                cc.limits.max_train_secs = Some(0.15);
             }
             if i == 3 {
                 cc.limits.early_stop = EarlyStop::Decline;
@@ -280,8 +282,8 @@ async fn devices_decline_when_ineligible_and_stop_training_at_their_time_cap() {
     )
     .await
     .expect("federation finishes");
-    assert!(ok);
     let r = reports(handles).await;
+    assert!(ok, "the federation failed; the clients saw: {r:#?}");
     let on_battery = |rep: &ClientReport| {
         rep.declined.len() == 2
             && rep

@@ -7,6 +7,7 @@ pub mod data;
 pub mod eligibility;
 pub mod enroll;
 pub mod error;
+pub mod fused;
 pub mod learner;
 pub mod llm;
 pub mod lora;
@@ -17,8 +18,12 @@ pub use error::ClientError;
 pub mod dp_sgd;
 pub mod privacy;
 pub mod proximal;
+pub mod quant;
 pub mod sdk;
 pub mod secure;
 pub mod statement;
 pub mod step_gate;
 pub mod transport;
+
+#[cfg(test)]
+mod test_rand;

@@ -10,6 +10,10 @@ use burn::module::{Module, Param, ParamGroup};
 use burn::nn::{Dropout, DropoutConfig, Initializer};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor};
+use std::sync::Arc;
+
+use crate::error::ClientError;
+use crate::quant::{frozen_linear, BaseDtype, QuantKind, QuantMatrix};
 
 /// Adapter-wide LoRA settings.
 #[derive(Config, Debug, PartialEq)]
@@ -180,6 +184,7 @@ impl LoraLinearConfig {
         };
         LoraLinear {
             weight,
+            quant_base: None,
             bias,
             lora_a,
             lora_b,
@@ -192,8 +197,14 @@ impl LoraLinearConfig {
 /// A frozen linear layer with an optional low-rank adapter. Create it with [`LoraLinearConfig`].
 #[derive(Module, Debug)]
 pub struct LoraLinear {
-    /// Frozen base weight, burn layout `[d_in, d_out]`.
+    /// Frozen base weight, burn layout `[d_in, d_out]`; empty (`[0, d_out]`) when the base is
+    /// kept as blocks in [`quant_base`](Self::quant_base).
     pub weight: Param<Tensor<2>>,
+    /// The frozen base as Q8_0 / Q4_1 blocks, Hugging Face layout `[d_out, d_in]`, used instead
+    /// of `weight` when set (see [`crate::quant`]). Not part of the module's record: the base
+    /// comes from the model file, never from a checkpoint.
+    #[module(skip)]
+    pub quant_base: Option<Arc<QuantMatrix>>,
     /// Frozen base bias `[d_out]`.
     pub bias: Option<Param<Tensor<1>>>,
     /// Adapter down-projection `A`, `[r, d_in]`.
@@ -213,11 +224,17 @@ impl LoraLinear {
     /// - input: `[..., d_in]`
     /// - output: `[..., d_out]`
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        let base = linear(
-            input.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        if D > 2 {
+            // One [batch·seq, d_in] matrix multiply instead of a batched one per example:
+            // larger GEMMs, and the frozen weight packed once.
+            let dims = input.dims();
+            let rows = dims[..D - 1].iter().product();
+            let y = self.forward(input.reshape([rows, dims[D - 1]]));
+            let mut out = dims;
+            out[D - 1] = y.dims()[1];
+            return y.reshape(out);
+        }
+        let base = self.base_forward(input.clone());
         match (&self.lora_a, &self.lora_b) {
             (Some(a), Some(b)) => {
                 let x = match &self.dropout {
@@ -249,11 +266,7 @@ impl LoraLinear {
         let Some((a, b)) = adapter else {
             return self.forward(input);
         };
-        let base = linear(
-            input.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let base = self.base_forward(input.clone());
         let x = match &self.dropout {
             Some(d) => d.forward(input),
             None => input,
@@ -261,6 +274,72 @@ impl LoraLinear {
         let h = x.matmul(a.swap_dims(1, 2));
         let up = h.matmul(b.swap_dims(1, 2));
         base + up.mul_scalar(self.scaling)
+    }
+
+    /// The frozen base alone: `x·W + b`.
+    fn base_forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(|b| b.val());
+        match &self.quant_base {
+            Some(q) => {
+                let y = frozen_linear(input, q);
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+            None => linear(input, self.weight.val(), bias),
+        }
+    }
+
+    /// Keeps the frozen base as `kind` blocks: quantizes the dense weight and frees it (a
+    /// no-op when the base is already blocks).
+    pub fn quantize_base(self, kind: QuantKind) -> Result<Self, ClientError> {
+        if self.quant_base.is_some() {
+            return Ok(self);
+        }
+        let [d_in, d_out] = self.weight.dims();
+        let values = self
+            .weight
+            .val()
+            .transpose()
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| ClientError::ModelFile(format!("base weight: {e:?}")))?;
+        let q = QuantMatrix::quantize(kind, &values, d_out, d_in)?;
+        Ok(self.with_quant_base(Arc::new(q)))
+    }
+
+    /// Uses `q` (`[d_out, d_in]` blocks) as the frozen base, replacing the dense weight.
+    pub fn with_quant_base(self, q: Arc<QuantMatrix>) -> Self {
+        let device = self.weight.device();
+        let empty = Tensor::<2>::zeros([0, q.rows()], &device);
+        Self {
+            weight: Param::from_tensor(empty).set_require_grad(false),
+            quant_base: Some(q),
+            ..self
+        }
+    }
+
+    /// The frozen base weight as a dense f32 tensor, burn layout `[d_in, d_out]` (dequantized
+    /// when it is kept as blocks).
+    pub fn dense_weight(&self) -> Tensor<2> {
+        match &self.quant_base {
+            Some(q) => Tensor::<2>::from_data(
+                burn::tensor::TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
+                &self.weight.device(),
+            )
+            .transpose(),
+            None => self.weight.val(),
+        }
+    }
+
+    /// How the frozen base is kept.
+    pub fn base_dtype(&self) -> BaseDtype {
+        match self.quant_base.as_ref().map(|q| q.kind()) {
+            None => BaseDtype::F32,
+            Some(QuantKind::Q8_0) => BaseDtype::Q8_0,
+            Some(QuantKind::Q4_1) => BaseDtype::Q4_1,
+        }
     }
 
     /// Whether this layer carries an adapter.
@@ -299,6 +378,66 @@ mod tests {
         let plain = linear(x.clone(), l.weight.val(), l.bias.as_ref().map(|b| b.val()));
         let got = l.forward(x);
         assert_eq!(got.into_data(), plain.into_data());
+    }
+
+    #[test]
+    fn a_quantized_base_trains_the_adapter_as_its_dequantized_dense_base_does() {
+        let cfg = LoraConfig::new().with_rank(4);
+        let dense = cfg.freeze_base(
+            LoraLinearConfig::new(64, 5)
+                .with_lora(Some(cfg.clone()))
+                .init(&device()),
+        );
+        // B nonzero, so that both adapter factors get gradients.
+        let b = Tensor::<2>::random([5, 4], Distribution::Default, &device());
+        let dense = LoraLinear {
+            lora_b: Some(Param::from_tensor(b).set_require_grad(true)),
+            ..dense
+        };
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_1] {
+            let q = dense.clone().quantize_base(kind).unwrap();
+            assert_eq!(q.weight.val().dims(), [0, 5], "the dense copy is freed");
+            // The reference: the same (dequantized) base as a dense weight.
+            let reference = LoraLinear {
+                weight: Param::from_tensor(q.dense_weight()).set_require_grad(false),
+                quant_base: None,
+                ..dense.clone()
+            };
+            let x = Tensor::<3>::random([2, 3, 64], Distribution::Default, &device());
+            let (yq, yr) = (q.forward(x.clone()), reference.forward(x));
+            let tol = burn::tensor::Tolerance::absolute(1e-5);
+            yq.clone()
+                .into_data()
+                .assert_approx_eq::<f32>(&yr.clone().into_data(), tol);
+            let (gq, gr) = (
+                yq.powf_scalar(2.0).sum().backward(),
+                yr.powf_scalar(2.0).sum().backward(),
+            );
+            for (pq, pr) in [
+                (
+                    q.lora_a.as_ref().unwrap(),
+                    reference.lora_a.as_ref().unwrap(),
+                ),
+                (
+                    q.lora_b.as_ref().unwrap(),
+                    reference.lora_b.as_ref().unwrap(),
+                ),
+            ] {
+                pq.val()
+                    .grad(&gq)
+                    .unwrap()
+                    .into_data()
+                    .assert_approx_eq::<f32>(&pr.val().grad(&gr).unwrap().into_data(), tol);
+            }
+            assert_eq!(q.base_dtype(), kind_dtype(kind));
+        }
+    }
+
+    fn kind_dtype(kind: QuantKind) -> BaseDtype {
+        match kind {
+            QuantKind::Q8_0 => BaseDtype::Q8_0,
+            QuantKind::Q4_1 => BaseDtype::Q4_1,
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use burn::tensor::Device;
 use clap::Args;
 use fedlora_client::lora::LoraConfig;
 use fedlora_client::model::LmConfig;
+use fedlora_client::quant::BaseDtype;
 use fedlora_client::train::{load_base, LocalTrainer};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,13 @@ pub struct ModelArgs {
     /// FFA-LoRA: freeze A, train and upload B only.
     #[arg(long)]
     pub ffa: bool,
+    /// With --model: keep the frozen base in memory as f32, q8_0 or q4_1 blocks (QLoRA; the
+    /// adapter and activations stay f32). A GGUF's own blocks of that kind are kept as they
+    /// are; anything else is quantized on load, and then the model's identity changes (every
+    /// party must choose the same).
+    #[arg(long, default_value = "f32", requires = "model")]
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
 }
 
 impl ModelArgs {
@@ -63,6 +71,7 @@ impl ModelArgs {
             rank: 8,
             alpha: 16.0,
             targets: vec![],
+            base_dtype: BaseDtype::F32,
             ffa: false,
         }
     }

@@ -40,7 +40,7 @@ impl Workload {
             None => Ok(Self::Bytes(Box::new(model.trainer()?))),
             Some(path) => {
                 let lora = model.lora()?;
-                let trainer = LlmTrainer::load(path, &lora, 0)?;
+                let trainer = LlmTrainer::load_as(path, &lora, 0, model.base_dtype)?;
                 let context = model.context.unwrap_or(DEFAULT_LLM_CONTEXT);
                 if context == 0 || context >= trainer.llm().config.max_position_embeddings {
                     return Err(crate::UsageError(format!(

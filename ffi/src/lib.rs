@@ -334,6 +334,7 @@ fn create(config: &FedloraConfig, cb: &FedloraCallbacks) -> Result<FedloraClient
         },
         targets,
         ffa: false,
+        base_dtype: Default::default(),
     };
     let text = read_all(cb)?;
     let workload = Workload::load(&model).map_err(|e| format!("{e:#}"))?;

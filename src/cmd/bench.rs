@@ -89,43 +89,113 @@ pub(crate) struct BenchArgs {
     model: super::model::ModelArgs,
 }
 
-/// One LoRA step of the real LLM `a.model` names, by phase (medians of `a.reps`).
+/// One LoRA step of the real LLM `a.model` names, by phase (medians of `a.reps`), and a DP-SGD
+/// step beside it; on 1 and 2 threads (child processes) unless `--threads` runs it here.
 fn llm_step_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
-    use fedlora_client::llm::bench::plain_step_phases;
-    use fedlora_client::llm::data::text_examples;
-    use fedlora_client::llm::trainer::LlmTrainer;
     let Some(path) = &a.model.model else {
         return Err(super::UsageError("llm-step needs --model PATH".into()).into());
     };
+    if a.threads.is_some() {
+        return llm_step_once(a, path);
+    }
+    let one = spawn_self(1)?;
+    let two = spawn_self(2)?;
+    let mut out = json!({
+        "threads_1": one,
+        "threads_2": two,
+        "speedup_2_threads": one["step_ms"].as_f64().unwrap_or(f64::NAN)
+            / two["step_ms"].as_f64().unwrap_or(f64::NAN),
+    });
+    for key in [
+        "model",
+        "base_dtype",
+        "batch",
+        "context",
+        "rank",
+        "targets",
+        "step_ms",
+        "tokens_per_s",
+        "peak_rss_mib",
+        "dp_step_ms",
+    ] {
+        out[key] = two[key].clone();
+    }
+    out["threads"] = json!(2);
+    Ok(out)
+}
+
+fn llm_step_once(a: &BenchArgs, path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    use fedlora_client::dp_sgd::DpSgdConfig;
+    use fedlora_client::llm::bench::{dp_step_ms, plain_step_phases};
+    use fedlora_client::llm::data::text_examples;
+    use fedlora_client::llm::trainer::LlmTrainer;
     let context = a.model.context.unwrap_or(128);
     let lora = a.model.lora()?;
     let t0 = Instant::now();
-    let trainer = LlmTrainer::load(path, &lora, 0)?;
+    let trainer = LlmTrainer::load_as(path, &lora, 0, a.model.base_dtype)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let load_peak = peak_rss_mib();
     let role = &fedlora_client::data::split_roles(fedlora_client::data::SHAKESPEARE).clients[0];
     let examples = text_examples(&trainer.llm().tokenizer, &role.text, context)?;
     anyhow::ensure!(examples.len() >= a.batch, "too little text for one batch");
     let batch = &examples[..a.batch];
-    let phases = plain_step_phases(
-        &trainer,
-        &trainer.initial_adapter(),
-        batch,
-        2,
-        a.reps,
-        trainer.device(),
-    )?;
+    // What training costs, without the loader's transient copies: the peak restarts here.
+    let reset = reset_peak_rss();
+    let global = trainer.initial_adapter();
+    let phases = plain_step_phases(&trainer, &global, batch, 2, a.reps, trainer.device())?;
+    let train_peak = peak_rss_mib();
+    let dp = DpSgdConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        expected_batch: a.batch,
+        max_chunk: a.batch,
+        loss_clip: None,
+    };
+    let mut noise = fedlora_dp::GaussianNoise::from_os(1.0)?;
+    let dp_ms = dp_step_ms(&trainer, &global, batch, &dp, &mut noise, 1, a.reps.min(5))?;
+    let model = &trainer.llm().model;
     Ok(json!({
         "model": path.display().to_string(),
-        "shape": {"batch": a.batch, "context": context, "rank": lora.rank, "alpha": lora.alpha,
-                  "targets": lora.targets},
-        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "base_dtype": model.base_dtype().name(),
+        "base_matrices_mib": model.base_matrix_bytes() as f64 / (1 << 20) as f64,
+        "batch": a.batch, "context": context, "rank": lora.rank, "alpha": lora.alpha,
+        "targets": lora.targets,
+        "threads": rayon_threads(),
         "reps": a.reps,
         "load_s": load_s,
         "phases_ms": phases,
         "step_ms": phases.total_ms,
         "tokens_per_s": (a.batch * context) as f64 / (phases.total_ms / 1e3),
-        "peak_rss_mib": peak_rss_mib(),
+        "dp_step_ms": dp_ms,
+        "dp_over_plain": dp_ms / phases.total_ms,
+        "peak_rss_mib": if reset { train_peak } else { f64::NAN },
+        "peak_rss_phase": if reset { "plain training steps (reset after loading)" } else { "whole process (VmHWM could not be reset)" },
+        "load_peak_rss_mib": load_peak,
+        "peak_rss_with_dp_mib": peak_rss_mib(),
     }))
+}
+
+/// Restarts this process's peak RSS (`VmHWM`) at its current RSS (Linux's `clear_refs` 5);
+/// false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Runs this same command line in a child process with `threads` rayon threads and parses
+/// its JSON.
+fn spawn_self(threads: usize) -> anyhow::Result<serde_json::Value> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--json").collect();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .args(["--json", "--threads", &threads.to_string()])
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 pub(crate) use fedlora_device::peak_rss_mib;
@@ -258,6 +328,7 @@ fn codec_bench(reps: usize) -> anyhow::Result<serde_json::Value> {
         alpha: 16.0,
         targets: vec!["q".into(), "v".into()],
         ffa: false,
+        base_dtype: Default::default(),
     };
     let trainer = model.trainer()?;
     let data = ClientData::demo_client(0, trainer.config().context)?;

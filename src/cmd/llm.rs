@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::Args;
 use fedlora_client::llm::generate::{generate, SamplingConfig};
 use fedlora_client::llm::tokenizer::ChatMessage;
-use fedlora_client::llm::{eval, load, load_with_adapter, Llm};
+use fedlora_client::llm::{eval, load_as, load_with_adapter, load_with_adapter_as, Llm};
 
 use super::UsageError;
 
@@ -23,20 +23,26 @@ pub(crate) struct LlmModelArgs {
     /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Keep the frozen base as f32, q8_0 or q4_1 blocks (a GGUF's own blocks of that kind
+    /// stay as stored; see "Real small LLMs" in README).
+    #[arg(long, default_value = "f32")]
+    base_dtype: fedlora_client::quant::BaseDtype,
 }
 
 impl LlmModelArgs {
     fn load(&self, device: &Device) -> anyhow::Result<Llm> {
         let t0 = Instant::now();
         let llm = match &self.adapter {
-            Some(a) => load_with_adapter(&self.model, a, device)?,
-            None => load(&self.model, None, 0, device)?,
+            Some(a) => load_with_adapter_as(&self.model, a, self.base_dtype, device)?,
+            None => load_as(&self.model, None, 0, self.base_dtype, device)?,
         };
         tracing::info!(
             model = %self.model.display(),
             layers = llm.config.num_layers,
             hidden = llm.config.hidden_size,
             vocab = llm.config.vocab_size,
+            base = %self.base_dtype,
+            base_mib = llm.model.base_matrix_bytes() as f64 / (1 << 20) as f64,
             seconds = t0.elapsed().as_secs_f64(),
             "model loaded"
         );

@@ -76,3 +76,34 @@ pub fn plain_step_phases(
         total_ms: median(t),
     })
 }
+
+/// Runs `warmup + reps` DP-SGD Adam steps from `global` on `batch` (every example in every
+/// step: the sampling rate is 1 here, as the timing is of the step, not of a private run):
+/// per-example gradients, clipping to `dp.clip_norm`, Gaussian noise σ·C from `noise`, Adam.
+/// Returns the median milliseconds of the whole step over the last `reps`.
+pub fn dp_step_ms(
+    trainer: &LlmTrainer,
+    global: &FlatAdapter,
+    batch: &[TokenExample],
+    dp: &crate::dp_sgd::DpSgdConfig,
+    noise: &mut fedlora_dp::GaussianNoise,
+    warmup: usize,
+    reps: usize,
+) -> Result<f64, ClientError> {
+    use crate::dp_sgd::{dp_gradient, to_gradients_params};
+    let device = trainer.device();
+    let mut model = trainer.model_with(global)?;
+    let mut opt = AdamConfig::new().init();
+    let refs: Vec<&TokenExample> = batch.iter().collect();
+    let mut t = Vec::new();
+    for i in 0..warmup + reps {
+        let t0 = Instant::now();
+        let (grads, _, _) = dp_gradient(&model, &refs, dp, noise, device);
+        let gp = to_gradients_params(&model, grads);
+        model = opt.step(1e-4, model, gp);
+        if i >= warmup {
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(t))
+}

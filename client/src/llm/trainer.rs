@@ -18,12 +18,13 @@ use rand::Rng;
 
 use super::data::{LlmData, TokenExample};
 use super::llama::LlamaLm;
-use super::{load, Llm};
+use super::Llm;
 use crate::adapter::{adapter_spec, extract_adapter, load_adapter};
 use crate::dp_sgd::DpSgdConfig;
 use crate::error::ClientError;
 use crate::learner::Learner;
 use crate::lora::LoraConfig;
+use crate::quant::BaseDtype;
 use crate::train::{EvalOutcome, TrainOutcome};
 
 /// A real LLM with the federation's adapter, on an autodiff device.
@@ -40,8 +41,18 @@ impl LlmTrainer {
     /// the same on every party) on the CPU autodiff backend. The adapter spec is bound to the
     /// model's identity ([`Llm::base_id`]).
     pub fn load(path: &Path, lora: &LoraConfig, seed: u64) -> Result<Self, ClientError> {
+        Self::load_as(path, lora, seed, BaseDtype::F32)
+    }
+
+    /// [`load`](Self::load) with the frozen base kept as `base` (see [`crate::quant`]).
+    pub fn load_as(
+        path: &Path,
+        lora: &LoraConfig,
+        seed: u64,
+        base: BaseDtype,
+    ) -> Result<Self, ClientError> {
         let device = Device::flex().autodiff();
-        let llm = load(path, Some(lora), seed, &device)?;
+        let llm = super::load_as(path, Some(lora), seed, base, &device)?;
         let spec = adapter_spec(&llm.model, lora).with_base(llm.base_id.clone());
         Ok(Self {
             llm,

@@ -7,14 +7,17 @@ use std::path::Path;
 use burn::store::{ModuleStore, SafetensorsStore};
 
 use super::config::LlmConfig;
-use super::gguf::{unpermute_rows, GgufFile, HostTensor};
+use super::gguf::{unpermute_order, unpermute_rows, GgufFile, HostTensor};
 use crate::error::ClientError;
+use crate::quant::{QuantKind, QuantMatrix};
 
 /// Tensors by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`), f32, HF layout
 /// (linear weights `[d_out, d_in]`).
 #[derive(Debug, Default)]
 pub struct WeightMap {
     tensors: HashMap<String, HostTensor>,
+    /// 2-D tensors kept as the file's blocks (see [`WeightMap::from_gguf_keeping`]).
+    blocks: HashMap<String, QuantMatrix>,
     origin: String,
     files: Vec<std::path::PathBuf>,
 }
@@ -34,6 +37,27 @@ impl WeightMap {
         Ok(t)
     }
 
+    /// Removes and returns the tensor `name` if it was kept as blocks, checking its shape
+    /// (`[rows, cols]`, Hugging Face layout).
+    pub fn take_blocks(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+    ) -> Result<Option<QuantMatrix>, ClientError> {
+        let Some(q) = self.blocks.remove(name) else {
+            return Ok(None);
+        };
+        if [q.rows(), q.cols()] != shape {
+            return Err(ClientError::ModelFile(format!(
+                "{}: tensor `{name}` has shape [{}, {}], the config implies {shape:?}",
+                self.origin,
+                q.rows(),
+                q.cols()
+            )));
+        }
+        Ok(Some(q))
+    }
+
     /// The safetensors files the weights came from, in the order read (none for GGUF).
     pub fn files(&self) -> &[std::path::PathBuf] {
         &self.files
@@ -41,7 +65,7 @@ impl WeightMap {
 
     /// Whether a tensor of this name is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.blocks.contains_key(name)
     }
 
     /// Reads a Hugging Face directory's `model.safetensors`, or every shard its
@@ -61,6 +85,7 @@ impl WeightMap {
         };
         let mut map = WeightMap {
             tensors: HashMap::new(),
+            blocks: HashMap::new(),
             origin: dir.display().to_string(),
             files: files.clone(),
         };
@@ -74,7 +99,19 @@ impl WeightMap {
     /// with llama.cpp's q/k row permutation undone. `rope_freqs.weight` is not a weight: it
     /// becomes [`LlmConfig::rope_freq_factors`].
     pub fn from_gguf(g: &mut GgufFile, cfg: &mut LlmConfig) -> Result<Self, ClientError> {
+        Self::from_gguf_keeping(g, cfg, None)
+    }
+
+    /// [`from_gguf`](Self::from_gguf), except that 2-D tensors the file stores as `keep`
+    /// blocks stay blocks, bytes unchanged (q/k rows reordered whole): no dequantization, and
+    /// no requantization error.
+    pub fn from_gguf_keeping(
+        g: &mut GgufFile,
+        cfg: &mut LlmConfig,
+        keep: Option<QuantKind>,
+    ) -> Result<Self, ClientError> {
         let mut tensors = HashMap::new();
+        let mut blocks = HashMap::new();
         for name in g.tensor_names() {
             if name == "rope_freqs.weight" {
                 let t = g.tensor(&name)?;
@@ -93,6 +130,22 @@ impl WeightMap {
                 tracing::debug!(tensor = %name, "GGUF tensor not used by the model");
                 continue;
             };
+            let heads = if name.contains(".attn_q.") {
+                Some(cfg.num_heads)
+            } else if name.contains(".attn_k.") {
+                Some(cfg.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(kind) = keep {
+                if let Some(mut q) = g.tensor_blocks(&name, kind)? {
+                    if let Some(n) = heads {
+                        q = q.reorder_rows(&unpermute_order(q.rows(), n)?);
+                    }
+                    blocks.insert(hf, q);
+                    continue;
+                }
+            }
             let mut t = g.tensor(&name)?;
             if name.contains(".attn_q.") {
                 t = unpermute_rows(&t, cfg.num_heads)?;
@@ -103,6 +156,7 @@ impl WeightMap {
         }
         Ok(WeightMap {
             tensors,
+            blocks,
             origin: g.origin().to_string(),
             files: Vec::new(),
         })

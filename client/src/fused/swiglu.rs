@@ -1,0 +1,217 @@
+//! SwiGLU's gate, `y = silu(g) · u = g·σ(g)·u`, fused.
+//!
+//! Backward, with `s = σ(g)`: `dg = dy·u·s·(1 + g·(1 − s))`, `du = dy·g·s`. The backward pass
+//! keeps `g` and `u` and recomputes `s`.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::tensor::{Scalar, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_values, flex_f32};
+
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// Elementwise `f(a, b, c)` over three same-shape f32 flex tensors (`c` optional), in parallel.
+fn zip_f32(
+    a: &FloatTensor<Flex>,
+    b: &FloatTensor<Flex>,
+    c: Option<&FloatTensor<Flex>>,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Option<FloatTensor<Flex>> {
+    let (ac, shape) = f32_values(a)?;
+    let (bc, _) = f32_values(b)?;
+    let cc = match c {
+        Some(c) => Some(f32_values(c)?.0),
+        None => None,
+    };
+    let (av, bv) = (ac.as_slice::<f32>()?, bc.as_slice::<f32>()?);
+    let cv = match &cc {
+        Some(c) => Some(c.as_slice::<f32>()?),
+        None => None,
+    };
+    if av.len() != bv.len() || cv.is_some_and(|c| c.len() != av.len()) {
+        return None;
+    }
+    let mut out = vec![0f32; av.len()];
+    const PER: usize = 16_384;
+    out.par_chunks_mut(PER).enumerate().for_each(|(t, o)| {
+        let s = t * PER;
+        for (i, o) in o.iter_mut().enumerate() {
+            *o = f(av[s + i], bv[s + i], cv.map_or(0.0, |c| c[s + i]));
+        }
+    });
+    Some(flex_f32(out, shape))
+}
+
+/// `silu(g)·u`, composed of elementary ops.
+fn composed<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(B::float_mul(g.clone(), B::sigmoid(g)), u)
+}
+
+/// `dy·u·s·(1 + g·(1 − s))`, composed of elementary ops.
+fn gate_grad_composed<B: Backend>(
+    g: FloatTensor<B>,
+    u: FloatTensor<B>,
+    dy: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let s = B::sigmoid(g.clone());
+    let one_minus = B::float_add_scalar(B::float_neg(s.clone()), Scalar::Float(1.0));
+    let inner = B::float_add_scalar(B::float_mul(g, one_minus), Scalar::Float(1.0));
+    B::float_mul(B::float_mul(B::float_mul(dy, u), s), inner)
+}
+
+/// `dy·g·s`, composed of elementary ops.
+fn up_grad_composed<B: Backend>(g: FloatTensor<B>, dy: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(dy, B::float_mul(g.clone(), B::sigmoid(g)))
+}
+
+/// The fused SwiGLU gate as a backend operation.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedSwiglu: Backend {
+    /// `silu(g)·u` (same shapes).
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed::<Self>(g, u)
+    }
+
+    /// `dy·u·s·(1 + g·(1 − s))`, the gradient to `g`.
+    fn swiglu_gate_grad(
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        gate_grad_composed::<Self>(g, u, dy)
+    }
+
+    /// `dy·g·s`, the gradient to `u`.
+    fn swiglu_up_grad(g: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        up_grad_composed::<Self>(g, dy)
+    }
+}
+
+impl FusedSwiglu for Flex {
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        zip_f32(&g, &u, None, |g, u, _| g * sigmoid(g) * u)
+            .unwrap_or_else(|| composed::<Self>(g, u))
+    }
+
+    fn swiglu_gate_grad(
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        zip_f32(&g, &u, Some(&dy), |g, u, d| {
+            let s = sigmoid(g);
+            d * u * s * (1.0 + g * (1.0 - s))
+        })
+        .unwrap_or_else(|| gate_grad_composed::<Self>(g, u, dy))
+    }
+
+    fn swiglu_up_grad(g: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        zip_f32(&g, &dy, None, |g, d, _| d * g * sigmoid(g))
+            .unwrap_or_else(|| up_grad_composed::<Self>(g, dy))
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: Backend + FusedSwiglu> Backward<B, 2> for SwigluBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (g, u) = ops.state;
+        let g2 = g.clone();
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |dy| B::swiglu_gate_grad(g, u, dy),
+            |dy| B::swiglu_up_grad(g2, dy),
+        );
+    }
+}
+
+impl<B: Backend + FusedSwiglu, C: CheckpointStrategy> FusedSwiglu for Autodiff<B, C> {
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = SwigluBackward
+            .prepare::<C>([g.node(), u.node()])
+            .compute_bound()
+            .stateful();
+        let (gp, up) = (g.into_primitive(), u.into_primitive());
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let y = B::swiglu(gp.clone(), up.clone());
+                prep.finish((gp, up), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gp, up)),
+        }
+    }
+}
+
+/// `silu(gate) · up`, fused (same shapes).
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    assert_eq!(
+        gate.dims(),
+        up.dims(),
+        "SwiGLU's gate and up projections differ in shape"
+    );
+    let y = <Dispatch as FusedSwiglu>::swiglu(gate.into_dispatch(), up.into_dispatch());
+    Tensor::<D>::from_dispatch(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::silu;
+    use burn::tensor::{Device, Tolerance};
+
+    #[test]
+    fn forward_and_gradients_match_the_unfused_ops() {
+        let device = Device::flex().autodiff();
+        let tol = Tolerance::rel_abs(1e-5, 1e-6);
+        for shape in [[2usize, 5, 48], [1, 3, 70_000]] {
+            let g = crate::test_rand::uniform(shape, -8.0, 8.0, 1, &device).require_grad();
+            let u = crate::test_rand::uniform(shape, 0.0, 1.0, 2, &device).require_grad();
+            let probe = crate::test_rand::uniform(shape, 0.0, 1.0, 3, &device);
+            let y = swiglu(g.clone(), u.clone());
+            let gr = (y.clone() * probe.clone()).sum().backward();
+            let (g2, u2) = (
+                g.clone().detach().require_grad(),
+                u.clone().detach().require_grad(),
+            );
+            let y2 = silu(g2.clone()) * u2.clone();
+            let gr2 = (y2.clone() * probe).sum().backward();
+            y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
+            g.grad(&gr)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&g2.grad(&gr2).unwrap().into_data(), tol);
+            u.grad(&gr)
+                .unwrap()
+                .into_data()
+                .assert_approx_eq::<f32>(&u2.grad(&gr2).unwrap().into_data(), tol);
+        }
+    }
+
+    #[test]
+    fn without_autodiff_it_is_the_same_map() {
+        let d = Device::flex();
+        let g = crate::test_rand::uniform([3, 40], 0.0, 1.0, 4, &d);
+        let u = crate::test_rand::uniform([3, 40], 0.0, 1.0, 5, &d);
+        swiglu(g.clone(), u.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&(silu(g) * u).into_data(), Tolerance::rel_abs(1e-6, 1e-7));
+    }
+}
