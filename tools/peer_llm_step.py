@@ -11,6 +11,7 @@ q_proj and v_proj, f32 on the CPU. Needs torch, transformers, peft, gguf, tokeni
 
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,8 @@ def main():
         "threads": threads, "reps": reps, "load_s": load_s,
         "phases_ms": {"forward_ms": med(f), "backward_ms": med(b), "optimizer_ms": med(o), "total_ms": med(t)},
         "step_ms": med(t), "tokens_per_s": B * C / (med(t) / 1e3),
+        # the whole process's peak (loading included): Linux reports ru_maxrss in KiB
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
 

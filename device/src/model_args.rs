@@ -51,10 +51,11 @@ pub struct ModelArgs {
     /// FFA-LoRA: freeze A, train and upload B only.
     #[arg(long)]
     pub ffa: bool,
-    /// With --model: keep the frozen base in memory as f32, q8_0 or q4_1 blocks (QLoRA; the
-    /// adapter and activations stay f32). A GGUF's own blocks of that kind are kept as they
-    /// are; anything else is quantized on load, and then the model's identity changes (every
-    /// party must choose the same).
+    /// With --model: keep the frozen base in memory as f32, or as q8_0 or q4_1 blocks, or as
+    /// gguf: each matrix as the GGUF stores it (Q8_0 or Q4_1; dense ones as Q8_0). QLoRA: the
+    /// adapter and activations stay f32. A GGUF's own blocks of a kept kind stay as stored;
+    /// anything else is quantized on load, and then the model's identity changes (every party
+    /// must choose the same).
     #[arg(long, default_value = "f32", requires = "model")]
     #[serde(default)]
     pub base_dtype: BaseDtype,

@@ -23,8 +23,8 @@ pub(crate) struct LlmModelArgs {
     /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Keep the frozen base as f32, q8_0 or q4_1 blocks (a GGUF's own blocks of that kind
-    /// stay as stored; see "Real small LLMs" in README).
+    /// Keep the frozen base as f32, q8_0 or q4_1 blocks, or gguf: each matrix as the GGUF
+    /// stores it (see "Real small LLMs" in README).
     #[arg(long, default_value = "f32")]
     base_dtype: fedlora_client::quant::BaseDtype,
 }

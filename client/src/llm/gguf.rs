@@ -225,12 +225,12 @@ impl GgufFile {
 }
 
 impl GgufFile {
-    /// Reads a 2-D tensor stored as `kind` blocks without dequantizing it: `None` when the
-    /// tensor is stored otherwise (or is not 2-D).
+    /// Reads a 2-D tensor stored as blocks of one of `kinds` without dequantizing it: `None`
+    /// when the tensor is stored otherwise (or is not 2-D).
     pub fn tensor_blocks(
         &mut self,
         name: &str,
-        kind: crate::quant::QuantKind,
+        kinds: &[crate::quant::QuantKind],
     ) -> Result<Option<crate::quant::QuantMatrix>, ClientError> {
         use crate::quant::QuantKind;
         let info = self.reader.get_tensor_info(name).ok_or_else(|| {
@@ -242,7 +242,7 @@ impl GgufFile {
             _ => return Ok(None),
         };
         let dims = info.shape().dims().to_vec();
-        if stored != kind || dims.len() != 2 {
+        if !kinds.contains(&stored) || dims.len() != 2 {
             return Ok(None);
         }
         let (cols, rows) = (
@@ -261,7 +261,7 @@ impl GgufFile {
             .ok_or_else(|| {
                 ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
             })?;
-        crate::quant::QuantMatrix::from_blocks(kind, rows, cols, bytes.as_slice().to_vec())
+        crate::quant::QuantMatrix::from_blocks(stored, rows, cols, bytes.as_slice().to_vec())
             .map(Some)
             .map_err(|e| ClientError::ModelFile(format!("{}: tensor `{name}`: {e}", self.origin)))
     }

@@ -94,6 +94,8 @@ pub struct LlamaLm {
     inv_freq: Vec<f32>,
     max_positions: usize,
     vocab: usize,
+    #[module(skip)]
+    base: BaseDtype,
 }
 
 /// Keys and values of the positions seen so far, per layer, for incremental decoding.
@@ -147,7 +149,7 @@ impl Builder<'_> {
         cols: usize,
     ) -> Result<Arc<QuantMatrix>, ClientError> {
         if let Some(q) = self.w.take_blocks(name, [rows, cols])? {
-            if q.kind() == kind {
+            if self.base.keeps().contains(&q.kind()) {
                 return Ok(Arc::new(q));
             }
             let dense = q.to_f32();
@@ -377,6 +379,7 @@ impl LlamaLm {
             inv_freq: cfg.inv_freq(),
             max_positions: cfg.max_position_embeddings,
             vocab: cfg.vocab_size,
+            base,
         };
         let lm = match lora {
             Some(l) => l.freeze_base(lm),
@@ -420,9 +423,7 @@ impl LlamaLm {
 
     /// How the frozen matrices are kept.
     pub fn base_dtype(&self) -> BaseDtype {
-        self.layers
-            .first()
-            .map_or(BaseDtype::F32, |l| l.self_attn.q_proj.base_dtype())
+        self.base
     }
 
     /// Bytes the frozen base's matrices take in memory (projections, embedding, head; norms

@@ -102,7 +102,7 @@ pub fn load_as(
             let mut g = gguf::GgufFile::parse(bytes, &origin)?;
             let mut config = LlmConfig::from_gguf(&g)?;
             let tokenizer = LlmTokenizer::from_gguf(&g)?;
-            let weights = WeightMap::from_gguf_keeping(&mut g, &mut config, base.kind())?;
+            let weights = WeightMap::from_gguf_keeping(&mut g, &mut config, base.keeps())?;
             (config, weights, tokenizer, base_id)
         }
         ModelSource::HfDir(dir) => {

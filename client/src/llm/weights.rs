@@ -99,16 +99,16 @@ impl WeightMap {
     /// with llama.cpp's q/k row permutation undone. `rope_freqs.weight` is not a weight: it
     /// becomes [`LlmConfig::rope_freq_factors`].
     pub fn from_gguf(g: &mut GgufFile, cfg: &mut LlmConfig) -> Result<Self, ClientError> {
-        Self::from_gguf_keeping(g, cfg, None)
+        Self::from_gguf_keeping(g, cfg, &[])
     }
 
-    /// [`from_gguf`](Self::from_gguf), except that 2-D tensors the file stores as `keep`
-    /// blocks stay blocks, bytes unchanged (q/k rows reordered whole): no dequantization, and
-    /// no requantization error.
+    /// [`from_gguf`](Self::from_gguf), except that 2-D tensors the file stores as blocks of a
+    /// kind in `keep` stay blocks, bytes unchanged (q/k rows reordered whole): no
+    /// dequantization, and no requantization error.
     pub fn from_gguf_keeping(
         g: &mut GgufFile,
         cfg: &mut LlmConfig,
-        keep: Option<QuantKind>,
+        keep: &[QuantKind],
     ) -> Result<Self, ClientError> {
         let mut tensors = HashMap::new();
         let mut blocks = HashMap::new();
@@ -137,8 +137,8 @@ impl WeightMap {
             } else {
                 None
             };
-            if let Some(kind) = keep {
-                if let Some(mut q) = g.tensor_blocks(&name, kind)? {
+            if !keep.is_empty() {
+                if let Some(mut q) = g.tensor_blocks(&name, keep)? {
                     if let Some(n) = heads {
                         q = q.reorder_rows(&unpermute_order(q.rows(), n)?);
                     }

@@ -24,15 +24,29 @@ pub enum BaseDtype {
     Q8_0,
     /// ggml Q4_1 blocks: an f16 scale, an f16 minimum and 32 nibbles (5 bits per weight).
     Q4_1,
+    /// Every matrix as its GGUF file stores it, where that is Q8_0 or Q4_1 (so the values are
+    /// exactly the file's); a matrix stored dense (F32, F16, BF16) becomes Q8_0.
+    Gguf,
 }
 
 impl BaseDtype {
-    /// The block kind, or `None` for f32.
+    /// The block kind a matrix gets when the file does not store it in a kept kind, or `None`
+    /// for f32.
     pub fn kind(self) -> Option<QuantKind> {
         match self {
             BaseDtype::F32 => None,
-            BaseDtype::Q8_0 => Some(QuantKind::Q8_0),
+            BaseDtype::Q8_0 | BaseDtype::Gguf => Some(QuantKind::Q8_0),
             BaseDtype::Q4_1 => Some(QuantKind::Q4_1),
+        }
+    }
+
+    /// The block kinds a GGUF file's matrices are kept in as stored.
+    pub fn keeps(self) -> &'static [QuantKind] {
+        match self {
+            BaseDtype::F32 => &[],
+            BaseDtype::Q8_0 => &[QuantKind::Q8_0],
+            BaseDtype::Q4_1 => &[QuantKind::Q4_1],
+            BaseDtype::Gguf => &[QuantKind::Q8_0, QuantKind::Q4_1],
         }
     }
 
@@ -42,6 +56,7 @@ impl BaseDtype {
             BaseDtype::F32 => "f32",
             BaseDtype::Q8_0 => "q8_0",
             BaseDtype::Q4_1 => "q4_1",
+            BaseDtype::Gguf => "gguf",
         }
     }
 }
@@ -60,8 +75,9 @@ impl FromStr for BaseDtype {
             "f32" => Ok(BaseDtype::F32),
             "q8_0" | "q8" => Ok(BaseDtype::Q8_0),
             "q4_1" | "q4" => Ok(BaseDtype::Q4_1),
+            "gguf" => Ok(BaseDtype::Gguf),
             other => Err(format!(
-                "unknown base dtype `{other}`: use f32, q8_0 or q4_1"
+                "unknown base dtype `{other}`: use f32, q8_0, q4_1 or gguf"
             )),
         }
     }
