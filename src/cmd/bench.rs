@@ -185,8 +185,14 @@ fn reset_peak_rss() -> bool {
 /// its JSON.
 fn spawn_self(threads: usize) -> anyhow::Result<serde_json::Value> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--json").collect();
+    run_child(&args, threads)
+}
+
+/// Runs this program with `args` and `--json --threads N` in a child process with `threads`
+/// rayon threads, and parses its JSON.
+fn run_child(args: &[String], threads: usize) -> anyhow::Result<serde_json::Value> {
     let out = std::process::Command::new(std::env::current_exe()?)
-        .args(&args)
+        .args(args)
         .args(["--json", "--threads", &threads.to_string()])
         .env("RAYON_NUM_THREADS", threads.to_string())
         .output()?;
@@ -591,17 +597,8 @@ fn rayon_threads() -> usize {
 
 /// Runs this bench in a child process with `threads` rayon threads and parses its JSON.
 fn spawn_child(name: &str, threads: usize, reps: usize) -> anyhow::Result<serde_json::Value> {
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(["bench", name, "--json", "--reps", &reps.to_string()])
-        .args(["--threads", &threads.to_string()])
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bench child failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let args = ["bench", name, "--reps", &reps.to_string()].map(String::from);
+    run_child(&args, threads)
 }
 
 pub(crate) fn run(a: BenchArgs) -> anyhow::Result<()> {

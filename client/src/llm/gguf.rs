@@ -197,19 +197,8 @@ impl GgufFile {
             .ok_or_else(|| {
                 ClientError::ModelFile(format!("{}: tensor `{name}` is too large", self.origin))
             })?;
-        let data = self
-            .reader
-            .load_tensor_data(name)
-            .map_err(|e| {
-                ClientError::ModelFile(format!(
-                    "{}: tensor `{name}` cannot be read (truncated file?): {e}",
-                    self.origin
-                ))
-            })?
-            .ok_or_else(|| {
-                ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
-            })?;
-        let data = dequantize(ty, data.as_slice(), n).map_err(|why| match why {
+        let data = self.raw_bytes(name)?;
+        let data = dequantize(ty, &data, n).map_err(|why| match why {
             DequantError::Unsupported => ClientError::Unsupported(format!(
                 "{}: tensor `{name}` has type {ty:?}; fedlora dequantizes F32, F16, BF16, Q8_0 \
                  and Q4_1",
@@ -225,6 +214,23 @@ impl GgufFile {
 }
 
 impl GgufFile {
+    /// The stored bytes of tensor `name`, as the file holds them.
+    fn raw_bytes(&mut self, name: &str) -> Result<Vec<u8>, ClientError> {
+        let data = self
+            .reader
+            .load_tensor_data(name)
+            .map_err(|e| {
+                ClientError::ModelFile(format!(
+                    "{}: tensor `{name}` cannot be read (truncated file?): {e}",
+                    self.origin
+                ))
+            })?
+            .ok_or_else(|| {
+                ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
+            })?;
+        Ok(data.as_slice().to_vec())
+    }
+
     /// Reads a 2-D tensor stored as blocks of one of `kinds` without dequantizing it: `None`
     /// when the tensor is stored otherwise (or is not 2-D).
     pub fn tensor_blocks(
@@ -249,19 +255,8 @@ impl GgufFile {
             usize::try_from(dims[0]).unwrap_or(usize::MAX),
             usize::try_from(dims[1]).unwrap_or(usize::MAX),
         );
-        let bytes = self
-            .reader
-            .load_tensor_data(name)
-            .map_err(|e| {
-                ClientError::ModelFile(format!(
-                    "{}: tensor `{name}` cannot be read (truncated file?): {e}",
-                    self.origin
-                ))
-            })?
-            .ok_or_else(|| {
-                ClientError::ModelFile(format!("{}: no tensor `{name}`", self.origin))
-            })?;
-        crate::quant::QuantMatrix::from_blocks(stored, rows, cols, bytes.as_slice().to_vec())
+        let bytes = self.raw_bytes(name)?;
+        crate::quant::QuantMatrix::from_blocks(stored, rows, cols, bytes)
             .map(Some)
             .map_err(|e| ClientError::ModelFile(format!("{}: tensor `{name}`: {e}", self.origin)))
     }
