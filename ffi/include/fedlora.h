@@ -77,6 +77,9 @@ typedef struct FedloraConfig {
   uint32_t max_threads;
   // The longest local training per round, seconds (0: no cap but the round's deadline).
   double max_train_secs;
+  // With `model`: how the frozen base sits in memory, `f32`, `q8_0`, `q4_1` or `gguf` (each
+  // matrix as the GGUF stores it) (NULL: `f32`). Every party must choose the same.
+  const char *base_dtype;
 } FedloraConfig;
 
 // Reads the client's training text: copies up to `capacity` bytes into `buffer` and returns

@@ -120,6 +120,9 @@ pub struct FedloraConfig {
     pub max_threads: u32,
     /// The longest local training per round, seconds (0: no cap but the round's deadline).
     pub max_train_secs: f64,
+    /// With `model`: how the frozen base sits in memory, `f32`, `q8_0`, `q4_1` or `gguf` (each
+    /// matrix as the GGUF stores it) (NULL: `f32`). Every party must choose the same.
+    pub base_dtype: *const c_char,
 }
 
 /// A federated client (opaque).
@@ -334,7 +337,10 @@ fn create(config: &FedloraConfig, cb: &FedloraCallbacks) -> Result<FedloraClient
         },
         targets,
         ffa: false,
-        base_dtype: Default::default(),
+        base_dtype: match string(config.base_dtype, "base_dtype")? {
+            Some(b) => b.parse().map_err(|e: String| format!("base_dtype: {e}"))?,
+            None => Default::default(),
+        },
     };
     let text = read_all(cb)?;
     let workload = Workload::load(&model).map_err(|e| format!("{e:#}"))?;
