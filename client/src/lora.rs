@@ -324,11 +324,7 @@ impl LoraLinear {
     /// when it is kept as blocks).
     pub fn dense_weight(&self) -> Tensor<2> {
         match &self.quant_base {
-            Some(q) => Tensor::<2>::from_data(
-                burn::tensor::TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
-                &self.weight.device(),
-            )
-            .transpose(),
+            Some(q) => q.to_tensor(&self.weight.device()).transpose(),
             None => self.weight.val(),
         }
     }

@@ -93,7 +93,6 @@ pub struct LlamaLm {
     #[module(skip)]
     inv_freq: Vec<f32>,
     max_positions: usize,
-    vocab: usize,
     #[module(skip)]
     base: BaseDtype,
 }
@@ -378,7 +377,6 @@ impl LlamaLm {
             lm_head_quant,
             inv_freq: cfg.inv_freq(),
             max_positions: cfg.max_position_embeddings,
-            vocab: cfg.vocab_size,
             base,
         };
         let lm = match lora {
@@ -391,6 +389,13 @@ impl LlamaLm {
     /// Every projection with an adapter, keyed `layers.{i}.self_attn.q_proj` … (the keys of
     /// [`ExampleAdapters`]), in layer order.
     pub fn lora_layers(&self) -> Vec<(String, &LoraLinear)> {
+        let mut all = self.projections();
+        all.retain(|(_, p)| p.has_adapter());
+        all
+    }
+
+    /// Every projection, keyed `layers.{i}.self_attn.q_proj` …, in layer order.
+    fn projections(&self) -> Vec<(String, &LoraLinear)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let (a, m) = (&l.self_attn, &l.mlp);
@@ -403,9 +408,7 @@ impl LlamaLm {
                 ("mlp.up_proj", &m.up_proj),
                 ("mlp.down_proj", &m.down_proj),
             ] {
-                if p.has_adapter() {
-                    out.push((format!("layers.{i}.{name}"), p));
-                }
+                out.push((format!("layers.{i}.{name}"), p));
             }
         }
         out
@@ -418,7 +421,10 @@ impl LlamaLm {
 
     /// Vocabulary size (width of the logits).
     pub fn vocab_size(&self) -> usize {
-        self.vocab
+        match &self.embed_quant {
+            Some(q) => q.rows(),
+            None => self.embed_tokens.shape().dims::<2>()[0],
+        }
     }
 
     /// How the frozen matrices are kept.
@@ -434,19 +440,8 @@ impl LlamaLm {
             + self.lm_head_quant.as_ref().map_or(0, |q| q.bytes())
             + dense(&self.embed_tokens.val())
             + self.lm_head.as_ref().map_or(0, |h| dense(&h.val()));
-        for l in &self.layers {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for p in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                n += p.quant_base.as_ref().map_or(0, |q| q.bytes()) + dense(&p.weight.val());
-            }
+        for (_, p) in self.projections() {
+            n += p.quant_base.as_ref().map_or(0, |q| q.bytes()) + dense(&p.weight.val());
         }
         n
     }
@@ -454,10 +449,7 @@ impl LlamaLm {
     /// The token embedding, dense `[vocab, hidden]` (dequantized when kept as blocks).
     pub fn dense_embedding(&self) -> Tensor<2> {
         match &self.embed_quant {
-            Some(q) => Tensor::from_data(
-                TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
-                &self.embed_tokens.device(),
-            ),
+            Some(q) => q.to_tensor(&self.embed_tokens.device()),
             None => self.embed_tokens.val(),
         }
     }
@@ -465,13 +457,7 @@ impl LlamaLm {
     /// A separate output head, dense in burn layout `[hidden, vocab]`; `None` when tied.
     pub fn dense_lm_head(&self) -> Option<Tensor<2>> {
         match (&self.lm_head_quant, &self.lm_head) {
-            (Some(q), _) => Some(
-                Tensor::<2>::from_data(
-                    TensorData::new(q.to_f32(), [q.rows(), q.cols()]),
-                    &self.embed_tokens.device(),
-                )
-                .transpose(),
-            ),
+            (Some(q), _) => Some(q.to_tensor(&self.embed_tokens.device()).transpose()),
             (None, Some(h)) => Some(h.val()),
             (None, None) => None,
         }

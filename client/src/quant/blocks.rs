@@ -295,6 +295,12 @@ impl QuantMatrix {
         out
     }
 
+    /// The whole matrix as a dense f32 tensor `[rows, cols]` on `device`.
+    pub fn to_tensor(&self, device: &burn::tensor::Device) -> burn::tensor::Tensor<2> {
+        let data = burn::tensor::TensorData::new(self.to_f32(), [self.rows, self.cols]);
+        burn::tensor::Tensor::from_data(data, device)
+    }
+
     /// The rows `ids` (each `< rows`), dense: an embedding lookup.
     pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
         let mut out = vec![0f32; ids.len() * self.cols];
