@@ -6,6 +6,10 @@ mod cmd;
 
 use clap::{CommandFactory, FromArgMatches};
 
+/// mimalloc instead of glibc's malloc: see the dependency's note in `Cargo.toml`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Lets every (sub)command take negative numbers as values (`--epsilon -1`), so that the value's
 /// own range check answers instead of clap taking it for a flag.
 fn negative_numbers(c: clap::Command) -> clap::Command {

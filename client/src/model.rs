@@ -12,12 +12,13 @@ pub const LM_TARGETS: &[&str] = &["q", "k", "v", "o", "fc1", "fc2", "head"];
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
-use burn::tensor::activation::{gelu, log_softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::fused::{
+    causal_attention, gelu, token_nll, LayerNormLayer as LayerNorm,
+    LayerNormLayerConfig as LayerNormConfig,
+};
 use crate::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
 
 /// Byte vocabulary size.
@@ -138,14 +139,7 @@ impl Block {
         let q = heads(p("q", &self.q, y.clone()));
         let k = heads(p("k", &self.k, y.clone()));
         let v = heads(p("v", &self.v, y));
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let ctx = attention(q, k, v, None, None, opts)
-            .swap_dims(1, 2)
-            .reshape([b, t, d]);
+        let ctx = causal_attention(q, k, v).swap_dims(1, 2).reshape([b, t, d]);
         let x = x + p("o", &self.o, ctx);
         let y = self.ln2.forward(x.clone());
         let y = p("fc2", &self.fc2, gelu(p("fc1", &self.fc1, y)));
@@ -210,9 +204,7 @@ impl Lm {
         let inputs = windows.clone().slice([0..b, 0..n - 1]);
         let targets = windows.slice([0..b, 1..n]);
         let logits = self.forward_with(inputs, per);
-        let logp = log_softmax(logits, 2);
-        let picked = logp.gather(2, targets.unsqueeze_dim::<3>(2));
-        picked.reshape([b, n - 1]).mean_dim(1).reshape([b]).neg()
+        token_nll(logits, targets).mean_dim(1).reshape([b])
     }
 
     /// Per-example mean next-byte cross-entropy (nats per byte) and share of bytes whose most
@@ -234,8 +226,9 @@ impl Lm {
             .reshape([b, n - 1])
             .mean_dim(1)
             .reshape([b]);
-        let picked = log_softmax(logits, 2).gather(2, targets);
-        let loss = picked.reshape([b, n - 1]).mean_dim(1).reshape([b]).neg();
+        let loss = token_nll(logits, targets.reshape([b, n - 1]))
+            .mean_dim(1)
+            .reshape([b]);
         (loss, hits)
     }
 

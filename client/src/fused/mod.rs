@@ -1,4 +1,6 @@
-//! Fused operations with their own backward passes, for the real-LLM path: RMSNorm and SwiGLU.
+//! Fused operations with their own backward passes: causal attention and the per-token
+//! cross-entropy (both models), RMSNorm, RoPE and SwiGLU (the real-LLM path), LayerNorm and the erf
+//! GELU (the byte-level model), and the vectorised `exp`/`erf` they share.
 //!
 //! Composed of burn's elementary ops, each of these keeps every intermediate alive for the
 //! backward pass (RMSNorm: `x²`, the mean, the root, two products; SwiGLU: the sigmoid, SiLU and
@@ -9,10 +11,21 @@
 //!
 //! Each op is checked against the unfused burn ops, forward and gradient, on random inputs.
 
+pub mod attention;
+pub mod cross_entropy;
+pub mod gelu;
+pub mod layer_norm;
 pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
+pub mod vmath;
 
+pub use attention::causal_attention;
+pub use cross_entropy::token_nll;
+pub use gelu::gelu;
+pub use layer_norm::{LayerNormLayer, LayerNormLayerConfig};
 pub use rms_norm::{rms_norm, FusedRmsNorm};
+pub use rope::rope;
 pub use swiglu::swiglu;
 
 use burn::backend::Flex;

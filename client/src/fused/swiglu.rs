@@ -10,17 +10,17 @@ use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Scalar, Tensor};
+use pulp::Arch;
 use rayon::prelude::*;
 
+use super::vmath::exp;
 use super::{f32_values, flex_f32};
 
+/// `σ(x) = 1/(1 + e^−x)` with the vectorised [`exp`](super::vmath::exp) (saturating, so no
+/// overflow: `σ(−100)` is about 6e−39 instead of 0).
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    1.0 / (1.0 + exp(-x))
 }
 
 /// Elementwise `f(a, b, c)` over three same-shape f32 flex tensors (`c` optional), in parallel.
@@ -46,11 +46,23 @@ fn zip_f32(
     }
     let mut out = vec![0f32; av.len()];
     const PER: usize = 16_384;
+    let arch = Arch::new();
     out.par_chunks_mut(PER).enumerate().for_each(|(t, o)| {
         let s = t * PER;
-        for (i, o) in o.iter_mut().enumerate() {
-            *o = f(av[s + i], bv[s + i], cv.map_or(0.0, |c| c[s + i]));
-        }
+        let (a, b) = (&av[s..s + o.len()], &bv[s..s + o.len()]);
+        arch.dispatch(|| match cv {
+            Some(c) => {
+                let c = &c[s..s + o.len()];
+                for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
+                    *o = f(a, b, c);
+                }
+            }
+            None => {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = f(a, b, 0.0);
+                }
+            }
+        });
     });
     Some(flex_f32(out, shape))
 }

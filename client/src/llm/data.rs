@@ -3,7 +3,7 @@
 //!
 //! One [`TokenExample`] is the DP unit: one window, or one conversation.
 
-use burn::tensor::activation::log_softmax;
+use crate::fused::token_nll;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde_json::Value;
 
@@ -263,11 +263,8 @@ impl LlamaLm {
         let [b, n1] = tokens.dims();
         let inputs = tokens.clone().slice([0..b, 0..n1 - 1]);
         let targets = tokens.slice([0..b, 1..n1]);
-        let logp = log_softmax(self.forward_with(inputs, per), 2);
-        let picked = logp
-            .gather(2, targets.unsqueeze_dim::<3>(2))
-            .reshape([b, n1 - 1]);
-        let nll = (picked * weights.clone()).sum_dim(1).reshape([b]).neg();
+        let per_token = token_nll(self.forward_with(inputs, per), targets);
+        let nll = (per_token * weights.clone()).sum_dim(1).reshape([b]);
         (nll, weights.sum_dim(1).reshape([b]))
     }
 }

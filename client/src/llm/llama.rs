@@ -10,7 +10,7 @@
 //! ([`LLM_TARGETS`]).
 
 use crate::fused::rms_norm::RmsNormLayer as RmsNorm;
-use crate::fused::swiglu;
+use crate::fused::{causal_attention, swiglu};
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -576,16 +576,10 @@ impl Proj<'_> {
     }
 }
 
-/// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]` over the head's halves.
+/// `x·cos + rotate_half(x)·sin` with `rotate_half([a, b]) = [-b, a]` over the head's halves
+/// (fused, with its own backward pass).
 fn apply_rope(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
-    let [b, h, t, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..t, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..t, half..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze_dims::<4>(&[0, 1]);
-    let sin = sin.clone().unsqueeze_dims::<4>(&[0, 1]);
-    x * cos + rotated * sin
+    crate::fused::rope(x, cos, sin)
 }
 
 impl Attention {
@@ -628,15 +622,20 @@ impl Attention {
                 .repeat_dim(2, rep)
                 .reshape([b, kv * rep, s, hd])
         };
-        let opts = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
+        let ctx = if k.dims()[2] == t {
+            // training and uncached prompts: fused, with its own backward pass
+            causal_attention(q, repeat(k), repeat(v))
+        } else {
             // one new query attends to every cached key; a prompt is causal within itself
-            is_causal: t > 1,
-        };
-        let ctx = attention(q, repeat(k), repeat(v), None, None, opts)
-            .swap_dims(1, 2)
-            .reshape([b, t, h * hd]);
+            let opts = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: t > 1,
+            };
+            attention(q, repeat(k), repeat(v), None, None, opts)
+        }
+        .swap_dims(1, 2)
+        .reshape([b, t, h * hd]);
         p.apply("self_attn.o_proj", &self.o_proj, ctx)
     }
 }
