@@ -11,8 +11,6 @@ q_proj and v_proj, f32 on the CPU. Needs torch, transformers, peft, gguf, tokeni
 
 import json
 import os
-import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +19,9 @@ import zipfile
 import peft
 import torch
 import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_timing import peak_rss_mib, time_steps  # noqa: E402
 
 
 def load(path):
@@ -58,7 +59,6 @@ def main():
         base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
     load_s = time.perf_counter() - t0
-    sys.path.insert(0, os.path.dirname(__file__))
     from check_smollm2 import smollm_reference_tokenizer
 
     ids = smollm_reference_tokenizer(gguf_path).encode(gloucester()).ids if gguf_path else None
@@ -66,30 +66,19 @@ def main():
     batch = torch.tensor([ids[i * C : i * C + C + 1] for i in range(B)])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
-    f, b, o, t = [], [], [], []
-    for i in range(2 + reps):
-        s0 = time.perf_counter()
+
+    def loss_fn():
         logits = model(input_ids=batch[:, :C]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        s1 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        s2 = time.perf_counter()
-        opt.step()
-        s3 = time.perf_counter()
-        if i >= 2:
-            f.append((s1 - s0) * 1e3)
-            b.append((s2 - s1) * 1e3)
-            o.append((s3 - s2) * 1e3)
-            t.append((s3 - s0) * 1e3)
-    med = statistics.median
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    phases = time_steps(loss_fn, opt, 2, reps)
     print(json.dumps({
         "peer": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
         "threads": threads, "reps": reps, "load_s": load_s,
-        "phases_ms": {"forward_ms": med(f), "backward_ms": med(b), "optimizer_ms": med(o), "total_ms": med(t)},
-        "step_ms": med(t), "tokens_per_s": B * C / (med(t) / 1e3),
-        # the whole process's peak (loading included): Linux reports ru_maxrss in KiB
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "phases_ms": phases,
+        "step_ms": phases["total_ms"], "tokens_per_s": B * C / (phases["total_ms"] / 1e3),
+        # the whole process's peak (loading included)
+        "peak_rss_mib": peak_rss_mib(),
     }))
 
 

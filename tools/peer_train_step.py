@@ -17,14 +17,15 @@ adapter and computes the delta afterwards; those are a small share of the step a
 """
 
 import json
-import resource
-import statistics
+import os
 import sys
-import time
 
 import peft
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_timing import peak_rss_mib, time_steps  # noqa: E402
 
 VOCAB, D, LAYERS, HEADS, FF, CTX, BATCH = 256, 128, 4, 4, 512, 64, 32
 
@@ -87,30 +88,18 @@ def main():
     batch = torch.tensor([list(data[i * (CTX + 1) : (i + 1) * (CTX + 1)]) for i in range(BATCH)])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    f, b, o, t = [], [], [], []
-    for i in range(3 + reps):
-        s0 = time.perf_counter()
+
+    def loss_fn():
         logits = model(batch[:, :CTX])
-        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        s1 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        s2 = time.perf_counter()
-        opt.step()
-        s3 = time.perf_counter()
-        if i >= 3:
-            f.append((s1 - s0) * 1e3)
-            b.append((s2 - s1) * 1e3)
-            o.append((s3 - s2) * 1e3)
-            t.append((s3 - s0) * 1e3)
-    med = statistics.median
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+    phases = time_steps(loss_fn, opt, 3, reps)
     print(json.dumps({
         "peer": f"torch {torch.__version__}, peft {peft.__version__}",
         "threads": threads, "reps": reps,
-        "phases_ms": {"forward_ms": med(f), "backward_ms": med(b), "optimizer_ms": med(o)},
-        "step_ms": med(t), "tokens_per_s": BATCH * CTX / (med(t) / 1e3),
-        # Linux reports ru_maxrss in KiB
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "phases_ms": phases,
+        "step_ms": phases["total_ms"], "tokens_per_s": BATCH * CTX / (phases["total_ms"] / 1e3),
+        "peak_rss_mib": peak_rss_mib(),
     }))
 
 

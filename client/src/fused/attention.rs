@@ -25,7 +25,7 @@ use burn::tensor::{Scalar, Tensor, TensorData};
 use pulp::Arch;
 
 use super::vmath::{exp, max, sum_map};
-use super::{f32_values, flex_f32, for_rows};
+use super::{f32_kernel, for_rows};
 
 fn causal() -> AttentionModuleOptions {
     AttentionModuleOptions {
@@ -104,31 +104,28 @@ impl FusedAttention for Flex {
     fn causal_attention_probs(q: FloatTensor<Self>, k: FloatTensor<Self>) -> FloatTensor<Self> {
         let s = scale_of::<Self>(&q);
         let sc = scores::<Self>(q.clone(), k.clone());
-        let Some((sc, shape)) = f32_values(&sc) else {
-            return probs_composed::<Self>(q, k);
-        };
-        let Some(xs) = sc.as_slice::<f32>() else {
-            return probs_composed::<Self>(q, k);
-        };
-        let t = shape[3];
-        let mut out = vec![0f32; xs.len()];
-        let arch = Arch::new();
-        for_rows(&mut out, t, |o, r| {
-            let i = r % t; // query position: keys 0..=i are visible
-            let x = &xs[r * t..r * t + i + 1];
-            arch.dispatch(|| {
-                let m = max(x);
-                let o = &mut o[..=i];
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = exp((v - m) * s);
-                }
-                let inv = 1.0 / sum_map(o, |p| p);
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
+        f32_kernel([&sc], |[xs], shape| {
+            let t = shape[3];
+            let mut out = vec![0f32; xs.len()];
+            let arch = Arch::new();
+            for_rows(&mut out, t, |o, r| {
+                let i = r % t; // query position: keys 0..=i are visible
+                let x = &xs[r * t..r * t + i + 1];
+                arch.dispatch(|| {
+                    let m = max(x);
+                    let o = &mut o[..=i];
+                    for (o, &v) in o.iter_mut().zip(x) {
+                        *o = exp((v - m) * s);
+                    }
+                    let inv = 1.0 / sum_map(o, |p| p);
+                    for o in o.iter_mut() {
+                        *o *= inv;
+                    }
+                });
             });
-        });
-        flex_f32(out, shape)
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| probs_composed::<Self>(q, k))
     }
 
     fn causal_attention_scores_grad(
@@ -136,42 +133,39 @@ impl FusedAttention for Flex {
         dp: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let (Some((pc, shape)), Some((dc, _))) = (f32_values(&p), f32_values(&dp)) else {
-            return scores_grad_composed::<Self>(p, dp, scale);
-        };
-        let (Some(ps), Some(ds)) = (pc.as_slice::<f32>(), dc.as_slice::<f32>()) else {
-            return scores_grad_composed::<Self>(p, dp, scale);
-        };
-        if ps.len() != ds.len() {
-            return scores_grad_composed::<Self>(p, dp, scale);
-        }
-        let t = shape[3];
-        let mut out = vec![0f32; ps.len()];
-        let arch = Arch::new();
-        for_rows(&mut out, t, |o, r| {
-            let n = r % t + 1; // entries past the diagonal have P = 0, so dS = 0 there
-            let (pr, dr) = (&ps[r * t..r * t + n], &ds[r * t..r * t + n]);
-            arch.dispatch(|| {
-                let mut acc = [0f32; 8];
-                let (mut pc, mut dc) = (pr.chunks_exact(8), dr.chunks_exact(8));
-                for (p8, d8) in (&mut pc).zip(&mut dc) {
-                    for ((a, p), d) in acc.iter_mut().zip(p8).zip(d8) {
-                        *a += p * d;
+        f32_kernel([&p, &dp], |[ps, ds], shape| {
+            if ps.len() != ds.len() {
+                return None;
+            }
+            let t = shape[3];
+            let mut out = vec![0f32; ps.len()];
+            let arch = Arch::new();
+            for_rows(&mut out, t, |o, r| {
+                let n = r % t + 1; // entries past the diagonal have P = 0, so dS = 0 there
+                let (pr, dr) = (&ps[r * t..r * t + n], &ds[r * t..r * t + n]);
+                arch.dispatch(|| {
+                    let mut acc = [0f32; 8];
+                    let (mut pc, mut dc) = (pr.chunks_exact(8), dr.chunks_exact(8));
+                    for (p8, d8) in (&mut pc).zip(&mut dc) {
+                        for ((a, p), d) in acc.iter_mut().zip(p8).zip(d8) {
+                            *a += p * d;
+                        }
                     }
-                }
-                let tail: f32 = pc
-                    .remainder()
-                    .iter()
-                    .zip(dc.remainder())
-                    .map(|(p, d)| p * d)
-                    .sum();
-                let dot = acc.iter().sum::<f32>() + tail;
-                for ((o, &p), &d) in o.iter_mut().zip(pr).zip(dr) {
-                    *o = scale * p * (d - dot);
-                }
+                    let tail: f32 = pc
+                        .remainder()
+                        .iter()
+                        .zip(dc.remainder())
+                        .map(|(p, d)| p * d)
+                        .sum();
+                    let dot = acc.iter().sum::<f32>() + tail;
+                    for ((o, &p), &d) in o.iter_mut().zip(pr).zip(dr) {
+                        *o = scale * p * (d - dot);
+                    }
+                });
             });
-        });
-        flex_f32(out, shape)
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| scores_grad_composed::<Self>(p, dp, scale))
     }
 }
 
@@ -276,10 +270,7 @@ mod tests {
             let g2 = (o2.clone() * probe).sum().backward();
             o.into_data().assert_approx_eq::<f32>(&o2.into_data(), tol);
             for (a, b) in [(&q, &q2), (&k, &k2), (&v, &v2)] {
-                a.grad(&g)
-                    .unwrap()
-                    .into_data()
-                    .assert_approx_eq::<f32>(&b.grad(&g2).unwrap().into_data(), tol);
+                crate::test_rand::assert_same_grad(a, &g, b, &g2, tol);
             }
         }
     }

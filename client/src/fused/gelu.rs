@@ -16,8 +16,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::Tensor;
 
+use super::f32_kernel;
 use super::vmath::{erf, exp, map1, map2};
-use super::{f32_values, flex_f32};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1/√(2π)`.
@@ -63,30 +63,23 @@ pub trait FusedGelu: Backend {
 
 impl FusedGelu for Flex {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let Some((xc, shape)) = f32_values(&x) else {
-            return own_gelu::<Self>(x);
-        };
-        let Some(xs) = xc.as_slice::<f32>() else {
-            return own_gelu::<Self>(x);
-        };
-        let mut out = vec![0f32; xs.len()];
-        map1(xs, &mut out, gelu_value);
-        flex_f32(out, shape)
+        f32_kernel([&x], |[xs], shape| {
+            let mut out = vec![0f32; xs.len()];
+            map1(xs, &mut out, gelu_value);
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| own_gelu::<Self>(x))
     }
 
     fn fused_gelu_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (Some((xc, shape)), Some((dc, _))) = (f32_values(&x), f32_values(&dy)) else {
-            return own_gelu_grad::<Self>(x, dy);
-        };
-        let (Some(xs), Some(ds)) = (xc.as_slice::<f32>(), dc.as_slice::<f32>()) else {
-            return own_gelu_grad::<Self>(x, dy);
-        };
-        if xs.len() != ds.len() {
-            return own_gelu_grad::<Self>(x, dy);
-        }
-        let mut out = vec![0f32; xs.len()];
-        map2(xs, ds, &mut out, gelu_grad_value);
-        flex_f32(out, shape)
+        f32_kernel([&x, &dy], |[xs, ds], shape| {
+            (xs.len() == ds.len()).then(|| {
+                let mut out = vec![0f32; xs.len()];
+                map2(xs, ds, &mut out, gelu_grad_value);
+                (out, shape.clone())
+            })
+        })
+        .unwrap_or_else(|| own_gelu_grad::<Self>(x, dy))
     }
 }
 
@@ -144,10 +137,7 @@ mod tests {
             let y2 = burn::tensor::activation::gelu(x2.clone());
             let g2 = (y2.clone() * probe).sum().backward();
             y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
-            x.grad(&g)
-                .unwrap()
-                .into_data()
-                .assert_approx_eq::<f32>(&x2.grad(&g2).unwrap().into_data(), tol);
+            crate::test_rand::assert_same_grad(&x, &g, &x2, &g2, tol);
         }
     }
 

@@ -18,7 +18,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Scalar, Shape, Tensor};
 
-use super::{f32_values, flex_f32, for_rows};
+use super::{f32_kernel, for_rows};
 
 /// `[k]` → `[1, k]` for broadcasting.
 fn row<B: Backend>(v: FloatTensor<B>) -> FloatTensor<B> {
@@ -102,31 +102,22 @@ impl FusedLayerNorm for Flex {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self> {
-        let (Some((xc, shape)), Some((gc, _)), Some((bc, _))) =
-            (f32_values(&x), f32_values(&gamma), f32_values(&beta))
-        else {
-            return composed::<Self>(x, gamma, beta, eps);
-        };
-        let (Some(xs), Some(gs), Some(bs)) = (
-            xc.as_slice::<f32>(),
-            gc.as_slice::<f32>(),
-            bc.as_slice::<f32>(),
-        ) else {
-            return composed::<Self>(x, gamma, beta, eps);
-        };
-        let k = gs.len();
-        if bs.len() != k || xs.len() % k.max(1) != 0 {
-            return composed::<Self>(x, gamma, beta, eps);
-        }
-        let mut out = vec![0f32; xs.len()];
-        for_rows(&mut out, k, |o, i| {
-            let xr = &xs[i * k..(i + 1) * k];
-            let (mu, r) = stats(xr, eps);
-            for (((o, &x), &g), &b) in o.iter_mut().zip(xr).zip(gs).zip(bs) {
-                *o = (x - mu) * r * g + b;
+        f32_kernel([&x, &gamma, &beta], |[xs, gs, bs], shape| {
+            let k = gs.len();
+            if bs.len() != k || k == 0 || xs.len() % k != 0 {
+                return None;
             }
-        });
-        flex_f32(out, shape)
+            let mut out = vec![0f32; xs.len()];
+            for_rows(&mut out, k, |o, i| {
+                let xr = &xs[i * k..(i + 1) * k];
+                let (mu, r) = stats(xr, eps);
+                for (((o, &x), &g), &b) in o.iter_mut().zip(xr).zip(gs).zip(bs) {
+                    *o = (x - mu) * r * g + b;
+                }
+            });
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| composed::<Self>(x, gamma, beta, eps))
     }
 
     fn fused_layer_norm_input_grad(
@@ -135,39 +126,30 @@ impl FusedLayerNorm for Flex {
         eps: f64,
         dy: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let (Some((xc, shape)), Some((gc, _)), Some((dc, _))) =
-            (f32_values(&x), f32_values(&gamma), f32_values(&dy))
-        else {
-            return input_grad_composed::<Self>(x, gamma, eps, dy);
-        };
-        let (Some(xs), Some(gs), Some(ds)) = (
-            xc.as_slice::<f32>(),
-            gc.as_slice::<f32>(),
-            dc.as_slice::<f32>(),
-        ) else {
-            return input_grad_composed::<Self>(x, gamma, eps, dy);
-        };
-        let k = gs.len();
-        if ds.len() != xs.len() || xs.len() % k.max(1) != 0 {
-            return input_grad_composed::<Self>(x, gamma, eps, dy);
-        }
-        let kf = k as f32;
-        let mut out = vec![0f32; xs.len()];
-        for_rows(&mut out, k, |o, i| {
-            let (xr, dr) = (&xs[i * k..(i + 1) * k], &ds[i * k..(i + 1) * k]);
-            let (mu, r) = stats(xr, eps);
-            let (mut sg, mut sgn) = (0f32, 0f32);
-            for ((&x, &d), &g) in xr.iter().zip(dr).zip(gs) {
-                let gv = d * g;
-                sg += gv;
-                sgn += gv * (x - mu) * r;
+        f32_kernel([&x, &gamma, &dy], |[xs, gs, ds], shape| {
+            let k = gs.len();
+            if ds.len() != xs.len() || k == 0 || xs.len() % k != 0 {
+                return None;
             }
-            let (mg, mgn) = (sg / kf, sgn / kf);
-            for (((o, &x), &d), &g) in o.iter_mut().zip(xr).zip(dr).zip(gs) {
-                *o = r * (d * g - mg - (x - mu) * r * mgn);
-            }
-        });
-        flex_f32(out, shape)
+            let kf = k as f32;
+            let mut out = vec![0f32; xs.len()];
+            for_rows(&mut out, k, |o, i| {
+                let (xr, dr) = (&xs[i * k..(i + 1) * k], &ds[i * k..(i + 1) * k]);
+                let (mu, r) = stats(xr, eps);
+                let (mut sg, mut sgn) = (0f32, 0f32);
+                for ((&x, &d), &g) in xr.iter().zip(dr).zip(gs) {
+                    let gv = d * g;
+                    sg += gv;
+                    sgn += gv * (x - mu) * r;
+                }
+                let (mg, mgn) = (sg / kf, sgn / kf);
+                for (((o, &x), &d), &g) in o.iter_mut().zip(xr).zip(dr).zip(gs) {
+                    *o = r * (d * g - mg - (x - mu) * r * mgn);
+                }
+            });
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| input_grad_composed::<Self>(x, gamma, eps, dy))
     }
 }
 
@@ -313,10 +295,7 @@ mod tests {
             y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
             let gamma_grad = gamma2.grad(&g2).unwrap();
             let beta_grad = beta2.grad(&g2).unwrap();
-            x.grad(&g)
-                .unwrap()
-                .into_data()
-                .assert_approx_eq::<f32>(&x2.grad(&g2).unwrap().into_data(), tol);
+            crate::test_rand::assert_same_grad(&x, &g, &x2, &g2, tol);
             for (a, b) in [
                 (gamma.grad(&g).unwrap(), gamma_grad),
                 (beta.grad(&g).unwrap(), beta_grad),

@@ -43,6 +43,27 @@ fn f32_values(t: &FlexTensor) -> Option<(FlexTensor, burn::tensor::Shape)> {
     })
 }
 
+/// Runs a kernel on the f32 values of `inputs` (made contiguous), given the first input's
+/// shape; its output values and shape become a flex tensor. `None` when an input is not f32 or
+/// the kernel refuses the shapes (`None` from `f`): the caller then composes the op from
+/// elementary ones.
+fn f32_kernel<const N: usize>(
+    inputs: [&FlexTensor; N],
+    f: impl FnOnce([&[f32]; N], &burn::tensor::Shape) -> Option<(Vec<f32>, burn::tensor::Shape)>,
+) -> Option<<Flex as burn::backend::BackendTypes>::FloatTensorPrimitive> {
+    let owned = inputs
+        .iter()
+        .map(|t| f32_values(t))
+        .collect::<Option<Vec<_>>>()?;
+    let slices = owned
+        .iter()
+        .map(|(t, _)| t.as_slice::<f32>())
+        .collect::<Option<Vec<_>>>()?;
+    let slices: [&[f32]; N] = slices.try_into().ok()?;
+    let (out, shape) = f(slices, &owned.first()?.1)?;
+    Some(flex_f32(out, shape))
+}
+
 fn flex_f32(
     values: Vec<f32>,
     shape: burn::tensor::Shape,

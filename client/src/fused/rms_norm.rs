@@ -12,7 +12,7 @@ use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, Tensor
 use burn::module::{Module, Param};
 use burn::tensor::{Scalar, Shape, Tensor};
 
-use super::{f32_values, flex_f32, for_rows};
+use super::{f32_kernel, for_rows};
 
 /// `[m, k]`, `[k]` → `[1, k]` for broadcasting.
 fn row<B: Backend>(gamma: FloatTensor<B>) -> FloatTensor<B> {
@@ -67,20 +67,22 @@ pub trait FusedRmsNorm: Backend {
 
 impl FusedRmsNorm for Flex {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let (Some((xc, shape)), Some((gc, _))) = (f32_values(&x), f32_values(&gamma)) else {
-            return composed::<Self>(x, gamma, eps);
-        };
-        let (xs, gs) = (xc.as_slice::<f32>().unwrap(), gc.as_slice::<f32>().unwrap());
-        let k = gs.len();
-        let mut out = vec![0f32; xs.len()];
-        for_rows(&mut out, k, |o, i| {
-            let xr = &xs[i * k..(i + 1) * k];
-            let r = inv_rms_row(xr, eps);
-            for ((o, &x), &g) in o.iter_mut().zip(xr).zip(gs) {
-                *o = x * r * g;
+        f32_kernel([&x, &gamma], |[xs, gs], shape| {
+            let k = gs.len();
+            if k == 0 || xs.len() % k != 0 {
+                return None;
             }
-        });
-        flex_f32(out, shape)
+            let mut out = vec![0f32; xs.len()];
+            for_rows(&mut out, k, |o, i| {
+                let xr = &xs[i * k..(i + 1) * k];
+                let r = inv_rms_row(xr, eps);
+                for ((o, &x), &g) in o.iter_mut().zip(xr).zip(gs) {
+                    *o = x * r * g;
+                }
+            });
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| composed::<Self>(x, gamma, eps))
     }
 
     fn rms_norm_input_grad(
@@ -89,27 +91,25 @@ impl FusedRmsNorm for Flex {
         eps: f64,
         dy: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let (Some((xc, shape)), Some((gc, _)), Some((dc, _))) =
-            (f32_values(&x), f32_values(&gamma), f32_values(&dy))
-        else {
-            return input_grad_composed::<Self>(x, gamma, eps, dy);
-        };
-        let xs = xc.as_slice::<f32>().unwrap();
-        let gs = gc.as_slice::<f32>().unwrap();
-        let ds = dc.as_slice::<f32>().unwrap();
-        let k = gs.len();
-        let mut out = vec![0f32; xs.len()];
-        for_rows(&mut out, k, |o, i| {
-            let (xr, dr) = (&xs[i * k..(i + 1) * k], &ds[i * k..(i + 1) * k]);
-            let r = inv_rms_row(xr, eps);
-            // mean(g·n) = r·mean(dy·γ·x)
-            let dot: f32 = xr.iter().zip(dr).zip(gs).map(|((x, d), g)| d * g * x).sum();
-            let c = r * dot / k as f32;
-            for (((o, &x), &d), &g) in o.iter_mut().zip(xr).zip(dr).zip(gs) {
-                *o = r * (d * g - x * r * c);
+        f32_kernel([&x, &gamma, &dy], |[xs, gs, ds], shape| {
+            let k = gs.len();
+            if ds.len() != xs.len() || k == 0 || xs.len() % k != 0 {
+                return None;
             }
-        });
-        flex_f32(out, shape)
+            let mut out = vec![0f32; xs.len()];
+            for_rows(&mut out, k, |o, i| {
+                let (xr, dr) = (&xs[i * k..(i + 1) * k], &ds[i * k..(i + 1) * k]);
+                let r = inv_rms_row(xr, eps);
+                // mean(g·n) = r·mean(dy·γ·x)
+                let dot: f32 = xr.iter().zip(dr).zip(gs).map(|((x, d), g)| d * g * x).sum();
+                let c = r * dot / k as f32;
+                for (((o, &x), &d), &g) in o.iter_mut().zip(xr).zip(dr).zip(gs) {
+                    *o = r * (d * g - x * r * c);
+                }
+            });
+            Some((out, shape.clone()))
+        })
+        .unwrap_or_else(|| input_grad_composed::<Self>(x, gamma, eps, dy))
     }
 }
 
@@ -219,10 +219,7 @@ mod tests {
             let y2 = reference(x2.clone(), gamma2.clone(), eps);
             let g2 = (y2.clone() * probe).sum().backward();
             y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
-            x.grad(&g)
-                .unwrap()
-                .into_data()
-                .assert_approx_eq::<f32>(&x2.grad(&g2).unwrap().into_data(), tol);
+            crate::test_rand::assert_same_grad(&x, &g, &x2, &g2, tol);
             gamma
                 .grad(&g)
                 .unwrap()

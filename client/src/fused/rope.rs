@@ -17,7 +17,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex, TensorMetadata};
 use burn::tensor::{Shape, Tensor, TensorData};
 
-use super::{f32_values, flex_f32, for_rows};
+use super::{f32_kernel, for_rows};
 
 /// `[t, d]` → `[1, 1, t, d]` for broadcasting.
 fn table<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
@@ -119,17 +119,14 @@ fn flex_rope(
     sin: &FloatTensor<Flex>,
     forward: bool,
 ) -> Option<FloatTensor<Flex>> {
-    let (xc, shape) = f32_values(x)?;
-    let (cc, cs) = f32_values(cos)?;
-    let (sc, _) = f32_values(sin)?;
-    let (xs, c, s) = (
-        xc.as_slice::<f32>()?,
-        cc.as_slice::<f32>()?,
-        sc.as_slice::<f32>()?,
-    );
-    let (t, d) = (shape[2], shape[3]);
-    let ok = shape.num_dims() == 4 && d % 2 == 0 && cs[0] == t && cs[1] == d && s.len() == c.len();
-    ok.then(|| flex_f32(rope_rows(xs, c, s, t, d, forward), shape))
+    f32_kernel([x, cos, sin], |[xs, c, s], shape| {
+        if shape.num_dims() != 4 {
+            return None;
+        }
+        let (t, d) = (shape[2], shape[3]);
+        let ok = d % 2 == 0 && c.len() == t * d && s.len() == t * d;
+        ok.then(|| (rope_rows(xs, c, s, t, d, forward), shape.clone()))
+    })
 }
 
 impl FusedRope for Flex {
@@ -238,10 +235,7 @@ mod tests {
         let y2 = reference(x2.clone(), &cos, &sin);
         let g2 = (y2.clone() * probe).sum().backward();
         y.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
-        x.grad(&g)
-            .unwrap()
-            .into_data()
-            .assert_approx_eq::<f32>(&x2.grad(&g2).unwrap().into_data(), tol);
+        crate::test_rand::assert_same_grad(&x, &g, &x2, &g2, tol);
         // a non-contiguous input (heads split by a swap of dims, as the model does)
         let flex = Device::flex();
         let angles = crate::test_rand::uniform([t, d], -3.0, 3.0, 2, &flex);
