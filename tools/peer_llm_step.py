@@ -21,7 +21,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_timing import peak_rss_mib, time_steps  # noqa: E402
+from peer_common import gloucester, peak_rss_mib, time_steps  # noqa: E402
 
 
 def load(path):
@@ -36,16 +36,6 @@ def load(path):
     d, f = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     return model, path
-
-
-def gloucester():
-    text = open("data/tiny_shakespeare.txt", encoding="utf-8").read()
-    out = []
-    for block in text.split("\n\n"):
-        lines = block.split("\n")
-        if lines and lines[0] == "GLOUCESTER:":
-            out.extend(l + "\n" for l in lines[1:])
-    return "".join(out)
 
 
 def main():

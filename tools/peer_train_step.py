@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_timing import peak_rss_mib, time_steps  # noqa: E402
+from peer_common import gloucester, peak_rss_mib, time_steps  # noqa: E402
 
 VOCAB, D, LAYERS, HEADS, FF, CTX, BATCH = 256, 128, 4, 4, 512, 64, 32
 
@@ -66,16 +66,6 @@ class Lm(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def gloucester():
-    text = open("data/tiny_shakespeare.txt", encoding="utf-8").read()
-    out = []
-    for block in text.split("\n\n"):
-        lines = block.split("\n")
-        if lines and lines[0] == "GLOUCESTER:":
-            out.extend(l + "\n" for l in lines[1:])
-    return "".join(out).encode()
-
-
 def main():
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 15
@@ -84,7 +74,7 @@ def main():
     model = peft.get_peft_model(
         Lm(), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"])
     )
-    data = gloucester()
+    data = gloucester().encode()
     batch = torch.tensor([list(data[i * (CTX + 1) : (i + 1) * (CTX + 1)]) for i in range(BATCH)])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()

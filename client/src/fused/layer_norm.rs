@@ -26,12 +26,20 @@ fn row<B: Backend>(v: FloatTensor<B>) -> FloatTensor<B> {
     B::float_reshape(v, Shape::new([1, k]))
 }
 
-/// `n = (x − μ)·r`, `[m, k]`, composed of elementary ops.
-fn normalized<B: Backend>(x: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+/// `n = (x − μ)·r` `[m, k]` and `r` `[m, 1]`, composed of elementary ops.
+fn normalized_and_rstd<B: Backend>(
+    x: FloatTensor<B>,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
     let c = B::float_sub(x.clone(), B::float_mean_dim(x, 1));
     let var = B::float_mean_dim(B::float_mul(c.clone(), c.clone()), 1);
     let r = B::float_recip(B::float_sqrt(B::float_add_scalar(var, Scalar::Float(eps))));
-    B::float_mul(c, r)
+    (B::float_mul(c, r.clone()), r)
+}
+
+/// `n = (x − μ)·r`, `[m, k]`, composed of elementary ops.
+fn normalized<B: Backend>(x: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    normalized_and_rstd::<B>(x, eps).0
 }
 
 /// `n·γ + β`, composed of elementary ops.
@@ -52,10 +60,7 @@ fn input_grad_composed<B: Backend>(
     eps: f64,
     dy: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let c = B::float_sub(x.clone(), B::float_mean_dim(x, 1));
-    let var = B::float_mean_dim(B::float_mul(c.clone(), c.clone()), 1);
-    let r = B::float_recip(B::float_sqrt(B::float_add_scalar(var, Scalar::Float(eps))));
-    let n = B::float_mul(c, r.clone());
+    let (n, r) = normalized_and_rstd::<B>(x, eps);
     let g = B::float_mul(dy, row::<B>(gamma));
     let mg = B::float_mean_dim(g.clone(), 1);
     let mgn = B::float_mean_dim(B::float_mul(g.clone(), n.clone()), 1);

@@ -1,5 +1,6 @@
-"""Step timing shared by the PyTorch peers (`peer_llm_step.py`, `peer_train_step.py`): the same
-phases as fedlora's benches (forward with the loss, backward, optimizer), medians in ms."""
+"""What the PyTorch peers (`peer_llm_step.py`, `peer_train_step.py`) share: the training text
+(the first client role of tiny Shakespeare, as fedlora's benches use it) and the step timing, by
+the same phases as fedlora's benches (forward with the loss, backward, optimizer), medians in ms."""
 
 import resource
 import statistics
@@ -31,3 +32,14 @@ def time_steps(loss_fn, opt, warmup, reps):
 def peak_rss_mib():
     """This process's peak RSS (loading included); Linux reports ru_maxrss in KiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gloucester():
+    """The lines of GLOUCESTER, the first client role of `data/tiny_shakespeare.txt`."""
+    text = open("data/tiny_shakespeare.txt", encoding="utf-8").read()
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        if lines and lines[0] == "GLOUCESTER:":
+            out.extend(l + "\n" for l in lines[1:])
+    return "".join(out)
