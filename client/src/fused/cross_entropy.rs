@@ -9,8 +9,9 @@
 //! (max, then the sum of `exp` with the vectorised [`exp`](super::vmath::exp)) and the backward
 //! pass one more.
 //!
-//! A target outside `0..vocab` gives a NaN loss for its row (and NaN gradients), never a panic;
-//! the trainers refuse a non-finite loss.
+//! A target outside `0..vocab` gives a NaN loss for its row (and NaN gradients) instead of a
+//! panic. Token ids are not checked against the model's vocabulary when examples are built, so a
+//! tokenizer that does not match its model shows up here.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
