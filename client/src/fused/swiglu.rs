@@ -10,11 +10,9 @@ use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::tensor::{Scalar, Tensor};
-use pulp::Arch;
-use rayon::prelude::*;
 
-use super::vmath::exp;
-use super::{f32_values, flex_f32};
+use super::f32_kernel;
+use super::vmath::{exp, map2, map3};
 
 /// `σ(x) = 1/(1 + e^−x)` with the vectorised [`exp`](super::vmath::exp) (saturating, so no
 /// overflow: `σ(−100)` is about 6e−39 instead of 0).
@@ -23,48 +21,20 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
-/// Elementwise `f(a, b, c)` over three same-shape f32 flex tensors (`c` optional), in parallel.
-fn zip_f32(
+/// `f(a, b)` elementwise over two same-shape f32 flex tensors (`None`: not f32 or not the same
+/// length).
+fn zip2(
     a: &FloatTensor<Flex>,
     b: &FloatTensor<Flex>,
-    c: Option<&FloatTensor<Flex>>,
-    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+    f: impl Fn(f32, f32) -> f32 + Sync,
 ) -> Option<FloatTensor<Flex>> {
-    let (ac, shape) = f32_values(a)?;
-    let (bc, _) = f32_values(b)?;
-    let cc = match c {
-        Some(c) => Some(f32_values(c)?.0),
-        None => None,
-    };
-    let (av, bv) = (ac.as_slice::<f32>()?, bc.as_slice::<f32>()?);
-    let cv = match &cc {
-        Some(c) => Some(c.as_slice::<f32>()?),
-        None => None,
-    };
-    if av.len() != bv.len() || cv.is_some_and(|c| c.len() != av.len()) {
-        return None;
-    }
-    let mut out = vec![0f32; av.len()];
-    const PER: usize = 16_384;
-    let arch = Arch::new();
-    out.par_chunks_mut(PER).enumerate().for_each(|(t, o)| {
-        let s = t * PER;
-        let (a, b) = (&av[s..s + o.len()], &bv[s..s + o.len()]);
-        arch.dispatch(|| match cv {
-            Some(c) => {
-                let c = &c[s..s + o.len()];
-                for (((o, &a), &b), &c) in o.iter_mut().zip(a).zip(b).zip(c) {
-                    *o = f(a, b, c);
-                }
-            }
-            None => {
-                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(a, b, 0.0);
-                }
-            }
-        });
-    });
-    Some(flex_f32(out, shape))
+    f32_kernel([a, b], |[a, b], shape| {
+        (a.len() == b.len()).then(|| {
+            let mut out = vec![0f32; a.len()];
+            map2(a, b, &mut out, f);
+            (out, shape.clone())
+        })
+    })
 }
 
 /// `silu(g)·u`, composed of elementary ops.
@@ -114,8 +84,7 @@ pub trait FusedSwiglu: Backend {
 
 impl FusedSwiglu for Flex {
     fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
-        zip_f32(&g, &u, None, |g, u, _| g * sigmoid(g) * u)
-            .unwrap_or_else(|| composed::<Self>(g, u))
+        zip2(&g, &u, |g, u| g * sigmoid(g) * u).unwrap_or_else(|| composed::<Self>(g, u))
     }
 
     fn swiglu_gate_grad(
@@ -123,16 +92,21 @@ impl FusedSwiglu for Flex {
         u: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        zip_f32(&g, &u, Some(&dy), |g, u, d| {
-            let s = sigmoid(g);
-            d * u * s * (1.0 + g * (1.0 - s))
+        f32_kernel([&g, &u, &dy], |[gs, us, ds], shape| {
+            (gs.len() == us.len() && gs.len() == ds.len()).then(|| {
+                let mut out = vec![0f32; gs.len()];
+                map3(gs, us, ds, &mut out, |g, u, d| {
+                    let s = sigmoid(g);
+                    d * u * s * (1.0 + g * (1.0 - s))
+                });
+                (out, shape.clone())
+            })
         })
         .unwrap_or_else(|| gate_grad_composed::<Self>(g, u, dy))
     }
 
     fn swiglu_up_grad(g: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
-        zip_f32(&g, &dy, None, |g, d, _| d * g * sigmoid(g))
-            .unwrap_or_else(|| up_grad_composed::<Self>(g, dy))
+        zip2(&g, &dy, |g, d| d * g * sigmoid(g)).unwrap_or_else(|| up_grad_composed::<Self>(g, dy))
     }
 }
 

@@ -120,6 +120,26 @@ impl<F: Fn(f32, f32) -> f32> WithSimd for Map2<'_, F> {
     }
 }
 
+struct Map3<'a, F> {
+    a: &'a [f32],
+    b: &'a [f32],
+    c: &'a [f32],
+    dst: &'a mut [f32],
+    f: &'a F,
+}
+
+impl<F: Fn(f32, f32, f32) -> f32> WithSimd for Map3<'_, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let abc = self.a.iter().zip(self.b).zip(self.c);
+        for (d, ((&a, &b), &c)) in self.dst.iter_mut().zip(abc) {
+            *d = (self.f)(a, b, c);
+        }
+    }
+}
+
 /// Values per rayon task: small tensors stay on one thread.
 const PER_TASK: usize = 16_384;
 
@@ -152,6 +172,39 @@ pub fn map2(a: &[f32], b: &[f32], dst: &mut [f32], f: impl Fn(f32, f32) -> f32 +
     dst.par_chunks_mut(PER_TASK)
         .zip(a.par_chunks(PER_TASK).zip(b.par_chunks(PER_TASK)))
         .for_each(|(dst, (a, b))| arch.dispatch(Map2 { a, b, dst, f: &f }));
+}
+
+/// `dst[i] = f(a[i], b[i], c[i])`, vectorised for this CPU, on all cores for large slices.
+///
+/// # Panics
+/// If the slices differ in length (a caller's bug, not an input error).
+pub fn map3(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    dst: &mut [f32],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) {
+    assert!(
+        a.len() == dst.len() && b.len() == dst.len() && c.len() == dst.len(),
+        "map3 over slices of different lengths"
+    );
+    let arch = Arch::new();
+    let abc = a
+        .par_chunks(PER_TASK)
+        .zip(b.par_chunks(PER_TASK))
+        .zip(c.par_chunks(PER_TASK));
+    dst.par_chunks_mut(PER_TASK)
+        .zip(abc)
+        .for_each(|(dst, ((a, b), c))| {
+            arch.dispatch(Map3 {
+                a,
+                b,
+                c,
+                dst,
+                f: &f,
+            })
+        });
 }
 
 #[cfg(test)]
