@@ -444,6 +444,10 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
     .expect("federation finishes");
     assert!(ok);
     let reports = reports(handles).await;
+    let server_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(fx.certs.join("server.pem")).unwrap()
+    };
     for (i, r) in reports.iter().enumerate() {
         let rec = fedlora_client::client_dp::ClientDpRecord::load(Some(
             &fx.dir.path().join(format!("client-{i}")),
@@ -453,6 +457,11 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
             assert_eq!(r.rounds.len(), 1, "{r:?}");
             assert_eq!(rec.plans.len(), 1);
             assert_eq!(rec.plans[0].rounds, r.rounds);
+            // the plan was admitted with the coordinator's signature, made with the key of the
+            // certificate its TLS handshake presented, and it verifies again from the record
+            let signed = rec.plans[0].signed.as_ref().expect("a signed plan");
+            assert_eq!(signed.certificate, hex::encode(&server_der));
+            assert_eq!(signed.verify(&rec.plans[0].plan), Ok(()));
         } else {
             assert!(r.rounds.is_empty(), "{r:?}");
             assert!(
@@ -486,6 +495,12 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
         }
     }
     assert!(st.to_markdown().contains("ε (b), against the coordinator"));
+    let sig = c.plans[0]
+        .coordinator_signature
+        .as_ref()
+        .expect("signature");
+    assert!(sig.verifies);
+    assert!(st.to_markdown().contains("verified (certificate SHA-256"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

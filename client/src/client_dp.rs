@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use fedlora_dp::client_level::{coordinator_event, observer_event};
 use fedlora_dp::ledger::Accountant;
 use fedlora_dp::DpEvent;
-use fedlora_protocol::client_dp::{plan_digest, ClientDpPlan};
+use fedlora_protocol::client_dp::{plan_digest, ClientDpPlan, PlanRefusal};
+use fedlora_protocol::plan_signature::{self, PlanSignature};
 use fedlora_protocol::Codec;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,63 @@ pub struct PlanParticipation {
     pub codec: String,
     /// Rounds this client was charged for (uploaded, or sent its masked input), ascending.
     pub rounds: Vec<u64>,
+    /// The coordinator's signature of the plan, checked when the plan was admitted (records
+    /// written before plans were signed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<CoordinatorSignature>,
+}
+
+/// The coordinator's signature of a plan and what an auditor needs to check it again: the
+/// codec it was signed with and the coordinator's certificate (the one the client's TLS
+/// handshake verified against the federation CA).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorSignature {
+    /// The codec signed together with the plan.
+    pub codec: Codec,
+    /// Hex of the ECDSA P-256 / SHA-256 signature ([`plan_signature::signed_bytes`]).
+    pub signature: String,
+    /// Hex of the coordinator's certificate (DER).
+    pub certificate: String,
+}
+
+impl CoordinatorSignature {
+    /// Checks the coordinator's `signature` of `plan` (with `codec`) against the key of
+    /// `certificate` (DER, the end-entity certificate the TLS handshake verified). A missing or
+    /// wrong signature, or a certificate without a P-256 key, is [`PlanRefusal::Unsigned`].
+    pub fn check(
+        certificate: Option<&[u8]>,
+        plan: &ClientDpPlan,
+        codec: &Codec,
+        signature: Option<&PlanSignature>,
+    ) -> Result<Self, PlanRefusal> {
+        let der = certificate.ok_or_else(|| {
+            PlanRefusal::Unsigned("no coordinator certificate on this connection".into())
+        })?;
+        plan_signature::verify(&certificate_key(der)?, plan, codec, signature)?;
+        let sig = signature.expect("verified above");
+        Ok(Self {
+            codec: codec.clone(),
+            signature: hex::encode(&sig.signature),
+            certificate: hex::encode(der),
+        })
+    }
+
+    /// Checks this stored signature again against `plan` (for an auditor, from the record).
+    pub fn verify(&self, plan: &ClientDpPlan) -> Result<(), PlanRefusal> {
+        let bad = |what: &str| PlanRefusal::Unsigned(format!("stored {what} is not hex"));
+        let der = hex::decode(&self.certificate).map_err(|_| bad("certificate"))?;
+        let signature = PlanSignature {
+            signature: hex::decode(&self.signature).map_err(|_| bad("signature"))?,
+        };
+        plan_signature::verify(&certificate_key(&der)?, plan, &self.codec, Some(&signature))
+    }
+}
+
+/// The uncompressed SEC1 public key of a DER certificate.
+fn certificate_key(der: &[u8]) -> Result<Vec<u8>, PlanRefusal> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PlanRefusal::Unsigned(format!("coordinator certificate: {e}")))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
 /// Everything a client has been charged for at the client level.
@@ -89,8 +147,15 @@ impl ClientDpRecord {
             .map_or(0, |p| p.rounds.len() as u64)
     }
 
-    /// Records that this client is charged for `round` under `plan` (idempotent per round).
-    pub fn record(&mut self, plan: &ClientDpPlan, codec: &Codec, round: u64) {
+    /// Records that this client is charged for `round` under `plan` (idempotent per round),
+    /// keeping the first coordinator signature seen for the plan.
+    pub fn record(
+        &mut self,
+        plan: &ClientDpPlan,
+        codec: &Codec,
+        round: u64,
+        signed: Option<&CoordinatorSignature>,
+    ) {
         let d = hex::encode(plan_digest(Some(plan), codec));
         let entry = match self.plans.iter_mut().position(|p| p.digest == d) {
             Some(i) => &mut self.plans[i],
@@ -100,10 +165,14 @@ impl ClientDpRecord {
                     plan: plan.clone(),
                     codec: codec.name(),
                     rounds: Vec::new(),
+                    signed: None,
                 });
                 self.plans.last_mut().expect("just pushed")
             }
         };
+        if entry.signed.is_none() {
+            entry.signed = signed.cloned();
+        }
         if let Err(i) = entry.rounds.binary_search(&round) {
             entry.rounds.insert(i, round);
         }
@@ -177,9 +246,9 @@ mod tests {
         );
         let codec = Codec::DenseF32;
         let mut r = ClientDpRecord::load(Some(dir.path())).unwrap();
-        r.record(&p, &codec, 3);
-        r.record(&p, &codec, 3);
-        r.record(&p, &codec, 1);
+        r.record(&p, &codec, 3, None);
+        r.record(&p, &codec, 3, None);
+        r.record(&p, &codec, 1, None);
         r.save(Some(dir.path())).unwrap();
         let back = ClientDpRecord::load(Some(dir.path())).unwrap();
         assert_eq!(back, r);
@@ -199,10 +268,81 @@ mod tests {
             ),
             &codec,
             5,
+            None,
         );
         assert_eq!(c.coordinator_epsilon(1e-5).unwrap(), f64::INFINITY);
         // a damaged record is an error, not a reset
         std::fs::write(ClientDpRecord::path(dir.path()), b"{").unwrap();
         assert!(ClientDpRecord::load(Some(dir.path())).is_err());
+    }
+
+    /// A self-signed P-256 certificate (DER) and its key as a plan signer.
+    fn coordinator() -> (Vec<u8>, fedlora_protocol::secagg::crypto::EcdsaP256Signer) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["coordinator".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let signer =
+            fedlora_protocol::secagg::crypto::EcdsaP256Signer::from_pkcs8(&key.serialize_der())
+                .unwrap();
+        (cert.der().to_vec(), signer)
+    }
+
+    #[test]
+    fn a_plan_is_admitted_only_with_the_connected_coordinators_signature_and_an_auditor_can_recheck_it(
+    ) {
+        let (cert, key) = coordinator();
+        let (other_cert, _) = coordinator();
+        let p = plan(
+            ClientDpMode::Central,
+            ClientNoise::Gaussian {
+                noise_multiplier: 0.7,
+            },
+        );
+        let codec = Codec::DenseF32;
+        let sig = plan_signature::sign(&key, &p, &codec).unwrap();
+        let unsigned = |r: Result<CoordinatorSignature, PlanRefusal>| {
+            matches!(r, Err(PlanRefusal::Unsigned(_)))
+        };
+        // missing signature, missing certificate, another coordinator's certificate
+        assert!(unsigned(CoordinatorSignature::check(
+            Some(&cert),
+            &p,
+            &codec,
+            None
+        )));
+        assert!(unsigned(CoordinatorSignature::check(
+            None,
+            &p,
+            &codec,
+            Some(&sig)
+        )));
+        assert!(unsigned(CoordinatorSignature::check(
+            Some(&other_cert),
+            &p,
+            &codec,
+            Some(&sig)
+        )));
+        let signed = CoordinatorSignature::check(Some(&cert), &p, &codec, Some(&sig)).unwrap();
+
+        // kept in the record across a restart, and still verifiable from it alone
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = ClientDpRecord::default();
+        r.record(&p, &codec, 1, Some(&signed));
+        r.save(Some(dir.path())).unwrap();
+        let back = ClientDpRecord::load(Some(dir.path())).unwrap();
+        let entry = &back.plans[0];
+        let stored = entry.signed.as_ref().unwrap();
+        assert_eq!(stored.verify(&entry.plan), Ok(()));
+        // a record whose plan was edited afterwards (less noise) no longer verifies
+        let mut edited = entry.plan.clone();
+        edited.noise = ClientNoise::Gaussian {
+            noise_multiplier: 0.3,
+        };
+        assert!(matches!(
+            stored.verify(&edited),
+            Err(PlanRefusal::Unsigned(_))
+        ));
     }
 }

@@ -1129,13 +1129,17 @@ impl FederatedClient {
             return Ok(Work::Decline(offer.round, reason));
         }
         // a client-level DP plan is checked against this client's minimums before training
+        let mut plan_signed = None;
         if let Some(plan) = &offer.config.client_dp {
-            if let Err(reason) = self.admit_client_dp(plan, &offer.config) {
-                warn!(round = offer.round, %reason, "client-level DP plan refused");
-                return Ok(Work::Decline(
-                    offer.round,
-                    DeclineReason::ClientDpPlanRefused,
-                ));
+            match self.admit_client_dp(plan, &offer, s) {
+                Ok(signed) => plan_signed = Some(signed),
+                Err(reason) => {
+                    warn!(round = offer.round, %reason, "client-level DP plan refused");
+                    return Ok(Work::Decline(
+                        offer.round,
+                        DeclineReason::ClientDpPlanRefused,
+                    ));
+                }
             }
         }
         // a round whose time cannot fit a step (or, with EarlyStop::Decline, every step) is
@@ -1235,7 +1239,7 @@ impl FederatedClient {
                 }
                 // charged before the masked input leaves: the coordinator can unmask it with
                 // the neighbours' shares alone, whether or not this client answers
-                self.charge_client_dp(plan, codec, offer.round)?;
+                self.charge_client_dp(plan, codec, offer.round, plan_signed.as_ref())?;
             }
             let masked = match st.cr.masked_input(shares, &ints) {
                 Ok(m) => m,
@@ -1252,7 +1256,7 @@ impl FederatedClient {
         }
         if let Some(plan) = &offer.config.client_dp {
             // central mode: charged before the update leaves
-            self.charge_client_dp(plan, &offer.config.codec, offer.round)?;
+            self.charge_client_dp(plan, &offer.config.codec, offer.round, plan_signed.as_ref())?;
         }
         if dp_round {
             // post-processing of DP outputs only: the type has no room for a loss, a count or ε
@@ -1321,15 +1325,36 @@ impl FederatedClient {
         plan: &ClientDpPlan,
         codec: &Codec,
         round: u64,
+        signed: Option<&crate::client_dp::CoordinatorSignature>,
     ) -> Result<(), ClientError> {
         let mut rec = self.client_dp.lock().expect("lock");
-        rec.record(plan, codec, round);
+        rec.record(plan, codec, round, signed);
         rec.save(self.config.state_dir.as_deref())
     }
 
-    /// Checks a client-level DP plan: consistent with the round's codec and secure
-    /// aggregation, and within this client's policy given the rounds it already took part in.
+    /// Checks a client-level DP plan: signed by the coordinator this session's TLS handshake
+    /// verified, consistent with the round's codec and secure aggregation, and within this
+    /// client's policy given the rounds it already took part in. Returns the checked signature
+    /// (kept in the client's record).
     fn admit_client_dp(
+        &self,
+        plan: &ClientDpPlan,
+        offer: &RoundOffer,
+        s: &Session,
+    ) -> Result<crate::client_dp::CoordinatorSignature, PlanRefusal> {
+        let cfg = &offer.config;
+        let signed = crate::client_dp::CoordinatorSignature::check(
+            s.peer_certificate().as_deref(),
+            plan,
+            &cfg.codec,
+            offer.plan_signature.as_ref(),
+        )?;
+        self.check_client_dp_policy(plan, cfg)?;
+        Ok(signed)
+    }
+
+    /// The policy half of [`Self::admit_client_dp`].
+    fn check_client_dp_policy(
         &self,
         plan: &ClientDpPlan,
         cfg: &fedlora_protocol::TrainConfig,
@@ -1483,6 +1508,7 @@ mod tests {
             rank: None,
             time_left_ms: None,
             global_digest: None,
+            plan_signature: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use fedlora_dp::{DpEvent, PrivacyLedger};
 use fedlora_protocol::client_dp::ClientDpMode;
 use serde::Serialize;
+use sha2::Digest;
 
 use crate::client_dp::ClientDpRecord;
 use crate::error::ClientError;
@@ -72,6 +73,21 @@ pub struct ClientPlan {
     pub secure_aggregation: bool,
     /// Rounds it was charged for.
     pub rounds_taken_part: Vec<u64>,
+    /// The coordinator's signature of the plan, checked again from the record: the SHA-256 of
+    /// the signing certificate (DER) and whether the signature verifies (`None`: a record made
+    /// before plans were signed).
+    pub coordinator_signature: Option<SignatureCheck>,
+}
+
+/// The coordinator's plan signature, as checked again for the statement.
+#[derive(Clone, Debug, Serialize)]
+pub struct SignatureCheck {
+    /// Hex SHA-256 of the coordinator's certificate (DER) that signed the plan.
+    pub certificate_sha256: String,
+    /// Hex of the signature (ECDSA P-256, SHA-256, fixed encoding).
+    pub signature: String,
+    /// Whether it verifies against the recorded plan and certificate now.
+    pub verifies: bool,
 }
 
 /// Client-level DP: all of the client's data is protected.
@@ -213,6 +229,13 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
                 collusion: p.plan.collusion,
                 secure_aggregation: p.plan.mode == ClientDpMode::Distributed,
                 rounds_taken_part: p.rounds.clone(),
+                coordinator_signature: p.signed.as_ref().map(|sig| SignatureCheck {
+                    certificate_sha256: hex::encode(sha2::Sha256::digest(
+                        hex::decode(&sig.certificate).unwrap_or_default(),
+                    )),
+                    signature: sig.signature.clone(),
+                    verifies: sig.verify(&p.plan).is_ok(),
+                }),
             }
         })
         .collect();
@@ -342,11 +365,11 @@ impl PrivacyStatement {
                 c.delta
             );
             s += "| mode | target ε (a) | ε (a), RDP (PLD) | T | q | S | noise | codec | \
-                  min_clients | c | secure | rounds taken part in |\n\
-                  |---|---|---|---|---|---|---|---|---|---|---|---|\n";
+                  min_clients | c | secure | rounds taken part in | signed by the coordinator |\n\
+                  |---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
             for p in &c.plans {
                 s += &format!(
-                    "| {} | {} | {} | {} | {:.5} | {} | {} | `{}` | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {:.5} | {} | {} | `{}` | {} | {} | {} | {} | {} |\n",
                     p.mode,
                     p.target_epsilon,
                     match p.epsilon_observers_pld {
@@ -361,7 +384,15 @@ impl PrivacyStatement {
                     p.min_clients,
                     p.collusion,
                     p.secure_aggregation,
-                    list(&p.rounds_taken_part)
+                    list(&p.rounds_taken_part),
+                    match &p.coordinator_signature {
+                        None => "not recorded".to_string(),
+                        Some(c) if c.verifies => format!(
+                            "verified (certificate SHA-256 {}…)",
+                            &c.certificate_sha256[..16]
+                        ),
+                        Some(_) => "**does not verify**".to_string(),
+                    }
                 );
             }
             s += "\nReleased:\n";

@@ -233,6 +233,16 @@ impl Session {
         self.request_raw(&frame::encode(msg)?).await
     }
 
+    /// The coordinator's end-entity certificate (DER), as the TLS handshake verified it
+    /// against the federation CA and the server name.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        let id = self.conn.peer_identity()?;
+        let certs = id
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        certs.first().map(|c| c.to_vec())
+    }
+
     /// The QUIC connection (for tests that open their own streams).
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn

@@ -35,6 +35,23 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| err(path, e))
 }
 
+/// The server certificate's key as the signer of client-level DP plans
+/// ([`fedlora_protocol::plan_signature`]): it must be an ECDSA P-256 key in PKCS#8, as
+/// `fedlora certs init` makes it, so that clients can check plan signatures against the
+/// certificate their TLS handshake verified.
+pub fn load_plan_signer(path: &Path) -> Result<fedlora_protocol::secagg::crypto::EcdsaP256Signer> {
+    match load_key(path)? {
+        PrivateKeyDer::Pkcs8(k) => {
+            fedlora_protocol::secagg::crypto::EcdsaP256Signer::from_pkcs8(k.secret_pkcs8_der())
+                .map_err(|e| err(path, format!("{e} (client-level DP plans are signed with the server key, which must be ECDSA P-256)")))
+        }
+        _ => Err(err(
+            path,
+            "client-level DP plans are signed with the server key, which must be an ECDSA P-256 key in PKCS#8",
+        )),
+    }
+}
+
 /// The transport settings shared by server and client: idle timeout and keep-alives.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

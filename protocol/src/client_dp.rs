@@ -8,7 +8,8 @@
 //! - (b) against the coordinator, which knows the sample: each round the client took part in
 //!   counts at q = 1. In central mode (b) is ∞.
 //!
-//! The plan travels inside [`TrainConfig`](crate::TrainConfig), so it is covered by the round
+//! The plan travels inside [`TrainConfig`](crate::TrainConfig), signed by the coordinator's
+//! certificate key ([`crate::plan_signature`]), and it is covered by the round
 //! configuration's digest that every secure-aggregation participant signs in its consistency
 //! check ([`plan_digest`]): a coordinator cannot show different clients different plans
 //! without the signatures failing.
@@ -125,6 +126,10 @@ pub enum PlanRefusal {
     /// Central mode, or spending by (a), needs a client that trusts the coordinator.
     #[error("the plan needs a trusted coordinator: {0}")]
     NeedsTrust(String),
+    /// The plan is not signed by the coordinator the client is connected to
+    /// ([`crate::plan_signature`]).
+    #[error("client-level DP plan not signed by the coordinator: {0}")]
+    Unsigned(String),
 }
 
 impl ClientDpPlan {

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod identity;
 pub mod limits;
 pub mod message;
+pub mod plan_signature;
 pub mod rank;
 pub mod resumable;
 pub mod round;

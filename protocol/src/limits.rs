@@ -171,6 +171,9 @@ pub fn check_coord_msg(m: &CoordMsg) -> Result<(), ProtocolError> {
             if let Some(s) = &offer.secure_shares {
                 shares(s)?;
             }
+            if let Some(sig) = &offer.plan_signature {
+                bounded("plan signature", sig.signature.len(), MAX_SIGNATURE_LEN)?;
+            }
             Ok(())
         }
         Task::SecAgg { task, .. } => match task.as_ref() {

@@ -21,7 +21,11 @@ use crate::error::Refusal;
 /// Version 5: client-level DP: the round config carries a [`crate::client_dp::ClientDpPlan`],
 /// the Skellam codec, a `ClientDpPlanRefused` decline, and survivors sign the plan's digest
 /// with their consistency view.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// Version 6: the device SDK: deadlines in offers, device decline reasons, certificate renewal,
+/// resumable uploads and downloads by digest.
+/// Version 7: a [`RoundOffer`] with a client-level DP plan carries the coordinator's signature
+/// of it ([`crate::plan_signature`]).
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -532,6 +536,10 @@ pub struct RoundOffer {
     /// ([`ClientMsg::FetchGlobal`]).
     #[serde(default)]
     pub global_digest: Option<crate::resumable::GlobalDigest>,
+    /// The coordinator's signature of `config.client_dp` with `config.codec`, made with its TLS
+    /// certificate's key ([`crate::plan_signature`]); `None` without a client-level plan.
+    #[serde(default)]
+    pub plan_signature: Option<crate::plan_signature::PlanSignature>,
 }
 
 /// How the coordinator sends the global adapter down.

@@ -172,6 +172,9 @@ fn coord_seeds() -> Vec<Vec<u8>> {
             rank: None,
             time_left_ms: Some(60_000),
             global_digest: None,
+            plan_signature: Some(fedlora_protocol::plan_signature::PlanSignature {
+                signature: vec![5; 64],
+            }),
         })),
         CoordMsg::Task(Task::Evaluate {
             version: 2,

@@ -513,6 +513,12 @@ fn offer_frame_len(
         // the bytes of the deployed offer, which carries the time left
         time_left_ms: Some(fed.config().round_timeout_ms),
         global_digest: None,
+        // the deployed offer's signature, when it carries a client-level plan
+        plan_signature: train.client_dp.as_ref().map(|_| {
+            fedlora_protocol::plan_signature::PlanSignature {
+                signature: vec![0; fedlora_protocol::plan_signature::PLAN_SIGNATURE_LEN],
+            }
+        }),
     };
     Ok(frame::encode(&CoordMsg::Task(Task::Train(offer)))?.len() as u64)
 }

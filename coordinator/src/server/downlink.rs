@@ -170,6 +170,13 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                     None => global_payload(shared, &global, client, held, train.downlink),
                 };
                 let (payload, global_digest) = by_digest(global_from, rank, payload);
+                let plan_signature = match sign_plan(shared, &train) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(%client, error = %e, "cannot sign the client-level DP plan");
+                        return (CoordMsg::Task(wait), None);
+                    }
+                };
                 return (
                     CoordMsg::Task(Task::Train(RoundOffer {
                         round,
@@ -184,6 +191,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                         rank,
                         time_left_ms: Some(deadline_ms.saturating_sub(now_ms())),
                         global_digest,
+                        plan_signature,
                     })),
                     Some(round),
                 );
@@ -208,6 +216,23 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         Directive::Finished { version } => Task::Finished { version },
     };
     (CoordMsg::Task(task), None)
+}
+
+/// The coordinator's signature of the round's client-level DP plan (`None` without one).
+fn sign_plan(
+    shared: &Shared,
+    train: &fedlora_protocol::TrainConfig,
+) -> std::result::Result<Option<fedlora_protocol::plan_signature::PlanSignature>, String> {
+    let Some(plan) = &train.client_dp else {
+        return Ok(None);
+    };
+    let signer = shared
+        .plan_signer
+        .as_ref()
+        .ok_or("no signing key loaded for the plan")?;
+    fedlora_protocol::plan_signature::sign(signer, plan, &train.codec)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -126,6 +126,9 @@ struct Shared {
     enrollment: Option<Arc<crate::enroll::Enrollment>>,
     /// Operator metrics (served when `config.metrics` is set).
     metrics: Arc<crate::metrics::Metrics>,
+    /// The server certificate's key, signing client-level DP plans in offers (when the
+    /// federation has one).
+    plan_signer: Option<fedlora_protocol::secagg::crypto::EcdsaP256Signer>,
     events: broadcast::Sender<Event>,
 }
 
@@ -177,6 +180,10 @@ impl Coordinator {
         // everything that can fail on the user's input fails before anything is created on disk
         let server_config =
             crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let plan_signer = match &config.federation.train.client_dp {
+            Some(_) => Some(crate::tls::load_plan_signer(&config.tls.key)?),
+            None => None,
+        };
         let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
         let metrics_listener = match config.metrics {
             Some(addr) => Some(crate::metrics::bind(addr).await?),
@@ -308,6 +315,7 @@ impl Coordinator {
             )),
             enrollment,
             metrics: Arc::new(crate::metrics::Metrics::default()),
+            plan_signer,
             events,
         });
         {
