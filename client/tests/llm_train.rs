@@ -164,3 +164,32 @@ fn the_adapter_spec_names_the_base_model() {
     assert!(a.spec().base().unwrap().starts_with("sha256:"));
     assert!(a.model_with(&b.initial_adapter()).is_err());
 }
+
+#[test]
+fn examples_from_a_tokenizer_that_does_not_match_the_model_are_refused_with_a_typed_error() {
+    let trainer = LlmTrainer::load(&fixtures().join("llama"), &lora(), 1).unwrap();
+    let vocab = trainer.llm().model.vocab_size() as u32;
+    let mut data = shakespeare(&trainer)[..4].to_vec();
+    data[2].ids[5] = vocab; // one id past the embedding table
+    let g = trainer.initial_adapter();
+    let cfg = TrainConfig {
+        local_steps: 1,
+        batch_size: 2,
+        ..Default::default()
+    };
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
+    for r in [
+        trainer.train(&g, &data, &cfg, &mut rng).map(|_| ()),
+        trainer.evaluate(&g, &data).map(|_| ()),
+    ] {
+        match r {
+            Err(fedlora_client::error::ClientError::Data(m)) => {
+                assert!(m.contains(&format!("token id {vocab}")), "{m}")
+            }
+            other => panic!("expected a data error, got {other:?}"),
+        }
+    }
+    // the last id of the vocabulary is fine
+    data[2].ids[5] = vocab - 1;
+    assert!(trainer.evaluate(&g, &data).unwrap().loss.is_finite());
+}

@@ -116,6 +116,20 @@ impl LlmTrainer {
         TrainOutcome::finish(&local, global, loss, examples, steps, t0)
     }
 
+    /// Refuses examples holding a token id past the model's vocabulary (made by a tokenizer
+    /// that does not belong to this model): a typed error before any step, instead of the NaN
+    /// loss such a target would give.
+    fn check_vocabulary(&self, examples: &[TokenExample]) -> Result<(), ClientError> {
+        let vocab = self.llm.model.vocab_size();
+        match examples.iter().flat_map(|e| &e.ids).find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(ClientError::Data(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab} ids: the examples \
+                 were tokenized with a tokenizer that does not match this model"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `cfg.local_steps` Adam steps from `global`, each on `cfg.batch_size` examples sampled
     /// uniformly without replacement by `rng`; returns the delta.
     pub fn train<R: Rng + ?Sized>(
@@ -128,6 +142,7 @@ impl LlmTrainer {
         if train.is_empty() {
             return Err(ClientError::Data("no training examples".into()));
         }
+        self.check_vocabulary(train)?;
         let t0 = Instant::now();
         let model = self.model_with(global)?;
         // each example's mean over its scored tokens, averaged over the batch (one window or
@@ -151,6 +166,7 @@ impl LlmTrainer {
         if train.is_empty() {
             return Err(ClientError::Data("no training examples".into()));
         }
+        self.check_vocabulary(train)?;
         let t0 = Instant::now();
         let model = self.model_with(global)?;
         let run = crate::dp_sgd::dp_train_steps(model, train, cfg, dp, rng, noise, &self.device);
@@ -168,6 +184,7 @@ impl LlmTrainer {
         if examples.is_empty() {
             return Err(ClientError::Data("no evaluation examples".into()));
         }
+        self.check_vocabulary(examples)?;
         let model = self.model_with(adapter)?.valid();
         let inner = self.device.clone().inner();
         let (mut nll, mut count) = (0f64, 0f64);
