@@ -121,7 +121,11 @@ impl LlmTrainer {
     /// loss such a target would give.
     fn check_vocabulary(&self, examples: &[TokenExample]) -> Result<(), ClientError> {
         let vocab = self.llm.model.vocab_size();
-        match examples.iter().flat_map(|e| &e.ids).find(|&&t| t as usize >= vocab) {
+        match examples
+            .iter()
+            .flat_map(|e| &e.ids)
+            .find(|&&t| t as usize >= vocab)
+        {
             Some(bad) => Err(ClientError::Data(format!(
                 "token id {bad} is outside the model's vocabulary of {vocab} ids: the examples \
                  were tokenized with a tokenizer that does not match this model"
