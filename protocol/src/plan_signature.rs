@@ -86,18 +86,9 @@ pub fn verify(
 mod tests {
     use super::*;
     use crate::client_dp::ClientDpMode;
-    use crate::secagg::crypto::EcdsaP256Signer;
     use fedlora_dp::client_level::ClientNoise;
 
-    fn key() -> EcdsaP256Signer {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .unwrap();
-        EcdsaP256Signer::from_pkcs8(pkcs8.as_ref()).unwrap()
-    }
+    use crate::secagg::tests::signer as key;
 
     fn plan() -> ClientDpPlan {
         ClientDpPlan {

@@ -392,4 +392,4 @@ pub fn sub_mod(a: &mut [u64], b: &[u64], bits: u32) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -14,7 +14,8 @@ struct Party {
     x: Vec<u64>,
 }
 
-fn signer() -> EcdsaP256Signer {
+/// A fresh ECDSA P-256 signing key (also used by the plan-signature tests).
+pub(crate) fn signer() -> EcdsaP256Signer {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
         &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
