@@ -327,6 +327,13 @@ impl Coordinator {
                 m.dp_planned_rounds.set(dp.planned_rounds as i64);
             }
         }
+        // the first status snapshot is on disk before the coordinator says it listens, so
+        // `fedlora status` works on its data directory from then on (the loop keeps it fresh)
+        if let Err(e) = crate::status::report(&shared.store)
+            .and_then(|r| crate::status::write_snapshot(shared.store.dir(), &r))
+        {
+            warn!(error = %e, "could not write the status snapshot");
+        }
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let ticker = tokio::spawn(tick_loop(shared.clone()));
