@@ -5,18 +5,20 @@ use super::*;
 
 /// Keeps `DATA_DIR/status.json` current: written at start and after every event (a burst of
 /// events is written once), so `fedlora status` works while this process holds the store.
-pub(super) async fn snapshot_loop(shared: Arc<Shared>) {
-    let mut events = shared.events.subscribe();
+/// Writes the status snapshot of `store` now (a failure is logged: the snapshot is a convenience
+/// for `fedlora status`, never a reason to stop serving).
+pub(super) fn write_status_snapshot(store: &crate::store::Store) {
+    if let Err(e) =
+        crate::status::report(store).and_then(|r| crate::status::write_snapshot(store.dir(), &r))
+    {
+        warn!(error = %e, "could not write the status snapshot");
+    }
+}
+
+/// Rewrites the status snapshot after each burst of `events` ([`super::Coordinator::start`]
+/// subscribes them, then writes the first snapshot, so no event between the two is missed).
+pub(super) async fn snapshot_loop(shared: Arc<Shared>, mut events: broadcast::Receiver<Event>) {
     loop {
-        let s = shared.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            crate::status::report(&s.store)
-                .and_then(|r| crate::status::write_snapshot(s.store.dir(), &r))
-        })
-        .await;
-        if let Ok(Err(e)) = written {
-            warn!(error = %e, "could not write the status snapshot");
-        }
         match events.recv().await {
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,
@@ -24,6 +26,8 @@ pub(super) async fn snapshot_loop(shared: Arc<Shared>) {
         // coalesce a burst of events into one write
         tokio::time::sleep(Duration::from_millis(100)).await;
         while events.try_recv().is_ok() {}
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || write_status_snapshot(&s.store)).await;
     }
 }
 

@@ -328,16 +328,14 @@ impl Coordinator {
             }
         }
         // the first status snapshot is on disk before the coordinator says it listens, so
-        // `fedlora status` works on its data directory from then on (the loop keeps it fresh)
-        if let Err(e) = crate::status::report(&shared.store)
-            .and_then(|r| crate::status::write_snapshot(shared.store.dir(), &r))
-        {
-            warn!(error = %e, "could not write the status snapshot");
-        }
+        // `fedlora status` works on its data directory from then on (the loop keeps it fresh
+        // from the events after this subscription)
+        let snapshot_events = shared.events.subscribe();
+        driver::write_status_snapshot(&shared.store);
         info!(addr = %endpoint.local_addr()?, "coordinator listening");
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let ticker = tokio::spawn(tick_loop(shared.clone()));
-        let snapshots = tokio::spawn(snapshot_loop(shared.clone()));
+        let snapshots = tokio::spawn(snapshot_loop(shared.clone(), snapshot_events));
         let mut tasks = vec![accept, ticker, snapshots];
         if let Some(l) = metrics_listener {
             info!(addr = %l.local_addr()?, "serving metrics (/metrics, /healthz)");
