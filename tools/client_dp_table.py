@@ -6,7 +6,12 @@ setting and target epsilon: the final held-out loss (mean +- sd over seeds), the
 non-private gain it keeps (per seed against the mean non-private final loss), the upload per
 participating client per round, epsilon (a) and the largest epsilon (b) of any client.
 
-    python3 tools/client_dp_table.py OUT > OUT/table.md
+    python3 tools/client_dp_table.py OUT [BASELINE_OUT] > OUT/table.md
+
+A sweep without a non-private run (epsilon = inf) takes the non-private final loss from
+BASELINE_OUT's. After the table, each distributed setting is compared with central at the same
+epsilon: the difference of the mean final losses, central's sd over seeds, and the difference per
+seed (the seed fixes the data split, the sample and the initialization in both).
 """
 
 import csv
@@ -15,7 +20,7 @@ import sys
 from collections import defaultdict
 
 
-def main(out: str) -> None:
+def main(out: str, baseline: str | None = None) -> None:
     sums = list(csv.DictReader(open(f"{out}/summary.csv")))
     rounds = list(csv.DictReader(open(f"{out}/rounds.csv")))
     last_b = {}
@@ -28,8 +33,11 @@ def main(out: str) -> None:
         if int(r["aggregated"]) > 0:
             per_round_up[r["run"]].append(int(r["bytes_up"]) / int(r["aggregated"]))
     base = [float(s["final_loss"]) for s in sums if s["epsilon"] == "inf"]
+    if not base and baseline:
+        other = csv.DictReader(open(f"{baseline}/summary.csv"))
+        base = [float(s["final_loss"]) for s in other if s["epsilon"] == "inf"]
     if not base:
-        sys.exit("no non-private run (epsilon = inf) in the sweep")
+        sys.exit("no non-private run (epsilon = inf) in the sweep or its baseline")
     nonpriv = statistics.mean(base)
     groups = defaultdict(list)
     for s in sums:
@@ -67,10 +75,33 @@ def main(out: str) -> None:
             f"{pm(up, 1)} KiB | {pm(eps_a, 2) if eps_a else '-'} | {b_txt} |"
         )
     print(
-        f"\nNon-private final loss {nonpriv:.4f} (mean of {len(base)} seeds); initial "
-        f"{float(sums[0]['initial_loss']):.4f}."
+        f"\nNon-private final loss {nonpriv:.4f} (mean of {len(base)} seeds"
+        f"{' of ' + baseline if baseline and not any(s['epsilon'] == 'inf' for s in sums) else ''}); "
+        f"initial {float(sums[0]['initial_loss']):.4f}."
     )
+    lines = []
+    for (p, e) in sorted(groups, key=key):
+        if not p.startswith("distributed") or ("central", e) not in groups:
+            continue
+        cen = {r["seed"]: float(r["final_loss"]) for r in groups[("central", e)]}
+        dis = {r["seed"]: float(r["final_loss"]) for r in groups[(p, e)]}
+        gap = statistics.mean(dis.values()) - statistics.mean(cen.values())
+        sd = statistics.stdev(cen.values()) if len(cen) > 1 else float("nan")
+        paired = [dis[k] - cen[k] for k in sorted(dis) if k in cen]
+        verdict = "within" if abs(gap) <= sd else "not within"
+        lines.append(
+            f"| {e} | {p} | {gap:+.4f} | {sd:.4f} | {verdict} | {pm(paired, 4)} ({len(paired)} seeds) |"
+        )
+    if lines:
+        print(
+            "\n| target ε | distributed | mean loss − central's | central's sd | one sd? | "
+            "difference per seed |\n|---|---|---|---|---|---|"
+        )
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "client-dp")
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "client-dp",
+        sys.argv[2] if len(sys.argv) > 2 else None,
+    )

@@ -357,8 +357,8 @@ impl PrivacyStatement {
             s += &format!(
                 "\n## Client-level DP\n\n- ε (a), against observers of the released models: \
                  **{}** at δ = {}\n- ε (b), against the coordinator: **{}** at δ = {}\n\
-                 - accountant: RDP (Skellam: Agarwal et al. 2021, subsampled by Zhu & Wang \
-                 2019; Gaussian: Mironov et al. 2019)\n\n",
+                 - accountant: RDP (Skellam: Agarwal et al. 2021, Poisson-subsampled with each \
+                 direction bounded on its own; Gaussian: Mironov et al. 2019)\n\n",
                 eps(c.epsilon_observers),
                 c.delta,
                 eps(c.epsilon_coordinator),

@@ -25,6 +25,19 @@
 //!   every round the client took part in counts at q = 1 ([`coordinator_event`]). In central mode
 //!   the coordinator sees every update in the clear, so (b) is ∞ (`None`).
 //!
+//! # What the distributed accountant assumes
+//! - At least min_clients − c honest clients' noise shares are in every unmasked sum (the
+//!   client checks the signed survivor set before it sends unmask shares).
+//! - The shift is all that one client changes. A sampled client's own noise share also adds
+//!   variance (μ/(min_clients − c) per coordinate), so an observer who knew every other client's
+//!   update could estimate from the sum's D coordinates how many shares it holds (to about
+//!   √(2/D) of the variance). Under (a) the sample is secret and that count varies by
+//!   √(n·q(1−q)) clients from round to round (n eligible), which hides one participant; the
+//!   accountant does not charge for this channel. Papers with a fixed number of clients per
+//!   round (Kairouz et al. 2021, Agarwal et al. 2021) do not have it. Under (b) the coordinator
+//!   knows who took part, so the unit there is one client's data with its participation known
+//!   (zero-out), which the shift covers exactly.
+//!
 //! [`rounded_l2_bound`]: crate::skellam::rounded_l2_bound
 //! [`rounded_l1_bound`]: crate::skellam::rounded_l1_bound
 
@@ -305,7 +318,9 @@ mod tests {
         let s12 = calibrate_distributed(&cfg(12, 4.0)).unwrap();
         let s20 = calibrate_distributed(&cfg(20, 4.0)).unwrap();
         assert!(s20.scale > 10.0 * s12.scale);
-        assert!(s20.noise().effective_multiplier() < s12.noise().effective_multiplier());
+        // the noise in the sum, in units of S: √μ / (s·S)
+        let in_clips = |c: &DistributedCalibration| c.variance.sqrt() / (c.scale * 0.5);
+        assert!(in_clips(&s20) < in_clips(&s12), "{s20:?} {s12:?}");
         // too few bits for 100 clients: a typed error, not a silent wrap
         assert!(calibrate_distributed(&cfg(4, 1.0)).is_err());
     }
@@ -326,5 +341,23 @@ mod tests {
         // two rounds at q = 1 cost more than twenty at q = 0.1 here
         assert!(b > a, "(b) {b} ≤ (a) {a}");
         assert!(honest_clients(10, 10).is_err());
+    }
+
+    #[test]
+    fn distributed_noise_costs_what_central_noise_does_at_the_sweeps_plans() {
+        // client_dp_lm_s06.toml: S = 0.6, 8,192 adapter values, q = 0.1, 10 rounds, δ = 1e-5
+        for eps in [1.0, 2.0, 4.0, 8.0] {
+            let c = DistributedConfig {
+                clip: 0.6,
+                dim: 8192,
+                rounds: 10,
+                ..cfg(16, eps)
+            };
+            let cal = calibrate_distributed(&c).unwrap();
+            let sigma = crate::calibrate::noise_multiplier(c.q, c.rounds, c.delta, eps).unwrap();
+            let ratio = cal.noise().effective_multiplier() / sigma;
+            eprintln!("ε {eps}: distributed σ_eff / central σ = {ratio:.4} (σ {sigma})");
+            assert!(ratio <= 1.03, "ε {eps}: {ratio}");
+        }
     }
 }
