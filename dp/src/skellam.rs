@@ -110,39 +110,37 @@ pub fn subsampled_rdp(alpha: f64, q: f64, rdp: impl Fn(f64) -> f64) -> f64 {
     if q <= 0.0 {
         return 0.0;
     }
-    let a = alpha as u64;
+    let (add, general) = add_and_general(alpha, q, &rdp);
+    let beta = alpha - 1.0;
+    let r_at_minus_q = (-beta * (-q).ln_1p()).exp_m1() - beta * q;
+    let second_order = (r_at_minus_q * rdp(2.0).exp_m1()).ln_1p() / beta;
+    let remove = general.min(-(-q).ln_1p()).min(second_order);
+    add.max(remove).min(unsampled)
+}
+
+/// `(A(α), Z(α))` of [`subsampled_rdp`] for 0 < q < 1: the add side's binomial expansion and
+/// Zhu & Wang's general bound, which differ only in the weight 3 on the terms l ≥ 3.
+fn add_and_general(alpha: f64, q: f64, rdp: impl Fn(f64) -> f64) -> (f64, f64) {
     let (lq, l1q) = (q.ln(), (-q).ln_1p());
     let first = ((alpha - 1.0) * l1q + (alpha * q - q + 1.0).ln(), 1.0);
     let mut add = vec![first];
     let mut general = vec![first];
-    for l in 2..=a {
+    for l in 2..=alpha as u64 {
         let l = l as f64;
         let term = (l - 1.0) * rdp(l) + ln_comb(alpha, l) + (alpha - l) * l1q + l * lq;
         add.push((term, 1.0));
         general.push((term, if l >= 3.0 { 3.0 } else { 1.0 }));
     }
-    let add = log_add_exp(&add) / (alpha - 1.0);
-    let beta = alpha - 1.0;
-    let r_at_minus_q = (-beta * l1q).exp_m1() - beta * q;
-    let second_order = (r_at_minus_q * rdp(2.0).exp_m1()).ln_1p() / beta;
-    let remove = (log_add_exp(&general) / beta).min(-l1q).min(second_order);
-    add.max(remove).min(unsampled)
+    (
+        log_add_exp(&add) / (alpha - 1.0),
+        log_add_exp(&general) / (alpha - 1.0),
+    )
 }
 
 /// Zhu & Wang's (2019) general upper bound alone, for comparison in tests.
 #[cfg(test)]
 fn zhu_wang_rdp(alpha: f64, q: f64, rdp: impl Fn(f64) -> f64) -> f64 {
-    let a = alpha as u64;
-    let (lq, l1q) = (q.ln(), (-q).ln_1p());
-    let mut terms = vec![((alpha - 1.0) * l1q + (alpha * q - q + 1.0).ln(), 1.0)];
-    for l in 2..=a {
-        let l = l as f64;
-        terms.push((
-            (l - 1.0) * rdp(l) + ln_comb(alpha, l) + (alpha - l) * l1q + l * lq,
-            if l >= 3.0 { 3.0 } else { 1.0 },
-        ));
-    }
-    (log_add_exp(&terms) / (alpha - 1.0)).min(rdp(alpha))
+    add_and_general(alpha, q, &rdp).1.min(rdp(alpha))
 }
 
 /// The L2 norm bound after conditional randomized rounding of a vector of L2 norm at most
