@@ -33,9 +33,11 @@ def main(out: str, baseline: str | None = None) -> None:
         if int(r["aggregated"]) > 0:
             per_round_up[r["run"]].append(int(r["bytes_up"]) / int(r["aggregated"]))
     base = [float(s["final_loss"]) for s in sums if s["epsilon"] == "inf"]
+    source = ""
     if not base and baseline:
         other = csv.DictReader(open(f"{baseline}/summary.csv"))
         base = [float(s["final_loss"]) for s in other if s["epsilon"] == "inf"]
+        source = f" of {baseline}"
     if not base:
         sys.exit("no non-private run (epsilon = inf) in the sweep or its baseline")
     nonpriv = statistics.mean(base)
@@ -76,7 +78,7 @@ def main(out: str, baseline: str | None = None) -> None:
         )
     print(
         f"\nNon-private final loss {nonpriv:.4f} (mean of {len(base)} seeds"
-        f"{' of ' + baseline if baseline and not any(s['epsilon'] == 'inf' for s in sums) else ''}); "
+        f"{source}); "
         f"initial {float(sums[0]['initial_loss']):.4f}."
     )
     lines = []

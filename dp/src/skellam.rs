@@ -111,10 +111,10 @@ pub fn subsampled_rdp(alpha: f64, q: f64, rdp: impl Fn(f64) -> f64) -> f64 {
         return 0.0;
     }
     let (add, general) = add_and_general(alpha, q, &rdp);
-    let beta = alpha - 1.0;
-    let r_at_minus_q = (-beta * (-q).ln_1p()).exp_m1() - beta * q;
+    let (beta, l1q) = (alpha - 1.0, (-q).ln_1p());
+    let r_at_minus_q = (-beta * l1q).exp_m1() - beta * q;
     let second_order = (r_at_minus_q * rdp(2.0).exp_m1()).ln_1p() / beta;
-    let remove = general.min(-(-q).ln_1p()).min(second_order);
+    let remove = general.min(-l1q).min(second_order);
     add.max(remove).min(unsampled)
 }
 
