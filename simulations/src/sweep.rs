@@ -776,6 +776,39 @@ seed = [1, 2]
         assert!("x".parse::<Shard>().is_err());
     }
 
+    /// Every committed config parses and validates, and each sweep file has a point to run:
+    /// the configs that README and the result summaries tell users to rerun. A file with an
+    /// `[audit]` table is an audit file (`fedlora audit`).
+    #[test]
+    fn every_committed_config_parses_and_each_sweep_has_points() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let (mut sweeps, mut audits) = (0, 0);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let table: toml::Table =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if table.contains_key("audit") {
+                crate::audit::AuditConfig::from_toml(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                audits += 1;
+            } else {
+                let c = SweepConfig::from_toml(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!c.points().0.is_empty(), "{}: no points", path.display());
+                sweeps += 1;
+            }
+        }
+        assert!(
+            sweeps >= 19 && audits >= 2,
+            "{sweeps} sweep and {audits} audit files under {}",
+            dir.display()
+        );
+    }
+
     #[test]
     fn bad_values_are_refused_with_the_key() {
         for (from, to, key) in [
