@@ -13,12 +13,30 @@ BASELINE_OUT's. After the table, each distributed setting is compared with centr
 epsilon: the difference of the mean final losses, central's sd over seeds, whether distributed is
 within one sd of central ("ahead" when its loss is lower by more than that), and the difference
 per seed (the seed fixes the data split, the sample and the initialization in both).
+
+A tuning sweep that varies more than privacy, epsilon and seed (clip, rank, learning rate, ...)
+gets one row per setting, labelled `privacy name=value ...`, and each distributed setting is
+compared with the central one of the same values. The non-private loss is still the mean of every
+non-private run.
 """
 
 import csv
+import math
 import statistics
 import sys
 from collections import defaultdict
+
+# summary.csv columns that a sweep may vary besides privacy, epsilon and seed
+AXES = [
+    "clip",
+    "rank",
+    "clients_per_round",
+    "rounds",
+    "strategy",
+    "local_steps",
+    "batch_size",
+    "learning_rate",
+]
 
 
 def main(out: str, baseline: str | None = None) -> None:
@@ -42,14 +60,22 @@ def main(out: str, baseline: str | None = None) -> None:
     if not base:
         sys.exit("no non-private run (epsilon = inf) in the sweep or its baseline")
     nonpriv = statistics.mean(base)
+    # settings that vary among the private runs besides privacy and epsilon (a tuning sweep) are
+    # kept apart: they join the privacy label, as `name=value`
+    varied = [
+        c
+        for c in AXES
+        if len({s[c] for s in sums if s["epsilon"] != "inf"}) > 1
+    ]
     groups = defaultdict(list)
     for s in sums:
-        groups[(s["privacy"] or "example", s["epsilon"])].append(s)
+        label = " ".join([s["privacy"] or "example"] + [f"{c}={s[c]}" for c in varied])
+        groups[(label, s["epsilon"])].append(s)
     order = {"example": 0, "central": 1}
 
     def key(k):
         p, e = k
-        return (float("inf") if e == "inf" else float(e), order.get(p, 2), p)
+        return (float("inf") if e == "inf" else float(e), order.get(p.split(" ")[0], 2), p)
 
     def pm(v, d):
         if len(v) == 1:
@@ -84,17 +110,27 @@ def main(out: str, baseline: str | None = None) -> None:
     )
     lines = []
     for (p, e) in sorted(groups, key=key):
-        if not p.startswith("distributed") or ("central", e) not in groups:
+        if not p.startswith("distributed"):
             continue
-        cen = {r["seed"]: float(r["final_loss"]) for r in groups[("central", e)]}
+        central = " ".join(["central"] + p.split(" ")[1:])
+        if (central, e) not in groups:
+            continue
+        cen = {r["seed"]: float(r["final_loss"]) for r in groups[(central, e)]}
         dis = {r["seed"]: float(r["final_loss"]) for r in groups[(p, e)]}
         gap = statistics.mean(dis.values()) - statistics.mean(cen.values())
         sd = statistics.stdev(cen.values()) if len(cen) > 1 else float("nan")
         paired = [dis[k] - cen[k] for k in sorted(dis) if k in cen]
-        # the goal is to reach central's loss to within one sd: lower (better) by more is "ahead"
-        verdict = "within" if abs(gap) <= sd else ("ahead" if gap < 0 else "not within")
+        # the goal is to reach central's loss to within one sd: lower (better) by more is "ahead";
+        # with one central seed there is no sd, and so no verdict
+        if math.isnan(sd):
+            verdict = "-"
+        elif abs(gap) <= sd:
+            verdict = "within"
+        else:
+            verdict = "ahead" if gap < 0 else "not within"
         lines.append(
-            f"| {e} | {p} | {gap:+.4f} | {sd:.4f} | {verdict} | {pm(paired, 4)} ({len(paired)} seeds) |"
+            f"| {e} | {p} | {gap:+.4f} | {'-' if math.isnan(sd) else f'{sd:.4f}'} | {verdict} | "
+            f"{pm(paired, 4)} ({len(paired)} seed{'' if len(paired) == 1 else 's'}) |"
         )
     if lines:
         print(
