@@ -21,7 +21,6 @@ non-private run.
 """
 
 import csv
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -61,7 +60,7 @@ def main(out: str, baseline: str | None = None) -> None:
         sys.exit("no non-private run (epsilon = inf) in the sweep or its baseline")
     nonpriv = statistics.mean(base)
     # settings that vary among the private runs besides privacy and epsilon (a tuning sweep) are
-    # kept apart: they join the privacy label, as `name=value`
+    # kept apart, as `name=value` after the privacy label
     varied = [
         c
         for c in AXES
@@ -69,13 +68,16 @@ def main(out: str, baseline: str | None = None) -> None:
     ]
     groups = defaultdict(list)
     for s in sums:
-        label = " ".join([s["privacy"] or "example"] + [f"{c}={s[c]}" for c in varied])
-        groups[(label, s["epsilon"])].append(s)
+        setting = tuple(f"{c}={s[c]}" for c in varied)
+        groups[(s["privacy"] or "example", setting, s["epsilon"])].append(s)
     order = {"example": 0, "central": 1}
 
     def key(k):
-        p, e = k
-        return (float("inf") if e == "inf" else float(e), order.get(p.split(" ")[0], 2), p)
+        p, setting, e = k
+        return (float("inf") if e == "inf" else float(e), order.get(p, 2), p, setting)
+
+    def label(p, setting):
+        return " ".join((p,) + setting)
 
     def pm(v, d):
         if len(v) == 1:
@@ -87,8 +89,8 @@ def main(out: str, baseline: str | None = None) -> None:
         "upload per client per round | ε (a) | ε (b), largest |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for (p, e) in sorted(groups, key=key):
-        runs = groups[(p, e)]
+    for (p, setting, e) in sorted(groups, key=key):
+        runs = groups[(p, setting, e)]
         loss = [float(r["final_loss"]) for r in runs]
         kept = [
             100.0 * (float(r["initial_loss"]) - float(r["final_loss"]))
@@ -100,7 +102,7 @@ def main(out: str, baseline: str | None = None) -> None:
         b = [last_b.get(r["run"], "") for r in runs]
         b_txt = "-" if not any(b) else ("∞" if "inf" in b else f"{max(float(x) for x in b if x):.1f}")
         print(
-            f"| {e} | {p} | {len(runs)} | {pm(loss, 4)} | {pm(kept, 0)} % | "
+            f"| {e} | {label(p, setting)} | {len(runs)} | {pm(loss, 4)} | {pm(kept, 0)} % | "
             f"{pm(up, 1)} KiB | {pm(eps_a, 2) if eps_a else '-'} | {b_txt} |"
         )
     print(
@@ -109,27 +111,25 @@ def main(out: str, baseline: str | None = None) -> None:
         f"initial {float(sums[0]['initial_loss']):.4f}."
     )
     lines = []
-    for (p, e) in sorted(groups, key=key):
-        if not p.startswith("distributed"):
+    for (p, setting, e) in sorted(groups, key=key):
+        if not p.startswith("distributed") or ("central", setting, e) not in groups:
             continue
-        central = " ".join(["central"] + p.split(" ")[1:])
-        if (central, e) not in groups:
-            continue
-        cen = {r["seed"]: float(r["final_loss"]) for r in groups[(central, e)]}
-        dis = {r["seed"]: float(r["final_loss"]) for r in groups[(p, e)]}
+        cen = {r["seed"]: float(r["final_loss"]) for r in groups[("central", setting, e)]}
+        dis = {r["seed"]: float(r["final_loss"]) for r in groups[(p, setting, e)]}
         gap = statistics.mean(dis.values()) - statistics.mean(cen.values())
-        sd = statistics.stdev(cen.values()) if len(cen) > 1 else float("nan")
+        sd = statistics.stdev(cen.values()) if len(cen) > 1 else None
         paired = [dis[k] - cen[k] for k in sorted(dis) if k in cen]
         # the goal is to reach central's loss to within one sd: lower (better) by more is "ahead";
         # with one central seed there is no sd, and so no verdict
-        if math.isnan(sd):
+        if sd is None:
             verdict = "-"
         elif abs(gap) <= sd:
             verdict = "within"
         else:
             verdict = "ahead" if gap < 0 else "not within"
         lines.append(
-            f"| {e} | {p} | {gap:+.4f} | {'-' if math.isnan(sd) else f'{sd:.4f}'} | {verdict} | "
+            f"| {e} | {label(p, setting)} | {gap:+.4f} | {'-' if sd is None else f'{sd:.4f}'} | "
+            f"{verdict} | "
             f"{pm(paired, 4)} ({len(paired)} seed{'' if len(paired) == 1 else 's'}) |"
         )
     if lines:
