@@ -13,8 +13,8 @@ use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{Device, Tensor, TensorData};
-use fedlora_client::adapter::{adapter_spec, extract_adapter, load_adapter};
-use fedlora_client::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
+use fedlora_train::adapter::{adapter_spec, extract_adapter, load_adapter};
+use fedlora_train::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
 
 #[derive(Module, Debug)]
 struct Mlp {

@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use fedlora_client::llm::generate::{generate, SamplingConfig};
-use fedlora_client::llm::tokenizer::ChatMessage;
-use fedlora_client::llm::{eval, load};
+use fedlora_train::llm::generate::{generate, SamplingConfig};
+use fedlora_train::llm::tokenizer::ChatMessage;
+use fedlora_train::llm::{eval, load};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();

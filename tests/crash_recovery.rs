@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fedlora_client::model::LmConfig;
-use fedlora_client::train::initial_adapter;
 use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_protocol::{
     fedavg, AckStatus, ClientMsg, CoordMsg, FlatAdapter, Task, PROTOCOL_VERSION,
 };
+use fedlora_train::model::LmConfig;
+use fedlora_train::train::initial_adapter;
 
 mod common;
 use common::{next_task, offer, poll, upload};

@@ -8,13 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use burn::tensor::Device;
-use fedlora_client::adapter::{collect_named, NamedFilter};
-use fedlora_client::data::ClientData;
 use fedlora_client::enroll::{cert_not_after, csr, device_key, enroll, exchange, EnrollOptions};
-use fedlora_client::lora::LoraConfig;
-use fedlora_client::model::LmConfig;
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
-use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_client::ClientError;
 use fedlora_coordinator::certs::{default_server_names, init_certs, revoke_device, CertDir};
@@ -23,6 +18,11 @@ use fedlora_coordinator::enroll::EnrollConfig;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::enroll::{EnrollErrorCode, EnrollRequest, EnrollResponse};
 use fedlora_protocol::{ClientMsg, CoordMsg, RefusalCode, PROTOCOL_VERSION};
+use fedlora_train::adapter::{collect_named, NamedFilter};
+use fedlora_train::data::ClientData;
+use fedlora_train::lora::LoraConfig;
+use fedlora_train::model::LmConfig;
+use fedlora_train::train::{initial_adapter, LocalTrainer};
 
 mod common;
 

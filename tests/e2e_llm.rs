@@ -7,9 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedlora_client::llm::data::LlmData;
-use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
-use fedlora_client::lora::LoraConfig;
 use fedlora_client::privacy::PrivacyTarget;
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
 use fedlora_client::transport::ClientTls;
@@ -17,6 +14,9 @@ use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::secagg::SecAggParams;
 use fedlora_protocol::{Codec, DpPlan, FederationConfig, ModularParams, Weighting};
+use fedlora_train::llm::data::LlmData;
+use fedlora_train::llm::trainer::{LlmLearner, LlmTrainer};
+use fedlora_train::lora::LoraConfig;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llm")

@@ -403,3 +403,44 @@ async fn a_server_optimizer_continues_its_moments_exactly_after_a_restart() {
         coord.shutdown().await;
     }
 }
+
+/// The metrics port accepts a connection only once the first status snapshot is on disk, so an
+/// operator's probe that waits for the port (as `cli_first_hour` does) can run `fedlora status`
+/// at once. Before the fix the port listened from the start of `Coordinator::start`, before the
+/// store was even opened, and `fedlora status` raced the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_accepts_only_after_the_first_status_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let metrics: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let data = dir.path().join("state");
+    let mut cfg = CoordinatorConfig::new(data.clone(), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.metrics = Some(metrics);
+    // a probe that connects as fast as it can, and looks for the snapshot the moment it gets in
+    let snapshot = fedlora_coordinator::status::snapshot_path(&data);
+    let probe = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        loop {
+            if std::net::TcpStream::connect(metrics).is_ok() {
+                return snapshot.exists();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "metrics never came up"
+            );
+            std::thread::yield_now();
+        }
+    });
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    assert!(
+        tokio::task::spawn_blocking(move || probe.join().unwrap())
+            .await
+            .unwrap(),
+        "the metrics port accepted before the status snapshot was written"
+    );
+    coord.shutdown().await;
+}

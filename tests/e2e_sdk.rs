@@ -4,18 +4,18 @@
 use std::time::Duration;
 
 use burn::tensor::Device;
-use fedlora_client::adapter::{collect_named, NamedFilter};
-use fedlora_client::data::ClientData;
-use fedlora_client::lora::LoraConfig;
-use fedlora_client::model::LmConfig;
 use fedlora_client::sdk::{ClientConfig, ClientReport, FederatedClient};
-use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::ClientTls;
 use fedlora_client::ClientError;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::FederationConfig;
+use fedlora_train::adapter::{collect_named, NamedFilter};
+use fedlora_train::data::ClientData;
+use fedlora_train::lora::LoraConfig;
+use fedlora_train::model::LmConfig;
+use fedlora_train::train::{initial_adapter, LocalTrainer};
 
 fn tiny(lora: Option<LoraConfig>) -> LmConfig {
     LmConfig::new()

@@ -257,7 +257,7 @@ async fn a_scaled_up_update_is_refused_in_the_clear_and_the_clipped_one_accepted
     );
     let clipped = FlatAdapter::new(
         spec(),
-        fedlora_client::learner::clip_update(big.values(), bound),
+        fedlora_train::learner::clip_update(big.values(), bound),
     )
     .unwrap();
     let (r, _) = sessions[1]

@@ -13,18 +13,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use burn::tensor::Device;
-use fedlora_client::adapter::{collect_named, NamedFilter};
-use fedlora_client::data::ClientData;
-use fedlora_client::lora::LoraConfig;
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
-use fedlora_client::train::{initial_adapter, LocalTrainer};
 use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::store::RoundStatus;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
-use fedlora_protocol::IDLE_TIMEOUT_S;
+use fedlora_train::adapter::{collect_named, NamedFilter};
+use fedlora_train::data::ClientData;
+use fedlora_train::lora::LoraConfig;
+use fedlora_train::train::{initial_adapter, LocalTrainer};
 use rand::{RngExt, SeedableRng};
 use tokio::net::UdpSocket;
+
+/// The clients' QUIC idle timeout in this test (the default is 60 s): the connection's
+/// effective one, as it is the smaller of the two peers'.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the link is cut: past the idle timeout, so the connection is lost.
+const LINK_DOWN: Duration = Duration::from_secs(10);
 
 /// What the proxy does to the datagrams it relays.
 struct Link {
@@ -143,7 +148,7 @@ async fn transfers_resume_over_a_lossy_slow_link_cut_for_longer_than_the_idle_ti
                 common::wait_for_partial_upload(&state, 16_384).await;
                 l.cut.store(true, Ordering::SeqCst);
                 l.cuts.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(IDLE_TIMEOUT_S + 5)).await;
+                tokio::time::sleep(LINK_DOWN).await;
                 l.cut.store(false, Ordering::SeqCst);
                 return;
             }
@@ -156,6 +161,8 @@ async fn transfers_resume_over_a_lossy_slow_link_cut_for_longer_than_the_idle_ti
             cc.state_dir = Some(dir.path().join(format!("client-{i}")));
             // resumable transfers in pieces, so that a cut falls between pieces
             cc.upload_chunk_bytes = 16_384;
+            // a short idle timeout, so the cut outlasts it quickly
+            cc.timers.idle_timeout = IDLE_TIMEOUT;
             let data = ClientData::demo_client(i, 16).unwrap();
             let client = FederatedClient::new(cc, trainer.clone(), data).unwrap();
             tokio::spawn(async move { client.run().await })

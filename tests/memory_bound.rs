@@ -185,7 +185,7 @@ async fn one_client_cannot_grow_the_coordinator_past_its_memory_bound() {
 
 /// The spec hash the `fedlora coordinator` serves (the demo model's default adapter).
 fn spec_hash() -> [u8; 32] {
-    use fedlora_client::model::LmConfig;
-    use fedlora_client::train::initial_adapter;
+    use fedlora_train::model::LmConfig;
+    use fedlora_train::train::initial_adapter;
     initial_adapter(&LmConfig::new()).unwrap().spec().hash()
 }

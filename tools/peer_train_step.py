@@ -5,7 +5,7 @@ Adam), medians.
 
     python3 tools/peer_train_step.py [THREADS] [REPS]
 
-The model is `client/src/model.rs`'s: 256 byte values, d_model 128, 4 pre-norm blocks of 4 heads
+The model is `train/src/model.rs`'s: 256 byte values, d_model 128, 4 pre-norm blocks of 4 heads
 (LayerNorm, causal attention, LayerNorm, fc1 512, exact erf-GELU, fc2), learned positions, a final
 LayerNorm and a linear head, every projection with a bias. LoRA rank 8, alpha 16 on q and v (PEFT),
 batch 32 windows of 64 + 1 bytes from the first client role of tiny Shakespeare (GLOUCESTER), f32

@@ -48,3 +48,22 @@ pub enum ClientError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// The training engine's errors keep their kind (and their message) in the SDK.
+impl From<fedlora_train::TrainError> for ClientError {
+    fn from(e: fedlora_train::TrainError) -> Self {
+        use fedlora_train::TrainError as T;
+        match e {
+            T::Protocol(e) => Self::Protocol(e),
+            T::Model(m) => Self::Model(m),
+            T::ModelFile(m) => Self::ModelFile(m),
+            T::Unsupported(m) => Self::Unsupported(m),
+            T::Data(m) => Self::Data(m),
+            T::Config(m) => Self::Config(m),
+            T::Storage(m) => Self::Storage(m),
+            T::Io(e) => Self::Io(e),
+            // `TrainError` is non-exhaustive: a kind added later still reads as a model error
+            other => Self::Model(other.to_string()),
+        }
+    }
+}

@@ -13,8 +13,8 @@ use fedlora_dp::{DpEvent, PrivacyLedger};
 use fedlora_protocol::{DeclineReason, DpPlan, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::dp_sgd::DpSgdConfig;
 use crate::error::ClientError;
+use fedlora_train::dp_sgd::DpSgdConfig;
 
 /// A client's privacy target for the whole campaign (example-level, add/remove one window).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -63,14 +63,66 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, ClientError> {
     Ok(roots)
 }
 
-fn quic(cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+/// How a client's QUIC connections notice a dead link and how long a handshake may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportTimers {
+    /// A connection silent this long is dropped (the QUIC idle timeout; a connection's
+    /// effective one is the smaller of the client's and the coordinator's). Default
+    /// [`IDLE_TIMEOUT_S`] (60 s).
+    pub idle_timeout: Duration,
+    /// How long a QUIC + TLS handshake may take before the coordinator counts as unreachable.
+    /// Default [`CONNECT_TIMEOUT_S`] (10 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for TransportTimers {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(IDLE_TIMEOUT_S),
+            connect_timeout: Duration::from_secs(CONNECT_TIMEOUT_S),
+        }
+    }
+}
+
+impl TransportTimers {
+    /// The keep-alive interval: [`KEEP_ALIVE_S`] (10 s), or a third of a shorter idle timeout,
+    /// so a live but quiet connection is never dropped.
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(KEEP_ALIVE_S).min(self.idle_timeout / 3)
+    }
+
+    /// Refuses timers QUIC cannot use (zero, or an idle timeout past QUIC's 2⁶² ms).
+    pub fn validate(&self) -> Result<(), ClientError> {
+        if self.idle_timeout < Duration::from_millis(300) {
+            return Err(ClientError::Config(format!(
+                "idle timeout {:?} is too short (at least 300 ms)",
+                self.idle_timeout
+            )));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ClientError::Config(
+                "connect timeout must be positive".into(),
+            ));
+        }
+        quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?;
+        Ok(())
+    }
+}
+
+fn quic(
+    cfg: rustls::ClientConfig,
+    timers: &TransportTimers,
+) -> Result<quinn::ClientConfig, ClientError> {
+    timers.validate()?;
     let q = QuicClientConfig::try_from(cfg).map_err(|e| ClientError::Config(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(q));
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(IDLE_TIMEOUT_S)).expect("valid"),
+        quinn::IdleTimeout::try_from(timers.idle_timeout)
+            .map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?,
     ));
-    t.keep_alive_interval(Some(Duration::from_secs(KEEP_ALIVE_S)));
+    t.keep_alive_interval(Some(timers.keep_alive()));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }
@@ -86,12 +138,20 @@ pub fn enroll_client_config(ca: &Path) -> Result<quinn::ClientConfig, ClientErro
         .with_root_certificates(roots(ca)?)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![fedlora_protocol::enroll::ENROLL_ALPN.to_vec()];
-    quic(cfg)
+    quic(cfg, &TransportTimers::default())
 }
 
 /// A QUIC client config: TLS 1.3 only, ring provider, the federation CA as the only root, this
 /// client's certificate for mutual TLS, the protocol's idle timeout and keep-alive interval.
 pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError> {
+    client_config_with(tls, &TransportTimers::default())
+}
+
+/// [`client_config`] with other idle-timeout and keep-alive settings.
+pub fn client_config_with(
+    tls: &ClientTls,
+    timers: &TransportTimers,
+) -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = roots(&tls.ca)?;
     let chain = CertificateDer::pem_file_iter(&tls.cert)
@@ -106,14 +166,22 @@ pub fn client_config(tls: &ClientTls) -> Result<quinn::ClientConfig, ClientError
         .with_client_auth_cert(chain, key)
         .map_err(|e| tls_err(&tls.cert, e))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    quic(cfg)
+    quic(cfg, timers)
 }
 
 /// A client endpoint on an ephemeral local port.
 pub fn endpoint(tls: &ClientTls) -> Result<quinn::Endpoint, ClientError> {
+    endpoint_with(tls, &TransportTimers::default())
+}
+
+/// [`endpoint`] with other idle-timeout and keep-alive settings.
+pub fn endpoint_with(
+    tls: &ClientTls,
+    timers: &TransportTimers,
+) -> Result<quinn::Endpoint, ClientError> {
     let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
         .map_err(|e| ClientError::Transport(e.to_string()))?;
-    ep.set_default_client_config(client_config(tls)?);
+    ep.set_default_client_config(client_config_with(tls, timers)?);
     Ok(ep)
 }
 
@@ -170,13 +238,30 @@ impl Session {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Self, ClientError> {
+        Self::connect_within(
+            endpoint,
+            addr,
+            server_name,
+            Duration::from_secs(CONNECT_TIMEOUT_S),
+        )
+        .await
+    }
+
+    /// [`Session::connect`], giving the handshake `timeout` instead of [`CONNECT_TIMEOUT_S`].
+    pub async fn connect_within(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let connecting = endpoint
             .connect(addr, server_name)
             .map_err(|e| ClientError::Config(format!("connecting to {addr}: {e}")))?;
-        match tokio::time::timeout(Duration::from_secs(CONNECT_TIMEOUT_S), connecting).await {
+        match tokio::time::timeout(timeout, connecting).await {
             Err(_) => Err(ClientError::Transport(format!(
-                "no answer from {addr} within {CONNECT_TIMEOUT_S} s: is the coordinator running \
-                 and reachable on that UDP address (--coordinator)?"
+                "no answer from {addr} within {}: is the coordinator running \
+                 and reachable on that UDP address (--coordinator)?",
+                humantime_secs(timeout)
             ))),
             Ok(Err(e)) => Err(connection_error(&e, addr, server_name)),
             Ok(Ok(conn)) => Ok(Self {
@@ -251,5 +336,15 @@ impl Session {
     /// Closes the connection.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+/// `10 s`, `1.5 s`: a timeout as people read it.
+fn humantime_secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s} s")
     }
 }

@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::error::{CoordinatorError, Result};
 
@@ -140,10 +140,32 @@ impl Metrics {
     }
 }
 
-/// Binds the metrics port (so a port in use fails the coordinator's start).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+/// Binds the metrics port without listening on it yet, so a port in use fails the
+/// coordinator's start before anything is created on disk, while no connection is accepted
+/// (not even into the kernel's backlog) until [`listen`] is called, once the coordinator is
+/// ready to answer: a probe that reaches `/healthz` finds the status snapshot written.
+pub fn bind(addr: SocketAddr) -> Result<TcpSocket> {
+    let err = |e: std::io::Error| {
         CoordinatorError::Config(format!("cannot serve metrics on {addr}: {e} (--metrics)"))
+    };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // as `TcpListener::bind` does: a restarted coordinator can take its port back at once
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    Ok(socket)
+}
+
+/// Starts accepting connections on a socket from [`bind`].
+pub fn listen(socket: TcpSocket) -> Result<TcpListener> {
+    let addr = socket.local_addr().ok();
+    socket.listen(1024).map_err(|e| {
+        CoordinatorError::Config(format!("cannot serve metrics on {addr:?}: {e} (--metrics)"))
     })
 }
 

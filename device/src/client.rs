@@ -107,6 +107,14 @@ pub struct DeviceArgs {
     /// The longest local training per round (e.g. 90s, 5m); training stops there.
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     max_train_time: Option<std::time::Duration>,
+    /// A connection silent this long counts as lost and is reopened (the QUIC idle timeout; a
+    /// connection's is the smaller of the client's and the coordinator's 60 s).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration, default_value = "60s")]
+    idle_timeout: std::time::Duration,
+    /// How long one connection attempt (QUIC + TLS handshake) may take before the coordinator
+    /// counts as unreachable and the next attempt waits out the backoff.
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration, default_value = "10s")]
+    connect_timeout: std::time::Duration,
     /// Time kept back from the round's deadline for encoding and the upload.
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration, default_value = "5s")]
     upload_margin: std::time::Duration,
@@ -234,6 +242,13 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     cfg.server_name = a.server_name;
     cfg.state_dir = a.state_dir;
     cfg.retry_forever = a.retry_forever;
+    cfg.timers = fedlora_client::transport::TransportTimers {
+        idle_timeout: a.device.idle_timeout,
+        connect_timeout: a.device.connect_timeout,
+    };
+    cfg.timers
+        .validate()
+        .map_err(|e| UsageError(format!("--idle-timeout / --connect-timeout: {e}")))?;
     if a.max_rank == Some(0) {
         return Err(UsageError("--max-rank must be at least 1".into()).into());
     }

@@ -22,6 +22,7 @@ pub struct UsageError(pub String);
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     use fedlora_client::error::ClientError;
     use fedlora_protocol::RefusalCode;
+    use fedlora_train::TrainError;
     if e.downcast_ref::<UsageError>().is_some() {
         return 2;
     }
@@ -35,7 +36,17 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             | ClientError::ModelFile(_)
             | ClientError::Unsupported(_),
         ) => 2,
-        _ => 1,
+        Some(_) => 1,
+        // the training engine's errors (a model or data file the user named) read the same
+        None => match e.downcast_ref::<fedlora_train::TrainError>() {
+            Some(
+                TrainError::Config(_)
+                | TrainError::Data(_)
+                | TrainError::ModelFile(_)
+                | TrainError::Unsupported(_),
+            ) => 2,
+            _ => 1,
+        },
     }
 }
 
@@ -63,16 +74,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
-pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
+pub use fedlora_train::bench::peak_rss_mib;
 
 /// The socket address a `--coordinator HOST:PORT` flag names (a usage error otherwise).
 pub fn resolve(flag: &str, addr: &str) -> Result<std::net::SocketAddr, UsageError> {

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use clap::Args;
-use fedlora_client::lora::LoraConfig;
-use fedlora_client::model::LmConfig;
-use fedlora_client::quant::BaseDtype;
-use fedlora_client::train::{load_base, LocalTrainer};
+use fedlora_train::lora::LoraConfig;
+use fedlora_train::model::LmConfig;
+use fedlora_train::quant::BaseDtype;
+use fedlora_train::train::{load_base, LocalTrainer};
 use serde::{Deserialize, Serialize};
 
 /// Where the committed base checkpoint lives (relative to the repository root).
@@ -92,11 +92,11 @@ impl ModelArgs {
     fn target_names(&self) -> (&'static [&'static str], &'static [&'static str]) {
         if self.model.is_some() {
             (
-                fedlora_client::llm::llama::LLM_TARGETS,
+                fedlora_train::llm::llama::LLM_TARGETS,
                 &["q_proj", "v_proj"],
             )
         } else {
-            (fedlora_client::model::LM_TARGETS, &["q", "v"])
+            (fedlora_train::model::LM_TARGETS, &["q", "v"])
         }
     }
 

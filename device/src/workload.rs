@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fedlora_client::data::ClientData;
-use fedlora_client::learner::{Learner, LmLearner};
-use fedlora_client::llm::data::{LlmData, TokenExample};
-use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
-use fedlora_client::train::LocalTrainer;
 use fedlora_protocol::FlatAdapter;
+use fedlora_train::data::ClientData;
+use fedlora_train::learner::{Learner, LmLearner};
+use fedlora_train::llm::data::{LlmData, TokenExample};
+use fedlora_train::llm::trainer::{LlmLearner, LlmTrainer};
+use fedlora_train::train::LocalTrainer;
 
 use crate::model_args::ModelArgs;
 

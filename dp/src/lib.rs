@@ -37,6 +37,7 @@ pub mod ledger;
 pub mod mechanism;
 pub mod pld;
 pub mod rdp;
+pub mod rdp_conversion;
 pub mod skellam;
 
 pub use calibrate::noise_multiplier;

@@ -18,6 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::rdp_conversion::rdp_to_epsilon;
+
 use crate::error::DpError;
 use crate::event::DpEvent;
 
@@ -121,24 +123,6 @@ pub fn rdp_poisson_gaussian(q: f64, sigma: f64, alpha: f64) -> f64 {
         log_a_frac(q, sigma, alpha)
     };
     log_a / (alpha - 1.0)
-}
-
-/// (ε, optimal order) from RDP values at `orders`, for `delta` (see the module docs).
-pub fn rdp_to_epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> (f64, f64) {
-    let mut best = (f64::INFINITY, orders.first().copied().unwrap_or(0.0));
-    for (&a, &r) in orders.iter().zip(rdp) {
-        let eps = if r < 0.0 || delta * delta + (-r).exp_m1() > 0.0 {
-            0.0
-        } else if a > 1.01 {
-            r + (-1.0 / a).ln_1p() - (delta * a).ln() / (a - 1.0)
-        } else {
-            f64::INFINITY
-        };
-        if eps < best.0 {
-            best = (eps, a);
-        }
-    }
-    (best.0.max(0.0), best.1)
 }
 
 /// The RDP curve of a Skellam event at integer orders ([`crate::skellam::skellam_rdp`]);

@@ -220,7 +220,7 @@ pub fn skellam_epsilon(
         .iter()
         .map(|&a| rounds as f64 * subsampled_rdp(a, q, |l| skellam_rdp(l, l2, l1, mu)))
         .collect();
-    Ok(crate::rdp::rdp_to_epsilon(&orders, &rdp, delta).0)
+    Ok(crate::rdp_conversion::rdp_to_epsilon(&orders, &rdp, delta).0)
 }
 
 /// The smallest Skellam variance μ (integer units², within 0.1 %, rounded up) such that

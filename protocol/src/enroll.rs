@@ -13,7 +13,7 @@ pub const ENROLL_ALPN: &[u8] = b"fedlora-enroll/1";
 /// The longest token, bytes.
 pub const MAX_TOKEN_LEN: usize = 128;
 /// The largest certificate signing request (DER), bytes.
-pub const MAX_CSR_LEN: usize = 8 * 1024;
+pub use crate::limits::MAX_CSR_LEN;
 /// The largest certificate chain (PEM), bytes.
 pub const MAX_CHAIN_LEN: usize = 32 * 1024;
 /// The largest enrollment message, bytes.

@@ -23,7 +23,7 @@ pub const HEADER_LEN: usize = 8;
 /// Size limit of control messages (hello, poll, acks, reports), bytes.
 pub const CONTROL_LIMIT: usize = 64 * 1024;
 /// Size limit of messages that carry an adapter (uploads, tasks), bytes.
-pub const PAYLOAD_LIMIT: usize = 64 * 1024 * 1024;
+pub use crate::limits::PAYLOAD_LIMIT;
 
 const MAGIC: [u8; 2] = *b"FL";
 
@@ -104,7 +104,7 @@ impl FrameKind {
     pub fn limit(self) -> usize {
         match self {
             Self::Upload | Self::PrivateUpload | Self::Task | Self::SecAgg => PAYLOAD_LIMIT,
-            Self::UploadChunk | Self::GlobalPiece => crate::resumable::MAX_UPLOAD_CHUNK + 1024,
+            Self::UploadChunk | Self::GlobalPiece => crate::limits::MAX_UPLOAD_CHUNK + 1024,
             _ => CONTROL_LIMIT,
         }
     }
@@ -145,7 +145,7 @@ impl FrameMessage for ClientMsg {
     }
 
     fn check(&self) -> Result<(), ProtocolError> {
-        crate::limits::check_client_msg(self)
+        self.check_bounds()
     }
 }
 
@@ -165,7 +165,7 @@ impl FrameMessage for CoordMsg {
     }
 
     fn check(&self) -> Result<(), ProtocolError> {
-        crate::limits::check_coord_msg(self)
+        self.check_bounds()
     }
 }
 

@@ -1,11 +1,22 @@
-//! Bounds on every field a peer sends, checked when a frame is decoded
-//! ([`crate::frame::decode_body`]), so nothing out of range reaches the state machines: no
-//! non-finite float (it would become `null` in a JSON record and break the store), no list or
-//! string that makes a relayed message larger than its frame (which would refuse every client).
+//! Bounds on every field a peer sends, and the small checks that apply them. Each message
+//! type checks its own fields against these (`ClientMsg::check_bounds` and
+//! `CoordMsg::check_bounds` in [`crate::message`], the secure-aggregation bodies in
+//! [`crate::secagg`]) when a frame is decoded ([`crate::frame::decode_body`]), so nothing out
+//! of range reaches the state machines: no non-finite float (it would become `null` in a JSON
+//! record and break the store), no list or string that makes a relayed message larger than its
+//! frame (which would refuse every client).
+//!
+//! This module holds only constants and the checks' building blocks: it imports nothing but
+//! the error type, so every message module can use it.
 
 use crate::error::ProtocolError;
-use crate::message::{ClientMsg, CoordMsg, SecAggBody, SecAggTask, Task, TrainConfig};
-use crate::secagg::{AdvertisedKeys, EncryptedShare, UnmaskRequest};
+
+/// Size limit of messages that carry an adapter (uploads, tasks), bytes.
+pub const PAYLOAD_LIMIT: usize = 64 * 1024 * 1024;
+/// The largest piece of a resumable upload or of a global download, bytes.
+pub const MAX_UPLOAD_CHUNK: usize = 1 << 20;
+/// The largest certificate signing request (DER), bytes.
+pub const MAX_CSR_LEN: usize = 8 * 1024;
 
 /// Longest client id (certificate common name), bytes.
 pub const MAX_ID_LEN: usize = 128;
@@ -24,15 +35,18 @@ pub const MAX_PROOF: usize = 32;
 /// Longest client certificate relayed for signature checks (DER), bytes.
 pub const MAX_CERT_LEN: usize = 8 * 1024;
 
-fn invalid(m: impl Into<String>) -> ProtocolError {
+/// A field out of its range.
+pub(crate) fn invalid(m: impl Into<String>) -> ProtocolError {
     ProtocolError::InvalidValue(m.into())
 }
 
-fn too_large(what: &str, got: usize, max: usize) -> ProtocolError {
+/// A list or string longer than its bound.
+pub(crate) fn too_large(what: &str, got: usize, max: usize) -> ProtocolError {
     ProtocolError::TooLarge(format!("{what} has {got}, at most {max} allowed"))
 }
 
-fn finite(what: &str, v: f64) -> Result<(), ProtocolError> {
+/// `v` must be a finite number.
+pub(crate) fn finite(what: &str, v: f64) -> Result<(), ProtocolError> {
     if v.is_finite() {
         Ok(())
     } else {
@@ -40,7 +54,8 @@ fn finite(what: &str, v: f64) -> Result<(), ProtocolError> {
     }
 }
 
-fn bounded(what: &str, got: usize, max: usize) -> Result<(), ProtocolError> {
+/// `got` must be at most `max`.
+pub(crate) fn bounded(what: &str, got: usize, max: usize) -> Result<(), ProtocolError> {
     if got > max {
         Err(too_large(what, got, max))
     } else {
@@ -48,175 +63,17 @@ fn bounded(what: &str, got: usize, max: usize) -> Result<(), ProtocolError> {
     }
 }
 
-fn id(what: &str, id: &str) -> Result<(), ProtocolError> {
+/// A client id must be at most [`MAX_ID_LEN`] bytes.
+pub(crate) fn id(what: &str, id: &str) -> Result<(), ProtocolError> {
     bounded(what, id.len(), MAX_ID_LEN)
-}
-
-fn keys(k: &AdvertisedKeys) -> Result<(), ProtocolError> {
-    id("advertised keys' client id", &k.client)?;
-    bounded(
-        "advertised keys' signature",
-        k.signature.len(),
-        MAX_SIGNATURE_LEN,
-    )
-}
-
-fn shares(s: &[EncryptedShare]) -> Result<(), ProtocolError> {
-    bounded("share list", s.len(), MAX_NEIGHBOURS)?;
-    for e in s {
-        id("share sender", &e.from)?;
-        id("share recipient", &e.to)?;
-        bounded("share ciphertext", e.ciphertext.len(), MAX_SHARE_CIPHERTEXT)?;
-    }
-    Ok(())
-}
-
-fn unmask_request(r: &UnmaskRequest) -> Result<(), ProtocolError> {
-    bounded("survivor set", r.survivors.len(), MAX_ROSTER)?;
-    bounded("dropped set", r.dropped.len(), MAX_ROSTER)?;
-    r.survivors
-        .iter()
-        .chain(&r.dropped)
-        .try_for_each(|c| id("unmask request id", c))
-}
-
-fn train_config(c: &TrainConfig) -> Result<(), ProtocolError> {
-    finite("learning rate", c.learning_rate)?;
-    if let Some(dp) = &c.dp {
-        finite("DP clip norm", dp.clip_norm)?;
-        if dp.clip_norm <= 0.0 {
-            return Err(invalid("DP clip norm must be positive"));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a client's message (see the module docs).
-pub fn check_client_msg(m: &ClientMsg) -> Result<(), ProtocolError> {
-    match m {
-        ClientMsg::UploadChunk(c) => c.check(),
-        ClientMsg::FetchGlobal { max_len, .. } => bounded(
-            "global piece",
-            *max_len as usize,
-            crate::resumable::MAX_UPLOAD_CHUNK,
-        ),
-        ClientMsg::Renew { csr_der } => bounded(
-            "certificate request",
-            csr_der.len(),
-            crate::enroll::MAX_CSR_LEN,
-        ),
-        ClientMsg::Upload(u) => {
-            finite("upload weight", u.weight)?;
-            finite("upload train_loss", u.train_loss)?;
-            if u.train_loss < 0.0 {
-                return Err(invalid("upload train_loss is negative"));
-            }
-            Ok(())
-        }
-        ClientMsg::EvalReport(r) => {
-            finite("evaluation loss", r.loss)?;
-            if r.loss < 0.0 || r.tokens == 0 {
-                return Err(invalid(
-                    "evaluation needs a non-negative loss over at least one token",
-                ));
-            }
-            Ok(())
-        }
-        ClientMsg::SecAgg { body, .. } => match body {
-            SecAggBody::Keys(k) => keys(k),
-            SecAggBody::Shares(s) => shares(s),
-            SecAggBody::Input(_) => Ok(()),
-            SecAggBody::Consistency(sig) => {
-                bounded("consistency signature", sig.len(), MAX_SIGNATURE_LEN)
-            }
-            SecAggBody::Unmask(r) => {
-                id("unmask response id", &r.client)?;
-                bounded("seed shares", r.seed_shares.len(), MAX_NEIGHBOURS)?;
-                bounded("key shares", r.key_shares.len(), MAX_NEIGHBOURS)?;
-                for (owner, s) in r.seed_shares.iter().chain(r.key_shares.iter()) {
-                    id("share owner", owner)?;
-                    bounded("secret share", s.len(), MAX_SECRET_SHARE_LEN)?;
-                }
-                Ok(())
-            }
-        },
-        ClientMsg::PrivateUpload(u) => match u.noised_train_loss {
-            Some(l) => finite("private upload's noised train_loss", l),
-            None => Ok(()),
-        },
-        ClientMsg::Hello { .. }
-        | ClientMsg::Poll { .. }
-        | ClientMsg::Decline { .. }
-        | ClientMsg::EvalWithheld { .. } => Ok(()),
-    }
-}
-
-/// Checks a coordinator's message (see the module docs).
-pub fn check_coord_msg(m: &CoordMsg) -> Result<(), ProtocolError> {
-    let task = match m {
-        CoordMsg::Task(task) => task,
-        CoordMsg::Renewed(c) => return c.check(),
-        CoordMsg::GlobalPiece { bytes, .. } => {
-            return bounded(
-                "global piece",
-                bytes.len(),
-                crate::resumable::MAX_UPLOAD_CHUNK,
-            )
-        }
-        _ => return Ok(()),
-    };
-    match task {
-        Task::Train(offer) => {
-            train_config(&offer.config)?;
-            if let Some(s) = &offer.secure_shares {
-                shares(s)?;
-            }
-            if let Some(sig) = &offer.plan_signature {
-                bounded("plan signature", sig.signature.len(), MAX_SIGNATURE_LEN)?;
-            }
-            Ok(())
-        }
-        Task::SecAgg { task, .. } => match task.as_ref() {
-            SecAggTask::AdvertiseKeys { .. } => Ok(()),
-            SecAggTask::ShareKeys { view, certificates } => {
-                bounded("roster", view.ids.len(), MAX_ROSTER)?;
-                view.ids.iter().try_for_each(|c| id("roster id", c))?;
-                bounded("neighbours' keys", view.neighbours.len(), MAX_NEIGHBOURS)?;
-                bounded("certificates", certificates.len(), MAX_NEIGHBOURS)?;
-                bounded("inclusion proof", view.own_proof.len(), MAX_PROOF)?;
-                for nk in &view.neighbours {
-                    keys(&nk.keys)?;
-                    bounded("inclusion proof", nk.proof.len(), MAX_PROOF)?;
-                }
-                for (c, der) in certificates {
-                    id("certificate owner", c)?;
-                    bounded("certificate", der.len(), MAX_CERT_LEN)?;
-                }
-                Ok(())
-            }
-            SecAggTask::ConsistencyCheck(r) => unmask_request(r),
-            SecAggTask::Unmask {
-                request,
-                signatures,
-            } => {
-                unmask_request(request)?;
-                bounded("consistency signatures", signatures.len(), MAX_ROSTER)?;
-                for (c, s) in signatures {
-                    id("signer", c)?;
-                    bounded("consistency signature", s.len(), MAX_SIGNATURE_LEN)?;
-                }
-                Ok(())
-            }
-        },
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame;
-    use crate::message::{EvalReport, Upload};
+    use crate::message::{ClientMsg, EvalReport, SecAggBody, Upload};
+    use crate::secagg::AdvertisedKeys;
 
     #[test]
     fn non_finite_floats_are_refused_at_the_frame_boundary() {

@@ -5,7 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::SpecHash;
 use crate::codec::Codec;
-use crate::error::Refusal;
+use crate::error::{ProtocolError, Refusal};
+use crate::limits::{
+    bounded, finite, id, invalid, MAX_CERT_LEN, MAX_CSR_LEN, MAX_NEIGHBOURS, MAX_ROSTER,
+    MAX_SIGNATURE_LEN, MAX_UPLOAD_CHUNK,
+};
+use crate::secagg::check_shares;
 
 /// The protocol version this crate speaks; a hello with another version is refused.
 ///
@@ -553,4 +558,122 @@ pub enum Downlink {
     /// each client's reconstruction, so rounding errors do not accumulate); the full adapter for
     /// a client it has no reconstruction for (new, or after a restart).
     F16Delta,
+}
+
+impl TrainConfig {
+    /// Checks the fields a peer sends against [`crate::limits`].
+    pub(crate) fn check_bounds(&self) -> Result<(), ProtocolError> {
+        let c = self;
+        finite("learning rate", c.learning_rate)?;
+        if let Some(dp) = &c.dp {
+            finite("DP clip norm", dp.clip_norm)?;
+            if dp.clip_norm <= 0.0 {
+                return Err(invalid("DP clip norm must be positive"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ClientMsg {
+    /// Checks every field against its range ([`crate::limits`]); frame decoding runs it.
+    pub fn check_bounds(&self) -> Result<(), ProtocolError> {
+        let m = self;
+        match m {
+            ClientMsg::UploadChunk(c) => c.check(),
+            ClientMsg::FetchGlobal { max_len, .. } => {
+                bounded("global piece", *max_len as usize, MAX_UPLOAD_CHUNK)
+            }
+            ClientMsg::Renew { csr_der } => {
+                bounded("certificate request", csr_der.len(), MAX_CSR_LEN)
+            }
+            ClientMsg::Upload(u) => {
+                finite("upload weight", u.weight)?;
+                finite("upload train_loss", u.train_loss)?;
+                if u.train_loss < 0.0 {
+                    return Err(invalid("upload train_loss is negative"));
+                }
+                Ok(())
+            }
+            ClientMsg::EvalReport(r) => {
+                finite("evaluation loss", r.loss)?;
+                if r.loss < 0.0 || r.tokens == 0 {
+                    return Err(invalid(
+                        "evaluation needs a non-negative loss over at least one token",
+                    ));
+                }
+                Ok(())
+            }
+            ClientMsg::SecAgg { body, .. } => match body {
+                SecAggBody::Keys(k) => k.check_bounds(),
+                SecAggBody::Shares(s) => check_shares(s),
+                SecAggBody::Input(_) => Ok(()),
+                SecAggBody::Consistency(sig) => {
+                    bounded("consistency signature", sig.len(), MAX_SIGNATURE_LEN)
+                }
+                SecAggBody::Unmask(r) => r.check_bounds(),
+            },
+            ClientMsg::PrivateUpload(u) => match u.noised_train_loss {
+                Some(l) => finite("private upload's noised train_loss", l),
+                None => Ok(()),
+            },
+            ClientMsg::Hello { .. }
+            | ClientMsg::Poll { .. }
+            | ClientMsg::Decline { .. }
+            | ClientMsg::EvalWithheld { .. } => Ok(()),
+        }
+    }
+}
+
+impl CoordMsg {
+    /// Checks every field against its range ([`crate::limits`]); frame decoding runs it.
+    pub fn check_bounds(&self) -> Result<(), ProtocolError> {
+        let m = self;
+        let task = match m {
+            CoordMsg::Task(task) => task,
+            CoordMsg::Renewed(c) => return c.check(),
+            CoordMsg::GlobalPiece { bytes, .. } => {
+                return bounded("global piece", bytes.len(), MAX_UPLOAD_CHUNK)
+            }
+            _ => return Ok(()),
+        };
+        match task {
+            Task::Train(offer) => {
+                offer.config.check_bounds()?;
+                if let Some(s) = &offer.secure_shares {
+                    check_shares(s)?;
+                }
+                if let Some(sig) = &offer.plan_signature {
+                    bounded("plan signature", sig.signature.len(), MAX_SIGNATURE_LEN)?;
+                }
+                Ok(())
+            }
+            Task::SecAgg { task, .. } => match task.as_ref() {
+                SecAggTask::AdvertiseKeys { .. } => Ok(()),
+                SecAggTask::ShareKeys { view, certificates } => {
+                    view.check_bounds()?;
+                    bounded("certificates", certificates.len(), MAX_NEIGHBOURS)?;
+                    for (c, der) in certificates {
+                        id("certificate owner", c)?;
+                        bounded("certificate", der.len(), MAX_CERT_LEN)?;
+                    }
+                    Ok(())
+                }
+                SecAggTask::ConsistencyCheck(r) => r.check_bounds(),
+                SecAggTask::Unmask {
+                    request,
+                    signatures,
+                } => {
+                    request.check_bounds()?;
+                    bounded("consistency signatures", signatures.len(), MAX_ROSTER)?;
+                    for (c, s) in signatures {
+                        id("signer", c)?;
+                        bounded("consistency signature", s.len(), MAX_SIGNATURE_LEN)?;
+                    }
+                    Ok(())
+                }
+            },
+            _ => Ok(()),
+        }
+    }
 }

@@ -18,10 +18,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ProtocolError;
-use crate::frame::PAYLOAD_LIMIT;
+pub use crate::limits::MAX_UPLOAD_CHUNK;
+use crate::limits::PAYLOAD_LIMIT;
 
-/// The largest piece, bytes.
-pub const MAX_UPLOAD_CHUNK: usize = 1 << 20;
 /// The largest full global adapter an offer carries inline, bytes; larger ones are fetched in
 /// pieces.
 pub const INLINE_GLOBAL_MAX: usize = 64 * 1024;

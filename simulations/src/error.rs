@@ -13,6 +13,9 @@ pub enum SimError {
     /// A client-side failure (model, training, DP).
     #[error(transparent)]
     Client(#[from] fedlora_client::ClientError),
+    /// The training engine failed (model, adapter, data).
+    #[error(transparent)]
+    Train(#[from] fedlora_train::TrainError),
     /// A protocol failure (codec, round machine, secure aggregation).
     #[error(transparent)]
     Protocol(#[from] fedlora_protocol::ProtocolError),

@@ -10,6 +10,7 @@
 //! - [`results`], [`output`], [`plot`], [`report`]: rows, files, figures, the report.
 
 pub mod audit;
+pub mod bench;
 pub mod client_dp;
 pub mod error;
 pub mod load;

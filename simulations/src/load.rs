@@ -15,12 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedlora_client::dp_sgd::DpSgdConfig;
-use fedlora_client::learner::{encode_update, ClientSeeds, Learner};
 use fedlora_client::sdk::{ClientConfig, ClientReport, FederatedClient};
-use fedlora_client::train::{EvalOutcome, TrainOutcome};
 use fedlora_client::transport::ClientTls;
-use fedlora_client::ClientError;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
 use fedlora_protocol::codec::modular::ModularSum;
@@ -30,6 +26,10 @@ use fedlora_protocol::{
     AdapterSpec, Codec, CodecContext, FederationConfig, FlatAdapter, TensorSpec, TrainConfig,
     Weighting,
 };
+use fedlora_train::dp_sgd::DpSgdConfig;
+use fedlora_train::learner::{encode_update, ClientSeeds, Learner};
+use fedlora_train::train::{EvalOutcome, TrainOutcome};
+use fedlora_train::TrainError;
 use rand::rngs::ChaCha20Rng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -211,7 +211,7 @@ impl Learner for SyntheticLearner {
         _global: &FlatAdapter,
         cfg: &TrainConfig,
         rng: &mut ChaCha20Rng,
-    ) -> Result<TrainOutcome, ClientError> {
+    ) -> Result<TrainOutcome, TrainError> {
         // the round id is not passed to learners: take it from the round's sampling stream,
         // which the SDK seeds per round, so the delta differs per round yet is reproducible
         let round_tag = rng.random::<u64>();
@@ -232,13 +232,13 @@ impl Learner for SyntheticLearner {
         _dp: &DpSgdConfig,
         _rng: &mut ChaCha20Rng,
         _noise: &mut fedlora_dp::GaussianNoise,
-    ) -> Result<TrainOutcome, ClientError> {
-        Err(ClientError::Config(
+    ) -> Result<TrainOutcome, TrainError> {
+        Err(TrainError::Config(
             "synthetic load clients do not train under DP".into(),
         ))
     }
 
-    fn evaluate(&self, _adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
+    fn evaluate(&self, _adapter: &FlatAdapter) -> Result<EvalOutcome, TrainError> {
         Ok(EvalOutcome {
             loss: 0.0,
             tokens: 1,

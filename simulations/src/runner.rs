@@ -19,9 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedlora_client::learner::{encode_update, local_update, ClientSeeds, Learner};
 use fedlora_client::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
-use fedlora_client::train::TrainOutcome;
 use fedlora_coordinator::aggregate::{aggregate_payloads, modular_sum_delta, Payload};
 use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
@@ -32,6 +30,8 @@ use fedlora_protocol::{
     FederationConfig, FlatAdapter, ModularSum, RoundOffer, Sampling, SecAggBody, Task, TrainConfig,
     Transition, UploadMeta, Weighting,
 };
+use fedlora_train::learner::{encode_update, local_update, ClientSeeds, Learner};
+use fedlora_train::train::TrainOutcome;
 use rand::rngs::ChaCha20Rng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
@@ -199,7 +199,7 @@ enum Fate {
 
 struct Job {
     client: usize,
-    dp: Option<fedlora_client::dp_sgd::DpSgdConfig>,
+    dp: Option<fedlora_train::dp_sgd::DpSgdConfig>,
     fate: Fate,
     residual: Option<ErrorFeedback>,
 }

@@ -11,7 +11,7 @@
 //! computes every sampled row's gradient with respect to the trainable adapter tensors (one
 //! backward pass over per-example adapter copies), clips it to L2 ≤ C jointly over all tensors,
 //! sums, adds N(0, σ²C²) per coordinate and divides by q·n — the same mechanism and code as the
-//! LM ([`fedlora_client::dp_sgd`]): example-level (add/remove one row) DP, accounted by
+//! LM ([`fedlora_train::dp_sgd`]): example-level (add/remove one row) DP, accounted by
 //! [`fedlora_dp`] for the Poisson-subsampled Gaussian.
 
 use std::sync::Arc;
@@ -20,15 +20,15 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{Device, Tensor, TensorData};
-use fedlora_client::adapter::{adapter_spec, assign_named, extract_adapter, load_adapter};
-use fedlora_client::dp_sgd::{DpModel, DpSgdConfig};
-use fedlora_client::learner::Learner;
-use fedlora_client::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
-use fedlora_client::model::ExampleAdapters;
-use fedlora_client::train::{EvalOutcome, TrainOutcome};
-use fedlora_client::ClientError;
 use fedlora_dp::GaussianNoise;
 use fedlora_protocol::{AdapterSpec, FlatAdapter, TrainConfig};
+use fedlora_train::adapter::{adapter_spec, assign_named, extract_adapter, load_adapter};
+use fedlora_train::dp_sgd::{DpModel, DpSgdConfig};
+use fedlora_train::learner::Learner;
+use fedlora_train::lora::{LoraConfig, LoraLinear, LoraLinearConfig};
+use fedlora_train::model::ExampleAdapters;
+use fedlora_train::train::{EvalOutcome, TrainOutcome};
+use fedlora_train::TrainError;
 use rand::rngs::ChaCha20Rng;
 use rand::{RngExt, SeedableRng};
 
@@ -215,7 +215,7 @@ impl Mlp {
     /// The MLP with `hidden` units and adapters from `lora` on the layers it targets (`fc1`,
     /// `fc2`, `out`); base weights are drawn from a fixed seed, so every client has the same
     /// frozen base.
-    pub fn new(hidden: usize, lora: &LoraConfig, device: &Device) -> Result<Self, ClientError> {
+    pub fn new(hidden: usize, lora: &LoraConfig, device: &Device) -> Result<Self, TrainError> {
         let layer = |name: &str, i, o, seed| {
             LoraLinearConfig::new(i, o)
                 .with_lora(lora.targets(name).then(|| lora.clone()))
@@ -323,7 +323,7 @@ pub struct TabularModel {
 
 impl TabularModel {
     /// The model with `hidden` units and adapters from `lora`, evaluated on `test`.
-    pub fn new(hidden: usize, lora: LoraConfig, test: Rows) -> Result<Self, ClientError> {
+    pub fn new(hidden: usize, lora: LoraConfig, test: Rows) -> Result<Self, TrainError> {
         let device = Device::flex().autodiff();
         let model = Mlp::new(hidden, &lora, &device)?;
         let spec = adapter_spec(&model, &lora);
@@ -351,7 +351,7 @@ impl TabularModel {
         extract_adapter(&self.model, &self.lora)
     }
 
-    pub(crate) fn with(&self, adapter: &FlatAdapter) -> Result<Mlp, ClientError> {
+    pub(crate) fn with(&self, adapter: &FlatAdapter) -> Result<Mlp, TrainError> {
         load_adapter(self.model.clone(), &self.lora, adapter)
     }
 
@@ -360,9 +360,9 @@ impl TabularModel {
         &self,
         adapter: &FlatAdapter,
         rows: &Rows,
-    ) -> Result<(f64, f64), ClientError> {
+    ) -> Result<(f64, f64), TrainError> {
         if rows.is_empty() {
-            return Err(ClientError::Data("no evaluation rows".into()));
+            return Err(TrainError::Data("no evaluation rows".into()));
         }
         let m = self.with(adapter)?.valid();
         let inner = self.device.clone().inner();
@@ -386,7 +386,7 @@ impl TabularModel {
         &self,
         adapter: &FlatAdapter,
         examples: &[Vec<f32>],
-    ) -> Result<Vec<f64>, ClientError> {
+    ) -> Result<Vec<f64>, TrainError> {
         let m = self.with(adapter)?;
         let refs: Vec<&[f32]> = examples.iter().map(Vec::as_slice).collect();
         let inner = self.device.clone();
@@ -394,7 +394,7 @@ impl TabularModel {
         Ok(l.into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .map_err(|e| ClientError::Model(format!("{e:?}")))?
+            .map_err(|e| TrainError::Model(format!("{e:?}")))?
             .into_iter()
             .map(f64::from)
             .collect())
@@ -406,7 +406,7 @@ impl TabularModel {
         &self,
         adapter: &FlatAdapter,
         examples: &[Vec<f32>],
-    ) -> Result<Vec<f64>, ClientError> {
+    ) -> Result<Vec<f64>, TrainError> {
         let m = self.with(adapter)?;
         let b = examples.len();
         let mut x = Vec::with_capacity(b * FEATURES);
@@ -419,7 +419,7 @@ impl TabularModel {
             .into_data()
             .convert::<f32>()
             .try_into_vec::<f32>()
-            .map_err(|e| ClientError::Model(format!("{e:?}")))?;
+            .map_err(|e| TrainError::Model(format!("{e:?}")))?;
         Ok(logits
             .iter()
             .zip(examples)
@@ -428,7 +428,7 @@ impl TabularModel {
     }
 
     /// Loss and accuracy on the global test set.
-    pub fn evaluate_test(&self, adapter: &FlatAdapter) -> Result<(f64, f64), ClientError> {
+    pub fn evaluate_test(&self, adapter: &FlatAdapter) -> Result<(f64, f64), TrainError> {
         self.evaluate_rows(adapter, &self.test)
     }
 }
@@ -456,15 +456,15 @@ impl Learner for TabularLearner {
         global: &FlatAdapter,
         cfg: &TrainConfig,
         rng: &mut ChaCha20Rng,
-    ) -> Result<TrainOutcome, ClientError> {
+    ) -> Result<TrainOutcome, TrainError> {
         if self.rows.is_empty() {
-            return Err(ClientError::Data("no training rows".into()));
+            return Err(TrainError::Data("no training rows".into()));
         }
         let t0 = Instant::now();
         let m = self.model.with(global)?;
         let examples = self.rows.examples();
         let run =
-            fedlora_client::train::plain_train_steps(m, &examples, cfg, rng, &self.model.device);
+            fedlora_train::train::plain_train_steps(m, &examples, cfg, rng, &self.model.device);
         let local = extract_adapter(&run.model, &self.model.lora);
         TrainOutcome::finish(&local, global, run.loss, self.rows.len(), run.steps, t0)
     }
@@ -476,14 +476,14 @@ impl Learner for TabularLearner {
         dp: &DpSgdConfig,
         rng: &mut ChaCha20Rng,
         noise: &mut GaussianNoise,
-    ) -> Result<TrainOutcome, ClientError> {
+    ) -> Result<TrainOutcome, TrainError> {
         if self.rows.is_empty() {
-            return Err(ClientError::Data("no training rows".into()));
+            return Err(TrainError::Data("no training rows".into()));
         }
         let t0 = Instant::now();
         let m = self.model.with(global)?;
         let examples = self.rows.examples();
-        let run = fedlora_client::dp_sgd::dp_train_steps(
+        let run = fedlora_train::dp_sgd::dp_train_steps(
             m,
             &examples,
             cfg,
@@ -499,7 +499,7 @@ impl Learner for TabularLearner {
         Ok(out)
     }
 
-    fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, ClientError> {
+    fn evaluate(&self, adapter: &FlatAdapter) -> Result<EvalOutcome, TrainError> {
         let (loss, acc) = self.model.evaluate_test(adapter)?;
         Ok(EvalOutcome {
             loss,
@@ -512,7 +512,7 @@ impl Learner for TabularLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedlora_client::learner::{local_update, ClientSeeds};
+    use fedlora_train::learner::{local_update, ClientSeeds};
 
     fn setup() -> (Arc<TabularModel>, BcwData) {
         let data = BcwData::load().unwrap();

@@ -9,15 +9,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use fedlora_client::adapter::{collect_named, NamedFilter};
-use fedlora_client::data::{split_roles, ClientData, SHAKESPEARE};
-use fedlora_client::learner::{Learner, LmLearner};
-use fedlora_client::llm::data::{LlmData, TokenExample};
-use fedlora_client::llm::trainer::{LlmLearner, LlmTrainer};
-use fedlora_client::lora::LoraConfig;
-use fedlora_client::model::LmConfig;
-use fedlora_client::train::{load_base, LocalTrainer};
 use fedlora_protocol::FlatAdapter;
+use fedlora_train::adapter::{collect_named, NamedFilter};
+use fedlora_train::data::{split_roles, ClientData, SHAKESPEARE};
+use fedlora_train::learner::{Learner, LmLearner};
+use fedlora_train::llm::data::{LlmData, TokenExample};
+use fedlora_train::llm::trainer::{LlmLearner, LlmTrainer};
+use fedlora_train::lora::LoraConfig;
+use fedlora_train::model::LmConfig;
+use fedlora_train::train::{load_base, LocalTrainer};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SimError;
@@ -207,13 +207,13 @@ impl Canary {
 }
 
 /// `−⟨∇ℓ(example; m0), θ(m1) − θ(m0)⟩` for every example, over the trainable adapter tensors.
-fn gradient_scores<M: fedlora_client::dp_sgd::DpModel>(
+fn gradient_scores<M: fedlora_train::dp_sgd::DpModel>(
     m0: &M,
     m1: &M,
     examples: &[&M::Example],
     device: &Device,
 ) -> Vec<f64> {
-    use fedlora_client::dp_sgd::{adapter_params, per_example_grads};
+    use fedlora_train::dp_sgd::{adapter_params, per_example_grads};
     let to_vec = |t: burn::tensor::Tensor<2>| -> Vec<f32> {
         t.into_data()
             .convert::<f32>()
@@ -409,7 +409,7 @@ impl Population {
                     .collect())
             }
             Evaluator::Text { trainer, .. } => {
-                use fedlora_client::dp_sgd::DpModel;
+                use fedlora_train::dp_sgd::DpModel;
                 let lm = trainer.model_with(adapter)?;
                 let mut out = Vec::with_capacity(canaries.len());
                 let windows = Canary::windows(canaries);

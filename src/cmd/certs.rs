@@ -43,7 +43,7 @@ enum CertsCmd {
         #[arg(long, default_value_t = 1)]
         count: usize,
         /// How long each token stays valid (e.g. 24h, 7d).
-        #[arg(long, default_value = "24h", value_parser = super::coordinator::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = fedlora_device::parse_duration)]
         ttl: std::time::Duration,
     },
     /// Make an issuing CA for `fedlora enroll-service` (an intermediate the federation CA

@@ -82,7 +82,7 @@ pub(crate) struct FederationArgs {
     pub max_update_norm: Option<f64>,
 }
 
-pub(crate) use fedlora_device::parse_duration;
+use fedlora_device::parse_duration;
 
 /// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
 #[derive(Debug, Default, Deserialize)]

@@ -15,7 +15,7 @@ use super::UsageError;
 #[derive(Args, Debug, Clone)]
 pub(crate) struct IssuerArgs {
     /// Lifetime of the device certificates it signs (devices renew before it ends).
-    #[arg(long, value_parser = super::coordinator::parse_duration, default_value = "30d")]
+    #[arg(long, value_parser = fedlora_device::parse_duration, default_value = "30d")]
     cert_validity: Duration,
     /// Sign with this issuing CA (an intermediate the federation CA signed) instead of the
     /// federation CA; its certificate goes into each device's chain. Needs --issuer-key.

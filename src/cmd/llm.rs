@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use clap::Args;
-use fedlora_client::llm::generate::{generate, SamplingConfig};
-use fedlora_client::llm::tokenizer::ChatMessage;
-use fedlora_client::llm::{eval, load_as, load_with_adapter, load_with_adapter_as, Llm};
+use fedlora_train::llm::generate::{generate, SamplingConfig};
+use fedlora_train::llm::tokenizer::ChatMessage;
+use fedlora_train::llm::{eval, load_as, load_with_adapter, load_with_adapter_as, Llm};
 
 use super::UsageError;
 
@@ -26,7 +26,7 @@ pub(crate) struct LlmModelArgs {
     /// Keep the frozen base as f32, q8_0 or q4_1 blocks, or gguf: each matrix as the GGUF
     /// stores it (see "Real small LLMs" in README).
     #[arg(long, default_value = "f32")]
-    base_dtype: fedlora_client::quant::BaseDtype,
+    base_dtype: fedlora_train::quant::BaseDtype,
 }
 
 impl LlmModelArgs {
@@ -214,7 +214,7 @@ pub(crate) struct MergeArgs {
 pub(crate) fn run_merge(a: MergeArgs) -> anyhow::Result<()> {
     let device = Device::flex();
     let llm = load_with_adapter(&a.model, &a.adapter, &device)?;
-    fedlora_client::llm::merge::write_merged(&llm, &a.out)?;
+    fedlora_train::llm::merge::write_merged(&llm, &a.out)?;
     println!(
         "wrote {} with {} merged to {}",
         a.model.display(),

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use burn::tensor::Device;
 use clap::Args;
-use fedlora_client::data::{split_roles, SHAKESPEARE};
-use fedlora_client::train::{pretrain, save_base, PretrainConfig};
+use fedlora_train::data::{split_roles, SHAKESPEARE};
+use fedlora_train::train::{pretrain, save_base, PretrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::{reference_config, DEFAULT_BASE};

@@ -162,7 +162,7 @@ fn read_adapter_file(
 fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let lora = a.model.lora()?;
     let model = a.model.model.as_ref().expect("clap requires --model");
-    let trainer = fedlora_client::llm::trainer::LlmTrainer::load(model, &lora, 0)?;
+    let trainer = fedlora_train::llm::trainer::LlmTrainer::load(model, &lora, 0)?;
     let (what, adapter) = match (&a.adapter, &a.data_dir) {
         (Some(file), _) => (
             file.display().to_string(),
@@ -181,7 +181,7 @@ fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             "{e}: the adapter was not trained on this --model with these adapter flags"
         ))
     })?;
-    fedlora_client::llm::peft::export(&lm, &lora, &model.display().to_string(), dir)?;
+    fedlora_train::llm::peft::export(&lm, &lora, &model.display().to_string(), dir)?;
     println!("wrote {what} as a PEFT adapter to {}", dir.display());
     Ok(())
 }

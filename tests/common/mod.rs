@@ -88,9 +88,9 @@ pub(crate) async fn send_secagg(s: &Session, round: u64, body: fedlora_protocol:
 pub(crate) fn tiny_lm(
     d_model: usize,
     layers: usize,
-    lora: Option<fedlora_client::lora::LoraConfig>,
-) -> fedlora_client::model::LmConfig {
-    fedlora_client::model::LmConfig::new()
+    lora: Option<fedlora_train::lora::LoraConfig>,
+) -> fedlora_train::model::LmConfig {
+    fedlora_train::model::LmConfig::new()
         .with_d_model(d_model)
         .with_n_layers(layers)
         .with_n_heads(2)

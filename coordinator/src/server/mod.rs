@@ -186,7 +186,7 @@ impl Coordinator {
         };
         let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
         let metrics_listener = match config.metrics {
-            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            Some(addr) => Some(crate::metrics::bind(addr)?),
             None => None,
         };
         info!(
@@ -337,7 +337,10 @@ impl Coordinator {
         let ticker = tokio::spawn(tick_loop(shared.clone()));
         let snapshots = tokio::spawn(snapshot_loop(shared.clone(), snapshot_events));
         let mut tasks = vec![accept, ticker, snapshots];
-        if let Some(l) = metrics_listener {
+        // the metrics port accepts only now, after the first status snapshot: a probe that
+        // waits for `/healthz` (or for the port) may run `fedlora status` at once
+        if let Some(socket) = metrics_listener {
+            let l = crate::metrics::listen(socket)?;
             info!(addr = %l.local_addr()?, "serving metrics (/metrics, /healthz)");
             tasks.push(tokio::spawn(crate::metrics::serve(
                 l,

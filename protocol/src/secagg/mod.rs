@@ -88,6 +88,10 @@ pub use client::{ClientRound, ClientStage};
 pub use server::{ServerRound, ServerStage};
 
 use crate::identity::ClientId;
+use crate::limits::{
+    bounded, id, MAX_NEIGHBOURS, MAX_PROOF, MAX_ROSTER, MAX_SECRET_SHARE_LEN, MAX_SHARE_CIPHERTEXT,
+    MAX_SIGNATURE_LEN,
+};
 
 /// Errors of secure aggregation, grouped by whose fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -147,7 +151,7 @@ impl SecAggParams {
     /// `k/2 < t ≤ k`.
     pub fn validate(&self, n: usize) -> Result<(), SecAggError> {
         let k = self.k(n);
-        if k > crate::limits::MAX_NEIGHBOURS {
+        if k > MAX_NEIGHBOURS {
             return Err(SecAggError::Config(format!("k = {k} exceeds 254 shares")));
         }
         if self.threshold > k || 2 * self.threshold <= k {
@@ -353,6 +357,68 @@ pub struct UnmaskResponse {
     pub seed_shares: BTreeMap<ClientId, Vec<u8>>,
     /// Shares of dropped clients' mask keys, by owner.
     pub key_shares: BTreeMap<ClientId, Vec<u8>>,
+}
+
+/// Bounds of the secure-aggregation bodies a peer sends ([`crate::limits`]), checked when a
+/// frame is decoded.
+impl AdvertisedKeys {
+    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
+        id("advertised keys' client id", &self.client)?;
+        bounded(
+            "advertised keys' signature",
+            self.signature.len(),
+            MAX_SIGNATURE_LEN,
+        )
+    }
+}
+
+/// Checks a list of encrypted shares against [`crate::limits`].
+pub(crate) fn check_shares(s: &[EncryptedShare]) -> Result<(), crate::ProtocolError> {
+    bounded("share list", s.len(), MAX_NEIGHBOURS)?;
+    for e in s {
+        id("share sender", &e.from)?;
+        id("share recipient", &e.to)?;
+        bounded("share ciphertext", e.ciphertext.len(), MAX_SHARE_CIPHERTEXT)?;
+    }
+    Ok(())
+}
+
+impl UnmaskRequest {
+    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
+        bounded("survivor set", self.survivors.len(), MAX_ROSTER)?;
+        bounded("dropped set", self.dropped.len(), MAX_ROSTER)?;
+        self.survivors
+            .iter()
+            .chain(&self.dropped)
+            .try_for_each(|c| id("unmask request id", c))
+    }
+}
+
+impl UnmaskResponse {
+    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
+        id("unmask response id", &self.client)?;
+        bounded("seed shares", self.seed_shares.len(), MAX_NEIGHBOURS)?;
+        bounded("key shares", self.key_shares.len(), MAX_NEIGHBOURS)?;
+        for (owner, s) in self.seed_shares.iter().chain(self.key_shares.iter()) {
+            id("share owner", owner)?;
+            bounded("secret share", s.len(), MAX_SECRET_SHARE_LEN)?;
+        }
+        Ok(())
+    }
+}
+
+impl RosterView {
+    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
+        bounded("roster", self.ids.len(), MAX_ROSTER)?;
+        self.ids.iter().try_for_each(|c| id("roster id", c))?;
+        bounded("neighbours' keys", self.neighbours.len(), MAX_NEIGHBOURS)?;
+        bounded("inclusion proof", self.own_proof.len(), MAX_PROOF)?;
+        for nk in &self.neighbours {
+            nk.keys.check_bounds()?;
+            bounded("inclusion proof", nk.proof.len(), MAX_PROOF)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for UnmaskResponse {

@@ -1,0 +1,74 @@
+//! Client-level DP on the device: the plan's policy check, admission against the device's own
+//! record, and charging a round before anything of it leaves.
+
+use super::*;
+
+impl FederatedClient {
+    /// Records, durably, that this client is charged for `round` under `plan` (called before
+    /// whatever the round charges leaves the device).
+    pub(super) fn charge_client_dp(
+        &self,
+        plan: &ClientDpPlan,
+        codec: &Codec,
+        round: u64,
+        signed: Option<&crate::client_dp::CoordinatorSignature>,
+    ) -> Result<(), ClientError> {
+        let mut rec = self.client_dp.lock().expect("lock");
+        rec.record(plan, codec, round, signed);
+        rec.save(self.config.state_dir.as_deref())
+    }
+
+    /// Checks a client-level DP plan: signed by the coordinator this session's TLS handshake
+    /// verified, consistent with the round's codec and secure aggregation, and within this
+    /// client's policy given the rounds it already took part in. Returns the checked signature
+    /// (kept in the client's record).
+    pub(super) fn admit_client_dp(
+        &self,
+        plan: &ClientDpPlan,
+        offer: &RoundOffer,
+        s: &Session,
+    ) -> Result<crate::client_dp::CoordinatorSignature, PlanRefusal> {
+        let cfg = &offer.config;
+        let signed = crate::client_dp::CoordinatorSignature::check(
+            s.peer_certificate().as_deref(),
+            plan,
+            &cfg.codec,
+            offer.plan_signature.as_ref(),
+        )?;
+        self.check_client_dp_policy(plan, cfg)?;
+        Ok(signed)
+    }
+
+    /// The policy half of [`Self::admit_client_dp`].
+    pub(super) fn check_client_dp_policy(
+        &self,
+        plan: &ClientDpPlan,
+        cfg: &fedlora_protocol::TrainConfig,
+    ) -> Result<(), PlanRefusal> {
+        let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
+        plan.check_sensitivities(&cfg.codec, self.learner.spec().numel())?;
+        match &self.config.client_dp {
+            // without a policy: any consistent plan, but never central mode, where the
+            // coordinator sees the update in the clear (only a client configured to trust it)
+            None => {
+                plan.check_consistent(&cfg.codec, modulus)?;
+                if plan.mode == fedlora_protocol::client_dp::ClientDpMode::Central {
+                    return Err(PlanRefusal::NeedsTrust(
+                        "central mode needs a client configured to trust the coordinator".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Some(policy) => {
+                let done = self
+                    .client_dp
+                    .lock()
+                    .expect("lock")
+                    .participated(plan, &cfg.codec);
+                let eps = plan.admit(policy, &cfg.codec, modulus, done)?;
+                info!(eps, taken_part = done, "client-level DP plan admitted");
+                Ok(())
+            }
+        }
+    }
+}
