@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the device client (`cargo build --profile device -p fedlora-device`: fat LTO, one
 # codegen unit, size-optimised, stripped, panic = abort) and prints its size against the
-# 12 MiB goal, and one JSON line with the same numbers (for docs/measurements/).
+# 12 MiB goal, and one JSON line with the same numbers (for docs/src/measurements.md).
 #
 #   scripts/device-size.sh             # build, then print the size (exit 1 over the goal)
 #   SKIP_BUILD=1 scripts/device-size.sh

@@ -444,3 +444,152 @@ async fn the_metrics_port_accepts_only_after_the_first_status_snapshot() {
     );
     coord.shutdown().await;
 }
+
+/// A client certificate with common name `cn`, signed by the federation CA in `certs` (as a
+/// compromised or careless issuer could), written beside the others as index `index`.
+fn issue_named(certs: &std::path::Path, cn: &str, index: usize) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let d = fedlora_coordinator::certs::CertDir(certs.to_path_buf());
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(d.ca_key()).unwrap()).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&std::fs::read_to_string(d.ca()).unwrap(), ca_key).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let k = KeyPair::generate().unwrap();
+    let c = p.signed_by(&k, &issuer).unwrap();
+    std::fs::write(d.client_cert(index), c.pem()).unwrap();
+    std::fs::write(d.client_key(index), k.serialize_pem()).unwrap();
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A certificate from the federation's own CA whose common name is a path (`../../../x`, an
+/// absolute path) is refused at the connection, before a hello, and an upload under it never
+/// writes a file anywhere: ids name files, so they are checked before they name one. Before the
+/// fix the hello was welcomed and the upload went to `uploads/r1/../../../escaped.bin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_whose_name_is_a_path_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let data = root.join("a").join("b").join("state");
+    let certs = init_certs(&root.join("certs"), 1, &default_server_names()).unwrap();
+    let abs = root.join("absolute");
+    let hostile = [
+        "../../../escaped".to_string(),
+        abs.display().to_string(),
+        "client-0\nforged log line".to_string(),
+    ];
+    for (i, cn) in hostile.iter().enumerate() {
+        issue_named(&certs.0, cn, 1 + i);
+    }
+    let mut cfg = CoordinatorConfig::new(data.clone(), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 1,
+        clients_per_round: 1,
+        min_clients: 1,
+        round_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let coord = Coordinator::start(cfg, delta(3)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    for (i, cn) in hostile.iter().enumerate() {
+        let ep = endpoint(&ClientTls::from_dir(&certs.0, 1 + i)).unwrap();
+        let hello = ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            spec_hash: spec().hash(),
+            max_rank: None,
+        };
+        let welcomed = match Session::connect(&ep, addr, "localhost").await {
+            Err(_) => false,
+            Ok(s) => match s.request(&hello).await {
+                Ok((CoordMsg::Welcome { .. }, _)) => {
+                    // what a hostile client does next: an upload for round 1
+                    let _ = s.request(&upload(1, &delta(5), 1.0)).await;
+                    true
+                }
+                _ => false,
+            },
+        };
+        assert!(!welcomed, "a certificate named {cn:?} was welcomed");
+    }
+    // nothing landed outside the data directory, and no upload inside it
+    let outside: Vec<_> = files_under(&root)
+        .into_iter()
+        .filter(|p| !p.starts_with(&data) && !p.starts_with(&certs.0))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "written outside the data directory: {outside:?}"
+    );
+    assert!(files_under(&data.join("uploads")).is_empty());
+    coord.shutdown().await;
+}
+
+/// Values that are finite alone can overflow once summed into the global adapter: before the
+/// fix such a global was committed, and every client then refused it. Now the round fails with
+/// its reason, the global stays at its last finite version, and a fresh round follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_that_would_overflow_is_never_committed() {
+    use fedlora_coordinator::store::RoundStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = FederationConfig {
+        rounds: 3,
+        clients_per_round: 1,
+        min_clients: 1,
+        round_timeout_ms: 60_000,
+        eval_timeout_ms: 300,
+        ..Default::default()
+    };
+    let coord = Coordinator::start(cfg, delta(99)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let ep = endpoint(&ClientTls::from_dir(&certs.0, 0)).unwrap();
+    let (s, welcome) = hello(&ep, addr, &spec()).await;
+    assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
+    // 3e38 is a finite f32; twice it is not
+    let huge = common::wave(spec(), |_| 3e38);
+    let mut rounds = Vec::new();
+    for _ in 0..2 {
+        let o = offer(&s).await;
+        rounds.push(o.round);
+        let (reply, _) = s.request(&upload(o.round, &huge, 1.0)).await.unwrap();
+        assert!(matches!(reply, CoordMsg::Ack { .. }), "{reply:?}");
+    }
+    // the third offer comes from a fresh round after the failed one
+    let third = offer(&s).await;
+    let report = coord.report().unwrap();
+    assert_eq!(
+        report.global_version, 1,
+        "the overflowing global was not committed"
+    );
+    let failed = report
+        .rounds
+        .iter()
+        .find(|r| r.record.round == rounds[1])
+        .expect("a record of the second round");
+    match &failed.record.status {
+        RoundStatus::Failed { reason } => {
+            assert!(reason.contains("not finite"), "{reason}")
+        }
+        other => panic!("round {} is {other:?}", rounds[1]),
+    }
+    assert!(third.round > rounds[1]);
+    assert_eq!(third.global_version, 1);
+    coord.shutdown().await;
+}

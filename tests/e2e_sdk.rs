@@ -449,6 +449,11 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
         rustls_pki_types::CertificateDer::from_pem_file(fx.certs.join("server.pem")).unwrap()
     };
     for (i, r) in reports.iter().enumerate() {
+        // a held-out loss or token count is covered by no accountant: never sent
+        assert!(
+            r.evals.is_empty(),
+            "client {i} reported an evaluation: {r:?}"
+        );
         let rec = fedlora_client::client_dp::ClientDpRecord::load(Some(
             &fx.dir.path().join(format!("client-{i}")),
         ))
@@ -475,6 +480,11 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
     }
     let report = coord.report().unwrap();
     assert_eq!(report.global_version, 1);
+    assert!(
+        report.evals.is_empty(),
+        "no client-level DP client reports a held-out loss or token count: {:?}",
+        report.evals
+    );
     let record = &report.rounds[0].record;
     assert_eq!(record.participants.len(), 3);
     assert_eq!(

@@ -1,7 +1,7 @@
 //! One authenticated client tries to exhaust a real `fedlora coordinator` process's memory:
 //! many connections with its one certificate, as many streams as it may open on each, every
 //! stream announcing a 60 MiB upload and pushing data as fast as flow control lets it. The
-//! coordinator's peak RSS must stay under the bound README states
+//! coordinator's peak RSS must stay under the bound docs/src/coordinator.md states
 //! (`base + PAYLOAD_BUDGET + C × (receive window + send window + streams × control limit)`, with
 //! C the connections one client id may hold), and another client is still served.
 

@@ -237,7 +237,9 @@ pub fn load_deny_list(path: &Path) -> Result<BTreeSet<String>> {
     }
 }
 
-/// The client id carried by a certificate: its subject common name.
+/// The client id carried by a certificate: its subject common name, refused unless it is a
+/// valid client id ([`fedlora_protocol::identity::validate_client_id`]: it names files, so no
+/// path, no hidden name, no control character).
 pub fn client_id(der: &[u8]) -> Result<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(tls_err)?;
     let cn = cert
@@ -246,6 +248,8 @@ pub fn client_id(der: &[u8]) -> Result<String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .ok_or_else(|| CoordinatorError::Tls("client certificate has no common name".into()))?;
+    fedlora_protocol::identity::validate_client_id(cn)
+        .map_err(|e| CoordinatorError::Tls(format!("client certificate: {e}")))?;
     Ok(cn.to_string())
 }
 

@@ -24,6 +24,10 @@ pub enum CoordinatorError {
     /// Network I/O failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A round's aggregate, or the global adapter it would make, holds a value that is not a
+    /// finite number (an overflow): the round fails with this reason and is never committed.
+    #[error("not finite: {0}")]
+    NotFinite(String),
 }
 
 impl From<sled::Error> for CoordinatorError {

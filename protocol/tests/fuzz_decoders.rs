@@ -4,7 +4,8 @@
 //! a panic fails the test with the case number and seed, so it can be replayed.
 //!
 //! `FEDLORA_FUZZ_CASES` sets the number of inputs per decoder family (default 20,000, what CI
-//! runs; the release check runs `FEDLORA_FUZZ_CASES=100000`), `FEDLORA_FUZZ_SEED` the seed.
+//! runs; run `FEDLORA_FUZZ_CASES=100000` by hand for the full count: no script does),
+//! `FEDLORA_FUZZ_SEED` the seed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};

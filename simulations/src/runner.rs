@@ -128,6 +128,7 @@ pub fn federation_config(
         eval_timeout_ms: 1_000,
         wait_for_clients: clients,
         max_failed_rounds: point.rounds,
+        max_upload_weight: FederationConfig::default().max_upload_weight,
         seed: point.seed,
         strategy: StrategyConfig::parse(&point.strategy)?,
         train: TrainConfig {

@@ -43,7 +43,7 @@ pub(crate) struct FederationArgs {
     #[arg(long)]
     pub local_optimizer: Option<String>,
     /// Upload codec: dense-f32, f16, q8, q4, q2, q1, topk:F, subset:F, or modular:B:C:F:W
-    /// (the one secure aggregation needs; see README "Compression").
+    /// (the one secure aggregation needs; see docs/src/strategies.md).
     #[arg(long)]
     pub codec: Option<String>,
     /// Aggregation weights: example-count or uniform.
@@ -62,7 +62,7 @@ pub(crate) struct FederationArgs {
     pub dp_clip_norm: Option<f64>,
     /// Aggregation strategy: fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad (these need
     /// only the sum: fine under DP and secure aggregation), median, trimmed-mean or het-lora
-    /// (need each update: plaintext only). See README "Aggregation strategies".
+    /// (need each update: plaintext only). See docs/src/strategies.md.
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate η of a server-optimizer strategy (default 0.01).
@@ -105,7 +105,7 @@ pub(crate) struct ClientDpArgs {
     /// Client-level DP-FedAvg (the unit is a whole client): `central` (this coordinator adds
     /// Gaussian noise to the plaintext sum; clients must trust it) or `distributed` (each client
     /// adds a share of Skellam noise inside secure aggregation; this coordinator learns only the
-    /// noisy sum). Needs --client-clip and --target-epsilon. See README "Privacy".
+    /// noisy sum). Needs --client-clip and --target-epsilon. See docs/src/privacy.md.
     #[arg(long, value_name = "MODE")]
     pub client_dp: Option<String>,
     /// S: each client clips its whole update to this L2 norm.

@@ -24,7 +24,7 @@ pub(crate) struct LlmModelArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Keep the frozen base as f32, q8_0 or q4_1 blocks, or gguf: each matrix as the GGUF
-    /// stores it (see "Real small LLMs" in README).
+    /// stores it (see docs/src/llm.md).
     #[arg(long, default_value = "f32")]
     base_dtype: fedlora_train::quant::BaseDtype,
 }

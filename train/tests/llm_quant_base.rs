@@ -11,7 +11,7 @@
 //! - `gguf` (each matrix as the file stores it; the one F16 projection as Q8_0): as Q8_0.
 //!
 //! On the real SmolLM2-135M Q4_1 file (Q8_0 embedding, Q4_1 projections), `gguf` keeps every
-//! matrix as stored, and `fedlora eval` gives the f32 load's NLL to the last digit (README).
+//! matrix as stored, and `fedlora eval` gives the f32 load's NLL to the last digit (docs/src/llm.md).
 
 use std::path::{Path, PathBuf};
 

@@ -10,9 +10,11 @@ impl FederatedClient {
         adapter: FlatAdapter,
         report: &mut ClientReport,
     ) -> Result<(), ClientError> {
-        if self.config.privacy.is_some() {
-            // a held-out loss and its token count are not covered by this client's accountant
-            // (the count gives away n): a private client reports nothing
+        if self.config.privacy.is_some() || self.config.client_dp.is_some() {
+            // a held-out loss and its token count are covered by neither accountant (the
+            // example-level one nor the client-level one): the coordinator picks the adapter,
+            // so the loss is a membership oracle, and the count gives away n. A private client,
+            // at either level, reports nothing
             let msg = ClientMsg::EvalWithheld { version };
             match self.send(s, &msg, report).await? {
                 CoordMsg::EvalRecorded { .. } => {}

@@ -205,17 +205,25 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
             for c in &missing {
                 warn!(round, client = %c, "straggler dropped from the round");
             }
-            match aggregate(shared, round, &uploads) {
-                Ok(new_global) => commit(shared, round, new_global, &uploads, &missing, now)?,
-                Err(e) => {
-                    error!(round, error = %e, "aggregation failed; failing the round");
-                    let state = {
-                        let mut fed = shared.fed.lock().expect("lock");
-                        fed.fail_round(round, now)?;
-                        fed.state().clone()
-                    };
-                    fail_record(shared, round, e.to_string(), &state, now)?;
-                }
+            // an aggregate or a global that is not finite is never committed: the round fails
+            // with its reason, and a fresh round follows
+            let fail = |e: CoordinatorError| -> Result<()> {
+                error!(round, error = %e, "aggregation failed; failing the round");
+                let state = {
+                    let mut fed = shared.fed.lock().expect("lock");
+                    fed.fail_round(round, now)?;
+                    fed.state().clone()
+                };
+                fail_record(shared, round, e.to_string(), &state, now)
+            };
+            let aggregated = aggregate(shared, round, &uploads)
+                .and_then(|delta| check_finite("the round's aggregate", &delta).map(|()| delta));
+            match aggregated {
+                Ok(delta) => match commit(shared, round, delta, &uploads, &missing, now) {
+                    Err(e @ CoordinatorError::NotFinite(_)) => fail(e)?,
+                    other => other?,
+                },
+                Err(e) => fail(e)?,
             }
         }
         Transition::RoundFailed { round, reason } => {
@@ -350,6 +358,8 @@ pub(super) fn commit(
             .strategy
             .next_global(&mut opt, &global.adapter, &delta)?
     };
+    // checked before anything is written: a global every client would refuse is never stored
+    check_finite("the next global adapter", &new_global)?;
     let next_version = shared.fed.lock().expect("lock").state().global_version + 1;
     if !opt.m.is_empty() {
         shared.store.put_optimizer_state(next_version, &opt)?;
@@ -418,4 +428,17 @@ pub(super) fn commit(
     );
     let _ = shared.events.send(Event::RoundCommitted { round, version });
     Ok(())
+}
+
+/// `Err(NotFinite)` naming `what` and the first offending coordinate when `a` holds a value
+/// that is not a finite number.
+pub(super) fn check_finite(what: &str, a: &FlatAdapter) -> Result<()> {
+    match a.values().iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(CoordinatorError::NotFinite(format!(
+            "{what} is {} at coordinate {i} (of {}): an upload's values or weights overflowed",
+            a.values()[i],
+            a.values().len()
+        ))),
+    }
 }

@@ -28,6 +28,10 @@ pub struct FederationConfig {
     pub wait_for_clients: usize,
     /// Failed rounds tolerated before the federation gives up.
     pub max_failed_rounds: u64,
+    /// The largest weight one upload may carry (an example count under `ExampleCount`
+    /// weighting); a larger one is refused (`BadWeight`), so no single client can make its
+    /// delta the global one by claiming a huge dataset. Default 10⁹ examples.
+    pub max_upload_weight: f64,
     /// Seed of client sampling (deterministic per round: seed ⊕ round id).
     pub seed: u64,
     /// What every participant trains.
@@ -73,6 +77,7 @@ impl Default for FederationConfig {
             eval_timeout_ms: 60_000,
             wait_for_clients: 0,
             max_failed_rounds: 10,
+            max_upload_weight: 1e9,
             seed: 42,
             train: TrainConfig::default(),
             strategy: crate::strategy::StrategyConfig::default(),
@@ -96,6 +101,9 @@ impl FederationConfig {
         }
         if self.round_timeout_ms == 0 {
             return bad("round_timeout_ms must be positive");
+        }
+        if !(self.max_upload_weight.is_finite() && self.max_upload_weight >= 1.0) {
+            return bad("max_upload_weight must be finite and at least 1");
         }
         if self.train.local_steps == 0 || self.train.batch_size == 0 {
             return bad("local_steps and batch_size must be positive");

@@ -161,8 +161,8 @@ impl Federation {
     /// Validates an upload without changing state.
     ///
     /// Refuses: another round than the open one (`WrongRound`), a non-participant
-    /// (`NotSelected`), another spec (`SpecMismatch`), a weight the weighting rule forbids
-    /// (`BadWeight`), and a different payload for a (round, client) that has one
+    /// (`NotSelected`), another spec (`SpecMismatch`), a weight the weighting rule forbids or
+    /// above `max_upload_weight` (`BadWeight`), and a different payload for a (round, client) that has one
     /// (`DuplicateUpload`). A byte-identical re-send is [`UploadVerdict::AlreadyAccepted`].
     pub fn check_upload(
         &self,
@@ -211,6 +211,15 @@ impl Federation {
                     format!("client {client} already uploaded a different delta for round {round}"),
                 ))
             };
+        }
+        if weight.is_finite() && weight > self.config.max_upload_weight {
+            return Err(Refusal::new(
+                RefusalCode::BadWeight,
+                format!(
+                    "weight {weight} is above the federation's maximum of {}",
+                    self.config.max_upload_weight
+                ),
+            ));
         }
         let ok = weight.is_finite()
             && weight > 0.0
@@ -716,6 +725,36 @@ mod tests {
         );
         assert_eq!(f.tick(1_007), Some(Transition::Finished { success: true }));
         assert_eq!(f.poll("a"), Directive::Finished { version: 2 });
+    }
+
+    /// One client claiming a huge dataset would make its delta the global one (1e300 was
+    /// accepted before the bound): a weight above `max_upload_weight` is refused, one at the
+    /// bound is accepted, and a bound that could not bound anything is refused at configuration.
+    #[test]
+    fn an_upload_weight_above_the_maximum_is_refused() {
+        let mut c = cfg();
+        c.max_upload_weight = 1_000.0;
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        let Some(Transition::RoundStarted { round, selected }) = f.tick(1) else {
+            panic!()
+        };
+        let who = selected.iter().next().unwrap().clone();
+        for w in [1_001.0, 1e300, f64::MAX] {
+            let e = f.check_upload(&who, round, &SPEC, &[1; 32], w).unwrap_err();
+            assert_eq!(e.code, RefusalCode::BadWeight, "{w}");
+        }
+        assert_eq!(
+            f.check_upload(&who, round, &SPEC, &[1; 32], 1_000.0),
+            Ok(UploadVerdict::New)
+        );
+        for bad in [0.5, f64::INFINITY, f64::NAN] {
+            let mut c = cfg();
+            c.max_upload_weight = bad;
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -373,7 +373,10 @@ mod tests {
 
     /// FedProx on a quadratic client loss, two rounds, checked against values computed by hand:
     /// client i minimises ½(w − cᵢ)² + μ/2·(w − x)² by two gradient steps of size η from
-    /// w = x (the proximal gradient added as the client SDK adds it), the server averages.
+    /// w = x, the server averages. This checks the **server side** only (the strategy's
+    /// aggregation and its μ in the round config): the client step is written out here, since
+    /// this crate has no training engine. The client's own proximal term
+    /// (`fedlora_train::proximal::add_proximal`) is checked in `train/src/train.rs`'s tests.
     #[test]
     fn fed_prox_two_rounds_match_the_hand_computed_global() {
         let (eta, mu) = (0.5f64, 1.0f64);
