@@ -412,17 +412,19 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
     use fedlora_coordinator::privacy_plan::{apply, ClientDpRequest};
     use fedlora_protocol::client_dp::{ClientDpMode, ClientDpPolicy};
     use fedlora_protocol::DeclineReason;
-    let fx = Fixture::new(4);
-    let mut fed = federation(1, 4, 3, 2);
+    // five clients, four of which accept: with c = 1 and the complete graph (k = 4) the
+    // planner's threshold is t = 3 (2t > k + c), so the round tolerates the one that refuses
+    let fx = Fixture::new(5);
+    let mut fed = federation(1, 5, 4, 2);
     fed.train.batch_size = 8;
-    let mut req = ClientDpRequest::new(mode, 0.5, 8.0, 4);
+    let mut req = ClientDpRequest::new(mode, 0.5, 8.0, 5);
     req.collusion = 1;
     req.bits = 20;
     let numel = initial_adapter(&fx.cfg_lm).unwrap().spec().numel();
     apply(&req, &mut fed, numel, true).unwrap();
     let coord = fx.coordinator(fed).await;
-    let handles = fx.clients(&coord, 4, |i, cc| {
-        cc.client_dp = Some(if i < 3 {
+    let handles = fx.clients(&coord, 5, |i, cc| {
+        cc.client_dp = Some(if i < 4 {
             ClientDpPolicy {
                 max_epsilon: 1e6,
                 trust_coordinator: mode == ClientDpMode::Central,
@@ -458,7 +460,7 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
             &fx.dir.path().join(format!("client-{i}")),
         ))
         .unwrap();
-        if i < 3 {
+        if i < 4 {
             assert_eq!(r.rounds.len(), 1, "{r:?}");
             assert_eq!(rec.plans.len(), 1);
             assert_eq!(rec.plans[0].rounds, r.rounds);
@@ -486,7 +488,7 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
         report.evals
     );
     let record = &report.rounds[0].record;
-    assert_eq!(record.participants.len(), 3);
+    assert_eq!(record.participants.len(), 4);
     assert_eq!(
         record.train_loss, None,
         "no loss leaves a client-level DP client"

@@ -118,24 +118,15 @@ impl ClientDpRecord {
         }
     }
 
-    /// Writes the record durably (temp file, fsync, rename).
+    /// Writes the record durably ([`crate::durable::replace_file`]: temp file fsynced,
+    /// renamed, directory fsynced).
     pub fn save(&self, state_dir: Option<&Path>) -> Result<(), ClientError> {
         let Some(dir) = state_dir else {
             return Ok(());
         };
-        std::fs::create_dir_all(dir)?;
-        let path = Self::path(dir);
-        let tmp = path.with_extension("tmp");
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| ClientError::Storage(e.to_string()))?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(tmp, path)?;
-        Ok(())
+        crate::durable::replace_file(&Self::path(dir), &bytes)
     }
 
     /// Rounds taken part in under `plan` (with `codec`).
@@ -176,6 +167,66 @@ impl ClientDpRecord {
         if let Err(i) = entry.rounds.binary_search(&round) {
             entry.rounds.insert(i, round);
         }
+    }
+
+    /// Whether this client may take part in `round` under `plan` (with `codec`), judged on its
+    /// whole record, never on the plan alone:
+    /// - a round id it was already charged for, under any plan, is refused (a coordinator that
+    ///   offers round r again, or replays its secure stages under a new global version, gets no
+    ///   second noised input for r);
+    /// - a plan whose T rounds it already took part in is refused (no round past T);
+    /// - with a `policy`: the plan's own checks ([`ClientDpPlan::admit`]: δ, min_clients, c,
+    ///   trust), then ε composed over **every** plan it was charged under plus this round
+    ///   (RDP, at the largest δ among them): (a), every plan's whole campaign, when the client
+    ///   trusts the coordinator's sampling, else (b), every round taken part in at q = 1. So a
+    ///   coordinator that rotates the plan (one digit of δ, T + 1, a restart with a larger
+    ///   `--rounds`) gets no fresh budget: each new plan adds its whole campaign to (a), and
+    ///   every round adds to (b) whatever plan it ran under.
+    ///
+    /// Returns the ε the policy is held to after this round (0 without a policy).
+    pub fn admit(
+        &self,
+        policy: Option<&fedlora_protocol::client_dp::ClientDpPolicy>,
+        plan: &ClientDpPlan,
+        codec: &Codec,
+        secure_modulus: Option<u32>,
+        round: u64,
+    ) -> Result<f64, PlanRefusal> {
+        if let Some(p) = self.plans.iter().find(|p| p.rounds.contains(&round)) {
+            return Err(PlanRefusal::Inconsistent(format!(
+                "round {round} was already taken part in (under plan {}): a device sends at \
+                 most one noised input per round",
+                &p.digest[..12.min(p.digest.len())]
+            )));
+        }
+        let done = self.participated(plan, codec);
+        if done >= plan.rounds {
+            return Err(PlanRefusal::TooWeak(format!(
+                "all {} rounds of this plan were taken part in already",
+                plan.rounds
+            )));
+        }
+        let Some(policy) = policy else {
+            return Ok(0.0);
+        };
+        plan.admit(policy, codec, secure_modulus, done)?;
+        let mut after = self.clone();
+        after.record(plan, codec, round, None);
+        let delta = after.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max);
+        let (which, eps) = if policy.trust_coordinator {
+            ("(a)", after.observer_epsilon(delta))
+        } else {
+            ("(b)", after.coordinator_epsilon(delta))
+        };
+        let eps = eps.map_err(|e| PlanRefusal::Inconsistent(e.to_string()))?;
+        if eps > policy.max_epsilon {
+            return Err(PlanRefusal::TooWeak(format!(
+                "ε {which} over every plan taken part in would be {eps:.3} > the client's {} \
+                 (δ = {delta})",
+                policy.max_epsilon
+            )));
+        }
+        Ok(eps)
     }
 
     /// ε (a) at `delta` over every plan's whole campaign (observers of the released models;
@@ -344,5 +395,89 @@ mod tests {
             stored.verify(&edited),
             Err(PlanRefusal::Unsigned(_))
         ));
+    }
+
+    /// Central plans (the coordinator adds Gaussian noise): the client trusts it, so the
+    /// policy holds ε (a), every plan's whole campaign.
+    fn central(rounds: u64, delta: f64) -> ClientDpPlan {
+        ClientDpPlan {
+            rounds,
+            delta,
+            ..plan(
+                ClientDpMode::Central,
+                ClientNoise::Gaussian {
+                    noise_multiplier: 1.0,
+                },
+            )
+        }
+    }
+
+    fn trusting(max_epsilon: f64) -> fedlora_protocol::client_dp::ClientDpPolicy {
+        fedlora_protocol::client_dp::ClientDpPolicy {
+            max_epsilon,
+            max_delta: 1e-4,
+            trust_coordinator: true,
+            ..Default::default()
+        }
+    }
+
+    /// A coordinator that changes one digit of the plan (δ), or restarts with a larger
+    /// `--rounds`, offers a plan the device has no rounds under. Judged on that plan alone
+    /// (the check before this fix) it is admitted as a first round; judged on the record, the
+    /// first plan's campaign still counts, and the policy refuses.
+    #[test]
+    fn plan_rotation_and_a_larger_rounds_spend_no_fresh_budget() {
+        let codec = Codec::DenseF32;
+        let a = central(20, 1e-5);
+        let one = a.observer_epsilon().unwrap();
+        for b in [central(20, 1.1e-5), central(21, 1e-5)] {
+            // a budget that one campaign fits and two do not
+            let policy = trusting(one * 1.2);
+            let mut rec = ClientDpRecord::default();
+            assert!(rec.admit(Some(&policy), &a, &codec, None, 1).is_ok());
+            rec.record(&a, &codec, 1, None);
+            // the hole: plan b alone looks fresh
+            assert!(b
+                .admit(&policy, &codec, None, rec.participated(&b, &codec))
+                .is_ok());
+            // the record composes both campaigns
+            let e = rec.admit(Some(&policy), &b, &codec, None, 2).unwrap_err();
+            assert!(
+                matches!(&e, PlanRefusal::TooWeak(m) if m.contains("every plan")),
+                "{e}"
+            );
+            // and a budget for both admits it, at the composed ε
+            let both = rec
+                .admit(Some(&trusting(100.0)), &b, &codec, None, 2)
+                .unwrap();
+            assert!(both > one * 1.2, "{both} vs {one}");
+        }
+    }
+
+    /// A round id this device was charged for is never admitted again, under any plan and with
+    /// or without a policy (a replayed offer, or secure stages replayed under a new global
+    /// version, get no second noised input); nor is a round past the plan's T.
+    #[test]
+    fn a_round_is_taken_part_in_once_and_never_past_the_plans_t() {
+        let codec = Codec::DenseF32;
+        let a = central(2, 1e-5);
+        let policy = trusting(1e6);
+        let mut rec = ClientDpRecord::default();
+        rec.record(&a, &codec, 7, None);
+        for p in [Some(&policy), None] {
+            let e = rec.admit(p, &a, &codec, None, 7).unwrap_err();
+            assert!(
+                matches!(&e, PlanRefusal::Inconsistent(m) if m.contains("round 7")),
+                "{e}"
+            );
+            let other = central(2, 2e-5);
+            assert!(rec.admit(p, &other, &codec, None, 7).is_err());
+        }
+        rec.record(&a, &codec, 8, None);
+        let e = rec.admit(Some(&policy), &a, &codec, None, 9).unwrap_err();
+        assert!(
+            matches!(&e, PlanRefusal::TooWeak(m) if m.contains("all 2 rounds")),
+            "{e}"
+        );
     }
 }

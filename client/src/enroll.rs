@@ -71,13 +71,9 @@ pub fn csr(key: &KeyPair) -> Result<Vec<u8>, ClientError> {
     Ok(req.der().to_vec())
 }
 
-/// Writes a file by replacing it (temp file, rename), so a crash leaves the old or the new.
+/// Writes a file by replacing it, durably, so a crash leaves the old or the new.
 fn replace(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(tmp, path)?;
-    Ok(())
+    crate::durable::replace_file(path, bytes)
 }
 
 /// Stores a certificate chain the coordinator issued as `tls.cert`.

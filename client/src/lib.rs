@@ -4,6 +4,7 @@
 //! ([`enroll`]). Local training runs on the engine in `fedlora-train`.
 
 pub mod client_dp;
+pub mod durable;
 pub mod eligibility;
 pub mod enroll;
 pub mod error;

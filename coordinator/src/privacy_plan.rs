@@ -82,9 +82,26 @@ fn cfg_err(m: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Config(format!("client-level DP: {m}"))
 }
 
+/// The smallest Shamir threshold `t` with `2t > k + c` for `k` neighbours and `c` colluding
+/// clients: the condition under which a client is safe from a coordinator that shows two
+/// views of one round with `c` colluders among its neighbours (the threat model in
+/// `fedlora_protocol::secagg`: at most `k + c` share answers over both views). Refused when no
+/// `t ≤ k` satisfies it (`c ≥ k`).
+pub fn collusion_threshold(k: usize, c: usize) -> Result<usize> {
+    let t = (k + c) / 2 + 1;
+    if t > k {
+        return Err(cfg_err(format!(
+            "{c} colluding clients cannot be tolerated with {k} neighbours per client: SecAgg+ \
+             needs a threshold t ≤ k with 2t > k + c; lower --collusion or raise --neighbours"
+        )));
+    }
+    Ok(t)
+}
+
 /// Applies `req` to `fed` for an adapter of `numel` values: the plan, the codec (distributed:
 /// Skellam; central: the federation's, which must be plaintext), secure aggregation
-/// (distributed: mod 2^bits, neighbours as configured or 2⌈log₂ n⌉, t just above k/2),
+/// (distributed: mod 2^bits, neighbours as configured or 2⌈log₂ n⌉, the smallest t with
+/// 2t > k + c, [`collusion_threshold`]),
 /// Poisson sampling (`seeded`: [`Sampling::PoissonSeeded`], tests and simulations only) and
 /// uniform weighting; then validates the federation.
 pub fn apply(
@@ -163,7 +180,7 @@ pub fn apply(
             };
             let k = probe.k(fed.clients_per_round);
             fed.train.secure = Some(SecAggParams {
-                threshold: (k / 2 + 1).min(k).max(1),
+                threshold: collusion_threshold(k, req.collusion)?,
                 ..probe
             });
             fed.train.client_dp = Some(plan(cal.noise()));
@@ -182,6 +199,41 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The review's case: k = 10 neighbours and c = 2 colluders got t = ⌊k/2⌋ + 1 = 6, and
+    /// 2t = 12 is not above k + c = 12. Now t = 7; and a c that no t ≤ k can cover is refused.
+    #[test]
+    fn the_threshold_covers_the_planned_collusion() {
+        assert_eq!(collusion_threshold(10, 2).unwrap(), 7);
+        for k in 1..40 {
+            for c in 0..k {
+                let t = collusion_threshold(k, c).unwrap();
+                assert!(2 * t > k + c && t <= k, "k {k} c {c} t {t}");
+                assert!(t == 1 || 2 * (t - 1) <= k + c, "t {t} is the smallest");
+            }
+            assert!(collusion_threshold(k, k).is_err());
+        }
+        let mut fed = FederationConfig {
+            rounds: 10,
+            clients_per_round: 40,
+            min_clients: 30,
+            ..FederationConfig::default()
+        };
+        fed.train.secure = Some(SecAggParams {
+            threshold: 1,
+            neighbours: 10,
+            modulus_bits: 16,
+            stage_timeout_ms: 30_000,
+        });
+        let mut req = ClientDpRequest::new(ClientDpMode::Distributed, 0.5, 8.0, 400);
+        req.collusion = 2;
+        apply(&req, &mut fed, 10_000, false).unwrap();
+        let s = fed.train.secure.clone().unwrap();
+        assert_eq!((s.neighbours, s.threshold), (10, 7));
+        req.collusion = 10;
+        let mut f = fed.clone();
+        assert!(apply(&req, &mut f, 10_000, false).is_err());
+    }
 
     #[test]
     fn plans_meet_their_target_and_refuse_what_cannot_work() {

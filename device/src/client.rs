@@ -240,6 +240,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     let learner = workload.learner(a.data.as_deref(), a.client_index)?;
     let mut cfg = ClientConfig::new(addr, tls);
     cfg.server_name = a.server_name;
+    let state_dir = a.state_dir.clone();
     cfg.state_dir = a.state_dir;
     cfg.retry_forever = a.retry_forever;
     cfg.timers = fedlora_client::transport::TransportTimers {
@@ -298,6 +299,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     let report = rt
         .block_on(client.run())
         .map_err(|e| explain(e, &a.model))?;
+    let eps = spent(report.eps_spent, state_dir.as_deref())?;
     let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
     let declined: Vec<String> = report
         .declined
@@ -313,9 +315,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         report
             .final_version
             .map_or("none".into(), |v| v.to_string()),
-        report
-            .eps_spent
-            .map_or("none (no privacy target)".into(), |e| format!("{e:.4}")),
+        eps,
         report.bytes_up,
         report.bytes_down,
         report.resumed_uploads,
@@ -323,6 +323,28 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
         crate::peak_rss_mib(),
     );
     Ok(())
+}
+
+/// What the closing line says of ε: the example-level ledger's ε, or the client-level ε (a)
+/// and (b) from the device's own record (composed over every plan it took part under), or
+/// that there was no privacy target.
+fn spent(
+    example_level: Option<f64>,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    if let Some(e) = example_level {
+        return Ok(format!("{e:.4}"));
+    }
+    let rec = fedlora_client::client_dp::ClientDpRecord::load(state_dir)?;
+    if rec.plans.iter().all(|p| p.rounds.is_empty()) {
+        return Ok("none (no privacy target)".into());
+    }
+    let delta = rec.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max);
+    Ok(format!(
+        "client-level (a) {:.4}, (b) {:.4} at δ = {delta}",
+        rec.observer_epsilon(delta)?,
+        rec.coordinator_epsilon(delta)?
+    ))
 }
 
 /// A client failure in the user's words: which flags must agree on a spec mismatch.

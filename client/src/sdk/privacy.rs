@@ -35,40 +35,38 @@ impl FederatedClient {
             &cfg.codec,
             offer.plan_signature.as_ref(),
         )?;
-        self.check_client_dp_policy(plan, cfg)?;
+        self.check_client_dp_policy(plan, cfg, offer.round)?;
         Ok(signed)
     }
 
-    /// The policy half of [`Self::admit_client_dp`].
+    /// The policy half of [`Self::admit_client_dp`]: the plan against the round's codec, then
+    /// against this client's whole record ([`crate::client_dp::ClientDpRecord::admit`]: no
+    /// round id twice, no round past the plan's T, ε composed over every plan).
     pub(super) fn check_client_dp_policy(
         &self,
         plan: &ClientDpPlan,
         cfg: &fedlora_protocol::TrainConfig,
+        round: u64,
     ) -> Result<(), PlanRefusal> {
         let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
         plan.check_sensitivities(&cfg.codec, self.learner.spec().numel())?;
-        match &self.config.client_dp {
+        let policy = self.config.client_dp.as_ref();
+        if policy.is_none() {
             // without a policy: any consistent plan, but never central mode, where the
             // coordinator sees the update in the clear (only a client configured to trust it)
-            None => {
-                plan.check_consistent(&cfg.codec, modulus)?;
-                if plan.mode == fedlora_protocol::client_dp::ClientDpMode::Central {
-                    return Err(PlanRefusal::NeedsTrust(
-                        "central mode needs a client configured to trust the coordinator".into(),
-                    ));
-                }
-                Ok(())
-            }
-            Some(policy) => {
-                let done = self
-                    .client_dp
-                    .lock()
-                    .expect("lock")
-                    .participated(plan, &cfg.codec);
-                let eps = plan.admit(policy, &cfg.codec, modulus, done)?;
-                info!(eps, taken_part = done, "client-level DP plan admitted");
-                Ok(())
+            plan.check_consistent(&cfg.codec, modulus)?;
+            if plan.mode == fedlora_protocol::client_dp::ClientDpMode::Central {
+                return Err(PlanRefusal::NeedsTrust(
+                    "central mode needs a client configured to trust the coordinator".into(),
+                ));
             }
         }
+        let eps = self
+            .client_dp
+            .lock()
+            .expect("lock")
+            .admit(policy, plan, &cfg.codec, modulus, round)?;
+        info!(eps, round, "client-level DP plan admitted");
+        Ok(())
     }
 }

@@ -3,18 +3,15 @@
 
 use super::*;
 
-/// Replaces a state-directory file with `value` (bincode): temp file, then rename.
+/// Replaces a state-directory file with `value` (bincode), durably ([`crate::durable`]: temp
+/// file fsynced, renamed, directory fsynced) before it returns.
 pub(super) fn save_state_file<T: serde::Serialize>(
     path: &std::path::Path,
     value: &T,
 ) -> Result<(), ClientError> {
-    std::fs::create_dir_all(path.parent().expect("state files live in a directory"))?;
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
         .map_err(|e| ClientError::Storage(e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)?;
-    Ok(())
+    crate::durable::replace_file(path, &bytes)
 }
 
 impl FederatedClient {
@@ -74,7 +71,8 @@ pub(super) fn load_unmasked(
     }
 }
 
-/// Saves the set of unmasked global versions in the state directory (temp file, rename).
+/// Saves the set of unmasked global versions in the state directory, durably, before the
+/// unmask shares it guards are sent.
 pub(super) fn record_unmasked(
     state_dir: Option<&std::path::Path>,
     versions: &std::collections::BTreeSet<u64>,

@@ -26,7 +26,8 @@ pub struct FederationConfig {
     /// anything below `clients_per_round` means `clients_per_round`). Set it to the population
     /// to sample every round from all clients (simulations over QUIC do).
     pub wait_for_clients: usize,
-    /// Failed rounds tolerated before the federation gives up.
+    /// Consecutive failed rounds tolerated before the federation gives up (a committed round
+    /// resets the count).
     pub max_failed_rounds: u64,
     /// The largest weight one upload may carry (an example count under `ExampleCount`
     /// weighting); a larger one is refused (`BadWeight`), so no single client can make its

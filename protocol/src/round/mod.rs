@@ -422,6 +422,8 @@ impl Federation {
             }
         }
         self.state.global_version += 1;
+        // the give-up count is of failures in a row
+        self.state.failed_rounds = 0;
         self.state.phase = if self.state.global_version >= self.config.rounds {
             Phase::Evaluating {
                 version: self.state.global_version,
@@ -755,6 +757,43 @@ mod tests {
             c.max_upload_weight = bad;
             assert!(c.validate().is_err(), "{bad}");
         }
+    }
+
+    /// A campaign gives up after `max_failed_rounds` failures in a row, not after that many
+    /// failures spread between commits (before, the count never reset, and a long campaign at
+    /// a failure rate of a few percent ended early).
+    #[test]
+    fn only_consecutive_failures_end_the_campaign() {
+        let mut c = cfg();
+        c.rounds = 10;
+        c.max_failed_rounds = 1;
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        let mut now = 1;
+        let open = |f: &mut Federation, now: &mut u64| loop {
+            *now += 1;
+            if let Some(Transition::RoundStarted { round, .. }) = f.tick(*now) {
+                return round;
+            }
+            assert!(*now < 1_000_000, "no round opened");
+        };
+        for _ in 0..3 {
+            // one failure, then a commit: never two in a row
+            let r = open(&mut f, &mut now);
+            f.fail_round(r, now).unwrap();
+            assert!(!f.is_finished(), "one failure after a commit ends nothing");
+            let r = open(&mut f, &mut now);
+            f.commit(r, now).unwrap();
+        }
+        assert_eq!(f.state().global_version, 3);
+        // two in a row pass the limit of 1
+        let r = open(&mut f, &mut now);
+        f.fail_round(r, now).unwrap();
+        let r = open(&mut f, &mut now);
+        f.fail_round(r, now).unwrap();
+        assert!(f.is_finished());
     }
 
     #[test]

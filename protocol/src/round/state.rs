@@ -81,7 +81,8 @@ pub struct FederationState {
     pub global_version: u64,
     /// Id the next round will get.
     pub next_round: u64,
-    /// Rounds that failed so far.
+    /// Rounds that failed in a row since the last commit (a commit resets it): the campaign
+    /// gives up when it passes `max_failed_rounds`, never on failures spread over a long run.
     pub failed_rounds: u64,
     /// Where the federation is.
     pub phase: Phase,

@@ -17,7 +17,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the link stays down: past the idle timeout, so the connection is lost.
 const LINK_DOWN: Duration = Duration::from_secs(10);
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;
@@ -82,7 +82,7 @@ impl Net {
             let r = if in_ns { inside(&q) } else { sh(&q) };
             if let Err(e) = r {
                 // a kernel without sch_netem: the link-down part still runs, but the loss and
-                // delay part is reported as skipped (tests/lossy_link.rs covers loss and delay
+                // delay part is reported as skipped (tests/bad_link/lossy_link.rs covers loss and delay
                 // with its in-process proxy)
                 skip(&format!(
                     "loss and delay part: no netem qdisc ({e}); the link-down part still runs"

@@ -1,10 +1,10 @@
 //! Devices on a bad link: an in-process UDP proxy between the clients and the coordinator drops
-//! 10 % of the datagrams each way and delays each by 200 ms; the global adapter goes down in
+//! 10 % of the datagrams each way and delays each by 100 ms; the global adapter goes down in
 //! pieces, and the link is cut for longer than the QUIC idle timeout in the middle of an
 //! upload. The upload resumes from the pieces the coordinator holds, the federation completes,
 //! each client reports what it sent, and no upload is counted twice.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -129,7 +129,7 @@ async fn transfers_resume_over_a_lossy_slow_link_cut_for_longer_than_the_idle_ti
         .unwrap();
     let link = Arc::new(Link {
         loss: 0.10,
-        delay: Duration::from_millis(200),
+        delay: Duration::from_millis(100),
         rng: Mutex::new(rand::rngs::ChaCha20Rng::seed_from_u64(7)),
         cut: AtomicBool::new(false),
         dropped: AtomicU64::new(0),
