@@ -452,3 +452,98 @@ fn the_demo_shows_progress_on_a_terminal_and_json_stays_one_object() {
     assert_eq!(v["final_version"], 1);
     assert!(v["final_eval_loss"].as_f64().unwrap() > 0.0);
 }
+
+/// Secure aggregation from the coordinator's own flags: the effective settings it logs at start
+/// carry SecAgg+ with the threshold the planner derives (k = 3 among 4 clients, c = 1: t = 3),
+/// and a threshold that does not cover the collusion, or `--neighbours` without
+/// `--secure-aggregation`, is a usage error.
+#[test]
+fn secure_aggregation_is_a_coordinator_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path(), 1);
+    let (cs, state) = (c.to_str().unwrap(), dir.path().join("state"));
+    let ss = state.to_str().unwrap();
+    let base = [
+        "coordinator",
+        "--data-dir",
+        ss,
+        "--certs",
+        cs,
+        "--clients-per-round",
+        "4",
+        "--min-clients",
+        "3",
+    ];
+    let with = |extra: &[&str]| {
+        let mut v: Vec<&str> = base.to_vec();
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    for (extra, names) in [
+        (
+            vec![
+                "--secure-aggregation",
+                "--threshold",
+                "2",
+                "--collusion",
+                "1",
+            ],
+            vec!["--threshold 2", "2t > k + c"],
+        ),
+        (vec!["--neighbours", "3"], vec!["--secure-aggregation"]),
+        (
+            vec!["--secure-aggregation", "--codec", "q8"],
+            vec!["--secure-aggregation", "q8"],
+        ),
+    ] {
+        let args = with(&extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect(&fedlora(&args), 2, &names);
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let args = with(&[
+        "--secure-aggregation",
+        "--collusion",
+        "1",
+        "--log-format",
+        "json",
+        "--listen",
+        &addr,
+    ]);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let t0 = Instant::now();
+    let mut log = String::new();
+    let mut buf = [0u8; 4096];
+    while !log.contains("coordinator listening") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never listened:\n{log}"
+        );
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "the coordinator exited:\n{log}");
+        log.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let settings = log
+        .lines()
+        .find(|l| l.contains("effective settings"))
+        .expect("the effective settings are logged");
+    let v: serde_json::Value = serde_json::from_str(settings).unwrap();
+    let fed: serde_json::Value =
+        serde_json::from_str(v["federation"].as_str().expect("federation as JSON")).unwrap();
+    let secure = &fed["train"]["secure"];
+    assert_eq!(secure["threshold"], 3, "{fed}");
+    assert_eq!(secure["neighbours"], 0, "{fed}");
+    assert_eq!(fed["train"]["weighting"], "uniform", "{fed}");
+    assert!(
+        fed["train"]["codec"].to_string().contains("modular"),
+        "{fed}"
+    );
+}

@@ -593,3 +593,38 @@ async fn a_global_that_would_overflow_is_never_committed() {
     assert_eq!(third.global_version, 1);
     coord.shutdown().await;
 }
+
+/// The first request of a connection must be a hello: an upload sent first is refused from its
+/// frame header (its body never read, no payload budget drawn) and the connection is closed.
+/// Before the fix the body was read through the shared payload budget and the connection stayed
+/// open, so a few certificates could hold the budget every upload waits on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_that_is_not_a_hello_ends_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let ep = endpoint(&ClientTls::from_dir(&certs.0, 0)).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let (reply, _) = s.request(&upload(1, &delta(5), 1.0)).await.unwrap();
+    assert!(
+        matches!(&reply, CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered),
+        "{reply:?}"
+    );
+    let hello_msg = ClientMsg::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        spec_hash: spec().hash(),
+        max_rank: None,
+    };
+    let after = tokio::time::timeout(Duration::from_secs(10), s.request(&hello_msg)).await;
+    assert!(
+        !matches!(after, Ok(Ok((CoordMsg::Welcome { .. }, _)))),
+        "the connection stayed open after a request before the hello: {after:?}"
+    );
+    // a fresh connection that says hello first is served
+    let (_, welcome) = hello(&ep, addr, &spec()).await;
+    assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
+    coord.shutdown().await;
+}

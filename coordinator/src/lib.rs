@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod partial;
 pub mod privacy_plan;
 pub mod secure;
+pub mod secure_plan;
 pub mod server;
 pub mod status;
 pub mod store;

@@ -82,21 +82,7 @@ fn cfg_err(m: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Config(format!("client-level DP: {m}"))
 }
 
-/// The smallest Shamir threshold `t` with `2t > k + c` for `k` neighbours and `c` colluding
-/// clients: the condition under which a client is safe from a coordinator that shows two
-/// views of one round with `c` colluders among its neighbours (the threat model in
-/// `fedlora_protocol::secagg`: at most `k + c` share answers over both views). Refused when no
-/// `t ≤ k` satisfies it (`c ≥ k`).
-pub fn collusion_threshold(k: usize, c: usize) -> Result<usize> {
-    let t = (k + c) / 2 + 1;
-    if t > k {
-        return Err(cfg_err(format!(
-            "{c} colluding clients cannot be tolerated with {k} neighbours per client: SecAgg+ \
-             needs a threshold t ≤ k with 2t > k + c; lower --collusion or raise --neighbours"
-        )));
-    }
-    Ok(t)
-}
+pub use crate::secure_plan::collusion_threshold;
 
 /// Applies `req` to `fed` for an adapter of `numel` values: the plan, the codec (distributed:
 /// Skellam; central: the federation's, which must be plaintext), secure aggregation
@@ -165,8 +151,7 @@ pub fn apply(
             });
             let neighbours = match &fed.train.secure {
                 Some(s) => s.neighbours,
-                None if fed.clients_per_round <= 16 => 0,
-                None => 2 * (fed.clients_per_round as f64).log2().ceil() as usize,
+                None => crate::secure_plan::default_neighbours(fed.clients_per_round),
             };
             let probe = SecAggParams {
                 threshold: 1,

@@ -128,6 +128,35 @@ pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<
     })
 }
 
+/// Reads the first request of a connection, which must be a hello: the header is checked
+/// before any body byte is read, and a frame of any other kind is refused (`NotRegistered`)
+/// without reading its body or drawing on the payload budget, so a peer that has not said hello
+/// holds no more than one header's worth of the coordinator's memory.
+pub async fn read_hello(recv: &mut RecvStream) -> Result<Request, Refusal> {
+    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
+    let mut header = [0u8; HEADER_LEN];
+    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
+        Err(_) => return Err(malformed("timed out reading the frame header".into())),
+    }
+    let (kind, len) = frame::parse_header(&header).map_err(|e| e.refusal())?;
+    if kind != frame::FrameKind::Hello {
+        return Err(Refusal::new(
+            RefusalCode::NotRegistered,
+            format!("the first request of a connection must be a hello, not {kind:?}"),
+        ));
+    }
+    let body = tokio::time::timeout(timeout, read_body(recv, len.min(CONTROL_LIMIT)))
+        .await
+        .map_err(|_| malformed("timed out reading the frame body".into()))??;
+    let msg = frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| e.refusal())?;
+    Ok(Request {
+        msg,
+        wire_bytes: (HEADER_LEN + len) as u64,
+    })
+}
+
 /// Reads exactly `len` bytes, growing the buffer only as data arrives.
 async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, Refusal> {
     let mut body = Vec::with_capacity(len.min(CONTROL_LIMIT));

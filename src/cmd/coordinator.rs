@@ -117,7 +117,8 @@ pub(crate) struct ClientDpArgs {
     /// δ of the client-level guarantee (default 1e-5).
     #[arg(long, value_name = "D")]
     pub delta: Option<f64>,
-    /// c: colluding or Sybil clients the distributed noise tolerates (default 0).
+    /// c: colluding or Sybil clients the distributed noise, and secure aggregation's threshold
+    /// (2t > k + c), tolerate (default 0).
     #[arg(long, value_name = "C")]
     pub collusion: Option<usize>,
     /// Eligible clients sampled from (q = clients per round ÷ this; default --wait-for-clients
@@ -153,7 +154,8 @@ impl ClientDpArgs {
                 if stray {
                     return Err(UsageError(
                         "--client-clip, --target-epsilon, --collusion, --eligible and \
-                         --client-dp-bits need --client-dp central|distributed"
+                         --client-dp-bits need --client-dp central|distributed (--collusion \
+                         also goes with --secure-aggregation)"
                             .into(),
                     )
                     .into());
@@ -345,9 +347,29 @@ pub(crate) struct CoordinatorArgs {
     #[command(flatten)]
     fed: FederationArgs,
     #[command(flatten)]
+    secure: SecureArgs,
+    #[command(flatten)]
     client_dp: ClientDpArgs,
     #[command(flatten)]
     model: ModelArgs,
+}
+
+/// Secure aggregation flags of `coordinator` (SecAgg+: the coordinator learns only the sum).
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct SecureArgs {
+    /// Secure aggregation (SecAgg+): clients mask their updates so that this coordinator
+    /// learns only their sum. Needs a summable codec (a dense f32 default becomes
+    /// modular:8:0.25:0.25:N) and uniform weights; the threshold t is the smallest with
+    /// 2t > k + c (c = --collusion). See docs/src/secure-aggregation.md.
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// Neighbours per client, k (default: everyone up to 16 clients per round, else
+    /// 2⌈log₂ n⌉).
+    #[arg(long, value_name = "K", requires = "secure_aggregation")]
+    pub neighbours: Option<usize>,
+    /// Shamir threshold, t (default: the smallest t with 2t > k + c).
+    #[arg(long, value_name = "T", requires = "secure_aggregation")]
+    pub threshold: Option<usize>,
 }
 
 pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
@@ -387,9 +409,31 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     cfg.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
+    if a.secure.secure_aggregation {
+        if a.client_dp.client_dp.as_deref() == Some("central") {
+            return Err(UsageError(
+                "--secure-aggregation with --client-dp central: the coordinator adds central \
+                 noise to the plaintext sum (distributed mode is the secure one)"
+                    .into(),
+            )
+            .into());
+        }
+        let choice = fedlora_coordinator::secure_plan::SecureChoice {
+            neighbours: a.secure.neighbours,
+            threshold: a.secure.threshold,
+            collusion: a.client_dp.collusion.unwrap_or(0),
+        };
+        fedlora_coordinator::secure_plan::apply_secure(&choice, &mut fed)
+            .map_err(|e| UsageError(format!("--secure-aggregation: {e}")))?;
+    }
     let workload = super::workload::Workload::load(&a.model)?;
     let initial = workload.initial_adapter();
-    if let Some(req) = a.client_dp.request(file.client_dp, &fed)? {
+    // --collusion also sets secure aggregation's c; only with --client-dp is it a DP setting
+    let mut dp_args = a.client_dp.clone();
+    if a.secure.secure_aggregation && dp_args.client_dp.is_none() {
+        dp_args.collusion = None;
+    }
+    if let Some(req) = dp_args.request(file.client_dp, &fed)? {
         fedlora_coordinator::privacy_plan::apply(&req, &mut fed, initial.spec().numel(), false)
             .map_err(|e| UsageError(e.to_string()))?;
         if let Some(plan) = &fed.train.client_dp {

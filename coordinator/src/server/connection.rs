@@ -69,16 +69,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         };
         if !registered {
             // the hello is handled inline: nothing else is served before it succeeds
-            match handle_hello(
-                &shared,
-                &client,
-                (&fingerprint, &key_id),
-                &budget,
-                send,
-                recv,
-            )
-            .await
-            {
+            match handle_hello(&shared, &client, (&fingerprint, &key_id), send, recv).await {
                 Ok(true) => {
                     registered = true;
                     shared
@@ -134,14 +125,21 @@ pub(super) async fn handle_hello(
     shared: &Shared,
     client: &str,
     (fingerprint, key_id): (&str, &str),
-    budget: &ReadBudget,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> std::result::Result<bool, HelloEnd> {
-    let msg = match read_request(&mut recv, budget).await {
+    // before the hello, only a hello is read: another kind of frame is refused from its header
+    // (no body read, no payload budget drawn) and ends the connection
+    let msg = match crate::wire::read_hello(&mut recv).await {
         Ok(r) => r.msg,
         Err(r) => {
-            let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+            shared.metrics.refused(r.code);
+            let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
+            if r.code == RefusalCode::NotRegistered {
+                warn!(%client, reason = %r.message, "request before the hello; closing");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Err(HelloEnd::Close("hello first".into()));
+            }
             return Ok(false);
         }
     };

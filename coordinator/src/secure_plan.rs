@@ -1,0 +1,148 @@
+//! Secure aggregation's parameters from an operator's few choices (`fedlora coordinator
+//! --secure-aggregation [--neighbours K] [--threshold T] [--collusion C]`): a summable codec,
+//! uniform weights, k neighbours per client and a Shamir threshold t with `2t > k + c`.
+
+use fedlora_protocol::secagg::SecAggParams;
+use fedlora_protocol::{Codec, FederationConfig, Weighting};
+
+use crate::error::{CoordinatorError, Result};
+
+/// What an operator chooses; the rest follows ([`apply_secure`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecureChoice {
+    /// Neighbours per client, k (`None`: everyone up to 16 clients per round, else
+    /// 2⌈log₂ n⌉ as SecAgg+ suggests; 0 means everyone).
+    pub neighbours: Option<usize>,
+    /// Shamir threshold, t (`None`: the smallest t with `2t > k + c`).
+    pub threshold: Option<usize>,
+    /// Colluding clients the round must tolerate, c (default 0).
+    pub collusion: usize,
+}
+
+/// The default neighbours per client for rounds of `clients_per_round`: everyone (0) up to 16,
+/// else 2⌈log₂ n⌉.
+pub fn default_neighbours(clients_per_round: usize) -> usize {
+    if clients_per_round <= 16 {
+        0
+    } else {
+        2 * (clients_per_round as f64).log2().ceil() as usize
+    }
+}
+
+/// The smallest Shamir threshold `t` with `2t > k + c` for `k` neighbours and `c` colluding
+/// clients: the condition under which a client is safe from a coordinator that shows two
+/// views of one round with `c` colluders among its neighbours (the threat model in
+/// `fedlora_protocol::secagg`: at most `k + c` share answers over both views). Refused when no
+/// `t ≤ k` satisfies it (`c ≥ k`).
+pub fn collusion_threshold(k: usize, c: usize) -> Result<usize> {
+    let t = (k + c) / 2 + 1;
+    if t > k {
+        return Err(CoordinatorError::Config(format!(
+            "{c} colluding clients cannot be tolerated with {k} neighbours per client: SecAgg+ \
+             needs a threshold t ≤ k with 2t > k + c; lower the collusion or raise --neighbours"
+        )));
+    }
+    Ok(t)
+}
+
+/// Switches `fed` to secure aggregation as `choice` says. The codec must be summable: the
+/// default dense f32 becomes `modular:8:0.25:0.25:N` (N = clients per round, 8 bits a value);
+/// another non-summable codec is refused. Weights become uniform (a masked sum carries no
+/// per-client weight). A threshold given by hand must still satisfy `2t > k + c`.
+pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result<()> {
+    let cfg = |m: String| CoordinatorError::Config(m);
+    if fed.train.codec == Codec::DenseF32 {
+        fed.train.codec = Codec::from_name(&format!(
+            "modular:8:0.25:0.25:{}",
+            fed.clients_per_round.max(2)
+        ))?;
+    }
+    let Some(modulus_bits) = fed.train.codec.modulus_bits() else {
+        return Err(cfg(format!(
+            "secure aggregation sums masked integers: codec {} cannot be summed (use \
+             --codec modular:B:C:F:W)",
+            fed.train.codec.name()
+        )));
+    };
+    fed.train.weighting = Weighting::Uniform;
+    let mut params = SecAggParams {
+        threshold: 1,
+        neighbours: choice
+            .neighbours
+            .unwrap_or_else(|| default_neighbours(fed.clients_per_round)),
+        modulus_bits,
+        stage_timeout_ms: fed
+            .train
+            .secure
+            .as_ref()
+            .map_or(30_000, |s| s.stage_timeout_ms),
+    };
+    let k = params.k(fed.clients_per_round);
+    params.threshold = match choice.threshold {
+        None => collusion_threshold(k, choice.collusion)?,
+        Some(t) if 2 * t > k + choice.collusion && t <= k => t,
+        Some(t) => {
+            return Err(cfg(format!(
+                "--threshold {t} with k = {k} neighbours and c = {} colluders: SecAgg+ needs \
+                 2t > k + c and t ≤ k (the smallest such t is {})",
+                choice.collusion,
+                (k + choice.collusion) / 2 + 1
+            )))
+        }
+    };
+    fed.train.secure = Some(params);
+    fed.validate()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_rounds_from_one_flag_with_a_threshold_that_covers_the_collusion() {
+        let mut fed = FederationConfig {
+            clients_per_round: 8,
+            min_clients: 6,
+            ..FederationConfig::default()
+        };
+        apply_secure(&SecureChoice::default(), &mut fed).unwrap();
+        let s = fed.train.secure.clone().unwrap();
+        // 8 clients: everyone is a neighbour (k = 7), t = 4 > 7/2
+        assert_eq!((s.neighbours, s.threshold), (0, 4));
+        assert_eq!(Some(s.modulus_bits), fed.train.codec.modulus_bits());
+        assert!(fed.train.codec.is_summable());
+        assert_eq!(fed.train.weighting, Weighting::Uniform);
+        // 100 clients: k = 14 by default; c = 2 gives t = 9
+        let mut big = FederationConfig {
+            clients_per_round: 100,
+            min_clients: 80,
+            ..FederationConfig::default()
+        };
+        let c2 = SecureChoice {
+            collusion: 2,
+            ..Default::default()
+        };
+        apply_secure(&c2, &mut big).unwrap();
+        let s = big.train.secure.clone().unwrap();
+        assert_eq!((s.neighbours, s.threshold), (14, 9));
+        // a hand-picked threshold that does not cover c, a c no t can cover, a codec that
+        // cannot be summed
+        let mut f = big.clone();
+        let bad_t = SecureChoice {
+            threshold: Some(8),
+            collusion: 2,
+            neighbours: Some(14),
+        };
+        assert!(apply_secure(&bad_t, &mut f).is_err());
+        let too_many = SecureChoice {
+            neighbours: Some(6),
+            collusion: 6,
+            ..Default::default()
+        };
+        assert!(apply_secure(&too_many, &mut big.clone()).is_err());
+        let mut q8 = FederationConfig::default();
+        q8.train.codec = Codec::from_name("q8").unwrap();
+        assert!(apply_secure(&SecureChoice::default(), &mut q8).is_err());
+    }
+}
