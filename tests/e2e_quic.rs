@@ -448,17 +448,41 @@ async fn the_metrics_port_accepts_only_after_the_first_status_snapshot() {
 /// A client certificate with common name `cn`, signed by the federation CA in `certs` (as a
 /// compromised or careless issuer could), written beside the others as index `index`.
 fn issue_named(certs: &std::path::Path, cn: &str, index: usize) {
+    let d = fedlora_coordinator::certs::CertDir(certs.to_path_buf());
+    issue_by(certs, cn, index, (&d.ca(), &d.ca_key()), true, false);
+}
+
+/// A leaf certificate named `cn` signed by the CA whose certificate and key are `by` (with that
+/// CA's certificate after it in the chain file when `chain`), with clientAuth or with no
+/// extended key usage, written as client certificate `index` of `certs`.
+fn issue_by(
+    certs: &std::path::Path,
+    cn: &str,
+    index: usize,
+    by: (&std::path::Path, &std::path::Path),
+    client_auth: bool,
+    chain: bool,
+) {
     use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
     let d = fedlora_coordinator::certs::CertDir(certs.to_path_buf());
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(d.ca_key()).unwrap()).unwrap();
-    let issuer =
-        Issuer::from_ca_cert_pem(&std::fs::read_to_string(d.ca()).unwrap(), ca_key).unwrap();
+    let issuer_pem = std::fs::read_to_string(by.0).unwrap();
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(by.1).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&issuer_pem, ca_key).unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    // without clientAuth: no extended key usage at all, which TLS lets through
+    p.extended_key_usages = if client_auth {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![]
+    };
     let k = KeyPair::generate().unwrap();
     let c = p.signed_by(&k, &issuer).unwrap();
-    std::fs::write(d.client_cert(index), c.pem()).unwrap();
+    let mut pem = c.pem();
+    if chain {
+        pem.push_str(&issuer_pem);
+    }
+    std::fs::write(d.client_cert(index), pem).unwrap();
     std::fs::write(d.client_key(index), k.serialize_pem()).unwrap();
 }
 
@@ -626,5 +650,117 @@ async fn a_first_request_that_is_not_a_hello_ends_the_connection() {
     // a fresh connection that says hello first is served
     let (_, welcome) = hello(&ep, addr, &spec()).await;
     assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
+    coord.shutdown().await;
+}
+
+/// What TLS does not check, the coordinator does: a certificate the federation CA signed without
+/// clientAuth is refused, and an enrollment issuer (an intermediate) cannot mint a `certs init`
+/// id such as `client-0`, while the `device-…` id it exists for is welcomed. Before, all three
+/// were welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_cannot_cross_issuers_and_client_certificates_need_client_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+    fedlora_coordinator::certs::make_issuer(&certs, &icert, &ikey).unwrap();
+    let d = &certs;
+    issue_by(
+        &certs.0,
+        "client-7",
+        1,
+        (&d.ca(), &d.ca_key()),
+        false,
+        false,
+    );
+    issue_by(&certs.0, "client-0", 2, (&icert, &ikey), true, true);
+    issue_by(
+        &certs.0,
+        "device-00aa11bb22cc",
+        3,
+        (&icert, &ikey),
+        true,
+        true,
+    );
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let welcomed = |i: usize| {
+        let ep = endpoint(&ClientTls::from_dir(&certs.0, i)).unwrap();
+        async move {
+            match Session::connect(&ep, addr, "localhost").await {
+                Err(_) => false,
+                Ok(s) => matches!(
+                    s.request(&ClientMsg::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        spec_hash: spec().hash(),
+                        max_rank: None,
+                    })
+                    .await,
+                    Ok((CoordMsg::Welcome { .. }, _))
+                ),
+            }
+        }
+    };
+    assert!(
+        !welcomed(1).await,
+        "a certificate without clientAuth was welcomed"
+    );
+    assert!(
+        !welcomed(2).await,
+        "the enrollment issuer minted a certs-init id that was welcomed"
+    );
+    assert!(welcomed(3).await, "an enrolled device id is welcomed");
+    assert!(welcomed(0).await, "a certs-init client is welcomed");
+    coord.shutdown().await;
+}
+
+/// The enrollment issuer is limited to client certificates: a server certificate it signs for
+/// the coordinator's own name (what a compromised enrollment service would mint to stand in for
+/// the coordinator) fails the devices' TLS checks. Before, the issuer had no extended key usage
+/// and such a certificate was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enrollment_issuer_cannot_mint_a_server_certificate() {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+    fedlora_coordinator::certs::make_issuer(&certs, &icert, &ikey).unwrap();
+    let issuer_pem = std::fs::read_to_string(&icert).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &issuer_pem,
+        KeyPair::from_pem(&std::fs::read_to_string(&ikey).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "rogue coordinator");
+    p.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let k = KeyPair::generate().unwrap();
+    let leaf = p.signed_by(&k, &issuer).unwrap();
+    // the rogue server presents its leaf and the issuer, as a real chain
+    std::fs::write(certs.server_cert(), leaf.pem() + &issuer_pem).unwrap();
+    std::fs::write(certs.server_key(), k.serialize_pem()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let ep = endpoint(&ClientTls::from_dir(&certs.0, 0)).unwrap();
+    let accepted = match Session::connect(&ep, addr, "localhost").await {
+        Err(_) => false,
+        Ok(s) => s
+            .request(&ClientMsg::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                spec_hash: spec().hash(),
+                max_rank: None,
+            })
+            .await
+            .is_ok(),
+    };
+    assert!(
+        !accepted,
+        "a device accepted a server certificate from the enrollment issuer"
+    );
     coord.shutdown().await;
 }

@@ -135,6 +135,9 @@ pub fn make_issuer(dir: &CertDir, cert: &Path, key: &Path) -> Result<()> {
     let root = Issuer::from_ca_cert_pem(&read(dir.ca())?, ca_key).map_err(tls_err)?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // an issuer's extended key usage limits what chains through it (TLS checks it at every
+    // certificate of the path): device certificates for clients, never a server certificate
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.distinguished_name
         .push(DnType::CommonName, "fedlora enrollment issuer");
     p.key_usages = vec![
@@ -242,6 +245,10 @@ pub fn load_deny_list(path: &Path) -> Result<BTreeSet<String>> {
 /// path, no hidden name, no control character).
 pub fn client_id(der: &[u8]) -> Result<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(tls_err)?;
+    common_name(&cert)
+}
+
+fn common_name(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<String> {
     let cn = cert
         .subject()
         .iter_common_name()
@@ -251,6 +258,51 @@ pub fn client_id(der: &[u8]) -> Result<String> {
     fedlora_protocol::identity::validate_client_id(cn)
         .map_err(|e| CoordinatorError::Tls(format!("client certificate: {e}")))?;
     Ok(cn.to_string())
+}
+
+/// The prefix of every device id the enrollment service assigns (`device-<hex>`).
+pub const DEVICE_ID_PREFIX: &str = "device-";
+
+/// The client id of a certificate the TLS handshake verified against the federation CA, with
+/// the checks TLS does not make: the id is valid ([`client_id`]); the certificate is for
+/// clients (extended key usage clientAuth, not a CA); and ids cannot cross issuers, so an
+/// enrollment service's intermediate (any issuer other than the root, whose subject is
+/// `root_subject`, DER) can only have issued `device-…` ids, never a `certs init` id such as
+/// `client-3`.
+pub fn client_identity(der: &[u8], root_subject: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(tls_err)?;
+    let id = common_name(&cert)?;
+    let client_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|e| e.value.client_auth || e.value.any);
+    if !client_auth {
+        return Err(CoordinatorError::Tls(format!(
+            "client certificate `{id}` is not for clients (no clientAuth extended key usage)"
+        )));
+    }
+    if cert.is_ca() {
+        return Err(CoordinatorError::Tls(format!(
+            "client certificate `{id}` is a CA certificate"
+        )));
+    }
+    let by_root = cert.issuer().as_raw() == root_subject;
+    if !by_root && !id.starts_with(DEVICE_ID_PREFIX) {
+        return Err(CoordinatorError::Tls(format!(
+            "client certificate `{id}` comes from an issuing CA other than the federation's \
+             root, which may only issue `{DEVICE_ID_PREFIX}…` ids"
+        )));
+    }
+    Ok(id)
+}
+
+/// The subject (DER) of the federation CA's certificate in `ca` (PEM), for
+/// [`client_identity`].
+pub fn ca_subject(ca: &Path) -> Result<Vec<u8>> {
+    let der = read_cert_der(ca)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(tls_err)?;
+    Ok(cert.subject().as_raw().to_vec())
 }
 
 #[cfg(test)]

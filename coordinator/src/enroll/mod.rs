@@ -240,7 +240,11 @@ fn new_device_id() -> Result<String> {
     let mut rng = rand::rngs::ChaCha20Rng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| CoordinatorError::Config(format!("the OS random source: {e}")))?;
     let b: [u8; 6] = rng.random();
-    Ok(format!("device-{}", hex::encode(b)))
+    Ok(format!(
+        "{}{}",
+        crate::certs::DEVICE_ID_PREFIX,
+        hex::encode(b)
+    ))
 }
 
 /// A running enrollment endpoint.

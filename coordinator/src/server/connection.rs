@@ -33,7 +33,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         conn.close(1u32.into(), b"client certificate required");
         return;
     };
-    let client = match certs::client_id(&der) {
+    let client = match certs::client_identity(&der, &shared.ca_subject) {
         Ok(c) => c,
         Err(e) => {
             warn!(%remote, error = %e, "unusable client certificate");

@@ -106,6 +106,9 @@ struct Shared {
     secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
     /// Client certificates (DER) from their TLS handshakes, relayed for key signatures.
     certs: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// The federation CA's subject (DER): tells which issuer signed a client
+    /// ([`crate::certs::client_identity`]).
+    ca_subject: Vec<u8>,
     /// Open connections per client id, oldest first (at most [`MAX_CONNECTIONS_PER_CLIENT`]).
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
@@ -180,6 +183,7 @@ impl Coordinator {
         // everything that can fail on the user's input fails before anything is created on disk
         let server_config =
             crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let ca_subject = crate::certs::ca_subject(&config.tls.ca)?;
         let plan_signer = match &config.federation.train.client_dp {
             Some(_) => Some(crate::tls::load_plan_signer(&config.tls.key)?),
             None => None,
@@ -302,6 +306,7 @@ impl Coordinator {
             secure: Mutex::new(None),
             secure_bytes_up: Mutex::new(BTreeMap::new()),
             certs: Mutex::new(BTreeMap::new()),
+            ca_subject,
             conns: Mutex::new(BTreeMap::new()),
             budget: ReadBudget::global(),
             opt: Mutex::new(opt),
