@@ -49,6 +49,32 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (S
     (s, reply)
 }
 
+/// Connects with client certificate `index` of `certs` and says hello: the open session and the
+/// answer, or `None` where the handshake or the request failed (a refused certificate).
+async fn try_hello(
+    certs: &std::path::Path,
+    index: usize,
+    addr: SocketAddr,
+) -> Option<(Session, CoordMsg)> {
+    let ep = endpoint(&ClientTls::from_dir(certs, index)).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.ok()?;
+    let hello = ClientMsg::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        spec_hash: spec().hash(),
+        max_rank: None,
+    };
+    let (reply, _) = s.request(&hello).await.ok()?;
+    Some((s, reply))
+}
+
+/// Whether client certificate `index` of `certs` gets a welcome.
+async fn is_welcomed(certs: &std::path::Path, index: usize, addr: SocketAddr) -> bool {
+    matches!(
+        try_hello(certs, index, addr).await,
+        Some((_, CoordMsg::Welcome { .. }))
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedavg_over_quic_is_exact_and_bad_input_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -531,22 +557,13 @@ async fn a_certificate_whose_name_is_a_path_is_refused_and_writes_nothing() {
     let coord = Coordinator::start(cfg, delta(3)).await.unwrap();
     let addr = coord.local_addr().unwrap();
     for (i, cn) in hostile.iter().enumerate() {
-        let ep = endpoint(&ClientTls::from_dir(&certs.0, 1 + i)).unwrap();
-        let hello = ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: spec().hash(),
-            max_rank: None,
-        };
-        let welcomed = match Session::connect(&ep, addr, "localhost").await {
-            Err(_) => false,
-            Ok(s) => match s.request(&hello).await {
-                Ok((CoordMsg::Welcome { .. }, _)) => {
-                    // what a hostile client does next: an upload for round 1
-                    let _ = s.request(&upload(1, &delta(5), 1.0)).await;
-                    true
-                }
-                _ => false,
-            },
+        let welcomed = match try_hello(&certs.0, 1 + i, addr).await {
+            Some((s, CoordMsg::Welcome { .. })) => {
+                // what a hostile client does next: an upload for round 1
+                let _ = s.request(&upload(1, &delta(5), 1.0)).await;
+                true
+            }
+            _ => false,
         };
         assert!(!welcomed, "a certificate named {cn:?} was welcomed");
     }
@@ -685,23 +702,7 @@ async fn ids_cannot_cross_issuers_and_client_certificates_need_client_auth() {
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
     let addr = coord.local_addr().unwrap();
-    let welcomed = |i: usize| {
-        let ep = endpoint(&ClientTls::from_dir(&certs.0, i)).unwrap();
-        async move {
-            match Session::connect(&ep, addr, "localhost").await {
-                Err(_) => false,
-                Ok(s) => matches!(
-                    s.request(&ClientMsg::Hello {
-                        protocol_version: PROTOCOL_VERSION,
-                        spec_hash: spec().hash(),
-                        max_rank: None,
-                    })
-                    .await,
-                    Ok((CoordMsg::Welcome { .. }, _))
-                ),
-            }
-        }
-    };
+    let welcomed = |i| is_welcomed(&certs.0, i, addr);
     assert!(
         !welcomed(1).await,
         "a certificate without clientAuth was welcomed"
@@ -746,18 +747,7 @@ async fn the_enrollment_issuer_cannot_mint_a_server_certificate() {
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
     let addr = coord.local_addr().unwrap();
-    let ep = endpoint(&ClientTls::from_dir(&certs.0, 0)).unwrap();
-    let accepted = match Session::connect(&ep, addr, "localhost").await {
-        Err(_) => false,
-        Ok(s) => s
-            .request(&ClientMsg::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                spec_hash: spec().hash(),
-                max_rank: None,
-            })
-            .await
-            .is_ok(),
-    };
+    let accepted = try_hello(&certs.0, 0, addr).await.is_some();
     assert!(
         !accepted,
         "a device accepted a server certificate from the enrollment issuer"
