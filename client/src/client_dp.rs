@@ -212,7 +212,7 @@ impl ClientDpRecord {
         plan.admit(policy, codec, secure_modulus, done)?;
         let mut after = self.clone();
         after.record(plan, codec, round, None);
-        let delta = after.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max);
+        let delta = after.max_delta();
         let (which, eps) = if policy.trust_coordinator {
             ("(a)", after.observer_epsilon(delta))
         } else {
@@ -227,6 +227,12 @@ impl ClientDpRecord {
             )));
         }
         Ok(eps)
+    }
+
+    /// The largest δ among the plans (0 with none): the δ at which ε over the whole record is
+    /// stated.
+    pub fn max_delta(&self) -> f64 {
+        self.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max)
     }
 
     /// ε (a) at `delta` over every plan's whole campaign (observers of the released models;

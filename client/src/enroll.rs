@@ -71,14 +71,9 @@ pub fn csr(key: &KeyPair) -> Result<Vec<u8>, ClientError> {
     Ok(req.der().to_vec())
 }
 
-/// Writes a file by replacing it, durably, so a crash leaves the old or the new.
-fn replace(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
-    crate::durable::replace_file(path, bytes)
-}
-
 /// Stores a certificate chain the coordinator issued as `tls.cert`.
 pub fn store_chain(tls: &ClientTls, chain_pem: &str) -> Result<(), ClientError> {
-    replace(&tls.cert, chain_pem.as_bytes())
+    crate::durable::replace_file(&tls.cert, chain_pem.as_bytes())
 }
 
 /// Enrolls this device: key (made here if missing), request, certificate. A refusal (unknown,

@@ -187,7 +187,7 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
     if rec.plans.is_empty() {
         return Ok(None);
     }
-    let delta = rec.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max);
+    let delta = rec.max_delta();
     let distributed = rec
         .plans
         .iter()

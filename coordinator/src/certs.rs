@@ -240,14 +240,9 @@ pub fn load_deny_list(path: &Path) -> Result<BTreeSet<String>> {
     }
 }
 
-/// The client id carried by a certificate: its subject common name, refused unless it is a
-/// valid client id ([`fedlora_protocol::identity::validate_client_id`]: it names files, so no
-/// path, no hidden name, no control character).
-pub fn client_id(der: &[u8]) -> Result<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(tls_err)?;
-    common_name(&cert)
-}
-
+/// A certificate's subject common name, refused unless it is a valid client id
+/// ([`fedlora_protocol::identity::validate_client_id`]: it names files, so no path, no hidden
+/// name, no control character).
 fn common_name(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<String> {
     let cn = cert
         .subject()
@@ -264,7 +259,7 @@ fn common_name(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<S
 pub const DEVICE_ID_PREFIX: &str = "device-";
 
 /// The client id of a certificate the TLS handshake verified against the federation CA, with
-/// the checks TLS does not make: the id is valid ([`client_id`]); the certificate is for
+/// the checks TLS does not make: the id is a valid client id (it names files); the certificate is for
 /// clients (extended key usage clientAuth, not a CA); and ids cannot cross issuers, so an
 /// enrollment service's intermediate (any issuer other than the root, whose subject is
 /// `root_subject`, DER) can only have issued `device-…` ids, never a `certs init` id such as
@@ -314,7 +309,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = init_certs(dir.path(), 2, &default_server_names()).unwrap();
         let der = read_cert_der(&d.client_cert(1)).unwrap();
-        assert_eq!(client_id(&der).unwrap(), "client-1");
+        let root = ca_subject(&d.ca()).unwrap();
+        assert_eq!(client_identity(&der, &root).unwrap(), "client-1");
         assert!(load_deny_list(&d.revoked()).unwrap().is_empty());
         let fp = revoke(&d, &d.client_cert(1)).unwrap();
         assert_eq!(fp, fingerprint(&der));

@@ -13,7 +13,6 @@
 use fedlora_dp::client_level::{calibrate_distributed, ClientNoise, DistributedConfig};
 use fedlora_protocol::client_dp::{ClientDpMode, ClientDpPlan};
 use fedlora_protocol::codec::SkellamParams;
-use fedlora_protocol::secagg::SecAggParams;
 use fedlora_protocol::{Codec, FederationConfig, Sampling, Weighting};
 use serde::{Deserialize, Serialize};
 
@@ -82,12 +81,10 @@ fn cfg_err(m: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Config(format!("client-level DP: {m}"))
 }
 
-pub use crate::secure_plan::collusion_threshold;
-
 /// Applies `req` to `fed` for an adapter of `numel` values: the plan, the codec (distributed:
 /// Skellam; central: the federation's, which must be plaintext), secure aggregation
 /// (distributed: mod 2^bits, neighbours as configured or 2⌈log₂ n⌉, the smallest t with
-/// 2t > k + c, [`collusion_threshold`]),
+/// 2t > k + c, [`crate::secure_plan::secure_params`]),
 /// Poisson sampling (`seeded`: [`Sampling::PoissonSeeded`], tests and simulations only) and
 /// uniform weighting; then validates the federation.
 pub fn apply(
@@ -149,25 +146,13 @@ pub fn apply(
                 share: cal.share,
                 expected_clients: expected,
             });
-            let neighbours = match &fed.train.secure {
-                Some(s) => s.neighbours,
-                None => crate::secure_plan::default_neighbours(fed.clients_per_round),
+            // SecAgg+ among the round's clients, with the plan's collusion bound in its threshold
+            let choice = crate::secure_plan::SecureChoice {
+                neighbours: fed.train.secure.as_ref().map(|s| s.neighbours),
+                threshold: None,
+                collusion: req.collusion,
             };
-            let probe = SecAggParams {
-                threshold: 1,
-                neighbours,
-                modulus_bits: u32::from(req.bits),
-                stage_timeout_ms: fed
-                    .train
-                    .secure
-                    .as_ref()
-                    .map_or(30_000, |s| s.stage_timeout_ms),
-            };
-            let k = probe.k(fed.clients_per_round);
-            fed.train.secure = Some(SecAggParams {
-                threshold: collusion_threshold(k, req.collusion)?,
-                ..probe
-            });
+            fed.train.secure = Some(crate::secure_plan::secure_params(&choice, fed)?);
             fed.train.client_dp = Some(plan(cal.noise()));
         }
     }
@@ -184,20 +169,13 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedlora_protocol::secagg::SecAggParams;
 
     /// The review's case: k = 10 neighbours and c = 2 colluders got t = ⌊k/2⌋ + 1 = 6, and
-    /// 2t = 12 is not above k + c = 12. Now t = 7; and a c that no t ≤ k can cover is refused.
+    /// 2t = 12 is not above k + c = 12. Now t = 7; and a c that no t ≤ k can cover is refused
+    /// (the threshold rule itself is tested in `secure_plan`).
     #[test]
     fn the_threshold_covers_the_planned_collusion() {
-        assert_eq!(collusion_threshold(10, 2).unwrap(), 7);
-        for k in 1..40 {
-            for c in 0..k {
-                let t = collusion_threshold(k, c).unwrap();
-                assert!(2 * t > k + c && t <= k, "k {k} c {c} t {t}");
-                assert!(t == 1 || 2 * (t - 1) <= k + c, "t {t} is the smallest");
-            }
-            assert!(collusion_threshold(k, k).is_err());
-        }
         let mut fed = FederationConfig {
             rounds: 10,
             clients_per_round: 40,

@@ -50,13 +50,24 @@ pub fn collusion_threshold(k: usize, c: usize) -> Result<usize> {
 /// another non-summable codec is refused. Weights become uniform (a masked sum carries no
 /// per-client weight). A threshold given by hand must still satisfy `2t > k + c`.
 pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result<()> {
-    let cfg = |m: String| CoordinatorError::Config(m);
     if fed.train.codec == Codec::DenseF32 {
         fed.train.codec = Codec::from_name(&format!(
             "modular:8:0.25:0.25:{}",
             fed.clients_per_round.max(2)
         ))?;
     }
+    fed.train.weighting = Weighting::Uniform;
+    fed.train.secure = Some(secure_params(choice, fed)?);
+    fed.validate()?;
+    Ok(())
+}
+
+/// The SecAgg+ parameters `choice` gives for `fed`'s summable codec and round size: k as
+/// chosen (or [`default_neighbours`]), t as chosen if it covers the collusion, else the
+/// smallest that does ([`collusion_threshold`]), the codec's modulus, and the stage timeout
+/// `fed` already has (30 s by default). Client-level DP's planner uses it too.
+pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<SecAggParams> {
+    let cfg = |m: String| CoordinatorError::Config(m);
     let Some(modulus_bits) = fed.train.codec.modulus_bits() else {
         return Err(cfg(format!(
             "secure aggregation sums masked integers: codec {} cannot be summed (use \
@@ -64,7 +75,6 @@ pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result
             fed.train.codec.name()
         )));
     };
-    fed.train.weighting = Weighting::Uniform;
     let mut params = SecAggParams {
         threshold: 1,
         neighbours: choice
@@ -78,26 +88,37 @@ pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result
             .map_or(30_000, |s| s.stage_timeout_ms),
     };
     let k = params.k(fed.clients_per_round);
+    let least = collusion_threshold(k, choice.collusion)?;
     params.threshold = match choice.threshold {
-        None => collusion_threshold(k, choice.collusion)?,
-        Some(t) if 2 * t > k + choice.collusion && t <= k => t,
+        None => least,
+        Some(t) if (least..=k).contains(&t) => t,
         Some(t) => {
             return Err(cfg(format!(
                 "--threshold {t} with k = {k} neighbours and c = {} colluders: SecAgg+ needs \
-                 2t > k + c and t ≤ k (the smallest such t is {})",
-                choice.collusion,
-                (k + choice.collusion) / 2 + 1
+                 2t > k + c and t ≤ k (the smallest such t is {least})",
+                choice.collusion
             )))
         }
     };
-    fed.train.secure = Some(params);
-    fed.validate()?;
-    Ok(())
+    Ok(params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_threshold_is_the_smallest_t_with_2t_above_k_plus_c() {
+        assert_eq!(collusion_threshold(10, 2).unwrap(), 7);
+        for k in 1..40 {
+            for c in 0..k {
+                let t = collusion_threshold(k, c).unwrap();
+                assert!(2 * t > k + c && t <= k, "k {k} c {c} t {t}");
+                assert!(t == 1 || 2 * (t - 1) <= k + c, "t {t} is the smallest");
+            }
+            assert!(collusion_threshold(k, k).is_err());
+        }
+    }
 
     #[test]
     fn secure_rounds_from_one_flag_with_a_threshold_that_covers_the_collusion() {

@@ -315,7 +315,7 @@ impl Store {
     }
 
     fn upload_path(&self, round: u64, client: &str) -> PathBuf {
-        // every client id was checked at the connection (`certs::client_id`): never a path
+        // every client id was checked at the connection (`certs::client_identity`): never a path
         debug_assert!(fedlora_protocol::identity::validate_client_id(client).is_ok());
         self.dir
             .join("uploads")

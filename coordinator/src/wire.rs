@@ -88,14 +88,7 @@ fn malformed(m: String) -> Refusal {
 /// Reads one request frame: header, then the body incrementally (payload bodies within the
 /// budget), then decodes and range-checks it. Refusals say what was wrong.
 pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<Request, Refusal> {
-    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
-    let mut header = [0u8; HEADER_LEN];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
-        Err(_) => return Err(malformed("timed out reading the frame header".into())),
-    }
-    let (kind, len) = frame::parse_header(&header).map_err(|e| e.refusal())?;
+    let (kind, len) = read_header(recv).await?;
     if !kind.from_client() {
         return Err(malformed(format!("{kind:?} is not a client message")));
     }
@@ -111,21 +104,14 @@ pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<
                 .await;
             (c, g)
         };
-        match tokio::time::timeout(timeout, reserve).await {
+        match tokio::time::timeout(request_timeout(), reserve).await {
             Ok((Ok(c), Ok(g))) => Some((c, g)),
             _ => return Err(busy()),
         }
     } else {
         None
     };
-    let body = tokio::time::timeout(timeout, read_body(recv, len))
-        .await
-        .map_err(|_| malformed("timed out reading the frame body".into()))??;
-    let msg = frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| e.refusal())?;
-    Ok(Request {
-        msg,
-        wire_bytes: (HEADER_LEN + len) as u64,
-    })
+    read_message(recv, kind, len).await
 }
 
 /// Reads the first request of a connection, which must be a hello: the header is checked
@@ -133,21 +119,39 @@ pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<
 /// without reading its body or drawing on the payload budget, so a peer that has not said hello
 /// holds no more than one header's worth of the coordinator's memory.
 pub async fn read_hello(recv: &mut RecvStream) -> Result<Request, Refusal> {
-    let timeout = Duration::from_secs(REQUEST_TIMEOUT_S);
-    let mut header = [0u8; HEADER_LEN];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
-        Err(_) => return Err(malformed("timed out reading the frame header".into())),
-    }
-    let (kind, len) = frame::parse_header(&header).map_err(|e| e.refusal())?;
+    let (kind, len) = read_header(recv).await?;
     if kind != frame::FrameKind::Hello {
         return Err(Refusal::new(
             RefusalCode::NotRegistered,
             format!("the first request of a connection must be a hello, not {kind:?}"),
         ));
     }
-    let body = tokio::time::timeout(timeout, read_body(recv, len.min(CONTROL_LIMIT)))
+    // a hello is a control frame: `parse_header` bounds its length by the control limit
+    read_message(recv, kind, len).await
+}
+
+fn request_timeout() -> Duration {
+    Duration::from_secs(REQUEST_TIMEOUT_S)
+}
+
+/// Reads and parses a frame header (kind and body length, bounded by the kind's limit).
+async fn read_header(recv: &mut RecvStream) -> Result<(frame::FrameKind, usize), Refusal> {
+    let mut header = [0u8; HEADER_LEN];
+    match tokio::time::timeout(request_timeout(), recv.read_exact(&mut header)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(malformed(format!("truncated frame header: {e}"))),
+        Err(_) => return Err(malformed("timed out reading the frame header".into())),
+    }
+    frame::parse_header(&header).map_err(|e| e.refusal())
+}
+
+/// Reads a `len`-byte body of a frame of `kind`, then decodes and range-checks the message.
+async fn read_message(
+    recv: &mut RecvStream,
+    kind: frame::FrameKind,
+    len: usize,
+) -> Result<Request, Refusal> {
+    let body = tokio::time::timeout(request_timeout(), read_body(recv, len))
         .await
         .map_err(|_| malformed("timed out reading the frame body".into()))??;
     let msg = frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| e.refusal())?;

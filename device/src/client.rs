@@ -339,7 +339,7 @@ fn spent(
     if rec.plans.iter().all(|p| p.rounds.is_empty()) {
         return Ok("none (no privacy target)".into());
     }
-    let delta = rec.plans.iter().map(|p| p.plan.delta).fold(0.0, f64::max);
+    let delta = rec.max_delta();
     Ok(format!(
         "client-level (a) {:.4}, (b) {:.4} at δ = {delta}",
         rec.observer_epsilon(delta)?,

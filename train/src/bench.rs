@@ -6,12 +6,14 @@
 use std::time::Instant;
 
 use burn::tensor::Device;
+use fedlora_dp::GaussianNoise;
 use fedlora_protocol::TrainConfig;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
 use crate::adapter::{collect_named, NamedFilter};
 use crate::data::ClientData;
+use crate::dp_sgd::DpSgdConfig;
 use crate::error::TrainError;
 use crate::model::LmConfig;
 use crate::train::LocalTrainer;
@@ -27,6 +29,22 @@ pub fn median(v: &mut [f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The DP-SGD setting a bench times a step with: clip 1, σ = 1, the whole `batch` expected and
+/// in one chunk, no loss release, and noise from the OS CSPRNG. The timing is of the step, not
+/// of a private run.
+pub fn timing_dp(batch: usize) -> Result<(DpSgdConfig, GaussianNoise), TrainError> {
+    let dp = DpSgdConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        expected_batch: batch,
+        max_chunk: batch,
+        loss_clip: None,
+    };
+    let noise =
+        GaussianNoise::from_os(1.0).map_err(|e| TrainError::Config(format!("noise: {e}")))?;
+    Ok((dp, noise))
 }
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
@@ -96,9 +114,7 @@ pub fn train_step(cfg: LmConfig, reps: usize) -> Result<Value, TrainError> {
 /// plain step on the same 32 windows of the byte-level model `cfg`, medians over `reps`, and
 /// the largest difference between the per-example gradients and one-example backward passes.
 pub fn dp_step(cfg: LmConfig, reps: usize) -> Result<Value, TrainError> {
-    use crate::dp_sgd::{
-        dp_gradient, per_example_grads, plain_gradient, to_gradients_params, DpSgdConfig,
-    };
+    use crate::dp_sgd::{dp_gradient, per_example_grads, plain_gradient, to_gradients_params};
     use crate::model::windows_tensor;
     use burn::optim::{AdamConfig, GradientsParams};
     let batch = 32usize;
@@ -112,15 +128,7 @@ pub fn dp_step(cfg: LmConfig, reps: usize) -> Result<Value, TrainError> {
         *v += ((i as f32) * 0.37).sin() * 0.01; // B ≠ 0, so every adapter tensor has a gradient
     }
     let windows: Vec<&[u8]> = data.train[..batch].iter().map(Vec::as_slice).collect();
-    let dpc = DpSgdConfig {
-        clip_norm: 1.0,
-        noise_multiplier: 1.0,
-        expected_batch: batch,
-        max_chunk: batch,
-        loss_clip: None,
-    };
-    let mut noise = fedlora_dp::GaussianNoise::from_os(1.0)
-        .map_err(|e| TrainError::Config(format!("noise: {e}")))?;
+    let (dpc, mut noise) = timing_dp(batch)?;
     let mut model = trainer.model_with(&g)?;
     let mut opt = AdamConfig::new().init();
     let (mut plain, mut dp) = (Vec::new(), Vec::new());

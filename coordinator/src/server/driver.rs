@@ -205,8 +205,9 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
             for c in &missing {
                 warn!(round, client = %c, "straggler dropped from the round");
             }
-            // an aggregate or a global that is not finite is never committed: the round fails
-            // with its reason, and a fresh round follows
+            // an aggregation that fails, or a next global that is not finite (`commit` checks
+            // it before anything is written), fails the round with its reason, and a fresh
+            // round follows
             let fail = |e: CoordinatorError| -> Result<()> {
                 error!(round, error = %e, "aggregation failed; failing the round");
                 let state = {
@@ -216,9 +217,7 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
                 };
                 fail_record(shared, round, e.to_string(), &state, now)
             };
-            let aggregated = aggregate(shared, round, &uploads)
-                .and_then(|delta| check_finite("the round's aggregate", &delta).map(|()| delta));
-            match aggregated {
+            match aggregate(shared, round, &uploads) {
                 Ok(delta) => match commit(shared, round, delta, &uploads, &missing, now) {
                     Err(e @ CoordinatorError::NotFinite(_)) => fail(e)?,
                     other => other?,
@@ -431,8 +430,9 @@ pub(super) fn commit(
 }
 
 /// `Err(NotFinite)` naming `what` and the first offending coordinate when `a` holds a value
-/// that is not a finite number.
-pub(super) fn check_finite(what: &str, a: &FlatAdapter) -> Result<()> {
+/// that is not a finite number (a non-finite aggregate always makes a non-finite global, so
+/// checking the global is enough).
+fn check_finite(what: &str, a: &FlatAdapter) -> Result<()> {
     match a.values().iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(CoordinatorError::NotFinite(format!(

@@ -162,8 +162,8 @@ impl Federation {
     ///
     /// Refuses: another round than the open one (`WrongRound`), a non-participant
     /// (`NotSelected`), another spec (`SpecMismatch`), a weight the weighting rule forbids or
-    /// above `max_upload_weight` (`BadWeight`), and a different payload for a (round, client) that has one
-    /// (`DuplicateUpload`). A byte-identical re-send is [`UploadVerdict::AlreadyAccepted`].
+    /// above `max_upload_weight` (`BadWeight`), and a different payload for a (round, client)
+    /// that has one (`DuplicateUpload`). A byte-identical re-send is [`UploadVerdict::AlreadyAccepted`].
     pub fn check_upload(
         &self,
         client: &str,

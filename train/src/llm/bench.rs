@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::data::TokenExample;
 use super::trainer::LlmTrainer;
+use crate::bench::median;
 use crate::error::TrainError;
 
 /// Median milliseconds of each phase of a plain LoRA step (Adam), over the measured reps.
@@ -23,19 +24,6 @@ pub struct StepPhases {
     pub optimizer_ms: f64,
     /// The whole step.
     pub total_ms: f64,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Runs `warmup + reps` plain Adam steps from `global` on `batch` (the same examples every
@@ -70,10 +58,10 @@ pub fn plain_step_phases(
         }
     }
     Ok(StepPhases {
-        forward_ms: median(f),
-        backward_ms: median(b),
-        optimizer_ms: median(o),
-        total_ms: median(t),
+        forward_ms: median(&mut f),
+        backward_ms: median(&mut b),
+        optimizer_ms: median(&mut o),
+        total_ms: median(&mut t),
     })
 }
 
@@ -105,7 +93,7 @@ pub fn dp_step_ms(
             t.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    Ok(median(t))
+    Ok(median(&mut t))
 }
 
 /// `fedlora bench llm-step`: loads the LLM at `path` with `lora` and `base_dtype`, then times
@@ -122,7 +110,6 @@ pub fn llm_step(
 ) -> Result<serde_json::Value, TrainError> {
     use super::data::text_examples;
     use crate::bench::{peak_rss_mib, rayon_threads, reset_peak_rss};
-    use crate::dp_sgd::DpSgdConfig;
     use serde_json::json;
     let t0 = Instant::now();
     let trainer = LlmTrainer::load_as(path, lora, 0, base_dtype)?;
@@ -139,15 +126,7 @@ pub fn llm_step(
     let global = trainer.initial_adapter();
     let phases = plain_step_phases(&trainer, &global, windows, 2, reps, trainer.device())?;
     let train_peak = peak_rss_mib();
-    let dp = DpSgdConfig {
-        clip_norm: 1.0,
-        noise_multiplier: 1.0,
-        expected_batch: batch,
-        max_chunk: batch,
-        loss_clip: None,
-    };
-    let mut noise = fedlora_dp::GaussianNoise::from_os(1.0)
-        .map_err(|e| TrainError::Config(format!("noise: {e}")))?;
+    let (dp, mut noise) = crate::bench::timing_dp(batch)?;
     let dp_ms = dp_step_ms(&trainer, &global, windows, &dp, &mut noise, 1, reps.min(5))?;
     let model = &trainer.llm().model;
     Ok(json!({
