@@ -165,16 +165,16 @@ fn demo_with_a_real_llm_then_peft_export_then_eval_with_the_adapter() {
         v["final_eval_loss"].as_f64().unwrap(),
     );
     assert!(last < base, "held-out NLL {base} -> {last}");
-    // the committed global adapter as a PEFT directory, then scored with it
+    // the committed global adapter as a PEFT directory, then scored with it: the data
+    // directory records the model and the adapter flags, so none are repeated
+    let data = d.join("coordinator");
     let peft = dir.path().join("peft");
     stdout_ok(&fedlora(&[
         "export",
         "--data-dir",
-        d.join("coordinator").to_str().unwrap(),
+        data.to_str().unwrap(),
         "--peft",
         peft.to_str().unwrap(),
-        "--model",
-        m.to_str().unwrap(),
     ]));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
@@ -206,6 +206,45 @@ fn demo_with_a_real_llm_then_peft_export_then_eval_with_the_adapter() {
     let with = score(&["--adapter", peft.to_str().unwrap()]);
     let without = score(&[]);
     assert!(with != without, "the adapter changes the model");
+    // the global adapter scored straight from the data directory: the PEFT export's score
+    let direct = {
+        let out = fedlora(&[
+            "eval",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "64",
+            "--max-windows",
+            "4",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(stdout_ok(&out).trim()).unwrap();
+        v["nll_per_token"].as_f64().unwrap()
+    };
+    assert!(
+        (direct - with).abs() <= 1e-5 * with.abs(),
+        "eval --data-dir {direct} vs the exported PEFT adapter {with}"
+    );
+    // another model file than the federation's: refused with both identities named
+    let other = fixtures().join("qwen2");
+    let out = fedlora(&[
+        "export",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--peft",
+        dir.path().join("p3").to_str().unwrap(),
+        "--model",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not the model this federation trained on")
+            && err.matches("sha256:").count() >= 2,
+        "{err}"
+    );
     // other adapter flags than the federation's: refused, exit 2
     let out = fedlora(&[
         "export",

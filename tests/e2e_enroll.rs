@@ -12,9 +12,12 @@ use fedlora_client::enroll::{cert_not_after, csr, device_key, enroll, exchange, 
 use fedlora_client::sdk::{ClientConfig, FederatedClient};
 use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_client::ClientError;
-use fedlora_coordinator::certs::{default_server_names, init_certs, revoke_device, CertDir};
+use fedlora_coordinator::certs::{
+    default_server_names, fingerprint, init_certs, revoke, revoke_device, revoke_key, CertDir,
+};
 use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
-use fedlora_coordinator::enroll::EnrollConfig;
+use fedlora_coordinator::enroll::{EnrollConfig, Enrollment, Presented};
+use fedlora_coordinator::store::Store;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::enroll::{EnrollErrorCode, EnrollRequest, EnrollResponse};
 use fedlora_protocol::{ClientMsg, CoordMsg, RefusalCode, PROTOCOL_VERSION};
@@ -240,4 +243,155 @@ async fn a_separate_enrollment_service_signs_with_its_own_issuer() {
     );
     service.shutdown();
     coord.shutdown().await;
+}
+
+/// A welcomed session with `tls`, kept open.
+async fn session(addr: SocketAddr, tls: &ClientTls, spec_hash: [u8; 32]) -> Session {
+    let ep = endpoint(tls).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let msg = ClientMsg::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        spec_hash,
+        max_rank: None,
+    };
+    match s.request(&msg).await.unwrap().0 {
+        CoordMsg::Welcome { .. } => s,
+        other => panic!("not welcomed: {other:?}"),
+    }
+}
+
+/// The QUIC close code of `s`'s connection once the coordinator closes it (within 5 s).
+async fn closed_with(s: &Session) -> Option<u64> {
+    match tokio::time::timeout(Duration::from_secs(5), s.connection().closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
+        Ok(other) => panic!("closed otherwise: {other}"),
+        Err(_) => None,
+    }
+}
+
+/// What the connection of a certificate file presents to renewal.
+fn presented(cert: &std::path::Path, device_id: &str) -> Presented {
+    let der = fedlora_coordinator::certs::read_cert_der(cert).unwrap();
+    let (key_id, _, not_after) =
+        fedlora_coordinator::enroll::issuer::cert_key_and_name(&der).unwrap();
+    Presented {
+        device_id: device_id.into(),
+        fingerprint: fingerprint(&der),
+        key_id,
+        not_after_unix_s: not_after,
+    }
+}
+
+/// Revocation by certificate (`certs revoke --client-index`), by key and by device id closes
+/// the identity's live connections at once, and a revoked certificate cannot renew itself back:
+/// renewal checks the presented certificate against the deny-list, opens only inside its window
+/// before expiry, and is for enrolled devices only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_live_connections_and_renewal_respects_it_and_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names())
+        .unwrap()
+        .0;
+    let cd = CertDir(certs.clone());
+    let tokens = issue_tokens(&certs.join(TOKEN_FILE), 3, 3600, now_s()).unwrap();
+    let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
+    let initial = initial_adapter(&cfg_lm).unwrap();
+    let spec_hash = initial.spec().hash();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
+    ec.validity_s = 600;
+    cfg.enroll = Some(ec.clone());
+    let coord = Coordinator::start(cfg, initial).await.unwrap();
+    let (addr, enroll_addr) = (coord.local_addr().unwrap(), coord.enroll_addr().unwrap());
+    let mut devices = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let opts = EnrollOptions {
+            endpoint: enroll_addr,
+            server_name: "localhost".into(),
+            ca: cd.ca(),
+            token: t.clone(),
+            state_dir: dir.path().join(format!("d{i}")),
+        };
+        devices.push(enroll(&opts).await.unwrap());
+    }
+
+    // live sessions: client-0 (certs init), and three enrolled devices
+    let c0 = ClientTls::from_dir(&certs, 0);
+    let s0 = session(addr, &c0, spec_hash).await;
+    let s1 = session(addr, &ClientTls::from_dir(&certs, 1), spec_hash).await;
+    let live: Vec<Session> = sessions_of(&devices, addr, spec_hash).await;
+    // by certificate (what `certs revoke --client-index 0` writes): client-0's connection ends
+    revoke(&cd, &c0.cert).unwrap();
+    assert_eq!(closed_with(&s0).await, Some(4), "revoked by certificate");
+    // by key and by device id: those devices' connections end
+    revoke_key(&cd, &devices[0].tls.cert).unwrap();
+    assert_eq!(closed_with(&live[0]).await, Some(4), "revoked by key");
+    revoke_device(&cd, &devices[1].device_id).unwrap();
+    assert_eq!(closed_with(&live[1]).await, Some(4), "revoked by device id");
+    // the others stay connected and served
+    for s in [&s1, &live[2]] {
+        let (poll, _) = s
+            .request(&ClientMsg::Poll { held_version: None })
+            .await
+            .unwrap();
+        assert!(!matches!(poll, CoordMsg::Refused(_)), "{poll:?}");
+    }
+
+    // renewal, with the enrollment's own checks (the coordinator's store is held by it, so a
+    // second registry over a copy of the certificate directory's deny-list)
+    coord.shutdown().await;
+    let store = Store::open(&dir.path().join("renew-state")).unwrap();
+    let e = Enrollment::new(ec.clone(), store.registry().unwrap()).unwrap();
+    let fresh_csr = |i: usize| {
+        let key = device_key(&dir.path().join(format!("d{i}/new.key"))).unwrap();
+        csr(&key).unwrap()
+    };
+    let now = now_s();
+    // revoked by key or by id: the presented certificate cannot renew into a new key
+    for (i, d) in devices.iter().enumerate().take(2) {
+        let p = presented(&d.tls.cert, &d.device_id);
+        let r = e.renew(&p, &fresh_csr(i), now);
+        assert_eq!(r.unwrap_err().0, EnrollErrorCode::Revoked, "device {i}");
+    }
+    // revoked by certificate fingerprint alone (a device's certificate file)
+    revoke(&cd, &devices[2].tls.cert).unwrap();
+    let p2 = presented(&devices[2].tls.cert, &devices[2].device_id);
+    assert_eq!(
+        e.renew(&p2, &fresh_csr(2), now).unwrap_err().0,
+        EnrollErrorCode::Revoked
+    );
+    // a `certs init` client never renews through enrollment
+    let p1 = presented(&cd.client_cert(1), "client-1");
+    let (c, m) = e.renew(&p1, &fresh_csr(1), now).unwrap_err();
+    assert_eq!(c, EnrollErrorCode::BadRequest, "{m}");
+
+    // the window: an unrevoked device renews only within renew_window_s of its expiry
+    let mut narrow = ec.clone();
+    narrow.renew_window_s = 60;
+    let store2 = Store::open(&dir.path().join("renew-state-2")).unwrap();
+    let e2 = Enrollment::new(narrow, store2.registry().unwrap()).unwrap();
+    let mut ok = p2.clone();
+    ok.fingerprint = "not-revoked".into();
+    ok.device_id = "device-0123456789ab".into();
+    ok.key_id = "k".into();
+    let early = e2.renew(&ok, &fresh_csr(2), ok.not_after_unix_s - 600);
+    let (c, m) = early.unwrap_err();
+    assert_eq!(c, EnrollErrorCode::BadRequest);
+    assert!(m.contains("renewal opens"), "{m}");
+    e2.renew(&ok, &fresh_csr(2), ok.not_after_unix_s - 30)
+        .unwrap();
+}
+
+/// One welcomed session per enrolled device.
+async fn sessions_of(
+    devices: &[fedlora_client::enroll::Enrolled],
+    addr: SocketAddr,
+    spec_hash: [u8; 32],
+) -> Vec<Session> {
+    let mut out = Vec::new();
+    for d in devices {
+        out.push(session(addr, &d.tls, spec_hash).await);
+    }
+    out
 }

@@ -1,7 +1,9 @@
 //! Secure aggregation over real QUIC + mTLS: the coordinator only ever sees masked inputs; one
 //! client is killed after sharing its keys, and the round still completes with the survivors,
 //! giving exactly the average of their (modular-encoded) deltas; a malicious client whose input
-//! makes the sum undecodable fails the round, and a fresh round follows.
+//! makes the sum undecodable fails the round, and a fresh round follows. A device enrolled
+//! through the enrollment intermediate is a neighbour like any other: its peers check its
+//! relayed chain as TLS would.
 
 use std::time::Duration;
 
@@ -77,13 +79,12 @@ async fn coordinator(
 /// contributed (as the coordinator will decode it) unless it was killed, and its session.
 async fn scripted(
     i: usize,
-    certs: std::path::PathBuf,
+    tls: ClientTls,
     addr: std::net::SocketAddr,
     script: Script,
     survivors: usize,
 ) -> (Option<FlatAdapter>, Session) {
     let (codec, mp) = modular();
-    let tls = ClientTls::from_dir(&certs, i);
     let ep = endpoint(&tls).unwrap();
     let s = Session::connect(&ep, addr, "localhost").await.unwrap();
     let (w, _) = s
@@ -186,16 +187,20 @@ fn launch(
     script_of: impl Fn(usize) -> Script,
     survivors: usize,
 ) -> Vec<tokio::task::JoinHandle<(Option<FlatAdapter>, Session)>> {
-    (0..4usize)
-        .map(|i| {
-            tokio::spawn(scripted(
-                i,
-                certs.to_path_buf(),
-                addr,
-                script_of(i),
-                survivors,
-            ))
-        })
+    let tls: Vec<ClientTls> = (0..4).map(|i| ClientTls::from_dir(certs, i)).collect();
+    launch_with(tls, addr, script_of, survivors)
+}
+
+/// [`launch`] with each client's own TLS identity.
+fn launch_with(
+    tls: Vec<ClientTls>,
+    addr: std::net::SocketAddr,
+    script_of: impl Fn(usize) -> Script,
+    survivors: usize,
+) -> Vec<tokio::task::JoinHandle<(Option<FlatAdapter>, Session)>> {
+    tls.into_iter()
+        .enumerate()
+        .map(|(i, t)| tokio::spawn(scripted(i, t, addr, script_of(i), survivors)))
         .collect()
 }
 
@@ -350,4 +355,71 @@ async fn a_secure_round_below_min_clients_fails_instead_of_committing() {
     assert_eq!(coord.report().unwrap().global_version, 0);
     drop(sessions);
     coord.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_enrolled_through_the_intermediate_is_a_neighbour_in_a_secure_round() {
+    use fedlora_client::enroll::{enroll, EnrollOptions};
+    use fedlora_coordinator::certs::{make_issuer, CertDir};
+    use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
+    use fedlora_coordinator::enroll::{EnrollConfig, EnrollService, Enrollment};
+    use fedlora_coordinator::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names())
+        .unwrap()
+        .0;
+    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+    make_issuer(&CertDir(certs.clone()), &icert, &ikey).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = issue_tokens(&certs.join(TOKEN_FILE), 1, 3600, now).unwrap();
+    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
+    ec.issuer_cert = icert;
+    ec.issuer_key = ikey;
+    ec.intermediate = true;
+    let store = Store::open(&dir.path().join("enroll-state")).unwrap();
+    let service = EnrollService::start(std::sync::Arc::new(
+        Enrollment::new(ec, store.registry().unwrap()).unwrap(),
+    ))
+    .unwrap();
+    let device = enroll(&EnrollOptions {
+        endpoint: service.local_addr().unwrap(),
+        server_name: "localhost".into(),
+        ca: CertDir(certs.clone()).ca(),
+        token: token[0].clone(),
+        state_dir: dir.path().join("device"),
+    })
+    .await
+    .unwrap();
+    service.shutdown();
+    let (coord, initial) = coordinator(dir.path(), &certs, 4).await;
+    let mut tls: Vec<ClientTls> = (0..3).map(|i| ClientTls::from_dir(&certs, i)).collect();
+    tls.push(device.tls.clone());
+    let handles = launch_with(tls, coord.local_addr().unwrap(), |_| Script::Honest, 4);
+    let mut inputs = Vec::new();
+    for h in handles {
+        inputs.push(h.await.unwrap().0.expect("every client finishes the round"));
+    }
+    assert!(tokio::time::timeout(
+        Duration::from_secs(60),
+        coord.wait_finished(Duration::from_millis(10))
+    )
+    .await
+    .unwrap());
+    let report = coord.report().unwrap();
+    assert!(report.rounds[0]
+        .record
+        .participants
+        .contains(&device.device_id));
+    let (_, got) = coord.global();
+    coord.shutdown().await;
+    for (j, (g, i0)) in got.values().iter().zip(initial.values()).enumerate() {
+        let mean = inputs.iter().map(|d| f64::from(d.values()[j])).sum::<f64>() / 4.0;
+        assert!(
+            (f64::from(*g) - (f64::from(*i0) + mean)).abs() < 1e-6,
+            "{j}"
+        );
+    }
 }

@@ -126,6 +126,12 @@ pub fn central_dp_delta<'a>(
 /// aggregation). `counts` gives the weight behind each rank component: with every client at
 /// full rank the decoded weight sum is used (and must be positive); with heterogeneous ranks
 /// component `j` is divided by the weight of the counted clients whose rank is above `j`.
+///
+/// Client-level DP in distributed mode (the Skellam codec) is the exception: its sum is always
+/// divided by the plan's public expected clients per round, whatever ranks took part, so the
+/// release never depends on who participated (a lower-rank client's missing components count
+/// as zeros; dividing by the observed per-component count would make the divisor, and so the
+/// release, a function of the participants that the accountant does not cover).
 pub fn modular_sum_delta(
     codec: &Codec,
     spec: &AdapterSpec,
@@ -139,7 +145,7 @@ pub fn modular_sum_delta(
             "decoded weight sum {weight} is not positive"
         )));
     }
-    if !counts.is_uniform() {
+    if !counts.is_uniform() && !matches!(codec, Codec::Skellam(_)) {
         return Ok(counts.mean(&total)?);
     }
     let spec = total.spec().clone();
@@ -187,4 +193,58 @@ pub fn check_update_norm(
         ));
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::codec::SkellamParams;
+    use fedlora_protocol::TensorSpec;
+    use rand::SeedableRng;
+
+    /// A rank-2 adapter: one `A` `[2, 4]` and one `B` `[4, 2]`.
+    fn lora_spec() -> AdapterSpec {
+        AdapterSpec::new(vec![
+            TensorSpec {
+                name: "l.lora_a".into(),
+                shape: vec![2, 4],
+            },
+            TensorSpec {
+                name: "l.lora_b".into(),
+                shape: vec![4, 2],
+            },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_distributed_dp_sum_is_divided_by_the_public_expected_count_whatever_the_ranks() {
+        let spec = lora_spec();
+        let p = SkellamParams {
+            bits: 20,
+            clip: 1.0,
+            scale: 1000.0,
+            l2_bound: fedlora_dp::skellam::rounded_l2_bound(1000.0, 16, (-0.5f64).exp()),
+            share: 0.0,
+            expected_clients: 5.0,
+        };
+        let codec = Codec::Skellam(p.clone());
+        let ctx = CodecContext { round_seed: 3 };
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+        let mut sum = ModularSum::new(SkellamParams::dim(spec.numel()), 20);
+        for c in 0..3 {
+            let v: Vec<f32> = (0..spec.numel())
+                .map(|i| ((i + c) as f32 * 0.3).sin() * 0.05)
+                .collect();
+            sum.add(&p.to_ints(&v, 3, &mut rng).unwrap().0).unwrap();
+        }
+        let (total, _) = codec.decode_modular_sum(&sum, &spec, &ctx).unwrap();
+        // one client at full rank, two at rank 1: observed per-component counts 3 and 1
+        let counts = RankCounts::new(2, [(1.0, 2), (1.0, 1), (1.0, 1)]);
+        assert!(!counts.is_uniform());
+        let mean = modular_sum_delta(&codec, &spec, &ctx, &sum, &counts).unwrap();
+        for (m, t) in mean.values().iter().zip(total.values()) {
+            assert_eq!(*m, (f64::from(*t) / 5.0) as f32);
+        }
+    }
 }

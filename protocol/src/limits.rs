@@ -32,7 +32,8 @@ pub const MAX_SECRET_SHARE_LEN: usize = 64;
 pub const MAX_ROSTER: usize = 10_000;
 /// Longest Merkle inclusion proof of a roster entry (⌈log₂ MAX_ROSTER⌉ hashes, with room).
 pub const MAX_PROOF: usize = 32;
-/// Longest client certificate relayed for signature checks (DER), bytes.
+/// Longest client certificate chain relayed for signature checks (DER, leaf and intermediates),
+/// bytes.
 pub const MAX_CERT_LEN: usize = 8 * 1024;
 
 /// A field out of its range.

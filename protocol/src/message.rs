@@ -328,8 +328,9 @@ pub enum SecAggTask {
         /// The roster's ids, the keys' Merkle root, the graph seed, and this client's
         /// neighbours' signed keys with inclusion proofs.
         view: crate::secagg::RosterView,
-        /// The neighbours' certificates (DER), to check their signatures against the
-        /// federation CA.
+        /// The neighbours' certificate chains as they presented them in TLS (DER certificates
+        /// concatenated, leaf first), which each client checks as TLS would (chain to the
+        /// federation CA, dates, clientAuth, not a CA) before it trusts their signatures.
         certificates: std::collections::BTreeMap<String, Vec<u8>>,
     },
     /// Check and sign the coordinator's view of who survived.

@@ -144,6 +144,9 @@ pub struct AuditReport {
     pub mean_score_in: f64,
     /// See `mean_score_in`.
     pub mean_score_out: f64,
+    /// Held-out loss of the initial adapter (before any training); the audit refuses a run
+    /// whose `final_loss` is not below it.
+    pub initial_loss: f64,
     /// Held-out utility of the final global adapter (loss; accuracy for BCW).
     pub final_loss: f64,
     /// Held-out accuracy, for classification.
@@ -212,7 +215,11 @@ impl AuditConfig {
 
 /// Runs the audit of `config` on `pool`. `noise_scale` multiplies the noise the clients
 /// actually add (their ledgers still record the calibrated σ): 1 for a real audit; the test
-/// that shows a broken mechanism is caught sets 0.
+/// that shows a broken mechanism is caught sets 0 (no noise).
+///
+/// A run whose final global adapter has a held-out loss no lower than the initial adapter's is
+/// refused ([`SimError::AuditDidNotTrain`]): canary scores of a model that did not learn
+/// measure the noise, not memorisation, and a low bound from them would prove nothing.
 pub fn run_audit(
     config: &AuditConfig,
     pool: &rayon::ThreadPool,
@@ -241,6 +248,7 @@ pub fn run_audit(
         added[k % n].push(c.clone());
     }
     let audited = pop.with_canaries(&added)?;
+    let initial_loss = pop.evaluate(&pop.initial)?.loss;
     let (out, global) = run_population(
         &sweep,
         &point,
@@ -284,6 +292,14 @@ pub fn run_audit(
         .rev()
         .find(|r| r.loss.is_some())
         .ok_or_else(|| SimError::Config("the audited run committed no round".into()))?;
+    let final_loss = last.loss.unwrap_or(f64::NAN);
+    // a NaN loss compares as `None`: refused too
+    if final_loss.partial_cmp(&initial_loss) != Some(std::cmp::Ordering::Less) {
+        return Err(SimError::AuditDidNotTrain {
+            initial: initial_loss,
+            final_loss,
+        });
+    }
     let reported = out
         .rows
         .iter()
@@ -309,7 +325,8 @@ pub fn run_audit(
         noise_scale,
         mean_score_in: mean(true),
         mean_score_out: mean(false),
-        final_loss: last.loss.unwrap_or(f64::NAN),
+        initial_loss,
+        final_loss,
         final_accuracy: last.accuracy,
         wall_s: t0.elapsed().as_secs_f64(),
     })
@@ -345,8 +362,9 @@ pub fn markdown(config: &AuditConfig, r: &AuditReport) -> String {
          | canaries m / included | {m} / {inc} |\n\
          | guesses r / correct v | {g} / {v} ({pct:.1} %) |\n\
          | noise multiplier σ (ledger) | {sigma:.4} |\n\
+         | noise actually added ÷ the ledger's (1 unless the mechanism is broken on purpose) | {scale} |\n\
          | mean loss drop, included / excluded canaries | {sin:.5} / {sout:.5} nats |\n\
-         | final held-out loss{acc_h} | {loss:.4}{acc} |\n\
+         | held-out loss, initial → final{acc_h} | {loss0:.4} → {loss:.4}{acc} |\n\
          | wall time | {wall:.1} s |\n\n\
          Clients: {clients}, {k} per round, {rounds} rounds of {steps} local steps (expected \
          batch {batch}), clip {clip}, rank {rank}; canaries dealt round-robin into the clients' \
@@ -368,6 +386,7 @@ pub fn markdown(config: &AuditConfig, r: &AuditReport) -> String {
         v = r.correct,
         pct = 100.0 * r.correct as f64 / r.guesses.max(1) as f64,
         sigma = r.noise,
+        scale = r.noise_scale,
         sin = r.mean_score_in,
         sout = r.mean_score_out,
         acc_h = if r.final_accuracy.is_some() {
@@ -375,6 +394,7 @@ pub fn markdown(config: &AuditConfig, r: &AuditReport) -> String {
         } else {
             ""
         },
+        loss0 = r.initial_loss,
         loss = r.final_loss,
         acc = r
             .final_accuracy

@@ -28,6 +28,18 @@ pub enum SimError {
     /// Writing results or plots failed.
     #[error("output: {0}")]
     Output(String),
+    /// An audited model ended no better than it started: its canary scores measure noise, so
+    /// the audit is not a result.
+    #[error(
+        "audit: the audited model did not train (held-out loss {initial:.4} at the start, \
+         {final_loss:.4} at the end); lower the learning rate or the noise"
+    )]
+    AuditDidNotTrain {
+        /// Held-out loss of the initial adapter.
+        initial: f64,
+        /// Held-out loss of the final global adapter.
+        final_loss: f64,
+    },
     /// File I/O failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -1,6 +1,7 @@
 //! The one-run privacy audit (`fedlora audit`) on the real mechanism and on a broken one.
 
 use fedlora_simulations::audit::{run_audit, AuditConfig};
+use fedlora_simulations::error::SimError;
 
 fn config(name: &str) -> AuditConfig {
     let path = format!("{}/configs/audit_{name}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -26,8 +27,30 @@ fn a_mechanism_without_noise_is_caught() {
     );
 }
 
+/// An audited model that ends worse than it started is an error, not a result: its canary
+/// scores measure the noise. (A short run at a learning rate that diverges.)
+#[test]
+fn an_audit_whose_model_did_not_train_is_refused() {
+    let pool = fedlora_simulations::output::thread_pool(Some(2)).unwrap();
+    let mut c = config("lm");
+    c.train.learning_rate = 0.5;
+    c.run.rounds = 1;
+    c.train.local_steps = 40;
+    match run_audit(&c, &pool, 1.0) {
+        Err(SimError::AuditDidNotTrain {
+            initial,
+            final_loss,
+        }) => assert!(
+            final_loss.partial_cmp(&initial) != Some(std::cmp::Ordering::Less),
+            "{initial} -> {final_loss}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 /// With the real mechanism the audited lower bound never exceeds the reported ε, over
-/// several seeds, on both tasks.
+/// several seeds, on both tasks, and every audited model trained (held-out loss below its
+/// start; `run_audit` refuses it otherwise).
 #[test]
 fn the_real_mechanism_stays_below_its_reported_epsilon() {
     let pool = fedlora_simulations::output::thread_pool(Some(2)).unwrap();
@@ -39,6 +62,10 @@ fn the_real_mechanism_stays_below_its_reported_epsilon() {
             let r = run_audit(&c, &pool, 1.0).unwrap();
             eprintln!("{}", serde_json::to_string(&r).unwrap());
             assert!(r.noise > 0.0 && r.noise_scale == 1.0);
+            assert!(
+                r.final_loss < r.initial_loss,
+                "{task} seed {seed} did not train"
+            );
             assert!(
                 r.epsilon_lower_bound <= r.epsilon_reported,
                 "{task} seed {seed}: lower bound {} above the reported {}",

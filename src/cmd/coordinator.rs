@@ -1,7 +1,7 @@
 //! `fedlora coordinator`: runs the federation service until its rounds are done.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -9,7 +9,7 @@ use fedlora_coordinator::privacy_plan::ClientDpRequest;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, TlsPaths};
 use fedlora_protocol::client_dp::ClientDpMode;
 use fedlora_protocol::{Codec, FederationConfig, TrainConfig, Weighting};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::logging::{self, LogFormat};
 use super::model::ModelArgs;
@@ -84,8 +84,10 @@ pub(crate) struct FederationArgs {
 
 use fedlora_device::parse_duration;
 
-/// The TOML config file of `fedlora coordinator --config FILE`; flags override it.
-#[derive(Debug, Default, Deserialize)]
+/// The TOML config file of `fedlora coordinator --config FILE`; flags override it. Every key,
+/// with its default and unit, is in `examples/configs/coordinator.toml` (a test checks that it
+/// names them all; `Serialize` is for that test, which lists the keys).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CoordinatorToml {
     listen: Option<SocketAddr>,
@@ -121,8 +123,8 @@ pub(crate) struct ClientDpArgs {
     /// (2t > k + c), tolerate (default 0).
     #[arg(long, value_name = "C")]
     pub collusion: Option<usize>,
-    /// Eligible clients sampled from (q = clients per round ÷ this; default --wait-for-clients
-    /// from the config file).
+    /// Eligible clients sampled from (q = clients per round ÷ this; default: the config file's
+    /// `[federation] wait_for_clients`).
     #[arg(long, value_name = "N")]
     pub eligible: Option<usize>,
     /// Distributed mode: bits per coordinate of the masked sum (default 16).
@@ -319,7 +321,8 @@ impl FederationArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CoordinatorArgs {
-    /// TOML config file (keys: listen, data_dir, certs, log_format, metrics, [federation]).
+    /// TOML config file (keys: listen, data_dir, certs, log_format, metrics, [federation],
+    /// [client_dp]; every key with its default in examples/configs/coordinator.toml).
     #[arg(long)]
     config: Option<PathBuf>,
     /// UDP address to listen on.
@@ -372,41 +375,62 @@ pub(crate) struct SecureArgs {
     pub threshold: Option<usize>,
 }
 
-pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
-    let file: CoordinatorToml = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                UsageError(format!("cannot read the config file {}: {e}", p.display()))
-            })?;
-            toml::from_str(&text).map_err(|e| UsageError(format!("{}: {e}", p.display())))?
-        }
-        None => CoordinatorToml::default(),
+/// The coordinator's settings from its flags and config file, as far as they go before the
+/// model is loaded ([`coordinator_config`]).
+#[derive(Debug)]
+struct Settings {
+    /// The service settings, without enrollment; the federation has the flags and
+    /// `--secure-aggregation` applied and is validated, but has no client-level DP plan yet.
+    service: CoordinatorConfig,
+    /// The certificate directory (enrollment reads the CA key from it).
+    certs: PathBuf,
+    /// How log lines are written.
+    log_format: LogFormat,
+    /// The client-level DP request (`[client_dp]` and the `--client-dp` flags), which
+    /// [`plan_client_dp`] applies once the adapter's size is known.
+    client_dp: Option<ClientDpRequest>,
+}
+
+/// The config file at `path` (`--config`), or an empty one without it.
+fn read_config(path: Option<&Path>) -> anyhow::Result<CoordinatorToml> {
+    let Some(p) = path else {
+        return Ok(CoordinatorToml::default());
     };
-    let format = match (a.log_format, file.log_format.as_deref()) {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| UsageError(format!("cannot read the config file {}: {e}", p.display())))?;
+    Ok(toml::from_str(&text).map_err(|e| UsageError(format!("{}: {e}", p.display())))?)
+}
+
+/// The coordinator's settings from the flags `a` over the config `file`, up to what needs the
+/// model: the listen, metrics, state and TLS settings, the log format, and the federation with
+/// the flags and `--secure-aggregation` applied and validated; the client-level DP request is
+/// returned for [`plan_client_dp`]. Reads no file and opens nothing. `run` is this, the
+/// workload, [`plan_client_dp`] and the server; the examples under `examples/configs/` are
+/// tested through the same steps.
+fn coordinator_config(a: &CoordinatorArgs, file: CoordinatorToml) -> anyhow::Result<Settings> {
+    let log_format = match (a.log_format, file.log_format.as_deref()) {
         (Some(f), _) => f,
         (None, Some("json")) => LogFormat::Json,
         (None, Some("text") | None) => LogFormat::Text,
         (None, Some(other)) => return Err(UsageError(format!("log_format `{other}`")).into()),
     };
-    logging::init(format, "info");
     let data_dir = a
         .data_dir
+        .clone()
         .or(file.data_dir)
         .ok_or_else(|| UsageError("--data-dir is required".into()))?;
     let certs = a
         .certs
+        .clone()
         .or(file.certs)
         .ok_or_else(|| UsageError("--certs is required".into()))?;
-    let mut cfg = CoordinatorConfig::new(data_dir, &certs);
-    cfg.tls = TlsPaths::from_dir(&certs);
+    let mut service = CoordinatorConfig::new(data_dir, &certs);
+    service.tls = TlsPaths::from_dir(&certs);
     if let Some(l) = a.listen.or(file.listen) {
-        cfg.listen = l;
+        service.listen = l;
     }
-    cfg.metrics = a.metrics.or(file.metrics);
-    if let Some(l) = a.enroll_listen {
-        cfg.enroll = Some(a.issuer.config(&certs, l)?);
-    }
-    cfg.adapter_description = Some(a.model.describe());
+    service.metrics = a.metrics.or(file.metrics);
+    service.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;
     if a.secure.secure_aggregation {
@@ -426,46 +450,88 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         fedlora_coordinator::secure_plan::apply_secure(&choice, &mut fed)
             .map_err(|e| UsageError(format!("--secure-aggregation: {e}")))?;
     }
-    let workload = super::workload::Workload::load(&a.model)?;
-    let initial = workload.initial_adapter();
     // --collusion also sets secure aggregation's c; only with --client-dp is it a DP setting
     let mut dp_args = a.client_dp.clone();
     if a.secure.secure_aggregation && dp_args.client_dp.is_none() {
         dp_args.collusion = None;
     }
-    if let Some(req) = dp_args.request(file.client_dp, &fed)? {
-        fedlora_coordinator::privacy_plan::apply(&req, &mut fed, initial.spec().numel(), false)
-            .map_err(|e| UsageError(e.to_string()))?;
-        if let Some(plan) = &fed.train.client_dp {
-            tracing::info!(
-                mode = %plan.mode,
-                q = plan.sampling_rate,
-                noise_multiplier = plan.noise.effective_multiplier(),
-                epsilon_a = plan.observer_epsilon().unwrap_or(f64::NAN),
-                min_clients = plan.min_clients,
-                collusion = plan.collusion,
-                codec = %fed.train.codec.name(),
-                "client-level DP plan"
-            );
-        }
+    let client_dp = dp_args.request(file.client_dp, &fed)?;
+    service.federation = fed;
+    Ok(Settings {
+        service,
+        certs,
+        log_format,
+        client_dp,
+    })
+}
+
+/// Applies the client-level DP request `req` to `fed` for an adapter of `numel` values: the
+/// plan, the codec it dictates, secure aggregation in distributed mode, Poisson sampling and
+/// uniform weights, validated ([`fedlora_coordinator::privacy_plan::apply`]); logs the plan.
+fn plan_client_dp(
+    req: &ClientDpRequest,
+    fed: &mut FederationConfig,
+    numel: usize,
+) -> anyhow::Result<()> {
+    fedlora_coordinator::privacy_plan::apply(req, fed, numel, false)
+        .map_err(|e| UsageError(e.to_string()))?;
+    if let Some(plan) = &fed.train.client_dp {
+        tracing::info!(
+            mode = %plan.mode,
+            q = plan.sampling_rate,
+            noise_multiplier = plan.noise.effective_multiplier(),
+            epsilon_a = plan.observer_epsilon().unwrap_or(f64::NAN),
+            min_clients = plan.min_clients,
+            collusion = plan.collusion,
+            codec = %fed.train.codec.name(),
+            "client-level DP plan"
+        );
     }
-    if let Some(sec) = &fed.train.secure {
-        // SDK clients decline rounds below their policy's neighbour count (3 by default): such
-        // a round can only time out with nothing to unmask
-        let k = sec.k(fed.clients_per_round);
-        let min = fedlora_protocol::secagg::SecAggPolicy::default().min_neighbours;
-        if k < min {
-            tracing::warn!(
-                clients_per_round = fed.clients_per_round,
-                neighbours = k,
-                "secure rounds give each client {k} neighbours; clients with the default \
-                 secure-aggregation policy decline fewer than {min}: use at least {} clients \
-                 per round unless every client lowers its policy",
-                min + 1
-            );
-        }
+    Ok(())
+}
+
+/// Warns when secure rounds give each client fewer neighbours than SDK clients accept with
+/// their default policy (3): such a round can only time out with nothing to unmask.
+fn warn_if_clients_decline(fed: &FederationConfig) {
+    let Some(sec) = &fed.train.secure else {
+        return;
+    };
+    let k = sec.k(fed.clients_per_round);
+    let min = fedlora_protocol::secagg::SecAggPolicy::default().min_neighbours;
+    if k < min {
+        tracing::warn!(
+            clients_per_round = fed.clients_per_round,
+            neighbours = k,
+            "secure rounds give each client {k} neighbours; clients with the default \
+             secure-aggregation policy decline fewer than {min}: use at least {} clients \
+             per round unless every client lowers its policy",
+            min + 1
+        );
     }
-    cfg.federation = fed;
+}
+
+/// Runs the coordinator: [`coordinator_config`], the workload, [`plan_client_dp`], then the
+/// server until its last round.
+pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
+    let file = read_config(a.config.as_deref())?;
+    let Settings {
+        service: mut cfg,
+        certs,
+        log_format,
+        client_dp,
+    } = coordinator_config(&a, file)?;
+    logging::init(log_format, "info");
+    if let Some(l) = a.enroll_listen {
+        cfg.enroll = Some(a.issuer.config(&certs, l)?);
+    }
+    let workload = super::workload::Workload::load(&a.model)?;
+    let initial = workload.initial_adapter();
+    if let Some(req) = &client_dp {
+        plan_client_dp(req, &mut cfg.federation, initial.spec().numel())?;
+    }
+    warn_if_clients_decline(&cfg.federation);
+    let record = super::adapter_record::AdapterRecord::new(&a.model, initial.spec());
+    let record_dir = cfg.data_dir.clone();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let c = Coordinator::start(cfg, initial)
@@ -479,6 +545,9 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
                 }
                 other => other.into(),
             })?;
+        // the store accepted this adapter (a directory of another adapter fails the start):
+        // record what `export --peft` and `eval --data-dir` need to rebuild it
+        super::adapter_record::write(&record_dir, &record)?;
         let success = tokio::select! {
             ok = c.wait_finished(Duration::from_secs(5)) => {
                 tracing::info!(success = ok, "done: the coordinator exits after its last round");
@@ -499,7 +568,17 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[path = "../../tests/support/example_keys.rs"]
+mod example_keys;
+
+#[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use fedlora_protocol::secagg::{SecAggParams, SecAggPolicy};
+    use fedlora_protocol::strategy::{StrategyConfig, STRATEGY_NAMES};
+    use fedlora_protocol::{DpPlan, Sampling};
+
     use super::*;
 
     #[test]
@@ -512,5 +591,171 @@ mod tests {
         for bad in ["5x", "-1", "0", "inf", ""] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `fedlora coordinator ARGS…` as clap parses it.
+    fn coordinator_args(args: &[&str]) -> CoordinatorArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CoordinatorArgs,
+        }
+        let argv = std::iter::once("coordinator").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .args
+    }
+
+    /// The repository's `examples/configs/`.
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join("configs")
+    }
+
+    /// The federation `fedlora coordinator --config path` starts: the file read and the
+    /// settings made as `run` makes them, the client-level DP plan applied for the default
+    /// model's adapter, and the whole service config validated as the server does first.
+    /// Panics with the file's name.
+    fn started_federation(path: &Path) -> FederationConfig {
+        let a = coordinator_args(&["--config", path.to_str().unwrap()]);
+        let file = read_config(a.config.as_deref())
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let Settings {
+            mut service,
+            client_dp,
+            ..
+        } = coordinator_config(&a, file).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        if let Some(req) = &client_dp {
+            let numel = fedlora_device::workload::Workload::load(&a.model)
+                .unwrap_or_else(|e| panic!("the default model: {e:#}"))
+                .initial_adapter()
+                .spec()
+                .numel();
+            plan_client_dp(req, &mut service.federation, numel)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
+        service
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        service.federation
+    }
+
+    /// Every `examples/configs/coordinator*.toml` is a federation `run` would start, through
+    /// the same steps (the flags, secure aggregation and the client-level DP plan, validated),
+    /// with the settings its comments describe; a secure one gives each client at least the
+    /// neighbours clients with the default policy ask for.
+    #[test]
+    fn every_coordinator_example_is_a_federation_run_would_start() {
+        let mut seen = BTreeSet::new();
+        for entry in std::fs::read_dir(examples()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !(name.starts_with("coordinator") && name.ends_with(".toml")) {
+                continue;
+            }
+            let fed = started_federation(&path);
+            if let Some(sec) = &fed.train.secure {
+                let k = sec.k(fed.clients_per_round);
+                let min = SecAggPolicy::default().min_neighbours;
+                assert!(
+                    k >= min,
+                    "{name}: {k} neighbours, clients decline fewer than {min}"
+                );
+            }
+            match name.as_str() {
+                // the complete example shows the defaults
+                "coordinator.toml" => assert_eq!(fed, FederationConfig::default(), "{name}"),
+                "coordinator_secure.toml" => {
+                    // k = 6 of 10 clients, t = 4 (2t > k + c for c = 1), m = 8 + 1 + ⌈log₂ 16⌉
+                    let s = fed.train.secure.clone().expect("secure aggregation");
+                    assert_eq!((s.neighbours, s.threshold, s.modulus_bits), (6, 4, 13));
+                    assert!(matches!(fed.train.codec, Codec::Modular(_)), "{name}");
+                    assert_eq!(fed.train.weighting, Weighting::Uniform, "{name}");
+                    assert!(fed.train.client_dp.is_none(), "{name}");
+                }
+                "coordinator_client_dp.toml" => {
+                    let plan = fed.train.client_dp.clone().expect("a client-level DP plan");
+                    assert_eq!(plan.mode, ClientDpMode::Distributed, "{name}");
+                    let eps = plan.observer_epsilon().unwrap();
+                    assert!(
+                        eps <= plan.target_epsilon,
+                        "{name}: ε (a) {eps} above the target"
+                    );
+                    assert_eq!(
+                        (plan.sampling_rate, plan.min_clients, plan.collusion),
+                        (0.1, 30, 2),
+                        "{name}"
+                    );
+                    assert!(matches!(fed.train.codec, Codec::Skellam(_)), "{name}");
+                    assert_eq!(fed.sampling, Sampling::Poisson, "{name}");
+                    assert_eq!(fed.train.weighting, Weighting::Uniform, "{name}");
+                    // the file's k; the planner's t (the smallest with 2t > k + c) and m (bits)
+                    let s = fed.train.secure.clone().expect("secure aggregation");
+                    assert_eq!((s.neighbours, s.threshold, s.modulus_bits), (10, 7, 16));
+                }
+                _ => {}
+            }
+            seen.insert(name);
+        }
+        for want in [
+            "coordinator.toml",
+            "coordinator_secure.toml",
+            "coordinator_client_dp.toml",
+        ] {
+            assert!(
+                seen.contains(want),
+                "{want} not in {}",
+                examples().display()
+            );
+        }
+    }
+
+    /// Adds the key paths of `value`, serialised, under `prefix` to `out`.
+    fn keys<T: Serialize>(prefix: &str, value: &T, out: &mut BTreeSet<String>) {
+        super::example_keys::key_paths(prefix, &serde_json::to_value(value).unwrap(), out);
+    }
+
+    /// `examples/configs/coordinator.toml` names every key of the config file, set or
+    /// commented out, and no key that is gone: the file's own keys, the federation's (with
+    /// every `Option` set, every strategy and every codec that has parameters) and
+    /// `[client_dp]`'s. A field added without its line there fails this test.
+    #[test]
+    fn the_complete_coordinator_example_names_every_key() {
+        let path = examples().join("coordinator.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file: CoordinatorToml =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut required = BTreeSet::new();
+        keys("", &file, &mut required);
+        // what the example leaves unset, or set to one choice of several
+        let mut fed = FederationConfig::default();
+        fed.train.dp = Some(DpPlan {
+            clip_norm: 1.0,
+            planned_rounds: 3,
+        });
+        fed.train.secure = Some(SecAggParams {
+            threshold: 4,
+            neighbours: 0,
+            modulus_bits: 19,
+            stage_timeout_ms: 30_000,
+        });
+        fed.train.max_update_norm = Some(1.0);
+        keys("federation", &fed, &mut required);
+        for name in STRATEGY_NAMES.split(", ") {
+            let s = StrategyConfig::from_name(name).unwrap();
+            keys("federation.strategy", &s, &mut required);
+        }
+        for name in ["q8", "topk:0.1", "subset:0.125", "modular"] {
+            let c = Codec::from_name(name).unwrap();
+            keys("federation.train.codec", &c, &mut required);
+        }
+        let req = ClientDpRequest::new(ClientDpMode::Distributed, 0.5, 8.0, 400);
+        keys("client_dp", &req, &mut required);
+        // the plan the coordinator computes from [client_dp] (with its Skellam codec): never
+        // written by hand
+        required.remove("federation.train.client_dp");
+        super::example_keys::check_complete(&text, &required)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 }

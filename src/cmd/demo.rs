@@ -188,9 +188,13 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut losses = std::collections::BTreeMap::new();
     losses.insert(0u64, held_out(&initial)?);
 
+    let record = super::adapter_record::AdapterRecord::new(&model, initial.spec());
+    let record_dir = cfg.data_dir.clone();
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
         let coord = Coordinator::start(cfg, initial).await?;
+        // what `export --peft` and `eval --data-dir` read back
+        super::adapter_record::write(&record_dir, &record)?;
         let addr = coord.local_addr()?;
         let mut events = coord.events();
         let mut clients = tokio::task::JoinSet::new();

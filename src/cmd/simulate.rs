@@ -14,7 +14,8 @@ use super::UsageError;
 pub(crate) struct SimulateArgs {
     #[command(subcommand)]
     merge: Option<SimulateCommand>,
-    /// Sweep file (TOML; see simulations/configs/).
+    /// Sweep file (TOML; every key in examples/configs/sweep.toml; see also
+    /// simulations/configs/).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Output directory (re-running with the same directory resumes the sweep).

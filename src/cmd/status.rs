@@ -112,9 +112,10 @@ pub(crate) struct ExportArgs {
     #[arg(long, required_unless_present = "peft", conflicts_with = "peft")]
     out: Option<PathBuf>,
     /// Output a Hugging Face PEFT adapter directory (adapter_config.json,
-    /// adapter_model.safetensors) for the real LLM given by --model and the federation's
-    /// adapter flags; `PeftModel.from_pretrained` loads it.
-    #[arg(long, requires = "model")]
+    /// adapter_model.safetensors) that `PeftModel.from_pretrained` loads. With --data-dir the
+    /// model and adapter flags come from the directory's record (--model only if the model
+    /// file has moved; its hash is checked); with --adapter give --model and the adapter flags.
+    #[arg(long)]
     peft: Option<PathBuf>,
     #[command(flatten)]
     model: super::model::ModelArgs,
@@ -159,19 +160,58 @@ fn read_adapter_file(
     Ok(fedlora_protocol::FlatAdapter::new(spec.clone(), values)?)
 }
 
+/// The model flags and model file of an export or evaluation: from the data directory's
+/// record when it has one (the user's `--model` only relocates the file), else from the
+/// command line.
+pub(crate) fn recorded_model(
+    data_dir: Option<&std::path::Path>,
+    given: &fedlora_device::model_args::ModelArgs,
+) -> anyhow::Result<(
+    fedlora_device::model_args::ModelArgs,
+    PathBuf,
+    Option<super::adapter_record::AdapterRecord>,
+)> {
+    let record = match data_dir {
+        Some(d) => super::adapter_record::read(d)?,
+        None => None,
+    };
+    match record {
+        Some(r) => {
+            super::adapter_record::refuse_other_flags(given, &r)?;
+            let path = r.model_path(given.model.as_deref())?;
+            Ok((r.model.clone(), path, Some(r)))
+        }
+        None => {
+            let path = given.model.clone().ok_or_else(|| {
+                UsageError(match data_dir {
+                    Some(d) => format!(
+                        "{} records no adapter (a coordinator before `adapter.json`): give                          --model and the federation's adapter flags",
+                        d.display()
+                    ),
+                    None => "give --model: the real LLM the adapter was trained on".into(),
+                })
+            })?;
+            Ok((given.clone(), path, None))
+        }
+    }
+}
+
 fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
-    let lora = a.model.lora()?;
-    let model = a.model.model.as_ref().expect("clap requires --model");
-    let trainer = fedlora_train::llm::trainer::LlmTrainer::load(model, &lora, 0)?;
+    let (args, model_path, record) = recorded_model(a.data_dir.as_deref(), &a.model)?;
+    let model = &model_path;
+    let lora = args.lora()?;
+    let trainer =
+        fedlora_train::llm::trainer::LlmTrainer::load_as(model, &lora, 0, args.base_dtype)?;
+    if let Some(r) = &record {
+        r.check(trainer.spec(), model)?;
+    }
     let (what, adapter) = match (&a.adapter, &a.data_dir) {
         (Some(file), _) => (
             file.display().to_string(),
             read_adapter_file(file, trainer.spec())?,
         ),
         (None, Some(d)) => {
-            let store = open_stopped(d)?;
-            let version = committed_version(&store, a.round)?;
-            let (v, adapter) = fedlora_coordinator::export::global_adapter(&store, version)?;
+            let (v, adapter) = global_of(d, a.round)?;
             (format!("global version {v}"), adapter)
         }
         (None, None) => unreachable!("clap requires one"),
@@ -184,6 +224,19 @@ fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     fedlora_train::llm::peft::export(&lm, &lora, &model.display().to_string(), dir)?;
     println!("wrote {what} as a PEFT adapter to {}", dir.display());
     Ok(())
+}
+
+/// The global adapter a stopped coordinator's directory holds: the one committed by `round`,
+/// or the latest.
+pub(crate) fn global_of(
+    dir: &std::path::Path,
+    round: Option<u64>,
+) -> anyhow::Result<(u64, fedlora_protocol::FlatAdapter)> {
+    let store = open_stopped(dir)?;
+    let version = committed_version(&store, round)?;
+    Ok(fedlora_coordinator::export::global_adapter(
+        &store, version,
+    )?)
 }
 
 fn open_stopped(dir: &std::path::Path) -> anyhow::Result<Store> {

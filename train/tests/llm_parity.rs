@@ -1,5 +1,6 @@
 //! Parity of fedlora's real-LLM path with the reference implementations, on the fixtures that
-//! `tools/make_fixtures.py` wrote with transformers, tokenizers and gguf:
+//! `tools/make_fixtures.py` wrote with transformers, tokenizers and gguf (and the length-128 logits
+//! `tools/make_long_reference.py` computed from the same fixtures):
 //! token ids, logits (1e-4 absolute, f32), GGUF dequantization, chat templates, the KV cache,
 //! and typed errors (never a panic) for unsupported or damaged files.
 
@@ -36,7 +37,8 @@ fn tricky() -> String {
     expected()["text"].as_str().unwrap().to_string()
 }
 
-/// (input ids `[2, 11]` as i64, logits `[2, 11, vocab]` as f32) from a reference file.
+/// (input ids `[2, n]` as i64, logits `[2, n, vocab]` as f32) from a reference file (n = 11,
+/// or 128 in the `reference_long` files).
 fn reference(file: &Path) -> (Vec<i64>, Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(file).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -88,6 +90,28 @@ fn logits_match_transformers_for_llama_qwen2_llama3_and_the_gguf() {
         let llm = load_fixture(model);
         let err = max_logit_error(&llm, reference);
         assert!(err <= 1e-4, "{model}: max |logit - transformers| = {err}");
+    }
+}
+
+/// The same at length 128 (tools/make_long_reference.py): positions far past the short
+/// inputs' 11, RoPE at length (for llama3, past its scaling's original 64 positions, where the
+/// scaled frequencies matter) and the causal mask over a long window.
+#[test]
+fn logits_match_transformers_at_128_positions() {
+    for (model, file) in [
+        ("llama", "llama/reference_long.safetensors"),
+        ("llama3", "llama3/reference_long.safetensors"),
+        ("qwen2", "qwen2/reference_long.safetensors"),
+        ("llama.gguf", "llama_gguf_reference_long.safetensors"),
+    ] {
+        let llm = load_fixture(model);
+        let (_, shape, _) = reference(&fixtures().join(file));
+        assert_eq!(shape[..2], [2, 128]);
+        let err = max_logit_error(&llm, file);
+        assert!(
+            err <= 1e-4,
+            "{model}: max |logit - transformers| = {err} at length 128"
+        );
     }
 }
 

@@ -54,6 +54,27 @@ pub struct EnrollConfig {
     pub server_key: PathBuf,
     /// The deny-list (devices and keys refused enrollment and renewal).
     pub revoked: PathBuf,
+    /// Renewal opens this many seconds before the presented certificate expires (default 14
+    /// days; devices renew 10 days before by default): a stolen certificate cannot be renewed
+    /// into a fresh 30 days whenever its holder likes.
+    pub renew_window_s: u64,
+}
+
+/// The default renewal window: 14 days before expiry.
+pub const DEFAULT_RENEW_WINDOW_S: u64 = 14 * 86_400;
+
+/// The certificate a renewing connection presented: what renewal checks against revocation
+/// and its window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presented {
+    /// The id the connection proved (its certificate's common name).
+    pub device_id: String,
+    /// SHA-256 fingerprint of the certificate (as the deny-list writes it).
+    pub fingerprint: String,
+    /// Its key's id ([`issuer::key_id`]).
+    pub key_id: String,
+    /// Its expiry, Unix seconds.
+    pub not_after_unix_s: u64,
 }
 
 impl EnrollConfig {
@@ -70,6 +91,7 @@ impl EnrollConfig {
             server_cert: d.server_cert(),
             server_key: d.server_key(),
             revoked: d.revoked(),
+            renew_window_s: DEFAULT_RENEW_WINDOW_S,
         }
     }
 }
@@ -190,15 +212,48 @@ impl Enrollment {
         Ok(cert)
     }
 
-    /// A new certificate for `device_id` (proved by its current mTLS identity) for the key of
-    /// `csr_der`. Refused for a revoked device or key, or a bad request.
+    /// A new certificate for the device whose current mTLS certificate is `presented`, for
+    /// the key of `csr_der`. Refused when:
+    /// - the id is not an enrolled device's (`device-…`; `certs init` clients do not renew);
+    /// - the presented certificate is revoked (by fingerprint, key or device id), or the new
+    ///   key or the device's recorded key is;
+    /// - the presented certificate expires later than [`EnrollConfig::renew_window_s`] from
+    ///   now (renewal opens only near expiry);
+    /// - the request is bad.
     pub fn renew(
         &self,
-        device_id: &str,
+        presented: &Presented,
         csr_der: &[u8],
         now_s: u64,
     ) -> std::result::Result<IssuedCert, Refused> {
         let internal = |e: CoordinatorError| (EnrollErrorCode::Internal, e.to_string());
+        let device_id = presented.device_id.as_str();
+        if !device_id.starts_with(crate::certs::DEVICE_ID_PREFIX) {
+            return Err((
+                EnrollErrorCode::BadRequest,
+                format!("{device_id} is not an enrolled device: only enrolled devices renew"),
+            ));
+        }
+        let deny = crate::certs::load_deny_list(&self.config.revoked).map_err(internal)?;
+        if crate::certs::is_denied(&deny, &presented.fingerprint, device_id, &presented.key_id) {
+            return Err((
+                EnrollErrorCode::Revoked,
+                "the certificate this connection presented is revoked".into(),
+            ));
+        }
+        let opens = presented
+            .not_after_unix_s
+            .saturating_sub(self.config.renew_window_s);
+        if now_s < opens {
+            return Err((
+                EnrollErrorCode::BadRequest,
+                format!(
+                    "renewal opens {} s before expiry: this certificate can renew from Unix \
+                     time {opens}",
+                    self.config.renew_window_s
+                ),
+            ));
+        }
         // a device enrolled by a separate enrollment service is not in this registry yet:
         // its connection proved its id with a certificate from the federation's CA
         let mut rec = self

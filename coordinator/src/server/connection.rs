@@ -18,6 +18,16 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
     }
 }
 
+/// The chain a client presented in its TLS handshake, DER certificates concatenated, leaf
+/// first: what secure aggregation relays to its peers, which check it as TLS would.
+pub(super) fn peer_chain(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let id = conn.peer_identity()?;
+    let certs = id
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Some(certs.iter().flat_map(|c| c.iter().copied()).collect())
+}
+
 pub(super) fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let id = conn.peer_identity()?;
     let certs = id
@@ -43,9 +53,16 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
     };
     let fingerprint = certs::fingerprint(&der);
     // revocation also goes by device id and by key, so a renewed certificate is revoked too
-    let key_id = crate::enroll::issuer::cert_key_and_name(&der)
-        .map(|(k, _, _)| k)
+    let (key_id, not_after) = crate::enroll::issuer::cert_key_and_name(&der)
+        .map(|(k, _, t)| (k, t))
         .unwrap_or_default();
+    // what a renewal on this connection is checked against
+    let presented = Arc::new(crate::enroll::Presented {
+        device_id: client.clone(),
+        fingerprint: fingerprint.clone(),
+        key_id: key_id.clone(),
+        not_after_unix_s: not_after,
+    });
     let conn_id = conn.stable_id();
     {
         // a client id holds a bounded number of connections: the oldest makes room
@@ -72,11 +89,12 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
             match handle_hello(&shared, &client, (&fingerprint, &key_id), send, recv).await {
                 Ok(true) => {
                     registered = true;
+                    let chain = peer_chain(&conn).unwrap_or_else(|| der.clone());
                     shared
                         .certs
                         .lock()
                         .expect("lock")
-                        .insert(client.clone(), der.clone());
+                        .insert(client.clone(), chain);
                     shared
                         .live
                         .lock()
@@ -100,7 +118,10 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         let shared = shared.clone();
         let client = client.clone();
         let budget = budget.clone();
-        tokio::spawn(async move { serve_stream(&shared, &client, &budget, send, recv).await });
+        let presented = presented.clone();
+        tokio::spawn(async move {
+            serve_stream(&shared, &client, &presented, &budget, send, recv).await
+        });
     }
     if let Some(mine) = shared.conns.lock().expect("lock").get_mut(&client) {
         mine.retain(|c| c.stable_id() != conn_id);
@@ -238,6 +259,7 @@ pub(super) async fn handle_hello(
 pub(super) async fn serve_stream(
     shared: &Shared,
     client: &str,
+    presented: &crate::enroll::Presented,
     budget: &ReadBudget,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -289,7 +311,7 @@ pub(super) async fn serve_stream(
         ClientMsg::SecAgg { round, body } => {
             (secure_receive(shared, client, round, body, wire), None)
         }
-        ClientMsg::Renew { csr_der } => (renew(shared, client, csr_der).await, None),
+        ClientMsg::Renew { csr_der } => (renew(shared, presented, csr_der).await, None),
     };
     if let CoordMsg::Refused(r) = &reply {
         shared.metrics.refused(r.code);
@@ -310,8 +332,12 @@ pub(super) async fn serve_stream(
     }
 }
 
-/// A renewed certificate for `client` (the id its connection proved), or why not.
-async fn renew(shared: &Shared, client: &str, csr_der: Vec<u8>) -> CoordMsg {
+/// A renewed certificate for the device whose connection presented `presented`, or why not.
+async fn renew(
+    shared: &Shared,
+    presented: &crate::enroll::Presented,
+    csr_der: Vec<u8>,
+) -> CoordMsg {
     use fedlora_protocol::enroll::EnrollErrorCode;
     let Some(e) = shared.enrollment.clone() else {
         return CoordMsg::Refused(Refusal::new(
@@ -319,9 +345,9 @@ async fn renew(shared: &Shared, client: &str, csr_der: Vec<u8>) -> CoordMsg {
             "this coordinator issues no certificates (start it with enrollment)",
         ));
     };
-    let id = client.to_string();
+    let presented = presented.clone();
     let now = now_ms() / 1000;
-    match tokio::task::spawn_blocking(move || e.renew(&id, &csr_der, now)).await {
+    match tokio::task::spawn_blocking(move || e.renew(&presented, &csr_der, now)).await {
         Ok(Ok(cert)) => CoordMsg::Renewed(cert),
         Ok(Err((code, message))) => {
             let code = match code {

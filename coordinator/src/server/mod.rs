@@ -33,6 +33,7 @@ mod connection;
 mod downlink;
 mod driver;
 mod requests;
+mod revocation;
 
 use connection::accept_loop;
 use driver::{snapshot_loop, tick_loop};
@@ -104,7 +105,8 @@ struct Shared {
     secure: Mutex<Option<SecureRound>>,
     /// Secure-aggregation frame bytes received per (round, client); folded into bytes up.
     secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
-    /// Client certificates (DER) from their TLS handshakes, relayed for key signatures.
+    /// Client certificate chains (DER certificates concatenated, leaf first) from their TLS
+    /// handshakes, relayed for key signatures.
     certs: Mutex<BTreeMap<String, Vec<u8>>>,
     /// The federation CA's subject (DER): tells which issuer signed a client
     /// ([`crate::certs::client_identity`]).
@@ -341,7 +343,8 @@ impl Coordinator {
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         let ticker = tokio::spawn(tick_loop(shared.clone()));
         let snapshots = tokio::spawn(snapshot_loop(shared.clone(), snapshot_events));
-        let mut tasks = vec![accept, ticker, snapshots];
+        let revocations = tokio::spawn(revocation::revocation_loop(shared.clone()));
+        let mut tasks = vec![accept, ticker, snapshots, revocations];
         // the metrics port accepts only now, after the first status snapshot: a probe that
         // waits for `/healthz` (or for the port) may run `fedlora status` at once
         if let Some(socket) = metrics_listener {

@@ -446,6 +446,11 @@ impl LlamaLm {
         n
     }
 
+    /// The token embedding's blocks `[vocab, hidden]`, when it is kept quantized.
+    pub fn embedding_blocks(&self) -> Option<&QuantMatrix> {
+        self.embed_quant.as_deref()
+    }
+
     /// The token embedding, dense `[vocab, hidden]` (dequantized when kept as blocks).
     pub fn dense_embedding(&self) -> Tensor<2> {
         match &self.embed_quant {

@@ -252,6 +252,11 @@ impl QuantMatrix {
         self.cols
     }
 
+    /// The blocks as a GGUF file stores them (row after row).
+    pub fn blocks(&self) -> &[u8] {
+        &self.blocks
+    }
+
     /// Bytes the blocks take.
     pub fn bytes(&self) -> usize {
         self.blocks.len()
