@@ -110,6 +110,7 @@ mod tests {
             c_pk: [0; 32],
             s_pk: [0; 32],
             nonce: [0; 32],
+            seed_commitment: [0; 32],
             signature: vec![0; MAX_SIGNATURE_LEN + 1],
         };
         let f = frame::encode(&ClientMsg::SecAgg {

@@ -30,7 +30,9 @@ use crate::secagg::check_shares;
 /// resumable uploads and downloads by digest.
 /// Version 7: a [`RoundOffer`] with a client-level DP plan carries the coordinator's signature
 /// of it ([`crate::plan_signature`]).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// Version 8: advertised secure-aggregation keys carry a commitment to the self-mask seed
+/// ([`crate::secagg::seed_commitment`]), so the unmasking party checks every reconstructed secret.
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";

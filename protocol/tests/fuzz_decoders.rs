@@ -57,6 +57,7 @@ fn keys(i: u8) -> AdvertisedKeys {
         c_pk: [i; 32],
         s_pk: [i + 1; 32],
         nonce: [i + 2; 32],
+        seed_commitment: [i + 3; 32],
         signature: vec![i; 70],
     }
 }

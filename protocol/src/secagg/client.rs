@@ -173,6 +173,7 @@ impl ClientRound {
             c_pk: PublicKey::from(&self.c_sk).to_bytes(),
             s_pk: PublicKey::from(&self.s_sk).to_bytes(),
             nonce: self.nonce,
+            seed_commitment: super::seed_commitment(self.round, &self.me, &self.seed),
             signature: Vec::new(),
         };
         keys.signature = signer.sign(&keys.signed_bytes(self.round))?;
@@ -213,6 +214,7 @@ impl ClientRound {
             c_pk: PublicKey::from(&self.c_sk).to_bytes(),
             s_pk: PublicKey::from(&self.s_sk).to_bytes(),
             nonce: self.nonce,
+            seed_commitment: super::seed_commitment(self.round, &self.me, &self.seed),
             signature: Vec::new(),
         };
         if !verify_proof(

@@ -309,20 +309,41 @@ pub struct AdvertisedKeys {
     pub s_pk: [u8; 32],
     /// Fresh random bytes: the client's contribution to the graph seed.
     pub nonce: [u8; 32],
+    /// [`seed_commitment`] of the client's self-mask seed: what a seed the survivors'
+    /// shares reconstruct must match, so a garbage share is detected, never summed.
+    pub seed_commitment: [u8; 32],
     /// Signature of [`AdvertisedKeys::signed_bytes`] with the client's certificate key.
     pub signature: Vec<u8>,
 }
 
+/// The commitment to a self-mask seed in a client's advertised keys: SHA-256 of a domain tag,
+/// the round, the client id and the 32-byte seed. Hiding (the seed is 256 random bits and
+/// SHA-256 is modelled as a random oracle) and binding (collision resistance): the unmasking
+/// party checks a reconstructed seed against it, so one wrong Shamir share cannot change the
+/// sum without being noticed.
+pub fn seed_commitment(round: u64, client: &str, seed: &[u8; 32]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"fedlora-secagg-seed-commitment-v1");
+    h.update(round.to_be_bytes());
+    h.update((client.len() as u64).to_be_bytes());
+    h.update(client.as_bytes());
+    h.update(seed);
+    h.finalize().into()
+}
+
 impl AdvertisedKeys {
-    /// What is signed: a domain tag, the round, the client id, both keys and the nonce.
+    /// What is signed: a domain tag, the round, the client id, both keys, the nonce and the
+    /// seed commitment.
     pub fn signed_bytes(&self, round: u64) -> Vec<u8> {
-        let mut m = b"fedlora-secagg-keys-v2".to_vec();
+        let mut m = b"fedlora-secagg-keys-v3".to_vec();
         m.extend_from_slice(&round.to_be_bytes());
         m.extend_from_slice(&(self.client.len() as u32).to_be_bytes());
         m.extend_from_slice(self.client.as_bytes());
         m.extend_from_slice(&self.c_pk);
         m.extend_from_slice(&self.s_pk);
         m.extend_from_slice(&self.nonce);
+        m.extend_from_slice(&self.seed_commitment);
         m
     }
 }

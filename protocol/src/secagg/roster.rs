@@ -3,8 +3,8 @@
 //! a Merkle root over every client's advertised keys, and the signed keys of its **k
 //! neighbours** with their inclusion proofs (k·⌈log₂ n⌉ hashes). It verifies k signatures, not n.
 //!
-//! - **Leaves** ([`leaf_hash`]): SHA-256 of a domain tag, the round, the id, both public keys and
-//!   the nonce, in id order. A client checks its own leaf (its proof) and each neighbour's.
+//! - **Leaves** ([`leaf_hash`]): SHA-256 of a domain tag, the round, the id, both public keys,
+//!   the nonce and the self-mask seed's commitment, in id order. A client checks its own leaf (its proof) and each neighbour's.
 //! - **Roster hash** ([`roster_hash`]): SHA-256 of a domain tag, the round, every id and the
 //!   Merkle root. It covers every client's keys and nonce through the root, so the graph seed
 //!   derived from it ([`super::graph_seed`]) is still not the coordinator's choice; and the
@@ -24,13 +24,14 @@ use crate::identity::ClientId;
 pub fn leaf_hash(round: u64, keys: &AdvertisedKeys) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update([0u8]);
-    h.update(b"fedlora-secagg-leaf-v3");
+    h.update(b"fedlora-secagg-leaf-v4");
     h.update(round.to_be_bytes());
     h.update((keys.client.len() as u64).to_be_bytes());
     h.update(keys.client.as_bytes());
     h.update(keys.c_pk);
     h.update(keys.s_pk);
     h.update(keys.nonce);
+    h.update(keys.seed_commitment);
     h.finalize().into()
 }
 

@@ -55,6 +55,76 @@ pub struct ServerRound {
     threads: usize,
 }
 
+/// Most subsets of t shares tried before a secret is declared unrecoverable: every subset when
+/// there are at most this many, else each leave-one-out of the first t + 1 (which always finds a
+/// single liar) and seeded random subsets.
+const MAX_RECOVERY_TRIES: usize = 64;
+
+/// C(n, k), saturating.
+fn binomial(n: usize, k: usize) -> u128 {
+    if k > n {
+        return 0;
+    }
+    let k = k.min(n - k);
+    (0..k).fold(1u128, |acc, i| {
+        acc.saturating_mul((n - i) as u128) / (i as u128 + 1)
+    })
+}
+
+/// Recovers an owner's secret from `(responder, share)` pairs with threshold `t`, accepting only
+/// a secret that `fits` (its commitment or public key): a garbage share is detected and other
+/// shares are used, never a wrong secret. `None` when no tried subset of t shares fits.
+///
+/// Liars are not named on success: with exactly t honest shares, coordinated garbage can make
+/// another t-subset reconstruct the right secret too, so which shares are garbage is not always
+/// decidable, and a wrong accusation is worse than none. The sum is exact either way.
+fn recover_checked(
+    shares: &[(ClientId, Zeroizing<Vec<u8>>)],
+    t: usize,
+    fits: &dyn Fn(&[u8]) -> bool,
+) -> Option<Zeroizing<Vec<u8>>> {
+    let n = shares.len();
+    let attempt = |idx: &[usize]| -> Option<Zeroizing<Vec<u8>>> {
+        let pick: Vec<&[u8]> = idx.iter().map(|&i| shares[i].1.as_slice()).collect();
+        crypto::shamir_recover(&pick, t)
+            .ok()
+            .map(Zeroizing::new)
+            .filter(|s| fits(s))
+    };
+    let first: Vec<usize> = (0..t).collect();
+    if let Some(s) = attempt(&first) {
+        return Some(s);
+    }
+    let mut tries: Vec<Vec<usize>> = Vec::new();
+    if binomial(n, t) <= MAX_RECOVERY_TRIES as u128 {
+        // few enough subsets to try them all: any t honest answers are found
+        let mut idx: Vec<usize> = (0..t).collect();
+        loop {
+            tries.push(idx.clone());
+            let Some(i) = (0..t).rev().find(|&i| idx[i] < n - t + i) else {
+                break;
+            };
+            idx[i] += 1;
+            for j in i + 1..t {
+                idx[j] = idx[j - 1] + 1;
+            }
+        }
+    } else {
+        for skip in 0..=t {
+            tries.push((0..=t).filter(|&i| i != skip).collect());
+        }
+    }
+    let mut rng = <rand::rngs::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(n as u64);
+    while n > t && tries.len() < MAX_RECOVERY_TRIES {
+        let mut idx: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(idx.as_mut_slice(), &mut rng);
+        idx.truncate(t);
+        idx.sort_unstable();
+        tries.push(idx);
+    }
+    tries.iter().skip(1).find_map(|idx| attempt(idx))
+}
+
 fn out_of_order(stage: ServerStage, what: &str, from: &str) -> SecAggError {
     SecAggError::OutOfOrder(format!("{what} from {from} in stage {stage:?}"))
 }
@@ -407,11 +477,23 @@ impl ServerRound {
         })?;
         let m = self.params.modulus_bits;
         let t = self.params.threshold;
+        let round = self.round;
         let mut sum = std::mem::take(&mut self.sum);
-        let gather = |owner: &ClientId, pick: &dyn Fn(&UnmaskResponse) -> Option<Vec<u8>>| {
-            let shares: Vec<Zeroizing<Vec<u8>>> = self.graph[owner]
+        // an owner's shares from the survivors that answered, checked against what the owner
+        // committed to (its seed commitment, or its advertised mask key)
+        let gather = |owner: &ClientId,
+                      what: &str,
+                      pick: &dyn Fn(&UnmaskResponse) -> Option<Vec<u8>>,
+                      fits: &dyn Fn(&[u8]) -> bool|
+         -> Result<[u8; 32], SecAggError> {
+            let shares: Vec<(ClientId, Zeroizing<Vec<u8>>)> = self.graph[owner]
                 .iter()
-                .filter_map(|v| self.responses.get(v).and_then(pick).map(Zeroizing::new))
+                .filter_map(|v| {
+                    self.responses
+                        .get(v)
+                        .and_then(pick)
+                        .map(|s| (v.clone(), Zeroizing::new(s)))
+                })
                 .collect();
             if shares.len() < t {
                 return Err(SecAggError::Threshold(format!(
@@ -419,23 +501,49 @@ impl ServerRound {
                     shares.len()
                 )));
             }
-            crypto::shamir_recover(&shares, t).map(Zeroizing::new)
+            match recover_checked(&shares, t, fits) {
+                Some(secret) => secret.as_slice().try_into().map_err(|_| {
+                    SecAggError::PeerMisbehaved(format!("{owner}'s {what} has the wrong length"))
+                }),
+                None => Err(SecAggError::PeerMisbehaved(format!(
+                    "no {t} of the {} answered shares of {owner}'s {what} match what {owner} \
+                     committed to: shares from {} are garbage",
+                    shares.len(),
+                    shares
+                        .iter()
+                        .map(|(c, _)| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
         };
         let mut masks = Vec::with_capacity(req.survivors.len() + req.dropped.len() * 4);
         for u in &req.survivors {
-            let b = gather(u, &|r: &UnmaskResponse| r.seed_shares.get(u).cloned())?;
-            let seed: [u8; 32] = b
-                .as_slice()
-                .try_into()
-                .map_err(|_| SecAggError::PeerMisbehaved("seed of the wrong length".into()))?;
+            let commitment = self.keys[u].seed_commitment;
+            let fits = |b: &[u8]| {
+                <&[u8; 32]>::try_from(b)
+                    .is_ok_and(|s| super::seed_commitment(round, u, s) == commitment)
+            };
+            let seed = gather(
+                u,
+                "self-mask seed",
+                &|r: &UnmaskResponse| r.seed_shares.get(u).cloned(),
+                &fits,
+            )?;
             masks.push(crypto::Mask { seed, add: false });
         }
         for d in &req.dropped {
-            let k = gather(d, &|r: &UnmaskResponse| r.key_shares.get(d).cloned())?;
-            let sk: [u8; 32] = k
-                .as_slice()
-                .try_into()
-                .map_err(|_| SecAggError::PeerMisbehaved("key of the wrong length".into()))?;
+            let s_pk = self.keys[d].s_pk;
+            let fits = |b: &[u8]| {
+                <[u8; 32]>::try_from(b)
+                    .is_ok_and(|k| PublicKey::from(&StaticSecret::from(k)).to_bytes() == s_pk)
+            };
+            let sk = gather(
+                d,
+                "mask key",
+                &|r: &UnmaskResponse| r.key_shares.get(d).cloned(),
+                &fits,
+            )?;
             let sk = StaticSecret::from(sk);
             for v in self.graph[d].iter().filter(|v| req.survivors.contains(*v)) {
                 let dh = sk.diffie_hellman(&PublicKey::from(self.keys[v].s_pk));
@@ -448,5 +556,35 @@ impl ServerRound {
         }
         crypto::apply_masks(&mut sum, &masks, m, self.threads);
         Ok((sum, req.survivors))
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_recovery_skips_garbage_shares() {
+        let secret = [7u8; 32];
+        let mut rng = <rand::rngs::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(3);
+        let shares = crypto::shamir_split(&secret, 5, 7, &mut rng);
+        let mut named: Vec<(ClientId, Zeroizing<Vec<u8>>)> = shares
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (format!("c{i}"), Zeroizing::new(s)))
+            .collect();
+        for b in named[1].1.iter_mut().skip(1) {
+            *b ^= 0x5a;
+        }
+        let fits = |s: &[u8]| s == secret;
+        let got = recover_checked(&named, 5, &fits).unwrap();
+        assert_eq!(got.as_slice(), secret);
+        // three garbage shares of seven leave four, below t = 5
+        for i in [3, 5] {
+            for b in named[i].1.iter_mut().skip(1) {
+                *b ^= 0x5a;
+            }
+        }
+        assert!(recover_checked(&named, 5, &fits).is_none());
     }
 }

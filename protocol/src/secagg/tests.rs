@@ -66,12 +66,23 @@ fn parties_with(
     (ps, P256Verifier(table))
 }
 
-/// Which clients drop where.
+/// Which clients drop where (and which answer the unmask request with garbage shares).
 #[derive(Default)]
 struct Drops {
     before_sharing: BTreeSet<String>,
     before_input: BTreeSet<String>,
     before_unmask: BTreeSet<String>,
+    garbage_shares: BTreeSet<String>,
+}
+
+/// Every share in `r` replaced by a well-formed share of something else (the x coordinate
+/// kept, every value byte flipped).
+fn garbage(r: &mut UnmaskResponse) {
+    for s in r.seed_shares.values_mut().chain(r.key_shares.values_mut()) {
+        for b in s.iter_mut().skip(1) {
+            *b ^= 0x5a;
+        }
+    }
 }
 
 fn pick(ps: &[Party], frac: f64, offset: usize) -> BTreeSet<String> {
@@ -133,9 +144,12 @@ fn run(
         if drops.before_unmask.contains(&c.id) {
             continue;
         }
-        let r = c
+        let mut r = c
             .round
             .unmask(&req, &server.signatures_for(&c.id), verifier)?;
+        if drops.garbage_shares.contains(&c.id) {
+            garbage(&mut r);
+        }
         server.receive_unmask(r)?;
     }
     let (sum, counted) = server.finish()?;
@@ -144,6 +158,45 @@ fn run(
         add_mod(&mut plain, &ps[i].x, p.modulus_bits);
     }
     Ok((sum, counted, plain))
+}
+
+/// Survivors that answer the unmask request with garbage shares (of seeds and of a dropped
+/// client's key) are detected against the owners' commitments and other shares are used: the
+/// sum stays exact. With too few honest shares left the round fails naming the owner and the
+/// answering clients, never with a wrong sum.
+#[test]
+fn garbage_unmask_shares_are_detected_and_the_sum_stays_exact_or_the_round_fails() {
+    let p = params(5, 7);
+    let ids = |ps: &[Party], is: &[usize]| -> BTreeSet<String> {
+        is.iter().map(|&i| ps[i].id.clone()).collect()
+    };
+    // one liar with a dropout (a dropped client's key is recovered too), two without
+    for (liars, dropped) in [(&[2usize][..], &[4usize][..]), (&[2, 6][..], &[][..])] {
+        let (ps, v) = parties(8, &p, 40, 11);
+        let drops = Drops {
+            before_input: ids(&ps, dropped),
+            garbage_shares: ids(&ps, liars),
+            ..Default::default()
+        };
+        let (sum, counted, plain) = run(ps, &v, &p, &drops).unwrap();
+        assert_eq!(counted.len(), 8 - dropped.len());
+        assert_eq!(sum, plain, "liars {liars:?}: the sum is exact");
+    }
+    // three liars of seven answers leave four honest shares, below t = 5
+    let (ps, v) = parties(8, &p, 40, 12);
+    let drops = Drops {
+        garbage_shares: ids(&ps, &[1, 3, 5]),
+        ..Default::default()
+    };
+    match run(ps, &v, &p, &drops) {
+        Err(SecAggError::PeerMisbehaved(m)) => {
+            assert!(m.contains("committed to") && m.contains("garbage"), "{m}")
+        }
+        other => panic!(
+            "expected a failure naming the owner, got {:?}",
+            other.map(|o| o.1)
+        ),
+    }
 }
 
 #[test]
@@ -177,6 +230,7 @@ fn sparse_neighbourhoods_with_dropouts_sum_exactly() {
         before_sharing: pick(&ps, 0.04, 0),
         before_input: pick(&ps, 0.06, 3),
         before_unmask: pick(&ps, 0.04, 7),
+        ..Default::default()
     };
     let (sum, counted, plain) = run(ps, &v, &p, &d).unwrap();
     assert_eq!(sum, plain);
