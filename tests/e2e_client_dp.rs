@@ -97,8 +97,12 @@ async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr)
         err > 0.5 * noise_var && err < 2.0 * noise_var,
         "client {i}: error variance {err:.3e}, the noise share is {noise_var:.3e}"
     );
-    cr.bind(plan_digest(Some(&plan), &codec), plan.min_clients)
-        .unwrap();
+    cr.bind(
+        plan_digest(Some(&plan), &codec),
+        plan.min_clients,
+        plan.collusion,
+    )
+    .unwrap();
     let masked = cr
         .masked_input(offer.secure_shares.as_ref().unwrap(), &ints)
         .unwrap();

@@ -63,6 +63,7 @@ async fn dp_clients_federate_a_llama_with_secure_aggregation_over_quic() {
         threshold: 2,
         neighbours: 0,
         modulus_bits: mp.modulus_bits(),
+        collusion: 0,
         stage_timeout_ms: 30_000,
     });
     let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs);

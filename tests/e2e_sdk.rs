@@ -378,6 +378,7 @@ async fn sdk_clients_complete_secure_rounds_with_the_consistency_check() {
         threshold: 2,
         neighbours: 0,
         modulus_bits: mp.modulus_bits(),
+        collusion: 0,
         stage_timeout_ms: 30_000,
     });
     let coord = fx.coordinator(fed).await;

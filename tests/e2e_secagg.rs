@@ -66,6 +66,7 @@ async fn coordinator(
         threshold: 2,
         neighbours: 0,
         modulus_bits: mp.modulus_bits(),
+        collusion: 0,
         stage_timeout_ms: 3_000,
     });
     let initial = delta(50);

@@ -186,13 +186,14 @@ mod tests {
             threshold: 1,
             neighbours: 10,
             modulus_bits: 16,
+            collusion: 0,
             stage_timeout_ms: 30_000,
         });
         let mut req = ClientDpRequest::new(ClientDpMode::Distributed, 0.5, 8.0, 400);
         req.collusion = 2;
         apply(&req, &mut fed, 10_000, false).unwrap();
         let s = fed.train.secure.clone().unwrap();
-        assert_eq!((s.neighbours, s.threshold), (10, 7));
+        assert_eq!((s.neighbours, s.threshold, s.collusion), (10, 7, 2));
         req.collusion = 10;
         let mut f = fed.clone();
         assert!(apply(&req, &mut f, 10_000, false).is_err());

@@ -81,6 +81,7 @@ pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<Se
             .neighbours
             .unwrap_or_else(|| default_neighbours(fed.clients_per_round)),
         modulus_bits,
+        collusion: choice.collusion,
         stage_timeout_ms: fed
             .train
             .secure

@@ -153,6 +153,7 @@ fn coord_seeds() -> Vec<Vec<u8>> {
         threshold: 2,
         neighbours: 3,
         modulus_bits: 12,
+        collusion: 0,
         stage_timeout_ms: 100,
     };
     let msgs = vec![

@@ -123,6 +123,7 @@ impl LoadConfig {
                 threshold: k.min(n - 1) / 2 + 1,
                 neighbours: k,
                 modulus_bits: p.modulus_bits(),
+                collusion: 0,
                 stage_timeout_ms: self.round_timeout_ms,
             })
         } else {

@@ -99,6 +99,7 @@ pub fn federation_config(
                 threshold: 1,
                 neighbours,
                 modulus_bits,
+                collusion: 0,
                 stage_timeout_ms: ROUND_TIMEOUT_MS,
             };
             let kk = probe.k(k);
@@ -788,6 +789,7 @@ fn secure_round(
     let plan = fcfg.train.client_dp.as_ref();
     let policy = SecAggPolicy::default();
     let min_survivors = plan.map_or(0, |p| p.min_clients);
+    let min_collusion = plan.map_or(0, |p| p.collusion);
     let context = fedlora_protocol::client_dp::plan_digest(plan, codec);
     let participants: BTreeSet<String> =
         jobs.iter().map(|j| clients[j.client].id.clone()).collect();
@@ -801,7 +803,7 @@ fn secure_round(
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
         let mut cr = ClientRound::new(round, &c.id, params.clone(), policy, &mut rng);
-        cr.bind(context, min_survivors).map_err(sa)?;
+        cr.bind(context, min_survivors, min_collusion).map_err(sa)?;
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))
             .map_err(sa)?;

@@ -738,6 +738,7 @@ mod tests {
             threshold: 4,
             neighbours: 0,
             modulus_bits: 19,
+            collusion: 0,
             stage_timeout_ms: 30_000,
         });
         fed.train.max_update_norm = Some(1.0);

@@ -158,6 +158,7 @@ pub(crate) fn run(a: DemoArgs) -> anyhow::Result<()> {
             threshold: fed.clients_per_round / 2 + 1,
             neighbours: 0,
             modulus_bits: p.modulus_bits(),
+            collusion: 0,
             stage_timeout_ms: 60_000,
         });
         fed.validate()?;

@@ -252,6 +252,7 @@ mod tests {
                     threshold: 2,
                     neighbours: 3,
                     modulus_bits: 10,
+                    collusion: 0,
                     stage_timeout_ms: 1_000,
                 }),
                 ..Default::default()

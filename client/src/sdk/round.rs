@@ -269,7 +269,11 @@ impl FederatedClient {
             if let Some(plan) = &offer.config.client_dp {
                 // survivors sign the plan with their view; fewer than min_clients get no shares
                 let digest = fedlora_protocol::client_dp::plan_digest(Some(plan), codec);
-                if st.cr.bind(digest, plan.min_clients).is_err() {
+                if st
+                    .cr
+                    .bind(digest, plan.min_clients, plan.collusion)
+                    .is_err()
+                {
                     *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }

@@ -578,6 +578,7 @@ mod tests {
                     threshold: 2,
                     neighbours: 0,
                     modulus_bits: modular.modulus_bits(),
+                    collusion: 0,
                     stage_timeout_ms: 1_000,
                 }),
                 ..Default::default()

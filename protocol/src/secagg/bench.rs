@@ -140,6 +140,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
         threshold: cfg.threshold,
         neighbours: cfg.neighbours,
         modulus_bits: cfg.modulus_bits,
+        collusion: 0,
         stage_timeout_ms: 1_000,
     };
     let n = cfg.clients;

@@ -135,12 +135,27 @@ impl ClientRound {
     /// and raises the fewest survivors it accepts to `min_survivors` (a client-level DP plan's
     /// `min_clients`). A coordinator that showed clients different contexts gets no unmask
     /// shares. Only before the masked input is sent.
-    pub fn bind(&mut self, context: [u8; 32], min_survivors: usize) -> Result<(), SecAggError> {
+    ///
+    /// `min_collusion` is the colluders the round's privacy plan sized its noise for: a round
+    /// whose secure parameters tolerate fewer (`c` below it) is refused, since the plan's
+    /// guarantee assumes secure aggregation holds against that many.
+    pub fn bind(
+        &mut self,
+        context: [u8; 32],
+        min_survivors: usize,
+        min_collusion: usize,
+    ) -> Result<(), SecAggError> {
         if matches!(
             self.stage,
             ClientStage::ConsistencyCheck | ClientStage::Unmask | ClientStage::Done
         ) {
             return Err(out_of_order(self.stage, "binding the round context"));
+        }
+        if self.params.collusion < min_collusion {
+            return Err(SecAggError::Config(format!(
+                "the secure round tolerates {} colluders, the privacy plan assumes {min_collusion}",
+                self.params.collusion
+            )));
         }
         self.context = context;
         self.policy.min_survivors = self.policy.min_survivors.max(min_survivors);
@@ -154,6 +169,7 @@ impl ClientRound {
             &self.roster_hash,
             &self.graph_seed,
             &self.context,
+            &super::RoundShape::of(&self.params, self.ids.len()),
             req,
         )
     }

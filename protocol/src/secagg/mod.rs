@@ -5,9 +5,14 @@
 //! # Threat model
 //! Clients are authenticated by their certificates (issued by the federation's CA). The
 //! coordinator may be **actively malicious**: it may drop, delay, reorder or forge any message it
-//! relays, lie about who survived, and choose the round parameters. Up to `c` of a client's `k`
-//! neighbours may collude with it. What each client checks, so that the coordinator learns only
-//! the sum of the surviving inputs:
+//! relays, lie about who survived, and choose the round parameters. Up to `c` clients **of the
+//! whole round** (Sybils included) may collude with it, where `c` is the round's
+//! [`SecAggParams::collusion`]. What each client checks, so that the coordinator learns only the
+//! sum of the surviving inputs:
+//! - **Checked unmask answers.** Each advertised key set also commits to the self-mask seed
+//!   ([`seed_commitment`]); the unmasking party checks every reconstructed seed and mask key
+//!   and tries other share subsets past a garbage share, so a lying survivor cannot change the
+//!   sum unnoticed: the round fails instead.
 //! - **Signed keys.** Every advertised key set (two X25519 keys and a fresh 32-byte nonce) is
 //!   signed with the client's certificate key. A client receives the roster's ids, a Merkle
 //!   root over every client's keys, and its k neighbours' signed keys with inclusion proofs
@@ -18,26 +23,33 @@
 //!   `SHA-256("fedlora-secagg-graph-v2" ‖ round ‖ roster hash)`, where the roster hash covers
 //!   every id and, through the Merkle root, every client's keys and nonce; each client
 //!   recomputes it and refuses a round whose announced seed differs. The coordinator can only
-//!   choose which advertised clients to include (and so could try many subsets in search of a
-//!   graph it prefers; each try excludes real clients, and the consistency check still binds
-//!   every neighbour to one roster).
-//! - **Client policy** ([`SecAggPolicy`]): the client refuses `2t ≤ k`, fewer than
+//!   choose which advertised clients to include, so it (or a colluder choosing its nonce after
+//!   seeing the others') **can** grind the seed over many tries. The guarantee below does not
+//!   rest on the graph: `c` bounds the colluders in the whole round, so whatever graph a grind
+//!   finds puts at most `c` of them next to any client, and `2t > k + c` holds for every client
+//!   in every graph. (A bound on a colluding *fraction* γ of the population, as in Bell et
+//!   al.'s random-graph analysis, would need an ungrindable seed, e.g. nonce commitments; fedlora
+//!   claims no such bound.)
+//! - **Client policy** ([`SecAggPolicy`]): the client refuses `2t ≤ k + c`, fewer than
 //!   `min_neighbours` neighbours (default 3) and fewer than `max(t, min_survivors)` survivors;
-//!   a client in a secure federation never sends a plaintext update.
+//!   under a client-level DP plan it also refuses a round whose `c` is below the plan's
+//!   collusion bound ([`ClientRound::bind`]); a client in a secure federation never sends a
+//!   plaintext update.
 //! - **Consistency check** (Bell et al. 2020, after Bonawitz et al. 2017): before unmasking,
-//!   each survivor signs the hash of `(round, roster hash, graph seed, survivors, dropped)`
-//!   **once**. It answers **one** unmask request per round, for exactly the sets it signed,
+//!   each survivor signs the hash of `(round, roster hash, graph seed, privacy plan digest,
+//!   t, k, c, m, survivors, dropped)` **once** ([`consistency_message`]), so neighbours shown
+//!   different parameters or plans sign different views. It answers **one** unmask request per round, for exactly the sets it signed,
 //!   and only when it holds at least `t` valid signatures of its neighbours over that same
 //!   message. A request naming a peer both survivor and dropped is refused.
 //!
 //! **Why that protects one client u.** Learning u's input needs both ≥ t shares of u's
 //! self-mask seed (u "survived") and ≥ t shares of u's mask key (u "dropped"). Every honest
 //! neighbour of u signs and answers for one view only, so with `c` colluders among u's `k`
-//! neighbours the coordinator collects at most `(k − c) + 2c = k + c` share answers over both
+//! neighbours (at most `c`, since the round holds at most `c`) the coordinator collects at most
+//! `(k − c) + 2c = k + c` share answers over both
 //! views: **u is safe when `2t > k + c`.** The default parameters (`k = 3`, `t = 2`) therefore
 //! protect against an active coordinator with no colluding neighbour (`c = 0`); `k = 6, t = 5`
-//! tolerates `c = 3`; in general choose `t > (k + c) / 2`. With a random neighbour graph, a
-//! colluding fraction `γ` of the population puts on average `γk` colluders around u.
+//! tolerates `c = 3`; in general choose `t > (k + c) / 2` (the planners pick the smallest such t).
 //!
 //! **Not protected:**
 //! - **Sybils.** A coordinator that also runs the CA (or any CA holder) can enrol fake clients;
@@ -122,6 +134,12 @@ pub struct SecAggParams {
     pub threshold: usize,
     /// Neighbours per client (k); 0 means everyone (rounds of at most a few dozen clients).
     pub neighbours: usize,
+    /// Colluding clients the round tolerates, c: how many clients **in the whole round**
+    /// (anywhere in the neighbour graph, Sybils included) may collude with the coordinator.
+    /// Needs `2t > k + c`; every client checks it, and it is in the survivor view each client
+    /// signs. Default 0.
+    #[serde(default)]
+    pub collusion: usize,
     /// Modulus bits m of the inputs (from the modular codec).
     pub modulus_bits: u32,
     /// How long the coordinator waits in the key and unmask stages, milliseconds (the masked
@@ -148,17 +166,17 @@ impl SecAggParams {
     }
 
     /// Refuses parameters that cannot work, or are not safe, for `n` participants: k ≤ 254,
-    /// `k/2 < t ≤ k`.
+    /// `(k + c)/2 < t ≤ k`.
     pub fn validate(&self, n: usize) -> Result<(), SecAggError> {
         let k = self.k(n);
         if k > MAX_NEIGHBOURS {
             return Err(SecAggError::Config(format!("k = {k} exceeds 254 shares")));
         }
-        if self.threshold > k || 2 * self.threshold <= k {
+        if self.threshold > k || 2 * self.threshold <= k + self.collusion {
             return Err(SecAggError::Config(format!(
-                "threshold {} with {k} neighbours ({n} participants): it must be more than half \
-                 of the neighbours and at most all of them",
-                self.threshold
+                "threshold {} with {k} neighbours ({n} participants) and {} colluders: it must \
+                 satisfy 2t > k + c and be at most k",
+                self.threshold, self.collusion
             )));
         }
         if !(1..=62).contains(&self.modulus_bits) {
@@ -231,14 +249,19 @@ pub fn consistency_message(
     roster_hash: &[u8; 32],
     graph_seed: &[u8; 32],
     context: &[u8; 32],
+    shape: &RoundShape,
     req: &UnmaskRequest,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"fedlora-secagg-consistency-v4");
+    h.update(b"fedlora-secagg-consistency-v5");
     h.update(round.to_be_bytes());
     h.update(roster_hash);
     h.update(graph_seed);
     h.update(context);
+    for v in [shape.threshold, shape.neighbours, shape.collusion] {
+        h.update((v as u64).to_be_bytes());
+    }
+    h.update(shape.modulus_bits.to_be_bytes());
     for set in [&req.survivors, &req.dropped] {
         h.update((set.len() as u64).to_be_bytes());
         for id in set {
@@ -247,6 +270,33 @@ pub fn consistency_message(
         }
     }
     h.finalize().into()
+}
+
+/// The secure parameters a survivor signs with its view: t, the effective k of the roster, c
+/// and the modulus, so that neighbours shown different thresholds, graphs or collusion bounds
+/// sign different messages and never unmask for each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundShape {
+    /// Threshold t.
+    pub threshold: usize,
+    /// Effective neighbours per client, k, for the roster's size.
+    pub neighbours: usize,
+    /// Colluding clients tolerated, c.
+    pub collusion: usize,
+    /// Modulus bits m.
+    pub modulus_bits: u32,
+}
+
+impl RoundShape {
+    /// The shape of a round of `n` participants under `params`.
+    pub fn of(params: &SecAggParams, n: usize) -> Self {
+        Self {
+            threshold: params.threshold,
+            neighbours: params.k(n),
+            collusion: params.collusion,
+            modulus_bits: params.modulus_bits,
+        }
+    }
 }
 
 /// The neighbours of every client of `roster` under `params` (the [`Graph`] of the roster's

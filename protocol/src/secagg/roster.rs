@@ -275,6 +275,7 @@ mod tests {
             threshold: 2,
             neighbours: k,
             modulus_bits: 16,
+            collusion: 0,
             stage_timeout_ms: 1000,
         }
     }

@@ -30,6 +30,7 @@ fn params(t: usize, k: usize) -> SecAggParams {
         threshold: t,
         neighbours: k,
         modulus_bits: 20,
+        collusion: 0,
         stage_timeout_ms: 1_000,
     }
 }
@@ -661,7 +662,7 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
     for (i, c) in ps.iter_mut().enumerate() {
         // binding is refused once the masked input is out
         assert!(matches!(
-            c.round.bind([i as u8; 32], 1),
+            c.round.bind([i as u8; 32], 1, 0),
             Err(SecAggError::OutOfOrder(_))
         ));
     }
@@ -683,7 +684,7 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
     let del = server.close_shares().unwrap();
     for (i, c) in ps.iter_mut().enumerate() {
         let plan = if i < 3 { [1u8; 32] } else { [2u8; 32] };
-        c.round.bind(plan, 6).unwrap();
+        c.round.bind(plan, 6, 0).unwrap();
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
         server.receive_input(&c.id, y).unwrap();
     }
@@ -715,7 +716,7 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
     }
     let del = server.close_shares().unwrap();
     for c in fresh.iter_mut().take(5) {
-        c.round.bind([3u8; 32], 6).unwrap();
+        c.round.bind([3u8; 32], 6, 0).unwrap();
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
         server.receive_input(&c.id, y).unwrap();
     }
@@ -724,4 +725,67 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
     let c = &mut fresh[0];
     let err = c.round.consistency(&view, &c.signer).unwrap_err();
     assert!(matches!(err, SecAggError::Threshold(_)), "{err}");
+}
+
+/// A client refuses a round whose secure parameters do not cover the collusion they state
+/// (2t ≤ k + c), and one whose collusion bound is below what the privacy plan assumed; and
+/// neighbours shown different thresholds sign different views, so none unmasks for another.
+#[test]
+fn a_round_that_does_not_cover_its_collusion_is_refused_and_t_k_c_are_in_the_signed_view() {
+    // the case the review found: k = 10, t = 6, c = 2 (2t = 12 = k + c)
+    let weak = SecAggParams {
+        collusion: 2,
+        ..params(6, 10)
+    };
+    assert!(SecAggPolicy::default().check(&weak, 20).is_err());
+    assert!(SecAggPolicy::default()
+        .check(
+            &SecAggParams {
+                threshold: 7,
+                ..weak.clone()
+            },
+            20
+        )
+        .is_ok());
+    // a plan sized for 3 colluders over a round that tolerates 2
+    let covered = SecAggParams {
+        threshold: 7,
+        ..weak.clone()
+    };
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(5);
+    let mut cr = ClientRound::new(7, "client-00", covered, SecAggPolicy::default(), &mut rng);
+    assert!(matches!(
+        cr.bind([0; 32], 2, 3),
+        Err(SecAggError::Config(_))
+    ));
+    cr.bind([0; 32], 2, 2).unwrap();
+    // the signed view covers t, k and c
+    let req = UnmaskRequest {
+        survivors: ["a".to_string(), "b".to_string()].into(),
+        dropped: BTreeSet::new(),
+    };
+    let msg =
+        |shape: RoundShape| consistency_message(7, &[1; 32], &[2; 32], &[3; 32], &shape, &req);
+    let base = RoundShape::of(&params(3, 4), 5);
+    assert_ne!(
+        msg(base),
+        msg(RoundShape {
+            threshold: 4,
+            ..base
+        })
+    );
+    assert_ne!(
+        msg(base),
+        msg(RoundShape {
+            neighbours: 2,
+            ..base
+        })
+    );
+    assert_ne!(
+        msg(base),
+        msg(RoundShape {
+            collusion: 1,
+            ..base
+        })
+    );
 }
