@@ -64,7 +64,8 @@ pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result
 
 /// The SecAgg+ parameters `choice` gives for `fed`'s summable codec and round size: k as
 /// chosen (or [`default_neighbours`]), t as chosen if it covers the collusion, else the
-/// smallest that does ([`collusion_threshold`]), the codec's modulus, and the stage timeout
+/// smallest that does ([`collusion_threshold`]; with everyone as a neighbour, t = 0: the
+/// smallest for each round's actual size, [`SecAggParams::t`]), c as chosen, the codec's modulus, and the stage timeout
 /// `fed` already has (30 s by default). Client-level DP's planner uses it too.
 pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<SecAggParams> {
     let cfg = |m: String| CoordinatorError::Config(m);
@@ -91,6 +92,9 @@ pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<Se
     let k = params.k(fed.clients_per_round);
     let least = collusion_threshold(k, choice.collusion)?;
     params.threshold = match choice.threshold {
+        // everyone is a neighbour: k is the round's actual size less one, which varies under
+        // Poisson sampling, so t follows it (the smallest with 2t > k + c in every round)
+        None if params.neighbours == 0 => 0,
         None => least,
         Some(t) if (least..=k).contains(&t) => t,
         Some(t) => {
@@ -121,6 +125,28 @@ mod tests {
         }
     }
 
+    /// Issue 34, item 13: 10 clients per round under Poisson sampling; rounds of 4 to 20
+    /// (a sample larger than clients_per_round included) all validate, with 2t > k + c.
+    #[test]
+    fn small_complete_graph_rounds_of_any_sampled_size_validate() {
+        let mut fed = FederationConfig {
+            clients_per_round: 10,
+            min_clients: 4,
+            ..FederationConfig::default()
+        };
+        let c1 = SecureChoice {
+            collusion: 1,
+            ..Default::default()
+        };
+        apply_secure(&c1, &mut fed).unwrap();
+        let s = fed.train.secure.clone().unwrap();
+        for n in 4..=20 {
+            s.validate(n).unwrap();
+            let (k, t) = (s.k(n), s.t(n));
+            assert!(2 * t > k + 1 && t <= k, "n {n}: k {k} t {t}");
+        }
+    }
+
     #[test]
     fn secure_rounds_from_one_flag_with_a_threshold_that_covers_the_collusion() {
         let mut fed = FederationConfig {
@@ -130,8 +156,11 @@ mod tests {
         };
         apply_secure(&SecureChoice::default(), &mut fed).unwrap();
         let s = fed.train.secure.clone().unwrap();
-        // 8 clients: everyone is a neighbour (k = 7), t = 4 > 7/2
-        assert_eq!((s.neighbours, s.threshold), (0, 4));
+        // 8 clients: everyone is a neighbour (k = 7), t = 4 > 7/2, and t follows the round's
+        // actual size
+        assert_eq!((s.neighbours, s.threshold), (0, 0));
+        assert_eq!((s.k(8), s.t(8)), (7, 4));
+        assert_eq!((s.k(11), s.t(11)), (10, 6));
         assert_eq!(Some(s.modulus_bits), fed.train.codec.modulus_bits());
         assert!(fed.train.codec.is_summable());
         assert_eq!(fed.train.weighting, Weighting::Uniform);

@@ -295,7 +295,7 @@ impl ClientRound {
         }
         self.neighbours = keys.keys().cloned().collect();
         let k = self.neighbours.len();
-        let t = self.params.threshold;
+        let t = self.params.t(n);
         if k < t {
             return Err(SecAggError::Threshold(format!(
                 "{k} neighbours, threshold {t}"
@@ -392,11 +392,11 @@ impl ClientRound {
                 )));
             }
         }
-        if held.len() < self.params.threshold {
+        if held.len() < self.params.t(self.ids.len()) {
             return Err(SecAggError::Threshold(format!(
                 "{} neighbours shared keys, threshold {}",
                 held.len(),
-                self.params.threshold
+                self.params.t(self.ids.len())
             )));
         }
         let m = self.params.modulus_bits;
@@ -439,7 +439,7 @@ impl ClientRound {
                 )));
             }
         }
-        let t = self.params.threshold;
+        let t = self.params.t(self.ids.len());
         let need = t.max(self.policy.min_survivors);
         if req.survivors.len() < need {
             return Err(SecAggError::Threshold(format!(
@@ -510,10 +510,10 @@ impl ClientRound {
                     .is_some_and(|sig| verifier.verify(v, &msg, sig))
             })
             .count();
-        if valid < self.params.threshold {
+        if valid < self.params.t(self.ids.len()) {
             return Err(SecAggError::Threshold(format!(
                 "{valid} valid neighbour signatures of the survivor view, threshold {}",
-                self.params.threshold
+                self.params.t(self.ids.len())
             )));
         }
         let mut resp = UnmaskResponse {

@@ -128,9 +128,9 @@ pub enum SecAggError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecAggParams {
-    /// Shares needed to reconstruct a secret (t). Must satisfy `2t > k`; a client is safe
-    /// against an active coordinator with `c` colluding neighbours when `2t > k + c` (see the
-    /// module's threat model).
+    /// Shares needed to reconstruct a secret (t). Must satisfy `2t > k + c` (see the module's
+    /// threat model). 0 means the smallest such t for the round's actual size ([`Self::t`]):
+    /// what a complete-graph round whose size varies (Poisson sampling) needs.
     pub threshold: usize,
     /// Neighbours per client (k); 0 means everyone (rounds of at most a few dozen clients).
     pub neighbours: usize,
@@ -165,6 +165,16 @@ impl SecAggParams {
         }
     }
 
+    /// The threshold for `n` participants: `threshold`, or when it is 0 the smallest t with
+    /// `2t > k + c` for this round's k (everyone and every client compute the same).
+    pub fn t(&self, n: usize) -> usize {
+        if self.threshold == 0 {
+            (self.k(n) + self.collusion) / 2 + 1
+        } else {
+            self.threshold
+        }
+    }
+
     /// Refuses parameters that cannot work, or are not safe, for `n` participants: k ≤ 254,
     /// `(k + c)/2 < t ≤ k`.
     pub fn validate(&self, n: usize) -> Result<(), SecAggError> {
@@ -172,11 +182,12 @@ impl SecAggParams {
         if k > MAX_NEIGHBOURS {
             return Err(SecAggError::Config(format!("k = {k} exceeds 254 shares")));
         }
-        if self.threshold > k || 2 * self.threshold <= k + self.collusion {
+        let t = self.t(n);
+        if t > k || 2 * t <= k + self.collusion {
             return Err(SecAggError::Config(format!(
-                "threshold {} with {k} neighbours ({n} participants) and {} colluders: it must \
+                "threshold {t} with {k} neighbours ({n} participants) and {} colluders: it must \
                  satisfy 2t > k + c and be at most k",
-                self.threshold, self.collusion
+                self.collusion
             )));
         }
         if !(1..=62).contains(&self.modulus_bits) {
@@ -291,7 +302,7 @@ impl RoundShape {
     /// The shape of a round of `n` participants under `params`.
     pub fn of(params: &SecAggParams, n: usize) -> Self {
         Self {
-            threshold: params.threshold,
+            threshold: params.t(n),
             neighbours: params.k(n),
             collusion: params.collusion,
             modulus_bits: params.modulus_bits,

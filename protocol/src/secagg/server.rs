@@ -345,11 +345,11 @@ impl ServerRound {
     ) -> Result<(), SecAggError> {
         for u in owners {
             let n = self.graph[u].iter().filter(|v| live.contains(*v)).count();
-            if n < self.params.threshold {
+            if n < self.params.t(self.ids.len()) {
                 self.stage = ServerStage::Done;
                 return Err(SecAggError::Threshold(format!(
                     "{u} has {n} {what} neighbours, threshold {}",
-                    self.params.threshold
+                    self.params.t(self.ids.len())
                 )));
             }
         }
@@ -476,7 +476,7 @@ impl ServerRound {
             SecAggError::OutOfOrder("unmask stage without a survivor view".into())
         })?;
         let m = self.params.modulus_bits;
-        let t = self.params.threshold;
+        let t = self.params.t(self.ids.len());
         let round = self.round;
         let mut sum = std::mem::take(&mut self.sum);
         // an owner's shares from the survivors that answered, checked against what the owner

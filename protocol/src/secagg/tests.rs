@@ -789,3 +789,24 @@ fn a_round_that_does_not_cover_its_collusion_is_refused_and_t_k_c_are_in_the_sig
         })
     );
 }
+
+/// A complete-graph round with t = 0 takes the smallest t with 2t > k + c for its actual
+/// size, so rounds larger or smaller than planned (Poisson sampling) sum exactly.
+#[test]
+fn an_automatic_threshold_follows_the_rounds_actual_size() {
+    let p = SecAggParams {
+        collusion: 1,
+        ..params(0, 0)
+    };
+    for n in [5usize, 9, 13] {
+        let (ps, v) = parties(n, &p, 30, n as u64);
+        let drops = Drops {
+            before_input: std::iter::once(ps[1].id.clone()).collect(),
+            ..Default::default()
+        };
+        let (sum, counted, plain) = run(ps, &v, &p, &drops).unwrap();
+        assert_eq!(counted.len(), n - 1);
+        assert_eq!(sum, plain, "n {n}");
+        assert_eq!(p.t(n), n / 2 + 1);
+    }
+}
