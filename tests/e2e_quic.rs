@@ -754,3 +754,45 @@ async fn the_enrollment_issuer_cannot_mint_a_server_certificate() {
     );
     coord.shutdown().await;
 }
+
+/// An enrolled device's id is bound to the key it first said hello with: a second certificate
+/// for the same `device-…` id with another key (what a compromised enrollment service, or a
+/// careless CA holder, could mint to take a device's place) is refused as revoked, while the
+/// device's own certificate keeps working. Before, the second key was welcomed as the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_id_is_bound_to_its_first_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names()).unwrap();
+    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
+    fedlora_coordinator::certs::make_issuer(&certs, &icert, &ikey).unwrap();
+    let id = "device-0123456789ab";
+    issue_by(&certs.0, id, 1, (&icert, &ikey), true, true);
+    issue_by(&certs.0, id, 2, (&icert, &ikey), true, true);
+    issue_by(&certs.0, id, 3, (&certs.ca(), &certs.ca_key()), true, false);
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    assert!(
+        is_welcomed(&certs.0, 1, addr).await,
+        "the device's first key"
+    );
+    for other in [2, 3] {
+        match try_hello(&certs.0, other, addr).await {
+            Some((_, CoordMsg::Refused(r))) => {
+                assert_eq!(r.code, RefusalCode::Revoked, "{}", r.message);
+                assert!(r.message.contains("bound to another key"), "{}", r.message);
+            }
+            other => panic!("a second key for {id} was not refused: {other:?}"),
+        }
+    }
+    assert!(
+        is_welcomed(&certs.0, 1, addr).await,
+        "the device still works"
+    );
+    assert!(
+        is_welcomed(&certs.0, 0, addr).await,
+        "certs-init clients are unaffected"
+    );
+    coord.shutdown().await;
+}

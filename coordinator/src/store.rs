@@ -136,6 +136,10 @@ pub struct ClientRecord {
     pub first_seen_ms: u64,
     /// Latest hello, Unix ms.
     pub last_seen_ms: u64,
+    /// The key an enrolled device (`device-…`) is bound to: its key at first hello, replaced
+    /// only by a renewal this coordinator issued ([`crate::enroll::issuer::key_id`]).
+    #[serde(default)]
+    pub key_id: String,
 }
 
 /// A device enrolled with a token ([`crate::enroll`]).
@@ -594,12 +598,19 @@ impl Store {
     }
 
     /// Records a hello from `client` (not flushed: losing it loses only a timestamp).
-    pub fn saw_client(&self, client: &str, fingerprint: &str, now_ms: u64) -> Result<()> {
+    pub fn saw_client(
+        &self,
+        client: &str,
+        fingerprint: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<()> {
         let rec = match self.clients.get(client)? {
             Some(b) => {
                 let mut r: ClientRecord = from_json(&b)?;
                 r.last_seen_ms = now_ms;
                 r.fingerprint = fingerprint.to_string();
+                r.key_id = key_id.to_string();
                 r
             }
             None => ClientRecord {
@@ -607,10 +618,18 @@ impl Store {
                 fingerprint: fingerprint.to_string(),
                 first_seen_ms: now_ms,
                 last_seen_ms: now_ms,
+                key_id: key_id.to_string(),
             },
         };
+        // not flushed per hello (sled flushes within its flush interval): a crash in that window
+        // forgets a first binding, never breaks an acknowledged upload
         self.clients.insert(client, json(&rec))?;
         Ok(())
+    }
+
+    /// One client's record.
+    pub fn client(&self, client: &str) -> Result<Option<ClientRecord>> {
+        self.clients.get(client)?.map(|b| from_json(&b)).transpose()
     }
 
     /// Every client seen.

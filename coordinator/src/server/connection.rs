@@ -138,6 +138,44 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
     }
 }
 
+/// Why an enrolled device's hello must be refused because its key is not the one its id is
+/// bound to: a `device-…` id is bound to its key at its first hello, and a different key is
+/// accepted only when this coordinator's own enrollment registry records it (a renewal issued
+/// here). So an enrollment service that mints a certificate for another device's id (same name,
+/// its own key) cannot take that device's place. `certs init` ids (`client-…`) are bound by the
+/// CA alone. Store errors refuse nothing (logged): the certificate chain was checked already.
+fn key_conflict(shared: &Shared, client: &str, key_id: &str) -> Option<String> {
+    if !client.starts_with(certs::DEVICE_ID_PREFIX) {
+        return None;
+    }
+    let bound = match shared.store.client(client) {
+        Ok(Some(r)) if !r.key_id.is_empty() => r.key_id,
+        Ok(_) => return None,
+        Err(e) => {
+            error!(%client, error = %e, "cannot read the client record");
+            return None;
+        }
+    };
+    if bound == key_id {
+        return None;
+    }
+    let renewed_here = shared.enrollment.as_ref().is_some_and(|e| {
+        e.registry()
+            .device(client)
+            .ok()
+            .flatten()
+            .is_some_and(|d| d.key_id == key_id)
+    });
+    if renewed_here {
+        return None;
+    }
+    Some(format!(
+        "{client} is bound to another key (key {}…); a device gets a new key only by renewing \
+         at this coordinator",
+        &bound[..16.min(bound.len())]
+    ))
+}
+
 pub(super) enum HelloEnd {
     Close(String),
 }
@@ -199,6 +237,8 @@ pub(super) async fn handle_hello(
                     ),
                     true,
                 ))
+            } else if let Some(why) = key_conflict(shared, client, key_id) {
+                Some((Refusal::new(RefusalCode::Revoked, why), true))
             } else if spec_hash != shared.spec.hash() {
                 Some((
                     Refusal::new(
@@ -239,7 +279,10 @@ pub(super) async fn handle_hello(
             }
         }
         None => {
-            if let Err(e) = shared.store.saw_client(client, fingerprint, now_ms()) {
+            if let Err(e) = shared
+                .store
+                .saw_client(client, fingerprint, key_id, now_ms())
+            {
                 error!(error = %e, "recording client");
             }
             info!(%client, "client registered");
