@@ -395,3 +395,73 @@ async fn sessions_of(
     }
     out
 }
+
+/// The unauthenticated enrollment endpoint bounds what strangers can hold: connections past
+/// its cap are refused before their handshake, and a connection that sends nothing is closed
+/// after the connection timeout, freeing its slot for a real device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enrollment_endpoint_caps_connections_and_closes_silent_ones() {
+    use fedlora_coordinator::enroll::EnrollService;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names())
+        .unwrap()
+        .0;
+    let token = issue_tokens(&certs.join(TOKEN_FILE), 1, 3600, now_s()).unwrap();
+    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
+    ec.max_connections = 2;
+    ec.connection_timeout_ms = 800;
+    let store = Store::open(&dir.path().join("enroll-state")).unwrap();
+    let service = EnrollService::start(std::sync::Arc::new(
+        Enrollment::new(ec, store.registry().unwrap()).unwrap(),
+    ))
+    .unwrap();
+    let addr = service.local_addr().unwrap();
+    let ca = CertDir(certs.clone()).ca();
+    let client_ep = || {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(fedlora_client::transport::enroll_client_config(&ca).unwrap());
+        ep
+    };
+    // two silent strangers: handshake, a stream opened, nothing sent
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let ep = client_ep();
+        let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        silent.push((ep, conn, send));
+    }
+    // a third is refused at once
+    let ep = client_ep();
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect(addr, "localhost").unwrap(),
+    )
+    .await
+    .expect("answered at once");
+    assert!(
+        matches!(third, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{third:?}"
+    );
+    // the silent ones are closed by the timeout, and a device enrolls
+    for (_, conn, _) in &silent {
+        let why = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("closed by the connection timeout");
+        assert!(
+            matches!(why, quinn::ConnectionError::ApplicationClosed(_)),
+            "{why}"
+        );
+    }
+    let device = enroll(&EnrollOptions {
+        endpoint: addr,
+        server_name: "localhost".into(),
+        ca: ca.clone(),
+        token: token[0].clone(),
+        state_dir: dir.path().join("dev"),
+    })
+    .await
+    .unwrap();
+    assert!(device.device_id.starts_with("device-"));
+    service.shutdown();
+}

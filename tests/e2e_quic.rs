@@ -796,3 +796,36 @@ async fn a_device_id_is_bound_to_its_first_key() {
     );
     coord.shutdown().await;
 }
+
+/// Only a participant of the open round parks upload pieces on disk: a registered client with
+/// no open round to take part in (here the round waits for a second client) is refused, and
+/// nothing is written under the data directory's `partial/`. Before, any registered client
+/// could park up to the payload limit there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_pieces_are_taken_from_participants_of_the_open_round_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation.clients_per_round = 2;
+    cfg.federation.min_clients = 2;
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let Some((s, CoordMsg::Welcome { .. })) = try_hello(&certs.0, 0, addr).await else {
+        panic!("not welcomed")
+    };
+    let piece = fedlora_protocol::resumable::UploadChunk {
+        upload_id: [7; 32],
+        total_len: 1 << 20,
+        offset: 0,
+        bytes: vec![0x5a; 64 * 1024],
+    };
+    let (reply, _) = s.request(&ClientMsg::UploadChunk(piece)).await.unwrap();
+    match reply {
+        CoordMsg::Refused(r) => assert_eq!(r.code, RefusalCode::NotSelected, "{}", r.message),
+        other => panic!("a piece was taken from a client outside any round: {other:?}"),
+    }
+    let parked = files_under(&dir.path().join("state/partial"));
+    assert!(parked.is_empty(), "{parked:?}");
+    coord.shutdown().await;
+}

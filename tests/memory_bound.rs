@@ -1,9 +1,11 @@
-//! One authenticated client tries to exhaust a real `fedlora coordinator` process's memory:
-//! many connections with its one certificate, as many streams as it may open on each, every
-//! stream announcing a 60 MiB upload and pushing data as fast as flow control lets it. The
-//! coordinator's peak RSS must stay under the bound docs/src/coordinator.md states
-//! (`base + PAYLOAD_BUDGET + C × (receive window + send window + streams × control limit)`, with
-//! C the connections one client id may hold), and another client is still served.
+//! Authenticated clients try to exhaust a real `fedlora coordinator` process's memory: six
+//! client ids, each with the most connections an id may hold, every connection announcing a
+//! 60 MiB upload and pushing all of it. The coordinator's
+//! peak RSS must stay under the bound docs/src/coordinator.md states (`base + payload budget +
+//! C × (receive window + send window + streams × control limit)`, C the open connections), the
+//! attack must really send at least the budget, and another client is still served. The same
+//! attack against a coordinator whose budget is lifted (`payload_budget_mib`) passes the bound:
+//! the test can fail.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -47,49 +49,69 @@ async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec_hash: [u8; 32]) -> O
     }
 }
 
-/// One connection of the attacker: hello, then streams that each announce a 60 MiB upload and
-/// push up to `per_stream` bytes.
-async fn flood(ep: quinn::Endpoint, addr: SocketAddr, spec_hash: [u8; 32], per_stream: usize) {
-    let Some(s) = hello(&ep, addr, spec_hash).await else {
+/// One connection of an attacker: hello, then one stream announcing a 60 MiB upload and
+/// pushing all of it as fast as flow control lets it; every byte written is counted in `sent`.
+/// (More large streams on one connection only stall that connection: the coordinator reads one
+/// payload at a time per connection, and the unread streams fill the connection's receive
+/// window; the attack gains more from more connections, which it takes from more client ids.)
+async fn flood(
+    ep: quinn::Endpoint,
+    addr: SocketAddr,
+    spec_hash: [u8; 32],
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let s = hello(&ep, addr, spec_hash)
+        .await
+        .expect("the attacker's certificate is welcomed");
+    let Ok(Ok((mut send, _recv))) =
+        tokio::time::timeout(Duration::from_millis(500), s.connection().open_bi()).await
+    else {
         return;
     };
-    let conn = s.connection().clone();
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let Ok(Ok((mut send, _recv))) =
-            tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await
-        else {
-            break;
-        };
-        tasks.push(tokio::spawn(async move {
-            let mut header = vec![b'F', b'L', 1, 3];
-            header.extend_from_slice(&(60 * MIB as u32).to_be_bytes());
-            if send.write_all(&header).await.is_err() {
-                return;
-            }
-            let chunk = vec![0x5a_u8; 64 * 1024];
-            let mut sent = 0;
-            while sent < per_stream {
-                if send.write_all(&chunk).await.is_err() {
-                    return;
-                }
-                sent += chunk.len();
-            }
-            let _recv = _recv;
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        }));
+    let declared = 60 * MIB as usize;
+    let mut header = vec![b'F', b'L', 1, 3];
+    header.extend_from_slice(&(declared as u32).to_be_bytes());
+    if send.write_all(&header).await.is_err() {
+        return;
     }
-    for t in tasks {
-        let _ = t.await;
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let mut pushed = 0;
+    while pushed < declared {
+        if send.write_all(&chunk).await.is_err() {
+            return;
+        }
+        pushed += chunk.len();
+        sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
+    tokio::time::sleep(Duration::from_secs(30)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_client_cannot_grow_the_coordinator_past_its_memory_bound() {
+/// What one attack did to a fresh `fedlora coordinator` process.
+struct Outcome {
+    /// Resident set before the attack, bytes.
+    base: u64,
+    /// Peak resident set during the attack, bytes.
+    peak: u64,
+    /// Bytes the attackers wrote.
+    sent: u64,
+    /// Whether another client was served during the attack.
+    other_served: bool,
+}
+
+/// Attacks a coordinator whose payload budget is `budget_mib`: `ATTACKERS` client ids, each
+/// with the most connections a client id may hold, each connection pushing a whole declared
+/// 60 MiB upload, for `window`.
+async fn attack(budget_mib: usize, window: Duration) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let st = Command::new(BIN)
-        .args(["certs", "init", "--clients", "2", "--out"])
+        .args([
+            "certs",
+            "init",
+            "--clients",
+            &(ATTACKERS + 1).to_string(),
+            "--out",
+        ])
         .arg(&certs)
         .stdout(Stdio::null())
         .status()
@@ -105,7 +127,7 @@ async fn one_client_cannot_grow_the_coordinator_past_its_memory_bound() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\n\
+            "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\npayload_budget_mib = {budget_mib}\n\
              [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n",
             dir.path().join("data").display().to_string(),
             certs.display().to_string()
@@ -121,10 +143,10 @@ async fn one_client_cannot_grow_the_coordinator_past_its_memory_bound() {
         .unwrap();
     let pid = child.id();
     let spec_hash = spec_hash();
-    // wait until it serves
-    let ep0 = endpoint(&ClientTls::from_dir(&certs, 0)).unwrap();
+    // wait until it serves (with the honest client, index ATTACKERS)
+    let honest = endpoint(&ClientTls::from_dir(&certs, ATTACKERS)).unwrap();
     let t0 = Instant::now();
-    while hello(&ep0, addr, spec_hash).await.is_none() {
+    while hello(&honest, addr, spec_hash).await.is_none() {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "coordinator never came up"
@@ -132,54 +154,101 @@ async fn one_client_cannot_grow_the_coordinator_past_its_memory_bound() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (base, _) = rss(pid);
-
-    // the attack: 8 connections of client 0, each as many streams as allowed, 8 MiB each
-    let mut attack = Vec::new();
-    for _ in 0..8 {
-        let ep = endpoint(&ClientTls::from_dir(&certs, 0)).unwrap();
-        attack.push(tokio::spawn(flood(ep, addr, spec_hash, 8 * MIB as usize)));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut flood_tasks = Vec::new();
+    for id in 0..ATTACKERS {
+        for _ in 0..MAX_CONNECTIONS_PER_CLIENT {
+            let ep = endpoint(&ClientTls::from_dir(&certs, id)).unwrap();
+            flood_tasks.push(tokio::spawn(flood(ep, addr, spec_hash, sent.clone())));
+        }
     }
     let mut peak = 0;
-    let until = Instant::now() + Duration::from_secs(8);
+    let until = Instant::now() + window;
     while Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         peak = peak.max(rss(pid).1);
     }
     // another client is still served while the attack goes on
-    let ep1 = endpoint(&ClientTls::from_dir(&certs, 1)).unwrap();
-    let s1 = tokio::time::timeout(Duration::from_secs(20), hello(&ep1, addr, spec_hash))
-        .await
-        .expect("another client is still served")
-        .expect("welcome");
-    let (poll, _) = s1
-        .request(&ClientMsg::Poll { held_version: None })
-        .await
-        .unwrap();
-    assert!(matches!(poll, CoordMsg::Task(_)), "{poll:?}");
+    let other = endpoint(&ClientTls::from_dir(&certs, ATTACKERS)).unwrap();
+    let other_served =
+        match tokio::time::timeout(Duration::from_secs(20), hello(&other, addr, spec_hash)).await {
+            Ok(Some(s)) => matches!(
+                s.request(&ClientMsg::Poll { held_version: None }).await,
+                Ok((CoordMsg::Task(_), _))
+            ),
+            _ => false,
+        };
     peak = peak.max(rss(pid).1);
-    for a in attack {
-        a.abort();
+    for t in flood_tasks {
+        t.abort();
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    Outcome {
+        base,
+        peak,
+        sent: sent.load(std::sync::atomic::Ordering::Relaxed),
+        other_served,
+    }
+}
 
+/// Attacking client ids.
+const ATTACKERS: usize = 6;
+
+/// The bound docs/src/coordinator.md states for the default budget, with `conns` connections,
+/// plus 64 MiB for allocator slack and the tasks' own buffers.
+fn bound(base: u64, conns: u64) -> u64 {
     let per_conn = u64::from(CONNECTION_RECEIVE_WINDOW)
         + SEND_WINDOW
         + u64::from(MAX_STREAMS_PER_CONNECTION) * CONTROL_LIMIT as u64;
-    let conns = MAX_CONNECTIONS_PER_CLIENT as u64 + 1; // + the other client
-                                                       // the formula, plus 64 MiB for allocator slack and the tasks' own buffers
-    let bound = base + PAYLOAD_BUDGET as u64 + conns * per_conn + 64 * MIB;
+    base + PAYLOAD_BUDGET as u64 + conns * per_conn + 64 * MIB
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_clients_cannot_grow_the_coordinator_past_its_memory_bound() {
+    let conns = (ATTACKERS * MAX_CONNECTIONS_PER_CLIENT + 1) as u64;
+    let window = Duration::from_secs(6);
+    // with the default budget: the attack fills it (at least the budget sent), stays under the
+    // bound, and another client is served
+    let on = attack(PAYLOAD_BUDGET / MIB as usize, window).await;
+    let b = bound(on.base, conns);
     eprintln!(
-        "coordinator RSS: base {} MiB, peak {} MiB, bound {} MiB",
-        base / MIB,
-        peak / MIB,
-        bound / MIB
+        "budget on: base {} MiB, peak {} MiB, bound {} MiB, sent {} MiB",
+        on.base / MIB,
+        on.peak / MIB,
+        b / MIB,
+        on.sent / MIB
     );
     assert!(
-        peak < bound,
+        on.sent >= PAYLOAD_BUDGET as u64,
+        "the attack sent only {} MiB",
+        on.sent / MIB
+    );
+    assert!(
+        on.peak < b,
         "peak RSS {} MiB over the bound {} MiB",
-        peak / MIB,
-        bound / MIB
+        on.peak / MIB,
+        b / MIB
+    );
+    assert!(
+        on.other_served,
+        "another client is served during the attack"
+    );
+    // the same attack with the budget lifted (what the bound rests on): the coordinator holds
+    // many whole uploads at once and passes the bound, so the check above can fail
+    let off = attack(100 * 1024, window).await;
+    let b = bound(off.base, conns);
+    eprintln!(
+        "budget off: base {} MiB, peak {} MiB, bound {} MiB, sent {} MiB",
+        off.base / MIB,
+        off.peak / MIB,
+        b / MIB,
+        off.sent / MIB
+    );
+    assert!(
+        off.peak > b,
+        "without the budget the attack stayed under the bound: {} MiB",
+        off.peak / MIB
     );
 }
 

@@ -70,6 +70,15 @@ pub struct CoordinatorConfig {
     /// The enrollment endpoint and issuer (`None`: no enrollment, no renewal).
     #[serde(skip)]
     pub enroll: Option<crate::enroll::EnrollConfig>,
+    /// Bytes of payload bodies (uploads, masked inputs) read at once over all connections
+    /// (default [`crate::wire::PAYLOAD_BUDGET`], 256 MiB): the term of the memory bound that
+    /// uploads hold. At least the protocol's payload limit (64 MiB), so every upload fits.
+    #[serde(default = "default_payload_budget")]
+    pub payload_budget: usize,
+}
+
+fn default_payload_budget() -> usize {
+    crate::wire::PAYLOAD_BUDGET
 }
 
 fn default_max_polls_per_s() -> u64 {
@@ -101,12 +110,21 @@ impl CoordinatorConfig {
             metrics: None,
             adapter_description: None,
             enroll: None,
+            payload_budget: default_payload_budget(),
         }
     }
 
     /// Checks the config.
     pub fn validate(&self) -> Result<()> {
         self.federation.validate()?;
+        if self.payload_budget < fedlora_protocol::limits::PAYLOAD_LIMIT {
+            return Err(CoordinatorError::Config(format!(
+                "payload_budget {} B is below the largest upload ({} B): that upload would wait \
+                 for ever",
+                self.payload_budget,
+                fedlora_protocol::limits::PAYLOAD_LIMIT
+            )));
+        }
         if self.tick_ms == 0 || self.poll_interval_ms == 0 || self.max_polls_per_s == 0 {
             return Err(CoordinatorError::Config(
                 "tick_ms, poll_interval_ms and max_polls_per_s must be positive".into(),

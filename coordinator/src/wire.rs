@@ -59,9 +59,9 @@ pub struct ReadBudget {
 }
 
 impl ReadBudget {
-    /// A budget shared by every connection of a coordinator.
-    pub fn global() -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(PAYLOAD_BUDGET / 1024))
+    /// A budget of `bytes` shared by every connection of a coordinator.
+    pub fn global(bytes: usize) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new((bytes / 1024).min(Semaphore::MAX_PERMITS)))
     }
 
     /// One connection's view of the global budget.
@@ -130,7 +130,7 @@ pub async fn read_hello(recv: &mut RecvStream) -> Result<Request, Refusal> {
     read_message(recv, kind, len).await
 }
 
-fn request_timeout() -> Duration {
+pub(crate) fn request_timeout() -> Duration {
     Duration::from_secs(REQUEST_TIMEOUT_S)
 }
 
@@ -161,9 +161,12 @@ async fn read_message(
     })
 }
 
-/// Reads exactly `len` bytes, growing the buffer only as data arrives.
+/// Reads exactly `len` bytes into one buffer of that capacity. Its pages are touched only as
+/// data arrives, and a payload body's `len` is already reserved in the budget, so the buffer
+/// never grows by doubling (which held up to twice a body during each reallocation and broke
+/// the memory bound: `tests/memory_bound.rs` measured 551 MiB against a 472 MiB bound).
 async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, Refusal> {
-    let mut body = Vec::with_capacity(len.min(CONTROL_LIMIT));
+    let mut body = Vec::with_capacity(len);
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),

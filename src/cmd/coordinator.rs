@@ -95,6 +95,9 @@ pub(crate) struct CoordinatorToml {
     certs: Option<PathBuf>,
     log_format: Option<String>,
     metrics: Option<SocketAddr>,
+    /// MiB of upload bodies read at once over all connections (default 256; at least 64): the
+    /// uploads' term of the memory bound (docs/src/coordinator.md).
+    payload_budget_mib: Option<usize>,
     federation: Option<FederationConfig>,
     /// Client-level DP (`[client_dp]`: mode, clip, target_epsilon, delta, collusion,
     /// eligible, bits, beta, headroom).
@@ -430,6 +433,9 @@ fn coordinator_config(a: &CoordinatorArgs, file: CoordinatorToml) -> anyhow::Res
         service.listen = l;
     }
     service.metrics = a.metrics.or(file.metrics);
+    if let Some(mib) = file.payload_budget_mib {
+        service.payload_budget = mib.saturating_mul(1 << 20);
+    }
     service.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();
     a.fed.apply(&mut fed)?;

@@ -58,7 +58,19 @@ pub struct EnrollConfig {
     /// days; devices renew 10 days before by default): a stolen certificate cannot be renewed
     /// into a fresh 30 days whenever its holder likes.
     pub renew_window_s: u64,
+    /// Most enrollment connections served at once (default 64); more are refused at once. The
+    /// endpoint is unauthenticated, so this bounds what strangers can hold: at most
+    /// `max_connections × 4 streams × MAX_ENROLL_MESSAGE` bytes of requests in memory.
+    pub max_connections: usize,
+    /// How long one connection may take for its requests, milliseconds (default 10 s): a peer
+    /// that opens a stream and sends nothing is closed then.
+    pub connection_timeout_ms: u64,
 }
+
+/// The default cap on concurrent enrollment connections.
+pub const DEFAULT_MAX_ENROLL_CONNECTIONS: usize = 64;
+/// The default time one enrollment connection may take, milliseconds.
+pub const DEFAULT_ENROLL_CONNECTION_TIMEOUT_MS: u64 = 10_000;
 
 /// The default renewal window: 14 days before expiry.
 pub const DEFAULT_RENEW_WINDOW_S: u64 = 14 * 86_400;
@@ -92,6 +104,8 @@ impl EnrollConfig {
             server_key: d.server_key(),
             revoked: d.revoked(),
             renew_window_s: DEFAULT_RENEW_WINDOW_S,
+            max_connections: DEFAULT_MAX_ENROLL_CONNECTIONS,
+            connection_timeout_ms: DEFAULT_ENROLL_CONNECTION_TIMEOUT_MS,
         }
     }
 }
@@ -342,42 +356,60 @@ impl EnrollService {
 }
 
 async fn accept(endpoint: quinn::Endpoint, e: Arc<Enrollment>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(e.config.max_connections.max(1)));
+    let limit = std::time::Duration::from_millis(e.config.connection_timeout_ms.max(1));
     while let Some(incoming) = endpoint.accept().await {
+        // past the cap a connection is refused before its handshake: strangers hold nothing
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "enrollment connections at their cap");
+            incoming.refuse();
+            continue;
+        };
         let e = e.clone();
         tokio::spawn(async move {
-            let Ok(conn) = incoming.await else { return };
-            // one request per stream, a few streams per connection
-            for _ in 0..4 {
-                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-                    return;
-                };
-                let answer = match recv.read_to_end(msg::MAX_ENROLL_MESSAGE).await {
-                    Ok(bytes) => match msg::decode_request(&bytes) {
-                        Ok(req) => {
-                            let e = e.clone();
-                            // signing and the sled flush block: off the async threads
-                            tokio::task::spawn_blocking(move || e.enroll(&req, now_s()))
-                                .await
-                                .unwrap_or(EnrollResponse::Refused {
-                                    code: EnrollErrorCode::Internal,
-                                    message: "the service failed; retry".into(),
-                                })
-                        }
-                        Err(err) => EnrollResponse::Refused {
-                            code: EnrollErrorCode::BadRequest,
-                            message: err.to_string(),
-                        },
-                    },
-                    Err(err) => EnrollResponse::Refused {
-                        code: EnrollErrorCode::BadRequest,
-                        message: format!("reading the request: {err}"),
-                    },
-                };
-                if let Ok(b) = msg::encode(&answer) {
-                    let _ = send.write_all(&b).await;
-                    let _ = send.finish();
-                }
+            let _slot = slot;
+            let Ok(Ok(conn)) = tokio::time::timeout(limit, incoming).await else {
+                return;
+            };
+            // the whole connection (handshake done, its requests) within the limit
+            if tokio::time::timeout(limit, serve(&conn, &e)).await.is_err() {
+                conn.close(1u32.into(), b"enrollment takes too long");
             }
         });
+    }
+}
+
+/// Up to 4 requests of one enrollment connection, one per stream.
+async fn serve(conn: &quinn::Connection, e: &Arc<Enrollment>) {
+    for _ in 0..4 {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let answer = match recv.read_to_end(msg::MAX_ENROLL_MESSAGE).await {
+            Ok(bytes) => match msg::decode_request(&bytes) {
+                Ok(req) => {
+                    let e = e.clone();
+                    // signing and the sled flush block: off the async threads
+                    tokio::task::spawn_blocking(move || e.enroll(&req, now_s()))
+                        .await
+                        .unwrap_or(EnrollResponse::Refused {
+                            code: EnrollErrorCode::Internal,
+                            message: "the service failed; retry".into(),
+                        })
+                }
+                Err(err) => EnrollResponse::Refused {
+                    code: EnrollErrorCode::BadRequest,
+                    message: err.to_string(),
+                },
+            },
+            Err(err) => EnrollResponse::Refused {
+                code: EnrollErrorCode::BadRequest,
+                message: format!("reading the request: {err}"),
+            },
+        };
+        if let Ok(b) = msg::encode(&answer) {
+            let _ = send.write_all(&b).await;
+            let _ = send.finish();
+        }
     }
 }

@@ -447,6 +447,40 @@ async fn upload_piece(
     chunk: fedlora_protocol::resumable::UploadChunk,
 ) -> CoordMsg {
     use crate::partial::PieceOutcome;
+    // only a participant of the open round parks pieces on disk: at most clients_per_round ×
+    // the payload limit of partial uploads, whoever else is registered
+    let selected = match &shared.fed.lock().expect("lock").state().phase {
+        fedlora_protocol::Phase::Training(open) => open.selected.contains(client),
+        _ => false,
+    };
+    if !selected {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::NotSelected,
+            "upload pieces are taken from participants of the open round only",
+        ));
+    }
+    // the piece that completes an upload assembles the whole frame in memory: it draws on the
+    // payload budget like a whole upload does
+    let completes = chunk.offset.saturating_add(chunk.bytes.len() as u64) >= chunk.total_len;
+    let _permits = if completes {
+        let need = chunk.total_len.div_ceil(1024).min(u64::from(u32::MAX)) as u32;
+        match tokio::time::timeout(
+            crate::wire::request_timeout(),
+            shared.budget.clone().acquire_many_owned(need),
+        )
+        .await
+        {
+            Ok(Ok(p)) => Some(p),
+            _ => {
+                return CoordMsg::Refused(Refusal::new(
+                    RefusalCode::Internal,
+                    "coordinator busy; retry",
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let id = chunk.upload_id;
     let partial = shared.partial.clone();
     let who = client.to_string();

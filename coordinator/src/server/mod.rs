@@ -292,6 +292,7 @@ impl Coordinator {
         let (events, _) = broadcast::channel(1024);
         let strategy = config.federation.strategy.build();
         let full_rank = crate::aggregate::full_rank(&spec);
+        let budget = ReadBudget::global(config.payload_budget);
         let shared = Arc::new(Shared {
             config,
             spec,
@@ -310,7 +311,7 @@ impl Coordinator {
             certs: Mutex::new(BTreeMap::new()),
             ca_subject,
             conns: Mutex::new(BTreeMap::new()),
-            budget: ReadBudget::global(),
+            budget,
             opt: Mutex::new(opt),
             strategy,
             full_rank,
