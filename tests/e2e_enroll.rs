@@ -371,16 +371,26 @@ async fn revocation_closes_live_connections_and_renewal_respects_it_and_its_wind
     narrow.renew_window_s = 60;
     let store2 = Store::open(&dir.path().join("renew-state-2")).unwrap();
     let e2 = Enrollment::new(narrow, store2.registry().unwrap()).unwrap();
+    // (device 2's certificate is revoked by fingerprint; as if it were another, unrevoked one)
     let mut ok = p2.clone();
     ok.fingerprint = "not-revoked".into();
-    ok.device_id = "device-0123456789ab".into();
-    ok.key_id = "k".into();
-    let early = e2.renew(&ok, &fresh_csr(2), ok.not_after_unix_s - 600);
+    let own_csr = csr(&device_key(&devices[2].tls.key).unwrap()).unwrap();
+    let early = e2.renew(&ok, &own_csr, ok.not_after_unix_s - 600);
     let (c, m) = early.unwrap_err();
     assert_eq!(c, EnrollErrorCode::BadRequest);
     assert!(m.contains("renewal opens"), "{m}");
-    e2.renew(&ok, &fresh_csr(2), ok.not_after_unix_s - 30)
-        .unwrap();
+    // inside the window: another key is refused (a renewal keeps the key), the own key renews,
+    // and an expired certificate cannot renew
+    let (c, m) = e2
+        .renew(&ok, &fresh_csr(2), ok.not_after_unix_s - 30)
+        .unwrap_err();
+    assert_eq!(c, EnrollErrorCode::BadRequest);
+    assert!(m.contains("keeps the certificate's key"), "{m}");
+    e2.renew(&ok, &own_csr, ok.not_after_unix_s - 30).unwrap();
+    let (c, _) = e2
+        .renew(&ok, &own_csr, ok.not_after_unix_s + 1)
+        .unwrap_err();
+    assert_eq!(c, EnrollErrorCode::BadRequest);
 }
 
 /// One welcomed session per enrolled device.

@@ -827,5 +827,15 @@ async fn upload_pieces_are_taken_from_participants_of_the_open_round_only() {
     }
     let parked = files_under(&dir.path().join("state/partial"));
     assert!(parked.is_empty(), "{parked:?}");
+    // a declared 60 MiB upload body from a non-participant is refused from its header, before
+    // it reserves any of the payload budget (before: the budget was held while the body
+    // trickled in, and here the empty body ended as a truncated frame)
+    let mut header = vec![b'F', b'L', 1, 3];
+    header.extend_from_slice(&(60u32 << 20).to_be_bytes());
+    let (reply, _) = s.request_raw(&header).await.unwrap();
+    match reply {
+        CoordMsg::Refused(r) => assert_eq!(r.code, RefusalCode::NotSelected, "{}", r.message),
+        other => panic!("{other:?}"),
+    }
     coord.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! Authenticated clients try to exhaust a real `fedlora coordinator` process's memory: six
-//! client ids, each with the most connections an id may hold, every connection announcing a
-//! 60 MiB upload and pushing all of it. The coordinator's
+//! participants of the open round (only participants may send payloads), each with the most
+//! connections an id may hold, every connection announcing a 60 MiB upload and pushing all of
+//! it. The coordinator's
 //! peak RSS must stay under the bound docs/src/coordinator.md states (`base + payload budget +
 //! C × (receive window + send window + streams × control limit)`, C the open connections), the
 //! attack must really send at least the budget, and another client is still served. The same
@@ -17,7 +18,7 @@ use fedlora_coordinator::wire::{
     PAYLOAD_BUDGET, SEND_WINDOW,
 };
 use fedlora_protocol::frame::CONTROL_LIMIT;
-use fedlora_protocol::{ClientMsg, CoordMsg, PROTOCOL_VERSION};
+use fedlora_protocol::{ClientMsg, CoordMsg, Task, PROTOCOL_VERSION};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 const MIB: u64 = 1024 * 1024;
@@ -63,6 +64,20 @@ async fn flood(
     let s = hello(&ep, addr, spec_hash)
         .await
         .expect("the attacker's certificate is welcomed");
+    // payloads are taken from participants only: the attackers are (every connected client is
+    // sampled), once the round is open
+    let t0 = Instant::now();
+    loop {
+        if let Ok((CoordMsg::Task(Task::Train(_)), _)) =
+            s.request(&ClientMsg::Poll { held_version: None }).await
+        {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let Ok(Ok((mut send, _recv))) =
         tokio::time::timeout(Duration::from_millis(500), s.connection().open_bi()).await
     else {
@@ -128,9 +143,10 @@ async fn attack(budget_mib: usize, window: Duration) -> Outcome {
         &config,
         format!(
             "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\npayload_budget_mib = {budget_mib}\n\
-             [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n",
+             [federation]\nrounds = 1\nclients_per_round = {n}\nmin_clients = {n}\n",
             dir.path().join("data").display().to_string(),
-            certs.display().to_string()
+            certs.display().to_string(),
+            n = ATTACKERS,
         ),
     )
     .unwrap();

@@ -287,6 +287,7 @@ mod tests {
             min_clients: 8,
             collusion: 1,
             noise,
+            secure: None,
         }
     }
 

@@ -221,9 +221,10 @@ pub fn is_denied(
     client_id: &str,
     key_id: &str,
 ) -> bool {
-    deny.contains(fingerprint)
-        || deny.contains(&format!("device:{client_id}"))
-        || deny.contains(&format!("key:{key_id}"))
+    // the list is lowercased when read: so are the names looked up in it
+    deny.contains(&fingerprint.to_lowercase())
+        || deny.contains(&format!("device:{}", client_id.to_lowercase()))
+        || deny.contains(&format!("key:{}", key_id.to_lowercase()))
 }
 
 /// Reads a deny-list file (missing file: empty list). Blank lines and `#` comments are ignored.

@@ -112,6 +112,7 @@ pub fn apply(
         min_clients: fed.min_clients,
         collusion: req.collusion,
         noise,
+        secure: None,
     };
     match req.mode {
         ClientDpMode::Central => {
@@ -153,7 +154,11 @@ pub fn apply(
                 collusion: req.collusion,
             };
             fed.train.secure = Some(crate::secure_plan::secure_params(&choice, fed)?);
-            fed.train.client_dp = Some(plan(cal.noise()));
+            // the secure parameters are part of what the coordinator signs
+            fed.train.client_dp = Some(ClientDpPlan {
+                secure: fed.train.secure.clone(),
+                ..plan(cal.noise())
+            });
         }
     }
     fed.train.weighting = Weighting::Uniform;

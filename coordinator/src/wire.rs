@@ -23,7 +23,7 @@ use std::time::Duration;
 use fedlora_protocol::frame::{self, CONTROL_LIMIT, HEADER_LEN};
 use fedlora_protocol::{ClientMsg, CoordMsg, Refusal, RefusalCode};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::error;
 
 /// How long a peer may take to send one request frame, seconds.
@@ -79,6 +79,9 @@ pub struct Request {
     pub msg: ClientMsg,
     /// Header plus body, bytes.
     pub wire_bytes: u64,
+    /// A payload body's share of the budget, held until the request is dropped: the decoded
+    /// message (a copy of the body) and its handling stay inside the budget too.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 fn malformed(m: String) -> Refusal {
@@ -87,13 +90,27 @@ fn malformed(m: String) -> Refusal {
 
 /// Reads one request frame: header, then the body incrementally (payload bodies within the
 /// budget), then decodes and range-checks it. Refusals say what was wrong.
-pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<Request, Refusal> {
+///
+/// `may_send_payload` is asked before a payload body reserves any budget: a peer that may not
+/// send one now (not a participant of the open round) is refused from the header, so it cannot
+/// hold the budget by declaring large bodies and trickling them.
+pub async fn read_request(
+    recv: &mut RecvStream,
+    budget: &ReadBudget,
+    may_send_payload: &(dyn Fn() -> bool + Sync),
+) -> Result<Request, Refusal> {
     let (kind, len) = read_header(recv).await?;
     if !kind.from_client() {
         return Err(malformed(format!("{kind:?} is not a client message")));
     }
     // payload bodies wait for their share of the budget; control bodies are small
-    let _permits = if len > CONTROL_LIMIT {
+    let permits = if len > CONTROL_LIMIT {
+        if !may_send_payload() {
+            return Err(Refusal::new(
+                RefusalCode::NotSelected,
+                "payloads are taken from participants of the open round only",
+            ));
+        }
         let busy = || Refusal::new(RefusalCode::Internal, "coordinator busy; retry");
         let reserve = async {
             let c = budget.connection.clone().acquire_owned().await;
@@ -111,7 +128,9 @@ pub async fn read_request(recv: &mut RecvStream, budget: &ReadBudget) -> Result<
     } else {
         None
     };
-    read_message(recv, kind, len).await
+    let mut req = read_message(recv, kind, len).await?;
+    req._permits = permits;
+    Ok(req)
 }
 
 /// Reads the first request of a connection, which must be a hello: the header is checked
@@ -158,6 +177,7 @@ async fn read_message(
     Ok(Request {
         msg,
         wire_bytes: (HEADER_LEN + len) as u64,
+        _permits: None,
     })
 }
 

@@ -82,6 +82,12 @@ pub struct ClientDpPlan {
     /// The noise of one round as the accountant sees it (central: Gaussian σ in units of S;
     /// distributed: Skellam variance and sensitivities in integer units).
     pub noise: ClientNoise,
+    /// Distributed mode: the secure-aggregation parameters (t, k, c, m) the noise sizing and
+    /// the collusion bound rely on. Signed with the plan ([`crate::plan_signature`]), so a
+    /// device refuses a round whose secure stages run with other ones
+    /// ([`crate::secagg::ClientRound::require_params`]).
+    #[serde(default)]
+    pub secure: Option<crate::secagg::SecAggParams>,
 }
 
 /// What a client requires before it takes part in a client-level DP round.
@@ -382,6 +388,7 @@ mod tests {
             min_clients: 16,
             collusion: 2,
             noise: cal.noise(),
+            secure: None,
         };
         (plan, codec)
     }

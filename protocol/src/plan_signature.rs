@@ -104,6 +104,7 @@ mod tests {
             noise: ClientNoise::Gaussian {
                 noise_multiplier: 0.67,
             },
+            secure: None,
         }
     }
 

@@ -283,8 +283,12 @@ pub async fn run_clients(
 }
 
 /// The global adapter the coordinator must commit after round `round` when every client in
-/// `counted` (indices) uploaded: each client's delta encoded exactly as its SDK did (same seeds,
-/// same functions), then aggregated as the coordinator does (FedAvg, weight 1 each).
+/// `counted` (indices) uploaded: each client's delta made from its seeds as its SDK did. With
+/// the modular codec the deltas are encoded as the SDK does and their integer sum decoded (bit
+/// for bit what the coordinator must get). Otherwise the FedAvg mean (weight 1 each) is summed
+/// here in f64 from the deltas themselves (dense f32 is lossless) or from each payload decoded
+/// alone: none of the coordinator's aggregation code is used, so a wrong average is caught,
+/// not only a lost upload.
 pub fn expected_global(
     cfg: &LoadConfig,
     initial: &FlatAdapter,
@@ -298,6 +302,7 @@ pub fn expected_global(
         round_seed: fedlora_protocol::round::codec_seed(fed.seed, round),
     };
     let mut payloads = Vec::with_capacity(counted.len());
+    let mut deltas = Vec::with_capacity(counted.len());
     for &i in counted {
         let learner = SyntheticLearner::new(cfg, i)?;
         let seeds = ClientSeeds {
@@ -318,8 +323,8 @@ pub fn expected_global(
             None,
         )?;
         payloads.push(enc.bytes);
+        deltas.push(delta);
     }
-    let strategy = fed.strategy.build();
     let delta = if let Codec::Modular(p) = codec {
         let mut sum: Option<ModularSum> = None;
         for b in &payloads {
@@ -335,19 +340,27 @@ pub fn expected_global(
         let counts = RankCounts::new(full, counted.iter().map(|_| (1.0, full)));
         fedlora_coordinator::aggregate::modular_sum_delta(codec, &spec, &ctx, &sum, &counts)?
     } else {
-        fedlora_coordinator::aggregate::aggregate_payloads(
-            strategy.as_ref(),
-            codec,
-            &spec,
-            &ctx,
-            payloads
-                .iter()
-                .map(|b| fedlora_coordinator::aggregate::Payload {
-                    weight: 1.0,
-                    rank: None,
-                    bytes: b,
-                }),
-        )?
+        if fed.strategy.name() != "fed-avg" {
+            return Err(SimError::Config(format!(
+                "the load run's check recomputes FedAvg, not {}",
+                fed.strategy.name()
+            )));
+        }
+        let mut sum = vec![0f64; spec.numel()];
+        for (b, d) in payloads.iter().zip(&deltas) {
+            let values = match codec {
+                Codec::DenseF32 => d.values().to_vec(),
+                _ => Codec::decode(b, &spec, Some(codec), &ctx)
+                    .map_err(|e| SimError::Config(e.to_string()))?
+                    .into_values(),
+            };
+            for (s, v) in sum.iter_mut().zip(&values) {
+                *s += f64::from(*v);
+            }
+        }
+        let k = payloads.len().max(1) as f64;
+        FlatAdapter::new(spec.clone(), sum.iter().map(|s| (s / k) as f32).collect())
+            .map_err(|e| SimError::Config(e.to_string()))?
     };
     let mut global = initial.clone();
     global

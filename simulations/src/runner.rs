@@ -803,6 +803,9 @@ fn secure_round(
         let mut rng =
             ChaCha20Rng::seed_from_u64(mix_seed(c.seeds.sampling.unwrap_or_default(), round, 4));
         let mut cr = ClientRound::new(round, &c.id, params.clone(), policy, &mut rng);
+        if let Some(signed) = plan.and_then(|p| p.secure.as_ref()) {
+            cr.require_params(signed).map_err(sa)?;
+        }
         cr.bind(context, min_survivors, min_collusion).map_err(sa)?;
         let keys = cr
             .advertise(c.signer.as_ref().expect("secure runs have signers"))

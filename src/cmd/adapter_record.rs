@@ -2,6 +2,9 @@
 //! so that `fedlora export --peft` and `fedlora eval --data-dir` ask only for what the
 //! directory cannot know: where the model file lies on this machine. The file's hash is then
 //! checked against the one the federation trained on.
+//!
+//! The record is trusted as the data directory is: it catches a wrong or moved model file, not
+//! a directory someone tampered with (whoever can write it can also rewrite the store).
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +47,7 @@ impl AdapterRecord {
     pub(crate) fn model_path(&self, given: Option<&Path>) -> anyhow::Result<PathBuf> {
         match (given, &self.model.model) {
             (Some(p), _) => Ok(p.to_path_buf()),
-            (None, Some(p)) if p.exists() => Ok(p.clone()),
+            (None, Some(p)) if p.is_file() || p.is_dir() => Ok(p.clone()),
             (None, Some(p)) => Err(UsageError(format!(
                 "the federation trained on {} ({}), which is not at that path here: give \
                  --model with the same file",
@@ -89,6 +92,16 @@ impl AdapterRecord {
 /// record, or one that never started).
 pub(crate) fn read(dir: &Path) -> anyhow::Result<Option<AdapterRecord>> {
     let path = dir.join(FILE);
+    match std::fs::metadata(&path) {
+        Ok(m) if !m.is_file() || m.len() > 1 << 20 => {
+            return Err(UsageError(format!(
+                "{}: not an adapter record (not a regular file of at most 1 MiB)",
+                path.display()
+            ))
+            .into())
+        }
+        _ => {}
+    }
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
             UsageError(format!("{}: not an adapter record: {e}", path.display()))

@@ -536,6 +536,16 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         plan_client_dp(req, &mut cfg.federation, initial.spec().numel())?;
     }
     warn_if_clients_decline(&cfg.federation);
+    if cfg.enroll.is_some() && cfg.federation.train.secure.is_some() {
+        // an issuing key in this process can mint a certificate for any device id with a key of
+        // this process's choosing: secure aggregation then counts such ids as colluders
+        tracing::warn!(
+            "secure aggregation with enrollment inside the coordinator: this process holds an \
+             issuing key, so a coordinator that deviates can mint certificates for device ids \
+             and stand in for them (they count as colluders, c). Run enrollment as its own \
+             service (fedlora enroll-service) for the guarantee against the coordinator"
+        );
+    }
     let record = super::adapter_record::AdapterRecord::new(&a.model, initial.spec());
     let record_dir = cfg.data_dir.clone();
     let rt = tokio::runtime::Runtime::new()?;

@@ -269,10 +269,16 @@ impl FederatedClient {
             if let Some(plan) = &offer.config.client_dp {
                 // survivors sign the plan with their view; fewer than min_clients get no shares
                 let digest = fedlora_protocol::client_dp::plan_digest(Some(plan), codec);
-                if st
-                    .cr
-                    .bind(digest, plan.min_clients, plan.collusion)
-                    .is_err()
+                // and the secure parameters it runs with are the ones the plan signed
+                let signed_params = plan
+                    .secure
+                    .as_ref()
+                    .map_or(Ok(()), |p| st.cr.require_params(p));
+                if signed_params.is_err()
+                    || st
+                        .cr
+                        .bind(digest, plan.min_clients, plan.collusion)
+                        .is_err()
                 {
                     *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));

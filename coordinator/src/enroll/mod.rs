@@ -58,9 +58,10 @@ pub struct EnrollConfig {
     /// days; devices renew 10 days before by default): a stolen certificate cannot be renewed
     /// into a fresh 30 days whenever its holder likes.
     pub renew_window_s: u64,
-    /// Most enrollment connections served at once (default 64); more are refused at once. The
-    /// endpoint is unauthenticated, so this bounds what strangers can hold: at most
-    /// `max_connections × 4 streams × MAX_ENROLL_MESSAGE` bytes of requests in memory.
+    /// Most enrollment connections served at once (default 64); more are refused at once, after
+    /// a stateless retry has validated the peer's address. The endpoint is unauthenticated, so
+    /// this bounds what strangers can hold: `max_connections ×` quinn's connection receive
+    /// window (2 MiB), for at most twice `connection_timeout_ms` each.
     pub max_connections: usize,
     /// How long one connection may take for its requests, milliseconds (default 10 s): a peer
     /// that opens a stream and sends nothing is closed then.
@@ -149,8 +150,8 @@ impl Enrollment {
 
     fn revoked(&self, device_id: Option<&str>, key: &str) -> Result<bool> {
         let deny = crate::certs::load_deny_list(&self.config.revoked)?;
-        Ok(deny.contains(&format!("key:{key}"))
-            || device_id.is_some_and(|d| deny.contains(&format!("device:{d}"))))
+        Ok(deny.contains(&format!("key:{}", key.to_lowercase()))
+            || device_id.is_some_and(|d| deny.contains(&format!("device:{}", d.to_lowercase()))))
     }
 
     /// Answers an enrollment request at `now_s` (Unix seconds).
@@ -233,6 +234,8 @@ impl Enrollment {
     ///   key or the device's recorded key is;
     /// - the presented certificate expires later than [`EnrollConfig::renew_window_s`] from
     ///   now (renewal opens only near expiry);
+    /// - the presented certificate has expired, or the request is for another key than the
+    ///   presented certificate's (a renewal keeps the key);
     /// - the request is bad.
     pub fn renew(
         &self,
@@ -253,6 +256,12 @@ impl Enrollment {
             return Err((
                 EnrollErrorCode::Revoked,
                 "the certificate this connection presented is revoked".into(),
+            ));
+        }
+        if now_s > presented.not_after_unix_s {
+            return Err((
+                EnrollErrorCode::BadRequest,
+                "the presented certificate has expired: enroll again".into(),
             ));
         }
         let opens = presented
@@ -293,6 +302,14 @@ impl Enrollment {
             return Err((
                 EnrollErrorCode::Revoked,
                 "this device or key is revoked".into(),
+            ));
+        }
+        // a renewal keeps the device's key: whoever holds a stolen key and connection cannot
+        // renew the id onto a key of their own (a new key means a new enrollment)
+        if key != presented.key_id {
+            return Err((
+                EnrollErrorCode::BadRequest,
+                "a renewal keeps the certificate's key; a new key needs a new enrollment".into(),
             ));
         }
         rec.key_id = key;
@@ -359,7 +376,12 @@ async fn accept(endpoint: quinn::Endpoint, e: Arc<Enrollment>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(e.config.max_connections.max(1)));
     let limit = std::time::Duration::from_millis(e.config.connection_timeout_ms.max(1));
     while let Some(incoming) = endpoint.accept().await {
-        // past the cap a connection is refused before its handshake: strangers hold nothing
+        // a stateless retry first proves the peer owns its address (spoofed sources cannot
+        // take slots), then past the cap a connection is refused before its handshake
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             warn!(remote = %incoming.remote_address(), "enrollment connections at their cap");
             incoming.refuse();

@@ -138,6 +138,15 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
     }
 }
 
+/// Whether `client` is a participant of the open round: who may send payloads (uploads,
+/// masked inputs, upload pieces).
+fn selected_now(shared: &Shared, client: &str) -> bool {
+    match &shared.fed.lock().expect("lock").state().phase {
+        fedlora_protocol::Phase::Training(open) => open.selected.contains(client),
+        _ => false,
+    }
+}
+
 /// Why an enrolled device's hello must be refused because its key is not the one its id is
 /// bound to: a `device-…` id is bound to its key at its first hello, and a different key is
 /// accepted only when this coordinator's own enrollment registry records it (a renewal issued
@@ -148,9 +157,25 @@ fn key_conflict(shared: &Shared, client: &str, key_id: &str) -> Option<String> {
     if !client.starts_with(certs::DEVICE_ID_PREFIX) {
         return None;
     }
+    let registered = || {
+        shared
+            .enrollment
+            .as_ref()
+            .and_then(|e| e.registry().device(client).ok().flatten())
+            .map(|d| d.key_id)
+    };
     let bound = match shared.store.client(client) {
         Ok(Some(r)) if !r.key_id.is_empty() => r.key_id,
-        Ok(_) => return None,
+        // never seen: enrolled here, it must come with the key this coordinator certified
+        Ok(_) => match registered() {
+            Some(k) if !k.is_empty() && k != key_id => {
+                return Some(format!(
+                    "{client} was enrolled here for another key; a device gets a new key only \
+                     by enrolling again"
+                ))
+            }
+            _ => return None,
+        },
         Err(e) => {
             error!(%client, error = %e, "cannot read the client record");
             return None;
@@ -307,7 +332,8 @@ pub(super) async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let req = match read_request(&mut recv, budget).await {
+    let may_send_payload = || selected_now(shared, client);
+    let req = match read_request(&mut recv, budget, &may_send_payload).await {
         Ok(r) => r,
         Err(r) => {
             warn!(%client, code = ?r.code, reason = %r.message, "bad frame");
@@ -449,19 +475,16 @@ async fn upload_piece(
     use crate::partial::PieceOutcome;
     // only a participant of the open round parks pieces on disk: at most clients_per_round ×
     // the payload limit of partial uploads, whoever else is registered
-    let selected = match &shared.fed.lock().expect("lock").state().phase {
-        fedlora_protocol::Phase::Training(open) => open.selected.contains(client),
-        _ => false,
-    };
-    if !selected {
+    if !selected_now(shared, client) {
         return CoordMsg::Refused(Refusal::new(
             RefusalCode::NotSelected,
             "upload pieces are taken from participants of the open round only",
         ));
     }
     // the piece that completes an upload assembles the whole frame in memory: it draws on the
-    // payload budget like a whole upload does
-    let completes = chunk.offset.saturating_add(chunk.bytes.len() as u64) >= chunk.total_len;
+    // payload budget like a whole upload does (a question, with no bytes, completes nothing)
+    let completes = !chunk.bytes.is_empty()
+        && chunk.offset.saturating_add(chunk.bytes.len() as u64) >= chunk.total_len;
     let _permits = if completes {
         let need = chunk.total_len.div_ceil(1024).min(u64::from(u32::MAX)) as u32;
         match tokio::time::timeout(

@@ -222,6 +222,11 @@ impl FederationConfig {
         if plan.mode == ClientDpMode::Central && self.train.codec.is_summable() {
             return bad("central mode adds noise to a plaintext sum: use a plaintext codec".into());
         }
+        if plan.secure.is_some() && plan.secure != self.train.secure {
+            return bad(
+                "the plan's secure parameters differ from the federation's [train.secure]".into(),
+            );
+        }
         Ok(())
     }
 }

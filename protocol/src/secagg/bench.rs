@@ -155,6 +155,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
         min_neighbours: 0,
         min_survivors: 0,
         required: true,
+        min_collusion: 0,
     };
     let mut table = BTreeMap::new();
     let mut parties = Vec::with_capacity(n);

@@ -162,6 +162,19 @@ impl ClientRound {
         Ok(())
     }
 
+    /// Refuses a round whose secure parameters are not `signed`, the ones the coordinator
+    /// signed in the round's privacy plan ([`crate::client_dp::ClientDpPlan::secure`]): a
+    /// coordinator cannot sign a plan for one threshold and run the stages with another.
+    pub fn require_params(&self, signed: &SecAggParams) -> Result<(), SecAggError> {
+        if *signed != self.params {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "the round runs with {:?}, the signed plan says {signed:?}",
+                self.params
+            )));
+        }
+        Ok(())
+    }
+
     /// What this client signs (and checks signatures over) for the survivor view `req`.
     fn view_message(&self, req: &UnmaskRequest) -> [u8; 32] {
         consistency_message(

@@ -210,6 +210,9 @@ pub struct SecAggPolicy {
     /// Refuse rounds without secure aggregation (never send a plaintext update). Default false:
     /// a client follows the federation, but in a secure federation it never sends plaintext.
     pub required: bool,
+    /// Fewest colluders (c) a round must tolerate for this client to take part: a coordinator
+    /// announcing a smaller c is refused. Default 0.
+    pub min_collusion: usize,
 }
 
 impl Default for SecAggPolicy {
@@ -218,6 +221,7 @@ impl Default for SecAggPolicy {
             min_neighbours: 3,
             min_survivors: 2,
             required: false,
+            min_collusion: 0,
         }
     }
 }
@@ -227,6 +231,12 @@ impl SecAggPolicy {
     pub fn check(&self, params: &SecAggParams, n: usize) -> Result<(), SecAggError> {
         params.validate(n)?;
         let k = params.k(n);
+        if params.collusion < self.min_collusion {
+            return Err(SecAggError::Config(format!(
+                "the round tolerates {} colluders, this client requires at least {}",
+                params.collusion, self.min_collusion
+            )));
+        }
         if k < self.min_neighbours {
             return Err(SecAggError::Config(format!(
                 "{k} neighbours, this client requires at least {}",

@@ -122,7 +122,10 @@ fn recover_checked(
         idx.sort_unstable();
         tries.push(idx);
     }
-    tries.iter().skip(1).find_map(|idx| attempt(idx))
+    tries
+        .iter()
+        .filter(|idx| **idx != first)
+        .find_map(|idx| attempt(idx))
 }
 
 fn out_of_order(stage: ServerStage, what: &str, from: &str) -> SecAggError {
@@ -506,8 +509,9 @@ impl ServerRound {
                     SecAggError::PeerMisbehaved(format!("{owner}'s {what} has the wrong length"))
                 }),
                 None => Err(SecAggError::PeerMisbehaved(format!(
-                    "no {t} of the {} answered shares of {owner}'s {what} match what {owner} \
-                     committed to: shares from {} are garbage",
+                    "no {t} of the {} answered shares of {owner}'s {what} reconstruct what \
+                     {owner} committed to: some answerers sent garbage, or {owner} committed to \
+                     another secret; answered by {}",
                     shares.len(),
                     shares
                         .iter()
@@ -586,5 +590,28 @@ mod recovery_tests {
             }
         }
         assert!(recover_checked(&named, 5, &fits).is_none());
+    }
+
+    /// Past 64 subsets the leave-one-outs of the first t + 1 are tried: a single liar at the
+    /// first position (the subset without it is the first leave-one-out) is skipped too.
+    #[test]
+    fn a_single_liar_in_first_place_is_skipped_when_the_subsets_are_too_many_to_try() {
+        let secret = [9u8; 32];
+        let mut rng = <rand::rngs::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(4);
+        let (t, n) = (64, 70);
+        let mut named: Vec<(ClientId, Zeroizing<Vec<u8>>)> =
+            crypto::shamir_split(&secret, t, n, &mut rng)
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| (format!("c{i:02}"), Zeroizing::new(s)))
+                .collect();
+        for b in named[0].1.iter_mut().skip(1) {
+            *b ^= 0x33;
+        }
+        let fits = |s: &[u8]| s == secret;
+        assert_eq!(
+            recover_checked(&named, t, &fits).unwrap().as_slice(),
+            secret
+        );
     }
 }

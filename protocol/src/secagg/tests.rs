@@ -191,7 +191,10 @@ fn garbage_unmask_shares_are_detected_and_the_sum_stays_exact_or_the_round_fails
     };
     match run(ps, &v, &p, &drops) {
         Err(SecAggError::PeerMisbehaved(m)) => {
-            assert!(m.contains("committed to") && m.contains("garbage"), "{m}")
+            assert!(
+                m.contains("committed to") && m.contains("answered by"),
+                "{m}"
+            )
         }
         other => panic!(
             "expected a failure naming the owner, got {:?}",
@@ -809,4 +812,33 @@ fn an_automatic_threshold_follows_the_rounds_actual_size() {
         assert_eq!(sum, plain, "n {n}");
         assert_eq!(p.t(n), n / 2 + 1);
     }
+}
+
+/// The secure parameters a client-level DP plan signs are the ones the round must run with: a
+/// client refuses keys advertised under other ones (say, a lower threshold).
+#[test]
+fn a_round_run_with_other_parameters_than_the_signed_plans_is_refused() {
+    let signed = SecAggParams {
+        collusion: 1,
+        ..params(4, 6)
+    };
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(9);
+    let same = ClientRound::new(
+        7,
+        "client-00",
+        signed.clone(),
+        SecAggPolicy::default(),
+        &mut rng,
+    );
+    same.require_params(&signed).unwrap();
+    let lower = SecAggParams {
+        threshold: 3,
+        collusion: 0,
+        ..signed.clone()
+    };
+    let other = ClientRound::new(7, "client-00", lower, SecAggPolicy::default(), &mut rng);
+    assert!(matches!(
+        other.require_params(&signed),
+        Err(SecAggError::PeerMisbehaved(_))
+    ));
 }
