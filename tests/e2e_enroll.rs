@@ -200,35 +200,11 @@ async fn devices_enroll_with_one_time_tokens_renew_and_are_revoked_by_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_enrollment_service_signs_with_its_own_issuer() {
-    use fedlora_coordinator::certs::make_issuer;
-    use fedlora_coordinator::enroll::{EnrollService, Enrollment};
-    use fedlora_coordinator::store::Store;
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 1, &default_server_names())
         .unwrap()
         .0;
-    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
-    make_issuer(&CertDir(certs.clone()), &icert, &ikey).unwrap();
-    let token = issue_tokens(&certs.join(TOKEN_FILE), 1, 3600, now_s()).unwrap();
-    // the service: its own process in deployments (`fedlora enroll-service`), its own store,
-    // the intermediate's key and not the federation CA's
-    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
-    ec.issuer_cert = icert;
-    ec.issuer_key = ikey;
-    ec.intermediate = true;
-    let store = Store::open(&dir.path().join("enroll-state")).unwrap();
-    let service = EnrollService::start(std::sync::Arc::new(
-        Enrollment::new(ec, store.registry().unwrap()).unwrap(),
-    ))
-    .unwrap();
-    let opts = EnrollOptions {
-        endpoint: service.local_addr().unwrap(),
-        server_name: "localhost".into(),
-        ca: CertDir(certs.clone()).ca(),
-        token: token[0].clone(),
-        state_dir: dir.path().join("dev"),
-    };
-    let dev = enroll(&opts).await.unwrap();
+    let (dev, store) = common::enroll_through_intermediate(dir.path(), &certs).await;
     assert_eq!(store.registry().unwrap().devices().unwrap().len(), 1);
     // the chain (device, intermediate) verifies at the coordinator, which trusts the root only
     let cfg_lm = tiny(Some(LoraConfig::new().with_rank(4)));
@@ -241,7 +217,6 @@ async fn a_separate_enrollment_service_signs_with_its_own_issuer() {
         hello(coord.local_addr().unwrap(), &dev.tls, spec_hash).await,
         Ok(())
     );
-    service.shutdown();
     coord.shutdown().await;
 }
 

@@ -360,41 +360,11 @@ async fn a_secure_round_below_min_clients_fails_instead_of_committing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_enrolled_through_the_intermediate_is_a_neighbour_in_a_secure_round() {
-    use fedlora_client::enroll::{enroll, EnrollOptions};
-    use fedlora_coordinator::certs::{make_issuer, CertDir};
-    use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
-    use fedlora_coordinator::enroll::{EnrollConfig, EnrollService, Enrollment};
-    use fedlora_coordinator::store::Store;
     let dir = tempfile::tempdir().unwrap();
     let certs = init_certs(&dir.path().join("certs"), 3, &default_server_names())
         .unwrap()
         .0;
-    let (icert, ikey) = (dir.path().join("issuer.pem"), dir.path().join("issuer.key"));
-    make_issuer(&CertDir(certs.clone()), &icert, &ikey).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let token = issue_tokens(&certs.join(TOKEN_FILE), 1, 3600, now).unwrap();
-    let mut ec = EnrollConfig::from_certs_dir(&certs, "127.0.0.1:0".parse().unwrap());
-    ec.issuer_cert = icert;
-    ec.issuer_key = ikey;
-    ec.intermediate = true;
-    let store = Store::open(&dir.path().join("enroll-state")).unwrap();
-    let service = EnrollService::start(std::sync::Arc::new(
-        Enrollment::new(ec, store.registry().unwrap()).unwrap(),
-    ))
-    .unwrap();
-    let device = enroll(&EnrollOptions {
-        endpoint: service.local_addr().unwrap(),
-        server_name: "localhost".into(),
-        ca: CertDir(certs.clone()).ca(),
-        token: token[0].clone(),
-        state_dir: dir.path().join("device"),
-    })
-    .await
-    .unwrap();
-    service.shutdown();
+    let (device, _) = common::enroll_through_intermediate(dir.path(), &certs).await;
     let (coord, initial) = coordinator(dir.path(), &certs, 4).await;
     let mut tls: Vec<ClientTls> = (0..3).map(|i| ClientTls::from_dir(&certs, i)).collect();
     tls.push(device.tls.clone());

@@ -222,9 +222,13 @@ pub fn is_denied(
     key_id: &str,
 ) -> bool {
     // the list is lowercased when read: so are the names looked up in it
-    deny.contains(&fingerprint.to_lowercase())
-        || deny.contains(&format!("device:{}", client_id.to_lowercase()))
-        || deny.contains(&format!("key:{}", key_id.to_lowercase()))
+    deny.contains(&fingerprint.to_lowercase()) || is_denied_id_or_key(deny, Some(client_id), key_id)
+}
+
+/// Whether a deny-list names this device id (when given) or this key.
+pub fn is_denied_id_or_key(deny: &BTreeSet<String>, client_id: Option<&str>, key_id: &str) -> bool {
+    deny.contains(&format!("key:{}", key_id.to_lowercase()))
+        || client_id.is_some_and(|c| deny.contains(&format!("device:{}", c.to_lowercase())))
 }
 
 /// Reads a deny-list file (missing file: empty list). Blank lines and `#` comments are ignored.

@@ -111,18 +111,13 @@ pub async fn read_request(
                 "payloads are taken from participants of the open round only",
             ));
         }
-        let busy = || Refusal::new(RefusalCode::Internal, "coordinator busy; retry");
         let reserve = async {
-            let c = budget.connection.clone().acquire_owned().await;
-            let g = budget
-                .global
-                .clone()
-                .acquire_many_owned(len.div_ceil(1024) as u32)
-                .await;
-            (c, g)
+            let c = budget.connection.clone().acquire_owned().await.ok()?;
+            let g = acquire_bytes(&budget.global, len as u64).await?;
+            Some((c, g))
         };
         match tokio::time::timeout(request_timeout(), reserve).await {
-            Ok((Ok(c), Ok(g))) => Some((c, g)),
+            Ok(Some(permits)) => Some(permits),
             _ => return Err(busy()),
         }
     } else {
@@ -149,8 +144,31 @@ pub async fn read_hello(recv: &mut RecvStream) -> Result<Request, Refusal> {
     read_message(recv, kind, len).await
 }
 
-pub(crate) fn request_timeout() -> Duration {
+fn request_timeout() -> Duration {
     Duration::from_secs(REQUEST_TIMEOUT_S)
+}
+
+fn busy() -> Refusal {
+    Refusal::new(RefusalCode::Internal, "coordinator busy; retry")
+}
+
+/// `len` bytes of the global payload budget (a permit per KiB), when they come.
+async fn acquire_bytes(global: &Arc<Semaphore>, len: u64) -> Option<OwnedSemaphorePermit> {
+    let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+    global.clone().acquire_many_owned(kib).await.ok()
+}
+
+/// Reserves `len` bytes of the global payload budget for work outside a frame read (a
+/// resumable upload's assembled frame), waiting at most the request timeout: a `busy`
+/// refusal otherwise.
+pub(crate) async fn reserve_bytes(
+    global: &Arc<Semaphore>,
+    len: u64,
+) -> Result<OwnedSemaphorePermit, Refusal> {
+    match tokio::time::timeout(request_timeout(), acquire_bytes(global, len)).await {
+        Ok(Some(p)) => Ok(p),
+        _ => Err(busy()),
+    }
 }
 
 /// Reads and parses a frame header (kind and body length, bounded by the kind's limit).

@@ -127,23 +127,16 @@ fn federation_model(
 
 pub(crate) fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let text = read_text(&a.text)?;
-    let t0;
-    let report = match &a.data_dir {
+    // the model, its tokenizer and its device: the federation's global adapter on its model,
+    // or the model (with a PEFT adapter) as given; either owner lives in one of these
+    let (federation, plain);
+    let (model, tokenizer, device) = match &a.data_dir {
         Some(d) => {
-            let (trainer, model) = federation_model(&a, d)?;
-            let tokens = trainer.llm().tokenizer.encode(&text, true)?;
-            t0 = Instant::now();
-            eval::evaluate(
-                &model,
-                &tokens,
-                a.context,
-                a.max_windows,
-                a.batch,
-                trainer.device(),
-            )?
+            federation = federation_model(&a, d)?;
+            let (trainer, model) = &federation;
+            (model, &trainer.llm().tokenizer, trainer.device().clone())
         }
         None => {
-            let device = Device::flex();
             let args = LlmModelArgs {
                 model: a
                     .model
@@ -152,19 +145,14 @@ pub(crate) fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 adapter: a.adapter.clone(),
                 base_dtype: a.base_dtype,
             };
-            let llm = args.load(&device)?;
-            let tokens = llm.tokenizer.encode(&text, true)?;
-            t0 = Instant::now();
-            eval::evaluate(
-                &llm.model,
-                &tokens,
-                a.context,
-                a.max_windows,
-                a.batch,
-                &device,
-            )?
+            let device = Device::flex();
+            plain = args.load(&device)?;
+            (&plain.model, &plain.tokenizer, device)
         }
     };
+    let tokens = tokenizer.encode(&text, true)?;
+    let t0 = Instant::now();
+    let report = eval::evaluate(model, &tokens, a.context, a.max_windows, a.batch, &device)?;
     let seconds = t0.elapsed().as_secs_f64();
     if a.json {
         println!(

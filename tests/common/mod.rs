@@ -136,3 +136,47 @@ pub(crate) fn federation(
     f.train.local_steps = steps;
     f
 }
+
+/// One device enrolled through a separate enrollment service that signs with an intermediate
+/// the federation CA in `certs` issued (`fedlora certs issuer`), its files under
+/// `dir/device`; returns it and the service's store (its device registry).
+pub(crate) async fn enroll_through_intermediate(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+) -> (
+    fedlora_client::enroll::Enrolled,
+    fedlora_coordinator::store::Store,
+) {
+    use fedlora_coordinator::certs::{make_issuer, CertDir};
+    use fedlora_coordinator::enroll::tokens::{issue_tokens, TOKEN_FILE};
+    use fedlora_coordinator::enroll::{EnrollConfig, EnrollService, Enrollment};
+    let (icert, ikey) = (dir.join("issuer.pem"), dir.join("issuer.key"));
+    make_issuer(&CertDir(certs.to_path_buf()), &icert, &ikey).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = issue_tokens(&certs.join(TOKEN_FILE), 1, 3600, now).unwrap();
+    // the service: its own process in deployments (`fedlora enroll-service`), its own store,
+    // the intermediate's key and not the federation CA's
+    let mut ec = EnrollConfig::from_certs_dir(certs, "127.0.0.1:0".parse().unwrap());
+    ec.issuer_cert = icert;
+    ec.issuer_key = ikey;
+    ec.intermediate = true;
+    let store = fedlora_coordinator::store::Store::open(&dir.join("enroll-state")).unwrap();
+    let service = EnrollService::start(std::sync::Arc::new(
+        Enrollment::new(ec, store.registry().unwrap()).unwrap(),
+    ))
+    .unwrap();
+    let device = fedlora_client::enroll::enroll(&fedlora_client::enroll::EnrollOptions {
+        endpoint: service.local_addr().unwrap(),
+        server_name: "localhost".into(),
+        ca: CertDir(certs.to_path_buf()).ca(),
+        token: token[0].clone(),
+        state_dir: dir.join("device"),
+    })
+    .await
+    .unwrap();
+    service.shutdown();
+    (device, store)
+}

@@ -150,8 +150,7 @@ impl Enrollment {
 
     fn revoked(&self, device_id: Option<&str>, key: &str) -> Result<bool> {
         let deny = crate::certs::load_deny_list(&self.config.revoked)?;
-        Ok(deny.contains(&format!("key:{}", key.to_lowercase()))
-            || device_id.is_some_and(|d| deny.contains(&format!("device:{}", d.to_lowercase()))))
+        Ok(crate::certs::is_denied_id_or_key(&deny, device_id, key))
     }
 
     /// Answers an enrollment request at `now_s` (Unix seconds).
@@ -294,11 +293,8 @@ impl Enrollment {
             .issuer
             .issue(csr_der, device_id, now_s)
             .map_err(|e| (EnrollErrorCode::BadRequest, e.0))?;
-        if self.revoked(Some(device_id), &key).map_err(internal)?
-            || self
-                .revoked(Some(device_id), &rec.key_id)
-                .map_err(internal)?
-        {
+        let denied = |k: &str| crate::certs::is_denied_id_or_key(&deny, Some(device_id), k);
+        if denied(&key) || denied(&rec.key_id) {
             return Err((
                 EnrollErrorCode::Revoked,
                 "this device or key is revoked".into(),

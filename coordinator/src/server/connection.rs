@@ -18,22 +18,29 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
     }
 }
 
-/// The chain a client presented in its TLS handshake, DER certificates concatenated, leaf
-/// first: what secure aggregation relays to its peers, which check it as TLS would.
-pub(super) fn peer_chain(conn: &quinn::Connection) -> Option<Vec<u8>> {
+/// `f` of the certificates a client presented in its TLS handshake, leaf first.
+fn with_peer_certs<T>(
+    conn: &quinn::Connection,
+    f: impl FnOnce(&[rustls_pki_types::CertificateDer<'static>]) -> Option<T>,
+) -> Option<T> {
     let id = conn.peer_identity()?;
     let certs = id
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .ok()?;
-    Some(certs.iter().flat_map(|c| c.iter().copied()).collect())
+    f(&certs)
 }
 
+/// The chain a client presented, DER certificates concatenated, leaf first: what secure
+/// aggregation relays to its peers, which check it as TLS would.
+pub(super) fn peer_chain(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    with_peer_certs(conn, |c| {
+        Some(c.iter().flat_map(|d| d.iter().copied()).collect())
+    })
+}
+
+/// The client's own (leaf) certificate, DER.
 pub(super) fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    let id = conn.peer_identity()?;
-    let certs = id
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    certs.first().map(|c| c.to_vec())
+    with_peer_certs(conn, |c| c.first().map(|d| d.to_vec()))
 }
 
 pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
@@ -157,41 +164,32 @@ fn key_conflict(shared: &Shared, client: &str, key_id: &str) -> Option<String> {
     if !client.starts_with(certs::DEVICE_ID_PREFIX) {
         return None;
     }
+    // the key this coordinator's own enrollment certified (at enrollment or renewal)
     let registered = || {
         shared
             .enrollment
             .as_ref()
             .and_then(|e| e.registry().device(client).ok().flatten())
             .map(|d| d.key_id)
+            .filter(|k| !k.is_empty())
     };
     let bound = match shared.store.client(client) {
         Ok(Some(r)) if !r.key_id.is_empty() => r.key_id,
         // never seen: enrolled here, it must come with the key this coordinator certified
-        Ok(_) => match registered() {
-            Some(k) if !k.is_empty() && k != key_id => {
-                return Some(format!(
+        Ok(_) => {
+            return registered().filter(|k| k != key_id).map(|_| {
+                format!(
                     "{client} was enrolled here for another key; a device gets a new key only \
                      by enrolling again"
-                ))
-            }
-            _ => return None,
-        },
+                )
+            })
+        }
         Err(e) => {
             error!(%client, error = %e, "cannot read the client record");
             return None;
         }
     };
-    if bound == key_id {
-        return None;
-    }
-    let renewed_here = shared.enrollment.as_ref().is_some_and(|e| {
-        e.registry()
-            .device(client)
-            .ok()
-            .flatten()
-            .is_some_and(|d| d.key_id == key_id)
-    });
-    if renewed_here {
+    if bound == key_id || registered().as_deref() == Some(key_id) {
         return None;
     }
     Some(format!(
@@ -486,20 +484,9 @@ async fn upload_piece(
     let completes = !chunk.bytes.is_empty()
         && chunk.offset.saturating_add(chunk.bytes.len() as u64) >= chunk.total_len;
     let _permits = if completes {
-        let need = chunk.total_len.div_ceil(1024).min(u64::from(u32::MAX)) as u32;
-        match tokio::time::timeout(
-            crate::wire::request_timeout(),
-            shared.budget.clone().acquire_many_owned(need),
-        )
-        .await
-        {
-            Ok(Ok(p)) => Some(p),
-            _ => {
-                return CoordMsg::Refused(Refusal::new(
-                    RefusalCode::Internal,
-                    "coordinator busy; retry",
-                ))
-            }
+        match crate::wire::reserve_bytes(&shared.budget, chunk.total_len).await {
+            Ok(p) => Some(p),
+            Err(r) => return CoordMsg::Refused(r),
         }
     } else {
         None
