@@ -28,18 +28,26 @@ fn free_port() -> u16 {
 }
 
 fn start(config: &Path, log: &Path) -> Child {
+    start_crashing(config, log, None)
+}
+
+/// [`start`], aborting at the crash point `crash` (`NAME:K`, see `fedlora_coordinator::faults`).
+fn start_crashing(config: &Path, log: &Path, crash: Option<&str>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(BIN)
-        .args(["coordinator", "--config"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["coordinator", "--config"])
         .arg(config)
+        .env_remove(fedlora_coordinator::faults::CRASH_AT_ENV)
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+        .stderr(log);
+    if let Some(c) = crash {
+        cmd.env(fedlora_coordinator::faults::CRASH_AT_ENV, c);
+    }
+    cmd.spawn().unwrap()
 }
 
 async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> Session {
@@ -77,11 +85,16 @@ struct Setup {
 }
 
 fn setup(top: &str, federation: &str) -> Setup {
+    setup_n(2, top, federation)
+}
+
+/// [`setup`] with `n` clients, all in the one round.
+fn setup_n(n: usize, top: &str, federation: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let data = dir.path().join("data");
     let st = Command::new(BIN)
-        .args(["certs", "init", "--clients", "2", "--out"])
+        .args(["certs", "init", "--clients", &n.to_string(), "--out"])
         .arg(&certs)
         .status()
         .unwrap();
@@ -92,7 +105,7 @@ fn setup(top: &str, federation: &str) -> Setup {
         &config,
         format!(
             "listen = \"{addr}\"\ndata_dir = {:?}\ncerts = {:?}\n{top}\
-             [federation]\nrounds = 1\nclients_per_round = 2\nmin_clients = 2\n\
+             [federation]\nrounds = 1\nclients_per_round = {n}\nmin_clients = {n}\n\
              round_timeout_ms = 120000\n{federation}",
             data.display().to_string(),
             certs.display().to_string()
@@ -296,4 +309,195 @@ async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
     assert_eq!(r0["status"], "failed");
     assert_eq!(r0["reason"], "coordinator restarted during a secure round");
     assert_eq!(status["global_version"], 0, "nothing was applied");
+}
+
+/// Clients of the group-commit test.
+const GROUP: usize = 6;
+
+/// One round of [`GROUP`] clients with plain modular uploads (exact integer sums): client 0
+/// uploads alone (a batch of its own, acknowledged), then the others at once. With `crash`,
+/// the coordinator aborts at that point (kill -9's effect: nothing flushed, no destructor), is
+/// restarted, and every client sends its upload again, as the SDK does with an unacknowledged
+/// one that was not acknowledged. Returns the committed global's checkpoint bytes and, per
+/// client, the answer to its upload before the crash (`None`: no answer) and to its re-send
+/// after the restart (`None`: not sent again).
+async fn group_round(
+    crash: Option<&str>,
+) -> (Vec<u8>, Vec<(Option<AckStatus>, Option<AckStatus>)>) {
+    let Setup {
+        dir: _dir,
+        certs,
+        data,
+        addr,
+        config,
+        log,
+    } = setup_n(
+        GROUP,
+        "",
+        "eval_timeout_ms = 300\n[federation.train]\nweighting = \"uniform\"\n\
+         [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 8\n",
+    );
+    let initial = initial_adapter(&LmConfig::new()).unwrap();
+    let spec_hash = initial.spec().hash();
+    let mut child = start_crashing(&config, &log, crash);
+    let mut sessions = Vec::new();
+    for i in 0..GROUP {
+        sessions.push(join(&certs, i, addr, spec_hash).await);
+    }
+    let mut offers = Vec::new();
+    for s in &sessions {
+        offers.push(offer(s).await);
+    }
+    let uploads: Vec<ClientMsg> = offers
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let d = delta(&initial, i as f32 + 1.0);
+            let ctx = fedlora_protocol::CodecContext {
+                round_seed: o.codec_seed,
+            };
+            let mut rng = <rand::rngs::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(i as u64);
+            let (payload, _) = o.config.codec.encode_with(d.values(), &ctx, 1, &mut rng);
+            ClientMsg::Upload(fedlora_protocol::Upload {
+                round: o.round,
+                spec_hash,
+                weight: 1.0,
+                train_loss: 1.0,
+                payload,
+            })
+        })
+        .collect();
+    let ack = |r: Result<(CoordMsg, u64), fedlora_client::ClientError>| match r {
+        Ok((CoordMsg::Ack { status, .. }, _)) => Some(status),
+        Ok((other, _)) => panic!("an upload was answered {other:?}"),
+        Err(_) => None,
+    };
+    let mut answers = vec![(None, None); GROUP];
+    answers[0].0 = ack(sessions[0].request(&uploads[0]).await);
+    let mut at_once = Vec::new();
+    for (s, u) in sessions.iter().zip(&uploads).skip(1) {
+        let (s, u) = (s.clone(), u.clone());
+        at_once.push(tokio::spawn(async move { s.request(&u).await }));
+    }
+    if crash.is_some() {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "no crash at {crash:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!status.success(), "the coordinator aborted at {crash:?}");
+        // an answer sent before the abort has arrived by now; the others never will (their
+        // requests would wait out the connection's idle timeout)
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (i, h) in at_once.into_iter().enumerate() {
+            if h.is_finished() {
+                answers[i + 1].0 = ack(h.await.unwrap());
+            } else {
+                h.abort();
+            }
+        }
+        drop(sessions);
+        child = start(&config, &log);
+        sessions = Vec::new();
+        for i in 0..GROUP {
+            sessions.push(join(&certs, i, addr, spec_hash).await);
+        }
+        // the SDK sends again what was not acknowledged
+        for (i, (s, u)) in sessions.iter().zip(&uploads).enumerate() {
+            if answers[i].0.is_none() {
+                answers[i].1 = ack(s.request(u).await);
+            }
+        }
+    } else {
+        for (i, h) in at_once.into_iter().enumerate() {
+            answers[i + 1].0 = ack(h.await.unwrap());
+        }
+    }
+    // committed (the status the running coordinator keeps on disk says so); the process
+    // would linger a few seconds more to tell clients the federation is over
+    let t0 = Instant::now();
+    let status = loop {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if status["rounds"][0]["status"] == "committed" {
+            break status;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the round did not commit: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        status["rounds"][0]["participants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        GROUP,
+        "every client counted once"
+    );
+    (
+        std::fs::read(data.join("checkpoints/v1.bin")).unwrap(),
+        answers,
+    )
+}
+
+/// Group commit under kill -9: the coordinator aborts before a batch's flush, between the
+/// flush and its acknowledgements, and inside a round's commit. Every acknowledged upload
+/// is in the committed global, none is counted twice (a re-sent upload whose record survived
+/// is answered `AlreadyAccepted`), the round commits after the restart, and the committed
+/// global is bit for bit the one of a run without the crash (modular codec).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_inside_a_group_commit_loses_no_acked_upload_and_counts_none_twice() {
+    use AckStatus::{Accepted, AlreadyAccepted};
+    let t0 = Instant::now();
+    let (clean, answers) = group_round(None).await;
+    eprintln!("clean run: {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(answers.iter().all(|a| a.0 == Some(Accepted)), "{answers:?}");
+    for point in [
+        "commit-before-flush:2",
+        "commit-after-flush:2",
+        "round-commit:1",
+    ] {
+        let (global, answers) = group_round(Some(point)).await;
+        eprintln!("{point}: {answers:?}");
+        // every acknowledged upload is in the global (the round counts all six, once each,
+        // and its sum is the clean run's), and every one not acknowledged is taken on re-send
+        assert_eq!(global, clean, "{point}: the committed global differs");
+        assert_eq!(answers[0], (Some(Accepted), None), "{point}");
+        for (i, a) in answers.iter().enumerate() {
+            assert!(a.0.is_some() || a.1.is_some(), "{point}: client {i} {a:?}");
+        }
+        match point {
+            // nothing of the second batch was stored: its clients' re-sends are new
+            "commit-before-flush:2" => assert!(
+                answers.iter().skip(1).any(|a| a == &(None, Some(Accepted))),
+                "{point}: {answers:?}"
+            ),
+            // the second batch was stored, never acknowledged: its re-sends are known
+            "commit-after-flush:2" => assert!(
+                answers
+                    .iter()
+                    .skip(1)
+                    .any(|a| a == &(None, Some(AlreadyAccepted))),
+                "{point}: {answers:?}"
+            ),
+            // every upload was acknowledged before the commit crashed
+            _ => assert!(answers.iter().all(|a| a == &(Some(Accepted), None))),
+        }
+    }
 }

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_coordinator::wire::{
-    CONNECTION_RECEIVE_WINDOW, MAX_CONNECTIONS_PER_CLIENT, MAX_STREAMS_PER_CONNECTION,
-    PAYLOAD_BUDGET, SEND_WINDOW,
+    IDLE_RECEIVE_WINDOW, MAX_CONNECTIONS_PER_CLIENT, MAX_STREAMS_PER_CONNECTION, PAYLOAD_BUDGET,
+    SEND_WINDOW,
 };
 use fedlora_protocol::frame::CONTROL_LIMIT;
 use fedlora_protocol::{ClientMsg, CoordMsg, Task, PROTOCOL_VERSION};
@@ -214,7 +214,7 @@ const ATTACKERS: usize = 6;
 /// The bound docs/src/coordinator.md states for the default budget, with `conns` connections,
 /// plus 64 MiB for allocator slack and the tasks' own buffers.
 fn bound(base: u64, conns: u64) -> u64 {
-    let per_conn = u64::from(CONNECTION_RECEIVE_WINDOW)
+    let per_conn = u64::from(IDLE_RECEIVE_WINDOW)
         + SEND_WINDOW
         + u64::from(MAX_STREAMS_PER_CONNECTION) * CONTROL_LIMIT as u64;
     base + PAYLOAD_BUDGET as u64 + conns * per_conn + 64 * MIB

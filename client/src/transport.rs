@@ -14,8 +14,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::ClientError;
 
-/// How long one request/response exchange may take, seconds.
-pub const REQUEST_TIMEOUT_S: u64 = 120;
+/// How long one request/response exchange may take, seconds. Long on purpose: a coordinator
+/// under load keeps an upload waiting in QUIC flow control (backpressure) rather than refusing
+/// it, and a request given up is a request sent twice; a coordinator that is gone is noticed
+/// sooner, by the connection's idle timeout.
+pub const REQUEST_TIMEOUT_S: u64 = 600;
 
 /// The client's TLS material.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -179,10 +182,32 @@ pub fn endpoint_with(
     tls: &ClientTls,
     timers: &TransportTimers,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid address"))
-        .map_err(|e| ClientError::Transport(e.to_string()))?;
+    let mut ep = bare_endpoint()?;
     ep.set_default_client_config(client_config_with(tls, timers)?);
     Ok(ep)
+}
+
+/// The largest UDP payload a client endpoint receives, bytes: QUIC's packets stay below it
+/// (quinn's path-MTU discovery stops at 1,452), and the endpoint's receive buffer is sized
+/// from it (quinn's default, 64 KiB, makes that buffer 128 MiB of address space per endpoint).
+pub const CLIENT_MAX_UDP_PAYLOAD: u16 = 1_472;
+
+/// A client endpoint on an ephemeral local port with no default TLS identity: connections
+/// name theirs ([`Session::connect_using`]). Several clients (a gateway's devices, a load
+/// generator's) can share one, and so one UDP socket.
+pub fn bare_endpoint() -> Result<quinn::Endpoint, ClientError> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD)
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(transport)?;
+    quinn::Endpoint::new(
+        config,
+        None,
+        socket,
+        quinn::default_runtime().ok_or_else(|| ClientError::Config("no async runtime".into()))?,
+    )
+    .map_err(transport)
 }
 
 fn transport(e: impl std::fmt::Display) -> ClientError {
@@ -254,9 +279,23 @@ impl Session {
         server_name: &str,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let connecting = endpoint
-            .connect(addr, server_name)
-            .map_err(|e| ClientError::Config(format!("connecting to {addr}: {e}")))?;
+        Self::connect_using(endpoint, None, addr, server_name, timeout).await
+    }
+
+    /// [`Session::connect_within`] with this connection's own QUIC and TLS settings
+    /// (`None`: the endpoint's default), so that one endpoint serves several identities.
+    pub async fn connect_using(
+        endpoint: &quinn::Endpoint,
+        config: Option<quinn::ClientConfig>,
+        addr: SocketAddr,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let connecting = match config {
+            Some(c) => endpoint.connect_with(c, addr, server_name),
+            None => endpoint.connect(addr, server_name),
+        }
+        .map_err(|e| ClientError::Config(format!("connecting to {addr}: {e}")))?;
         match tokio::time::timeout(timeout, connecting).await {
             Err(_) => Err(ClientError::Transport(format!(
                 "no answer from {addr} within {}: is the coordinator running \
@@ -282,31 +321,53 @@ impl Session {
     }
 
     /// Sends raw bytes as one request and reads one response (tests use it for bad frames).
+    /// The answer is read while the request is still being written: a coordinator may answer
+    /// from a frame's header (a refusal) without taking its body, which then never leaves
+    /// flow control.
     pub async fn request_raw(&self, bytes: &[u8]) -> Result<(CoordMsg, u64), ClientError> {
         let fut = async {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.lost(e))?;
-            send.write_all(bytes).await.map_err(|e| self.lost(e))?;
-            send.finish().map_err(|e| self.lost(e))?;
-            let mut header = [0u8; HEADER_LEN];
-            recv.read_exact(&mut header)
-                .await
-                .map_err(|e| self.lost(e))?;
-            let (kind, len) = frame::parse_header(&header)?;
-            if kind.from_client() {
-                return Err(ClientError::Transport(format!(
-                    "coordinator sent a client frame kind {kind:?}"
-                )));
+            let write = async {
+                send.write_all(bytes).await.map_err(|e| self.lost(e))?;
+                send.finish().map_err(|e| self.lost(e))
+            };
+            let read = async {
+                let mut header = [0u8; HEADER_LEN];
+                recv.read_exact(&mut header)
+                    .await
+                    .map_err(|e| self.lost(e))?;
+                let (kind, len) = frame::parse_header(&header)?;
+                if kind.from_client() {
+                    return Err(ClientError::Transport(format!(
+                        "coordinator sent a client frame kind {kind:?}"
+                    )));
+                }
+                // grows as data arrives (the coordinator finishes the stream after one frame)
+                let body = recv.read_to_end(len).await.map_err(|e| self.lost(e))?;
+                if body.len() != len {
+                    return Err(ClientError::Transport(format!(
+                        "answer body is {} bytes, its header says {len}",
+                        body.len()
+                    )));
+                }
+                let msg = frame::decode_body::<CoordMsg>(kind, &body)?;
+                Ok((msg, (HEADER_LEN + len) as u64))
+            };
+            tokio::pin!(write, read);
+            let mut writing = true;
+            loop {
+                tokio::select! {
+                    w = &mut write, if writing => {
+                        writing = false;
+                        // a write cut short by an answer from the header is not an error: the
+                        // answer says why
+                        if w.is_err() {
+                            continue;
+                        }
+                    }
+                    r = &mut read => return r,
+                }
             }
-            // grows as data arrives (the coordinator finishes the stream after one frame)
-            let body = recv.read_to_end(len).await.map_err(|e| self.lost(e))?;
-            if body.len() != len {
-                return Err(ClientError::Transport(format!(
-                    "answer body is {} bytes, its header says {len}",
-                    body.len()
-                )));
-            }
-            let msg = frame::decode_body::<CoordMsg>(kind, &body)?;
-            Ok((msg, (HEADER_LEN + len) as u64))
         };
         tokio::time::timeout(Duration::from_secs(REQUEST_TIMEOUT_S), fut)
             .await

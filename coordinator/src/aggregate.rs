@@ -11,11 +11,12 @@
 //! simulated round aggregates exactly as a deployed one.
 
 use fedlora_protocol::client_dp::ClientDpPlan;
-use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::strategy::{Contribution, Strategy};
-use fedlora_protocol::{AdapterSpec, Codec, CodecContext, FlatAdapter, ModularSum};
+use fedlora_protocol::{AdapterSpec, Codec, CodecContext, FlatAdapter};
 
 use crate::error::{CoordinatorError, Result};
+pub use crate::running_sum::{modular_sum_delta, release_central};
+use crate::running_sum::{RunningSum, SumKind};
 
 /// One stored upload of a round.
 #[derive(Clone, Copy, Debug)]
@@ -51,21 +52,23 @@ pub fn aggregate_payloads<'a>(
     if payloads.is_empty() {
         return Err(CoordinatorError::Storage("no uploads".into()));
     }
-    if let (Some(m), false) = (codec.modulus_bits(), strategy.needs_individual_updates()) {
-        let mut sum: Option<ModularSum> = None;
-        for u in &payloads {
-            let ints = codec.modular_payload(u.bytes, spec)?;
-            sum.get_or_insert_with(|| ModularSum::new(ints.len(), m))
-                .add(&ints)?;
+    if let Some(kind) = SumKind::of(codec, None, strategy.needs_individual_updates()) {
+        // the strategies that need only the sum fold the uploads one at a time, with the code
+        // that folds them as they are accepted by a running coordinator
+        let mut sum = RunningSum::new(0, kind.clone());
+        for (i, u) in payloads.iter().enumerate() {
+            let decoded = Codec::decode(u.bytes, spec, Some(codec), ctx)?;
+            let a = kind.addend(
+                codec,
+                spec,
+                u.bytes,
+                decoded,
+                u.weight,
+                rank_of(u.rank, full),
+            )?;
+            sum.add(&i.to_string(), &a)?;
         }
-        let Some(sum) = sum else {
-            return Err(CoordinatorError::Storage("no uploads".into()));
-        };
-        let counts = RankCounts::new(
-            full,
-            payloads.iter().map(|u| (u.weight, rank_of(u.rank, full))),
-        );
-        return modular_sum_delta(codec, spec, ctx, &sum, &counts);
+        return sum.finish(codec, spec, ctx, full, None);
     }
     let mut deltas = Vec::with_capacity(payloads.len());
     for u in &payloads {
@@ -96,65 +99,14 @@ pub fn central_dp_delta<'a>(
     payloads: impl IntoIterator<Item = Payload<'a>>,
     noise: &mut fedlora_dp::GaussianNoise,
 ) -> Result<FlatAdapter> {
-    let Some(want) = plan.central_noise_std() else {
-        return Err(CoordinatorError::Config(
-            "central client-level DP needs Gaussian noise".into(),
-        ));
-    };
-    if (noise.std() - want).abs() > 1e-12 * want.max(1.0) {
-        return Err(CoordinatorError::Config(format!(
-            "central noise has std {}, the plan needs σ·S = {want}",
-            noise.std()
-        )));
+    let kind = SumKind::CentralDp(plan.clone());
+    let mut sum = RunningSum::new(0, kind.clone());
+    for (i, u) in payloads.into_iter().enumerate() {
+        let decoded = Codec::decode(u.bytes, spec, Some(codec), ctx)?;
+        let a = kind.addend(codec, spec, u.bytes, decoded, 1.0, 1)?;
+        sum.add(&i.to_string(), &a)?;
     }
-    let mut sum = vec![0f64; spec.numel()];
-    for u in payloads {
-        let mut d = Codec::decode(u.bytes, spec, Some(codec), ctx)?.into_values();
-        fedlora_dp::clip_l2(&mut d, plan.clip);
-        for (s, v) in sum.iter_mut().zip(&d) {
-            *s += f64::from(*v);
-        }
-    }
-    let noisy: Vec<f32> = sum
-        .into_iter()
-        .map(|s| ((s + noise.draw_with_std(want)) / plan.expected_clients) as f32)
-        .collect();
-    Ok(FlatAdapter::new(spec.clone(), noisy)?)
-}
-
-/// The mean delta decoded from a modular sum (of plain modular uploads, or unmasked by secure
-/// aggregation). `counts` gives the weight behind each rank component: with every client at
-/// full rank the decoded weight sum is used (and must be positive); with heterogeneous ranks
-/// component `j` is divided by the weight of the counted clients whose rank is above `j`.
-///
-/// Client-level DP in distributed mode (the Skellam codec) is the exception: its sum is always
-/// divided by the plan's public expected clients per round, whatever ranks took part, so the
-/// release never depends on who participated (a lower-rank client's missing components count
-/// as zeros; dividing by the observed per-component count would make the divisor, and so the
-/// release, a function of the participants that the accountant does not cover).
-pub fn modular_sum_delta(
-    codec: &Codec,
-    spec: &AdapterSpec,
-    ctx: &CodecContext,
-    sum: &ModularSum,
-    counts: &RankCounts,
-) -> Result<FlatAdapter> {
-    let (total, weight) = codec.decode_modular_sum(sum, spec, ctx)?;
-    if !(weight > 0.0 && weight.is_finite()) {
-        return Err(CoordinatorError::Storage(format!(
-            "decoded weight sum {weight} is not positive"
-        )));
-    }
-    if !counts.is_uniform() && !matches!(codec, Codec::Skellam(_)) {
-        return Ok(counts.mean(&total)?);
-    }
-    let spec = total.spec().clone();
-    let mean: Vec<f32> = total
-        .into_values()
-        .into_iter()
-        .map(|x| (f64::from(x) / weight) as f32)
-        .collect();
-    Ok(FlatAdapter::new(spec, mean)?)
+    sum.finish(codec, spec, ctx, 1, Some(noise))
 }
 
 /// The L2 norm of a plaintext upload (`bytes`, already decoded by the caller as `delta`), and
@@ -199,6 +151,8 @@ pub fn check_update_norm(
 mod tests {
     use super::*;
     use fedlora_protocol::codec::SkellamParams;
+    use fedlora_protocol::rank::RankCounts;
+    use fedlora_protocol::ModularSum;
     use fedlora_protocol::TensorSpec;
     use rand::SeedableRng;
 

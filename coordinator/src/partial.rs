@@ -1,9 +1,12 @@
 //! Resumable uploads on the coordinator's disk: one upload in progress per client, in
 //! `DATA_DIR/partial/` (`ID.part` with the bytes, `ID.meta` with [`PartialUpload`]; ID is the
-//! SHA-256 of the client id). Each piece is appended and flushed to disk before it is
-//! acknowledged, so a coordinator restart keeps it. An upload is at most the payload limit and
-//! is dropped when older than its maximum age. A complete upload is checked against its hash
-//! and handed over once; its files are removed.
+//! SHA-256 of the client id). Each piece is appended to the file before it is acknowledged,
+//! without an fsync: the bytes held are what the file holds (a restart that lost a tail answers
+//! the shorter length, and the client goes on from there), and a complete upload is checked
+//! against its hash before it is handed over (once; its files are removed), so a crash can cost
+//! a re-send of pieces, never a wrong upload. Pieces of different clients are written in
+//! parallel (one lock per client, by hash). An upload is at most the payload limit and is dropped
+//! when older than its maximum age ([`PartialUploads::sweep`], from the coordinator's clock).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,15 @@ use crate::error::{CoordinatorError, Result};
 
 /// Default age after which a partial upload is dropped: one hour.
 pub const DEFAULT_MAX_AGE_MS: u64 = 3_600_000;
+
+/// What appending a piece led to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// The upload is not complete: the coordinator holds this many bytes.
+    Progress(u64),
+    /// Every byte is held: [`PartialUploads::take`] hands it over.
+    Complete,
+}
 
 /// What a piece led to.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,8 +44,13 @@ pub enum PieceOutcome {
 pub struct PartialUploads {
     dir: PathBuf,
     max_age_ms: u64,
-    lock: Mutex<()>,
+    /// One lock per shard of client ids: a client's pieces are applied in order, different
+    /// clients' in parallel.
+    locks: Vec<Mutex<()>>,
 }
+
+/// Lock shards of [`PartialUploads`].
+const SHARDS: usize = 64;
 
 fn io(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Storage(format!("partial upload: {e}"))
@@ -45,16 +62,20 @@ impl PartialUploads {
         Self {
             dir: data_dir.join("partial"),
             max_age_ms,
-            lock: Mutex::new(()),
+            locks: (0..SHARDS).map(|_| Mutex::new(())).collect(),
         }
     }
 
     fn paths(&self, client: &str) -> (PathBuf, PathBuf) {
-        let id = hex::encode(Sha256::digest(client.as_bytes()));
+        let id = hex::encode(Self::id(client));
         (
             self.dir.join(format!("{id}.part")),
             self.dir.join(format!("{id}.meta")),
         )
+    }
+
+    fn id(client: &str) -> [u8; 32] {
+        Sha256::digest(client.as_bytes()).into()
     }
 
     fn held(meta: &Path) -> Option<PartialUpload> {
@@ -68,12 +89,42 @@ impl PartialUploads {
         Ok(())
     }
 
-    /// Applies one piece from `client` at `now_ms`.
+    /// Applies one piece from `client` at `now_ms`: [`PartialUploads::append`], then, once
+    /// every byte is held, [`PartialUploads::take`].
     pub fn apply(&self, client: &str, chunk: &UploadChunk, now_ms: u64) -> Result<PieceOutcome> {
-        let _g = self.lock.lock().expect("lock");
+        match self.append(client, chunk, now_ms)? {
+            Appended::Progress(have) => Ok(PieceOutcome::Progress(have)),
+            Appended::Complete => self.take(client, &chunk.upload_id),
+        }
+    }
+
+    fn lock(&self, client: &str) -> std::sync::MutexGuard<'_, ()> {
+        let shard = usize::from(Self::id(client)[0]) % SHARDS;
+        self.locks[shard].lock().expect("lock")
+    }
+
+    /// Appends one piece from `client` at `now_ms` (a piece at another offset, or a question
+    /// with no bytes, changes nothing): what is held now, or that every byte is.
+    pub fn append(&self, client: &str, chunk: &UploadChunk, now_ms: u64) -> Result<Appended> {
+        let _g = self.lock(client);
         std::fs::create_dir_all(&self.dir)?;
         let (part, meta) = self.paths(client);
         let mut held = Self::held(&meta);
+        if let Some(h) = held.as_mut() {
+            // what the file holds is what is held: the meta file is written once, at the
+            // upload's start, and the bytes held are the file's length
+            h.have = match std::fs::metadata(&part) {
+                Ok(m) if m.len() > h.total_len => {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&part)?
+                        .set_len(h.total_len)?;
+                    h.total_len
+                }
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            };
+        }
         if PartialUpload::action(held.as_ref(), chunk, now_ms, self.max_age_ms)
             == PieceAction::Restart
         {
@@ -81,16 +132,29 @@ impl PartialUploads {
             std::fs::write(&part, [])?;
             Self::save(&meta, &fresh)?;
             held = Some(fresh);
-            self.sweep_locked(now_ms);
         }
         let mut h = held.expect("set above");
         if PartialUpload::action(Some(&h), chunk, now_ms, self.max_age_ms) == PieceAction::Append {
             let mut f = std::fs::OpenOptions::new().append(true).open(&part)?;
             f.write_all(&chunk.bytes)?;
-            f.sync_data()?;
             h.have += chunk.bytes.len() as u64;
-            Self::save(&meta, &h)?;
         }
+        Ok(if h.complete() {
+            Appended::Complete
+        } else {
+            Appended::Progress(h.have)
+        })
+    }
+
+    /// Hands over `client`'s complete upload `id` once: reads it, removes its files and checks
+    /// it against its hash. An upload that is not (or no longer) complete answers what is held.
+    pub fn take(&self, client: &str, id: &[u8; 32]) -> Result<PieceOutcome> {
+        let _g = self.lock(client);
+        let (part, meta) = self.paths(client);
+        let Some(mut h) = Self::held(&meta).filter(|h| &h.upload_id == id) else {
+            return Ok(PieceOutcome::Progress(0));
+        };
+        h.have = std::fs::metadata(&part).map_or(0, |m| m.len());
         if !h.complete() {
             return Ok(PieceOutcome::Progress(h.have));
         }
@@ -103,19 +167,21 @@ impl PartialUploads {
         Ok(PieceOutcome::Complete(frame))
     }
 
-    /// Drops every partial upload older than the maximum age.
+    /// Drops every partial upload older than the maximum age (the coordinator calls it once a
+    /// minute: a scan of the directory, not one per upload).
     pub fn sweep(&self, now_ms: u64) {
-        let _g = self.lock.lock().expect("lock");
-        self.sweep_locked(now_ms);
-    }
-
-    fn sweep_locked(&self, now_ms: u64) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "meta") {
+                let id = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                let shard = hex::decode(id)
+                    .ok()
+                    .and_then(|b| b.first().copied())
+                    .map_or(0, |b| usize::from(b) % SHARDS);
+                let _g = self.locks[shard].lock().expect("lock");
                 let stale = Self::held(&p)
                     .is_none_or(|h| now_ms.saturating_sub(h.created_ms) > self.max_age_ms);
                 if stale {

@@ -5,18 +5,40 @@
 //!   state/                 sled database
 //!     meta:        "config" → federation config (JSON), "spec" → adapter spec (JSON),
 //!                  "state" → FederationState (bincode)
-//!     uploads:     round (u64 BE) ‖ client → UploadRecord (JSON)
+//!     uploads:     round (u64 BE) ‖ client → UploadRecord (JSON), one per accepted upload
 //!     checkpoints: version (u64 BE) → CheckpointRecord (JSON)
 //!     rounds:      round (u64 BE) → RoundRecord (JSON)
 //!     evals:       version (u64 BE) ‖ client → EvalRecord (JSON)
 //!     clients:     client → ClientRecord (JSON)
-//!   uploads/rROUND/CLIENT.bin   accepted upload payloads (the codec bytes as received)
+//!   uploads/rROUND/DIGEST.bin   upload payloads (the codec bytes as received), named by their
+//!                               SHA-256 (hex): content-addressed, never overwritten
 //!   checkpoints/vVERSION.bin    global adapters (dense f32 codec bytes)
 //! ```
-//! Large payloads are written to a temp file, fsynced, renamed and the directory fsynced; only
-//! then is the sled record (which points to the file) written and flushed. An upload's record and
-//! the federation state that counts it are written in one sled transaction. On open, files
-//! without records are deleted and records without files are reported and dropped.
+//! Large payloads are written to a temp file, fsynced and renamed; only then is the sled record
+//! (which points to the file by digest) written and flushed, after the directory is fsynced.
+//!
+//! # Uploads: append-only records, group commit
+//! An accepted upload is one O(1) record in `uploads` (client, round, digest, weight, rank);
+//! the federation state is **not** rewritten with it. The open round's uploads are the records
+//! of that round: on restart [`Store::reconcile`] rebuilds the state's upload list from them.
+//! The coordinator commits uploads in groups ([`Store::record_uploads`]), in this order:
+//! 1. each payload is written to `uploads/rROUND/DIGEST.bin` (temp file, fsync, rename) by the
+//!    request that carried it, outside any lock; a name is its content's hash, so a refused
+//!    re-send can never overwrite an accepted file, and two writers of one name write the same
+//!    bytes;
+//! 2. the committer takes a batch of such uploads, fsyncs their round directories (so every
+//!    renamed file of the batch is durable), checks each against the round machine under the
+//!    federation lock, inserts the batch's records and flushes sled **once**;
+//! 3. only then are the uploads counted in memory, folded into the running sum and acknowledged.
+//!
+//! A crash (kill -9) at any point loses no acknowledged upload, and counts none twice:
+//! before step 2's flush, no record of the batch is durable (or some are, through sled's own
+//! background flush, and their files were fsynced before the records were inserted) and no
+//! client was acknowledged: a client re-sends, and a record already durable answers
+//! `AlreadyAccepted`. After the flush, every record of the batch is durable whether or not its
+//! ack left. A file without a record is deleted on open; a record whose file is missing or does
+//! not match its digest is reported and dropped (its client was never acknowledged, or the disk
+//! lost a fsynced file). Records key on (round, client), so a client is counted once per round.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -240,12 +262,24 @@ fn state_bytes(s: &FederationState) -> Vec<u8> {
 
 /// Writes `bytes` to `path` atomically and durably: temp file, fsync, rename, fsync directory.
 pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_synced(path, bytes)?;
+    let dir = path.parent().expect("file has a parent");
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically with its contents fsynced (temp file, fsync, rename);
+/// the directory entry is durable once the caller fsyncs the directory.
+fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().expect("file has a parent");
     std::fs::create_dir_all(dir)?;
+    // unique per writer: concurrent writers of one name each rename their own complete file
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
-        std::process::id()
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -253,7 +287,6 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -318,13 +351,12 @@ impl Store {
         &self.dir
     }
 
-    fn upload_path(&self, round: u64, client: &str) -> PathBuf {
-        // every client id was checked at the connection (`certs::client_identity`): never a path
-        debug_assert!(fedlora_protocol::identity::validate_client_id(client).is_ok());
+    fn upload_path(&self, round: u64, digest: &[u8; 32]) -> PathBuf {
+        // named by the content's hash: nothing a peer chooses names a file
         self.dir
             .join("uploads")
             .join(format!("r{round}"))
-            .join(format!("{client}.bin"))
+            .join(format!("{}.bin", hex::encode(digest)))
     }
 
     fn checkpoint_path(&self, version: u64) -> PathBuf {
@@ -379,32 +411,47 @@ impl Store {
         self.flush()
     }
 
-    /// Stores an accepted upload durably: the payload file first, then its record together with
-    /// `state` (which counts it) in one transaction, then a flush. Only after this returns may
-    /// the client be acknowledged.
-    pub fn put_upload(
-        &self,
-        record: &UploadRecord,
-        payload: &[u8],
-        state: &FederationState,
-    ) -> Result<()> {
-        write_file_durably(&self.upload_path(record.round, &record.client), payload)?;
-        let key = key2(record.round, &record.client);
-        let rec = json(record);
-        let st = state_bytes(state);
-        (&self.uploads, &self.meta)
-            .transaction(|(u, m)| {
-                u.insert(key.as_slice(), rec.as_slice())?;
-                m.insert("state", st.as_slice())?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
+    /// Writes an upload's payload to its content-addressed file (temp file, fsync, rename),
+    /// unless a file of that digest is there already (written and fsynced before its rename).
+    /// The directory entry is made durable by [`Store::record_uploads`].
+    pub fn write_upload_payload(&self, round: u64, digest: &[u8; 32], bytes: &[u8]) -> Result<()> {
+        let path = self.upload_path(round, digest);
+        if path.exists() {
+            return Ok(());
+        }
+        write_file_synced(&path, bytes)
+    }
+
+    /// Makes a batch of accepted uploads durable: fsyncs the round directories their payload
+    /// files were renamed into, inserts every record and flushes sled once. Only after this
+    /// returns may any of them be acknowledged.
+    pub fn record_uploads(&self, records: &[UploadRecord]) -> Result<()> {
+        let rounds: std::collections::BTreeSet<u64> = records.iter().map(|r| r.round).collect();
+        let up = self.dir.join("uploads");
+        for r in &rounds {
+            std::fs::File::open(up.join(format!("r{r}")))?.sync_all()?;
+        }
+        if !rounds.is_empty() {
+            std::fs::File::open(&up)?.sync_all()?;
+        }
+        let mut batch = sled::Batch::default();
+        for r in records {
+            batch.insert(key2(r.round, &r.client), json(r));
+        }
+        self.uploads.apply_batch(batch)?;
         self.flush()
     }
 
+    /// Stores one accepted upload durably ([`Store::write_upload_payload`], then
+    /// [`Store::record_uploads`]).
+    pub fn put_upload(&self, record: &UploadRecord, payload: &[u8]) -> Result<()> {
+        self.write_upload_payload(record.round, &record.meta.digest, payload)?;
+        self.record_uploads(std::slice::from_ref(record))
+    }
+
     /// The payload of a stored upload, checked against its digest.
-    pub fn upload_payload(&self, round: u64, client: &str, digest: &[u8; 32]) -> Result<Vec<u8>> {
-        let p = self.upload_path(round, client);
+    pub fn upload_payload(&self, round: u64, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let p = self.upload_path(round, digest);
         let bytes =
             std::fs::read(&p).map_err(|e| storage(format!("upload {}: {e}", p.display())))?;
         if Sha256::digest(&bytes).as_slice() != digest {
@@ -414,6 +461,15 @@ impl Store {
             )));
         }
         Ok(bytes)
+    }
+
+    /// The upload records of `round`, by client.
+    pub fn round_uploads(&self, round: u64) -> Result<Vec<UploadRecord>> {
+        self.uploads
+            .scan_prefix(round.to_be_bytes())
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
     }
 
     /// Every upload record, in (round, client) order.
@@ -451,6 +507,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<()> {
         write_file_durably(&self.checkpoint_path(version), global)?;
+        crate::faults::crash_point("round-commit");
         let ck = json(&CheckpointRecord {
             version,
             round: round.round,
@@ -585,6 +642,19 @@ impl Store {
             .collect()
     }
 
+    /// Makes a group of uploads and evaluation reports durable with one flush ([`Store::record_uploads`]
+    /// for the uploads, whose files must be written already).
+    pub fn record_batch(&self, uploads: &[UploadRecord], evals: &[EvalRecord]) -> Result<()> {
+        if !evals.is_empty() {
+            let mut batch = sled::Batch::default();
+            for e in evals {
+                batch.insert(key2(e.version, &e.client), json(e));
+            }
+            self.evals.apply_batch(batch)?;
+        }
+        self.record_uploads(uploads)
+    }
+
     /// Stores an evaluation report; flushes.
     pub fn put_eval(&self, rec: &EvalRecord) -> Result<()> {
         self.evals
@@ -641,38 +711,48 @@ impl Store {
             .collect()
     }
 
-    /// Reconciles files with records after a restart. Upload files of rounds that are not open,
-    /// and files without a record, are deleted. An upload record of the open round whose file is
-    /// missing or corrupt is an error: it is reported, dropped from the state and the record, and
-    /// its client must upload again. Returns the (possibly corrected) state and the problems.
+    /// Reconciles files with records after a restart. The open round's uploads are its
+    /// records (the state is not rewritten per upload): the state's list is rebuilt from the
+    /// records whose file is there and matches its digest. A record of the open round whose
+    /// file is missing or corrupt is reported and dropped (its client uploads again). Records
+    /// and files of rounds that are not open, and files no record names, are deleted. Returns
+    /// the corrected state (stored) and the problems.
     pub fn reconcile(&self, mut state: FederationState) -> Result<(FederationState, Vec<String>)> {
         let mut problems = Vec::new();
         let open_round = match &state.phase {
             Phase::Training(o) => Some(o.round),
             _ => None,
         };
-        // records without (valid) files
+        let mut kept: BTreeMap<String, fedlora_protocol::UploadMeta> = BTreeMap::new();
         for rec in self.uploads()? {
-            let valid = Some(rec.round) == open_round
-                && self
-                    .upload_payload(rec.round, &rec.client, &rec.meta.digest)
-                    .is_ok();
-            if Some(rec.round) == open_round && !valid {
+            let open = Some(rec.round) == open_round;
+            let valid = open && self.upload_payload(rec.round, &rec.meta.digest).is_ok();
+            if open && !valid {
                 problems.push(format!(
                     "upload of {} for round {} has no valid file; dropped",
                     rec.client, rec.round
                 ));
-                if let Phase::Training(o) = &mut state.phase {
-                    o.uploads.remove(&rec.client);
-                }
             }
-            if !valid {
+            if valid {
+                kept.insert(rec.client.clone(), rec.meta.clone());
+            } else {
                 self.uploads.remove(key2(rec.round, &rec.client))?;
             }
         }
-        // files without records
+        if let Phase::Training(o) = &mut state.phase {
+            o.uploads = kept;
+        }
+        // files without records, and leftovers of other rounds
         let up = self.dir.join("uploads");
         if up.exists() {
+            let named: std::collections::BTreeSet<String> = match &state.phase {
+                Phase::Training(o) => o
+                    .uploads
+                    .values()
+                    .map(|m| format!("{}.bin", hex::encode(m.digest)))
+                    .collect(),
+                _ => Default::default(),
+            };
             for d in std::fs::read_dir(&up)? {
                 let d = d?;
                 let name = d.file_name().to_string_lossy().to_string();
@@ -683,14 +763,7 @@ impl Store {
                 }
                 for f in std::fs::read_dir(d.path())? {
                     let f = f?;
-                    let fname = f.file_name().to_string_lossy().to_string();
-                    let client = fname.strip_suffix(".bin");
-                    let known = client.is_some_and(|c| {
-                        self.uploads
-                            .contains_key(key2(round.unwrap_or(0), c))
-                            .unwrap_or(false)
-                    });
-                    if !known {
+                    if !named.contains(f.file_name().to_string_lossy().as_ref()) {
                         std::fs::remove_file(f.path())?;
                     }
                 }
@@ -719,7 +792,7 @@ mod tests {
             wire_bytes: 20,
             accepted_ms: 5,
         };
-        s.put_upload(&rec, &[1; 4], &st).unwrap();
+        s.put_upload(&rec, &[1; 4]).unwrap();
         st
     }
 
@@ -775,7 +848,8 @@ mod tests {
             .unwrap();
             put_upload_of_a(&s);
             // an orphan file (crash between file write and record)
-            write_file_durably(&dir.path().join("uploads/r1/b.bin"), &[2; 4]).unwrap();
+            s.write_upload_payload(1, &Sha256::digest([2u8; 4]).into(), &[2; 4])
+                .unwrap();
             // a stale round's leftovers
             write_file_durably(&dir.path().join("uploads/r0/x.bin"), &[3; 4]).unwrap();
         }
@@ -788,10 +862,15 @@ mod tests {
         };
         assert!(o.uploads.contains_key("a"));
         assert_eq!(
-            s.upload_payload(1, "a", &o.uploads["a"].digest).unwrap(),
+            s.upload_payload(1, &o.uploads["a"].digest).unwrap(),
             vec![1; 4]
         );
-        assert!(!dir.path().join("uploads/r1/b.bin").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("uploads/r1"))
+                .unwrap()
+                .count(),
+            1
+        );
         assert!(!dir.path().join("uploads/r0").exists());
         assert_eq!(s.checkpoint(0).unwrap(), b"init");
     }
@@ -801,7 +880,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let st = put_upload_of_a(&s);
-        std::fs::remove_file(dir.path().join("uploads/r1/a.bin")).unwrap();
+        let a = format!("uploads/r1/{}.bin", hex::encode(Sha256::digest([1u8; 4])));
+        std::fs::remove_file(dir.path().join(a)).unwrap();
         let (st, problems) = s.reconcile(st).unwrap();
         assert_eq!(problems.len(), 1);
         let Phase::Training(o) = &st.phase else {

@@ -2,18 +2,27 @@
 //!
 //! # Memory bound
 //! What one peer can make the coordinator hold is bounded by construction:
-//! - quinn buffers at most [`CONNECTION_RECEIVE_WINDOW`] of unread data and
-//!   [`SEND_WINDOW`] of unacknowledged answers per connection, on at most
-//!   [`MAX_STREAMS_PER_CONNECTION`] concurrent request streams;
+//! - quinn buffers at most [`IDLE_RECEIVE_WINDOW`] of unread data per connection, raised to
+//!   that plus a payload body's length (at most [`CONNECTION_RECEIVE_WINDOW`]) only while
+//!   that body, whose length is reserved in the budget, is read; and at most [`SEND_WINDOW`]
+//!   of unacknowledged answers per connection, on at most [`MAX_STREAMS_PER_CONNECTION`]
+//!   concurrent request streams;
 //! - a client id holds at most [`MAX_CONNECTIONS_PER_CLIENT`] connections (the oldest is closed);
 //! - a request body is read incrementally: control frames (≤ [`CONTROL_LIMIT`]) as they
 //!   arrive, payload frames (uploads, secure-aggregation messages) only after reserving their
 //!   declared length from a global budget of [`PAYLOAD_BUDGET`] bytes, one payload at a time per
 //!   connection.
 //!
+//! # Backpressure
+//! A payload waits for its share of the budget for as long as its connection lives, never
+//! refused as busy: until it is granted, its bytes stay in QUIC flow control **on the client**
+//! (the coordinator has opened only [`IDLE_RECEIVE_WINDOW`] of credit), so a client sends an
+//! upload once however long it waits.
+//!
 //! So, with `C` open connections,
-//! `RSS ≲ base + PAYLOAD_BUDGET + C · (CONNECTION_RECEIVE_WINDOW + SEND_WINDOW +
-//! MAX_STREAMS_PER_CONNECTION · CONTROL_LIMIT)`, where `base` is the process, the federation
+//! `RSS ≲ base + PAYLOAD_BUDGET + C · (IDLE_RECEIVE_WINDOW + SEND_WINDOW +
+//! MAX_STREAMS_PER_CONNECTION · CONTROL_LIMIT)` (a body being read is in quinn's buffers or in
+//! its reserved buffer, and the window above the idle one is its reserved length), where `base` is the process, the federation
 //! state and a few copies of the global adapter (≈ 4 × its dense f32 size during aggregation),
 //! plus one copy per client under the f16-delta downlink (each client's reconstruction).
 
@@ -32,8 +41,12 @@ pub const REQUEST_TIMEOUT_S: u64 = 30;
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
 /// Flow-control window of one stream, bytes.
 pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
-/// Flow-control window of one connection (all its streams), bytes.
+/// Flow-control window of one connection (all its streams) while it sends a payload body whose
+/// length is reserved in the budget, bytes.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+/// Flow-control window of one connection otherwise, bytes: what a waiting upload can have sent
+/// before the coordinator reads it.
+pub const IDLE_RECEIVE_WINDOW: u32 = 16 * 1024;
 /// Unacknowledged bytes the coordinator sends on one connection.
 pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 /// Connections one client id may hold open at once (a reconnecting device's new connection
@@ -41,21 +54,27 @@ pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 2;
 /// Bytes of payload-frame bodies being read at once, over all connections.
 pub const PAYLOAD_BUDGET: usize = 256 * 1024 * 1024;
+/// Bytes of global-adapter pieces sent and not yet acknowledged by their clients, over all
+/// connections: when a round opens, every participant fetches the global at once, and each
+/// piece would otherwise sit in quinn's send buffer until its client acknowledges it.
+pub const DOWNLOAD_BUDGET: usize = 32 * 1024 * 1024;
 
 /// The quinn limits above, plus idle timeout and keep-alive.
 pub fn apply_limits(t: &mut quinn::TransportConfig) {
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
-    t.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    t.receive_window(IDLE_RECEIVE_WINDOW.into());
     t.send_window(SEND_WINDOW);
 }
 
-/// The global budget for payload bodies and each connection's one-at-a-time gate.
+/// The global budget for payload bodies, each connection's one-at-a-time gate, and the
+/// connection whose flow-control window opens while a body is read.
 #[derive(Clone)]
 pub struct ReadBudget {
     global: Arc<Semaphore>,
     connection: Arc<Semaphore>,
+    conn: Option<quinn::Connection>,
 }
 
 impl ReadBudget {
@@ -64,11 +83,26 @@ impl ReadBudget {
         Arc::new(Semaphore::new((bytes / 1024).min(Semaphore::MAX_PERMITS)))
     }
 
-    /// One connection's view of the global budget.
-    pub fn for_connection(global: Arc<Semaphore>) -> Self {
+    /// One connection's view of the global budget (`conn`: whose window to open while a body
+    /// is read; `None` leaves the window as it is).
+    pub fn for_connection(global: Arc<Semaphore>, conn: Option<quinn::Connection>) -> Self {
         Self {
             global,
             connection: Arc::new(Semaphore::new(1)),
+            conn,
+        }
+    }
+
+    fn open_window(&self, len: usize) {
+        if let Some(c) = &self.conn {
+            let w = (IDLE_RECEIVE_WINDOW as usize + len).min(CONNECTION_RECEIVE_WINDOW as usize);
+            c.set_receive_window(quinn::VarInt::from_u32(w as u32));
+        }
+    }
+
+    fn close_window(&self) {
+        if let Some(c) = &self.conn {
+            c.set_receive_window(IDLE_RECEIVE_WINDOW.into());
         }
     }
 }
@@ -82,6 +116,18 @@ pub struct Request {
     /// A payload body's share of the budget, held until the request is dropped: the decoded
     /// message (a copy of the body) and its handling stay inside the budget too.
     _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+/// A payload body's share of the read budget, taken out of its [`Request`]: the budget is
+/// given back when it is dropped.
+pub struct BodyPermit(#[allow(dead_code)] Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>);
+
+impl Request {
+    /// The message, its wire size and its share of the budget, to be let go separately (an
+    /// upload piece gives its share back once it is on disk, before its upload is assembled).
+    pub fn into_parts(self) -> (ClientMsg, u64, BodyPermit) {
+        (self.msg, self.wire_bytes, BodyPermit(self._permits))
+    }
 }
 
 fn malformed(m: String) -> Refusal {
@@ -103,28 +149,31 @@ pub async fn read_request(
     if !kind.from_client() {
         return Err(malformed(format!("{kind:?} is not a client message")));
     }
-    // payload bodies wait for their share of the budget; control bodies are small
-    let permits = if len > CONTROL_LIMIT {
-        if !may_send_payload() {
-            return Err(Refusal::new(
-                RefusalCode::NotSelected,
-                "payloads are taken from participants of the open round only",
-            ));
-        }
-        let reserve = async {
-            let c = budget.connection.clone().acquire_owned().await.ok()?;
-            let g = acquire_bytes(&budget.global, len as u64).await?;
-            Some((c, g))
-        };
-        match tokio::time::timeout(request_timeout(), reserve).await {
-            Ok(Some(permits)) => Some(permits),
-            _ => return Err(busy()),
-        }
-    } else {
-        None
-    };
-    let mut req = read_message(recv, kind, len).await?;
-    req._permits = permits;
+    // payload bodies wait for their share of the budget (as long as it takes: the body waits
+    // in flow control on the client meanwhile); control bodies are small
+    if len <= CONTROL_LIMIT {
+        return read_message(recv, kind, len).await;
+    }
+    if !may_send_payload() {
+        return Err(Refusal::new(
+            RefusalCode::NotSelected,
+            "payloads are taken from participants of the open round only",
+        ));
+    }
+    let c = budget
+        .connection
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| busy())?;
+    let g = acquire_bytes(&budget.global, len as u64)
+        .await
+        .ok_or_else(busy)?;
+    budget.open_window(len);
+    let read = read_message(recv, kind, len).await;
+    budget.close_window();
+    let mut req = read?;
+    req._permits = Some((c, g));
     Ok(req)
 }
 
@@ -153,22 +202,22 @@ fn busy() -> Refusal {
 }
 
 /// `len` bytes of the global payload budget (a permit per KiB), when they come.
-async fn acquire_bytes(global: &Arc<Semaphore>, len: u64) -> Option<OwnedSemaphorePermit> {
+pub(crate) async fn acquire_bytes(
+    global: &Arc<Semaphore>,
+    len: u64,
+) -> Option<OwnedSemaphorePermit> {
     let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
     global.clone().acquire_many_owned(kib).await.ok()
 }
 
 /// Reserves `len` bytes of the global payload budget for work outside a frame read (a
-/// resumable upload's assembled frame), waiting at most the request timeout: a `busy`
-/// refusal otherwise.
+/// resumable upload's assembled frame), waiting as long as it takes (the client waits for
+/// the answer; nothing is sent again).
 pub(crate) async fn reserve_bytes(
     global: &Arc<Semaphore>,
     len: u64,
 ) -> Result<OwnedSemaphorePermit, Refusal> {
-    match tokio::time::timeout(request_timeout(), acquire_bytes(global, len)).await {
-        Ok(Some(p)) => Ok(p),
-        _ => Err(busy()),
-    }
+    acquire_bytes(global, len).await.ok_or_else(busy)
 }
 
 /// Reads and parses a frame header (kind and body length, bounded by the kind's limit).

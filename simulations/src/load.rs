@@ -39,6 +39,9 @@ use crate::error::SimError;
 /// Rank of the synthetic adapter's LoRA factors.
 const RANK: usize = 8;
 
+/// Synthetic clients that share one QUIC endpoint (UDP socket).
+const CLIENTS_PER_ENDPOINT: usize = 500;
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
@@ -263,8 +266,15 @@ pub async fn run_clients(
     certs: &Path,
 ) -> Result<Vec<ClientReport>, SimError> {
     let mut handles = Vec::with_capacity(cfg.clients);
+    // one UDP socket per CLIENTS_PER_ENDPOINT clients (each connection with its own
+    // certificate): 10,000 clients are not 10,000 sockets and receive buffers
+    let mut endpoints = Vec::new();
+    for _ in 0..cfg.clients.div_ceil(CLIENTS_PER_ENDPOINT) {
+        endpoints.push(fedlora_client::transport::bare_endpoint()?);
+    }
     for i in 0..cfg.clients {
         let mut cc = ClientConfig::new(addr, ClientTls::from_dir(certs, i));
+        cc.endpoint = Some(endpoints[i / CLIENTS_PER_ENDPOINT].clone());
         cc.sampling_seed = Some(cfg.client_seed(i));
         cc.max_connect_attempts = Some(50);
         cc.backoff_max_ms = 2_000;
@@ -301,8 +311,15 @@ pub fn expected_global(
     let ctx = CodecContext {
         round_seed: fedlora_protocol::round::codec_seed(fed.seed, round),
     };
-    let mut payloads = Vec::with_capacity(counted.len());
-    let mut deltas = Vec::with_capacity(counted.len());
+    if !matches!(codec, Codec::Modular(_)) && fed.strategy.name() != "fed-avg" {
+        return Err(SimError::Config(format!(
+            "the load run's check recomputes FedAvg, not {}",
+            fed.strategy.name()
+        )));
+    }
+    // one client at a time: memory O(params), whatever the number of clients
+    let mut modular: Option<ModularSum> = None;
+    let mut float = vec![0f64; spec.numel()];
     for &i in counted {
         let learner = SyntheticLearner::new(cfg, i)?;
         let seeds = ClientSeeds {
@@ -322,44 +339,34 @@ pub fn expected_global(
             &mut None,
             None,
         )?;
-        payloads.push(enc.bytes);
-        deltas.push(delta);
-    }
-    let delta = if let Codec::Modular(p) = codec {
-        let mut sum: Option<ModularSum> = None;
-        for b in &payloads {
+        if let Codec::Modular(p) = codec {
             let ints = codec
-                .modular_payload(b, &spec)
+                .modular_payload(&enc.bytes, &spec)
                 .map_err(|e| SimError::Config(e.to_string()))?;
-            sum.get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
+            modular
+                .get_or_insert_with(|| ModularSum::new(ints.len(), p.modulus_bits()))
                 .add(&ints)
                 .map_err(|e| SimError::Config(e.to_string()))?;
+            continue;
         }
-        let sum = sum.ok_or_else(|| SimError::Config("no client counted".into()))?;
+        let values = match codec {
+            Codec::DenseF32 => delta.into_values(),
+            _ => Codec::decode(&enc.bytes, &spec, Some(codec), &ctx)
+                .map_err(|e| SimError::Config(e.to_string()))?
+                .into_values(),
+        };
+        for (s, v) in float.iter_mut().zip(&values) {
+            *s += f64::from(*v);
+        }
+    }
+    let delta = if matches!(codec, Codec::Modular(_)) {
+        let sum = modular.ok_or_else(|| SimError::Config("no client counted".into()))?;
         let full = fedlora_coordinator::aggregate::full_rank(&spec);
         let counts = RankCounts::new(full, counted.iter().map(|_| (1.0, full)));
         fedlora_coordinator::aggregate::modular_sum_delta(codec, &spec, &ctx, &sum, &counts)?
     } else {
-        if fed.strategy.name() != "fed-avg" {
-            return Err(SimError::Config(format!(
-                "the load run's check recomputes FedAvg, not {}",
-                fed.strategy.name()
-            )));
-        }
-        let mut sum = vec![0f64; spec.numel()];
-        for (b, d) in payloads.iter().zip(&deltas) {
-            let values = match codec {
-                Codec::DenseF32 => d.values().to_vec(),
-                _ => Codec::decode(b, &spec, Some(codec), &ctx)
-                    .map_err(|e| SimError::Config(e.to_string()))?
-                    .into_values(),
-            };
-            for (s, v) in sum.iter_mut().zip(&values) {
-                *s += f64::from(*v);
-            }
-        }
-        let k = payloads.len().max(1) as f64;
-        FlatAdapter::new(spec.clone(), sum.iter().map(|s| (s / k) as f32).collect())
+        let k = counted.len().max(1) as f64;
+        FlatAdapter::new(spec.clone(), float.iter().map(|s| (s / k) as f32).collect())
             .map_err(|e| SimError::Config(e.to_string()))?
     };
     let mut global = initial.clone();
@@ -487,8 +494,17 @@ pub async fn serve(
             Err(e) => return Err(SimError::Config(format!("coordinator events: {e}"))),
         }
     }
-    // let clients collect their Finished task before the endpoint closes
-    coord.wait_finished(Duration::from_millis(2_000)).await;
+    // let clients collect their Finished task before the endpoint closes: a waiting client
+    // polls again after up to N ÷ max_polls_per_s seconds
+    let cc = cfg.coordinator(state, certs)?;
+    let poll_ms = fedlora_coordinator::config::poll_delay_ms(
+        cc.poll_interval_ms,
+        cfg.clients,
+        cc.max_polls_per_s,
+    );
+    coord
+        .wait_finished(Duration::from_millis(2_000 + 2 * poll_ms))
+        .await;
     let report = coord.report()?;
     let (_, global) = coord.global();
     coord.shutdown().await;
@@ -544,6 +560,11 @@ pub struct LoadReport {
     /// `upload_bytes` over `upload_window_s`, MiB/s: throughput through TLS, acknowledged
     /// (checked and written to disk).
     pub upload_mib_s: f64,
+    /// Acknowledged uploads per second of the upload window (durable acks per second).
+    pub acks_per_s: f64,
+    /// Upload bytes the clients sent beyond one copy of each upload (re-sends after a
+    /// refusal, a timeout or a lost link): 0 in a run without faults.
+    pub resent_bytes: u64,
     /// Whether the committed aggregate equals what the clients sent (see [`matches`]).
     pub exact: bool,
     /// Clients the round counted.
@@ -618,6 +639,8 @@ pub fn report(
         upload_bytes,
         upload_window_s: window_s,
         upload_mib_s: upload_bytes as f64 / (1 << 20) as f64 / window_s.max(1e-9),
+        acks_per_s: uploads.len() as f64 / window_s.max(1e-9),
+        resent_bytes: clients.iter().map(ClientReport::resent_bytes).sum(),
         exact,
         counted: serve.participants.len(),
         setup_s,

@@ -146,30 +146,6 @@ async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout
         .unwrap();
     let addr = coord.local_addr().unwrap();
 
-    // the link goes down once the coordinator holds a piece of round 1's upload (the delta is
-    // 64 KB in 8 KB pieces), for longer than the idle timeout
-    let watcher = {
-        let (host_if, ns) = (net.host_if.clone(), net.ns.clone());
-        let state = dir.path().join("state");
-        tokio::spawn(async move {
-            let probe = Net { ns, host_if };
-            // gives up (false) if no upload piece shows up in time
-            let held = tokio::time::timeout(
-                Duration::from_secs(300),
-                common::wait_for_partial_upload(&state, 8_192),
-            )
-            .await
-            .is_ok();
-            if held {
-                probe.link(false);
-                tokio::time::sleep(LINK_DOWN).await;
-                probe.link(true);
-            }
-            // the probe must not tear the namespace down
-            std::mem::forget(probe);
-            held
-        })
-    };
     let client = tokio::process::Command::new("ip")
         .args(["netns", "exec", &net.ns])
         .arg(env!("CARGO_BIN_EXE_fedlora"))
@@ -182,7 +158,7 @@ async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout
         ])
         .arg("--certs")
         .arg(&certs)
-        .args(["--client-index", "0", "--upload-chunk", "8192"])
+        .args(["--client-index", "0", "--upload-chunk", "1024"])
         .args(["--idle-timeout", &format!("{}s", IDLE_TIMEOUT.as_secs())])
         .arg("--base")
         .arg(&base)
@@ -192,6 +168,41 @@ async fn a_round_survives_netem_loss_delay_and_a_link_down_past_the_idle_timeout
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // the link goes down once the coordinator holds a piece of round 1's upload (the delta is
+    // 64 KB in 1 KB pieces), for longer than the idle timeout. The client is frozen
+    // (SIGSTOP) the moment a piece shows up, before the link goes down, so the cut always
+    // falls inside the upload however fast the pieces go; it is thawed once the link is down,
+    // and finds its connection gone.
+    let watcher = {
+        let (host_if, ns) = (net.host_if.clone(), net.ns.clone());
+        let state = dir.path().join("state");
+        let pid = client.id().expect("the client runs").to_string();
+        tokio::spawn(async move {
+            let probe = Net { ns, host_if };
+            let signal = |sig: &str| {
+                let _ = std::process::Command::new("kill")
+                    .args([sig, &pid])
+                    .status();
+            };
+            // gives up (false) if no upload piece shows up in time
+            let held = tokio::time::timeout(
+                Duration::from_secs(300),
+                common::wait_for_partial_upload(&state, 1_024),
+            )
+            .await
+            .is_ok();
+            if held {
+                signal("-STOP");
+                probe.link(false);
+                signal("-CONT");
+                tokio::time::sleep(LINK_DOWN).await;
+                probe.link(true);
+            }
+            // the probe must not tear the namespace down
+            std::mem::forget(probe);
+            held
+        })
+    };
     let finished = tokio::time::timeout(
         Duration::from_secs(480),
         coord.wait_finished(Duration::from_millis(300)),

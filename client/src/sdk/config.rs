@@ -13,6 +13,11 @@ pub struct ClientConfig {
     pub tls: ClientTls,
     /// QUIC idle timeout and handshake timeout (defaults 60 s and 10 s).
     pub timers: TransportTimers,
+    /// A QUIC endpoint (UDP socket) to share with other clients of this process, e.g. a
+    /// gateway's devices or a load generator's ([`crate::transport::bare_endpoint`]); each
+    /// connection still presents this client's own certificate. `None` (default): the client
+    /// opens its own.
+    pub endpoint: Option<quinn::Endpoint>,
     /// Where unacknowledged uploads are kept across restarts (none: memory only).
     pub state_dir: Option<PathBuf>,
     /// First reconnect delay, milliseconds (doubles per failure).
@@ -103,6 +108,7 @@ impl ClientConfig {
             server_name: "localhost".into(),
             tls,
             timers: TransportTimers::default(),
+            endpoint: None,
             state_dir: None,
             backoff_initial_ms: 100,
             backoff_max_ms: 5_000,
@@ -195,6 +201,21 @@ pub struct ClientReport {
     pub resumed_uploads: u32,
     /// Downloads of the global adapter resumed from the pieces already held.
     pub resumed_downloads: u32,
+    /// Each distinct upload frame this client delivered: its resumable id (SHA-256) and its
+    /// length, bytes.
+    pub upload_frames: Vec<([u8; 32], u64)>,
+    /// Upload bytes sent over every attempt: whole upload frames, and the bytes of upload
+    /// pieces. Above the sum of `upload_frames`' lengths only when something was sent again.
+    pub upload_bytes_sent: u64,
+}
+
+impl ClientReport {
+    /// Upload bytes sent beyond one copy of each upload (re-sends after a refusal, a timeout
+    /// or a lost connection).
+    pub fn resent_bytes(&self) -> u64 {
+        let once: u64 = self.upload_frames.iter().map(|(_, n)| n).sum();
+        self.upload_bytes_sent.saturating_sub(once)
+    }
 }
 
 /// One acknowledged upload, timed by the client.

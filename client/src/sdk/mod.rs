@@ -20,7 +20,7 @@ use crate::client_dp::ClientDpRecord;
 use crate::eligibility::{Ineligible, SharedEligibility};
 use crate::error::ClientError;
 use crate::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
-use crate::transport::{endpoint_with, ClientTls, Session, TransportTimers};
+use crate::transport::{ClientTls, Session, TransportTimers};
 use fedlora_protocol::client_dp::{ClientDpPlan, ClientDpPolicy, PlanRefusal};
 use fedlora_train::data::ClientData;
 use fedlora_train::learner::{
@@ -159,7 +159,11 @@ impl FederatedClient {
 
     /// Runs until the coordinator says the federation is finished.
     pub async fn run(&self) -> Result<ClientReport, ClientError> {
-        let mut ep = endpoint_with(&self.config.tls, &self.config.timers)?;
+        let shared = self.config.endpoint.is_some();
+        let ep = match &self.config.endpoint {
+            Some(ep) => ep.clone(),
+            None => crate::transport::bare_endpoint()?,
+        };
         let mut report = ClientReport::default();
         let mut pending = self.load_pending();
         let mut backoff = Backoff::new(&self.config);
@@ -198,9 +202,8 @@ impl FederatedClient {
             backoff.reset();
             failures = 0;
             if self.renew(&session, &mut report).await? {
-                // reconnect with the new certificate
+                // reconnect with the new certificate (each connection reads it again)
                 session.close();
-                ep = endpoint_with(&self.config.tls, &self.config.timers)?;
                 continue;
             }
             match self.serve(&session, &mut report, &mut pending).await {
@@ -209,7 +212,9 @@ impl FederatedClient {
                         report.eps_spent = p.epsilon_spent().ok();
                     }
                     session.close();
-                    ep.wait_idle().await;
+                    if !shared {
+                        ep.wait_idle().await;
+                    }
                     return Ok(report);
                 }
                 Ok(Outcome::Reconnect) => {}

@@ -10,7 +10,8 @@ impl FederatedClient {
         report: &mut ClientReport,
         pending: &mut Option<ClientMsg>,
     ) -> Result<Outcome, ClientError> {
-        if let Some(u) = pending.clone() {
+        // taken, not copied: `deliver` holds it as pending again until it is acknowledged
+        if let Some(u) = pending.take() {
             info!("re-sending an unacknowledged upload");
             self.deliver(s, u, report, pending).await?;
         }

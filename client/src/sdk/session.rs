@@ -41,8 +41,11 @@ impl FederatedClient {
         ep: &quinn::Endpoint,
         report: &mut ClientReport,
     ) -> Result<Session, ClientError> {
-        let s = Session::connect_within(
+        // this client's identity (read again at each connection: a renewal replaces it)
+        let tls = crate::transport::client_config_with(&self.config.tls, &self.config.timers)?;
+        let s = Session::connect_using(
             ep,
+            Some(tls),
             self.config.coordinator,
             &self.config.server_name,
             self.config.timers.connect_timeout,
@@ -158,13 +161,19 @@ impl FederatedClient {
                 )))
             }
         };
-        *pending = Some(upload.clone());
         self.save_pending(&upload)?;
-        let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
         let frame = fedlora_protocol::frame::encode(&upload)?;
+        // kept (not copied) until acknowledged: a lost connection sends it again
+        *pending = Some(upload);
+        let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
+        let id = fedlora_protocol::resumable::upload_id(&frame);
+        if !report.upload_frames.iter().any(|(i, _)| *i == id) {
+            report.upload_frames.push((id, frame.len() as u64));
+        }
         let reply = if frame.len() > self.config.upload_chunk_bytes {
             self.send_in_pieces(s, &frame, report).await?
         } else {
+            report.upload_bytes_sent += frame.len() as u64;
             self.send_frame(s, &frame, report).await?
         };
         match reply {
@@ -295,7 +304,10 @@ impl FederatedClient {
                 .config
                 .upload_chunk_bytes
                 .min(frame.len().saturating_sub(offset));
-            match self.send(s, &piece(offset, len), report).await? {
+            report.upload_bytes_sent += len as u64;
+            // the piece's message is dropped once encoded: one copy of its bytes in flight
+            let f = fedlora_protocol::frame::encode(&piece(offset, len))?;
+            match self.send_frame(s, &f, report).await? {
                 CoordMsg::UploadProgress { upload_id, have } if upload_id == id => {
                     let have = have as usize;
                     stalled = if have > offset { 0 } else { stalled + 1 };

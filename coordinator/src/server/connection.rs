@@ -81,7 +81,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
             old.close(3u32.into(), b"too many connections for this client");
         }
     }
-    let budget = ReadBudget::for_connection(shared.budget.clone());
+    let budget = ReadBudget::for_connection(shared.budget.clone(), Some(conn.clone()));
     let mut registered = false;
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -323,7 +323,7 @@ pub(super) async fn handle_hello(
 }
 
 pub(super) async fn serve_stream(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     client: &str,
     presented: &crate::enroll::Presented,
     budget: &ReadBudget,
@@ -340,9 +340,10 @@ pub(super) async fn serve_stream(
             return;
         }
     };
-    let wire = req.wire_bytes;
+    let (msg, wire, body_permit) = req.into_parts();
     shared.metrics.bytes_up.inc_by(wire);
-    let (reply, round_down) = match req.msg {
+    let mut download = None;
+    let (reply, round_down) = match msg {
         ClientMsg::Hello { .. } => (
             CoordMsg::Refused(Refusal::new(
                 RefusalCode::Malformed,
@@ -352,14 +353,22 @@ pub(super) async fn serve_stream(
         ),
         ClientMsg::Poll { held_version } => poll(shared, client, held_version),
         m @ (ClientMsg::Upload(_) | ClientMsg::PrivateUpload(_)) => {
-            (handle_upload(shared, client, m, wire), None)
+            (handle_upload(shared, client, m, wire).await, None)
         }
-        ClientMsg::UploadChunk(c) => (upload_piece(shared, client, c).await, None),
+        ClientMsg::UploadChunk(c) => (upload_piece(shared, client, c, body_permit).await, None),
         ClientMsg::FetchGlobal {
             version,
             offset,
             max_len,
         } => {
+            // the piece's bytes count against the download budget until the client has
+            // acknowledged them (below, after the answer)
+            let len = {
+                let g = shared.global.lock().expect("lock");
+                (max_len as usize).min(g.encoded.len())
+            }
+            .min(crate::wire::DOWNLOAD_BUDGET);
+            download = crate::wire::acquire_bytes(&shared.downloads, len as u64).await;
             // the pieces of an offer's global adapter count in that round's bytes down
             let round = match &shared.fed.lock().expect("lock").state().phase {
                 fedlora_protocol::Phase::Training(open) if open.base_version == version => {
@@ -372,7 +381,7 @@ pub(super) async fn serve_stream(
                 round,
             )
         }
-        ClientMsg::EvalReport(r) => (eval_report(shared, client, r), None),
+        ClientMsg::EvalReport(r) => (eval_report(shared, client, r).await, None),
         ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
         ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
         ClientMsg::SecAgg { round, body } => {
@@ -386,7 +395,14 @@ pub(super) async fn serve_stream(
             warn!(%client, code = ?r.code, reason = %r.message, "request refused");
         }
     }
-    if let Ok(n) = respond(&mut send, &reply).await {
+    let sent = respond(&mut send, &reply).await;
+    drop(reply);
+    if download.is_some() {
+        // held until the client acknowledged the piece (or a while, for a silent one)
+        let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+        drop(download);
+    }
+    if let Ok(n) = sent {
         shared.metrics.bytes_down.inc_by(n);
         if let Some(round) = round_down {
             *shared
@@ -429,7 +445,7 @@ async fn renew(
 }
 
 /// An upload or a private upload (whole, or assembled from resumable pieces).
-fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> CoordMsg {
+async fn handle_upload(shared: &Arc<Shared>, client: &str, msg: ClientMsg, wire: u64) -> CoordMsg {
     match msg {
         ClientMsg::Upload(u) => {
             let got = Received {
@@ -440,7 +456,7 @@ fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> Co
                 private: false,
                 wire_bytes: wire,
             };
-            upload(shared, client, got, &u.payload)
+            upload(shared, client, got, u.payload).await
         }
         ClientMsg::PrivateUpload(u) => {
             let got = Received {
@@ -451,7 +467,7 @@ fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> Co
                 private: true,
                 wire_bytes: wire,
             };
-            upload(shared, client, got, &u.payload)
+            upload(shared, client, got, u.payload).await
         }
         other => CoordMsg::Refused(Refusal::new(
             RefusalCode::WrongKind,
@@ -463,14 +479,18 @@ fn handle_upload(shared: &Shared, client: &str, msg: ClientMsg, wire: u64) -> Co
     }
 }
 
-/// One piece of a resumable upload: stored (flushed) before it is acknowledged; the piece that
-/// completes it is checked against the upload's hash, decoded and taken as one upload.
+/// One piece of a resumable upload: appended to its file before it is acknowledged; the piece
+/// that completes it gives its read budget back (its bytes are on disk), then reserves the whole
+/// upload's length, and the upload is read back, checked against its hash, decoded and taken
+/// as one upload. Giving the piece's share back first means no piece holds budget while it
+/// waits for more, so pieces cannot deadlock the budget among themselves.
 async fn upload_piece(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     client: &str,
     chunk: fedlora_protocol::resumable::UploadChunk,
+    body_permit: crate::wire::BodyPermit,
 ) -> CoordMsg {
-    use crate::partial::PieceOutcome;
+    use crate::partial::{Appended, PieceOutcome};
     // only a participant of the open round parks pieces on disk: at most clients_per_round ×
     // the payload limit of partial uploads, whoever else is registered
     if !selected_now(shared, client) {
@@ -479,22 +499,41 @@ async fn upload_piece(
             "upload pieces are taken from participants of the open round only",
         ));
     }
-    // the piece that completes an upload assembles the whole frame in memory: it draws on the
-    // payload budget like a whole upload does (a question, with no bytes, completes nothing)
-    let completes = !chunk.bytes.is_empty()
-        && chunk.offset.saturating_add(chunk.bytes.len() as u64) >= chunk.total_len;
-    let _permits = if completes {
-        match crate::wire::reserve_bytes(&shared.budget, chunk.total_len).await {
-            Ok(p) => Some(p),
-            Err(r) => return CoordMsg::Refused(r),
-        }
-    } else {
-        None
+    let (id, total_len) = (chunk.upload_id, chunk.total_len);
+    let appended = {
+        let partial = shared.partial.clone();
+        let who = client.to_string();
+        tokio::task::spawn_blocking(move || partial.append(&who, &chunk, now_ms())).await
     };
-    let id = chunk.upload_id;
-    let partial = shared.partial.clone();
-    let who = client.to_string();
-    let applied = tokio::task::spawn_blocking(move || partial.apply(&who, &chunk, now_ms())).await;
+    match appended {
+        Ok(Ok(Appended::Progress(have))) => {
+            return CoordMsg::UploadProgress {
+                upload_id: id,
+                have,
+            }
+        }
+        Ok(Ok(Appended::Complete)) => {}
+        Ok(Err(e)) => {
+            error!(error = %e, "storing an upload piece failed");
+            return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
+        }
+        Err(e) => {
+            error!(error = %e, "storing an upload piece failed");
+            return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
+        }
+    }
+    drop(body_permit);
+    // the assembled frame is read into memory: it draws on the payload budget like a whole
+    // upload does
+    let _permit = match crate::wire::reserve_bytes(&shared.budget, total_len).await {
+        Ok(p) => p,
+        Err(r) => return CoordMsg::Refused(r),
+    };
+    let applied = {
+        let partial = shared.partial.clone();
+        let who = client.to_string();
+        tokio::task::spawn_blocking(move || partial.take(&who, &id)).await
+    };
     match applied {
         Ok(Ok(PieceOutcome::Progress(have))) => CoordMsg::UploadProgress {
             upload_id: id,
@@ -505,8 +544,14 @@ async fn upload_piece(
             "the assembled upload does not match its hash; send it again",
         )),
         Ok(Ok(PieceOutcome::Complete(frame))) => {
-            match fedlora_protocol::frame::decode::<ClientMsg>(&frame) {
-                Ok(m) => handle_upload(shared, client, m, frame.len() as u64),
+            let (decoded, len) = (
+                fedlora_protocol::frame::decode::<ClientMsg>(&frame),
+                frame.len() as u64,
+            );
+            // the frame is let go before its upload is handled: one copy of the payload
+            drop(frame);
+            match decoded {
+                Ok(m) => handle_upload(shared, client, m, len).await,
                 Err(e) => CoordMsg::Refused(e.refusal()),
             }
         }

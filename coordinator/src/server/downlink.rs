@@ -32,6 +32,13 @@ pub(super) fn global_payload(
     (None, global.encoded.clone())
 }
 
+/// Whether the full global goes by its (cached) digest: the full downlink, and an adapter above
+/// [`fedlora_protocol::resumable::INLINE_GLOBAL_MAX`] (what [`by_digest`] decides for it).
+fn full_by_digest(global: &Global, downlink: Downlink) -> bool {
+    downlink == Downlink::Full
+        && global.encoded.len() > fedlora_protocol::resumable::INLINE_GLOBAL_MAX
+}
+
 /// A full adapter (not a delta, not a rank slice) above
 /// [`fedlora_protocol::resumable::INLINE_GLOBAL_MAX`] goes by its digest: the client fetches it
 /// in resumable pieces ([`global_piece`]).
@@ -167,9 +174,15 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                             return (CoordMsg::Task(wait), None);
                         }
                     },
+                    // the full global by its digest, computed once per version
+                    None if full_by_digest(&global, train.downlink) => (None, Vec::new()),
                     None => global_payload(shared, &global, client, held, train.downlink),
                 };
-                let (payload, global_digest) = by_digest(global_from, rank, payload);
+                let (payload, global_digest) = match (rank, full_by_digest(&global, train.downlink))
+                {
+                    (None, true) => (payload, Some(global.digest)),
+                    _ => by_digest(global_from, rank, payload),
+                };
                 let plan_signature = match sign_plan(shared, &train) {
                     Ok(s) => s,
                     Err(e) => {
@@ -198,9 +211,13 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             }
         }
         Directive::Evaluate { version } if version == global.version => {
-            let (global_from, payload) =
-                global_payload(shared, &global, client, held, train.downlink);
-            let (payload, global_digest) = by_digest(global_from, None, payload);
+            let (global_from, payload, global_digest) = if full_by_digest(&global, train.downlink) {
+                (None, Vec::new(), Some(global.digest))
+            } else {
+                let (from, payload) = global_payload(shared, &global, client, held, train.downlink);
+                let (payload, digest) = by_digest(from, None, payload);
+                (from, payload, digest)
+            };
             Task::Evaluate {
                 version,
                 global_from,

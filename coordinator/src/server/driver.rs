@@ -18,23 +18,33 @@ pub(super) fn write_status_snapshot(store: &crate::store::Store) {
 /// Rewrites the status snapshot after each burst of `events` ([`super::Coordinator::start`]
 /// subscribes them, then writes the first snapshot, so no event between the two is missed).
 pub(super) async fn snapshot_loop(shared: Arc<Shared>, mut events: broadcast::Receiver<Event>) {
+    let mut pause = Duration::from_millis(100);
     loop {
         match events.recv().await {
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,
         }
-        // coalesce a burst of events into one write
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // coalesce a burst of events into one write, and keep the writes (which read every
+        // record: O(clients)) to at most a tenth of one core's time
+        tokio::time::sleep(pause).await;
         while events.try_recv().is_ok() {}
         let s = shared.clone();
+        let t = std::time::Instant::now();
         let _ = tokio::task::spawn_blocking(move || write_status_snapshot(&s.store)).await;
+        pause = (t.elapsed() * 10).max(Duration::from_millis(100));
     }
 }
 
 pub(super) async fn tick_loop(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(Duration::from_millis(shared.config.tick_ms));
+    let mut swept = std::time::Instant::now();
     loop {
         interval.tick().await;
+        if swept.elapsed() >= Duration::from_secs(60) {
+            swept = std::time::Instant::now();
+            let s = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || s.partial.sweep(now_ms())).await;
+        }
         let shared2 = shared.clone();
         // aggregation reads files and does arithmetic: keep it off the async workers
         let r = tokio::task::spawn_blocking(move || tick_once(&shared2)).await;
@@ -140,12 +150,12 @@ pub(super) fn finish_secure(
 pub(super) fn tick_once(shared: &Shared) -> Result<()> {
     let now = now_ms();
     secure_tick(shared, now)?;
+    // the state is copied only when something happened (it lists the round's participants)
     let transition = {
         let mut fed = shared.fed.lock().expect("lock");
-        let t = fed.tick(now);
-        (t, fed.state().clone())
+        fed.tick(now).map(|t| (t, fed.state().clone()))
     };
-    let (Some(t), state) = transition else {
+    let Some((t, state)) = transition else {
         return Ok(());
     };
     match t {
@@ -279,7 +289,10 @@ pub(super) fn take_round(
         .collect()
 }
 
-/// Loads every upload of `round` and aggregates them into the next global.
+/// The round's aggregated delta. Strategies that need only the sum take the running sum the
+/// committer folded each upload into as it was accepted; when it does not hold exactly these
+/// uploads (after a restart) it is rebuilt by folding the durable payloads one at a time.
+/// Strategies that need each update read every payload back from disk.
 pub(super) fn aggregate(
     shared: &Shared,
     round: u64,
@@ -297,46 +310,66 @@ pub(super) fn aggregate(
     let ctx = CodecContext {
         round_seed: codec_seed(seed, round),
     };
-    let mut payloads = Vec::with_capacity(uploads.len());
-    for (client, meta) in uploads {
-        let bytes = shared.store.upload_payload(round, client, &meta.digest)?;
-        payloads.push((meta.weight, meta.rank, bytes));
-    }
     if let Some(plan) = client_dp.as_ref() {
-        let Some(std) = plan.central_noise_std() else {
+        if plan.central_noise_std().is_none() {
             return Err(CoordinatorError::Config(
                 "plaintext client-level DP rounds are central (Gaussian noise)".into(),
             ));
-        };
-        // central mode: the coordinator's noise, from the OS CSPRNG
-        let mut noise = fedlora_dp::GaussianNoise::from_os(std)
-            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
-        return crate::aggregate::central_dp_delta(
-            plan,
+        }
+    }
+    let Some(kind) = shared.sum_kind.clone() else {
+        let mut payloads = Vec::with_capacity(uploads.len());
+        for meta in uploads.values() {
+            let bytes = shared.store.upload_payload(round, &meta.digest)?;
+            payloads.push((meta.weight, meta.rank, bytes));
+        }
+        return crate::aggregate::aggregate_payloads(
+            shared.strategy.as_ref(),
             &codec,
             &shared.spec,
             &ctx,
-            payloads.iter().map(|(_, _, b)| crate::aggregate::Payload {
-                weight: 1.0,
-                rank: None,
-                bytes: b.as_slice(),
-            }),
-            &mut noise,
+            payloads
+                .iter()
+                .map(|(weight, rank, b)| crate::aggregate::Payload {
+                    weight: *weight,
+                    rank: *rank,
+                    bytes: b.as_slice(),
+                }),
         );
+    };
+    let mut held = shared.sum.lock().expect("lock");
+    let current = held
+        .as_ref()
+        .is_some_and(|s| s.round() == round && s.clients().iter().eq(uploads.keys()));
+    if !current {
+        info!(
+            round,
+            uploads = uploads.len(),
+            "summing the round's uploads from disk"
+        );
+        let mut sum = crate::running_sum::RunningSum::new(round, kind.clone());
+        for (client, meta) in uploads {
+            let bytes = shared.store.upload_payload(round, &meta.digest)?;
+            let decoded = Codec::decode(&bytes, &shared.spec, Some(&codec), &ctx)?;
+            let rank = meta
+                .rank
+                .map_or(shared.full_rank, |r| (r as usize).min(shared.full_rank));
+            let a = kind.addend(&codec, &shared.spec, &bytes, decoded, meta.weight, rank)?;
+            sum.add(client, &a)?;
+        }
+        *held = Some(sum);
     }
-    crate::aggregate::aggregate_payloads(
-        shared.strategy.as_ref(),
-        &codec,
-        &shared.spec,
-        &ctx,
-        payloads
-            .iter()
-            .map(|(weight, rank, b)| crate::aggregate::Payload {
-                weight: *weight,
-                rank: *rank,
-                bytes: b.as_slice(),
-            }),
-    )
+    let sum = held.take().expect("set above");
+    drop(held);
+    let mut noise = match client_dp.as_ref().and_then(|p| p.central_noise_std()) {
+        // central mode: the coordinator's noise, from the OS CSPRNG
+        Some(std) => Some(
+            fedlora_dp::GaussianNoise::from_os(std)
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    sum.finish(&codec, &shared.spec, &ctx, shared.full_rank, noise.as_mut())
 }
 
 /// Commits `round`: `delta` is the round's aggregated delta, which the federation's strategy
@@ -408,11 +441,7 @@ pub(super) fn commit(
         *fed = before;
         return Err(e);
     }
-    *shared.global.lock().expect("lock") = Global {
-        version,
-        adapter: new_global,
-        encoded,
-    };
+    *shared.global.lock().expect("lock") = Global::new(version, new_global, encoded);
     *shared.opt.lock().expect("lock") = opt;
     shared
         .metrics

@@ -29,6 +29,7 @@ use crate::store::{EvalRecord, RoundRecord, RoundStatus, Store, UploadRecord};
 pub use crate::wire::REQUEST_TIMEOUT_S;
 use crate::wire::{read_request, respond, ReadBudget, MAX_CONNECTIONS_PER_CLIENT};
 
+mod commit;
 mod connection;
 mod downlink;
 mod driver;
@@ -87,6 +88,20 @@ struct Global {
     version: u64,
     adapter: FlatAdapter,
     encoded: Vec<u8>,
+    /// Length and SHA-256 of `encoded`, computed once per version (offers carry it).
+    digest: fedlora_protocol::resumable::GlobalDigest,
+}
+
+impl Global {
+    fn new(version: u64, adapter: FlatAdapter, encoded: Vec<u8>) -> Self {
+        let digest = fedlora_protocol::resumable::GlobalDigest::of(&encoded);
+        Self {
+            version,
+            adapter,
+            encoded,
+            digest,
+        }
+    }
 }
 
 struct Shared {
@@ -115,10 +130,19 @@ struct Shared {
     conns: Mutex<BTreeMap<String, Vec<quinn::Connection>>>,
     /// Bytes of payload bodies being read, over all connections (see [`crate::wire`]).
     budget: Arc<tokio::sync::Semaphore>,
+    /// Bytes of global-adapter pieces sent and not yet acknowledged, over all connections
+    /// ([`crate::wire::DOWNLOAD_BUDGET`]).
+    downloads: Arc<tokio::sync::Semaphore>,
     /// The server optimizer's moments that go with the current global version.
     opt: Mutex<fedlora_protocol::strategy::OptimizerState>,
     /// The federation's strategy (built from its config).
     strategy: Box<dyn fedlora_protocol::strategy::Strategy>,
+    /// How uploads are summed as they are accepted (`None`: the strategy needs each update).
+    sum_kind: Option<crate::running_sum::SumKind>,
+    /// The open round's running sum of accepted plain uploads ([`crate::running_sum`]).
+    sum: Mutex<Option<crate::running_sum::RunningSum>>,
+    /// The group committer's queue ([`commit`]).
+    commits: Mutex<std::sync::mpsc::Sender<commit::Pending>>,
     /// The federation's LoRA rank R.
     full_rank: usize,
     /// Each connected client's declared largest rank, when below R (heterogeneous ranks).
@@ -293,16 +317,25 @@ impl Coordinator {
         let strategy = config.federation.strategy.build();
         let full_rank = crate::aggregate::full_rank(&spec);
         let budget = ReadBudget::global(config.payload_budget);
+        let sum_kind = {
+            let train = &config.federation.train;
+            let central = train
+                .client_dp
+                .as_ref()
+                .filter(|p| train.secure.is_none() && p.central_noise_std().is_some());
+            crate::running_sum::SumKind::of(
+                &train.codec,
+                central,
+                strategy.needs_individual_updates(),
+            )
+        };
+        let (commits, commit_queue) = commit::channel();
         let shared = Arc::new(Shared {
             config,
             spec,
             store,
             fed: Mutex::new(fed),
-            global: Mutex::new(Global {
-                version,
-                adapter,
-                encoded,
-            }),
+            global: Mutex::new(Global::new(version, adapter, encoded)),
             bytes_down: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
             recon: Mutex::new(BTreeMap::new()),
@@ -312,8 +345,12 @@ impl Coordinator {
             ca_subject,
             conns: Mutex::new(BTreeMap::new()),
             budget,
+            downloads: ReadBudget::global(crate::wire::DOWNLOAD_BUDGET),
             opt: Mutex::new(opt),
             strategy,
+            sum_kind,
+            sum: Mutex::new(None),
+            commits: Mutex::new(commits),
             full_rank,
             max_ranks: Mutex::new(BTreeMap::new()),
             offered_ranks: Mutex::new(BTreeMap::new()),
@@ -338,6 +375,7 @@ impl Coordinator {
         // the first status snapshot is on disk before the coordinator says it listens, so
         // `fedlora status` works on its data directory from then on (the loop keeps it fresh
         // from the events after this subscription)
+        commit::spawn(Arc::downgrade(&shared), commit_queue)?;
         let snapshot_events = shared.events.subscribe();
         driver::write_status_snapshot(&shared.store);
         info!(addr = %endpoint.local_addr()?, "coordinator listening");

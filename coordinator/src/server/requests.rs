@@ -35,11 +35,76 @@ pub(super) fn check_kind(
     }
 }
 
-pub(super) fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8]) -> CoordMsg {
+/// A plain or private upload: checked and decoded, its payload written to its content-addressed
+/// file, then handed to the group committer ([`super::commit`]), which acknowledges it once its
+/// record is flushed. Decoding and the file write run on the blocking pool, outside every lock.
+pub(super) async fn upload(
+    shared: &Arc<Shared>,
+    client: &str,
+    u: Received,
+    payload: Vec<u8>,
+) -> CoordMsg {
+    let prepared = {
+        let shared = shared.clone();
+        let client = client.to_string();
+        tokio::task::spawn_blocking(move || prepare_upload(&shared, &client, u, &payload)).await
+    };
+    let pending = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(answer)) => return *answer,
+        Err(e) => {
+            error!(error = %e, %client, "preparing an upload failed");
+            return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry"));
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (round, spec_hash, record, addend) = pending;
+    let sent = shared
+        .commits
+        .lock()
+        .expect("lock")
+        .send(super::commit::Pending::Upload(
+            super::commit::PendingUpload {
+                record,
+                spec_hash,
+                addend,
+                reply: tx,
+            },
+        ));
+    if sent.is_err() {
+        return CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "the coordinator is shutting down; retry",
+        ));
+    }
+    rx.await.unwrap_or_else(|_| {
+        CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            format!("upload for round {round} not committed; retry"),
+        ))
+    })
+}
+
+type Prepared = (
+    u64,
+    SpecHash,
+    UploadRecord,
+    Option<crate::running_sum::Addend>,
+);
+
+/// Everything about an upload that needs no lock held long: kind, decoding, norm bound, a
+/// first check against the round (a refusal or a re-send answers at once), the running sum's
+/// addend and the payload's file (written and fsynced).
+fn prepare_upload(
+    shared: &Shared,
+    client: &str,
+    u: Received,
+    payload: &[u8],
+) -> Result<Prepared, Box<CoordMsg>> {
     let (expected, seed, max_norm) = {
         let fed = shared.fed.lock().expect("lock");
         if let Err(r) = check_kind(&fed.config().train, u.private) {
-            return CoordMsg::Refused(r);
+            return Err(CoordMsg::Refused(r).into());
         }
         let train = &fed.config().train;
         (
@@ -55,7 +120,9 @@ pub(super) fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8])
     let decoded = match Codec::decode(payload, &shared.spec, Some(&expected), &ctx) {
         Ok(d) => d,
         Err(e) => {
-            return CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string()));
+            return Err(
+                CoordMsg::Refused(Refusal::new(RefusalCode::Malformed, e.to_string())).into(),
+            );
         }
     };
     if let Some(bound) = max_norm {
@@ -64,68 +131,70 @@ pub(super) fn upload(shared: &Shared, client: &str, u: Received, payload: &[u8])
         {
             warn!(round = u.round, %client, reason = %m, "update refused: norm bound");
             shared.metrics.refused(RefusalCode::UpdateNormExceeded);
-            return CoordMsg::Refused(Refusal::new(RefusalCode::UpdateNormExceeded, m));
+            return Err(CoordMsg::Refused(Refusal::new(RefusalCode::UpdateNormExceeded, m)).into());
         }
     }
     let digest: [u8; 32] = Sha256::digest(payload).into();
+    // a first check (the committer checks again under the lock it counts under)
+    let verdict = shared.fed.lock().expect("lock").check_upload(
+        client,
+        u.round,
+        &u.spec_hash,
+        &digest,
+        u.weight,
+    );
+    match verdict {
+        Ok(UploadVerdict::New) => {}
+        Ok(UploadVerdict::AlreadyAccepted) => {
+            info!(round = u.round, %client, "upload already accepted (re-send)");
+            return Err(CoordMsg::Ack {
+                round: u.round,
+                status: fedlora_protocol::AckStatus::AlreadyAccepted,
+            }
+            .into());
+        }
+        Err(r) => return Err(CoordMsg::Refused(r).into()),
+    }
+    let rank = trained_rank(shared, client, u.round);
+    let addend = match &shared.sum_kind {
+        Some(kind) => {
+            let r = rank.map_or(shared.full_rank, |r| (r as usize).min(shared.full_rank));
+            match kind.addend(&expected, &shared.spec, payload, decoded, u.weight, r) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    return Err(CoordMsg::Refused(Refusal::new(
+                        RefusalCode::Malformed,
+                        e.to_string(),
+                    ))
+                    .into())
+                }
+            }
+        }
+        None => None,
+    };
+    if let Err(e) = shared.store.write_upload_payload(u.round, &digest, payload) {
+        error!(error = %e, %client, "storing an upload failed");
+        return Err(CoordMsg::Refused(Refusal::new(
+            RefusalCode::Internal,
+            "could not store the upload; retry",
+        ))
+        .into());
+    }
     let meta = UploadMeta {
         digest,
         weight: u.weight,
         bytes: payload.len() as u64,
         train_loss: u.train_loss,
-        rank: trained_rank(shared, client, u.round),
+        rank,
     };
     let record = UploadRecord {
         round: u.round,
         client: client.to_string(),
-        meta: meta.clone(),
+        meta,
         wire_bytes: u.wire_bytes,
         accepted_ms: now_ms(),
     };
-    // Check and accept under the lock, persist, and roll back if persisting fails: an ack is
-    // sent only for an upload that is on disk.
-    let mut fed = shared.fed.lock().expect("lock");
-    match fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight) {
-        Ok(UploadVerdict::New) => {}
-        Ok(UploadVerdict::AlreadyAccepted) => {
-            info!(round = u.round, %client, "upload already accepted (re-send)");
-            return CoordMsg::Ack {
-                round: u.round,
-                status: fedlora_protocol::AckStatus::AlreadyAccepted,
-            };
-        }
-        Err(r) => return CoordMsg::Refused(r),
-    }
-    let before = fed.clone();
-    let state = match fed.accept_upload(client, u.round, meta) {
-        Ok(s) => s.clone(),
-        Err(r) => return CoordMsg::Refused(r),
-    };
-    if let Err(e) = shared.store.put_upload(&record, payload, &state) {
-        *fed = before;
-        error!(error = %e, %client, "storing an upload failed");
-        return CoordMsg::Refused(Refusal::new(
-            RefusalCode::Internal,
-            "could not store the upload; retry",
-        ));
-    }
-    drop(fed);
-    info!(
-        round = u.round,
-        client = %client,
-        bytes = u.wire_bytes,
-        weight = u.weight,
-        "upload accepted"
-    );
-    shared.metrics.uploads_accepted.inc();
-    let _ = shared.events.send(Event::UploadAccepted {
-        round: u.round,
-        client: client.to_string(),
-    });
-    CoordMsg::Ack {
-        round: u.round,
-        status: fedlora_protocol::AckStatus::Accepted,
-    }
+    Ok((u.round, u.spec_hash, record, addend))
 }
 
 pub(super) fn secure_receive(
@@ -239,31 +308,27 @@ pub(super) fn decline(
     CoordMsg::DeclineRecorded { round }
 }
 
-pub(super) fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
+/// An evaluation report: counted and stored by the group committer ([`super::commit`]) and
+/// acknowledged once stored; otherwise the client is asked again.
+pub(super) async fn eval_report(shared: &Shared, client: &str, r: EvalReport) -> CoordMsg {
     // (the frame decoder already refused non-finite or negative losses and empty reports)
-    let mut fed = shared.fed.lock().expect("lock");
-    let before = fed.clone();
-    if let Err(refusal) = fed.record_eval(client, r.version) {
-        return CoordMsg::Refused(refusal);
-    }
-    let rec = EvalRecord {
+    let record = EvalRecord {
         version: r.version,
         client: client.to_string(),
         loss: r.loss,
         tokens: r.tokens,
     };
-    // acknowledged only once stored; otherwise the client is asked again
-    if let Err(e) = shared.store.put_eval(&rec) {
-        *fed = before;
-        error!(error = %e, "storing an evaluation failed");
-        return CoordMsg::Refused(Refusal::new(
-            RefusalCode::Internal,
-            "could not store the evaluation; retry",
-        ));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let sent = shared
+        .commits
+        .lock()
+        .expect("lock")
+        .send(super::commit::Pending::Eval { record, reply: tx });
+    if sent.is_err() {
+        return CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "shutting down; retry"));
     }
-    drop(fed);
-    info!(version = r.version, %client, loss = r.loss, "evaluation recorded");
-    CoordMsg::EvalRecorded { version: r.version }
+    rx.await
+        .unwrap_or_else(|_| CoordMsg::Refused(Refusal::new(RefusalCode::Internal, "retry")))
 }
 
 /// A client withholds its evaluation (it trains under DP): nothing is stored, and the

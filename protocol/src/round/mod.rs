@@ -316,6 +316,22 @@ impl Federation {
         Ok(())
     }
 
+    /// Undoes [`record_eval`](Self::record_eval) of `client`'s report of `version` (its record
+    /// could not be stored: the client is asked again).
+    pub fn forget_eval(&mut self, client: &str, version: u64) {
+        self.evaluated.remove(&(version, client.to_string()));
+        if let Phase::Evaluating {
+            version: v,
+            reported,
+            ..
+        } = &mut self.state.phase
+        {
+            if *v == version {
+                reported.remove(client);
+            }
+        }
+    }
+
     /// Marks that `client` reported `version` before a restart (rebuilt from the store).
     pub fn restore_eval(&mut self, client: &str, version: u64) {
         self.evaluated.insert((version, client.to_string()));

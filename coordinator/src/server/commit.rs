@@ -1,0 +1,224 @@
+//! Group commit of plain uploads and evaluation reports: one thread takes every one that is
+//! waiting, makes the batch durable with one sled flush ([`Store::record_batch`]), then counts,
+//! folds and acknowledges each. Acknowledgements per second scale with the batch, not with the latency
+//! of a flush; the crash-safety argument is in [`crate::store`]'s docs.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Weak;
+
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::running_sum::{Addend, RunningSum};
+
+/// Uploads one flush commits at most.
+pub(super) const MAX_BATCH: usize = 4096;
+
+/// What waits for the committer.
+pub(super) enum Pending {
+    /// An upload whose payload file is written and fsynced.
+    Upload(PendingUpload),
+    /// An evaluation report.
+    Eval {
+        record: EvalRecord,
+        reply: oneshot::Sender<CoordMsg>,
+    },
+}
+
+/// An upload whose payload file is written and fsynced, waiting for its record.
+pub(super) struct PendingUpload {
+    pub(super) record: UploadRecord,
+    pub(super) spec_hash: SpecHash,
+    /// What it adds to the round's running sum (`None`: the strategy reads each payload).
+    pub(super) addend: Option<Addend>,
+    /// Where the answer goes.
+    pub(super) reply: oneshot::Sender<CoordMsg>,
+}
+
+/// The committer's end of the queue; the thread ends once the coordinator is dropped.
+pub(super) fn spawn(shared: Weak<Shared>, rx: Receiver<Pending>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("fedlora-commit".into())
+        .spawn(move || loop {
+            let first = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) if shared.strong_count() > 0 => continue,
+                Err(_) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            commit_batch(&shared, batch);
+        })
+        .map(|_| ())
+}
+
+/// A queue and its (not yet started) receiving end.
+pub(super) fn channel() -> (Sender<Pending>, Receiver<Pending>) {
+    std::sync::mpsc::channel()
+}
+
+fn ack(round: u64, status: fedlora_protocol::AckStatus) -> CoordMsg {
+    CoordMsg::Ack { round, status }
+}
+
+/// Checks, records (one flush), counts, folds and answers one batch.
+fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
+    let mut fed = shared.fed.lock().expect("lock");
+    let mut accepted: Vec<PendingUpload> = Vec::with_capacity(batch.len());
+    let mut evals: Vec<(EvalRecord, oneshot::Sender<CoordMsg>)> = Vec::new();
+    let mut answers: Vec<(oneshot::Sender<CoordMsg>, CoordMsg)> = Vec::new();
+    for p in batch {
+        let p = match p {
+            Pending::Upload(p) => p,
+            Pending::Eval { record, reply } => {
+                // counted now (a second report of the batch is refused), undone if not stored
+                match fed.record_eval(&record.client, record.version) {
+                    Ok(()) => evals.push((record, reply)),
+                    Err(refusal) => {
+                        let _ = reply.send(CoordMsg::Refused(refusal));
+                    }
+                }
+                continue;
+            }
+        };
+        let r = &p.record;
+        // a second upload of one client in the same batch: the first one decides
+        if let Some(first) = accepted.iter().find(|a| a.record.client == r.client) {
+            let same = first.record.meta.digest == r.meta.digest;
+            let msg = if same {
+                ack(r.round, fedlora_protocol::AckStatus::AlreadyAccepted)
+            } else {
+                CoordMsg::Refused(Refusal::new(
+                    RefusalCode::DuplicateUpload,
+                    format!(
+                        "client {} already uploaded a different delta for round {}",
+                        r.client, r.round
+                    ),
+                ))
+            };
+            // answered after the flush, like the upload it repeats
+            answers.push((p.reply, msg));
+            continue;
+        }
+        match fed.check_upload(
+            &r.client,
+            r.round,
+            &p.spec_hash,
+            &r.meta.digest,
+            r.meta.weight,
+        ) {
+            Ok(UploadVerdict::New) => accepted.push(p),
+            Ok(UploadVerdict::AlreadyAccepted) => {
+                let _ = p
+                    .reply
+                    .send(ack(r.round, fedlora_protocol::AckStatus::AlreadyAccepted));
+            }
+            Err(refusal) => {
+                let _ = p.reply.send(CoordMsg::Refused(refusal));
+            }
+        }
+    }
+    if accepted.is_empty() && evals.is_empty() {
+        drop(fed);
+        answer(answers);
+        return;
+    }
+    if !accepted.is_empty() {
+        crate::faults::crash_point("commit-before-flush");
+    }
+    let records: Vec<UploadRecord> = accepted.iter().map(|p| p.record.clone()).collect();
+    let eval_records: Vec<EvalRecord> = evals.iter().map(|(r, _)| r.clone()).collect();
+    if let Err(e) = shared.store.record_batch(&records, &eval_records) {
+        for r in &eval_records {
+            fed.forget_eval(&r.client, r.version);
+        }
+        drop(fed);
+        error!(error = %e, uploads = records.len(), evals = eval_records.len(), "storing a group failed");
+        let retry = || {
+            CoordMsg::Refused(Refusal::new(
+                RefusalCode::Internal,
+                "could not store it; retry",
+            ))
+        };
+        for p in accepted {
+            let _ = p.reply.send(retry());
+        }
+        for (_, reply) in evals {
+            let _ = reply.send(retry());
+        }
+        answer(answers);
+        return;
+    }
+    if !accepted.is_empty() {
+        crate::faults::crash_point("commit-after-flush");
+    }
+    for p in &accepted {
+        // checked above under this same lock: the round is open and the client new
+        if let Err(r) = fed.accept_upload(&p.record.client, p.record.round, p.record.meta.clone()) {
+            error!(client = %p.record.client, reason = %r, "a checked upload was not counted");
+        }
+    }
+    // the running sum is taken before the federation lock is let go: an aggregation (which
+    // closes the round under the federation lock, then reads the sum) waits for these folds
+    let mut sum = shared.sum.lock().expect("lock");
+    drop(fed);
+    for p in &accepted {
+        if let Some(a) = &p.addend {
+            fold(&mut sum, &p.record, a, shared);
+        }
+    }
+    drop(sum);
+    for (r, reply) in evals {
+        info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
+        let _ = reply.send(CoordMsg::EvalRecorded { version: r.version });
+    }
+    for p in accepted {
+        let r = p.record;
+        info!(
+            round = r.round,
+            client = %r.client,
+            bytes = r.wire_bytes,
+            weight = r.meta.weight,
+            "upload accepted"
+        );
+        shared.metrics.uploads_accepted.inc();
+        let _ = shared.events.send(Event::UploadAccepted {
+            round: r.round,
+            client: r.client.clone(),
+        });
+        let _ = p
+            .reply
+            .send(ack(r.round, fedlora_protocol::AckStatus::Accepted));
+    }
+    answer(answers);
+}
+
+fn answer(answers: Vec<(oneshot::Sender<CoordMsg>, CoordMsg)>) {
+    for (tx, msg) in answers {
+        let _ = tx.send(msg);
+    }
+}
+
+/// Folds one accepted upload into `round`'s running sum (started here for a new round). A
+/// fold that fails leaves the sum incomplete, and the aggregation rebuilds it from disk.
+fn fold(sum: &mut Option<RunningSum>, rec: &UploadRecord, a: &Addend, shared: &Shared) {
+    let Some(kind) = shared.sum_kind.clone() else {
+        return;
+    };
+    if sum.as_ref().is_none_or(|s| s.round() != rec.round) {
+        *sum = Some(RunningSum::new(rec.round, kind));
+    }
+    if let Some(s) = sum.as_mut() {
+        if let Err(e) = s.add(&rec.client, a) {
+            warn!(round = rec.round, client = %rec.client, error = %e, "not folded; the round will sum from disk");
+        }
+    }
+}
