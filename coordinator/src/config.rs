@@ -71,7 +71,7 @@ pub struct CoordinatorConfig {
     #[serde(skip)]
     pub enroll: Option<crate::enroll::EnrollConfig>,
     /// Bytes of payload bodies (uploads, masked inputs) read at once over all connections
-    /// (default [`crate::wire::PAYLOAD_BUDGET`], 256 MiB): the term of the memory bound that
+    /// (default [`crate::wire::PAYLOAD_BUDGET`], 128 MiB): the term of the memory bound that
     /// uploads hold. At least the protocol's payload limit (64 MiB), so every upload fits.
     #[serde(default = "default_payload_budget")]
     pub payload_budget: usize,

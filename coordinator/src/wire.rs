@@ -53,7 +53,7 @@ pub const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 /// replaces its oldest).
 pub const MAX_CONNECTIONS_PER_CLIENT: usize = 2;
 /// Bytes of payload-frame bodies being read at once, over all connections.
-pub const PAYLOAD_BUDGET: usize = 256 * 1024 * 1024;
+pub const PAYLOAD_BUDGET: usize = 128 * 1024 * 1024;
 /// Bytes of global-adapter pieces sent and not yet acknowledged by their clients, over all
 /// connections: when a round opens, every participant fetches the global at once, and each
 /// piece would otherwise sit in quinn's send buffer until its client acknowledges it.
@@ -231,13 +231,20 @@ async fn read_header(recv: &mut RecvStream) -> Result<(frame::FrameKind, usize),
     frame::parse_header(&header).map_err(|e| e.refusal())
 }
 
+/// The slowest a body may arrive, bytes per second, beyond [`REQUEST_TIMEOUT_S`]: a body of
+/// `len` bytes has `REQUEST_TIMEOUT_S + len / MIN_BODY_RATE` seconds. A loaded coordinator's
+/// peers can be slow (a lost datagram backs a connection off), and a body cut short is a body
+/// sent again; a peer that trickles slower than this holds its reservation no longer.
+pub const MIN_BODY_RATE: u64 = 4 * 1024;
+
 /// Reads a `len`-byte body of a frame of `kind`, then decodes and range-checks the message.
 async fn read_message(
     recv: &mut RecvStream,
     kind: frame::FrameKind,
     len: usize,
 ) -> Result<Request, Refusal> {
-    let body = tokio::time::timeout(request_timeout(), read_body(recv, len))
+    let limit = request_timeout() + Duration::from_secs(len as u64 / MIN_BODY_RATE);
+    let body = tokio::time::timeout(limit, read_body(recv, len))
         .await
         .map_err(|_| malformed("timed out reading the frame body".into()))??;
     let msg = frame::decode_body::<ClientMsg>(kind, &body).map_err(|e| e.refusal())?;

@@ -565,6 +565,10 @@ pub struct LoadReport {
     /// Upload bytes the clients sent beyond one copy of each upload (re-sends after a
     /// refusal, a timeout or a lost link): 0 in a run without faults.
     pub resent_bytes: u64,
+    /// Connections the clients lost and reopened (0 in a run without faults).
+    pub reconnects: u64,
+    /// One of the clients' reasons for a lost connection, if any.
+    pub reconnect_reason: Option<String>,
     /// Whether the committed aggregate equals what the clients sent (see [`matches`]).
     pub exact: bool,
     /// Clients the round counted.
@@ -641,6 +645,8 @@ pub fn report(
         upload_mib_s: upload_bytes as f64 / (1 << 20) as f64 / window_s.max(1e-9),
         acks_per_s: uploads.len() as f64 / window_s.max(1e-9),
         resent_bytes: clients.iter().map(ClientReport::resent_bytes).sum(),
+        reconnects: clients.iter().map(|c| u64::from(c.reconnects)).sum(),
+        reconnect_reason: clients.iter().find_map(|c| c.last_transport_error.clone()),
         exact,
         counted: serve.participants.len(),
         setup_s,

@@ -260,6 +260,8 @@ fn load_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
 /// then its outcome and its own peak RSS ([`fedlora_simulations::load::write_served`]).
 fn serve_load(a: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     use fedlora_simulations::load;
+    // warnings only, on stderr (RUST_LOG raises it), so a stalled run says why
+    super::logging::init(super::logging::LogFormat::Text, "warn");
     let cfg = load_config(a)?;
     let rt = tokio::runtime::Runtime::new()?;
     let addr_file = dir.join("addr");

@@ -207,6 +207,10 @@ pub struct ClientReport {
     /// Upload bytes sent over every attempt: whole upload frames, and the bytes of upload
     /// pieces. Above the sum of `upload_frames`' lengths only when something was sent again.
     pub upload_bytes_sent: u64,
+    /// Connections lost during the run (each followed by a reconnect).
+    pub reconnects: u32,
+    /// Why the last connection was lost.
+    pub last_transport_error: Option<String>,
 }
 
 impl ClientReport {

@@ -220,6 +220,8 @@ impl FederatedClient {
                 Ok(Outcome::Reconnect) => {}
                 Err(ClientError::Transport(e)) => {
                     warn!(coordinator = %addr, error = %e, "connection lost; reconnecting");
+                    report.reconnects += 1;
+                    report.last_transport_error = Some(e);
                 }
                 Err(ClientError::Tls(e)) if self.config.retry_forever => {
                     warn!(coordinator = %addr, error = %e, "TLS failure; retrying (--retry-forever)");

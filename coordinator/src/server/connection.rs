@@ -503,7 +503,7 @@ async fn upload_piece(
     let appended = {
         let partial = shared.partial.clone();
         let who = client.to_string();
-        tokio::task::spawn_blocking(move || partial.append(&who, &chunk, now_ms())).await
+        super::blocking(shared, move || partial.append(&who, &chunk, now_ms())).await
     };
     match appended {
         Ok(Ok(Appended::Progress(have))) => {
@@ -532,7 +532,7 @@ async fn upload_piece(
     let applied = {
         let partial = shared.partial.clone();
         let who = client.to_string();
-        tokio::task::spawn_blocking(move || partial.take(&who, &id)).await
+        super::blocking(shared, move || partial.take(&who, &id)).await
     };
     match applied {
         Ok(Ok(PieceOutcome::Progress(have))) => CoordMsg::UploadProgress {

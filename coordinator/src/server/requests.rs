@@ -47,7 +47,8 @@ pub(super) async fn upload(
     let prepared = {
         let shared = shared.clone();
         let client = client.to_string();
-        tokio::task::spawn_blocking(move || prepare_upload(&shared, &client, u, &payload)).await
+        let s2 = shared.clone();
+        super::blocking(&s2, move || prepare_upload(&shared, &client, u, &payload)).await
     };
     let pending = match prepared {
         Ok(Ok(p)) => p,
