@@ -525,7 +525,8 @@ impl Store {
             })
             .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
         self.flush()?;
-        self.drop_round_uploads(round.round)
+        self.drop_round_uploads(round.round);
+        Ok(())
     }
 
     fn optimizer_path(&self, version: u64) -> PathBuf {
@@ -577,7 +578,7 @@ impl Store {
             .map_err(|e: TransactionError<()>| storage(format!("{e:?}")))?;
         self.flush()?;
         if matches!(round.status, RoundStatus::Failed { .. }) {
-            self.drop_round_uploads(round.round)?;
+            self.drop_round_uploads(round.round);
         }
         Ok(())
     }
@@ -588,17 +589,25 @@ impl Store {
         Ok(())
     }
 
-    fn drop_round_uploads(&self, round: u64) -> Result<()> {
-        let prefix = round.to_be_bytes();
-        for k in self.uploads.scan_prefix(prefix).keys() {
-            self.uploads.remove(k?)?;
+    /// Deletes an ended round's upload records and files. Best effort, after the round's
+    /// outcome is durable: a failure is logged and never undoes that outcome (a late upload
+    /// may be writing into the directory; whatever is left is deleted at the next open).
+    fn drop_round_uploads(&self, round: u64) {
+        let cleanup = || -> Result<()> {
+            let prefix = round.to_be_bytes();
+            for k in self.uploads.scan_prefix(prefix).keys() {
+                self.uploads.remove(k?)?;
+            }
+            self.flush()?;
+            let d = self.dir.join("uploads").join(format!("r{round}"));
+            if d.exists() {
+                std::fs::remove_dir_all(d)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = cleanup() {
+            tracing::warn!(round, error = %e, "could not delete an ended round's uploads yet");
         }
-        self.flush()?;
-        let d = self.dir.join("uploads").join(format!("r{round}"));
-        if d.exists() {
-            std::fs::remove_dir_all(d)?;
-        }
-        Ok(())
     }
 
     /// A global checkpoint's bytes, checked against its record.

@@ -231,11 +231,12 @@ async fn read_header(recv: &mut RecvStream) -> Result<(frame::FrameKind, usize),
     frame::parse_header(&header).map_err(|e| e.refusal())
 }
 
-/// The slowest a body may arrive, bytes per second, beyond [`REQUEST_TIMEOUT_S`]: a body of
-/// `len` bytes has `REQUEST_TIMEOUT_S + len / MIN_BODY_RATE` seconds. A loaded coordinator's
-/// peers can be slow (a lost datagram backs a connection off), and a body cut short is a body
-/// sent again; a peer that trickles slower than this holds its reservation no longer.
-pub const MIN_BODY_RATE: u64 = 4 * 1024;
+/// The slowest a body may arrive on average, bytes per second, beyond [`REQUEST_TIMEOUT_S`]: a
+/// body of `len` bytes has at most `REQUEST_TIMEOUT_S + len / MIN_BODY_RATE` seconds in all, and
+/// at most [`REQUEST_TIMEOUT_S`] without a byte. A loaded coordinator's peers can be slow (a lost
+/// datagram backs a connection off), and a body cut short is a body sent again; a peer slower
+/// than this holds its reservation no longer (the largest body, 64 MiB, at most 30 s + 68 min).
+pub const MIN_BODY_RATE: u64 = 16 * 1024;
 
 /// Reads a `len`-byte body of a frame of `kind`, then decodes and range-checks the message.
 async fn read_message(
@@ -262,7 +263,11 @@ async fn read_message(
 async fn read_body(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, Refusal> {
     let mut body = Vec::with_capacity(len);
     while body.len() < len {
-        match recv.read_chunk(len - body.len(), true).await {
+        let chunk =
+            tokio::time::timeout(request_timeout(), recv.read_chunk(len - body.len(), true))
+                .await
+                .map_err(|_| malformed("no byte of the frame body for 30 s".into()))?;
+        match chunk {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
             Ok(None) => {
                 return Err(malformed(format!(

@@ -108,6 +108,17 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
             answers.push((p.reply, msg));
             continue;
         }
+        if r.round
+            > shared
+                .durable_round
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            let _ = p.reply.send(CoordMsg::Refused(Refusal::new(
+                RefusalCode::WrongRound,
+                format!("round {} is not stored yet; retry", r.round),
+            )));
+            continue;
+        }
         match fed.check_upload(
             &r.client,
             r.round,
@@ -154,7 +165,8 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
         for (_, reply) in evals {
             let _ = reply.send(retry());
         }
-        answer(answers);
+        // a repeat of an upload of this batch is not acknowledged either: nothing was stored
+        answer(answers.into_iter().map(|(tx, _)| (tx, retry())).collect());
         return;
     }
     if !accepted.is_empty() {
@@ -168,14 +180,17 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     }
     // the running sum is taken before the federation lock is let go: an aggregation (which
     // closes the round under the federation lock, then reads the sum) waits for these folds
-    let mut sum = shared.sum.lock().expect("lock");
-    drop(fed);
-    for p in &accepted {
-        if let Some(a) = &p.addend {
-            fold(&mut sum, &p.record, a, shared);
+    if accepted.iter().any(|p| p.addend.is_some()) {
+        let mut sum = shared.sum.lock().expect("lock");
+        drop(fed);
+        for p in &accepted {
+            if let Some(a) = &p.addend {
+                fold(&mut sum, &p.record, a, shared);
+            }
         }
+    } else {
+        drop(fed);
     }
-    drop(sum);
     for (r, reply) in evals {
         info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
         let _ = reply.send(CoordMsg::EvalRecorded { version: r.version });

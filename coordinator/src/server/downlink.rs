@@ -154,7 +154,12 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             evaluate,
             deadline_ms,
         } => {
-            if base_version != global.version {
+            // offered once its start is stored (its uploads are taken from then on)
+            let stored = round
+                <= shared
+                    .durable_round
+                    .load(std::sync::atomic::Ordering::Acquire);
+            if base_version != global.version || !stored {
                 wait
             } else {
                 let rank = shared.max_ranks.lock().expect("lock").get(client).copied();

@@ -183,6 +183,9 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
                 ended_ms: None,
             };
             shared.store.put_round(&rec, &state)?;
+            shared
+                .durable_round
+                .fetch_max(round, std::sync::atomic::Ordering::AcqRel);
             let (train, timeout) = {
                 let fed = shared.fed.lock().expect("lock");
                 (fed.config().train.clone(), fed.config().round_timeout_ms)

@@ -84,6 +84,9 @@ pub enum Event {
     },
 }
 
+/// Bytes of decoded uploads on their way into the running sum, over all requests.
+pub const ADDEND_BUDGET: usize = 64 * 1024 * 1024;
+
 struct Global {
     version: u64,
     adapter: FlatAdapter,
@@ -133,6 +136,10 @@ struct Shared {
     /// Bytes of global-adapter pieces sent and not yet acknowledged, over all connections
     /// ([`crate::wire::DOWNLOAD_BUDGET`]).
     downloads: Arc<tokio::sync::Semaphore>,
+    /// Bytes of decoded uploads waiting to be folded into the running sum (a small upload in a
+    /// compressing codec decodes to a dense addend many times its size), within
+    /// [`ADDEND_BUDGET`]; taken after a body's read budget, never before it.
+    addends: Arc<tokio::sync::Semaphore>,
     /// One permit per core for the blocking work of requests (decoding and writing uploads and
     /// their pieces): more at once would not go faster, and each thread of the blocking pool
     /// keeps its own allocator heap, which grew the coordinator by about 80 KB per upload at
@@ -146,6 +153,9 @@ struct Shared {
     sum_kind: Option<crate::running_sum::SumKind>,
     /// The open round's running sum of accepted plain uploads ([`crate::running_sum`]).
     sum: Mutex<Option<crate::running_sum::RunningSum>>,
+    /// The latest round whose start is stored: no upload of a later round is taken (an offer
+    /// goes out once the round is open in memory, before its record is written).
+    durable_round: std::sync::atomic::AtomicU64,
     /// The group committer's queue ([`commit`]).
     commits: Mutex<std::sync::mpsc::Sender<commit::Pending>>,
     /// The federation's LoRA rank R.
@@ -335,6 +345,11 @@ impl Coordinator {
             )
         };
         let (commits, commit_queue) = commit::channel();
+        // a round open at start was stored before (it is read back from the store)
+        let fed_phase_round = match &fed.state().phase {
+            fedlora_protocol::Phase::Training(o) => Some(o.round),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             config,
             spec,
@@ -351,6 +366,7 @@ impl Coordinator {
             conns: Mutex::new(BTreeMap::new()),
             budget,
             downloads: ReadBudget::global(crate::wire::DOWNLOAD_BUDGET),
+            addends: ReadBudget::global(ADDEND_BUDGET),
             cpu: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
@@ -359,6 +375,10 @@ impl Coordinator {
             sum_kind,
             sum: Mutex::new(None),
             commits: Mutex::new(commits),
+            durable_round: std::sync::atomic::AtomicU64::new(match &fed_phase_round {
+                Some(r) => *r,
+                None => 0,
+            }),
             full_rank,
             max_ranks: Mutex::new(BTreeMap::new()),
             offered_ranks: Mutex::new(BTreeMap::new()),

@@ -44,6 +44,23 @@ pub(super) async fn upload(
     u: Received,
     payload: Vec<u8>,
 ) -> CoordMsg {
+    // the decoded addend's size, reserved until it is folded in (the reply below): a small
+    // compressed upload cannot make the coordinator hold dense copies past this budget
+    let _addend = match &shared.sum_kind {
+        Some(kind) => {
+            let per_value = if matches!(kind, crate::running_sum::SumKind::Modular { .. }) {
+                8
+            } else {
+                4
+            };
+            let bytes = (shared.spec.numel() * per_value).min(super::ADDEND_BUDGET);
+            match crate::wire::reserve_bytes(&shared.addends, bytes as u64).await {
+                Ok(p) => Some(p),
+                Err(r) => return CoordMsg::Refused(r),
+            }
+        }
+        None => None,
+    };
     let prepared = {
         let shared = shared.clone();
         let client = client.to_string();
