@@ -72,6 +72,19 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
     }
 }
 
+/// What `fedlora status --json` says of `data`: `None` when it failed or printed no JSON.
+fn status_json(data: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
 /// A temporary directory with certificates for 2 clients (made by the CLI), a free port, and a
 /// coordinator config file: `top` lines, then `[federation]` with 1 round of 2 clients and
 /// `federation` lines after it.
@@ -215,13 +228,7 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_json(&data).expect("fedlora status --json");
     assert_eq!(status["global_version"], 1);
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 1);
@@ -298,12 +305,7 @@ async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
     assert!(next > first, "a new round id, fresh keys");
     child.kill().unwrap();
     child.wait().unwrap();
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = status_json(&data).expect("fedlora status --json");
     let r0 = &status["rounds"][0];
     assert_eq!(r0["round"], first);
     assert_eq!(r0["status"], "failed");
@@ -317,8 +319,8 @@ const GROUP: usize = 6;
 /// One round of [`GROUP`] clients with plain modular uploads (exact integer sums): client 0
 /// uploads alone (a batch of its own, acknowledged), then the others at once. With `crash`,
 /// the coordinator aborts at that point (kill -9's effect: nothing flushed, no destructor), is
-/// restarted, and every client sends its upload again, as the SDK does with an unacknowledged
-/// one that was not acknowledged. Returns the committed global's checkpoint bytes and, per
+/// restarted, and every client whose upload was not acknowledged sends it again, as the SDK
+/// does. Returns the committed global's checkpoint bytes and, per
 /// client, the answer to its upload before the crash (`None`: no answer) and to its re-send
 /// after the restart (`None`: not sent again).
 async fn group_round(
@@ -423,13 +425,7 @@ async fn group_round(
     // would linger a few seconds more to tell clients the federation is over
     let t0 = Instant::now();
     let status = loop {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--data-dir"])
-            .arg(&data)
-            .output()
-            .unwrap();
-        let status: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let status = status_json(&data).unwrap_or_default();
         if status["rounds"][0]["status"] == "committed" {
             break status;
         }

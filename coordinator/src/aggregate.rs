@@ -34,7 +34,9 @@ pub fn full_rank(spec: &AdapterSpec) -> usize {
     fedlora_protocol::rank::spec_rank(spec).unwrap_or(1)
 }
 
-fn rank_of(rank: Option<u32>, full: usize) -> usize {
+/// The rank a client trained: its declared `rank` capped at the federation's `full` rank (`None`:
+/// the full rank).
+pub fn rank_of(rank: Option<u32>, full: usize) -> usize {
     rank.map_or(full, |r| (r as usize).min(full))
 }
 

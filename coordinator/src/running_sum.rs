@@ -72,6 +72,16 @@ impl SumKind {
         })
     }
 
+    /// Bytes of an [`Addend`] of this kind for an adapter of `numel` values: `u64` integers
+    /// for the modular codec, `f32` values otherwise.
+    pub fn addend_bytes(&self, numel: usize) -> usize {
+        let per_value = match self {
+            Self::Modular { .. } => std::mem::size_of::<u64>(),
+            Self::Weighted | Self::CentralDp(_) => std::mem::size_of::<f32>(),
+        };
+        numel * per_value
+    }
+
     /// What `bytes` (already decoded by the caller as `decoded`) adds to a sum of this kind.
     pub fn addend(
         &self,

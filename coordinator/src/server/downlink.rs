@@ -163,6 +163,8 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                 wait
             } else {
                 let rank = shared.max_ranks.lock().expect("lock").get(client).copied();
+                // the full global goes by its digest, computed once per version
+                let cached = rank.is_none() && full_by_digest(&global, train.downlink);
                 let (global_from, payload) = match rank {
                     // a lower-rank client: its slice, in full
                     Some(r) => match fedlora_protocol::rank::slice(&global.adapter, r as usize) {
@@ -179,14 +181,13 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                             return (CoordMsg::Task(wait), None);
                         }
                     },
-                    // the full global by its digest, computed once per version
-                    None if full_by_digest(&global, train.downlink) => (None, Vec::new()),
+                    None if cached => (None, Vec::new()),
                     None => global_payload(shared, &global, client, held, train.downlink),
                 };
-                let (payload, global_digest) = match (rank, full_by_digest(&global, train.downlink))
-                {
-                    (None, true) => (payload, Some(global.digest)),
-                    _ => by_digest(global_from, rank, payload),
+                let (payload, global_digest) = if cached {
+                    (payload, Some(global.digest))
+                } else {
+                    by_digest(global_from, rank, payload)
                 };
                 let plan_signature = match sign_plan(shared, &train) {
                     Ok(s) => s,

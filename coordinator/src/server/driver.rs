@@ -138,7 +138,7 @@ pub(super) fn finish_secure(
         full,
         counted.iter().map(|c| {
             let r = uploads.get(c).and_then(|m| m.rank);
-            (1.0, r.map_or(full, |r| (r as usize).min(full)))
+            (1.0, crate::aggregate::rank_of(r, full))
         }),
     );
     let delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
@@ -354,9 +354,7 @@ pub(super) fn aggregate(
         for (client, meta) in uploads {
             let bytes = shared.store.upload_payload(round, &meta.digest)?;
             let decoded = Codec::decode(&bytes, &shared.spec, Some(&codec), &ctx)?;
-            let rank = meta
-                .rank
-                .map_or(shared.full_rank, |r| (r as usize).min(shared.full_rank));
+            let rank = crate::aggregate::rank_of(meta.rank, shared.full_rank);
             let a = kind.addend(&codec, &shared.spec, &bytes, decoded, meta.weight, rank)?;
             sum.add(client, &a)?;
         }

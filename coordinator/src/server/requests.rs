@@ -48,12 +48,9 @@ pub(super) async fn upload(
     // compressed upload cannot make the coordinator hold dense copies past this budget
     let _addend = match &shared.sum_kind {
         Some(kind) => {
-            let per_value = if matches!(kind, crate::running_sum::SumKind::Modular { .. }) {
-                8
-            } else {
-                4
-            };
-            let bytes = (shared.spec.numel() * per_value).min(super::ADDEND_BUDGET);
+            let bytes = kind
+                .addend_bytes(shared.spec.numel())
+                .min(super::ADDEND_BUDGET);
             match crate::wire::reserve_bytes(&shared.addends, bytes as u64).await {
                 Ok(p) => Some(p),
                 Err(r) => return CoordMsg::Refused(r),
@@ -176,7 +173,7 @@ fn prepare_upload(
     let rank = trained_rank(shared, client, u.round);
     let addend = match &shared.sum_kind {
         Some(kind) => {
-            let r = rank.map_or(shared.full_rank, |r| (r as usize).min(shared.full_rank));
+            let r = crate::aggregate::rank_of(rank, shared.full_rank);
             match kind.addend(&expected, &shared.spec, payload, decoded, u.weight, r) {
                 Ok(a) => Some(a),
                 Err(e) => {
