@@ -27,6 +27,18 @@ pub struct Payload<'a> {
     pub rank: Option<u32>,
     /// The encoded delta (at the federation's rank).
     pub bytes: &'a [u8],
+    /// The codec seed it was encoded with when that is not the round's (an async update,
+    /// encoded in the round it trained in); `None`: the round's.
+    pub round_seed: Option<u64>,
+}
+
+impl Payload<'_> {
+    /// The codec context this payload decodes with: its own seed, else the round's.
+    pub fn ctx(&self, round: &CodecContext) -> CodecContext {
+        CodecContext {
+            round_seed: self.round_seed.unwrap_or(round.round_seed),
+        }
+    }
 }
 
 /// The federation's LoRA rank (1 for a spec without LoRA factors, which has one component).
@@ -59,7 +71,7 @@ pub fn aggregate_payloads<'a>(
         // that folds them as they are accepted by a running coordinator
         let mut sum = RunningSum::new(0, kind.clone());
         for (i, u) in payloads.iter().enumerate() {
-            let decoded = Codec::decode(u.bytes, spec, Some(codec), ctx)?;
+            let decoded = Codec::decode(u.bytes, spec, Some(codec), &u.ctx(ctx))?;
             let a = kind.addend(
                 codec,
                 spec,
@@ -74,7 +86,7 @@ pub fn aggregate_payloads<'a>(
     }
     let mut deltas = Vec::with_capacity(payloads.len());
     for u in &payloads {
-        deltas.push(Codec::decode(u.bytes, spec, Some(codec), ctx)?);
+        deltas.push(Codec::decode(u.bytes, spec, Some(codec), &u.ctx(ctx))?);
     }
     let ups: Vec<Contribution<'_>> = payloads
         .iter()

@@ -49,6 +49,27 @@ pub struct StatusReport {
     /// Devices enrolled with a token, with their certificates' expiry.
     #[serde(default)]
     pub devices: Vec<DeviceRecord>,
+    /// Async mode's buffer (`None` in sync mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<BufferReport>,
+}
+
+/// The async buffer: its settings, how full it is, and the staleness of what was counted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferReport {
+    /// Updates that commit a version, K.
+    pub size: usize,
+    /// Fewest that commit one after the timeout, K_MIN.
+    pub min: usize,
+    /// Stalest update accepted, buffers.
+    pub max_staleness: u64,
+    /// The staleness weight s(τ), as configured (`poly:0.5`, …).
+    pub staleness: String,
+    /// Updates in the open buffer now.
+    pub filled: usize,
+    /// Updates counted in committed versions over the whole campaign by staleness: entry τ
+    /// counts those τ buffers stale.
+    pub staleness_histogram: Vec<usize>,
 }
 
 /// Where a running coordinator keeps its latest report: `DATA_DIR/status.json`, replaced
@@ -135,7 +156,36 @@ pub fn report(store: &Store) -> Result<StatusReport> {
             }
         })
         .collect();
+    let buffer = match store.setup()? {
+        Some((cfg, _)) if cfg.mode == fedlora_protocol::Mode::Async => {
+            let mut staleness_histogram: Vec<usize> = Vec::new();
+            for rr in &rounds {
+                let h = &rr.record.staleness;
+                if staleness_histogram.len() < h.len() {
+                    staleness_histogram.resize(h.len(), 0);
+                }
+                for (tau, n) in h.iter().enumerate() {
+                    staleness_histogram[tau] += n;
+                }
+            }
+            let filled = rounds
+                .iter()
+                .rev()
+                .find(|rr| rr.record.status == RoundStatus::Open)
+                .map_or(0, |rr| rr.accepted_uploads.len());
+            Some(BufferReport {
+                size: cfg.buffer,
+                min: cfg.min_buffer(),
+                max_staleness: cfg.max_staleness,
+                staleness: cfg.staleness.to_string(),
+                filled,
+                staleness_histogram,
+            })
+        }
+        _ => None,
+    };
     Ok(StatusReport {
+        buffer,
         phase: phase.to_string(),
         global_version: version,
         rounds,

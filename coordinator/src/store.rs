@@ -132,6 +132,11 @@ pub struct RoundRecord {
     pub started_ms: u64,
     /// Ended, Unix ms.
     pub ended_ms: Option<u64>,
+    /// Async mode: the version's contributors by staleness, entry τ counting those τ buffers
+    /// stale (between the round an update trained in and the one it was counted in); empty in
+    /// sync mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staleness: Vec<usize>,
 }
 
 /// One client's held-out evaluation of one version.
@@ -829,11 +834,13 @@ mod tests {
                                 bytes: 4,
                                 train_loss: Some(0.0),
                                 rank: None,
+                                base_round: None,
                             },
                         )
                     })
                     .collect(),
             }),
+            contributed: Default::default(),
         }
     }
 

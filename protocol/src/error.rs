@@ -86,6 +86,8 @@ pub enum RefusalCode {
     UpdateNormExceeded,
     /// The coordinator does not offer this (a certificate renewal without an issuer).
     NotOffered,
+    /// Async mode: the update's base version is more than `max_staleness` versions old.
+    TooStale,
 }
 
 impl RefusalCode {

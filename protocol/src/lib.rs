@@ -29,6 +29,7 @@ pub use message::{
     IDLE_TIMEOUT_S, KEEP_ALIVE_S, PROTOCOL_VERSION,
 };
 pub use round::{
-    codec_seed, fedavg, ClientId, Directive, Federation, FederationConfig, FederationState,
-    OpenRound, Phase, Sampling, Transition, UploadMeta, UploadVerdict,
+    codec_seed, fedavg, ClientId, Contribution, Directive, Federation, FederationConfig,
+    FederationState, Mode, OpenRound, Phase, Sampling, Staleness, Transition, UploadMeta,
+    UploadVerdict,
 };

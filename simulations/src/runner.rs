@@ -154,6 +154,7 @@ pub fn federation_config(
             client_dp: None,
         },
         sampling: Sampling::Fixed,
+        ..FederationConfig::default()
     };
     if let Some(req) = &cdp {
         // the deployment's planner, with seeded Poisson sampling for reproducible sweeps
@@ -709,6 +710,7 @@ fn plain_round(
                         weight: 1.0,
                         rank: None,
                         bytes: payloads[id].as_slice(),
+                        round_seed: None,
                     }),
                     &mut noise,
                 )?;
@@ -723,6 +725,7 @@ fn plain_round(
                     weight: m.weight,
                     rank: m.rank,
                     bytes: payloads[id].as_slice(),
+                    round_seed: None,
                 }),
             )?;
             Ok(Some(delta))
@@ -754,6 +757,7 @@ fn submit(
             bytes: up.payload.len() as u64,
             train_loss: carries_loss.then_some(up.train_loss),
             rank: rank.map(|r| r as u32),
+            base_round: None,
         };
         fed.accept_upload(id, up.round, meta).map_err(refused)?;
     }
@@ -870,6 +874,7 @@ fn secure_round(
             bytes: packed.len() as u64,
             train_loss: None,
             rank: c.rank.map(|r| r as u32),
+            base_round: None,
         };
         fed.accept_upload(&c.id, round, meta)
             .map_err(|e| SimError::Config(e.to_string()))?;

@@ -27,9 +27,28 @@ pub(crate) struct FederationArgs {
     /// Fewest uploads a round needs.
     #[arg(long)]
     pub min_clients: Option<usize>,
-    /// Round deadline: seconds, or a duration with units (30s, 5m, 1h).
+    /// Round deadline: seconds, or a duration with units (30s, 5m, 1h). In async mode: how
+    /// long a buffer waits before it commits with --min-buffer updates.
     #[arg(long, value_parser = parse_duration)]
     pub round_timeout: Option<Duration>,
+    /// "sync" (sampled rounds) or "async" (buffered asynchronous aggregation, FedBuff: any
+    /// connected device trains on the newest version; --buffer updates commit the next one).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Async: accepted updates that commit a version, K.
+    #[arg(long)]
+    pub buffer: Option<usize>,
+    /// Async: fewest updates that commit a version once it has waited --round-timeout
+    /// (default: --buffer).
+    #[arg(long)]
+    pub min_buffer: Option<usize>,
+    /// Async: the stalest update accepted, in versions committed since it was offered.
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
+    /// Async: staleness weight s(τ): constant, poly:A ((1+τ)^-A, default poly:0.5) or
+    /// hinge:A,B (1 up to B, then 1/(A(τ-B)+1)).
+    #[arg(long)]
+    pub staleness: Option<String>,
     /// Local optimizer steps per round.
     #[arg(long)]
     pub local_steps: Option<u32>,
@@ -219,6 +238,23 @@ impl FederationArgs {
         }
         if let Some(v) = self.round_timeout {
             f.round_timeout_ms = v.as_millis() as u64;
+        }
+        if let Some(v) = &self.mode {
+            f.mode = v.parse().map_err(|e| UsageError(format!("--mode: {e}")))?;
+        }
+        if let Some(v) = self.buffer {
+            f.buffer = v;
+        }
+        if let Some(v) = self.min_buffer {
+            f.min_buffer = v;
+        }
+        if let Some(v) = self.max_staleness {
+            f.max_staleness = v;
+        }
+        if let Some(v) = &self.staleness {
+            f.staleness = v
+                .parse()
+                .map_err(|e| UsageError(format!("--staleness: {e}")))?;
         }
         let t: &mut TrainConfig = &mut f.train;
         if let Some(v) = self.local_steps {

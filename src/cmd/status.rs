@@ -40,6 +40,28 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
         "phase: {}, global version {}, strategy {strategy}",
         r.phase, r.global_version
     );
+    if let Some(b) = &r.buffer {
+        let hist: Vec<String> = b
+            .staleness_histogram
+            .iter()
+            .enumerate()
+            .map(|(t, n)| format!("τ={t}: {n}"))
+            .collect();
+        println!(
+            "async: buffer {} of {} filled (commits with {} after the timeout), staleness {} up \
+             to {}; counted updates by staleness: {}",
+            b.filled,
+            b.size,
+            b.min,
+            b.staleness,
+            b.max_staleness,
+            if hist.is_empty() {
+                "none yet".to_string()
+            } else {
+                hist.join(", ")
+            }
+        );
+    }
     println!(
         "{:>5} {:>10} {:>7} {:>12} {:>12} {:>10} {:>10}",
         "round", "status", "uploads", "bytes up", "bytes down", "train", "eval"

@@ -119,14 +119,34 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
             )));
             continue;
         }
+        // the round the client trained in (async: the record's round is the buffer)
+        let trained = r.meta.base_round.unwrap_or(r.round);
         match fed.check_upload(
             &r.client,
-            r.round,
+            trained,
             &p.spec_hash,
             &r.meta.digest,
             r.meta.weight,
         ) {
-            Ok(UploadVerdict::New) => accepted.push(p),
+            // async: the buffer it was stored for closed meanwhile; a re-send goes to the next
+            Ok(UploadVerdict::New) if fed.upload_round(trained) != r.round => {
+                let _ = p.reply.send(CoordMsg::Refused(Refusal::new(
+                    RefusalCode::Internal,
+                    format!(
+                        "buffer {} closed while the upload was stored; re-send",
+                        r.round
+                    ),
+                )));
+            }
+            Ok(UploadVerdict::New) => {
+                let mut p = p;
+                // the staleness weight s(τ) multiplies the upload's weight in the sum
+                let s = fed.staleness_weight(p.record.round, &p.record.meta);
+                if let Some(a) = p.addend.as_mut() {
+                    a.weight *= s;
+                }
+                accepted.push(p)
+            }
             Ok(UploadVerdict::AlreadyAccepted) => {
                 let _ = p
                     .reply

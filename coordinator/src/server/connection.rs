@@ -148,10 +148,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
 /// Whether `client` is a participant of the open round: who may send payloads (uploads,
 /// masked inputs, upload pieces).
 fn selected_now(shared: &Shared, client: &str) -> bool {
-    match &shared.fed.lock().expect("lock").state().phase {
-        fedlora_protocol::Phase::Training(open) => open.selected.contains(client),
-        _ => false,
-    }
+    shared.fed.lock().expect("lock").may_upload(client)
 }
 
 /// Why an enrolled device's hello must be refused because its key is not the one its id is

@@ -106,12 +106,13 @@ pub(super) fn f16_step(
 }
 
 pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
-    let (directive, train, seed) = {
+    let (directive, train, seed, buffered) = {
         let mut fed = shared.fed.lock().expect("lock");
         (
             fed.poll(client),
             shared.strategy.configure_round(&fed.config().train),
             fed.config().seed,
+            fed.is_async(),
         )
     };
     let connected = shared.conns.lock().expect("lock").len();
@@ -208,7 +209,9 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
                         global: payload,
                         secure_shares,
                         rank,
-                        time_left_ms: Some(deadline_ms.saturating_sub(now_ms())),
+                        // async mode has no round deadline: an update is taken until it is
+                        // max_staleness versions old
+                        time_left_ms: (!buffered).then(|| deadline_ms.saturating_sub(now_ms())),
                         global_digest,
                         plan_signature,
                     })),

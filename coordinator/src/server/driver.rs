@@ -150,13 +150,30 @@ pub(super) fn finish_secure(
 pub(super) fn tick_once(shared: &Shared) -> Result<()> {
     let now = now_ms();
     secure_tick(shared, now)?;
+    // async mode opens the next buffer in the same tick its predecessor commits in (uploads
+    // that arrive in between are told to re-send)
+    let steps = if shared.fed.lock().expect("lock").is_async() {
+        3
+    } else {
+        1
+    };
+    for _ in 0..steps {
+        if !transition_once(shared, now)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Carries out the federation's next transition, if any; whether there was one.
+fn transition_once(shared: &Shared, now: u64) -> Result<bool> {
     // the state is copied only when something happened (it lists the round's participants)
     let transition = {
         let mut fed = shared.fed.lock().expect("lock");
         fed.tick(now).map(|t| (t, fed.state().clone()))
     };
     let Some((t, state)) = transition else {
-        return Ok(());
+        return Ok(false);
     };
     match t {
         Transition::RoundStarted { round, selected } => {
@@ -181,6 +198,7 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
                     .to_string(),
                 started_ms: now,
                 ended_ms: None,
+                staleness: Vec::new(),
             };
             shared.store.put_round(&rec, &state)?;
             shared
@@ -251,7 +269,7 @@ pub(super) fn tick_once(shared: &Shared) -> Result<()> {
             let _ = shared.events.send(Event::Finished { success });
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 pub(super) fn fail_record(
@@ -301,15 +319,23 @@ pub(super) fn aggregate(
     round: u64,
     uploads: &BTreeMap<String, UploadMeta>,
 ) -> Result<FlatAdapter> {
-    let (codec, seed, client_dp) = {
+    // each upload's weight times its staleness weight (1 in sync mode), and the codec seed
+    // of the round it was encoded in
+    let (codec, seed, client_dp, weights) = {
         let fed = shared.fed.lock().expect("lock");
         let train = &fed.config().train;
+        let weights: BTreeMap<&str, f64> = uploads
+            .iter()
+            .map(|(c, m)| (c.as_str(), m.weight * fed.staleness_weight(round, m)))
+            .collect();
         (
             train.codec.clone(),
             fed.config().seed,
             train.client_dp.clone(),
+            weights,
         )
     };
+    let seed_of = |m: &UploadMeta| m.base_round.map(|r| codec_seed(seed, r));
     let ctx = CodecContext {
         round_seed: codec_seed(seed, round),
     };
@@ -322,9 +348,9 @@ pub(super) fn aggregate(
     }
     let Some(kind) = shared.sum_kind.clone() else {
         let mut payloads = Vec::with_capacity(uploads.len());
-        for meta in uploads.values() {
+        for (client, meta) in uploads {
             let bytes = shared.store.upload_payload(round, &meta.digest)?;
-            payloads.push((meta.weight, meta.rank, bytes));
+            payloads.push((weights[client.as_str()], meta.rank, bytes, seed_of(meta)));
         }
         return crate::aggregate::aggregate_payloads(
             shared.strategy.as_ref(),
@@ -333,10 +359,11 @@ pub(super) fn aggregate(
             &ctx,
             payloads
                 .iter()
-                .map(|(weight, rank, b)| crate::aggregate::Payload {
+                .map(|(weight, rank, b, s)| crate::aggregate::Payload {
                     weight: *weight,
                     rank: *rank,
                     bytes: b.as_slice(),
+                    round_seed: *s,
                 }),
         );
     };
@@ -353,9 +380,13 @@ pub(super) fn aggregate(
         let mut sum = crate::running_sum::RunningSum::new(round, kind.clone());
         for (client, meta) in uploads {
             let bytes = shared.store.upload_payload(round, &meta.digest)?;
-            let decoded = Codec::decode(&bytes, &shared.spec, Some(&codec), &ctx)?;
+            let own = CodecContext {
+                round_seed: seed_of(meta).unwrap_or(ctx.round_seed),
+            };
+            let decoded = Codec::decode(&bytes, &shared.spec, Some(&codec), &own)?;
             let rank = crate::aggregate::rank_of(meta.rank, shared.full_rank);
-            let a = kind.addend(&codec, &shared.spec, &bytes, decoded, meta.weight, rank)?;
+            let weight = weights[client.as_str()];
+            let a = kind.addend(&codec, &shared.spec, &bytes, decoded, weight, rank)?;
             sum.add(client, &a)?;
         }
         *held = Some(sum);
@@ -435,6 +466,15 @@ pub(super) fn commit(
     rec.bytes_down = take_round(&shared.bytes_down, round);
     rec.train_loss = train_loss;
     rec.ended_ms = Some(now);
+    for m in uploads.values() {
+        if let Some(base) = m.base_round {
+            let tau = round.saturating_sub(base) as usize;
+            if rec.staleness.len() <= tau {
+                rec.staleness.resize(tau + 1, 0);
+            }
+            rec.staleness[tau] += 1;
+        }
+    }
     if let Err(e) = shared
         .store
         .commit_round(version, &encoded, &rec, &state, now)

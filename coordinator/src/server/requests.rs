@@ -150,14 +150,17 @@ fn prepare_upload(
         }
     }
     let digest: [u8; 32] = Sha256::digest(payload).into();
-    // a first check (the committer checks again under the lock it counts under)
-    let verdict = shared.fed.lock().expect("lock").check_upload(
-        client,
-        u.round,
-        &u.spec_hash,
-        &digest,
-        u.weight,
-    );
+    // a first check (the committer checks again under the lock it counts under); in async
+    // mode the upload goes to the open buffer, with the round it trained in as its base
+    let (verdict, buffer, base_round) = {
+        let fed = shared.fed.lock().expect("lock");
+        let v = fed.check_upload(client, u.round, &u.spec_hash, &digest, u.weight);
+        (
+            v,
+            fed.upload_round(u.round),
+            fed.is_async().then_some(u.round),
+        )
+    };
     match verdict {
         Ok(UploadVerdict::New) => {}
         Ok(UploadVerdict::AlreadyAccepted) => {
@@ -187,7 +190,7 @@ fn prepare_upload(
         }
         None => None,
     };
-    if let Err(e) = shared.store.write_upload_payload(u.round, &digest, payload) {
+    if let Err(e) = shared.store.write_upload_payload(buffer, &digest, payload) {
         error!(error = %e, %client, "storing an upload failed");
         return Err(CoordMsg::Refused(Refusal::new(
             RefusalCode::Internal,
@@ -201,9 +204,10 @@ fn prepare_upload(
         bytes: payload.len() as u64,
         train_loss: u.train_loss,
         rank,
+        base_round,
     };
     let record = UploadRecord {
-        round: u.round,
+        round: buffer,
         client: client.to_string(),
         meta,
         wire_bytes: u.wire_bytes,
@@ -254,6 +258,7 @@ pub(super) fn secure_receive(
             bytes,
             train_loss: None,
             rank: trained_rank(shared, client, round),
+            base_round: None,
         };
         let _ = shared
             .fed

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::ProtocolError;
 use crate::message::{TrainConfig, Weighting};
 
+pub use super::buffered::{Mode, Staleness};
+
 /// Federation settings, identical for every round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,6 +43,18 @@ pub struct FederationConfig {
     pub strategy: crate::strategy::StrategyConfig,
     /// How a round's participants are drawn from the connected clients.
     pub sampling: Sampling,
+    /// Synchronous rounds or buffered asynchronous aggregation (FedBuff).
+    pub mode: Mode,
+    /// Async: accepted updates that commit the next version, K.
+    pub buffer: usize,
+    /// Async: fewest buffered updates that commit a version once it has waited
+    /// `round_timeout_ms` (0: `buffer`, i.e. never fewer).
+    pub min_buffer: usize,
+    /// Async: the stalest update accepted, versions (τ = versions committed since the update's
+    /// base); a staler one is refused (`TooStale`).
+    pub max_staleness: u64,
+    /// Async: the weight s(τ) of an update τ versions stale (`constant`, `poly:A`, `hinge:A,B`).
+    pub staleness: Staleness,
 }
 
 /// How a round's participants are drawn.
@@ -83,6 +97,11 @@ impl Default for FederationConfig {
             train: TrainConfig::default(),
             strategy: crate::strategy::StrategyConfig::default(),
             sampling: Sampling::Fixed,
+            mode: Mode::Sync,
+            buffer: 10,
+            min_buffer: 0,
+            max_staleness: 20,
+            staleness: Staleness::default(),
         }
     }
 }
@@ -170,6 +189,9 @@ impl FederationConfig {
         if let Some(plan) = &self.train.client_dp {
             self.validate_client_dp(plan)?;
         }
+        if self.mode == Mode::Async {
+            self.validate_async()?;
+        }
         if let Some(dp) = &self.train.dp {
             if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
                 return bad("the DP clip norm must be positive and finite");
@@ -182,6 +204,44 @@ impl FederationConfig {
             }
         }
         Ok(())
+    }
+
+    /// Async mode's own checks. Secure aggregation, client-level DP and the modular codec are
+    /// refused in async mode for now: each needs the device to apply its staleness weight
+    /// before encoding (cohorts of SecAgg+), which is not built yet.
+    fn validate_async(&self) -> Result<(), ProtocolError> {
+        let bad = |m: &str| Err(ProtocolError::Config(format!("async mode: {m}")));
+        if self.buffer == 0 {
+            return bad("buffer must be at least 1");
+        }
+        if self.min_buffer > self.buffer {
+            return bad("min_buffer must not exceed buffer");
+        }
+        if self.train.secure.is_some() {
+            return bad("secure aggregation is not available in async mode yet (run sync mode)");
+        }
+        if self.train.client_dp.is_some() {
+            return bad(
+                "client-level DP is not available in async mode yet (run sync mode, or \
+                 example-level DP-SGD, which async mode keeps)",
+            );
+        }
+        if self.train.codec.is_summable() {
+            return bad(
+                "the coordinator weighs each update by its staleness, which a modular \
+                 payload does not allow: use a float codec",
+            );
+        }
+        Ok(())
+    }
+
+    /// K_MIN: the fewest buffered updates that commit a version after the timeout.
+    pub fn min_buffer(&self) -> usize {
+        if self.min_buffer == 0 {
+            self.buffer
+        } else {
+            self.min_buffer
+        }
     }
 
     fn validate_client_dp(

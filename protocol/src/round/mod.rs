@@ -14,6 +14,7 @@
 //! Persisted state is [`FederationState`]: the driver stores it after every change, and an
 //! upload's record together with it **before** it acknowledges the upload.
 
+mod buffered;
 mod config;
 mod state;
 
@@ -27,7 +28,8 @@ use crate::error::{ProtocolError, Refusal, RefusalCode};
 use crate::message::{DeclineReason, Weighting};
 
 pub use crate::identity::ClientId;
-pub use config::{FederationConfig, Sampling};
+pub use buffered::Contribution;
+pub use config::{FederationConfig, Mode, Sampling, Staleness};
 pub use state::{
     Directive, FederationState, OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
 };
@@ -59,6 +61,7 @@ impl Federation {
                 next_round: 1,
                 failed_rounds: 0,
                 phase: Phase::Waiting { since_ms: now_ms },
+                contributed: BTreeMap::new(),
             },
             now_ms,
         ))
@@ -122,10 +125,33 @@ impl Federation {
         matches!(self.state.phase, Phase::Finished { .. })
     }
 
+    /// Whether the federation runs in buffered asynchronous mode.
+    pub fn is_async(&self) -> bool {
+        self.config.mode == Mode::Async
+    }
+
     /// What `client` should do now.
     pub fn poll(&mut self, client: &str) -> Directive {
         match &self.state.phase {
             Phase::Waiting { .. } => Directive::Wait,
+            // async: any device trains on the newest version, once per version it is not
+            // already in the buffer with
+            Phase::Training(open) if self.is_async() => {
+                if open.closed || open.declined.contains_key(client) {
+                    Directive::Wait
+                } else if open.uploads.contains_key(client) {
+                    Directive::AlreadyUploaded { round: open.round }
+                } else {
+                    Directive::Train {
+                        round: open.round,
+                        base_version: open.base_version,
+                        evaluate: !self
+                            .evaluated
+                            .contains(&(open.base_version, client.to_string())),
+                        deadline_ms: open.deadline_ms,
+                    }
+                }
+            }
             Phase::Training(open) => {
                 if !open.selected.contains(client) || open.declined.contains_key(client) {
                     Directive::Wait
@@ -172,6 +198,12 @@ impl Federation {
         digest: &[u8; 32],
         weight: f64,
     ) -> Result<UploadVerdict, Refusal> {
+        if self.is_async() {
+            if let Some(v) = self.check_buffered(client, round, digest)? {
+                return Ok(v);
+            }
+            return self.check_contents(spec_hash, weight);
+        }
         let Phase::Training(open) = &self.state.phase else {
             return Err(Refusal::new(
                 RefusalCode::WrongRound,
@@ -197,10 +229,7 @@ impl Federation {
             ));
         }
         if spec_hash != &self.spec_hash {
-            return Err(Refusal::new(
-                RefusalCode::SpecMismatch,
-                "upload's adapter spec differs from the federation's",
-            ));
+            return self.check_contents(spec_hash, weight);
         }
         if let Some(prev) = open.uploads.get(client) {
             return if &prev.digest == digest {
@@ -211,6 +240,100 @@ impl Federation {
                     format!("client {client} already uploaded a different delta for round {round}"),
                 ))
             };
+        }
+        self.check_contents(spec_hash, weight)
+    }
+
+    /// Async mode's checks of an upload trained in `round`: `Some` answers a re-send, `None`
+    /// lets the contents be checked. Refused: a round not offered yet (`WrongRound`), one more
+    /// than `max_staleness` buffers old (`TooStale`), a second update of a client in one
+    /// buffer or a second one trained in a round already counted (`DuplicateUpload`). While
+    /// no buffer takes uploads (one is being committed) the refusal is `Internal`: the client
+    /// re-sends after reconnecting, and the next buffer takes it.
+    fn check_buffered(
+        &self,
+        client: &str,
+        round: u64,
+        digest: &[u8; 32],
+    ) -> Result<Option<UploadVerdict>, Refusal> {
+        // a re-send of an update already counted is answered in any phase (its acknowledgement
+        // may have been lost in a crash while the version it went into committed)
+        if let Some(c) = self.state.contributed.get(client) {
+            if c.trained_round == round && &c.digest == digest {
+                return Ok(Some(UploadVerdict::AlreadyAccepted));
+            }
+        }
+        let retry = |why: String| Err(Refusal::new(RefusalCode::Internal, why));
+        let open = match &self.state.phase {
+            Phase::Training(open) if !open.closed => open,
+            Phase::Training(open) => {
+                return retry(format!(
+                    "version {} is being committed; re-send",
+                    open.base_version + 1
+                ))
+            }
+            Phase::Waiting { .. } => return retry("the next buffer is opening; re-send".into()),
+            _ => {
+                return Err(Refusal::new(
+                    RefusalCode::WrongRound,
+                    "the campaign has committed its last version",
+                ))
+            }
+        };
+        if round == 0 || round > open.round {
+            return Err(Refusal::new(
+                RefusalCode::WrongRound,
+                format!(
+                    "round {round} was not offered (the open buffer is round {})",
+                    open.round
+                ),
+            ));
+        }
+        let tau = open.round - round;
+        if tau > self.config.max_staleness {
+            return Err(Refusal::new(
+                RefusalCode::TooStale,
+                format!(
+                    "an update trained in round {round} is {tau} buffers stale; at most {} are \
+                     accepted",
+                    self.config.max_staleness
+                ),
+            ));
+        }
+        if let Some(c) = self.state.contributed.get(client) {
+            if round <= c.trained_round {
+                return Err(Refusal::new(
+                    RefusalCode::DuplicateUpload,
+                    format!(
+                        "client {client} already has an update trained in round {} counted",
+                        c.trained_round
+                    ),
+                ));
+            }
+        }
+        if let Some(prev) = open.uploads.get(client) {
+            return if &prev.digest == digest && prev.base_round == Some(round) {
+                Ok(Some(UploadVerdict::AlreadyAccepted))
+            } else {
+                Err(Refusal::new(
+                    RefusalCode::DuplicateUpload,
+                    format!(
+                        "client {client} already has an update in buffer {}; one per version",
+                        open.round
+                    ),
+                ))
+            };
+        }
+        Ok(None)
+    }
+
+    /// The checks of an upload's spec and weight, the same in both modes.
+    fn check_contents(&self, spec_hash: &SpecHash, weight: f64) -> Result<UploadVerdict, Refusal> {
+        if spec_hash != &self.spec_hash {
+            return Err(Refusal::new(
+                RefusalCode::SpecMismatch,
+                "upload's adapter spec differs from the federation's",
+            ));
         }
         if weight.is_finite() && weight > self.config.max_upload_weight {
             return Err(Refusal::new(
@@ -247,7 +370,12 @@ impl Federation {
         round: u64,
         meta: UploadMeta,
     ) -> Result<&FederationState, Refusal> {
+        let buffered = self.is_async();
         match &mut self.state.phase {
+            Phase::Training(open) if buffered && open.round == round && !open.closed => {
+                open.uploads.insert(client.to_string(), meta);
+                Ok(&self.state)
+            }
             Phase::Training(open)
                 if open.round == round && open.selected.contains(client) && !open.closed =>
             {
@@ -269,9 +397,12 @@ impl Federation {
         round: u64,
         reason: DeclineReason,
     ) -> Result<(), Refusal> {
+        let buffered = self.is_async();
         match &mut self.state.phase {
             Phase::Training(open)
-                if open.round == round && open.selected.contains(client) && !open.closed =>
+                if open.round == round
+                    && (buffered || open.selected.contains(client))
+                    && !open.closed =>
             {
                 if open.uploads.contains_key(client) {
                     return Err(Refusal::new(
@@ -340,6 +471,11 @@ impl Federation {
     /// Advances time. Returns the transition, if any; the driver persists [`state`](Self::state)
     /// after each.
     pub fn tick(&mut self, now_ms: u64) -> Option<Transition> {
+        if self.is_async() {
+            if let Some(t) = self.tick_buffered(now_ms) {
+                return t;
+            }
+        }
         match &self.state.phase {
             Phase::Waiting { since_ms } => {
                 let n = self.connected.len();
@@ -429,13 +565,29 @@ impl Federation {
     /// Commits the round the last [`Transition::Aggregate`] named, after the driver stored the
     /// new global adapter. Returns the new version.
     pub fn commit(&mut self, round: u64, now_ms: u64) -> Result<u64, ProtocolError> {
-        match &self.state.phase {
-            Phase::Training(open) if open.round == round => {}
+        let open = match &self.state.phase {
+            Phase::Training(open) if open.round == round => open,
             _ => {
                 return Err(ProtocolError::Config(format!(
                     "commit of round {round}, which is not open"
                 )))
             }
+        };
+        if self.is_async() {
+            let counted: Vec<(ClientId, Contribution)> = open
+                .uploads
+                .iter()
+                .map(|(c, m)| {
+                    (
+                        c.clone(),
+                        Contribution {
+                            trained_round: m.base_round.unwrap_or(round),
+                            digest: m.digest,
+                        },
+                    )
+                })
+                .collect();
+            self.state.contributed.extend(counted);
         }
         self.state.global_version += 1;
         // the give-up count is of failures in a row
@@ -477,6 +629,82 @@ impl Federation {
     /// probability q = min(1, K ÷ connected, the client-level plan's q), from the OS CSPRNG (or the seeded ChaCha20 under
     /// [`Sampling::PoissonSeeded`]); if the OS generator fails nobody is sampled and the round
     /// fails like an empty one.
+    /// Async mode's tick for the phases it handles differently: `Some(t)` is the answer,
+    /// `None` leaves the phase to the synchronous rules (evaluation, finish).
+    ///
+    /// A buffer opens at once (no one is sampled) and closes when it holds `buffer` updates,
+    /// or `min_buffer` once it has waited `round_timeout_ms`; it never fails for want of
+    /// uploads, it waits.
+    fn tick_buffered(&mut self, now_ms: u64) -> Option<Option<Transition>> {
+        match &mut self.state.phase {
+            Phase::Waiting { .. } => {
+                let round = self.state.next_round;
+                self.state.next_round += 1;
+                self.state.phase = Phase::Training(OpenRound {
+                    round,
+                    base_version: self.state.global_version,
+                    selected: BTreeSet::new(),
+                    deadline_ms: now_ms + self.config.round_timeout_ms,
+                    closed: false,
+                    declined: BTreeMap::new(),
+                    uploads: BTreeMap::new(),
+                    sampling_rate: None,
+                });
+                Some(Some(Transition::RoundStarted {
+                    round,
+                    selected: BTreeSet::new(),
+                }))
+            }
+            Phase::Training(open) => {
+                let n = open.uploads.len();
+                let full = n >= self.config.buffer
+                    || (now_ms >= open.deadline_ms && n >= self.config.min_buffer());
+                if !open.closed && !full {
+                    return Some(None);
+                }
+                open.closed = true;
+                Some(Some(Transition::Aggregate {
+                    round: open.round,
+                    uploads: open.uploads.clone(),
+                    missing: BTreeSet::new(),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `client` may send an upload's payload now: a participant of the open round in
+    /// sync mode; in async mode any client until the campaign is over (the upload's own
+    /// checks decide: a re-send of an update counted in the last version is answered
+    /// `AlreadyAccepted` during the final evaluation too).
+    pub fn may_upload(&self, client: &str) -> bool {
+        match &self.state.phase {
+            Phase::Training(open) if !self.is_async() => open.selected.contains(client),
+            Phase::Finished { .. } => false,
+            _ => self.is_async(),
+        }
+    }
+
+    /// The buffer (round) an update trained in `trained_round` is counted in if accepted now:
+    /// the open one in async mode, `trained_round` itself in sync mode.
+    pub fn upload_round(&self, trained_round: u64) -> u64 {
+        match &self.state.phase {
+            Phase::Training(open) if self.is_async() => open.round,
+            _ => trained_round,
+        }
+    }
+
+    /// The factor s(τ) an upload of buffer `round` is weighted by on top of its weight: its
+    /// staleness weight in async mode (τ = `round` − the round it trained in), 1 in sync mode.
+    pub fn staleness_weight(&self, round: u64, meta: &UploadMeta) -> f64 {
+        match meta.base_round {
+            Some(base) if self.is_async() => {
+                self.config.staleness.weight(round.saturating_sub(base))
+            }
+            _ => 1.0,
+        }
+    }
+
     fn sample(&self, round: u64) -> (BTreeSet<ClientId>, Option<f64>) {
         let seeded = || rand::rngs::ChaCha20Rng::seed_from_u64(self.config.seed ^ round);
         let ids: Vec<ClientId> = self.connected.iter().cloned().collect();
@@ -570,6 +798,7 @@ mod tests {
             bytes: 4,
             train_loss: Some(1.0),
             rank: None,
+            base_round: None,
         }
     }
 
@@ -660,6 +889,184 @@ mod tests {
         assert_eq!(f.tick(1), None);
         f.connect("d");
         assert!(matches!(f.tick(2), Some(Transition::RoundStarted { .. })));
+    }
+
+    fn async_cfg(buffer: usize) -> FederationConfig {
+        FederationConfig {
+            mode: Mode::Async,
+            buffer,
+            max_staleness: 1,
+            rounds: 3,
+            ..cfg()
+        }
+    }
+
+    /// An async upload as the coordinator makes it: checked for the round it trained in,
+    /// counted in the open buffer with that round as its base.
+    fn upload_async(
+        f: &mut Federation,
+        c: &str,
+        trained: u64,
+        b: u8,
+    ) -> Result<AckStatus, Refusal> {
+        let v = f.check_upload(c, trained, &SPEC, &[b; 32], 10.0)?;
+        if v == UploadVerdict::New {
+            let buffer = f.upload_round(trained);
+            let m = UploadMeta {
+                base_round: Some(trained),
+                ..meta(b)
+            };
+            f.accept_upload(c, buffer, m)?;
+        }
+        Ok(v.ack_status())
+    }
+
+    #[test]
+    fn async_buffers_commit_every_k_updates_and_refuse_stale_and_repeated_ones() {
+        let mut f = Federation::new(async_cfg(2), SPEC, 0).unwrap();
+        // a buffer opens at once, with no one sampled: every connected client may train
+        let Some(Transition::RoundStarted { round: 1, selected }) = f.tick(1) else {
+            panic!()
+        };
+        assert!(selected.is_empty());
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+            assert!(matches!(
+                f.poll(c),
+                Directive::Train {
+                    round: 1,
+                    base_version: 0,
+                    ..
+                }
+            ));
+        }
+        assert_eq!(upload_async(&mut f, "a", 1, 1), Ok(AckStatus::Accepted));
+        assert_eq!(f.poll("a"), Directive::AlreadyUploaded { round: 1 });
+        assert_eq!(
+            upload_async(&mut f, "a", 1, 9).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
+        assert_eq!(f.tick(2), None, "one of two buffered");
+        assert_eq!(upload_async(&mut f, "b", 1, 2), Ok(AckStatus::Accepted));
+        let Some(Transition::Aggregate {
+            round: 1, uploads, ..
+        }) = f.tick(3)
+        else {
+            panic!()
+        };
+        assert_eq!(uploads.len(), 2);
+        // while the buffer is committed, an upload is told to re-send (not dropped)
+        assert_eq!(
+            upload_async(&mut f, "c", 1, 3).unwrap_err().code,
+            RefusalCode::Internal
+        );
+        assert_eq!(f.commit(1, 4).unwrap(), 1);
+        assert_eq!(
+            upload_async(&mut f, "c", 1, 3).unwrap_err().code,
+            RefusalCode::Internal
+        );
+        let Some(Transition::RoundStarted { round: 2, .. }) = f.tick(5) else {
+            panic!()
+        };
+        // c's update trained on version 0 lands in buffer 2, one buffer stale
+        assert_eq!(f.upload_round(1), 2);
+        assert_eq!(upload_async(&mut f, "c", 1, 3), Ok(AckStatus::Accepted));
+        let Phase::Training(open) = &f.state().phase else {
+            panic!()
+        };
+        let w = f.staleness_weight(2, &open.uploads["c"]);
+        assert!((w - 0.5f64.sqrt()).abs() < 1e-12, "{w}");
+        // a's update of buffer 1 is counted: its re-send is recognised, another one refused
+        assert_eq!(
+            upload_async(&mut f, "a", 1, 1),
+            Ok(AckStatus::AlreadyAccepted)
+        );
+        assert_eq!(
+            upload_async(&mut f, "a", 1, 7).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
+        assert!(matches!(
+            f.poll("a"),
+            Directive::Train {
+                round: 2,
+                base_version: 1,
+                ..
+            }
+        ));
+        assert_eq!(upload_async(&mut f, "a", 2, 4), Ok(AckStatus::Accepted));
+        assert!(matches!(
+            f.tick(6),
+            Some(Transition::Aggregate { round: 2, .. })
+        ));
+        assert_eq!(f.commit(2, 7).unwrap(), 2);
+        assert!(matches!(
+            f.tick(8),
+            Some(Transition::RoundStarted { round: 3, .. })
+        ));
+        // two buffers stale is past max_staleness 1; a round not offered yet is refused
+        f.connect("d");
+        assert_eq!(
+            upload_async(&mut f, "d", 1, 5).unwrap_err().code,
+            RefusalCode::TooStale
+        );
+        assert_eq!(
+            upload_async(&mut f, "d", 4, 5).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        assert_eq!(upload_async(&mut f, "d", 2, 5), Ok(AckStatus::Accepted));
+        assert_eq!(upload_async(&mut f, "b", 3, 6), Ok(AckStatus::Accepted));
+        assert!(matches!(
+            f.tick(9),
+            Some(Transition::Aggregate { round: 3, .. })
+        ));
+        assert_eq!(f.commit(3, 10).unwrap(), 3);
+        // the last version is evaluated as in sync mode
+        assert!(matches!(f.poll("a"), Directive::Evaluate { version: 3 }));
+    }
+
+    #[test]
+    fn async_buffer_commits_min_buffer_after_the_timeout_and_never_fails() {
+        let c = FederationConfig {
+            min_buffer: 2,
+            ..async_cfg(3)
+        };
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        f.tick(0);
+        upload_async(&mut f, "a", 1, 1).unwrap();
+        // past the deadline with one of min_buffer 2: it waits, it does not fail
+        assert_eq!(f.tick(5_000), None);
+        assert!(matches!(f.state().phase, Phase::Training(_)));
+        upload_async(&mut f, "b", 1, 2).unwrap();
+        assert!(matches!(
+            f.tick(5_001),
+            Some(Transition::Aggregate { round: 1, .. })
+        ));
+        // a state written at the commit carries what was counted, so a restart still knows
+        f.commit(1, 5_002).unwrap();
+        let again = Federation::resume(f.config().clone(), SPEC, f.state().clone(), 6_000);
+        assert_eq!(again.state().contributed["a"].trained_round, 1);
+        let mut again = again;
+        again.tick(6_001);
+        assert_eq!(
+            upload_async(&mut again, "a", 1, 1),
+            Ok(AckStatus::AlreadyAccepted)
+        );
+    }
+
+    #[test]
+    fn async_mode_refuses_what_it_cannot_weigh() {
+        let mut c = async_cfg(2);
+        c.validate().unwrap();
+        c.min_buffer = 3;
+        assert!(c.validate().unwrap_err().to_string().contains("min_buffer"));
+        let mut c = async_cfg(2);
+        c.train.codec = crate::codec::Codec::Modular(Default::default());
+        c.train.weighting = Weighting::Uniform;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("float codec"));
     }
 
     #[test]

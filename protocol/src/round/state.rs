@@ -22,6 +22,10 @@ pub struct UploadMeta {
     /// The LoRA rank the client trained (heterogeneous ranks), `None` for the federation's.
     #[serde(default)]
     pub rank: Option<u32>,
+    /// Async mode: the round the client trained in (its update's base is that round's
+    /// version); `None` in sync mode, where it is the round the upload belongs to.
+    #[serde(default)]
+    pub base_round: Option<u64>,
 }
 
 /// The round being trained.
@@ -86,6 +90,10 @@ pub struct FederationState {
     pub failed_rounds: u64,
     /// Where the federation is.
     pub phase: Phase,
+    /// Async mode: each client's last update counted in a committed version (empty in sync
+    /// mode). Written with the state at each commit.
+    #[serde(default)]
+    pub contributed: BTreeMap<ClientId, super::buffered::Contribution>,
 }
 
 /// A decision the driver must carry out after a [`Federation::tick`].

@@ -1,0 +1,314 @@
+//! Async (buffered, FedBuff) federation end to end over real QUIC + mutual TLS on loopback:
+//! devices of different speeds train whenever they ask, and every committed version must be
+//! the previous one plus the staleness-weighted mean of exactly the updates the devices sent.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_coordinator::certs::{default_server_names, init_certs};
+use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
+use fedlora_protocol::{
+    AckStatus, ClientMsg, Codec, CoordMsg, FederationConfig, FlatAdapter, Mode, RefusalCode,
+    Staleness, Task, TrainConfig, Weighting, PROTOCOL_VERSION,
+};
+
+mod common;
+use common::{poll, secagg_spec, upload, wave};
+
+async fn start(
+    dir: &std::path::Path,
+    clients: usize,
+    federation: FederationConfig,
+    initial: FlatAdapter,
+) -> (Coordinator, SocketAddr, std::path::PathBuf) {
+    let certs = init_certs(&dir.join("certs"), clients, &default_server_names()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.federation = federation;
+    let coord = Coordinator::start(cfg, initial).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    (coord, addr, certs.0)
+}
+
+/// One accepted update: the buffer (round) it was counted in, the round it trained in, and
+/// the delta sent.
+type Sent = (u64, u64, FlatAdapter);
+
+/// Device `i`: trains whenever it is offered work, waits `wait_for` committed versions (or
+/// `pause`) before each upload, and keeps what the coordinator acknowledged.
+async fn device(
+    i: usize,
+    ep: quinn::Endpoint,
+    addr: SocketAddr,
+    pause: Duration,
+    wait_for: Option<u64>,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+) -> Vec<Sent> {
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let (w, _) = s
+        .request(&ClientMsg::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            spec_hash: secagg_spec().hash(),
+            max_rank: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(w, CoordMsg::Welcome { .. }), "{w:?}");
+    let mut sent = Vec::new();
+    let mut committed = 0u64;
+    for _ in 0..20_000 {
+        while let Ok(e) = events.try_recv() {
+            if let Event::RoundCommitted { version, .. } = e {
+                committed = committed.max(version);
+            }
+        }
+        match poll(&s).await {
+            Task::Train(o) => {
+                // a slow device: its update arrives after `wait_for` versions committed
+                if let Some(v) = wait_for.filter(|_| sent.is_empty()) {
+                    while committed < v {
+                        if let Ok(Event::RoundCommitted { version, .. }) =
+                            tokio::time::timeout(Duration::from_secs(30), events.recv())
+                                .await
+                                .expect("versions commit")
+                        {
+                            committed = committed.max(version);
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                let d = wave(secagg_spec(), |x| {
+                    ((x * 0.01 * (i + 1) as f32) + o.round as f32).sin() * 0.1
+                });
+                loop {
+                    let (reply, _) = s.request(&upload(o.round, &d, 1.0)).await.unwrap();
+                    match reply {
+                        CoordMsg::Ack {
+                            round,
+                            status: AckStatus::Accepted,
+                        } => {
+                            sent.push((round, o.round, d.clone()));
+                            break;
+                        }
+                        // a buffer was being committed: the next one takes it
+                        CoordMsg::Refused(r) if r.code == RefusalCode::Internal => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        // the campaign ended meanwhile
+                        CoordMsg::Refused(r) if r.code == RefusalCode::WrongRound => break,
+                        other => panic!("device {i}: unexpected answer {other:?}"),
+                    }
+                }
+            }
+            Task::Wait { .. } | Task::AlreadyUploaded { .. } => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Task::Evaluate { .. } | Task::Finished { .. } => return sent,
+            other => panic!("device {i}: unexpected task {other:?}"),
+        }
+    }
+    panic!("device {i} never saw the campaign end")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_of_different_speeds_commit_the_staleness_weighted_mean_of_what_they_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let staleness: Staleness = "poly:0.5".parse().unwrap();
+    let fed = FederationConfig {
+        mode: Mode::Async,
+        buffer: 3,
+        max_staleness: 4,
+        staleness,
+        rounds: 5,
+        round_timeout_ms: 60_000,
+        eval_timeout_ms: 100,
+        train: TrainConfig {
+            codec: Codec::DenseF32,
+            weighting: Weighting::Uniform,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let initial = wave(secagg_spec(), |x| (x * 0.07).cos());
+    let (coord, addr, certs) = start(dir.path(), 6, fed, initial.clone()).await;
+    // four fast devices of different speeds, and two whose first update arrives only after
+    // one and two versions committed (so it is counted stale)
+    let pauses = [0u64, 5, 15, 30, 0, 0];
+    let waits = [None, None, None, None, Some(1), Some(2)];
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let ep = endpoint(&ClientTls::from_dir(&certs, i)).unwrap();
+        tasks.push(tokio::spawn(device(
+            i,
+            ep,
+            addr,
+            Duration::from_millis(pauses[i]),
+            waits[i],
+            coord.events(),
+        )));
+    }
+    let mut all: Vec<Sent> = Vec::new();
+    for t in tasks {
+        all.extend(
+            tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let (version, got) = coord.global();
+    assert_eq!(version, 5, "five versions committed");
+    // replay the campaign from what the devices sent: buffer by buffer, in order
+    let mut buffers: BTreeMap<u64, Vec<&Sent>> = BTreeMap::new();
+    for s in &all {
+        buffers.entry(s.0).or_default().push(s);
+    }
+    let mut x: Vec<f64> = initial.values().iter().map(|&v| f64::from(v)).collect();
+    let mut stale = 0;
+    let mut committed = 0;
+    for (round, ups) in &buffers {
+        // the last buffer may have taken updates the campaign's end left uncounted
+        if committed == 5 {
+            break;
+        }
+        assert!(
+            ups.len() >= 3,
+            "buffer {round} committed with {}",
+            ups.len()
+        );
+        let w: Vec<f64> = ups.iter().map(|u| staleness.weight(round - u.1)).collect();
+        stale += ups.iter().filter(|u| u.1 < *round).count();
+        let total: f64 = w.iter().sum();
+        for (k, xk) in x.iter_mut().enumerate() {
+            let s: f64 = ups
+                .iter()
+                .zip(&w)
+                .map(|(u, w)| w * f64::from(u.2.values()[k]))
+                .sum();
+            // the coordinator adds the f32 mean to the f32 global
+            *xk = f64::from((*xk as f32) + (s / total) as f32);
+        }
+        committed += 1;
+    }
+    assert_eq!(committed, 5);
+    assert!(
+        stale >= 2,
+        "the two slow devices' updates were counted stale"
+    );
+    for (k, (g, want)) in got.values().iter().zip(&x).enumerate() {
+        assert!(
+            (f64::from(*g) - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "value {k}: {g} vs {want}"
+        );
+    }
+    coord.shutdown().await;
+    // status shows the buffer and the staleness histogram
+    let store = fedlora_coordinator::store::Store::open(&dir.path().join("state")).unwrap();
+    let report = fedlora_coordinator::status::report(&store).unwrap();
+    let b = report.buffer.expect("async status");
+    assert_eq!((b.size, b.staleness.as_str()), (3, "poly:0.5"));
+    assert_eq!(b.staleness_histogram.iter().sum::<usize>(), all.len());
+    assert!(b.staleness_histogram.len() >= 2, "{b:?}");
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
+
+/// `fedlora coordinator --mode async` with unchanged `fedlora client` processes training the
+/// byte-level model: the campaign commits its versions, every client exits 0, and `fedlora
+/// status` shows the buffer and the staleness of what it counted.
+#[test]
+fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let st = Command::new(BIN)
+        .args(["certs", "init", "--clients", "3", "--out"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let coord = Command::new(BIN)
+        .args([
+            "coordinator",
+            "--mode",
+            "async",
+            "--buffer",
+            "2",
+            "--rounds",
+            "3",
+        ])
+        .args(["--local-steps", "2", "--batch-size", "4", "--listen", &addr])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--certs")
+        .arg(&certs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            Command::new(BIN)
+                .args([
+                    "client",
+                    "--coordinator",
+                    &addr,
+                    "--client-index",
+                    &i.to_string(),
+                ])
+                .arg("--certs")
+                .arg(&certs)
+                .arg("--state-dir")
+                .arg(dir.path().join(format!("c{i}")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "client {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = coord.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "coordinator: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["phase"], "finished", "{st}");
+    assert_eq!(st["global_version"], 3, "{st}");
+    assert_eq!(st["buffer"]["size"], 2, "{st}");
+    let counted: u64 = st["buffer"]["staleness_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(counted >= 6, "three versions of two updates each: {st}");
+    assert!(
+        st["evals"].as_array().is_some_and(|e| !e.is_empty()),
+        "{st}"
+    );
+}
