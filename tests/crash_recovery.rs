@@ -498,6 +498,24 @@ async fn kill_9_inside_a_group_commit_loses_no_acked_upload_and_counts_none_twic
     }
 }
 
+/// Sends an upload as the SDK does: again after a pause while the coordinator answers
+/// `RetryLater` (a version being committed); `None` when the connection failed.
+async fn acked(s: &Session, msg: &ClientMsg) -> Option<AckStatus> {
+    for _ in 0..600 {
+        match s.request(msg).await {
+            Ok((CoordMsg::Ack { status, .. }, _)) => return Some(status),
+            Ok((CoordMsg::Refused(r), _))
+                if r.code == fedlora_protocol::RefusalCode::RetryLater =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok((other, _)) => panic!("an upload was answered {other:?}"),
+            Err(_) => return None,
+        }
+    }
+    panic!("the upload was deferred for 30 s")
+}
+
 /// What one scripted async campaign saw: the committed global of version 2, and the answers
 /// to (client 2's stale upload after the restart, client 0's re-send of its counted upload).
 struct AsyncRun {
@@ -535,11 +553,6 @@ async fn async_campaign(crash: Option<&str>) -> AsyncRun {
     for i in 0..3 {
         s.push(join(&certs, i, addr, spec_hash).await);
     }
-    let ack = |r: Result<(CoordMsg, u64), fedlora_client::ClientError>| match r {
-        Ok((CoordMsg::Ack { status, .. }, _)) => Some(status),
-        Ok((other, _)) => panic!("an upload was answered {other:?}"),
-        Err(_) => None,
-    };
     let committed = |v: u64| {
         let t0 = Instant::now();
         loop {
@@ -562,14 +575,8 @@ async fn async_campaign(crash: Option<&str>) -> AsyncRun {
     assert!(offers.iter().all(|o| o.round == 1 && o.global_version == 0));
     let up =
         |i: usize, round: u64| upload(round, &delta(&initial, i as f32 + 1.0 + round as f32), 1.0);
-    assert_eq!(
-        ack(s[0].request(&up(0, 1)).await),
-        Some(AckStatus::Accepted)
-    );
-    assert_eq!(
-        ack(s[1].request(&up(1, 1)).await),
-        Some(AckStatus::Accepted)
-    );
+    assert_eq!(acked(&s[0], &up(0, 1)).await, Some(AckStatus::Accepted));
+    assert_eq!(acked(&s[1], &up(1, 1)).await, Some(AckStatus::Accepted));
     committed(1);
     // client 2's update of round 1 arrives after version 1: it goes to buffer 2, one stale
     let (reply, _) = s[2].request(&up(2, 1)).await.unwrap();
@@ -619,15 +626,15 @@ async fn async_campaign(crash: Option<&str>) -> AsyncRun {
         // an upload is sent again after the restart (the SDK re-sends the last one it did not
         // see acknowledged): the stale one in the buffer, and client 0's last one, counted in
         // version 1 (SIGKILL) or in the buffer of version 2 (crash points)
-        run.resend_stale = ack(s[2].request(&up(2, 1)).await);
+        run.resend_stale = acked(&s[2], &up(2, 1)).await;
         let last = if point.is_some() { 2 } else { 1 };
-        run.resend_counted = ack(s[0].request(&up(0, last)).await);
+        run.resend_counted = acked(&s[0], &up(0, last)).await;
     }
     // client 0 trains on version 1 (or its update of it is already in the buffer)
     match poll(&s[0]).await {
         Task::Train(o) => {
             assert_eq!((o.round, o.global_version), (2, 1));
-            let a = ack(s[0].request(&up(0, 2)).await);
+            let a = acked(&s[0], &up(0, 2)).await;
             assert!(
                 matches!(a, Some(AckStatus::Accepted | AckStatus::AlreadyAccepted)),
                 "{a:?}"

@@ -93,7 +93,7 @@ async fn device(
                             break;
                         }
                         // a buffer was being committed: the next one takes it
-                        CoordMsg::Refused(r) if r.code == RefusalCode::Internal => {
+                        CoordMsg::Refused(r) if r.code == RefusalCode::RetryLater => {
                             tokio::time::sleep(Duration::from_millis(20)).await
                         }
                         // the campaign ended meanwhile

@@ -143,7 +143,7 @@ fn malformed(m: String) -> Refusal {
 pub async fn read_request(
     recv: &mut RecvStream,
     budget: &ReadBudget,
-    may_send_payload: &(dyn Fn() -> bool + Sync),
+    may_send_payload: &(dyn Fn() -> Result<(), Refusal> + Sync),
 ) -> Result<Request, Refusal> {
     let (kind, len) = read_header(recv).await?;
     if !kind.from_client() {
@@ -154,12 +154,7 @@ pub async fn read_request(
     if len <= CONTROL_LIMIT {
         return read_message(recv, kind, len).await;
     }
-    if !may_send_payload() {
-        return Err(Refusal::new(
-            RefusalCode::NotSelected,
-            "payloads are taken from participants of the open round only",
-        ));
-    }
+    may_send_payload()?;
     let c = budget
         .connection
         .clone()

@@ -88,6 +88,9 @@ pub enum RefusalCode {
     NotOffered,
     /// Async mode: the update's base version is more than `max_staleness` versions old.
     TooStale,
+    /// Not now, but it will be taken: async mode is committing a version and the next buffer
+    /// is not open yet. The client keeps the upload and sends it again after a pause.
+    RetryLater,
 }
 
 impl RefusalCode {

@@ -32,7 +32,7 @@ use crate::secagg::check_shares;
 /// of it ([`crate::plan_signature`]).
 /// Version 8: advertised secure-aggregation keys carry a commitment to the self-mask seed
 /// ([`crate::secagg::seed_commitment`]), so the unmasking party checks every reconstructed secret.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";

@@ -207,8 +207,10 @@ impl AuditConfig {
                 batch_size: Vec::new(),
                 dp_learning_rate: Vec::new(),
                 privacy: Vec::new(),
+                ..Grid::default_keys()
             },
             eval_every: r.rounds.max(1),
+            fleet: None,
         }
     }
 }

@@ -5,7 +5,9 @@
 //! - [`task`]: the Shakespeare LM (natural or IID split) and the Breast Cancer Wisconsin MLP
 //!   (IID or Dirichlet label skew); [`partition`] splits, [`tabular`] the MLP with LoRA.
 //! - [`sweep`]: sweep files, grid points, shards; [`client_dp`]: client-level DP plans.
-//! - [`runner`]: one point in-process; [`quic`]: one point over QUIC.
+//! - [`runner`]: one point in-process; [`quic`]: one point over QUIC; [`timed`]: one point in
+//!   simulated wall time with device behaviour ([`fleet`]) under a [`schedule`] (sync,
+//!   over-selected sync or FedBuff).
 //! - [`load`]: N synthetic SDK clients against a real coordinator (`fedlora bench load`).
 //! - [`results`], [`output`], [`plot`], [`report`]: rows, files, figures, the report.
 
@@ -13,6 +15,7 @@ pub mod audit;
 pub mod bench;
 pub mod client_dp;
 pub mod error;
+pub mod fleet;
 pub mod load;
 pub mod output;
 pub mod partition;
@@ -21,9 +24,11 @@ pub mod quic;
 pub mod report;
 pub mod results;
 pub mod runner;
+pub mod schedule;
 pub mod sweep;
 pub mod tabular;
 pub mod task;
+pub mod timed;
 
 pub use error::SimError;
 

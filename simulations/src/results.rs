@@ -59,6 +59,9 @@ macro_rules! with_run_columns {
             /// What ε protects: `example`, `central` or `distributed:BITS` (client-level).
             #[serde(default)]
             pub privacy: String,
+            /// The schedule of a run in simulated time (empty: round by round).
+            #[serde(default)]
+            pub schedule: String,
             $($(#[$fm])* pub $field: $ty,)*
         }
 
@@ -85,6 +88,7 @@ macro_rules! with_run_columns {
                 self.batch_size = c.batch_size;
                 self.learning_rate = c.learning_rate;
                 self.privacy.clone_from(&c.privacy);
+                self.schedule.clone_from(&c.schedule);
             }
         }
     };
@@ -127,6 +131,10 @@ impl RunColumns {
                 sweep.train.learning_rate
             },
             privacy: point.privacy.clone().unwrap_or_else(|| "example".into()),
+            schedule: point
+                .schedule
+                .as_ref()
+                .map_or_else(String::new, |s| s.label()),
         }
     }
 }
@@ -193,6 +201,13 @@ pub struct RoundRow {
     pub wall_s: f64,
     /// Summed client training time of the round, seconds.
     pub compute_s: f64,
+    /// Simulated wall time at the end of this round or version, seconds (runs in simulated
+    /// time only).
+    #[serde(default)]
+    pub sim_s: Option<f64>,
+    /// Mean staleness of the updates a version counted, versions (async runs only).
+    #[serde(default)]
+    pub staleness: Option<f64>,
     /// Evaluation time, seconds.
     pub eval_s: f64,
 }

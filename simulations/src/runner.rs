@@ -256,6 +256,10 @@ pub fn run_population(
     t0: Instant,
     mut on_round: impl FnMut(u64),
 ) -> Result<(RunOutput, FlatAdapter), SimError> {
+    // a point with a schedule runs in simulated wall time, with device behaviour
+    if point.schedule.is_some() {
+        return crate::timed::run(sweep, point, pop, pool, hooks, t0, on_round);
+    }
     let n = pop.learners.len();
     let fcfg = federation_config(sweep, point, n, pop.initial.spec().numel())?;
     let target = privacy_target(sweep, point);

@@ -221,6 +221,89 @@ pub struct Grid {
     /// whatever `codec` and `secure_aggregation` say.
     #[serde(default)]
     pub privacy: Vec<String>,
+    /// Runs in simulated time only (a `[fleet]` table): "sync" and/or "async" (FedBuff).
+    #[serde(default = "d_mode")]
+    pub mode: Vec<String>,
+    /// Sync in simulated time: devices sampled per round as a multiple of clients_per_round,
+    /// the round keeping the first clients_per_round to finish (1: none).
+    #[serde(default = "d_over")]
+    pub over_selection: Vec<f64>,
+    /// Async: updates per version, K.
+    #[serde(default = "d_buffer")]
+    pub buffer: Vec<usize>,
+    /// Async: staleness weights (`constant`, `poly:A`, `hinge:A,B`).
+    #[serde(default = "d_staleness")]
+    pub staleness: Vec<String>,
+    /// Async: the most devices training at once (0: no limit).
+    #[serde(default = "d_concurrency")]
+    pub concurrency: Vec<usize>,
+}
+
+fn d_mode() -> Vec<String> {
+    vec!["sync".into()]
+}
+fn d_over() -> Vec<f64> {
+    vec![1.0]
+}
+fn d_buffer() -> Vec<usize> {
+    vec![10]
+}
+fn d_staleness() -> Vec<String> {
+    vec!["poly:0.5".into()]
+}
+fn d_concurrency() -> Vec<usize> {
+    vec![0]
+}
+
+impl Grid {
+    /// A grid of one default point for every key: what struct literals fill the keys they do
+    /// not set from.
+    pub fn default_keys() -> Self {
+        Self {
+            epsilon: d_eps(),
+            delta: d_delta(),
+            clip: d_clip(),
+            codec: d_codec(),
+            rank: d_rank(),
+            clients_per_round: d_cpr(),
+            rounds: d_rounds(),
+            secure_aggregation: d_secure(),
+            seed: d_seed(),
+            strategy: d_strategy(),
+            client_ranks: d_client_ranks(),
+            local_steps: Vec::new(),
+            batch_size: Vec::new(),
+            dp_learning_rate: Vec::new(),
+            privacy: Vec::new(),
+            mode: d_mode(),
+            over_selection: d_over(),
+            buffer: d_buffer(),
+            staleness: d_staleness(),
+            concurrency: d_concurrency(),
+        }
+    }
+
+    /// The schedule keys' defaults (sync, no over-selection).
+    pub fn default_schedules() -> crate::schedule::ScheduleGrid {
+        crate::schedule::ScheduleGrid {
+            mode: d_mode(),
+            over_selection: d_over(),
+            buffer: d_buffer(),
+            staleness: d_staleness(),
+            concurrency: d_concurrency(),
+        }
+    }
+
+    /// The schedule keys.
+    pub fn schedules(&self) -> crate::schedule::ScheduleGrid {
+        crate::schedule::ScheduleGrid {
+            mode: self.mode.clone(),
+            over_selection: self.over_selection.clone(),
+            buffer: self.buffer.clone(),
+            staleness: self.staleness.clone(),
+            concurrency: self.concurrency.clone(),
+        }
+    }
 }
 
 fn d_eps() -> Vec<f64> {
@@ -321,6 +404,10 @@ pub struct SweepConfig {
     /// Evaluate the global adapter every this many rounds (and always after the last), ≥ 1.
     #[serde(default = "d_eval_every")]
     pub eval_every: u64,
+    /// Device behaviour: with it, every point runs in simulated wall time (see
+    /// [`crate::timed`]) under each of the grid's schedules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 fn d_eval_every() -> u64 {
@@ -371,6 +458,9 @@ pub struct Point {
     /// What ε protects (grid syntax; `None`: one example).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<String>,
+    /// The schedule of a run in simulated time (`None`: round by round, no fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 fn default_strategy() -> String {
@@ -414,6 +504,9 @@ impl Point {
         }
         if let Some(v) = &self.privacy {
             extra.push_str(&format!(" privacy={v}"));
+        }
+        if let Some(s) = &self.schedule {
+            extra.push_str(&format!(" schedule={}", s.label()));
         }
         format!(
             "eps={} delta={} clip={} codec={} rank={} k={} rounds={} secagg={}{extra}",
@@ -528,6 +621,22 @@ impl SweepConfig {
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1".into());
         }
+        match &self.fleet {
+            Some(f) => {
+                f.validate()?;
+                if g.schedules().expand()?.is_empty() {
+                    return bad("grid.mode is empty".into());
+                }
+            }
+            None if g.schedules() != Grid::default_schedules() => {
+                return bad(
+                    "grid.mode, over_selection, buffer, staleness and concurrency need a \
+                     [fleet] table (runs in simulated time)"
+                        .into(),
+                )
+            }
+            None => {}
+        }
         for (name, p) in [
             ("dropout", self.faults.dropout),
             ("straggler", self.faults.straggler),
@@ -605,6 +714,7 @@ impl SweepConfig {
                 rounds: g.rounds[i[11]],
                 secure_aggregation: g.secure_aggregation[i[12]],
                 seed: g.seed[i[13]],
+                schedule: None,
             };
             match p.privacy() {
                 Privacy::ClientDistributed(bits) => {
@@ -639,6 +749,21 @@ impl SweepConfig {
             }
         }
         skipped.dedup();
+        // in simulated time, each point under every schedule (checked in validate)
+        if self.fleet.is_some() {
+            let schedules = g.schedules().expand().unwrap_or_default();
+            out = out
+                .into_iter()
+                .flat_map(|p| {
+                    schedules.iter().map(move |s| Point {
+                        schedule: Some(s.clone()),
+                        ..p.clone()
+                    })
+                })
+                .enumerate()
+                .map(|(i, p)| Point { index: i, ..p })
+                .collect();
+        }
         (out, skipped)
     }
 

@@ -49,6 +49,9 @@ pub(crate) struct FederationArgs {
     /// hinge:A,B (1 up to B, then 1/(A(τ-B)+1)).
     #[arg(long)]
     pub staleness: Option<String>,
+    /// Async: the most devices training at once (0: no limit); others are told to wait.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Local optimizer steps per round.
     #[arg(long)]
     pub local_steps: Option<u32>,
@@ -250,6 +253,9 @@ impl FederationArgs {
         }
         if let Some(v) = self.max_staleness {
             f.max_staleness = v;
+        }
+        if let Some(v) = self.concurrency {
+            f.concurrency = v;
         }
         if let Some(v) = &self.staleness {
             f.staleness = v

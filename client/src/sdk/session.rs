@@ -170,11 +170,22 @@ impl FederatedClient {
         if !report.upload_frames.iter().any(|(i, _)| *i == id) {
             report.upload_frames.push((id, frame.len() as u64));
         }
-        let reply = if frame.len() > self.config.upload_chunk_bytes {
-            self.send_in_pieces(s, &frame, report).await?
-        } else {
-            report.upload_bytes_sent += frame.len() as u64;
-            self.send_frame(s, &frame, report).await?
+        // an async coordinator committing a version asks for the upload again shortly
+        let mut later = Backoff::new(&self.config);
+        let reply = loop {
+            let reply = if frame.len() > self.config.upload_chunk_bytes {
+                self.send_in_pieces(s, &frame, report).await?
+            } else {
+                report.upload_bytes_sent += frame.len() as u64;
+                self.send_frame(s, &frame, report).await?
+            };
+            match reply {
+                CoordMsg::Refused(r) if r.code == RefusalCode::RetryLater => {
+                    info!(round, reason = %r, backoff_ms = later.ms(), "upload deferred; sending it again");
+                    later.wait().await;
+                }
+                other => break other,
+            }
         };
         match reply {
             CoordMsg::Ack { status, .. } => {

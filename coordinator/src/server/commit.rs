@@ -113,8 +113,15 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 .durable_round
                 .load(std::sync::atomic::Ordering::Acquire)
         {
+            // async: the buffer it was placed in opened a moment ago; sync: a round not stored
+            // yet cannot take it
+            let code = if fed.is_async() {
+                RefusalCode::RetryLater
+            } else {
+                RefusalCode::WrongRound
+            };
             let _ = p.reply.send(CoordMsg::Refused(Refusal::new(
-                RefusalCode::WrongRound,
+                code,
                 format!("round {} is not stored yet; retry", r.round),
             )));
             continue;
@@ -131,7 +138,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
             // async: the buffer it was stored for closed meanwhile; a re-send goes to the next
             Ok(UploadVerdict::New) if fed.upload_round(trained) != r.round => {
                 let _ = p.reply.send(CoordMsg::Refused(Refusal::new(
-                    RefusalCode::Internal,
+                    RefusalCode::RetryLater,
                     format!(
                         "buffer {} closed while the upload was stored; re-send",
                         r.round

@@ -147,7 +147,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
 
 /// Whether `client` is a participant of the open round: who may send payloads (uploads,
 /// masked inputs, upload pieces).
-fn selected_now(shared: &Shared, client: &str) -> bool {
+fn selected_now(shared: &Shared, client: &str) -> std::result::Result<(), Refusal> {
     shared.fed.lock().expect("lock").may_upload(client)
 }
 
@@ -490,11 +490,8 @@ async fn upload_piece(
     use crate::partial::{Appended, PieceOutcome};
     // only a participant of the open round parks pieces on disk: at most clients_per_round ×
     // the payload limit of partial uploads, whoever else is registered
-    if !selected_now(shared, client) {
-        return CoordMsg::Refused(Refusal::new(
-            RefusalCode::NotSelected,
-            "upload pieces are taken from participants of the open round only",
-        ));
+    if let Err(r) = selected_now(shared, client) {
+        return CoordMsg::Refused(r);
     }
     let (id, total_len) = (chunk.upload_id, chunk.total_len);
     let appended = {

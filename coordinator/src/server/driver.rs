@@ -200,7 +200,11 @@ fn transition_once(shared: &Shared, now: u64) -> Result<bool> {
                 ended_ms: None,
                 staleness: Vec::new(),
             };
-            shared.store.put_round(&rec, &state)?;
+            if let Err(e) = shared.store.put_round(&rec, &state) {
+                // async: the buffer is opened again at the next tick (sync: at its deadline)
+                shared.fed.lock().expect("lock").retract_round(round);
+                return Err(e);
+            }
             shared
                 .durable_round
                 .fetch_max(round, std::sync::atomic::Ordering::AcqRel);

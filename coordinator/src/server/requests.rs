@@ -118,6 +118,12 @@ fn prepare_upload(
 ) -> Result<Prepared, Box<CoordMsg>> {
     let (expected, seed, max_norm) = {
         let fed = shared.fed.lock().expect("lock");
+        // async: nothing is decoded while no buffer takes uploads (the client sends it again)
+        if fed.is_async() {
+            if let Err(r) = fed.may_upload(client) {
+                return Err(CoordMsg::Refused(r).into());
+            }
+        }
         if let Err(r) = check_kind(&fed.config().train, u.private) {
             return Err(CoordMsg::Refused(r).into());
         }

@@ -55,6 +55,12 @@ pub struct FederationConfig {
     pub max_staleness: u64,
     /// Async: the weight s(τ) of an update τ versions stale (`constant`, `poly:A`, `hinge:A,B`).
     pub staleness: Staleness,
+    /// Async: the most devices training at once, C (0: no limit). A device that asks for work
+    /// while C others hold an offer they have not answered is told to wait; an offer is
+    /// answered by an upload or a decline, and lapses when its device disconnects, when its
+    /// round is more than `max_staleness` buffers old, or `round_timeout_ms` after it was
+    /// made.
+    pub concurrency: usize,
 }
 
 /// How a round's participants are drawn.
@@ -102,6 +108,7 @@ impl Default for FederationConfig {
             min_buffer: 0,
             max_staleness: 20,
             staleness: Staleness::default(),
+            concurrency: 0,
         }
     }
 }
@@ -231,6 +238,21 @@ impl FederationConfig {
                 "the coordinator weighs each update by its staleness, which a modular \
                  payload does not allow: use a float codec",
             );
+        }
+        if self.strategy.needs_individual_updates() {
+            return Err(ProtocolError::Config(format!(
+                "async mode: strategy {} does not weigh updates, so staleness weights would \
+                 have no effect (use fed-avg, fed-prox or a server optimizer)",
+                self.strategy.name()
+            )));
+        }
+        let w = self.staleness.weight(self.max_staleness);
+        if !(w.is_normal() && w > 0.0) {
+            return Err(ProtocolError::Config(format!(
+                "async mode: staleness {} weighs an update {} buffers stale {w}: it must stay \
+                 a positive number up to max_staleness",
+                self.staleness, self.max_staleness
+            )));
         }
         Ok(())
     }

@@ -43,6 +43,10 @@ pub struct Federation {
     connected: BTreeSet<ClientId>,
     /// Versions already evaluated by a client (so each client reports a version at most once).
     evaluated: BTreeSet<(u64, ClientId)>,
+    /// Async: devices holding an offer they have not answered, with its round and the tick
+    /// that first saw it (what `concurrency` limits; in memory only, so a restart starts it
+    /// empty).
+    offered: BTreeMap<ClientId, (u64, Option<u64>)>,
 }
 
 impl Federation {
@@ -87,6 +91,7 @@ impl Federation {
             state,
             connected: BTreeSet::new(),
             evaluated: BTreeSet::new(),
+            offered: BTreeMap::new(),
         }
     }
 
@@ -118,6 +123,12 @@ impl Federation {
     /// A client's connection closed.
     pub fn disconnect(&mut self, client: &str) {
         self.connected.remove(client);
+        self.offered.remove(client);
+    }
+
+    /// Async: devices holding an unanswered offer (at most `concurrency` when it is set).
+    pub fn training(&self) -> usize {
+        self.offered.len()
     }
 
     /// Whether the federation has ended.
@@ -137,11 +148,19 @@ impl Federation {
             // async: any device trains on the newest version, once per version it is not
             // already in the buffer with
             Phase::Training(open) if self.is_async() => {
+                let limit = self.config.concurrency;
+                let holds = self.offered.contains_key(client);
                 if open.closed || open.declined.contains_key(client) {
                     Directive::Wait
                 } else if open.uploads.contains_key(client) {
                     Directive::AlreadyUploaded { round: open.round }
+                } else if !holds && limit > 0 && self.offered.len() >= limit {
+                    Directive::Wait
                 } else {
+                    // asking again keeps the offer it holds (and its age)
+                    self.offered
+                        .entry(client.to_string())
+                        .or_insert((open.round, None));
                     Directive::Train {
                         round: open.round,
                         base_version: open.base_version,
@@ -263,16 +282,11 @@ impl Federation {
                 return Ok(Some(UploadVerdict::AlreadyAccepted));
             }
         }
-        let retry = |why: String| Err(Refusal::new(RefusalCode::Internal, why));
         let open = match &self.state.phase {
             Phase::Training(open) if !open.closed => open,
-            Phase::Training(open) => {
-                return retry(format!(
-                    "version {} is being committed; re-send",
-                    open.base_version + 1
-                ))
+            _ if self.may_upload(client).is_err() => {
+                return Err(self.may_upload(client).expect_err("checked"))
             }
-            Phase::Waiting { .. } => return retry("the next buffer is opening; re-send".into()),
             _ => {
                 return Err(Refusal::new(
                     RefusalCode::WrongRound,
@@ -374,6 +388,7 @@ impl Federation {
         match &mut self.state.phase {
             Phase::Training(open) if buffered && open.round == round && !open.closed => {
                 open.uploads.insert(client.to_string(), meta);
+                self.offered.remove(client);
                 Ok(&self.state)
             }
             Phase::Training(open)
@@ -410,7 +425,14 @@ impl Federation {
                         format!("client {client} already uploaded for round {round}"),
                     ));
                 }
+                if buffered && open.declined.contains_key(client) {
+                    return Err(Refusal::new(
+                        RefusalCode::DuplicateUpload,
+                        format!("client {client} already declined buffer {round}"),
+                    ));
+                }
                 open.declined.insert(client.to_string(), reason);
+                self.offered.remove(client);
                 Ok(())
             }
             _ => Err(Refusal::new(
@@ -472,6 +494,11 @@ impl Federation {
     /// after each.
     pub fn tick(&mut self, now_ms: u64) -> Option<Transition> {
         if self.is_async() {
+            // an offer not answered within round_timeout_ms lapses (its slot frees)
+            let timeout = self.config.round_timeout_ms;
+            self.offered.retain(|_, (_, seen)| {
+                now_ms.saturating_sub(*seen.get_or_insert(now_ms)) <= timeout
+            });
             if let Some(t) = self.tick_buffered(now_ms) {
                 return t;
             }
@@ -574,6 +601,9 @@ impl Federation {
             }
         };
         if self.is_async() {
+            // offers that can no longer be answered (too stale once this commits) lapse
+            let horizon = (round + 1).saturating_sub(self.config.max_staleness);
+            self.offered.retain(|_, (r, _)| *r >= horizon);
             let counted: Vec<(ClientId, Contribution)> = open
                 .uploads
                 .iter()
@@ -673,15 +703,56 @@ impl Federation {
         }
     }
 
-    /// Whether `client` may send an upload's payload now: a participant of the open round in
-    /// sync mode; in async mode any client until the campaign is over (the upload's own
-    /// checks decide: a re-send of an update counted in the last version is answered
-    /// `AlreadyAccepted` during the final evaluation too).
-    pub fn may_upload(&self, client: &str) -> bool {
+    /// Whether `client` may send an upload's payload now (asked before its body is read): a
+    /// participant of the open round in sync mode (else `NotSelected`); in async mode any
+    /// client while a buffer takes uploads, `RetryLater` while a version is being committed
+    /// and the next buffer is not open yet, and during the final evaluation (a re-send of an
+    /// update counted in the last version is answered `AlreadyAccepted`).
+    pub fn may_upload(&self, client: &str) -> Result<(), Refusal> {
+        let not_selected = || {
+            Err(Refusal::new(
+                RefusalCode::NotSelected,
+                "payloads are taken from participants of the open round only",
+            ))
+        };
         match &self.state.phase {
-            Phase::Training(open) if !self.is_async() => open.selected.contains(client),
-            Phase::Finished { .. } => false,
-            _ => self.is_async(),
+            Phase::Training(open) if !self.is_async() => {
+                if open.selected.contains(client) {
+                    Ok(())
+                } else {
+                    not_selected()
+                }
+            }
+            _ if !self.is_async() => not_selected(),
+            Phase::Training(open) if !open.closed => Ok(()),
+            Phase::Training(open) => Err(Refusal::new(
+                RefusalCode::RetryLater,
+                format!(
+                    "version {} is being committed; send it again shortly",
+                    open.base_version + 1
+                ),
+            )),
+            Phase::Waiting { .. } => Err(Refusal::new(
+                RefusalCode::RetryLater,
+                "the next buffer is opening; send it again shortly",
+            )),
+            Phase::Evaluating { .. } => Ok(()),
+            Phase::Finished { .. } => Err(Refusal::new(
+                RefusalCode::WrongRound,
+                "the campaign is over",
+            )),
+        }
+    }
+
+    /// Async: takes back a buffer that was opened but whose start could not be stored (no
+    /// upload can be in it: none is taken before its start is stored), so the next tick opens
+    /// it again.
+    pub fn retract_round(&mut self, round: u64) {
+        if let Phase::Training(open) = &self.state.phase {
+            if self.is_async() && open.round == round && open.uploads.is_empty() {
+                self.state.next_round = round;
+                self.state.phase = Phase::Waiting { since_ms: 0 };
+            }
         }
     }
 
@@ -958,12 +1029,12 @@ mod tests {
         // while the buffer is committed, an upload is told to re-send (not dropped)
         assert_eq!(
             upload_async(&mut f, "c", 1, 3).unwrap_err().code,
-            RefusalCode::Internal
+            RefusalCode::RetryLater
         );
         assert_eq!(f.commit(1, 4).unwrap(), 1);
         assert_eq!(
             upload_async(&mut f, "c", 1, 3).unwrap_err().code,
-            RefusalCode::Internal
+            RefusalCode::RetryLater
         );
         let Some(Transition::RoundStarted { round: 2, .. }) = f.tick(5) else {
             panic!()
@@ -1054,6 +1125,42 @@ mod tests {
     }
 
     #[test]
+    fn async_concurrency_bounds_the_devices_holding_an_offer() {
+        let c = FederationConfig {
+            concurrency: 2,
+            ..async_cfg(2)
+        };
+        let mut f = Federation::new(c, SPEC, 0).unwrap();
+        f.tick(0);
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        assert!(matches!(f.poll("a"), Directive::Train { .. }));
+        assert!(matches!(f.poll("b"), Directive::Train { .. }));
+        assert_eq!(f.poll("c"), Directive::Wait, "two hold offers");
+        // asking again keeps one's own offer
+        assert!(matches!(f.poll("a"), Directive::Train { .. }));
+        assert_eq!(f.training(), 2);
+        // an upload, a decline or a disconnect answers an offer
+        upload_async(&mut f, "a", 1, 1).unwrap();
+        assert!(matches!(f.poll("c"), Directive::Train { .. }));
+        f.decline("c", 1, DeclineReason::NotEnoughTime).unwrap();
+        // a second decline of one buffer is refused (each one rewrites the round's record)
+        assert!(f.decline("c", 1, DeclineReason::NotEnoughTime).is_err());
+        f.disconnect("b");
+        assert_eq!(f.training(), 0);
+        // an offer not answered within round_timeout_ms lapses, however often its holder asks
+        f.connect("b");
+        assert!(matches!(f.poll("b"), Directive::Train { .. }));
+        f.tick(10);
+        assert!(matches!(f.poll("b"), Directive::Train { .. }));
+        assert_eq!(f.tick(500), None);
+        assert_eq!(f.training(), 1);
+        f.tick(1_011);
+        assert_eq!(f.training(), 0);
+    }
+
+    #[test]
     fn async_mode_refuses_what_it_cannot_weigh() {
         let mut c = async_cfg(2);
         c.validate().unwrap();
@@ -1067,6 +1174,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("float codec"));
+        let mut c = async_cfg(2);
+        c.strategy = crate::strategy::StrategyConfig::from_name("median").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not weigh"));
+        let mut c = async_cfg(2);
+        c.staleness = "poly:1100".parse().unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("positive number"));
     }
 
     #[test]
