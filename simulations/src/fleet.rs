@@ -6,9 +6,10 @@
 //!   (a lognormal spread of speeds, `speed_sigma` = σ).
 //! - **Availability:** a diurnal pattern: device i is online while
 //!   `frac(t / day_s + φᵢ) < online`, φᵢ ~ U(0, 1), so a share `online` of the fleet is online at
-//!   any time, each device for one window of `online · day_s` seconds a day. A device starts
-//!   work only if the download, its training and the upload fit in what is left of its window
-//!   (the SDK's eligibility check); work that would not fit is not started.
+//!   any time, each device for one window of `online · day_s` seconds a day. The model assumes
+//!   a device knows when its window ends (its charging or idle schedule) and declines work
+//!   whose download, training and upload would not fit in what is left of it, in both modes
+//!   (the SDK's `--max-train-secs` is how a device states such a limit).
 //! - **Network:** a transfer of b bytes takes `b / uplink_bytes_per_s` up and
 //!   `b / downlink_bytes_per_s` down, plus `latency_s` each way.
 
@@ -43,8 +44,8 @@ pub struct FleetConfig {
     /// Async mode: how long a device that was told to wait (all offers taken) waits before it
     /// asks again, seconds.
     pub poll_s: f64,
-    /// Stop a run once this much simulated time has passed, seconds (0: only `rounds` stops
-    /// it). Runs compared against each other should share it.
+    /// Every run stops at this simulated time, seconds (a version that would end later is not
+    /// committed), or earlier after `rounds` versions.
     pub max_sim_s: f64,
 }
 
@@ -60,7 +61,7 @@ impl Default for FleetConfig {
             latency_s: 0.1,
             round_timeout_s: 1_800.0,
             poll_s: 60.0,
-            max_sim_s: 0.0,
+            max_sim_s: 3_600.0,
         }
     }
 }
@@ -80,15 +81,16 @@ impl FleetConfig {
             && self.latency_s.is_finite()
             && self.latency_s >= 0.0
             && pos(self.round_timeout_s)
-            && pos(self.poll_s)
+            && self.poll_s.is_finite()
+            && self.poll_s >= 1e-3
             && self.max_sim_s.is_finite()
-            && self.max_sim_s >= 0.0;
+            && self.max_sim_s > 0.0;
         if ok {
             Ok(())
         } else {
             Err(SimError::Config(format!(
-                "[fleet]: every value must be finite, times and rates positive, online in \
-                 (0, 1]: {self:?}"
+                "[fleet]: every value must be finite, times and rates positive (poll_s at \
+                 least 1 ms, max_sim_s set: every run stops there), online in (0, 1]: {self:?}"
             )))
         }
     }
@@ -113,7 +115,7 @@ pub struct Fleet {
 impl Fleet {
     /// `n` devices drawn from `seed`.
     pub fn new(cfg: FleetConfig, n: usize, seed: u64) -> Self {
-        let mut rng = ChaCha20Rng::seed_from_u64(crate::runner::mix_seed(seed, 0, 11));
+        let mut rng = ChaCha20Rng::seed_from_u64(crate::seed::mix_seed(seed, 0, 11));
         let devices = (0..n)
             .map(|_| {
                 let z: f64 = StandardNormal.sample(&mut rng);
@@ -146,8 +148,12 @@ impl Fleet {
         self.position(i, t) < self.cfg.online
     }
 
-    /// Seconds of device `i`'s window left at `t` (0 when it is offline).
+    /// Seconds of device `i`'s window left at `t` (0 when it is offline; infinite when the
+    /// whole fleet is always online).
     pub fn left(&self, i: usize, t: f64) -> f64 {
+        if self.cfg.online >= 1.0 {
+            return f64::INFINITY;
+        }
         let p = self.position(i, t);
         if p < self.cfg.online {
             (self.cfg.online - p) * self.cfg.day_s

@@ -25,10 +25,13 @@ pub mod report;
 pub mod results;
 pub mod runner;
 pub mod schedule;
+pub mod seed;
+pub mod setup;
 pub mod sweep;
 pub mod tabular;
 pub mod task;
 pub mod timed;
+pub mod timed_report;
 
 pub use error::SimError;
 

@@ -43,6 +43,9 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
 pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
     let g = &sweep.grid;
     let mut parts = Vec::new();
+    if sweep.fleet.is_some() && g.schedules().expand().is_ok_and(|s| s.len() > 1) {
+        parts.push(s.schedule.clone());
+    }
     if g.privacy.len() > 1 {
         parts.push(s.privacy.clone());
     }
@@ -115,6 +118,9 @@ fn eps_value(e: &str) -> f64 {
     e.parse().unwrap_or(f64::INFINITY)
 }
 
+/// A run's utility, cumulative upload (MB) and simulated time (s) at one round.
+type Point3 = (f64, f64, Option<f64>);
+
 /// One line of a figure: label and points `(x, mean, sd)`.
 type Series = (String, Vec<(f64, f64, f64)>);
 
@@ -178,7 +184,8 @@ pub fn write_plots(
         .collect();
 
     // by round and by bytes: per (series + ε), mean over seeds
-    let mut per_round: BTreeMap<String, BTreeMap<u64, Vec<(f64, f64)>>> = BTreeMap::new();
+    // per label and round: (utility, cumulative MB up, simulated seconds) of each run
+    let mut per_round: BTreeMap<String, BTreeMap<u64, Vec<Point3>>> = BTreeMap::new();
     let mut cum: BTreeMap<&str, f64> = BTreeMap::new();
     for r in rows {
         let c = cum.entry(r.run.as_str()).or_default();
@@ -190,23 +197,35 @@ pub fn write_plots(
             .or_default()
             .entry(r.round)
             .or_default()
-            .push((utility_of(r.accuracy, loss, acc), *c / 1e6));
+            .push((utility_of(r.accuracy, loss, acc), *c / 1e6, r.sim_seconds));
     }
     let mut by_round: Vec<Series> = Vec::new();
     let mut by_bytes: Vec<Series> = Vec::new();
+    // runs in simulated time: utility against the simulated wall time (hours), the mean time
+    // and utility over seeds at each version
+    let mut by_time: Vec<Series> = Vec::new();
     for (l, m) in per_round {
         let mut a = Vec::new();
         let mut b = Vec::new();
+        let mut t = Vec::new();
         for (round, v) in m {
             let u: Vec<f64> = v.iter().map(|x| x.0).collect();
             let bytes: Vec<f64> = v.iter().map(|x| x.1).collect();
             let (mu, sd) = mean_sd(&u);
             a.push((round as f64, mu, sd));
             b.push((mean_sd(&bytes).0, mu, sd));
+            let hours: Vec<f64> = v.iter().filter_map(|x| x.2).map(|s| s / 3600.0).collect();
+            if hours.len() == v.len() {
+                t.push((mean_sd(&hours).0, mu, sd));
+            }
         }
         by_round.push((l.clone(), a));
+        if !t.is_empty() {
+            by_time.push((l.clone(), t));
+        }
         by_bytes.push((l, b));
     }
+    let timed = !by_time.is_empty();
     let mut out = Vec::new();
     for (name, title, xlabel, series, inf) in [
         (
@@ -230,7 +249,17 @@ pub fn write_plots(
             &by_bytes,
             None,
         ),
+        (
+            "utility_by_time",
+            format!("{}: utility against simulated wall time", sweep.name),
+            "simulated wall time (hours; mean over seeds at each version)",
+            &by_time,
+            None,
+        ),
     ] {
+        if name == "utility_by_time" && !timed {
+            continue;
+        }
         let svg = dir.join(format!("{name}.svg"));
         let png = dir.join(format!("{name}.png"));
         {

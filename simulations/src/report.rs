@@ -83,6 +83,7 @@ pub fn markdown(
             .or_default()
             .push(r);
     }
+    s.push_str(&crate::timed_report::section(sweep, rows, sums));
     let _ = writeln!(s, "## Privacy-utility table\n");
     if sweep.grid.privacy.iter().any(|p| p != "example") {
         let _ = writeln!(

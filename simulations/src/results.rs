@@ -204,7 +204,7 @@ pub struct RoundRow {
     /// Simulated wall time at the end of this round or version, seconds (runs in simulated
     /// time only).
     #[serde(default)]
-    pub sim_s: Option<f64>,
+    pub sim_seconds: Option<f64>,
     /// Mean staleness of the updates a version counted, versions (async runs only).
     #[serde(default)]
     pub staleness: Option<f64>,

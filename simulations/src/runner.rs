@@ -19,16 +19,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedlora_client::privacy::{decide_round, PrivacyState, PrivacyTarget, RoundDecision};
+use fedlora_client::privacy::{decide_round, PrivacyState, RoundDecision};
 use fedlora_coordinator::aggregate::{aggregate_payloads, modular_sum_delta, Payload};
 use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::secagg::crypto::{EcdsaP256Signer, P256Verifier};
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy, ServerRound};
-use fedlora_protocol::strategy::{OptimizerState, StrategyConfig};
+use fedlora_protocol::strategy::OptimizerState;
 use fedlora_protocol::{
-    codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, DpPlan, ErrorFeedback, Federation,
-    FederationConfig, FlatAdapter, ModularSum, RoundOffer, Sampling, SecAggBody, Task, TrainConfig,
-    Transition, UploadMeta, Weighting,
+    codec_seed, frame, ClientMsg, Codec, CodecContext, CoordMsg, ErrorFeedback, Federation,
+    FederationConfig, FlatAdapter, ModularSum, RoundOffer, SecAggBody, Task, TrainConfig,
+    Transition, UploadMeta,
 };
 use fedlora_train::learner::{encode_update, local_update, ClientSeeds, Learner};
 use fedlora_train::train::TrainOutcome;
@@ -42,138 +42,11 @@ use crate::results::{RoundRow, RunColumns, RunOutput, RunSummary};
 use crate::sweep::{Point, SweepConfig};
 use crate::task::Population;
 
-/// Simulated round deadline, milliseconds (only its order relative to uploads matters).
-const ROUND_TIMEOUT_MS: u64 = 60_000;
+pub use crate::setup::{
+    client_id, client_seeds, federation_config, mix_seed, privacy_target, RunHooks,
+};
 
-/// Mixes a run seed with a client index and a purpose into an independent 64-bit seed
-/// (SplitMix64 finalizer).
-pub fn mix_seed(seed: u64, index: u64, purpose: u64) -> u64 {
-    let mut z = seed
-        ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The seeds of client `i` in a run with `seed` (the QUIC transport gives its SDK clients the
-/// same ones, so both transports train identically).
-pub fn client_seeds(seed: u64, i: usize) -> ClientSeeds {
-    ClientSeeds {
-        sampling: Some(mix_seed(seed, i as u64, 1)),
-        noise: Some(mix_seed(seed, i as u64, 2)),
-    }
-}
-
-/// The id of client `i` (the common name the certificate tool gives client `i`).
-pub fn client_id(i: usize) -> String {
-    format!("client-{i}")
-}
-
-/// The federation settings of `point` for a population of `clients`.
-pub fn federation_config(
-    sweep: &SweepConfig,
-    point: &Point,
-    clients: usize,
-    numel: usize,
-) -> Result<FederationConfig, SimError> {
-    let cdp = crate::client_dp::request(sweep, point, clients);
-    // a distributed point's codec is planned below (its name is only a label)
-    let codec = if point.codec.starts_with("skellam-") {
-        Codec::DenseF32
-    } else {
-        Codec::from_name(&point.codec)?
-    };
-    let dp = point.dp().then_some(DpPlan {
-        clip_norm: point.clip,
-        planned_rounds: point.rounds,
-    });
-    let secure = match (
-        codec.modulus_bits(),
-        point.secure_aggregation && cdp.is_none(),
-    ) {
-        (Some(modulus_bits), true) => {
-            let k = point.clients_per_round;
-            let neighbours = if k <= 16 { 0 } else { 14 };
-            let probe = SecAggParams {
-                threshold: 1,
-                neighbours,
-                modulus_bits,
-                collusion: 0,
-                stage_timeout_ms: ROUND_TIMEOUT_MS,
-            };
-            let kk = probe.k(k);
-            Some(SecAggParams {
-                threshold: (kk / 2 + 1).min(kk).max(1),
-                ..probe
-            })
-        }
-        (_, true) => {
-            return Err(SimError::Config(
-                "secure aggregation needs a modular codec".into(),
-            ))
-        }
-        _ => None,
-    };
-    let t = &sweep.train;
-    let mut cfg = FederationConfig {
-        rounds: point.rounds,
-        clients_per_round: point.clients_per_round,
-        min_clients: if cdp.is_some() {
-            crate::client_dp::min_clients(sweep, point)
-        } else {
-            1
-        },
-        round_timeout_ms: ROUND_TIMEOUT_MS,
-        start_grace_ms: ROUND_TIMEOUT_MS,
-        eval_timeout_ms: 1_000,
-        wait_for_clients: clients,
-        max_failed_rounds: point.rounds,
-        max_upload_weight: FederationConfig::default().max_upload_weight,
-        seed: point.seed,
-        strategy: StrategyConfig::parse(&point.strategy)?,
-        train: TrainConfig {
-            local_steps: point.local_steps.unwrap_or(t.local_steps),
-            batch_size: point.batch_size.unwrap_or(t.batch_size),
-            learning_rate: if point.dp() {
-                point
-                    .dp_learning_rate
-                    .or(t.dp_learning_rate)
-                    .unwrap_or(t.learning_rate)
-            } else {
-                t.learning_rate
-            },
-            codec,
-            weighting: Weighting::Uniform,
-            dp,
-            downlink: Default::default(),
-            secure,
-            proximal_mu: 0.0,
-            max_update_norm: None,
-            optimizer: t.optimizer,
-            client_dp: None,
-        },
-        sampling: Sampling::Fixed,
-        ..FederationConfig::default()
-    };
-    if let Some(req) = &cdp {
-        // the deployment's planner, with seeded Poisson sampling for reproducible sweeps
-        fedlora_coordinator::privacy_plan::apply(req, &mut cfg, numel, true)
-            .map_err(|e| SimError::Config(e.to_string()))?;
-    }
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-/// The client's privacy target at `point` (none without DP).
-pub fn privacy_target(sweep: &SweepConfig, point: &Point) -> Option<PrivacyTarget> {
-    point.dp().then_some(PrivacyTarget {
-        epsilon: point.epsilon,
-        delta: point.delta,
-        accountant: sweep.train.accountant,
-        loss_clip: None,
-    })
-}
+use crate::setup::ROUND_TIMEOUT_MS;
 
 struct VirtualClient {
     id: String,
@@ -228,21 +101,6 @@ pub fn run_in_process(
     let pop = Population::build(&sweep.task, point.rank, point.seed)?;
     let (out, _) = run_population(sweep, point, &pop, pool, RunHooks::default(), t0, on_round)?;
     Ok(out)
-}
-
-/// Test and audit hooks of [`run_population`].
-#[derive(Clone, Copy, Debug)]
-pub struct RunHooks {
-    /// Scales every DP-SGD noise multiplier the clients train with, while their ledgers still
-    /// record (and the run still reports) the calibrated σ. 1 in every real run; 0 only in the
-    /// audit's test that a broken mechanism is caught.
-    pub noise_scale: f64,
-}
-
-impl Default for RunHooks {
-    fn default() -> Self {
-        Self { noise_scale: 1.0 }
-    }
 }
 
 /// Runs `point` of `sweep` on the prebuilt population `pop` (e.g. with audit canaries in its

@@ -624,6 +624,16 @@ impl SweepConfig {
         match &self.fleet {
             Some(f) => {
                 f.validate()?;
+                if self.faults.dropout != 0.0 || self.faults.straggler != 0.0 {
+                    return bad(
+                        "[faults] does not apply to runs in simulated time: [fleet] decides who \
+                         is online and how long work takes"
+                            .into(),
+                    );
+                }
+                if g.client_ranks.iter().any(|c| !is_uniform_ranks(c)) {
+                    return bad("runs in simulated time train the uniform rank".into());
+                }
                 if g.schedules().expand()?.is_empty() {
                     return bad("grid.mode is empty".into());
                 }
@@ -768,10 +778,15 @@ impl SweepConfig {
     }
 
     /// A hash of everything that decides results (the task, training, faults, evaluation
-    /// cadence): shards and resumed runs must agree on it.
+    /// cadence, the fleet): shards and resumed runs must agree on it.
     pub fn fingerprint(&self) -> String {
-        let json = serde_json::to_vec(&(&self.task, &self.train, &self.faults, self.eval_every))
-            .expect("serializable");
+        let mut json =
+            serde_json::to_vec(&(&self.task, &self.train, &self.faults, self.eval_every))
+                .expect("serializable");
+        // device behaviour decides a run in simulated time (absent: the fingerprint of before)
+        if let Some(f) = &self.fleet {
+            json.extend(serde_json::to_vec(f).expect("serializable"));
+        }
         hex::encode(&Sha256::digest(json)[..8])
     }
 

@@ -45,8 +45,8 @@ use sha2::{Digest, Sha256};
 use crate::error::SimError;
 use crate::fleet::Fleet;
 use crate::results::{RoundRow, RunColumns, RunOutput, RunSummary};
-use crate::runner::{client_id, client_seeds, RunHooks};
 use crate::schedule::Schedule;
+use crate::setup::{client_id, client_seeds, RunHooks};
 use crate::sweep::{Point, SweepConfig};
 use crate::task::Population;
 
@@ -117,7 +117,7 @@ pub fn run(
         .ok_or_else(|| SimError::Config("a run in simulated time needs [fleet]".into()))?;
     let n = pop.learners.len();
     let spec = pop.initial.spec().clone();
-    let mut fcfg = crate::runner::federation_config(sweep, point, n, spec.numel())?;
+    let mut fcfg = crate::setup::federation_config(sweep, point, n, spec.numel())?;
     if fcfg.train.secure.is_some() || fcfg.train.client_dp.is_some() {
         return Err(SimError::Config(
             "runs in simulated time support plaintext aggregation with or without \
@@ -139,7 +139,8 @@ pub fn run(
             .parse()?;
         fcfg.concurrency = schedule.concurrency.unwrap_or(0);
     } else {
-        fcfg.clients_per_round = ((k as f64) * schedule.over_selection).ceil() as usize;
+        // (a hair below, so 10 × 1.1 samples 11, not 12)
+        fcfg.clients_per_round = ((k as f64) * schedule.over_selection - 1e-9).ceil() as usize;
         fcfg.min_clients = 1;
         fcfg.start_grace_ms = 0;
         fcfg.wait_for_clients = 0;
@@ -147,7 +148,7 @@ pub fn run(
     fcfg.validate()?;
     let strategy = fcfg.strategy.build();
     let train = strategy.configure_round(&fcfg.train);
-    let target = crate::runner::privacy_target(sweep, point);
+    let target = crate::setup::privacy_target(sweep, point);
     let devices = (0..n)
         .map(|i| -> Result<Device, SimError> {
             Ok(Device {
@@ -192,7 +193,7 @@ pub fn run(
     };
     let mut row0 = RoundRow::new(&env.cols, 0);
     row0.status = "initial".into();
-    row0.sim_s = Some(0.0);
+    row0.sim_seconds = Some(0.0);
     let te = Instant::now();
     let u = pop.evaluate(&env.global)?;
     row0.loss = Some(u.loss);
@@ -440,12 +441,15 @@ fn run_sync(
     let n = env.devices.len();
     let steps = env.train.local_steps;
     let timeout_s = env.fleet.config().round_timeout_s;
+    let poll_s = env.fleet.config().poll_s;
     let (mut t, mut fed_now) = (0.0f64, 0u64);
+    // a device cut from an over-selected round is still busy with that work until then
+    let mut busy_until = vec![0.0f64; n];
     while !env.done() && t < env.max_sim_s() {
         let tr = Instant::now();
-        for i in 0..n {
+        for (i, &busy) in busy_until.iter().enumerate() {
             let id = env.devices[i].id.clone();
-            if env.fleet.online(i, t) {
+            if env.fleet.online(i, t) && busy <= t {
                 env.fed.connect(&id);
             } else {
                 env.fed.disconnect(&id);
@@ -467,7 +471,8 @@ fn run_sync(
         };
         let mut row = RoundRow::new(&env.cols, round);
         row.selected = selected.len();
-        // each sampled device: its ledger decides, then its work fits in its window or not
+        // each sampled device: its own check first (the work must fit in what is left of its
+        // window and the round's deadline, as in async mode), then its ledger
         let mut arrivals: Vec<(f64, usize, Job)> = Vec::new();
         for id in &selected {
             let i = env.index[id];
@@ -475,44 +480,46 @@ fn run_sync(
                 Directive::Train { round: r, .. } if r == round => {}
                 other => return Err(SimError::Config(format!("{id} sampled but told {other:?}"))),
             }
-            row.bytes_down += env.down_bytes;
-            let job = match env.approve(i, round)? {
-                Ok(job) => job,
+            let w = env.fleet.work_s(i, steps, env.down_bytes, env.up_bytes);
+            let job = if w > env.fleet.left(i, t) || w > timeout_s {
+                Err(DeclineReason::NotEnoughTime)
+            } else {
+                row.bytes_down += env.down_bytes;
+                env.approve(i, round)?
+            };
+            match job {
+                Ok(job) => arrivals.push((t + w, i, job)),
                 Err(reason) => {
                     env.fed
                         .decline(id, round, reason)
                         .map_err(|e| SimError::Config(e.to_string()))?;
                     row.declined += 1;
-                    continue;
                 }
-            };
-            let w = env.fleet.work_s(i, steps, env.down_bytes, env.up_bytes);
-            if w <= env.fleet.left(i, t) && w <= timeout_s {
-                arrivals.push((t + w, i, job));
-            } else {
-                // it goes offline (or past the deadline) before its upload: never arrives
-                env.devices[i].residual = job.residual;
-                row.dropped += 1;
             }
         }
         arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // the round ends with its last upload, or (over-selected) with its K-th: the harness
+        // closes it there (the coordinator itself waits for all or its deadline)
         let over = schedule.over_selection > 1.0;
         let kept = if over {
             k.min(arrivals.len())
         } else {
             arrivals.len()
         };
-        let end = if over && arrivals.len() >= k {
-            arrivals[k - 1].0
-        } else if row.dropped > 0 || arrivals.is_empty() {
-            t + timeout_s
-        } else {
-            arrivals.last().map_or(t, |a| a.0)
+        let end = match kept {
+            // everyone declined: the machine fails the round at once; ask again later
+            0 => t + poll_s,
+            _ => arrivals[kept - 1].0,
         };
+        if end > env.max_sim_s() {
+            // a version that would end past the horizon is not committed
+            break;
+        }
         let cut = arrivals.split_off(kept);
         row.late = cut.len();
-        for (_, i, job) in cut {
+        for (arrive, i, job) in cut {
             env.devices[i].residual = job.residual;
+            busy_until[i] = arrive;
         }
         let globals =
             BTreeMap::from([(env.fed.state().global_version, Arc::new(env.global.clone()))]);
@@ -538,7 +545,7 @@ fn run_sync(
             tr = env.fed.tick(fed_now);
         }
         t = end;
-        row.sim_s = Some(t);
+        row.sim_seconds = Some(t);
         match tr {
             Some(Transition::Aggregate { round, uploads, .. }) => {
                 env.commit(round, &uploads, &payloads, row, fed_now, on_round)?;
@@ -662,7 +669,7 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
             continue;
         };
         row.wall_s = tr.elapsed().as_secs_f64();
-        row.sim_s = Some(t);
+        row.sim_seconds = Some(t);
         row.selected = uploads.len();
         let next = RoundRow::new(&env.cols, round + 1);
         let this = std::mem::replace(&mut row, next);

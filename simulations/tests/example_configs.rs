@@ -56,6 +56,8 @@ fn the_sweep_example_has_points_and_names_every_key() {
     // 2 ε × 3 upload paths (dense, modular, modular with secure aggregation) × 2 seeds, as its
     // comment says
     assert_eq!(points.len(), 12, "{}", path.display());
+    // the [fleet] table is shown commented out: its keys are named too
+    c.fleet = Some(Default::default());
     show_task_keys(&mut c.task);
     show_train_keys(&mut c.train);
     example_keys::check_complete(&text, &keys(&c))
