@@ -185,6 +185,62 @@ mod tests {
         .unwrap()
     }
 
+    /// Async updates of one buffer were encoded in different rounds: each decodes with its own
+    /// round's codec seed (a shared-subset codec keeps a different subset per seed), and the
+    /// buffer's mean is the weighted mean of those decodings.
+    #[test]
+    fn each_payload_decodes_with_its_own_round_seed() {
+        let spec = lora_spec();
+        let codec = Codec::from_name("subset:0.5").unwrap();
+        let seed = |round| fedlora_protocol::codec_seed(42, round);
+        let enc = |values: Vec<f32>, round: u64| {
+            let ctx = CodecContext {
+                round_seed: seed(round),
+            };
+            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(round);
+            codec.encode_with(&values, &ctx, 1, &mut rng).0
+        };
+        let dec = |bytes: &[u8], round: u64| {
+            let ctx = CodecContext {
+                round_seed: seed(round),
+            };
+            Codec::decode(bytes, &spec, Some(&codec), &ctx).unwrap()
+        };
+        let (a, b) = (
+            enc((1..=16).map(|i| i as f32 * 0.1).collect(), 1),
+            enc((1..=16).map(|i| -(i as f32) * 0.05).collect(), 2),
+        );
+        let strategy = fedlora_protocol::strategy::StrategyConfig::default().build();
+        let buffer = CodecContext {
+            round_seed: seed(2),
+        };
+        let run = |own: bool| {
+            aggregate_payloads(
+                strategy.as_ref(),
+                &codec,
+                &spec,
+                &buffer,
+                [(&a, 1u64, 0.5), (&b, 2, 1.0)].map(|(bytes, round, weight)| Payload {
+                    weight,
+                    rank: None,
+                    bytes,
+                    round_seed: own.then(|| seed(round)),
+                }),
+            )
+            .unwrap()
+        };
+        let (da, db) = (dec(&a, 1), dec(&b, 2));
+        let want: Vec<f32> = da
+            .values()
+            .iter()
+            .zip(db.values())
+            .map(|(x, y)| ((0.5 * f64::from(*x) + f64::from(*y)) / 1.5) as f32)
+            .collect();
+        assert_eq!(run(true).values(), &want[..]);
+        // decoded with the buffer's seed instead, the older update lands on other coordinates
+        assert_ne!(run(false).values(), &want[..]);
+    }
+
     #[test]
     fn a_distributed_dp_sum_is_divided_by_the_public_expected_count_whatever_the_ranks() {
         let spec = lora_spec();
