@@ -81,7 +81,7 @@ pub fn section(sweep: &SweepConfig, rows: &[RoundRow], sums: &[RunSummary]) -> S
         "## Simulated time\n\nDevices: lognormal compute speeds (σ = {}, median {} s per \
          local step), {} % online at a time in a daily window each, uplink {} kB/s, downlink \
          {} kB/s, {} s latency; sync rounds wait at most {} s; runs stop after {} simulated \
-         seconds. Loss is held-out, nats per byte. *Time to sync's final loss*: from when on \
+         seconds. Loss is held-out (nats per byte; per token for an LLM task). *Time to sync's final loss*: from when on \
          the run's held-out loss stayed at or below the final loss of the same seed's `sync` \
          run with the same settings, as a fraction of that run's time (never: it ended \
          above it).\n",
