@@ -10,7 +10,7 @@ use crate::plot::{mean_sd, series_label, uses_accuracy, utility_of};
 use crate::results::{RoundRow, RunSummary};
 use crate::sweep::SweepConfig;
 
-fn pm(v: &[f64], digits: usize) -> String {
+pub(crate) fn pm(v: &[f64], digits: usize) -> String {
     let (m, sd) = mean_sd(v);
     if v.len() > 1 {
         format!("{m:.digits$} ± {sd:.digits$}")

@@ -194,11 +194,7 @@ pub fn run(
     let mut row0 = RoundRow::new(&env.cols, 0);
     row0.status = "initial".into();
     row0.sim_seconds = Some(0.0);
-    let te = Instant::now();
-    let u = pop.evaluate(&env.global)?;
-    row0.loss = Some(u.loss);
-    row0.accuracy = u.accuracy;
-    row0.eval_s = te.elapsed().as_secs_f64();
+    evaluate(pop, &env.global, &mut row0)?;
     env.rows.push(row0);
     let startup_s = t0.elapsed().as_secs_f64() - env.rows[0].eval_s;
     if schedule.is_async() {
@@ -209,11 +205,7 @@ pub fn run(
     // the last state is always evaluated
     if let Some(last) = env.rows.last_mut() {
         if last.loss.is_none() {
-            let te = Instant::now();
-            let u = pop.evaluate(&env.global)?;
-            last.loss = Some(u.loss);
-            last.accuracy = u.accuracy;
-            last.eval_s = te.elapsed().as_secs_f64();
+            evaluate(pop, &env.global, last)?;
         }
     }
     let summary =
@@ -412,16 +404,22 @@ impl Env<'_> {
         }
         let last = row.version >= self.point.rounds;
         if row.version.is_multiple_of(self.sweep.eval_every) || last {
-            let te = Instant::now();
-            let u = self.pop.evaluate(&self.global)?;
-            row.loss = Some(u.loss);
-            row.accuracy = u.accuracy;
-            row.eval_s = te.elapsed().as_secs_f64();
+            evaluate(self.pop, &self.global, &mut row)?;
         }
         on_round(round);
         self.rows.push(row);
         Ok(())
     }
+}
+
+/// Evaluates `global` into `row` (held-out loss, accuracy, and the time it took).
+fn evaluate(pop: &Population, global: &FlatAdapter, row: &mut RoundRow) -> Result<(), SimError> {
+    let te = Instant::now();
+    let u = pop.evaluate(global)?;
+    row.loss = Some(u.loss);
+    row.accuracy = u.accuracy;
+    row.eval_s = te.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Notes a trained update's training in `row`.

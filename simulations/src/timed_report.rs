@@ -5,20 +5,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::plot::mean_sd;
 use crate::results::{RoundRow, RunSummary};
 use crate::sweep::SweepConfig;
 
+/// [`crate::report::pm`], with "—" for no values.
 fn pm(v: &[f64], digits: usize) -> String {
     if v.is_empty() {
         return "—".into();
     }
-    let (m, sd) = mean_sd(v);
-    if v.len() > 1 {
-        format!("{m:.digits$} ± {sd:.digits$}")
-    } else {
-        format!("{m:.digits$}")
-    }
+    crate::report::pm(v, digits)
 }
 
 /// Every setting of a run but its schedule and seed: the runs one table row (and one
