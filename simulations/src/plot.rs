@@ -39,6 +39,16 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// Mean ± sample sd of `v` at `digits` decimals (the mean alone for one value).
+pub(crate) fn pm(v: &[f64], digits: usize) -> String {
+    let (m, sd) = mean_sd(v);
+    if v.len() > 1 {
+        format!("{m:.digits$} ± {sd:.digits$}")
+    } else {
+        format!("{m:.digits$}")
+    }
+}
+
 /// The label of a run's setting apart from ε and the seed: only the grid keys that vary.
 pub fn series_label(sweep: &SweepConfig, s: &RunSummary) -> String {
     let g = &sweep.grid;

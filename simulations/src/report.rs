@@ -6,18 +6,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::plot::{mean_sd, series_label, uses_accuracy, utility_of};
+use crate::plot::{mean_sd, pm, series_label, uses_accuracy, utility_of};
 use crate::results::{RoundRow, RunSummary};
 use crate::sweep::SweepConfig;
-
-pub(crate) fn pm(v: &[f64], digits: usize) -> String {
-    let (m, sd) = mean_sd(v);
-    if v.len() > 1 {
-        format!("{m:.digits$} ± {sd:.digits$}")
-    } else {
-        format!("{m:.digits$}")
-    }
-}
 
 /// The report's Markdown; `plots` are SVG paths, linked relative to `out`.
 pub fn markdown(

@@ -8,12 +8,12 @@ use std::fmt::Write;
 use crate::results::{RoundRow, RunSummary};
 use crate::sweep::SweepConfig;
 
-/// [`crate::report::pm`], with "—" for no values.
+/// [`crate::plot::pm`], with "—" for no values.
 fn pm(v: &[f64], digits: usize) -> String {
     if v.is_empty() {
         return "—".into();
     }
-    crate::report::pm(v, digits)
+    crate::plot::pm(v, digits)
 }
 
 /// Every setting of a run but its schedule and seed: the runs one table row (and one
