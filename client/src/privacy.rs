@@ -233,6 +233,7 @@ impl PrivacyState {
                 expected_batch: cfg.batch_size as usize,
                 max_chunk: 64,
                 loss_clip: self.target.loss_clip,
+                dirac_canaries: Vec::new(),
             },
             event,
         })

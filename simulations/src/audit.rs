@@ -1,16 +1,19 @@
 //! A one-run empirical privacy audit of example-level DP-SGD (Steinke, Nasr and Jagielski
 //! 2023), on the simulation harness with the deployment's client code.
 //!
-//! 1. **Canaries.** `m` canary examples ([`Population::canaries`]: out-of-distribution BCW rows
-//!    with a random label, or random byte windows for the LM) are each included with
-//!    probability ½ by a seeded coin, and the included ones are dealt round-robin into the
-//!    clients' training data.
+//! 1. **Canaries.** `m` canaries are each included with probability ½ by a seeded coin, and the
+//!    included ones are dealt round-robin to the clients ([`CanaryKind`]):
+//!    - *example* canaries ([`Population::canaries`]: out-of-distribution BCW rows with a random
+//!      label, or random byte windows for the LM) go into the clients' training data;
+//!    - *Dirac* canaries are examples whose clipped gradient is `C·e_k` at their own adapter
+//!      coordinate `k` (white-box; [`fedlora_train::dp_sgd::DpSgdConfig::dirac_canaries`]).
+//!      They catch a mechanism with a tenth of its noise, which example canaries do not.
 //! 2. **Training.** One federated run, exactly as a sweep point runs it: the clients' ledgers
 //!    calibrate σ to the target ε, DP-SGD clips and noises every step.
-//! 3. **Scoring** (white-box, by loss; [`Score`]): each canary's score is its loss under the
-//!    initial adapter minus its loss under the final global adapter (for BCW the loss is the
-//!    negated margin toward its label). An included canary was trained on, so its loss tends to
-//!    fall further.
+//! 3. **Scoring.** An example canary's score ([`Score`]) is its loss under the initial adapter
+//!    minus its loss under the final global adapter (for BCW the loss is the negated margin
+//!    toward its label): an included canary was trained on, so its loss tends to fall further.
+//!    A Dirac canary's score is how far its coordinate moved down (initial − final).
 //! 4. **Guessing.** The `guesses / 2` highest scores are guessed "in", the `guesses / 2` lowest
 //!    "out"; the others are not guessed.
 //! 5. **Bound.** [`fedlora_dp::audit::epsilon_lower_bound`] turns the number of correct
@@ -30,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::SimError;
 use crate::runner::{run_population, RunHooks};
 use crate::sweep::{Faults, Grid, Point, SweepConfig, TrainSettings};
-use crate::task::{Canary, Population, TaskConfig};
+use crate::task::{Population, TaskConfig};
 
 /// The audit's own settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,9 +49,30 @@ pub struct AuditSettings {
     /// Seed of the canaries and of the inclusion coins.
     #[serde(default)]
     pub seed: u64,
-    /// How canaries are scored (default `loss`).
+    /// How canaries are scored (default `loss`); example canaries only.
     #[serde(default)]
     pub score: Score,
+    /// What a canary is (default `example`).
+    #[serde(default)]
+    pub canary: CanaryKind,
+}
+
+/// What a canary is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CanaryKind {
+    /// An input example put into a client's training data (an out-of-distribution BCW row with
+    /// a random label, or a random byte window), scored by [`Score`]. It only shows leakage
+    /// the trained model's behaviour on the canary reveals.
+    #[default]
+    Example,
+    /// A Dirac gradient canary (Steinke, Nasr and Jagielski's white-box setting): an example
+    /// whose clipped gradient is `C·e_k` at its own adapter coordinate `k` (distinct per
+    /// canary), held by one client and Poisson-sampled at that client's rate q every step like
+    /// every example. Its score is how far the final global adapter moved coordinate `k`
+    /// against that gradient (initial − final). The ledgers account it as they account any
+    /// example, so this tests the clipping, the noise and the accounting directly.
+    Dirac,
 }
 
 /// How the auditor scores a canary (white-box, after training).
@@ -133,6 +157,9 @@ pub struct AuditReport {
     pub included: usize,
     /// Guesses r.
     pub guesses: usize,
+    /// What the canaries were.
+    #[serde(default)]
+    pub canary: CanaryKind,
     /// Correct guesses v.
     pub correct: usize,
     /// The noise multiplier σ the clients' ledgers recorded (largest over clients).
@@ -140,7 +167,8 @@ pub struct AuditReport {
     /// The noise multiplier actually applied ÷ the recorded one: 1 in a real audit, 0 only in
     /// the test of a broken mechanism.
     pub noise_scale: f64,
-    /// Mean score of included and of excluded canaries (loss reduction, nats).
+    /// Mean score of included and of excluded canaries (example canaries: loss reduction,
+    /// nats; Dirac canaries: the coordinate's decrease, adapter units).
     pub mean_score_in: f64,
     /// See `mean_score_in`.
     pub mean_score_out: f64,
@@ -178,6 +206,9 @@ impl AuditConfig {
         }
         if !(self.audit.confidence > 0.0 && self.audit.confidence < 1.0) {
             return bad("audit.confidence must be in (0, 1)");
+        }
+        if self.audit.canary == CanaryKind::Dirac && self.audit.score != Score::Loss {
+            return bad("audit.score applies to example canaries: a Dirac canary's score is its coordinate's move");
         }
         self.sweep().validate()
     }
@@ -238,42 +269,71 @@ pub fn run_audit(
         .ok_or_else(|| SimError::Config("the audited run has no point".into()))?;
     let a = &config.audit;
     let pop = Population::build(&sweep.task, point.rank, point.seed)?;
-    let canaries = pop.canaries(a.canaries, a.seed)?;
-    // the coins, and the included canaries dealt round-robin over the clients
+    // the coins: each canary is included with probability ½
     let mut coins = rand::rngs::ChaCha20Rng::seed_from_u64(a.seed ^ 0xC0_1A5);
-    let included: Vec<bool> = (0..canaries.len())
-        .map(|_| coins.random::<bool>())
-        .collect();
+    let included: Vec<bool> = (0..a.canaries).map(|_| coins.random::<bool>()).collect();
     let n = pop.learners.len();
-    let mut added = vec![Vec::new(); n];
-    for (k, c) in canaries.iter().enumerate().filter(|(k, _)| included[*k]) {
-        added[k % n].push(c.clone());
-    }
-    let audited = pop.with_canaries(&added)?;
+    // the included canaries, dealt round-robin over the clients
+    let deal = |k: usize| (included[k]).then_some(k % n);
     let initial_loss = pop.evaluate(&pop.initial)?.loss;
-    let (out, global) = run_population(
-        &sweep,
-        &point,
-        &audited,
-        pool,
-        RunHooks { noise_scale },
-        t0,
-        |_| {},
-    )?;
-    let scores = match a.score {
-        Score::Loss => {
-            let drop = |cs: &[Canary]| -> Result<Vec<f64>, SimError> {
-                let before = pop.canary_losses(&pop.initial, cs)?;
-                let after = pop.canary_losses(&global, cs)?;
-                Ok(before.iter().zip(&after).map(|(b, f)| b - f).collect())
+    let (out, scores) = match a.canary {
+        CanaryKind::Example => {
+            let canaries = pop.canaries(a.canaries, a.seed)?;
+            let mut added = vec![Vec::new(); n];
+            for (k, c) in canaries.iter().enumerate() {
+                if let Some(i) = deal(k) {
+                    added[i].push(c.clone());
+                }
+            }
+            let audited = pop.with_canaries(&added)?;
+            let hooks = RunHooks {
+                noise_scale,
+                ..RunHooks::default()
             };
-            drop(&canaries)?
+            let (out, global) = run_population(&sweep, &point, &audited, pool, hooks, t0, |_| {})?;
+            let scores = match a.score {
+                Score::Loss => {
+                    let before = pop.canary_losses(&pop.initial, &canaries)?;
+                    let after = pop.canary_losses(&global, &canaries)?;
+                    before.iter().zip(&after).map(|(b, f)| b - f).collect()
+                }
+                Score::Gradient => pop.canary_gradient_scores(&pop.initial, &global, &canaries)?,
+            };
+            (out, scores)
         }
-        Score::Gradient => pop.canary_gradient_scores(&pop.initial, &global, &canaries)?,
+        CanaryKind::Dirac => {
+            let len = pop.initial.values().len();
+            if a.canaries > len {
+                return Err(SimError::Config(format!(
+                    "audit.canaries = {} Dirac canaries need as many adapter coordinates; this adapter has {len}",
+                    a.canaries
+                )));
+            }
+            let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(a.seed);
+            let coords = rand::seq::index::sample(&mut rng, len, a.canaries).into_vec();
+            let mut dirac = vec![Vec::new(); n];
+            for (k, &c) in coords.iter().enumerate() {
+                if let Some(i) = deal(k) {
+                    dirac[i].push(c);
+                }
+            }
+            let hooks = RunHooks {
+                noise_scale,
+                dirac: std::sync::Arc::new(dirac),
+            };
+            let (out, global) = run_population(&sweep, &point, &pop, pool, hooks, t0, |_| {})?;
+            // each canary's gradient is +C at its coordinate, so descent moves it down
+            let (v0, v1) = (pop.initial.values(), global.values());
+            let scores = coords
+                .iter()
+                .map(|&c| f64::from(v0[c]) - f64::from(v1[c]))
+                .collect();
+            (out, scores)
+        }
     };
     let (correct, guesses) = guess(&scores, &included, a.guesses);
     let bound = fedlora_dp::audit::epsilon_lower_bound(
-        canaries.len(),
+        a.canaries,
         guesses,
         correct,
         point.delta,
@@ -319,9 +379,10 @@ pub fn run_audit(
         epsilon_target: point.epsilon,
         delta: point.delta,
         confidence: a.confidence,
-        m: canaries.len(),
+        m: a.canaries,
         included: included.iter().filter(|&&i| i).count(),
         guesses,
+        canary: a.canary,
         correct,
         noise,
         noise_scale,
@@ -365,12 +426,11 @@ pub fn markdown(config: &AuditConfig, r: &AuditReport) -> String {
          | guesses r / correct v | {g} / {v} ({pct:.1} %) |\n\
          | noise multiplier σ (ledger) | {sigma:.4} |\n\
          | noise actually added ÷ the ledger's (1 unless the mechanism is broken on purpose) | {scale} |\n\
-         | mean loss drop, included / excluded canaries | {sin:.5} / {sout:.5} nats |\n\
+         | mean score, included / excluded canaries | {sin:.5} / {sout:.5} {unit} |\n\
          | held-out loss, initial → final{acc_h} | {loss0:.4} → {loss:.4}{acc} |\n\
          | wall time | {wall:.1} s |\n\n\
          Clients: {clients}, {k} per round, {rounds} rounds of {steps} local steps (expected \
-         batch {batch}), clip {clip}, rank {rank}; canaries dealt round-robin into the clients' \
-         training data. The bound must not exceed the reported ε for a correct mechanism; it \
+         batch {batch}), clip {clip}, rank {rank}; {what} The bound must not exceed the reported ε for a correct mechanism; it \
          is capped near ln(r / 3) ≈ {cap:.2} at 95 %.\n",
         name = r.name,
         task = serde_json::to_value(config.task.name)
@@ -389,6 +449,14 @@ pub fn markdown(config: &AuditConfig, r: &AuditReport) -> String {
         pct = 100.0 * r.correct as f64 / r.guesses.max(1) as f64,
         sigma = r.noise,
         scale = r.noise_scale,
+        unit = match r.canary {
+            CanaryKind::Example => "(loss drop, nats)",
+            CanaryKind::Dirac => "(the coordinate's decrease)",
+        },
+        what = match r.canary {
+            CanaryKind::Example => "example canaries dealt round-robin into the clients' training data.",
+            CanaryKind::Dirac => "Dirac gradient canaries (each an example whose clipped gradient is C on its own adapter coordinate, sampled like every example) dealt round-robin to the clients.",
+        },
         sin = r.mean_score_in,
         sout = r.mean_score_out,
         acc_h = if r.final_accuracy.is_some() {

@@ -233,7 +233,7 @@ pub fn run_population(
             )? {
                 RoundDecision::Train { mut dp, eps } => {
                     if let Some(d) = dp.as_mut() {
-                        d.noise_multiplier *= hooks.noise_scale;
+                        hooks.apply(ci, d);
                     }
                     (dp, eps)
                 }

@@ -134,16 +134,33 @@ pub fn privacy_target(sweep: &SweepConfig, point: &Point) -> Option<PrivacyTarge
 }
 
 /// Test and audit hooks of [`crate::runner::run_population`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunHooks {
     /// Scales every DP-SGD noise multiplier the clients train with, while their ledgers still
-    /// record (and the run still reports) the calibrated σ. 1 in every real run; 0 only in the
-    /// audit's test that a broken mechanism is caught.
+    /// record (and the run still reports) the calibrated σ. 1 in every real run; below 1 only
+    /// in the audit's checks that a broken mechanism is caught.
     pub noise_scale: f64,
+    /// The audit's Dirac gradient canaries held by each client (by client index; flat adapter
+    /// indexes, see [`fedlora_train::dp_sgd::DpSgdConfig::dirac_canaries`]). Empty in every
+    /// real run.
+    pub dirac: std::sync::Arc<Vec<Vec<usize>>>,
 }
 
 impl Default for RunHooks {
     fn default() -> Self {
-        Self { noise_scale: 1.0 }
+        Self {
+            noise_scale: 1.0,
+            dirac: Default::default(),
+        }
+    }
+}
+
+impl RunHooks {
+    /// Applies the hooks to client `client`'s DP-SGD settings for one round.
+    pub fn apply(&self, client: usize, dp: &mut fedlora_train::dp_sgd::DpSgdConfig) {
+        dp.noise_multiplier *= self.noise_scale;
+        if let Some(c) = self.dirac.get(client) {
+            dp.dirac_canaries = c.clone();
+        }
     }
 }

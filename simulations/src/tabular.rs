@@ -586,6 +586,7 @@ mod tests {
             expected_batch: 40,
             max_chunk: 16,
             loss_clip: None,
+            dirac_canaries: Vec::new(),
         };
         let mut rng = ChaCha20Rng::seed_from_u64(0);
         let mut noise = GaussianNoise::seeded(0.0, 0);

@@ -246,7 +246,7 @@ impl Env<'_> {
         )? {
             RoundDecision::Train { mut dp, eps } => {
                 if let Some(x) = dp.as_mut() {
-                    x.noise_multiplier *= self.hooks.noise_scale;
+                    self.hooks.apply(i, x);
                 }
                 if eps.is_some() {
                     d.eps = eps;

@@ -41,6 +41,7 @@ pub fn timing_dp(batch: usize) -> Result<(DpSgdConfig, GaussianNoise), TrainErro
         expected_batch: batch,
         max_chunk: batch,
         loss_clip: None,
+        dirac_canaries: Vec::new(),
     };
     let noise =
         GaussianNoise::from_os(1.0).map_err(|e| TrainError::Config(format!("noise: {e}")))?;

@@ -43,6 +43,13 @@ pub struct DpSgdConfig {
     /// the step's Poisson batch, noise σ·L), which the ledger must record as multiplier σ/√2.
     /// `None` (the default): the loss is not released.
     pub loss_clip: Option<f64>,
+    /// **Privacy audits only** (never set by the SDK): Dirac gradient canaries, as indexes into
+    /// the flat adapter ([`crate::adapter::extract_adapter`]'s layout). Each is one more example
+    /// of this client whose clipped gradient is `C·e_k`: every step samples it with the same
+    /// rate q as the real examples and adds `C` to coordinate `k` of the sum before the noise,
+    /// so the mechanism the ledger accounts is unchanged (an example whose gradient the auditor
+    /// chose). Empty (the default everywhere else): nothing is added and no randomness drawn.
+    pub dirac_canaries: Vec<usize>,
 }
 
 /// `batch` copies of an adapter tensor as a fresh autodiff leaf `[batch, …]`, tracked when the
@@ -107,6 +114,21 @@ pub fn dp_gradient<M: DpModel>(
     noise: &mut GaussianNoise,
     device: &Device,
 ) -> (Vec<Tensor<2>>, Vec<f64>, Vec<f32>) {
+    dp_gradient_with_canaries(lm, windows, &[], cfg, noise, device)
+}
+
+/// [`dp_gradient`] with the step's sampled Dirac canaries `canaries` ((tensor index in
+/// [`adapter_params`] order, row-major offset) pairs, from [`crate::trainable::flat_positions`]):
+/// each adds the clip norm `C` to its coordinate of the clipped sum, before the noise. Only the
+/// privacy audit passes any (see [`DpSgdConfig::dirac_canaries`]).
+pub fn dp_gradient_with_canaries<M: DpModel>(
+    lm: &M,
+    windows: &[&M::Example],
+    canaries: &[(usize, usize)],
+    cfg: &DpSgdConfig,
+    noise: &mut GaussianNoise,
+    device: &Device,
+) -> (Vec<Tensor<2>>, Vec<f64>, Vec<f32>) {
     let params = adapter_params(lm);
     let inner = device.clone().inner();
     let mut sums: Vec<Tensor<2>> = params
@@ -120,7 +142,32 @@ pub fn dp_gradient<M: DpModel>(
         losses.extend(l);
         norms.extend(accumulate_clipped(&mut sums, grads, cfg.clip_norm));
     }
+    add_dirac(&mut sums, canaries, cfg.clip_norm);
     (noisy_mean(sums, cfg, noise), norms, losses)
+}
+
+/// Adds `clip_norm` at each (tensor, row-major offset) of `canaries` to `sums`: the clipped
+/// gradients of Dirac canary examples (each of L2 norm exactly C). Positions outside a tensor
+/// are ignored.
+pub fn add_dirac(sums: &mut [Tensor<2>], canaries: &[(usize, usize)], clip_norm: f64) {
+    if canaries.is_empty() || !clip_norm.is_finite() {
+        return;
+    }
+    for (j, s) in sums.iter_mut().enumerate() {
+        let dims = s.dims();
+        let mut add = vec![0f32; dims[0] * dims[1]];
+        let mut any = false;
+        for &(_, off) in canaries.iter().filter(|(t, _)| *t == j) {
+            if let Some(v) = add.get_mut(off) {
+                *v += clip_norm as f32;
+                any = true;
+            }
+        }
+        if any {
+            let device = s.device();
+            *s = s.clone() + Tensor::<2>::from_data(TensorData::new(add, dims), &device);
+        }
+    }
 }
 
 /// Clips each example's gradient to L2 norm ≤ `clip_norm` **jointly** over all tensors and adds
@@ -248,6 +295,7 @@ where
     let (mut loss_sum, mut loss_n) = (0.0, 0usize);
     let mut release = LossRelease::default();
     let anchor = crate::proximal::anchor(&model, cfg.proximal_mu);
+    let canaries = crate::trainable::flat_positions(&model, &dp.dirac_canaries);
     let mut steps = 0;
     for _ in 0..cfg.local_steps {
         if !crate::step_gate::proceed() {
@@ -256,7 +304,14 @@ where
         steps += 1;
         let idx = poisson_sample(rng, train.len(), q);
         let batch: Vec<&M::Example> = idx.iter().map(|&i| train[i].borrow()).collect();
-        let (grads, _, losses) = dp_gradient(&model, &batch, dp, noise, device);
+        // the audit's Dirac canaries, each Poisson-sampled at the same rate q
+        let sampled: Vec<(usize, usize)> = canaries
+            .iter()
+            .copied()
+            .filter(|_| rng.random::<f64>() < q)
+            .collect();
+        let (grads, _, losses) =
+            dp_gradient_with_canaries(&model, &batch, &sampled, dp, noise, device);
         loss_sum += losses.iter().map(|l| f64::from(*l)).sum::<f64>();
         loss_n += losses.len();
         release.step(dp, losses.iter().map(|l| f64::from(*l)), noise);
@@ -358,6 +413,63 @@ mod tests {
         }
     }
 
+    /// A Dirac canary at flat index k lands on the coordinate `extract_adapter` puts at k, and
+    /// adds exactly C ÷ expected batch there (σ = 0) and nothing anywhere else.
+    #[test]
+    fn dirac_canaries_add_the_clip_norm_at_their_flat_coordinate_only() {
+        for freeze_a in [false, true] {
+            let (lm, w, device) = setup(freeze_a);
+            let names: &'static [&'static str] = if freeze_a {
+                &["lora_b"]
+            } else {
+                &["lora_a", "lora_b"]
+            };
+            let named = collect_named(&lm, NamedFilter::Adapter(names));
+            let mut starts = Vec::new();
+            let mut at = 0;
+            for (name, shape, _) in &named {
+                starts.push((name.clone(), at));
+                at += shape.iter().product::<usize>();
+            }
+            let k1 = starts[2].1 + 5;
+            let k2 = at - 1;
+            let pos = crate::trainable::flat_positions(&lm, &[k1, k2, at]);
+            assert_eq!(pos.len(), 2, "the index past the adapter is dropped");
+            let params = adapter_params(&lm);
+            let name = |j: usize| format!("{}.{}", params[j].layer, params[j].name);
+            assert_eq!((name(pos[0].0), pos[0].1), (starts[2].0.clone(), 5));
+            let last = starts.last().unwrap();
+            assert_eq!((name(pos[1].0), pos[1].1), (last.0.clone(), k2 - last.1));
+            let refs: Vec<&[u8]> = w.iter().map(Vec::as_slice).collect();
+            let cfg = DpSgdConfig {
+                clip_norm: 0.5,
+                noise_multiplier: 0.0,
+                expected_batch: 4,
+                max_chunk: 3,
+                loss_clip: None,
+                dirac_canaries: Vec::new(),
+            };
+            let mut noise = GaussianNoise::seeded(0.0, 1);
+            let (g0, _, _) = dp_gradient(&lm, &refs, &cfg, &mut noise, &device);
+            let (g1, _, _) = dp_gradient_with_canaries(&lm, &refs, &pos, &cfg, &mut noise, &device);
+            for (j, (a, b)) in g0.into_iter().zip(g1).enumerate() {
+                let d: Vec<f32> = (b - a).into_data().convert::<f32>().try_into_vec().unwrap();
+                for (off, x) in d.iter().enumerate() {
+                    let want = if pos.contains(&(j, off)) {
+                        0.5 / 4.0
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        (x - want).abs() < 1e-6,
+                        "{} [{off}]: {x} vs {want}",
+                        name(j)
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn clipped_norms_bound_and_no_noise_no_clip_equals_plain_gradient() {
         let (lm, w, device) = setup(false);
@@ -369,6 +481,7 @@ mod tests {
             expected_batch: refs.len(),
             max_chunk: 4,
             loss_clip: None,
+            dirac_canaries: Vec::new(),
         };
         let mut noise = GaussianNoise::seeded(0.0, 1);
         let (dp, norms, _) = dp_gradient(&lm, &refs, &cfg, &mut noise, &device);
@@ -386,6 +499,7 @@ mod tests {
             expected_batch: 1,
             max_chunk: 6,
             loss_clip: None,
+            dirac_canaries: Vec::new(),
         };
         for i in 0..refs.len() {
             let (g, _, _) = dp_gradient(&lm, &refs[i..i + 1], &cfg, &mut noise, &device);

@@ -465,6 +465,7 @@ mod tests {
             expected_batch: 8,
             max_chunk: 8,
             loss_clip,
+            dirac_canaries: Vec::new(),
         };
         let run = |loss_clip| {
             let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
@@ -538,6 +539,7 @@ mod tests {
             expected_batch: 8,
             max_chunk: 8,
             loss_clip: None,
+            dirac_canaries: Vec::new(),
         };
         let run_dp = |mu| {
             let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);

@@ -109,6 +109,50 @@ pub fn adapter_params<M: DpModel>(lm: &M) -> Vec<AdapterParam> {
     out
 }
 
+/// Every float parameter's id, in the module's visiting order.
+struct VisitOrder(Vec<ParamId>);
+
+impl burn::module::ModuleVisitor for VisitOrder {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.push(param.id);
+    }
+}
+
+/// Where each index of the flat adapter ([`crate::adapter::extract_adapter`]'s layout: the
+/// trainable adapter tensors in the module's visiting order, each row-major) lies among
+/// [`adapter_params`]: (tensor index, row-major offset). Indexes past the adapter are dropped.
+pub fn flat_positions<M: DpModel + burn::module::Module>(
+    lm: &M,
+    flat: &[usize],
+) -> Vec<(usize, usize)> {
+    if flat.is_empty() {
+        return Vec::new();
+    }
+    let params = adapter_params(lm);
+    let index: std::collections::HashMap<ParamId, usize> =
+        params.iter().enumerate().map(|(j, p)| (p.id, j)).collect();
+    let mut order = VisitOrder(Vec::new());
+    lm.visit(&mut order);
+    // (flat start, tensor index, length) in flat order
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for id in order.0 {
+        if let Some(&j) = index.get(&id) {
+            let len = params[j].value.dims().iter().product::<usize>();
+            spans.push((start, j, len));
+            start += len;
+        }
+    }
+    flat.iter()
+        .filter_map(|&k| {
+            spans
+                .iter()
+                .find(|(s, _, len)| k >= *s && k < s + len)
+                .map(|&(s, j, _)| (j, k - s))
+        })
+        .collect()
+}
+
 /// Registers `grads` (in [`adapter_params`] order) for an optimizer step.
 pub fn to_gradients_params<M: DpModel>(lm: &M, grads: Vec<Tensor<2>>) -> GradientsParams {
     let mut gp = GradientsParams::new();

@@ -107,6 +107,7 @@ fn dp_training_runs_and_its_delta_is_in_the_spec() {
         expected_batch: 8,
         max_chunk: 8,
         loss_clip: None,
+        dirac_canaries: Vec::new(),
     };
     let cfg = TrainConfig {
         local_steps: 3,
