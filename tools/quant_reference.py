@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/llm/quant_reference.safetensors: ggml blocks made by the `gguf`
 package's own quantizers (`gguf.quants.quantize`, bit-exact with ggml-quants.c), which
-`train/tests/llm_quant_base.rs` compares with fedlora's requantization byte for byte.
+`train/tests/llm/llm_quant_base.rs` compares with fedlora's requantization byte for byte.
 
 What is quantized:
 - `synthetic` (f32, [blocks, 32]): seeded normal blocks at several scales, plus the cases a

@@ -2,7 +2,7 @@
 //! name every key its config struct has, set or on a commented-out line, and no key that is
 //! gone. Included by path (`#[path = …] mod example_keys;`) by the two tests that use it: the
 //! coordinator's examples in `src/cmd/coordinator.rs` and the sweep and audit examples in
-//! `simulations/tests/example_configs.rs`. Not a test target of its own (no `main.rs`).
+//! `simulations/tests/harness/example_configs.rs`. Not a test target of its own (no `main.rs`).
 
 use std::collections::BTreeSet;
 

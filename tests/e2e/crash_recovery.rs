@@ -14,7 +14,7 @@ use fedlora_protocol::{
 use fedlora_train::model::LmConfig;
 use fedlora_train::train::initial_adapter;
 
-mod common;
+use crate::common;
 use common::{next_task, offer, poll, upload};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedlora");

@@ -15,7 +15,7 @@ use fedlora_protocol::{
     RefusalCode, TensorSpec, TrainConfig, Weighting, PROTOCOL_VERSION,
 };
 
-mod common;
+use crate::common;
 use common::{offer, upload, wave};
 
 /// Rank 4: `A` [4, 5], `B` [5, 4].

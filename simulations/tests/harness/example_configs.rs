@@ -2,7 +2,7 @@
 //! simulate` and `fedlora audit` load them, and name every key their files have, set or
 //! commented out (the coordinator's examples are checked in `src/cmd/coordinator.rs`).
 
-#[path = "../../tests/support/example_keys.rs"]
+#[path = "../../../tests/support/example_keys.rs"]
 mod example_keys;
 
 use std::collections::BTreeSet;

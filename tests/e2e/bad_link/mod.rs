@@ -1,11 +1,9 @@
-//! Devices on bad links, in one test binary so that the two tests run at the same time (each
-//! spends most of its time waiting on its link):
+//! Devices on bad links (the two tests run at the same time, each spending most of its time
+//! waiting on its link):
 //! - [`lossy_link`]: an in-process UDP proxy that drops and delays datagrams, with a cut past the
 //!   QUIC idle timeout in the middle of an upload;
 //! - [`netem`]: the `fedlora client` process in a network namespace behind a veth pair with
 //!   `tc netem`, whose link goes down past the idle timeout.
 
-#[path = "../common/mod.rs"]
-mod common;
 mod lossy_link;
 mod netem;

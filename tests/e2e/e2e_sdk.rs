@@ -35,7 +35,7 @@ struct Fixture {
     trainer: LocalTrainer,
 }
 
-mod common;
+use crate::common;
 
 /// `rounds` rounds of `k` clients (at least `min` uploads), `steps` local steps each, with
 /// generous deadlines.

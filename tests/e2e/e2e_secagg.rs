@@ -19,7 +19,7 @@ use fedlora_protocol::{
 };
 use rand::SeedableRng;
 
-mod common;
+use crate::common;
 use common::{next_task, secagg_delta as delta, secagg_spec as spec, send_secagg as send};
 
 /// What a scripted client does in its secure round.

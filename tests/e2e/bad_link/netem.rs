@@ -82,7 +82,7 @@ impl Net {
             let r = if in_ns { inside(&q) } else { sh(&q) };
             if let Err(e) = r {
                 // a kernel without sch_netem: the link-down part still runs, but the loss and
-                // delay part is reported as skipped (tests/bad_link/lossy_link.rs covers loss and delay
+                // delay part is reported as skipped (tests/e2e/bad_link/lossy_link.rs covers loss and delay
                 // with its in-process proxy)
                 skip(&format!(
                     "loss and delay part: no netem qdisc ({e}); the link-down part still runs"

@@ -20,7 +20,7 @@ use fedlora_protocol::{
 };
 use rand::SeedableRng;
 
-mod common;
+use crate::common;
 use common::{next_task, secagg_delta as delta, secagg_spec as spec, send_secagg as send};
 
 /// Client `i` through one distributed-DP round over QUIC: it checks the plan, encodes its

@@ -14,7 +14,7 @@ use fedlora_protocol::{
     Staleness, Task, TrainConfig, Weighting, PROTOCOL_VERSION,
 };
 
-mod common;
+use crate::common;
 use common::{poll, secagg_spec, upload, wave};
 
 async fn start(

@@ -13,7 +13,7 @@ use fedlora_protocol::{
     RefusalCode, TensorSpec, Upload, PROTOCOL_VERSION,
 };
 
-mod common;
+use crate::common;
 use common::{offer, upload};
 
 fn spec() -> AdapterSpec {

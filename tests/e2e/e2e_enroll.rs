@@ -27,7 +27,7 @@ use fedlora_train::lora::LoraConfig;
 use fedlora_train::model::LmConfig;
 use fedlora_train::train::{initial_adapter, LocalTrainer};
 
-mod common;
+use crate::common;
 
 fn tiny(lora: Option<LoraConfig>) -> LmConfig {
     common::tiny_lm(32, 1, lora)
