@@ -46,15 +46,14 @@ pub fn collusion_threshold(k: usize, c: usize) -> Result<usize> {
 }
 
 /// Switches `fed` to secure aggregation as `choice` says. The codec must be summable: the
-/// default dense f32 becomes `modular:8:0.25:0.25:N` (N = clients per round, 8 bits a value);
+/// default dense f32 becomes `modular:8:0.25:0.25:N` (N = clients per round, or the buffer in
+/// async mode; 8 bits a value);
 /// another non-summable codec is refused. Weights become uniform (a masked sum carries no
 /// per-client weight). A threshold given by hand must still satisfy `2t > k + c`.
 pub fn apply_secure(choice: &SecureChoice, fed: &mut FederationConfig) -> Result<()> {
     if fed.train.codec == Codec::DenseF32 {
-        fed.train.codec = Codec::from_name(&format!(
-            "modular:8:0.25:0.25:{}",
-            fed.clients_per_round.max(2)
-        ))?;
+        fed.train.codec =
+            Codec::from_name(&format!("modular:8:0.25:0.25:{}", fed.sum_size().max(2)))?;
     }
     fed.train.weighting = Weighting::Uniform;
     fed.train.secure = Some(secure_params(choice, fed)?);
@@ -80,7 +79,7 @@ pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<Se
         threshold: 1,
         neighbours: choice
             .neighbours
-            .unwrap_or_else(|| default_neighbours(fed.clients_per_round)),
+            .unwrap_or_else(|| default_neighbours(fed.sum_size())),
         modulus_bits,
         collusion: choice.collusion,
         stage_timeout_ms: fed
@@ -89,7 +88,7 @@ pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<Se
             .as_ref()
             .map_or(30_000, |s| s.stage_timeout_ms),
     };
-    let k = params.k(fed.clients_per_round);
+    let k = params.k(fed.sum_size());
     let least = collusion_threshold(k, choice.collusion)?;
     params.threshold = match choice.threshold {
         // everyone is a neighbour: k is the round's actual size less one, which varies under

@@ -53,6 +53,8 @@ pub enum FrameKind {
     UploadChunk = 10,
     /// [`ClientMsg::FetchGlobal`].
     FetchGlobal = 11,
+    /// [`ClientMsg::UpdateReady`].
+    UpdateReady = 12,
     /// [`CoordMsg::Welcome`].
     Welcome = 16,
     /// [`CoordMsg::Task`].
@@ -87,6 +89,7 @@ impl FrameKind {
             9 => Self::Renew,
             10 => Self::UploadChunk,
             11 => Self::FetchGlobal,
+            12 => Self::UpdateReady,
             16 => Self::Welcome,
             17 => Self::Task,
             18 => Self::Ack,
@@ -141,6 +144,7 @@ impl FrameMessage for ClientMsg {
             ClientMsg::Renew { .. } => FrameKind::Renew,
             ClientMsg::UploadChunk(_) => FrameKind::UploadChunk,
             ClientMsg::FetchGlobal { .. } => FrameKind::FetchGlobal,
+            ClientMsg::UpdateReady { .. } => FrameKind::UpdateReady,
         }
     }
 

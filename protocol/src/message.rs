@@ -32,7 +32,10 @@ use crate::secagg::check_shares;
 /// of it ([`crate::plan_signature`]).
 /// Version 8: advertised secure-aggregation keys carry a commitment to the self-mask seed
 /// ([`crate::secagg::seed_commitment`]), so the unmasking party checks every reconstructed secret.
-pub const PROTOCOL_VERSION: u16 = 9;
+/// Version 9: async (buffered) federation: `TooStale` and `RetryLater` refusals.
+/// Version 10: secure aggregation in async mode: [`ClientMsg::UpdateReady`] and
+/// [`SecAggTask::MaskInput`].
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -215,6 +218,13 @@ pub enum ClientMsg {
         /// The longest piece wanted, bytes (at most [`crate::resumable::MAX_UPLOAD_CHUNK`]).
         max_len: u32,
     },
+    /// Async mode with secure aggregation: the client holds a finished update trained in
+    /// `round` (the offer's round) and asks to join the next secure cohort. Answered `Ack`, or
+    /// refused (`TooStale`, `DuplicateUpload`, `WrongRound`): then it drops the update.
+    UpdateReady {
+        /// The round the update was trained in.
+        round: u64,
+    },
     /// Asks for a new certificate before the current one expires, for the key in `csr_der`
     /// (the same key or a new one); the device id stays the one this connection proved.
     Renew {
@@ -337,6 +347,18 @@ pub enum SecAggTask {
     },
     /// Check and sign the coordinator's view of who survived.
     ConsistencyCheck(crate::secagg::UnmaskRequest),
+    /// Async mode: mask the finished update this client announced ([`ClientMsg::UpdateReady`])
+    /// for this cohort, scaled by its public staleness weight, and send it as the input.
+    MaskInput {
+        /// The pairwise-mask shares for this client (as in a synchronous round's offer).
+        shares: Vec<crate::secagg::EncryptedShare>,
+        /// The round the update was trained in (the client checks it is the one it holds).
+        trained_round: u64,
+        /// The staleness weight s(τ) the update is scaled by before encoding, in (0, 1].
+        staleness_weight: f64,
+        /// The codec seed of this cohort's round (every member encodes with it).
+        codec_seed: u64,
+    },
     /// Return shares so the coordinator can unmask the sum.
     Unmask {
         /// The view the client signed in the consistency check.
@@ -623,6 +645,7 @@ impl ClientMsg {
             ClientMsg::Hello { .. }
             | ClientMsg::Poll { .. }
             | ClientMsg::Decline { .. }
+            | ClientMsg::UpdateReady { .. }
             | ClientMsg::EvalWithheld { .. } => Ok(()),
         }
     }
@@ -663,6 +686,17 @@ impl CoordMsg {
                     Ok(())
                 }
                 SecAggTask::ConsistencyCheck(r) => r.check_bounds(),
+                SecAggTask::MaskInput {
+                    shares,
+                    staleness_weight,
+                    ..
+                } => {
+                    check_shares(shares)?;
+                    if !(*staleness_weight > 0.0 && *staleness_weight <= 1.0) {
+                        return Err(invalid("a staleness weight must be in (0, 1]"));
+                    }
+                    Ok(())
+                }
                 SecAggTask::Unmask {
                     request,
                     signatures,

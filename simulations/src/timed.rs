@@ -638,7 +638,9 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
                 Directive::Wait | Directive::AlreadyUploaded { .. } => {
                     push(&mut queue, t + poll_s, i, false)
                 }
-                Directive::Evaluate { .. } | Directive::Finished { .. } => {}
+                Directive::Evaluate { .. }
+                | Directive::Finished { .. }
+                | Directive::Cohort { .. } => {}
             }
             continue;
         }

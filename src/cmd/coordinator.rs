@@ -544,15 +544,23 @@ fn warn_if_clients_decline(fed: &FederationConfig) {
     let Some(sec) = &fed.train.secure else {
         return;
     };
-    let k = sec.k(fed.clients_per_round);
+    // async: the smallest cohort (min_buffer) is the one that can fall short
+    let size = if fed.mode == fedlora_protocol::Mode::Async {
+        fed.min_buffer()
+    } else {
+        fed.clients_per_round
+    };
+    let k = sec.k(size);
     let min = fedlora_protocol::secagg::SecAggPolicy::default().min_neighbours;
     if k < min {
         tracing::warn!(
-            clients_per_round = fed.clients_per_round,
+            size,
             neighbours = k,
             "secure rounds give each client {k} neighbours; clients with the default \
              secure-aggregation policy decline fewer than {min}: use at least {} clients \
-             per round unless every client lowers its policy",
+             per round (async mode: a min-buffer of at least {}) unless every client lowers \
+             its policy",
+            min + 1,
             min + 1
         );
     }
@@ -714,7 +722,7 @@ mod tests {
             }
             let fed = started_federation(&path);
             if let Some(sec) = &fed.train.secure {
-                let k = sec.k(fed.clients_per_round);
+                let k = sec.k(fed.sum_size());
                 let min = SecAggPolicy::default().min_neighbours;
                 assert!(
                     k >= min,

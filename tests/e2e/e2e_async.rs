@@ -220,11 +220,42 @@ const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 /// status` shows the buffer and the staleness of what it counted.
 #[test]
 fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
+    let st = run_cli_campaign(3, &["--buffer", "2"]);
+    assert_eq!(st["buffer"]["size"], 2, "{st}");
+    let counted: u64 = st["buffer"]["staleness_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(counted >= 6, "three versions of two updates each: {st}");
+}
+
+/// The same with `--secure-aggregation`: each version is the unmasked sum of a SecAgg+ cohort
+/// of the four unchanged clients, and every one of its updates is counted.
+#[test]
+fn fedlora_coordinator_in_async_mode_with_secure_aggregation_serves_plain_fedlora_clients() {
+    // cohorts of 4 give each member the 3 neighbours the clients' default policy asks for
+    let st = run_cli_campaign(4, &["--buffer", "4", "--secure-aggregation"]);
+    assert_eq!(st["buffer"]["size"], 4, "{st}");
+    let counted: u64 = st["buffer"]["staleness_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 12, "three cohorts of four masked updates: {st}");
+}
+
+/// Runs `fedlora coordinator --mode async --rounds 3 ARGS` with `n` `fedlora client`
+/// processes, checks that all exit 0 and that three versions committed, and returns `fedlora
+/// status --json`.
+fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     let st = Command::new(BIN)
-        .args(["certs", "init", "--clients", "3", "--out"])
+        .args(["certs", "init", "--clients", &n.to_string(), "--out"])
         .arg(&certs)
         .status()
         .unwrap();
@@ -237,15 +268,8 @@ fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
     let addr = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let coord = Command::new(BIN)
-        .args([
-            "coordinator",
-            "--mode",
-            "async",
-            "--buffer",
-            "2",
-            "--rounds",
-            "3",
-        ])
+        .args(["coordinator", "--mode", "async", "--rounds", "3"])
+        .args(args)
         .args(["--local-steps", "2", "--batch-size", "4", "--listen", &addr])
         .arg("--data-dir")
         .arg(&data)
@@ -255,7 +279,7 @@ fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let clients: Vec<_> = (0..3)
+    let clients: Vec<_> = (0..n)
         .map(|i| {
             Command::new(BIN)
                 .args([
@@ -299,16 +323,9 @@ fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["phase"], "finished", "{st}");
     assert_eq!(st["global_version"], 3, "{st}");
-    assert_eq!(st["buffer"]["size"], 2, "{st}");
-    let counted: u64 = st["buffer"]["staleness_histogram"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
-    assert!(counted >= 6, "three versions of two updates each: {st}");
     assert!(
         st["evals"].as_array().is_some_and(|e| !e.is_empty()),
         "{st}"
     );
+    st
 }

@@ -14,6 +14,7 @@ mod cli_llm;
 mod cli_simulate;
 mod crash_recovery;
 mod e2e_async;
+mod e2e_async_secure;
 mod e2e_client_dp;
 mod e2e_enroll;
 mod e2e_llm;

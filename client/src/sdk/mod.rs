@@ -60,6 +60,9 @@ pub struct FederatedClient {
     /// trained from the same version (a round failed on purpose and retried would otherwise
     /// give the coordinator two views of one delta).
     unmasked: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Async mode with secure aggregation: a finished update waiting for a cohort (in memory:
+    /// it is masked at most once, then dropped whatever the cohort's outcome).
+    cohort_update: std::sync::Mutex<Option<CohortUpdate>>,
     /// The client-level DP rounds this client was charged for (its own record).
     client_dp: std::sync::Mutex<ClientDpRecord>,
     /// Whether the device may train now (consulted before a round and before each step).
@@ -79,6 +82,18 @@ enum Work {
     Upload(ClientMsg),
     Masked(u64, Vec<u8>),
     Decline(u64, DeclineReason),
+    /// Async mode with secure aggregation: the update is held for a cohort.
+    Ready,
+}
+
+/// An update trained in async mode, held until a secure cohort masks it.
+pub(super) struct CohortUpdate {
+    /// The round it trained in.
+    pub(super) trained_round: u64,
+    /// The trained delta (already DP output under a DP plan).
+    pub(super) delta: FlatAdapter,
+    /// The offer it trained on (codec and settings; the global's bytes dropped).
+    pub(super) offer: RoundOffer,
 }
 
 enum Outcome {
@@ -131,6 +146,7 @@ impl FederatedClient {
             signer: crate::secure::load_signer(&config.tls.key).ok(),
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
+            cohort_update: std::sync::Mutex::new(None),
             unmasked: std::sync::Mutex::new(unmasked),
             client_dp: std::sync::Mutex::new(client_dp),
             config,
@@ -280,11 +296,9 @@ mod tests {
     fn a_secure_client_never_sends_a_plaintext_update() {
         let none = Default::default();
         let p = SecAggPolicy::default();
-        // a secure federation offering no shares: the coordinator asks for plaintext
-        assert_eq!(
-            secure_policy_decision(&p, &offer(true, false), &none),
-            Some(DeclineReason::SecureAggregationPolicy)
-        );
+        // a secure federation offering no shares is an async cohort offer: trained, held,
+        // and sent only masked (`train` has no plaintext path for a secure federation)
+        assert_eq!(secure_policy_decision(&p, &offer(true, false), &none), None);
         assert_eq!(secure_policy_decision(&p, &offer(true, true), &none), None);
         // a plain federation is fine unless the client requires secure aggregation
         assert_eq!(
@@ -299,12 +313,14 @@ mod tests {
             secure_policy_decision(&required, &offer(false, false), &none),
             Some(DeclineReason::SecureAggregationPolicy)
         );
-        // no second masked input from a global version already unmasked
+        // no second masked input from a global version already unmasked, in either mode
         let done = [2u64].into();
-        assert_eq!(
-            secure_policy_decision(&p, &offer(true, true), &done),
-            Some(DeclineReason::SecureAggregationPolicy)
-        );
+        for shares in [true, false] {
+            assert_eq!(
+                secure_policy_decision(&p, &offer(true, shares), &done),
+                Some(DeclineReason::SecureAggregationPolicy)
+            );
+        }
     }
 
     #[test]

@@ -43,7 +43,15 @@ impl FederatedClient {
                     self.evaluate_and_report(s, version, adapter, report)
                         .await?;
                 }
+                CoordMsg::Task(Task::Train(_)) if self.announce_held(s, report).await? => {
+                    // the coordinator had lost track of the held update (a restart): it waits
+                    // for a cohort again
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 CoordMsg::Task(Task::Train(offer)) => match self.train(s, offer, report).await? {
+                    Work::Ready => {
+                        self.announce_held(s, report).await?;
+                    }
                     Work::Upload(upload) => self.deliver(s, upload, report, pending).await?,
                     Work::Masked(round, bytes) => {
                         let msg = ClientMsg::SecAgg {
@@ -75,8 +83,11 @@ impl FederatedClient {
                 },
                 CoordMsg::Task(Task::SecAgg { round, task }) => {
                     if let Some(body) = self.secure_stage(round, *task) {
+                        let input = matches!(body, SecAggBody::Input(_));
                         let msg = ClientMsg::SecAgg { round, body };
                         match self.send(s, &msg, report).await? {
+                            // an async cohort's masked input: this client took part in `round`
+                            CoordMsg::Ack { .. } if input => report.rounds.push(round),
                             CoordMsg::Ack { .. } => {}
                             other => warn!(round, ?other, "secure-aggregation message refused"),
                         }
@@ -253,6 +264,17 @@ impl FederatedClient {
                 %reason, "training stopped early; uploading what it has");
             report.partial.push((offer.round, out.steps as u32));
         }
+        if offer.config.secure.is_some() && offer.secure_shares.is_none() {
+            // async mode: the update waits, never in the clear, until a secure cohort masks it
+            let mut held = offer;
+            held.global = Vec::new();
+            *self.cohort_update.lock().expect("lock") = Some(CohortUpdate {
+                trained_round: held.round,
+                delta: out.delta,
+                offer: held,
+            });
+            return Ok(Work::Ready);
+        }
         if let Some(shares) = &offer.secure_shares {
             let codec = &offer.config.codec;
             let bytes = self.encode_delta(&out.delta, &offer, 1)?;
@@ -326,6 +348,37 @@ impl FederatedClient {
             train_loss: out.train_loss,
             payload: self.encode_delta(&out.delta, &offer, weight as u64)?,
         })))
+    }
+
+    /// Async mode with secure aggregation: tells the coordinator this client holds a finished
+    /// update. Whether it now waits for a cohort; a refusal (too stale, already counted, the
+    /// campaign over) drops the update, and `false` when none is held.
+    pub(super) async fn announce_held(
+        &self,
+        s: &Session,
+        report: &mut ClientReport,
+    ) -> Result<bool, ClientError> {
+        let Some(round) = self
+            .cohort_update
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|u| u.trained_round)
+        else {
+            return Ok(false);
+        };
+        match self
+            .send(s, &ClientMsg::UpdateReady { round }, report)
+            .await?
+        {
+            CoordMsg::Ack { .. } => Ok(true),
+            CoordMsg::Refused(r) if r.code == RefusalCode::RetryLater => Ok(true),
+            other => {
+                warn!(round, ?other, "held update not taken; dropping it");
+                *self.cohort_update.lock().expect("lock") = None;
+                Ok(false)
+            }
+        }
     }
 
     /// The instant local training must end by: the round's deadline less the upload margin,

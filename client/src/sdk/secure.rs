@@ -60,6 +60,53 @@ impl FederatedClient {
                     st.verifier = Some(v);
                     Ok(SecAggBody::Shares(shares))
                 }
+                SecAggTask::MaskInput {
+                    shares,
+                    trained_round,
+                    staleness_weight,
+                    codec_seed,
+                } => {
+                    // masked at most once: taken now, whatever the cohort's outcome (a second
+                    // masked copy in another cohort would let the two sums be differenced)
+                    let held = self
+                        .cohort_update
+                        .lock()
+                        .expect("lock")
+                        .take()
+                        .ok_or("no update held for a cohort")?;
+                    if held.trained_round != trained_round {
+                        return Err(format!(
+                            "the cohort asks for an update trained in round {trained_round}; \
+                             this client holds one from round {}",
+                            held.trained_round
+                        ));
+                    }
+                    if !(staleness_weight > 0.0 && staleness_weight <= 1.0) {
+                        return Err("a staleness weight outside (0, 1]".into());
+                    }
+                    let mut offer = held.offer;
+                    offer.round = round;
+                    offer.codec_seed = codec_seed;
+                    let mut scaled = held.delta;
+                    let w = staleness_weight as f32;
+                    scaled.values_mut().iter_mut().for_each(|x| *x *= w);
+                    let codec = offer.config.codec.clone();
+                    let modulus = codec.modulus_bits().ok_or("not a modular codec")?;
+                    let bytes = self
+                        .encode_delta(&scaled, &offer, 1)
+                        .map_err(|e| e.to_string())?;
+                    let ints = codec
+                        .modular_payload(&bytes, self.learner.spec())
+                        .map_err(|e| e.to_string())?;
+                    let masked = st
+                        .cr
+                        .masked_input(&shares, &ints)
+                        .map_err(|e| e.to_string())?;
+                    st.masked_version = Some(offer.global_version);
+                    let mut packed = Vec::new();
+                    fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
+                    Ok(SecAggBody::Input(packed))
+                }
                 SecAggTask::ConsistencyCheck(view) => {
                     let sig = st
                         .cr
@@ -142,20 +189,22 @@ impl FederatedClient {
 
 /// The secure-aggregation policy's verdict on an offer (see [`FederatedClient`]); `None`
 /// means the client may train it.
+///
+/// An offer of a secure federation without shares is an async-mode offer: the update is held
+/// for a cohort and only ever leaves masked ([`SecAggTask::MaskInput`]), so it is trained.
 pub fn secure_policy_decision(
     policy: &SecAggPolicy,
     offer: &RoundOffer,
     unmasked_versions: &std::collections::BTreeSet<u64>,
 ) -> Option<DeclineReason> {
     let secure = offer.config.secure.is_some() || offer.secure_shares.is_some();
-    let plaintext = offer.secure_shares.is_none();
-    if (secure || policy.required) && plaintext {
+    if policy.required && !secure {
         return Some(DeclineReason::SecureAggregationPolicy);
     }
     if secure && !offer.config.codec.is_summable() {
         return Some(DeclineReason::SecureAggregationPolicy);
     }
-    if !plaintext && unmasked_versions.contains(&offer.global_version) {
+    if secure && unmasked_versions.contains(&offer.global_version) {
         return Some(DeclineReason::SecureAggregationPolicy);
     }
     None

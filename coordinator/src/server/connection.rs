@@ -2,7 +2,9 @@
 //! client's largest rank), and serving each request stream.
 
 use super::downlink::poll;
-use super::requests::{decline, eval_report, eval_withheld, secure_receive, upload, Received};
+use super::requests::{
+    decline, eval_report, eval_withheld, secure_receive, update_ready, upload, Received,
+};
 use super::*;
 
 pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
@@ -381,6 +383,7 @@ pub(super) async fn serve_stream(
         ClientMsg::EvalReport(r) => (eval_report(shared, client, r).await, None),
         ClientMsg::EvalWithheld { version } => (eval_withheld(shared, client, version), None),
         ClientMsg::Decline { round, reason } => (decline(shared, client, round, reason), None),
+        ClientMsg::UpdateReady { round } => (update_ready(shared, client, round), None),
         ClientMsg::SecAgg { round, body } => {
             (secure_receive(shared, client, round, body, wire), None)
         }

@@ -122,9 +122,15 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         shared.config.max_polls_per_s,
     );
     let wait = Task::Wait { retry_after_ms };
+    if let Directive::Cohort { round } = directive {
+        return (
+            CoordMsg::Task(cohort_task(shared, client, round, seed, wait)),
+            None,
+        );
+    }
     let mut secure_shares = None;
-    if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }) =
-        (&train.secure, &directive)
+    if let (Some(_), Directive::Train { round, .. } | Directive::AlreadyUploaded { round }, false) =
+        (&train.secure, &directive, buffered)
     {
         // a secure round: its stages decide; until its state exists, wait
         let sec = shared.secure.lock().expect("lock");
@@ -240,8 +246,41 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
             retry_after_ms,
         },
         Directive::Finished { version } => Task::Finished { version },
+        Directive::Cohort { .. } => wait,
     };
     (CoordMsg::Task(task), None)
+}
+
+/// A secure async cohort member's task: the session's stage for it, or, in the input stage,
+/// its shares with the staleness weight and codec seed its masked update takes.
+fn cohort_task(shared: &Shared, client: &str, round: u64, seed: u64, wait: Task) -> Task {
+    let sec = shared.secure.lock().expect("lock");
+    let Some(sr) = sec.as_ref().filter(|s| s.round == round) else {
+        return wait;
+    };
+    let certs = shared.certs.lock().expect("lock");
+    if let Some(task) = sr.task(client, &certs) {
+        return Task::SecAgg {
+            round,
+            task: Box::new(task),
+        };
+    }
+    drop(certs);
+    let (Some(shares), Some((trained_round, staleness_weight))) = (
+        sr.wants_input(client),
+        shared.fed.lock().expect("lock").cohort_member(client),
+    ) else {
+        return wait;
+    };
+    Task::SecAgg {
+        round,
+        task: Box::new(fedlora_protocol::SecAggTask::MaskInput {
+            shares,
+            trained_round,
+            staleness_weight,
+            codec_seed: codec_seed(seed, round),
+        }),
+    }
 }
 
 /// The coordinator's signature of the round's client-level DP plan (`None` without one).

@@ -93,7 +93,7 @@ pub(super) fn finish_secure(
     counted: &std::collections::BTreeSet<String>,
     now: u64,
 ) -> Result<()> {
-    let (codec, seed, uploads, selected, min_clients) = {
+    let (codec, seed, uploads, selected, min_clients, staleness) = {
         let fed = shared.fed.lock().expect("lock");
         let fedlora_protocol::Phase::Training(open) = &fed.state().phase else {
             return Err(CoordinatorError::Config(format!(
@@ -106,12 +106,25 @@ pub(super) fn finish_secure(
             .filter(|(c, _)| counted.contains(*c))
             .map(|(c, m)| (c.clone(), m.clone()))
             .collect();
+        // async cohorts: each counted update's staleness weight (public; the members scaled
+        // their updates by it before encoding)
+        let staleness = fed.is_async().then(|| {
+            uploads
+                .iter()
+                .map(|(c, m)| (c.clone(), fed.staleness_weight(round, m)))
+                .collect::<BTreeMap<String, f64>>()
+        });
         (
             fed.config().train.codec.clone(),
             fed.config().seed,
             uploads,
             open.selected.clone(),
-            fed.config().min_clients,
+            if fed.is_async() {
+                fed.config().min_buffer()
+            } else {
+                fed.config().min_clients
+            },
+            staleness,
         )
     };
     if counted.len() < min_clients {
@@ -134,14 +147,25 @@ pub(super) fn finish_secure(
     }
     let ms = ModularSum::from_sum(sum, modulus, counted.len());
     let full = shared.full_rank;
+    let weight_of = |c: &String| staleness.as_ref().and_then(|w| w.get(c)).copied();
     let counts = fedlora_protocol::rank::RankCounts::new(
         full,
         counted.iter().map(|c| {
             let r = uploads.get(c).and_then(|m| m.rank);
-            (1.0, crate::aggregate::rank_of(r, full))
+            (
+                weight_of(c).unwrap_or(1.0),
+                crate::aggregate::rank_of(r, full),
+            )
         }),
     );
-    let delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
+    let mut delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
+    if let (Some(w), true) = (&staleness, counts.is_uniform()) {
+        // the decoded mean divides Σ s(τᵢ)·Δᵢ by the count; the staleness-weighted mean
+        // divides it by Σ s(τᵢ)
+        let total: f64 = counted.iter().filter_map(|c| w.get(c)).sum();
+        let scale = (counted.len() as f64 / total) as f32;
+        delta.values_mut().iter_mut().for_each(|x| *x *= scale);
+    }
     let missing = selected.difference(counted).cloned().collect();
     info!(round, counted = counted.len(), "secure sum unmasked");
     commit(shared, round, delta, &uploads, &missing, now)
@@ -201,8 +225,11 @@ fn transition_once(shared: &Shared, now: u64) -> Result<bool> {
                 staleness: Vec::new(),
             };
             if let Err(e) = shared.store.put_round(&rec, &state) {
-                // async: the buffer is opened again at the next tick (sync: at its deadline)
-                shared.fed.lock().expect("lock").retract_round(round);
+                // async: the buffer (or the cohort) is opened again at the next tick (sync: at
+                // its deadline)
+                let mut fed = shared.fed.lock().expect("lock");
+                fed.retract_cohort(round);
+                fed.retract_round(round);
                 return Err(e);
             }
             shared
@@ -212,9 +239,13 @@ fn transition_once(shared: &Shared, now: u64) -> Result<bool> {
                 let fed = shared.fed.lock().expect("lock");
                 (fed.config().train.clone(), fed.config().round_timeout_ms)
             };
-            if let (Some(params), Some(len)) =
-                (&train.secure, train.codec.summed_len(shared.spec.numel()))
-            {
+            // (an async buffer's secure session starts with its cohort, not with the buffer)
+            let session = !selected.is_empty() || !shared.fed.lock().expect("lock").is_async();
+            if let (Some(params), Some(len), true) = (
+                &train.secure,
+                train.codec.summed_len(shared.spec.numel()),
+                session,
+            ) {
                 *shared.secure.lock().expect("lock") = Some(SecureRound::new(
                     round,
                     params.clone(),

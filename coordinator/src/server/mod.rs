@@ -269,11 +269,17 @@ impl Coordinator {
                 for e in store.evals()? {
                     fed.restore_eval(&e.client, e.version);
                 }
-                if let (Some(_), fedlora_protocol::Phase::Training(open)) =
-                    (&fed.config().train.secure, &fed.state().phase)
-                {
+                // an async buffer without an open cohort holds no secrets: it stays open
+                let abort = match (&fed.config().train.secure, &fed.state().phase) {
+                    (Some(_), fedlora_protocol::Phase::Training(open))
+                        if !(fed.is_async() && open.selected.is_empty()) =>
+                    {
+                        Some(open.round)
+                    }
+                    _ => None,
+                };
+                if let Some(round) = abort {
                     // the clients' secrets died with the round: abort it, retry with fresh keys
-                    let round = open.round;
                     fed.fail_round(round, now)?;
                     if let Some(mut rec) = store.round(round)? {
                         rec.status = RoundStatus::Failed {

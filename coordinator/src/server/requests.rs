@@ -284,6 +284,21 @@ pub(super) fn secure_receive(
     }
 }
 
+/// Secure async mode: `client` holds a finished update trained in `round` and waits for a
+/// cohort (in memory: after a restart the device announces it again).
+pub(super) fn update_ready(shared: &Shared, client: &str, round: u64) -> CoordMsg {
+    match shared.fed.lock().expect("lock").mark_ready(client, round) {
+        Ok(()) => {
+            info!(round, %client, "update ready for a secure cohort");
+            CoordMsg::Ack {
+                round,
+                status: fedlora_protocol::AckStatus::Accepted,
+            }
+        }
+        Err(r) => CoordMsg::Refused(r),
+    }
+}
+
 /// The rank `client` trained for `round`: the rank it was offered, else its declared one
 /// (after a restart), `None` for the federation's rank.
 pub(super) fn trained_rank(shared: &Shared, client: &str, round: u64) -> Option<u32> {

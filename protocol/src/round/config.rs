@@ -172,9 +172,14 @@ impl FederationConfig {
         if self.train.codec.is_summable() && self.train.weighting != Weighting::Uniform {
             return bad("the modular codec sums unit weights: use uniform weighting");
         }
+        let summed = self.sum_size();
         if let crate::codec::Codec::Modular(p) = &self.train.codec {
-            if (self.clients_per_round as u64) > p.max_weight {
-                return bad("clients_per_round exceeds the modular codec's max_weight headroom");
+            if (summed as u64) > p.max_weight {
+                return bad(if self.mode == Mode::Async {
+                    "buffer (the largest secure cohort) exceeds the modular codec's max_weight headroom"
+                } else {
+                    "clients_per_round exceeds the modular codec's max_weight headroom"
+                });
             }
         }
         if let Some(sec) = &self.train.secure {
@@ -190,7 +195,7 @@ impl FederationConfig {
                     sec.modulus_bits
                 )));
             }
-            sec.validate(self.clients_per_round)
+            sec.validate(summed)
                 .map_err(|e| ProtocolError::Config(e.to_string()))?;
         }
         if let Some(plan) = &self.train.client_dp {
@@ -213,9 +218,11 @@ impl FederationConfig {
         Ok(())
     }
 
-    /// Async mode's own checks. Secure aggregation, client-level DP and the modular codec are
-    /// refused in async mode for now: each needs the device to apply its staleness weight
-    /// before encoding (cohorts of SecAgg+), which is not built yet.
+    /// Async mode's own checks. Secure aggregation runs in cohorts (each device scales its
+    /// update by its staleness weight before encoding) and needs the modular codec; without it
+    /// the codec must be a float one (the coordinator weighs each update). Client-level DP is
+    /// refused in async mode for now (it needs per-participation accounting and a
+    /// participation bound, which are not built yet).
     fn validate_async(&self) -> Result<(), ProtocolError> {
         let bad = |m: &str| Err(ProtocolError::Config(format!("async mode: {m}")));
         if self.buffer == 0 {
@@ -224,20 +231,28 @@ impl FederationConfig {
         if self.min_buffer > self.buffer {
             return bad("min_buffer must not exceed buffer");
         }
-        if self.train.secure.is_some() {
-            return bad("secure aggregation is not available in async mode yet (run sync mode)");
-        }
         if self.train.client_dp.is_some() {
             return bad(
                 "client-level DP is not available in async mode yet (run sync mode, or \
                  example-level DP-SGD, which async mode keeps)",
             );
         }
-        if self.train.codec.is_summable() {
-            return bad(
-                "the coordinator weighs each update by its staleness, which a modular \
-                 payload does not allow: use a float codec",
-            );
+        match (&self.train.secure, &self.train.codec) {
+            (Some(_), crate::codec::Codec::Modular(_)) => {
+                if self.min_buffer() < 2 {
+                    return bad("a secure cohort needs at least 2 members (min_buffer ≥ 2)");
+                }
+            }
+            (Some(_), _) => {
+                return bad("secure aggregation in async mode needs the modular codec");
+            }
+            (None, c) if c.is_summable() => {
+                return bad(
+                    "without secure aggregation the coordinator weighs each update by its \
+                     staleness, which a modular payload does not allow: use a float codec",
+                );
+            }
+            (None, _) => {}
         }
         if self.strategy.needs_individual_updates() {
             return Err(ProtocolError::Config(format!(
@@ -255,6 +270,17 @@ impl FederationConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The most updates one aggregate sums (what a modular codec's weight headroom and a
+    /// secure session are sized for): a round's `clients_per_round`, or in async mode the
+    /// `buffer` (the largest secure cohort).
+    pub fn sum_size(&self) -> usize {
+        if self.mode == Mode::Async {
+            self.buffer
+        } else {
+            self.clients_per_round
+        }
     }
 
     /// K_MIN: the fewest buffered updates that commit a version after the timeout.

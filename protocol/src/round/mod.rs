@@ -15,6 +15,7 @@
 //! upload's record together with it **before** it acknowledges the upload.
 
 mod buffered;
+mod cohort;
 mod config;
 mod state;
 
@@ -47,6 +48,11 @@ pub struct Federation {
     /// that first saw it (what `concurrency` limits; in memory only, so a restart starts it
     /// empty).
     offered: BTreeMap<ClientId, (u64, Option<u64>)>,
+    /// Secure async mode: devices holding a finished update, with the round it trained in,
+    /// waiting for a cohort ([`cohort`]; in memory only).
+    ready: BTreeMap<ClientId, u64>,
+    /// Secure async mode: the open cohort's members, with the round each update trained in.
+    cohort: BTreeMap<ClientId, u64>,
 }
 
 impl Federation {
@@ -92,6 +98,8 @@ impl Federation {
             connected: BTreeSet::new(),
             evaluated: BTreeSet::new(),
             offered: BTreeMap::new(),
+            ready: BTreeMap::new(),
+            cohort: BTreeMap::new(),
         }
     }
 
@@ -147,6 +155,12 @@ impl Federation {
             Phase::Waiting { .. } => Directive::Wait,
             // async: any device trains on the newest version, once per version it is not
             // already in the buffer with
+            Phase::Training(open) if self.is_secure_async() && open.selected.contains(client) => {
+                Directive::Cohort { round: open.round }
+            }
+            Phase::Training(_) if self.is_secure_async() && self.ready.contains_key(client) => {
+                Directive::Wait
+            }
             Phase::Training(open) if self.is_async() => {
                 let limit = self.config.concurrency;
                 let holds = self.offered.contains_key(client);
@@ -385,6 +399,20 @@ impl Federation {
         meta: UploadMeta,
     ) -> Result<&FederationState, Refusal> {
         let buffered = self.is_async();
+        let mut meta = meta;
+        if self.is_secure_async() {
+            // a masked input counts for a member of the open cohort only, with the round its
+            // update trained in (its staleness)
+            match self.cohort.get(client) {
+                Some(&trained) => meta.base_round = Some(trained),
+                None => {
+                    return Err(Refusal::new(
+                        RefusalCode::NotSelected,
+                        format!("client {client} is not in the cohort of round {round}"),
+                    ))
+                }
+            }
+        }
         match &mut self.state.phase {
             Phase::Training(open) if buffered && open.round == round && !open.closed => {
                 open.uploads.insert(client.to_string(), meta);
@@ -619,6 +647,7 @@ impl Federation {
                 .collect();
             self.state.contributed.extend(counted);
         }
+        self.cohort.clear();
         self.state.global_version += 1;
         // the give-up count is of failures in a row
         self.state.failed_rounds = 0;
@@ -645,6 +674,8 @@ impl Federation {
                 )))
             }
         }
+        // a failed cohort's members announce their updates again
+        self.cohort.clear();
         self.state.failed_rounds += 1;
         self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
             Phase::Finished { success: false }
@@ -684,6 +715,9 @@ impl Federation {
                     round,
                     selected: BTreeSet::new(),
                 }))
+            }
+            Phase::Training(_) if self.config.train.secure.is_some() => {
+                Some(self.tick_cohort(now_ms))
             }
             Phase::Training(open) => {
                 let n = open.uploads.len();
@@ -1093,6 +1127,140 @@ mod tests {
         assert_eq!(f.commit(3, 10).unwrap(), 3);
         // the last version is evaluated as in sync mode
         assert!(matches!(f.poll("a"), Directive::Evaluate { version: 3 }));
+    }
+
+    fn secure_async_cfg() -> FederationConfig {
+        let mut c = async_cfg(3);
+        c.max_staleness = 2;
+        c.rounds = 5;
+        c.min_buffer = 2;
+        c.round_timeout_ms = 1_000;
+        c.train.weighting = Weighting::Uniform;
+        c.train.codec = crate::codec::Codec::Modular(crate::codec::ModularParams::default());
+        c.train.secure = Some(crate::secagg::SecAggParams {
+            threshold: 2,
+            neighbours: 0,
+            modulus_bits: crate::codec::ModularParams::default().modulus_bits(),
+            collusion: 0,
+            stage_timeout_ms: 1_000,
+        });
+        c
+    }
+
+    /// Secure async mode: devices announce finished updates, a cohort of `buffer` opens among
+    /// them (stalest first), only its members' masked inputs count (with the round each
+    /// trained in), later announcements wait for the next cohort, and stale, repeated or
+    /// unoffered announcements are refused.
+    #[test]
+    fn secure_async_cohorts_open_among_devices_holding_an_update() {
+        let mut f = Federation::new(secure_async_cfg(), SPEC, 0).unwrap();
+        assert!(f.is_secure_async());
+        for c in ["a", "b", "c", "d"] {
+            f.connect(c);
+        }
+        // the buffer opens with no cohort: no session yet
+        match f.tick(1) {
+            Some(Transition::RoundStarted { round: 1, selected }) => assert!(selected.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(f.poll("a"), Directive::Train { round: 1, .. }));
+        f.mark_ready("a", 1).unwrap();
+        f.mark_ready("a", 1).unwrap();
+        assert_eq!(f.poll("a"), Directive::Wait);
+        assert_eq!(
+            f.mark_ready("a", 2).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        f.mark_ready("b", 1).unwrap();
+        // two of three before the timeout: no cohort
+        assert_eq!(f.tick(2), None);
+        f.mark_ready("c", 1).unwrap();
+        let members = match f.tick(3) {
+            Some(Transition::RoundStarted { round: 1, selected }) => selected,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(members.len(), 3);
+        assert_eq!(f.poll("a"), Directive::Cohort { round: 1 });
+        assert_eq!(f.cohort_member("a"), Some((1, 1.0)));
+        // a device that finishes during the session waits for the next cohort
+        assert!(matches!(f.poll("d"), Directive::Train { round: 1, .. }));
+        f.mark_ready("d", 1).unwrap();
+        assert_eq!(f.poll("d"), Directive::Wait);
+        assert_eq!(f.tick(4), None, "one session at a time");
+        let refused = f.accept_upload("d", 1, meta(4)).unwrap_err();
+        assert_eq!(refused.code, RefusalCode::NotSelected);
+        for (c, b) in [("a", 1u8), ("b", 2), ("c", 3)] {
+            f.accept_upload(c, 1, meta(b)).unwrap();
+        }
+        let Phase::Training(open) = &f.state().phase else {
+            panic!()
+        };
+        assert!(open.uploads.values().all(|m| m.base_round == Some(1)));
+        assert_eq!(f.commit(1, 5).unwrap(), 1);
+        // a counted update is not announced again
+        assert_eq!(
+            f.tick(6),
+            Some(Transition::RoundStarted {
+                round: 2,
+                selected: BTreeSet::new()
+            })
+        );
+        assert_eq!(
+            f.mark_ready("a", 1).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
+        // after the timeout, min_buffer (2) ready devices open a cohort: d (stale, τ = 1) and a
+        assert!(matches!(f.poll("a"), Directive::Train { round: 2, .. }));
+        f.mark_ready("a", 2).unwrap();
+        assert_eq!(f.tick(7), None);
+        let members = match f.tick(7 + 1_000) {
+            Some(Transition::RoundStarted { round: 2, selected }) => selected,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(members, ["a", "d"].iter().map(|s| s.to_string()).collect());
+        let s1 = f.config().staleness.weight(1);
+        assert_eq!(f.cohort_member("d"), Some((1, s1)));
+        assert!(s1 < 1.0);
+        // a failed cohort: its members announce again
+        f.fail_round(2, 2_000).unwrap();
+        assert_eq!(f.cohort_member("a"), None);
+        assert!(matches!(
+            f.tick(2_001),
+            Some(Transition::RoundStarted { round: 3, .. })
+        ));
+        f.mark_ready("a", 2).unwrap();
+        assert_eq!(f.ready(), 1);
+        // an update more than max_staleness (2) buffers old is refused, and a stale entry
+        // leaves the waiting list
+        f.fail_round(3, 2_002).unwrap();
+        assert!(matches!(
+            f.tick(2_003),
+            Some(Transition::RoundStarted { round: 4, .. })
+        ));
+        assert_eq!(
+            f.mark_ready("d", 1).unwrap_err().code,
+            RefusalCode::TooStale
+        );
+        assert_eq!(
+            f.mark_ready("b", 5).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
+        assert_eq!(
+            f.ready(),
+            1,
+            "a's update from round 2 is 2 buffers old: still taken"
+        );
+    }
+
+    #[test]
+    fn secure_async_mode_needs_the_modular_codec_and_cohorts_of_two() {
+        let mut c = secure_async_cfg();
+        c.validate().unwrap();
+        c.min_buffer = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("at least 2"));
+        let mut c = secure_async_cfg();
+        c.train.codec = crate::codec::Codec::F16;
+        assert!(c.validate().unwrap_err().to_string().contains("modular"));
     }
 
     #[test]

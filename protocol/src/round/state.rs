@@ -157,6 +157,12 @@ pub enum Directive {
         /// Version to send.
         version: u64,
     },
+    /// Async mode with secure aggregation: this client is a member of `round`'s cohort and
+    /// follows its secure stages (the driver's session says which).
+    Cohort {
+        /// Round id of the cohort.
+        round: u64,
+    },
     /// Already uploaded for `round`.
     AlreadyUploaded {
         /// Round id.
