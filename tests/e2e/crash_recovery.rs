@@ -313,6 +313,74 @@ async fn a_restart_during_a_secure_round_aborts_it_and_a_fresh_round_follows() {
     assert_eq!(status["global_version"], 0, "nothing was applied");
 }
 
+/// Async mode with secure aggregation under kill -9 during a cohort: the restart fails the
+/// cohort (nothing of it is applied), the buffer that follows takes the same held updates
+/// again when the devices announce them, and a new cohort with a new round id and fresh keys
+/// opens among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_an_async_secure_cohort_fails_it_and_the_held_updates_join_the_next() {
+    let Setup {
+        dir: _dir,
+        certs,
+        data,
+        addr,
+        config,
+        log,
+    } = setup_n(
+        4,
+        "",
+        "mode = \"async\"\nbuffer = 4\nmax_staleness = 2\n\
+         [federation.train]\nweighting = \"uniform\"\n\
+         [federation.train.codec.modular]\nvalue_bits = 8\nclamp = 0.25\nfraction = 0.25\nmax_weight = 4\n\
+         [federation.train.secure]\nthreshold = 0\nneighbours = 0\nmodulus_bits = 11\n",
+    );
+    let initial = initial_adapter(&LmConfig::new()).unwrap();
+    let spec_hash = initial.spec().hash();
+    // every device trains in round 1 and announces its update; the fourth opens the cohort
+    let ready = |s: Session, trained: u64| async move {
+        let (r, _) = s
+            .request(&ClientMsg::UpdateReady { round: trained })
+            .await
+            .unwrap();
+        assert!(matches!(r, CoordMsg::Ack { .. }), "{r:?}");
+        s
+    };
+    let mut child = start(&config, &log);
+    let mut s = Vec::new();
+    for i in 0..4 {
+        let x = join(&certs, i, addr, spec_hash).await;
+        let o = offer(&x).await;
+        assert!(o.secure_shares.is_none() && o.config.secure.is_some());
+        s.push(ready(x, o.round).await);
+    }
+    let first = secure_round_of(next_task(&s[0]).await);
+    assert_eq!(first, 1, "the cohort runs in the buffer's round");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(s);
+
+    let mut child = start(&config, &log);
+    let mut s = Vec::new();
+    for i in 0..4 {
+        let x = join(&certs, i, addr, spec_hash).await;
+        // the restarted coordinator does not know the device holds an update: it offers work,
+        // and the device announces the update it trained in round 1 instead (one buffer stale)
+        let o = offer(&x).await;
+        assert_eq!((o.round, o.global_version), (2, 0));
+        s.push(ready(x, 1).await);
+    }
+    let next = secure_round_of(next_task(&s[0]).await);
+    assert_eq!(next, 2, "a new round id, fresh keys");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = status_json(&data).expect("fedlora status --json");
+    let r0 = &status["rounds"][0];
+    assert_eq!(r0["round"], 1);
+    assert_eq!(r0["status"], "failed");
+    assert_eq!(r0["reason"], "coordinator restarted during a secure round");
+    assert_eq!(status["global_version"], 0, "nothing was applied");
+}
+
 /// Clients of the group-commit test.
 const GROUP: usize = 6;
 
