@@ -25,8 +25,8 @@ pub use codec::{Codec, CodecContext, ErrorFeedback, ModularParams, ModularSum};
 pub use error::{ProtocolError, Refusal, RefusalCode};
 pub use message::{
     AckStatus, ClientMsg, CoordMsg, DeclineReason, Downlink, DpPlan, EvalReport, LocalOptimizer,
-    PrivateUpload, RoundOffer, SecAggBody, SecAggTask, Task, TrainConfig, Upload, Weighting, ALPN,
-    IDLE_TIMEOUT_S, KEEP_ALIVE_S, PROTOCOL_VERSION,
+    PrivateUpload, RoundOffer, SecAggBody, SecAggTask, StalenessPlan, Task, TrainConfig, Upload,
+    Weighting, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S, PROTOCOL_VERSION,
 };
 pub use round::{
     codec_seed, fedavg, ClientId, Contribution, Directive, Federation, FederationConfig,

@@ -64,8 +64,10 @@ pub enum Weighting {
 pub struct DpPlan {
     /// Per-example L2 clip norm C over all adapter tensors jointly.
     pub clip_norm: f64,
-    /// Rounds the campaign plans; with `local_steps` per round this fixes the number of DP-SGD
-    /// steps σ is calibrated for.
+    /// Local runs each device's σ is calibrated for; with `local_steps` per run this fixes the
+    /// number of DP-SGD steps. Sync mode: the campaign's rounds (at least `rounds`). Async mode:
+    /// each device's participation bound P (at most `rounds`, at most one run per version): the
+    /// device's ledger is spent after P runs and declines every later one.
     pub planned_rounds: u64,
 }
 
@@ -110,6 +112,21 @@ pub struct TrainConfig {
     /// plan's S; the noise is added centrally or, with the Skellam codec, by the clients.
     #[serde(default)]
     pub client_dp: Option<crate::client_dp::ClientDpPlan>,
+    /// Async mode: the staleness weighting every device computes for itself before it masks
+    /// an update in a secure cohort (set in each offer by the coordinator; `None` in sync mode).
+    #[serde(default)]
+    pub staleness: Option<StalenessPlan>,
+}
+
+/// Async mode's staleness weighting, as offers carry it: a device in a secure cohort computes
+/// its own weight s(τ) from it (τ = the cohort's round − the round it trained in) instead of
+/// taking one from the coordinator, and binds it into what its cohort signs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StalenessPlan {
+    /// s(τ).
+    pub weight: crate::round::Staleness,
+    /// S: the stalest update (in buffers) that is taken.
+    pub max_staleness: u64,
 }
 
 /// The optimizer a client trains its adapter with, at [`TrainConfig::learning_rate`].
@@ -151,6 +168,7 @@ impl Default for TrainConfig {
             max_update_norm: None,
             optimizer: LocalOptimizer::Adam,
             client_dp: None,
+            staleness: None,
         }
     }
 }

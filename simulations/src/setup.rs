@@ -110,6 +110,7 @@ pub fn federation_config(
             max_update_norm: None,
             optimizer: t.optimizer,
             client_dp: None,
+            staleness: None,
         },
         sampling: Sampling::Fixed,
         ..FederationConfig::default()

@@ -82,6 +82,11 @@ pub(crate) struct FederationArgs {
     /// to their own ε). Implies uniform weighting.
     #[arg(long)]
     pub dp_clip_norm: Option<f64>,
+    /// Async mode with DP-SGD: the most local runs each device's DP plan covers (its
+    /// participation bound P; σ is calibrated for P runs and the device declines after them).
+    /// Default: --rounds (one run per version). Sync mode plans every round.
+    #[arg(long, value_name = "P")]
+    pub dp_participations: Option<u64>,
     /// Aggregation strategy: fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad (these need
     /// only the sum: fine under DP and secure aggregation), median, trimmed-mean or het-lora
     /// (need each update: plaintext only). See docs/src/strategies.md.
@@ -321,7 +326,20 @@ impl FederationArgs {
             f.train.weighting = Weighting::Uniform;
         }
         if let Some(dp) = f.train.dp.as_mut() {
-            dp.planned_rounds = dp.planned_rounds.max(f.rounds);
+            dp.planned_rounds = match self.dp_participations {
+                Some(p) if f.mode == fedlora_protocol::Mode::Async => p,
+                Some(_) => {
+                    return Err(UsageError(
+                        "--dp-participations bounds each device's runs in async mode; a sync \
+                         campaign's DP plan covers every round"
+                            .into(),
+                    )
+                    .into())
+                }
+                // async: a file's bound stays (each device's runs); sync: every round
+                None if f.mode == fedlora_protocol::Mode::Async => dp.planned_rounds,
+                None => dp.planned_rounds.max(f.rounds),
+            };
         }
         if let Some(s) = &self.strategy {
             f.strategy = fedlora_protocol::strategy::StrategyConfig::from_name(s)

@@ -220,7 +220,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 /// status` shows the buffer and the staleness of what it counted.
 #[test]
 fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
-    let st = run_cli_campaign(3, &["--buffer", "2"]);
+    let (st, _) = run_cli_campaign(3, 3, &["--buffer", "2"], &[]);
+    assert!(
+        st["evals"].as_array().is_some_and(|e| !e.is_empty()),
+        "{st}"
+    );
     assert_eq!(st["buffer"]["size"], 2, "{st}");
     let counted: u64 = st["buffer"]["staleness_histogram"]
         .as_array()
@@ -236,7 +240,7 @@ fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
 #[test]
 fn fedlora_coordinator_in_async_mode_with_secure_aggregation_serves_plain_fedlora_clients() {
     // cohorts of 4 give each member the 3 neighbours the clients' default policy asks for
-    let st = run_cli_campaign(4, &["--buffer", "4", "--secure-aggregation"]);
+    let (st, _) = run_cli_campaign(4, 3, &["--buffer", "4", "--secure-aggregation"], &[]);
     assert_eq!(st["buffer"]["size"], 4, "{st}");
     let counted: u64 = st["buffer"]["staleness_histogram"]
         .as_array()
@@ -247,10 +251,73 @@ fn fedlora_coordinator_in_async_mode_with_secure_aggregation_serves_plain_fedlor
     assert_eq!(counted, 12, "three cohorts of four masked updates: {st}");
 }
 
-/// Runs `fedlora coordinator --mode async --rounds 3 ARGS` with `n` `fedlora client`
-/// processes, checks that all exit 0 and that three versions committed, and returns `fedlora
-/// status --json`.
-fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
+/// Example-level DP-SGD in async mode with a participation bound: `--dp-participations 1`
+/// calibrates each device's σ for one local run of a two-version campaign, so every device
+/// that took part spent its whole ε = 8 on that one run (a plan for both versions would have
+/// spent less) and none is counted twice. (Five devices, at most two training at once, and a
+/// buffer that commits one update after 3 s: the campaign cannot run out of runs.)
+#[test]
+fn async_dp_devices_stop_at_their_participation_bound() {
+    let (st, outs) = run_cli_campaign(
+        5,
+        2,
+        &[
+            "--buffer",
+            "2",
+            "--min-buffer",
+            "1",
+            "--round-timeout",
+            "3s",
+            "--concurrency",
+            "2",
+            "--dp-clip-norm",
+            "1",
+            "--dp-participations",
+            "1",
+        ],
+        &["--epsilon", "8"],
+    );
+    assert_eq!(st["buffer"]["size"], 2, "{st}");
+    let mut took_part = 0;
+    for out in &outs {
+        // "client-N: uploaded in rounds [a, b], declined [...], final version 2, ε spent E, ..."
+        let rounds = out
+            .split("uploaded in rounds [")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .unwrap_or_else(|| panic!("no summary: {out}"));
+        let n = rounds.split(',').filter(|x| !x.trim().is_empty()).count();
+        assert!(
+            n <= 1,
+            "a device counted {n} times past its bound of 1: {out}"
+        );
+        if n == 0 {
+            continue;
+        }
+        took_part += 1;
+        let eps: f64 = out
+            .split("ε spent ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|e| e.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ε: {out}"));
+        assert!(
+            eps > 0.99 * 8.0 && eps <= 8.0 + 1e-9,
+            "one run spends the whole target: {out}"
+        );
+    }
+    assert!(took_part >= 2, "{outs:?}");
+}
+
+/// Runs `fedlora coordinator --mode async --rounds ROUNDS ARGS` with `n` `fedlora client
+/// CLIENT_ARGS` processes, checks that all exit 0 and that `rounds` versions committed, and
+/// returns `fedlora status --json` and each client's standard output.
+fn run_cli_campaign(
+    n: usize,
+    rounds: u64,
+    args: &[&str],
+    client_args: &[&str],
+) -> (serde_json::Value, Vec<String>) {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -268,7 +335,13 @@ fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
     let addr = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let coord = Command::new(BIN)
-        .args(["coordinator", "--mode", "async", "--rounds", "3"])
+        .args([
+            "coordinator",
+            "--mode",
+            "async",
+            "--rounds",
+            &rounds.to_string(),
+        ])
         .args(args)
         .args(["--local-steps", "2", "--batch-size", "4", "--listen", &addr])
         .arg("--data-dir")
@@ -293,13 +366,15 @@ fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
                 .arg(&certs)
                 .arg("--state-dir")
                 .arg(dir.path().join(format!("c{i}")))
+                .args(client_args)
                 .stdin(Stdio::null())
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
+    let mut outs = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -307,6 +382,7 @@ fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
             "client {i}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        outs.push(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let out = coord.wait_with_output().unwrap();
     assert!(
@@ -322,10 +398,6 @@ fn run_cli_campaign(n: usize, args: &[&str]) -> serde_json::Value {
     assert!(out.status.success());
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["phase"], "finished", "{st}");
-    assert_eq!(st["global_version"], 3, "{st}");
-    assert!(
-        st["evals"].as_array().is_some_and(|e| !e.is_empty()),
-        "{st}"
-    );
-    st
+    assert_eq!(st["global_version"], rounds, "{st}");
+    (st, outs)
 }

@@ -13,6 +13,7 @@ use fedlora_client::transport::{endpoint, ClientTls, Session};
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
 use fedlora_protocol::codec::bits;
+use fedlora_protocol::round::{cohort_context, cohort_weight};
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy};
 use fedlora_protocol::{
     ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter, Mode, ModularParams,
@@ -69,6 +70,7 @@ async fn device(
     let signer = load_signer(&tls.key).unwrap();
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(i as u64);
     let mut held: Option<(u64, FlatAdapter)> = None;
+    let mut plan = None;
     let mut cr: Option<ClientRound> = None;
     let mut verifier = None;
     let mut masked = Vec::new();
@@ -84,6 +86,11 @@ async fn device(
                 assert!(
                     o.secure_shares.is_none(),
                     "an async offer carries no shares"
+                );
+                plan = Some(
+                    o.config
+                        .staleness
+                        .expect("an async offer names its weighting"),
                 );
                 if held.is_none() {
                     // a slow device: its update is announced after `wait_for` versions
@@ -144,7 +151,15 @@ async fn device(
                 } => {
                     let (trained, d) = held.take().expect("a member holds an update");
                     assert_eq!(trained, trained_round);
-                    assert!(staleness_weight > 0.0 && staleness_weight <= 1.0);
+                    // the member's own s(τ), which the coordinator's number must match, and
+                    // the context every member signs (as the SDK does)
+                    let plan = plan.expect("trained on an offer");
+                    let w = cohort_weight(&plan, round, trained, staleness_weight, 0.1).unwrap();
+                    assert_eq!(w, staleness_weight);
+                    cr.as_mut()
+                        .unwrap()
+                        .bind(cohort_context(&codec, &plan, codec_seed), 0, 0)
+                        .unwrap();
                     let scaled: Vec<f32> = d
                         .values()
                         .iter()

@@ -42,6 +42,11 @@ pub struct ClientConfig {
     /// coordinator says): thresholds above half the neighbours, at least 3 neighbours, enough
     /// survivors, and never a plaintext update in a secure federation.
     pub secagg: SecAggPolicy,
+    /// Async secure cohorts: the smallest staleness weight s(τ) this client masks its update
+    /// with (default 0.1). A weight is this client's own s(τ) from the offer's weighting; the
+    /// floor bounds how far a staleness form can scale one member's update against another's
+    /// (at most 1 ÷ the floor).
+    pub min_staleness_weight: f64,
     /// The largest LoRA rank this client trains (heterogeneous ranks; e.g. set from the
     /// device's memory). `None`: the federation's rank. Below it, the coordinator sends this
     /// client the rank slice of the global adapter and it uploads its delta zero-padded.
@@ -118,6 +123,7 @@ impl ClientConfig {
             privacy: None,
             noise_seed: None,
             secagg: SecAggPolicy::default(),
+            min_staleness_weight: 0.1,
             max_rank: None,
             client_dp: None,
             limits: TrainingLimits::default(),

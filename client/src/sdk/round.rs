@@ -265,6 +265,14 @@ impl FederatedClient {
             report.partial.push((offer.round, out.steps as u32));
         }
         if offer.config.secure.is_some() && offer.secure_shares.is_none() {
+            // a client-level DP update is charged and bound where it is masked, which only a
+            // synchronous secure round does (async cohorts do not run client-level DP)
+            if offer.config.client_dp.is_some() || offer.config.staleness.is_none() {
+                return Ok(Work::Decline(
+                    offer.round,
+                    DeclineReason::SecureAggregationPolicy,
+                ));
+            }
             // async mode: the update waits, never in the clear, until a secure cohort masks it
             let mut held = offer;
             held.global = Vec::new();

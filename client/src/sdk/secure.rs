@@ -81,14 +81,35 @@ impl FederatedClient {
                             held.trained_round
                         ));
                     }
-                    if !(staleness_weight > 0.0 && staleness_weight <= 1.0) {
-                        return Err("a staleness weight outside (0, 1]".into());
-                    }
+                    // the weight is this client's own s(τ), from the weighting its offer
+                    // carried, never the coordinator's number (which could push every other
+                    // member's update to zero); at least this client's floor
+                    let plan = held
+                        .offer
+                        .config
+                        .staleness
+                        .ok_or("an async offer without its staleness weighting")?;
+                    let w = fedlora_protocol::round::cohort_weight(
+                        &plan,
+                        round,
+                        trained_round,
+                        staleness_weight,
+                        self.config.min_staleness_weight,
+                    )?;
+                    // every member signs the same codec, codec seed and weighting with its
+                    // survivor view: a coordinator that showed members different ones gets no
+                    // unmask shares
+                    let context = fedlora_protocol::round::cohort_context(
+                        &held.offer.config.codec,
+                        &plan,
+                        codec_seed,
+                    );
+                    st.cr.bind(context, 0, 0).map_err(|e| e.to_string())?;
                     let mut offer = held.offer;
                     offer.round = round;
                     offer.codec_seed = codec_seed;
                     let mut scaled = held.delta;
-                    let w = staleness_weight as f32;
+                    let w = w as f32;
                     scaled.values_mut().iter_mut().for_each(|x| *x *= w);
                     let codec = offer.config.codec.clone();
                     let modulus = codec.modulus_bits().ok_or("not a modular codec")?;

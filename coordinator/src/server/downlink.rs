@@ -108,12 +108,15 @@ pub(super) fn f16_step(
 pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
     let (directive, train, seed, buffered) = {
         let mut fed = shared.fed.lock().expect("lock");
-        (
-            fed.poll(client),
-            shared.strategy.configure_round(&fed.config().train),
-            fed.config().seed,
-            fed.is_async(),
-        )
+        let mut train = shared.strategy.configure_round(&fed.config().train);
+        if fed.is_async() {
+            // every device computes its own staleness weight from this (secure cohorts)
+            train.staleness = Some(fedlora_protocol::StalenessPlan {
+                weight: fed.config().staleness,
+                max_staleness: fed.config().max_staleness,
+            });
+        }
+        (fed.poll(client), train, fed.config().seed, fed.is_async())
     };
     let connected = shared.conns.lock().expect("lock").len();
     let retry_after_ms = crate::config::poll_delay_ms(

@@ -208,7 +208,12 @@ impl FederationConfig {
             if !(dp.clip_norm > 0.0 && dp.clip_norm.is_finite()) {
                 return bad("the DP clip norm must be positive and finite");
             }
-            if dp.planned_rounds < self.rounds {
+            if self.mode == Mode::Async {
+                // each device's participation bound: its ledger declines past it
+                if dp.planned_rounds == 0 {
+                    return bad("async mode: the DP plan's participation bound (planned_rounds) must be at least 1");
+                }
+            } else if dp.planned_rounds < self.rounds {
                 return bad("the DP plan must cover every round (planned_rounds ≥ rounds)");
             }
             if self.train.weighting != Weighting::Uniform {

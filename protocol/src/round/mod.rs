@@ -30,6 +30,7 @@ use crate::message::{DeclineReason, Weighting};
 
 pub use crate::identity::ClientId;
 pub use buffered::Contribution;
+pub use cohort::{cohort_context, cohort_weight};
 pub use config::{FederationConfig, Mode, Sampling, Staleness};
 pub use state::{
     Directive, FederationState, OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
@@ -48,9 +49,11 @@ pub struct Federation {
     /// that first saw it (what `concurrency` limits; in memory only, so a restart starts it
     /// empty).
     offered: BTreeMap<ClientId, (u64, Option<u64>)>,
-    /// Secure async mode: devices holding a finished update, with the round it trained in,
-    /// waiting for a cohort ([`cohort`]; in memory only).
-    ready: BTreeMap<ClientId, u64>,
+    /// Secure async mode: devices holding a finished update, with the round it trained in and
+    /// the order it was announced in, waiting for a cohort ([`cohort`]; in memory only).
+    ready: BTreeMap<ClientId, (u64, u64)>,
+    /// Announcements so far (the order of `ready`).
+    announced: u64,
     /// Secure async mode: the open cohort's members, with the round each update trained in.
     cohort: BTreeMap<ClientId, u64>,
 }
@@ -99,6 +102,7 @@ impl Federation {
             evaluated: BTreeSet::new(),
             offered: BTreeMap::new(),
             ready: BTreeMap::new(),
+            announced: 0,
             cohort: BTreeMap::new(),
         }
     }
@@ -132,6 +136,8 @@ impl Federation {
     pub fn disconnect(&mut self, client: &str) {
         self.connected.remove(client);
         self.offered.remove(client);
+        // a device that left is not put in a cohort (it announces again when it is back)
+        self.ready.remove(client);
     }
 
     /// Async: devices holding an unanswered offer (at most `concurrency` when it is set).
@@ -674,9 +680,13 @@ impl Federation {
                 )))
             }
         }
-        // a failed cohort's members announce their updates again
+        // a failed cohort's members announce their updates again; in async mode with secure
+        // cohorts a failure (members that dropped out) does not count toward giving up: the
+        // campaign waits for the next cohort, as a buffer waits for updates
         self.cohort.clear();
-        self.state.failed_rounds += 1;
+        if !self.is_secure_async() {
+            self.state.failed_rounds += 1;
+        }
         self.state.phase = if self.state.failed_rounds > self.config.max_failed_rounds {
             Phase::Finished { success: false }
         } else {
