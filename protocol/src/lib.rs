@@ -18,6 +18,7 @@ pub mod rank;
 pub mod resumable;
 pub mod round;
 pub mod secagg;
+pub mod staleness;
 pub mod strategy;
 
 pub use adapter::{check_spec, AdapterSpec, FlatAdapter, SpecHash, TensorSpec};

@@ -118,16 +118,7 @@ pub struct TrainConfig {
     pub staleness: Option<StalenessPlan>,
 }
 
-/// Async mode's staleness weighting, as offers carry it: a device in a secure cohort computes
-/// its own weight s(τ) from it (τ = the cohort's round − the round it trained in) instead of
-/// taking one from the coordinator, and binds it into what its cohort signs.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StalenessPlan {
-    /// s(τ).
-    pub weight: crate::round::Staleness,
-    /// S: the stalest update (in buffers) that is taken.
-    pub max_staleness: u64,
-}
+pub use crate::staleness::StalenessPlan;
 
 /// The optimizer a client trains its adapter with, at [`TrainConfig::learning_rate`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -78,6 +78,87 @@ pub(crate) fn secagg_delta(seed: u32) -> FlatAdapter {
     wave(secagg_spec(), |x| (x * 0.013 * seed as f32).sin() * 0.1)
 }
 
+/// The modular codec of the secure-aggregation tests (12-bit values, clamp 0.2, sums of up to
+/// 4 inputs), with its parameters.
+pub(crate) fn secagg_modular() -> (Codec, fedlora_protocol::ModularParams) {
+    let mp = fedlora_protocol::ModularParams {
+        value_bits: 12,
+        clamp: 0.2,
+        fraction: 0.5,
+        max_weight: 4,
+    };
+    (Codec::Modular(mp.clone()), mp)
+}
+
+/// Connects with `tls` and says hello for an adapter of `spec_hash`: the session and the
+/// client id the coordinator assigned (panics on anything but a welcome).
+pub(crate) async fn hello(
+    tls: &fedlora_client::transport::ClientTls,
+    addr: std::net::SocketAddr,
+    spec_hash: fedlora_protocol::SpecHash,
+) -> (Session, String) {
+    let ep = fedlora_client::transport::endpoint(tls).unwrap();
+    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
+    let (w, _) = s
+        .request(&ClientMsg::Hello {
+            protocol_version: fedlora_protocol::PROTOCOL_VERSION,
+            spec_hash,
+            max_rank: None,
+        })
+        .await
+        .unwrap();
+    let CoordMsg::Welcome { client_id, .. } = w else {
+        panic!("{w:?}")
+    };
+    (s, client_id)
+}
+
+/// The newest version a device has seen committed, from the coordinator's events.
+pub(crate) struct Committed {
+    events: tokio::sync::broadcast::Receiver<fedlora_coordinator::Event>,
+    /// The newest committed version seen so far.
+    pub(crate) version: u64,
+}
+
+impl Committed {
+    /// Follows `events` from now on.
+    pub(crate) fn new(
+        events: tokio::sync::broadcast::Receiver<fedlora_coordinator::Event>,
+    ) -> Self {
+        Self { events, version: 0 }
+    }
+
+    /// Takes in the commits announced so far, without waiting.
+    pub(crate) fn drain(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            if let fedlora_coordinator::Event::RoundCommitted { version, .. } = e {
+                self.version = self.version.max(version);
+            }
+        }
+    }
+
+    /// Waits (up to 30 s per event) until version `v` has committed.
+    pub(crate) async fn wait_for(&mut self, v: u64) {
+        while self.version < v {
+            if let Ok(fedlora_coordinator::Event::RoundCommitted { version, .. }) =
+                tokio::time::timeout(Duration::from_secs(30), self.events.recv())
+                    .await
+                    .expect("versions commit")
+            {
+                self.version = self.version.max(version);
+            }
+        }
+    }
+}
+
+/// The update scripted async device `i` sends for an offer of `round` (different for each
+/// device and round).
+pub(crate) fn async_delta(i: usize, round: u64) -> FlatAdapter {
+    wave(secagg_spec(), |x| {
+        ((x * 0.01 * (i + 1) as f32) + round as f32).sin() * 0.1
+    })
+}
+
 /// Sends one secure-aggregation stage's message and expects an acknowledgement.
 pub(crate) async fn send_secagg(s: &Session, round: u64, body: fedlora_protocol::SecAggBody) {
     let (r, _) = s.request(&ClientMsg::SecAgg { round, body }).await.unwrap();

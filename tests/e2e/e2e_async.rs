@@ -6,16 +6,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
 use fedlora_protocol::{
-    AckStatus, ClientMsg, Codec, CoordMsg, FederationConfig, FlatAdapter, Mode, RefusalCode,
-    Staleness, Task, TrainConfig, Weighting, PROTOCOL_VERSION,
+    AckStatus, Codec, CoordMsg, FederationConfig, FlatAdapter, Mode, RefusalCode, Staleness, Task,
+    TrainConfig, Weighting,
 };
 
 use crate::common;
-use common::{poll, secagg_spec, upload, wave};
+use common::{async_delta, poll, secagg_spec, upload, wave, Committed};
 
 async fn start(
     dir: &std::path::Path,
@@ -40,48 +40,25 @@ type Sent = (u64, u64, FlatAdapter);
 /// `pause`) before each upload, and keeps what the coordinator acknowledged.
 async fn device(
     i: usize,
-    ep: quinn::Endpoint,
+    tls: ClientTls,
     addr: SocketAddr,
     pause: Duration,
     wait_for: Option<u64>,
-    mut events: tokio::sync::broadcast::Receiver<Event>,
+    events: tokio::sync::broadcast::Receiver<Event>,
 ) -> Vec<Sent> {
-    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-    let (w, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: secagg_spec().hash(),
-            max_rank: None,
-        })
-        .await
-        .unwrap();
-    assert!(matches!(w, CoordMsg::Welcome { .. }), "{w:?}");
+    let (s, _) = common::hello(&tls, addr, secagg_spec().hash()).await;
     let mut sent = Vec::new();
-    let mut committed = 0u64;
+    let mut committed = Committed::new(events);
     for _ in 0..20_000 {
-        while let Ok(e) = events.try_recv() {
-            if let Event::RoundCommitted { version, .. } = e {
-                committed = committed.max(version);
-            }
-        }
+        committed.drain();
         match poll(&s).await {
             Task::Train(o) => {
                 // a slow device: its update arrives after `wait_for` versions committed
                 if let Some(v) = wait_for.filter(|_| sent.is_empty()) {
-                    while committed < v {
-                        if let Ok(Event::RoundCommitted { version, .. }) =
-                            tokio::time::timeout(Duration::from_secs(30), events.recv())
-                                .await
-                                .expect("versions commit")
-                        {
-                            committed = committed.max(version);
-                        }
-                    }
+                    committed.wait_for(v).await;
                 }
                 tokio::time::sleep(pause).await;
-                let d = wave(secagg_spec(), |x| {
-                    ((x * 0.01 * (i + 1) as f32) + o.round as f32).sin() * 0.1
-                });
+                let d = async_delta(i, o.round);
                 loop {
                     let (reply, _) = s.request(&upload(o.round, &d, 1.0)).await.unwrap();
                     match reply {
@@ -139,10 +116,9 @@ async fn devices_of_different_speeds_commit_the_staleness_weighted_mean_of_what_
     let waits = [None, None, None, None, Some(1), Some(2)];
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let ep = endpoint(&ClientTls::from_dir(&certs, i)).unwrap();
         tasks.push(tokio::spawn(device(
             i,
-            ep,
+            ClientTls::from_dir(&certs, i),
             addr,
             Duration::from_millis(pauses[i]),
             waits[i],

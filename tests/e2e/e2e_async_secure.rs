@@ -9,30 +9,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fedlora_client::secure::{load_signer, verifier_from_certificates};
-use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, Event};
 use fedlora_protocol::codec::bits;
 use fedlora_protocol::round::{cohort_context, cohort_weight};
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy};
 use fedlora_protocol::{
-    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter, Mode, ModularParams,
-    RefusalCode, SecAggBody, SecAggTask, Staleness, Task, TrainConfig, Weighting, PROTOCOL_VERSION,
+    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter, Mode, RefusalCode,
+    SecAggBody, SecAggTask, Staleness, Task, TrainConfig, Weighting,
 };
 use rand::SeedableRng;
 
 use crate::common;
-use common::{poll, secagg_spec as spec, send_secagg as send, wave};
-
-fn modular() -> (Codec, ModularParams) {
-    let mp = ModularParams {
-        value_bits: 12,
-        clamp: 0.2,
-        fraction: 0.5,
-        max_weight: 4,
-    };
-    (Codec::Modular(mp.clone()), mp)
-}
+use common::{async_delta, poll, secagg_spec as spec, send_secagg as send, wave, Committed};
 
 /// One masked update: the cohort (round) it was masked in, the round it trained in, its
 /// staleness weight, and the scaled delta as the coordinator decodes it.
@@ -51,22 +41,10 @@ async fn device(
     addr: SocketAddr,
     pause: Duration,
     wait_for: Option<u64>,
-    mut events: tokio::sync::broadcast::Receiver<Event>,
+    events: tokio::sync::broadcast::Receiver<Event>,
 ) -> Vec<Masked> {
-    let (codec, mp) = modular();
-    let ep = endpoint(&tls).unwrap();
-    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-    let (w, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: spec().hash(),
-            max_rank: None,
-        })
-        .await
-        .unwrap();
-    let CoordMsg::Welcome { client_id, .. } = w else {
-        panic!("{w:?}")
-    };
+    let (codec, mp) = common::secagg_modular();
+    let (s, client_id) = common::hello(&tls, addr, spec().hash()).await;
     let signer = load_signer(&tls.key).unwrap();
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(i as u64);
     let mut held: Option<(u64, FlatAdapter)> = None;
@@ -74,13 +52,9 @@ async fn device(
     let mut cr: Option<ClientRound> = None;
     let mut verifier = None;
     let mut masked = Vec::new();
-    let mut committed = 0u64;
+    let mut committed = Committed::new(events);
     for _ in 0..20_000 {
-        while let Ok(e) = events.try_recv() {
-            if let Event::RoundCommitted { version, .. } = e {
-                committed = committed.max(version);
-            }
-        }
+        committed.drain();
         match poll(&s).await {
             Task::Train(o) => {
                 assert!(
@@ -95,21 +69,10 @@ async fn device(
                 if held.is_none() {
                     // a slow device: its update is announced after `wait_for` versions
                     if let Some(v) = wait_for.filter(|_| masked.is_empty()) {
-                        while committed < v {
-                            if let Ok(Event::RoundCommitted { version, .. }) =
-                                tokio::time::timeout(Duration::from_secs(30), events.recv())
-                                    .await
-                                    .expect("versions commit")
-                            {
-                                committed = committed.max(version);
-                            }
-                        }
+                        committed.wait_for(v).await;
                     }
                     tokio::time::sleep(pause).await;
-                    let d = wave(spec(), |x| {
-                        ((x * 0.01 * (i + 1) as f32) + o.round as f32).sin() * 0.1
-                    });
-                    held = Some((o.round, d));
+                    held = Some((o.round, async_delta(i, o.round)));
                 }
                 let round = held.as_ref().unwrap().0;
                 let (reply, _) = s.request(&ClientMsg::UpdateReady { round }).await.unwrap();
@@ -211,7 +174,7 @@ async fn device(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_cohorts_commit_the_staleness_weighted_mean_of_what_the_devices_masked() {
     let dir = tempfile::tempdir().unwrap();
-    let (codec, mp) = modular();
+    let (codec, mp) = common::secagg_modular();
     let staleness: Staleness = "poly:0.5".parse().unwrap();
     let fed = FederationConfig {
         mode: Mode::Async,

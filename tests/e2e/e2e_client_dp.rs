@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use fedlora_client::secure::{load_signer, verifier_from_certificates};
-use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_client::transport::ClientTls;
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::privacy_plan::{apply, ClientDpRequest};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
@@ -15,8 +15,7 @@ use fedlora_protocol::codec::bits;
 use fedlora_protocol::rank::RankCounts;
 use fedlora_protocol::secagg::{ClientRound, SecAggPolicy};
 use fedlora_protocol::{
-    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, ModularSum, SecAggBody, SecAggTask,
-    Task, PROTOCOL_VERSION,
+    Codec, CodecContext, FederationConfig, ModularSum, SecAggBody, SecAggTask, Task,
 };
 use rand::SeedableRng;
 
@@ -28,19 +27,7 @@ use common::{next_task, secagg_delta as delta, secagg_spec as spec, send_secagg 
 /// secure round and masks. Returns the integers it encoded (noise included).
 async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr) -> Vec<u64> {
     let tls = ClientTls::from_dir(&certs, i);
-    let ep = endpoint(&tls).unwrap();
-    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-    let (w, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: spec().hash(),
-            max_rank: None,
-        })
-        .await
-        .unwrap();
-    let CoordMsg::Welcome { client_id, .. } = w else {
-        panic!("{w:?}")
-    };
+    let (s, client_id) = common::hello(&tls, addr, spec().hash()).await;
     let signer = load_signer(&tls.key).unwrap();
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(100 + i as u64);
     let Task::SecAgg { round, task } = next_task(&s).await else {

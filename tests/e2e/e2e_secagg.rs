@@ -8,14 +8,13 @@
 use std::time::Duration;
 
 use fedlora_client::secure::{load_signer, verifier_from_certificates};
-use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_client::transport::{ClientTls, Session};
 use fedlora_coordinator::certs::{default_server_names, init_certs};
 use fedlora_coordinator::{Coordinator, CoordinatorConfig};
 use fedlora_protocol::codec::bits;
 use fedlora_protocol::secagg::{ClientRound, SecAggParams, SecAggPolicy};
 use fedlora_protocol::{
-    ClientMsg, Codec, CodecContext, CoordMsg, FederationConfig, FlatAdapter, ModularParams,
-    SecAggBody, SecAggTask, Task, Weighting, PROTOCOL_VERSION,
+    Codec, CodecContext, FederationConfig, FlatAdapter, SecAggBody, SecAggTask, Task, Weighting,
 };
 use rand::SeedableRng;
 
@@ -33,23 +32,13 @@ enum Script {
     WeightOffset(u64),
 }
 
-fn modular() -> (Codec, ModularParams) {
-    let mp = ModularParams {
-        value_bits: 12,
-        clamp: 0.2,
-        fraction: 0.5,
-        max_weight: 4,
-    };
-    (Codec::Modular(mp.clone()), mp)
-}
-
 /// A coordinator for one secure round of 4 clients (t = 2 of k = 3) that needs `min_clients`.
 async fn coordinator(
     dir: &std::path::Path,
     certs: &std::path::Path,
     min_clients: usize,
 ) -> (Coordinator, FlatAdapter) {
-    let (codec, mp) = modular();
+    let (codec, mp) = common::secagg_modular();
     let mut cfg = CoordinatorConfig::new(dir.join("state"), certs);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.federation = FederationConfig {
@@ -85,20 +74,8 @@ async fn scripted(
     script: Script,
     survivors: usize,
 ) -> (Option<FlatAdapter>, Session) {
-    let (codec, mp) = modular();
-    let ep = endpoint(&tls).unwrap();
-    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-    let (w, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: spec().hash(),
-            max_rank: None,
-        })
-        .await
-        .unwrap();
-    let CoordMsg::Welcome { client_id, .. } = w else {
-        panic!("{w:?}")
-    };
+    let (codec, mp) = common::secagg_modular();
+    let (s, client_id) = common::hello(&tls, addr, spec().hash()).await;
     let signer = load_signer(&tls.key).unwrap();
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(i as u64);
     // stage 1
@@ -264,7 +241,7 @@ async fn a_sum_that_does_not_decode_fails_the_round_and_a_fresh_round_follows() 
     let (coord, _) = coordinator(dir.path(), &certs.0, 2).await;
     let addr = coord.local_addr().unwrap();
     let mut events = coord.events();
-    let m = modular().1.modulus_bits();
+    let m = common::secagg_modular().1.modulus_bits();
     // 1 + 1 + 1 + (2^m − 3) ≡ 0 (mod 2^m)
     let handles = launch(
         &certs.0,

@@ -136,23 +136,10 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         (&train.secure, &directive, buffered)
     {
         // a secure round: its stages decide; until its state exists, wait
-        let sec = shared.secure.lock().expect("lock");
-        let Some(sr) = sec.as_ref().filter(|s| s.round == *round) else {
-            return (CoordMsg::Task(wait), None);
-        };
-        let certs = shared.certs.lock().expect("lock");
-        if let Some(task) = sr.task(client, &certs) {
-            return (
-                CoordMsg::Task(Task::SecAgg {
-                    round: *round,
-                    task: Box::new(task),
-                }),
-                None,
-            );
-        }
-        match sr.wants_input(client) {
-            Some(shares) => secure_shares = Some(shares),
-            None => return (CoordMsg::Task(wait), None),
+        match secure_stage(shared, client, *round) {
+            SecureStage::Wait => return (CoordMsg::Task(wait), None),
+            SecureStage::Task(t) => return (CoordMsg::Task(*t), None),
+            SecureStage::Input(shares) => secure_shares = Some(shares),
         }
     }
     let global = shared.global.lock().expect("lock");
@@ -257,22 +244,14 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
 /// A secure async cohort member's task: the session's stage for it, or, in the input stage,
 /// its shares with the staleness weight and codec seed its masked update takes.
 fn cohort_task(shared: &Shared, client: &str, round: u64, seed: u64, wait: Task) -> Task {
-    let sec = shared.secure.lock().expect("lock");
-    let Some(sr) = sec.as_ref().filter(|s| s.round == round) else {
-        return wait;
+    let shares = match secure_stage(shared, client, round) {
+        SecureStage::Wait => return wait,
+        SecureStage::Task(t) => return *t,
+        SecureStage::Input(shares) => shares,
     };
-    let certs = shared.certs.lock().expect("lock");
-    if let Some(task) = sr.task(client, &certs) {
-        return Task::SecAgg {
-            round,
-            task: Box::new(task),
-        };
-    }
-    drop(certs);
-    let (Some(shares), Some((trained_round, staleness_weight))) = (
-        sr.wants_input(client),
-        shared.fed.lock().expect("lock").cohort_member(client),
-    ) else {
+    let Some((trained_round, staleness_weight)) =
+        shared.fed.lock().expect("lock").cohort_member(client)
+    else {
         return wait;
     };
     Task::SecAgg {
@@ -283,6 +262,35 @@ fn cohort_task(shared: &Shared, client: &str, round: u64, seed: u64, wait: Task)
             staleness_weight,
             codec_seed: codec_seed(seed, round),
         }),
+    }
+}
+
+/// Where `client` stands in the open secure session of `round`.
+enum SecureStage {
+    /// No session for `round` yet, or nothing to do now.
+    Wait,
+    /// A stage's task (keys, shares, consistency, unmask).
+    Task(Box<Task>),
+    /// The input stage: its shares, to mask the update with.
+    Input(Vec<fedlora_protocol::secagg::EncryptedShare>),
+}
+
+/// The session's stage for `client` (shared by synchronous rounds and async cohorts).
+fn secure_stage(shared: &Shared, client: &str, round: u64) -> SecureStage {
+    let sec = shared.secure.lock().expect("lock");
+    let Some(sr) = sec.as_ref().filter(|s| s.round == round) else {
+        return SecureStage::Wait;
+    };
+    let certs = shared.certs.lock().expect("lock");
+    if let Some(task) = sr.task(client, &certs) {
+        return SecureStage::Task(Box::new(Task::SecAgg {
+            round,
+            task: Box::new(task),
+        }));
+    }
+    match sr.wants_input(client) {
+        Some(shares) => SecureStage::Input(shares),
+        None => SecureStage::Wait,
     }
 }
 

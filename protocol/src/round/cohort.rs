@@ -21,7 +21,7 @@ use super::{Federation, Phase, Transition};
 use crate::codec::Codec;
 use crate::error::{Refusal, RefusalCode};
 use crate::identity::ClientId;
-use crate::message::StalenessPlan;
+use crate::staleness::StalenessPlan;
 
 /// The staleness weight a cohort member masks its update with: its own s(τ) from `plan`
 /// (τ = `cohort_round` − `trained_round`), checked against the weight the coordinator named
@@ -119,37 +119,7 @@ impl Federation {
                 format!("client {client} is in the cohort of round {}", open.round),
             ));
         }
-        if trained_round == 0 || trained_round > open.round {
-            return Err(Refusal::new(
-                RefusalCode::WrongRound,
-                format!(
-                    "round {trained_round} was not offered (the open buffer is round {})",
-                    open.round
-                ),
-            ));
-        }
-        let tau = open.round - trained_round;
-        if tau > self.config.max_staleness {
-            return Err(Refusal::new(
-                RefusalCode::TooStale,
-                format!(
-                    "an update trained in round {trained_round} is {tau} buffers stale; at \
-                     most {} are accepted",
-                    self.config.max_staleness
-                ),
-            ));
-        }
-        if let Some(c) = self.state.contributed.get(client) {
-            if trained_round <= c.trained_round {
-                return Err(Refusal::new(
-                    RefusalCode::DuplicateUpload,
-                    format!(
-                        "client {client} already has an update trained in round {} counted",
-                        c.trained_round
-                    ),
-                ));
-            }
-        }
+        self.check_trained_round(client, trained_round, open.round)?;
         self.announced += 1;
         self.ready
             .insert(client.to_string(), (trained_round, self.announced));

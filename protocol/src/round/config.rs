@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::ProtocolError;
 use crate::message::{TrainConfig, Weighting};
 
-pub use super::buffered::{Mode, Staleness};
+pub use super::buffered::Mode;
+pub use crate::staleness::Staleness;
 
 /// Federation settings, identical for every round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -314,16 +314,40 @@ impl Federation {
                 ))
             }
         };
-        if round == 0 || round > open.round {
+        self.check_trained_round(client, round, open.round)?;
+        if let Some(prev) = open.uploads.get(client) {
+            return if &prev.digest == digest && prev.base_round == Some(round) {
+                Ok(Some(UploadVerdict::AlreadyAccepted))
+            } else {
+                Err(Refusal::new(
+                    RefusalCode::DuplicateUpload,
+                    format!(
+                        "client {client} already has an update in buffer {}; one per version",
+                        open.round
+                    ),
+                ))
+            };
+        }
+        Ok(None)
+    }
+
+    /// Async mode's checks of an update trained in `round`, taken into buffer `open_round`
+    /// (an upload, or a secure cohort's announcement): refused if `round` was not offered yet
+    /// (`WrongRound`), is more than `max_staleness` buffers old (`TooStale`), or is at or before
+    /// the round of the client's last counted update (`DuplicateUpload`).
+    fn check_trained_round(
+        &self,
+        client: &str,
+        round: u64,
+        open_round: u64,
+    ) -> Result<(), Refusal> {
+        if round == 0 || round > open_round {
             return Err(Refusal::new(
                 RefusalCode::WrongRound,
-                format!(
-                    "round {round} was not offered (the open buffer is round {})",
-                    open.round
-                ),
+                format!("round {round} was not offered (the open buffer is round {open_round})"),
             ));
         }
-        let tau = open.round - round;
+        let tau = open_round - round;
         if tau > self.config.max_staleness {
             return Err(Refusal::new(
                 RefusalCode::TooStale,
@@ -345,20 +369,7 @@ impl Federation {
                 ));
             }
         }
-        if let Some(prev) = open.uploads.get(client) {
-            return if &prev.digest == digest && prev.base_round == Some(round) {
-                Ok(Some(UploadVerdict::AlreadyAccepted))
-            } else {
-                Err(Refusal::new(
-                    RefusalCode::DuplicateUpload,
-                    format!(
-                        "client {client} already has an update in buffer {}; one per version",
-                        open.round
-                    ),
-                ))
-            };
-        }
-        Ok(None)
+        Ok(())
     }
 
     /// The checks of an upload's spec and weight, the same in both modes.
