@@ -1,6 +1,6 @@
 //! Regenerates the committed C header `ffi/include/fedlora.h` with cbindgen, from the crate as
 //! it is now: `cargo run -p fedlora-ffi --example write_header`. The test
-//! `ffi/tests/header.rs` only compares, so it can fail when the header is stale.
+//! `ffi/tests/ffi/header.rs` only compares, so it can fail when the header is stale.
 
 fn main() {
     let dir = env!("CARGO_MANIFEST_DIR");
