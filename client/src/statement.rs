@@ -253,10 +253,14 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
     }
     if distributed {
         assumptions.push(
-            "distributed mode: at least min_clients − c survivors are honest and added their \
-             noise shares; this client sent unmask shares only for a signed survivor set of at \
-             least min_clients and a plan all survivors signed; the coordinator learned only \
-             the noisy sum (secure aggregation)"
+            "distributed mode: at most c devices collude with the coordinator (Sybils \
+             included); this client sent unmask shares only for a survivor view of at least \
+             min_clients that it signed, that matched whom it masked with, whose survivors stay \
+             connected in the neighbour graph, and that every surviving neighbour signed too, \
+             so every sum of that view holds at least min_clients − c honest noise shares; the \
+             coordinator showed every survivor the same roster and view (checked among \
+             neighbours only); \
+             it learned only the noisy sum (secure aggregation)"
                 .into(),
         );
     }

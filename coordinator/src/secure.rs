@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use fedlora_protocol::secagg::crypto::{P256Verifier, PeerVerifier};
 use fedlora_protocol::secagg::{
     EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage, UnmaskRequest,
 };
@@ -132,10 +133,24 @@ impl SecureRound {
             .flatten()
     }
 
-    /// A stage message from `client`.
-    pub(crate) fn receive(&mut self, client: &str, body: SecAggBody) -> Result<(), SecAggError> {
+    /// A stage message from `client`; `chain` is the certificate chain it presented in TLS
+    /// (its leaf's key checks the signature of its advertised keys).
+    pub(crate) fn receive(
+        &mut self,
+        client: &str,
+        body: SecAggBody,
+        chain: Option<&[u8]>,
+    ) -> Result<(), SecAggError> {
         match body {
             SecAggBody::Keys(k) => {
+                // checked here too, so one client's unsigned keys are refused before they reach
+                // its neighbours (who would refuse the whole round for them)
+                let verifier = leaf_verifier(client, chain);
+                if !verifier.verify(client, &k.signed_bytes(self.round), &k.signature) {
+                    return Err(SecAggError::PeerMisbehaved(format!(
+                        "{client}'s advertised keys are not signed by its certificate"
+                    )));
+                }
                 self.server.receive_keys(client, k)?;
                 self.sent[0].insert(client.to_string());
             }
@@ -220,5 +235,76 @@ impl SecureRound {
             Ok(Advance::Wait)
         })();
         r.unwrap_or_else(|e| Advance::Fail(e.to_string()))
+    }
+}
+
+/// A verifier of `client`'s signatures with the P-256 key of the leaf of the chain it presented
+/// in TLS (which the handshake checked against the federation CA); one that accepts nothing
+/// when there is no such key.
+fn leaf_verifier(client: &str, chain: Option<&[u8]>) -> P256Verifier {
+    let key = chain
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, cert)| cert.public_key().subject_public_key.data.to_vec());
+    P256Verifier(key.map(|k| (client.to_string(), k)).into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedlora_protocol::secagg::crypto::EcdsaP256Signer;
+    use fedlora_protocol::secagg::{ClientRound, SecAggPolicy};
+    use rand::SeedableRng;
+
+    fn identity(cn: &str) -> (Vec<u8>, EcdsaP256Signer) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let cert = p.self_signed(&key).unwrap();
+        let signer = EcdsaP256Signer::from_pkcs8(&key.serialize_der()).unwrap();
+        (cert.der().to_vec(), signer)
+    }
+
+    /// Advertised keys are checked against the key of the certificate the client presented in
+    /// TLS before they reach its neighbours: keys signed by another key, or from a client whose
+    /// certificate is unknown, are refused; the client's own are taken.
+    #[test]
+    fn advertised_keys_must_be_signed_by_the_presented_certificate() {
+        let params = SecAggParams {
+            threshold: 2,
+            neighbours: 3,
+            collusion: 0,
+            modulus_bits: 16,
+            stage_timeout_ms: 1_000,
+        };
+        let selected: BTreeSet<ClientId> = ["client-0".to_string()].into();
+        let mut sr = SecureRound::new(3, params.clone(), 8, selected, 0, 10_000);
+        let (chain, signer) = identity("client-0");
+        let (_, other) = identity("client-0");
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(1);
+        let mut keys = |s: &EcdsaP256Signer| {
+            let mut cr = ClientRound::new(
+                3,
+                "client-0",
+                params.clone(),
+                SecAggPolicy::default(),
+                &mut rng,
+            );
+            cr.advertise(s).unwrap()
+        };
+        let forged = keys(&other);
+        let err = sr
+            .receive("client-0", SecAggBody::Keys(forged.clone()), Some(&chain))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not signed by its certificate"),
+            "{err}"
+        );
+        assert!(sr
+            .receive("client-0", SecAggBody::Keys(forged), None)
+            .is_err());
+        let own = keys(&signer);
+        sr.receive("client-0", SecAggBody::Keys(own), Some(&chain))
+            .unwrap();
+        assert!(sr.sent[0].contains("client-0"));
     }
 }

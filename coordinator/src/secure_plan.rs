@@ -90,6 +90,17 @@ pub fn secure_params(choice: &SecureChoice, fed: &FederationConfig) -> Result<Se
     };
     let k = params.k(fed.sum_size());
     let least = collusion_threshold(k, choice.collusion)?;
+    if k + 1 < fed.sum_size() && 4 * choice.collusion > k {
+        // clients refuse a view whose survivors some c removals could cut in two
+        // (`survivors_stay_connected`); with c near k a few honest dropouts already can
+        tracing::warn!(
+            k,
+            c = choice.collusion,
+            "more than k/4 colluders with a sparse neighbour graph: honest dropouts will often \
+             leave survivors that c removals could cut in two, and clients then refuse the \
+             round; raise --neighbours to at least 4c"
+        );
+    }
     params.threshold = match choice.threshold {
         // everyone is a neighbour: k is the round's actual size less one, which varies under
         // Poisson sampling, so t follows it (the smallest with 2t > k + c in every round)

@@ -35,7 +35,11 @@ use crate::secagg::check_shares;
 /// Version 9: async (buffered) federation: `TooStale` and `RetryLater` refusals.
 /// Version 10: secure aggregation in async mode: [`ClientMsg::UpdateReady`] and
 /// [`SecAggTask::MaskInput`].
-pub const PROTOCOL_VERSION: u16 = 10;
+/// Version 11: a secure-aggregation client signs a survivor view only if it masked with exactly
+/// its surviving neighbours and the survivors stay connected in the neighbour graph, and
+/// unmasks only when every surviving neighbour signed that view (clients of version 10 would
+/// still unmask a subset the coordinator cut off, so they are refused).
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";

@@ -253,7 +253,8 @@ pub(super) fn secure_receive(
         SecAggBody::Input(b) => Some((Sha256::digest(b).into(), b.len() as u64)),
         _ => None,
     };
-    if let Err(e) = sr.receive(client, body) {
+    let chain = shared.certs.lock().expect("lock").get(client).cloned();
+    if let Err(e) = sr.receive(client, body, chain.as_deref()) {
         return CoordMsg::Refused(Refusal::new(RefusalCode::StageRefused, e.to_string()));
     }
     if let Some((digest, bytes)) = input {

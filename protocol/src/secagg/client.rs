@@ -91,6 +91,20 @@ fn first_stranger<'a>(ids: &[ClientId], names: &'a BTreeSet<ClientId>) -> Option
     None
 }
 
+/// The roster indices of `names` (ascending) found in `ids` (ascending): one merge pass, O(n).
+pub(super) fn roster_indices<'a>(
+    ids: &'a [ClientId],
+    names: &'a BTreeSet<ClientId>,
+) -> impl Iterator<Item = usize> + 'a {
+    let mut at = 0;
+    names.iter().filter_map(move |name| {
+        while at < ids.len() && ids[at] < *name {
+            at += 1;
+        }
+        (at < ids.len() && ids[at] == *name).then_some(at)
+    })
+}
+
 fn out_of_order(stage: ClientStage, what: &str) -> SecAggError {
     SecAggError::OutOfOrder(format!("{what} in stage {stage:?}"))
 }
@@ -433,7 +447,8 @@ impl ClientRound {
 
     /// Checks a survivor view against this client's own knowledge and policy: no peer both
     /// survivor and dropped, this client counted, every named client in the roster, at least
-    /// `max(t, min_survivors)` survivors, at least t surviving neighbours.
+    /// `max(t, min_survivors)` survivors, every surviving neighbour one it masked with and every
+    /// neighbour it masked with counted or dropped, at least t surviving neighbours.
     fn check_view(&self, req: &UnmaskRequest) -> Result<(), SecAggError> {
         if let Some(both) = req.survivors.intersection(&req.dropped).next() {
             return Err(SecAggError::PeerMisbehaved(format!(
@@ -460,11 +475,53 @@ impl ClientRound {
                 req.survivors.len()
             )));
         }
+        // the view must match whom this client masked with: a surviving neighbour whose share
+        // the coordinator withheld (so no mask with it exists) would let the coordinator unmask
+        // a subset of the survivors on its own; a neighbour it masked with must be either
+        // counted or dropped, or its mask could never be removed
+        for v in &self.neighbours {
+            let listed = req.survivors.contains(v);
+            let masked = self.held.contains_key(v);
+            if listed && !masked {
+                return Err(SecAggError::PeerMisbehaved(format!(
+                    "survivor {v} is a neighbour this client did not mask with (its share was \
+                     not delivered)"
+                )));
+            }
+            if masked && !listed && !req.dropped.contains(v) {
+                return Err(SecAggError::PeerMisbehaved(format!(
+                    "neighbour {v}, which this client masked with, is neither a survivor nor \
+                     dropped"
+                )));
+            }
+        }
         let around = self
             .neighbours
             .iter()
             .filter(|v| req.survivors.contains(*v))
             .count();
+        // the coordinator could otherwise name some survivors that sent inputs "dropped" so
+        // that they cut the others into parts, and unmask each part's sum on its own
+        let n = self.ids.len();
+        let graph = Graph::new(n, &self.params, &self.graph_seed);
+        if graph.k() + 1 < n {
+            let positions: Vec<usize> = roster_indices(&self.ids, &req.survivors)
+                .map(|i| graph.position(i))
+                .collect();
+            if !super::roster::survivors_stay_connected(
+                &positions,
+                n,
+                graph.k(),
+                self.params.collusion,
+            ) {
+                return Err(SecAggError::Threshold(format!(
+                    "the {} survivors do not stay one connected part of the neighbour graph \
+                     with {} of them removed: their sum could be unmasked in parts",
+                    req.survivors.len(),
+                    self.params.collusion
+                )));
+            }
+        }
         if around < t {
             return Err(SecAggError::Threshold(format!(
                 "{around} survivors around {}, threshold {t}",
@@ -494,8 +551,11 @@ impl ClientRound {
     }
 
     /// Stage 5: shares of survivors' seeds and of dropped clients' mask keys, answered once per
-    /// round. Refuses a request for another view than the one this client signed, and one with
-    /// fewer than t valid signatures of this client's neighbours over that view.
+    /// round. Refuses a request for another view than the one this client signed, and one in
+    /// which a surviving neighbour's signature of that same view is missing or invalid: every
+    /// survivor whose self-mask this client helps reveal must have signed the view itself (and
+    /// so checked it against whom it masked with, see [`ClientRound::consistency`]), and
+    /// neighbours shown another view sign another message.
     pub fn unmask(
         &mut self,
         req: &UnmaskRequest,
@@ -513,16 +573,23 @@ impl ClientRound {
                 "unmask request for another survivor view than the one signed".into(),
             ));
         }
-        let valid = self
+        let surviving = self
             .neighbours
             .iter()
-            .filter(|v| req.survivors.contains(*v))
-            .filter(|v| {
-                signatures
-                    .get(*v)
-                    .is_some_and(|sig| verifier.verify(v, &msg, sig))
-            })
-            .count();
+            .filter(|v| req.survivors.contains(*v));
+        let mut valid = 0;
+        for v in surviving {
+            if !signatures
+                .get(v)
+                .is_some_and(|sig| verifier.verify(v, &msg, sig))
+            {
+                return Err(SecAggError::Threshold(format!(
+                    "surviving neighbour {v} has not signed this survivor view ({valid} valid \
+                     signatures so far): a survivor that did not check the view is not unmasked"
+                )));
+            }
+            valid += 1;
+        }
         if valid < self.params.t(self.ids.len()) {
             return Err(SecAggError::Threshold(format!(
                 "{valid} valid neighbour signatures of the survivor view, threshold {}",

@@ -39,8 +39,35 @@
 //!   each survivor signs the hash of `(round, roster hash, graph seed, privacy plan digest,
 //!   t, k, c, m, survivors, dropped)` **once** ([`consistency_message`]), so neighbours shown
 //!   different parameters or plans sign different views. It answers **one** unmask request per round, for exactly the sets it signed,
-//!   and only when it holds at least `t` valid signatures of its neighbours over that same
-//!   message. A request naming a peer both survivor and dropped is refused.
+//!   and only when **every** surviving neighbour (at least `t`) signed that same message. A
+//!   request naming a peer both survivor and dropped is refused.
+//! - **The view matches the masks** (protocol version 11). A client signs a view only if its
+//!   surviving neighbours are exactly the neighbours it masked with (those whose shares were
+//!   delivered to it) and every neighbour it masked with is a survivor or dropped; and only if
+//!   the survivors stay one connected part of the neighbour graph after any `c` of them are
+//!   removed ([`roster::survivors_stay_connected`], O(L) positions of the keyed permutation).
+//!
+//! **Why a sum holds at least `max(t, min_survivors) − c` honest inputs** (what distributed
+//! DP's noise floor needs). In the sum over a set T, every pairwise mask of a member must cancel
+//! or be removable. A signer masked with each of its surviving neighbours, so that mask cancels
+//! only when the neighbour's input is in T too, unless the neighbour is a colluder (it can
+//! reveal its mask key) or dropped (its key is rebuilt, but then it is not a survivor). Honest
+//! clients reveal a survivor's self-mask only if it signed the view itself, so every honest
+//! member of T signed and masked with all its surviving neighbours: T is closed under the
+//! survivor graph minus the colluders W, which is connected, so T holds every survivor outside
+//! W. A survivor that never sent an input, or never signed, leaves its neighbours' masks
+//! unremovable: no sum at all. Hence every sum the coordinator can unmask is over all listed
+//! survivors but the at most `c` colluders, each of which signed after sending its input, and a
+//! client signs only views of at least `max(t, min_survivors)` survivors.
+//!
+//! That argument is for one view (the signed message covers the roster hash: one roster too). A
+//! client checks that its surviving neighbours signed the same view as it did, and cannot check
+//! beyond them: a coordinator that shows two groups of clients different views or rosters, each
+//! group consistent inside, is not covered by it (a client at
+//! the edge of its group must still find t − c same-view neighbours to be unmasked, which
+//! limits such splits, but fedlora claims no bound). Under client-level distributed DP this is
+//! the assumption left against a deviating coordinator: it shows every survivor the same roster
+//! and view.
 //!
 //! **Why that protects one client u.** Learning u's input needs both ≥ t shares of u's
 //! self-mask seed (u "survived") and ≥ t shares of u's mask key (u "dropped"). Every honest

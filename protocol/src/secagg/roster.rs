@@ -10,9 +10,13 @@
 //!   derived from it ([`super::graph_seed`]) is still not the coordinator's choice; and the
 //!   consistency signatures cover it, so neighbours that sign one view saw one roster.
 //! - **Neighbour graph** ([`Graph`]): a ring lattice over a pseudorandom permutation of the
-//!   roster's indices, keyed by the graph seed. The permutation is a 4-round Feistel network
-//!   (SHA-256 round function) with cycle walking, so a client finds its own position and its k
-//!   neighbours' indices with O(k) permutation calls and no pass over the roster.
+//!   roster's indices, keyed by the graph seed. The permutation is a 4-round Feistel network with
+//!   cycle walking, so a client finds its own position and its k neighbours' indices with O(k)
+//!   permutation calls. Each round function is a 64-bit mix (SplitMix64's finalizer) of the
+//!   input and a round key (SHA-256 of the seed and the round): the graph is public once the
+//!   keys are in, so it needs to look random, not to be unpredictable, and a client can place
+//!   every survivor (the connectivity check of a survivor view) in well under a millisecond per
+//!   thousand.
 
 use sha2::{Digest, Sha256};
 
@@ -147,7 +151,8 @@ pub fn roster_hash(round: u64, ids: &[ClientId], keys_root: &[u8; 32]) -> [u8; 3
 pub struct Graph {
     n: usize,
     k: usize,
-    seed: [u8; 32],
+    /// The Feistel round keys, from the seed.
+    keys: [u64; 4],
     /// Bits of each Feistel half; the permuted domain is [0, 4^half) ⊇ [0, n).
     half: u32,
 }
@@ -156,10 +161,18 @@ impl Graph {
     /// The graph of `n` clients under `params` and `seed`.
     pub fn new(n: usize, params: &SecAggParams, seed: &[u8; 32]) -> Self {
         let bits = (usize::BITS - n.saturating_sub(1).leading_zeros()).max(2);
+        let keys = std::array::from_fn(|round| {
+            let mut h = Sha256::new();
+            h.update(b"fedlora-secagg-prp-v4");
+            h.update(seed);
+            h.update([round as u8]);
+            let d: [u8; 32] = h.finalize().into();
+            u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+        });
         Self {
             n,
             k: params.k(n),
-            seed: *seed,
+            keys,
             half: bits.div_ceil(2),
         }
     }
@@ -170,13 +183,13 @@ impl Graph {
     }
 
     fn round_fn(&self, round: u8, x: u64) -> u64 {
-        let mut h = Sha256::new();
-        h.update(b"fedlora-secagg-prp-v3");
-        h.update(self.seed);
-        h.update([round]);
-        h.update(x.to_be_bytes());
-        let d: [u8; 32] = h.finalize().into();
-        u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) & ((1u64 << self.half) - 1)
+        // SplitMix64's finalizer of the keyed input
+        let mut z = x ^ self.keys[round as usize];
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z & ((1u64 << self.half) - 1)
     }
 
     fn feistel(&self, x: u64, forward: bool) -> u64 {
@@ -348,5 +361,207 @@ mod tests {
         let a = Graph::new(200, &p, &[1; 32]).all();
         let b = Graph::new(200, &p, &[2; 32]).all();
         assert_ne!(a, b);
+    }
+}
+
+/// Whether the survivors at ring positions `positions` (distinct, any order) of a ring of `n`
+/// stay one connected part of the neighbour graph after any `c` of them are removed (the
+/// colluders, whose masks the coordinator can remove): then the only sum of honest inputs the
+/// coordinator can unmask is the sum over all of them. A sparse [`Graph`] links positions at
+/// ring distance up to `⌊k/2⌋` (and opposite positions when k is odd).
+///
+/// Exact for `c = 0` (a search over the survivors' edges, O(L·k)). For `c > 0` it is
+/// sufficient, not necessary: it ignores the opposite edges of an odd k, and checks that no `c`
+/// removals open two gaps wider than `⌊k/2⌋` between consecutive survivors (O(L + c²)): with at
+/// most one such gap the survivors form one arc of the ring lattice.
+///
+/// `positions` must be distinct and below `n` (a roster's positions are).
+pub fn survivors_stay_connected(positions: &[usize], n: usize, k: usize, c: usize) -> bool {
+    debug_assert!(
+        positions.iter().all(|&p| p < n),
+        "a position outside the ring"
+    );
+    let l = positions.len();
+    if l <= 1 || k + 1 >= n {
+        return true;
+    }
+    let w = k / 2;
+    if c == 0 {
+        let mut at = vec![usize::MAX; n];
+        for (i, &p) in positions.iter().enumerate() {
+            at[p] = i;
+        }
+        let mut seen = vec![false; l];
+        let mut stack = vec![0usize];
+        seen[0] = true;
+        let mut reached = 1;
+        while let Some(i) = stack.pop() {
+            let p = positions[i];
+            let opposite = (k % 2 == 1).then_some((p + n / 2) % n);
+            let near = (1..=w)
+                .flat_map(|d| [(p + d) % n, (p + n - d) % n])
+                .chain(opposite);
+            for q in near {
+                let j = at[q];
+                if j != usize::MAX && !seen[j] {
+                    seen[j] = true;
+                    reached += 1;
+                    stack.push(j);
+                }
+            }
+        }
+        return reached == l;
+    }
+    let mut p: Vec<usize> = positions.to_vec();
+    p.sort_unstable();
+    // P(j): the j-th survivor's position unrolled around the ring
+    let at = |j: usize| p[j % l] + n * (j / l);
+    // r(i): survivors to remove right after survivor i to open a gap wider than w there
+    let mut r = Vec::with_capacity(l);
+    let mut j = 1;
+    for i in 0..l {
+        j = j.max(i + 1);
+        while at(j) - at(i) <= w {
+            j += 1;
+        }
+        r.push(j - i - 1);
+    }
+    // two disjoint gaps costing at most c together split the survivors; the cheapest pair is
+    // among the 2c + 4 cheapest gaps (each gap conflicts with at most 2c + 1 others)
+    let mut cheap: Vec<usize> = (0..l).filter(|&i| r[i] <= c).collect();
+    cheap.sort_by_key(|&i| r[i]);
+    cheap.truncate(2 * c + 4);
+    for &a in &cheap {
+        for &b in &cheap {
+            let d = (b + l - a) % l;
+            if d != 0 && r[a] < d && d + r[b] < l && r[a] + r[b] <= c {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod connectivity_tests {
+    use super::*;
+
+    /// Every way of removing up to c of the survivors, by brute force: the graph's own edges.
+    fn brute(positions: &[usize], n: usize, k: usize, c: usize, odd_edges: bool) -> bool {
+        let l = positions.len();
+        let w = k / 2;
+        let adj = |a: usize, b: usize| {
+            let d = (a + n - b) % n;
+            let d = d.min(n - d);
+            (d >= 1 && d <= w) || (odd_edges && k % 2 == 1 && d == n / 2)
+        };
+        let connected = |keep: &[usize]| -> bool {
+            if keep.len() <= 1 {
+                return true;
+            }
+            let mut seen = vec![false; keep.len()];
+            let mut stack = vec![0];
+            seen[0] = true;
+            while let Some(i) = stack.pop() {
+                for j in 0..keep.len() {
+                    if !seen[j] && adj(keep[i], keep[j]) {
+                        seen[j] = true;
+                        stack.push(j);
+                    }
+                }
+            }
+            seen.iter().all(|&s| s)
+        };
+        // subsets of at most c removals
+        let mut ok = true;
+        let mut idx: Vec<usize> = Vec::new();
+        fn rec(
+            start: usize,
+            left: usize,
+            idx: &mut Vec<usize>,
+            positions: &[usize],
+            ok: &mut bool,
+            connected: &dyn Fn(&[usize]) -> bool,
+        ) {
+            let keep: Vec<usize> = positions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !idx.contains(i))
+                .map(|(_, &p)| p)
+                .collect();
+            if !connected(&keep) {
+                *ok = false;
+                return;
+            }
+            if left == 0 {
+                return;
+            }
+            for i in start..positions.len() {
+                idx.push(i);
+                rec(i + 1, left - 1, idx, positions, ok, connected);
+                idx.pop();
+                if !*ok {
+                    return;
+                }
+            }
+        }
+        rec(0, c.min(l), &mut idx, positions, &mut ok, &connected);
+        ok
+    }
+
+    #[test]
+    fn the_check_agrees_with_brute_force_and_never_passes_a_split() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(4);
+        let mut splits = 0;
+        for case in 0..3000 {
+            // small rings against every removal set; larger ones with c up to k − 1 (the
+            // brute force grows as L^c, so those keep few survivors)
+            let n = if case % 3 == 0 {
+                rng.random_range(30..120usize)
+            } else {
+                rng.random_range(6..40usize)
+            };
+            let mut k = rng.random_range(2..(n - 2).min(12));
+            if k % 2 == 1 && n % 2 == 1 {
+                // as `SecAggParams::k`: an odd k needs an even n
+                k += 1;
+            }
+            let c = if case % 3 == 0 {
+                rng.random_range(0..k.clamp(1, 4))
+            } else {
+                rng.random_range(0..3usize)
+            };
+            let keep = if case % 3 == 0 {
+                rng.random_range(0.05..0.25f64)
+            } else {
+                rng.random_range(0.3..1.0f64)
+            };
+            let positions: Vec<usize> = (0..n).filter(|_| rng.random::<f64>() < keep).collect();
+            let got = survivors_stay_connected(&positions, n, k, c);
+            if c == 0 {
+                assert_eq!(
+                    got,
+                    brute(&positions, n, k, 0, true),
+                    "{positions:?} n {n} k {k}"
+                );
+            } else if got {
+                // sufficient: whatever it passes stays connected
+                assert!(
+                    brute(&positions, n, k, c, true),
+                    "{positions:?} n {n} k {k} c {c}"
+                );
+            }
+            if k % 2 == 0 && c > 0 {
+                // exact for even k
+                assert_eq!(
+                    got,
+                    brute(&positions, n, k, c, false),
+                    "{positions:?} n {n} k {k} c {c}"
+                );
+            }
+            splits += usize::from(!got);
+        }
+        assert!(splits > 300, "{splits}");
     }
 }

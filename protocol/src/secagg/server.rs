@@ -375,6 +375,23 @@ impl ServerRound {
             .collect();
         let owners = survivors.union(&dropped).cloned().collect();
         self.require_live(&owners, &survivors, "surviving")?;
+        // clients refuse a view whose survivors c removals could cut in two: fail now, with
+        // the reason, rather than after waiting for signatures that will not come
+        let n = self.ids.len();
+        let graph = super::Graph::new(n, &self.params, &self.graph_seed);
+        let positions: Vec<usize> = super::client::roster_indices(&self.ids, &survivors)
+            .map(|i| graph.position(i))
+            .collect();
+        if !super::roster::survivors_stay_connected(&positions, n, graph.k(), self.params.collusion)
+        {
+            self.stage = ServerStage::Done;
+            return Err(SecAggError::Threshold(format!(
+                "the {} survivors do not stay connected in the neighbour graph with {} of them \
+                 removed (clients would refuse to unmask)",
+                survivors.len(),
+                self.params.collusion
+            )));
+        }
         let req = UnmaskRequest { survivors, dropped };
         self.request = Some(req.clone());
         self.stage = ServerStage::CollectConsistency;
@@ -405,9 +422,9 @@ impl ServerRound {
     }
 
     /// Ends stage 4: the unmask request (relayed with each signer's [`ServerRound::signatures_for`]).
-    /// Fails when a
-    /// secret's owner has fewer than t neighbours that signed (they are the only ones that will
-    /// answer).
+    /// Fails when a survivor did not sign (its neighbours then send no share,
+    /// [`super::ClientRound::unmask`]) or a secret's owner has fewer than t neighbours that
+    /// signed (they are the only ones that will answer).
     pub fn close_consistency(&mut self) -> Result<UnmaskRequest, SecAggError> {
         if self.stage != ServerStage::CollectConsistency {
             return Err(out_of_order(self.stage, "close of consistency", "driver"));
@@ -416,6 +433,13 @@ impl ServerRound {
             SecAggError::OutOfOrder("consistency stage without a survivor view".into())
         })?;
         let signed: BTreeSet<ClientId> = self.signatures.keys().cloned().collect();
+        // a client unmasks only when every surviving neighbour signed its view
+        if let Some(u) = req.survivors.iter().find(|u| !signed.contains(*u)) {
+            self.stage = ServerStage::Done;
+            return Err(SecAggError::Threshold(format!(
+                "survivor {u} did not sign the survivor view: its neighbours will not unmask"
+            )));
+        }
         let owners = req.survivors.union(&req.dropped).cloned().collect();
         self.require_live(&owners, &signed, "signing")?;
         self.stage = ServerStage::CollectUnmask;

@@ -842,3 +842,210 @@ fn a_round_run_with_other_parameters_than_the_signed_plans_is_refused() {
         Err(SecAggError::PeerMisbehaved(_))
     ));
 }
+
+/// A shortest-walk cycle of the neighbour graph through `ids[0]`'s walk: every member has two
+/// neighbours inside it.
+fn a_cycle(server: &ServerRound, ids: &[String]) -> Vec<String> {
+    let mut path: Vec<String> = vec![ids[0].clone()];
+    loop {
+        let here = path.last().unwrap();
+        let prev = path.len().checked_sub(2).map(|i| path[i].clone());
+        let next = server
+            .neighbours(here)
+            .unwrap()
+            .iter()
+            .find(|v| Some(*v) != prev.as_ref())
+            .unwrap()
+            .clone();
+        if let Some(at) = path.iter().position(|v| *v == next) {
+            return path.split_off(at);
+        }
+        path.push(next);
+    }
+}
+
+/// `set`'s neighbours outside it.
+fn rim(server: &ServerRound, set: &[String]) -> BTreeSet<String> {
+    set.iter()
+        .flat_map(|u| server.neighbours(u).unwrap().iter().cloned())
+        .filter(|v| !set.contains(v))
+        .collect()
+}
+
+/// After the key stage (`advertised`): the parties in `sharing` check their roster views and
+/// share keys, each receives the shares `deliver` keeps, and those in `sends` mask their input.
+fn share_and_mask(
+    server: &mut ServerRound,
+    ps: &mut [Party],
+    v: &P256Verifier,
+    sharing: &dyn Fn(&str) -> bool,
+    deliver: &dyn Fn(&str, &EncryptedShare) -> bool,
+    sends: &dyn Fn(&str) -> bool,
+) {
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(5);
+    for c in ps.iter_mut().filter(|c| sharing(&c.id)) {
+        let view = server.roster_view(&c.id).unwrap();
+        let s = c.round.share_keys(&view, v, &mut rng).unwrap();
+        server.receive_shares(&c.id, s).unwrap();
+    }
+    let mut del = server.close_shares().unwrap();
+    for (to, list) in del.iter_mut() {
+        list.retain(|s| deliver(to, s));
+    }
+    for c in ps.iter_mut().filter(|c| sharing(&c.id) && sends(&c.id)) {
+        let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
+        server.receive_input(&c.id, y).unwrap();
+    }
+}
+
+/// Issue 34's attack on the noise floor (k = 3, t = 2, a floor of 16 survivors): the
+/// coordinator runs the key exchange with a small set A only (a cycle of the graph, so each
+/// member has t neighbours inside A) and asks A to sign a view that names the other advertised
+/// clients survivors. Naming A's outside neighbours survivors is refused (A did not mask with
+/// them); naming them dropped cuts A off from the other "survivors" in the neighbour graph, and
+/// is refused too. Either way no signature, so no share, leaves A. The honest view of A alone
+/// is signed and unmasked when the clients' floor allows so few survivors.
+#[test]
+fn a_coordinator_that_runs_the_round_with_a_subset_gets_no_share_for_a_larger_view() {
+    let p = params(2, 3);
+    for (n, floor) in [(24usize, 16usize), (300, 16), (24, 2)] {
+        let policy = SecAggPolicy {
+            min_survivors: floor,
+            ..SecAggPolicy::default()
+        };
+        let (mut ps, v) = parties_with(n, &p, 4, 40 + n as u64, policy);
+        let mut server = advertised(&mut ps, &p);
+        let ids: Vec<String> = ps.iter().map(|c| c.id.clone()).collect();
+        let a = a_cycle(&server, &ids);
+        assert!(a.len() < 16, "cycle of {}", a.len());
+        let outside = rim(&server, &a);
+        let in_a = |id: &str| a.iter().any(|m| m == id);
+        share_and_mask(&mut server, &mut ps, &v, &in_a, &|_, _| true, &|_| true);
+        let honest = server.close_inputs().unwrap();
+        assert_eq!(honest.survivors.len(), a.len());
+        if floor == 2 {
+            // the honest view of the subset: signed and unmasked, the sum exact
+            for c in ps.iter_mut().filter(|c| in_a(&c.id)) {
+                let sig = c.round.consistency(&honest, &c.signer).unwrap();
+                server.receive_consistency(&c.id, sig).unwrap();
+            }
+            let req = server.close_consistency().unwrap();
+            for c in ps.iter_mut().filter(|c| in_a(&c.id)) {
+                let sigs = server.signatures_for(&c.id);
+                let r = c.round.unmask(&req, &sigs, &v).unwrap();
+                server.receive_unmask(r).unwrap();
+            }
+            let (sum, counted) = server.finish().unwrap();
+            let mut plain = vec![0u64; 4];
+            for c in ps.iter().filter(|c| in_a(&c.id)) {
+                add_mod(&mut plain, &c.x, p.modulus_bits);
+            }
+            assert_eq!((sum, counted.len()), (plain, a.len()));
+            continue;
+        }
+        let everyone = UnmaskRequest {
+            survivors: ids.iter().cloned().collect(),
+            dropped: BTreeSet::new(),
+        };
+        let rim_dropped = UnmaskRequest {
+            survivors: ids
+                .iter()
+                .filter(|v| !outside.contains(*v))
+                .cloned()
+                .collect(),
+            dropped: outside.clone(),
+        };
+        for (i, c) in ps.iter_mut().filter(|c| in_a(&c.id)).enumerate() {
+            // a client signs once: the members are asked one lie or the other
+            let lie = if i % 2 == 0 { &everyone } else { &rim_dropped };
+            let err = c.round.consistency(lie, &c.signer).unwrap_err();
+            let m = err.to_string();
+            assert!(
+                m.contains("did not mask with") || m.contains("connected part"),
+                "n {n}: {m}"
+            );
+        }
+    }
+}
+
+/// The review's first route: everyone shares keys and sends an input, but the coordinator
+/// delivers to the members of a cycle C only their cycle neighbours' shares, so they mask with
+/// each other alone, and lists everyone as a survivor: C's pairwise masks would cancel within
+/// C, and C's sum be unmasked on its own. A member refuses a view that counts a surviving
+/// neighbour it did not mask with; the others sign, but a client unmasks only when every
+/// surviving neighbour signed the same view, so C's neighbours outside C send nothing either,
+/// and the coordinator gives up before asking.
+#[test]
+fn a_survivor_that_masked_with_a_subset_of_its_neighbours_is_never_unmasked() {
+    let p = params(2, 3);
+    let (mut ps, v) = parties(24, &p, 4, 77);
+    let mut server = advertised(&mut ps, &p);
+    let ids: Vec<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let cycle = a_cycle(&server, &ids);
+    let in_c = |id: &str| cycle.iter().any(|m| m == id);
+    let deliver = |to: &str, s: &EncryptedShare| !in_c(to) || in_c(&s.from);
+    share_and_mask(&mut server, &mut ps, &v, &|_| true, &deliver, &|_| true);
+    let view = server.close_inputs().unwrap();
+    assert_eq!(view.survivors.len(), 24);
+    let mut sigs = BTreeMap::new();
+    let mut refused = 0;
+    for c in ps.iter_mut() {
+        let got = c.round.consistency(&view, &c.signer);
+        // a member whose every neighbour is in C did mask with all of them
+        let cut_off = server.neighbours(&c.id).unwrap().iter().any(|u| !in_c(u));
+        if in_c(&c.id) && cut_off {
+            refused += 1;
+            let err = got.unwrap_err();
+            assert!(err.to_string().contains("did not mask with"), "{err}");
+        } else {
+            let sig = got.unwrap();
+            sigs.insert(c.id.clone(), sig.clone());
+            server.receive_consistency(&c.id, sig).unwrap();
+        }
+    }
+    assert!(refused >= 1);
+    // a neighbour of C, shown every signature there is, still sends no share
+    let next_to_c = ps
+        .iter_mut()
+        .find(|c| {
+            !in_c(&c.id)
+                && server
+                    .neighbours(&c.id)
+                    .unwrap()
+                    .iter()
+                    .any(|u| in_c(u) && !sigs.contains_key(u))
+        })
+        .unwrap();
+    let err = next_to_c.round.unmask(&view, &sigs, &v).unwrap_err();
+    assert!(err.to_string().contains("has not signed"), "{err}");
+    let err = server.close_consistency().unwrap_err();
+    assert!(err.to_string().contains("did not sign"), "{err}");
+}
+
+/// The review's second route: everyone sends an input, and the coordinator names the
+/// neighbours of a cycle C dropped (they sent inputs, but their mask keys would be rebuilt),
+/// cutting C off from the other survivors: C's sum could then be unmasked on its own. Every
+/// survivor refuses to sign a view whose survivors do not stay connected in the neighbour
+/// graph (with c of them removed).
+#[test]
+fn survivors_named_dropped_to_cut_the_graph_are_refused() {
+    let p = params(2, 3);
+    let (mut ps, v) = parties(24, &p, 4, 78);
+    let mut server = advertised(&mut ps, &p);
+    let ids: Vec<String> = ps.iter().map(|c| c.id.clone()).collect();
+    let cycle = a_cycle(&server, &ids);
+    let cut = rim(&server, &cycle);
+    share_and_mask(&mut server, &mut ps, &v, &|_| true, &|_, _| true, &|_| true);
+    let view = UnmaskRequest {
+        survivors: ids.iter().filter(|v| !cut.contains(*v)).cloned().collect(),
+        dropped: cut.clone(),
+    };
+    for c in ps.iter_mut().filter(|c| !cut.contains(&c.id)) {
+        let err = c.round.consistency(&view, &c.signer).unwrap_err();
+        assert!(
+            err.to_string().contains("connected part"),
+            "{}: {err}",
+            c.id
+        );
+    }
+}
