@@ -256,7 +256,8 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
             "distributed mode: at most c devices collude with the coordinator (Sybils \
              included); this client sent unmask shares only for a survivor view of at least \
              min_clients that it signed, that matched whom it masked with, whose survivors stay \
-             connected in the neighbour graph, and that every surviving neighbour signed too, \
+             connected in the neighbour graph, and that every surviving neighbour signed too or \
+             matched with its signed mask statement, \
              so every sum of that view holds at least min_clients − c honest noise shares; the \
              coordinator showed every survivor the same roster and view (checked among \
              neighbours only); \

@@ -119,6 +119,7 @@ impl SecureRound {
                     SecAggTask::Unmask {
                         request: req.clone(),
                         signatures: self.server.signatures_for(client),
+                        statements: self.server.statements_for(client),
                     }
                 })
             }
@@ -158,16 +159,16 @@ impl SecureRound {
                 self.server.receive_shares(client, s)?;
                 self.sent[1].insert(client.to_string());
             }
-            SecAggBody::Input(bytes) => {
+            SecAggBody::Input { packed, statement } => {
                 let ints = fedlora_protocol::codec::bits::unpack(
-                    &bytes,
+                    &packed,
                     self.len,
                     self.params.modulus_bits,
                 )
                 .ok_or_else(|| {
                     SecAggError::PeerMisbehaved("masked input of the wrong size".into())
                 })?;
-                self.server.receive_input(client, ints)?;
+                self.server.receive_input(client, ints, statement)?;
                 self.sent[2].insert(client.to_string());
             }
             SecAggBody::Consistency(sig) => {

@@ -36,9 +36,10 @@ use crate::secagg::check_shares;
 /// Version 10: secure aggregation in async mode: [`ClientMsg::UpdateReady`] and
 /// [`SecAggTask::MaskInput`].
 /// Version 11: a secure-aggregation client signs a survivor view only if it masked with exactly
-/// its surviving neighbours and the survivors stay connected in the neighbour graph, and
-/// unmasks only when every surviving neighbour signed that view (clients of version 10 would
-/// still unmask a subset the coordinator cut off, so they are refused).
+/// its surviving neighbours and the survivors stay connected in the neighbour graph; a masked
+/// input carries a signed [`crate::secagg::MaskStatement`]; a client unmasks a surviving
+/// neighbour only if it signed the view or its statement matches it (clients of version 10
+/// would still unmask a subset the coordinator cut off, so they are refused).
 pub const PROTOCOL_VERSION: u16 = 11;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
@@ -331,8 +332,14 @@ pub enum SecAggBody {
     Keys(crate::secagg::AdvertisedKeys),
     /// Stage 2: encrypted shares for the neighbours.
     Shares(Vec<crate::secagg::EncryptedShare>),
-    /// Stage 3: the masked input, bit-packed at m bits per value.
-    Input(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Stage 3: the masked input, bit-packed at m bits per value, with what it masked with.
+    Input {
+        /// The masked input, m bits per value.
+        #[serde(with = "serde_bytes")]
+        packed: Vec<u8>,
+        /// The neighbours the input is masked with, signed.
+        statement: crate::secagg::MaskStatement,
+    },
     /// Stage 4: the client's signature of the survivor view (see
     /// [`crate::secagg::consistency_message`]).
     Consistency(Vec<u8>),
@@ -378,6 +385,8 @@ pub enum SecAggTask {
         request: crate::secagg::UnmaskRequest,
         /// This client's surviving neighbours' signatures of that view, by signer.
         signatures: std::collections::BTreeMap<String, Vec<u8>>,
+        /// The mask statements of its neighbours that sent an input and did not sign the view.
+        statements: std::collections::BTreeMap<String, crate::secagg::MaskStatement>,
     },
 }
 
@@ -645,7 +654,7 @@ impl ClientMsg {
             ClientMsg::SecAgg { body, .. } => match body {
                 SecAggBody::Keys(k) => k.check_bounds(),
                 SecAggBody::Shares(s) => check_shares(s),
-                SecAggBody::Input(_) => Ok(()),
+                SecAggBody::Input { statement, .. } => statement.check_bounds(),
                 SecAggBody::Consistency(sig) => {
                     bounded("consistency signature", sig.len(), MAX_SIGNATURE_LEN)
                 }
@@ -713,12 +722,18 @@ impl CoordMsg {
                 SecAggTask::Unmask {
                     request,
                     signatures,
+                    statements,
                 } => {
                     request.check_bounds()?;
                     bounded("consistency signatures", signatures.len(), MAX_ROSTER)?;
                     for (c, s) in signatures {
                         id("signer", c)?;
                         bounded("consistency signature", s.len(), MAX_SIGNATURE_LEN)?;
+                    }
+                    bounded("mask statements", statements.len(), MAX_NEIGHBOURS)?;
+                    for (c, s) in statements {
+                        id("mask statement owner", c)?;
+                        s.check_bounds()?;
                     }
                     Ok(())
                 }

@@ -129,7 +129,14 @@ fn client_seeds() -> Vec<Vec<u8>> {
         },
         ClientMsg::SecAgg {
             round: 5,
-            body: SecAggBody::Input(vec![9; 33]),
+            body: SecAggBody::Input {
+                packed: vec![9; 33],
+                statement: fedlora_protocol::secagg::MaskStatement {
+                    masked_with: vec!["client-2".into(), "client-3".into()],
+                    min_survivors: 4,
+                    signature: vec![3; 64],
+                },
+            },
         },
         ClientMsg::SecAgg {
             round: 5,
@@ -220,6 +227,14 @@ fn coord_seeds() -> Vec<Vec<u8>> {
             task: Box::new(SecAggTask::Unmask {
                 request: view(),
                 signatures: BTreeMap::from([("client-2".to_string(), vec![7; 70])]),
+                statements: BTreeMap::from([(
+                    "client-3".to_string(),
+                    fedlora_protocol::secagg::MaskStatement {
+                        masked_with: vec!["client-1".into()],
+                        min_survivors: 2,
+                        signature: vec![6; 64],
+                    },
+                )]),
             }),
         }),
         CoordMsg::Task(Task::Finished { version: 3 }),

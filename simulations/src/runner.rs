@@ -723,9 +723,19 @@ fn secure_round(
         let mut packed = Vec::new();
         fedlora_protocol::codec::bits::pack(y.iter().copied(), modulus, &mut packed);
         let digest: [u8; 32] = Sha256::digest(&packed).into();
-        row.bytes_up += wire(round, SecAggBody::Input(packed.clone()))?;
+        let statement = cr
+            .mask_statement(c.signer.as_ref().expect("secure runs have signers"))
+            .map_err(sa)?;
+        let plen = packed.len() as u64;
+        row.bytes_up += wire(
+            round,
+            SecAggBody::Input {
+                packed,
+                statement: statement.clone(),
+            },
+        )?;
         row.pad_bytes_up += t.pad_bytes;
-        server.receive_input(&c.id, y).map_err(sa)?;
+        server.receive_input(&c.id, y, statement).map_err(sa)?;
         if plan.is_some() {
             // charged when its masked input leaves: the neighbours' shares alone unmask it
             c.participated += 1;
@@ -733,7 +743,7 @@ fn secure_round(
         let meta = UploadMeta {
             digest,
             weight: 1.0,
-            bytes: packed.len() as u64,
+            bytes: plen,
             train_loss: None,
             rank: c.rank.map(|r| r as u32),
             base_round: None,
@@ -766,7 +776,8 @@ fn secure_round(
     for ci in &survivors {
         let cr = rounds.get_mut(ci).expect("advertised");
         let sigs = server.signatures_for(&clients[*ci].id);
-        let resp = match cr.unmask(&req, &sigs, verifier) {
+        let statements = server.statements_for(&clients[*ci].id);
+        let resp = match cr.unmask(&req, &sigs, &statements, verifier) {
             Ok(r) => r,
             Err(e) if plan.is_some() => {
                 tracing::debug!(round, error = %e, "client withholds its unmask shares");

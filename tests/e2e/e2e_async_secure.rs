@@ -138,7 +138,8 @@ async fn device(
                     assert_ne!(m, ints, "what leaves the device is masked");
                     let mut packed = Vec::new();
                     bits::pack(m, mp.modulus_bits(), &mut packed);
-                    send(&s, round, SecAggBody::Input(packed)).await;
+                    let statement = cr.as_ref().unwrap().mask_statement(&signer).unwrap();
+                    send(&s, round, SecAggBody::Input { packed, statement }).await;
                     masked.push(Masked {
                         cohort: round,
                         trained,
@@ -153,11 +154,17 @@ async fn device(
                 SecAggTask::Unmask {
                     request,
                     signatures,
+                    statements,
                 } => {
                     let resp = cr
                         .take()
                         .unwrap()
-                        .unmask(&request, &signatures, verifier.as_ref().unwrap())
+                        .unmask(
+                            &request,
+                            &signatures,
+                            &statements,
+                            verifier.as_ref().unwrap(),
+                        )
                         .unwrap();
                     send(&s, round, SecAggBody::Unmask(resp)).await;
                 }

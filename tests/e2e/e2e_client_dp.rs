@@ -96,7 +96,8 @@ async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr)
     assert_ne!(masked, ints, "what leaves the client is masked");
     let mut packed = Vec::new();
     bits::pack(masked, u32::from(p.bits), &mut packed);
-    send(&s, round, SecAggBody::Input(packed)).await;
+    let statement = cr.mask_statement(&signer).unwrap();
+    send(&s, round, SecAggBody::Input { packed, statement }).await;
     let Task::SecAgg { task, .. } = next_task(&s).await else {
         panic!("expected the consistency check")
     };
@@ -111,11 +112,12 @@ async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr)
     let SecAggTask::Unmask {
         request,
         signatures,
+        statements,
     } = *task
     else {
         panic!("expected unmask")
     };
-    let resp = cr.unmask(&request, &signatures, &v).unwrap();
+    let resp = cr.unmask(&request, &signatures, &statements, &v).unwrap();
     send(&s, round, SecAggBody::Unmask(resp)).await;
     // keep the connection until the coordinator is done with the round
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -128,7 +128,8 @@ async fn scripted(
     assert_ne!(masked, ints, "what leaves the client is masked");
     let mut packed = Vec::new();
     bits::pack(masked, mp.modulus_bits(), &mut packed);
-    send(&s, round, SecAggBody::Input(packed)).await;
+    let statement = cr.mask_statement(&signer).unwrap();
+    send(&s, round, SecAggBody::Input { packed, statement }).await;
     // stage 4: sign the survivor view
     let Task::SecAgg { task, .. } = next_task(&s).await else {
         panic!("expected the consistency check")
@@ -146,6 +147,7 @@ async fn scripted(
     let SecAggTask::Unmask {
         request,
         signatures,
+        statements,
     } = *task
     else {
         panic!("expected unmask")
@@ -153,7 +155,7 @@ async fn scripted(
     assert_eq!(request, view);
     // the surviving neighbours' signatures only
     assert_eq!(signatures.len(), survivors - 1);
-    let resp = cr.unmask(&request, &signatures, &v).unwrap();
+    let resp = cr.unmask(&request, &signatures, &statements, &v).unwrap();
     send(&s, round, SecAggBody::Unmask(resp)).await;
     (Some(decoded), s)
 }

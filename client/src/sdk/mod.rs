@@ -80,7 +80,7 @@ pub struct FederatedClient {
 
 enum Work {
     Upload(ClientMsg),
-    Masked(u64, Vec<u8>),
+    Masked(u64, SecAggBody),
     Decline(u64, DeclineReason),
     /// Async mode with secure aggregation: the update is held for a cohort.
     Ready,

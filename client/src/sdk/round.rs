@@ -53,11 +53,8 @@ impl FederatedClient {
                         self.announce_held(s, report).await?;
                     }
                     Work::Upload(upload) => self.deliver(s, upload, report, pending).await?,
-                    Work::Masked(round, bytes) => {
-                        let msg = ClientMsg::SecAgg {
-                            round,
-                            body: SecAggBody::Input(bytes),
-                        };
+                    Work::Masked(round, body) => {
+                        let msg = ClientMsg::SecAgg { round, body };
                         let (t0, sent) = (std::time::Instant::now(), report.bytes_up);
                         match self.send(s, &msg, report).await? {
                             CoordMsg::Ack { .. } => {
@@ -83,7 +80,7 @@ impl FederatedClient {
                 },
                 CoordMsg::Task(Task::SecAgg { round, task }) => {
                     if let Some(body) = self.secure_stage(round, *task) {
-                        let input = matches!(body, SecAggBody::Input(_));
+                        let input = matches!(body, SecAggBody::Input { .. });
                         let msg = ClientMsg::SecAgg { round, body };
                         match self.send(s, &msg, report).await? {
                             // an async cohort's masked input: this client took part in `round`
@@ -326,10 +323,24 @@ impl FederatedClient {
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
             };
+            let statement = match self.signer.as_ref().map(|s| st.cr.mask_statement(s)) {
+                Some(Ok(s)) => s,
+                _ => {
+                    warn!(
+                        round = offer.round,
+                        "no mask statement for the masked input"
+                    );
+                    *guard = None;
+                    return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
+                }
+            };
             st.masked_version = Some(offer.global_version);
             let mut packed = Vec::new();
             fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
-            return Ok(Work::Masked(offer.round, packed));
+            return Ok(Work::Masked(
+                offer.round,
+                SecAggBody::Input { packed, statement },
+            ));
         }
         if let Some(plan) = &offer.config.client_dp {
             // central mode: charged before the update leaves

@@ -123,10 +123,11 @@ impl FederatedClient {
                         .cr
                         .masked_input(&shares, &ints)
                         .map_err(|e| e.to_string())?;
+                    let statement = st.cr.mask_statement(signer).map_err(|e| e.to_string())?;
                     st.masked_version = Some(offer.global_version);
                     let mut packed = Vec::new();
                     fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
-                    Ok(SecAggBody::Input(packed))
+                    Ok(SecAggBody::Input { packed, statement })
                 }
                 SecAggTask::ConsistencyCheck(view) => {
                     let sig = st
@@ -138,11 +139,12 @@ impl FederatedClient {
                 SecAggTask::Unmask {
                     request,
                     signatures,
+                    statements,
                 } => {
                     let v = st.verifier.as_ref().ok_or("no roster verifier")?;
                     let resp = st
                         .cr
-                        .unmask(&request, &signatures, v)
+                        .unmask(&request, &signatures, &statements, v)
                         .map_err(|e| e.to_string())?;
                     if let Some(version) = st.masked_version {
                         // recorded (durably, with a state directory) before any share leaves

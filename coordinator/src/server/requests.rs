@@ -250,7 +250,9 @@ pub(super) fn secure_receive(
         .entry((round, client.to_string()))
         .or_default() += wire;
     let input = match &body {
-        SecAggBody::Input(b) => Some((Sha256::digest(b).into(), b.len() as u64)),
+        SecAggBody::Input { packed, .. } => {
+            Some((Sha256::digest(packed).into(), packed.len() as u64))
+        }
         _ => None,
     };
     let chain = shared.certs.lock().expect("lock").get(client).cloned();

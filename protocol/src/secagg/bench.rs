@@ -216,7 +216,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
     let dropped = place_dropouts(&server, &parties, cfg)?;
     let mask = (1u64 << cfg.modulus_bits) - 1;
     let mut plain = vec![0u64; len];
-    for (i, (id, r, _)) in parties.iter_mut().enumerate() {
+    for (i, (id, r, s)) in parties.iter_mut().enumerate() {
         if dropped.contains(&i) {
             continue;
         }
@@ -226,12 +226,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
         let y = r.masked_input(&deliveries[id.as_str()], &x)?;
         let mut packed = Vec::new();
         bits::pack(y, cfg.modulus_bits, &mut packed);
+        let statement = r.mask_statement(s)?;
         mask_s[i] += t0.elapsed().as_secs_f64();
-        bytes[i] += packed.len();
+        bytes[i] += packed.len() + statement.signature.len() + 16 * statement.masked_with.len();
         let t0 = Instant::now();
         let y = bits::unpack(&packed, len, cfg.modulus_bits)
             .ok_or_else(|| config("masked input of the wrong length"))?;
-        server.receive_input(id, y)?;
+        server.receive_input(id, y, statement)?;
         sum_t += t0.elapsed().as_secs_f64();
     }
     let t0 = Instant::now();
@@ -260,7 +261,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
         let sigs = server.signatures_for(id);
         unmask_t += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        let resp = r.unmask(&req, &sigs, &verifier)?;
+        let statements = server.statements_for(id);
+        let resp = r.unmask(&req, &sigs, &statements, &verifier)?;
         unmask_s[i] += t0.elapsed().as_secs_f64();
         bytes[i] += resp
             .seed_shares

@@ -8,9 +8,9 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, KeySigner, PeerVerifier, Purpose};
 use super::{
-    consistency_message, graph_seed, leaf_hash, roster_hash, verify_proof, AdvertisedKeys,
-    EncryptedShare, Graph, RosterView, SecAggError, SecAggParams, SecAggPolicy, UnmaskRequest,
-    UnmaskResponse,
+    consistency_message, graph_seed, leaf_hash, mask_statement_message, roster_hash, verify_proof,
+    AdvertisedKeys, EncryptedShare, Graph, MaskStatement, RosterView, SecAggError, SecAggParams,
+    SecAggPolicy, UnmaskRequest, UnmaskResponse,
 };
 use crate::identity::ClientId;
 
@@ -445,6 +445,73 @@ impl ClientRound {
         Ok(y)
     }
 
+    /// [`mask_statement_message`] under this client's round, roster, context and shape.
+    fn statement_message(&self, min_survivors: u32, masked_with: &[ClientId]) -> [u8; 32] {
+        mask_statement_message(
+            self.round,
+            &self.roster_hash,
+            &self.graph_seed,
+            &self.context,
+            &super::RoundShape::of(&self.params, self.ids.len()),
+            min_survivors,
+            masked_with,
+        )
+    }
+
+    /// What this client masked with, signed ([`MaskStatement`]): sent with its masked input,
+    /// after [`ClientRound::masked_input`].
+    pub fn mask_statement(&self, signer: &dyn KeySigner) -> Result<MaskStatement, SecAggError> {
+        if self.stage != ClientStage::ConsistencyCheck {
+            return Err(out_of_order(self.stage, "mask statement"));
+        }
+        let masked_with: Vec<ClientId> = self.held.keys().cloned().collect();
+        let n = self.ids.len();
+        let min_survivors = self.params.t(n).max(self.policy.min_survivors) as u32;
+        let signature = signer.sign(&self.statement_message(min_survivors, &masked_with))?;
+        Ok(MaskStatement {
+            masked_with,
+            min_survivors,
+            signature,
+        })
+    }
+
+    /// Whether `statement` shows that neighbour `v` masked with exactly its surviving
+    /// neighbours of `req`, with no neighbour left that is neither a survivor nor dropped, in
+    /// a view of at least the survivors `v` accepts (what `v` would have checked had it signed
+    /// the view), signed by `v` for this roster.
+    fn masked_as_viewed(
+        &self,
+        v: &str,
+        statement: &MaskStatement,
+        req: &UnmaskRequest,
+        verifier: &dyn PeerVerifier,
+    ) -> bool {
+        let msg = self.statement_message(statement.min_survivors, &statement.masked_with);
+        if !verifier.verify(v, &msg, &statement.signature)
+            || req.survivors.len() < statement.min_survivors as usize
+        {
+            return false;
+        }
+        let Ok(at) = self.ids.binary_search_by(|id| id.as_str().cmp(v)) else {
+            return false;
+        };
+        let graph = Graph::new(self.ids.len(), &self.params, &self.graph_seed);
+        let around: BTreeSet<&ClientId> = graph
+            .neighbours(at)
+            .into_iter()
+            .map(|j| &self.ids[j])
+            .collect();
+        let masked: BTreeSet<&ClientId> = statement.masked_with.iter().collect();
+        masked.len() == statement.masked_with.len()
+            && masked.iter().all(|u| {
+                around.contains(*u) && (req.survivors.contains(*u) || req.dropped.contains(*u))
+            })
+            && around
+                .iter()
+                .filter(|u| req.survivors.contains(**u))
+                .all(|u| masked.contains(*u))
+    }
+
     /// Checks a survivor view against this client's own knowledge and policy: no peer both
     /// survivor and dropped, this client counted, every named client in the roster, at least
     /// `max(t, min_survivors)` survivors, every surviving neighbour one it masked with and every
@@ -551,15 +618,16 @@ impl ClientRound {
     }
 
     /// Stage 5: shares of survivors' seeds and of dropped clients' mask keys, answered once per
-    /// round. Refuses a request for another view than the one this client signed, and one in
-    /// which a surviving neighbour's signature of that same view is missing or invalid: every
-    /// survivor whose self-mask this client helps reveal must have signed the view itself (and
-    /// so checked it against whom it masked with, see [`ClientRound::consistency`]), and
-    /// neighbours shown another view sign another message.
+    /// round. Refuses a request for another view than the one this client signed, one with
+    /// fewer than t valid signatures of surviving neighbours over that same view, and one with
+    /// a surviving neighbour that neither signed it nor sent a [`MaskStatement`] showing it
+    /// masked with exactly its surviving neighbours: every survivor whose self-mask this client
+    /// helps reveal masked with all of them (see [`ClientRound::consistency`]).
     pub fn unmask(
         &mut self,
         req: &UnmaskRequest,
         signatures: &BTreeMap<ClientId, Vec<u8>>,
+        statements: &BTreeMap<ClientId, MaskStatement>,
         verifier: &dyn PeerVerifier,
     ) -> Result<UnmaskResponse, SecAggError> {
         if self.stage != ClientStage::Unmask {
@@ -579,16 +647,20 @@ impl ClientRound {
             .filter(|v| req.survivors.contains(*v));
         let mut valid = 0;
         for v in surviving {
-            if !signatures
+            if signatures
                 .get(v)
                 .is_some_and(|sig| verifier.verify(v, &msg, sig))
             {
+                valid += 1;
+            } else if !statements
+                .get(v)
+                .is_some_and(|st| self.masked_as_viewed(v, st, req, verifier))
+            {
                 return Err(SecAggError::Threshold(format!(
-                    "surviving neighbour {v} has not signed this survivor view ({valid} valid \
-                     signatures so far): a survivor that did not check the view is not unmasked"
+                    "surviving neighbour {v} neither signed this survivor view nor showed that \
+                     it masked with exactly its surviving neighbours: it is not unmasked"
                 )));
             }
-            valid += 1;
         }
         if valid < self.params.t(self.ids.len()) {
             return Err(SecAggError::Threshold(format!(

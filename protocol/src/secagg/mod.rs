@@ -39,8 +39,11 @@
 //!   each survivor signs the hash of `(round, roster hash, graph seed, privacy plan digest,
 //!   t, k, c, m, survivors, dropped)` **once** ([`consistency_message`]), so neighbours shown
 //!   different parameters or plans sign different views. It answers **one** unmask request per round, for exactly the sets it signed,
-//!   and only when **every** surviving neighbour (at least `t`) signed that same message. A
-//!   request naming a peer both survivor and dropped is refused.
+//!   and only when at least `t` surviving neighbours signed that same message and **every**
+//!   surviving neighbour either signed it or sent, with its input, a signed
+//!   [`MaskStatement`] showing it masked with exactly its surviving neighbours (so a survivor
+//!   that leaves after its input still counts). A request naming a peer both survivor and
+//!   dropped is refused.
 //! - **The view matches the masks** (protocol version 11). A client signs a view only if its
 //!   surviving neighbours are exactly the neighbours it masked with (those whose shares were
 //!   delivered to it) and every neighbour it masked with is a survivor or dropped; and only if
@@ -52,17 +55,18 @@
 //! or be removable. A signer masked with each of its surviving neighbours, so that mask cancels
 //! only when the neighbour's input is in T too, unless the neighbour is a colluder (it can
 //! reveal its mask key) or dropped (its key is rebuilt, but then it is not a survivor). Honest
-//! clients reveal a survivor's self-mask only if it signed the view itself, so every honest
-//! member of T signed and masked with all its surviving neighbours: T is closed under the
+//! clients reveal a survivor's self-mask only if it signed the view itself (after checking it
+//! masked with exactly its surviving neighbours) or its signed mask statement shows that, so
+//! every honest member of T masked with all its surviving neighbours: T is closed under the
 //! survivor graph minus the colluders W, which is connected, so T holds every survivor outside
-//! W. A survivor that never sent an input, or never signed, leaves its neighbours' masks
-//! unremovable: no sum at all. Hence every sum the coordinator can unmask is over all listed
-//! survivors but the at most `c` colluders, each of which signed after sending its input, and a
-//! client signs only views of at least `max(t, min_survivors)` survivors.
+//! W. A survivor that never sent an input leaves its neighbours' masks unremovable: no sum at
+//! all. Hence every sum the coordinator can unmask is over all listed survivors but the at most
+//! `c` colluders, and a client signs only views of at least `max(t, min_survivors)`
+//! survivors.
 //!
 //! That argument is for one view (the signed message covers the roster hash: one roster too). A
-//! client checks that its surviving neighbours signed the same view as it did, and cannot check
-//! beyond them: a coordinator that shows two groups of clients different views or rosters, each
+//! client checks that t of its surviving neighbours signed the same view as it did and that
+//! the others' statements match it, and cannot check beyond them: a coordinator that shows two groups of clients different views or rosters, each
 //! group consistent inside, is not covered by it (a client at
 //! the edge of its group must still find t − c same-view neighbours to be unmasked, which
 //! limits such splits, but fedlora claims no bound). Under client-level distributed DP this is
@@ -455,6 +459,70 @@ pub struct EncryptedShare {
     pub to: ClientId,
     /// AEAD ciphertext of (from, to, share of b, share of s_sk).
     pub ciphertext: Vec<u8>,
+}
+
+/// What a client says it masked with, sent with its masked input: the neighbours whose shares
+/// reached it (so whose pairwise masks are in its input), ascending, signed with its
+/// certificate key over [`mask_statement_message`]. A neighbour that holds the client's shares
+/// reveals its self-mask seed only if the client signed the survivor view or this statement
+/// shows it masked with exactly its surviving neighbours ([`ClientRound::unmask`]), so a client
+/// that goes away after its input can still be counted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskStatement {
+    /// The neighbours masked with, ascending.
+    pub masked_with: Vec<ClientId>,
+    /// The fewest survivors its owner accepts (`max(t, min_survivors)` of its policy): a view
+    /// with fewer does not count it, as it would not have signed one.
+    pub min_survivors: u32,
+    /// Signature of [`mask_statement_message`].
+    pub signature: Vec<u8>,
+}
+
+/// What a [`MaskStatement`] signs: SHA-256 of a domain tag, the round, the roster hash, the
+/// graph seed, the round's context (its privacy plan and codec, as in
+/// [`consistency_message`]), t, k, c and m, the fewest survivors its owner accepts and the ids
+/// masked with (length-prefixed, in order). A neighbour checks it with its own round, roster,
+/// context and shape, so a statement made under another plan or threshold does not verify.
+pub fn mask_statement_message(
+    round: u64,
+    roster_hash: &[u8; 32],
+    graph_seed: &[u8; 32],
+    context: &[u8; 32],
+    shape: &RoundShape,
+    min_survivors: u32,
+    masked_with: &[ClientId],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedlora-secagg-mask-statement-v1");
+    h.update(round.to_be_bytes());
+    h.update(roster_hash);
+    h.update(graph_seed);
+    h.update(context);
+    for v in [shape.threshold, shape.neighbours, shape.collusion] {
+        h.update((v as u64).to_be_bytes());
+    }
+    h.update(shape.modulus_bits.to_be_bytes());
+    h.update(min_survivors.to_be_bytes());
+    h.update((masked_with.len() as u64).to_be_bytes());
+    for id in masked_with {
+        h.update((id.len() as u64).to_be_bytes());
+        h.update(id.as_bytes());
+    }
+    h.finalize().into()
+}
+
+impl MaskStatement {
+    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
+        bounded("mask statement", self.masked_with.len(), MAX_NEIGHBOURS)?;
+        self.masked_with
+            .iter()
+            .try_for_each(|c| id("masked-with id", c))?;
+        bounded(
+            "mask statement signature",
+            self.signature.len(),
+            MAX_SIGNATURE_LEN,
+        )
+    }
 }
 
 /// Stage 4 request: who survived and who dropped after sharing keys.

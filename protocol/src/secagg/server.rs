@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 use super::crypto::{self, Purpose};
 use super::{
     add_mod, graph_seed, leaf_hash, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
-    MerkleTree, NeighbourKeys, RosterView, SecAggError, SecAggParams, UnmaskRequest,
+    MaskStatement, MerkleTree, NeighbourKeys, RosterView, SecAggError, SecAggParams, UnmaskRequest,
     UnmaskResponse,
 };
 use crate::identity::ClientId;
@@ -43,12 +43,16 @@ pub struct ServerRound {
     ids: std::sync::Arc<[ClientId]>,
     tree: Option<MerkleTree>,
     graph_seed: [u8; 32],
+    /// The roster hash every client derives (what mask statements are signed over).
+    roster_hash: [u8; 32],
     graph: BTreeMap<ClientId, BTreeSet<ClientId>>,
     shares: BTreeMap<ClientId, Vec<EncryptedShare>>,
     /// Clients whose masked input arrived (their inputs are added to `sum` on arrival).
     inputs: BTreeSet<ClientId>,
     sum: Vec<u64>,
     request: Option<UnmaskRequest>,
+    /// Each input's [`MaskStatement`] (checked when it arrived).
+    statements: BTreeMap<ClientId, MaskStatement>,
     signatures: BTreeMap<ClientId, Vec<u8>>,
     responses: BTreeMap<ClientId, UnmaskResponse>,
     /// Threads that remove the masks (see [`ServerRound::with_threads`]).
@@ -145,11 +149,13 @@ impl ServerRound {
             ids: std::sync::Arc::from(Vec::new()),
             tree: None,
             graph_seed: [0; 32],
+            roster_hash: [0; 32],
             graph: BTreeMap::new(),
             shares: BTreeMap::new(),
             inputs: BTreeSet::new(),
             sum: vec![0; len],
             request: None,
+            statements: BTreeMap::new(),
             signatures: BTreeMap::new(),
             responses: BTreeMap::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -207,10 +213,8 @@ impl ServerRound {
                 .collect(),
         );
         self.ids = ids.iter().cloned().collect();
-        let seed = graph_seed(
-            self.round,
-            &roster_hash(self.round, &self.ids, &tree.root()),
-        );
+        self.roster_hash = roster_hash(self.round, &self.ids, &tree.root());
+        let seed = graph_seed(self.round, &self.roster_hash);
         self.graph = neighbour_graph(&ids, &self.params, &seed);
         self.tree = Some(tree);
         self.graph_seed = seed;
@@ -314,8 +318,15 @@ impl ServerRound {
         Ok(out)
     }
 
-    /// Stage 3 message: `from`'s masked input.
-    pub fn receive_input(&mut self, from: &str, y: Vec<u64>) -> Result<(), SecAggError> {
+    /// Stage 3 message: `from`'s masked input and its [`MaskStatement`], which must name
+    /// neighbours of `from` that shared keys, ascending (its signature covers the round's
+    /// context, which only the clients check).
+    pub fn receive_input(
+        &mut self,
+        from: &str,
+        y: Vec<u64>,
+        statement: MaskStatement,
+    ) -> Result<(), SecAggError> {
         if self.stage != ServerStage::CollectInputs {
             return Err(out_of_order(self.stage, "masked input", from));
         }
@@ -333,9 +344,32 @@ impl ServerRound {
                 "{from}'s input has the wrong shape"
             )));
         }
+        let around = &self.graph[from];
+        if statement.masked_with.windows(2).any(|w| w[0] >= w[1])
+            || statement
+                .masked_with
+                .iter()
+                .any(|v| !around.contains(v) || !self.shares.contains_key(v))
+        {
+            return Err(SecAggError::PeerMisbehaved(format!(
+                "{from}'s mask statement names others than its neighbours that shared keys"
+            )));
+        }
         add_mod(&mut self.sum, &y, self.params.modulus_bits);
         self.inputs.insert(from.to_string());
+        self.statements.insert(from.to_string(), statement);
         Ok(())
+    }
+
+    /// The mask statements of `client`'s neighbours that sent inputs: relayed with the unmask
+    /// request, for the neighbours that did not sign the view.
+    pub fn statements_for(&self, client: &str) -> BTreeMap<ClientId, MaskStatement> {
+        self.graph.get(client).map_or_else(BTreeMap::new, |nb| {
+            nb.iter()
+                .filter(|v| !self.signatures.contains_key(*v))
+                .filter_map(|v| self.statements.get(v).map(|s| (v.clone(), s.clone())))
+                .collect()
+        })
     }
 
     /// Fails the round when some client of `owners` has fewer than t neighbours in `live`:
@@ -421,10 +455,9 @@ impl ServerRound {
         Ok(())
     }
 
-    /// Ends stage 4: the unmask request (relayed with each signer's [`ServerRound::signatures_for`]).
-    /// Fails when a survivor did not sign (its neighbours then send no share,
-    /// [`super::ClientRound::unmask`]) or a secret's owner has fewer than t neighbours that
-    /// signed (they are the only ones that will answer).
+    /// Ends stage 4: the unmask request (relayed with each signer's [`ServerRound::signatures_for`]
+    /// and [`ServerRound::statements_for`]). Fails when a secret's owner has fewer than t
+    /// neighbours that signed (they are the only ones that will answer).
     pub fn close_consistency(&mut self) -> Result<UnmaskRequest, SecAggError> {
         if self.stage != ServerStage::CollectConsistency {
             return Err(out_of_order(self.stage, "close of consistency", "driver"));
@@ -433,13 +466,6 @@ impl ServerRound {
             SecAggError::OutOfOrder("consistency stage without a survivor view".into())
         })?;
         let signed: BTreeSet<ClientId> = self.signatures.keys().cloned().collect();
-        // a client unmasks only when every surviving neighbour signed its view
-        if let Some(u) = req.survivors.iter().find(|u| !signed.contains(*u)) {
-            self.stage = ServerStage::Done;
-            return Err(SecAggError::Threshold(format!(
-                "survivor {u} did not sign the survivor view: its neighbours will not unmask"
-            )));
-        }
         let owners = req.survivors.union(&req.dropped).cloned().collect();
         self.require_live(&owners, &signed, "signing")?;
         self.stage = ServerStage::CollectUnmask;

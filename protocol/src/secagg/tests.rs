@@ -25,6 +25,15 @@ pub(crate) fn signer() -> EcdsaP256Signer {
     EcdsaP256Signer::from_pkcs8(pkcs8.as_ref()).unwrap()
 }
 
+/// An unsigned, empty mask statement (for inputs refused before it is looked at).
+fn no_statement() -> MaskStatement {
+    MaskStatement {
+        masked_with: Vec::new(),
+        min_survivors: 0,
+        signature: Vec::new(),
+    }
+}
+
 fn params(t: usize, k: usize) -> SecAggParams {
     SecAggParams {
         threshold: t,
@@ -73,6 +82,8 @@ struct Drops {
     before_sharing: BTreeSet<String>,
     before_input: BTreeSet<String>,
     before_unmask: BTreeSet<String>,
+    /// Sent their input, then went away before signing the survivor view.
+    before_signing: BTreeSet<String>,
     garbage_shares: BTreeSet<String>,
 }
 
@@ -131,23 +142,30 @@ fn run(
     for &i in &u3 {
         let c = &mut ps[i];
         let y = c.round.masked_input(&deliveries[&c.id], &c.x)?;
-        server.receive_input(&c.id, y)?;
+        let st = c.round.mask_statement(&c.signer)?;
+        server.receive_input(&c.id, y, st)?;
     }
     let view = server.close_inputs()?;
     for &i in &u3 {
         let c = &mut ps[i];
+        if drops.before_signing.contains(&c.id) {
+            continue;
+        }
         let sig = c.round.consistency(&view, &c.signer)?;
         server.receive_consistency(&c.id, sig)?;
     }
     let req = server.close_consistency()?;
     for &i in &u3 {
         let c = &mut ps[i];
-        if drops.before_unmask.contains(&c.id) {
+        if drops.before_unmask.contains(&c.id) || drops.before_signing.contains(&c.id) {
             continue;
         }
-        let mut r = c
-            .round
-            .unmask(&req, &server.signatures_for(&c.id), verifier)?;
+        let mut r = c.round.unmask(
+            &req,
+            &server.signatures_for(&c.id),
+            &server.statements_for(&c.id),
+            verifier,
+        )?;
         if drops.garbage_shares.contains(&c.id) {
             garbage(&mut r);
         }
@@ -284,7 +302,7 @@ fn out_of_order_and_repeated_messages_are_refused() {
     server.receive_keys(&ps[0].id, k0.clone()).unwrap();
     assert!(server.receive_keys(&ps[0].id, k0).is_err(), "twice");
     assert!(matches!(
-        server.receive_input(&ps[0].id, vec![0; 4]),
+        server.receive_input(&ps[0].id, vec![0; 4], no_statement()),
         Err(SecAggError::OutOfOrder(_))
     ));
     for c in ps.iter_mut().skip(1) {
@@ -418,7 +436,8 @@ fn after_inputs(
     let del = server.close_shares().unwrap();
     for c in ps.iter_mut() {
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
-        server.receive_input(&c.id, y).unwrap();
+        let st = c.round.mask_statement(&c.signer).unwrap();
+        server.receive_input(&c.id, y, st).unwrap();
     }
     let view = server.close_inputs().unwrap();
     (ps, v, view)
@@ -471,7 +490,10 @@ fn inconsistent_survivor_views_reveal_no_share() {
     let mut all = sigs_a.clone();
     all.extend(sigs_b.clone());
     for (i, c) in ps.iter_mut().enumerate() {
-        let err = c.round.unmask(&view_of(i), &all, &v).unwrap_err();
+        let err = c
+            .round
+            .unmask(&view_of(i), &all, &BTreeMap::new(), &v)
+            .unwrap_err();
         assert!(
             matches!(err, SecAggError::Threshold(_)),
             "client {i}: {err}"
@@ -489,14 +511,23 @@ fn inconsistent_survivor_views_reveal_no_share() {
     let mut other = honest.clone();
     other.survivors.remove(&ps[5].id);
     other.dropped.insert(ps[5].id.clone());
-    let err = ps[1].round.unmask(&other, &sigs, &v).unwrap_err();
+    let err = ps[1]
+        .round
+        .unmask(&other, &sigs, &BTreeMap::new(), &v)
+        .unwrap_err();
     assert!(matches!(err, SecAggError::PeerMisbehaved(_)), "{err}");
     // one answer per round: the honest request after a refused one gets nothing
-    assert!(ps[1].round.unmask(&honest, &sigs, &v).is_err());
+    assert!(ps[1]
+        .round
+        .unmask(&honest, &sigs, &BTreeMap::new(), &v)
+        .is_err());
     // the others answer the honest view once, and only once
-    assert!(ps[2].round.unmask(&honest, &sigs, &v).is_ok());
+    assert!(ps[2]
+        .round
+        .unmask(&honest, &sigs, &BTreeMap::new(), &v)
+        .is_ok());
     assert!(matches!(
-        ps[2].round.unmask(&honest, &sigs, &v),
+        ps[2].round.unmask(&honest, &sigs, &BTreeMap::new(), &v),
         Err(SecAggError::OutOfOrder(_))
     ));
 }
@@ -689,7 +720,8 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
         let plan = if i < 3 { [1u8; 32] } else { [2u8; 32] };
         c.round.bind(plan, 6, 0).unwrap();
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
-        server.receive_input(&c.id, y).unwrap();
+        let st = c.round.mask_statement(&c.signer).unwrap();
+        server.receive_input(&c.id, y, st).unwrap();
     }
     let view = server.close_inputs().unwrap();
     let mut sigs = BTreeMap::new();
@@ -697,7 +729,10 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
         sigs.insert(c.id.clone(), c.round.consistency(&view, &c.signer).unwrap());
     }
     for (i, c) in ps.iter_mut().enumerate() {
-        let err = c.round.unmask(&view, &sigs, &v2).unwrap_err();
+        let err = c
+            .round
+            .unmask(&view, &sigs, &BTreeMap::new(), &v2)
+            .unwrap_err();
         assert!(
             matches!(err, SecAggError::Threshold(_)),
             "client {i}: {err}"
@@ -721,7 +756,8 @@ fn clients_shown_different_plans_reveal_no_share_and_a_raised_minimum_refuses_sm
     for c in fresh.iter_mut().take(5) {
         c.round.bind([3u8; 32], 6, 0).unwrap();
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
-        server.receive_input(&c.id, y).unwrap();
+        let st = c.round.mask_statement(&c.signer).unwrap();
+        server.receive_input(&c.id, y, st).unwrap();
     }
     let view = server.close_inputs().unwrap();
     assert_eq!(view.survivors.len(), 5);
@@ -894,7 +930,8 @@ fn share_and_mask(
     }
     for c in ps.iter_mut().filter(|c| sharing(&c.id) && sends(&c.id)) {
         let y = c.round.masked_input(&del[&c.id], &c.x).unwrap();
-        server.receive_input(&c.id, y).unwrap();
+        let st = c.round.mask_statement(&c.signer).unwrap();
+        server.receive_input(&c.id, y, st).unwrap();
     }
 }
 
@@ -932,7 +969,7 @@ fn a_coordinator_that_runs_the_round_with_a_subset_gets_no_share_for_a_larger_vi
             let req = server.close_consistency().unwrap();
             for c in ps.iter_mut().filter(|c| in_a(&c.id)) {
                 let sigs = server.signatures_for(&c.id);
-                let r = c.round.unmask(&req, &sigs, &v).unwrap();
+                let r = c.round.unmask(&req, &sigs, &BTreeMap::new(), &v).unwrap();
                 server.receive_unmask(r).unwrap();
             }
             let (sum, counted) = server.finish().unwrap();
@@ -973,8 +1010,8 @@ fn a_coordinator_that_runs_the_round_with_a_subset_gets_no_share_for_a_larger_vi
 /// each other alone, and lists everyone as a survivor: C's pairwise masks would cancel within
 /// C, and C's sum be unmasked on its own. A member refuses a view that counts a surviving
 /// neighbour it did not mask with; the others sign, but a client unmasks only when every
-/// surviving neighbour signed the same view, so C's neighbours outside C send nothing either,
-/// and the coordinator gives up before asking.
+/// surviving neighbour signed the same view or sent a mask statement matching it, so C's
+/// neighbours outside C send nothing either, and the coordinator gives up before asking.
 #[test]
 fn a_survivor_that_masked_with_a_subset_of_its_neighbours_is_never_unmasked() {
     let p = params(2, 3);
@@ -1016,10 +1053,15 @@ fn a_survivor_that_masked_with_a_subset_of_its_neighbours_is_never_unmasked() {
                     .any(|u| in_c(u) && !sigs.contains_key(u))
         })
         .unwrap();
-    let err = next_to_c.round.unmask(&view, &sigs, &v).unwrap_err();
-    assert!(err.to_string().contains("has not signed"), "{err}");
-    let err = server.close_consistency().unwrap_err();
-    assert!(err.to_string().contains("did not sign"), "{err}");
+    // (the cut-off members' own mask statements name only C: they do not vouch for them)
+    let statements = server.statements_for(&next_to_c.id);
+    assert!(!statements.is_empty());
+    let err = next_to_c
+        .round
+        .unmask(&view, &sigs, &statements, &v)
+        .unwrap_err();
+    assert!(err.to_string().contains("neither signed"), "{err}");
+    assert!(server.close_consistency().is_err());
 }
 
 /// The review's second route: everyone sends an input, and the coordinator names the
@@ -1047,5 +1089,55 @@ fn survivors_named_dropped_to_cut_the_graph_are_refused() {
             "{}: {err}",
             c.id
         );
+    }
+}
+
+/// Survivors that send their input and go away before the survivor view arrives are still
+/// counted: their signed mask statements show their neighbours that they masked with exactly
+/// their surviving neighbours, which is what they would have checked. The sum stays exact.
+#[test]
+fn survivors_that_leave_after_their_input_are_counted_by_their_mask_statements() {
+    for (n, t, k) in [(10usize, 6usize, 0usize), (50, 8, 14)] {
+        let p = params(t, k);
+        let (ps, v) = parties(n, &p, 16, 90 + n as u64);
+        let d = Drops {
+            before_signing: pick(&ps, 0.1, 1),
+            ..Default::default()
+        };
+        let (sum, counted, plain) = run(ps, &v, &p, &d).unwrap();
+        assert_eq!(sum, plain, "n {n}");
+        assert_eq!(counted.len(), n);
+    }
+}
+
+/// A mask statement carries its owner's floor: a survivor that accepts only views of at least
+/// 10 survivors and leaves after its input is not counted in a view of 9 (its neighbours
+/// refuse to unmask), as it would not have signed one; with its floor met it is counted.
+#[test]
+fn a_mask_statement_does_not_count_its_owner_below_its_own_floor() {
+    let p = params(6, 0);
+    for (floor, ok) in [(10usize, false), (9, true)] {
+        let (mut ps, v) = parties(10, &p, 8, 95);
+        let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(95);
+        let strict = SecAggPolicy {
+            min_survivors: floor,
+            ..SecAggPolicy::default()
+        };
+        ps[3].round = ClientRound::new(7, &ps[3].id.clone(), p.clone(), strict, &mut rng);
+        let d = Drops {
+            before_input: [ps[0].id.clone()].into(),
+            before_signing: [ps[3].id.clone()].into(),
+            ..Default::default()
+        };
+        match run(ps, &v, &p, &d) {
+            Ok((sum, counted, plain)) => {
+                assert!(ok, "floor {floor}: counted {}", counted.len());
+                assert_eq!((sum, counted.len()), (plain, 9));
+            }
+            Err(e) => {
+                assert!(!ok, "floor {floor}: {e}");
+                assert!(e.to_string().contains("neither signed"), "{e}");
+            }
+        }
     }
 }
