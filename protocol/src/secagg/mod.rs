@@ -304,8 +304,32 @@ pub fn consistency_message(
     shape: &RoundShape,
     req: &UnmaskRequest,
 ) -> [u8; 32] {
+    let mut h = session_hasher(
+        b"fedlora-secagg-consistency-v5",
+        round,
+        roster_hash,
+        graph_seed,
+        context,
+        shape,
+    );
+    for set in [&req.survivors, &req.dropped] {
+        hash_ids(&mut h, set.len(), set);
+    }
+    h.finalize().into()
+}
+
+/// A SHA-256 fed with a domain tag and what identifies a secure session: the round, the roster
+/// hash, the graph seed, the round's context and t, k, c, m.
+fn session_hasher(
+    tag: &[u8],
+    round: u64,
+    roster_hash: &[u8; 32],
+    graph_seed: &[u8; 32],
+    context: &[u8; 32],
+    shape: &RoundShape,
+) -> Sha256 {
     let mut h = Sha256::new();
-    h.update(b"fedlora-secagg-consistency-v5");
+    h.update(tag);
     h.update(round.to_be_bytes());
     h.update(roster_hash);
     h.update(graph_seed);
@@ -314,14 +338,16 @@ pub fn consistency_message(
         h.update((v as u64).to_be_bytes());
     }
     h.update(shape.modulus_bits.to_be_bytes());
-    for set in [&req.survivors, &req.dropped] {
-        h.update((set.len() as u64).to_be_bytes());
-        for id in set {
-            h.update((id.len() as u64).to_be_bytes());
-            h.update(id.as_bytes());
-        }
+    h
+}
+
+/// Feeds `len` ids to `h`: the count, then each id length-prefixed.
+fn hash_ids<'a>(h: &mut Sha256, len: usize, ids: impl IntoIterator<Item = &'a ClientId>) {
+    h.update((len as u64).to_be_bytes());
+    for id in ids {
+        h.update((id.len() as u64).to_be_bytes());
+        h.update(id.as_bytes());
     }
-    h.finalize().into()
 }
 
 /// The secure parameters a survivor signs with its view: t, the effective k of the roster, c
@@ -492,22 +518,16 @@ pub fn mask_statement_message(
     min_survivors: u32,
     masked_with: &[ClientId],
 ) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"fedlora-secagg-mask-statement-v1");
-    h.update(round.to_be_bytes());
-    h.update(roster_hash);
-    h.update(graph_seed);
-    h.update(context);
-    for v in [shape.threshold, shape.neighbours, shape.collusion] {
-        h.update((v as u64).to_be_bytes());
-    }
-    h.update(shape.modulus_bits.to_be_bytes());
+    let mut h = session_hasher(
+        b"fedlora-secagg-mask-statement-v1",
+        round,
+        roster_hash,
+        graph_seed,
+        context,
+        shape,
+    );
     h.update(min_survivors.to_be_bytes());
-    h.update((masked_with.len() as u64).to_be_bytes());
-    for id in masked_with {
-        h.update((id.len() as u64).to_be_bytes());
-        h.update(id.as_bytes());
-    }
+    hash_ids(&mut h, masked_with.len(), masked_with);
     h.finalize().into()
 }
 
