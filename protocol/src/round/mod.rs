@@ -243,6 +243,9 @@ impl Federation {
             }
             return self.check_contents(spec_hash, weight);
         }
+        if self.counted(client, round, digest) {
+            return Ok(UploadVerdict::AlreadyAccepted);
+        }
         let Phase::Training(open) = &self.state.phase else {
             return Err(Refusal::new(
                 RefusalCode::WrongRound,
@@ -283,6 +286,14 @@ impl Federation {
         self.check_contents(spec_hash, weight)
     }
 
+    /// Whether `client`'s last counted update is the one trained in `round` with this digest.
+    fn counted(&self, client: &str, round: u64, digest: &[u8; 32]) -> bool {
+        self.state
+            .contributed
+            .get(client)
+            .is_some_and(|c| c.trained_round == round && &c.digest == digest)
+    }
+
     /// Async mode's checks of an upload trained in `round`: `Some` answers a re-send, `None`
     /// lets the contents be checked. Refused: a round not offered yet (`WrongRound`), one more
     /// than `max_staleness` buffers old (`TooStale`), a second update of a client in one
@@ -297,10 +308,8 @@ impl Federation {
     ) -> Result<Option<UploadVerdict>, Refusal> {
         // a re-send of an update already counted is answered in any phase (its acknowledgement
         // may have been lost in a crash while the version it went into committed)
-        if let Some(c) = self.state.contributed.get(client) {
-            if c.trained_round == round && &c.digest == digest {
-                return Ok(Some(UploadVerdict::AlreadyAccepted));
-            }
+        if self.counted(client, round, digest) {
+            return Ok(Some(UploadVerdict::AlreadyAccepted));
         }
         let open = match &self.state.phase {
             Phase::Training(open) if !open.closed => open,
@@ -649,21 +658,24 @@ impl Federation {
             // offers that can no longer be answered (too stale once this commits) lapse
             let horizon = (round + 1).saturating_sub(self.config.max_staleness);
             self.offered.retain(|_, (r, _)| *r >= horizon);
-            let counted: Vec<(ClientId, Contribution)> = open
-                .uploads
-                .iter()
-                .map(|(c, m)| {
-                    (
-                        c.clone(),
-                        Contribution {
-                            trained_round: m.base_round.unwrap_or(round),
-                            digest: m.digest,
-                        },
-                    )
-                })
-                .collect();
-            self.state.contributed.extend(counted);
         }
+        // each client's last counted update: a re-send of it is answered `AlreadyAccepted`
+        // whatever the phase (its acknowledgement may have been lost in a crash after which the
+        // restarted coordinator committed the round at once)
+        let counted: Vec<(ClientId, Contribution)> = open
+            .uploads
+            .iter()
+            .map(|(c, m)| {
+                (
+                    c.clone(),
+                    Contribution {
+                        trained_round: m.base_round.unwrap_or(round),
+                        digest: m.digest,
+                    },
+                )
+            })
+            .collect();
+        self.state.contributed.extend(counted);
         self.cohort.clear();
         self.state.global_version += 1;
         // the give-up count is of failures in a row
@@ -1578,6 +1590,39 @@ mod tests {
             panic!()
         };
         assert_eq!(uploads.len(), 3);
+    }
+
+    /// A re-send of an upload whose acknowledgement was lost is `AlreadyAccepted` after its
+    /// round committed too (a restarted coordinator can commit a round whose uploads were all
+    /// stored before the client re-sends); another payload for that round stays refused.
+    #[test]
+    fn a_counted_upload_sent_again_after_its_round_committed_is_already_accepted() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        f.tick(1);
+        for (c, b) in [("a", 1), ("b", 2), ("c", 3)] {
+            upload(&mut f, c, 1, b).unwrap();
+        }
+        let Some(Transition::Aggregate { round, .. }) = f.tick(2) else {
+            panic!()
+        };
+        f.commit(round, 3).unwrap();
+        let bytes = bincode::serde::encode_to_vec(f.state(), bincode::config::standard()).unwrap();
+        let (state, _): (FederationState, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        let g = Federation::resume(cfg(), SPEC, state, 10);
+        assert_eq!(
+            g.check_upload("b", 1, &SPEC, &[2; 32], 10.0),
+            Ok(UploadVerdict::AlreadyAccepted)
+        );
+        assert_eq!(
+            g.check_upload("b", 1, &SPEC, &[9; 32], 10.0)
+                .unwrap_err()
+                .code,
+            RefusalCode::WrongRound
+        );
     }
 
     #[test]

@@ -90,8 +90,9 @@ pub struct FederationState {
     pub failed_rounds: u64,
     /// Where the federation is.
     pub phase: Phase,
-    /// Async mode: each client's last update counted in a committed version (empty in sync
-    /// mode). Written with the state at each commit.
+    /// Each client's last update counted in a committed version (async mode: by the round it
+    /// trained in), so a re-send of it is answered `AlreadyAccepted` in any phase. Written with
+    /// the state at each commit.
     #[serde(default)]
     pub contributed: BTreeMap<ClientId, super::buffered::Contribution>,
 }
