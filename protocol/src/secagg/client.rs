@@ -91,17 +91,32 @@ fn first_stranger<'a>(ids: &[ClientId], names: &'a BTreeSet<ClientId>) -> Option
     None
 }
 
-/// The roster indices of `names` (ascending) found in `ids` (ascending): one merge pass, O(n).
-pub(super) fn roster_indices<'a>(
-    ids: &'a [ClientId],
-    names: &'a BTreeSet<ClientId>,
-) -> impl Iterator<Item = usize> + 'a {
-    let mut at = 0;
-    names.iter().filter_map(move |name| {
-        while at < ids.len() && ids[at] < *name {
-            at += 1;
+/// How a client's masks disagree with a survivor view.
+enum MaskMismatch<'a> {
+    /// A neighbour named a survivor that the client did not mask with.
+    Unmasked(&'a ClientId),
+    /// A neighbour the client masked with, named neither survivor nor dropped.
+    Unaccounted(&'a ClientId),
+}
+
+/// The first neighbour in `around` (a client's neighbours) whose mask with that client
+/// (`masked`) disagrees with the view `req`: the client must have masked with every surviving
+/// neighbour, and every neighbour it masked with must be a survivor or dropped. The rule a
+/// client checks before it signs a view, and a neighbour checks of a client's mask statement.
+fn mask_mismatch<'a>(
+    around: impl IntoIterator<Item = &'a ClientId>,
+    masked: impl Fn(&ClientId) -> bool,
+    req: &UnmaskRequest,
+) -> Option<MaskMismatch<'a>> {
+    around.into_iter().find_map(|v| {
+        let listed = req.survivors.contains(v);
+        if listed && !masked(v) {
+            Some(MaskMismatch::Unmasked(v))
+        } else if masked(v) && !listed && !req.dropped.contains(v) {
+            Some(MaskMismatch::Unaccounted(v))
+        } else {
+            None
         }
-        (at < ids.len() && ids[at] == *name).then_some(at)
     })
 }
 
@@ -503,13 +518,8 @@ impl ClientRound {
             .collect();
         let masked: BTreeSet<&ClientId> = statement.masked_with.iter().collect();
         masked.len() == statement.masked_with.len()
-            && masked.iter().all(|u| {
-                around.contains(*u) && (req.survivors.contains(*u) || req.dropped.contains(*u))
-            })
-            && around
-                .iter()
-                .filter(|u| req.survivors.contains(**u))
-                .all(|u| masked.contains(*u))
+            && masked.iter().all(|u| around.contains(*u))
+            && mask_mismatch(around.iter().copied(), |u| masked.contains(u), req).is_none()
     }
 
     /// Checks a survivor view against this client's own knowledge and policy: no peer both
@@ -546,21 +556,20 @@ impl ClientRound {
         // the coordinator withheld (so no mask with it exists) would let the coordinator unmask
         // a subset of the survivors on its own; a neighbour it masked with must be either
         // counted or dropped, or its mask could never be removed
-        for v in &self.neighbours {
-            let listed = req.survivors.contains(v);
-            let masked = self.held.contains_key(v);
-            if listed && !masked {
+        match mask_mismatch(&self.neighbours, |v| self.held.contains_key(v), req) {
+            Some(MaskMismatch::Unmasked(v)) => {
                 return Err(SecAggError::PeerMisbehaved(format!(
                     "survivor {v} is a neighbour this client did not mask with (its share was \
                      not delivered)"
-                )));
+                )))
             }
-            if masked && !listed && !req.dropped.contains(v) {
+            Some(MaskMismatch::Unaccounted(v)) => {
                 return Err(SecAggError::PeerMisbehaved(format!(
                     "neighbour {v}, which this client masked with, is neither a survivor nor \
                      dropped"
-                )));
+                )))
             }
+            None => {}
         }
         let around = self
             .neighbours
@@ -569,25 +578,18 @@ impl ClientRound {
             .count();
         // the coordinator could otherwise name some survivors that sent inputs "dropped" so
         // that they cut the others into parts, and unmask each part's sum on its own
-        let n = self.ids.len();
-        let graph = Graph::new(n, &self.params, &self.graph_seed);
-        if graph.k() + 1 < n {
-            let positions: Vec<usize> = roster_indices(&self.ids, &req.survivors)
-                .map(|i| graph.position(i))
-                .collect();
-            if !super::roster::survivors_stay_connected(
-                &positions,
-                n,
-                graph.k(),
-                self.params.collusion,
-            ) {
-                return Err(SecAggError::Threshold(format!(
-                    "the {} survivors do not stay one connected part of the neighbour graph \
-                     with {} of them removed: their sum could be unmasked in parts",
-                    req.survivors.len(),
-                    self.params.collusion
-                )));
-            }
+        if !super::roster::view_stays_connected(
+            &self.ids,
+            &req.survivors,
+            &self.params,
+            &self.graph_seed,
+        ) {
+            return Err(SecAggError::Threshold(format!(
+                "the {} survivors do not stay one connected part of the neighbour graph with {} \
+                 of them removed: their sum could be unmasked in parts",
+                req.survivors.len(),
+                self.params.collusion
+            )));
         }
         if around < t {
             return Err(SecAggError::Threshold(format!(

@@ -364,6 +364,36 @@ mod tests {
     }
 }
 
+/// Whether the `survivors` of a roster (`ids`, ascending) stay one connected part of its
+/// neighbour graph under `params` and `seed` after any `params.collusion` of them are removed
+/// ([`survivors_stay_connected`] of their ring positions; always, when everyone is a
+/// neighbour). What a client checks before it signs a survivor view, and the coordinator
+/// before it sends one. O(n).
+pub fn view_stays_connected(
+    ids: &[ClientId],
+    survivors: &std::collections::BTreeSet<ClientId>,
+    params: &SecAggParams,
+    seed: &[u8; 32],
+) -> bool {
+    let n = ids.len();
+    let graph = Graph::new(n, params, seed);
+    if graph.k() + 1 >= n {
+        return true;
+    }
+    // the survivors' roster indices: one merge pass over both ascending lists
+    let mut at = 0;
+    let positions: Vec<usize> = survivors
+        .iter()
+        .filter_map(|name| {
+            while at < n && ids[at] < *name {
+                at += 1;
+            }
+            (at < n && ids[at] == *name).then(|| graph.position(at))
+        })
+        .collect();
+    survivors_stay_connected(&positions, n, graph.k(), params.collusion)
+}
+
 /// Whether the survivors at ring positions `positions` (distinct, any order) of a ring of `n`
 /// stay one connected part of the neighbour graph after any `c` of them are removed (the
 /// colluders, whose masks the coordinator can remove): then the only sum of honest inputs the

@@ -43,8 +43,6 @@ pub struct ServerRound {
     ids: std::sync::Arc<[ClientId]>,
     tree: Option<MerkleTree>,
     graph_seed: [u8; 32],
-    /// The roster hash every client derives (what mask statements are signed over).
-    roster_hash: [u8; 32],
     graph: BTreeMap<ClientId, BTreeSet<ClientId>>,
     shares: BTreeMap<ClientId, Vec<EncryptedShare>>,
     /// Clients whose masked input arrived (their inputs are added to `sum` on arrival).
@@ -149,7 +147,6 @@ impl ServerRound {
             ids: std::sync::Arc::from(Vec::new()),
             tree: None,
             graph_seed: [0; 32],
-            roster_hash: [0; 32],
             graph: BTreeMap::new(),
             shares: BTreeMap::new(),
             inputs: BTreeSet::new(),
@@ -213,8 +210,10 @@ impl ServerRound {
                 .collect(),
         );
         self.ids = ids.iter().cloned().collect();
-        self.roster_hash = roster_hash(self.round, &self.ids, &tree.root());
-        let seed = graph_seed(self.round, &self.roster_hash);
+        let seed = graph_seed(
+            self.round,
+            &roster_hash(self.round, &self.ids, &tree.root()),
+        );
         self.graph = neighbour_graph(&ids, &self.params, &seed);
         self.tree = Some(tree);
         self.graph_seed = seed;
@@ -411,13 +410,12 @@ impl ServerRound {
         self.require_live(&owners, &survivors, "surviving")?;
         // clients refuse a view whose survivors c removals could cut in two: fail now, with
         // the reason, rather than after waiting for signatures that will not come
-        let n = self.ids.len();
-        let graph = super::Graph::new(n, &self.params, &self.graph_seed);
-        let positions: Vec<usize> = super::client::roster_indices(&self.ids, &survivors)
-            .map(|i| graph.position(i))
-            .collect();
-        if !super::roster::survivors_stay_connected(&positions, n, graph.k(), self.params.collusion)
-        {
+        if !super::roster::view_stays_connected(
+            &self.ids,
+            &survivors,
+            &self.params,
+            &self.graph_seed,
+        ) {
             self.stage = ServerStage::Done;
             return Err(SecAggError::Threshold(format!(
                 "the {} survivors do not stay connected in the neighbour graph with {} of them \
