@@ -39,8 +39,13 @@ impl TlsPaths {
 pub struct CoordinatorConfig {
     /// UDP address to listen on (port 0: an ephemeral port).
     pub listen: SocketAddr,
-    /// State directory (sled database and payload files).
+    /// State directory: the sled database and payload files of the embedded store, and what
+    /// stays local to this process whatever the store (partial uploads, status snapshot).
     pub data_dir: PathBuf,
+    /// Where the federation's state lives: the embedded sled store in `data_dir` (the
+    /// default), or a PostgreSQL database.
+    #[serde(skip)]
+    pub store: crate::store::StoreLocation,
     /// TLS material.
     pub tls: TlsPaths,
     /// Rounds, cohort, deadlines, seed and what clients train.
@@ -101,6 +106,7 @@ impl CoordinatorConfig {
         Self {
             listen: "127.0.0.1:4433".parse().expect("valid address"),
             data_dir,
+            store: Default::default(),
             tls: TlsPaths::from_dir(certs_dir),
             federation: FederationConfig::default(),
             tick_ms: 100,

@@ -11,6 +11,7 @@ pub mod faults;
 pub mod metrics;
 pub mod partial;
 pub mod privacy_plan;
+pub mod relay;
 pub mod running_sum;
 pub mod secure;
 pub mod secure_plan;

@@ -47,6 +47,12 @@ pub struct Metrics {
     pub dp_clip_norm: Gauge<f64, AtomicU64>,
     /// Rounds the DP plan covers (0 without DP); clients calibrate σ to their own ε from it.
     pub dp_planned_rounds: Gauge,
+    /// 1 while this process drives the rounds, 0 while it is a front-end that relays to the
+    /// one that does ([`crate::relay`]).
+    pub driving: Gauge,
+    /// Requests relayed: by a front-end to the driver (`direction="out"`), or answered by the
+    /// driver for another front-end (`direction="in"`).
+    pub relayed: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,6 +69,8 @@ impl Default for Metrics {
             round_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             dp_clip_norm: Gauge::default(),
             dp_planned_rounds: Gauge::default(),
+            driving: Gauge::default(),
+            relayed: Family::default(),
             registry: Registry::default(),
         };
         registry.register("rounds", "Rounds ended, by outcome", m.rounds.clone());
@@ -111,6 +119,16 @@ impl Default for Metrics {
             "Rounds the DP plan covers (0 without DP)",
             m.dp_planned_rounds.clone(),
         );
+        registry.register(
+            "driving",
+            "1 while this process drives the rounds, 0 while it relays to the front-end that does",
+            m.driving.clone(),
+        );
+        registry.register(
+            "relayed_requests",
+            "Requests relayed through the store, by direction (out: to the driver; in: answered for another front-end)",
+            m.relayed.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -122,6 +140,13 @@ impl Metrics {
             .get_or_create(&vec![("outcome".into(), outcome.into())])
             .inc();
         self.round_seconds.observe(seconds);
+    }
+
+    /// Counts a relayed request (`direction`: `in` or `out`).
+    pub fn relayed(&self, direction: &str) {
+        self.relayed
+            .get_or_create(&vec![("direction".into(), direction.into())])
+            .inc();
     }
 
     /// Counts a refused request, labelled with its refusal code.

@@ -122,6 +122,14 @@ pub struct Request {
 /// given back when it is dropped.
 pub struct BodyPermit(#[allow(dead_code)] Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>);
 
+impl BodyPermit {
+    /// No share of the budget (a request whose body was read elsewhere, e.g. by another
+    /// front-end that relayed it).
+    pub(crate) fn none() -> Self {
+        Self(None)
+    }
+}
+
 impl Request {
     /// The message, its wire size and its share of the budget, to be let go separately (an
     /// upload piece gives its share back once it is on disk, before its upload is assembled).

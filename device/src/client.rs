@@ -16,7 +16,9 @@ use crate::UsageError;
 /// Flags of one federated client (`fedlora client`, `fedlora-device run`).
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Coordinator HOST:PORT.
+    /// Coordinator HOST:PORT; with several front-ends (a coordinator on PostgreSQL), a
+    /// comma-separated list, or a name that resolves to several addresses: after a failure
+    /// the client tries the next one.
     #[arg(long)]
     coordinator: String,
     /// Certificate directory made by `fedlora certs init` (with --client-index).
@@ -207,7 +209,8 @@ impl DeviceArgs {
 /// Runs one client until the federation finishes, then prints what it did.
 pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     logging::init(a.log_format, "info");
-    let addr = crate::resolve("--coordinator", &a.coordinator)?;
+    let addrs = crate::resolve_all("--coordinator", &a.coordinator)?;
+    let addr = addrs[0];
     let tls = match (&a.certs, a.client_index, &a.cert, &a.key, &a.ca) {
         (Some(dir), Some(i), None, None, None) => ClientTls::from_dir(dir, i),
         (None, _, Some(cert), Some(key), Some(ca)) => ClientTls {
@@ -239,6 +242,7 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     let workload = crate::workload::Workload::load(&a.model)?;
     let learner = workload.learner(a.data.as_deref(), a.client_index)?;
     let mut cfg = ClientConfig::new(addr, tls);
+    cfg.alternates = addrs[1..].to_vec();
     cfg.server_name = a.server_name;
     let state_dir = a.state_dir.clone();
     cfg.state_dir = a.state_dir;

@@ -76,6 +76,25 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 /// Peak resident set size of this process, MiB (Linux `VmHWM`; 0 where unavailable).
 pub use fedlora_train::bench::peak_rss_mib;
 
+/// Every address of a comma-separated list of HOST:PORT (each name with all it resolves to),
+/// in order, without repeats; at least one.
+pub fn resolve_all(flag: &str, list: &str) -> Result<Vec<std::net::SocketAddr>, UsageError> {
+    let mut out = Vec::new();
+    for one in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let addrs = std::net::ToSocketAddrs::to_socket_addrs(one)
+            .map_err(|e| UsageError(format!("{flag} {one}: {e}")))?;
+        for a in addrs {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(UsageError(format!("{flag} {list} resolves to nothing")));
+    }
+    Ok(out)
+}
+
 /// The socket address a `--coordinator HOST:PORT` flag names (a usage error otherwise).
 pub fn resolve(flag: &str, addr: &str) -> Result<std::net::SocketAddr, UsageError> {
     std::net::ToSocketAddrs::to_socket_addrs(addr)

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use fedlora_coordinator::privacy_plan::ClientDpRequest;
+use fedlora_coordinator::store::StoreLocation;
 use fedlora_coordinator::{Coordinator, CoordinatorConfig, TlsPaths};
 use fedlora_protocol::client_dp::ClientDpMode;
 use fedlora_protocol::{Codec, FederationConfig, TrainConfig, Weighting};
@@ -119,6 +120,8 @@ use fedlora_device::parse_duration;
 pub(crate) struct CoordinatorToml {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    /// `sled` (the default) or a `postgres://` URL.
+    store: Option<String>,
     certs: Option<PathBuf>,
     log_format: Option<String>,
     metrics: Option<SocketAddr>,
@@ -384,7 +387,7 @@ impl FederationArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct CoordinatorArgs {
-    /// TOML config file (keys: listen, data_dir, certs, log_format, metrics, [federation],
+    /// TOML config file (keys: listen, data_dir, store, certs, log_format, metrics, [federation],
     /// [client_dp]; every key with its default in examples/configs/coordinator.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -394,6 +397,11 @@ pub(crate) struct CoordinatorArgs {
     /// State directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where the federation's state lives: `sled` (the default, embedded in --data-dir) or a
+    /// PostgreSQL URL, postgres://user@host:5432/database (then --data-dir keeps only what
+    /// is local to this process).
+    #[arg(long)]
+    store: Option<StoreLocation>,
     /// Certificate directory made by `fedlora certs init`.
     #[arg(long)]
     certs: Option<PathBuf>,
@@ -489,6 +497,13 @@ fn coordinator_config(a: &CoordinatorArgs, file: CoordinatorToml) -> anyhow::Res
         .ok_or_else(|| UsageError("--certs is required".into()))?;
     let mut service = CoordinatorConfig::new(data_dir, &certs);
     service.tls = TlsPaths::from_dir(&certs);
+    service.store = match (&a.store, &file.store) {
+        (Some(s), _) => s.clone(),
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: fedlora_coordinator::CoordinatorError| UsageError(e.to_string()))?,
+        (None, None) => StoreLocation::Embedded,
+    };
     if let Some(l) = a.listen.or(file.listen) {
         service.listen = l;
     }
@@ -618,17 +633,23 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
     let record_dir = cfg.data_dir.clone();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let c = Coordinator::start(cfg, initial)
-            .await
-            .map_err(|e| match e {
-                // a file, a port or a setting to fix
-                fedlora_coordinator::CoordinatorError::Config(_)
-                | fedlora_coordinator::CoordinatorError::Tls(_)
-                | fedlora_coordinator::CoordinatorError::Protocol(_) => {
-                    anyhow::Error::new(UsageError(e.to_string()))
-                }
-                other => other.into(),
-            })?;
+        let started = match cfg.store.clone() {
+            StoreLocation::Postgres(url) => match relay_until_lead(&cfg, &url).await? {
+                Some(store) => Coordinator::start_with(cfg, initial, Some(store)).await,
+                // the federation ended while this front-end relayed to the driver
+                None => return anyhow::Ok(()),
+            },
+            StoreLocation::Embedded => Coordinator::start(cfg, initial).await,
+        };
+        let c = started.map_err(|e| match e {
+            // a file, a port or a setting to fix
+            fedlora_coordinator::CoordinatorError::Config(_)
+            | fedlora_coordinator::CoordinatorError::Tls(_)
+            | fedlora_coordinator::CoordinatorError::Protocol(_) => {
+                anyhow::Error::new(UsageError(e.to_string()))
+            }
+            other => other.into(),
+        })?;
         // the store accepted this adapter (a directory of another adapter fails the start):
         // record what `export --peft` and `eval --data-dir` need to rebuild it
         super::adapter_record::write(&record_dir, &record)?;
@@ -649,6 +670,65 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// With the PostgreSQL store: the store, once this process holds the lease on driving the
+/// rounds. Until then (another process drives) it serves as a front-end that relays its
+/// clients' requests to the driver, and takes over when the driver's lease ends. `None`: the
+/// federation finished, or the user interrupted, first.
+async fn relay_until_lead(
+    cfg: &CoordinatorConfig,
+    url: &str,
+) -> anyhow::Result<Option<fedlora_coordinator::store::Store>> {
+    use fedlora_coordinator::store::Store;
+    let open = |cfg: &CoordinatorConfig| {
+        let (dir, loc) = (cfg.data_dir.clone(), cfg.store.clone());
+        tokio::task::spawn_blocking(move || Store::open_at(&dir, &loc))
+    };
+    let store = open(cfg).await??;
+    if store.try_lead()? {
+        return Ok(Some(store));
+    }
+    let fe = fedlora_coordinator::relay::frontend::FrontEnd::start(cfg, url)
+        .await
+        .map_err(|e| UsageError(e.to_string()))?;
+    let lease = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.wait_lead())
+    };
+    // a second connection watches for the end of the federation (the first waits for the lease)
+    let watch = open(cfg).await??;
+    let finished = async move {
+        loop {
+            let w = watch.clone();
+            let done = tokio::task::spawn_blocking(move || w.state())
+                .await
+                .ok()
+                .and_then(|s| s.ok().flatten())
+                .is_some_and(|s| matches!(s.phase, fedlora_protocol::Phase::Finished { .. }));
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        r = lease => {
+            r??;
+            tracing::info!("the driver's lease ended: this front-end takes over driving");
+            Some(store)
+        }
+        _ = finished => {
+            tracing::info!("done: the federation finished");
+            None
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted");
+            None
+        }
+    };
+    fe.shutdown().await;
+    Ok(outcome)
 }
 
 #[cfg(test)]

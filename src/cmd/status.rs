@@ -4,28 +4,32 @@ use std::path::PathBuf;
 
 use clap::Args;
 use fedlora_coordinator::status::report;
-use fedlora_coordinator::store::{RoundStatus, Store};
+use fedlora_coordinator::store::{RoundStatus, Store, StoreLocation};
 
 use super::UsageError;
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {
     /// The coordinator's state directory.
+    #[arg(long, required_unless_present = "store")]
+    data_dir: Option<PathBuf>,
+    /// The federation's PostgreSQL store (postgres://user@host:5432/database), read while
+    /// coordinators run.
     #[arg(long)]
-    data_dir: PathBuf,
+    store: Option<StoreLocation>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
-    let r = match Store::open_existing(&a.data_dir) {
+    let location = a.store.clone().unwrap_or_default();
+    let dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let r = match Store::open_existing_at(&dir, &location) {
         Ok(store) => report(&store)?,
         // a running coordinator holds the store: read the snapshot it keeps current
-        Err(e) if Store::is_locked(&e) => fedlora_coordinator::status::read_snapshot(&a.data_dir)
-            .map_err(|s| {
-            anyhow::anyhow!("{e}; and its status snapshot could not be read: {s}")
-        })?,
+        Err(e) if Store::is_locked(&e) => fedlora_coordinator::status::read_snapshot(&dir)
+            .map_err(|s| anyhow::anyhow!("{e}; and its status snapshot could not be read: {s}"))?,
         Err(e) => return Err(UsageError(e.to_string()).into()),
     };
     if a.json {
@@ -121,14 +125,18 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
 #[derive(Args, Debug)]
 pub(crate) struct ExportArgs {
     /// The coordinator's state directory.
-    #[arg(long, required_unless_present = "adapter")]
+    #[arg(long, required_unless_present_any = ["adapter", "store"])]
     data_dir: Option<PathBuf>,
+    /// The federation's PostgreSQL store (postgres://user@host:5432/database); the adapter
+    /// record (for --peft) is still read from --data-dir when given.
+    #[arg(long, conflicts_with = "adapter")]
+    store: Option<StoreLocation>,
     /// Export the global adapter committed by this round (default: the latest version).
-    #[arg(long, requires = "data_dir")]
+    #[arg(long)]
     round: Option<u64>,
     /// Instead of a data directory: an adapter file written by `fedlora export --out` (with
     /// --peft).
-    #[arg(long, conflicts_with = "data_dir", requires = "peft")]
+    #[arg(long, conflicts_with_all = ["data_dir", "round"], requires = "peft")]
     adapter: Option<PathBuf>,
     /// Output safetensors file (fedlora's names and layout).
     #[arg(long, required_unless_present = "peft", conflicts_with = "peft")]
@@ -227,16 +235,16 @@ fn export_peft(a: &ExportArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     if let Some(r) = &record {
         r.check(trainer.spec(), model)?;
     }
-    let (what, adapter) = match (&a.adapter, &a.data_dir) {
-        (Some(file), _) => (
+    let (what, adapter) = match &a.adapter {
+        Some(file) => (
             file.display().to_string(),
             read_adapter_file(file, trainer.spec())?,
         ),
-        (None, Some(d)) => {
-            let (v, adapter) = global_of(d, a.round)?;
+        None => {
+            let store = open_stopped(a.data_dir.as_deref(), a.store.as_ref())?;
+            let (v, adapter) = global_in(&store, a.round)?;
             (format!("global version {v}"), adapter)
         }
-        (None, None) => unreachable!("clap requires one"),
     };
     let lm = trainer.model_with(&adapter).map_err(|e| {
         UsageError(format!(
@@ -254,15 +262,26 @@ pub(crate) fn global_of(
     dir: &std::path::Path,
     round: Option<u64>,
 ) -> anyhow::Result<(u64, fedlora_protocol::FlatAdapter)> {
-    let store = open_stopped(dir)?;
-    let version = committed_version(&store, round)?;
-    Ok(fedlora_coordinator::export::global_adapter(
-        &store, version,
-    )?)
+    global_in(&open_stopped(Some(dir), None)?, round)
 }
 
-fn open_stopped(dir: &std::path::Path) -> anyhow::Result<Store> {
-    Store::open_existing(dir).map_err(|e| {
+fn global_in(
+    store: &Store,
+    round: Option<u64>,
+) -> anyhow::Result<(u64, fedlora_protocol::FlatAdapter)> {
+    let version = committed_version(store, round)?;
+    Ok(fedlora_coordinator::export::global_adapter(store, version)?)
+}
+
+/// The store of `--store` (a PostgreSQL store is read while coordinators run), else of a
+/// stopped coordinator's `--data-dir`.
+fn open_stopped(
+    dir: Option<&std::path::Path>,
+    store: Option<&StoreLocation>,
+) -> anyhow::Result<Store> {
+    let location = store.cloned().unwrap_or_default();
+    let dir = dir.unwrap_or(std::path::Path::new("."));
+    Store::open_existing_at(dir, &location).map_err(|e| {
         if Store::is_locked(&e) {
             anyhow::anyhow!("{e}: export from a stopped coordinator's directory (or a copy)")
         } else {
@@ -286,10 +305,10 @@ pub(crate) fn export(a: ExportArgs) -> anyhow::Result<()> {
     if let Some(dir) = &a.peft {
         return export_peft(&a, dir);
     }
-    let (Some(data_dir), Some(out)) = (&a.data_dir, &a.out) else {
-        return Err(UsageError("give --data-dir DIR and --out FILE".into()).into());
+    let Some(out) = &a.out else {
+        return Err(UsageError("give --out FILE or --peft DIR".into()).into());
     };
-    let store = open_stopped(data_dir)?;
+    let store = open_stopped(a.data_dir.as_deref(), a.store.as_ref())?;
     let version = committed_version(&store, a.round)?;
     let v = fedlora_coordinator::export::export_safetensors(&store, version, out)?;
     println!("wrote global version {v} to {}", out.display());

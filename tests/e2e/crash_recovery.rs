@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fedlora_client::transport::{endpoint, ClientTls, Session};
+use fedlora_coordinator::store::scratch::ScratchSchema;
 use fedlora_protocol::{
     fedavg, AckStatus, ClientMsg, CoordMsg, FlatAdapter, Task, PROTOCOL_VERSION,
 };
@@ -74,9 +75,14 @@ async fn join(certs: &Path, i: usize, addr: SocketAddr, spec_hash: [u8; 32]) -> 
 
 /// What `fedlora status --json` says of `data`: `None` when it failed or printed no JSON.
 fn status_json(data: &Path) -> Option<serde_json::Value> {
+    status_json_of(&["--data-dir", data.to_str().unwrap()])
+}
+
+/// What `fedlora status --json ARGS` says.
+fn status_json_of(args: &[&str]) -> Option<serde_json::Value> {
     let out = Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(data)
+        .args(["status", "--json"])
+        .args(args)
         .output()
         .unwrap();
     if !out.status.success() {
@@ -151,6 +157,25 @@ fn delta(like: &FlatAdapter, k: f32) -> FlatAdapter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
+    kill_9_keeps_an_acked_upload(None).await;
+}
+
+/// The same on the PostgreSQL store: the state lives in the database, and a restarted
+/// coordinator (here on the same host; any host would do) resumes the round from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_on_postgres_survives_kill_9_without_losing_an_acked_upload() {
+    if let Some(schema) = ScratchSchema::for_test("kill -9 of a coordinator on PostgreSQL") {
+        kill_9_keeps_an_acked_upload(Some(&schema.url())).await;
+    }
+}
+
+/// A 2-client round on the store `store` (`None`: sled in the data directory): client 0's
+/// acknowledged upload survives kill -9 of the coordinator; the round commits exactly.
+async fn kill_9_keeps_an_acked_upload(store: Option<&str>) {
+    let top = match store {
+        Some(url) => format!("log_format = \"json\"\nstore = {url:?}\n"),
+        None => "log_format = \"json\"\n".to_string(),
+    };
     let Setup {
         dir,
         certs,
@@ -158,7 +183,13 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         addr,
         config,
         log,
-    } = setup("log_format = \"json\"\n", "eval_timeout_ms = 300\n");
+    } = setup(&top, "eval_timeout_ms = 300\n");
+    // status and export read the store the coordinator ran on
+    let store_args: Vec<String> = match store {
+        Some(url) => vec!["--store".into(), url.into()],
+        None => vec!["--data-dir".into(), data.display().to_string()],
+    };
+    let store_args: Vec<&str> = store_args.iter().map(String::as_str).collect();
 
     // the reference model's adapter, as the coordinator computes it by default
     let initial = initial_adapter(&LmConfig::new()).unwrap();
@@ -228,7 +259,7 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let status = status_json(&data).expect("fedlora status --json");
+    let status = status_json_of(&store_args).expect("fedlora status --json");
     assert_eq!(status["global_version"], 1);
     let rounds = status["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 1);
@@ -237,12 +268,17 @@ async fn coordinator_survives_kill_9_without_losing_an_acked_upload() {
         rounds[0]["participants"],
         serde_json::json!(["client-0", "client-1"])
     );
+    if store.is_some() {
+        // nothing of the federation's state was kept in the data directory
+        assert!(!data.join("state").exists());
+        assert!(!data.join("checkpoints").exists());
+    }
 
     // the exported global is exactly old + (10·d0 + 30·d1) / 40
     let file = dir.path().join("global.safetensors");
     let out = Command::new(BIN)
-        .args(["export", "--round", "1", "--data-dir"])
-        .arg(&data)
+        .args(["export", "--round", "1"])
+        .args(&store_args)
         .arg("--out")
         .arg(&file)
         .output()

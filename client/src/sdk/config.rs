@@ -7,6 +7,10 @@ use super::*;
 pub struct ClientConfig {
     /// Coordinator address.
     pub coordinator: SocketAddr,
+    /// Other front-ends of the same federation (a coordinator on PostgreSQL runs several):
+    /// after a failed connection attempt or a lost connection the client tries the next
+    /// address, in turn, `coordinator` first. Empty (the default): only `coordinator`.
+    pub alternates: Vec<SocketAddr>,
     /// Name the coordinator's certificate must carry.
     pub server_name: String,
     /// TLS material.
@@ -110,6 +114,7 @@ impl ClientConfig {
     pub fn new(coordinator: SocketAddr, tls: ClientTls) -> Self {
         Self {
             coordinator,
+            alternates: Vec::new(),
             server_name: "localhost".into(),
             tls,
             timers: TransportTimers::default(),

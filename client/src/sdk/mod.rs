@@ -46,6 +46,9 @@ use state::{load_unmasked, record_unmasked, save_state_file};
 /// A federated client: a learner (model and local data) and the connection settings.
 pub struct FederatedClient {
     config: ClientConfig,
+    /// Which of the coordinator's addresses the next connection tries (see
+    /// [`ClientConfig::alternates`]).
+    addr_turn: std::sync::atomic::AtomicUsize,
     learner: std::sync::Arc<dyn Learner>,
     privacy: std::sync::Mutex<Option<PrivacyState>>,
     /// The global adapter this client reconstructed last, by version (for delta downloads).
@@ -135,6 +138,7 @@ impl FederatedClient {
             )),
         };
         Ok(Self {
+            addr_turn: std::sync::atomic::AtomicUsize::new(0),
             learner,
             eligibility: None,
             pool,
@@ -166,6 +170,23 @@ impl FederatedClient {
         e.check().err().map(Ineligible::decline_reason)
     }
 
+    /// The coordinator address the next connection tries.
+    pub(crate) fn address(&self) -> SocketAddr {
+        let n = 1 + self.config.alternates.len();
+        match self.addr_turn.load(std::sync::atomic::Ordering::Relaxed) % n {
+            0 => self.config.coordinator,
+            i => self.config.alternates[i - 1],
+        }
+    }
+
+    /// Moves on to the next coordinator address (after a failure there).
+    fn next_address(&self) {
+        if !self.config.alternates.is_empty() {
+            self.addr_turn
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn seeds(&self) -> ClientSeeds {
         ClientSeeds {
             sampling: self.config.sampling_seed,
@@ -184,9 +205,10 @@ impl FederatedClient {
         let mut pending = self.load_pending();
         let mut backoff = Backoff::new(&self.config);
         let mut failures = 0u32;
-        let addr = self.config.coordinator;
-        info!(coordinator = %addr, "connecting to the coordinator");
+        info!(coordinator = %self.config.coordinator, alternates = ?self.config.alternates,
+            "connecting to the coordinator");
         loop {
+            let addr = self.address();
             let session = match self.hello(&ep, &mut report).await {
                 Ok(s) => s,
                 // a refusal that can heal, or any with --retry-forever
@@ -210,6 +232,7 @@ impl FederatedClient {
                     }
                     warn!(coordinator = %addr, error = %e, backoff_ms = backoff.ms(),
                         "cannot reach the coordinator; retrying");
+                    self.next_address();
                     backoff.wait().await;
                     continue;
                 }
@@ -236,6 +259,7 @@ impl FederatedClient {
                 Ok(Outcome::Reconnect) => {}
                 Err(ClientError::Transport(e)) => {
                     warn!(coordinator = %addr, error = %e, "connection lost; reconnecting");
+                    self.next_address();
                     report.reconnects += 1;
                     report.last_transport_error = Some(e);
                 }

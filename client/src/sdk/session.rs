@@ -46,7 +46,7 @@ impl FederatedClient {
         let s = Session::connect_using(
             ep,
             Some(tls),
-            self.config.coordinator,
+            self.address(),
             &self.config.server_name,
             self.config.timers.connect_timeout,
         )

@@ -52,26 +52,15 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
         conn.close(1u32.into(), b"client certificate required");
         return;
     };
-    let client = match certs::client_identity(&der, &shared.ca_subject) {
-        Ok(c) => c,
+    let (client, fingerprint, key_id, presented) = match identify(shared.as_ref(), &der) {
+        Ok(id) => id,
         Err(e) => {
             warn!(%remote, error = %e, "unusable client certificate");
             conn.close(1u32.into(), b"unusable client certificate");
             return;
         }
     };
-    let fingerprint = certs::fingerprint(&der);
-    // revocation also goes by device id and by key, so a renewed certificate is revoked too
-    let (key_id, not_after) = crate::enroll::issuer::cert_key_and_name(&der)
-        .map(|(k, _, t)| (k, t))
-        .unwrap_or_default();
-    // what a renewal on this connection is checked against
-    let presented = Arc::new(crate::enroll::Presented {
-        device_id: client.clone(),
-        fingerprint: fingerprint.clone(),
-        key_id: key_id.clone(),
-        not_after_unix_s: not_after,
-    });
+    let presented = Arc::new(presented);
     let conn_id = conn.stable_id();
     {
         // a client id holds a bounded number of connections: the oldest makes room
@@ -99,22 +88,7 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
                 Ok(true) => {
                     registered = true;
                     let chain = peer_chain(&conn).unwrap_or_else(|| der.clone());
-                    shared
-                        .certs
-                        .lock()
-                        .expect("lock")
-                        .insert(client.clone(), chain);
-                    shared
-                        .live
-                        .lock()
-                        .expect("lock")
-                        .insert(client.clone(), conn_id);
-                    let n = {
-                        let mut fed = shared.fed.lock().expect("lock");
-                        fed.connect(&client);
-                        fed.connected().len()
-                    };
-                    shared.metrics.connected_clients.set(n as i64);
+                    register(&shared, &client, chain, conn_id);
                 }
                 Ok(false) => {}
                 Err(HelloEnd::Close(reason)) => {
@@ -135,16 +109,64 @@ pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared
     if let Some(mine) = shared.conns.lock().expect("lock").get_mut(&client) {
         mine.retain(|c| c.stable_id() != conn_id);
     }
-    let mut live = shared.live.lock().expect("lock");
-    if live.get(&client) == Some(&conn_id) {
-        live.remove(&client);
+    unregister(&shared, &client, conn_id);
+}
+
+/// Registers `client`'s connection `conn_id` after its hello was welcomed: its certificate
+/// chain (relayed for key signatures), its live connection, and connected in the round machine.
+pub(super) fn register(shared: &Shared, client: &str, chain: Vec<u8>, conn_id: usize) {
+    shared
+        .certs
+        .lock()
+        .expect("lock")
+        .insert(client.to_string(), chain);
+    shared
+        .live
+        .lock()
+        .expect("lock")
+        .insert(client.to_string(), conn_id);
+    let n = {
         let mut fed = shared.fed.lock().expect("lock");
-        fed.disconnect(&client);
+        fed.connect(client);
+        fed.connected().len()
+    };
+    shared.metrics.connected_clients.set(n as i64);
+}
+
+/// Ends `client`'s connection `conn_id`: disconnected in the round machine unless a later
+/// connection of the client is live.
+pub(super) fn unregister(shared: &Shared, client: &str, conn_id: usize) {
+    let mut live = shared.live.lock().expect("lock");
+    if live.get(client) == Some(&conn_id) {
+        live.remove(client);
+        let mut fed = shared.fed.lock().expect("lock");
+        fed.disconnect(client);
         shared
             .metrics
             .connected_clients
             .set(fed.connected().len() as i64);
     }
+}
+
+/// Who a client certificate (leaf, DER) names: its client id, SHA-256 fingerprint, key id
+/// (revocation also goes by device id and by key, so a renewed certificate is revoked too),
+/// and what a renewal on its connection is checked against.
+pub(super) fn identify(
+    shared: &Shared,
+    der: &[u8],
+) -> std::result::Result<(String, String, String, crate::enroll::Presented), String> {
+    let client = certs::client_identity(der, &shared.ca_subject).map_err(|e| e.to_string())?;
+    let fingerprint = certs::fingerprint(der);
+    let (key_id, not_after) = crate::enroll::issuer::cert_key_and_name(der)
+        .map(|(k, _, t)| (k, t))
+        .unwrap_or_default();
+    let presented = crate::enroll::Presented {
+        device_id: client.clone(),
+        fingerprint: fingerprint.clone(),
+        key_id: key_id.clone(),
+        not_after_unix_s: not_after,
+    };
+    Ok((client, fingerprint, key_id, presented))
 }
 
 /// Whether `client` is a participant of the open round: who may send payloads (uploads,
@@ -198,33 +220,16 @@ fn key_conflict(shared: &Shared, client: &str, key_id: &str) -> Option<String> {
     ))
 }
 
-pub(super) enum HelloEnd {
-    Close(String),
-}
-
-pub(super) async fn handle_hello(
+/// What a hello decides for `client` (whose certificate has this fingerprint and key): `None`
+/// welcomes it, else the refusal and whether the connection closes. Records the client's
+/// declared largest rank.
+pub(super) fn check_hello(
     shared: &Shared,
     client: &str,
     (fingerprint, key_id): (&str, &str),
-    mut send: SendStream,
-    mut recv: RecvStream,
-) -> std::result::Result<bool, HelloEnd> {
-    // before the hello, only a hello is read: another kind of frame is refused from its header
-    // (no body read, no payload budget drawn) and ends the connection
-    let msg = match crate::wire::read_hello(&mut recv).await {
-        Ok(r) => r.msg,
-        Err(r) => {
-            shared.metrics.refused(r.code);
-            let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
-            if r.code == RefusalCode::NotRegistered {
-                warn!(%client, reason = %r.message, "request before the hello; closing");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                return Err(HelloEnd::Close("hello first".into()));
-            }
-            return Ok(false);
-        }
-    };
-    let refusal = match msg {
+    msg: &ClientMsg,
+) -> Option<(Refusal, bool)> {
+    match *msg {
         ClientMsg::Hello {
             protocol_version,
             spec_hash,
@@ -286,7 +291,55 @@ pub(super) async fn handle_hello(
             Refusal::new(RefusalCode::NotRegistered, "send a hello first"),
             false,
         )),
+    }
+}
+
+/// Records a welcomed client and says welcome.
+pub(super) fn welcome(
+    shared: &Shared,
+    client: &str,
+    (fingerprint, key_id): (&str, &str),
+) -> CoordMsg {
+    if let Err(e) = shared
+        .store
+        .saw_client(client, fingerprint, key_id, now_ms())
+    {
+        error!(error = %e, "recording client");
+    }
+    info!(%client, "client registered");
+    CoordMsg::Welcome {
+        client_id: client.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+    }
+}
+
+pub(super) enum HelloEnd {
+    Close(String),
+}
+
+pub(super) async fn handle_hello(
+    shared: &Shared,
+    client: &str,
+    (fingerprint, key_id): (&str, &str),
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> std::result::Result<bool, HelloEnd> {
+    // before the hello, only a hello is read: another kind of frame is refused from its header
+    // (no body read, no payload budget drawn) and ends the connection
+    let msg = match crate::wire::read_hello(&mut recv).await {
+        Ok(r) => r.msg,
+        Err(r) => {
+            shared.metrics.refused(r.code);
+            let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
+            if r.code == RefusalCode::NotRegistered {
+                warn!(%client, reason = %r.message, "request before the hello; closing");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return Err(HelloEnd::Close("hello first".into()));
+            }
+            return Ok(false);
+        }
     };
+    let refusal = check_hello(shared, client, (fingerprint, key_id), &msg);
     match refusal {
         Some((r, close)) => {
             warn!(%client, code = ?r.code, reason = %r.message, "hello refused");
@@ -301,21 +354,7 @@ pub(super) async fn handle_hello(
             }
         }
         None => {
-            if let Err(e) = shared
-                .store
-                .saw_client(client, fingerprint, key_id, now_ms())
-            {
-                error!(error = %e, "recording client");
-            }
-            info!(%client, "client registered");
-            let _ = respond(
-                &mut send,
-                &CoordMsg::Welcome {
-                    client_id: client.to_string(),
-                    protocol_version: PROTOCOL_VERSION,
-                },
-            )
-            .await;
+            let _ = respond(&mut send, &welcome(shared, client, (fingerprint, key_id))).await;
             Ok(true)
         }
     }
@@ -340,6 +379,58 @@ pub(super) async fn serve_stream(
         }
     };
     let (msg, wire, body_permit) = req.into_parts();
+    let (reply, round_down, download) =
+        dispatch(shared, client, presented, msg, wire, body_permit).await;
+    note_refusal(shared, client, &reply);
+    let sent = respond(&mut send, &reply).await;
+    drop(reply);
+    if download.is_some() {
+        // held until the client acknowledged the piece (or a while, for a silent one)
+        let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+        drop(download);
+    }
+    if let Ok(n) = sent {
+        count_sent(shared, client, round_down, n);
+    }
+}
+
+/// Counts a refusal in the metrics (and logs it, but for malformed frames).
+pub(super) fn note_refusal(shared: &Shared, client: &str, reply: &CoordMsg) {
+    if let CoordMsg::Refused(r) = reply {
+        shared.metrics.refused(r.code);
+        if r.code != RefusalCode::Malformed {
+            warn!(%client, code = ?r.code, reason = %r.message, "request refused");
+        }
+    }
+}
+
+/// Counts `n` bytes sent to `client`, in `round`'s bytes down when it is one.
+pub(super) fn count_sent(shared: &Shared, client: &str, round: Option<u64>, n: u64) {
+    shared.metrics.bytes_down.inc_by(n);
+    if let Some(round) = round {
+        *shared
+            .bytes_down
+            .lock()
+            .expect("lock")
+            .entry((round, client.to_string()))
+            .or_default() += n;
+    }
+}
+
+/// Answers one request of a registered client: the reply, the round whose bytes down it
+/// counts in, and the download budget it holds until the client has the bytes.
+pub(super) async fn dispatch(
+    shared: &Arc<Shared>,
+    client: &str,
+    presented: &crate::enroll::Presented,
+    msg: ClientMsg,
+    wire: u64,
+    body_permit: crate::wire::BodyPermit,
+) -> (
+    CoordMsg,
+    Option<u64>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     shared.metrics.bytes_up.inc_by(wire);
     let mut download = None;
     let (reply, round_down) = match msg {
@@ -389,30 +480,7 @@ pub(super) async fn serve_stream(
         }
         ClientMsg::Renew { csr_der } => (renew(shared, presented, csr_der).await, None),
     };
-    if let CoordMsg::Refused(r) = &reply {
-        shared.metrics.refused(r.code);
-        if r.code != RefusalCode::Malformed {
-            warn!(%client, code = ?r.code, reason = %r.message, "request refused");
-        }
-    }
-    let sent = respond(&mut send, &reply).await;
-    drop(reply);
-    if download.is_some() {
-        // held until the client acknowledged the piece (or a while, for a silent one)
-        let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
-        drop(download);
-    }
-    if let Ok(n) = sent {
-        shared.metrics.bytes_down.inc_by(n);
-        if let Some(round) = round_down {
-            *shared
-                .bytes_down
-                .lock()
-                .expect("lock")
-                .entry((round, client.to_string()))
-                .or_default() += n;
-        }
-    }
+    (reply, round_down, download)
 }
 
 /// A renewed certificate for the device whose connection presented `presented`, or why not.

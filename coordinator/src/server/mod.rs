@@ -33,6 +33,7 @@ mod commit;
 mod connection;
 mod downlink;
 mod driver;
+mod relayed;
 mod requests;
 mod revocation;
 
@@ -184,7 +185,7 @@ pub struct Coordinator {
     enroll: Option<crate::enroll::EnrollService>,
 }
 
-fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
+pub(crate) fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
@@ -215,6 +216,16 @@ impl Coordinator {
     /// Opens the store under `config.data_dir`, resumes the federation found there or starts a
     /// new one from `initial` (global version 0), binds the QUIC endpoint and starts serving.
     pub async fn start(config: CoordinatorConfig, initial: FlatAdapter) -> Result<Self> {
+        Self::start_with(config, initial, None).await
+    }
+
+    /// [`Coordinator::start`] on a store opened already (`None`: open `config.store`), e.g.
+    /// one whose connection holds the lease on driving the rounds (a front-end that took over).
+    pub async fn start_with(
+        config: CoordinatorConfig,
+        initial: FlatAdapter,
+        store: Option<Store>,
+    ) -> Result<Self> {
         config.validate()?;
         if initial.spec().numel() == 0 {
             return Err(CoordinatorError::Config(
@@ -237,11 +248,21 @@ impl Coordinator {
         info!(
             listen = %config.listen,
             data_dir = %config.data_dir.display(),
+            store = %config.store,
             federation = %serde_json::to_string(&config.federation).unwrap_or_default(),
             "effective settings"
         );
         let spec = initial.spec().clone();
-        let store = Store::open(&config.data_dir)?;
+        let store = match store {
+            Some(s) => s,
+            None => Store::open_at(&config.data_dir, &config.store)?,
+        };
+        if !store.try_lead()? {
+            return Err(CoordinatorError::Config(format!(
+                "{} is driven by another running coordinator",
+                store.describe()
+            )));
+        }
         let now = now_ms();
         let fed = match (store.setup()?, store.state()?) {
             (Some((stored_cfg, stored_spec)), Some(state)) => {
@@ -418,6 +439,25 @@ impl Coordinator {
         let snapshots = tokio::spawn(snapshot_loop(shared.clone(), snapshot_events));
         let revocations = tokio::spawn(revocation::revocation_loop(shared.clone()));
         let mut tasks = vec![accept, ticker, snapshots, revocations];
+        shared.metrics.driving.set(1);
+        if let crate::store::StoreLocation::Postgres(url) = &shared.config.store {
+            // other front-ends relay their clients' requests through the store to this one
+            let (queue, notes) = crate::relay::queue::RelayQueue::connect(url).await?;
+            let queue = Arc::new(queue);
+            let id = crate::relay::frontend::new_id();
+            info!(frontend = %id, "driving the rounds; answering relayed requests");
+            tasks.push(tokio::spawn(relayed::relay_loop(
+                shared.clone(),
+                queue.clone(),
+                notes,
+            )));
+            tasks.push(tokio::spawn(crate::relay::frontend::heartbeat_loop(
+                queue,
+                id,
+                endpoint.local_addr()?.to_string(),
+                true,
+            )));
+        }
         // the metrics port accepts only now, after the first status snapshot: a probe that
         // waits for `/healthz` (or for the port) may run `fedlora status` at once
         if let Some(socket) = metrics_listener {

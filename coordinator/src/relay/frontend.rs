@@ -1,0 +1,354 @@
+//! A front-end that does not drive: it serves QUIC and TLS for its clients and relays each of
+//! their requests through the store to the driving front-end ([`super`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedlora_protocol::{ClientMsg, CoordMsg, Refusal, RefusalCode};
+use quinn::SendStream;
+use tokio::sync::{mpsc::UnboundedReceiver, oneshot};
+use tracing::{error, info, warn};
+
+use super::queue::{reply_channel, Note, RelayQueue};
+use super::{Relayed, RelayedReply, RelayedRequest, RELAY_WAIT_MS};
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::wire::{read_hello, read_request, respond, ReadBudget};
+
+/// A fresh front-end id: `f` and 16 hex digits (a PostgreSQL channel name's safe part).
+pub fn new_id() -> String {
+    format!("f{:016x}", rand::random::<u64>())
+}
+
+/// Records this front-end as alive every two seconds (`fedlora status` lists the front-ends
+/// and which one drives).
+pub async fn heartbeat_loop(queue: Arc<RelayQueue>, id: String, listen: String, driving: bool) {
+    loop {
+        if let Err(e) = queue
+            .heartbeat(&id, &listen, driving, crate::server::now_ms())
+            .await
+        {
+            warn!(error = %e, "front-end heartbeat failed");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+struct Relay {
+    id: String,
+    queue: Arc<RelayQueue>,
+    next_key: AtomicI64,
+    /// Requests waiting for their reply, by key.
+    pending: Mutex<BTreeMap<i64, oneshot::Sender<()>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Relay {
+    /// Relays `req` and waits for the driver's reply (a refusal to retry when none comes).
+    async fn call(&self, req: &RelayedRequest) -> RelayedReply {
+        let retry = |m: &str| RelayedReply {
+            frame: fedlora_protocol::frame::encode(&CoordMsg::Refused(Refusal::new(
+                RefusalCode::Internal,
+                m,
+            )))
+            .unwrap_or_default(),
+            close: None,
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = oneshot::channel();
+        self.pending.lock().expect("lock").insert(key, tx);
+        self.metrics.relayed("out");
+        let bytes = super::encode(req);
+        if let Err(e) = self
+            .queue
+            .submit(&self.id, key, &bytes, crate::server::now_ms())
+            .await
+        {
+            self.pending.lock().expect("lock").remove(&key);
+            error!(error = %e, "relaying a request failed");
+            return retry("the coordinator's store is unavailable; retry");
+        }
+        drop(bytes);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(RELAY_WAIT_MS);
+        loop {
+            // woken by the reply's notification; a look every second in case one was missed
+            let woke = tokio::time::timeout(Duration::from_secs(1), &mut rx).await;
+            match self.queue.take_reply(&self.id, key).await {
+                Ok(Some(bytes)) => {
+                    self.pending.lock().expect("lock").remove(&key);
+                    return super::decode(&bytes)
+                        .unwrap_or_else(|| retry("undecodable reply from the driver; retry"));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "reading a relayed reply failed"),
+            }
+            if matches!(woke, Ok(Err(_))) || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        self.pending.lock().expect("lock").remove(&key);
+        let _ = self.queue.withdraw(&self.id, key).await;
+        retry("no coordinator drives the rounds right now (a failover?); retry")
+    }
+
+    /// Relays that connection `conn` closed (no reply).
+    async fn closed(&self, conn: u64, chain: Vec<Vec<u8>>, hello: Vec<u8>) {
+        let req = RelayedRequest {
+            conn,
+            chain,
+            hello,
+            what: Relayed::Closed,
+        };
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .queue
+            .submit(&self.id, key, &super::encode(&req), crate::server::now_ms())
+            .await;
+    }
+}
+
+/// Wakes the requests whose replies were announced.
+async fn reply_loop(relay: Arc<Relay>, mut notes: UnboundedReceiver<Note>) {
+    while let Some((_, payload)) = notes.recv().await {
+        if let Ok(key) = payload.parse::<i64>() {
+            if let Some(tx) = relay.pending.lock().expect("lock").remove(&key) {
+                let _ = tx.send(());
+            }
+        }
+    }
+    error!("the relay's connection ended; this front-end cannot serve its clients");
+}
+
+/// A running front-end that relays to the driver.
+pub struct FrontEnd {
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    id: String,
+}
+
+impl FrontEnd {
+    /// Binds `config.listen` and relays every request of the clients that connect through the
+    /// PostgreSQL store at `url`.
+    pub async fn start(config: &CoordinatorConfig, url: &str) -> Result<Self> {
+        let server_config =
+            crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let socket = crate::server::bind_socket(config.listen, config.udp_recv_buffer)?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr)?),
+            None => None,
+        };
+        let (queue, notes) = RelayQueue::connect(url).await?;
+        let queue = Arc::new(queue);
+        let id = new_id();
+        queue.listen(&reply_channel(&id)).await?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            quinn::default_runtime()
+                .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
+        )?;
+        let listen = endpoint.local_addr()?;
+        let relay = Arc::new(Relay {
+            id: id.clone(),
+            queue: queue.clone(),
+            next_key: AtomicI64::new(1),
+            pending: Mutex::new(BTreeMap::new()),
+            metrics: metrics.clone(),
+        });
+        let budget = ReadBudget::global(config.payload_budget);
+        let mut tasks = vec![
+            tokio::spawn(reply_loop(relay.clone(), notes)),
+            tokio::spawn(heartbeat_loop(queue, id.clone(), listen.to_string(), false)),
+            tokio::spawn(accept_loop(endpoint.clone(), relay, budget)),
+        ];
+        metrics.driving.set(0);
+        if let Some(socket) = metrics_listener {
+            let l = crate::metrics::listen(socket)?;
+            tasks.push(tokio::spawn(crate::metrics::serve(l, metrics)));
+        }
+        info!(frontend = %id, addr = %listen, "front-end listening; relaying to the driving one");
+        Ok(Self {
+            endpoint,
+            tasks,
+            id,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// This front-end's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops serving (its clients reconnect, here or to another front-end), and returns once
+    /// its UDP port is free again (a front-end that takes over binds it next).
+    pub async fn shutdown(self) {
+        let addr = self.endpoint.local_addr().ok();
+        self.endpoint.close(0u32.into(), b"front-end stopping");
+        // every connection's task (and its streams' tasks) ends with the accept loop's
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.endpoint.wait_idle().await;
+        drop(self.endpoint);
+        // quinn's driver lets the socket go on its next turn
+        if let Some(addr) = addr {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while std::net::UdpSocket::bind(addr).is_err() && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Accepts connections; each one's task lives in this loop's set, so aborting the loop ends
+/// them all.
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    relay: Arc<Relay>,
+    budget: Arc<tokio::sync::Semaphore>,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            // reap the tasks of closed connections
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let (relay, budget) = (relay.clone(), budget.clone());
+        conns.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve(conn, relay, budget).await,
+                Err(e) => warn!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+/// The certificates a client presented, leaf first.
+fn presented_chain(conn: &quinn::Connection) -> Vec<Vec<u8>> {
+    conn.peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|c| c.iter().map(|d| d.to_vec()).collect())
+        .unwrap_or_default()
+}
+
+async fn send_frame(send: &mut SendStream, frame: &[u8]) {
+    if send.write_all(frame).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Serves one connection: its hello, then each request, all relayed.
+async fn serve(conn: quinn::Connection, relay: Arc<Relay>, budget: Arc<tokio::sync::Semaphore>) {
+    let chain = presented_chain(&conn);
+    if chain.is_empty() {
+        conn.close(1u32.into(), b"client certificate required");
+        return;
+    }
+    let id = conn.stable_id() as u64;
+    // the hello, relayed until the driver welcomes it
+    let hello = loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let msg = match read_hello(&mut recv).await {
+            Ok(r) => r.msg,
+            Err(r) => {
+                let _ = respond(&mut send, &CoordMsg::Refused(r.clone())).await;
+                if r.code == RefusalCode::NotRegistered {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.close(2u32.into(), b"hello first");
+                    return;
+                }
+                continue;
+            }
+        };
+        let hello = fedlora_protocol::frame::encode(&msg).unwrap_or_default();
+        let reply = relay
+            .call(&RelayedRequest {
+                conn: id,
+                chain: chain.clone(),
+                hello: hello.clone(),
+                what: Relayed::Hello,
+            })
+            .await;
+        send_frame(&mut send, &reply.frame).await;
+        if let Some(why) = reply.close {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.close(2u32.into(), why.as_bytes());
+            return;
+        }
+        if matches!(
+            fedlora_protocol::frame::decode::<CoordMsg>(&reply.frame),
+            Ok(CoordMsg::Welcome { .. })
+        ) {
+            break hello;
+        }
+    };
+    let budget = ReadBudget::for_connection(budget, Some(conn.clone()));
+    // the streams' tasks live in this set: they end with the connection's task
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        let (mut send, mut recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => continue,
+        };
+        let (relay, budget, chain, hello) =
+            (relay.clone(), budget.clone(), chain.clone(), hello.clone());
+        streams.spawn(async move {
+            // the driver decides who may send a payload: every registered client may, within
+            // this front-end's read budget
+            let req = match read_request(&mut recv, &budget, &|| Ok(())).await {
+                Ok(r) => r,
+                Err(r) => {
+                    let _ = respond(&mut send, &CoordMsg::Refused(r)).await;
+                    return;
+                }
+            };
+            let (msg, wire, permit) = req.into_parts();
+            let frame = match fedlora_protocol::frame::encode::<ClientMsg>(&msg) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = respond(&mut send, &CoordMsg::Refused(e.refusal())).await;
+                    return;
+                }
+            };
+            drop(msg);
+            let reply = relay
+                .call(&RelayedRequest {
+                    conn: id,
+                    chain,
+                    hello,
+                    what: Relayed::Request { frame, wire },
+                })
+                .await;
+            drop(permit);
+            send_frame(&mut send, &reply.frame).await;
+        });
+    }
+    relay.closed(id, chain, hello).await;
+}
