@@ -4,7 +4,8 @@
 //!
 //! Points: `commit-before-flush` (a group of uploads checked, its files fsynced, its records
 //! not yet flushed), `commit-after-flush` (records durable, nothing acknowledged yet),
-//! `round-commit` (the new global's file written, the round's commit transaction not yet).
+//! `round-commit` (the new global's file written, the round's commit transaction not yet),
+//! `secure-input` (a masked input of a secure round received, in memory only).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::store::{ClientRecord, DeviceRecord, RoundRecord, RoundStatus, Store};
+use crate::store::{ClientRecord, DeviceRecord, FrontendRecord, RoundRecord, RoundStatus, Store};
 
 /// The federation-wide held-out loss of one global version: the token-weighted mean of the
 /// clients' reports.
@@ -52,6 +52,9 @@ pub struct StatusReport {
     /// Async mode's buffer (`None` in sync mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferReport>,
+    /// The front-ends of a federation on PostgreSQL, the driving one first (empty with sled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frontends: Vec<FrontendRecord>,
 }
 
 /// The async buffer: its settings, how full it is, and the staleness of what was counted.
@@ -192,5 +195,6 @@ pub fn report(store: &Store) -> Result<StatusReport> {
         evals,
         clients: store.clients()?,
         devices: store.registry()?.devices()?,
+        frontends: store.frontends()?,
     })
 }

@@ -30,7 +30,7 @@ pub use message::{
     Weighting, ALPN, IDLE_TIMEOUT_S, KEEP_ALIVE_S, PROTOCOL_VERSION,
 };
 pub use round::{
-    codec_seed, fedavg, ClientId, Contribution, Directive, Federation, FederationConfig,
-    FederationState, Mode, OpenRound, Phase, Sampling, Staleness, Transition, UploadMeta,
-    UploadVerdict,
+    codec_seed, fedavg, may_send_payload, ClientId, Contribution, Directive, Federation,
+    FederationConfig, FederationState, Mode, OpenRound, Phase, Sampling, Staleness, Transition,
+    UploadMeta, UploadVerdict,
 };

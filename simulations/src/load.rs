@@ -57,6 +57,8 @@ pub struct LoadConfig {
     pub seed: u64,
     /// Round deadline, milliseconds.
     pub round_timeout_ms: u64,
+    /// The coordinator's PostgreSQL store (a `postgres://` URL; `None`: sled, embedded).
+    pub store: Option<String>,
 }
 
 impl Default for LoadConfig {
@@ -68,6 +70,7 @@ impl Default for LoadConfig {
             codec: None,
             seed: 1,
             round_timeout_ms: 600_000,
+            store: None,
         }
     }
 }
@@ -163,6 +166,9 @@ impl LoadConfig {
     pub fn coordinator(&self, state: &Path, certs: &Path) -> Result<CoordinatorConfig, SimError> {
         let mut cfg = CoordinatorConfig::new(state.to_path_buf(), certs);
         cfg.listen = "127.0.0.1:0".parse().expect("valid address");
+        if let Some(url) = &self.store {
+            cfg.store = fedlora_coordinator::store::StoreLocation::Postgres(url.clone());
+        }
         cfg.federation = self.federation()?;
         cfg.tick_ms = 20;
         cfg.poll_interval_ms = 100;
@@ -258,13 +264,17 @@ pub fn make_certs(cfg: &LoadConfig, dir: &Path) -> Result<PathBuf, SimError> {
     Ok(certs)
 }
 
-/// Runs the N clients against the coordinator at `addr` until the federation finishes; their
+/// Runs the N clients against the coordinator at `addrs` (its front-ends: client i connects
+/// to front-end i mod F first, the others as alternates) until the federation finishes; their
 /// reports, in client order.
 pub async fn run_clients(
     cfg: &LoadConfig,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     certs: &Path,
 ) -> Result<Vec<ClientReport>, SimError> {
+    if addrs.is_empty() {
+        return Err(SimError::Config("no coordinator address".into()));
+    }
     let mut handles = Vec::with_capacity(cfg.clients);
     // one UDP socket per CLIENTS_PER_ENDPOINT clients (each connection with its own
     // certificate): 10,000 clients are not 10,000 sockets and receive buffers
@@ -273,7 +283,9 @@ pub async fn run_clients(
         endpoints.push(fedlora_client::transport::bare_endpoint()?);
     }
     for i in 0..cfg.clients {
-        let mut cc = ClientConfig::new(addr, ClientTls::from_dir(certs, i));
+        let f = addrs.len();
+        let mut cc = ClientConfig::new(addrs[i % f], ClientTls::from_dir(certs, i));
+        cc.alternates = (1..f).map(|k| addrs[(i + k) % f]).collect();
         cc.endpoint = Some(endpoints[i / CLIENTS_PER_ENDPOINT].clone());
         cc.sampling_seed = Some(cfg.client_seed(i));
         cc.max_connect_attempts = Some(50);
@@ -530,6 +542,55 @@ pub async fn serve(
     })
 }
 
+/// A front-end that relays to the load run's coordinator (`bench load --frontends F`, a
+/// PostgreSQL store), until the federation in the store finishes; `on_listen` receives its
+/// address.
+pub async fn serve_frontend(
+    cfg: &LoadConfig,
+    state: &Path,
+    certs: &Path,
+    on_listen: impl FnOnce(SocketAddr),
+) -> Result<(), SimError> {
+    use fedlora_coordinator::store::{Store, StoreLocation};
+    let url = cfg
+        .store
+        .clone()
+        .ok_or_else(|| SimError::Config("front-ends need a PostgreSQL store".into()))?;
+    let cc = cfg.coordinator(state, certs)?;
+    let fe = fedlora_coordinator::relay::frontend::FrontEnd::start(&cc, &url).await?;
+    on_listen(
+        fe.local_addr()
+            .map_err(|e| SimError::Config(e.to_string()))?,
+    );
+    let location = StoreLocation::Postgres(url);
+    let dir = state.to_path_buf();
+    let store = tokio::task::spawn_blocking(move || Store::open_existing_at(&dir, &location))
+        .await
+        .map_err(|e| SimError::Config(e.to_string()))??;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = store.clone();
+        let state = tokio::task::spawn_blocking(move || s.state())
+            .await
+            .map_err(|e| SimError::Config(e.to_string()))??;
+        if matches!(
+            state.map(|s| s.phase),
+            Some(fedlora_protocol::Phase::Finished { .. })
+        ) {
+            break;
+        }
+    }
+    // the clients collect their Finished task first (as the coordinator lingers)
+    let poll_ms = fedlora_coordinator::config::poll_delay_ms(
+        cc.poll_interval_ms,
+        cfg.clients,
+        cc.max_polls_per_s,
+    );
+    tokio::time::sleep(Duration::from_millis(2_000 + 2 * poll_ms)).await;
+    fe.shutdown().await;
+    Ok(())
+}
+
 /// One load run's results (`fedlora bench load --json`).
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadReport {
@@ -676,7 +737,7 @@ pub fn run_in_process(cfg: &LoadConfig) -> Result<LoadReport, SimError> {
         let addr = rx
             .await
             .map_err(|_| SimError::Config("the coordinator did not start".into()))?;
-        let clients = run_clients(cfg, addr, &certs).await?;
+        let clients = run_clients(cfg, &[addr], &certs).await?;
         let served = server
             .await
             .map_err(|e| SimError::Config(format!("coordinator task: {e}")))??;

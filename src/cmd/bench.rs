@@ -74,6 +74,17 @@ pub(crate) struct BenchArgs {
     /// load: run as the coordinator of a load run prepared in this directory (internal).
     #[arg(long, hide = true)]
     serve: Option<std::path::PathBuf>,
+    /// load: as front-end I of a load run prepared in --serve's directory (internal).
+    #[arg(long, hide = true, requires = "serve")]
+    frontend_index: Option<usize>,
+    /// load: the coordinator's store: a postgres:// URL (each run in a fresh schema of its
+    /// own, dropped after); default sled in a temporary directory.
+    #[arg(long)]
+    store: Option<String>,
+    /// load: coordinator front-ends (processes) the clients spread over; more than 1 needs
+    /// --store postgres://… (one drives, the others relay to it).
+    #[arg(long, default_value_t = 1)]
+    frontends: usize,
     /// secagg: modulus bits of the inputs.
     #[arg(long, default_value_t = 16)]
     modulus_bits: u32,
@@ -196,11 +207,23 @@ fn load_config(a: &BenchArgs) -> anyhow::Result<fedlora_simulations::load::LoadC
     if a.clients == 0 || a.params == 0 {
         return Err(super::UsageError("--clients and --params must be positive".into()).into());
     }
+    if a.frontends == 0 || (a.frontends > 1 && a.store.is_none()) {
+        return Err(super::UsageError(
+            "--frontends: at least 1, and more than 1 needs --store postgres://…".into(),
+        )
+        .into());
+    }
+    if let Some(s) = &a.store {
+        if !s.starts_with("postgres://") && !s.starts_with("postgresql://") {
+            return Err(super::UsageError("--store: a postgres:// URL".into()).into());
+        }
+    }
     Ok(fedlora_simulations::load::LoadConfig {
         clients: a.clients,
         params: a.params,
         secure: a.secure,
         codec,
+        store: a.store.clone(),
         ..Default::default()
     })
 }
@@ -210,49 +233,99 @@ fn load_config(a: &BenchArgs) -> anyhow::Result<fedlora_simulations::load::LoadC
 fn load_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     use fedlora_simulations::load;
     let started = Instant::now();
-    let cfg = load_config(a)?;
+    let mut cfg = load_config(a)?;
     cfg.federation()?;
+    // a PostgreSQL run starts from a fresh schema of its own
+    let schema = match &cfg.store {
+        Some(url) => Some(
+            fedlora_coordinator::store::scratch::ScratchSchema::create(url)
+                .map_err(|e| super::UsageError(format!("--store: {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(s) = &schema {
+        cfg.store = Some(s.url());
+    }
     let tmp = tempfile::tempdir()?;
     let certs = load::make_certs(&cfg, tmp.path())?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["bench", "load", "--clients", &a.clients.to_string()])
-        .args(["--params", &a.params.to_string()])
-        .arg("--serve")
-        .arg(tmp.path());
-    if a.secure {
-        cmd.arg("--secure");
-    }
-    if let Some(c) = &a.codec {
-        cmd.args(["--codec", c]);
-    }
-    let mut child = cmd.stdout(std::process::Stdio::null()).spawn()?;
-    let addr_file = tmp.path().join("addr");
-    let addr = loop {
-        if let Some(addr) = std::fs::read_to_string(&addr_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break addr;
+    let child_cmd = |frontend: Option<usize>| -> anyhow::Result<std::process::Child> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["bench", "load", "--clients", &a.clients.to_string()])
+            .args(["--params", &a.params.to_string()])
+            .arg("--serve")
+            .arg(tmp.path());
+        if a.secure {
+            cmd.arg("--secure");
         }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!("the load coordinator exited early: {status}");
+        if let Some(c) = &a.codec {
+            cmd.args(["--codec", c]);
         }
-        anyhow::ensure!(
-            started.elapsed().as_secs() < 120,
-            "the load coordinator did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Some(url) = &cfg.store {
+            cmd.args(["--store", url]);
+        }
+        if let Some(i) = frontend {
+            cmd.args(["--frontend-index", &i.to_string()]);
+        }
+        Ok(cmd.stdout(std::process::Stdio::null()).spawn()?)
     };
+    let wait_addr = |file: &std::path::Path,
+                     child: &mut std::process::Child|
+     -> anyhow::Result<std::net::SocketAddr> {
+        loop {
+            if let Some(addr) = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Ok(addr);
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("a load coordinator process exited early: {status}");
+            }
+            anyhow::ensure!(
+                started.elapsed().as_secs() < 120,
+                "a load coordinator process did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // the driver first (it takes the lease), then the front-ends that relay to it
+    let mut children = vec![child_cmd(None)?];
+    let mut addrs = vec![wait_addr(&tmp.path().join("addr"), &mut children[0])?];
+    for i in 1..a.frontends {
+        let mut c = child_cmd(Some(i))?;
+        addrs.push(wait_addr(&tmp.path().join(format!("addr-{i}")), &mut c)?);
+        children.push(c);
+    }
     let setup_s = started.elapsed().as_secs_f64();
     let rt = tokio::runtime::Runtime::new()?;
-    let clients = rt.block_on(load::run_clients(&cfg, addr, &certs))?;
-    let status = child.wait()?;
-    anyhow::ensure!(status.success(), "the load coordinator failed: {status}");
+    let clients = rt.block_on(load::run_clients(&cfg, &addrs, &certs))?;
+    for c in &mut children {
+        let status = c.wait()?;
+        anyhow::ensure!(
+            status.success(),
+            "a load coordinator process failed: {status}"
+        );
+    }
     let (outcome, rss) = load::read_served(tmp.path(), &cfg)?;
     let report = load::report(&cfg, &outcome, &clients, Some(rss), setup_s, started)?;
     let mut v = serde_json::to_value(&report)?;
+    let mut frontend_rss = vec![json!(rss)];
+    for i in 1..a.frontends {
+        let f: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            tmp.path().join(format!("frontend-{i}.json")),
+        )?)?;
+        frontend_rss.push(f["peak_rss_mib"].clone());
+    }
+    v["store"] = json!(if a.store.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    });
+    v["frontends"] = json!(a.frontends);
+    v["frontend_peak_rss_mib"] = json!(frontend_rss);
     v["client_process_peak_rss_mib"] = json!(peak_rss_mib());
     v["coordinator_kib_per_client"] = json!(rss * 1024.0 / a.clients as f64);
+    drop(schema);
     Ok(v)
 }
 
@@ -264,6 +337,26 @@ fn serve_load(a: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     super::logging::init(super::logging::LogFormat::Text, "warn");
     let cfg = load_config(a)?;
     let rt = tokio::runtime::Runtime::new()?;
+    if let Some(i) = a.frontend_index {
+        // a front-end that relays to the driver, with a data directory of its own
+        let addr_file = dir.join(format!("addr-{i}"));
+        rt.block_on(load::serve_frontend(
+            &cfg,
+            &dir.join(format!("frontend-{i}")),
+            &dir.join("certs"),
+            |addr| {
+                let tmp = dir.join(format!("addr-{i}.tmp"));
+                if std::fs::write(&tmp, addr.to_string()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &addr_file);
+                }
+            },
+        ))?;
+        std::fs::write(
+            dir.join(format!("frontend-{i}.json")),
+            serde_json::to_vec(&json!({ "peak_rss_mib": peak_rss_mib() }))?,
+        )?;
+        return Ok(());
+    }
     let addr_file = dir.join("addr");
     let out = rt.block_on(load::serve(
         &cfg,

@@ -658,6 +658,12 @@ pub(crate) fn run(a: CoordinatorArgs) -> anyhow::Result<()> {
                 tracing::info!(success = ok, "done: the coordinator exits after its last round");
                 ok
             }
+            why = c.lost() => {
+                // another front-end may be driving already: stop at once
+                tracing::error!(reason = %why, "cannot drive any more; stopping");
+                c.shutdown().await;
+                anyhow::bail!("{why}");
+            }
             _ = tokio::signal::ctrl_c() => {
                 tracing::info!("interrupted; state is on disk, restart to resume");
                 true
@@ -692,10 +698,17 @@ async fn relay_until_lead(
     let fe = fedlora_coordinator::relay::frontend::FrontEnd::start(cfg, url)
         .await
         .map_err(|e| UsageError(e.to_string()))?;
-    let lease = {
+    // the lease is waited for on a thread of its own: it blocks until the driver's session
+    // ends, and an interrupted front-end must not wait for it
+    let (lease_tx, lease) = tokio::sync::oneshot::channel();
+    {
         let s = store.clone();
-        tokio::task::spawn_blocking(move || s.wait_lead())
-    };
+        std::thread::Builder::new()
+            .name("fedlora-lease".into())
+            .spawn(move || {
+                let _ = lease_tx.send(s.wait_lead());
+            })?;
+    }
     // a second connection watches for the end of the federation (the first waits for the lease)
     let watch = open(cfg).await??;
     let finished = async move {
@@ -714,13 +727,17 @@ async fn relay_until_lead(
     };
     let outcome = tokio::select! {
         r = lease => {
-            r??;
+            r.map_err(|_| anyhow::anyhow!("the lease's thread ended"))??;
             tracing::info!("the driver's lease ended: this front-end takes over driving");
             Some(store)
         }
         _ = finished => {
             tracing::info!("done: the federation finished");
             None
+        }
+        _ = fe.lost() => {
+            fe.shutdown().await;
+            anyhow::bail!("this front-end lost its connection to the store; stopping");
         }
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("interrupted");

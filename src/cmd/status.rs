@@ -107,6 +107,24 @@ pub(crate) fn run(a: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("{} clients seen", r.clients.len());
+    if !r.frontends.is_empty() {
+        // the database's clock, as the heartbeats were written
+        let newest = r.frontends.iter().map(|f| f.seen_ms).max().unwrap_or(0);
+        println!("{} front-ends:", r.frontends.len());
+        for f in &r.frontends {
+            println!(
+                "  {} on {}{}, last heard {:.1} s before the newest heartbeat",
+                f.id,
+                f.listen,
+                if f.driving {
+                    " (drives the rounds)"
+                } else {
+                    ""
+                },
+                newest.saturating_sub(f.seen_ms) as f64 / 1e3
+            );
+        }
+    }
     if !r.devices.is_empty() {
         println!("{} devices enrolled:", r.devices.len());
         for d in &r.devices {

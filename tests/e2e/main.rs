@@ -22,3 +22,4 @@ mod e2e_quic;
 mod e2e_sdk;
 mod e2e_secagg;
 mod e2e_strategies;
+mod scale_out;

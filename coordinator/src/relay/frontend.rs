@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,30 +12,12 @@ use quinn::SendStream;
 use tokio::sync::{mpsc::UnboundedReceiver, oneshot};
 use tracing::{error, info, warn};
 
-use super::queue::{reply_channel, Note, RelayQueue};
+use super::queue::{heartbeat_loop, new_id, reply_channel, Note, RelayQueue};
 use super::{Relayed, RelayedReply, RelayedRequest, RELAY_WAIT_MS};
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
-use crate::wire::{read_hello, read_request, respond, ReadBudget};
-
-/// A fresh front-end id: `f` and 16 hex digits (a PostgreSQL channel name's safe part).
-pub fn new_id() -> String {
-    format!("f{:016x}", rand::random::<u64>())
-}
-
-/// Records this front-end as alive every two seconds (`fedlora status` lists the front-ends
-/// and which one drives).
-pub async fn heartbeat_loop(queue: Arc<RelayQueue>, id: String, listen: String, driving: bool) {
-    loop {
-        if let Err(e) = queue
-            .heartbeat(&id, &listen, driving, crate::server::now_ms())
-            .await
-        {
-            warn!(error = %e, "front-end heartbeat failed");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-}
+use crate::revocation::{close_revoked, watch_deny_list, Conns};
+use crate::wire::{read_hello, read_request, respond, ReadBudget, MAX_CONNECTIONS_PER_CLIENT};
 
 struct Relay {
     id: String,
@@ -44,6 +26,60 @@ struct Relay {
     /// Requests waiting for their reply, by key.
     pending: Mutex<BTreeMap<i64, oneshot::Sender<()>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// This front-end's connection ids: a counter, never reused.
+    next_conn: AtomicU64,
+    /// Open connections per client id (at most [`MAX_CONNECTIONS_PER_CLIENT`]; the
+    /// deny-list closes them).
+    conns: Conns,
+    /// The federation's CA subject: which issuer signed a client.
+    ca_subject: Vec<u8>,
+    /// The federation as last read from the store (every [`VIEW_EVERY`]): who may send a
+    /// payload now (`None`: not read yet).
+    view: Mutex<Option<(bool, fedlora_protocol::FederationState)>>,
+    /// Set when the relay's connection ended: this front-end can serve no one.
+    lost: AtomicBool,
+}
+
+/// How often a front-end reads the federation's state from the store.
+const VIEW_EVERY: Duration = Duration::from_millis(250);
+
+impl Relay {
+    /// Whether `client` may send a payload now, as the store last said (before its body is
+    /// read, as the driver checks a direct client's). A front-end's view may lag the driver's
+    /// by [`VIEW_EVERY`]: where it says no, the client is told to retry shortly.
+    fn may_send_payload(&self, client: &str) -> std::result::Result<(), Refusal> {
+        match &*self.view.lock().expect("lock") {
+            Some((is_async, state)) => fedlora_protocol::may_send_payload(state, *is_async, client)
+                .map_err(|r| {
+                    Refusal::new(
+                        RefusalCode::RetryLater,
+                        format!(
+                            "{} (as this front-end last saw it); retry shortly",
+                            r.message
+                        ),
+                    )
+                }),
+            None => Err(Refusal::new(
+                RefusalCode::RetryLater,
+                "this front-end is starting; retry shortly",
+            )),
+        }
+    }
+}
+
+/// Keeps a front-end's view of the federation current.
+async fn view_loop(relay: Arc<Relay>) {
+    loop {
+        match relay.queue.federation().await {
+            Ok(Some((config, state))) => {
+                let is_async = config.mode == fedlora_protocol::Mode::Async;
+                *relay.view.lock().expect("lock") = Some((is_async, state));
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "reading the federation's state failed"),
+        }
+        tokio::time::sleep(VIEW_EVERY).await;
+    }
 }
 
 impl Relay {
@@ -62,20 +98,24 @@ impl Relay {
         self.pending.lock().expect("lock").insert(key, tx);
         self.metrics.relayed("out");
         let bytes = super::encode(req);
-        if let Err(e) = self
-            .queue
-            .submit(&self.id, key, &bytes, crate::server::now_ms())
-            .await
-        {
+        if let Err(e) = self.queue.submit(&self.id, key, &bytes).await {
             self.pending.lock().expect("lock").remove(&key);
             error!(error = %e, "relaying a request failed");
             return retry("the coordinator's store is unavailable; retry");
         }
         drop(bytes);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(RELAY_WAIT_MS);
+        let mut woken = false;
         loop {
             // woken by the reply's notification; a look every second in case one was missed
-            let woke = tokio::time::timeout(Duration::from_secs(1), &mut rx).await;
+            if woken {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else if tokio::time::timeout(Duration::from_secs(1), &mut rx)
+                .await
+                .is_ok()
+            {
+                woken = true;
+            }
             match self.queue.take_reply(&self.id, key).await {
                 Ok(Some(bytes)) => {
                     self.pending.lock().expect("lock").remove(&key);
@@ -85,7 +125,7 @@ impl Relay {
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "reading a relayed reply failed"),
             }
-            if matches!(woke, Ok(Err(_))) || tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 break;
             }
         }
@@ -103,10 +143,7 @@ impl Relay {
             what: Relayed::Closed,
         };
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .queue
-            .submit(&self.id, key, &super::encode(&req), crate::server::now_ms())
-            .await;
+        let _ = self.queue.submit(&self.id, key, &super::encode(&req)).await;
     }
 }
 
@@ -120,6 +157,7 @@ async fn reply_loop(relay: Arc<Relay>, mut notes: UnboundedReceiver<Note>) {
         }
     }
     error!("the relay's connection ended; this front-end cannot serve its clients");
+    relay.lost.store(true, Ordering::SeqCst);
 }
 
 /// A running front-end that relays to the driver.
@@ -127,6 +165,7 @@ pub struct FrontEnd {
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     id: String,
+    relay: Arc<Relay>,
 }
 
 impl FrontEnd {
@@ -135,12 +174,13 @@ impl FrontEnd {
     pub async fn start(config: &CoordinatorConfig, url: &str) -> Result<Self> {
         let server_config =
             crate::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-        let socket = crate::server::bind_socket(config.listen, config.udp_recv_buffer)?;
+        let socket = crate::socket::bind_socket(config.listen, config.udp_recv_buffer)?;
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let metrics_listener = match config.metrics {
             Some(addr) => Some(crate::metrics::bind(addr)?),
             None => None,
         };
+        let ca_subject = crate::certs::ca_subject(&config.tls.ca)?;
         let (queue, notes) = RelayQueue::connect(url).await?;
         let queue = Arc::new(queue);
         let id = new_id();
@@ -159,12 +199,27 @@ impl FrontEnd {
             next_key: AtomicI64::new(1),
             pending: Mutex::new(BTreeMap::new()),
             metrics: metrics.clone(),
+            next_conn: AtomicU64::new(1),
+            conns: Mutex::new(BTreeMap::new()),
+            ca_subject,
+            view: Mutex::new(None),
+            lost: AtomicBool::new(false),
         });
         let budget = ReadBudget::global(config.payload_budget);
+        let revoked = {
+            let relay = relay.clone();
+            watch_deny_list(config.tls.revoked.clone(), move |deny| {
+                if !deny.is_empty() {
+                    close_revoked(&relay.conns, deny);
+                }
+            })
+        };
         let mut tasks = vec![
             tokio::spawn(reply_loop(relay.clone(), notes)),
+            tokio::spawn(view_loop(relay.clone())),
+            tokio::spawn(revoked),
             tokio::spawn(heartbeat_loop(queue, id.clone(), listen.to_string(), false)),
-            tokio::spawn(accept_loop(endpoint.clone(), relay, budget)),
+            tokio::spawn(accept_loop(endpoint.clone(), relay.clone(), budget)),
         ];
         metrics.driving.set(0);
         if let Some(socket) = metrics_listener {
@@ -176,7 +231,16 @@ impl FrontEnd {
             endpoint,
             tasks,
             id,
+            relay,
         })
+    }
+
+    /// Resolves when this front-end can no longer serve (its connection to the store ended):
+    /// its process should stop, so its clients move to another front-end.
+    pub async fn lost(&self) {
+        while !self.relay.lost.load(Ordering::SeqCst) && self.relay.queue.healthy() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// The bound address.
@@ -242,17 +306,6 @@ async fn accept_loop(
     }
 }
 
-/// The certificates a client presented, leaf first.
-fn presented_chain(conn: &quinn::Connection) -> Vec<Vec<u8>> {
-    conn.peer_identity()
-        .and_then(|id| {
-            id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .map(|c| c.iter().map(|d| d.to_vec()).collect())
-        .unwrap_or_default()
-}
-
 async fn send_frame(send: &mut SendStream, frame: &[u8]) {
     if send.write_all(frame).await.is_ok() {
         let _ = send.finish();
@@ -261,12 +314,41 @@ async fn send_frame(send: &mut SendStream, frame: &[u8]) {
 
 /// Serves one connection: its hello, then each request, all relayed.
 async fn serve(conn: quinn::Connection, relay: Arc<Relay>, budget: Arc<tokio::sync::Semaphore>) {
-    let chain = presented_chain(&conn);
-    if chain.is_empty() {
-        conn.close(1u32.into(), b"client certificate required");
+    let chain = crate::peer::presented_chain(&conn);
+    let Some(client) = chain
+        .first()
+        .and_then(|leaf| crate::certs::client_identity(leaf, &relay.ca_subject).ok())
+    else {
+        conn.close(1u32.into(), b"unusable client certificate");
         return;
+    };
+    let id = relay.next_conn.fetch_add(1, Ordering::Relaxed);
+    {
+        // a client id holds a bounded number of connections: the oldest makes room
+        let mut conns = relay.conns.lock().expect("lock");
+        let mine = conns.entry(client.clone()).or_default();
+        mine.push(conn.clone());
+        while mine.len() > MAX_CONNECTIONS_PER_CLIENT {
+            let old = mine.remove(0);
+            old.close(3u32.into(), b"too many connections for this client");
+        }
     }
-    let id = conn.stable_id() as u64;
+    serve_registered(&conn, &relay, budget, &client, id, &chain).await;
+    if let Some(mine) = relay.conns.lock().expect("lock").get_mut(&client) {
+        mine.retain(|c| c.stable_id() != conn.stable_id());
+    }
+}
+
+/// [`serve`] once the connection is counted under its client id.
+async fn serve_registered(
+    conn: &quinn::Connection,
+    relay: &Arc<Relay>,
+    budget: Arc<tokio::sync::Semaphore>,
+    client: &str,
+    id: u64,
+    chain: &[Vec<u8>],
+) {
+    let chain = chain.to_vec();
     // the hello, relayed until the driver welcomes it
     let hello = loop {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -317,12 +399,17 @@ async fn serve(conn: quinn::Connection, relay: Arc<Relay>, budget: Arc<tokio::sy
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => continue,
         };
-        let (relay, budget, chain, hello) =
-            (relay.clone(), budget.clone(), chain.clone(), hello.clone());
+        let (relay, budget, chain, hello, client) = (
+            relay.clone(),
+            budget.clone(),
+            chain.clone(),
+            hello.clone(),
+            client.to_string(),
+        );
         streams.spawn(async move {
-            // the driver decides who may send a payload: every registered client may, within
-            // this front-end's read budget
-            let req = match read_request(&mut recv, &budget, &|| Ok(())).await {
+            // a payload's body is read only from a client the store says may send one now
+            let may = || relay.may_send_payload(&client);
+            let req = match read_request(&mut recv, &budget, &may).await {
                 Ok(r) => r,
                 Err(r) => {
                     let _ = respond(&mut send, &CoordMsg::Refused(r)).await;

@@ -1,21 +1,29 @@
 //! The relay queue in PostgreSQL: `fedlora_relay` rows (a request, later its reply) and two
 //! kinds of notifications, so that nobody polls:
-//! - `fedlora_relay` (payload: nothing): a request is waiting; the driving front-end listens;
+//! - `fedlora_relay_<schema tag>` (payload: nothing): a request is waiting; the driving
+//!   front-end of the federation in that schema listens;
 //! - `fedlora_reply_<front-end id>` (payload: the request's key): its reply is there; the
 //!   front-end that relayed it listens.
+//!
+//! Times (a request's age, a front-end's last heartbeat) are the database's clock, so the
+//! front-ends' clocks need not agree.
 //!
 //! A [`RelayQueue`] is one connection, driven on a thread of its own that hands every
 //! notification to a channel; its queries are awaited from any runtime (tokio-postgres's
 //! client futures need none).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tracing::warn;
 
 use crate::error::{CoordinatorError, Result};
 use crate::store::postgres::{pg, redacted};
 
-/// The channel a waiting request is announced on.
-pub const REQUEST_CHANNEL: &str = "fedlora_relay";
+/// The database's clock, Unix ms, in SQL.
+const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 /// The channel on which front-end `frontend` hears of its replies.
 pub fn reply_channel(frontend: &str) -> String {
@@ -35,13 +43,17 @@ pub struct Waiting {
     pub req_key: i64,
     /// The request ([`super::RelayedRequest`], bincode).
     pub request: Vec<u8>,
-    /// When it was relayed, Unix ms.
-    pub created_ms: u64,
+    /// How long ago it was relayed, ms (the database's clock).
+    pub age_ms: u64,
 }
 
 /// A connection to the relay queue.
 pub struct RelayQueue {
     client: Client,
+    /// The channel the federation's waiting requests are announced on.
+    request_channel: String,
+    /// Whether the connection is up.
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn storage(e: impl std::fmt::Display) -> CoordinatorError {
@@ -55,6 +67,9 @@ impl RelayQueue {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| CoordinatorError::Config(format!("{}: {e}", redacted(url))))?;
+        let config = crate::store::postgres::tuned(config);
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alive2 = alive.clone();
         let (notes_tx, notes) = unbounded_channel();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -79,6 +94,7 @@ impl RelayQueue {
                         }
                     };
                     let _ = tx.send(Ok(client));
+                    let _up = Up(alive2);
                     loop {
                         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                             Some(Ok(AsyncMessage::Notification(n))) => {
@@ -100,7 +116,31 @@ impl RelayQueue {
         let client = rx
             .await
             .map_err(|_| storage("the relay connection thread ended"))??;
-        Ok((Self { client }, notes))
+        let schema: Option<String> = client
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        let schema = schema.ok_or_else(|| storage("no schema on the search path"))?;
+        let request_channel = crate::store::postgres::schema_tag("fedlora_relay", &schema);
+        Ok((
+            Self {
+                client,
+                request_channel,
+                alive,
+            },
+            notes,
+        ))
+    }
+
+    /// Whether the connection is up.
+    pub fn healthy(&self) -> bool {
+        self.alive.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The channel the federation's waiting requests are announced on.
+    pub fn request_channel(&self) -> &str {
+        &self.request_channel
     }
 
     /// Listens to `channel` on this connection.
@@ -113,25 +153,15 @@ impl RelayQueue {
     }
 
     /// Relays a request (front-end side): stored, then announced.
-    pub async fn submit(
-        &self,
-        frontend: &str,
-        req_key: i64,
-        request: &[u8],
-        now_ms: u64,
-    ) -> Result<()> {
+    pub async fn submit(&self, frontend: &str, req_key: i64, request: &[u8]) -> Result<()> {
         self.client
             .execute(
-                "WITH r AS (INSERT INTO fedlora_relay (frontend, req_key, request, created_ms) \
-                 VALUES ($1, $2, $3, $4) RETURNING id) \
-                 SELECT pg_notify($5, '') FROM r",
-                &[
-                    &frontend,
-                    &req_key,
-                    &request,
-                    &(now_ms as i64),
-                    &REQUEST_CHANNEL,
-                ],
+                &format!(
+                    "WITH r AS (INSERT INTO fedlora_relay (frontend, req_key, request, created_ms) \
+                     VALUES ($1, $2, $3, {DB_NOW_MS}) RETURNING id) \
+                     SELECT pg_notify($4, '') FROM r"
+                ),
+                &[&frontend, &req_key, &request, &self.request_channel],
             )
             .await
             .map_err(pg)?;
@@ -164,17 +194,19 @@ impl RelayQueue {
         Ok(())
     }
 
-    /// Claims up to `limit` requests nobody claimed yet, oldest first (driver side). A
-    /// request claimed by a driver that died unanswered is never answered: its front-end gives
-    /// up waiting and its client sends it again.
+    /// Claims up to `limit` requests nobody claimed yet, oldest first (driver side). Requests
+    /// a driver claimed and did not answer before it died are claimed again by the next
+    /// ([`RelayQueue::unclaim`]).
     pub async fn claim(&self, limit: i64) -> Result<Vec<Waiting>> {
         let rows = self
             .client
             .query(
-                "UPDATE fedlora_relay SET claimed = true WHERE id IN \
-                 (SELECT id FROM fedlora_relay WHERE NOT claimed ORDER BY id LIMIT $1 \
-                 FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, frontend, req_key, request, created_ms",
+                &format!(
+                    "UPDATE fedlora_relay SET claimed = true WHERE id IN \
+                     (SELECT id FROM fedlora_relay WHERE NOT claimed ORDER BY id LIMIT $1 \
+                     FOR UPDATE SKIP LOCKED) \
+                     RETURNING id, frontend, req_key, request, {DB_NOW_MS} - created_ms"
+                ),
                 &[&limit],
             )
             .await
@@ -186,11 +218,24 @@ impl RelayQueue {
                 frontend: r.get(1),
                 req_key: r.get(2),
                 request: r.get(3),
-                created_ms: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
+                age_ms: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
             })
             .collect();
         out.sort_by_key(|w| w.id);
         Ok(out)
+    }
+
+    /// Makes every unanswered request claimable again (driver side, when it takes the lease:
+    /// the driver that claimed them is gone, and answering a request twice is safe, as its
+    /// client may send it twice anyway: a stored upload is answered as already accepted).
+    pub async fn unclaim(&self) -> Result<u64> {
+        self.client
+            .execute(
+                "UPDATE fedlora_relay SET claimed = false WHERE claimed AND reply IS NULL",
+                &[],
+            )
+            .await
+            .map_err(pg)
     }
 
     /// Answers a relayed request (driver side): the reply is stored, then announced to its
@@ -222,20 +267,16 @@ impl RelayQueue {
     }
 
     /// Records front-end `id` (listening on `listen`) as alive, and whether it drives.
-    pub async fn heartbeat(
-        &self,
-        id: &str,
-        listen: &str,
-        driving: bool,
-        now_ms: u64,
-    ) -> Result<()> {
+    pub async fn heartbeat(&self, id: &str, listen: &str, driving: bool) -> Result<()> {
         self.client
             .execute(
-                "INSERT INTO fedlora_frontends (id, listen, started_ms, seen_ms, driving) \
-                 VALUES ($1, $2, $3, $3, $4) ON CONFLICT (id) DO UPDATE \
-                 SET seen_ms = EXCLUDED.seen_ms, driving = EXCLUDED.driving, \
-                 listen = EXCLUDED.listen",
-                &[&id, &listen, &(now_ms as i64), &driving],
+                &format!(
+                    "INSERT INTO fedlora_frontends (id, listen, started_ms, seen_ms, driving) \
+                     VALUES ($1, $2, {DB_NOW_MS}, {DB_NOW_MS}, $3) ON CONFLICT (id) DO UPDATE \
+                     SET seen_ms = EXCLUDED.seen_ms, driving = EXCLUDED.driving, \
+                     listen = EXCLUDED.listen"
+                ),
+                &[&id, &listen, &driving],
             )
             .await
             .map_err(pg)?;
@@ -250,5 +291,98 @@ impl RelayQueue {
                 .map_err(pg)?;
         }
         Ok(())
+    }
+
+    /// The front-ends not heard from for `silent_ms` (the database's clock): gone.
+    pub async fn silent_frontends(&self, silent_ms: u64) -> Result<Vec<String>> {
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT id FROM fedlora_frontends WHERE seen_ms < {DB_NOW_MS} - $1"),
+                &[&(silent_ms as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Deletes requests older than `max_age_ms` (answered or not: whoever waited for them gave
+    /// up), and front-ends silent for an hour. Returns the requests deleted.
+    pub async fn collect_garbage(&self, max_age_ms: u64) -> Result<u64> {
+        let n = self
+            .client
+            .execute(
+                &format!("DELETE FROM fedlora_relay WHERE created_ms < {DB_NOW_MS} - $1"),
+                &[&(max_age_ms as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        self.client
+            .execute(
+                &format!(
+                    "DELETE FROM fedlora_frontends WHERE seen_ms < {DB_NOW_MS} - 3600000 \
+                     AND NOT driving"
+                ),
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n)
+    }
+
+    /// The federation's stored state and config (what a front-end checks payloads against).
+    pub async fn federation(
+        &self,
+    ) -> Result<
+        Option<(
+            fedlora_protocol::FederationConfig,
+            fedlora_protocol::FederationState,
+        )>,
+    > {
+        let rows = self
+            .client
+            .query(
+                "SELECT key, value FROM fedlora_meta WHERE key IN ('config', 'state')",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        let get = |k: &str| {
+            rows.iter()
+                .find(|r| r.get::<_, &str>(0) == k)
+                .map(|r| r.get::<_, Vec<u8>>(1))
+        };
+        match (get("config"), get("state")) {
+            (Some(c), Some(st)) => Ok(Some((
+                serde_json::from_slice(&c).map_err(storage)?,
+                crate::store::state_from_bytes(&st)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Marks the connection down when its task ends, however it ends.
+struct Up(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A fresh front-end id: `f` and 16 hex digits (a PostgreSQL channel name's safe part).
+pub fn new_id() -> String {
+    format!("f{:016x}", rand::random::<u64>())
+}
+
+/// Records this front-end as alive every two seconds (`fedlora status` lists the front-ends
+/// and which one drives).
+pub async fn heartbeat_loop(queue: Arc<RelayQueue>, id: String, listen: String, driving: bool) {
+    loop {
+        if let Err(e) = queue.heartbeat(&id, &listen, driving).await {
+            warn!(error = %e, "front-end heartbeat failed");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }

@@ -6,6 +6,7 @@ use super::requests::{
     decline, eval_report, eval_withheld, secure_receive, update_ready, upload, Received,
 };
 use super::*;
+use crate::peer::{peer_cert, peer_chain};
 
 pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
@@ -18,31 +19,6 @@ pub(super) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) 
             }
         });
     }
-}
-
-/// `f` of the certificates a client presented in its TLS handshake, leaf first.
-fn with_peer_certs<T>(
-    conn: &quinn::Connection,
-    f: impl FnOnce(&[rustls_pki_types::CertificateDer<'static>]) -> Option<T>,
-) -> Option<T> {
-    let id = conn.peer_identity()?;
-    let certs = id
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    f(&certs)
-}
-
-/// The chain a client presented, DER certificates concatenated, leaf first: what secure
-/// aggregation relays to its peers, which check it as TLS would.
-pub(super) fn peer_chain(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    with_peer_certs(conn, |c| {
-        Some(c.iter().flat_map(|d| d.iter().copied()).collect())
-    })
-}
-
-/// The client's own (leaf) certificate, DER.
-pub(super) fn peer_cert(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    with_peer_certs(conn, |c| c.first().map(|d| d.to_vec()))
 }
 
 pub(super) async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {

@@ -175,6 +175,19 @@ struct Shared {
     /// federation has one).
     plan_signer: Option<fedlora_protocol::secagg::crypto::EcdsaP256Signer>,
     events: broadcast::Sender<Event>,
+    /// Why this process can no longer drive (its store's connection, and the lease with it,
+    /// or the relay's connection ended): it must stop ([`Coordinator::lost`]).
+    lost: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Records that this process can no longer drive, and why.
+    fn lose(&self, why: &str) {
+        self.lost
+            .lock()
+            .expect("lock")
+            .get_or_insert_with(|| why.to_string());
+    }
 }
 
 /// A running coordinator.
@@ -183,33 +196,6 @@ pub struct Coordinator {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     enroll: Option<crate::enroll::EnrollService>,
-}
-
-pub(crate) fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
-        warn!(error = %e, "could not set the UDP receive buffer");
-    }
-    let got = sock.recv_buffer_size().unwrap_or(0);
-    if got < recv_buffer {
-        warn!(
-            requested = recv_buffer,
-            granted = got,
-            "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
-        );
-    } else {
-        info!(bytes = got, "UDP receive buffer");
-    }
-    sock.bind(&addr.into()).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-            " (another coordinator is running there? choose another --listen port)"
-        } else {
-            ""
-        };
-        CoordinatorError::Config(format!("cannot listen on {addr}: {e}{hint}"))
-    })?;
-    Ok(sock.into())
 }
 
 impl Coordinator {
@@ -240,7 +226,7 @@ impl Coordinator {
             Some(_) => Some(crate::tls::load_plan_signer(&config.tls.key)?),
             None => None,
         };
-        let socket = bind_socket(config.listen, config.udp_recv_buffer)?;
+        let socket = crate::socket::bind_socket(config.listen, config.udp_recv_buffer)?;
         let metrics_listener = match config.metrics {
             Some(addr) => Some(crate::metrics::bind(addr)?),
             None => None,
@@ -417,6 +403,7 @@ impl Coordinator {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             plan_signer,
             events,
+            lost: Mutex::new(None),
         });
         {
             let m = &shared.metrics;
@@ -444,14 +431,14 @@ impl Coordinator {
             // other front-ends relay their clients' requests through the store to this one
             let (queue, notes) = crate::relay::queue::RelayQueue::connect(url).await?;
             let queue = Arc::new(queue);
-            let id = crate::relay::frontend::new_id();
+            let id = crate::relay::queue::new_id();
             info!(frontend = %id, "driving the rounds; answering relayed requests");
             tasks.push(tokio::spawn(relayed::relay_loop(
                 shared.clone(),
                 queue.clone(),
                 notes,
             )));
-            tasks.push(tokio::spawn(crate::relay::frontend::heartbeat_loop(
+            tasks.push(tokio::spawn(crate::relay::queue::heartbeat_loop(
                 queue,
                 id,
                 endpoint.local_addr()?.to_string(),
@@ -525,6 +512,24 @@ impl Coordinator {
         };
         tokio::time::sleep(linger).await;
         success
+    }
+
+    /// Resolves, with the reason, when this process can no longer drive the rounds: its
+    /// PostgreSQL store's connection ended (and the lease with it: another front-end may
+    /// drive now), or the relay's did. Never, with the embedded store. The caller should stop.
+    pub async fn lost(&self) -> String {
+        loop {
+            if let Some(why) = self.shared.lost.lock().expect("lock").clone() {
+                return why;
+            }
+            if !self.shared.store.healthy() {
+                return format!(
+                    "lost the connection to {} (and the lease on driving with it)",
+                    self.shared.store.describe()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// Stops serving and closes the store.

@@ -12,7 +12,7 @@ use super::connection::{
     check_hello, count_sent, dispatch, identify, note_refusal, register, unregister, welcome,
 };
 use super::*;
-use crate::relay::queue::{Note, RelayQueue, Waiting, REQUEST_CHANNEL};
+use crate::relay::queue::{Note, RelayQueue, Waiting};
 use crate::relay::{Relayed, RelayedReply, RelayedRequest, RELAY_WAIT_MS};
 
 /// A relayed connection the driver knows: whose it is, and its key among live connections.
@@ -23,10 +23,25 @@ struct Known {
     presented: Arc<crate::enroll::Presented>,
 }
 
-type Sessions = Arc<Mutex<BTreeMap<(String, u64), Known>>>;
+/// The relayed connections the driver knows, by (front-end, connection id); and those that
+/// closed (front-ends number connections with a counter, so an id is never reused), with when,
+/// so that a request that overtook its connection's close does not register it again.
+#[derive(Default)]
+struct Sessions {
+    known: BTreeMap<(String, u64), Known>,
+    closed: BTreeMap<(String, u64), u64>,
+    /// The deny-list as last read.
+    deny: Arc<std::collections::BTreeSet<String>>,
+}
 
-/// Requests claimed per query.
-const CLAIM: i64 = 512;
+type SharedSessions = Arc<Mutex<Sessions>>;
+
+/// Relayed requests answered at once, at most (each also holds its bytes of the payload
+/// budget while it is handled).
+const IN_FLIGHT: usize = 256;
+
+/// A front-end not heard from for this long is gone: its connections are closed (ms).
+const SILENT_MS: u64 = 10_000;
 
 /// Answers relayed requests until the relay's connection ends: claims what waits, then sleeps
 /// until the next `fedlora_relay` notification (or a second, in case one was missed).
@@ -35,32 +50,104 @@ pub(super) async fn relay_loop(
     queue: Arc<RelayQueue>,
     mut notes: UnboundedReceiver<Note>,
 ) {
-    if let Err(e) = queue.listen(REQUEST_CHANNEL).await {
+    if let Err(e) = queue.listen(queue.request_channel()).await {
         error!(error = %e, "cannot listen for relayed requests");
+        shared.lose("cannot listen for relayed requests");
         return;
     }
-    let sessions: Sessions = Arc::default();
+    // this process holds the lease: what a driver before it claimed and left unanswered is
+    // answered here
+    match queue.unclaim().await {
+        Ok(0) => {}
+        Ok(n) => info!(requests = n, "answering requests the previous driver left"),
+        Err(e) => error!(error = %e, "cannot take over the previous driver's requests"),
+    }
+    let sessions: SharedSessions = Arc::default();
+    tokio::spawn(housekeeping(
+        shared.clone(),
+        queue.clone(),
+        sessions.clone(),
+    ));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
-        match queue.claim(CLAIM).await {
-            Ok(waiting) => {
-                let full = waiting.len() as i64 == CLAIM;
-                for w in waiting {
-                    let (shared, queue, sessions) =
-                        (shared.clone(), queue.clone(), sessions.clone());
-                    tokio::spawn(async move { answer(&shared, &queue, &sessions, w).await });
+        let free = in_flight.available_permits() as i64;
+        if free > 0 {
+            match queue.claim(free).await {
+                Ok(waiting) => {
+                    let more = waiting.len() as i64 == free;
+                    for w in waiting {
+                        let permit = in_flight.clone().acquire_owned().await.expect("open");
+                        let (shared, queue, sessions) =
+                            (shared.clone(), queue.clone(), sessions.clone());
+                        tokio::spawn(async move {
+                            answer(&shared, &queue, &sessions, w).await;
+                            drop(permit);
+                        });
+                    }
+                    if more {
+                        continue;
+                    }
                 }
-                if full {
-                    continue;
-                }
+                Err(e) => error!(error = %e, "reading relayed requests failed"),
             }
-            Err(e) => error!(error = %e, "reading relayed requests failed"),
         }
         tokio::select! {
             note = notes.recv() => if note.is_none() {
                 error!("the relay's connection ended; relayed clients are not served");
+                shared.lose("the relay's connection to the store ended");
                 return;
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Every few seconds: closes the sessions of front-ends that went silent (killed: their
+/// clients are not connected any more), forgets old closes, deletes old relay rows, and keeps
+/// the deny-list current.
+async fn housekeeping(shared: Arc<Shared>, queue: Arc<RelayQueue>, sessions: SharedSessions) {
+    let path = shared.config.tls.revoked.clone();
+    let s2 = sessions.clone();
+    tokio::spawn(crate::revocation::watch_deny_list(path, move |deny| {
+        s2.lock().expect("lock").deny = Arc::new(deny.clone());
+    }));
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tick += 1;
+        if let Ok(silent) = queue.silent_frontends(SILENT_MS).await {
+            let gone: Vec<Known> = {
+                let mut s = sessions.lock().expect("lock");
+                let keys: Vec<(String, u64)> = s
+                    .known
+                    .keys()
+                    .filter(|(f, _)| silent.contains(f))
+                    .cloned()
+                    .collect();
+                let now = now_ms();
+                keys.into_iter()
+                    .filter_map(|k| {
+                        s.closed.insert(k.clone(), now);
+                        s.known.remove(&k)
+                    })
+                    .collect()
+            };
+            for k in gone {
+                unregister(&shared, &k.client, k.conn_id);
+            }
+        }
+        {
+            let cutoff = now_ms().saturating_sub(4 * RELAY_WAIT_MS);
+            sessions
+                .lock()
+                .expect("lock")
+                .closed
+                .retain(|_, at| *at >= cutoff);
+        }
+        if tick.is_multiple_of(6) {
+            if let Err(e) = queue.collect_garbage(3 * RELAY_WAIT_MS).await {
+                warn!(error = %e, "deleting old relayed requests failed");
+            }
         }
     }
 }
@@ -76,8 +163,10 @@ fn refused(r: Refusal) -> Vec<u8> {
 }
 
 /// Answers one relayed request (or discards it: a closed connection, or one too old).
-async fn answer(shared: &Arc<Shared>, queue: &RelayQueue, sessions: &Sessions, w: Waiting) {
-    let old = now_ms().saturating_sub(w.created_ms) > RELAY_WAIT_MS;
+async fn answer(shared: &Arc<Shared>, queue: &RelayQueue, sessions: &SharedSessions, w: Waiting) {
+    let old = w.age_ms > RELAY_WAIT_MS;
+    // the request's bytes count against the payload budget while it is handled
+    let _bytes = crate::wire::acquire_bytes(&shared.budget, w.request.len() as u64).await;
     let req = crate::relay::decode::<RelayedRequest>(&w.request);
     let reply = match req {
         _ if old => None,
@@ -102,23 +191,73 @@ async fn answer(shared: &Arc<Shared>, queue: &RelayQueue, sessions: &Sessions, w
 /// The reply to a relayed request (`None`: it needs none).
 async fn handle(
     shared: &Arc<Shared>,
-    sessions: &Sessions,
+    sessions: &SharedSessions,
     frontend: &str,
     req: RelayedRequest,
 ) -> Option<RelayedReply> {
     let key = (frontend.to_string(), req.conn);
     if let Relayed::Closed = req.what {
-        if let Some(k) = sessions.lock().expect("lock").remove(&key) {
+        let gone = {
+            let mut s = sessions.lock().expect("lock");
+            s.closed.insert(key.clone(), now_ms());
+            s.known.remove(&key)
+        };
+        if let Some(k) = gone {
             unregister(shared, &k.client, k.conn_id);
         }
         return None;
     }
-    let known = sessions.lock().expect("lock").get(&key).cloned();
+    let closing = |why: &str| {
+        Some(RelayedReply {
+            frame: refused(Refusal::new(RefusalCode::NotRegistered, why)),
+            close: Some(why.to_string()),
+        })
+    };
+    let leaf_fp = req.chain.first().map(|d| certs::fingerprint(d));
+    let (known, deny) = {
+        let s = sessions.lock().expect("lock");
+        if s.closed.contains_key(&key) {
+            return closing("this connection closed");
+        }
+        (s.known.get(&key).cloned(), s.deny.clone())
+    };
     let (known, welcomed) = match known {
-        Some(k) => (k, None),
+        // the same connection, the same certificate, not revoked since
+        Some(k) => {
+            if leaf_fp.as_deref() != Some(k.presented.fingerprint.as_str()) {
+                warn!(%frontend, client = %k.client, "a relayed connection changed certificate");
+                return closing("this connection's certificate changed");
+            }
+            let p = &k.presented;
+            if certs::is_denied(&deny, &p.fingerprint, &k.client, &p.key_id) {
+                let gone = {
+                    let mut s = sessions.lock().expect("lock");
+                    s.closed.insert(key.clone(), now_ms());
+                    s.known.remove(&key)
+                };
+                if let Some(k) = gone {
+                    unregister(shared, &k.client, k.conn_id);
+                }
+                return Some(RelayedReply {
+                    frame: refused(Refusal::new(
+                        RefusalCode::Revoked,
+                        "this client certificate is revoked",
+                    )),
+                    close: Some("certificate revoked".into()),
+                });
+            }
+            (k, None)
+        }
         None => match admit(shared, frontend, &req) {
             Ok((k, w)) => {
-                sessions.lock().expect("lock").insert(key, k.clone());
+                let mut s = sessions.lock().expect("lock");
+                if s.closed.contains_key(&key) {
+                    // closed while it was admitted
+                    drop(s);
+                    unregister(shared, &k.client, k.conn_id);
+                    return closing("this connection closed");
+                }
+                s.known.insert(key, k.clone());
                 (k, Some(w))
             }
             Err(reply) => return Some(reply),

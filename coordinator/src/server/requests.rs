@@ -260,6 +260,7 @@ pub(super) fn secure_receive(
         return CoordMsg::Refused(Refusal::new(RefusalCode::StageRefused, e.to_string()));
     }
     if let Some((digest, bytes)) = input {
+        crate::faults::crash_point("secure-input");
         // bookkeeping: the round's participants (the masked input itself stays in the sum)
         let meta = UploadMeta {
             digest,

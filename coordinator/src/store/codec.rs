@@ -30,7 +30,7 @@ pub(super) fn state_bytes(s: &FederationState) -> Vec<u8> {
 }
 
 /// The federation state from its bytes.
-pub(super) fn state_from_bytes(b: &[u8]) -> Result<FederationState> {
+pub(crate) fn state_from_bytes(b: &[u8]) -> Result<FederationState> {
     let (s, _) =
         bincode::serde::decode_from_slice(b, bincode::config::standard()).map_err(storage)?;
     Ok(s)

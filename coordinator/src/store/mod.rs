@@ -39,6 +39,7 @@ use std::sync::Arc;
 use fedlora_protocol::strategy::OptimizerState;
 use fedlora_protocol::{AdapterSpec, FederationConfig, FederationState};
 
+pub(crate) use codec::state_from_bytes;
 pub use codec::write_file_durably;
 pub use records::*;
 
@@ -64,8 +65,9 @@ impl std::str::FromStr for StoreLocation {
             Ok(Self::Postgres(s.to_string()))
         } else {
             Err(CoordinatorError::Config(format!(
-                "store {s:?}: give `sled` (the default, in the data directory) or a \
-                 postgres://user@host:port/database URL"
+                "store {}: give `sled` (the default, in the data directory) or a \
+                 postgres://user@host:port/database URL",
+                postgres::redacted(s)
             )))
         }
     }
@@ -222,6 +224,23 @@ pub trait StateStore: Send + Sync {
     /// embedded store leads from the moment it opens.
     fn wait_lead(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether the store is still reachable. A PostgreSQL store whose connection ended has
+    /// lost the lease with it: its process must stop driving.
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// The front-ends serving the federation, as last heard from (PostgreSQL; the embedded
+    /// store has one process and lists none).
+    fn frontends(&self) -> Result<Vec<FrontendRecord>> {
+        Ok(Vec::new())
+    }
+
+    /// The schema a PostgreSQL store keeps the federation in (`None`: embedded).
+    fn schema(&self) -> Option<String> {
+        None
     }
 
     /// Makes a batch of accepted uploads durable ([`StateStore::record_batch`] without evals).

@@ -59,24 +59,65 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// The advisory-lock key under which migrations run (any constant; "fedlora-migrations").
 const MIGRATION_LOCK: i64 = 0x6665_646c_6d69_6772;
 
-/// The advisory-lock key of the lease on driving the federation's rounds ("fedlora-lead").
-const LEAD_LOCK: i64 = 0x6665_646c_6c65_6164;
+/// The advisory-lock key of the lease on driving one federation's rounds: from its schema's
+/// name (advisory locks are database-wide, and a database may hold one federation per schema).
+fn lead_lock(schema: &str) -> i64 {
+    let d = Sha256::digest(format!("fedlora-lead:{schema}"));
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// A name derived from the federation's schema, safe as a PostgreSQL channel name: `prefix`
+/// and 16 hex digits.
+pub fn schema_tag(prefix: &str, schema: &str) -> String {
+    let d = Sha256::digest(format!("fedlora-channel:{schema}"));
+    format!("{prefix}_{}", hex::encode(&d[..8]))
+}
+
+/// Connection settings every store and relay connection uses: TCP keepalives on both ends, so
+/// a lease held by a host that died is released within about a minute, not the kernel's two
+/// hours.
+pub(crate) fn tuned(mut config: tokio_postgres::Config) -> tokio_postgres::Config {
+    config
+        .keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(10))
+        .keepalives_interval(std::time::Duration::from_secs(5))
+        .keepalives_retries(3);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    // the server's side of the keepalives (it is the server that must notice a dead holder)
+    let opts = config.get_options().unwrap_or("").to_string();
+    config.options(format!(
+        "{opts} -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+    ));
+    config
+}
 
 /// `url` with any password replaced by `***`, for logs and errors.
 pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return "(an unparsable URL)".to_string();
     };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let authority = match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{name}:***@{host}"),
-            None => authority.to_string(),
+    // the user information runs to the first `@` (as the driver reads it), whatever it holds
+    let (authority, tail) = match rest.split_once('@') {
+        Some((user, after)) => {
+            let user = match user.split_once(':') {
+                Some((name, _)) => format!("{name}:***"),
+                None => user.to_string(),
+            };
+            let (host, tail) = match after.find(['/', '?']) {
+                Some(i) => after.split_at(i),
+                None => (after, ""),
+            };
+            (format!("{user}@{host}"), tail)
+        }
+        None => match rest.find(['/', '?']) {
+            Some(i) => {
+                let (a, t) = rest.split_at(i);
+                (a.to_string(), t)
+            }
+            None => (rest.to_string(), ""),
         },
-        None => authority.to_string(),
     };
     // libpq's `password=` parameter in the query string too
     let tail = match tail.split_once('?') {
@@ -112,6 +153,10 @@ fn id(v: u64) -> i64 {
 pub struct PgStore {
     client: Mutex<Client>,
     desc: String,
+    /// The federation's schema (the first on the search path).
+    schema: String,
+    /// Whether the connection is up (false once it ended: the lease with it).
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl PgStore {
@@ -121,6 +166,9 @@ impl PgStore {
         let config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| CoordinatorError::Config(format!("{}: {e}", redacted(url))))?;
+        let config = tuned(config);
+        let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alive2 = alive.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("fedlora-postgres".into())
@@ -143,6 +191,7 @@ impl PgStore {
                             if let Err(e) = connection.await {
                                 tracing::error!(error = %e, "the PostgreSQL connection failed");
                             }
+                            alive2.store(false, std::sync::atomic::Ordering::SeqCst);
                         }
                         Err(e) => {
                             let _ = tx.send(Err(pg(e)));
@@ -154,10 +203,22 @@ impl PgStore {
             .recv()
             .map_err(|_| storage("the PostgreSQL connection thread ended"))?
             .map_err(|e| storage(format!("{desc}: {e}")))?;
-        let store = Self {
+        let mut store = Self {
             client: Mutex::new(client),
             desc,
+            schema: String::new(),
+            alive,
         };
+        store.schema = store
+            .rows("SELECT current_schema()", &[])?
+            .first()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .ok_or_else(|| {
+                storage(format!(
+                    "{}: no schema to keep the federation in (does the search path's schema exist?)",
+                    store.desc
+                ))
+            })?;
         store.migrate()?;
         Ok(store)
     }
@@ -260,7 +321,10 @@ impl PgStore {
     /// held until this store's connection closes (a killed process's lock is released when
     /// PostgreSQL sees its connection end). `false` when another process holds it.
     pub fn try_lead(&self) -> Result<bool> {
-        let rows = self.rows("SELECT pg_try_advisory_lock($1)", &[&LEAD_LOCK])?;
+        let rows = self.rows(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&lead_lock(&self.schema)],
+        )?;
         Ok(rows.first().map(|r| r.get::<_, bool>(0)).unwrap_or(false))
     }
 }
@@ -305,12 +369,40 @@ impl StateStore for PgStore {
     }
 
     fn flush(&self) -> Result<()> {
-        // every durable write committed synchronously; this also flushes the asynchronous
-        // ones (a synchronous commit flushes the WAL up to it)
-        self.transaction(true, |tx| {
-            exec_in(tx, "SELECT pg_current_xact_id()", &[])?;
-            Ok(())
-        })
+        // every durable write committed synchronously; a synchronous commit that writes (only
+        // one that writes WAL waits for its flush) also flushes the asynchronous ones before it
+        self.exec(
+            "INSERT INTO fedlora_meta (key, value) VALUES ('flushed', '') \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[],
+        )
+        .map(drop)
+    }
+
+    fn healthy(&self) -> bool {
+        self.alive.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn frontends(&self) -> Result<Vec<super::FrontendRecord>> {
+        Ok(self
+            .rows(
+                "SELECT id, listen, started_ms, seen_ms, driving FROM fedlora_frontends \
+                 ORDER BY driving DESC, id",
+                &[],
+            )?
+            .iter()
+            .map(|r| super::FrontendRecord {
+                id: r.get(0),
+                listen: r.get(1),
+                started_ms: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                seen_ms: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                driving: r.get(4),
+            })
+            .collect())
+    }
+
+    fn schema(&self) -> Option<String> {
+        Some(self.schema.clone())
     }
 
     fn state(&self) -> Result<Option<FederationState>> {
@@ -664,7 +756,7 @@ impl StateStore for PgStore {
 
     fn wait_lead(&self) -> Result<()> {
         // blocks in the server until the holder's session ends: nobody polls
-        self.exec("SELECT pg_advisory_lock($1)", &[&LEAD_LOCK])
+        self.exec("SELECT pg_advisory_lock($1)", &[&lead_lock(&self.schema)])
             .map(drop)
     }
 }
@@ -754,5 +846,11 @@ mod tests {
             redacted("postgres://127.0.0.1:5432/fl"),
             "postgres://127.0.0.1:5432/fl"
         );
+        // a password with the characters that end a host elsewhere
+        assert_eq!(
+            redacted("postgres://fed:pa/ss?w@db:5432/fl"),
+            "postgres://fed:***@db:5432/fl"
+        );
+        assert!(!redacted("not a url s3cret").contains("s3cret"));
     }
 }

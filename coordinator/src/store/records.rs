@@ -136,3 +136,18 @@ pub struct DeviceRecord {
     /// Certificates issued after the first (renewals).
     pub renewals: u32,
 }
+
+/// A coordinator front-end of a federation on PostgreSQL ([`crate::relay`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FrontendRecord {
+    /// Its id (`f` and 16 hex digits, new at each start).
+    pub id: String,
+    /// Where it listens (UDP).
+    pub listen: String,
+    /// When it started, Unix ms (the database's clock).
+    pub started_ms: u64,
+    /// When it was last heard from, Unix ms (every 2 s while it runs).
+    pub seen_ms: u64,
+    /// Whether it drives the rounds (holds the lease).
+    pub driving: bool,
+}

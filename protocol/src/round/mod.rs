@@ -776,39 +776,7 @@ impl Federation {
     /// and the next buffer is not open yet, and during the final evaluation (a re-send of an
     /// update counted in the last version is answered `AlreadyAccepted`).
     pub fn may_upload(&self, client: &str) -> Result<(), Refusal> {
-        let not_selected = || {
-            Err(Refusal::new(
-                RefusalCode::NotSelected,
-                "payloads are taken from participants of the open round only",
-            ))
-        };
-        match &self.state.phase {
-            Phase::Training(open) if !self.is_async() => {
-                if open.selected.contains(client) {
-                    Ok(())
-                } else {
-                    not_selected()
-                }
-            }
-            _ if !self.is_async() => not_selected(),
-            Phase::Training(open) if !open.closed => Ok(()),
-            Phase::Training(open) => Err(Refusal::new(
-                RefusalCode::RetryLater,
-                format!(
-                    "version {} is being committed; send it again shortly",
-                    open.base_version + 1
-                ),
-            )),
-            Phase::Waiting { .. } => Err(Refusal::new(
-                RefusalCode::RetryLater,
-                "the next buffer is opening; send it again shortly",
-            )),
-            Phase::Evaluating { .. } => Ok(()),
-            Phase::Finished { .. } => Err(Refusal::new(
-                RefusalCode::WrongRound,
-                "the campaign is over",
-            )),
-        }
+        may_send_payload(&self.state, self.is_async(), client)
     }
 
     /// Async: takes back a buffer that was opened but whose start could not be stored (no
@@ -907,6 +875,48 @@ pub fn fedavg(
     let mut next = global.clone();
     next.apply_delta(&mean)?;
     Ok(next)
+}
+
+/// [`Federation::may_upload`] of a federation in `state` (`is_async`: its mode is async), for
+/// a front-end that knows the federation only from the store.
+pub fn may_send_payload(
+    state: &FederationState,
+    is_async: bool,
+    client: &str,
+) -> Result<(), Refusal> {
+    let not_selected = || {
+        Err(Refusal::new(
+            RefusalCode::NotSelected,
+            "payloads are taken from participants of the open round only",
+        ))
+    };
+    match &state.phase {
+        Phase::Training(open) if !is_async => {
+            if open.selected.contains(client) {
+                Ok(())
+            } else {
+                not_selected()
+            }
+        }
+        _ if !is_async => not_selected(),
+        Phase::Training(open) if !open.closed => Ok(()),
+        Phase::Training(open) => Err(Refusal::new(
+            RefusalCode::RetryLater,
+            format!(
+                "version {} is being committed; send it again shortly",
+                open.base_version + 1
+            ),
+        )),
+        Phase::Waiting { .. } => Err(Refusal::new(
+            RefusalCode::RetryLater,
+            "the next buffer is opening; send it again shortly",
+        )),
+        Phase::Evaluating { .. } => Ok(()),
+        Phase::Finished { .. } => Err(Refusal::new(
+            RefusalCode::WrongRound,
+            "the campaign is over",
+        )),
+    }
 }
 
 #[cfg(test)]
