@@ -732,6 +732,8 @@ async fn relay_until_lead(
             Some(store)
         }
         _ = finished => {
+            // as the driver does: a while longer, so that every client hears it is over
+            tokio::time::sleep(Duration::from_secs(5)).await;
             tracing::info!("done: the federation finished");
             None
         }

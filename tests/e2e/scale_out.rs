@@ -1,7 +1,7 @@
 //! Several front-ends over one PostgreSQL (`fedlora coordinator --store postgres://…`, real
 //! processes): 30 clients spread over 3 front-ends, one of which drives the rounds; the driver
 //! is killed (a crash point: abort, as kill -9) in the middle of a plain round and of a secure
-//! round. Another front-end takes the lease and the federation goes on; the clients move to
+//! round, and in the plain round a front-end that relays is killed (SIGKILL) as well. Another front-end takes the lease and the federation goes on; the clients move to
 //! the front-ends that are left. The committed global adapter is compared bit for bit with a
 //! run without the failover (modular codec: the sum is exact, whatever the order).
 
@@ -258,13 +258,15 @@ async fn wait_exit(c: &mut Child, what: &str) {
     assert!(st.success(), "{what} exited with {st}");
 }
 
-/// A federation on 3 front-ends whose driver (front-end 0) aborts at `crash`; returns the
-/// committed global (version 1) and the round records.
+/// A federation on 3 front-ends whose driver (front-end 0) aborts at `crash`, and, with
+/// `kill_follower`, whose front-end 2 is killed (SIGKILL) 1.5 s into the clients' run; returns
+/// the committed global (version 1) and the round records.
 async fn failover_run(
     schema: &ScratchSchema,
     certs: &Path,
     secure: bool,
     crash: &str,
+    kill_follower: bool,
 ) -> (Vec<u8>, Vec<fedlora_coordinator::store::RoundRecord>) {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::new(dir.path(), certs, &schema.url(), secure, 3);
@@ -273,7 +275,14 @@ async fn failover_run(
     let mut others = [fleet.start(1, None), fleet.start(2, None)];
     fleet.wait_log(1, "front-end listening").await;
     fleet.wait_log(2, "front-end listening").await;
-    fleet.run_clients().await;
+    let [one, two] = &mut others;
+    tokio::join!(fleet.run_clients(), async {
+        if kill_follower {
+            // a front-end that relays (or, if it took the lease already, the new driver)
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            two.kill().unwrap();
+        }
+    });
     // the driver died at its crash point (abort: not a success)
     let st = exit_of(&mut driver, "the driver").await;
     assert!(!st.success(), "the driver was meant to abort at {crash}");
@@ -284,8 +293,11 @@ async fn failover_run(
         logs.contains("this front-end takes over driving"),
         "no front-end took over:\n{logs}"
     );
-    for (i, c) in others.iter_mut().enumerate() {
-        wait_exit(c, &format!("front-end {}", i + 1)).await;
+    wait_exit(one, "front-end 1").await;
+    if kill_follower {
+        let _ = exit_of(two, "front-end 2").await;
+    } else {
+        wait_exit(two, "front-end 2").await;
     }
     fleet.committed()
 }
@@ -347,7 +359,8 @@ fn certs_for(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plain_round_survives_kill_9_of_its_driver_and_commits_the_same_bits() {
+async fn a_plain_round_survives_kill_9_of_its_driver_and_of_a_front_end_and_commits_the_same_bits()
+{
     let (Some(faulty), Some(clean)) = (
         ScratchSchema::for_test("failover on PostgreSQL (plain)"),
         ScratchSchema::for_test("failover on PostgreSQL (plain, reference)"),
@@ -357,10 +370,11 @@ async fn a_plain_round_survives_kill_9_of_its_driver_and_commits_the_same_bits()
     let dir = tempfile::tempdir().unwrap();
     let certs = certs_for(dir.path());
     // the driver dies after its second group of uploads is durable, before it acknowledges
-    // any of them: their clients send them again to another front-end
+    // any of them: their clients send them again to another front-end; and a front-end that
+    // relays is killed too: its clients move
     // (the two runs are independent: side by side)
     let ((global, rounds), (want, want_rounds)) = tokio::join!(
-        failover_run(&faulty, &certs, false, "commit-after-flush:2"),
+        failover_run(&faulty, &certs, false, "commit-after-flush:2", true),
         single_run(&clean, &certs, false, None)
     );
     assert_eq!(rounds.len(), 1, "{rounds:?}");
@@ -392,7 +406,7 @@ async fn a_secure_round_whose_driver_dies_is_retried_by_the_next_and_commits_the
     // does (the reference run)
     let crash = "secure-input:15";
     let ((global, rounds), (want, want_rounds)) = tokio::join!(
-        failover_run(&faulty, &certs, true, crash),
+        failover_run(&faulty, &certs, true, crash, false),
         single_run(&clean, &certs, true, Some(crash))
     );
     assert_eq!(rounds.len(), 2, "{rounds:?}");

@@ -67,6 +67,18 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// The final global version, once the store says the federation is finished.
+    fn finished(&self) -> Option<u64> {
+        match &*self.view.lock().expect("lock") {
+            Some((_, state)) if matches!(state.phase, fedlora_protocol::Phase::Finished { .. }) => {
+                Some(state.global_version)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Keeps a front-end's view of the federation current.
 async fn view_loop(relay: Arc<Relay>) {
     loop {
@@ -265,8 +277,12 @@ impl FrontEnd {
         for t in self.tasks {
             let _ = t.await;
         }
+        // the connections' handles (kept for the per-client cap and revocation) hold the
+        // endpoint's socket too
+        self.relay.conns.lock().expect("lock").clear();
         self.endpoint.wait_idle().await;
         drop(self.endpoint);
+        drop(self.relay);
         // quinn's driver lets the socket go on its next turn
         if let Some(addr) = addr {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -417,6 +433,15 @@ async fn serve_registered(
                 }
             };
             let (msg, wire, permit) = req.into_parts();
+            // once the federation is over, a poll's answer is the same for everyone, and the
+            // driver may be gone: this front-end gives it
+            if let ClientMsg::Poll { .. } = msg {
+                if let Some(version) = relay.finished() {
+                    let done = CoordMsg::Task(fedlora_protocol::Task::Finished { version });
+                    let _ = respond(&mut send, &done).await;
+                    return;
+                }
+            }
             let frame = match fedlora_protocol::frame::encode::<ClientMsg>(&msg) {
                 Ok(f) => f,
                 Err(e) => {
