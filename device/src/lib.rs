@@ -102,3 +102,31 @@ pub fn resolve(flag: &str, addr: &str) -> Result<std::net::SocketAddr, UsageErro
         .next()
         .ok_or_else(|| UsageError(format!("{flag} {addr} resolves to nothing")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_list_gives_every_address_in_order_once() {
+        let got = resolve_all(
+            "--coordinator",
+            "127.0.0.1:4433, 127.0.0.1:4434,127.0.0.1:4433,",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                "127.0.0.1:4433".parse().unwrap(),
+                "127.0.0.1:4434".parse().unwrap()
+            ]
+        );
+        // a name stands for everything it resolves to (here, from the hosts file)
+        let local = resolve_all("--coordinator", "localhost:4433").unwrap();
+        assert!(local
+            .iter()
+            .all(|a| a.port() == 4433 && a.ip().is_loopback()));
+        assert!(resolve_all("--coordinator", " , ").is_err());
+        assert!(resolve_all("--coordinator", "127.0.0.1").is_err());
+    }
+}
