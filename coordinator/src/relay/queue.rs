@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::Client;
 use tracing::warn;
 
 use crate::error::{CoordinatorError, Result};
@@ -31,7 +31,7 @@ pub fn reply_channel(frontend: &str) -> String {
 }
 
 /// A notification: (channel, payload).
-pub type Note = (String, String);
+pub use crate::store::postgres::Note;
 
 /// One relayed request, as the driving front-end reads it.
 pub struct Waiting {
@@ -69,50 +69,17 @@ impl RelayQueue {
             .map_err(|e| CoordinatorError::Config(format!("{}: {e}", redacted(url))))?;
         let config = crate::store::postgres::tuned(config);
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let alive2 = alive.clone();
         let (notes_tx, notes) = unbounded_channel();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("fedlora-relay-pg".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(storage(e)));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let (client, mut conn) = match config.connect(NoTls).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = tx.send(Err(pg(e)));
-                            return;
-                        }
-                    };
-                    let _ = tx.send(Ok(client));
-                    let _up = Up(alive2);
-                    loop {
-                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                            Some(Ok(AsyncMessage::Notification(n))) => {
-                                let note = (n.channel().to_string(), n.payload().to_string());
-                                if notes_tx.send(note).is_err() {
-                                    return;
-                                }
-                            }
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => {
-                                tracing::error!(error = %e, "the relay's PostgreSQL connection failed");
-                                return;
-                            }
-                            None => return,
-                        }
-                    }
-                });
-            })?;
+        crate::store::postgres::connect_on_thread(
+            config,
+            "fedlora-relay-pg",
+            Some(notes_tx),
+            alive.clone(),
+            move |c| {
+                let _ = tx.send(c);
+            },
+        )?;
         let client = rx
             .await
             .map_err(|_| storage("the relay connection thread ended"))??;
@@ -359,15 +326,6 @@ impl RelayQueue {
             ))),
             _ => Ok(None),
         }
-    }
-}
-
-/// Marks the connection down when its task ends, however it ends.
-struct Up(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -116,24 +116,16 @@ async fn housekeeping(shared: Arc<Shared>, queue: Arc<RelayQueue>, sessions: Sha
         tokio::time::sleep(Duration::from_secs(5)).await;
         tick += 1;
         if let Ok(silent) = queue.silent_frontends(SILENT_MS).await {
-            let gone: Vec<Known> = {
-                let mut s = sessions.lock().expect("lock");
-                let keys: Vec<(String, u64)> = s
-                    .known
-                    .keys()
-                    .filter(|(f, _)| silent.contains(f))
-                    .cloned()
-                    .collect();
-                let now = now_ms();
-                keys.into_iter()
-                    .filter_map(|k| {
-                        s.closed.insert(k.clone(), now);
-                        s.known.remove(&k)
-                    })
-                    .collect()
-            };
-            for k in gone {
-                unregister(&shared, &k.client, k.conn_id);
+            let keys: Vec<(String, u64)> = sessions
+                .lock()
+                .expect("lock")
+                .known
+                .keys()
+                .filter(|(f, _)| silent.contains(f))
+                .cloned()
+                .collect();
+            for k in keys {
+                close_session(&shared, &sessions, &k);
             }
         }
         {
@@ -149,6 +141,19 @@ async fn housekeeping(shared: Arc<Shared>, queue: Arc<RelayQueue>, sessions: Sha
                 warn!(error = %e, "deleting old relayed requests failed");
             }
         }
+    }
+}
+
+/// Ends a relayed connection: closed for good (a late request of it is refused), and
+/// disconnected in the round machine if the driver knew it.
+fn close_session(shared: &Shared, sessions: &SharedSessions, key: &(String, u64)) {
+    let gone = {
+        let mut s = sessions.lock().expect("lock");
+        s.closed.insert(key.clone(), now_ms());
+        s.known.remove(key)
+    };
+    if let Some(k) = gone {
+        unregister(shared, &k.client, k.conn_id);
     }
 }
 
@@ -197,14 +202,7 @@ async fn handle(
 ) -> Option<RelayedReply> {
     let key = (frontend.to_string(), req.conn);
     if let Relayed::Closed = req.what {
-        let gone = {
-            let mut s = sessions.lock().expect("lock");
-            s.closed.insert(key.clone(), now_ms());
-            s.known.remove(&key)
-        };
-        if let Some(k) = gone {
-            unregister(shared, &k.client, k.conn_id);
-        }
+        close_session(shared, sessions, &key);
         return None;
     }
     let closing = |why: &str| {
@@ -230,14 +228,7 @@ async fn handle(
             }
             let p = &k.presented;
             if certs::is_denied(&deny, &p.fingerprint, &k.client, &p.key_id) {
-                let gone = {
-                    let mut s = sessions.lock().expect("lock");
-                    s.closed.insert(key.clone(), now_ms());
-                    s.known.remove(&key)
-                };
-                if let Some(k) = gone {
-                    unregister(shared, &k.client, k.conn_id);
-                }
+                close_session(shared, sessions, &key);
                 return Some(RelayedReply {
                     frame: refused(Refusal::new(
                         RefusalCode::Revoked,

@@ -24,6 +24,22 @@ pub(super) fn from_json<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(storage)
 }
 
+/// The record of global `version`'s checkpoint `bytes`, made by `round` at `now_ms`.
+pub(super) fn checkpoint_record(
+    version: u64,
+    round: u64,
+    bytes: &[u8],
+    now_ms: u64,
+) -> super::CheckpointRecord {
+    use sha2::Digest;
+    super::CheckpointRecord {
+        version,
+        round,
+        sha256: hex::encode(sha2::Sha256::digest(bytes)),
+        created_ms: now_ms,
+    }
+}
+
 /// The federation state's bytes (bincode).
 pub(super) fn state_bytes(s: &FederationState) -> Vec<u8> {
     bincode::serde::encode_to_vec(s, bincode::config::standard()).expect("state encodes")

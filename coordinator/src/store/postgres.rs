@@ -41,7 +41,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
 use super::codec::{
-    from_json, json, optimizer_bytes, optimizer_from_bytes, state_bytes, state_from_bytes, storage,
+    checkpoint_record, from_json, json, optimizer_bytes, optimizer_from_bytes, state_bytes,
+    state_from_bytes, storage,
 };
 use super::payloads::PayloadStore;
 use super::{
@@ -149,6 +150,63 @@ fn id(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A notification on a connection: (channel, payload).
+pub type Note = (String, String);
+
+/// Connects to `config` on a thread of its own, whose current-thread runtime drives the
+/// connection until the client is dropped or the server goes away; then `alive` turns false.
+/// `deliver` receives the client (or why there is none); notifications go to `notes` (if
+/// given).
+pub(crate) fn connect_on_thread(
+    config: tokio_postgres::Config,
+    name: &str,
+    notes: Option<tokio::sync::mpsc::UnboundedSender<Note>>,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    deliver: impl FnOnce(Result<Client>) + Send + 'static,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    deliver(Err(storage(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let (client, mut conn) = match config.connect(NoTls).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        deliver(Err(pg(e)));
+                        return;
+                    }
+                };
+                deliver(Ok(client));
+                loop {
+                    match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                            if let Some(tx) = &notes {
+                                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "a PostgreSQL connection failed");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                alive.store(false, std::sync::atomic::Ordering::SeqCst);
+            });
+        })?;
+    Ok(())
+}
+
 /// The PostgreSQL store.
 pub struct PgStore {
     client: Mutex<Client>,
@@ -168,37 +226,10 @@ impl PgStore {
             .map_err(|e| CoordinatorError::Config(format!("{}: {e}", redacted(url))))?;
         let config = tuned(config);
         let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let alive2 = alive.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("fedlora-postgres".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(storage(e)));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match config.connect(NoTls).await {
-                        Ok((client, connection)) => {
-                            let _ = tx.send(Ok(client));
-                            // runs until the client is dropped or the server goes away
-                            if let Err(e) = connection.await {
-                                tracing::error!(error = %e, "the PostgreSQL connection failed");
-                            }
-                            alive2.store(false, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(pg(e)));
-                        }
-                    }
-                });
-            })?;
+        connect_on_thread(config, "fedlora-postgres", None, alive.clone(), move |c| {
+            let _ = tx.send(c);
+        })?;
         let client = rx
             .recv()
             .map_err(|_| storage("the PostgreSQL connection thread ended"))?
@@ -426,13 +457,8 @@ impl StateStore for PgStore {
         state: &FederationState,
         now_ms: u64,
     ) -> Result<()> {
-        let ck = String::from_utf8(json(&CheckpointRecord {
-            version: 0,
-            round: 0,
-            sha256: hex::encode(Sha256::digest(initial)),
-            created_ms: now_ms,
-        }))
-        .map_err(storage)?;
+        let ck =
+            String::from_utf8(json(&checkpoint_record(0, 0, initial, now_ms))).map_err(storage)?;
         self.transaction(true, |tx| {
             exec_in(tx, UPSERT_CHECKPOINT, &[&0i64, &ck, &initial])?;
             exec_in(tx, UPSERT_META, &[&"config", &json(config)])?;
@@ -506,12 +532,12 @@ impl StateStore for PgStore {
         now_ms: u64,
     ) -> Result<()> {
         crate::faults::crash_point("round-commit");
-        let ck = String::from_utf8(json(&CheckpointRecord {
+        let ck = String::from_utf8(json(&checkpoint_record(
             version,
-            round: round.round,
-            sha256: hex::encode(Sha256::digest(global)),
-            created_ms: now_ms,
-        }))
+            round.round,
+            global,
+            now_ms,
+        )))
         .map_err(storage)?;
         let rr = String::from_utf8(json(round)).map_err(storage)?;
         self.transaction(true, |tx| {

@@ -51,8 +51,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use super::codec::{
-    from_json, json, optimizer_bytes, optimizer_from_bytes, state_bytes, state_from_bytes, storage,
-    write_file_durably,
+    checkpoint_record, from_json, json, optimizer_bytes, optimizer_from_bytes, state_bytes,
+    state_from_bytes, storage, write_file_durably,
 };
 use super::payloads::{FilePayloads, PayloadStore};
 use super::{
@@ -129,12 +129,7 @@ impl SledStore {
     /// Writes a checkpoint file and its record (not flushed).
     fn put_checkpoint(&self, version: u64, round: u64, bytes: &[u8], now_ms: u64) -> Result<()> {
         write_file_durably(&self.checkpoint_path(version), bytes)?;
-        let rec = CheckpointRecord {
-            version,
-            round,
-            sha256: hex::encode(Sha256::digest(bytes)),
-            created_ms: now_ms,
-        };
+        let rec = checkpoint_record(version, round, bytes, now_ms);
         self.checkpoints.insert(version.to_be_bytes(), json(&rec))?;
         Ok(())
     }
@@ -259,12 +254,7 @@ impl StateStore for SledStore {
     ) -> Result<()> {
         write_file_durably(&self.checkpoint_path(version), global)?;
         crate::faults::crash_point("round-commit");
-        let ck = json(&CheckpointRecord {
-            version,
-            round: round.round,
-            sha256: hex::encode(Sha256::digest(global)),
-            created_ms: now_ms,
-        });
+        let ck = json(&checkpoint_record(version, round.round, global, now_ms));
         let rr = json(round);
         let st = state_bytes(state);
         (&self.checkpoints, &self.rounds, &self.meta)
