@@ -33,3 +33,17 @@ pub fn bind_socket(addr: SocketAddr, recv_buffer: usize) -> Result<std::net::Udp
     })?;
     Ok(sock.into())
 }
+
+/// A QUIC server endpoint on `socket` (the driver's and each front-end's).
+pub fn serve_endpoint(
+    server_config: quinn::ServerConfig,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        quinn::default_runtime()
+            .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
+    )?)
+}

@@ -261,3 +261,12 @@ pub(crate) async fn enroll_through_intermediate(
     service.shutdown();
     (device, store)
 }
+
+/// A UDP port on 127.0.0.1 that was free a moment ago (for a coordinator to listen on).
+pub(crate) fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

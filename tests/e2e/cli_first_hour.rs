@@ -30,14 +30,6 @@ fn expect(out: &Output, code: i32, names: &[&str]) -> String {
     err
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn certs(dir: &Path, clients: usize) -> PathBuf {
     let out = dir.join("certs");
     let st = fedlora(&[
@@ -228,7 +220,7 @@ fn unknown_federation_keys_and_a_port_in_use_are_refused() {
 fn an_unreachable_coordinator_is_named_and_retried() {
     let dir = tempfile::tempdir().unwrap();
     let c = certs(dir.path(), 1);
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", crate::common::free_port());
     let mut child = Command::new(BIN)
         .args(["client", "--coordinator", &addr, "--client-index", "0"])
         // one attempt gives up after 1 s instead of the default 10 s
@@ -271,7 +263,9 @@ impl Drop for Running {
 }
 
 fn coordinator(dir: &Path, certs: &Path) -> Running {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
     let metrics: SocketAddr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -500,7 +494,7 @@ fn secure_aggregation_is_a_coordinator_flag() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         expect(&fedlora(&args), 2, &names);
     }
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", crate::common::free_port());
     let args = with(&[
         "--secure-aggregation",
         "--collusion",

@@ -20,14 +20,6 @@ use common::{next_task, offer, poll, upload};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedlora");
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(config: &Path, log: &Path) -> Child {
     start_crashing(config, log, None)
 }
@@ -118,7 +110,9 @@ fn setup_n(n: usize, top: &str, federation: &str) -> Setup {
         .status()
         .unwrap();
     assert!(st.success());
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", crate::common::free_port())
+        .parse()
+        .unwrap();
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
         &config,

@@ -87,14 +87,6 @@ impl Learner for Fixed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One federation's files: certificates, a config file, and `n` front-ends' addresses.
 struct Fleet {
     dir: PathBuf,
@@ -144,7 +136,11 @@ impl Fleet {
             certs: certs.to_path_buf(),
             config,
             addrs: (0..frontends)
-                .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+                .map(|_| {
+                    format!("127.0.0.1:{}", crate::common::free_port())
+                        .parse()
+                        .unwrap()
+                })
                 .collect(),
             url: url.to_string(),
         }

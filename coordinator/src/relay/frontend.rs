@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use super::queue::{heartbeat_loop, new_id, reply_channel, Note, RelayQueue};
 use super::{Relayed, RelayedReply, RelayedRequest, RELAY_WAIT_MS};
 use crate::config::CoordinatorConfig;
-use crate::error::{CoordinatorError, Result};
+use crate::error::Result;
 use crate::revocation::{close_revoked, watch_deny_list, Conns};
 use crate::wire::{read_hello, read_request, respond, ReadBudget, MAX_CONNECTIONS_PER_CLIENT};
 
@@ -197,13 +197,7 @@ impl FrontEnd {
         let queue = Arc::new(queue);
         let id = new_id();
         queue.listen(&reply_channel(&id)).await?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            quinn::default_runtime()
-                .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
-        )?;
+        let endpoint = crate::socket::serve_endpoint(server_config, socket)?;
         let listen = endpoint.local_addr()?;
         let relay = Arc::new(Relay {
             id: id.clone(),

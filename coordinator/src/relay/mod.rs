@@ -3,7 +3,7 @@
 //! Every `fedlora coordinator --store postgres://…` process is a **front-end**: it terminates
 //! QUIC and TLS for the clients that connect to it. Exactly one of them **drives** the round
 //! machine at a time: the one holding the lease, a PostgreSQL session advisory lock
-//! ([`crate::store::postgres::PgStore::try_lead`]), which the server releases when the holder's
+//! ([`crate::store::StateStore::try_lead`]), which the server releases when the holder's
 //! connection ends (a killed process's, too). The driver is a whole coordinator
 //! ([`crate::Coordinator`]) and serves its own clients directly; every other front-end
 //! ([`frontend::FrontEnd`]) relays each request of its clients through the store to the driver

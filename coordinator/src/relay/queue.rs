@@ -21,6 +21,7 @@ use tracing::warn;
 
 use crate::error::{CoordinatorError, Result};
 use crate::store::postgres::{pg, redacted};
+use crate::store::storage;
 
 /// The database's clock, Unix ms, in SQL.
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -54,10 +55,6 @@ pub struct RelayQueue {
     request_channel: String,
     /// Whether the connection is up.
     alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-fn storage(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Storage(e.to_string())
 }
 
 impl RelayQueue {

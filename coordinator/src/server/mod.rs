@@ -322,13 +322,7 @@ impl Coordinator {
             Some(&Codec::DenseF32),
             &CodecContext::default(),
         )?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            quinn::default_runtime()
-                .ok_or_else(|| CoordinatorError::Config("no async runtime".into()))?,
-        )?;
+        let endpoint = crate::socket::serve_endpoint(server_config, socket)?;
         let (enrollment, enroll) = match &config.enroll {
             Some(ec) => {
                 let e = Arc::new(crate::enroll::Enrollment::new(

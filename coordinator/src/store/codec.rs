@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CoordinatorError, Result};
 
 /// A storage error with `e`'s text.
-pub(super) fn storage(e: impl std::fmt::Display) -> CoordinatorError {
+pub(crate) fn storage(e: impl std::fmt::Display) -> CoordinatorError {
     CoordinatorError::Storage(e.to_string())
 }
 

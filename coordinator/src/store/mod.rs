@@ -39,8 +39,8 @@ use std::sync::Arc;
 use fedlora_protocol::strategy::OptimizerState;
 use fedlora_protocol::{AdapterSpec, FederationConfig, FederationState};
 
-pub(crate) use codec::state_from_bytes;
 pub use codec::write_file_durably;
+pub(crate) use codec::{state_from_bytes, storage};
 pub use records::*;
 
 use crate::error::{CoordinatorError, Result};

@@ -138,6 +138,11 @@ pub fn redacted(url: &str) -> String {
     format!("{scheme}://{authority}{tail}")
 }
 
+/// A record as JSON text (the `record` columns).
+fn json_text<T: serde::Serialize>(v: &T) -> Result<String> {
+    String::from_utf8(json(v)).map_err(storage)
+}
+
 pub(crate) fn pg(e: tokio_postgres::Error) -> CoordinatorError {
     // the server's own message (e.g. "relation … does not exist"), not only "db error"
     match e.as_db_error() {
@@ -347,17 +352,6 @@ impl PgStore {
             Ok(out)
         })
     }
-
-    /// Tries to take the lease on driving this federation's rounds: a session advisory lock,
-    /// held until this store's connection closes (a killed process's lock is released when
-    /// PostgreSQL sees its connection end). `false` when another process holds it.
-    pub fn try_lead(&self) -> Result<bool> {
-        let rows = self.rows(
-            "SELECT pg_try_advisory_lock($1)",
-            &[&lead_lock(&self.schema)],
-        )?;
-        Ok(rows.first().map(|r| r.get::<_, bool>(0)).unwrap_or(false))
-    }
 }
 
 fn exec_in(
@@ -457,8 +451,7 @@ impl StateStore for PgStore {
         state: &FederationState,
         now_ms: u64,
     ) -> Result<()> {
-        let ck =
-            String::from_utf8(json(&checkpoint_record(0, 0, initial, now_ms))).map_err(storage)?;
+        let ck = json_text(&checkpoint_record(0, 0, initial, now_ms))?;
         self.transaction(true, |tx| {
             exec_in(tx, UPSERT_CHECKPOINT, &[&0i64, &ck, &initial])?;
             exec_in(tx, UPSERT_META, &[&"config", &json(config)])?;
@@ -483,7 +476,7 @@ impl StateStore for PgStore {
         }
         self.transaction(true, |tx| {
             for r in uploads {
-                let rec = String::from_utf8(json(r)).map_err(storage)?;
+                let rec = json_text(r)?;
                 exec_in(
                     tx,
                     "INSERT INTO fedlora_uploads (round, client, digest, record) \
@@ -493,7 +486,7 @@ impl StateStore for PgStore {
                 )?;
             }
             for e in evals {
-                let rec = String::from_utf8(json(e)).map_err(storage)?;
+                let rec = json_text(e)?;
                 exec_in(tx, UPSERT_EVAL, &[&id(e.version), &e.client, &rec])?;
             }
             Ok(())
@@ -532,14 +525,8 @@ impl StateStore for PgStore {
         now_ms: u64,
     ) -> Result<()> {
         crate::faults::crash_point("round-commit");
-        let ck = String::from_utf8(json(&checkpoint_record(
-            version,
-            round.round,
-            global,
-            now_ms,
-        )))
-        .map_err(storage)?;
-        let rr = String::from_utf8(json(round)).map_err(storage)?;
+        let ck = json_text(&checkpoint_record(version, round.round, global, now_ms))?;
+        let rr = json_text(round)?;
         self.transaction(true, |tx| {
             exec_in(tx, UPSERT_CHECKPOINT, &[&id(version), &ck, &global])?;
             exec_in(tx, UPSERT_ROUND, &[&id(round.round), &rr])?;
@@ -568,7 +555,7 @@ impl StateStore for PgStore {
     }
 
     fn put_round(&self, round: &RoundRecord, state: &FederationState) -> Result<()> {
-        let rr = String::from_utf8(json(round)).map_err(storage)?;
+        let rr = json_text(round)?;
         self.transaction(true, |tx| {
             exec_in(tx, UPSERT_ROUND, &[&id(round.round), &rr])?;
             exec_in(tx, UPSERT_META, &[&"state", &state_bytes(state)])?;
@@ -580,7 +567,7 @@ impl StateStore for PgStore {
     }
 
     fn update_round(&self, round: &RoundRecord) -> Result<()> {
-        let rr = String::from_utf8(json(round)).map_err(storage)?;
+        let rr = json_text(round)?;
         self.transaction(false, |tx| {
             exec_in(tx, UPSERT_ROUND, &[&id(round.round), &rr]).map(drop)
         })
@@ -623,7 +610,7 @@ impl StateStore for PgStore {
     }
 
     fn put_eval(&self, rec: &EvalRecord) -> Result<()> {
-        let r = String::from_utf8(json(rec)).map_err(storage)?;
+        let r = json_text(rec)?;
         self.exec(UPSERT_EVAL, &[&id(rec.version), &rec.client, &r])?;
         Ok(())
     }
@@ -658,7 +645,7 @@ impl StateStore for PgStore {
                     key_id: key_id.to_string(),
                 },
             };
-            let r = String::from_utf8(json(&rec)).map_err(storage)?;
+            let r = json_text(&rec)?;
             exec_in(
                 tx,
                 "INSERT INTO fedlora_clients (client, record) VALUES ($1, $2) \
@@ -751,7 +738,7 @@ impl StateStore for PgStore {
     }
 
     fn put_device(&self, rec: &DeviceRecord) -> Result<()> {
-        let r = String::from_utf8(json(rec)).map_err(storage)?;
+        let r = json_text(rec)?;
         self.exec(
             "INSERT INTO fedlora_devices (device_id, record) VALUES ($1, $2) \
              ON CONFLICT (device_id) DO UPDATE SET record = EXCLUDED.record",
@@ -776,8 +763,15 @@ impl StateStore for PgStore {
         )
     }
 
+    /// The lease is a session advisory lock (one per federation schema), held until this
+    /// store's connection closes: a killed process's lock is released when PostgreSQL sees
+    /// its connection end.
     fn try_lead(&self) -> Result<bool> {
-        PgStore::try_lead(self)
+        let rows = self.rows(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&lead_lock(&self.schema)],
+        )?;
+        Ok(rows.first().map(|r| r.get::<_, bool>(0)).unwrap_or(false))
     }
 
     fn wait_lead(&self) -> Result<()> {
