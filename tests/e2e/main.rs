@@ -9,6 +9,7 @@
 mod common;
 
 mod bad_link;
+mod ci_script;
 mod cli_first_hour;
 mod cli_llm;
 mod cli_simulate;
