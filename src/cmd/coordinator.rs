@@ -128,6 +128,12 @@ pub(crate) struct CoordinatorToml {
     /// MiB of upload bodies read at once over all connections (default 256; at least 64): the
     /// uploads' term of the memory bound (docs/src/coordinator.md).
     payload_budget_mib: Option<usize>,
+    /// Polls per second invited over all connected clients, every front-end's included
+    /// (default 2,000): a waiting client is told to poll again after max(`poll_interval_ms`,
+    /// connected clients ÷ this).
+    max_polls_per_s: Option<u64>,
+    /// The least delay a waiting client is told to poll again after, ms (default 200).
+    poll_interval_ms: Option<u64>,
     federation: Option<FederationConfig>,
     /// Client-level DP (`[client_dp]`: mode, clip, target_epsilon, delta, collusion,
     /// eligible, bits, beta, headroom).
@@ -510,6 +516,12 @@ fn coordinator_config(a: &CoordinatorArgs, file: CoordinatorToml) -> anyhow::Res
     service.metrics = a.metrics.or(file.metrics);
     if let Some(mib) = file.payload_budget_mib {
         service.payload_budget = mib.saturating_mul(1 << 20);
+    }
+    if let Some(n) = file.max_polls_per_s {
+        service.max_polls_per_s = n;
+    }
+    if let Some(ms) = file.poll_interval_ms {
+        service.poll_interval_ms = ms;
     }
     service.adapter_description = Some(a.model.describe());
     let mut fed = file.federation.unwrap_or_default();

@@ -421,3 +421,76 @@ async fn a_secure_round_whose_driver_dies_is_retried_by_the_next_and_commits_the
         "the committed global differs from the restarted run's"
     );
 }
+
+/// Clients of a front-end that relays count in the coordinator's poll budget as its own do:
+/// with `max_polls_per_s = 1` and 3 clients connected through a relaying front-end (none to the
+/// driver), a waiting client is told to poll again after 3 s. The driver once counted only its
+/// own connections, so relayed clients were told `poll_interval_ms` (here 100 ms) and, at
+/// N = 10,000 over 2 front-ends, polled twice as often as the budget allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_relaying_front_end_count_in_the_poll_budget() {
+    use fedlora_client::transport::{endpoint, Session};
+    use fedlora_protocol::{ClientMsg, CoordMsg, Task, PROTOCOL_VERSION};
+    let Some(schema) = ScratchSchema::for_test("poll budget over front-ends") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs_for(dir.path());
+    let fleet = Fleet::new(dir.path(), &certs, &schema.url(), false, 2);
+    let config = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        format!("max_polls_per_s = 1\npoll_interval_ms = 100\n{config}"),
+    )
+    .unwrap();
+    let mut driver = fleet.start(0, None);
+    fleet.wait_log(0, "driving the rounds").await;
+    let mut relaying = fleet.start(1, None);
+    fleet.wait_log(1, "front-end listening").await;
+    let spec = initial_adapter(&LmConfig::new()).unwrap().spec().clone();
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let ep = endpoint(&ClientTls::from_dir(&certs, i)).unwrap();
+        // the front-end may still be reading the federation from the store: retry briefly
+        let t0 = Instant::now();
+        let session = loop {
+            let s = Session::connect(&ep, fleet.addrs[1], "localhost")
+                .await
+                .unwrap();
+            let (reply, _) = s
+                .request(&ClientMsg::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    spec_hash: spec.hash(),
+                    max_rank: None,
+                })
+                .await
+                .unwrap();
+            if matches!(reply, CoordMsg::Welcome { .. }) {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "client {i}: {reply:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        sessions.push((ep, session));
+    }
+    // 30 clients are awaited: the round waits, and the 3 connected clients share 1 poll/s
+    let (reply, _) = sessions[0]
+        .1
+        .request(&ClientMsg::Poll { held_version: None })
+        .await
+        .unwrap();
+    for p in [&mut driver, &mut relaying] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    match reply {
+        CoordMsg::Task(Task::Wait { retry_after_ms }) => assert_eq!(
+            retry_after_ms, 3_000,
+            "3 relayed clients at 1 poll/s should wait 3 s"
+        ),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+}

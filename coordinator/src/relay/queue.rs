@@ -80,6 +80,19 @@ impl RelayQueue {
         let client = rx
             .await
             .map_err(|_| storage("the relay connection thread ended"))??;
+        // Relay rows are messages in flight, not state: this connection's commits return
+        // without waiting for their WAL flush. Each relayed request takes three commits (the
+        // request, its reply, taking the reply), and one connection waiting for a flush per
+        // commit capped a front-end at a few hundred requests per second on one disk. What a
+        // crash of PostgreSQL may lose here is a request or a reply; the front-end then gives
+        // up waiting ([`super::RELAY_WAIT_MS`]) and its client retries. Nothing acknowledged
+        // rests on it: the driver answers an upload only after the store (its own
+        // connection, synchronous commits) holds it, so a lost reply is answered again as
+        // `AlreadyUploaded`.
+        client
+            .batch_execute("SET synchronous_commit TO off")
+            .await
+            .map_err(pg)?;
         let schema: Option<String> = client
             .query_one("SELECT current_schema()", &[])
             .await
@@ -339,5 +352,48 @@ pub async fn heartbeat_loop(queue: Arc<RelayQueue>, id: String, listen: String, 
             warn!(error = %e, "front-end heartbeat failed");
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::scratch::ScratchSchema;
+
+    /// The relay's commits do not wait for the WAL (the store's do): see [`RelayQueue::connect`].
+    #[tokio::test]
+    async fn the_relay_commits_without_waiting_for_the_wal_and_still_delivers() {
+        let Some(schema) = ScratchSchema::for_test("relay queue commit mode") else {
+            return;
+        };
+        // the store creates the schema's tables (the relay's among them)
+        let dir = tempfile::tempdir().unwrap();
+        let (path, url) = (dir.path().to_path_buf(), schema.url());
+        tokio::task::spawn_blocking(move || {
+            crate::store::Store::open_at(&path, &crate::store::StoreLocation::Postgres(url))
+                .map(drop)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let (queue, _notes) = RelayQueue::connect(&schema.url()).await.unwrap();
+        let mode: String = queue
+            .client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mode, "off");
+        // and a request still goes through: submitted, claimed, answered, taken
+        queue.submit("fa", 7, b"request").await.unwrap();
+        let waiting = queue.claim(10).await.unwrap();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].request, b"request");
+        queue.answer(&waiting[0], b"reply").await.unwrap();
+        assert_eq!(
+            queue.take_reply("fa", 7).await.unwrap().as_deref(),
+            Some(&b"reply"[..])
+        );
+        assert_eq!(queue.take_reply("fa", 7).await.unwrap(), None);
     }
 }

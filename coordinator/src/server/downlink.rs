@@ -118,7 +118,8 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         }
         (fed.poll(client), train, fed.config().seed, fed.is_async())
     };
-    let connected = shared.conns.lock().expect("lock").len();
+    // every connected client, those other front-ends relay included (`live` holds both)
+    let connected = shared.live.lock().expect("lock").len();
     let retry_after_ms = crate::config::poll_delay_ms(
         shared.config.poll_interval_ms,
         connected,
