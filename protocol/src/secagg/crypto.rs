@@ -89,7 +89,7 @@ const PARALLEL_MIN: usize = 1 << 16;
 
 /// Applies every mask of `masks` to `out` mod 2^bits in **one pass** over `out`: each chunk of
 /// 4,096 values receives all masks while it is in cache, and the keystreams are read at their
-/// native width (1, 2, 4 or 8 bytes per value) with no per-peer vector. With `threads > 1` and a
+/// native width (⌈bits ÷ 8⌉ bytes per value, 1 to 8) with no per-peer vector. With `threads > 1` and a
 /// long vector, contiguous parts of `out` run on scoped threads, each seeking every ChaCha20
 /// stream to its part's offset, so the result is bit-identical to one thread's.
 pub fn apply_masks(out: &mut [u64], masks: &[Mask], bits: u32, threads: usize) {
@@ -133,49 +133,45 @@ fn apply_masks_at(out: &mut [u64], offset: usize, masks: &[Mask], bits: u32) {
         for (c, m) in ciphers.iter_mut().zip(masks) {
             b.fill(0);
             c.apply_keystream(b);
+            // every width at its own constant, so each is one vectorisable loop (a 19-bit
+            // modulus reads 3 bytes per value: that width once took a per-value copy)
             match width {
-                1 => combine(block, b, m.add, mask, |c: &[u8; 1]| u64::from(c[0])),
-                2 => combine(block, b, m.add, mask, |c: &[u8; 2]| {
-                    u64::from(u16::from_le_bytes(*c))
-                }),
-                4 => combine(block, b, m.add, mask, |c: &[u8; 4]| {
-                    u64::from(u32::from_le_bytes(*c))
-                }),
-                8 => combine(block, b, m.add, mask, |c: &[u8; 8]| u64::from_le_bytes(*c)),
-                _ => {
-                    for (o, bytes) in block.iter_mut().zip(b.chunks_exact(width)) {
-                        let mut v = [0u8; 8];
-                        v[..width].copy_from_slice(bytes);
-                        let r = u64::from_le_bytes(v);
-                        *o = if m.add {
-                            o.wrapping_add(r)
-                        } else {
-                            o.wrapping_sub(r)
-                        } & mask;
-                    }
-                }
+                1 => combine::<1>(block, b, m.add),
+                2 => combine::<2>(block, b, m.add),
+                3 => combine::<3>(block, b, m.add),
+                4 => combine::<4>(block, b, m.add),
+                5 => combine::<5>(block, b, m.add),
+                6 => combine::<6>(block, b, m.add),
+                7 => combine::<7>(block, b, m.add),
+                _ => combine::<8>(block, b, m.add),
+            }
+        }
+        // sums mod 2^64 reduce to sums mod 2^bits (2^bits divides 2^64): one reduction per
+        // value after all masks, not one per mask
+        if mask != u64::MAX {
+            for o in block.iter_mut() {
+                *o &= mask;
             }
         }
     }
 }
 
-/// `out[i] ± read(stream[i]) mod 2^bits` for a fixed width `W` (vectorisable).
+/// `out[i] ± stream[i]` mod 2^64, the stream read as little-endian `W`-byte values.
 #[inline(always)]
-fn combine<const W: usize>(
-    out: &mut [u64],
-    stream: &[u8],
-    add: bool,
-    mask: u64,
-    read: impl Fn(&[u8; W]) -> u64,
-) {
+fn combine<const W: usize>(out: &mut [u64], stream: &[u8], add: bool) {
     let (words, _) = stream.as_chunks::<W>();
+    let read = |w: &[u8; W]| {
+        let mut v = [0u8; 8];
+        v[..W].copy_from_slice(w);
+        u64::from_le_bytes(v)
+    };
     if add {
         for (o, w) in out.iter_mut().zip(words) {
-            *o = o.wrapping_add(read(w)) & mask;
+            *o = o.wrapping_add(read(w));
         }
     } else {
         for (o, w) in out.iter_mut().zip(words) {
-            *o = o.wrapping_sub(read(w)) & mask;
+            *o = o.wrapping_sub(read(w));
         }
     }
 }

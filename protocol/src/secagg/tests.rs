@@ -656,8 +656,12 @@ fn neighbour_graphs_are_k_regular_and_symmetric() {
 #[test]
 fn one_pass_masking_equals_applying_each_mask_alone_at_every_width_and_thread_count() {
     // lengths around the chunk (4,096) and the parallel threshold (65,536)
-    for bits in [1u32, 8, 12, 16, 20, 32, 40, 62] {
-        let m = (1u64 << bits) - 1;
+    for bits in [1u32, 8, 12, 16, 19, 20, 24, 32, 40, 48, 55, 62, 64] {
+        let m = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
         for len in [1usize, 4095, 4097, 70_001] {
             let x: Vec<u64> = (0..len as u64)
                 .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & m)
