@@ -8,9 +8,9 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, Purpose};
 use super::{
-    add_mod, graph_seed, leaf_hash, neighbour_graph, roster_hash, AdvertisedKeys, EncryptedShare,
-    MaskStatement, MerkleTree, NeighbourKeys, RosterView, SecAggError, SecAggParams, UnmaskRequest,
-    UnmaskResponse,
+    add_mod_threads, graph_seed, leaf_hash, neighbour_graph, roster_hash, AdvertisedKeys,
+    EncryptedShare, MaskStatement, MerkleTree, NeighbourKeys, RosterView, SecAggError,
+    SecAggParams, UnmaskRequest, UnmaskResponse,
 };
 use crate::identity::ClientId;
 
@@ -53,7 +53,7 @@ pub struct ServerRound {
     statements: BTreeMap<ClientId, MaskStatement>,
     signatures: BTreeMap<ClientId, Vec<u8>>,
     responses: BTreeMap<ClientId, UnmaskResponse>,
-    /// Threads that remove the masks (see [`ServerRound::with_threads`]).
+    /// Threads that sum the inputs and remove the masks (see [`ServerRound::with_threads`]).
     threads: usize,
 }
 
@@ -159,8 +159,9 @@ impl ServerRound {
         }
     }
 
-    /// Removes the masks with `threads` threads (default: every core). The sum is the same
-    /// for any count.
+    /// Sums the masked inputs (vectors of at least [`super::SUM_PARALLEL_MIN`] values) and
+    /// removes the masks with `threads` threads (default: every core). The sum is the same for
+    /// any count.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
         self
@@ -354,7 +355,7 @@ impl ServerRound {
                 "{from}'s mask statement names others than its neighbours that shared keys"
             )));
         }
-        add_mod(&mut self.sum, &y, self.params.modulus_bits);
+        add_mod_threads(&mut self.sum, &y, self.params.modulus_bits, self.threads);
         self.inputs.insert(from.to_string());
         self.statements.insert(from.to_string(), statement);
         Ok(())

@@ -1145,3 +1145,33 @@ fn a_mask_statement_does_not_count_its_owner_below_its_own_floor() {
         }
     }
 }
+
+#[test]
+fn the_sum_on_several_threads_is_bit_identical_to_one_threads() {
+    use crate::secagg::{add_mod_threads, SUM_PARALLEL_MIN};
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(5);
+    for bits in [1u32, 19, 32, 63, 64] {
+        let m = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        // below the threshold, just above it, and several parts with a ragged last one
+        for len in [
+            1usize,
+            SUM_PARALLEL_MIN - 1,
+            SUM_PARALLEL_MIN + 1,
+            3 * SUM_PARALLEL_MIN + 7,
+        ] {
+            let a: Vec<u64> = (0..len).map(|_| rng.random::<u64>() & m).collect();
+            let b: Vec<u64> = (0..len).map(|_| rng.random::<u64>() & m).collect();
+            let mut expect = a.clone();
+            add_mod(&mut expect, &b, bits);
+            for threads in [1, 2, 3, 5] {
+                let mut got = a.clone();
+                add_mod_threads(&mut got, &b, bits, threads);
+                assert!(got == expect, "bits {bits}, len {len}, threads {threads}");
+            }
+        }
+    }
+}
