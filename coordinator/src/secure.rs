@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fedlora_protocol::secagg::crypto::{P256Verifier, PeerVerifier};
 use fedlora_protocol::secagg::{
-    EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage, UnmaskRequest,
+    EncryptedShare, SecAggError, SecAggParams, ServerRound, ServerStage, UnmaskRequest, ViewBits,
 };
 use fedlora_protocol::{ClientId, SecAggBody, SecAggTask};
 
@@ -23,10 +23,10 @@ pub(crate) struct SecureRound {
     /// Clients in the fixed roster (0 until the key stage closes).
     pub(crate) roster_len: usize,
     pub(crate) deliveries: BTreeMap<ClientId, Vec<EncryptedShare>>,
-    /// The survivor view sent for signing.
-    pub(crate) view: Option<UnmaskRequest>,
-    /// The unmask request (relayed with each signer's neighbours' signatures).
-    pub(crate) request: Option<UnmaskRequest>,
+    /// The survivor view sent for signing, and as it travels (bitmaps over the roster).
+    pub(crate) view: Option<(UnmaskRequest, ViewBits)>,
+    /// The unmask request as it travels (relayed with each signer's neighbours' signatures).
+    pub(crate) request: Option<ViewBits>,
     /// Who answered each stage: keys, shares, input, consistency signature, unmask.
     pub(crate) sent: [BTreeSet<ClientId>; 5],
     pub(crate) len: usize,
@@ -109,9 +109,9 @@ impl SecureRound {
                 Some(SecAggTask::ShareKeys { view, certificates })
             }
             ServerStage::CollectConsistency => {
-                let view = self.view.as_ref()?;
+                let (view, bits) = self.view.as_ref()?;
                 (view.survivors.contains(client) && !self.sent[3].contains(client))
-                    .then(|| SecAggTask::ConsistencyCheck(view.clone()))
+                    .then(|| SecAggTask::ConsistencyCheck(bits.clone()))
             }
             ServerStage::CollectUnmask => {
                 let req = self.request.as_ref()?;
@@ -213,14 +213,17 @@ impl SecureRound {
                         .filter(|c| !self.sent[2].contains(*c) && !self.declined.contains(*c))
                         .count();
                     if waiting == 0 || now_ms >= self.deadline_ms {
-                        self.view = Some(self.server.close_inputs()?);
+                        let view = self.server.close_inputs()?;
+                        let bits = self.server.view_bits(&view)?;
+                        self.view = Some((view, bits));
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }
                 }
                 ServerStage::CollectConsistency => {
-                    let n = self.view.as_ref().map_or(0, |r| r.survivors.len());
+                    let n = self.view.as_ref().map_or(0, |(r, _)| r.survivors.len());
                     if self.sent[3].len() == n || now_ms >= self.deadline_ms {
-                        self.request = Some(self.server.close_consistency()?);
+                        let request = self.server.close_consistency()?;
+                        self.request = Some(self.server.view_bits(&request)?);
                         self.deadline_ms = now_ms + self.params.stage_timeout_ms;
                     }
                 }

@@ -40,7 +40,9 @@ use crate::secagg::check_shares;
 /// input carries a signed [`crate::secagg::MaskStatement`]; a client unmasks a surviving
 /// neighbour only if it signed the view or its statement matches it (clients of version 10
 /// would still unmask a subset the coordinator cut off, so they are refused).
-pub const PROTOCOL_VERSION: u16 = 11;
+/// Version 12: the survivor view travels as bitmaps over the roster
+/// ([`crate::secagg::ViewBits`], ⌈n ÷ 8⌉ bytes per set instead of n ids).
+pub const PROTOCOL_VERSION: u16 = 12;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";
@@ -365,8 +367,9 @@ pub enum SecAggTask {
         /// federation CA, dates, clientAuth, not a CA) before it trusts their signatures.
         certificates: std::collections::BTreeMap<String, Vec<u8>>,
     },
-    /// Check and sign the coordinator's view of who survived.
-    ConsistencyCheck(crate::secagg::UnmaskRequest),
+    /// Check and sign the coordinator's view of who survived (bitmaps over the roster: the
+    /// client expands them with [`crate::secagg::ClientRound::expand_view`]).
+    ConsistencyCheck(crate::secagg::ViewBits),
     /// Async mode: mask the finished update this client announced ([`ClientMsg::UpdateReady`])
     /// for this cohort, scaled by its public staleness weight, and send it as the input.
     MaskInput {
@@ -381,8 +384,8 @@ pub enum SecAggTask {
     },
     /// Return shares so the coordinator can unmask the sum.
     Unmask {
-        /// The view the client signed in the consistency check.
-        request: crate::secagg::UnmaskRequest,
+        /// The view the client signed in the consistency check (bitmaps over the roster).
+        request: crate::secagg::ViewBits,
         /// This client's surviving neighbours' signatures of that view, by signer.
         signatures: std::collections::BTreeMap<String, Vec<u8>>,
         /// The mask statements of its neighbours that sent an input and did not sign the view.

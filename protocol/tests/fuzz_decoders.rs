@@ -7,13 +7,13 @@
 //! runs; run `FEDLORA_FUZZ_CASES=100000` by hand for the full count: no script does),
 //! `FEDLORA_FUZZ_SEED` the seed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use fedlora_protocol::codec::bits;
 use fedlora_protocol::frame;
 use fedlora_protocol::secagg::{
-    crypto, AdvertisedKeys, EncryptedShare, SecAggParams, UnmaskRequest, UnmaskResponse,
+    crypto, AdvertisedKeys, EncryptedShare, SecAggParams, UnmaskResponse,
 };
 use fedlora_protocol::{
     AdapterSpec, ClientMsg, Codec, CodecContext, CoordMsg, DeclineReason, EvalReport,
@@ -70,10 +70,13 @@ fn share(i: u8) -> EncryptedShare {
     }
 }
 
-fn view() -> UnmaskRequest {
-    UnmaskRequest {
-        survivors: ["client-1".to_string(), "client-2".into()].into(),
-        dropped: BTreeSet::from(["client-3".to_string()]),
+/// A survivor view as it travels, over a roster of 4 (client-0 … client-3): client-1 and
+/// client-2 survived, client-3 dropped.
+fn view_bits() -> fedlora_protocol::secagg::ViewBits {
+    fedlora_protocol::secagg::ViewBits {
+        n: 4,
+        survivors: vec![0b0110],
+        dropped: vec![0b1000],
     }
 }
 
@@ -220,12 +223,12 @@ fn coord_seeds() -> Vec<Vec<u8>> {
         }),
         CoordMsg::Task(Task::SecAgg {
             round: 1,
-            task: Box::new(SecAggTask::ConsistencyCheck(view())),
+            task: Box::new(SecAggTask::ConsistencyCheck(view_bits())),
         }),
         CoordMsg::Task(Task::SecAgg {
             round: 1,
             task: Box::new(SecAggTask::Unmask {
-                request: view(),
+                request: view_bits(),
                 signatures: BTreeMap::from([("client-2".to_string(), vec![7; 70])]),
                 statements: BTreeMap::from([(
                     "client-3".to_string(),

@@ -147,8 +147,10 @@ async fn device(
                         decoded,
                     });
                 }
-                SecAggTask::ConsistencyCheck(view) => {
-                    let sig = cr.as_mut().unwrap().consistency(&view, &signer).unwrap();
+                SecAggTask::ConsistencyCheck(bits) => {
+                    let cr = cr.as_mut().unwrap();
+                    let view = cr.expand_view(&bits).unwrap();
+                    let sig = cr.consistency(&view, &signer).unwrap();
                     send(&s, round, SecAggBody::Consistency(sig)).await;
                 }
                 SecAggTask::Unmask {
@@ -156,9 +158,9 @@ async fn device(
                     signatures,
                     statements,
                 } => {
+                    let mut cr = cr.take().unwrap();
+                    let request = cr.expand_view(&request).unwrap();
                     let resp = cr
-                        .take()
-                        .unwrap()
                         .unmask(
                             &request,
                             &signatures,

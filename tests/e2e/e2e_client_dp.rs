@@ -101,9 +101,10 @@ async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr)
     let Task::SecAgg { task, .. } = next_task(&s).await else {
         panic!("expected the consistency check")
     };
-    let SecAggTask::ConsistencyCheck(view) = *task else {
+    let SecAggTask::ConsistencyCheck(bits) = *task else {
         panic!("expected the consistency check")
     };
+    let view = cr.expand_view(&bits).unwrap();
     let sig = cr.consistency(&view, &signer).unwrap();
     send(&s, round, SecAggBody::Consistency(sig)).await;
     let Task::SecAgg { task, .. } = next_task(&s).await else {
@@ -117,6 +118,7 @@ async fn client(i: usize, certs: std::path::PathBuf, addr: std::net::SocketAddr)
     else {
         panic!("expected unmask")
     };
+    let request = cr.expand_view(&request).unwrap();
     let resp = cr.unmask(&request, &signatures, &statements, &v).unwrap();
     send(&s, round, SecAggBody::Unmask(resp)).await;
     // keep the connection until the coordinator is done with the round

@@ -129,7 +129,8 @@ impl FederatedClient {
                     fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
                     Ok(SecAggBody::Input { packed, statement })
                 }
-                SecAggTask::ConsistencyCheck(view) => {
+                SecAggTask::ConsistencyCheck(bits) => {
+                    let view = st.cr.expand_view(&bits).map_err(|e| e.to_string())?;
                     let sig = st
                         .cr
                         .consistency(&view, signer)
@@ -142,6 +143,7 @@ impl FederatedClient {
                     statements,
                 } => {
                     let v = st.verifier.as_ref().ok_or("no roster verifier")?;
+                    let request = st.cr.expand_view(&request).map_err(|e| e.to_string())?;
                     let resp = st
                         .cr
                         .unmask(&request, &signatures, &statements, v)

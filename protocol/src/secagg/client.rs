@@ -216,6 +216,13 @@ impl ClientRound {
         )
     }
 
+    /// A survivor view received as bitmaps ([`super::ViewBits`]), expanded over the roster this
+    /// client checked when it shared keys; a view that does not fit that roster is refused.
+    /// Pass the result to [`ClientRound::consistency`] and [`ClientRound::unmask`].
+    pub fn expand_view(&self, bits: &super::ViewBits) -> Result<UnmaskRequest, SecAggError> {
+        super::ViewBits::expand(bits, &self.ids)
+    }
+
     /// The current stage.
     pub fn stage(&self) -> ClientStage {
         self.stage

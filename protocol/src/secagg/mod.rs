@@ -120,6 +120,7 @@ mod client;
 pub mod crypto;
 pub mod roster;
 mod server;
+mod view_bits;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,6 +130,7 @@ use zeroize::Zeroize;
 
 pub use client::{ClientRound, ClientStage};
 pub use server::{ServerRound, ServerStage};
+pub use view_bits::ViewBits;
 
 use crate::identity::ClientId;
 use crate::limits::{
@@ -588,17 +590,6 @@ pub(crate) fn check_shares(s: &[EncryptedShare]) -> Result<(), crate::ProtocolEr
         bounded("share ciphertext", e.ciphertext.len(), MAX_SHARE_CIPHERTEXT)?;
     }
     Ok(())
-}
-
-impl UnmaskRequest {
-    pub(crate) fn check_bounds(&self) -> Result<(), crate::ProtocolError> {
-        bounded("survivor set", self.survivors.len(), MAX_ROSTER)?;
-        bounded("dropped set", self.dropped.len(), MAX_ROSTER)?;
-        self.survivors
-            .iter()
-            .chain(&self.dropped)
-            .try_for_each(|c| id("unmask request id", c))
-    }
 }
 
 impl UnmaskResponse {

@@ -222,6 +222,12 @@ impl ServerRound {
         Ok(seed)
     }
 
+    /// `req` as it travels to the clients: bitmaps over this round's roster ([`ViewBits`]).
+    /// Fails if `req` names someone outside the roster.
+    pub fn view_bits(&self, req: &UnmaskRequest) -> Result<super::ViewBits, SecAggError> {
+        super::ViewBits::of(&self.ids, req)
+    }
+
     /// What `client` receives in stage 2 (once the roster is fixed): the ids, the keys' root,
     /// the graph seed, its own inclusion proof, and its neighbours' keys with their proofs.
     /// `None` for a client not in the roster.
