@@ -1175,3 +1175,40 @@ fn the_sum_on_several_threads_is_bit_identical_to_one_threads() {
         }
     }
 }
+
+#[test]
+fn a_client_expands_only_views_over_the_roster_it_checked() {
+    let p = params(2, 0);
+    // before the roster is known: a view over 4 members does not fit
+    let (fresh, _) = parties(4, &p, 4, 3);
+    let bits = ViewBits {
+        n: 4,
+        survivors: vec![0b1111],
+        dropped: vec![0],
+    };
+    assert!(matches!(
+        fresh[0].round.expand_view(&bits),
+        Err(SecAggError::PeerMisbehaved(_))
+    ));
+    // after the inputs: the honest view comes back whole, and is signed as before
+    let (mut ps, _v, honest) = after_inputs(4, &p, 6, SecAggPolicy::default());
+    let roster: Vec<String> = ps
+        .iter()
+        .map(|c| c.id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let bits = ViewBits::of(&roster, &honest).unwrap();
+    let c = &mut ps[0];
+    let view = c.round.expand_view(&bits).unwrap();
+    assert_eq!(view, honest);
+    // the same members over a longer roster (one unknown member more) are refused
+    let mut longer = roster.clone();
+    longer.push("client-99".into());
+    let other = ViewBits::of(&longer, &honest).unwrap();
+    assert!(matches!(
+        c.round.expand_view(&other),
+        Err(SecAggError::PeerMisbehaved(_))
+    ));
+    assert!(c.round.consistency(&view, &c.signer).is_ok());
+}
