@@ -9,6 +9,25 @@ use fedlora_protocol::{
     AdapterSpec, ClientMsg, Codec, CoordMsg, FlatAdapter, RoundOffer, Task, Upload,
 };
 
+/// Connects through `ep` to `addr` (server name `localhost`) and says hello for an adapter of
+/// `spec_hash`: the session and the coordinator's answer, whatever it is.
+pub(crate) async fn say_hello(
+    ep: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    spec_hash: fedlora_protocol::SpecHash,
+) -> (Session, CoordMsg) {
+    let s = Session::connect(ep, addr, "localhost").await.unwrap();
+    let (reply, _) = s
+        .request(&ClientMsg::Hello {
+            protocol_version: fedlora_protocol::PROTOCOL_VERSION,
+            spec_hash,
+            max_rank: None,
+        })
+        .await
+        .unwrap();
+    (s, reply)
+}
+
 /// One poll: the coordinator's task for this client.
 pub(crate) async fn poll(s: &Session) -> Task {
     match s
@@ -98,15 +117,7 @@ pub(crate) async fn hello(
     spec_hash: fedlora_protocol::SpecHash,
 ) -> (Session, String) {
     let ep = fedlora_client::transport::endpoint(tls).unwrap();
-    let s = Session::connect(&ep, addr, "localhost").await.unwrap();
-    let (w, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: fedlora_protocol::PROTOCOL_VERSION,
-            spec_hash,
-            max_rank: None,
-        })
-        .await
-        .unwrap();
+    let (s, w) = say_hello(&ep, addr, spec_hash).await;
     let CoordMsg::Welcome { client_id, .. } = w else {
         panic!("{w:?}")
     };

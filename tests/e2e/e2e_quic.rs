@@ -36,17 +36,9 @@ fn delta(seed: u32) -> FlatAdapter {
     })
 }
 
+/// Hello for `spec` through `ep`: the session and the answer.
 async fn hello(ep: &quinn::Endpoint, addr: SocketAddr, spec: &AdapterSpec) -> (Session, CoordMsg) {
-    let s = Session::connect(ep, addr, "localhost").await.unwrap();
-    let (reply, _) = s
-        .request(&ClientMsg::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            spec_hash: spec.hash(),
-            max_rank: None,
-        })
-        .await
-        .unwrap();
-    (s, reply)
+    common::say_hello(ep, addr, spec.hash()).await
 }
 
 /// Connects with client certificate `index` of `certs` and says hello: the open session and the

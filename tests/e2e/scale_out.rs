@@ -429,8 +429,8 @@ async fn a_secure_round_whose_driver_dies_is_retried_by_the_next_and_commits_the
 /// N = 10,000 over 2 front-ends, polled twice as often as the budget allows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_relaying_front_end_count_in_the_poll_budget() {
-    use fedlora_client::transport::{endpoint, Session};
-    use fedlora_protocol::{ClientMsg, CoordMsg, Task, PROTOCOL_VERSION};
+    use fedlora_client::transport::endpoint;
+    use fedlora_protocol::{ClientMsg, CoordMsg, Task};
     let Some(schema) = ScratchSchema::for_test("poll budget over front-ends") else {
         return;
     };
@@ -454,17 +454,7 @@ async fn clients_of_a_relaying_front_end_count_in_the_poll_budget() {
         // the front-end may still be reading the federation from the store: retry briefly
         let t0 = Instant::now();
         let session = loop {
-            let s = Session::connect(&ep, fleet.addrs[1], "localhost")
-                .await
-                .unwrap();
-            let (reply, _) = s
-                .request(&ClientMsg::Hello {
-                    protocol_version: PROTOCOL_VERSION,
-                    spec_hash: spec.hash(),
-                    max_rank: None,
-                })
-                .await
-                .unwrap();
+            let (s, reply) = crate::common::say_hello(&ep, fleet.addrs[1], spec.hash()).await;
             if matches!(reply, CoordMsg::Welcome { .. }) {
                 break s;
             }
