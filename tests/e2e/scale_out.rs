@@ -1,8 +1,9 @@
 //! Several front-ends over one PostgreSQL (`fedlora coordinator --store postgres://…`, real
 //! processes): 30 clients spread over 3 front-ends, one of which drives the rounds; the driver
 //! is killed (a crash point: abort, as kill -9) in the middle of a plain round and of a secure
-//! round, and in the plain round a front-end that relays is killed (SIGKILL) as well. Another front-end takes the lease and the federation goes on; the clients move to
-//! the front-ends that are left. The committed global adapter is compared bit for bit with a
+//! round, and in the plain round a front-end that relays is killed (SIGKILL) as well. Another
+//! front-end takes the lease and the federation goes on; the clients move to the front-ends
+//! that are left. The committed global adapter is compared bit for bit with a
 //! run without the failover (modular codec: the sum is exact, whatever the order).
 
 use std::net::SocketAddr;

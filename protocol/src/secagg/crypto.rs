@@ -43,11 +43,7 @@ pub fn prg(seed: &[u8; 32], len: usize, bits: u32) -> Vec<u64> {
     let mut stream = vec![0u8; len * width];
     let mut c = chacha20::ChaCha20::new(seed.into(), &[0u8; 12].into());
     c.apply_keystream(&mut stream);
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let mask = super::modulus_mask(bits);
     stream
         .chunks_exact(width)
         .map(|b| {
@@ -114,11 +110,7 @@ pub fn apply_masks(out: &mut [u64], masks: &[Mask], bits: u32, threads: usize) {
 fn apply_masks_at(out: &mut [u64], offset: usize, masks: &[Mask], bits: u32) {
     use chacha20::cipher::StreamCipherSeek;
     let width = bits.div_ceil(8) as usize;
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let mask = super::modulus_mask(bits);
     let mut ciphers: Vec<chacha20::ChaCha20> = masks
         .iter()
         .map(|m| {

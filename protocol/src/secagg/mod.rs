@@ -631,13 +631,18 @@ impl Drop for UnmaskResponse {
     }
 }
 
-/// `a + b mod 2^m` element-wise into `a`.
-pub fn add_mod(a: &mut [u64], b: &[u64], bits: u32) {
-    let mask = if bits == 64 {
+/// 2^bits − 1: the mask that reduces a value mod 2^bits (`u64::MAX` at 64 bits).
+pub(crate) fn modulus_mask(bits: u32) -> u64 {
+    if bits == 64 {
         u64::MAX
     } else {
         (1u64 << bits) - 1
-    };
+    }
+}
+
+/// `a + b mod 2^m` element-wise into `a`.
+pub fn add_mod(a: &mut [u64], b: &[u64], bits: u32) {
+    let mask = modulus_mask(bits);
     for (x, y) in a.iter_mut().zip(b) {
         *x = x.wrapping_add(*y) & mask;
     }
@@ -668,11 +673,7 @@ pub fn add_mod_threads(a: &mut [u64], b: &[u64], bits: u32, threads: usize) {
 
 /// `a − b mod 2^m` element-wise into `a`.
 pub fn sub_mod(a: &mut [u64], b: &[u64], bits: u32) {
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let mask = modulus_mask(bits);
     for (x, y) in a.iter_mut().zip(b) {
         *x = x.wrapping_sub(*y) & mask;
     }

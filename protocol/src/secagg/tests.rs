@@ -657,11 +657,7 @@ fn neighbour_graphs_are_k_regular_and_symmetric() {
 fn one_pass_masking_equals_applying_each_mask_alone_at_every_width_and_thread_count() {
     // lengths around the chunk (4,096) and the parallel threshold (65,536)
     for bits in [1u32, 8, 12, 16, 19, 20, 24, 32, 40, 48, 55, 62, 64] {
-        let m = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
+        let m = modulus_mask(bits);
         for len in [1usize, 4095, 4097, 70_001] {
             let x: Vec<u64> = (0..len as u64)
                 .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) & m)
@@ -1151,11 +1147,7 @@ fn the_sum_on_several_threads_is_bit_identical_to_one_threads() {
     use crate::secagg::{add_mod_threads, SUM_PARALLEL_MIN};
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(5);
     for bits in [1u32, 19, 32, 63, 64] {
-        let m = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
+        let m = modulus_mask(bits);
         // below the threshold, just above it, and several parts with a ragged last one
         for len in [
             1usize,
