@@ -13,6 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::ClientError;
+use tracing::warn;
 
 /// How long one request/response exchange may take, seconds. Long on purpose: a coordinator
 /// under load keeps an upload waiting in QUIC flow control (backpressure) rather than refusing
@@ -196,11 +197,46 @@ pub const CLIENT_MAX_UDP_PAYLOAD: u16 = 1_472;
 /// name theirs ([`Session::connect_using`]). Several clients (a gateway's devices, a load
 /// generator's) can share one, and so one UDP socket.
 pub fn bare_endpoint() -> Result<quinn::Endpoint, ClientError> {
+    endpoint_on(std::net::UdpSocket::bind("0.0.0.0:0").map_err(transport)?)
+}
+
+/// The receive buffer a socket shared by many clients asks for, bytes (the kernel grants at
+/// most `net.core.rmem_max`). With the default (about 208 KiB on Linux), 500 clients that
+/// download at once overflow it: a 1,000-client load run lost 50,000 datagrams, and each loss
+/// costs a QUIC retransmission and a smaller congestion window.
+pub const SHARED_RECV_BUFFER: usize = 4 * 1024 * 1024;
+
+/// [`bare_endpoint`] for many clients at once (a gateway's devices, a load generator's): its
+/// socket asks for a receive buffer of `recv_buffer` bytes ([`SHARED_RECV_BUFFER`]).
+pub fn shared_endpoint(recv_buffer: usize) -> Result<quinn::Endpoint, ClientError> {
+    endpoint_on(udp_socket(recv_buffer)?)
+}
+
+/// A UDP socket on an ephemeral local port whose receive buffer asks for `recv_buffer` bytes;
+/// what the kernel grants is capped by `net.core.rmem_max` (a smaller grant is logged).
+pub fn udp_socket(recv_buffer: usize) -> Result<std::net::UdpSocket, ClientError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(transport)?;
+    if let Err(e) = sock.set_recv_buffer_size(recv_buffer) {
+        warn!(error = %e, "could not set the UDP receive buffer");
+    }
+    let granted = sock.recv_buffer_size().unwrap_or(0);
+    if granted < recv_buffer {
+        warn!(
+            requested = recv_buffer,
+            granted, "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
+        );
+    }
+    let any: std::net::SocketAddr = "0.0.0.0:0".parse().expect("valid address");
+    sock.bind(&any.into()).map_err(transport)?;
+    Ok(sock.into())
+}
+
+fn endpoint_on(socket: std::net::UdpSocket) -> Result<quinn::Endpoint, ClientError> {
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD)
         .map_err(|e| ClientError::Config(e.to_string()))?;
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(transport)?;
     quinn::Endpoint::new(
         config,
         None,
@@ -407,5 +443,34 @@ fn humantime_secs(d: Duration) -> String {
         format!("{s:.0} s")
     } else {
         format!("{s} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_socket_gets_the_receive_buffer_the_kernel_allows() {
+        // Linux grants twice the request (its bookkeeping), capped at twice net.core.rmem_max
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let shared = udp_socket(SHARED_RECV_BUFFER).unwrap();
+        let got = socket2::SockRef::from(&shared).recv_buffer_size().unwrap();
+        assert!(
+            got >= SHARED_RECV_BUFFER.min(max),
+            "asked for {SHARED_RECV_BUFFER} B (rmem_max {max} B), got {got} B"
+        );
+        // and more than a single device's socket gets, wherever the kernel allows more
+        let single = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let default = socket2::SockRef::from(&single).recv_buffer_size().unwrap();
+        if max * 2 > default {
+            assert!(
+                got > default,
+                "{got} B is not above the default {default} B"
+            );
+        }
     }
 }

@@ -40,7 +40,7 @@ use crate::error::SimError;
 const RANK: usize = 8;
 
 /// Synthetic clients that share one QUIC endpoint (UDP socket).
-const CLIENTS_PER_ENDPOINT: usize = 500;
+const CLIENTS_PER_ENDPOINT: usize = 100;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -280,7 +280,9 @@ pub async fn run_clients(
     // certificate): 10,000 clients are not 10,000 sockets and receive buffers
     let mut endpoints = Vec::new();
     for _ in 0..cfg.clients.div_ceil(CLIENTS_PER_ENDPOINT) {
-        endpoints.push(fedlora_client::transport::bare_endpoint()?);
+        endpoints.push(fedlora_client::transport::shared_endpoint(
+            fedlora_client::transport::SHARED_RECV_BUFFER,
+        )?);
     }
     for i in 0..cfg.clients {
         let f = addrs.len();

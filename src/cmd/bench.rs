@@ -297,6 +297,10 @@ fn load_bench(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         children.push(c);
     }
     let setup_s = started.elapsed().as_secs_f64();
+    // the clients' log lines, when asked for (RUST_LOG); none by default
+    if std::env::var_os("RUST_LOG").is_some() {
+        super::logging::init(super::logging::LogFormat::Text, "warn");
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let clients = rt.block_on(load::run_clients(&cfg, &addrs, &certs))?;
     for c in &mut children {

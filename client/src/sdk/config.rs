@@ -182,6 +182,38 @@ pub fn poll_wait(retry_after_ms: u64) -> Duration {
     Duration::from_millis(retry_after_ms.min(MAX_POLL_WAIT_MS))
 }
 
+/// How long a client waits before it polls again after an answer that carried no wait of its
+/// own (a secure stage it dropped out of, a held update the coordinator had lost track of): the
+/// last `retry_after_ms` the coordinator gave ([`poll_wait`]), so that those polls stay within
+/// the coordinator's poll budget too; [`Pace::FIRST_MS`] before it gave any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    last_ms: u64,
+}
+
+impl Pace {
+    /// The wait before the coordinator has named one, milliseconds (its default poll interval).
+    pub const FIRST_MS: u64 = 200;
+
+    /// Remembers the coordinator's latest `retry_after_ms`.
+    pub fn heard(&mut self, retry_after_ms: u64) {
+        self.last_ms = retry_after_ms;
+    }
+
+    /// How long to wait now.
+    pub fn wait(&self) -> Duration {
+        poll_wait(self.last_ms)
+    }
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            last_ms: Self::FIRST_MS,
+        }
+    }
+}
+
 /// What a client did during a federation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClientReport {

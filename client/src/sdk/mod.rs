@@ -283,6 +283,20 @@ mod tests {
         assert_eq!(super::poll_wait(u64::MAX), Duration::from_secs(60));
     }
 
+    #[test]
+    fn a_poll_after_an_answer_without_a_wait_keeps_the_coordinators_last_pace() {
+        use std::time::Duration;
+        let mut pace = super::Pace::default();
+        // before the coordinator named a wait: its default poll interval
+        assert_eq!(pace.wait(), Duration::from_millis(200));
+        // a coordinator of 10,000 clients asks for 5 s between polls: a device that drops
+        // out of a secure stage asks again after 5 s, not 200 ms
+        pace.heard(5_000);
+        assert_eq!(pace.wait(), Duration::from_secs(5));
+        pace.heard(u64::MAX);
+        assert_eq!(pace.wait(), Duration::from_secs(60));
+    }
+
     use super::*;
     use fedlora_protocol::secagg::SecAggParams;
     use fedlora_protocol::{ModularParams, TrainConfig};

@@ -16,6 +16,7 @@ impl FederatedClient {
             self.deliver(s, u, report, pending).await?;
         }
         let mut refused = Backoff::new(&self.config);
+        let mut pace = Pace::default();
         loop {
             let held_version = self.held.lock().expect("lock").as_ref().map(|h| h.0);
             let reply = self
@@ -24,7 +25,8 @@ impl FederatedClient {
             match reply {
                 CoordMsg::Task(Task::Wait { retry_after_ms })
                 | CoordMsg::Task(Task::AlreadyUploaded { retry_after_ms, .. }) => {
-                    tokio::time::sleep(poll_wait(retry_after_ms)).await;
+                    pace.heard(retry_after_ms);
+                    tokio::time::sleep(pace.wait()).await;
                 }
                 CoordMsg::Task(Task::Finished { version }) => {
                     report.final_version = Some(version);
@@ -45,8 +47,8 @@ impl FederatedClient {
                 }
                 CoordMsg::Task(Task::Train(_)) if self.announce_held(s, report).await? => {
                     // the coordinator had lost track of the held update (a restart): it waits
-                    // for a cohort again
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // for a cohort again, at the coordinator's pace
+                    tokio::time::sleep(pace.wait()).await;
                 }
                 CoordMsg::Task(Task::Train(offer)) => match self.train(s, offer, report).await? {
                     Work::Ready => {
@@ -89,7 +91,8 @@ impl FederatedClient {
                             other => warn!(round, ?other, "secure-aggregation message refused"),
                         }
                     } else {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        // dropped out of the stage: asks again at the coordinator's pace
+                        tokio::time::sleep(pace.wait()).await;
                     }
                 }
                 CoordMsg::Refused(r) if r.code == RefusalCode::NotRegistered => {
@@ -290,8 +293,17 @@ impl FederatedClient {
                     DeclineReason::SecureAggregationPolicy,
                 ));
             };
-            let mut guard = self.secure.lock().expect("lock");
-            let Some(st) = guard.as_mut().filter(|g| g.round == offer.round) else {
+            // taken out while it masks (off the async runtime, below) and put back after: the
+            // serve loop is this client's only user of it meanwhile
+            let taken = {
+                let mut guard = self.secure.lock().expect("lock");
+                if guard.as_ref().is_some_and(|g| g.round == offer.round) {
+                    guard.take()
+                } else {
+                    None
+                }
+            };
+            let Some(mut st) = taken else {
                 return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
             };
             if let Some(plan) = &offer.config.client_dp {
@@ -308,18 +320,27 @@ impl FederatedClient {
                         .bind(digest, plan.min_clients, plan.collusion)
                         .is_err()
                 {
-                    *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
                 // charged before the masked input leaves: the coordinator can unmask it with
                 // the neighbours' shares alone, whether or not this client answers
                 self.charge_client_dp(plan, codec, offer.round, plan_signed.as_ref())?;
             }
-            let masked = match st.cr.masked_input(shares, &ints) {
+            // masking is milliseconds to seconds of CPU (one keystream per neighbour over every
+            // value): on the blocking pool, so this client's connection (and, in a gateway or a
+            // load generator, every other client's) keeps being served meanwhile
+            let shares = shares.clone();
+            let (st, masked) = tokio::task::spawn_blocking(move || {
+                let masked = st.cr.masked_input(&shares, &ints);
+                (st, masked)
+            })
+            .await
+            .map_err(|e| ClientError::Model(e.to_string()))?;
+            let mut st = st;
+            let masked = match masked {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(round = offer.round, error = %e, "masking failed");
-                    *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
             };
@@ -330,11 +351,11 @@ impl FederatedClient {
                         round = offer.round,
                         "no mask statement for the masked input"
                     );
-                    *guard = None;
                     return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
                 }
             };
             st.masked_version = Some(offer.global_version);
+            *self.secure.lock().expect("lock") = Some(st);
             let mut packed = Vec::new();
             fedlora_protocol::codec::bits::pack(masked, modulus, &mut packed);
             return Ok(Work::Masked(

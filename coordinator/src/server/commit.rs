@@ -174,7 +174,20 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     }
     let records: Vec<UploadRecord> = accepted.iter().map(|p| p.record.clone()).collect();
     let eval_records: Vec<EvalRecord> = evals.iter().map(|(r, _)| r.clone()).collect();
+    // a batch of evaluation reports alone is flushed without the federation lock: each report
+    // is counted already (a second one is refused meanwhile) and is only forgotten again if the
+    // flush fails. Uploads keep the lock from their checks to their counting, so a round cannot
+    // close between the two.
+    let mut fed = if accepted.is_empty() {
+        drop(fed);
+        None
+    } else {
+        Some(fed)
+    };
     if let Err(e) = shared.store.record_batch(&records, &eval_records) {
+        let mut fed = fed
+            .take()
+            .unwrap_or_else(|| shared.fed.lock().expect("lock"));
         for r in &eval_records {
             fed.forget_eval(&r.client, r.version);
         }
@@ -199,6 +212,15 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     if !accepted.is_empty() {
         crate::faults::crash_point("commit-after-flush");
     }
+    let Some(mut fed) = fed else {
+        // evaluation reports only
+        for (r, reply) in evals {
+            info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
+            let _ = reply.send(CoordMsg::EvalRecorded { version: r.version });
+        }
+        answer(answers);
+        return;
+    };
     for p in &accepted {
         // checked above under this same lock: the round is open and the client new
         if let Err(r) = fed.accept_upload(&p.record.client, p.record.round, p.record.meta.clone()) {

@@ -115,6 +115,7 @@ pub(super) fn unregister(shared: &Shared, client: &str, conn_id: usize) {
     let mut live = shared.live.lock().expect("lock");
     if live.get(client) == Some(&conn_id) {
         live.remove(client);
+        shared.gate.forget(client);
         let mut fed = shared.fed.lock().expect("lock");
         fed.disconnect(client);
         shared

@@ -105,7 +105,35 @@ pub(super) fn f16_step(
         .then_some((bytes, next))
 }
 
+/// Answers a poll: from the gate, without the federation lock, when the client was told to
+/// wait under fingerprints that have not changed since ([`super::poll_gate`]); otherwise from
+/// the round machine, and the gate remembers a "wait".
 pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
+    // read before anything is looked at: a change after this leaves a key that will not match
+    let key = super::poll_gate::key_now(shared);
+    if shared.gate.still_waiting(client, key) {
+        let retry_after_ms = retry_after_ms(shared);
+        return (CoordMsg::Task(Task::Wait { retry_after_ms }), None);
+    }
+    let answer = poll_round(shared, client, held);
+    let wait = matches!(answer.0, CoordMsg::Task(Task::Wait { .. }));
+    shared.gate.answered(client, key, wait);
+    answer
+}
+
+/// How long a waiting client should wait: `poll_interval_ms`, or longer so that every connected
+/// client (those other front-ends relay included: `live` holds both) polls at most
+/// `max_polls_per_s` times a second together.
+fn retry_after_ms(shared: &Shared) -> u64 {
+    let connected = shared.live.lock().expect("lock").len();
+    crate::config::poll_delay_ms(
+        shared.config.poll_interval_ms,
+        connected,
+        shared.config.max_polls_per_s,
+    )
+}
+
+fn poll_round(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMsg, Option<u64>) {
     let (directive, train, seed, buffered) = {
         let mut fed = shared.fed.lock().expect("lock");
         let mut train = shared.strategy.configure_round(&fed.config().train);
@@ -118,13 +146,7 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
         }
         (fed.poll(client), train, fed.config().seed, fed.is_async())
     };
-    // every connected client, those other front-ends relay included (`live` holds both)
-    let connected = shared.live.lock().expect("lock").len();
-    let retry_after_ms = crate::config::poll_delay_ms(
-        shared.config.poll_interval_ms,
-        connected,
-        shared.config.max_polls_per_s,
-    );
+    let retry_after_ms = retry_after_ms(shared);
     let wait = Task::Wait { retry_after_ms };
     if let Directive::Cohort { round } = directive {
         return (

@@ -33,9 +33,11 @@ mod commit;
 mod connection;
 mod downlink;
 mod driver;
+mod poll_gate;
 mod relayed;
 mod requests;
 mod revocation;
+mod watched;
 
 use connection::accept_loop;
 use driver::{snapshot_loop, tick_loop};
@@ -112,7 +114,9 @@ struct Shared {
     config: CoordinatorConfig,
     spec: AdapterSpec,
     store: Store,
-    fed: Mutex<Federation>,
+    /// The round machine; its fingerprint lets a waiting client's poll be answered without
+    /// this lock ([`poll_gate`]).
+    fed: watched::Watched<Federation>,
     global: Mutex<Global>,
     /// Task bytes sent per (round, client) for the open round; folded into its record.
     bytes_down: Mutex<BTreeMap<(u64, String), u64>>,
@@ -121,7 +125,9 @@ struct Shared {
     /// What each client reconstructed of the global adapter (f16-delta downlink), by version.
     recon: Mutex<BTreeMap<String, (u64, FlatAdapter)>>,
     /// The open secure round, if the round is secure.
-    secure: Mutex<Option<SecureRound>>,
+    secure: watched::Watched<Option<SecureRound>>,
+    /// Who was told to wait, and under which fingerprints ([`poll_gate`]).
+    gate: poll_gate::PollGate,
     /// Secure-aggregation frame bytes received per (round, client); folded into bytes up.
     secure_bytes_up: Mutex<BTreeMap<(u64, String), u64>>,
     /// Client certificate chains (DER certificates concatenated, leaf first) from their TLS
@@ -361,12 +367,13 @@ impl Coordinator {
             config,
             spec,
             store,
-            fed: Mutex::new(fed),
+            gate: poll_gate::PollGate::new(!fed.is_async()),
+            fed: watched::Watched::new(fed),
             global: Mutex::new(Global::new(version, adapter, encoded)),
             bytes_down: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
             recon: Mutex::new(BTreeMap::new()),
-            secure: Mutex::new(None),
+            secure: watched::Watched::new(None),
             secure_bytes_up: Mutex::new(BTreeMap::new()),
             certs: Mutex::new(BTreeMap::new()),
             ca_subject,
