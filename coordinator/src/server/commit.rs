@@ -71,16 +71,29 @@ fn ack(round: u64, status: fedlora_protocol::AckStatus) -> CoordMsg {
 
 /// Checks, records (one flush), counts, folds and answers one batch.
 fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
-    let mut fed = shared.fed.lock().expect("lock");
+    let fed = shared.fed.lock().expect("lock");
     let mut accepted: Vec<PendingUpload> = Vec::with_capacity(batch.len());
     let mut evals: Vec<(EvalRecord, oneshot::Sender<CoordMsg>)> = Vec::new();
     let mut answers: Vec<(oneshot::Sender<CoordMsg>, CoordMsg)> = Vec::new();
+    let mut batch_evals = std::collections::BTreeSet::new();
     for p in batch {
         let p = match p {
             Pending::Upload(p) => p,
             Pending::Eval { record, reply } => {
-                // counted now (a second report of the batch is refused), undone if not stored
-                match fed.record_eval(&record.client, record.version) {
+                // checked now, counted once stored (below); a second report of the batch is
+                // refused here
+                let verdict = if batch_evals.insert((record.client.clone(), record.version)) {
+                    fed.check_eval(&record.client, record.version)
+                } else {
+                    Err(Refusal::new(
+                        RefusalCode::DuplicateUpload,
+                        format!(
+                            "client {} already reported version {}",
+                            record.client, record.version
+                        ),
+                    ))
+                };
+                match verdict {
                     Ok(()) => evals.push((record, reply)),
                     Err(refusal) => {
                         let _ = reply.send(CoordMsg::Refused(refusal));
@@ -174,24 +187,31 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     }
     let records: Vec<UploadRecord> = accepted.iter().map(|p| p.record.clone()).collect();
     let eval_records: Vec<EvalRecord> = evals.iter().map(|(r, _)| r.clone()).collect();
-    // a batch of evaluation reports alone is flushed without the federation lock: each report
-    // is counted already (a second one is refused meanwhile) and is only forgotten again if the
-    // flush fails. Uploads keep the lock from their checks to their counting, so a round cannot
-    // close between the two.
-    let mut fed = if accepted.is_empty() {
+    // A batch of evaluation reports alone is flushed without the federation lock: the reports
+    // are counted only once they are stored (below), so no answer and no end of the final
+    // evaluation ever rests on a report that is not; the committer is the only one that counts
+    // reports, so none is counted twice meanwhile. Uploads keep the lock from their checks to
+    // their counting, so a round cannot close between the two; their batch's reports are
+    // counted under it before the flush and forgotten again if it fails.
+    let fed = if accepted.is_empty() {
         drop(fed);
         None
     } else {
+        let mut fed = fed;
+        for r in &eval_records {
+            // checked under this same lock a moment ago
+            if let Err(refusal) = fed.record_eval(&r.client, r.version) {
+                error!(client = %r.client, reason = %refusal, "a checked report was not counted");
+            }
+        }
         Some(fed)
     };
     if let Err(e) = shared.store.record_batch(&records, &eval_records) {
-        let mut fed = fed
-            .take()
-            .unwrap_or_else(|| shared.fed.lock().expect("lock"));
-        for r in &eval_records {
-            fed.forget_eval(&r.client, r.version);
+        if let Some(mut fed) = fed {
+            for r in &eval_records {
+                fed.forget_eval(&r.client, r.version);
+            }
         }
-        drop(fed);
         error!(error = %e, uploads = records.len(), evals = eval_records.len(), "storing a group failed");
         let retry = || {
             CoordMsg::Refused(Refusal::new(
@@ -213,10 +233,24 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
         crate::faults::crash_point("commit-after-flush");
     }
     let Some(mut fed) = fed else {
-        // evaluation reports only
-        for (r, reply) in evals {
-            info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
-            let _ = reply.send(CoordMsg::EvalRecorded { version: r.version });
+        // evaluation reports only: stored, now counted (a report whose evaluation ended while
+        // it was stored is refused; its stored record is a late report, which nothing counts)
+        let verdicts: Vec<_> = {
+            let mut fed = shared.fed.lock().expect("lock");
+            evals
+                .iter()
+                .map(|(r, _)| fed.record_eval(&r.client, r.version))
+                .collect()
+        };
+        for ((r, reply), verdict) in evals.into_iter().zip(verdicts) {
+            let msg = match verdict {
+                Ok(()) => {
+                    info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
+                    CoordMsg::EvalRecorded { version: r.version }
+                }
+                Err(refusal) => CoordMsg::Refused(refusal),
+            };
+            let _ = reply.send(msg);
         }
         answer(answers);
         return;

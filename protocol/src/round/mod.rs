@@ -496,10 +496,9 @@ impl Federation {
         }
     }
 
-    /// Records that `client` evaluated `version`. A report for a version that is not the current
-    /// global or the one under final evaluation is refused; a second report from the same client
-    /// for the same version is refused.
-    pub fn record_eval(&mut self, client: &str, version: u64) -> Result<(), Refusal> {
+    /// Whether [`record_eval`](Self::record_eval) would take `client`'s report of `version`
+    /// now, without recording it (a report checked, stored, and only then recorded).
+    pub fn check_eval(&self, client: &str, version: u64) -> Result<(), Refusal> {
         let current = match &self.state.phase {
             Phase::Training(open) => open.base_version,
             Phase::Evaluating { version, .. } => *version,
@@ -511,12 +510,21 @@ impl Federation {
                 format!("evaluation of version {version}, current is {current}"),
             ));
         }
-        if !self.evaluated.insert((version, client.to_string())) {
+        if self.evaluated.contains(&(version, client.to_string())) {
             return Err(Refusal::new(
                 RefusalCode::DuplicateUpload,
                 format!("client {client} already reported version {version}"),
             ));
         }
+        Ok(())
+    }
+
+    /// Records that `client` evaluated `version`. A report for a version that is not the current
+    /// global or the one under final evaluation is refused; a second report from the same client
+    /// for the same version is refused.
+    pub fn record_eval(&mut self, client: &str, version: u64) -> Result<(), Refusal> {
+        self.check_eval(client, version)?;
+        self.evaluated.insert((version, client.to_string()));
         if let Phase::Evaluating { reported, .. } = &mut self.state.phase {
             reported.insert(client.to_string());
         }
@@ -1474,9 +1482,24 @@ mod tests {
         assert_eq!(f.commit(2, 1_005).unwrap(), 2);
         assert!(f.tick(1_006).is_none());
         assert_eq!(f.poll("a"), Directive::Evaluate { version: 2 });
+        // checking a report records nothing: the final evaluation cannot end on a report that
+        // is checked but not yet stored
+        for c in ["a", "b", "c", "d"] {
+            f.check_eval(c, 2).unwrap();
+        }
+        assert!(f.tick(1_006).is_none());
+        assert_eq!(f.poll("a"), Directive::Evaluate { version: 2 });
+        assert_eq!(
+            f.check_eval("a", 1).unwrap_err().code,
+            RefusalCode::WrongRound
+        );
         for c in ["a", "b", "c", "d"] {
             f.record_eval(c, 2).unwrap();
         }
+        assert_eq!(
+            f.check_eval("a", 2).unwrap_err().code,
+            RefusalCode::DuplicateUpload
+        );
         assert_eq!(
             f.record_eval("a", 2).unwrap_err().code,
             RefusalCode::DuplicateUpload
