@@ -295,14 +295,11 @@ impl FederatedClient {
             };
             // taken out while it masks (off the async runtime, below) and put back after: the
             // serve loop is this client's only user of it meanwhile
-            let taken = {
-                let mut guard = self.secure.lock().expect("lock");
-                if guard.as_ref().is_some_and(|g| g.round == offer.round) {
-                    guard.take()
-                } else {
-                    None
-                }
-            };
+            let taken = self
+                .secure
+                .lock()
+                .expect("lock")
+                .take_if(|g| g.round == offer.round);
             let Some(mut st) = taken else {
                 return Ok(Work::Decline(offer.round, DeclineReason::SecureStateLost));
             };

@@ -85,12 +85,9 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 let verdict = if batch_evals.insert((record.client.clone(), record.version)) {
                     fed.check_eval(&record.client, record.version)
                 } else {
-                    Err(Refusal::new(
-                        RefusalCode::DuplicateUpload,
-                        format!(
-                            "client {} already reported version {}",
-                            record.client, record.version
-                        ),
+                    Err(fedlora_protocol::round::duplicate_eval(
+                        &record.client,
+                        record.version,
                     ))
                 };
                 match verdict {
@@ -193,22 +190,21 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     // reports, so none is counted twice meanwhile. Uploads keep the lock from their checks to
     // their counting, so a round cannot close between the two; their batch's reports are
     // counted under it before the flush and forgotten again if it fails.
-    let fed = if accepted.is_empty() {
+    let (fed, counted) = if accepted.is_empty() {
         drop(fed);
-        None
+        (None, Vec::new())
     } else {
         let mut fed = fed;
-        for r in &eval_records {
-            // checked under this same lock a moment ago
-            if let Err(refusal) = fed.record_eval(&r.client, r.version) {
-                error!(client = %r.client, reason = %refusal, "a checked report was not counted");
-            }
-        }
-        Some(fed)
+        // checked under this same lock a moment ago
+        let counted: Vec<_> = eval_records
+            .iter()
+            .map(|r| fed.record_eval(&r.client, r.version))
+            .collect();
+        (Some(fed), counted)
     };
     if let Err(e) = shared.store.record_batch(&records, &eval_records) {
         if let Some(mut fed) = fed {
-            for r in &eval_records {
+            for (r, _) in eval_records.iter().zip(&counted).filter(|(_, c)| c.is_ok()) {
                 fed.forget_eval(&r.client, r.version);
             }
         }
@@ -242,16 +238,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 .map(|(r, _)| fed.record_eval(&r.client, r.version))
                 .collect()
         };
-        for ((r, reply), verdict) in evals.into_iter().zip(verdicts) {
-            let msg = match verdict {
-                Ok(()) => {
-                    info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
-                    CoordMsg::EvalRecorded { version: r.version }
-                }
-                Err(refusal) => CoordMsg::Refused(refusal),
-            };
-            let _ = reply.send(msg);
-        }
+        answer_evals(evals, verdicts);
         answer(answers);
         return;
     };
@@ -274,10 +261,8 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     } else {
         drop(fed);
     }
-    for (r, reply) in evals {
-        info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
-        let _ = reply.send(CoordMsg::EvalRecorded { version: r.version });
-    }
+    // counted under the lock before the flush
+    answer_evals(evals, counted);
     for p in accepted {
         let r = p.record;
         info!(
@@ -297,6 +282,23 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
             .send(ack(r.round, fedlora_protocol::AckStatus::Accepted));
     }
     answer(answers);
+}
+
+/// Answers each stored evaluation report: recorded, or the refusal its counting met.
+fn answer_evals(
+    evals: Vec<(EvalRecord, oneshot::Sender<CoordMsg>)>,
+    verdicts: Vec<std::result::Result<(), Refusal>>,
+) {
+    for ((r, reply), verdict) in evals.into_iter().zip(verdicts) {
+        let msg = match verdict {
+            Ok(()) => {
+                info!(version = r.version, client = %r.client, loss = r.loss, "evaluation recorded");
+                CoordMsg::EvalRecorded { version: r.version }
+            }
+            Err(refusal) => CoordMsg::Refused(refusal),
+        };
+        let _ = reply.send(msg);
+    }
 }
 
 fn answer(answers: Vec<(oneshot::Sender<CoordMsg>, CoordMsg)>) {

@@ -58,6 +58,15 @@ pub struct Federation {
     cohort: BTreeMap<ClientId, u64>,
 }
 
+/// The refusal of a second report of `version` by `client` ([`Federation::check_eval`]; a
+/// coordinator that batches reports refuses a second one in a batch with it too).
+pub fn duplicate_eval(client: &str, version: u64) -> Refusal {
+    Refusal::new(
+        RefusalCode::DuplicateUpload,
+        format!("client {client} already reported version {version}"),
+    )
+}
+
 impl Federation {
     /// A new federation at global version 0.
     pub fn new(
@@ -511,10 +520,7 @@ impl Federation {
             ));
         }
         if self.evaluated.contains(&(version, client.to_string())) {
-            return Err(Refusal::new(
-                RefusalCode::DuplicateUpload,
-                format!("client {client} already reported version {version}"),
-            ));
+            return Err(duplicate_eval(client, version));
         }
         Ok(())
     }

@@ -214,7 +214,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, SecAggError> {
     let deliveries = server.close_shares()?;
     setup += t0.elapsed().as_secs_f64();
     let dropped = place_dropouts(&server, &parties, cfg)?;
-    let mask = (1u64 << cfg.modulus_bits) - 1;
+    let mask = super::modulus_mask(cfg.modulus_bits);
     let mut plain = vec![0u64; len];
     for (i, (id, r, s)) in parties.iter_mut().enumerate() {
         if dropped.contains(&i) {

@@ -344,7 +344,7 @@ impl ServerRound {
         if self.inputs.contains(from) {
             return Err(SecAggError::OutOfOrder(format!("second input from {from}")));
         }
-        let mask = (1u64 << self.params.modulus_bits) - 1;
+        let mask = super::modulus_mask(self.params.modulus_bits);
         if y.len() != self.len || y.iter().any(|v| v & !mask != 0) {
             return Err(SecAggError::PeerMisbehaved(format!(
                 "{from}'s input has the wrong shape"
