@@ -273,11 +273,48 @@ pub(crate) async fn enroll_through_intermediate(
     (device, store)
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago (for a coordinator to listen on).
+/// A UDP port on 127.0.0.1 for a coordinator to listen on: free now, never handed out twice
+/// in this process, and below the kernel's ephemeral range, so that no client's socket (bound
+/// to port 0: the kernel picks from that range) can take it before the coordinator binds it.
+/// A port from the ephemeral range lost that race in CI: a front-end started seconds after
+/// its port was chosen found it taken by a client of a test beside it.
 pub(crate) fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let (low, high) = below_ephemeral();
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..10_000 {
+        let p = rand::random_range(low..high);
+        if given.contains(&p) {
+            continue;
+        }
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            given.insert(p);
+            return p;
+        }
+    }
+    panic!("no free UDP port in {low}..{high}");
+}
+
+/// Ports `[low, high)` below the ephemeral range of `/proc/sys/net/ipv4/ip_local_port_range`
+/// (32768 when unreadable), at most 16,384 of them and none below 1024.
+pub(crate) fn below_ephemeral() -> (u16, u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    assert!(
+        start > 2048,
+        "the ephemeral port range starts at {start}: no room below it for test ports"
+    );
+    (start.saturating_sub(16_384).max(1024), start)
+}
+
+#[test]
+fn test_ports_are_below_the_ephemeral_range_and_never_given_twice() {
+    let (_, start) = below_ephemeral();
+    let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    assert!(ports.iter().all(|&p| p < start), "{ports:?}");
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
 }

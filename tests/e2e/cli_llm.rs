@@ -272,11 +272,7 @@ fn coordinator_and_clients_as_processes_federate_a_real_llm_with_chat_data() {
         "--clients",
         "2",
     ]));
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let m = fixtures().join("llama");
     let model = ["--model", m.to_str().unwrap(), "--targets", "q_proj,v_proj"];

@@ -303,11 +303,7 @@ fn run_cli_campaign(
         .status()
         .unwrap();
     assert!(st.success());
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let data = dir.path().join("data");
     let coord = Command::new(BIN)

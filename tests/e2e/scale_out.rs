@@ -175,16 +175,21 @@ impl Fleet {
         self.dir.join(format!("fe{i}.log"))
     }
 
-    /// Waits until front-end `i`'s log says `what`.
-    async fn wait_log(&self, i: usize, what: &str) {
+    /// Waits until front-end `i` (the process `child`) logs `what`; fails at once, with its
+    /// log, if it exits first.
+    async fn wait_log(&self, i: usize, child: &mut Child, what: &str) {
         let t0 = Instant::now();
-        while !std::fs::read_to_string(self.log(i))
-            .unwrap_or_default()
-            .contains(what)
-        {
+        loop {
+            let log = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+            if log.contains(what) {
+                return;
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("front-end {i} exited ({st}) before it logged {what:?}:\n{log}");
+            }
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
-                "front-end {i} never logged {what:?}"
+                "front-end {i} never logged {what:?}:\n{log}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -268,11 +273,11 @@ async fn failover_run(
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::new(dir.path(), certs, &schema.url(), secure, 3);
     let mut driver = fleet.start(0, Some(crash));
-    fleet.wait_log(0, "driving the rounds").await;
+    fleet.wait_log(0, &mut driver, "driving the rounds").await;
     let mut others = [fleet.start(1, None), fleet.start(2, None)];
-    fleet.wait_log(1, "front-end listening").await;
-    fleet.wait_log(2, "front-end listening").await;
     let [one, two] = &mut others;
+    fleet.wait_log(1, one, "front-end listening").await;
+    fleet.wait_log(2, two, "front-end listening").await;
     tokio::join!(fleet.run_clients(), async {
         if kill_follower {
             // a front-end that relays (or, if it took the lease already, the new driver)
@@ -309,8 +314,8 @@ async fn single_run(
 ) -> (Vec<u8>, Vec<fedlora_coordinator::store::RoundRecord>) {
     let dir = tempfile::tempdir().unwrap();
     let fleet = Fleet::new(dir.path(), certs, &schema.url(), secure, 1);
-    let fe = fleet.start(0, crash);
-    fleet.wait_log(0, "driving the rounds").await;
+    let mut fe = fleet.start(0, crash);
+    fleet.wait_log(0, &mut fe, "driving the rounds").await;
     // with a crash: restarted as soon as it aborts
     let fleet_cfg = (fleet.config.clone(), fleet.addrs[0], fleet.dir.clone());
     let last = tokio::task::spawn_blocking(move || {
@@ -445,9 +450,11 @@ async fn clients_of_a_relaying_front_end_count_in_the_poll_budget() {
     )
     .unwrap();
     let mut driver = fleet.start(0, None);
-    fleet.wait_log(0, "driving the rounds").await;
+    fleet.wait_log(0, &mut driver, "driving the rounds").await;
     let mut relaying = fleet.start(1, None);
-    fleet.wait_log(1, "front-end listening").await;
+    fleet
+        .wait_log(1, &mut relaying, "front-end listening")
+        .await;
     let spec = initial_adapter(&LmConfig::new()).unwrap().spec().clone();
     let mut sessions = Vec::new();
     for i in 0..3 {
