@@ -510,7 +510,10 @@ pub enum AckStatus {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Task {
-    /// Nothing now; poll again after the given delay.
+    /// Nothing now; poll again after the given delay. A coordinator may hold a poll whose
+    /// answer is this (up to the delay it would have given, at most 20 s) and answer it as soon
+    /// as something the answer depends on changes: a client keeps one poll outstanding and
+    /// needs no timer of its own shorter than that.
     Wait {
         /// Suggested delay, milliseconds.
         retry_after_ms: u64,

@@ -831,3 +831,45 @@ async fn upload_pieces_are_taken_from_participants_of_the_open_round_only() {
     }
     coord.shutdown().await;
 }
+
+/// A poll answered "wait" is held until the round machine moves: a client waiting for a second
+/// client learns of the round as it opens, not at its next poll (here 8 s away). Before, the
+/// answer was at once "wait 8 s", and the round started a poll interval late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_poll_is_answered_as_the_round_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = init_certs(&dir.path().join("certs"), 2, &default_server_names()).unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path().join("state"), &certs.0);
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.poll_interval_ms = 8_000;
+    cfg.federation = common::federation(1, 2, 2, 1, 60);
+    let coord = Coordinator::start(cfg, delta(1)).await.unwrap();
+    let addr = coord.local_addr().unwrap();
+    let (first, _) = common::hello(&ClientTls::from_dir(&certs.0, 0), addr, spec().hash()).await;
+    let waiting = tokio::spawn(async move {
+        let task = common::poll(&first).await;
+        (task, std::time::Instant::now(), first)
+    });
+    // the only client: nothing can start, and its poll is held, not answered
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a poll with nothing to do was answered at once"
+    );
+    let (_second, _) = common::hello(&ClientTls::from_dir(&certs.0, 1), addr, spec().hash()).await;
+    let joined = std::time::Instant::now();
+    let (task, answered, _first) = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the held poll was never answered")
+        .unwrap();
+    assert!(
+        matches!(task, fedlora_protocol::Task::Train(_)),
+        "the round opened and the held poll got: {task:?}"
+    );
+    let after = answered.saturating_duration_since(joined);
+    assert!(
+        after < Duration::from_secs(5),
+        "the offer came {after:?} after the second client joined: not as the round opened"
+    );
+    coord.shutdown().await;
+}

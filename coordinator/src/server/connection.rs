@@ -357,7 +357,7 @@ pub(super) async fn serve_stream(
     };
     let (msg, wire, body_permit) = req.into_parts();
     let (reply, round_down, download) =
-        dispatch(shared, client, presented, msg, wire, body_permit).await;
+        dispatch(shared, client, presented, msg, wire, body_permit, true).await;
     note_refusal(shared, client, &reply);
     let sent = respond(&mut send, &reply).await;
     drop(reply);
@@ -395,7 +395,10 @@ pub(super) fn count_sent(shared: &Shared, client: &str, round: Option<u64>, n: u
 }
 
 /// Answers one request of a registered client: the reply, the round whose bytes down it
-/// counts in, and the download budget it holds until the client has the bytes.
+/// counts in, and the download budget it holds until the client has the bytes. With
+/// `hold_polls`, a poll answered "wait" is held until its answer may change
+/// ([`super::downlink::held_poll`]); relayed requests are not held (each holds a place in the
+/// store's queue).
 pub(super) async fn dispatch(
     shared: &Arc<Shared>,
     client: &str,
@@ -403,6 +406,7 @@ pub(super) async fn dispatch(
     msg: ClientMsg,
     wire: u64,
     body_permit: crate::wire::BodyPermit,
+    hold_polls: bool,
 ) -> (
     CoordMsg,
     Option<u64>,
@@ -418,6 +422,9 @@ pub(super) async fn dispatch(
             )),
             None,
         ),
+        ClientMsg::Poll { held_version } if hold_polls => {
+            super::downlink::held_poll(shared, client, held_version).await
+        }
         ClientMsg::Poll { held_version } => poll(shared, client, held_version),
         m @ (ClientMsg::Upload(_) | ClientMsg::PrivateUpload(_)) => {
             (handle_upload(shared, client, m, wire).await, None)

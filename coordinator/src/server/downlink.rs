@@ -121,6 +121,41 @@ pub(super) fn poll(shared: &Shared, client: &str, held: Option<u64>) -> (CoordMs
     answer
 }
 
+/// The longest a poll is held ([`held_poll`]), ms: well inside the clients' request timeout and
+/// their connections' keep-alive.
+pub(super) const MAX_HOLD_MS: u64 = 20_000;
+
+/// [`poll`] for a client connected to this process: an answer "wait" is held until a
+/// fingerprint of its key changes (then the poll is answered again: the task, or a wait held
+/// on) or until the client would have polled again anyway (`retry_after_ms`, at most
+/// [`MAX_HOLD_MS`]); a wait that ran its hold out tells the client to poll again after
+/// `poll_interval_ms` ([`super::poll_gate`], "held polls").
+pub(super) async fn held_poll(
+    shared: &Shared,
+    client: &str,
+    held: Option<u64>,
+) -> (CoordMsg, Option<u64>) {
+    if !shared.gate.enabled() {
+        return poll(shared, client, held);
+    }
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(retry_after_ms(shared).min(MAX_HOLD_MS));
+    loop {
+        // registered before the key is read: a change after that read wakes this wait
+        let changed = shared.gate.changed().notified();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let answer = poll(shared, client, held);
+        if !matches!(answer.0, CoordMsg::Task(Task::Wait { .. })) {
+            return answer;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let retry_after_ms = shared.config.poll_interval_ms;
+            return (CoordMsg::Task(Task::Wait { retry_after_ms }), None);
+        }
+    }
+}
+
 /// How long a waiting client should wait: `poll_interval_ms`, or longer so that every connected
 /// client (those other front-ends relay included: `live` holds both) polls at most
 /// `max_polls_per_s` times a second together.

@@ -232,9 +232,7 @@ fn transition_once(shared: &Shared, now: u64) -> Result<bool> {
                 fed.retract_round(round);
                 return Err(e);
             }
-            shared
-                .durable_round
-                .fetch_max(round, std::sync::atomic::Ordering::AcqRel);
+            super::poll_gate::store_durable_round(shared, round);
             let (train, timeout) = {
                 let fed = shared.fed.lock().expect("lock");
                 (fed.config().train.clone(), fed.config().round_timeout_ms)

@@ -363,17 +363,18 @@ impl Coordinator {
             fedlora_protocol::Phase::Training(o) => Some(o.round),
             _ => None,
         };
+        let gate = poll_gate::PollGate::new(!fed.is_async());
         let shared = Arc::new(Shared {
             config,
             spec,
             store,
-            gate: poll_gate::PollGate::new(!fed.is_async()),
-            fed: watched::Watched::new(fed),
+            fed: watched::Watched::new(fed, gate.changed().clone()),
             global: Mutex::new(Global::new(version, adapter, encoded)),
             bytes_down: Mutex::new(BTreeMap::new()),
             live: Mutex::new(BTreeMap::new()),
             recon: Mutex::new(BTreeMap::new()),
-            secure: watched::Watched::new(None),
+            secure: watched::Watched::new(None, gate.changed().clone()),
+            gate,
             secure_bytes_up: Mutex::new(BTreeMap::new()),
             certs: Mutex::new(BTreeMap::new()),
             ca_subject,

@@ -290,6 +290,7 @@ async fn handle(
                 msg,
                 wire,
                 crate::wire::BodyPermit::none(),
+                false,
             )
             .await;
             note_refusal(shared, &known.client, &reply);

@@ -4,6 +4,10 @@
 //! it last looked. The poll gate ([`super::poll_gate`]) answers a waiting client from these
 //! fingerprints instead of taking the federation lock.
 //!
+//! A fingerprint that changes also wakes whoever waits on the [`Notify`] the value was built
+//! with (a held poll, [`super::poll_gate`]): it learns of the change at once instead of at its
+//! next poll.
+//!
 //! The fingerprint is stored while the lock is still held (the guard's `Drop` runs before the
 //! inner guard unlocks), so a reader that holds the lock always sees the fingerprint of the
 //! value it reads, and a reader without the lock sees the fingerprint of a state that was
@@ -11,7 +15,9 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{LockResult, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LockResult, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
 
 /// What a [`Watched`] value publishes: a number that changes whenever anything a lock-free
 /// reader relies on changes (it may also change when nothing it relies on did).
@@ -24,15 +30,18 @@ pub(crate) trait Fingerprint {
 pub(crate) struct Watched<T: Fingerprint> {
     inner: Mutex<T>,
     print: AtomicU64,
+    changed: Arc<Notify>,
 }
 
 impl<T: Fingerprint> Watched<T> {
-    /// Guards `value` and publishes its fingerprint.
-    pub(crate) fn new(value: T) -> Self {
+    /// Guards `value` and publishes its fingerprint; every change of the fingerprint wakes the
+    /// waiters of `changed` ([`Notify::notify_waiters`]).
+    pub(crate) fn new(value: T, changed: Arc<Notify>) -> Self {
         let print = AtomicU64::new(value.fingerprint());
         Self {
             inner: Mutex::new(value),
             print,
+            changed,
         }
     }
 
@@ -42,12 +51,25 @@ impl<T: Fingerprint> Watched<T> {
         let wrap = |guard| WatchedGuard {
             guard,
             print: &self.print,
+            changed: &self.changed,
             touched: false,
         };
         match self.inner.lock() {
             Ok(g) => Ok(wrap(g)),
             Err(p) => Err(PoisonError::new(wrap(p.into_inner()))),
         }
+    }
+
+    /// Locks if no one holds the lock now (`None` otherwise, or when it is poisoned).
+    #[cfg(test)]
+    pub(crate) fn try_lock(&self) -> Option<WatchedGuard<'_, T>> {
+        let guard = self.inner.try_lock().ok()?;
+        Some(WatchedGuard {
+            guard,
+            print: &self.print,
+            changed: &self.changed,
+            touched: false,
+        })
     }
 
     /// The fingerprint of the value as last released (no lock taken).
@@ -60,6 +82,7 @@ impl<T: Fingerprint> Watched<T> {
 pub(crate) struct WatchedGuard<'a, T: Fingerprint> {
     guard: MutexGuard<'a, T>,
     print: &'a AtomicU64,
+    changed: &'a Notify,
     touched: bool,
 }
 
@@ -81,8 +104,11 @@ impl<T: Fingerprint> Drop for WatchedGuard<'_, T> {
     fn drop(&mut self) {
         if self.touched {
             // still under the lock: `guard` is dropped (and unlocks) after this returns
-            self.print
-                .store(self.guard.fingerprint(), Ordering::Release);
+            let print = self.guard.fingerprint();
+            if self.print.swap(print, Ordering::AcqRel) != print {
+                // a waiter woken now reads the new fingerprint (it is stored above)
+                self.changed.notify_waiters();
+            }
         }
     }
 }
@@ -111,7 +137,7 @@ mod tests {
 
     #[test]
     fn a_mutable_guard_republishes_and_a_shared_one_does_not() {
-        let w = Watched::new(Counter(1, 0));
+        let w = Watched::new(Counter(1, 0), Arc::new(Notify::new()));
         assert_eq!(w.fingerprint(), 1);
         {
             let mut g = w.lock().unwrap();
@@ -129,6 +155,34 @@ mod tests {
         assert_eq!(g.0, 2);
         drop(g);
         assert_eq!(w.fingerprint(), 2);
+    }
+
+    #[test]
+    fn a_changed_fingerprint_wakes_its_waiters_and_an_unchanged_one_does_not() {
+        let changed = Arc::new(Notify::new());
+        let w = Watched::new(Counter(1, 0), changed.clone());
+        let n = changed.notified();
+        let mut n = std::pin::pin!(n);
+        n.as_mut().enable();
+        w.lock().unwrap().1 = 9;
+        assert!(
+            !poll_once(n.as_mut()),
+            "a change the fingerprint does not cover"
+        );
+        w.lock().unwrap().0 = 2;
+        assert!(poll_once(n.as_mut()), "the fingerprint changed");
+        let n = changed.notified();
+        let mut n = std::pin::pin!(n);
+        n.as_mut().enable();
+        w.lock().unwrap().0 = 2;
+        assert!(!poll_once(n.as_mut()), "written, but to the value it had");
+    }
+
+    /// Whether `f` is ready at its first poll.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
     }
 
     #[test]
