@@ -80,6 +80,12 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes `bytes` to `path` atomically with its contents fsynced (temp file, fsync, rename);
 /// the directory entry is durable once the caller fsyncs the directory.
 pub(super) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_atomically(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` atomically (temp file, rename), its contents fsynced first when
+/// `sync` (else they are durable once the caller syncs the file system).
+pub(super) fn write_file_atomically(path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().expect("file has a parent");
     std::fs::create_dir_all(dir)?;
@@ -93,7 +99,9 @@ pub(super) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)?;
     Ok(())

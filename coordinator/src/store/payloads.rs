@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::codec::{storage, write_file_synced};
+use super::codec::{storage, write_file_atomically};
 use crate::error::Result;
 
 /// Where upload payloads live.
@@ -35,10 +35,23 @@ pub trait PayloadStore: Send + Sync {
     fn retain(&self, open: Option<u64>, keep: &BTreeSet<[u8; 32]>) -> Result<()>;
 }
 
-/// Payload files: `DIR/rROUND/DIGEST.bin` (hex digest), written to a temp file, fsynced and
-/// renamed; [`PayloadStore::sync`] fsyncs the round directories, so the renames are durable.
+/// Payload files: `DIR/rROUND/DIGEST.bin` (hex digest), written to a temp file and renamed.
+///
+/// On Linux a file is not fsynced by its writer: [`PayloadStore::sync`] is one `syncfs(2)` of
+/// the file system that holds `DIR`, which makes every file written so far durable, contents,
+/// renames and directories together, so a group commit costs one sync for all of its
+/// payloads instead of one fsync each (the writers' fsyncs, two at a time on the blocking pool,
+/// held 4,000 small uploads to about 1,000 acknowledgements a second). `syncfs` reports a
+/// write-back error of that file system since `DIR` was opened (Linux 5.8 and later), and
+/// `DIR` is opened before the first payload is written. It also writes whatever else is dirty
+/// on that file system: a coordinator whose data directory shares a disk with heavy writers
+/// pays for their data at each group commit. Elsewhere each file is fsynced before its
+/// rename, and `sync` fsyncs the round directories.
 pub struct FilePayloads {
     dir: PathBuf,
+    /// `DIR`, opened before the first payload is written (what `syncfs` syncs).
+    #[cfg(target_os = "linux")]
+    opened: std::sync::OnceLock<std::fs::File>,
 }
 
 impl FilePayloads {
@@ -46,6 +59,8 @@ impl FilePayloads {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            #[cfg(target_os = "linux")]
+            opened: std::sync::OnceLock::new(),
         }
     }
 
@@ -55,6 +70,17 @@ impl FilePayloads {
             .join(format!("r{round}"))
             .join(format!("{}.bin", hex::encode(digest)))
     }
+
+    /// `DIR`, created and opened once.
+    #[cfg(target_os = "linux")]
+    fn opened(&self) -> Result<&std::fs::File> {
+        if let Some(f) = self.opened.get() {
+            return Ok(f);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let f = std::fs::File::open(&self.dir)?;
+        Ok(self.opened.get_or_init(|| f))
+    }
 }
 
 impl PayloadStore for FilePayloads {
@@ -63,17 +89,33 @@ impl PayloadStore for FilePayloads {
         if path.exists() {
             return Ok(());
         }
-        write_file_synced(&path, bytes)
+        #[cfg(target_os = "linux")]
+        {
+            // opened before the write: a write-back error of this file shows at the sync
+            self.opened()?;
+            write_file_atomically(&path, bytes, false)
+        }
+        #[cfg(not(target_os = "linux"))]
+        write_file_atomically(&path, bytes, true)
     }
 
     fn sync(&self, rounds: &BTreeSet<u64>) -> Result<()> {
-        for r in rounds {
-            std::fs::File::open(self.dir.join(format!("r{r}")))?.sync_all()?;
+        if rounds.is_empty() {
+            return Ok(());
         }
-        if !rounds.is_empty() {
+        #[cfg(target_os = "linux")]
+        {
+            rustix::fs::syncfs(self.opened()?).map_err(std::io::Error::from)?;
+            Ok(())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            for r in rounds {
+                std::fs::File::open(self.dir.join(format!("r{r}")))?.sync_all()?;
+            }
             std::fs::File::open(&self.dir)?.sync_all()?;
+            Ok(())
         }
-        Ok(())
     }
 
     fn get(&self, round: u64, digest: &[u8; 32]) -> Result<Option<Vec<u8>>> {

@@ -15,26 +15,34 @@
 //!                               SHA-256 (hex): content-addressed, never overwritten
 //!   checkpoints/vVERSION.bin    global adapters (dense f32 codec bytes)
 //! ```
-//! Large payloads are written to a temp file, fsynced and renamed; only then is the sled record
-//! (which points to the file by digest) written and flushed, after the directory is fsynced.
+//! Large payloads are written to a temp file and renamed; only once they are durable is the
+//! sled record (which points to the file by digest) written and flushed.
 //!
 //! # Uploads: append-only records, group commit
 //! An accepted upload is one O(1) record in `uploads` (client, round, digest, weight, rank);
 //! the federation state is **not** rewritten with it. The open round's uploads are the records
 //! of that round: on restart [`StateStore::reconcile`] rebuilds the state's upload list from them.
 //! The coordinator commits uploads in groups ([`StateStore::record_batch`]), in this order:
-//! 1. each payload is written to `uploads/rROUND/DIGEST.bin` (temp file, fsync, rename) by the
-//!    request that carried it, outside any lock; a name is its content's hash, so a refused
-//!    re-send can never overwrite an accepted file, and two writers of one name write the same
-//!    bytes;
-//! 2. the committer takes a batch of such uploads, fsyncs their round directories (so every
-//!    renamed file of the batch is durable), checks each against the round machine under the
-//!    federation lock, inserts the batch's records and flushes sled **once**;
-//! 3. only then are the uploads counted in memory, folded into the running sum and acknowledged.
+//! 1. each payload is written to `uploads/rROUND/DIGEST.bin` (temp file, rename) by the request
+//!    that carried it, outside any lock; a name is its content's hash, so a refused re-send can
+//!    never overwrite an accepted file, and two writers of one name write the same bytes;
+//! 2. the committer takes a batch of such uploads and checks each against the round machine
+//!    (under the federation lock, let go again); then it makes every payload file written so
+//!    far durable ([`FilePayloads`]: on Linux one `syncfs` of the data directory's file system,
+//!    contents, renames and directories together; elsewhere each writer fsynced its file and
+//!    the round directories are fsynced here), inserts the batch's records and flushes sled
+//!    **once**;
+//! 3. only then are the uploads checked again and counted in memory (under the federation
+//!    lock), folded into the running sum, and acknowledged. One whose round moved during the
+//!    flush (closed at its deadline, failed) is refused and counted nowhere: the round's outcome
+//!    lists its participants, so its durable record is dropped with the round's other records.
+//!    If the coordinator is killed before that round is committed, the restarted one rebuilds
+//!    the round from its records and counts it after all: an upload can be counted that its
+//!    client was told came too late, never the other way round.
 //!
 //! A crash (kill -9) at any point loses no acknowledged upload, and counts none twice:
 //! before step 2's flush, no record of the batch is durable (or some are, through sled's own
-//! background flush, and their files were fsynced before the records were inserted) and no
+//! background flush, and their files were made durable before the records were inserted) and no
 //! client was acknowledged: a client re-sends, and a record already durable answers
 //! `AlreadyAccepted`. After the flush, every record of the batch is durable whether or not its
 //! ack left. A file without a record is deleted on open; a record whose file is missing or does
