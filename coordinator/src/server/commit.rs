@@ -365,21 +365,40 @@ pub(super) mod tests {
 
     use super::*;
 
-    type Hook = Box<dyn Fn(&Shared) + Send>;
+    type Hook = Arc<dyn Fn(&Shared) + Send + Sync>;
 
-    /// A hook run by the committer of one coordinator (its `Shared`'s address) between the
-    /// first check of a batch and its flush.
-    static HOOK: Mutex<Option<(usize, Hook)>> = Mutex::new(None);
+    /// Hooks run by the committer of one coordinator (by its `Shared`'s address) between the
+    /// first check of a batch and its flush (tests run side by side: one hook each).
+    static HOOKS: Mutex<Vec<(usize, Hook)>> = Mutex::new(Vec::new());
 
     pub(in super::super) fn between_check_and_flush(shared: &Shared) {
-        if let Some((at, hook)) = &*HOOK.lock().unwrap() {
-            if *at == shared as *const Shared as usize {
-                hook(shared);
-            }
+        let at = shared as *const Shared as usize;
+        let hook = HOOKS
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(a, _)| *a == at)
+            .map(|(_, h)| h.clone());
+        if let Some(hook) = hook {
+            hook(shared);
         }
     }
 
-    /// A coordinator whose round 1 (one client, `c1`) is open and stored.
+    /// Locks the federation within a second (the driver's tick holds it for moments), or
+    /// `None`: someone holds it all along.
+    fn lock_soon(shared: &Shared) -> Option<super::super::watched::WatchedGuard<'_, Federation>> {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(1) {
+            if let Some(g) = shared.fed.try_lock() {
+                return Some(g);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// A coordinator whose round 1 (clients `c1` and `c2`: it stays open after `c1` uploads)
+    /// is open and stored.
     async fn open_round(dir: &std::path::Path) -> crate::Coordinator {
         let certs = dir.join("certs");
         crate::certs::init_certs(&certs, 1, &crate::certs::default_server_names()).unwrap();
@@ -387,8 +406,8 @@ pub(super) mod tests {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.federation = fedlora_protocol::FederationConfig {
             rounds: 1,
-            clients_per_round: 1,
-            min_clients: 1,
+            clients_per_round: 2,
+            min_clients: 2,
             round_timeout_ms: 60_000,
             ..Default::default()
         };
@@ -400,7 +419,11 @@ pub(super) mod tests {
         let coord = crate::Coordinator::start(config, FlatAdapter::zeros(spec))
             .await
             .unwrap();
-        coord.shared.fed.lock().unwrap().connect("c1");
+        {
+            let mut fed = coord.shared.fed.lock().unwrap();
+            fed.connect("c1");
+            fed.connect("c2");
+        }
         let t0 = std::time::Instant::now();
         while coord.shared.durable_round.load(Ordering::Acquire) < 1 {
             assert!(
@@ -421,7 +444,8 @@ pub(super) mod tests {
             .store
             .write_upload_payload(1, &digest, &payload)
             .unwrap();
-        *HOOK.lock().unwrap() = Some((Arc::as_ptr(shared) as usize, hook));
+        let at = Arc::as_ptr(shared) as usize;
+        HOOKS.lock().unwrap().push((at, hook));
         let (tx, rx) = oneshot::channel();
         let record = UploadRecord {
             round: 1,
@@ -448,7 +472,7 @@ pub(super) mod tests {
             .await
             .expect("the committer never answered")
             .unwrap();
-        *HOOK.lock().unwrap() = None;
+        HOOKS.lock().unwrap().retain(|(a, _)| *a != at);
         answer
     }
 
@@ -464,8 +488,8 @@ pub(super) mod tests {
         let seen = free.clone();
         let answer = upload_with(
             &coord.shared,
-            Box::new(move |shared| {
-                *seen.lock().unwrap() = Some(shared.fed.try_lock().is_some());
+            Arc::new(move |shared| {
+                *seen.lock().unwrap() = Some(lock_soon(shared).is_some());
             }),
         )
         .await;
@@ -497,8 +521,8 @@ pub(super) mod tests {
         let coord = open_round(dir.path()).await;
         let answer = upload_with(
             &coord.shared,
-            Box::new(|shared| {
-                if let Some(mut fed) = shared.fed.try_lock() {
+            Arc::new(|shared| {
+                if let Some(mut fed) = lock_soon(shared) {
                     fed.fail_round(1, now_ms()).unwrap();
                 }
             }),

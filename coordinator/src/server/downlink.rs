@@ -128,8 +128,8 @@ pub(super) const MAX_HOLD_MS: u64 = 20_000;
 /// [`poll`] for a client connected to this process: an answer "wait" is held until a
 /// fingerprint of its key changes (then the poll is answered again: the task, or a wait held
 /// on) or until the client would have polled again anyway (`retry_after_ms`, at most
-/// [`MAX_HOLD_MS`]); a wait that ran its hold out tells the client to poll again after
-/// `poll_interval_ms` ([`super::poll_gate`], "held polls").
+/// [`MAX_HOLD_MS`]); a wait that ran its hold out tells the client to poll again after the rest
+/// of `retry_after_ms`, and at least `poll_interval_ms` ([`super::poll_gate`], "held polls").
 pub(super) async fn held_poll(
     shared: &Shared,
     client: &str,
@@ -138,8 +138,9 @@ pub(super) async fn held_poll(
     if !shared.gate.enabled() {
         return poll(shared, client, held);
     }
-    let deadline = tokio::time::Instant::now()
-        + std::time::Duration::from_millis(retry_after_ms(shared).min(MAX_HOLD_MS));
+    let spacing = retry_after_ms(shared);
+    let hold = spacing.min(MAX_HOLD_MS);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(hold);
     loop {
         // registered before the key is read: a change after that read wakes this wait
         let changed = shared.gate.changed().notified();
@@ -150,7 +151,11 @@ pub(super) async fn held_poll(
             return answer;
         }
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            let retry_after_ms = shared.config.poll_interval_ms;
+            // the rest of the spacing that keeps all clients within `max_polls_per_s` (a hold
+            // is at most MAX_HOLD_MS), and at least `poll_interval_ms`
+            let retry_after_ms = spacing
+                .saturating_sub(hold)
+                .max(shared.config.poll_interval_ms);
             return (CoordMsg::Task(Task::Wait { retry_after_ms }), None);
         }
     }

@@ -49,7 +49,7 @@ impl<T: Fingerprint> Watched<T> {
     /// when the guard is dropped.
     pub(crate) fn lock(&self) -> LockResult<WatchedGuard<'_, T>> {
         let wrap = |guard| WatchedGuard {
-            guard,
+            guard: Some(guard),
             print: &self.print,
             changed: &self.changed,
             touched: false,
@@ -65,7 +65,7 @@ impl<T: Fingerprint> Watched<T> {
     pub(crate) fn try_lock(&self) -> Option<WatchedGuard<'_, T>> {
         let guard = self.inner.try_lock().ok()?;
         Some(WatchedGuard {
-            guard,
+            guard: Some(guard),
             print: &self.print,
             changed: &self.changed,
             touched: false,
@@ -80,7 +80,8 @@ impl<T: Fingerprint> Watched<T> {
 
 /// The guard of a [`Watched`] lock.
 pub(crate) struct WatchedGuard<'a, T: Fingerprint> {
-    guard: MutexGuard<'a, T>,
+    /// Always `Some` until the guard is dropped (unlocked before the waiters are woken).
+    guard: Option<MutexGuard<'a, T>>,
     print: &'a AtomicU64,
     changed: &'a Notify,
     touched: bool,
@@ -89,26 +90,32 @@ pub(crate) struct WatchedGuard<'a, T: Fingerprint> {
 impl<T: Fingerprint> Deref for WatchedGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.guard
+        self.guard.as_ref().expect("held until dropped")
     }
 }
 
 impl<T: Fingerprint> DerefMut for WatchedGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         self.touched = true;
-        &mut self.guard
+        self.guard.as_mut().expect("held until dropped")
     }
 }
 
 impl<T: Fingerprint> Drop for WatchedGuard<'_, T> {
     fn drop(&mut self) {
-        if self.touched {
-            // still under the lock: `guard` is dropped (and unlocks) after this returns
-            let print = self.guard.fingerprint();
-            if self.print.swap(print, Ordering::AcqRel) != print {
-                // a waiter woken now reads the new fingerprint (it is stored above)
-                self.changed.notify_waiters();
-            }
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        if !self.touched {
+            return;
+        }
+        // stored under the lock, then unlocked, then the waiters woken: they read the new
+        // fingerprint and do not wake into a lock still held
+        let print = guard.fingerprint();
+        let moved = self.print.swap(print, Ordering::AcqRel) != print;
+        drop(guard);
+        if moved {
+            self.changed.notify_waiters();
         }
     }
 }

@@ -13,6 +13,19 @@ use sha2::{Digest, Sha256};
 use super::codec::{storage, write_file_atomically};
 use crate::error::Result;
 
+/// `syncfs(2)` of the file system that holds `dir`.
+#[cfg(target_os = "linux")]
+fn syncfs(dir: &std::fs::File) -> std::io::Result<()> {
+    rustix::fs::syncfs(dir).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn syncfs(_dir: &std::fs::File) -> std::io::Result<()> {
+    Err(std::io::Error::other(
+        "syncfs is Linux's (group sync is not chosen elsewhere)",
+    ))
+}
+
 /// Where upload payloads live.
 pub trait PayloadStore: Send + Sync {
     /// Writes `bytes` under (round, digest) unless that name is there; durable after
@@ -37,21 +50,50 @@ pub trait PayloadStore: Send + Sync {
 
 /// Payload files: `DIR/rROUND/DIGEST.bin` (hex digest), written to a temp file and renamed.
 ///
-/// On Linux a file is not fsynced by its writer: [`PayloadStore::sync`] is one `syncfs(2)` of
-/// the file system that holds `DIR`, which makes every file written so far durable, contents,
-/// renames and directories together, so a group commit costs one sync for all of its
-/// payloads instead of one fsync each (the writers' fsyncs, two at a time on the blocking pool,
-/// held 4,000 small uploads to about 1,000 acknowledgements a second). `syncfs` reports a
-/// write-back error of that file system since `DIR` was opened (Linux 5.8 and later), and
-/// `DIR` is opened before the first payload is written. It also writes whatever else is dirty
-/// on that file system: a coordinator whose data directory shares a disk with heavy writers
-/// pays for their data at each group commit. Elsewhere each file is fsynced before its
-/// rename, and `sync` fsyncs the round directories.
+/// **Group sync** (Linux 5.8 and later): a file is not fsynced by its writer;
+/// [`PayloadStore::sync`] is one `syncfs(2)` of the file system that holds `DIR`, which makes
+/// every file written so far durable, contents, renames and directories together, so a group
+/// commit costs one sync for all of its payloads instead of one fsync each (the writers'
+/// fsyncs, two at a time on the blocking pool, held 4,000 small uploads to about 1,000
+/// acknowledgements a second). `syncfs` reports a write-back error of that file system since
+/// `DIR` was opened, and `DIR` is opened before the first payload is written. A write-back
+/// error is reported once, and the pages that failed are dropped: after one, a file written
+/// before it may be on disk in name only, and a later `syncfs` would succeed. So the first
+/// failed sync fails this store for good (every later `put` and `sync` is an error until the
+/// coordinator restarts, when files without a durable record are deleted and every record's
+/// file is checked against its digest), as PostgreSQL does after a failed fsync. `syncfs` also
+/// writes whatever else is dirty on that file system: a coordinator whose data directory
+/// shares a disk with heavy writers pays for their data at each group commit. Older kernels
+/// (whose `syncfs` reports no errors) and other systems fsync each file before its rename, and
+/// `sync` fsyncs the round directories.
 pub struct FilePayloads {
     dir: PathBuf,
+    /// `Some` with group sync.
+    group: Option<GroupSync>,
+}
+
+/// The state of group sync.
+struct GroupSync {
     /// `DIR`, opened before the first payload is written (what `syncfs` syncs).
-    #[cfg(target_os = "linux")]
     opened: std::sync::OnceLock<std::fs::File>,
+    /// A sync failed: nothing written here can be made durable any more.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+/// Whether this kernel's `syncfs` reports write-back errors (Linux 5.8 and later).
+fn group_sync_available() -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 8)
 }
 
 impl FilePayloads {
@@ -59,8 +101,10 @@ impl FilePayloads {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
-            #[cfg(target_os = "linux")]
-            opened: std::sync::OnceLock::new(),
+            group: group_sync_available().then(|| GroupSync {
+                opened: std::sync::OnceLock::new(),
+                failed: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
@@ -71,50 +115,65 @@ impl FilePayloads {
             .join(format!("{}.bin", hex::encode(digest)))
     }
 
-    /// `DIR`, created and opened once.
-    #[cfg(target_os = "linux")]
-    fn opened(&self) -> Result<&std::fs::File> {
-        if let Some(f) = self.opened.get() {
+    /// `DIR`, created and opened once; an error once a sync failed.
+    fn opened<'a>(&self, g: &'a GroupSync) -> Result<&'a std::fs::File> {
+        if g.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(storage(format!(
+                "a sync of {} failed before: payloads written since the coordinator started \
+                 may not be on disk; restart the coordinator",
+                self.dir.display()
+            )));
+        }
+        if let Some(f) = g.opened.get() {
             return Ok(f);
         }
         std::fs::create_dir_all(&self.dir)?;
         let f = std::fs::File::open(&self.dir)?;
-        Ok(self.opened.get_or_init(|| f))
+        Ok(g.opened.get_or_init(|| f))
     }
 }
 
 impl PayloadStore for FilePayloads {
     fn put(&self, round: u64, digest: &[u8; 32], bytes: &[u8]) -> Result<()> {
         let path = self.path(round, digest);
-        if path.exists() {
-            return Ok(());
+        match &self.group {
+            Some(g) => {
+                // opened before the write: a write-back error of this file shows at the sync
+                self.opened(g)?;
+                if path.exists() {
+                    return Ok(());
+                }
+                write_file_atomically(&path, bytes, false)
+            }
+            None if path.exists() => Ok(()),
+            None => write_file_atomically(&path, bytes, true),
         }
-        #[cfg(target_os = "linux")]
-        {
-            // opened before the write: a write-back error of this file shows at the sync
-            self.opened()?;
-            write_file_atomically(&path, bytes, false)
-        }
-        #[cfg(not(target_os = "linux"))]
-        write_file_atomically(&path, bytes, true)
     }
 
     fn sync(&self, rounds: &BTreeSet<u64>) -> Result<()> {
         if rounds.is_empty() {
             return Ok(());
         }
-        #[cfg(target_os = "linux")]
-        {
-            rustix::fs::syncfs(self.opened()?).map_err(std::io::Error::from)?;
-            Ok(())
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            for r in rounds {
-                std::fs::File::open(self.dir.join(format!("r{r}")))?.sync_all()?;
+        match &self.group {
+            Some(g) => {
+                let dir = self.opened(g)?;
+                if let Err(e) = syncfs(dir) {
+                    g.failed.store(true, std::sync::atomic::Ordering::Release);
+                    return Err(storage(format!(
+                        "syncing {} failed ({e}): this store takes no more uploads; restart \
+                         the coordinator",
+                        self.dir.display()
+                    )));
+                }
+                Ok(())
             }
-            std::fs::File::open(&self.dir)?.sync_all()?;
-            Ok(())
+            None => {
+                for r in rounds {
+                    std::fs::File::open(self.dir.join(format!("r{r}")))?.sync_all()?;
+                }
+                std::fs::File::open(&self.dir)?.sync_all()?;
+                Ok(())
+            }
         }
     }
 
@@ -174,5 +233,38 @@ impl PayloadStore for FilePayloads {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a failed sync a file written before it may be on disk in name only, and a later
+    /// `syncfs` would not say so: the store refuses every later write and sync.
+    #[test]
+    fn a_failed_group_sync_fails_the_store_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = FilePayloads::new(dir.path());
+        let digest: [u8; 32] = Sha256::digest(b"x").into();
+        p.put(1, &digest, b"x").unwrap();
+        p.sync(&BTreeSet::from([1])).unwrap();
+        assert_eq!(p.get(1, &digest).unwrap().as_deref(), Some(&b"x"[..]));
+        let Some(g) = &p.group else {
+            // an old kernel or another system: each file is fsynced by its writer
+            assert!(!group_sync_available());
+            return;
+        };
+        g.failed.store(true, std::sync::atomic::Ordering::Release);
+        let other: [u8; 32] = Sha256::digest(b"y").into();
+        assert!(
+            p.put(1, &other, b"y").is_err(),
+            "written after a failed sync"
+        );
+        assert!(
+            p.put(1, &digest, b"x").is_err(),
+            "an existing name after a failed sync"
+        );
+        assert!(p.sync(&BTreeSet::from([1])).is_err());
     }
 }

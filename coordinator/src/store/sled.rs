@@ -38,7 +38,9 @@
 //!    lists its participants, so its durable record is dropped with the round's other records.
 //!    If the coordinator is killed before that round is committed, the restarted one rebuilds
 //!    the round from its records and counts it after all: an upload can be counted that its
-//!    client was told came too late, never the other way round.
+//!    client was told came too late, never the other way round. (Its record may also be
+//!    inserted after the round's end deleted the round's files and records: such a record
+//!    names no file, is never acknowledged or counted, and the next start drops it.)
 //!
 //! A crash (kill -9) at any point loses no acknowledged upload, and counts none twice:
 //! before step 2's flush, no record of the batch is durable (or some are, through sled's own

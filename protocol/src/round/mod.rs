@@ -58,6 +58,16 @@ pub struct Federation {
     cohort: BTreeMap<ClientId, u64>,
 }
 
+/// The refusal of an upload from a client that declined the round (or buffer) `round`: a
+/// client counts once, as an upload or as a decline (counted as both, it made a round close
+/// "all in" while a participant was still training).
+fn declined_upload(client: &str, round: u64) -> Refusal {
+    Refusal::new(
+        RefusalCode::Declined,
+        format!("client {client} declined round {round}; its upload is not taken"),
+    )
+}
+
 /// The refusal of a second report of `version` by `client` ([`Federation::check_eval`]; a
 /// coordinator that batches reports refuses a second one in a batch with it too).
 pub fn duplicate_eval(client: &str, version: u64) -> Refusal {
@@ -279,6 +289,9 @@ impl Federation {
                 format!("client {client} is not a participant of round {round}"),
             ));
         }
+        if open.declined.contains_key(client) {
+            return Err(declined_upload(client, round));
+        }
         if spec_hash != &self.spec_hash {
             return self.check_contents(spec_hash, weight);
         }
@@ -333,6 +346,9 @@ impl Federation {
             }
         };
         self.check_trained_round(client, round, open.round)?;
+        if open.declined.contains_key(client) {
+            return Err(declined_upload(client, open.round));
+        }
         if let Some(prev) = open.uploads.get(client) {
             return if &prev.digest == digest && prev.base_round == Some(round) {
                 Ok(Some(UploadVerdict::AlreadyAccepted))
@@ -449,6 +465,10 @@ impl Federation {
             }
         }
         match &mut self.state.phase {
+            // (a round counts a client once: as an upload or as a decline)
+            Phase::Training(open) if open.declined.contains_key(client) => {
+                Err(declined_upload(client, round))
+            }
             Phase::Training(open) if buffered && open.round == round && !open.closed => {
                 open.uploads.insert(client.to_string(), meta);
                 self.offered.remove(client);
@@ -1662,6 +1682,32 @@ mod tests {
                 .code,
             RefusalCode::WrongRound
         );
+    }
+
+    /// A client that declined cannot upload as well (before, it was counted twice towards
+    /// "all in", and the round closed while another participant was still training).
+    #[test]
+    fn a_client_that_declined_cannot_also_upload() {
+        let mut f = Federation::new(cfg(), SPEC, 0).unwrap();
+        for c in ["a", "b", "c"] {
+            f.connect(c);
+        }
+        f.tick(0);
+        f.decline("c", 1, DeclineReason::Budget).unwrap();
+        assert_eq!(
+            f.check_upload("c", 1, &SPEC, &[3; 32], 10.0)
+                .unwrap_err()
+                .code,
+            RefusalCode::Declined
+        );
+        assert_eq!(
+            f.accept_upload("c", 1, meta(3)).unwrap_err().code,
+            RefusalCode::Declined,
+            "counting refuses it too (the committer counts what it checked a moment before)"
+        );
+        upload(&mut f, "a", 1, 1).unwrap();
+        // b is still training: the round is not all in
+        assert_eq!(f.tick(10), None);
     }
 
     #[test]
