@@ -150,6 +150,8 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     {
         let fed = shared.fed.lock().expect("lock");
         let mut batch_evals = std::collections::BTreeSet::new();
+        // each accepted upload's place in `accepted`, by client (a batch holds up to MAX_BATCH)
+        let mut first_of: std::collections::HashMap<String, usize> = Default::default();
         for p in batch {
             let p = match p {
                 Pending::Upload(p) => p,
@@ -174,7 +176,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 }
             };
             // a second upload of one client in the same batch: the first one decides
-            if let Some(first) = accepted.iter().find(|a| a.record.client == p.record.client) {
+            if let Some(first) = first_of.get(&p.record.client).map(|&i| &accepted[i]) {
                 repeats.push(Repeat {
                     client: p.record.client.clone(),
                     same: first.record.meta.digest == p.record.meta.digest,
@@ -184,7 +186,10 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 continue;
             }
             match first_check(&fed, shared, &p) {
-                None => accepted.push(p),
+                None => {
+                    first_of.insert(p.record.client.clone(), accepted.len());
+                    accepted.push(p);
+                }
                 Some(answer) => {
                     let _ = p.reply.send(answer);
                 }
@@ -298,11 +303,13 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
 /// Answers the repeats of a batch's uploads: a byte-identical one as its first ended (counted:
 /// `AlreadyAccepted`; not: the same answer), a different one as a duplicate.
 fn answer_repeats(repeats: Vec<Repeat>, outcomes: &[(String, Option<CoordMsg>)]) {
+    if repeats.is_empty() {
+        return;
+    }
+    let by_client: std::collections::HashMap<&str, &Option<CoordMsg>> =
+        outcomes.iter().map(|(c, o)| (c.as_str(), o)).collect();
     for r in repeats {
-        let first = outcomes
-            .iter()
-            .find(|(c, _)| *c == r.client)
-            .map(|(_, o)| o);
+        let first = by_client.get(r.client.as_str()).copied();
         let msg = match first {
             _ if !r.same => CoordMsg::Refused(Refusal::new(
                 RefusalCode::DuplicateUpload,
@@ -435,21 +442,21 @@ pub(super) mod tests {
         coord
     }
 
-    /// `c1`'s upload for round 1 through the committer, with `hook` between its first check and
-    /// its flush: the answer.
-    async fn upload_with(shared: &Arc<Shared>, hook: Hook) -> CoordMsg {
-        let payload = b"an upload".to_vec();
-        let digest: [u8; 32] = sha2::Sha256::digest(&payload).into();
+    /// `client`'s upload of `payload` for round 1, its file written, and where its answer goes.
+    fn pending(
+        shared: &Shared,
+        client: &str,
+        payload: &[u8],
+    ) -> (Pending, oneshot::Receiver<CoordMsg>) {
+        let digest: [u8; 32] = sha2::Sha256::digest(payload).into();
         shared
             .store
-            .write_upload_payload(1, &digest, &payload)
+            .write_upload_payload(1, &digest, payload)
             .unwrap();
-        let at = Arc::as_ptr(shared) as usize;
-        HOOKS.lock().unwrap().push((at, hook));
         let (tx, rx) = oneshot::channel();
         let record = UploadRecord {
             round: 1,
-            client: "c1".into(),
+            client: client.into(),
             meta: fedlora_protocol::UploadMeta {
                 digest,
                 weight: 1.0,
@@ -461,13 +468,48 @@ pub(super) mod tests {
             wire_bytes: payload.len() as u64,
             accepted_ms: 0,
         };
-        let pending = Pending::Upload(PendingUpload {
+        let p = Pending::Upload(PendingUpload {
             record,
             spec_hash: shared.spec.hash(),
             addend: None,
             reply: tx,
         });
-        shared.commits.lock().unwrap().send(pending).unwrap();
+        (p, rx)
+    }
+
+    /// Copies of one client's upload in one batch: the first is counted, a byte-identical
+    /// repeat is answered as its first ended, a different one is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repeats_in_one_batch_are_answered_as_their_first_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let coord = open_round(dir.path()).await;
+        let shared = coord.shared.clone();
+        let (a, ra) = pending(&shared, "c1", b"first");
+        let (b, rb) = pending(&shared, "c1", b"first");
+        let (c, rc) = pending(&shared, "c1", b"other");
+        let s = shared.clone();
+        tokio::task::spawn_blocking(move || commit_batch(&s, vec![a, b, c]))
+            .await
+            .unwrap();
+        let status = |m: CoordMsg| match m {
+            CoordMsg::Ack { status, .. } => Ok(status),
+            CoordMsg::Refused(r) => Err(r.code),
+            other => panic!("{other:?}"),
+        };
+        use fedlora_protocol::AckStatus;
+        assert_eq!(status(ra.await.unwrap()), Ok(AckStatus::Accepted));
+        assert_eq!(status(rb.await.unwrap()), Ok(AckStatus::AlreadyAccepted));
+        assert_eq!(status(rc.await.unwrap()), Err(RefusalCode::DuplicateUpload));
+        coord.shutdown().await;
+    }
+
+    /// `c1`'s upload for round 1 through the committer, with `hook` between its first check and
+    /// its flush: the answer.
+    async fn upload_with(shared: &Arc<Shared>, hook: Hook) -> CoordMsg {
+        let at = Arc::as_ptr(shared) as usize;
+        HOOKS.lock().unwrap().push((at, hook));
+        let (p, rx) = pending(shared, "c1", b"an upload");
+        shared.commits.lock().unwrap().send(p).unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(10), rx)
             .await
             .expect("the committer never answered")
