@@ -1,8 +1,10 @@
 //! Group commit of plain uploads and evaluation reports: one thread takes every one that is
-//! waiting, makes the batch durable with one sled flush ([`Store::record_batch`]), then counts,
+//! waiting, makes the batch durable with one sync of the payload files and one sled flush
+//! ([`Store::record_batch`]), then counts,
 //! folds and acknowledges each. Acknowledgements per second scale with the batch, not with the latency
 //! of a flush; the crash-safety argument is in [`crate::store`]'s docs.
 
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Weak;
 
@@ -16,7 +18,7 @@ pub(super) const MAX_BATCH: usize = 4096;
 
 /// What waits for the committer.
 pub(super) enum Pending {
-    /// An upload whose payload file is written and fsynced.
+    /// An upload whose payload file is written.
     Upload(PendingUpload),
     /// An evaluation report.
     Eval {
@@ -25,7 +27,8 @@ pub(super) enum Pending {
     },
 }
 
-/// An upload whose payload file is written and fsynced, waiting for its record.
+/// An upload whose payload file is written (durable at its batch's sync), waiting for its
+/// record.
 pub(super) struct PendingUpload {
     pub(super) record: UploadRecord,
     pub(super) spec_hash: SpecHash,
@@ -151,7 +154,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
         let fed = shared.fed.lock().expect("lock");
         let mut batch_evals = std::collections::BTreeSet::new();
         // each accepted upload's place in `accepted`, by client (a batch holds up to MAX_BATCH)
-        let mut first_of: std::collections::HashMap<String, usize> = Default::default();
+        let mut first_of: HashMap<String, usize> = HashMap::new();
         for p in batch {
             let p = match p {
                 Pending::Upload(p) => p,
@@ -197,7 +200,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
         }
     }
     if accepted.is_empty() && evals.is_empty() {
-        answer_repeats(repeats, &[]);
+        answer_repeats(repeats, &HashMap::new());
         return;
     }
     if !accepted.is_empty() {
@@ -233,7 +236,8 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
     // counted under the lock, each checked again under it
     let mut fed = shared.fed.lock().expect("lock");
     let mut counted: Vec<PendingUpload> = Vec::with_capacity(accepted.len());
-    let mut outcomes: Vec<(String, Option<CoordMsg>)> = Vec::new();
+    // each upload's end (`None`: counted), for the repeats of the batch
+    let mut outcomes: HashMap<String, Option<CoordMsg>> = HashMap::new();
     for mut p in accepted {
         let refused = recheck(&fed, &p).or_else(|| {
             fed.accept_upload(&p.record.client, p.record.round, p.record.meta.clone())
@@ -247,7 +251,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                 if let Some(a) = p.addend.as_mut() {
                     a.weight *= s;
                 }
-                outcomes.push((p.record.client.clone(), None));
+                outcomes.insert(p.record.client.clone(), None);
                 counted.push(p);
             }
             Some(answer) => {
@@ -256,7 +260,7 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
                     client = %p.record.client,
                     "an upload stored while its round moved is not counted"
                 );
-                outcomes.push((p.record.client.clone(), Some(answer.clone())));
+                outcomes.insert(p.record.client.clone(), Some(answer.clone()));
                 let _ = p.reply.send(answer);
             }
         }
@@ -302,14 +306,9 @@ fn commit_batch(shared: &Shared, batch: Vec<Pending>) {
 
 /// Answers the repeats of a batch's uploads: a byte-identical one as its first ended (counted:
 /// `AlreadyAccepted`; not: the same answer), a different one as a duplicate.
-fn answer_repeats(repeats: Vec<Repeat>, outcomes: &[(String, Option<CoordMsg>)]) {
-    if repeats.is_empty() {
-        return;
-    }
-    let by_client: std::collections::HashMap<&str, &Option<CoordMsg>> =
-        outcomes.iter().map(|(c, o)| (c.as_str(), o)).collect();
+fn answer_repeats(repeats: Vec<Repeat>, outcomes: &HashMap<String, Option<CoordMsg>>) {
     for r in repeats {
-        let first = by_client.get(r.client.as_str()).copied();
+        let first = outcomes.get(&r.client);
         let msg = match first {
             _ if !r.same => CoordMsg::Refused(Refusal::new(
                 RefusalCode::DuplicateUpload,

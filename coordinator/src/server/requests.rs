@@ -109,7 +109,7 @@ type Prepared = (
 
 /// Everything about an upload that needs no lock held long: kind, decoding, norm bound, a
 /// first check against the round (a refusal or a re-send answers at once), the running sum's
-/// addend and the payload's file (written and fsynced).
+/// addend and the payload's file (written; durable once its batch is synced, see [`crate::store`]).
 fn prepare_upload(
     shared: &Shared,
     client: &str,

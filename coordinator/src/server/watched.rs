@@ -8,8 +8,8 @@
 //! with (a held poll, [`super::poll_gate`]): it learns of the change at once instead of at its
 //! next poll.
 //!
-//! The fingerprint is stored while the lock is still held (the guard's `Drop` runs before the
-//! inner guard unlocks), so a reader that holds the lock always sees the fingerprint of the
+//! The fingerprint is stored while the lock is still held (the guard's `Drop` stores it, then
+//! unlocks, then wakes the waiters), so a reader that holds the lock always sees the fingerprint of the
 //! value it reads, and a reader without the lock sees the fingerprint of a state that was
 //! released (never one half-way through a change).
 
@@ -48,28 +48,25 @@ impl<T: Fingerprint> Watched<T> {
     /// Locks, like [`Mutex::lock`]; a mutable use of the guard republishes the fingerprint
     /// when the guard is dropped.
     pub(crate) fn lock(&self) -> LockResult<WatchedGuard<'_, T>> {
-        let wrap = |guard| WatchedGuard {
-            guard: Some(guard),
-            print: &self.print,
-            changed: &self.changed,
-            touched: false,
-        };
         match self.inner.lock() {
-            Ok(g) => Ok(wrap(g)),
-            Err(p) => Err(PoisonError::new(wrap(p.into_inner()))),
+            Ok(g) => Ok(self.guard(g)),
+            Err(p) => Err(PoisonError::new(self.guard(p.into_inner()))),
         }
     }
 
     /// Locks if no one holds the lock now (`None` otherwise, or when it is poisoned).
     #[cfg(test)]
     pub(crate) fn try_lock(&self) -> Option<WatchedGuard<'_, T>> {
-        let guard = self.inner.try_lock().ok()?;
-        Some(WatchedGuard {
+        Some(self.guard(self.inner.try_lock().ok()?))
+    }
+
+    fn guard<'a>(&'a self, guard: MutexGuard<'a, T>) -> WatchedGuard<'a, T> {
+        WatchedGuard {
             guard: Some(guard),
             print: &self.print,
             changed: &self.changed,
             touched: false,
-        })
+        }
     }
 
     /// The fingerprint of the value as last released (no lock taken).
