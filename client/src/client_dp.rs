@@ -174,7 +174,9 @@ impl ClientDpRecord {
     /// - a round id it was already charged for, under any plan, is refused (a coordinator that
     ///   offers round r again, or replays its secure stages under a new global version, gets no
     ///   second noised input for r);
-    /// - a plan whose T rounds it already took part in is refused (no round past T);
+    /// - a plan whose T rounds it already took part in is refused (no round past T); for an
+    ///   async plan T is the participation bound P, and a round closer than the plan's
+    ///   `min_gap` to one it took part in under the plan is refused too;
     /// - with a `policy`: the plan's own checks ([`ClientDpPlan::admit`]: δ, min_clients, c,
     ///   trust), then ε composed over **every** plan it was charged under plus this round
     ///   (RDP, at the largest δ among them): (a), every plan's whole campaign, when the client
@@ -202,9 +204,31 @@ impl ClientDpRecord {
         let done = self.participated(plan, codec);
         if done >= plan.rounds {
             return Err(PlanRefusal::TooWeak(format!(
-                "all {} rounds of this plan were taken part in already",
-                plan.rounds
+                "all {} {} of this plan were taken part in already",
+                plan.rounds,
+                if plan.participation.is_some() {
+                    "participations"
+                } else {
+                    "rounds"
+                }
             )));
+        }
+        if let Some(p) = &plan.participation {
+            // async: at most one update in any min_gap consecutive versions of this plan
+            let d = hex::encode(plan_digest(Some(plan), codec));
+            let near = self
+                .plans
+                .iter()
+                .filter(|q| q.digest == d)
+                .flat_map(|q| q.rounds.iter())
+                .find(|r| r.abs_diff(round) < p.min_gap);
+            if let Some(r) = near {
+                return Err(PlanRefusal::TooWeak(format!(
+                    "this client took part in round {r}; the plan allows one update in any {} \
+                     consecutive versions",
+                    p.min_gap
+                )));
+            }
         }
         let Some(policy) = policy else {
             return Ok(0.0);
@@ -236,7 +260,8 @@ impl ClientDpRecord {
     }
 
     /// ε (a) at `delta` over every plan's whole campaign (observers of the released models;
-    /// amplified by the coordinator's secret sample), RDP accountant. 0 with no plans.
+    /// amplified by the coordinator's secret sample; an async plan counts its P participations
+    /// at q = 1), RDP accountant. 0 with no plans.
     pub fn observer_epsilon(&self, delta: f64) -> Result<f64, ClientError> {
         let events: Vec<DpEvent> = self
             .plans
@@ -288,6 +313,7 @@ mod tests {
             collusion: 1,
             noise,
             secure: None,
+            participation: None,
         }
     }
 
@@ -486,5 +512,96 @@ mod tests {
             matches!(&e, PlanRefusal::TooWeak(m) if m.contains("all 2 rounds")),
             "{e}"
         );
+    }
+
+    /// An async plan: q = 1, `rounds` = the participation bound P, one update in any
+    /// `min_gap` versions.
+    fn async_plan(participations: u64, min_gap: u64) -> ClientDpPlan {
+        ClientDpPlan {
+            sampling_rate: 1.0,
+            participation: Some(fedlora_protocol::client_dp::AsyncParticipation { min_gap }),
+            ..central(participations, 1e-5)
+        }
+    }
+
+    /// Async client-level DP: a device takes part at most P times (then declines, with or
+    /// without a policy), never twice within `min_gap` versions, and every participation is
+    /// one more mechanism at q = 1 in ε (a) and (b): nothing is amplified by a sample the
+    /// devices chose themselves.
+    #[test]
+    fn an_async_device_stops_at_its_participation_bound_and_each_participation_composes() {
+        let codec = Codec::DenseF32;
+        let plan = async_plan(2, 3);
+        plan.check_consistent(&codec, None).unwrap();
+        let policy = trusting(1e6);
+        let mut rec = ClientDpRecord::default();
+        rec.admit(Some(&policy), &plan, &codec, None, 4).unwrap();
+        rec.record(&plan, &codec, 4, None);
+        // versions 5 and 6 are within the gap of 3 (either side), 7 is not
+        for r in [2, 5, 6] {
+            let e = rec
+                .admit(Some(&policy), &plan, &codec, None, r)
+                .unwrap_err();
+            assert!(
+                matches!(&e, PlanRefusal::TooWeak(m) if m.contains("round 4")),
+                "{r}: {e}"
+            );
+        }
+        rec.admit(Some(&policy), &plan, &codec, None, 7).unwrap();
+        rec.record(&plan, &codec, 7, None);
+        // P = 2 reached: refused with and without a policy
+        for p in [Some(&policy), None] {
+            let e = rec.admit(p, &plan, &codec, None, 20).unwrap_err();
+            assert!(
+                matches!(&e, PlanRefusal::TooWeak(m) if m.contains("all 2 participations")),
+                "{e}"
+            );
+        }
+        // ε (a) is the P participations at q = 1: exactly the composition of two Gaussian
+        // mechanisms, and more than a sampled plan of the same σ and count would claim
+        let delta = rec.max_delta();
+        let composed = compose(
+            vec![DpEvent::SelfComposed {
+                event: Box::new(DpEvent::Gaussian {
+                    noise_multiplier: 1.0,
+                }),
+                count: 2,
+            }],
+            delta,
+        )
+        .unwrap();
+        let a = rec.observer_epsilon(delta).unwrap();
+        assert!((a - composed).abs() <= 1e-9 * composed, "{a} vs {composed}");
+        let sampled = ClientDpPlan {
+            sampling_rate: 0.1,
+            participation: None,
+            ..plan.clone()
+        };
+        assert!(sampled.observer_epsilon().unwrap() < a);
+        // and a plan claiming amplification in async mode is inconsistent
+        let lying = ClientDpPlan {
+            participation: Some(fedlora_protocol::client_dp::AsyncParticipation { min_gap: 1 }),
+            ..sampled
+        };
+        assert!(matches!(
+            lying.check_consistent(&codec, None),
+            Err(PlanRefusal::Inconsistent(m)) if m.contains("q must be 1")
+        ));
+        // each participation adds to ε (b) too (distributed noise; central is ∞)
+        let noise = ClientNoise::Skellam {
+            l2_sensitivity: 1.0,
+            l1_sensitivity: 30.0,
+            variance: 4.0,
+        };
+        let dist = ClientDpPlan {
+            noise,
+            ..plan.clone()
+        };
+        let mut d = ClientDpRecord::default();
+        d.record(&dist, &codec, 1, None);
+        let one = d.coordinator_epsilon(delta).unwrap();
+        d.record(&dist, &codec, 5, None);
+        let two = d.coordinator_epsilon(delta).unwrap();
+        assert!(one > 0.0 && two > one, "{one} {two}");
     }
 }

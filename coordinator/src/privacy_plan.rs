@@ -4,16 +4,19 @@
 //! [`ClientDpPlan`] every round configuration carries, the codec it dictates, and the secure
 //! aggregation parameters.
 //!
-//! - q = clients per round ÷ eligible clients (the round machine never samples above it);
+//! - q = clients per round ÷ eligible clients (the round machine never samples above it); in
+//!   async mode devices self-select, so q = 1, each device takes part at most P times (the
+//!   plan's `rounds`, [`ClientDpRequest::participations`]) and once in any M versions, and the
+//!   expected count (the public divisor) is the buffer K;
 //! - central: σ for ε (a) under the Poisson-subsampled Gaussian (RDP);
 //! - distributed: the scale s and Skellam variance μ for ε (a)
 //!   ([`fedlora_dp::client_level::calibrate_distributed`]), each client's share
 //!   μ / (`min_clients` − c), and secure aggregation mod 2^bits.
 
 use fedlora_dp::client_level::{calibrate_distributed, ClientNoise, DistributedConfig};
-use fedlora_protocol::client_dp::{ClientDpMode, ClientDpPlan};
+use fedlora_protocol::client_dp::{AsyncParticipation, ClientDpMode, ClientDpPlan};
 use fedlora_protocol::codec::SkellamParams;
-use fedlora_protocol::{Codec, FederationConfig, Sampling, Weighting};
+use fedlora_protocol::{Codec, FederationConfig, Mode, Sampling, Weighting};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoordinatorError, Result};
@@ -45,6 +48,18 @@ pub struct ClientDpRequest {
     /// Distributed mode: standard deviations of modulus headroom.
     #[serde(default = "default_headroom")]
     pub headroom: f64,
+    /// Async mode: P, the most updates one device contributes over the campaign (each one
+    /// mechanism at q = 1; devices decline past it). Default: the campaign's versions
+    /// (`rounds`), the most a device can take part in. Ignored in sync mode.
+    #[serde(default)]
+    pub participations: Option<u64>,
+    /// Async mode: M, versions between two updates of one device (default 1: any version).
+    #[serde(default = "default_min_gap")]
+    pub min_gap: u64,
+}
+
+fn default_min_gap() -> u64 {
+    1
 }
 
 fn default_delta() -> f64 {
@@ -73,6 +88,8 @@ impl ClientDpRequest {
             bits: default_bits(),
             beta: default_beta(),
             headroom: default_headroom(),
+            participations: None,
+            min_gap: default_min_gap(),
         }
     }
 }
@@ -93,30 +110,60 @@ pub fn apply(
     numel: usize,
     seeded: bool,
 ) -> Result<()> {
-    if req.eligible < fed.clients_per_round || req.eligible == 0 {
-        return Err(cfg_err(format!(
-            "eligible clients {} must be at least clients per round {}",
-            req.eligible, fed.clients_per_round
-        )));
-    }
-    let expected = fed.clients_per_round as f64;
-    let q = expected / req.eligible as f64;
+    let is_async = fed.mode == Mode::Async;
+    // sync: Poisson sampling at q over T rounds, divided by the expected clients per round;
+    // async: devices self-select (q = 1), each at most P times, and a version's noisy sum is
+    // divided by the buffer K; the fewest updates an aggregate commits with is K_MIN
+    let (expected, q, rounds, fewest, participation) = if is_async {
+        let p = req.participations.unwrap_or(fed.rounds);
+        if p == 0 || p > fed.rounds {
+            return Err(cfg_err(format!(
+                "the participation bound {p} must be in 1 ..= the campaign's {} versions",
+                fed.rounds
+            )));
+        }
+        (
+            fed.buffer as f64,
+            1.0,
+            p,
+            fed.min_buffer(),
+            Some(AsyncParticipation {
+                min_gap: req.min_gap,
+            }),
+        )
+    } else {
+        if req.eligible < fed.clients_per_round || req.eligible == 0 {
+            return Err(cfg_err(format!(
+                "eligible clients {} must be at least clients per round {}",
+                req.eligible, fed.clients_per_round
+            )));
+        }
+        let expected = fed.clients_per_round as f64;
+        (
+            expected,
+            expected / req.eligible as f64,
+            fed.rounds,
+            fed.min_clients,
+            None,
+        )
+    };
     let plan = |noise| ClientDpPlan {
         mode: req.mode,
         clip: req.clip,
         expected_clients: expected,
         sampling_rate: q,
-        rounds: fed.rounds,
+        rounds,
         delta: req.delta,
         target_epsilon: req.target_epsilon,
-        min_clients: fed.min_clients,
+        min_clients: fewest,
         collusion: req.collusion,
         noise,
         secure: None,
+        participation,
     };
     match req.mode {
         ClientDpMode::Central => {
-            let sigma = fedlora_dp::noise_multiplier(q, fed.rounds, req.delta, req.target_epsilon)
+            let sigma = fedlora_dp::noise_multiplier(q, rounds, req.delta, req.target_epsilon)
                 .map_err(cfg_err)?;
             fed.train.client_dp = Some(plan(ClientNoise::Gaussian {
                 noise_multiplier: sigma,
@@ -129,10 +176,10 @@ pub fn apply(
                 dim: SkellamParams::dim(numel),
                 bits: u32::from(req.bits),
                 expected_clients: expected,
-                min_clients: fed.min_clients,
+                min_clients: fewest,
                 collusion: req.collusion,
                 q,
-                rounds: fed.rounds,
+                rounds,
                 delta: req.delta,
                 target_epsilon: req.target_epsilon,
                 beta: req.beta,
@@ -162,11 +209,13 @@ pub fn apply(
         }
     }
     fed.train.weighting = Weighting::Uniform;
-    fed.sampling = if seeded {
-        Sampling::PoissonSeeded
-    } else {
-        Sampling::Poisson
-    };
+    if !is_async {
+        fed.sampling = if seeded {
+            Sampling::PoissonSeeded
+        } else {
+            Sampling::Poisson
+        };
+    }
     fed.validate().map_err(cfg_err)?;
     Ok(())
 }
@@ -259,5 +308,59 @@ mod tests {
         r.collusion = 0;
         r.bits = 4;
         assert!(apply(&r, &mut f, 100, true).is_err());
+    }
+
+    /// Async mode: devices self-select, so the planner calibrates σ for P participations at
+    /// q = 1 (not for a Poisson sample), divides by the buffer K, counts on K_MIN updates, and
+    /// signs the participation bound; the federation accepts only such a plan in async mode
+    /// (and refuses it in sync mode).
+    #[test]
+    fn an_async_plan_has_no_amplification_a_participation_bound_and_the_buffer_as_divisor() {
+        let fed = FederationConfig {
+            mode: Mode::Async,
+            rounds: 10,
+            buffer: 8,
+            min_buffer: 6,
+            ..FederationConfig::default()
+        };
+        for mode in [ClientDpMode::Central, ClientDpMode::Distributed] {
+            let mut f = fed.clone();
+            if mode == ClientDpMode::Distributed {
+                f.train.secure = Some(SecAggParams {
+                    threshold: 1,
+                    neighbours: 6,
+                    modulus_bits: 16,
+                    collusion: 0,
+                    stage_timeout_ms: 30_000,
+                });
+            }
+            let mut req = ClientDpRequest::new(mode, 0.5, 8.0, 1);
+            req.participations = Some(3);
+            req.min_gap = 2;
+            req.bits = 20;
+            apply(&req, &mut f, 10_000, false).unwrap();
+            let plan = f.train.client_dp.clone().unwrap();
+            assert_eq!(plan.sampling_rate, 1.0);
+            assert_eq!(plan.rounds, 3);
+            assert_eq!(plan.expected_clients, 8.0);
+            assert_eq!(plan.min_clients, 6);
+            assert_eq!(plan.participation, Some(AsyncParticipation { min_gap: 2 }));
+            let eps = plan.observer_epsilon().unwrap();
+            assert!(eps <= 8.0 && eps > 7.5, "{mode}: {eps}");
+            // no Poisson sampling is switched on: async mode does not sample
+            assert_eq!(f.sampling, fed.sampling);
+            // the same plan in sync mode, or a sync plan in async mode, is refused
+            let mut sync = f.clone();
+            sync.mode = Mode::Sync;
+            assert!(sync.validate().is_err());
+            let mut unbounded = f.clone();
+            unbounded.train.client_dp.as_mut().unwrap().participation = None;
+            let e = unbounded.validate().unwrap_err().to_string();
+            assert!(e.contains("participation-bounded"), "{e}");
+            // a bound past the campaign's versions
+            let mut r = req.clone();
+            r.participations = Some(11);
+            assert!(apply(&r, &mut fed.clone(), 10_000, false).is_err());
+        }
     }
 }

@@ -9,7 +9,8 @@
 //!   rounding per addition; against a sum in another order the mean differs by at most
 //!   `n · 2⁻⁵³` relative per coordinate before it is rounded to `f32`);
 //! - **central client-level DP**: each decoded delta clipped again to the plan's S, then summed
-//!   in `f64` like the float case (weight 1).
+//!   in `f64` like the float case (weight 1 whatever the client claimed; in async mode times
+//!   its staleness weight s(τ) ≤ 1, so one client still moves the sum by at most S).
 //!
 //! After a restart the sum is rebuilt by folding the durable payloads one at a time
 //! ([`crate::aggregate::aggregate_payloads`] folds the same way), so memory stays `O(params)`.

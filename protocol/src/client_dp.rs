@@ -88,6 +88,23 @@ pub struct ClientDpPlan {
     /// ([`crate::secagg::ClientRound::require_params`]).
     #[serde(default)]
     pub secure: Option<crate::secagg::SecAggParams>,
+    /// Async mode (`Some`): how each device's participation is bounded. Devices self-select
+    /// when they are eligible, so there is no secret sample to amplify by: `sampling_rate` is
+    /// 1, `rounds` is each device's participation bound P (updates it contributes over the
+    /// campaign), and every participation is one mechanism at q = 1 in both ε (a) and (b).
+    /// `None`: a synchronous plan (Poisson sampling over `rounds` rounds).
+    #[serde(default)]
+    pub participation: Option<AsyncParticipation>,
+}
+
+/// The participation bound of an async client-level DP plan: P (the plan's `rounds`) updates
+/// per device over the campaign, and at most one in any `min_gap` consecutive versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncParticipation {
+    /// M: versions (rounds) between two updates of one device, at least 1. A device that took
+    /// part with an update trained in round r takes no part in rounds r + 1 … r + M − 1.
+    pub min_gap: u64,
 }
 
 /// What a client requires before it takes part in a client-level DP round.
@@ -166,6 +183,18 @@ impl ClientDpPlan {
                 "collusion {} must be below min_clients {}",
                 self.collusion, self.min_clients
             ));
+        }
+        if let Some(p) = &self.participation {
+            // no amplification by sampling: devices choose when they take part
+            if self.sampling_rate != 1.0 {
+                return bad(format!(
+                    "an async plan has no secret sample to amplify by: q must be 1, not {}",
+                    self.sampling_rate
+                ));
+            }
+            if p.min_gap == 0 {
+                return bad("an async plan's min_gap must be at least 1 version".into());
+            }
         }
         match (self.mode, codec, &self.noise) {
             (ClientDpMode::Central, Codec::Skellam(_), _) => {
@@ -389,6 +418,7 @@ mod tests {
             collusion: 2,
             noise: cal.noise(),
             secure: None,
+            participation: None,
         };
         (plan, codec)
     }

@@ -105,6 +105,7 @@ mod tests {
                 noise_multiplier: 0.67,
             },
             secure: None,
+            participation: None,
         }
     }
 

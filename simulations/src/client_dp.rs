@@ -31,6 +31,7 @@ pub fn request(sweep: &SweepConfig, point: &Point, clients: usize) -> Option<Cli
         bits,
         beta: s.beta,
         headroom: s.headroom,
+        ..ClientDpRequest::new(mode, point.clip, point.epsilon, clients)
     })
 }
 

@@ -83,9 +83,10 @@ pub(crate) struct FederationArgs {
     /// to their own ε). Implies uniform weighting.
     #[arg(long)]
     pub dp_clip_norm: Option<f64>,
-    /// Async mode with DP-SGD: the most local runs each device's DP plan covers (its
-    /// participation bound P; σ is calibrated for P runs and the device declines after them).
-    /// Default: --rounds (one run per version). Sync mode plans every round.
+    /// Async mode with DP: each device's participation bound P. With DP-SGD the most local
+    /// runs its plan covers (σ is calibrated for P runs); with --client-dp the most updates it
+    /// contributes (the plan's σ covers P participations at q = 1). Devices decline past it.
+    /// Default: --rounds (one per version). Sync mode plans every round.
     #[arg(long, value_name = "P")]
     pub dp_participations: Option<u64>,
     /// Aggregation strategy: fed-avg, fed-prox, fed-adam, fed-yogi, fed-adagrad (these need
@@ -169,6 +170,10 @@ pub(crate) struct ClientDpArgs {
     /// Distributed mode: bits per coordinate of the masked sum (default 16).
     #[arg(long, value_name = "B")]
     pub client_dp_bits: Option<u8>,
+    /// Async mode: M, the fewest versions between two updates of one device (default 1). Each
+    /// device's participation bound P is --dp-participations (default --rounds).
+    #[arg(long, value_name = "M")]
+    pub client_dp_min_gap: Option<u64>,
 }
 
 impl ClientDpArgs {
@@ -177,6 +182,7 @@ impl ClientDpArgs {
         &self,
         file: Option<ClientDpRequest>,
         fed: &FederationConfig,
+        participations: Option<u64>,
     ) -> anyhow::Result<Option<ClientDpRequest>> {
         let mode = match self.client_dp.as_deref() {
             Some(m) => Some(
@@ -191,12 +197,13 @@ impl ClientDpArgs {
                     || self.target_epsilon.is_some()
                     || self.collusion.is_some()
                     || self.eligible.is_some()
-                    || self.client_dp_bits.is_some();
+                    || self.client_dp_bits.is_some()
+                    || self.client_dp_min_gap.is_some();
                 if stray {
                     return Err(UsageError(
-                        "--client-clip, --target-epsilon, --collusion, --eligible and \
-                         --client-dp-bits need --client-dp central|distributed (--collusion \
-                         also goes with --secure-aggregation)"
+                        "--client-clip, --target-epsilon, --collusion, --eligible, \
+                         --client-dp-bits and --client-dp-min-gap need --client-dp \
+                         central|distributed (--collusion also goes with --secure-aggregation)"
                             .into(),
                     )
                     .into());
@@ -236,6 +243,20 @@ impl ClientDpArgs {
         }
         if let Some(v) = self.client_dp_bits {
             req.bits = v;
+        }
+        if let Some(v) = self.client_dp_min_gap {
+            req.min_gap = v;
+        }
+        if participations.is_some() {
+            if fed.mode != fedlora_protocol::Mode::Async {
+                return Err(UsageError(
+                    "--dp-participations bounds each device's updates in async mode; a sync \
+                     campaign's client-level plan covers every round"
+                        .into(),
+                )
+                .into());
+            }
+            req.participations = participations;
         }
         Ok(Some(req))
     }
@@ -548,7 +569,13 @@ fn coordinator_config(a: &CoordinatorArgs, file: CoordinatorToml) -> anyhow::Res
     if a.secure.secure_aggregation && dp_args.client_dp.is_none() {
         dp_args.collusion = None;
     }
-    let client_dp = dp_args.request(file.client_dp, &fed)?;
+    let client_dp = dp_args.request(file.client_dp, &fed, a.fed.dp_participations)?;
+    if a.fed.dp_participations.is_some() && fed.train.dp.is_none() && client_dp.is_none() {
+        return Err(UsageError(
+            "--dp-participations needs a DP plan (--dp-clip-norm or --client-dp)".into(),
+        )
+        .into());
+    }
     service.federation = fed;
     Ok(Settings {
         service,

@@ -285,6 +285,62 @@ fn async_dp_devices_stop_at_their_participation_bound() {
     assert!(took_part >= 2, "{outs:?}");
 }
 
+/// Distributed client-level DP in async mode from the command line: the coordinator plans σ
+/// for each device's P = 2 participations at q = 1 (no amplification: devices self-select),
+/// each cohort member adds its Skellam share inside secure aggregation, and unchanged
+/// `fedlora client`s charge every update to their own record before its masked input leaves.
+/// Two versions of four masked updates each commit; no held-out loss leaves a device; a
+/// device's ε (a) and (b) are the composition of exactly the updates it sent, so after its P
+/// updates they are equal and within the target.
+#[test]
+fn async_distributed_client_dp_charges_every_update_at_q_1_within_the_participation_bound() {
+    let (st, outs) = run_cli_campaign(
+        4,
+        2,
+        &[
+            "--buffer",
+            "4",
+            "--client-dp",
+            "distributed",
+            "--client-clip",
+            "0.5",
+            "--target-epsilon",
+            "8",
+            "--client-dp-bits",
+            "20",
+            "--dp-participations",
+            "2",
+        ],
+        &[],
+    );
+    let counted: u64 = st["buffer"]["staleness_histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 8, "two cohorts of four masked updates: {st}");
+    assert!(
+        st["evals"].as_array().is_none_or(|e| e.is_empty()),
+        "a client-level DP device sends no held-out loss: {st}"
+    );
+    let field = |out: &str, key: &str| -> f64 {
+        out.split(key)
+            .nth(1)
+            .and_then(|r| r.split([',', ' ']).next())
+            .and_then(|e| e.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{key}`: {out}"))
+    };
+    for out in &outs {
+        // "…, ε spent client-level (a) A, (b) B at δ = D, …"
+        let (a, b) = (field(out, "client-level (a) "), field(out, "(b) "));
+        assert!(
+            (a - b).abs() <= 1e-9 * a && a > 7.0 && a <= 8.0 + 1e-9,
+            "two updates at q = 1 spend the whole target, as (a) and as (b): {out}"
+        );
+    }
+}
+
 /// Runs `fedlora coordinator --mode async --rounds ROUNDS ARGS` with `n` `fedlora client
 /// CLIENT_ARGS` processes, checks that all exit 0 and that `rounds` versions committed, and
 /// returns `fedlora status --json` and each client's standard output.

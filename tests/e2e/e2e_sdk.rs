@@ -425,6 +425,12 @@ async fn client_level_round(mode: fedlora_protocol::client_dp::ClientDpMode) {
     apply(&req, &mut fed, numel, true).unwrap();
     let coord = fx.coordinator(fed).await;
     let handles = fx.clients(&coord, 5, |i, cc| {
+        // distributed mode: client 3 runs without a policy (it admits any consistent
+        // distributed plan) and, having been offered one, still reports no evaluation
+        if i == 3 && mode == ClientDpMode::Distributed {
+            cc.client_dp = None;
+            return;
+        }
         cc.client_dp = Some(if i < 4 {
             ClientDpPolicy {
                 max_epsilon: 1e6,

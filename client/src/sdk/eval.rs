@@ -3,6 +3,29 @@
 use super::*;
 
 impl FederatedClient {
+    /// Whether a held-out loss and its token count may leave this client: never once it is
+    /// private at either level, by its own configuration (an example-level budget or a
+    /// client-level policy), by having been charged under a client-level plan (its record,
+    /// kept across restarts), or by having been offered a round under a DP plan in this
+    /// session. Neither accountant covers an evaluation (the coordinator picks the adapter,
+    /// so the loss is a membership oracle, and the count gives away n), so a device that runs
+    /// without a policy and admits a distributed plan reports nothing either.
+    pub(super) fn reports_evaluations(&self) -> bool {
+        self.config.privacy.is_none()
+            && self.config.client_dp.is_none()
+            && !self.dp_offered.load(std::sync::atomic::Ordering::SeqCst)
+            && self.client_dp.lock().expect("lock").plans.is_empty()
+    }
+
+    /// Marks that this client was offered a round under a DP plan (see
+    /// [`Self::reports_evaluations`]).
+    pub(super) fn note_offer(&self, config: &fedlora_protocol::TrainConfig) {
+        if config.dp.is_some() || config.client_dp.is_some() {
+            self.dp_offered
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     pub(super) async fn evaluate_and_report(
         &self,
         s: &Session,
@@ -10,11 +33,8 @@ impl FederatedClient {
         adapter: FlatAdapter,
         report: &mut ClientReport,
     ) -> Result<(), ClientError> {
-        if self.config.privacy.is_some() || self.config.client_dp.is_some() {
-            // a held-out loss and its token count are covered by neither accountant (the
-            // example-level one nor the client-level one): the coordinator picks the adapter,
-            // so the loss is a membership oracle, and the count gives away n. A private client,
-            // at either level, reports nothing
+        if !self.reports_evaluations() {
+            // a private client, at either level, reports nothing ([`Self::reports_evaluations`])
             let msg = ClientMsg::EvalWithheld { version };
             match self.send(s, &msg, report).await? {
                 CoordMsg::EvalRecorded { .. } => {}

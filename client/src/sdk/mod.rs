@@ -66,6 +66,10 @@ pub struct FederatedClient {
     /// Async mode with secure aggregation: a finished update waiting for a cohort (in memory:
     /// it is masked at most once, then dropped whatever the cohort's outcome).
     cohort_update: std::sync::Mutex<Option<CohortUpdate>>,
+    /// Whether this client was offered a round under a DP plan (example- or client-level):
+    /// from then on it reports no held-out evaluation, whatever its own configuration says
+    /// ([`Self::reports_evaluations`]).
+    dp_offered: std::sync::atomic::AtomicBool,
     /// The client-level DP rounds this client was charged for (its own record).
     client_dp: std::sync::Mutex<ClientDpRecord>,
     /// Whether the device may train now (consulted before a round and before each step).
@@ -97,6 +101,9 @@ pub(super) struct CohortUpdate {
     pub(super) delta: FlatAdapter,
     /// The offer it trained on (codec and settings; the global's bytes dropped).
     pub(super) offer: RoundOffer,
+    /// Under a client-level DP plan: the coordinator's signature of it, checked when the plan
+    /// was admitted for training (kept in the record when the update is charged).
+    pub(super) plan_signed: Option<crate::client_dp::CoordinatorSignature>,
 }
 
 enum Outcome {
@@ -151,6 +158,7 @@ impl FederatedClient {
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
             cohort_update: std::sync::Mutex::new(None),
+            dp_offered: std::sync::atomic::AtomicBool::new(false),
             unmasked: std::sync::Mutex::new(unmasked),
             client_dp: std::sync::Mutex::new(client_dp),
             config,

@@ -50,6 +50,23 @@ impl FederatedClient {
     ) -> Result<(), PlanRefusal> {
         let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
         plan.check_sensitivities(&cfg.codec, self.learner.spec().numel())?;
+        // an async offer (it carries the staleness weighting) needs an async plan: devices
+        // self-select there, so a plan amplified by a sample (q < 1) would overstate privacy
+        if cfg.staleness.is_some() != plan.participation.is_some() {
+            return Err(PlanRefusal::Inconsistent(format!(
+                "a {} offer with a {} plan",
+                if cfg.staleness.is_some() {
+                    "async"
+                } else {
+                    "sync"
+                },
+                if plan.participation.is_some() {
+                    "async (participation-bounded)"
+                } else {
+                    "sync (sampled)"
+                }
+            )));
+        }
         let policy = self.config.client_dp.as_ref();
         if policy.is_none() {
             // without a policy: any consistent plan, but never central mode, where the

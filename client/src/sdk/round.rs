@@ -132,6 +132,7 @@ impl FederatedClient {
             ));
         }
         let received = std::time::Instant::now();
+        self.note_offer(&offer.config);
         // the device's own verdict comes first: a round declined here costs nothing
         if let Some(reason) = self.ineligible() {
             return Ok(Work::Decline(offer.round, reason));
@@ -265,21 +266,23 @@ impl FederatedClient {
             report.partial.push((offer.round, out.steps as u32));
         }
         if offer.config.secure.is_some() && offer.secure_shares.is_none() {
-            // a client-level DP update is charged and bound where it is masked, which only a
-            // synchronous secure round does (async cohorts do not run client-level DP)
-            if offer.config.client_dp.is_some() || offer.config.staleness.is_none() {
+            // a synchronous secure round sends its shares with the offer; only async mode
+            // trains before its cohort exists
+            if offer.config.staleness.is_none() {
                 return Ok(Work::Decline(
                     offer.round,
                     DeclineReason::SecureAggregationPolicy,
                 ));
             }
             // async mode: the update waits, never in the clear, until a secure cohort masks it
+            // (under a client-level DP plan it is charged there, before its masked input leaves)
             let mut held = offer;
             held.global = Vec::new();
             *self.cohort_update.lock().expect("lock") = Some(CohortUpdate {
                 trained_round: held.round,
                 delta: out.delta,
                 offer: held,
+                plan_signed,
             });
             return Ok(Work::Ready);
         }

@@ -104,7 +104,38 @@ impl FederatedClient {
                         &plan,
                         codec_seed,
                     );
-                    st.cr.bind(context, 0, 0).map_err(|e| e.to_string())?;
+                    match &held.offer.config.client_dp {
+                        None => st.cr.bind(context, 0, 0).map_err(|e| e.to_string())?,
+                        Some(dp) => {
+                            // distributed client-level DP: the members also sign the plan,
+                            // fewer than its min_clients survivors get no shares, and the
+                            // stages run with the secure parameters it signed
+                            let codec = &held.offer.config.codec;
+                            if let Some(p) = &dp.secure {
+                                st.cr.require_params(p).map_err(|e| e.to_string())?;
+                            }
+                            let bound = fedlora_protocol::round::cohort_plan_context(
+                                &context,
+                                &fedlora_protocol::client_dp::plan_digest(Some(dp), codec),
+                            );
+                            st.cr
+                                .bind(bound, dp.min_clients, dp.collusion)
+                                .map_err(|e| e.to_string())?;
+                            // judged again on the whole record (nothing else may have been
+                            // charged since training), then charged, durably, before the
+                            // masked input leaves: the coordinator can unmask it with the
+                            // neighbours' shares alone
+                            self.check_client_dp_policy(dp, &held.offer.config, trained_round)
+                                .map_err(|e| e.to_string())?;
+                            self.charge_client_dp(
+                                dp,
+                                codec,
+                                trained_round,
+                                held.plan_signed.as_ref(),
+                            )
+                            .map_err(|e| e.to_string())?;
+                        }
+                    }
                     let mut offer = held.offer;
                     offer.round = round;
                     offer.codec_seed = codec_seed;

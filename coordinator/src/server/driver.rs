@@ -159,7 +159,11 @@ pub(super) fn finish_secure(
         }),
     );
     let mut delta = crate::aggregate::modular_sum_delta(&codec, &shared.spec, &ctx, &ms, &counts)?;
-    if let (Some(w), true) = (&staleness, counts.is_uniform()) {
+    // distributed client-level DP (Skellam) divides by the plan's public K whatever the
+    // weights: the members' s(τ) ≤ 1 scaled their updates, and a divisor that depended on who
+    // took part would be a release the accountant does not cover
+    let fixed_divisor = matches!(codec, Codec::Skellam(_));
+    if let (Some(w), true, false) = (&staleness, counts.is_uniform(), fixed_divisor) {
         // the decoded mean divides Σ s(τᵢ)·Δᵢ by the count; the staleness-weighted mean
         // divides it by Σ s(τᵢ)
         let total: f64 = counted.iter().filter_map(|c| w.get(c)).sum();
@@ -352,20 +356,20 @@ pub(super) fn aggregate(
     round: u64,
     uploads: &BTreeMap<String, UploadMeta>,
 ) -> Result<FlatAdapter> {
-    // each upload's weight times its staleness weight (1 in sync mode), and the codec seed
-    // of the round it was encoded in
-    let (codec, seed, client_dp, weights) = {
+    // each upload's staleness weight (1 in sync mode), and the codec seed of the round it was
+    // encoded in
+    let (codec, seed, client_dp, stale) = {
         let fed = shared.fed.lock().expect("lock");
         let train = &fed.config().train;
-        let weights: BTreeMap<&str, f64> = uploads
+        let stale: BTreeMap<&str, f64> = uploads
             .iter()
-            .map(|(c, m)| (c.as_str(), m.weight * fed.staleness_weight(round, m)))
+            .map(|(c, m)| (c.as_str(), fed.staleness_weight(round, m)))
             .collect();
         (
             train.codec.clone(),
             fed.config().seed,
             train.client_dp.clone(),
-            weights,
+            stale,
         )
     };
     let seed_of = |m: &UploadMeta| m.base_round.map(|r| codec_seed(seed, r));
@@ -383,7 +387,8 @@ pub(super) fn aggregate(
         let mut payloads = Vec::with_capacity(uploads.len());
         for (client, meta) in uploads {
             let bytes = shared.store.upload_payload(round, &meta.digest)?;
-            payloads.push((weights[client.as_str()], meta.rank, bytes, seed_of(meta)));
+            let weight = meta.weight * stale[client.as_str()];
+            payloads.push((weight, meta.rank, bytes, seed_of(meta)));
         }
         return crate::aggregate::aggregate_payloads(
             shared.strategy.as_ref(),
@@ -418,8 +423,10 @@ pub(super) fn aggregate(
             };
             let decoded = Codec::decode(&bytes, &shared.spec, Some(&codec), &own)?;
             let rank = crate::aggregate::rank_of(meta.rank, shared.full_rank);
-            let weight = weights[client.as_str()];
-            let a = kind.addend(&codec, &shared.spec, &bytes, decoded, weight, rank)?;
+            // as the committer folds it: the addend of the upload's own weight (1 under
+            // client-level DP, whatever was claimed), times the staleness weight s(τ) ≤ 1
+            let mut a = kind.addend(&codec, &shared.spec, &bytes, decoded, meta.weight, rank)?;
+            a.weight *= stale[client.as_str()];
             sum.add(client, &a)?;
         }
         *held = Some(sum);

@@ -73,6 +73,17 @@ pub fn cohort_context(codec: &Codec, plan: &StalenessPlan, codec_seed: u64) -> [
     h.finalize().into()
 }
 
+/// A cohort's context together with its client-level DP plan's digest
+/// ([`crate::client_dp::plan_digest`]): what members of a distributed-DP cohort bind, so all of
+/// them saw the same plan as well as the same codec, seed and weighting.
+pub fn cohort_plan_context(context: &[u8; 32], plan_digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(b"fedlora async cohort with client-dp plan v1\0");
+    h.update(context);
+    h.update(plan_digest);
+    h.finalize().into()
+}
+
 impl Federation {
     /// Async mode with secure aggregation (updates are summed in cohorts).
     pub fn is_secure_async(&self) -> bool {

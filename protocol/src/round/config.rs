@@ -225,10 +225,10 @@ impl FederationConfig {
     }
 
     /// Async mode's own checks. Secure aggregation runs in cohorts (each device scales its
-    /// update by its staleness weight before encoding) and needs the modular codec; without it
-    /// the codec must be a float one (the coordinator weighs each update). Client-level DP is
-    /// refused in async mode for now (it needs per-participation accounting and a
-    /// participation bound, which are not built yet).
+    /// update by its staleness weight before encoding) and needs the modular codec (or, under
+    /// distributed client-level DP, the Skellam codec); without it the codec must be a float
+    /// one (the coordinator weighs each update). A client-level DP plan must be an async one
+    /// (participation-bounded, q = 1; checked in `validate_client_dp`).
     fn validate_async(&self) -> Result<(), ProtocolError> {
         let bad = |m: &str| Err(ProtocolError::Config(format!("async mode: {m}")));
         if self.buffer == 0 {
@@ -237,14 +237,8 @@ impl FederationConfig {
         if self.min_buffer > self.buffer {
             return bad("min_buffer must not exceed buffer");
         }
-        if self.train.client_dp.is_some() {
-            return bad(
-                "client-level DP is not available in async mode yet (run sync mode, or \
-                 example-level DP-SGD, which async mode keeps)",
-            );
-        }
         match (&self.train.secure, &self.train.codec) {
-            (Some(_), crate::codec::Codec::Modular(_)) => {
+            (Some(_), crate::codec::Codec::Modular(_) | crate::codec::Codec::Skellam(_)) => {
                 if self.min_buffer() < 2 {
                     return bad("a secure cohort needs at least 2 members (min_buffer ≥ 2)");
                 }
@@ -309,7 +303,17 @@ impl FederationConfig {
             self.train.secure.as_ref().map(|s| s.modulus_bits),
         )
         .map_err(|e| ProtocolError::Config(e.to_string()))?;
-        if !self.sampling.is_poisson() {
+        let is_async = self.mode == Mode::Async;
+        if is_async != plan.participation.is_some() {
+            return bad(if is_async {
+                "async mode needs a participation-bounded plan (devices self-select: q = 1, \
+                 `rounds` = each device's participation bound)"
+                    .into()
+            } else {
+                "a participation-bounded (async) plan in sync mode".into()
+            });
+        }
+        if !is_async && !self.sampling.is_poisson() {
             return bad("needs Poisson sampling (sampling = \"poisson\")".into());
         }
         if self.train.dp.is_some() {
@@ -324,13 +328,36 @@ impl FederationConfig {
                 self.strategy.name()
             ));
         }
-        if plan.min_clients != self.min_clients {
+        // the fewest updates an aggregate commits with: a round's min_clients, or in async
+        // mode the buffer's K_MIN
+        let fewest = if is_async {
+            self.min_buffer()
+        } else {
+            self.min_clients
+        };
+        if plan.min_clients != fewest {
             return bad(format!(
-                "the plan's min_clients {} differs from the federation's {}",
-                plan.min_clients, self.min_clients
+                "the plan's min_clients {} differs from the federation's {}{fewest}",
+                plan.min_clients,
+                if is_async { "min_buffer " } else { "" }
             ));
         }
-        if plan.rounds < self.rounds {
+        if is_async {
+            // the release divides by the plan's public expected count, K
+            if plan.expected_clients != self.buffer as f64 {
+                return bad(format!(
+                    "an async plan's expected clients {} must be the buffer K = {}",
+                    plan.expected_clients, self.buffer
+                ));
+            }
+            if plan.rounds > self.rounds {
+                return bad(format!(
+                    "the participation bound {} exceeds the campaign's {} versions (a device \
+                     takes part at most once per version)",
+                    plan.rounds, self.rounds
+                ));
+            }
+        } else if plan.rounds < self.rounds {
             return bad("the plan must cover every round (plan rounds ≥ rounds)".into());
         }
         if plan.mode == ClientDpMode::Central && self.train.codec.is_summable() {

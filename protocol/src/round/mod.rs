@@ -30,7 +30,7 @@ use crate::message::{DeclineReason, Weighting};
 
 pub use crate::identity::ClientId;
 pub use buffered::Contribution;
-pub use cohort::{cohort_context, cohort_weight};
+pub use cohort::{cohort_context, cohort_plan_context, cohort_weight};
 pub use config::{FederationConfig, Mode, Sampling, Staleness};
 pub use state::{
     Directive, FederationState, OpenRound, Phase, Transition, UploadMeta, UploadVerdict,
