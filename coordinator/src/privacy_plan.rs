@@ -38,6 +38,8 @@ pub struct ClientDpRequest {
     #[serde(default)]
     pub collusion: usize,
     /// Eligible clients (the population sampled from); q = clients per round ÷ this.
+    /// Required in sync mode (0 is refused there); async mode does not sample.
+    #[serde(default)]
     pub eligible: usize,
     /// Distributed mode: bits per coordinate (the secure aggregation modulus 2^bits).
     #[serde(default = "default_bits")]

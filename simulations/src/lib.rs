@@ -31,6 +31,7 @@ pub mod sweep;
 pub mod tabular;
 pub mod task;
 pub mod timed;
+pub mod timed_cohort;
 pub mod timed_report;
 
 pub use error::SimError;

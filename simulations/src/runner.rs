@@ -341,7 +341,8 @@ pub fn run_population(
     Ok((RunOutput { rows, summary }, global))
 }
 
-fn new_signer() -> Result<EcdsaP256Signer, SimError> {
+/// A fresh ECDSA P-256 key for a virtual client's secure-aggregation signatures.
+pub(crate) fn new_signer() -> Result<EcdsaP256Signer, SimError> {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
         &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,

@@ -51,6 +51,11 @@ pub struct TrainSettings {
     /// Settings of client-level DP points (`grid.privacy = ["central", "distributed:16"]`).
     #[serde(default, skip_serializing_if = "ClientDpSettings::is_default")]
     pub client_dp: ClientDpSettings,
+    /// Async runs with example-level DP: each device's participation bound P, the local runs
+    /// its DP plan covers (σ is calibrated for P runs; its ledger declines after them), as
+    /// `fedlora coordinator --dp-participations`. Default: every version (`rounds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_participations: Option<u64>,
 }
 
 /// Settings shared by every client-level DP point of a sweep.
@@ -144,6 +149,7 @@ impl Default for TrainSettings {
             accountant: Default::default(),
             optimizer: Default::default(),
             client_dp: ClientDpSettings::default(),
+            dp_participations: None,
         }
     }
 }

@@ -31,6 +31,7 @@ use std::time::Instant;
 
 use fedlora_client::privacy::{decide_round, PrivacyState, RoundDecision};
 use fedlora_coordinator::aggregate::{aggregate_payloads, Payload};
+use fedlora_protocol::secagg::crypto::P256Verifier;
 use fedlora_protocol::strategy::OptimizerState;
 use fedlora_protocol::{
     codec_seed, CodecContext, DeclineReason, Directive, ErrorFeedback, Federation, FlatAdapter,
@@ -58,6 +59,8 @@ struct Device {
     residual: Option<ErrorFeedback>,
     eps: Option<f64>,
     dp_steps: u64,
+    /// Its ECDSA P-256 key, in runs with secure cohorts.
+    signer: Option<fedlora_protocol::secagg::crypto::EcdsaP256Signer>,
 }
 
 /// Work a device started: the round it trained in and on which version.
@@ -95,6 +98,8 @@ struct Env<'a> {
     /// Bytes of one offer (the dense adapter) and of one upload, for transfer times.
     down_bytes: u64,
     up_bytes: u64,
+    /// Every device's key, for secure cohorts' roster checks.
+    verifier: P256Verifier,
 }
 
 /// Runs `point` (which has a schedule) of `sweep` (which has a fleet) on `pop`.
@@ -118,10 +123,15 @@ pub fn run(
     let n = pop.learners.len();
     let spec = pop.initial.spec().clone();
     let mut fcfg = crate::setup::federation_config(sweep, point, n, spec.numel())?;
-    if fcfg.train.secure.is_some() || fcfg.train.client_dp.is_some() {
+    if fcfg.train.client_dp.is_some() {
         return Err(SimError::Config(
-            "runs in simulated time support plaintext aggregation with or without \
-             example-level DP (not secure aggregation or client-level DP yet)"
+            "runs in simulated time support example-level DP, not client-level DP yet".into(),
+        ));
+    }
+    if fcfg.train.secure.is_some() && !schedule.is_async() {
+        return Err(SimError::Config(
+            "runs in simulated time run secure aggregation in async cohorts only (sync secure \
+             rounds run in-process, without a schedule)"
                 .into(),
         ));
     }
@@ -138,6 +148,16 @@ pub fn run(
             .unwrap_or("poly:0.5")
             .parse()?;
         fcfg.concurrency = schedule.concurrency.unwrap_or(0);
+        if let Some(p) = sweep.train.dp_participations {
+            // each device's participation bound: its DP plan covers P runs, not every version
+            if let Some(dp) = fcfg.train.dp.as_mut() {
+                dp.planned_rounds = p;
+            }
+        }
+        if fcfg.train.secure.is_some() {
+            // cohorts of up to the buffer, planned as the coordinator plans them
+            fcfg.train.secure = Some(crate::timed_cohort::params(&fcfg)?);
+        }
     } else {
         // (a hair below, so 10 × 1.1 samples 11, not 12)
         fcfg.clients_per_round = ((k as f64) * schedule.over_selection - 1e-9).ceil() as usize;
@@ -158,9 +178,19 @@ pub fn run(
                 residual: None,
                 eps: None,
                 dp_steps: 0,
+                signer: match fcfg.train.secure {
+                    Some(_) => Some(crate::runner::new_signer()?),
+                    None => None,
+                },
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let verifier = P256Verifier(
+        devices
+            .iter()
+            .filter_map(|d| d.signer.as_ref().map(|s| (d.id.clone(), s.public_key())))
+            .collect(),
+    );
     let index = devices
         .iter()
         .enumerate()
@@ -190,6 +220,7 @@ pub fn run(
         hooks,
         down_bytes: 4 * spec.numel() as u64 + 64,
         up_bytes: probe.len() as u64 + 64,
+        verifier,
     };
     let mut row0 = RoundRow::new(&env.cols, 0);
     row0.status = "initial".into();
@@ -376,6 +407,22 @@ impl Env<'_> {
                 round_seed: m.base_round.map(|r| codec_seed(seed, r)),
             }),
         )?;
+        row.wall_s += tw.elapsed().as_secs_f64();
+        self.commit_delta(round, delta, uploads, row, now_ms, on_round)
+    }
+
+    /// Commits `round` with its aggregated `delta` (the server step of the strategy, then the
+    /// round machine's commit) and records its row.
+    fn commit_delta(
+        &mut self,
+        round: u64,
+        delta: FlatAdapter,
+        uploads: &BTreeMap<String, UploadMeta>,
+        mut row: RoundRow,
+        now_ms: u64,
+        on_round: &mut dyn FnMut(u64),
+    ) -> Result<(), SimError> {
+        let tw = Instant::now();
         self.global = self
             .strategy
             .next_global(&mut self.opt, &self.global, &delta)?;
@@ -599,10 +646,46 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
     };
     let mut row = RoundRow::new(&env.cols, open_round(&env.fed));
     let mut tr = Instant::now();
+    // secure cohorts: trained updates waiting for one, and the open session (its result,
+    // computed when it opened, committed when its event comes)
+    let secure = env.fed.is_secure_async();
+    let session_event = n;
+    let session_s = 8.0 * env.fleet.config().latency_s;
+    let mut held: BTreeMap<usize, Done> = BTreeMap::new();
+    let mut session: Option<(u64, crate::timed_cohort::CohortSum)> = None;
     while let Some(Reverse((ms, _, i, arrive))) = queue.pop() {
         let t = ms as f64 / 1e3;
         if t >= env.max_sim_s() || env.done() {
             break;
+        }
+        if i == session_event {
+            // the cohort's session ends: its members' masked inputs count, the version commits
+            let (round, sum) = session
+                .take()
+                .ok_or_else(|| SimError::Config("a session event without a session".into()))?;
+            let mut uploads = BTreeMap::new();
+            for (id, meta) in sum.uploads {
+                env.fed
+                    .accept_upload(&id, round, meta.clone())
+                    .map_err(|r| SimError::Config(r.to_string()))?;
+                uploads.insert(id, meta);
+            }
+            row.bytes_up += sum.masked_bytes;
+            row.wall_s = tr.elapsed().as_secs_f64();
+            row.sim_seconds = Some(t);
+            row.selected = uploads.len();
+            let now_ms = ms + 1;
+            let next = RoundRow::new(&env.cols, round + 1);
+            let this = std::mem::replace(&mut row, next);
+            env.commit_delta(round, sum.delta, &uploads, this, now_ms, on_round)?;
+            keep_versions(env, &mut globals, &jobs, &done);
+            // the next buffer opens, and a cohort at once if enough devices are ready
+            session = open_cohort(env, &mut held, now_ms)?;
+            if session.is_some() {
+                push(&mut queue, t + session_s, session_event, false);
+            }
+            tr = Instant::now();
+            continue;
         }
         let id = env.devices[i].id.clone();
         if !arrive {
@@ -635,12 +718,11 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
                         }
                     }
                 }
-                Directive::Wait | Directive::AlreadyUploaded { .. } => {
+                // (a cohort member is told about its cohort: the session runs without it here)
+                Directive::Wait | Directive::AlreadyUploaded { .. } | Directive::Cohort { .. } => {
                     push(&mut queue, t + poll_s, i, false)
                 }
-                Directive::Evaluate { .. }
-                | Directive::Finished { .. }
-                | Directive::Cohort { .. } => {}
+                Directive::Evaluate { .. } | Directive::Finished { .. } => {}
             }
             continue;
         }
@@ -655,8 +737,26 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
             .remove(&i)
             .ok_or_else(|| SimError::Config(format!("{id}'s update was not trained")))?;
         env.devices[i].residual = d.residual.clone();
-        row.bytes_up += d.payload.len() as u64;
         row.compute_s += d.out.secs;
+        if secure {
+            // it announces its finished update; a cohort opens once enough are ready
+            match env.fed.mark_ready(&id, job.round) {
+                Ok(()) => {
+                    held.insert(i, d);
+                }
+                Err(r) if r.code == fedlora_protocol::RefusalCode::TooStale => row.late += 1,
+                Err(r) => return Err(SimError::Config(format!("{id}'s announcement: {r}"))),
+            }
+            push(&mut queue, t, i, false);
+            if session.is_none() {
+                session = open_cohort(env, &mut held, ms + 1)?;
+                if session.is_some() {
+                    push(&mut queue, t + session_s, session_event, false);
+                }
+            }
+            continue;
+        }
+        row.bytes_up += d.payload.len() as u64;
         if env.submit(i, job.round, &d.payload)? {
             payloads.insert(id.clone(), d.payload);
         } else {
@@ -675,18 +775,84 @@ fn run_async(env: &mut Env<'_>, on_round: &mut dyn FnMut(u64)) -> Result<(), Sim
         let this = std::mem::replace(&mut row, next);
         env.commit(round, &uploads, &payloads, this, now_ms, on_round)?;
         payloads.clear();
-        let v = env.fed.state().global_version;
-        globals.insert(v, Arc::new(env.global.clone()));
-        // keep the versions in-flight work trained on
-        let oldest = jobs
-            .values()
-            .map(|j| j.version)
-            .chain(done.values().map(|(j, _)| j.version))
-            .min()
-            .unwrap_or(v);
-        globals.retain(|&k, _| k >= oldest.min(v));
+        keep_versions(env, &mut globals, &jobs, &done);
         let _ = env.fed.tick(now_ms);
         tr = Instant::now();
     }
     Ok(())
+}
+
+/// After a commit: keeps the new global and the versions in-flight work trained on.
+fn keep_versions(
+    env: &Env<'_>,
+    globals: &mut BTreeMap<u64, Arc<FlatAdapter>>,
+    jobs: &BTreeMap<usize, Job>,
+    done: &BTreeMap<usize, (Job, Done)>,
+) {
+    let v = env.fed.state().global_version;
+    globals.insert(v, Arc::new(env.global.clone()));
+    let oldest = jobs
+        .values()
+        .map(|j| j.version)
+        .chain(done.values().map(|(j, _)| j.version))
+        .min()
+        .unwrap_or(v);
+    globals.retain(|&k, _| k >= oldest.min(v));
+}
+
+/// Secure async mode: ticks the round machine (opening the next buffer if none is open) and,
+/// if it opens a cohort among the ready devices, runs the cohort's SecAgg+ session on their
+/// held updates. `None`: no cohort opened.
+fn open_cohort(
+    env: &mut Env<'_>,
+    held: &mut BTreeMap<usize, Done>,
+    now_ms: u64,
+) -> Result<Option<(u64, crate::timed_cohort::CohortSum)>, SimError> {
+    // a closed buffer's successor opens first (with no one selected), then the cohort
+    for _ in 0..2 {
+        let Some(Transition::RoundStarted { round, selected }) = env.fed.tick(now_ms) else {
+            return Ok(None);
+        };
+        if selected.is_empty() {
+            continue;
+        }
+        let mut owned = Vec::with_capacity(selected.len());
+        for id in &selected {
+            let i = env.index[id];
+            let (trained, _) = env
+                .fed
+                .cohort_member(id)
+                .ok_or_else(|| SimError::Config(format!("{id} is not in cohort {round}")))?;
+            let d = held
+                .remove(&i)
+                .ok_or_else(|| SimError::Config(format!("{id} holds no update")))?;
+            owned.push((i, trained, d));
+        }
+        let members: Vec<crate::timed_cohort::Member<'_>> = owned
+            .iter()
+            .map(|(i, trained, d)| {
+                let dev = &env.devices[*i];
+                Ok(crate::timed_cohort::Member {
+                    id: &dev.id,
+                    seeds: &dev.seeds,
+                    signer: dev
+                        .signer
+                        .as_ref()
+                        .ok_or_else(|| SimError::Config("a secure run without keys".into()))?,
+                    trained: *trained,
+                    delta: &d.out.delta,
+                })
+            })
+            .collect::<Result<_, SimError>>()?;
+        let params = env
+            .fed
+            .config()
+            .train
+            .secure
+            .clone()
+            .ok_or_else(|| SimError::Config("cohorts without secure parameters".into()))?;
+        let sum = crate::timed_cohort::run(&env.fed, round, &params, &members, &env.verifier)?;
+        return Ok(Some((round, sum)));
+    }
+    Ok(None)
 }

@@ -531,3 +531,78 @@ async fn client_level_distributed_dp_round_with_a_client_that_refuses_the_plan()
 async fn client_level_central_dp_round_with_a_client_that_does_not_trust_the_coordinator() {
     client_level_round(fedlora_protocol::client_dp::ClientDpMode::Central).await;
 }
+
+/// Central client-level DP in async mode with SDK clients and a participation bound that
+/// binds: P = 1 for a campaign of two versions of two updates each, among five devices. Every
+/// device was charged at most once (its record, written before its upload left) and counted
+/// at most as often as it was charged, no buffer took more than K = 2, a device offered a
+/// round past its bound declines with the plan refused, and no device reports a held-out
+/// evaluation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_central_client_dp_devices_take_part_at_most_p_times() {
+    use fedlora_coordinator::privacy_plan::{apply, ClientDpRequest};
+    use fedlora_protocol::client_dp::{ClientDpMode, ClientDpPolicy};
+    use fedlora_protocol::DeclineReason;
+    let fx = Fixture::new(5);
+    let mut fed = federation(2, 5, 2, 2);
+    fed.mode = fedlora_protocol::Mode::Async;
+    fed.buffer = 2;
+    fed.train.batch_size = 8;
+    let mut req = ClientDpRequest::new(ClientDpMode::Central, 0.5, 8.0, 5);
+    req.participations = Some(1);
+    let numel = initial_adapter(&fx.cfg_lm).unwrap().spec().numel();
+    apply(&req, &mut fed, numel, true).unwrap();
+    let plan = fed.train.client_dp.clone().unwrap();
+    assert_eq!((plan.sampling_rate, plan.rounds), (1.0, 1));
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 5, |_, cc| {
+        cc.client_dp = Some(ClientDpPolicy {
+            max_epsilon: 1e6,
+            trust_coordinator: true,
+            ..ClientDpPolicy::default()
+        });
+    });
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the campaign did not finish: {:?}", coord.report()));
+    assert!(ok);
+    let reports = reports(handles).await;
+    let report = coord.report().unwrap();
+    assert_eq!(report.global_version, 2);
+    assert!(report.evals.is_empty(), "{:?}", report.evals);
+    let mut counted = std::collections::BTreeMap::new();
+    for round in &report.rounds {
+        for c in &round.record.participants {
+            *counted.entry(c.clone()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(counted.values().sum::<usize>(), 4, "{counted:?}");
+    for round in &report.rounds {
+        assert!(round.record.participants.len() <= 2, "{round:?}");
+    }
+    for (i, r) in reports.iter().enumerate() {
+        assert!(r.evals.is_empty(), "client {i}: {r:?}");
+        let rec = fedlora_client::client_dp::ClientDpRecord::load(Some(
+            &fx.dir.path().join(format!("client-{i}")),
+        ))
+        .unwrap();
+        let charged: usize = rec.plans.iter().map(|p| p.rounds.len()).sum();
+        let id = format!("client-{i}");
+        let times = counted.get(&id).copied().unwrap_or(0);
+        // charged before the upload left, whether or not a buffer still took it (one that
+        // arrives after the last version is charged and not counted)
+        assert!(charged <= 1, "{id} charged {charged} times past P = 1");
+        assert!(times <= charged, "{id}: counted {times}, charged {charged}");
+        if charged == 1 {
+            // ε (a) of the one participation, at q = 1, within the plan's target
+            let a = rec.observer_epsilon(rec.max_delta()).unwrap();
+            assert!(a > 7.0 && a <= 8.0 + 1e-9, "{id}: {a}");
+        }
+        for (_, why) in &r.declined {
+            assert_eq!(*why, DeclineReason::ClientDpPlanRefused, "{id}: {r:?}");
+        }
+    }
+}

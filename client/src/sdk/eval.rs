@@ -6,10 +6,13 @@ impl FederatedClient {
     /// Whether a held-out loss and its token count may leave this client: never once it is
     /// private at either level, by its own configuration (an example-level budget or a
     /// client-level policy), by having been charged under a client-level plan (its record,
-    /// kept across restarts), or by having been offered a round under a DP plan in this
-    /// session. Neither accountant covers an evaluation (the coordinator picks the adapter,
-    /// so the loss is a membership oracle, and the count gives away n), so a device that runs
-    /// without a policy and admits a distributed plan reports nothing either.
+    /// kept across restarts), or by having been offered a client-level plan in this session.
+    /// Neither accountant covers an evaluation (the coordinator picks the adapter, so the loss
+    /// is a membership oracle, and the count gives away n), and client-level DP's unit is all
+    /// of a client's data, so a device that runs without a policy (it admits any consistent
+    /// distributed plan) reports nothing from the first such offer on, its first round
+    /// included. A device without an example-level budget declines DP-SGD rounds and takes no
+    /// part in them: it may still report.
     pub(super) fn reports_evaluations(&self) -> bool {
         self.config.privacy.is_none()
             && self.config.client_dp.is_none()
@@ -17,10 +20,10 @@ impl FederatedClient {
             && self.client_dp.lock().expect("lock").plans.is_empty()
     }
 
-    /// Marks that this client was offered a round under a DP plan (see
+    /// Marks that this client was offered a round under a client-level DP plan (see
     /// [`Self::reports_evaluations`]).
     pub(super) fn note_offer(&self, config: &fedlora_protocol::TrainConfig) {
-        if config.dp.is_some() || config.client_dp.is_some() {
+        if config.client_dp.is_some() {
             self.dp_offered
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }

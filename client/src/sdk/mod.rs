@@ -66,8 +66,8 @@ pub struct FederatedClient {
     /// Async mode with secure aggregation: a finished update waiting for a cohort (in memory:
     /// it is masked at most once, then dropped whatever the cohort's outcome).
     cohort_update: std::sync::Mutex<Option<CohortUpdate>>,
-    /// Whether this client was offered a round under a DP plan (example- or client-level):
-    /// from then on it reports no held-out evaluation, whatever its own configuration says
+    /// Whether this client was offered a round under a client-level DP plan: from then on it
+    /// reports no held-out evaluation, whatever its own configuration says
     /// ([`Self::reports_evaluations`]).
     dp_offered: std::sync::atomic::AtomicBool,
     /// The client-level DP rounds this client was charged for (its own record).

@@ -61,6 +61,15 @@ pub struct Federation {
 /// The refusal of an upload from a client that declined the round (or buffer) `round`: a
 /// client counts once, as an upload or as a decline (counted as both, it made a round close
 /// "all in" while a participant was still training).
+/// The refusal of an upload to a buffer that holds as many updates as it may
+/// ([`Federation::buffer_cap`]): the client sends it again, to the next buffer.
+fn buffer_full(round: u64) -> Refusal {
+    Refusal::new(
+        RefusalCode::RetryLater,
+        format!("buffer {round} is full; send the update again for the next one"),
+    )
+}
+
 fn declined_upload(client: &str, round: u64) -> Refusal {
     Refusal::new(
         RefusalCode::Declined,
@@ -349,6 +358,12 @@ impl Federation {
         if open.declined.contains_key(client) {
             return Err(declined_upload(client, open.round));
         }
+        if self
+            .buffer_cap()
+            .is_some_and(|k| open.uploads.len() >= k && !open.uploads.contains_key(client))
+        {
+            return Err(buffer_full(open.round));
+        }
         if let Some(prev) = open.uploads.get(client) {
             return if &prev.digest == digest && prev.base_round == Some(round) {
                 Ok(Some(UploadVerdict::AlreadyAccepted))
@@ -363,6 +378,15 @@ impl Federation {
             };
         }
         Ok(None)
+    }
+
+    /// The most updates an async buffer takes, where it is bounded: under a client-level DP
+    /// plan a version's noisy sum is divided by the plan's public K, so a buffer holds at most
+    /// K updates (one that arrives while K are buffered is told `RetryLater` and goes into
+    /// the next buffer). `None`: no bound (a buffer that fills past K while its commit is
+    /// being decided divides by the sum of its weights).
+    fn buffer_cap(&self) -> Option<usize> {
+        (self.is_async() && self.config.train.client_dp.is_some()).then_some(self.config.buffer)
     }
 
     /// Async mode's checks of an update trained in `round`, taken into buffer `open_round`
@@ -464,10 +488,19 @@ impl Federation {
                 }
             }
         }
+        let capped = self.buffer_cap();
         match &mut self.state.phase {
             // (a round counts a client once: as an upload or as a decline)
             Phase::Training(open) if open.declined.contains_key(client) => {
                 Err(declined_upload(client, round))
+            }
+            Phase::Training(open)
+                if buffered
+                    && open.round == round
+                    && !open.closed
+                    && capped.is_some_and(|k| open.uploads.len() >= k) =>
+            {
+                Err(buffer_full(open.round))
             }
             Phase::Training(open) if buffered && open.round == round && !open.closed => {
                 open.uploads.insert(client.to_string(), meta);
@@ -1338,6 +1371,76 @@ mod tests {
         let mut c = secure_async_cfg();
         c.train.codec = crate::codec::Codec::F16;
         assert!(c.validate().unwrap_err().to_string().contains("modular"));
+    }
+
+    /// Under a client-level DP plan a version's noisy sum is divided by the public K, so a
+    /// buffer takes at most K updates: one more, arriving before the tick closes the buffer,
+    /// is told to send again (`RetryLater`, before and after it is stored) and counts in the
+    /// next buffer. Without such a plan the buffer takes it (the divisor is Σ weights).
+    #[test]
+    fn an_async_buffer_under_client_level_dp_takes_at_most_k_updates() {
+        use crate::client_dp::{AsyncParticipation, ClientDpMode, ClientDpPlan};
+        let plan = ClientDpPlan {
+            mode: ClientDpMode::Central,
+            clip: 1.0,
+            expected_clients: 2.0,
+            sampling_rate: 1.0,
+            rounds: 2,
+            delta: 1e-5,
+            target_epsilon: 8.0,
+            min_clients: 2,
+            collusion: 0,
+            noise: fedlora_dp::client_level::ClientNoise::Gaussian {
+                noise_multiplier: 1.0,
+            },
+            secure: None,
+            participation: Some(AsyncParticipation { min_gap: 1 }),
+        };
+        for dp in [true, false] {
+            let mut c = async_cfg(2);
+            c.train.weighting = Weighting::Uniform;
+            if dp {
+                c.train.client_dp = Some(plan.clone());
+            }
+            let mut f = Federation::new(c, SPEC, 0).unwrap();
+            f.tick(0);
+            let up = |f: &mut Federation, c: &str, b: u8| -> Result<(), Refusal> {
+                f.check_upload(c, 1, &SPEC, &[b; 32], 1.0)?;
+                let m = UploadMeta {
+                    base_round: Some(1),
+                    weight: 1.0,
+                    ..meta(b)
+                };
+                f.accept_upload(c, 1, m).map(|_| ())
+            };
+            up(&mut f, "a", 1).unwrap();
+            up(&mut f, "b", 2).unwrap();
+            // the third: refused at the first check, and at the count after its flush
+            let third = up(&mut f, "c", 3);
+            let late = f.accept_upload(
+                "c",
+                1,
+                UploadMeta {
+                    base_round: Some(1),
+                    weight: 1.0,
+                    ..meta(3)
+                },
+            );
+            if dp {
+                assert_eq!(third.unwrap_err().code, RefusalCode::RetryLater);
+                assert_eq!(late.unwrap_err().code, RefusalCode::RetryLater);
+                let Some(Transition::Aggregate { uploads, .. }) = f.tick(1) else {
+                    panic!()
+                };
+                assert_eq!(uploads.len(), 2);
+            } else {
+                third.unwrap();
+                let Some(Transition::Aggregate { uploads, .. }) = f.tick(1) else {
+                    panic!()
+                };
+                assert_eq!(uploads.len(), 3);
+            }
+        }
     }
 
     #[test]
