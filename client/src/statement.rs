@@ -73,6 +73,10 @@ pub struct ClientPlan {
     pub secure_aggregation: bool,
     /// Rounds it was charged for.
     pub rounds_taken_part: Vec<u64>,
+    /// An async plan's M, the fewest versions between two of this client's updates (`None`:
+    /// a sync plan). In an async plan T is each client's participation bound P and q is 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub async_min_gap: Option<u64>,
     /// The coordinator's signature of the plan, checked again from the record: the SHA-256 of
     /// the signing certificate (DER) and whether the signature verifies (`None`: a record made
     /// before plans were signed).
@@ -229,6 +233,7 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
                 collusion: p.plan.collusion,
                 secure_aggregation: p.plan.mode == ClientDpMode::Distributed,
                 rounds_taken_part: p.rounds.clone(),
+                async_min_gap: p.plan.participation.map(|a| a.min_gap),
                 coordinator_signature: p.signed.as_ref().map(|sig| SignatureCheck {
                     certificate_sha256: hex::encode(sha2::Sha256::digest(
                         hex::decode(&sig.certificate).unwrap_or_default(),
@@ -244,6 +249,16 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
          secret source and keeps the sample secret; (b) assumes nothing of the coordinator"
             .to_string(),
     ];
+    if rec.plans.iter().any(|p| p.plan.participation.is_some()) {
+        assumptions.push(
+            "async plans: devices choose when they take part, so there is no sample to amplify \
+             by: (a) counts the plan's P participations (its T) at q = 1, each device takes \
+             part at most P times and once in any M versions; whether and when this client \
+             took part, and its update's staleness, are visible to the coordinator and not \
+             covered by ε"
+                .into(),
+        );
+    }
     if central {
         assumptions.push(
             "central mode: the coordinator is trusted to add the noise; it sees each update in \
@@ -381,7 +396,11 @@ impl PrivacyStatement {
                         Some(pld) => format!("{} ({})", eps(p.epsilon_observers), eps(pld)),
                         None => eps(p.epsilon_observers),
                     },
-                    p.campaign_rounds,
+                    match p.async_min_gap {
+                        Some(m) =>
+                            format!("P = {} (async, one per {m} versions)", p.campaign_rounds),
+                        None => p.campaign_rounds.to_string(),
+                    },
                     p.q,
                     p.clip,
                     p.noise,

@@ -768,17 +768,31 @@ impl SweepConfig {
         // in simulated time, each point under every schedule (checked in validate)
         if self.fleet.is_some() {
             let schedules = g.schedules().expand().unwrap_or_default();
-            out = out
-                .into_iter()
-                .flat_map(|p| {
-                    schedules.iter().map(move |s| Point {
+            let mut timed = Vec::new();
+            for p in out {
+                for s in &schedules {
+                    // async mode weighs plaintext updates by staleness, which an integer
+                    // (summable) payload does not allow: only inside secure cohorts
+                    let summable =
+                        fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
+                    if s.is_async() && summable && !p.secure_aggregation {
+                        skipped.push(format!("{} under {}", p.setting(), s.label()));
+                        continue;
+                    }
+                    timed.push(Point {
                         schedule: Some(s.clone()),
                         ..p.clone()
-                    })
-                })
+                    });
+                }
+            }
+            out = timed
+                .into_iter()
                 .enumerate()
                 .map(|(i, p)| Point { index: i, ..p })
                 .collect();
+            // (one entry per setting, not per seed)
+            let mut seen = std::collections::BTreeSet::new();
+            skipped.retain(|s| seen.insert(s.clone()));
         }
         (out, skipped)
     }
@@ -908,6 +922,47 @@ seed = [1, 2]
         assert_eq!((points[0].seed, points[1].seed), (1, 2));
         let keys: std::collections::BTreeSet<_> = points.iter().map(|p| c.run_key(p)).collect();
         assert_eq!(keys.len(), points.len());
+    }
+
+    /// In simulated time an async schedule runs a summable (integer) codec only inside secure
+    /// cohorts: the coordinator refuses a modular payload it would have to weigh itself, so
+    /// the sweep skips that combination instead of failing on it.
+    #[test]
+    fn async_schedules_skip_a_summable_codec_without_secure_aggregation() {
+        let toml = r#"
+name = "s"
+[task]
+name = "bcw"
+partition = "iid"
+clients = 20
+[fleet]
+online = 0.5
+[grid]
+epsilon = [inf]
+codec = ["dense", "modular"]
+secure_aggregation = [false, true]
+clients_per_round = [4]
+seed = [1, 2]
+mode = ["async"]
+buffer = [4]
+"#;
+        let c = SweepConfig::from_toml(toml).unwrap();
+        let (points, skipped) = c.points();
+        let kinds: std::collections::BTreeSet<_> = points
+            .iter()
+            .map(|p| (p.codec.clone(), p.secure_aggregation))
+            .collect();
+        assert_eq!(
+            kinds,
+            [("dense".to_string(), false), ("modular".to_string(), true)].into()
+        );
+        assert_eq!(points.len(), 4);
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.contains("modular") && s.contains("fedbuff")),
+            "{skipped:?}"
+        );
     }
 
     #[test]

@@ -600,6 +600,14 @@ async fn async_central_client_dp_devices_take_part_at_most_p_times() {
             // ε (a) of the one participation, at q = 1, within the plan's target
             let a = rec.observer_epsilon(rec.max_delta()).unwrap();
             assert!(a > 7.0 && a <= 8.0 + 1e-9, "{id}: {a}");
+            // and the device's statement says what the async plan assumes
+            let md = fedlora_client::statement::PrivacyStatement::from_state_dir(
+                &fx.dir.path().join(&id),
+            )
+            .unwrap()
+            .to_markdown();
+            assert!(md.contains("P = 1 (async, one per 1 versions)"), "{md}");
+            assert!(md.contains("no sample to amplify"), "{md}");
         }
         for (_, why) in &r.declined {
             assert_eq!(*why, DeclineReason::ClientDpPlanRefused, "{id}: {r:?}");
