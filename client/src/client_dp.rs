@@ -96,6 +96,10 @@ fn certificate_key(der: &[u8]) -> Result<Vec<u8>, PlanRefusal> {
 pub struct ClientDpRecord {
     /// By plan, in the order first seen.
     pub plans: Vec<PlanParticipation>,
+    /// Whether a client-level plan was ever offered to this client (it then reports no
+    /// held-out evaluation, across restarts too).
+    #[serde(default)]
+    pub offered: bool,
 }
 
 impl ClientDpRecord {

@@ -253,7 +253,9 @@ fn client_level(dir: &Path) -> Result<Option<ClientLevel>, ClientError> {
         assumptions.push(
             "async plans: devices choose when they take part, so there is no sample to amplify \
              by: (a) counts the plan's P participations (its T) at q = 1, each device takes \
-             part at most P times and once in any M versions; whether and when this client \
+             part at most P times per signed plan, and trains at most once in any M rounds (round \
+             ids the coordinator names); ε is for this client's data with its participation \
+             pattern public; whether and when this client \
              took part, and its update's staleness, are visible to the coordinator and not \
              covered by ε"
                 .into(),
@@ -397,8 +399,7 @@ impl PrivacyStatement {
                         None => eps(p.epsilon_observers),
                     },
                     match p.async_min_gap {
-                        Some(m) =>
-                            format!("P = {} (async, one per {m} versions)", p.campaign_rounds),
+                        Some(m) => format!("P = {} (async, one per {m} rounds)", p.campaign_rounds),
                         None => p.campaign_rounds.to_string(),
                     },
                     p.q,

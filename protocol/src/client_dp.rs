@@ -98,7 +98,8 @@ pub struct ClientDpPlan {
 }
 
 /// The participation bound of an async client-level DP plan: P (the plan's `rounds`) updates
-/// per device over the campaign, and at most one in any `min_gap` consecutive versions.
+/// per device over the campaign, and at most one in any `min_gap` consecutive rounds (the
+/// round ids the coordinator names for the rounds a device trained in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AsyncParticipation {
@@ -368,12 +369,76 @@ impl ClientDpPlan {
 
 /// SHA-256 of the bincode encoding of a round configuration's client-level plan together with
 /// the codec that implements it: what survivors sign, so all of them saw the same plan.
+///
+/// A sync plan (no [`ClientDpPlan::participation`]) is hashed in the layout it had before async
+/// plans existed, so the digests and the coordinator signatures that devices' records hold from
+/// then still match; an async plan is hashed whole, under its own domain tag.
 pub fn plan_digest(plan: Option<&ClientDpPlan>, codec: &Codec) -> [u8; 32] {
     let cfg = bincode::config::standard();
     let mut h = Sha256::new();
-    h.update(b"fedlora client-dp plan v1");
-    h.update(bincode::serde::encode_to_vec((plan, codec), cfg).unwrap_or_default());
+    match plan.filter(|p| p.participation.is_some()) {
+        Some(p) => {
+            h.update(b"fedlora client-dp async plan v1");
+            h.update(bincode::serde::encode_to_vec((p, codec), cfg).unwrap_or_default());
+        }
+        None => {
+            h.update(b"fedlora client-dp plan v1");
+            let view = plan.map(SyncPlanView::of);
+            h.update(bincode::serde::encode_to_vec((view, codec), cfg).unwrap_or_default());
+        }
+    }
     h.finalize().into()
+}
+
+/// A sync plan's fields in the order they had before `participation` was added (what
+/// [`plan_digest`] hashes for it).
+#[derive(Serialize)]
+struct SyncPlanView<'a> {
+    mode: &'a ClientDpMode,
+    clip: &'a f64,
+    expected_clients: &'a f64,
+    sampling_rate: &'a f64,
+    rounds: &'a u64,
+    delta: &'a f64,
+    target_epsilon: &'a f64,
+    min_clients: &'a usize,
+    collusion: &'a usize,
+    noise: &'a ClientNoise,
+    secure: &'a Option<crate::secagg::SecAggParams>,
+}
+
+impl<'a> SyncPlanView<'a> {
+    fn of(p: &'a ClientDpPlan) -> Self {
+        // every field named, none skipped with `..`: a field added to the plan fails to compile
+        // here until the digest covers it
+        let ClientDpPlan {
+            mode,
+            clip,
+            expected_clients,
+            sampling_rate,
+            rounds,
+            delta,
+            target_epsilon,
+            min_clients,
+            collusion,
+            noise,
+            secure,
+            participation: _,
+        } = p;
+        Self {
+            mode,
+            clip,
+            expected_clients,
+            sampling_rate,
+            rounds,
+            delta,
+            target_epsilon,
+            min_clients,
+            collusion,
+            noise,
+            secure,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -421,6 +486,54 @@ mod tests {
             participation: None,
         };
         (plan, codec)
+    }
+
+    /// A sync plan's digest (what records keep and coordinators sign) is the one it had before
+    /// plans gained `participation`: the pre-async layout, rebuilt here field by field; an
+    /// async plan's digest differs from the same plan's without the bound.
+    #[test]
+    fn a_sync_plans_digest_is_unchanged_by_the_async_field() {
+        #[derive(Serialize)]
+        struct Before {
+            mode: ClientDpMode,
+            clip: f64,
+            expected_clients: f64,
+            sampling_rate: f64,
+            rounds: u64,
+            delta: f64,
+            target_epsilon: f64,
+            min_clients: usize,
+            collusion: usize,
+            noise: ClientNoise,
+            secure: Option<crate::secagg::SecAggParams>,
+        }
+        let (p, codec) = distributed(4.0);
+        let before = Before {
+            mode: p.mode,
+            clip: p.clip,
+            expected_clients: p.expected_clients,
+            sampling_rate: p.sampling_rate,
+            rounds: p.rounds,
+            delta: p.delta,
+            target_epsilon: p.target_epsilon,
+            min_clients: p.min_clients,
+            collusion: p.collusion,
+            noise: p.noise,
+            secure: p.secure.clone(),
+        };
+        let mut h = Sha256::new();
+        h.update(b"fedlora client-dp plan v1");
+        h.update(
+            bincode::serde::encode_to_vec((Some(&before), &codec), bincode::config::standard())
+                .unwrap(),
+        );
+        let old: [u8; 32] = h.finalize().into();
+        assert_eq!(plan_digest(Some(&p), &codec), old);
+        let with_bound = ClientDpPlan {
+            participation: Some(AsyncParticipation { min_gap: 1 }),
+            ..p.clone()
+        };
+        assert_ne!(plan_digest(Some(&with_bound), &codec), old);
     }
 
     #[test]

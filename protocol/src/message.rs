@@ -42,7 +42,9 @@ use crate::secagg::check_shares;
 /// would still unmask a subset the coordinator cut off, so they are refused).
 /// Version 12: the survivor view travels as bitmaps over the roster
 /// ([`crate::secagg::ViewBits`], ⌈n ÷ 8⌉ bytes per set instead of n ids).
-pub const PROTOCOL_VERSION: u16 = 12;
+/// Version 13: a client-level DP plan carries its async participation bound
+/// ([`crate::client_dp::ClientDpPlan::participation`]).
+pub const PROTOCOL_VERSION: u16 = 13;
 
 /// ALPN protocol id of fedlora over QUIC (client and coordinator must agree).
 pub const ALPN: &[u8] = b"fedlora/1";

@@ -141,7 +141,7 @@ pub fn run_population(
                 privacy: target.map(PrivacyState::in_memory).transpose()?,
                 residual: None,
                 signer: match secure {
-                    Some(_) => Some(new_signer()?),
+                    Some(_) => Some(crate::setup::new_signer()?),
                     None => None,
                 },
                 dp_steps: 0,
@@ -339,17 +339,6 @@ pub fn run_population(
     }
     let summary = RunSummary::from_rows(&cols, &rows, startup_s, pool.current_num_threads());
     Ok((RunOutput { rows, summary }, global))
-}
-
-/// A fresh ECDSA P-256 key for a virtual client's secure-aggregation signatures.
-pub(crate) fn new_signer() -> Result<EcdsaP256Signer, SimError> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-        &rng,
-    )
-    .map_err(|e| SimError::SecAgg(format!("key generation: {e}")))?;
-    EcdsaP256Signer::from_pkcs8(pkcs8.as_ref()).map_err(|e| SimError::SecAgg(e.to_string()))
 }
 
 /// Wire size of the round offer a participant of `rank` (`None`: the global rank) receives:

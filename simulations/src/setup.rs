@@ -165,3 +165,15 @@ impl RunHooks {
         }
     }
 }
+
+/// A fresh ECDSA P-256 key for a virtual client's secure-aggregation signatures.
+pub(crate) fn new_signer() -> Result<fedlora_protocol::secagg::crypto::EcdsaP256Signer, SimError> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .map_err(|e| SimError::SecAgg(format!("key generation: {e}")))?;
+    fedlora_protocol::secagg::crypto::EcdsaP256Signer::from_pkcs8(pkcs8.as_ref())
+        .map_err(|e| SimError::SecAgg(e.to_string()))
+}

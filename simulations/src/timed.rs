@@ -179,7 +179,7 @@ pub fn run(
                 eps: None,
                 dp_steps: 0,
                 signer: match fcfg.train.secure {
-                    Some(_) => Some(crate::runner::new_signer()?),
+                    Some(_) => Some(crate::setup::new_signer()?),
                     None => None,
                 },
             })

@@ -246,7 +246,7 @@ mod tests {
             })
             .collect();
         let signers: Vec<EcdsaP256Signer> = (0..6)
-            .map(|_| crate::runner::new_signer().unwrap())
+            .map(|_| crate::setup::new_signer().unwrap())
             .collect();
         let verifier = P256Verifier(
             ids.iter()

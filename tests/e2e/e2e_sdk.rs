@@ -606,11 +606,66 @@ async fn async_central_client_dp_devices_take_part_at_most_p_times() {
             )
             .unwrap()
             .to_markdown();
-            assert!(md.contains("P = 1 (async, one per 1 versions)"), "{md}");
+            assert!(md.contains("P = 1 (async, one per 1 rounds)"), "{md}");
             assert!(md.contains("no sample to amplify"), "{md}");
         }
         for (_, why) in &r.declined {
             assert_eq!(*why, DeclineReason::ClientDpPlanRefused, "{id}: {r:?}");
         }
     }
+}
+
+/// A device under client-level DP (a policy of its own) offered rounds that carry no
+/// client-level plan declines them: training and uploading would send its update un-noised.
+/// The devices without a policy take part; the one with a policy uploads nothing. A policy
+/// without a state directory is refused at configuration (its record would be forgotten at a
+/// restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_level_dp_device_declines_a_round_without_a_plan() {
+    use fedlora_protocol::client_dp::ClientDpPolicy;
+    use fedlora_protocol::DeclineReason;
+    let fx = Fixture::new(3);
+    let mut fed = federation(1, 3, 2, 2);
+    fed.train.batch_size = 8;
+    let coord = fx.coordinator(fed).await;
+    let handles = fx.clients(&coord, 3, |i, cc| {
+        if i == 2 {
+            cc.client_dp = Some(ClientDpPolicy {
+                max_epsilon: 1e6,
+                trust_coordinator: true,
+                ..ClientDpPolicy::default()
+            });
+        }
+    });
+    let ok = tokio::time::timeout(
+        Duration::from_secs(120),
+        coord.wait_finished(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the campaign did not finish: {:?}", coord.report()));
+    assert!(ok);
+    let reports = reports(handles).await;
+    for r in &reports[..2] {
+        assert_eq!(r.rounds.len(), 1, "{r:?}");
+    }
+    let r = &reports[2];
+    assert!(r.rounds.is_empty(), "{r:?}");
+    assert!(r.evals.is_empty(), "{r:?}");
+    assert!(
+        r.declined
+            .iter()
+            .any(|(_, why)| *why == DeclineReason::ClientDpPlanRefused),
+        "{r:?}"
+    );
+    let report = coord.report().unwrap();
+    assert_eq!(report.rounds[0].record.participants.len(), 2);
+    coord.shutdown().await;
+    let mut cc = ClientConfig::new(
+        "127.0.0.1:1".parse().unwrap(),
+        ClientTls::from_dir(&fx.certs, 0),
+    );
+    cc.client_dp = Some(ClientDpPolicy::default());
+    cc.state_dir = None;
+    let e = cc.validate().unwrap_err().to_string();
+    assert!(e.contains("state directory"), "{e}");
 }

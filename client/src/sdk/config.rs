@@ -149,6 +149,14 @@ impl ClientConfig {
                     .into(),
             ));
         }
+        if self.client_dp.is_some() && self.state_dir.is_none() {
+            return Err(ClientError::Config(
+                "a client-level DP policy needs a state directory (--state-dir) for its record: \
+                 a record in memory would forget the rounds and participations already charged \
+                 after a restart"
+                    .into(),
+            ));
+        }
         if !(1..=fedlora_protocol::resumable::MAX_UPLOAD_CHUNK).contains(&self.upload_chunk_bytes) {
             return Err(ClientError::Config(format!(
                 "upload pieces must be 1 to {} bytes",

@@ -6,7 +6,8 @@ impl FederatedClient {
     /// Whether a held-out loss and its token count may leave this client: never once it is
     /// private at either level, by its own configuration (an example-level budget or a
     /// client-level policy), by having been charged under a client-level plan (its record,
-    /// kept across restarts), or by having been offered a client-level plan in this session.
+    /// kept across restarts), or by having been offered a client-level plan (noted in memory and
+    /// in its record).
     /// Neither accountant covers an evaluation (the coordinator picks the adapter, so the loss
     /// is a membership oracle, and the count gives away n), and client-level DP's unit is all
     /// of a client's data, so a device that runs without a policy (it admits any consistent
@@ -14,18 +15,29 @@ impl FederatedClient {
     /// included. A device without an example-level budget declines DP-SGD rounds and takes no
     /// part in them: it may still report.
     pub(super) fn reports_evaluations(&self) -> bool {
+        let rec = self.client_dp.lock().expect("lock");
         self.config.privacy.is_none()
             && self.config.client_dp.is_none()
             && !self.dp_offered.load(std::sync::atomic::Ordering::SeqCst)
-            && self.client_dp.lock().expect("lock").plans.is_empty()
+            && !rec.offered
+            && rec.plans.is_empty()
     }
 
     /// Marks that this client was offered a round under a client-level DP plan (see
-    /// [`Self::reports_evaluations`]).
+    /// [`Self::reports_evaluations`]), in its record too (written durably the first time), so
+    /// a restart does not make it report again.
     pub(super) fn note_offer(&self, config: &fedlora_protocol::TrainConfig) {
-        if config.client_dp.is_some() {
-            self.dp_offered
-                .store(true, std::sync::atomic::Ordering::SeqCst);
+        if config.client_dp.is_none() {
+            return;
+        }
+        self.dp_offered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut rec = self.client_dp.lock().expect("lock");
+        if !rec.offered {
+            rec.offered = true;
+            if let Err(e) = rec.save(self.config.state_dir.as_deref()) {
+                warn!(error = %e, "the record of a client-level DP offer was not saved");
+            }
         }
     }
 

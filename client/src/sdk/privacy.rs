@@ -18,6 +18,14 @@ impl FederatedClient {
         rec.save(self.config.state_dir.as_deref())
     }
 
+    /// Whether this client takes part only under a client-level DP plan: it has a policy of
+    /// its own, or its record says it was charged under one (its data was promised client-level
+    /// protection, so a round without a plan, which would send its update un-noised, is
+    /// declined).
+    pub(super) fn requires_client_dp(&self) -> bool {
+        self.config.client_dp.is_some() || !self.client_dp.lock().expect("lock").plans.is_empty()
+    }
+
     /// Checks a client-level DP plan: signed by the coordinator this session's TLS handshake
     /// verified, consistent with the round's codec and secure aggregation, and within this
     /// client's policy given the rounds it already took part in. Returns the checked signature
@@ -49,6 +57,17 @@ impl FederatedClient {
         round: u64,
     ) -> Result<(), PlanRefusal> {
         let modulus = cfg.secure.as_ref().map(|s| s.modulus_bits);
+        // the record of rounds and participations charged must outlive a restart
+        if self.config.state_dir.is_none() {
+            return Err(PlanRefusal::Inconsistent(
+                "no state directory: a record of what was charged kept in memory would be \
+                 forgotten at a restart"
+                    .into(),
+            ));
+        }
+        cfg.codec
+            .validate()
+            .map_err(|e| PlanRefusal::Inconsistent(format!("the round's codec: {e}")))?;
         plan.check_sensitivities(&cfg.codec, self.learner.spec().numel())?;
         // an async offer (it carries the staleness weighting) needs an async plan: devices
         // self-select there, so a plan amplified by a sample (q < 1) would overstate privacy

@@ -177,6 +177,18 @@ impl FederatedClient {
         if let Some(reason) = self.secure_policy(&offer) {
             return Ok(Work::Decline(offer.round, reason));
         }
+        // a client under client-level DP takes no round without a plan (its update would leave
+        // un-noised)
+        if offer.config.client_dp.is_none() && self.requires_client_dp() {
+            warn!(
+                round = offer.round,
+                "a round without a client-level DP plan refused"
+            );
+            return Ok(Work::Decline(
+                offer.round,
+                DeclineReason::ClientDpPlanRefused,
+            ));
+        }
         // a client-level DP plan is checked against this client's minimums before training
         let mut plan_signed = None;
         if let Some(plan) = &offer.config.client_dp {

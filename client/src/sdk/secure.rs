@@ -140,6 +140,11 @@ impl FederatedClient {
                     offer.round = round;
                     offer.codec_seed = codec_seed;
                     let mut scaled = held.delta;
+                    if let Some(dp) = &offer.config.client_dp {
+                        // s·clip_S(Δ), as the central mode's sum weighs it: the down-weighting
+                        // of a stale update holds whatever its norm
+                        fedlora_dp::clip_l2(scaled.values_mut(), dp.clip);
+                    }
                     let w = w as f32;
                     scaled.values_mut().iter_mut().for_each(|x| *x *= w);
                     let codec = offer.config.codec.clone();

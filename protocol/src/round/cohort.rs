@@ -50,7 +50,7 @@ pub fn cohort_weight(
             "staleness weight {w} is below this client's floor {floor}"
         ));
     }
-    if (w - told).abs() > 1e-12 {
+    if !(told.is_finite() && (w - told).abs() <= 1e-12) {
         return Err(format!(
             "the coordinator weighs this update {told}; s({tau}) is {w}"
         ));
@@ -231,6 +231,8 @@ mod tests {
         assert_eq!(cohort_weight(&p, 5, 4, s1, 0.1), Ok(s1));
         // the attack: every other member told a weight near 0
         assert!(cohort_weight(&p, 5, 4, 1e-300, 0.1).is_err());
+        // a weight that is not a number is not s(τ) either
+        assert!(cohort_weight(&p, 5, 4, f64::NAN, 0.1).is_err());
         assert!(cohort_weight(&p, 5, 5, 0.5, 0.1).is_err());
         // past S, and a cohort before the training round
         assert!(cohort_weight(&p, 9, 4, p.weight.weight(5), 0.0).is_err());
