@@ -205,7 +205,13 @@ impl ClientDpRecord {
                 &p.digest[..12.min(p.digest.len())]
             )));
         }
-        let done = self.participated(plan, codec);
+        let d = hex::encode(plan_digest(Some(plan), codec));
+        let taken: &[u64] = self
+            .plans
+            .iter()
+            .find(|p| p.digest == d)
+            .map_or(&[], |p| p.rounds.as_slice());
+        let done = taken.len() as u64;
         if done >= plan.rounds {
             return Err(PlanRefusal::TooWeak(format!(
                 "all {} {} of this plan were taken part in already",
@@ -219,14 +225,7 @@ impl ClientDpRecord {
         }
         if let Some(p) = &plan.participation {
             // async: at most one update in any min_gap consecutive versions of this plan
-            let d = hex::encode(plan_digest(Some(plan), codec));
-            let near = self
-                .plans
-                .iter()
-                .filter(|q| q.digest == d)
-                .flat_map(|q| q.rounds.iter())
-                .find(|r| r.abs_diff(round) < p.min_gap);
-            if let Some(r) = near {
+            if let Some(r) = taken.iter().find(|r| r.abs_diff(round) < p.min_gap) {
                 return Err(PlanRefusal::TooWeak(format!(
                     "this client took part in round {r}; the plan allows one update in any {} \
                      consecutive versions",

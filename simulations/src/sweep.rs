@@ -770,11 +770,11 @@ impl SweepConfig {
             let schedules = g.schedules().expand().unwrap_or_default();
             let mut timed = Vec::new();
             for p in out {
+                // async mode weighs plaintext updates by staleness, which an integer
+                // (summable) payload does not allow: only inside secure cohorts
+                let summable =
+                    fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
                 for s in &schedules {
-                    // async mode weighs plaintext updates by staleness, which an integer
-                    // (summable) payload does not allow: only inside secure cohorts
-                    let summable =
-                        fedlora_protocol::Codec::from_name(&p.codec).is_ok_and(|c| c.is_summable());
                     if s.is_async() && summable && !p.secure_aggregation {
                         skipped.push(format!("{} under {}", p.setting(), s.label()));
                         continue;

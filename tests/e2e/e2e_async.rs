@@ -202,12 +202,7 @@ fn fedlora_coordinator_in_async_mode_serves_plain_fedlora_clients() {
         "{st}"
     );
     assert_eq!(st["buffer"]["size"], 2, "{st}");
-    let counted: u64 = st["buffer"]["staleness_histogram"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
+    let counted = counted_updates(&st);
     assert!(counted >= 6, "three versions of two updates each: {st}");
 }
 
@@ -218,12 +213,7 @@ fn fedlora_coordinator_in_async_mode_with_secure_aggregation_serves_plain_fedlor
     // cohorts of 4 give each member the 3 neighbours the clients' default policy asks for
     let (st, _) = run_cli_campaign(4, 3, &["--buffer", "4", "--secure-aggregation"], &[]);
     assert_eq!(st["buffer"]["size"], 4, "{st}");
-    let counted: u64 = st["buffer"]["staleness_histogram"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
+    let counted = counted_updates(&st);
     assert_eq!(counted, 12, "three cohorts of four masked updates: {st}");
 }
 
@@ -313,12 +303,7 @@ fn async_distributed_client_dp_charges_every_update_at_q_1_within_the_participat
         ],
         &[],
     );
-    let counted: u64 = st["buffer"]["staleness_histogram"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
+    let counted = counted_updates(&st);
     assert_eq!(counted, 8, "two cohorts of four masked updates: {st}");
     assert!(
         st["evals"].as_array().is_none_or(|e| e.is_empty()),
@@ -339,6 +324,16 @@ fn async_distributed_client_dp_charges_every_update_at_q_1_within_the_participat
             "two updates at q = 1 spend the whole target, as (a) and as (b): {out}"
         );
     }
+}
+
+/// Updates counted over the whole campaign, from `fedlora status --json`'s staleness histogram.
+fn counted_updates(st: &serde_json::Value) -> u64 {
+    st["buffer"]["staleness_histogram"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no staleness histogram: {st}"))
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .sum()
 }
 
 /// Runs `fedlora coordinator --mode async --rounds ROUNDS ARGS` with `n` `fedlora client

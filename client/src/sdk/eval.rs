@@ -6,8 +6,8 @@ impl FederatedClient {
     /// Whether a held-out loss and its token count may leave this client: never once it is
     /// private at either level, by its own configuration (an example-level budget or a
     /// client-level policy), by having been charged under a client-level plan (its record,
-    /// kept across restarts), or by having been offered a client-level plan (noted in memory and
-    /// in its record).
+    /// kept across restarts), or by having been offered a client-level plan (noted in its
+    /// record, in memory at once and on disk).
     /// Neither accountant covers an evaluation (the coordinator picks the adapter, so the loss
     /// is a membership oracle, and the count gives away n), and client-level DP's unit is all
     /// of a client's data, so a device that runs without a policy (it admits any consistent
@@ -18,7 +18,6 @@ impl FederatedClient {
         let rec = self.client_dp.lock().expect("lock");
         self.config.privacy.is_none()
             && self.config.client_dp.is_none()
-            && !self.dp_offered.load(std::sync::atomic::Ordering::SeqCst)
             && !rec.offered
             && rec.plans.is_empty()
     }
@@ -30,8 +29,7 @@ impl FederatedClient {
         if config.client_dp.is_none() {
             return;
         }
-        self.dp_offered
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // set in memory first: the flag holds for this session even if the save fails
         let mut rec = self.client_dp.lock().expect("lock");
         if !rec.offered {
             rec.offered = true;

@@ -66,10 +66,6 @@ pub struct FederatedClient {
     /// Async mode with secure aggregation: a finished update waiting for a cohort (in memory:
     /// it is masked at most once, then dropped whatever the cohort's outcome).
     cohort_update: std::sync::Mutex<Option<CohortUpdate>>,
-    /// Whether this client was offered a round under a client-level DP plan: from then on it
-    /// reports no held-out evaluation, whatever its own configuration says
-    /// ([`Self::reports_evaluations`]).
-    dp_offered: std::sync::atomic::AtomicBool,
     /// The client-level DP rounds this client was charged for (its own record).
     client_dp: std::sync::Mutex<ClientDpRecord>,
     /// Whether the device may train now (consulted before a round and before each step).
@@ -158,7 +154,6 @@ impl FederatedClient {
             client_id: std::sync::Mutex::new(String::new()),
             secure: std::sync::Mutex::new(None),
             cohort_update: std::sync::Mutex::new(None),
-            dp_offered: std::sync::atomic::AtomicBool::new(false),
             unmasked: std::sync::Mutex::new(unmasked),
             client_dp: std::sync::Mutex::new(client_dp),
             config,

@@ -61,19 +61,19 @@ pub struct Federation {
 /// The refusal of an upload from a client that declined the round (or buffer) `round`: a
 /// client counts once, as an upload or as a decline (counted as both, it made a round close
 /// "all in" while a participant was still training).
+fn declined_upload(client: &str, round: u64) -> Refusal {
+    Refusal::new(
+        RefusalCode::Declined,
+        format!("client {client} declined round {round}; its upload is not taken"),
+    )
+}
+
 /// The refusal of an upload to a buffer that holds as many updates as it may
 /// ([`Federation::buffer_cap`]): the client sends it again, to the next buffer.
 fn buffer_full(round: u64) -> Refusal {
     Refusal::new(
         RefusalCode::RetryLater,
         format!("buffer {round} is full; send the update again for the next one"),
-    )
-}
-
-fn declined_upload(client: &str, round: u64) -> Refusal {
-    Refusal::new(
-        RefusalCode::Declined,
-        format!("client {client} declined round {round}; its upload is not taken"),
     )
 }
 
